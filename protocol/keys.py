@@ -1,0 +1,87 @@
+"""Every Redis key and channel name Parley uses, in one place.
+
+Per-conversation keys share the hash tag `{c:ID}` so that the scripts touching one
+conversation stay on one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+PREFIX: Final = "parley"
+
+TURNS: Final = f"{PREFIX}:turns"
+"""Stream of accepted turns waiting for a generation worker (consumer group `WORKERS`)."""
+WORKERS: Final = "workers"
+
+PERSIST: Final = f"{PREFIX}:persist"
+"""Stream of finished turns waiting to be written to PostgreSQL (consumer group `PERSISTERS`)."""
+PERSISTERS: Final = "persisters"
+
+CANCEL: Final = f"{PREFIX}:cancel"
+"""Channel every worker listens on: the payload is a conversation id to stop generating."""
+
+
+def _conv(conversation: uuid.UUID | str) -> str:
+    return f"{PREFIX}:{{c:{conversation}}}"
+
+
+def channel(conversation: uuid.UUID | str) -> str:
+    """Pub/sub channel carrying the conversation's events."""
+    return _conv(conversation)
+
+
+def log(conversation: uuid.UUID | str) -> str:
+    """Stream of the conversation's recent events; entry id `SEQ-0`, field `f` = frame."""
+    return f"{_conv(conversation)}:log"
+
+
+def seq(conversation: uuid.UUID | str) -> str:
+    """Counter holding the last seq assigned in the conversation."""
+    return f"{_conv(conversation)}:seq"
+
+
+def meta(conversation: uuid.UUID | str) -> str:
+    """Cached conversation row (owner, title, system, model, times) as JSON."""
+    return f"{_conv(conversation)}:meta"
+
+
+def recent(conversation: uuid.UUID | str) -> str:
+    """List of the conversation's latest finished messages (JSON), the model's context."""
+    return f"{_conv(conversation)}:recent"
+
+
+def generation(conversation: uuid.UUID | str) -> str:
+    """Hash describing the generation running in the conversation; its presence means busy."""
+    return f"{_conv(conversation)}:gen"
+
+
+def cancelled(conversation: uuid.UUID | str) -> str:
+    """Message id whose generation was cancelled, checked by a worker before it starts."""
+    return f"{_conv(conversation)}:cancel"
+
+
+def turn_id(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
+    """Remembers a `say` id so that a retry with the same id is not a second turn."""
+    return f"{_conv(conversation)}:say:{message_id}"
+
+
+def user_channel(user: str) -> str:
+    """Pub/sub channel carrying `conversation_changed` for every socket of the user."""
+    return f"{PREFIX}:user:{user}"
+
+
+def turn_rate(user: str) -> str:
+    """Counter of turns the user started in the current one-minute window."""
+    return f"{PREFIX}:rate:{user}"
+
+
+def connections(user: str) -> str:
+    """Hash web process id -> the user's open sockets on that process."""
+    return f"{PREFIX}:conns:{user}"
+
+
+def process(process_id: str) -> str:
+    """Heartbeat of a live web process; its counts in `connections` die with it."""
+    return f"{PREFIX}:proc:{process_id}"

@@ -1,0 +1,94 @@
+"""Exactly-once, in-order delivery of one conversation's events to one socket.
+
+Live frames from pub/sub are hints; the conversation's event log is the truth. A `Cursor`
+holds the last seq the socket was sent. While it is catching up (joining, or filling a gap)
+live frames wait in a buffer; the I/O layer reads the log after `last_seq` and hands the
+events to `catch_up`, which merges them with the buffer by seq, drops what was already sent,
+and says whether the socket is now contiguous. A live frame that skips a seq (a lost publish,
+a Redis reconnect) starts another catch-up instead of being sent out of order.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class Verdict(enum.Enum):
+    SEND = "send"
+    DROP = "drop"
+    HOLD = "hold"
+    GAP = "gap"
+
+
+class Outcome(enum.Enum):
+    LIVE = "live"
+    """Contiguous up to the log's head: the socket now takes live frames directly."""
+    AGAIN = "again"
+    """A live frame past the head skipped a seq (a lost publish): read the log again."""
+    RESET = "reset"
+    """The events after `last_seq` are no longer retained: the client needs the full history."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    frames: list[str]
+    outcome: Outcome
+
+
+class Cursor:
+    __slots__ = ("_held", "catching_up", "last_seq")
+
+    def __init__(self) -> None:
+        self.last_seq = -1
+        self.catching_up = True
+        self._held: dict[int, str] = {}
+
+    def live(self, seq: int, frame: str) -> Verdict:
+        if seq <= self.last_seq:
+            return Verdict.DROP
+        if self.catching_up:
+            self._held[seq] = frame
+            return Verdict.HOLD
+        if seq == self.last_seq + 1:
+            self.last_seq = seq
+            return Verdict.SEND
+        self.catching_up = True
+        self._held[seq] = frame
+        return Verdict.GAP
+
+    def start_at(self, seq: int) -> None:
+        """The client holds everything up to `seq` (its `after`, or the history sent)."""
+        self.last_seq = seq
+        self.catching_up = True
+
+    def catch_up(self, logged: Iterable[tuple[int, str]], head: int) -> CatchUp:
+        """Merge events read from the log with the held live frames.
+
+        `head` is the last seq assigned when the log was read (read atomically with it).
+        """
+        if self.last_seq > head:
+            return CatchUp([], Outcome.RESET)  # the client is ahead of a log that lost data
+        pending = {s: fr for s, fr in self._held.items() if s > self.last_seq}
+        pending.update((seq, frame) for seq, frame in logged if seq > self.last_seq)
+        frames: list[str] = []
+        seq = self.last_seq + 1
+        while seq in pending:
+            frames.append(pending.pop(seq))
+            seq += 1
+        self.last_seq = seq - 1
+        self._held = pending
+        if self.last_seq < head:
+            outcome = Outcome.RESET
+        elif pending:
+            outcome = Outcome.AGAIN
+        else:
+            outcome = Outcome.LIVE
+        self.catching_up = outcome is not Outcome.LIVE
+        return CatchUp(frames, outcome)
+
+    def reset(self) -> None:
+        self._held.clear()
+        self.last_seq = -1
+        self.catching_up = True

@@ -1,0 +1,222 @@
+"""One connection's protocol state machine, free of I/O (the python-websockets sans-I/O shape).
+
+The I/O layer feeds it what arrives (`receive_text`, `receive_binary`), what it learned
+(`authenticated`, `auth_failed`) and the passing of time (`tick`), then drains `actions()`
+and carries each one out: `Reply` sends a frame, `Close` closes the socket, `Verify` checks a
+token and reports back, `Command` is a valid request for the server to execute.
+
+Time is passed in as plain monotonic and wall-clock seconds so that tests can drive it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from protocol import frames as f
+
+
+class State(enum.Enum):
+    AWAITING_AUTH = "awaiting_auth"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_LARGE = 1009
+    INTERNAL = 1011
+    RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    PROTOCOL = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN_ORIGIN = 4403
+    AUTH_TIMEOUT = 4408
+    TOO_MANY = 4429
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    frame: f.ServerFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: CloseCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    token: str
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A valid client request (create, join, leave, say, cancel, regenerate) to execute."""
+
+    frame: f.ClientFrame
+
+
+Action = Reply | Close | Verify | Command
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_text_chars: int
+    frames_per_second: float
+    frame_burst: int
+    bad_frames_before_close: int
+    auth_timeout: float
+
+
+class Session:
+    """What one socket has said and may say next."""
+
+    __slots__ = (
+        "_actions",
+        "_auth_deadline",
+        "_bad_in_a_row",
+        "_bucket",
+        "_bucket_at",
+        "_limited",
+        "expires_at",
+        "limits",
+        "state",
+        "user",
+        "verifying",
+    )
+
+    def __init__(self, limits: SessionLimits, now: float) -> None:
+        self.limits = limits
+        self.state = State.AWAITING_AUTH
+        self.user: str | None = None
+        self.expires_at: float | None = None
+        self.verifying = False
+        self._auth_deadline = now + limits.auth_timeout
+        self._bad_in_a_row = 0
+        self._limited = 0
+        self._bucket = float(limits.frame_burst)
+        self._bucket_at = now
+        self._actions: list[Action] = []
+
+    # ------------------------------------------------------------------ inputs
+
+    def receive_text(self, data: str | bytes, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
+        if not self._take_token(now):
+            self._limited += 1
+            if self._limited >= self.limits.bad_frames_before_close:
+                self._close(CloseCode.TOO_MANY, "too many frames")
+            else:
+                self._error(f.FrameError("rate_limited", "too many frames; slow down"), retry=1.0)
+            return
+        self._limited = 0
+        try:
+            frame = f.decode_client(data)
+        except f.FrameError as exc:
+            self._bad(exc)
+            return
+        self._frame(frame)
+
+    def receive_binary(self, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._bad(f.FrameError("bad_frame", "binary frames are not supported: send JSON text"))
+
+    def authenticated(self, user: str, expires_at: float | None, ref: str | None) -> bool:
+        """Record a verified token; return True the first time (the caller sends `ready`)."""
+        self.verifying = False
+        if self.state is State.CLOSED:
+            return False
+        if self.user is not None and user != self.user:
+            self._close(CloseCode.UNAUTHORIZED, "token is for another user")
+            return False
+        first = self.state is State.AWAITING_AUTH
+        self.user, self.expires_at, self.state = user, expires_at, State.READY
+        if not first:
+            self._reply(f.Ack(ref=ref, expires_at=_epoch(expires_at)))
+        return first
+
+    def auth_failed(self, reason: str) -> None:
+        self.verifying = False
+        self._close(CloseCode.UNAUTHORIZED, reason)
+
+    def tick(self, now: float, wall: float) -> None:
+        """Close the socket when its auth window or its token runs out."""
+        if self.state is State.AWAITING_AUTH and not self.verifying and now >= self._auth_deadline:
+            self._close(CloseCode.AUTH_TIMEOUT, "no auth frame in time")
+        elif self.state is State.READY and self.expires_at is not None and wall >= self.expires_at:
+            self._close(CloseCode.UNAUTHORIZED, "token expired")
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        self._close(code, reason)
+
+    def actions(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    # ------------------------------------------------------------------ internals
+
+    def _frame(self, frame: f.ClientFrame) -> None:
+        if isinstance(frame, f.Auth):
+            self._bad_in_a_row = 0
+            self.verifying = True
+            self._actions.append(Verify(frame.token, frame.ref))
+            return
+        if self.state is not State.READY:
+            self._bad(f.FrameError("unauthorized", "send `auth` first", frame.ref))
+            return
+        if isinstance(frame, f.Say) and len(frame.text) > self.limits.max_text_chars:
+            self._error(
+                f.FrameError(
+                    "too_large",
+                    f"text is {len(frame.text)} characters; the limit is "
+                    f"{self.limits.max_text_chars}",
+                    frame.ref,
+                )
+            )
+            return
+        if isinstance(frame, f.Say) and not frame.text.strip():
+            self._error(f.FrameError("invalid", "`text` is empty", frame.ref))
+            return
+        self._bad_in_a_row = 0
+        if isinstance(frame, f.Ping):
+            self._reply(f.Pong(ref=frame.ref))
+        else:
+            self._actions.append(Command(frame))
+
+    def _bad(self, exc: f.FrameError) -> None:
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= self.limits.bad_frames_before_close:
+            self._close(CloseCode.PROTOCOL, "too many bad frames")
+        else:
+            self._error(exc)
+
+    def _error(self, exc: f.FrameError, retry: float | None = None) -> None:
+        self._reply(f.Error(code=exc.code, message=exc.message, ref=exc.ref, retry_after=retry))
+
+    def _reply(self, frame: f.ServerFrame) -> None:
+        self._actions.append(Reply(frame))
+
+    def _close(self, code: CloseCode, reason: str) -> None:
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self._actions.append(Close(code, reason))
+
+    def _take_token(self, now: float) -> bool:
+        """Token bucket: `frame_burst` frames at once, `frames_per_second` sustained."""
+        refill = (now - self._bucket_at) * self.limits.frames_per_second
+        self._bucket = min(float(self.limits.frame_burst), self._bucket + refill)
+        self._bucket_at = now
+        if self._bucket < 1.0:
+            return False
+        self._bucket -= 1.0
+        return True
+
+
+def _epoch(wall: float | None) -> int | None:
+    return None if wall is None else int(wall)

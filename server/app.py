@@ -1,0 +1,67 @@
+"""The Litestar application: routes, the WebSocket endpoint, the UI, the simulated model and
+the lifespan that opens and closes the process's resources. No business logic here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from litestar import Litestar, asgi
+from litestar.static_files import create_static_files_router
+from litestar.types import Receive, Scope, Send
+
+from server.api import ROUTES
+from server.runtime import Runtime
+from server.simulator import SimulatorSettings, SimulatorStats, simulator_router
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
+    """A web app (`runtime.web`) and/or the simulated model (`simulator` given)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    @asgi("/ws", copy_scope=False)
+    async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
+        hub = runtime.hub
+        if hub is None or scope["type"] != "websocket":
+            return
+        await hub(scope, receive, send)  # type: ignore[arg-type]
+
+    handlers: list[Any] = [*ROUTES, websocket] if runtime.web else []
+    if simulator is not None:
+        s = runtime.settings.simulator
+        settings = SimulatorSettings(
+            first_token_delay=s.first_token_delay,
+            tokens_per_second=s.tokens_per_second,
+            max_tokens=s.max_tokens,
+            model=runtime.settings.llm.model,
+        )
+        handlers.append(simulator_router(settings, simulator))
+    if runtime.web and STATIC.is_dir():
+        handlers.append(create_static_files_router(path="/", directories=[STATIC], html_mode=True))
+    app = Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        openapi_config=None,
+        logging_config=None,
+    )
+    app.state.runtime = runtime
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

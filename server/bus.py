@@ -1,0 +1,219 @@
+"""Per-process fan-out: ONE Redis pub/sub connection, supervised, channel -> local listeners.
+
+A channel is subscribed while at least one local listener wants it and unsubscribed when the
+last one leaves. `subscribe` returns only once Redis has confirmed the subscription, so a
+caller that reads the event log afterwards cannot miss an event published in between.
+
+The connection is opened at start-up (never lazily under a connect storm), pinged while idle,
+and reopened with back-off when it breaks or stalls; every channel is then subscribed again
+and every listener told to `resync`, because whatever was published meanwhile is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from typing import Final, Protocol
+
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError
+
+log = logging.getLogger("parley.bus")
+
+SEQ_PREFIX: Final = b'{"seq":'
+PING_EVERY: Final = 5.0
+PING_TIMEOUT: Final = 5.0
+SUBSCRIBE_TIMEOUT: Final = 5.0
+BACKOFF: Final = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class Listener(Protocol):
+    def on_event(self, seq: int, frame: str) -> None:
+        """A published frame; `seq` is 0 for frames that carry none."""
+
+    def resync(self) -> None:
+        """Frames may have been lost (the pub/sub connection was re-established)."""
+
+
+class BusUnavailable(Exception):
+    pass
+
+
+class Bus:
+    def __init__(self, url: str) -> None:
+        self._pool = ConnectionPool.from_url(url, protocol=2)
+        self._conn: AbstractConnection | None = None
+        self._listeners: dict[bytes, set[Listener]] = {}
+        self._confirmed: set[bytes] = set()
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._connected = asyncio.Event()
+        self._pong = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._opened = False
+        self._resync_pending = False
+        self.reconnects = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="parley-bus")
+        try:
+            await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT * 2)
+        except TimeoutError:
+            raise BusUnavailable("cannot open the Redis pub/sub connection") from None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._pool.disconnect()
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def channels(self) -> int:
+        return len(self._listeners)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, channel: str, listener: Listener) -> None:
+        name = channel.encode()
+        listeners = self._listeners.setdefault(name, set())
+        listeners.add(listener)
+        if name in self._confirmed:
+            return
+        waiter = self._waiters.get(name)
+        if waiter is None:
+            waiter = self._waiters[name] = asyncio.get_running_loop().create_future()
+            await self._send("SUBSCRIBE", name)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            self.unsubscribe(channel, listener)
+            raise BusUnavailable("Redis did not confirm the subscription") from None
+
+    def unsubscribe(self, channel: str, listener: Listener) -> None:
+        name = channel.encode()
+        listeners = self._listeners.get(name)
+        if listeners is None:
+            return
+        listeners.discard(listener)
+        if listeners:
+            return
+        del self._listeners[name]
+        self._confirmed.discard(name)
+        waiter = self._waiters.pop(name, None)
+        if waiter and not waiter.done():
+            waiter.cancel()
+        if self._connected.is_set():
+            asyncio.get_running_loop().create_task(self._send("UNSUBSCRIBE", name))
+
+    # ------------------------------------------------------------------ connection
+
+    async def _send(self, *args: str | bytes) -> None:
+        if self._conn is None or not self._connected.is_set():
+            return  # the next (re)connect subscribes every channel
+        try:
+            await self._conn.send_command(*args, check_health=False)
+        except (RedisError, OSError) as exc:
+            log.warning("pub/sub command %s failed: %s", args[0], exc)
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._connect()
+                attempt = 0
+                await self._serve()
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+            finally:
+                self._connected.clear()
+                self._confirmed.clear()
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.disconnect()
+                    self._conn = None
+            if self._stopping:
+                break
+            await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+            attempt += 1
+
+    async def _connect(self) -> None:
+        conn = self._pool.make_connection()
+        await conn.connect()
+        self._conn = conn
+        channels = list(self._listeners)
+        if channels:
+            await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        if self._opened:
+            log.info("Redis pub/sub connection re-established; %d channels", len(channels))
+            self.reconnects += 1
+            self._resync_pending = bool(channels)
+        self._opened = True
+        self._connected.set()
+
+    async def _serve(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        pinger = asyncio.create_task(self._ping(conn))
+        try:
+            while True:
+                reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+                if not isinstance(reply, list):
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    self._dispatch(reply[1], reply[2])
+                elif kind == b"subscribe":
+                    self._confirm(reply[1])
+                    if self._resync_pending:
+                        self._resync_pending = False
+                        self._resync_all()
+                elif kind == b"pong":
+                    self._pong.set()
+        finally:
+            pinger.cancel()
+
+    async def _ping(self, conn: AbstractConnection) -> None:
+        """Notice a connection that stalled silently (a paused link never raises)."""
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            self._pong.clear()
+            await conn.send_command("PING", check_health=False)
+            try:
+                await asyncio.wait_for(self._pong.wait(), PING_TIMEOUT)
+            except TimeoutError:
+                log.warning("Redis pub/sub connection stalled; reconnecting")
+                await conn.disconnect()
+                return
+
+    def _confirm(self, name: bytes) -> None:
+        if name not in self._listeners:
+            return
+        self._confirmed.add(name)
+        waiter = self._waiters.pop(name, None)
+        if waiter and not waiter.done():
+            waiter.set_result(None)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        listeners = self._listeners.get(channel)
+        if not listeners:
+            return
+        seq = int(data[7 : data.index(b",", 7)]) if data.startswith(SEQ_PREFIX) else 0
+        frame = data.decode()
+        for listener in tuple(listeners):
+            listener.on_event(seq, frame)
+
+    def _resync_all(self) -> None:
+        for listeners in tuple(self._listeners.values()):
+            for listener in tuple(listeners):
+                listener.resync()

@@ -1,0 +1,238 @@
+"""What a user can do to conversations, shared by the WebSocket and the REST API.
+
+Ownership is checked here: a conversation that does not exist and one that belongs to
+somebody else are the same `NotFound`, so nobody learns that another user's conversation
+exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from protocol import frames as f
+from protocol import keys
+from server.config import Settings
+from server.eventlog import CachedMeta, EventLog, encode
+from server.turns import Accepted, Job, Outcome, Turns
+from storage import conversations as stored_conversations
+from storage import messages as stored_messages
+
+log = logging.getLogger("parley.chat")
+
+
+class Refused(Exception):
+    """A request the user cannot have now; becomes an `error` frame or an HTTP error."""
+
+    def __init__(self, code: f.ErrorCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code: f.ErrorCode = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+def not_found() -> Refused:
+    return Refused("not_found", "no such conversation")
+
+
+def unavailable(what: str) -> Refused:
+    return Refused("unavailable", f"{what} is unavailable; try again shortly")
+
+
+class Chat:
+    def __init__(
+        self, settings: Settings, redis: Redis, pool: asyncpg.Pool, events: EventLog, turns: Turns
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.events = events
+        self.turns = turns
+
+    # ------------------------------------------------------------------ reading
+
+    async def owned(self, user: str, conversation: uuid.UUID) -> f.Conversation:
+        """The conversation's meta if `user` owns it; loads its Redis state on first use."""
+        cached = await self._cached(conversation)
+        if cached.owner != user:
+            raise not_found()
+        return cached.meta
+
+    async def _cached(self, conversation: uuid.UUID) -> CachedMeta:
+        try:
+            cached = await self.events.meta(conversation)
+        except RedisError:
+            raise unavailable("Redis") from None
+        if cached is not None:
+            return cached
+        return await self.load(conversation)
+
+    async def load(self, conversation: uuid.UUID) -> CachedMeta:
+        """Seed Redis with the conversation from PostgreSQL."""
+        try:
+            row = await stored_conversations.get(self.pool, conversation)
+            if row is None:
+                raise not_found()
+            recent = await stored_messages.history(self.pool, conversation)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise unavailable("the database") from None
+        await self.events.load(row.owner, row.meta, row.meta.last_seq, recent)
+        return CachedMeta(row.owner, row.meta)
+
+    async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
+        """The persisted transcript and the seq it covers."""
+        try:
+            row = await stored_conversations.get(self.pool, conversation)
+            if row is None:
+                raise not_found()
+            return row.history_seq, await stored_messages.history(self.pool, conversation)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise unavailable("the database") from None
+
+    async def list(self, user: str) -> list[f.Conversation]:
+        rows = await stored_conversations.list_for(self.pool, user)
+        return [row.meta for row in rows]
+
+    # ------------------------------------------------------------------ changing
+
+    async def create(
+        self, user: str, title: str | None, system: str | None, model: str | None
+    ) -> f.Conversation:
+        now = f.utcnow()
+        meta = f.Conversation(
+            id=f.new_id(),
+            title=title or "New conversation",
+            system=system or "",
+            model=model or self.settings.llm.model,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            await stored_conversations.insert(self.pool, user, meta)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise unavailable("the database") from None
+        await self.events.load(user, meta, 0, [])
+        await self._tell_user(user, f.ConversationChanged(conversation=meta.id, meta=meta))
+        return meta
+
+    async def say(
+        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+    ) -> tuple[uuid.UUID, bool]:
+        """Accept a user turn; returns its message id and whether it was a duplicate."""
+        meta = await self.owned(user, conversation)
+        message = f.Message(
+            id=message_id or f.new_id(),
+            role="user",
+            content=text,
+            status="complete",
+            created_at=f.utcnow(),
+        )
+        job = Job(
+            conversation=conversation,
+            user=user,
+            message_id=f.new_id(),
+            model=meta.model,
+            user_message=message.id,
+        )
+        event = encode(f.MessageEvent(conversation=conversation, message=message))
+        result = await self._retry_unloaded(
+            conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
+        )
+        return message.id, result.outcome is Outcome.DUPLICATE
+
+    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
+        meta = await self.owned(user, conversation)
+        job = Job(conversation=conversation, user=user, message_id=f.new_id(), model=meta.model)
+        await self._retry_unloaded(
+            conversation, lambda: self.turns.regenerate(job, self._turn_limit)
+        )
+        return job.message_id
+
+    async def cancel(self, user: str, conversation: uuid.UUID) -> None:
+        await self.owned(user, conversation)
+        try:
+            await self.turns.cancel(conversation)
+        except RedisError:
+            raise unavailable("Redis") from None
+
+    async def update(
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        *,
+        title: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+    ) -> f.Conversation:
+        await self.owned(user, conversation)
+        head = await self.events.head(conversation)
+        row = await stored_conversations.update(
+            self.pool,
+            conversation,
+            user,
+            title=title,
+            system=system,
+            model=model,
+            seq=max(head, 0) + 1,
+            now=f.utcnow(),
+        )
+        if row is None:
+            raise not_found()
+        meta = f.Conversation(**{**_fields(row.meta), "last_seq": max(head, 0) + 1})
+        await self.events.set_meta(user, meta)
+        await self.events.append(
+            conversation, encode(f.Updated(conversation=conversation, meta=meta))
+        )
+        await self._tell_user(user, f.ConversationChanged(conversation=conversation, meta=meta))
+        return meta
+
+    async def delete(self, user: str, conversation: uuid.UUID) -> None:
+        await self.owned(user, conversation)
+        if not await stored_conversations.delete(self.pool, conversation, user):
+            raise not_found()
+        await self.events.forget(conversation)
+        await self._tell_user(user, f.ConversationChanged(conversation=conversation, deleted=True))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _turn_limit(self) -> int:
+        return self.settings.limits.turns_per_minute
+
+    async def _retry_unloaded(self, conversation: uuid.UUID, attempt: object) -> Accepted:
+        """Run a turn script; load the conversation into Redis and retry if it was not."""
+        assert callable(attempt)
+        try:
+            result: Accepted = await attempt()
+            if result.outcome is Outcome.UNLOADED:
+                await self.load(conversation)
+                result = await attempt()
+        except RedisError:
+            raise unavailable("Redis") from None
+        return _check(result)
+
+    async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:
+        try:
+            await self.redis.publish(keys.user_channel(user), encode(frame))
+        except RedisError as exc:
+            log.warning("could not publish conversation_changed: %s", exc)
+
+
+def _check(result: Accepted) -> Accepted:
+    if result.outcome is Outcome.BUSY:
+        raise Refused("busy", "a reply is already being generated in this conversation")
+    if result.outcome is Outcome.RATE_LIMITED:
+        raise Refused("rate_limited", "too many turns; wait a moment", result.retry_after)
+    if result.outcome is Outcome.NOTHING:
+        raise Refused("invalid", "there is no assistant reply to regenerate")
+    if result.outcome is Outcome.UNLOADED:
+        raise unavailable("Redis")
+    return result
+
+
+def _fields(meta: f.Conversation) -> dict[str, object]:
+    return {name: getattr(meta, name) for name in meta.__struct_fields__}

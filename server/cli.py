@@ -1,0 +1,232 @@
+"""`parley serve | web | worker | migrate | token | model | load`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import uvicorn
+
+from server import embedded
+from server.app import configure_logging, create_app
+from server.auth import Verifier, load_secret
+from server.config import ConfigError, Settings, load
+from server.runtime import Runtime
+from server.simulator import SimulatorStats
+
+log = logging.getLogger("parley")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        sys.exit(f"parley: configuration error: {exc}")
+    if getattr(args, "port", None) is not None:
+        settings = _with(settings, "server", port=args.port)
+    if getattr(args, "host", None) is not None:
+        settings = _with(settings, "server", host=args.host)
+    configure_logging(settings.server.log_level)
+    try:
+        args.run(settings, args)
+    except embedded.EmbeddedError as exc:
+        sys.exit(f"parley: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    parser.add_argument("--config", help="TOML file (default: $PARLEY_CONFIG or ./config.toml)")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, run: Any, help: str, listen: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        if listen:
+            sub.add_argument("--host", help="address to listen on (server.host)")
+            sub.add_argument("--port", type=int, help="port to listen on (server.port, $PORT)")
+        return sub
+
+    command("serve", serve, "everything in one process, with embedded Redis/PostgreSQL", True)
+    command("web", web, "a WebSocket/HTTP process (needs REDIS_URL and DATABASE_URL)", True)
+    command("worker", worker, "a generation + persistence process (needs the URLs too)")
+    command("migrate", migrate, "apply the database migrations")
+    token = command("token", token_command, "print a token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    command("model", model, "run the simulated model on its own", True)
+    load_cmd = command("load", load_command, "drive a load test against a running Parley")
+    load_cmd.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _with(settings: Settings, section: str, **changes: Any) -> Settings:
+    part = msgspec.structs.replace(getattr(settings, section), **changes)
+    return msgspec.structs.replace(settings, **{section: part})
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> None:
+    with embedded_services(settings) as settings:
+        s = settings.server
+        model_url = f"http://{_loopback(s.host)}:{s.port}/v1"
+        runtime = Runtime(settings=settings, web=True, worker=True, model_url=model_url)
+        app = create_app(runtime, SimulatorStats() if settings.simulated else None)
+        _banner(settings)
+        _run_uvicorn(app, settings)
+
+
+def web(settings: Settings, args: argparse.Namespace) -> None:
+    _require_urls(settings, "web")
+    runtime = Runtime(settings=settings, web=True, worker=False)
+    _run_uvicorn(create_app(runtime), settings)
+
+
+def worker(settings: Settings, args: argparse.Namespace) -> None:
+    """A worker serves nothing but, when no model is configured, its own simulated model
+    on an ephemeral loopback port."""
+    _require_urls(settings, "worker")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    runtime = Runtime(
+        settings=settings, web=False, worker=True, model_url=f"http://127.0.0.1:{port}/v1"
+    )
+    app = create_app(runtime, SimulatorStats() if settings.simulated else None)
+    _run_uvicorn(app, settings, sock=sock)
+
+
+def migrate(settings: Settings, args: argparse.Namespace) -> None:
+    from storage.db import create_pool
+    from storage.db import migrate as apply
+
+    async def run(url: str) -> list[str]:
+        pool = await create_pool(url, 1)
+        try:
+            return await apply(pool)
+        finally:
+            await pool.close()
+
+    with embedded_services(settings, redis=False) as settings:
+        applied = asyncio.run(run(settings.database.url))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+
+
+def token_command(settings: Settings, args: argparse.Namespace) -> None:
+    verifier = Verifier(settings.auth, load_secret(settings.auth, settings.data_path))
+    print(verifier.mint(args.user, args.ttl))
+
+
+def model(settings: Settings, args: argparse.Namespace) -> None:
+    from server.simulator import SimulatorSettings, simulator_app
+
+    s = settings.simulator
+    app = simulator_app(
+        SimulatorSettings(
+            first_token_delay=s.first_token_delay,
+            tokens_per_second=s.tokens_per_second,
+            max_tokens=s.max_tokens,
+            model=settings.llm.model,
+        )
+    )
+    print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+
+
+def load_command(settings: Settings, args: argparse.Namespace) -> None:
+    from server.load import main as load_main
+
+    load_main(args.rest, settings)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def embedded_services(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+    """Start real Redis/PostgreSQL under the data directory for the URLs not configured."""
+    services: list[embedded.Service] = []
+    data = settings.data_path.resolve()
+    try:
+        if redis and not settings.redis.url:
+            service = embedded.start_redis(data, persist=True)
+            services.append(service)
+            settings = _with(settings, "redis", url=service.url)
+            log.info("embedded Redis at %s (pid %d)", service.url, service.pid)
+        if not settings.database.url:
+            service = embedded.start_postgres(data)
+            services.append(service)
+            settings = _with(settings, "database", url=service.url)
+            log.info("embedded PostgreSQL at %s (pid %d)", service.url, service.pid)
+        if services and settings.auth.dev_login is None:
+            settings = _with(settings, "auth", dev_login=True)
+        yield settings
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def _require_urls(settings: Settings, role: str) -> None:
+    if not (settings.redis.url and settings.database.url):
+        sys.exit(
+            f"parley {role}: set REDIS_URL and DATABASE_URL (shared by every process); "
+            "for one process with embedded services use `parley serve`"
+        )
+
+
+def _run_uvicorn(app: Any, settings: Settings, sock: socket.socket | None = None) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.limits.max_frame_bytes,
+        ws_max_queue=16,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        access_log=False,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=max(settings.server.shutdown_grace, 1),
+    )
+    server = uvicorn.Server(config)
+    asyncio.run(server.serve(sockets=[sock] if sock else None))
+    if server.started is False:
+        sys.exit("parley: the server did not start (see the log above)")
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _banner(settings: Settings) -> None:
+    s = settings.server
+    url = f"http://{_loopback(s.host)}:{s.port}"
+    model = "the simulated model" if settings.simulated else settings.llm.base_url or "OpenAI"
+    print(
+        f"\nParley on {url}  (open it in a browser)\n"
+        f"  model: {model}\n"
+        f"  data:  {Path(s.data_dir).resolve()}\n"
+        f"  token: parley token --user alice\n"
+        f"  socket: {url.replace('http', 'ws')}/ws with subprotocols "
+        f"'parley.v1', 'bearer.<token>'\n",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Each conversation's event sequence in Redis: seq counter, event log, pub/sub channel.
+
+Every change to a conversation is one Lua script, so that taking the next seq, appending the
+framed event to the log (a Stream whose entry id is the seq) and PUBLISHing it happen as one
+atomic step. Frames arrive encoded without their seq; the script splices `{"seq":N,` in front,
+and from then on every process forwards those exact bytes.
+
+The conversation's Redis state (meta, seq, recent messages) is loaded from PostgreSQL on first
+use and expires when idle; scripts answer `unloaded` when it is missing so the caller loads it
+and tries again, rather than restarting seq at 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from protocol import keys
+from protocol.frames import Conversation, Message
+
+UNLOADED: Final = -1
+
+APPEND_FUNCTION: Final = """
+local function append(seq_key, log_key, channel, frame, maxlen, ttl)
+  local seq = redis.call('INCR', seq_key)
+  local framed = '{"seq":' .. seq .. ',' .. string.sub(frame, 2)
+  local ok = pcall(redis.call, 'XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', framed)
+  if not ok then
+    redis.call('DEL', log_key)
+    redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', framed)
+  end
+  redis.call('PUBLISH', channel, framed)
+  redis.call('EXPIRE', log_key, ttl)
+  redis.call('EXPIRE', seq_key, ttl)
+  return seq
+end
+"""
+
+_APPEND: Final = (
+    APPEND_FUNCTION
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+"""
+)
+
+_READ: Final = """
+local head = redis.call('GET', KEYS[1])
+if not head then return {-1, {}} end
+return {tonumber(head), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
+"""
+
+_LOAD: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+if seq < tonumber(ARGV[2]) then seq = tonumber(ARGV[2]) end
+redis.call('SET', KEYS[2], seq, 'EX', ttl)
+redis.call('DEL', KEYS[3])
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if #ARGV >= 4 then redis.call('EXPIRE', KEYS[3], ttl) end
+return 1
+"""
+
+_SET_META: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+return 1
+"""
+
+RECENT_KEPT: Final = 200
+
+
+class CachedMeta(msgspec.Struct, frozen=True):
+    """What Redis keeps of a conversation's row; `meta.last_seq` is read from the seq key."""
+
+    owner: str
+    meta: Conversation
+
+
+_meta_decoder: Final = msgspec.json.Decoder(CachedMeta)
+_message_decoder: Final = msgspec.json.Decoder(Message)
+_encoder: Final = msgspec.json.Encoder()
+
+
+class EventLog:
+    def __init__(self, redis: Redis, max_events: int, ttl: int) -> None:
+        self.redis = redis
+        self.max_events = max_events
+        self.ttl = ttl
+        self._append = redis.register_script(_APPEND)
+        self._read = redis.register_script(_READ)
+        self._load = redis.register_script(_LOAD)
+        self._set_meta = redis.register_script(_SET_META)
+
+    async def append(self, conversation: uuid.UUID, event: bytes) -> int:
+        """Append an encoded event (without seq); return its seq, or UNLOADED."""
+        seq = await self._append(
+            keys=[keys.seq(conversation), keys.log(conversation), keys.channel(conversation)],
+            args=[event, self.max_events, self.ttl],
+        )
+        return int(seq)
+
+    async def read(self, conversation: uuid.UUID, after: int) -> tuple[int, list[tuple[int, str]]]:
+        """The last seq assigned (UNLOADED when unknown) and the retained events after `after`."""
+        head, entries = await self._read(
+            keys=[keys.seq(conversation), keys.log(conversation)], args=[f"{after + 1}-0"]
+        )
+        return int(head), [(int(eid.split(b"-")[0]), fields[1].decode()) for eid, fields in entries]
+
+    async def head(self, conversation: uuid.UUID) -> int:
+        value = await self.redis.get(keys.seq(conversation))
+        return UNLOADED if value is None else int(value)
+
+    async def meta(self, conversation: uuid.UUID) -> CachedMeta | None:
+        raw = await self.redis.get(keys.meta(conversation))
+        return None if raw is None else _meta_decoder.decode(raw)
+
+    async def load(
+        self, owner: str, meta: Conversation, last_seq: int, recent: Sequence[Message]
+    ) -> None:
+        """Seed Redis from PostgreSQL unless another process already did."""
+        await self._load(
+            keys=[keys.meta(meta.id), keys.seq(meta.id), keys.recent(meta.id)],
+            args=[
+                _encoder.encode(CachedMeta(owner, meta)),
+                last_seq,
+                self.ttl,
+                *(_encoder.encode(m) for m in recent[-RECENT_KEPT:]),
+            ],
+        )
+
+    async def set_meta(self, owner: str, meta: Conversation) -> None:
+        await self._set_meta(
+            keys=[keys.meta(meta.id)], args=[_encoder.encode(CachedMeta(owner, meta))]
+        )
+
+    async def recent(self, conversation: uuid.UUID) -> list[Message] | None:
+        """The latest finished messages, oldest first; None when the state is not loaded."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.meta(conversation))
+        pipe.lrange(keys.recent(conversation), 0, -1)
+        loaded, items = await pipe.execute()
+        if not loaded:
+            return None
+        return [_message_decoder.decode(item) for item in items]
+
+    async def forget(self, conversation: uuid.UUID) -> None:
+        await self.redis.delete(
+            keys.meta(conversation),
+            keys.recent(conversation),
+            keys.generation(conversation),
+            keys.log(conversation),
+        )
+
+    def append_later(
+        self, pipeliner: Pipeliner, conversation: uuid.UUID, event: bytes
+    ) -> asyncio.Future[Any]:
+        """Queue an append in the pipeliner; the future gives its seq, or UNLOADED."""
+        return pipeliner.call(
+            self._append,
+            [keys.seq(conversation), keys.log(conversation), keys.channel(conversation)],
+            [event, self.max_events, self.ttl],
+        )
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+class Pipeliner:
+    """Sends script calls to Redis in pipelines: while one batch is in flight the next one
+    gathers, so a worker streaming many replies pays one round trip per batch, not per token,
+    and the calls of one conversation keep their order."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="parley-pipeliner")
+
+    async def stop(self) -> None:
+        if self._task:
+            while self._queue:
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, future))
+        self._wake.set()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                await self._send(batch)
+
+    async def _send(
+        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys_, args, _ in batch:
+            await script(keys=keys_, args=args, client=pipe)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            results = [exc] * len(batch)
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

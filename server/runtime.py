@@ -1,0 +1,125 @@
+"""The process's shared resources, opened at start-up and closed at shutdown.
+
+A web process (`parley web`) runs the socket hub; a worker process (`parley worker`) runs
+generations and the persister; `parley serve` runs both in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+from redis.asyncio import Redis
+
+from protocol.session import CloseCode
+from server.auth import Verifier, load_secret
+from server.bus import Bus
+from server.chat import Chat
+from server.config import Settings
+from server.eventlog import EventLog
+from server.llm import LLM
+from server.persister import Persister
+from server.presence import Presence
+from server.turns import Turns
+from server.worker import Worker
+from server.ws import Hub
+from storage.db import create_pool, migrate
+
+log = logging.getLogger("parley")
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    settings: Settings
+    web: bool = True
+    worker: bool = True
+    model_url: str = ""
+    redis: Redis = field(init=False)
+    pool: asyncpg.Pool = field(init=False)
+    chat: Chat = field(init=False)
+    verifier: Verifier = field(init=False)
+    hub: Hub | None = field(init=False, default=None)
+    generator: Worker | None = field(init=False, default=None)
+    persister: Persister | None = field(init=False, default=None)
+    draining: bool = field(init=False, default=False)
+    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
+    _bus: Bus | None = field(init=False, default=None)
+    _presence: Presence | None = field(init=False, default=None)
+    _llm: LLM | None = field(init=False, default=None)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.redis = Redis.from_url(s.redis.url, health_check_interval=10)
+        self.pool = await create_pool(s.database.url, s.database.pool_size)
+        await migrate(self.pool)
+        events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)
+        turns = Turns(
+            self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
+        )
+        self.chat = Chat(s, self.redis, self.pool, events, turns)
+        self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path))
+        if self.web:
+            await self._start_web()
+        if self.worker:
+            self._start_worker(events, turns)
+
+    async def _start_web(self) -> None:
+        self._bus = Bus(self.settings.redis.url)
+        await self._bus.start()
+        self._presence = Presence(self.redis)
+        await self._presence.start()
+        self.hub = Hub(self.settings, self.chat, self._bus, self.verifier, self._presence)
+
+    def _start_worker(self, events: EventLog, turns: Turns) -> None:
+        self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
+        self.generator = Worker(self.settings, self.redis, self.chat, events, turns, self._llm)
+        self.persister = Persister(self.redis, self.pool)
+        self._tasks.append(asyncio.create_task(self._supervised("worker", self.generator.run)))
+        self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
+
+    async def _supervised(self, name: str, run: object) -> None:
+        """Restart a background loop that died of an unexpected error."""
+        assert callable(run)
+        while not self.draining:
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s loop died; restarting in 1 s", name)
+                await asyncio.sleep(1.0)
+
+    async def stop(self, code: CloseCode = CloseCode.GOING_AWAY) -> None:
+        self.draining = True
+        if self.hub is not None:
+            await self.hub.close_all(code, "server shutting down")
+        if self.generator is not None:
+            await self.generator.stop()
+        if self.persister is not None:
+            self.persister.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._presence is not None:
+            await self._presence.stop()
+        if self._bus is not None:
+            await self._bus.stop()
+        if self._llm is not None:
+            await self._llm.close()
+        await self.pool.close()
+        await self.redis.aclose()
+
+    async def ready(self) -> dict[str, bool]:
+        """What /readyz reports: Redis and PostgreSQL reachable, and not draining."""
+        checks = {"draining": self.draining, "redis": False, "database": False}
+        with contextlib.suppress(Exception):
+            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
+        with contextlib.suppress(Exception):
+            checks["database"] = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 1.0)
+        return checks

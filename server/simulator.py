@@ -1,0 +1,528 @@
+"""Parley's simulated model: an OpenAI-compatible chat completions endpoint.
+
+It stands in for a real LLM when no API key / base URL is configured, and is always reached
+through the real ``openai`` client over real HTTP, so Parley exercises exactly the code path it
+uses in production: ``POST /v1/chat/completions`` (streaming SSE or plain JSON) and
+``GET /v1/models``.  ``GET /v1/sim/stats`` exposes :class:`SimulatorStats` as JSON.
+
+Replies are deterministic pseudo-prose: the random generator is seeded with the SHA-256 of the
+request's messages, so the same conversation always gets the same reply and a different last
+user message gets a different one.  The natural length varies between 20 and 80 tokens; a token
+is one word (or a piece of markdown) with its leading whitespace, so the pieces join to the
+text.  A reply cut short by ``max_tokens`` / ``max_completion_tokens`` (default
+``SimulatorSettings.max_tokens``) is a prefix of the full reply and ends with
+``finish_reason="length"``; otherwise ``"stop"``.
+
+Prompt controls, read from the last user message (for tests):
+
+``[sim:tokens=N]``
+    The natural reply is exactly N tokens long (still capped by max tokens).
+``[sim:delay=S]``
+    Wait S seconds before the first content token (overrides ``first_token_delay``).
+``[sim:tps=R]``
+    Emit R tokens per second (overrides ``tokens_per_second``; 0 = as fast as possible).
+``[sim:error]``
+    A stream breaks after a few tokens: the server raises, so the connection is dropped
+    without the end of the chunked body and the client sees a broken stream.  Without
+    ``stream`` the request gets an HTTP 500 error body instead.
+``[sim:status=CODE]``
+    Answer with HTTP status CODE (400-599) and an OpenAI-style error body, before any
+    generation starts.  Note that the openai client retries 408/409/429/5xx by default.
+"""
+
+import asyncio
+import hashlib
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Litestar, Request, Response, Router, get, post
+from litestar.response import Stream
+
+__all__ = [
+    "SimulatedStreamError",
+    "SimulatorSettings",
+    "SimulatorStats",
+    "simulator_app",
+    "simulator_router",
+]
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    """How the simulated model behaves; Parley's config layer builds this from its own config."""
+
+    first_token_delay: float = 0.3
+    """Seconds before the first content token."""
+    tokens_per_second: float = 30.0
+    """Token rate; 0 or negative means as fast as possible."""
+    max_tokens: int = 200
+    """Token cap when the request sets neither max_tokens nor max_completion_tokens."""
+    model: str = "parley-sim"
+    """The model id listed by ``GET /v1/models``; completions echo the requested model."""
+
+
+@dataclass
+class SimulatorStats:
+    """Counters proving what happened to generations (streaming or not).
+
+    ``aborted`` counts streams whose client hung up mid-way, ``failed`` streams broken on
+    purpose by ``[sim:error]``; ``requests`` counts every chat completion request, including
+    rejected ones.
+    """
+
+    requests: int = 0
+    started: int = 0
+    completed: int = 0
+    aborted: int = 0
+    failed: int = 0
+    active: int = 0
+    last_aborted_at: float | None = None
+    """``time.monotonic()`` of the latest abort."""
+
+
+class SimulatedStreamError(RuntimeError):
+    """Raised inside a stream on ``[sim:error]`` so the server drops the connection mid-body."""
+
+
+# --- request wire types ------------------------------------------------------------------------
+
+_PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _ContentPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str | None = None
+
+
+class _Message(msgspec.Struct, frozen=True):
+    role: str
+    content: str | list[_ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text for part in self.content if part.text)
+
+
+class _StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool | None = None
+
+
+class _ChatRequest(msgspec.Struct, frozen=True):
+    model: str
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    max_tokens: _PositiveInt | None = None
+    max_completion_tokens: _PositiveInt | None = None
+    temperature: float | None = None
+
+
+# --- response wire types -----------------------------------------------------------------------
+
+
+class _Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Delta(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class _ChunkChoice(msgspec.Struct, frozen=True):
+    index: int
+    delta: _Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class _Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[_ChunkChoice]
+    usage: _Usage | None = None
+
+
+class _AssistantMessage(msgspec.Struct, frozen=True):
+    content: str
+    role: str = "assistant"
+
+
+class _Choice(msgspec.Struct, frozen=True):
+    index: int
+    message: _AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class _Completion(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[_Choice]
+    usage: _Usage
+
+
+class _ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "parley"
+
+
+class _ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    object: str = "list"
+    data: list[_ModelCard]
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class _ErrorResponse(msgspec.Struct, frozen=True):
+    error: _ErrorBody
+
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(_ChatRequest)
+_DONE = b"data: [DONE]\n\n"
+
+# --- prompt controls ---------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"\[sim:(tokens|delay|tps|status)=(\d+(?:\.\d+)?)\]")
+_ERROR_CONTROL = "[sim:error]"
+
+
+@dataclass(frozen=True)
+class _Controls:
+    tokens: int | None = None
+    delay: float | None = None
+    tps: float | None = None
+    status: int | None = None
+    error: bool = False
+
+    @classmethod
+    def parse(cls, messages: Sequence[_Message]) -> "_Controls":
+        text = next((m.text() for m in reversed(messages) if m.role == "user"), "")
+        found = dict(_CONTROL.findall(text))
+        status = int(float(found["status"])) if "status" in found else None
+        return cls(
+            tokens=max(1, int(float(found["tokens"]))) if "tokens" in found else None,
+            delay=float(found["delay"]) if "delay" in found else None,
+            tps=float(found["tps"]) if "tps" in found else None,
+            status=status if status is not None and 400 <= status <= 599 else None,
+            error=_ERROR_CONTROL in text,
+        )
+
+
+# --- text generation ---------------------------------------------------------------------------
+
+_DETERMINERS = ("the", "each", "every", "this", "our", "their", "one")
+_ADJECTIVES = (
+    "quiet", "bright", "careful", "steady", "simple", "patient", "gentle", "small", "busy",
+    "remote", "local", "early", "late", "clever", "shared", "brief", "narrow", "silent", "clear",
+)  # fmt: skip
+_NOUNS = (
+    "server", "client", "message", "channel", "room", "stream", "token", "reply", "window",
+    "garden", "river", "signal", "queue", "thread", "model", "answer", "question", "network",
+    "record", "story", "lantern", "harbor", "letter", "bridge",
+)  # fmt: skip
+_VERBS = (
+    "carries", "answers", "follows", "sends", "holds", "watches", "finds", "shapes", "joins",
+    "keeps", "reads", "writes", "opens", "remembers", "greets", "measures",
+)  # fmt: skip
+_INTRANSITIVE = ("waits", "listens", "settles", "returns", "rests", "wanders", "agrees")
+_ADVERBS = ("quietly", "slowly", "always", "often", "soon", "gently", "again", "carefully")
+_PREPOSITIONS = ("across", "beside", "under", "within", "toward", "through", "after", "near")
+
+
+def _clause(rng: random.Random) -> list[str]:
+    """One "the [adj] noun [adv] verbs the [adj] noun [prep the noun]" clause."""
+    words = [rng.choice(_DETERMINERS)]
+    if rng.random() < 0.6:
+        words.append(rng.choice(_ADJECTIVES))
+    words.append(rng.choice(_NOUNS))
+    if rng.random() < 0.25:
+        words.append(rng.choice(_ADVERBS))
+    words += [rng.choice(_VERBS), rng.choice(_DETERMINERS)]
+    if rng.random() < 0.4:
+        words.append(rng.choice(_ADJECTIVES))
+    words.append(rng.choice(_NOUNS))
+    if rng.random() < 0.3:
+        words += [rng.choice(_PREPOSITIONS), "the", rng.choice(_NOUNS)]
+    return words
+
+
+def _short_sentence(rng: random.Random, length: int) -> list[str]:
+    """A complete sentence of 1 to 3 words, to fill the end of a reply exactly."""
+    if length == 1:
+        return [rng.choice(("Indeed", "Exactly", "Agreed", "Certainly"))]
+    subject = [rng.choice(("everything", "nothing", "something", "someone"))]
+    if length == 3:
+        subject = [rng.choice(_DETERMINERS), rng.choice(_NOUNS)]
+    return [*subject, rng.choice(_INTRANSITIVE)]
+
+
+def _sentence(rng: random.Random, budget: int) -> list[str]:
+    """A capitalised sentence ending in a full stop, at most ``budget`` words long."""
+    words = _clause(rng)
+    if rng.random() < 0.2:
+        second = _clause(rng)
+        if len(words) + 1 + len(second) <= budget:
+            words = [*words[:-1], words[-1] + ",", rng.choice(("and", "while", "so")), *second]
+    if len(words) > budget:
+        words = _short_sentence(rng, min(budget, 3))
+    words[0] = words[0].capitalize()
+    words[-1] += "."
+    return words
+
+
+def _list_block(rng: random.Random) -> list[str]:
+    """A short markdown list; the first word of each item carries the line break."""
+    tokens: list[str] = []
+    for _ in range(rng.randint(2, 4)):
+        item = [rng.choice(_ADJECTIVES).capitalize(), rng.choice(_NOUNS)]
+        tokens += ["\n- " + item[0], " " + item[1]]
+    tokens[0] = "\n" + tokens[0]
+    return tokens
+
+
+def _code_block(rng: random.Random) -> list[str]:
+    verb, noun, arg = rng.choice(_VERBS), rng.choice(_NOUNS), rng.choice(_NOUNS)
+    return [
+        "\n\n```python",
+        "\ndef",
+        f" {verb}_{noun}({arg}):",
+        "\n    return",
+        f" {arg}.{rng.choice(_VERBS)}()",
+        "\n```",
+    ]
+
+
+def _compose(rng: random.Random, length: int) -> list[str]:
+    """Exactly ``length`` tokens of prose, ending on a full stop or a complete block."""
+    tokens: list[str] = []
+    after_block = False
+    while len(tokens) < length:
+        remaining = length - len(tokens)
+        roll = rng.random()
+        block: list[str] = []
+        if tokens and roll < 0.1:
+            block = _list_block(rng)
+        elif tokens and roll < 0.16:
+            block = _code_block(rng)
+        if block and len(block) <= remaining:
+            tokens += block
+            after_block = True
+            continue
+        words = _sentence(rng, remaining)
+        if not tokens:
+            separator = ""
+        elif after_block or rng.random() < 0.2:
+            separator = "\n\n"
+        else:
+            separator = " "
+        tokens += [separator + words[0], *(" " + word for word in words[1:])]
+        after_block = False
+    return tokens
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """Everything decided up front about one generation."""
+
+    model: str
+    tokens: list[str]
+    finish_reason: str
+    prompt_tokens: int
+    first_delay: float
+    tps: float
+    fail: bool
+    include_usage: bool
+
+    @property
+    def usage(self) -> _Usage:
+        completion = len(self.tokens)
+        return _Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
+
+    def due(self, index: int) -> float:
+        """Seconds after the start at which token ``index`` is due."""
+        return self.first_delay + (index / self.tps if self.tps > 0 else 0.0)
+
+
+def _plan(chat: _ChatRequest, controls: _Controls, settings: SimulatorSettings) -> _Reply:
+    seed = hashlib.sha256(_encoder.encode(chat.messages)).digest()
+    rng = random.Random(seed)
+    natural_length = controls.tokens or rng.randint(20, 80)
+    text = _compose(rng, natural_length)
+    cap = chat.max_completion_tokens or chat.max_tokens or settings.max_tokens
+    return _Reply(
+        model=chat.model,
+        tokens=text[:cap],
+        finish_reason="length" if natural_length > cap else "stop",
+        prompt_tokens=sum(len(m.text().split()) + 4 for m in chat.messages),
+        first_delay=settings.first_token_delay if controls.delay is None else controls.delay,
+        tps=settings.tokens_per_second if controls.tps is None else controls.tps,
+        fail=controls.error,
+        include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
+    )
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def _json(payload: msgspec.Struct | SimulatorStats, status: int = 200) -> Response[bytes]:
+    return Response(_encoder.encode(payload), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response[bytes]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _json(_ErrorResponse(_ErrorBody(message=message, type=kind)), status)
+
+
+def _data(chunk: _Chunk) -> bytes:
+    """One SSE event, framed exactly like OpenAI's."""
+    return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+async def _sleep_until(start: float, due: float, index: int) -> None:
+    """Sleep until ``start + due`` (drift-free pacing); yield now and then when not sleeping."""
+    pause = start + due - asyncio.get_running_loop().time()
+    if pause > 0:
+        await asyncio.sleep(pause)
+    elif index % 64 == 0:
+        await asyncio.sleep(0)
+
+
+async def _sse(reply: _Reply, stats: SimulatorStats) -> AsyncIterator[bytes]:
+    """The OpenAI SSE stream for ``reply``, keeping ``stats`` honest.
+
+    When the client hangs up, Litestar cancels the task iterating this generator (it listens for
+    ``http.disconnect`` while streaming), so ``CancelledError`` lands at the pending sleep; if
+    the generator was parked at a ``yield`` instead, it is closed later and sees
+    ``GeneratorExit``.  Both count as aborted.
+    """
+    chunk_id, created = _completion_id(), int(time.time())
+
+    def event(delta: _Delta, finish_reason: str | None = None) -> bytes:
+        choice = _ChunkChoice(0, delta, finish_reason)
+        return _data(_Chunk(id=chunk_id, created=created, model=reply.model, choices=[choice]))
+
+    start = asyncio.get_running_loop().time()
+    stats.started += 1
+    stats.active += 1
+    try:
+        yield event(_Delta(role="assistant", content=""))
+        for index, token in enumerate(reply.tokens[:3] if reply.fail else reply.tokens):
+            await _sleep_until(start, reply.due(index), index)
+            yield event(_Delta(content=token))
+        if reply.fail:
+            raise SimulatedStreamError("simulated stream failure ([sim:error])")
+        yield event(_Delta(), reply.finish_reason)
+        if reply.include_usage:
+            yield _data(
+                _Chunk(
+                    id=chunk_id, created=created, model=reply.model, choices=[], usage=reply.usage
+                )
+            )
+        yield _DONE
+    except (GeneratorExit, asyncio.CancelledError):
+        stats.aborted += 1
+        stats.last_aborted_at = time.monotonic()
+        raise
+    except BaseException:
+        stats.failed += 1
+        raise
+    else:
+        stats.completed += 1
+    finally:
+        stats.active -= 1
+
+
+async def _complete(reply: _Reply, stats: SimulatorStats) -> Response[bytes]:
+    """A non-streaming completion, delivered after the time the whole stream would take."""
+    stats.started += 1
+    stats.active += 1
+    try:
+        await asyncio.sleep(reply.due(max(len(reply.tokens) - 1, 0)))
+        if reply.fail:
+            stats.failed += 1
+            return _error(500, "simulated failure ([sim:error])")
+        message = _AssistantMessage("".join(reply.tokens))
+        choice = _Choice(0, message, reply.finish_reason)
+        completion = _Completion(
+            id=_completion_id(),
+            created=int(time.time()),
+            model=reply.model,
+            choices=[choice],
+            usage=reply.usage,
+        )
+        stats.completed += 1
+        return _json(completion)
+    finally:
+        stats.active -= 1
+
+
+def simulator_router(
+    settings: SimulatorSettings, stats: SimulatorStats, *, path: str = "/v1"
+) -> Router:
+    """``POST {path}/chat/completions``, ``GET {path}/models`` and ``GET {path}/sim/stats``."""
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        stats.requests += 1
+        try:
+            chat = _request_decoder.decode(await request.body())
+        except msgspec.DecodeError as exc:  # ValidationError is a subclass
+            return _error(400, f"Invalid request body: {exc}")
+        controls = _Controls.parse(chat.messages)
+        if controls.status is not None:
+            return _error(controls.status, f"simulated HTTP {controls.status} ([sim:status])")
+        reply = _plan(chat, controls, settings)
+        if not chat.stream:
+            return await _complete(reply, stats)
+        return Stream(
+            _sse(reply, stats),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @get("/models")
+    async def list_models() -> Response[bytes]:
+        return _json(_ModelList(data=[_ModelCard(id=settings.model)]))
+
+    @get("/sim/stats")
+    async def sim_stats() -> Response[bytes]:
+        return _json(stats)
+
+    return Router(path=path, route_handlers=[chat_completions, list_models, sim_stats])
+
+
+def simulator_app(
+    settings: SimulatorSettings | None = None, stats: SimulatorStats | None = None
+) -> Litestar:
+    """The simulator as a standalone app (``parley model --port N``)."""
+    router = simulator_router(settings or SimulatorSettings(), stats or SimulatorStats())
+    return Litestar(route_handlers=[router], openapi_config=None)

@@ -1,0 +1,96 @@
+"""Conversations: one row each, owned by one user."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from protocol.frames import Conversation
+
+_COLUMNS = "id, owner, title, system, model, created_at, updated_at, history_seq, last_seq"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConversation:
+    owner: str
+    meta: Conversation
+    history_seq: int
+
+
+def _from_row(row: asyncpg.Record) -> StoredConversation:
+    meta = Conversation(
+        id=row["id"],
+        title=row["title"],
+        system=row["system"],
+        model=row["model"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_seq=row["last_seq"],
+    )
+    return StoredConversation(owner=row["owner"], meta=meta, history_seq=row["history_seq"])
+
+
+async def insert(pool: asyncpg.Pool, owner: str, meta: Conversation) -> None:
+    await pool.execute(
+        "INSERT INTO conversations (id, owner, title, system, model, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        meta.id,
+        owner,
+        meta.title,
+        meta.system,
+        meta.model,
+        meta.created_at,
+        meta.updated_at,
+    )
+
+
+async def get(pool: asyncpg.Pool, conversation: uuid.UUID) -> StoredConversation | None:
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM conversations WHERE id = $1", conversation)
+    return None if row is None else _from_row(row)
+
+
+async def list_for(pool: asyncpg.Pool, owner: str, limit: int = 200) -> list[StoredConversation]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM conversations WHERE owner = $1"
+        " ORDER BY updated_at DESC, id LIMIT $2",
+        owner,
+        limit,
+    )
+    return [_from_row(row) for row in rows]
+
+
+async def update(
+    pool: asyncpg.Pool,
+    conversation: uuid.UUID,
+    owner: str,
+    *,
+    title: str | None,
+    system: str | None,
+    model: str | None,
+    seq: int,
+    now: datetime,
+) -> StoredConversation | None:
+    """Change the given fields of the owner's conversation; None when there is no such one."""
+    row = await pool.fetchrow(
+        "UPDATE conversations SET title = COALESCE($3, title), system = COALESCE($4, system),"
+        " model = COALESCE($5, model), updated_at = $6, last_seq = GREATEST(last_seq, $7)"
+        f" WHERE id = $1 AND owner = $2 RETURNING {_COLUMNS}",
+        conversation,
+        owner,
+        title,
+        system,
+        model,
+        now,
+        seq,
+    )
+    return None if row is None else _from_row(row)
+
+
+async def delete(pool: asyncpg.Pool, conversation: uuid.UUID, owner: str) -> bool:
+    status = await pool.execute(
+        "DELETE FROM conversations WHERE id = $1 AND owner = $2", conversation, owner
+    )
+    return bool(status.endswith(" 1"))

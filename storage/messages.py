@@ -1,0 +1,101 @@
+"""Messages, and the one transaction that records a finished turn."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from protocol.frames import Message, Usage
+
+
+class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
+    """A user turn (absent for a regenerate) and the assistant reply it got.
+
+    `done_seq` is the seq of the reply's `done` event: the transcript covers events up to it.
+    """
+
+    conversation: uuid.UUID
+    user_message: Message | None
+    user_seq: int
+    reply: Message
+    replaces: uuid.UUID | None
+    finished_at: datetime
+    done_seq: int = 0
+
+
+_INSERT = (
+    "INSERT INTO messages (id, conversation_id, role, content, status, model, usage, seq,"
+    " created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+    " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2)"
+    " AND NOT EXISTS (SELECT 1 FROM replaced_messages WHERE id = $1)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, ...]:
+    usage = msgspec.to_builtins(message.usage) if message.usage else None
+    return (
+        message.id,
+        conversation,
+        message.role,
+        message.content,
+        message.status,
+        message.model,
+        usage,
+        seq,
+        message.created_at,
+    )
+
+
+async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
+    """Record a finished turn in one transaction; idempotent by message id.
+
+    Returns False when the conversation no longer exists (it was deleted meanwhile).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        exists = await conn.fetchval(
+            "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", turn.conversation
+        )
+        if not exists:
+            return False
+        if turn.user_message is not None:
+            await conn.execute(_INSERT, *_row(turn.conversation, turn.user_message, turn.user_seq))
+        if turn.replaces is not None:
+            await conn.execute(
+                "INSERT INTO replaced_messages (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                turn.replaces,
+            )
+            await conn.execute("DELETE FROM messages WHERE id = $1", turn.replaces)
+        await conn.execute(_INSERT, *_row(turn.conversation, turn.reply, turn.done_seq))
+        await conn.execute(
+            "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
+            " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"
+            " WHERE id = $1",
+            turn.conversation,
+            turn.done_seq,
+            turn.finished_at,
+        )
+    return True
+
+
+async def history(pool: asyncpg.Pool, conversation: uuid.UUID) -> list[Message]:
+    rows = await pool.fetch(
+        "SELECT id, role, content, status, model, usage, created_at FROM messages"
+        " WHERE conversation_id = $1 ORDER BY seq, created_at",
+        conversation,
+    )
+    return [
+        Message(
+            id=r["id"],
+            role=r["role"],
+            content=r["content"],
+            status=r["status"],
+            created_at=r["created_at"],
+            model=r["model"],
+            usage=msgspec.convert(r["usage"], Usage) if r["usage"] else None,
+        )
+        for r in rows
+    ]

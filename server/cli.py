@@ -200,7 +200,7 @@ def _run_uvicorn(app: Any, settings: Settings, sock: socket.socket | None = None
         ws_per_message_deflate=False,
         lifespan="on",
         access_log=False,
-        log_level=settings.server.log_level,
+        log_level="warning",  # uvicorn logs every socket at info
         timeout_graceful_shutdown=max(settings.server.shutdown_grace, 1),
     )
     server = uvicorn.Server(config)

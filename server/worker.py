@@ -80,6 +80,7 @@ class Worker:
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
         heartbeat = asyncio.create_task(self._heartbeat())
+        log.info("worker ready (%s)", self.name)
         try:
             await self._claim_loop()
         finally:

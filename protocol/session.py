@@ -168,7 +168,7 @@ class Session:
             self._actions.append(Verify(frame.token, frame.ref))
             return
         if self.state is not State.READY:
-            self._bad(f.FrameError("unauthorized", "send `auth` first", frame.ref))
+            self._close(CloseCode.UNAUTHORIZED, "the first frame must be `auth`")
             return
         if isinstance(frame, f.Say) and len(frame.text) > self.limits.max_text_chars:
             self._error(

@@ -121,14 +121,14 @@ class ParleyProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send_signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int | None:
         if self.proc is None:
             return None
-        self.signal(sig)
+        self.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

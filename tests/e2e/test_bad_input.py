@@ -1,0 +1,111 @@
+"""Nothing a client sends may break its session, another session or the process: every bad
+frame gets an `error` naming the problem or a documented close code."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from protocol import frames as f
+from server.client import Client
+from tests.e2e.test_core import say_and_finish, start_conversation
+
+BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
+    ("not-json", "{nope", "bad_frame", "not valid JSON"),
+    ("empty", "", "bad_frame", "not valid JSON"),
+    ("array", "[1, 2]", "bad_frame", "JSON object"),
+    ("number", "42", "bad_frame", "JSON object"),
+    ("no-type", '{"conversation": "x"}', "bad_frame", "`type`"),
+    ("type-not-string", '{"type": 7}', "bad_frame", "`type`"),
+    ("unknown-type", '{"type": "teleport"}', "bad_frame", "unknown frame type"),
+    ("say-missing-text", '{"type": "say", "conversation": "CONV"}', "invalid", "text"),
+    ("say-text-not-string", '{"type": "say", "conversation": "CONV", "text": 5}', "invalid", "text"),
+    ("bad-uuid", '{"type": "join", "conversation": "not-a-uuid"}', "invalid", "conversation"),
+    ("negative-after", '{"type": "join", "conversation": "CONV", "after": -1}', "invalid", "after"),
+    ("unknown-field", '{"type": "ping", "colour": "red"}', "invalid", "colour"),
+    ("ref-too-long", '{"type": "ping", "ref": "' + "r" * 65 + '"}', "invalid", "ref"),
+    ("empty-text", '{"type": "say", "conversation": "CONV", "text": "   "}', "invalid", "empty"),
+    ("text-too-long", '{"type": "say", "conversation": "CONV", "text": "LONG"}', "too_large", "limit"),
+    ("unknown-conversation", '{"type": "join", "conversation": "OTHER"}', "not_found", "no such"),
+    ("binary", b"\x00\x01binary", "bad_frame", "binary"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "code", "words"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES])
+async def test_bad_frame_gets_error_and_session_goes_on(
+    connect: Any, user: str, name: str, raw: str | bytes, code: str, words: str
+) -> None:
+    client: Client = await connect(user)
+    bystander: Client = await connect()
+    conversation = await start_conversation(client)
+    if isinstance(raw, str):
+        raw = (
+            raw.replace("CONV", str(conversation))
+            .replace("OTHER", str(uuid.uuid4()))
+            .replace("LONG", "x" * 32_001)
+        )
+    start = len(client.frames)
+    await client.send(raw)
+    error = await client.wait_for(lambda fr: isinstance(fr, f.Error), start=start)
+    assert error.code == code
+    assert words.lower() in error.message.lower()
+    done = await say_and_finish(client, conversation, "still working?")
+    assert done.reason == "stop"
+    assert isinstance(await bystander.request(f.Ping()), f.Pong)
+
+
+async def test_error_keeps_the_ref(connect: Any) -> None:
+    client: Client = await connect()
+    await client.send('{"type": "join", "conversation": "nope", "ref": "mine"}')
+    error = await client.wait_for(lambda fr: isinstance(fr, f.Error))
+    assert error.ref == "mine" and error.code == "invalid"
+
+
+async def test_oversized_frame_closes_1009_and_nothing_else(connect: Any, user: str) -> None:
+    client: Client = await connect(user)
+    other: Client = await connect(user)
+    await client.send('{"type": "ping", "ref": "' + "x" * 300_000 + '"}')
+    code, _ = await asyncio.wait_for(client.closed, 5)
+    assert code == 1009
+    conversation = await start_conversation(other)
+    assert (await say_and_finish(other, conversation, "fine")).reason == "stop"
+
+
+async def test_repeated_garbage_closes_4400(connect: Any) -> None:
+    client: Client = await connect()
+    for _ in range(25):
+        if client.closed.done():
+            break
+        await client.send("garbage")
+    code, _ = await asyncio.wait_for(client.closed, 5)
+    assert code == 4400
+
+
+async def test_frame_flood_is_rate_limited_then_closed_4429(connect: Any) -> None:
+    client: Client = await connect()
+    for _ in range(600):
+        if client.closed.done():
+            break
+        await client.send('{"type": "ping"}')
+    await asyncio.sleep(0.3)
+    limited = [fr for fr in client.frames if isinstance(fr, f.Error)]
+    assert limited and all(e.code == "rate_limited" and e.retry_after for e in limited)
+    code, _ = await asyncio.wait_for(client.closed, 5)
+    assert code == 4429
+
+
+async def test_silence_after_connect_gets_4408(cluster: Any) -> None:
+    server = cluster.process("serve", PARLEY_AUTH_AUTH_TIMEOUT="0.5")
+    client = await Client.connect(server.ws_url, None)
+    code, _ = await asyncio.wait_for(client.closed, 5)
+    assert code == 4408
+    server.stop()
+
+
+def test_no_unhandled_exception_in_the_server_log(parley: Any) -> None:
+    """Runs after the cases above on the same shared server."""
+    log = parley.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

@@ -1,0 +1,52 @@
+"""Wire types and codecs, without sockets."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from protocol import frames as f
+
+
+def test_client_frames_decode_to_their_types() -> None:
+    conv = uuid.uuid4()
+    frame = f.decode_client(f'{{"type":"join","conversation":"{conv}","after":3,"ref":"a"}}')
+    assert frame == f.Join(conversation=conv, after=3, ref="a")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("{", "bad_frame"),
+        ("[]", "bad_frame"),
+        ('{"type":"nope"}', "bad_frame"),
+        ('{"type":"say"}', "invalid"),
+        ('{"type":"ping","extra":1}', "invalid"),
+    ],
+)
+def test_bad_frames_explain_themselves(raw: str, code: str) -> None:
+    with pytest.raises(f.FrameError) as error:
+        f.decode_client(raw)
+    assert error.value.code == code
+
+
+def test_the_ref_of_a_bad_frame_is_kept() -> None:
+    with pytest.raises(f.FrameError) as error:
+        f.decode_client('{"type":"join","conversation":"x","ref":"r1"}')
+    assert error.value.ref == "r1"
+
+
+def test_events_are_encoded_without_seq_and_spliced() -> None:
+    event = f.Token(conversation=uuid.uuid4(), message_id=uuid.uuid4(), text="hi")
+    encoded = f.encode(event)
+    assert b'"seq"' not in encoded and encoded.startswith(b'{"type":"token"')
+    framed = f.splice_seq(encoded, 42)
+    assert f.seq_of(framed) == 42
+    decoded = f.decode_server(framed)
+    assert isinstance(decoded, f.Token) and decoded.seq == 42 and decoded.text == "hi"
+
+
+def test_optional_fields_are_absent_not_null() -> None:
+    assert f.encode(f.Pong()) == b'{"type":"pong"}'
+    assert b"null" not in f.encode(f.Ack(message_id=uuid.uuid4()))

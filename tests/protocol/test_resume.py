@@ -1,0 +1,91 @@
+"""Exactly-once, in-order delivery per socket: the cursor merging log reads and live frames."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.resume import Cursor, Outcome, Verdict
+
+
+def frames(seqs: range) -> list[tuple[int, str]]:
+    return [(s, f"e{s}") for s in seqs]
+
+
+def test_join_holds_live_frames_until_the_log_is_read() -> None:
+    cursor = Cursor()
+    cursor.start_at(3)
+    assert cursor.live(6, "e6") is Verdict.HOLD
+    result = cursor.catch_up(frames(range(4, 6)), head=5)
+    assert result.frames == ["e4", "e5", "e6"] and result.outcome is Outcome.LIVE
+    assert cursor.live(6, "e6") is Verdict.DROP
+    assert cursor.live(7, "e7") is Verdict.SEND
+
+
+def test_a_skipped_seq_is_a_gap_not_a_reorder() -> None:
+    cursor = Cursor()
+    cursor.start_at(0)
+    cursor.catch_up([], head=0)
+    assert cursor.live(1, "e1") is Verdict.SEND
+    assert cursor.live(3, "e3") is Verdict.GAP
+    assert cursor.live(4, "e4") is Verdict.HOLD
+    result = cursor.catch_up(frames(range(2, 4)), head=3)
+    assert result.frames == ["e2", "e3", "e4"] and result.outcome is Outcome.LIVE
+
+
+def test_trimmed_log_means_reset() -> None:
+    cursor = Cursor()
+    cursor.start_at(2)
+    result = cursor.catch_up(frames(range(10, 12)), head=11)
+    assert result.outcome is Outcome.RESET
+
+
+def test_client_ahead_of_the_log_means_reset() -> None:
+    cursor = Cursor()
+    cursor.start_at(50)
+    assert cursor.catch_up([], head=7).outcome is Outcome.RESET
+
+
+def test_hole_past_the_head_means_read_again() -> None:
+    cursor = Cursor()
+    cursor.start_at(0)
+    cursor.live(3, "e3")
+    result = cursor.catch_up(frames(range(1, 2)), head=1)
+    assert result.frames == ["e1"] and result.outcome is Outcome.AGAIN
+    result = cursor.catch_up(frames(range(2, 4)), head=3)
+    assert result.frames == ["e2", "e3"] and result.outcome is Outcome.LIVE
+
+
+@given(
+    total=st.integers(1, 60),
+    after=st.integers(0, 60),
+    joined_at=st.integers(0, 60),
+    lost=st.sets(st.integers(1, 60), max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_every_event_exactly_once_in_order(
+    total: int, after: int, joined_at: int, lost: set[int], seed: int
+) -> None:
+    """Whatever the moment of joining and whichever publishes are lost, the socket ends with
+    events after+1..total, each once, in order."""
+    after, joined_at = min(after, total), min(joined_at, total)
+    after = min(after, joined_at)
+    rng = random.Random(seed)
+    cursor = Cursor()
+    cursor.start_at(after)
+    sent: list[str] = []
+    for seq in range(joined_at + 1, total + 1):
+        if seq in lost:
+            continue
+        verdict = cursor.live(seq, f"e{seq}")
+        if verdict is Verdict.SEND:
+            sent.append(f"e{seq}")
+        if rng.random() < 0.2 or verdict is Verdict.GAP:
+            result = cursor.catch_up(frames(range(cursor.last_seq + 1, seq + 1)), head=seq)
+            sent += result.frames
+    for _ in range(3):
+        result = cursor.catch_up(frames(range(cursor.last_seq + 1, total + 1)), head=total)
+        sent += result.frames
+    assert sent == [f"e{s}" for s in range(after + 1, total + 1)]

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, Settings, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_checked_in_config_lists_every_default() -> None:
+    assert load(ROOT / "config.toml", {}) == Settings()
+    text = (ROOT / "config.toml").read_text()
+    for section in Settings.__struct_fields__:
+        for key in getattr(Settings(), section).__struct_fields__:
+            assert f"{key} =" in text or f"# {key} =" in text, f"[{section}] {key} undocumented"
+
+
+def test_environment_overrides() -> None:
+    env = {
+        "PORT": "9001",
+        "REDIS_URL": "redis://h:1/0",
+        "OPENAI_API_KEY": "k",
+        "PARLEY_LIMITS_MAX_TEXT_CHARS": "12",
+        "PARLEY_SERVER_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+        "PARLEY_AUTH_DEV_LOGIN": "true",
+    }
+    s = load(ROOT / "config.toml", env)
+    assert s.server.port == 9001 and s.redis.url == "redis://h:1/0"
+    assert s.limits.max_text_chars == 12 and not s.simulated
+    assert s.server.allowed_origins == ["https://a.example", "https://b.example"]
+    assert s.auth.dev_login is True
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "named"),
+    [
+        ("[limits]\nmax_text_chars = 'lots'\n", {}, "max_text_chars"),
+        ("[limits]\nmax_txt_chars = 5\n", {}, "max_txt_chars"),
+        ("[nonsense]\n", {}, "nonsense"),
+        ("", {"PARLEY_LIMITS_NOPE": "1"}, "PARLEY_LIMITS_NOPE"),
+        ("", {"PARLEY_BOGUS_KEY": "1"}, "PARLEY_BOGUS_KEY"),
+        ("", {"PORT": "eighty"}, "port"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_name_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], named: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load(path, env)
+    assert named in str(error.value)

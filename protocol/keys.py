@@ -62,6 +62,16 @@ def cancelled(conversation: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:cancel"
 
 
+def finished(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
+    """The seq of a generation's `done`, so that a retried finish appends nothing twice."""
+    return f"{_conv(conversation)}:done:{message_id}"
+
+
+def worker(name: str) -> str:
+    """Heartbeat of a live generation worker; a turn whose worker lost it is taken over."""
+    return f"{PREFIX}:worker:{name}"
+
+
 def turn_id(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
     """Remembers a `say` id so that a retry with the same id is not a second turn."""
     return f"{_conv(conversation)}:say:{message_id}"

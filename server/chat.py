@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from protocol import keys
 from server.config import Settings
-from server.eventlog import CachedMeta, EventLog, encode
+from server.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.turns import Accepted, Job, Outcome, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
@@ -82,6 +82,17 @@ class Chat:
             raise unavailable("the database") from None
         await self.events.load(row.owner, row.meta, row.meta.last_seq, recent)
         return CachedMeta(row.owner, row.meta)
+
+    async def read_events(
+        self, conversation: uuid.UUID, after: int
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """The conversation's head seq and retained events after `after`, loading its Redis
+        state from PostgreSQL first if Redis lost it."""
+        head, events = await self.events.read(conversation, after)
+        if head == UNLOADED:
+            await self.load(conversation)
+            head, events = await self.events.read(conversation, after)
+        return head, events
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
         """The persisted transcript and the seq it covers."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
@@ -21,12 +22,17 @@ from typing import Any, Final
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError
 
 from protocol import keys
 from protocol.frames import Conversation, Message
 
 UNLOADED: Final = -1
+RETRY_FOR: Final = 60.0
+RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+log = logging.getLogger("parley.eventlog")
 
 APPEND_FUNCTION: Final = """
 local function append(seq_key, log_key, channel, frame, maxlen, ttl)
@@ -48,6 +54,25 @@ _APPEND: Final = (
     APPEND_FUNCTION
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+"""
+)
+
+# A generation's events carry an index; a retried call (the connection broke before the reply)
+# finds its index already recorded in the generation hash and appends nothing twice.
+# KEYS: seq log channel gen   ARGV: frame maxlen ttl message_id index gen_ttl
+_APPEND_PIECE: Final = (
+    APPEND_FUNCTION
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[4], 'message_id') == ARGV[4] then
+  local last = tonumber(redis.call('HGET', KEYS[4], 'piece') or '-1')
+  if last >= tonumber(ARGV[5]) then return 0 end
+else
+  redis.call('HSET', KEYS[4], 'message_id', ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+end
+redis.call('HSET', KEYS[4], 'piece', ARGV[5])
 return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 """
 )
@@ -98,6 +123,7 @@ class EventLog:
         self.max_events = max_events
         self.ttl = ttl
         self._append = redis.register_script(_APPEND)
+        self._append_piece = redis.register_script(_APPEND_PIECE)
         self._read = redis.register_script(_READ)
         self._load = redis.register_script(_LOAD)
         self._set_meta = redis.register_script(_SET_META)
@@ -162,14 +188,26 @@ class EventLog:
             keys.log(conversation),
         )
 
-    def append_later(
-        self, pipeliner: Pipeliner, conversation: uuid.UUID, event: bytes
+    def append_piece(
+        self,
+        pipeliner: Pipeliner,
+        conversation: uuid.UUID,
+        event: bytes,
+        message_id: uuid.UUID,
+        index: int,
+        gen_ttl: int,
     ) -> asyncio.Future[Any]:
-        """Queue an append in the pipeliner; the future gives its seq, or UNLOADED."""
+        """Queue one event of a generation; the future gives its seq, 0 for a repeat, or
+        UNLOADED when the conversation's Redis state is gone."""
         return pipeliner.call(
-            self._append,
-            [keys.seq(conversation), keys.log(conversation), keys.channel(conversation)],
-            [event, self.max_events, self.ttl],
+            self._append_piece,
+            [
+                keys.seq(conversation),
+                keys.log(conversation),
+                keys.channel(conversation),
+                keys.generation(conversation),
+            ],
+            [event, self.max_events, self.ttl, str(message_id), index, gen_ttl],
         )
 
 
@@ -216,13 +254,25 @@ class Pipeliner:
     async def _send(
         self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
     ) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for script, keys_, args, _ in batch:
-            await script(keys=keys_, args=args, client=pipe)
-        try:
-            results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            results = [exc] * len(batch)
+        """Send a batch, again and again while Redis is unreachable (every script the worker
+        sends is idempotent), until RETRY_FOR seconds have passed."""
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        attempt = 0
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for script, keys_, args, _ in batch:
+                await script(keys=keys_, args=args, client=pipe)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+                break
+            except (ConnectionError, TimeoutError, OSError, RedisConnectionError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    results = [exc] * len(batch)
+                    break
+                if attempt == 0:
+                    log.warning("Redis unreachable (%s); holding %d calls", exc, len(batch))
+                await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
         for (*_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

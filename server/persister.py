@@ -48,6 +48,12 @@ class Persister:
                 entries = await self.redis.xreadgroup(
                     keys.PERSISTERS, self.name, {keys.PERSIST: ">"}, count=100, block=1000
                 )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("persist consumer group missing; creating it again")
+                await self._ensure_group()
+                continue
             except (RedisError, OSError) as exc:
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)

@@ -110,13 +110,17 @@ return {'ok', 0, message.id}
 """
 )
 
-# KEYS: seq log channel gen recent persist
+# KEYS: seq log channel gen recent persist finished
 # ARGV: frame message_json message_id turn maxlen ttl replaces recent_kept
 _FINISH: Final = (
     APPEND_FUNCTION
     + """
+local before = redis.call('GET', KEYS[7])
+if before then return tonumber(before) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local ttl = tonumber(ARGV[6])
 local seq = append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[5], ttl)
+redis.call('SET', KEYS[7], seq, 'EX', ttl)
 if ARGV[7] ~= '' then
   for _, item in ipairs(redis.call('LRANGE', KEYS[5], -5, -1)) do
     if cjson.decode(item).id == ARGV[7] then redis.call('LREM', KEYS[5], -1, item) end
@@ -136,7 +140,8 @@ class Turns:
         self.redis = redis
         self.max_events = max_events
         self.ttl = ttl
-        self.lease = max(int(lease), 1)
+        self.lease = max(int(lease * 3), 3)
+        """How long the `generating` mark outlives its worker's last heartbeat."""
         self._accept = redis.register_script(_ACCEPT)
         self._regenerate = redis.register_script(_REGENERATE)
         self._finish = redis.register_script(_FINISH)
@@ -200,6 +205,7 @@ class Turns:
                 keys.generation(c),
                 keys.recent(c),
                 keys.PERSIST,
+                keys.finished(c, job.message_id),
             ],
             [
                 done_event,

@@ -3,7 +3,12 @@
 A worker reads jobs from the `parley:turns` Stream through the `workers` consumer group, runs
 up to `worker.concurrency` generations at once, and listens on the `parley:cancel` channel so
 that `cancel` from any tab on any web process stops the upstream stream within milliseconds.
-Pieces are appended through the pipeliner (one Redis round trip per batch, not per token).
+Pieces go through the pipeliner (one Redis round trip per batch, not per token); each carries
+an index so that a batch retried after a broken connection appends nothing twice.
+
+A worker keeps a heartbeat key alive. A turn whose worker lost its heartbeat (killed,
+partitioned) is claimed by another worker and generated again from the start under the same
+message id: clients get a second `start` for that id and discard the partial text.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from datetime import datetime
 import msgspec
 import openai
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from protocol import frames as f
 from protocol import keys
@@ -41,10 +46,24 @@ _job_decoder = msgspec.json.Decoder(Job)
 
 @dataclass(slots=True)
 class Running:
+    """One generation in progress."""
+
     job: Job
+    history: list[f.Message] = field(default_factory=list)
     pump: asyncio.Task[Finished] | None = None
     cancelled: bool = False
+    lost: bool = False
     pieces: list[str] = field(default_factory=list)
+    index: int = 0
+
+    def next_index(self) -> int:
+        self.index += 1
+        return self.index
+
+    def check(self, future: asyncio.Future[object]) -> None:
+        """Notice an append that found the conversation's Redis state gone."""
+        if not future.cancelled() and future.exception() is None and future.result() == UNLOADED:
+            self.lost = True
 
 
 class Worker:
@@ -65,12 +84,14 @@ class Worker:
         self.turns = turns
         self.llm = llm
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
         self.cancels = Bus(settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
-        self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
         self._draining = False
+        self.taken_over = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -79,15 +100,21 @@ class Worker:
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
-        heartbeat = asyncio.create_task(self._heartbeat())
+        await self._beat()
+        background = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._take_over_loop()),
+        ]
         log.info("worker ready (%s)", self.name)
         try:
             await self._claim_loop()
         finally:
-            heartbeat.cancel()
+            for task in background:
+                task.cancel()
 
     async def stop(self, deadline: float | None = None) -> None:
-        """Stop claiming; let running generations finish within the deadline."""
+        """Stop claiming; let running generations finish within the deadline, then hand the
+        rest back (their turns stay pending and another worker takes them over)."""
         self._draining = True
         deadline = self.settings.worker.shutdown_deadline if deadline is None else deadline
         if self._tasks:
@@ -98,6 +125,8 @@ class Worker:
                 await asyncio.wait(late, timeout=5)
         await self.pipeliner.stop()
         await self.cancels.stop()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(keys.worker(self.name))
 
     async def _claim_loop(self) -> None:
         while not self._draining:
@@ -110,16 +139,28 @@ class Worker:
                 entries = await self.redis.xreadgroup(
                     keys.WORKERS, self.name, {keys.TURNS: ">"}, count=free, block=1000
                 )
+            except ResponseError as exc:
+                await self._recover_group(exc)
+                continue
             except (RedisError, OSError) as exc:
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
             for _, items in entries or []:
                 for entry_id, fields in items:
-                    self._spawn(entry_id, fields)
+                    self._spawn(entry_id, fields, takeover=False)
 
-    def _spawn(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        task = asyncio.create_task(self._run_job(entry_id, fields))
+    async def _recover_group(self, exc: ResponseError) -> None:
+        """Redis lost its data (restarted empty): the consumer group must be made again."""
+        if "NOGROUP" not in str(exc):
+            raise exc
+        log.warning("turns consumer group missing; creating it again")
+        with contextlib.suppress(RedisError, OSError):
+            await self.turns.ensure_group(keys.TURNS, keys.WORKERS)
+        await asyncio.sleep(0.1)
+
+    def _spawn(self, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> None:
+        task = asyncio.create_task(self._run_job(entry_id, fields, takeover))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -127,59 +168,117 @@ class Worker:
         self._tasks.discard(task)
         self._slot_freed.set()
 
-    async def _run_job(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _run_job(self, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool) -> None:
         try:
             job = _job_decoder.decode(fields[b"job"])
-            await self._generate(job)
+        except (KeyError, msgspec.DecodeError):
+            log.error("dropping malformed turn %s", entry_id)
+            await self._ack(entry_id)
+            return
+        try:
+            await self._generate(job, takeover)
+        except asyncio.CancelledError:
+            log.warning("generation in %s handed back at shutdown", job.conversation)
+            raise
         except Exception:
-            log.exception("generation failed")
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.xack(keys.TURNS, keys.WORKERS, entry_id)
-                await self.redis.xdel(keys.TURNS, entry_id)
+            log.exception("generation in %s failed", job.conversation)
+        await self._ack(entry_id)
+
+    async def _ack(self, entry_id: bytes) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(keys.TURNS, keys.WORKERS, entry_id)
+            pipe.xdel(keys.TURNS, entry_id)
+            await pipe.execute()
+
+    # ------------------------------------------------------------------ liveness and takeover
+
+    async def _beat(self) -> None:
+        await self.redis.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
 
     async def _heartbeat(self) -> None:
-        """Keep the `generating` marks of running generations alive (they expire otherwise)."""
-        lease = max(int(self.settings.worker.lease_seconds), 1)
+        """Keep this worker's heartbeat and its generations' `generating` marks alive."""
         while True:
-            await asyncio.sleep(lease / 3)
-            if not self.running:
-                continue
+            await asyncio.sleep(self.lease / 3)
             pipe = self.redis.pipeline(transaction=False)
+            pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
             for conversation in self.running:
-                pipe.expire(keys.generation(conversation), lease)
-            with contextlib.suppress(RedisError, OSError):
+                pipe.expire(keys.generation(conversation), self.turns.lease)
+            try:
                 await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _take_over_loop(self) -> None:
+        while not self._draining:
+            await asyncio.sleep(self.lease / 2)
+            try:
+                await self._take_over()
+            except ResponseError as exc:
+                await self._recover_group(exc)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot look for abandoned turns: %s", exc)
+
+    async def _take_over(self) -> None:
+        """Claim turns pending with a worker whose heartbeat is gone."""
+        pending = await self.redis.xpending_range(keys.TURNS, keys.WORKERS, "-", "+", 100)
+        idle_ms = int(self.lease * 1000)
+        for entry in pending:
+            owner = entry["consumer"].decode()
+            if owner == self.name or entry["time_since_delivered"] < idle_ms:
+                continue
+            if await self.redis.exists(keys.worker(owner)):
+                continue
+            claimed = await self.redis.xclaim(
+                keys.TURNS, keys.WORKERS, self.name, idle_ms, [entry["message_id"]]
+            )
+            for entry_id, fields in claimed:
+                if fields:
+                    log.warning("taking over a turn abandoned by %s", owner)
+                    self.taken_over += 1
+                    self._spawn(entry_id, fields, takeover=True)
 
     # ------------------------------------------------------------------ one generation
 
-    async def _generate(self, job: Job) -> None:
+    async def _generate(self, job: Job, takeover: bool) -> None:
         conversation = job.conversation
+        if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
+            return  # the dead worker had finished it; only the acknowledgement was missing
         run = Running(job)
         self.running[conversation] = run
         try:
-            await self.redis.hset(
-                keys.generation(conversation), mapping={"worker": self.name, "state": "running"}
-            )
-            history, system = await self._context(job)
+            await self._mark_running(job)
+            if takeover:
+                run.index = await self._last_index(job)
+            run.history, system = await self._context(job)
             started = f.utcnow()
-            await self._append(
-                job,
-                f.Start(
-                    conversation=conversation,
-                    message_id=job.message_id,
-                    model=job.model,
-                    replaces=job.replaces,
-                ),
-            )
-            if await self._cancelled_before_start(job):
-                run.cancelled = True
-            finished, error = await self._stream(
-                run, build_prompt(system, history, self.settings.llm.context_tokens)
-            )
-            await self._finish(job, run, finished, error, history, started)
+            await self._publish(run, self._start_event(job))
+            run.cancelled = await self._cancelled_before_start(job)
+            prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
+            finished, error = await self._stream(run, prompt)
+            await self._finish(run, finished, error, started)
         finally:
             self.running.pop(conversation, None)
+
+    async def _mark_running(self, job: Job) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        gen = keys.generation(job.conversation)
+        pipe.hset(gen, mapping={"message_id": str(job.message_id), "worker": self.name})
+        pipe.expire(gen, self.turns.lease)
+        await pipe.execute()
+
+    async def _last_index(self, job: Job) -> int:
+        value = await self.redis.hget(keys.generation(job.conversation), "piece")
+        return int(value) if value is not None else 0
+
+    @staticmethod
+    def _start_event(job: Job) -> f.Start:
+        return f.Start(
+            conversation=job.conversation,
+            message_id=job.message_id,
+            model=job.model,
+            replaces=job.replaces,
+        )
 
     async def _context(self, job: Job) -> tuple[list[f.Message], str]:
         history = await self.events.recent(job.conversation)
@@ -219,25 +318,62 @@ class Worker:
         job = run.job
         async with asyncio.timeout(self.settings.llm.max_duration):
             async for item in self.llm.stream(job.model, prompt):
-                if isinstance(item, Piece):
-                    run.pieces.append(item.text)
-                    event = f.Token(
-                        conversation=job.conversation, message_id=job.message_id, text=item.text
-                    )
-                    self.events.append_later(self.pipeliner, job.conversation, encode(event))
-                else:
+                if not isinstance(item, Piece):
                     return item
+                run.pieces.append(item.text)
+                if run.lost:
+                    await self._republish(run)
+                    continue
+                token = f.Token(
+                    conversation=job.conversation, message_id=job.message_id, text=item.text
+                )
+                self._publish_later(run, token)
         return Finished("stop", None)
 
+    def _publish_later(self, run: Running, event: f.ServerFrame) -> asyncio.Future[object]:
+        job = run.job
+        future = self.events.append_piece(
+            self.pipeliner,
+            job.conversation,
+            encode(event),
+            job.message_id,
+            run.next_index(),
+            self.turns.lease,
+        )
+        future.add_done_callback(run.check)
+        return future
+
+    async def _publish(self, run: Running, event: f.ServerFrame) -> None:
+        await self._publish_later(run, event)
+        if run.lost:
+            await self._republish(run)
+
+    async def _republish(self, run: Running) -> None:
+        """Redis lost the conversation (restarted empty): seed it again from PostgreSQL and
+        publish the turn so far, so that every tab, after its reset, sees it whole."""
+        job = run.job
+        run.lost = False
+        await self.chat.load(job.conversation)
+        user_message = self._user_message(run)
+        if user_message is not None:
+            await self._publish_later(
+                run, f.MessageEvent(conversation=job.conversation, message=user_message)
+            )
+        await self._publish_later(run, self._start_event(job))
+        if run.pieces:
+            text = "".join(run.pieces)
+            token = f.Token(conversation=job.conversation, message_id=job.message_id, text=text)
+            await self._publish_later(run, token)
+        log.warning("conversation %s was lost by Redis; republished the turn", job.conversation)
+
+    @staticmethod
+    def _user_message(run: Running) -> f.Message | None:
+        return next((m for m in run.history if m.id == run.job.user_message), None)
+
     async def _finish(
-        self,
-        job: Job,
-        run: Running,
-        finished: Finished,
-        error: str | None,
-        history: list[f.Message],
-        started: datetime,
+        self, run: Running, finished: Finished, error: str | None, started: datetime
     ) -> None:
+        job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
         reply = f.Message(
             id=job.message_id,
@@ -255,23 +391,22 @@ class Worker:
             usage=finished.usage,
             error=error,
         )
-        user_message = next((m for m in history if m.id == job.user_message), None)
         turn = FinishedTurn(
             conversation=job.conversation,
-            user_message=user_message,
+            user_message=self._user_message(run),
             user_seq=job.user_seq,
             reply=reply,
             replaces=job.replaces,
             finished_at=f.utcnow(),
         )
-        await self.pipeliner.call(*self.turns.finish_call(job, encode(done), reply, encode(turn)))
-
-    async def _append(self, job: Job, event: f.ServerFrame) -> int:
-        seq = await self.events.append_later(self.pipeliner, job.conversation, encode(event))
-        if int(seq) == UNLOADED:
-            await self.chat.load(job.conversation)
-            seq = await self.events.append_later(self.pipeliner, job.conversation, encode(event))
-        return int(seq)
+        call = self.turns.finish_call(job, encode(done), reply, encode(turn))
+        for _ in range(3):
+            if run.lost:
+                await self._republish(run)
+            if await self.pipeliner.call(*call) != UNLOADED:
+                return
+            run.lost = True
+        log.error("could not finish the turn in %s", job.conversation)
 
     def cancel(self, conversation: uuid.UUID, message_id: str) -> None:
         run = self.running.get(conversation)

@@ -48,6 +48,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CATCH_UP_ATTEMPTS = 5
+CLOSE_FLUSH_TIMEOUT = 2.0
 
 
 class Hub:
@@ -142,6 +143,7 @@ async def _deny(send: Send, status: int, body: bytes) -> None:
 
 class Connection:
     __slots__ = (
+        "_closer",
         "_expiry_timer",
         "_send",
         "_wake",
@@ -167,6 +169,7 @@ class Connection:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -356,18 +359,24 @@ class Connection:
         self._wake.set()
 
     def close(self, code: CloseCode, reason: str) -> None:
-        """Stop queueing, drop what is queued, and send the close frame when the socket can."""
+        """Stop taking frames and close. What is queued is still sent first (an error frame
+        explaining the close, say) unless the socket is being closed for reading too slowly."""
         if self.closing:
             return
         self.closing = True
-        self.outbox.drain()
+        if code == CloseCode.TRY_AGAIN_LATER:
+            self.outbox.drain()
         for conversation in tuple(self.watches):
             self._leave(conversation)
-        asyncio.get_running_loop().create_task(self._send_close(code, reason))
+        self._closer = asyncio.get_running_loop().create_task(self._send_close(code, reason))
 
     async def _send_close(self, code: CloseCode, reason: str) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        writer = self._writer
+        if writer is not None:
+            self._wake.set()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_FLUSH_TIMEOUT)
+            writer.cancel()
         with contextlib.suppress(Exception):
             await self._send({"type": "websocket.close", "code": int(code), "reason": reason})
 
@@ -379,6 +388,8 @@ class Connection:
                 self._wake.clear()
                 for frame in self.outbox.drain():
                     await send({"type": "websocket.send", "text": frame})
+                if self.closing and not self.outbox:
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -395,8 +406,10 @@ class Connection:
             self.hub.bus.unsubscribe(keys.user_channel(user), self)
             with contextlib.suppress(RedisError, OSError):
                 await self.hub.presence.leave(user)
+        if self._closer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._closer, CLOSE_FLUSH_TIMEOUT + 1)
         if self._writer is not None:
-            await asyncio.sleep(0)
             self._writer.cancel()
 
 
@@ -444,7 +457,7 @@ class Watch:
             await self._send_history(meta, ref, reset=False)
             return
         self.cursor.start_at(after)
-        head, logged = await self.conn.hub.chat.events.read(self.conversation, after)
+        head, logged = await self.conn.hub.chat.read_events(self.conversation, after)
         result = self.cursor.catch_up(logged, head)
         if result.outcome is Outcome.RESET:
             await self._send_history(meta, ref, reset=True)
@@ -459,7 +472,7 @@ class Watch:
         for _ in range(CATCH_UP_ATTEMPTS):
             if not self.active:
                 return
-            head, logged = await chat.events.read(self.conversation, self.cursor.last_seq)
+            head, logged = await chat.read_events(self.conversation, self.cursor.last_seq)
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
                 self.conn.push(frame)
@@ -477,7 +490,7 @@ class Watch:
         start, history = await chat.history(self.conversation)
         self.cursor.reset()
         self.cursor.start_at(start)
-        head, logged = await chat.events.read(self.conversation, start)
+        head, logged = await chat.read_events(self.conversation, start)
         result = self.cursor.catch_up(logged, head)
         self._send_joined(meta, head, start, history, reset, ref, result.frames)
 

@@ -1,0 +1,721 @@
+"""The tabs, the conversations and the four workloads one generator process drives.
+
+A `Driver` owns a share of the conversations of a plan. It opens every tab's socket (at most
+`concurrency` handshakes in flight, timing each from TCP connect to `ready`), has the first tab
+of each conversation `create` it and every tab `join` it, then runs the workload until the
+duration is over or it is told to stop, lets what is in flight arrive (`drain`), and checks
+that every tab holds every event of its conversation.
+
+Every tab checks `seq` on every conversation event: the next one must be exactly one more than
+the last; a smaller one is a duplicate, a larger one means events were lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from protocol import frames as f
+from protocol import keys
+from server.load.publisher import Publisher
+from server.load.stats import Stats
+from server.load.wsclient import Endpoint, HandshakeError, WSClient, connect
+
+WORKLOADS: Final = ("idle", "chat", "fanout", "publish")
+CHURN_TICK: Final = 0.1
+REJOIN_DELAY: Final = 0.05
+STAMP: Final = "@"
+"""Tokens written by the `publish` workload carry `@<CLOCK_MONOTONIC ns>` as their text."""
+
+
+@dataclass
+class Plan:
+    """What to run; built from the command line, identical in every generator process."""
+
+    workload: str
+    url: str
+    tokens: list[str]
+    conversations: int
+    tabs: int
+    duration: float
+    rate: float
+    churn: float = 0.0
+    text: str = "Tell me something about load testing."
+    sim_tokens: int | None = None
+    sim_tps: float | None = None
+    sim_delay: float | None = None
+    concurrency: int = 200
+    connect_timeout: float = 10.0
+    request_timeout: float = 30.0
+    turn_timeout: float = 120.0
+    drain: float = 15.0
+    redis_url: str = ""
+    log_max_events: int = 2000
+    log_ttl: int = 604_800
+    seed: int = 0
+
+    def prompt(self) -> str:
+        controls = []
+        if self.sim_tokens is not None:
+            controls.append(f"[sim:tokens={self.sim_tokens}]")
+        if self.sim_tps is not None:
+            controls.append(f"[sim:tps={self.sim_tps:g}]")
+        if self.sim_delay is not None:
+            controls.append(f"[sim:delay={self.sim_delay:g}]")
+        return " ".join([self.text, *controls])
+
+
+# --------------------------------------------------------------------------- frames in
+
+
+class _Meta(msgspec.Struct):
+    last_seq: int = 0
+
+
+class Incoming(msgspec.Struct):
+    """The fields of a server frame the load generator looks at; the rest are skipped."""
+
+    type: str
+    seq: int = -1
+    ref: str | None = None
+    text: str = ""
+    message_id: str = ""
+    conversation: str = ""
+    last_seq: int = -1
+    reset: bool = False
+    meta: _Meta | None = None
+    code: str = ""
+    retry_after: float | None = None
+
+
+_decode = msgspec.json.Decoder(Incoming).decode
+_encode = msgspec.json.encode
+
+
+class RequestFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- one tab
+
+
+class Tab:
+    """One socket joined to one conversation, with its seq checks and timings."""
+
+    __slots__ = (
+        "_refs",
+        "conv",
+        "driver",
+        "dropping",
+        "index",
+        "last_seq",
+        "last_token_at",
+        "lost_here",
+        "message_id",
+        "rejoin_target",
+        "rejoin_lost",
+        "replay_until",
+        "ttft_turn",
+        "waiting",
+        "ws",
+    )
+
+    def __init__(self, driver: Driver, conv: Conv, index: int) -> None:
+        self.driver = driver
+        self.conv = conv
+        self.index = index
+        self.ws: WSClient | None = None
+        self.waiting: dict[str, asyncio.Future[Incoming]] = {}
+        self._refs = 0
+        self.last_seq: int | None = None
+        self.replay_until = 0
+        self.message_id = ""
+        self.last_token_at = 0.0
+        self.ttft_turn = 0
+        self.dropping = False
+        self.lost_here = 0
+        self.rejoin_target: int | None = None
+        self.rejoin_lost = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.ws is not None and not self.ws.closed and not self.dropping
+
+    # ------------------------------------------------------------------ connect and request
+
+    async def open(self, again: bool = False) -> bool:
+        """Connect and wait for `ready`; count the outcome. True when the tab is usable.
+        `again`: a rejoin's reconnection, counted apart from the initial ramp."""
+        d = self.driver
+        started = time.monotonic()
+        token = d.plan.tokens[self.conv.index % len(d.plan.tokens)]
+        protocols = [f.SUBPROTOCOL, f"{f.BEARER_PREFIX}{token}"]
+        self.waiting["ready"] = asyncio.get_running_loop().create_future()
+        try:
+            self.ws = await connect(
+                d.endpoint, protocols, self.on_text, self.on_closed, d.plan.connect_timeout
+            )
+            async with asyncio.timeout(d.plan.connect_timeout):
+                await self.waiting["ready"]
+        except HandshakeError as exc:
+            return self._open_failed(exc.reason)
+        except TimeoutError:
+            return self._open_failed("timeout")
+        except RequestFailed as exc:
+            return self._open_failed(exc.reason)
+        except OSError as exc:
+            return self._open_failed(_os_reason(exc))
+        finally:
+            self.waiting.pop("ready", None)
+        now = time.monotonic()
+        d.stats.record("connect", now - started, now)
+        d.stats.counters["connections.reopened" if again else "connections.ok"] += 1
+        d.opened += 1
+        return True
+
+    def _open_failed(self, reason: str) -> bool:
+        self.driver.stats.counters[f"connections.failed.{reason}"] += 1
+        self.driver.failed += 1
+        if self.ws is not None:
+            self.ws.abort()
+        self.ws = None
+        return False
+
+    async def request(self, frame: dict[str, Any]) -> Incoming:
+        """Send a frame with a fresh `ref`; return the reply that carries it."""
+        ws = self.ws
+        if ws is None or ws.closed:
+            raise RequestFailed("not_connected")
+        self._refs += 1
+        ref = f"r{self._refs}"
+        frame["ref"] = ref
+        future = self.waiting[ref] = asyncio.get_running_loop().create_future()
+        try:
+            ws.send_text(_encode(frame))
+            async with asyncio.timeout(self.driver.plan.request_timeout):
+                reply = await future
+        except TimeoutError:
+            raise RequestFailed("timeout") from None
+        finally:
+            self.waiting.pop(ref, None)
+        if reply.type == "error":
+            raise RequestFailed(reply.code or "error")
+        return reply
+
+    async def join(self, after: int | None) -> None:
+        frame: dict[str, Any] = {"type": "join", "conversation": self.conv.id}
+        if after is not None:
+            frame["after"] = after
+        await self.request(frame)
+
+    def drop(self) -> None:
+        """Lose the connection without a close frame, as a flaky network would."""
+        self.dropping = True
+        if self.ws is not None:
+            self.ws.abort()
+
+    async def rejoin(self) -> None:
+        """Reconnect and join with `after` = the last seq held; the events missed while away
+        must arrive, each exactly once."""
+        d = self.driver
+        counters = d.stats.counters
+        counters["rejoins"] += 1
+        after = self.last_seq
+        await asyncio.sleep(REJOIN_DELAY)
+        self.dropping = False
+        self.ws = None
+        if not await self.open(again=True):
+            counters["rejoins.failed"] += 1
+            return
+        self.rejoin_target = -1  # set from `joined`
+        self.rejoin_lost = self.lost_here
+        self.ttft_turn = self.conv.turn  # this turn's first token is not measured here
+        try:
+            await self.join(after)
+        except RequestFailed as exc:
+            counters[f"rejoins.failed.{exc.reason}"] += 1
+            self.rejoin_target = None
+
+    # ------------------------------------------------------------------ frames
+
+    def on_text(self, payload: bytes) -> None:
+        d = self.driver
+        now = time.monotonic()
+        try:
+            fr = _decode(payload)
+        except msgspec.DecodeError:
+            d.stats.counters["frames.undecodable"] += 1
+            return
+        d.frames += 1
+        if fr.seq >= 0:
+            self._event(fr, now)
+            return
+        kind = fr.type
+        if kind == "joined":
+            self._joined(fr)
+        elif kind == "ready":
+            future = self.waiting.get("ready")
+            if future is not None and not future.done():
+                future.set_result(fr)
+            return
+        elif kind == "error":
+            d.stats.counters[f"errors.{fr.code}"] += 1
+        elif kind not in ("ack", "created", "pong", "conversation_changed"):
+            d.stats.counters[f"frames.other.{kind}"] += 1
+        if fr.ref is not None:
+            future = self.waiting.get(fr.ref)
+            if future is not None and not future.done():
+                future.set_result(fr)
+
+    def _joined(self, fr: Incoming) -> None:
+        self.last_seq = fr.last_seq
+        head = fr.meta.last_seq if fr.meta is not None else fr.last_seq
+        self.replay_until = head
+        self.message_id = ""
+        if head > self.conv.head:
+            self.conv.head = head
+        if fr.reset:
+            self.driver.stats.counters["rejoins.reset"] += 1
+        if self.rejoin_target is not None:
+            self.rejoin_target = head
+            self._check_rejoin()
+
+    def _event(self, fr: Incoming, now: float) -> None:
+        d = self.driver
+        last = self.last_seq
+        seq = fr.seq
+        if last is None:
+            d.stats.counters["events.before_joined"] += 1
+            return
+        if seq != last + 1:
+            if seq <= last:
+                d.duplicated += 1
+                return
+            d.lost += seq - last - 1
+            self.lost_here += seq - last - 1
+        self.last_seq = seq
+        conv = self.conv
+        if seq > conv.head:
+            conv.head = seq
+        live = seq > self.replay_until
+        kind = fr.type
+        if kind == "token":
+            d.tokens += 1
+            if live:
+                if fr.message_id == self.message_id:
+                    d.stats.record("gap", now - self.last_token_at, now)
+                elif conv.said_at and self.ttft_turn != conv.turn:
+                    self.ttft_turn = conv.turn
+                    d.stats.record("ttft", now - conv.said_at, now)
+                if fr.text[:1] == STAMP:
+                    sent = int(fr.text[1:])
+                    d.stats.record("latency", (time.monotonic_ns() - sent) / 1e9, now)
+            self.message_id = fr.message_id
+            self.last_token_at = now
+        elif kind == "start":
+            self.message_id = ""
+        elif kind == "done":
+            conv.finished(seq)
+        if self.rejoin_target is not None:
+            self._check_rejoin()
+
+    def _check_rejoin(self) -> None:
+        target = self.rejoin_target
+        if target is None or target < 0 or self.last_seq is None or self.last_seq < target:
+            return
+        self.rejoin_target = None
+        filled = self.lost_here == self.rejoin_lost
+        self.driver.stats.counters["rejoins.filled" if filled else "rejoins.unfilled"] += 1
+
+    def on_closed(self, code: int | None, reason: str) -> None:
+        d = self.driver
+        if not self.dropping and not d.closing:
+            d.stats.counters[f"closed.{code if code is not None else 'no_close_frame'}"] += 1
+            d.unexpected_closes += 1
+        for future in self.waiting.values():
+            if not future.done():
+                label = f"closed_{code}" if code is not None else "closed"
+                future.set_exception(RequestFailed(label))
+
+
+def _os_reason(exc: OSError) -> str:
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0)
+    return name.lower() if name else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- one conversation
+
+
+@dataclass(eq=False)
+class Conv:
+    index: int
+    id: str = ""
+    tabs: list[Tab] = field(default_factory=list)
+    head: int = 0
+    """Highest seq any of its tabs has seen (or, for `publish`, that was published)."""
+    said_at: float = 0.0
+    turn: int = 0
+    done_seq: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def finished(self, seq: int) -> None:
+        if seq > self.done_seq:
+            self.done_seq = seq
+            self.done.set()
+
+    def speaker(self) -> Tab | None:
+        for tab in self.tabs:
+            if tab.alive and tab.last_seq is not None:
+                return tab
+        return None
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+class Driver:
+    """Runs a plan's share of conversations (`indices`) in this process."""
+
+    def __init__(self, plan: Plan, indices: list[int], stop: asyncio.Event) -> None:
+        self.plan = plan
+        self.stop = stop
+        self.endpoint = Endpoint(plan.url)
+        self.stats = Stats()
+        self.rng = random.Random(plan.seed * 1_000_003 + (indices[0] if indices else 0))
+        self.convs = [Conv(i) for i in indices]
+        for conv in self.convs:
+            conv.tabs = [Tab(self, conv, t) for t in range(plan.tabs)]
+        self.phase = "start"
+        self.opened = 0
+        self.failed = 0
+        self.frames = 0
+        self.tokens = 0
+        self.lost = 0
+        self.duplicated = 0
+        self.unexpected_closes = 0
+        self.published = 0
+        self.closing = False
+        self._run_started = 0.0
+        self._frames_at_run = 0
+        self._tokens_at_run = 0
+
+    @property
+    def sockets(self) -> int:
+        return len(self.convs) * self.plan.tabs
+
+    def _phase(self, name: str) -> None:
+        self.phase = name
+        self.stats.phase(name)
+
+    async def run(self) -> Stats:
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await self._run()
+        finally:
+            ticker.cancel()
+            self._phase("done")
+            await self._close_all()
+            self._collect()
+        return self.stats
+
+    async def _run(self) -> None:
+        self._phase("ramp")
+        started = time.monotonic()
+        await self._bounded([tab.open for conv in self.convs for tab in conv.tabs])
+        self.stats.extra["ramp_seconds"] = time.monotonic() - started
+        if self.stop.is_set():
+            return
+        self._phase("join")
+        await self._bounded([self._create_and_join(conv) for conv in self.convs])
+        self.stats.counters["tabs.joined"] += sum(
+            1 for conv in self.convs for tab in conv.tabs if tab.last_seq is not None
+        )
+        if self.stop.is_set():
+            return
+        self._phase("run")
+        self._run_started = time.monotonic()
+        self._frames_at_run, self._tokens_at_run = self.frames, self.tokens
+        deadline = self._run_started + self.plan.duration
+        kind = self.plan.workload
+        tasks: list[asyncio.Task[None]] = []
+        if kind in ("chat", "fanout"):
+            tasks += [asyncio.create_task(self._talk(conv, deadline)) for conv in self.convs]
+        elif kind == "publish":
+            tasks.append(asyncio.create_task(self._publish(deadline)))
+        if self.plan.churn > 0:
+            tasks.append(asyncio.create_task(self._churn(deadline)))
+        await self._until(deadline)
+        self._end_run()
+        self._phase("drain")
+        # after Ctrl-C, a short drain: report soon
+        drain = self.plan.drain if not self.stop.is_set() else min(self.plan.drain, 3.0)
+        drain_deadline = time.monotonic() + drain
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(drain_deadline - time.monotonic(), 0.1)):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+        if kind != "idle":
+            await self._settle(drain_deadline)
+
+    async def _tick(self) -> None:
+        """Delivered frames per second, for the timeline (cheaper than counting per frame)."""
+        t0 = self.stats.t0
+        seen = 0
+        second = 0
+        while True:
+            second += 1
+            await asyncio.sleep(max(t0 + second - time.monotonic(), 0))
+            frames = self.frames
+            self.stats.frames_per_second[second - 1] = frames - seen
+            seen = frames
+
+    def _end_run(self) -> None:
+        if self._run_started and "run_seconds" not in self.stats.extra:
+            seconds = time.monotonic() - self._run_started
+            self.stats.extra["run_seconds"] = seconds
+            self.stats.counters["run.frames"] += self.frames - self._frames_at_run
+            self.stats.counters["run.tokens"] += self.tokens - self._tokens_at_run
+
+    async def _until(self, deadline: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await self.stop.wait()
+
+    async def _bounded(self, jobs: list[Any]) -> None:
+        """Run coroutine functions / coroutines with at most `concurrency` in flight."""
+        semaphore = asyncio.Semaphore(self.plan.concurrency)
+
+        async def one(job: Any) -> None:
+            async with semaphore:
+                if self.stop.is_set():
+                    if asyncio.iscoroutine(job):
+                        job.close()
+                    return
+                await (job() if callable(job) else job)
+
+        await asyncio.gather(*(one(job) for job in jobs))
+
+    async def _create_and_join(self, conv: Conv) -> None:
+        creator = next((tab for tab in conv.tabs if tab.alive), None)
+        if creator is None:
+            return
+        try:
+            created = await creator.request({"type": "create", "title": f"load {conv.index}"})
+        except RequestFailed as exc:
+            self.stats.counters[f"create.failed.{exc.reason}"] += 1
+            return
+        conv.id = created.conversation
+        results = await asyncio.gather(
+            *(tab.join(None) for tab in conv.tabs if tab.alive), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, RequestFailed):
+                self.stats.counters[f"join.failed.{result.reason}"] += 1
+
+    # ------------------------------------------------------------------ chat / fanout
+
+    async def _talk(self, conv: Conv, deadline: float) -> None:
+        """Send turns at `rate` per second; a turn waits for the previous reply's `done`."""
+        if not conv.id or self.plan.rate <= 0:
+            return
+        interval = 1.0 / self.plan.rate
+        next_at = time.monotonic() + self.rng.uniform(0, min(interval, self.plan.duration))
+        counters = self.stats.counters
+        prompt = self.plan.prompt()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if next_at >= deadline:
+                return
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+                continue
+            if now - next_at > interval:
+                counters["turns.late"] += 1
+            next_at = max(next_at + interval, now)
+            if not await self._say(conv, prompt):
+                continue
+            try:
+                async with asyncio.timeout(self.plan.turn_timeout):
+                    await conv.done.wait()
+                counters["turns.done"] += 1
+            except TimeoutError:
+                counters["turns.timeout"] += 1
+
+    async def _say(self, conv: Conv, prompt: str) -> bool:
+        """Send one `say`, retried with the same id through another tab if the socket drops."""
+        message_id = str(uuid.uuid4())
+        counters = self.stats.counters
+        for _ in range(3):
+            tab = conv.speaker()
+            if tab is None:
+                await asyncio.sleep(0.1)
+                continue
+            conv.done.clear()
+            conv.turn += 1
+            conv.said_at = time.monotonic()
+            frame = {"type": "say", "conversation": conv.id, "text": prompt, "id": message_id}
+            try:
+                await tab.request(frame)
+            except RequestFailed as exc:
+                if exc.reason.startswith("closed") or exc.reason == "not_connected":
+                    counters["turns.resent"] += 1
+                    continue
+                counters[f"turns.refused.{exc.reason}"] += 1
+                conv.said_at = 0.0
+                return False
+            counters["turns.sent"] += 1
+            return True
+        counters["turns.unsent"] += 1
+        conv.said_at = 0.0
+        return False
+
+    async def _churn(self, deadline: float) -> None:
+        """Each second, each tab drops with probability `churn` and rejoins with `after`."""
+        p = self.plan.churn * CHURN_TICK
+        rejoins: set[asyncio.Task[None]] = set()
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(CHURN_TICK)
+            for conv in self.convs:
+                for tab in conv.tabs:
+                    if tab.alive and tab.last_seq is not None and self.rng.random() < p:
+                        tab.drop()
+                        task = asyncio.create_task(tab.rejoin())
+                        rejoins.add(task)
+                        task.add_done_callback(rejoins.discard)
+        if rejoins:
+            await asyncio.gather(*rejoins, return_exceptions=True)
+
+    # ------------------------------------------------------------------ publish
+
+    async def _publish(self, deadline: float) -> None:
+        """Play the generation worker: append token events straight into the conversations'
+        logs (the same Lua append Parley uses) at `rate` frames/s in total, each carrying its
+        publish time, so tabs measure publish -> tab latency without the model in the way."""
+        convs = [conv for conv in self.convs if conv.id]
+        if not convs or self.plan.rate <= 0:
+            return
+        publisher = Publisher(self.plan.redis_url, self.plan.log_max_events, self.plan.log_ttl)
+        await publisher.start()
+        try:
+            await self._pace(publisher, convs, deadline)
+            await publisher.flush()
+        finally:
+            self.stats.counters["publish.errors"] += publisher.errors
+            self.stats.counters["publish.sent"] += publisher.sent
+            for conv, seq in publisher.heads.items():
+                target = next(c for c in convs if c.id == conv)
+                target.head = max(target.head, seq)
+            await publisher.close()
+
+    async def _pace(self, publisher: Publisher, convs: list[Conv], deadline: float) -> None:
+        rate = self.plan.rate
+        start = time.monotonic()
+        n = len(convs)
+        chans = [(c.id, keys.seq(c.id), keys.log(c.id), keys.channel(c.id)) for c in convs]
+        templates = [
+            f.encode(f.Token(conversation=uuid.UUID(c.id), message_id=uuid.UUID(c.message_id), text="%s"))
+            for c in convs
+        ]
+        backlog_limit = max(int(rate), 1000)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            due = int(rate * (now - start)) - self.published
+            if due > 0 and publisher.outstanding < backlog_limit:
+                for _ in range(due):
+                    i = self.published % n
+                    stamp = f"{STAMP}{time.monotonic_ns()}".encode()
+                    publisher.append(*chans[i], templates[i].replace(b"%s", stamp, 1))
+                    self.published += 1
+                publisher.write()
+            elif due > 0:
+                self.stats.counters["publish.backlogged_ticks"] += 1
+            await asyncio.sleep(0.002)
+
+    # ------------------------------------------------------------------ the end
+
+    async def _settle(self, deadline: float) -> None:
+        """Wait (until `deadline`) for every tab to catch up with its conversation's head."""
+        while time.monotonic() < deadline:
+            behind = any(
+                tab.alive and (tab.last_seq or 0) < conv.head
+                for conv in self.convs
+                for tab in conv.tabs
+            )
+            pending = any(
+                tab.rejoin_target is not None for conv in self.convs for tab in conv.tabs
+            )
+            if not behind and not pending:
+                return
+            await asyncio.sleep(0.05)
+
+    def _collect(self) -> None:
+        """Tail check and final counters: a tab still behind its conversation's head at the end
+        has lost those events."""
+        self._end_run()
+        counters = self.stats.counters
+        for conv in self.convs:
+            for tab in conv.tabs:
+                if tab.last_seq is None:
+                    continue
+                if tab.rejoin_target is not None:
+                    counters["rejoins.unfilled"] += 1
+                    tab.rejoin_target = None
+                if tab.alive and tab.last_seq < conv.head:
+                    counters["lost.at_end"] += conv.head - tab.last_seq
+        counters["frames"] += self.frames
+        counters["tokens"] += self.tokens
+        counters["lost"] += self.lost + counters["lost.at_end"]
+        counters["duplicated"] += self.duplicated
+        counters["published"] += self.published
+        counters["sockets"] += self.sockets
+        counters["conversations"] += len(self.convs)
+
+    async def _close_all(self) -> None:
+        self.closing = True
+        for conv in self.convs:
+            for tab in conv.tabs:
+                if tab.ws is not None:
+                    tab.ws.close(1000, "load test over")
+        await asyncio.sleep(0.2)
+
+    def progress(self) -> dict[str, Any]:
+        """A small snapshot for the live display (sent between processes as it is)."""
+        now = time.monotonic()
+        second = int(now - self.stats.t0) - 1
+        recent = {
+            name: series[second].percentile(99)
+            for name, series in self.stats.per_second.items()
+            if second in series
+        }
+        counters = self.stats.counters
+        return {
+            "phase": self.phase,
+            "sockets": self.sockets,
+            "opened": self.opened,
+            "failed": self.failed,
+            "open_now": sum(1 for c in self.convs for t in c.tabs if t.alive),
+            "frames": self.frames,
+            "tokens": self.tokens,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "published": self.published,
+            "rejoins": counters["rejoins"],
+            "errors": sum(n for k, n in counters.items() if k.startswith(("errors.", "closed."))),
+            "p99": recent,
+        }

@@ -1,0 +1,233 @@
+// DOM rendering: the conversation list and the messages of one transcript.
+// Every piece of text from the server goes in as text (textContent) or as sanitised Markdown.
+
+import { renderMarkdown } from "./markdown.js";
+
+const $ = (id) => document.getElementById(id);
+
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role") {
+      node.setAttribute(key, value === true ? "" : value);
+    } else node[key] = value;
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+// ------------------------------------------------------------------ time
+
+const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+
+export function ago(iso) {
+  const then = Date.parse(iso);
+  if (Number.isNaN(then)) return "";
+  const seconds = Math.round((then - Date.now()) / 1000);
+  const abs = Math.abs(seconds);
+  if (abs < 45) return "just now";
+  if (abs < 3600) return relative.format(Math.round(seconds / 60), "minute");
+  if (abs < 86400) return relative.format(Math.round(seconds / 3600), "hour");
+  if (abs < 7 * 86400) return relative.format(Math.round(seconds / 86400), "day");
+  return new Date(then).toLocaleDateString();
+}
+
+// ------------------------------------------------------------------ conversation list
+
+export function renderConversations(conversations, activeId, generating) {
+  const list = $("conv-list");
+  const items = [...conversations.values()].sort(
+    (a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at) || (a.id < b.id ? -1 : 1),
+  );
+  list.replaceChildren(
+    ...items.map((meta) => {
+      const active = meta.id === activeId;
+      return el(
+        "li",
+        {},
+        el(
+          "a",
+          {
+            class: `conv${active ? " active" : ""}`,
+            href: `#/c/${meta.id}`,
+            "data-id": meta.id,
+            "aria-current": active ? "page" : null,
+          },
+          el("span", { class: "conv-title", text: meta.title || "Untitled" }),
+          el(
+            "span",
+            { class: "conv-time" },
+            generating.has(meta.id) ? el("span", { class: "conv-live", text: "replying" }) : null,
+            ago(meta.updated_at),
+          ),
+        ),
+      );
+    }),
+  );
+  $("conv-empty").hidden = items.length > 0;
+}
+
+// ------------------------------------------------------------------ messages
+
+const nodes = new Map(); // message id -> {el, rev, version}
+let shownVersion = -1;
+let shownConversation = null;
+
+const STATUS_LABELS = {
+  cancelled: "Stopped",
+  error: "The reply failed",
+};
+
+const BLOCKS = new Set(["P", "UL", "OL", "LI", "BLOCKQUOTE", "H1", "H2", "H3", "H4", "H5", "H6", "DIV", "PRE", "CODE", "TABLE", "TBODY", "TR", "TD"]);
+
+/** Where the streaming cursor goes: the end of the last block, so it follows the text. */
+function lastBlock(root) {
+  let node = root;
+  while (node.lastElementChild && BLOCKS.has(node.lastElementChild.tagName)) {
+    node = node.lastElementChild;
+  }
+  return node;
+}
+
+function createMessage(message) {
+  const body = el("div", { class: "msg-body" });
+  const content = el("div", {
+    class: message.role === "user" ? "msg-content plain" : "msg-content markdown",
+  });
+  const meta = el("div", { class: "msg-meta" });
+  body.append(content, meta);
+  return el(
+    "article",
+    { class: `msg msg-${message.role}`, "data-id": message.id, "data-role": message.role },
+    body,
+  );
+}
+
+function updateMessage(node, message) {
+  node.dataset.status = message.streaming ? "streaming" : message.status;
+  const content = node.querySelector(".msg-content");
+  if (message.role === "user") {
+    content.textContent = message.content;
+  } else {
+    content.replaceChildren(renderMarkdown(message.content));
+    if (message.streaming) lastBlock(content).append(el("span", { class: "cursor", "aria-hidden": "true" }));
+  }
+  const meta = node.querySelector(".msg-meta");
+  const parts = [];
+  if (message.role === "assistant") {
+    const label = message.streaming
+      ? null
+      : STATUS_LABELS[message.status] || (message.reason === "length" ? "Cut short" : null);
+    if (label) {
+      parts.push(
+        el("span", {
+          class: `msg-status msg-status-${message.status}`,
+          text: label,
+          title: message.error || "",
+        }),
+      );
+    }
+    if (message.model) parts.push(el("span", { class: "msg-model", text: message.model }));
+    if (message.usage && !message.streaming) {
+      parts.push(
+        el("span", {
+          class: "msg-usage",
+          text: `${message.usage.completion_tokens} tokens`,
+          title: `${message.usage.prompt_tokens} prompt + ${message.usage.completion_tokens} completion tokens`,
+        }),
+      );
+    }
+    if (!message.streaming) {
+      parts.push(
+        el("span", { class: "msg-actions" },
+          el("button", { type: "button", class: "msg-btn", "data-action": "copy", text: "Copy" }),
+          el("button", {
+            type: "button",
+            class: "msg-btn regen",
+            "data-action": "regenerate",
+            text: "Regenerate",
+          }),
+        ),
+      );
+    }
+  }
+  meta.replaceChildren(...parts);
+  meta.hidden = parts.length === 0;
+}
+
+/** Bring #messages in line with the transcript, touching only what changed. */
+export function renderTranscript(transcript) {
+  const list = $("messages");
+  if (!transcript) {
+    list.replaceChildren();
+    nodes.clear();
+    shownConversation = null;
+    return;
+  }
+  if (shownConversation !== transcript.id || shownVersion !== transcript.version) {
+    list.replaceChildren();
+    nodes.clear();
+    shownConversation = transcript.id;
+    shownVersion = transcript.version;
+  }
+  const keep = new Set(transcript.messages.map((m) => m.id));
+  for (const [id, entry] of nodes) {
+    if (!keep.has(id)) {
+      entry.el.remove();
+      nodes.delete(id);
+    }
+  }
+  let previous = null;
+  for (const message of transcript.messages) {
+    let entry = nodes.get(message.id);
+    if (!entry) {
+      entry = { el: createMessage(message), rev: -1 };
+      nodes.set(message.id, entry);
+    }
+    if (entry.rev !== message.rev) {
+      updateMessage(entry.el, message);
+      entry.rev = message.rev;
+    }
+    const expected = previous ? previous.nextElementSibling : list.firstElementChild;
+    if (expected !== entry.el) list.insertBefore(entry.el, expected);
+    previous = entry.el;
+  }
+  const last = transcript.messages.at(-1);
+  for (const node of list.querySelectorAll(".msg.is-last")) node.classList.remove("is-last");
+  if (last && last.role === "assistant") nodes.get(last.id)?.el.classList.add("is-last");
+  list.classList.toggle("busy", transcript.generating);
+}
+
+// ------------------------------------------------------------------ notices
+
+const NOTICE_MS = 8000;
+
+/** A short message above the composer; `key` replaces an earlier notice of the same kind. */
+export function notify(text, { kind = "error", key = null, sticky = false, ms = NOTICE_MS } = {}) {
+  const box = $("notices");
+  if (key) box.querySelector(`[data-key="${key}"]`)?.remove();
+  const close = el("button", {
+    type: "button",
+    class: "notice-close",
+    "aria-label": "Dismiss",
+    text: "×",
+  });
+  const notice = el(
+    "div",
+    { class: `notice notice-${kind}`, role: kind === "error" ? "alert" : "status", "data-key": key },
+    el("span", { class: "notice-text", text }),
+    close,
+  );
+  close.addEventListener("click", () => notice.remove());
+  box.append(notice);
+  while (box.children.length > 3) box.firstElementChild.remove();
+  if (!sticky) setTimeout(() => notice.remove(), ms);
+  return notice;
+}
+
+export function clearNotice(key) {
+  $("notices").querySelector(`[data-key="${key}"]`)?.remove();
+}

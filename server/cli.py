@@ -19,6 +19,7 @@ from server import embedded
 from server.app import configure_logging, create_app
 from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
+from protocol.session import CloseCode
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
 
@@ -86,13 +87,13 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
         runtime = Runtime(settings=settings, web=True, worker=True, model_url=model_url)
         app = create_app(runtime, SimulatorStats() if settings.simulated else None)
         _banner(settings)
-        _run_uvicorn(app, settings)
+        _run_uvicorn(app, settings, runtime)
 
 
 def web(settings: Settings, args: argparse.Namespace) -> None:
     _require_urls(settings, "web")
     runtime = Runtime(settings=settings, web=True, worker=False)
-    _run_uvicorn(create_app(runtime), settings)
+    _run_uvicorn(create_app(runtime), settings, runtime)
 
 
 def worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -106,7 +107,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
         settings=settings, web=False, worker=True, model_url=f"http://127.0.0.1:{port}/v1"
     )
     app = create_app(runtime, SimulatorStats() if settings.simulated else None)
-    _run_uvicorn(app, settings, sock=sock)
+    _run_uvicorn(app, settings, runtime, sock=sock)
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -187,7 +188,47 @@ def _require_urls(settings: Settings, role: str) -> None:
         )
 
 
-def _run_uvicorn(app: Any, settings: Settings, sock: socket.socket | None = None) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn, with a drain before the exit: on the first SIGTERM/SIGINT `/readyz` turns 503
+    and workers stop claiming turns; `server.drain_delay` later the sockets are closed with
+    1012 (clients reconnect elsewhere and rejoin with `after`); then uvicorn stops. A second
+    signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime | None, drain_delay: float):
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_delay = drain_delay
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.runtime is None or self.runtime.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self.runtime.begin_drain()
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.runtime is not None
+        if self.runtime.hub is not None:
+            await asyncio.sleep(self.drain_delay)
+            await self.runtime.hub.close_all(CloseCode.RESTART, "server restarting")
+        self.should_exit = True
+
+
+def _run_uvicorn(
+    app: Any, settings: Settings, runtime: Runtime | None, sock: socket.socket | None = None
+) -> None:
+    grace = settings.server.shutdown_grace
+    if runtime is not None and runtime.worker:
+        grace = max(grace, settings.worker.shutdown_deadline)
     config = uvicorn.Config(
         app,
         host=settings.server.host,
@@ -201,9 +242,9 @@ def _run_uvicorn(app: Any, settings: Settings, sock: socket.socket | None = None
         lifespan="on",
         access_log=False,
         log_level="warning",  # uvicorn logs every socket at info
-        timeout_graceful_shutdown=max(settings.server.shutdown_grace, 1),
+        timeout_graceful_shutdown=max(int(grace), 1),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, runtime, settings.server.drain_delay)
     asyncio.run(server.serve(sockets=[sock] if sock else None))
     if server.started is False:
         sys.exit("parley: the server did not start (see the log above)")

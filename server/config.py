@@ -35,6 +35,7 @@ class ServerSettings(_Section):
     data_dir: str = ".parley"
     allowed_origins: list[str] = []
     shutdown_grace: float = 5.0
+    drain_delay: float = 1.0
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     log_level: str = "info"

@@ -93,8 +93,14 @@ class Runtime:
                 log.exception("%s loop died; restarting in 1 s", name)
                 await asyncio.sleep(1.0)
 
-    async def stop(self, code: CloseCode = CloseCode.GOING_AWAY) -> None:
+    def begin_drain(self) -> None:
+        """Readiness turns false and workers stop claiming; sockets stay open for now."""
         self.draining = True
+        if self.generator is not None:
+            self.generator.begin_drain()
+
+    async def stop(self, code: CloseCode = CloseCode.GOING_AWAY) -> None:
+        self.begin_drain()
         if self.hub is not None:
             await self.hub.close_all(code, "server shutting down")
         if self.generator is not None:

@@ -112,6 +112,9 @@ class Worker:
             for task in background:
                 task.cancel()
 
+    def begin_drain(self) -> None:
+        self._draining = True
+
     async def stop(self, deadline: float | None = None) -> None:
         """Stop claiming; let running generations finish within the deadline, then hand the
         rest back (their turns stay pending and another worker takes them over)."""
@@ -146,6 +149,8 @@ class Worker:
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            if self._draining:
+                break  # what was just claimed stays pending and is taken over elsewhere
             for _, items in entries or []:
                 for entry_id, fields in items:
                     self._spawn(entry_id, fields, takeover=False)

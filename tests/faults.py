@@ -1,0 +1,155 @@
+"""A broken link on demand: a TCP proxy on 127.0.0.1 that can pause, cut and refuse.
+
+It runs its own event loop in a background thread, so it keeps forwarding while a test blocks
+(waiting for a process to exit, say) and its faults do not depend on the test's loop:
+
+    with Proxy.to_url(services.redis_url) as proxy:
+        env = {"REDIS_URL": proxy.url(services.redis_url)}
+        ...
+        proxy.pause()   # the peer is unreachable: nothing moves, connections stay open
+        proxy.resume()
+        proxy.cut()     # every current connection is reset
+        proxy.refuse()  # down: current connections reset, new ones closed at once (resume ends it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+CHUNK = 65536
+CONNECT_TIMEOUT = 5.0
+
+
+class Proxy:
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
+        self._flowing: asyncio.Event | None = None
+        self._refusing = False
+        self._sockets: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    @classmethod
+    def to_url(cls, url: str) -> Proxy:
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1" and parts.port, url
+        return cls(parts.hostname, parts.port).start()
+
+    def url(self, url: str) -> str:
+        """`url` with its host:port replaced by the proxy's (user, path and query kept)."""
+        parts = urlsplit(url)
+        user = f"{parts.username}@" if parts.username else ""
+        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
+
+    # ------------------------------------------------------------------ control (any thread)
+
+    def start(self) -> Proxy:
+        self._thread.start()
+        self._call(self._listen)
+        return self
+
+    def pause(self) -> None:
+        self._call(self._set_flowing, False)
+
+    def resume(self) -> None:
+        self._call(self._set_flowing, True)
+
+    def cut(self) -> None:
+        self._call(self._abort_all)
+
+    def refuse(self) -> None:
+        self._call(self._abort_all, True)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._call(self._shutdown)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(10)
+
+    # ------------------------------------------------------------------ in the proxy's loop
+
+    async def _listen(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._refusing = False
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    async def _abort_all(self, refuse: bool = False) -> None:
+        self._refusing = self._refusing or refuse
+        for writer in tuple(self._sockets):
+            writer.transport.abort()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._abort_all()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        self.accepted += 1
+        self._sockets.add(writer)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if self._refusing:
+                return
+            await self._flowing.wait()  # paused: a new connection hangs like an unreachable host
+            up_reader, upstream = await asyncio.wait_for(
+                asyncio.open_connection(*self.target), CONNECT_TIMEOUT
+            )
+            upstream.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sockets.add(upstream)
+            await asyncio.gather(
+                self._pipe(reader, upstream), self._pipe(up_reader, writer), return_exceptions=True
+            )
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            for end in (writer, upstream):
+                if end is not None:
+                    self._sockets.discard(end)
+                    end.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                await self._flowing.wait()  # a chunk read just before a pause waits too
+                writer.write(data)
+                await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.transport.abort()

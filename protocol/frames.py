@@ -208,9 +208,13 @@ class Start(_Server, tag="start", kw_only=True):
 
 
 class Token(_Server, tag="token", kw_only=True):
+    """`first_seq`, when present, says this frame stands for the events `first_seq..seq`:
+    consecutive pieces of one message merged for a socket that lags behind."""
+
     conversation: uuid.UUID
     message_id: uuid.UUID
     text: str
+    first_seq: int = 0
     seq: int = 0
 
 

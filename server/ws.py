@@ -162,7 +162,8 @@ class Connection:
         self.id = secrets.token_hex(8)
         self._send = send
         self.session = Session(hub.limits, time.monotonic())
-        self.outbox = Outbox(hub.settings.limits.outbox_bytes)
+        limit = hub.settings.limits.outbox_bytes
+        self.outbox = Outbox(limit, merge_after=min(65_536, limit // 4))
         self.watches: dict[uuid.UUID, Watch] = {}
         self.closing = False
         self.registered = False

@@ -86,10 +86,10 @@ def _rate(n: int, seconds: float) -> float | None:
     return round(n / seconds, 1) if seconds > 0 else None
 
 
-def _phase_window(stats: Stats) -> tuple[float, float]:
-    start = stats.t0 + stats.phases.get("run", 0.0)
-    end = stats.t0 + stats.phases.get("drain", stats.phases.get("done", 1e9))
-    return start, end
+def _phase_window(stats: Stats, begin: str = "run", end: str = "drain") -> tuple[float, float]:
+    start = stats.t0 + stats.phases.get(begin, 0.0)
+    stop = stats.t0 + stats.phases.get(end, stats.phases.get("done", 1e9))
+    return start, stop
 
 
 def _server(server: Watched, stats: Stats, sockets: int) -> dict[str, Any]:
@@ -109,18 +109,20 @@ def _server(server: Watched, stats: Stats, sockets: int) -> dict[str, Any]:
     window = server.between(start, end)
     if window is not None:
         out["cpu_percent_run"] = round(cpu_percent(*window), 1)
+    window = server.between(*_phase_window(stats, "ramp", "join"))
+    if window is not None:
+        out["cpu_percent_ramp"] = round(cpu_percent(*window), 1)
     out["samples"] = server.series(stats.t0)
     return out
 
 
 def _generators(generators: list[Watched], stats: Stats) -> dict[str, Any]:
-    start, end = _phase_window(stats)
-    total = 0.0
-    for watched in generators:
-        window = watched.between(start, end)
-        if window is not None:
-            total += cpu_percent(*window)
-    return {"processes": len(generators), "cpu_percent_run": round(total, 1)}
+    out: dict[str, Any] = {"processes": len(generators)}
+    for name, window in (("run", _phase_window(stats)),
+                         ("ramp", _phase_window(stats, "ramp", "join"))):
+        pairs = [w.between(*window) for w in generators]
+        out[f"cpu_percent_{name}"] = round(sum(cpu_percent(*p) for p in pairs if p), 1)
+    return out
 
 
 def _series(stats: Stats) -> dict[str, Any]:

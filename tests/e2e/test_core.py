@@ -61,7 +61,12 @@ def transcript(client: Client, conversation: uuid.UUID) -> list[tuple[str, str]]
 
 
 def assert_contiguous(client: Client, conversation: uuid.UUID, first: int) -> None:
-    seqs = [f.seq_of(raw.encode()) for raw in event_frames(client, conversation)]
+    """Every seq from `first` on exactly once, in order (a merged token frame covers
+    `first_seq..seq`)."""
+    seqs: list[int] = []
+    for frame in client.events(conversation):
+        start = getattr(frame, "first_seq", 0) or frame.seq
+        seqs.extend(range(start, frame.seq + 1))
     assert seqs == list(range(first, first + len(seqs))), seqs
 
 

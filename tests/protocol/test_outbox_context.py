@@ -2,16 +2,48 @@ from __future__ import annotations
 
 import uuid
 
+from protocol import frames as f
 from protocol.context import build_prompt
 from protocol.frames import Message, utcnow
 from protocol.outbox import Outbox
 
 
 def test_outbox_is_bounded_in_bytes() -> None:
-    box = Outbox(limit=10)
+    box = Outbox(limit=10, merge_after=1000)
     assert box.push("12345") and box.push("12345")
     assert not box.push("1")
     assert box.drain() == ["12345", "12345", "1"] and box.size == 0 and not box
+
+
+def token(conv: uuid.UUID, message: uuid.UUID, seq: int, text: str) -> str:
+    event = f.Token(conversation=conv, message_id=message, text=text)
+    return f.splice_seq(f.encode(event), seq).decode()
+
+
+def test_a_lagging_socket_gets_consecutive_pieces_merged_nothing_dropped() -> None:
+    conv, message = uuid.uuid4(), uuid.uuid4()
+    box = Outbox(limit=100_000, merge_after=0)
+    box.push('{"seq":4,"type":"start"}')
+    for seq, text in enumerate(["He", "llo", ",", " world"], start=5):
+        assert box.push(token(conv, message, seq, text))
+    frames = box.drain()
+    assert len(frames) == 2 and box.merged == 3
+    merged = f.decode_server(frames[1])
+    assert isinstance(merged, f.Token)
+    assert (merged.first_seq, merged.seq, merged.text) == (5, 8, "Hello, world")
+    assert f.seq_of(frames[1].encode()) == 8
+
+
+def test_no_merge_across_messages_or_gaps_or_before_the_threshold() -> None:
+    conv, one, two = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    box = Outbox(limit=100_000, merge_after=0)
+    for frame in (token(conv, one, 1, "a"), token(conv, two, 2, "b"), token(conv, two, 4, "c")):
+        box.push(frame)
+    assert len(box.drain()) == 3
+    calm = Outbox(limit=100_000, merge_after=10_000)
+    calm.push(token(conv, one, 1, "a"))
+    calm.push(token(conv, one, 2, "b"))
+    assert len(calm.drain()) == 2 and calm.merged == 0
 
 
 def message(role: str, text: str) -> Message:

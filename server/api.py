@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundE
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from protocol import frames as f
+from protocol.asyncapi import render
 from server.auth import AuthError
 from server.chat import Refused
 from server.runtime import Runtime
@@ -171,4 +172,9 @@ def dev_login_enabled(settings: Any) -> bool:
     return settings.embedded if configured is None else configured
 
 
-ROUTES = [ConversationsController, healthz, readyz, info, dev_token]
+@get("/asyncapi.json", media_type="application/json")
+async def asyncapi() -> bytes:
+    return render().encode()
+
+
+ROUTES = [ConversationsController, healthz, readyz, info, dev_token, asyncapi]

@@ -14,8 +14,19 @@ from protocol import frames as f
 
 CLIENT = (f.Auth, f.Create, f.Join, f.Leave, f.Say, f.Cancel, f.Regenerate, f.Ping)
 SERVER = (
-    f.Ready, f.Created, f.Joined, f.Ack, f.Pong, f.Error,
-    f.MessageEvent, f.Start, f.Token, f.Done, f.Queued, f.Updated, f.ConversationChanged,
+    f.Ready,
+    f.Created,
+    f.Joined,
+    f.Ack,
+    f.Pong,
+    f.Error,
+    f.MessageEvent,
+    f.Start,
+    f.Token,
+    f.Done,
+    f.Queued,
+    f.Updated,
+    f.ConversationChanged,
 )
 CLOSE_CODES = {
     1000: "normal closure",

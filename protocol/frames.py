@@ -91,40 +91,40 @@ class _Client(Struct, frozen=True, tag_field="type", forbid_unknown_fields=True)
     ref: Ref | None = None
 
 
-class Auth(_Client, tag="auth", kw_only=True):
+class Auth(_Client, tag="auth", kw_only=True, frozen=True):
     token: str
 
 
-class Create(_Client, tag="create", kw_only=True):
+class Create(_Client, tag="create", kw_only=True, frozen=True):
     title: Annotated[str, Meta(max_length=200)] | None = None
     system: str | None = None
     model: Annotated[str, Meta(max_length=200)] | None = None
 
 
-class Join(_Client, tag="join", kw_only=True):
+class Join(_Client, tag="join", kw_only=True, frozen=True):
     conversation: uuid.UUID
     after: Seq | None = None
 
 
-class Leave(_Client, tag="leave", kw_only=True):
+class Leave(_Client, tag="leave", kw_only=True, frozen=True):
     conversation: uuid.UUID
 
 
-class Say(_Client, tag="say", kw_only=True):
+class Say(_Client, tag="say", kw_only=True, frozen=True):
     conversation: uuid.UUID
     text: str
     id: uuid.UUID | None = None
 
 
-class Cancel(_Client, tag="cancel", kw_only=True):
+class Cancel(_Client, tag="cancel", kw_only=True, frozen=True):
     conversation: uuid.UUID
 
 
-class Regenerate(_Client, tag="regenerate", kw_only=True):
+class Regenerate(_Client, tag="regenerate", kw_only=True, frozen=True):
     conversation: uuid.UUID
 
 
-class Ping(_Client, tag="ping", kw_only=True):
+class Ping(_Client, tag="ping", kw_only=True, frozen=True):
     pass
 
 
@@ -141,7 +141,7 @@ class _Server(Struct, frozen=True, tag_field="type", omit_defaults=True):
     pass
 
 
-class Ready(_Server, tag="ready", kw_only=True):
+class Ready(_Server, tag="ready", kw_only=True, frozen=True):
     user: str
     session: str
     limits: Limits
@@ -152,13 +152,13 @@ class Ready(_Server, tag="ready", kw_only=True):
     ref: str | None = None
 
 
-class Created(_Server, tag="created", kw_only=True):
+class Created(_Server, tag="created", kw_only=True, frozen=True):
     conversation: uuid.UUID
     meta: Conversation
     ref: str | None = None
 
 
-class Joined(_Server, tag="joined", kw_only=True):
+class Joined(_Server, tag="joined", kw_only=True, frozen=True):
     """`last_seq` is the seq the client is now at: the next event it gets is `last_seq + 1`."""
 
     conversation: uuid.UUID
@@ -169,18 +169,18 @@ class Joined(_Server, tag="joined", kw_only=True):
     ref: str | None = None
 
 
-class Ack(_Server, tag="ack", kw_only=True):
+class Ack(_Server, tag="ack", kw_only=True, frozen=True):
     message_id: uuid.UUID | None = None
     duplicate: bool = False
     expires_at: int | None = None
     ref: str | None = None
 
 
-class Pong(_Server, tag="pong", kw_only=True):
+class Pong(_Server, tag="pong", kw_only=True, frozen=True):
     ref: str | None = None
 
 
-class Error(_Server, tag="error", kw_only=True):
+class Error(_Server, tag="error", kw_only=True, frozen=True):
     code: ErrorCode
     message: str
     retry_after: float | None = None
@@ -190,13 +190,13 @@ class Error(_Server, tag="error", kw_only=True):
 # --------------------------------------------------------------------------- conversation events
 
 
-class MessageEvent(_Server, tag="message", kw_only=True):
+class MessageEvent(_Server, tag="message", kw_only=True, frozen=True):
     conversation: uuid.UUID
     message: Message
     seq: int = 0
 
 
-class Start(_Server, tag="start", kw_only=True):
+class Start(_Server, tag="start", kw_only=True, frozen=True):
     """`replaces` names the assistant message a `regenerate` replaces. A `start` for a
     message id the client already holds restarts that message: discard its text."""
 
@@ -207,7 +207,7 @@ class Start(_Server, tag="start", kw_only=True):
     seq: int = 0
 
 
-class Token(_Server, tag="token", kw_only=True):
+class Token(_Server, tag="token", kw_only=True, frozen=True):
     """`first_seq`, when present, says this frame stands for the events `first_seq..seq`:
     consecutive pieces of one message merged for a socket that lags behind."""
 
@@ -218,7 +218,7 @@ class Token(_Server, tag="token", kw_only=True):
     seq: int = 0
 
 
-class Done(_Server, tag="done", kw_only=True):
+class Done(_Server, tag="done", kw_only=True, frozen=True):
     conversation: uuid.UUID
     message_id: uuid.UUID
     reason: DoneReason
@@ -227,20 +227,20 @@ class Done(_Server, tag="done", kw_only=True):
     seq: int = 0
 
 
-class Queued(_Server, tag="queued", kw_only=True):
+class Queued(_Server, tag="queued", kw_only=True, frozen=True):
     conversation: uuid.UUID
     message_id: uuid.UUID
     position: int
     seq: int = 0
 
 
-class Updated(_Server, tag="updated", kw_only=True):
+class Updated(_Server, tag="updated", kw_only=True, frozen=True):
     conversation: uuid.UUID
     meta: Conversation
     seq: int = 0
 
 
-class ConversationChanged(_Server, tag="conversation_changed", kw_only=True):
+class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, frozen=True):
     conversation: uuid.UUID
     meta: Conversation | None = None
     deleted: bool = False
@@ -277,7 +277,8 @@ def encode(obj: Any) -> bytes:
 
 
 def decode_server(data: bytes | str) -> ServerFrame:
-    return _server_decoder.decode(data)
+    frame: ServerFrame = _server_decoder.decode(data)
+    return frame
 
 
 class FrameError(Exception):
@@ -298,9 +299,10 @@ def decode_client(data: bytes | str) -> ClientFrame:
     recover its `ref`.
     """
     try:
-        return _client_decoder.decode(data)
+        frame: ClientFrame = _client_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise _explain(data, exc) from None
+    return frame
 
 
 def _explain(data: bytes | str, exc: msgspec.DecodeError) -> FrameError:

@@ -84,7 +84,7 @@ class Transcript:
 
     def contents(self) -> list[tuple[str, str, str]]:
         """(role, text, status) per message, drafts included with their text so far."""
-        out = []
+        out: list[tuple[str, str, str]] = []
         for message in self.messages.values():
             draft = self.drafts.get(message.id)
             text = "".join(draft.pieces) if draft else message.content

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, asgi
+from litestar.enums import ScopeType
 from litestar.static_files import create_static_files_router
 from litestar.types import Receive, Scope, Send
 
@@ -34,7 +35,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
     @asgi("/ws", copy_scope=False)
     async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
         hub = runtime.hub
-        if hub is None or scope["type"] != "websocket":
+        if hub is None or scope["type"] != ScopeType.WEBSOCKET:
             return
         await hub(scope, receive, send)  # type: ignore[arg-type]
 

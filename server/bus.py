@@ -148,8 +148,8 @@ class Bus:
             attempt += 1
 
     async def _connect(self) -> None:
-        conn = self._pool.make_connection()
-        await conn.connect()
+        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
         self._conn = conn
         channels = list(self._listeners)
         if channels:

@@ -11,6 +11,7 @@ import logging
 import uuid
 
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -193,7 +194,7 @@ class Chat:
         )
         if row is None:
             raise not_found()
-        meta = f.Conversation(**{**_fields(row.meta), "last_seq": max(head, 0) + 1})
+        meta = msgspec.structs.replace(row.meta, last_seq=max(head, 0) + 1)
         await self.events.set_meta(user, meta)
         await self.events.append(
             conversation, encode(f.Updated(conversation=conversation, meta=meta))
@@ -243,7 +244,3 @@ def _check(result: Accepted) -> Accepted:
     if result.outcome is Outcome.UNLOADED:
         raise unavailable("Redis")
     return result
-
-
-def _fields(meta: f.Conversation) -> dict[str, object]:
-    return {name: getattr(meta, name) for name in meta.__struct_fields__}

@@ -15,11 +15,11 @@ from typing import Any
 import msgspec
 import uvicorn
 
+from protocol.session import CloseCode
 from server import embedded
 from server.app import configure_logging, create_app
 from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
-from protocol.session import CloseCode
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True)
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     command("model", model, "run the simulated model on its own", True)
+    command("asyncapi", asyncapi, "print the protocol's AsyncAPI 3 document")
     load_cmd = command("load", load_command, "drive a load test against a running Parley")
     load_cmd.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -145,6 +146,12 @@ def model(settings: Settings, args: argparse.Namespace) -> None:
     )
     print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+
+
+def asyncapi(settings: Settings, args: argparse.Namespace) -> None:
+    from protocol.asyncapi import render
+
+    print(render(), end="")
 
 
 def load_command(settings: Settings, args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ServerSettings(_Section):
+class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: str = ".parley"
@@ -41,7 +41,7 @@ class ServerSettings(_Section):
     log_level: str = "info"
 
 
-class AuthSettings(_Section):
+class AuthSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     jwt_secret: str = ""
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
     audience: str = ""
@@ -52,7 +52,7 @@ class AuthSettings(_Section):
     dev_login: bool | None = None
 
 
-class LimitsSettings(_Section):
+class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: int = 262_144
     max_text_chars: int = 32_000
     max_joined: int = 100
@@ -73,18 +73,18 @@ class LimitsSettings(_Section):
         )
 
 
-class RedisSettings(_Section):
+class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""
     log_max_events: int = 2000
     ttl_seconds: int = 604_800
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""
     pool_size: int = 10
 
 
-class LLMSettings(_Section):
+class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     base_url: str = ""
     api_key: str = ""
     model: str = "parley-sim"
@@ -95,19 +95,19 @@ class LLMSettings(_Section):
     max_duration: float = 600.0
 
 
-class SimulatorSettings(_Section):
+class SimulatorSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     first_token_delay: float = 0.3
     tokens_per_second: float = 30.0
     max_tokens: int = 200
 
 
-class WorkerSettings(_Section):
+class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     concurrency: int = 64
     lease_seconds: float = 10.0
     shutdown_deadline: float = 25.0
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()

@@ -44,9 +44,9 @@ class LLM:
     ) -> AsyncIterator[Piece | Finished]:
         """Yield the reply's text pieces, then one Finished. Closing the iterator early
         closes the HTTP response, which is how the upstream model learns of a cancel."""
-        stream = await self.client.chat.completions.create(
+        stream = await self.client.chat.completions.create(  # type: ignore[call-overload]
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             stream=True,
             stream_options={"include_usage": True},
             max_tokens=self.settings.max_tokens,

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import keys
+from server.turns import read_group
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")
@@ -45,8 +46,8 @@ class Persister:
                 if loop.time() - pending_checked > 10:
                     pending_checked = loop.time()
                     await self._claim_abandoned()
-                entries = await self.redis.xreadgroup(
-                    keys.PERSISTERS, self.name, {keys.PERSIST: ">"}, count=100, block=1000
+                entries = await read_group(
+                    self.redis, keys.PERSIST, keys.PERSISTERS, self.name, 100, 1000
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -58,9 +59,8 @@ class Persister:
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for _, items in entries or []:
-                for entry_id, fields in items:
-                    await self._persist(entry_id, fields)
+            for entry_id, fields in entries:
+                await self._persist(entry_id, fields)
 
     def stop(self) -> None:
         self._stopping = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -229,7 +229,7 @@ class Turns:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        pipe.publish(keys.CANCEL, f"{conversation}:{message_id.decode()}")
+        pipe.publish(keys.CANCEL, f"{conversation}:{text_of(message_id)}")
         await pipe.execute()
 
     async def ensure_group(self, stream: str, group: str) -> None:
@@ -240,6 +240,21 @@ class Turns:
                 raise
 
 
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+async def read_group(
+    redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
+) -> list[Entry]:
+    """New entries of a stream for this consumer (XREADGROUP), typed."""
+    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    return [
+        entry
+        for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or [])
+        for entry in entries
+    ]
+
+
 def _accepted(result: list[bytes | int]) -> Accepted:
     outcome = Outcome(result[0].decode() if isinstance(result[0], bytes) else result[0])
     if outcome is Outcome.RATE_LIMITED:
@@ -248,3 +263,7 @@ def _accepted(result: list[bytes | int]) -> Accepted:
         replaces = uuid.UUID(result[2].decode()) if len(result) > 2 else None  # type: ignore[union-attr]
         return Accepted(outcome, seq=int(result[1]), replaces=replaces)
     return Accepted(outcome)
+
+
+def text_of(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -21,6 +21,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, cast
 
 import msgspec
 import openai
@@ -36,7 +37,7 @@ from server.chat import Chat
 from server.config import Settings
 from server.eventlog import UNLOADED, EventLog, Pipeliner, encode
 from server.llm import LLM, Finished, Piece
-from server.turns import Job, Turns
+from server.turns import Entry, Job, Turns, read_group, text_of
 from storage.messages import FinishedTurn
 
 log = logging.getLogger("parley.worker")
@@ -139,8 +140,8 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                entries = await self.redis.xreadgroup(
-                    keys.WORKERS, self.name, {keys.TURNS: ">"}, count=free, block=1000
+                entries = await read_group(
+                    self.redis, keys.TURNS, keys.WORKERS, self.name, free, 1000
                 )
             except ResponseError as exc:
                 await self._recover_group(exc)
@@ -151,9 +152,8 @@ class Worker:
                 continue
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
-            for _, items in entries or []:
-                for entry_id, fields in items:
-                    self._spawn(entry_id, fields, takeover=False)
+            for entry_id, fields in entries:
+                self._spawn(entry_id, fields, takeover=False)
 
     async def _recover_group(self, exc: ResponseError) -> None:
         """Redis lost its data (restarted empty): the consumer group must be made again."""
@@ -226,7 +226,9 @@ class Worker:
 
     async def _take_over(self) -> None:
         """Claim turns pending with a worker whose heartbeat is gone."""
-        pending = await self.redis.xpending_range(keys.TURNS, keys.WORKERS, "-", "+", 100)
+        pending: list[dict[str, Any]] = await self.redis.xpending_range(
+            keys.TURNS, keys.WORKERS, "-", "+", 100
+        )
         idle_ms = int(self.lease * 1000)
         for entry in pending:
             owner = entry["consumer"].decode()
@@ -234,8 +236,11 @@ class Worker:
                 continue
             if await self.redis.exists(keys.worker(owner)):
                 continue
-            claimed = await self.redis.xclaim(
-                keys.TURNS, keys.WORKERS, self.name, idle_ms, [entry["message_id"]]
+            claimed = cast(
+                list[Entry],
+                await self.redis.xclaim(
+                    keys.TURNS, keys.WORKERS, self.name, idle_ms, [entry["message_id"]]
+                ),
             )
             for entry_id, fields in claimed:
                 if fields:
@@ -297,7 +302,7 @@ class Worker:
 
     async def _cancelled_before_start(self, job: Job) -> bool:
         marked = await self.redis.get(keys.cancelled(job.conversation))
-        return marked is not None and marked.decode() == str(job.message_id)
+        return marked is not None and text_of(marked) == str(job.message_id)
 
     async def _stream(
         self, run: Running, prompt: list[dict[str, str]]

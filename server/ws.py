@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 from redis.exceptions import RedisError
 
 from protocol import frames as f
@@ -505,7 +506,7 @@ class Watch:
         ref: str | None,
         frames: list[str],
     ) -> None:
-        meta = f.Conversation(**{**_fields(meta), "last_seq": max(head, 0)})
+        meta = msgspec.structs.replace(meta, last_seq=max(head, 0))
         self.conn.push_frame(
             f.Joined(
                 conversation=self.conversation,
@@ -518,7 +519,3 @@ class Watch:
         )
         for frame in frames:
             self.conn.push(frame)
-
-
-def _fields(meta: f.Conversation) -> dict[str, Any]:
-    return {name: getattr(meta, name) for name in meta.__struct_fields__}

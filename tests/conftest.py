@@ -167,9 +167,7 @@ class Cluster:
 
     def process(self, role: str, *, start: bool = True, **env: str) -> ParleyProcess:
         name = f"{role}-{len(self.started)}"
-        proc = ParleyProcess(
-            role, self.env(**env), embedded.free_port(), self.tmp / f"{name}.log"
-        )
+        proc = ParleyProcess(role, self.env(**env), embedded.free_port(), self.tmp / f"{name}.log")
         self.started.append(proc)
         return proc.start() if start else proc
 
@@ -203,8 +201,9 @@ async def connect(parley: ParleyProcess) -> AsyncIterator[object]:
     """connect(user=None, **kw) -> Client on the shared server; closed after the test."""
     clients: list[Client] = []
 
-    async def open_client(user: str | None = None, server: ParleyProcess | None = None,
-                          **kwargs: object) -> Client:
+    async def open_client(
+        user: str | None = None, server: ParleyProcess | None = None, **kwargs: object
+    ) -> Client:
         target = server or parley
         client = await Client.connect(target.ws_url, mint(user or new_user()), **kwargs)  # type: ignore[arg-type]
         clients.append(client)

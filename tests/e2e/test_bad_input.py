@@ -22,19 +22,31 @@ BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
     ("type-not-string", '{"type": 7}', "bad_frame", "`type`"),
     ("unknown-type", '{"type": "teleport"}', "bad_frame", "unknown frame type"),
     ("say-missing-text", '{"type": "say", "conversation": "CONV"}', "invalid", "text"),
-    ("say-text-not-string", '{"type": "say", "conversation": "CONV", "text": 5}', "invalid", "text"),
+    (
+        "say-text-not-string",
+        '{"type": "say", "conversation": "CONV", "text": 5}',
+        "invalid",
+        "text",
+    ),
     ("bad-uuid", '{"type": "join", "conversation": "not-a-uuid"}', "invalid", "conversation"),
     ("negative-after", '{"type": "join", "conversation": "CONV", "after": -1}', "invalid", "after"),
     ("unknown-field", '{"type": "ping", "colour": "red"}', "invalid", "colour"),
     ("ref-too-long", '{"type": "ping", "ref": "' + "r" * 65 + '"}', "invalid", "ref"),
     ("empty-text", '{"type": "say", "conversation": "CONV", "text": "   "}', "invalid", "empty"),
-    ("text-too-long", '{"type": "say", "conversation": "CONV", "text": "LONG"}', "too_large", "limit"),
+    (
+        "text-too-long",
+        '{"type": "say", "conversation": "CONV", "text": "LONG"}',
+        "too_large",
+        "limit",
+    ),
     ("unknown-conversation", '{"type": "join", "conversation": "OTHER"}', "not_found", "no such"),
     ("binary", b"\x00\x01binary", "bad_frame", "binary"),
 ]
 
 
-@pytest.mark.parametrize(("name", "raw", "code", "words"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES])
+@pytest.mark.parametrize(
+    ("name", "raw", "code", "words"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES]
+)
 async def test_bad_frame_gets_error_and_session_goes_on(
     connect: Any, user: str, name: str, raw: str | bytes, code: str, words: str
 ) -> None:

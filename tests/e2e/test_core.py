@@ -212,18 +212,19 @@ async def test_regenerate_replaces_the_last_reply(
     await a.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        ids = [r["id"] for r in await db.fetch(
-            "SELECT id FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation
-        )]
+        ids = [
+            r["id"]
+            for r in await db.fetch(
+                "SELECT id FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation
+            )
+        ]
         if started.message_id in ids:
             break
         await asyncio.sleep(0.05)
     assert first.message_id not in ids and started.message_id in ids and len(ids) == 2
 
 
-async def test_context_carries_the_system_prompt_and_earlier_turns(
-    connect: Any, user: str
-) -> None:
+async def test_context_carries_the_system_prompt_and_earlier_turns(connect: Any, user: str) -> None:
     """The simulated model's reply is a function of the whole prompt: the same last message
     after different histories gets different replies."""
     a: Client = await connect(user)
@@ -246,9 +247,7 @@ async def test_finished_turn_is_in_postgres_once_and_survives_restart(
         conversation = await start_conversation(a, title="durable")
         done = await say_and_finish(a, conversation, "remember this")
     rows = await wait_persisted(db, conversation, 2)
-    count = await db.fetchval(
-        "SELECT count(*) FROM messages WHERE id = $1", done.message_id
-    )
+    count = await db.fetchval("SELECT count(*) FROM messages WHERE id = $1", done.message_id)
     assert count == 1 and rows[0] == ("user", "remember this", "complete")
     server.stop()
     server = ParleyProcess(server.role, server.env, server.port, server.log_path).start()
@@ -309,7 +308,10 @@ async def expect_close(client: Client, timeout: float = 5) -> int | None:
 @pytest.mark.parametrize(
     "token",
     [
-        pytest.param(lambda: mint(new_user(), secret="wrong-secret-0123456789abcdef012345"), id="bad-signature"),
+        pytest.param(
+            lambda: mint(new_user(), secret="wrong-secret-0123456789abcdef012345"),
+            id="bad-signature",
+        ),
         pytest.param(lambda: mint(new_user(), ttl=-60), id="expired"),
         pytest.param(lambda: _unsigned(new_user()), id="alg-none"),
         pytest.param(lambda: "not-a-jwt", id="garbage"),
@@ -334,7 +336,8 @@ def _unsigned(user: str) -> str:
     def part(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({'sub': user, 'exp': int(time.time()) + 600})}."
+    claims = {"sub": user, "exp": int(time.time()) + 600}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 async def test_foreign_origin_gets_403(parley: ParleyProcess) -> None:

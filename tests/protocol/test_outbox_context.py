@@ -51,7 +51,11 @@ def message(role: str, text: str) -> Message:
 
 
 def test_prompt_keeps_the_newest_turns_within_budget() -> None:
-    history = [message("user", "a" * 400), message("assistant", "b" * 400), message("user", "c" * 40)]
+    history = [
+        message("user", "a" * 400),
+        message("assistant", "b" * 400),
+        message("user", "c" * 40),
+    ]
     prompt = build_prompt("be brief", history, budget=130)
     assert prompt[0] == {"role": "system", "content": "be brief"}
     assert [m["content"][0] for m in prompt[1:]] == ["b", "c"]

@@ -8,7 +8,10 @@ from protocol import frames as f
 from protocol.session import Close, CloseCode, Command, Reply, Session, SessionLimits, State, Verify
 
 LIMITS = SessionLimits(
-    max_text_chars=10, frames_per_second=2.0, frame_burst=3, bad_frames_before_close=3,
+    max_text_chars=10,
+    frames_per_second=2.0,
+    frame_burst=3,
+    bad_frames_before_close=3,
     auth_timeout=5.0,
 )
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, asgi
+from litestar import Litestar
 from litestar.enums import ScopeType
 from litestar.static_files import create_static_files_router
 from litestar.types import Receive, Scope, Send
@@ -21,7 +21,24 @@ from server.simulator import SimulatorSettings, SimulatorStats, simulator_router
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
+class Entrypoint:
+    """The ASGI application: `/ws` goes straight to the socket hub, everything else (HTTP and
+    the lifespan) to Litestar. Sockets skip the HTTP middleware stack, which would otherwise
+    wrap every frame a socket sends."""
+
+    def __init__(self, app: Litestar, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub = self.runtime.hub
+        if scope["type"] == ScopeType.WEBSOCKET and scope["path"] == "/ws" and hub is not None:
+            await hub(scope, receive, send)  # type: ignore[arg-type]
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Entrypoint:
     """A web app (`runtime.web`) and/or the simulated model (`simulator` given)."""
 
     @asynccontextmanager
@@ -32,14 +49,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    @asgi("/ws", copy_scope=False)
-    async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
-        hub = runtime.hub
-        if hub is None or scope["type"] != ScopeType.WEBSOCKET:
-            return
-        await hub(scope, receive, send)  # type: ignore[arg-type]
-
-    handlers: list[Any] = [*ROUTES, websocket] if runtime.web else []
+    handlers: list[Any] = list(ROUTES) if runtime.web else []
     if simulator is not None:
         s = runtime.settings.simulator
         settings = SimulatorSettings(
@@ -58,7 +68,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         logging_config=None,
     )
     app.state.runtime = runtime
-    return app
+    return Entrypoint(app, runtime)
 
 
 def configure_logging(level: str) -> None:

@@ -75,6 +75,7 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""
+    pool_size: int = 64
     log_max_events: int = 2000
     ttl_seconds: int = 604_800
 

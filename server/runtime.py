@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from protocol.session import CloseCode
 from server.auth import Verifier, load_secret
@@ -52,7 +52,10 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        self.redis = Redis.from_url(s.redis.url, health_check_interval=10)
+        pool = BlockingConnectionPool.from_url(
+            s.redis.url, max_connections=s.redis.pool_size, timeout=5, health_check_interval=10
+        )
+        self.redis = Redis(connection_pool=pool)
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
         events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)

@@ -229,7 +229,8 @@ class Connection:
             admitted = await self.hub.presence.admit(
                 user, self.hub.settings.limits.max_connections_per_user
             )
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            log.warning("cannot admit a socket: %s", exc)
             self.session.close(CloseCode.TRY_AGAIN_LATER, "Redis is unavailable")
             return
         if not admitted:

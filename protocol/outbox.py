@@ -29,13 +29,15 @@ class Outbox:
         self.merge_after = merge_after
         self.size = 0
         self.merged = 0
-        self._frames: deque[str] = deque()
+        self._frames: deque[str] | None = None  # made on first use: most sockets never queue
         self._last_token: Token | None = None
 
     def push(self, frame: str) -> bool:
         """Queue a frame; False when the bound is passed and the socket must be closed."""
         if self.size >= self.merge_after and TOKEN_MARK in frame[:40] and self._merge(frame):
             return self.size <= self.limit
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(frame)
         self.size += len(frame)
         self._last_token = None
@@ -43,7 +45,7 @@ class Outbox:
 
     def _merge(self, frame: str) -> bool:
         last = self._last_token or self._decode_last()
-        if last is None:
+        if last is None or not self._frames:
             return False
         token = _token_decoder.decode(frame)
         if token.message_id != last.message_id or token.seq != last.seq + 1:
@@ -67,14 +69,14 @@ class Outbox:
         return _token_decoder.decode(self._frames[-1])
 
     def drain(self) -> list[str]:
-        frames = list(self._frames)
-        self._frames.clear()
+        frames = list(self._frames or ())
+        self._frames = None
         self.size = 0
         self._last_token = None
         return frames
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames or ())
 
     def __bool__(self) -> bool:
         return bool(self._frames)

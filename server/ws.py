@@ -16,6 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,6 +51,11 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CATCH_UP_ATTEMPTS = 5
 CLOSE_FLUSH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    token: str | None
 
 
 class Hub:
@@ -88,27 +94,31 @@ class Hub:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not self.accepting:
-            await send({"type": "websocket.close", "code": CloseCode.RESTART})
+        admitted = await self._handshake(scope, send)
+        if admitted is None:
             return
-        if not self._origin_allowed(headers):
-            await _deny(send, 403, b"Origin not allowed")
-            return
-        offered = [p.strip() for p in scope.get("subprotocols", [])]
-        token = self._header_token(offered) or self._query_token(scope)
-        await send(
-            {
-                "type": "websocket.accept",
-                "subprotocol": f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None,
-            }
-        )
         conn = Connection(self, send)
         self.connections.add(conn)
         try:
-            await conn.run(receive, token)
+            await conn.run(receive, admitted.token)
         finally:
             self.connections.discard(conn)
+
+    async def _handshake(self, scope: Scope, send: Send) -> _Admitted | None:
+        """Accept or refuse the upgrade; a separate frame so that nothing of the request
+        (headers and all) stays referenced for the socket's lifetime."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not self.accepting:
+            await send({"type": "websocket.close", "code": CloseCode.RESTART})
+            return None
+        if not self._origin_allowed(headers):
+            await _deny(send, 403, b"Origin not allowed")
+            return None
+        offered = [p.strip() for p in scope.get("subprotocols", [])]
+        token = self._header_token(offered) or self._query_token(scope)
+        subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        return _Admitted(token)
 
     def _origin_allowed(self, headers: dict[str, str]) -> bool:
         origin = headers.get("origin")

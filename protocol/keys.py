@@ -42,6 +42,12 @@ def seq(conversation: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:seq"
 
 
+def persisted(conversation: uuid.UUID | str) -> str:
+    """The seq up to which PostgreSQL holds the conversation: the log may trim before it.
+    (The append script derives this name from `seq`'s: keep the two in step.)"""
+    return f"{_conv(conversation)}:persisted"
+
+
 def meta(conversation: uuid.UUID | str) -> str:
     """Cached conversation row (owner, title, system, model, times) as JSON."""
     return f"{_conv(conversation)}:meta"

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import deque
 from typing import Final, Protocol
 
 from redis.asyncio import ConnectionPool
@@ -49,6 +50,9 @@ class Bus:
         self._listeners: dict[bytes, set[Listener]] = {}
         self._confirmed: set[bytes] = set()
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._expected: dict[bytes, int] = {}
+        self._outgoing: deque[tuple[bytes, bytes]] = deque()
+        self._outgoing_ready = asyncio.Event()
         self._connected = asyncio.Event()
         self._pong = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -93,7 +97,7 @@ class Bus:
         waiter = self._waiters.get(name)
         if waiter is None:
             waiter = self._waiters[name] = asyncio.get_running_loop().create_future()
-            await self._send("SUBSCRIBE", name)
+            self._command(b"SUBSCRIBE", name)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
@@ -113,18 +117,28 @@ class Bus:
         waiter = self._waiters.pop(name, None)
         if waiter and not waiter.done():
             waiter.cancel()
-        if self._connected.is_set():
-            asyncio.get_running_loop().create_task(self._send("UNSUBSCRIBE", name))
+        self._command(b"UNSUBSCRIBE", name)
 
     # ------------------------------------------------------------------ connection
 
-    async def _send(self, *args: str | bytes) -> None:
-        if self._conn is None or not self._connected.is_set():
-            return  # the next (re)connect subscribes every channel
+    def _command(self, verb: bytes, name: bytes) -> None:
+        """Queue a (UN)SUBSCRIBE; one sender keeps them in call order, so a quick leave and
+        join of the same channel cannot reach Redis as join, then leave."""
+        if verb == b"SUBSCRIBE":
+            self._expected[name] = self._expected.get(name, 0) + 1
+        self._outgoing.append((verb, name))
+        self._outgoing_ready.set()
+
+    async def _send_commands(self, conn: AbstractConnection) -> None:
         try:
-            await self._conn.send_command(*args, check_health=False)
+            while True:
+                await self._outgoing_ready.wait()
+                self._outgoing_ready.clear()
+                while self._outgoing:
+                    verb, name = self._outgoing.popleft()
+                    await conn.send_command(verb, name, check_health=False)
         except (RedisError, OSError) as exc:
-            log.warning("pub/sub command %s failed: %s", args[0], exc)
+            log.warning("pub/sub command failed (%s); the reader will reconnect", exc)
 
     async def _supervise(self) -> None:
         attempt = 0
@@ -151,7 +165,11 @@ class Bus:
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         await conn.connect()  # type: ignore[no-untyped-call]
         self._conn = conn
+        self._outgoing.clear()
+        self._expected.clear()
         channels = list(self._listeners)
+        for name in channels:
+            self._expected[name] = 1
         if channels:
             await conn.send_command("SUBSCRIBE", *channels, check_health=False)
         if self._opened:
@@ -165,6 +183,7 @@ class Bus:
         conn = self._conn
         assert conn is not None
         pinger = asyncio.create_task(self._ping(conn))
+        sender = asyncio.create_task(self._send_commands(conn))
         try:
             while True:
                 reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
@@ -182,6 +201,7 @@ class Bus:
                     self._pong.set()
         finally:
             pinger.cancel()
+            sender.cancel()
 
     async def _ping(self, conn: AbstractConnection) -> None:
         """Notice a connection that stalled silently (a paused link never raises)."""
@@ -197,6 +217,13 @@ class Bus:
                 return
 
     def _confirm(self, name: bytes) -> None:
+        """A subscribe reply; the channel counts as subscribed once the last SUBSCRIBE sent
+        for it is answered (an earlier one may have been followed by an UNSUBSCRIBE)."""
+        expected = self._expected.get(name, 0) - 1
+        if expected > 0:
+            self._expected[name] = expected
+            return
+        self._expected.pop(name, None)
         if name not in self._listeners:
             return
         self._confirmed.add(name)

@@ -81,7 +81,7 @@ class Chat:
             recent = await stored_messages.history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise unavailable("the database") from None
-        await self.events.load(row.owner, row.meta, row.meta.last_seq, recent)
+        await self.events.load(row.owner, row.meta, row.meta.last_seq, row.history_seq, recent)
         return CachedMeta(row.owner, row.meta)
 
     async def read_events(
@@ -127,7 +127,7 @@ class Chat:
             await stored_conversations.insert(self.pool, user, meta)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise unavailable("the database") from None
-        await self.events.load(user, meta, 0, [])
+        await self.events.load(user, meta, 0, 0, [])
         await self._tell_user(user, f.ConversationChanged(conversation=meta.id, meta=meta))
         return meta
 

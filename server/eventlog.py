@@ -34,14 +34,21 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 log = logging.getLogger("parley.eventlog")
 
+# The log keeps the last `maxlen` events, and never trims an event PostgreSQL does not have
+# yet (past `persisted`): a tab joining with the persisted history must find the rest here.
+# The persisted key shares the conversation's hash tag, so it lives on the same cluster slot.
 APPEND_FUNCTION: Final = """
 local function append(seq_key, log_key, channel, frame, maxlen, ttl)
   local seq = redis.call('INCR', seq_key)
   local framed = '{"seq":' .. seq .. ',' .. string.sub(frame, 2)
-  local ok = pcall(redis.call, 'XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', framed)
+  local keep = seq - tonumber(maxlen) + 1
+  local persisted = redis.call('GET', string.gsub(seq_key, ':seq$', ':persisted'))
+  if persisted and tonumber(persisted) + 1 < keep then keep = tonumber(persisted) + 1 end
+  if keep < 1 then keep = 1 end
+  local ok = pcall(redis.call, 'XADD', log_key, 'MINID', '~', keep, seq .. '-0', 'f', framed)
   if not ok then
     redis.call('DEL', log_key)
-    redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', framed)
+    redis.call('XADD', log_key, seq .. '-0', 'f', framed)
   end
   redis.call('PUBLISH', channel, framed)
   redis.call('EXPIRE', log_key, ttl)
@@ -86,13 +93,20 @@ return {tonumber(head), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
 _LOAD: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'EX', ttl)
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 if seq < tonumber(ARGV[2]) then seq = tonumber(ARGV[2]) end
 redis.call('SET', KEYS[2], seq, 'EX', ttl)
 redis.call('DEL', KEYS[3])
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-if #ARGV >= 4 then redis.call('EXPIRE', KEYS[3], ttl) end
+for i = 5, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ttl) end
+return 1
+"""
+
+_MARK_PERSISTED: Final = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return 1
 """
 
@@ -127,6 +141,7 @@ class EventLog:
         self._read = redis.register_script(_READ)
         self._load = redis.register_script(_LOAD)
         self._set_meta = redis.register_script(_SET_META)
+        self._mark_persisted = redis.register_script(_MARK_PERSISTED)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -152,18 +167,33 @@ class EventLog:
         return None if raw is None else _meta_decoder.decode(raw)
 
     async def load(
-        self, owner: str, meta: Conversation, last_seq: int, recent: Sequence[Message]
+        self,
+        owner: str,
+        meta: Conversation,
+        last_seq: int,
+        history_seq: int,
+        recent: Sequence[Message],
     ) -> None:
         """Seed Redis from PostgreSQL unless another process already did."""
         await self._load(
-            keys=[keys.meta(meta.id), keys.seq(meta.id), keys.recent(meta.id)],
+            keys=[
+                keys.meta(meta.id),
+                keys.seq(meta.id),
+                keys.recent(meta.id),
+                keys.persisted(meta.id),
+            ],
             args=[
                 _encoder.encode(CachedMeta(owner, meta)),
                 last_seq,
                 self.ttl,
+                history_seq,
                 *(_encoder.encode(m) for m in recent[-RECENT_KEPT:]),
             ],
         )
+
+    async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
+        """PostgreSQL holds every event up to `seq`: the log may trim them."""
+        await self._mark_persisted(keys=[keys.persisted(conversation)], args=[seq, self.ttl])
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:
         await self._set_meta(

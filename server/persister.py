@@ -8,6 +8,7 @@ loses nothing. Entries left pending by a persister that died are claimed by anot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -18,20 +19,25 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import keys
+from server.eventlog import EventLog
 from server.turns import read_group
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")
 
 RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0)
-CLAIM_IDLE_MS = 30_000
+CLAIM_IDLE_MS = 10_000
+CLAIM_EVERY = 5.0
 
 _turn_decoder = msgspec.json.Decoder(FinishedTurn)
 
 
 class Persister:
-    def __init__(self, redis: Redis, pool: asyncpg.Pool, name: str | None = None) -> None:
+    def __init__(
+        self, redis: Redis, pool: asyncpg.Pool, events: EventLog, name: str | None = None
+    ) -> None:
         self.redis = redis
+        self.events = events
         self.pool = pool
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.saved = 0
@@ -43,7 +49,7 @@ class Persister:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
-                if loop.time() - pending_checked > 10:
+                if loop.time() - pending_checked > CLAIM_EVERY:
                     pending_checked = loop.time()
                     await self._claim_abandoned()
                 entries = await read_group(
@@ -89,6 +95,8 @@ class Persister:
             await self._ack(entry_id)
             return
         await self._save(turn)
+        with contextlib.suppress(RedisError, OSError):
+            await self.events.mark_persisted(turn.conversation, turn.done_seq)
         await self._ack(entry_id)
 
     async def _save(self, turn: FinishedTurn) -> None:

@@ -30,6 +30,8 @@ from storage.db import create_pool, migrate
 
 log = logging.getLogger("parley")
 
+PERSISTER_STOP_TIMEOUT = 5.0
+
 
 @dataclass(kw_only=True)
 class Runtime:
@@ -79,7 +81,7 @@ class Runtime:
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
         self.generator = Worker(self.settings, self.redis, self.chat, events, turns, self._llm)
-        self.persister = Persister(self.redis, self.pool)
+        self.persister = Persister(self.redis, self.pool, events)
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.generator.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
 
@@ -109,7 +111,9 @@ class Runtime:
         if self.generator is not None:
             await self.generator.stop()
         if self.persister is not None:
-            self.persister.stop()
+            self.persister.stop()  # finishes the turn in hand, then its loop returns
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=PERSISTER_STOP_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

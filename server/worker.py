@@ -92,6 +92,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._draining = False
+        self._background: list[asyncio.Task[None]] = []
         self.taken_over = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,16 +103,12 @@ class Worker:
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
         await self._beat()
-        background = [
+        self._background = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._take_over_loop()),
         ]
         log.info("worker ready (%s)", self.name)
-        try:
-            await self._claim_loop()
-        finally:
-            for task in background:
-                task.cancel()
+        await self._claim_loop()
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -127,6 +124,8 @@ class Worker:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
+        for task in self._background:  # the heartbeat lives until the last generation ends
+            task.cancel()
         await self.pipeliner.stop()
         await self.cancels.stop()
         with contextlib.suppress(RedisError, OSError):

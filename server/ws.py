@@ -356,11 +356,16 @@ class Connection:
                 "invalid",
                 f"a socket may join at most {self.hub.wire_limits.max_joined} conversations",
             )
-        self._leave(conversation)
+        old = self.watches.pop(conversation, None)
         watch = Watch(self, conversation)
         self.watches[conversation] = watch
         try:
             await self.hub.bus.subscribe(keys.channel(conversation), watch)
+        finally:
+            if old is not None:  # unsubscribed only now, so the channel never lacks a listener
+                old.active = False
+                self.hub.bus.unsubscribe(keys.channel(conversation), old)
+        try:
             await watch.join(meta, frame.after, frame.ref)
         except BaseException:
             self._leave(conversation)

@@ -62,34 +62,66 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--tokens-file", type=Path, help="file of JWTs, one per line")
     parser.add_argument("--conversations", "-c", type=int, help="conversations")
     parser.add_argument("--tabs", "-t", type=int, help="sockets joined to each conversation")
-    parser.add_argument("--sockets", "-n", type=int,
-                        help="total sockets (sets --conversations = sockets / tabs)")
-    parser.add_argument("--duration", "-d", type=float, default=30.0,
-                        help="seconds the workload runs once every socket has joined")
-    parser.add_argument("--rate", "-r", type=float,
-                        help="chat/fanout: turns/s per conversation; publish: frames/s in total")
-    parser.add_argument("--churn", type=float, default=0.0,
-                        help="probability per second that a tab drops and rejoins with `after`")
-    parser.add_argument("--text", default="Tell me something about load testing.",
-                        help="the user turn's text")
+    parser.add_argument(
+        "--sockets", "-n", type=int, help="total sockets (sets --conversations = sockets / tabs)"
+    )
+    parser.add_argument(
+        "--duration",
+        "-d",
+        type=float,
+        default=30.0,
+        help="seconds the workload runs once every socket has joined",
+    )
+    parser.add_argument(
+        "--rate",
+        "-r",
+        type=float,
+        help="chat/fanout: turns/s per conversation; publish: frames/s in total",
+    )
+    parser.add_argument(
+        "--no-join", action="store_true", help="idle: connect only, create and join nothing"
+    )
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        help="probability per second that a tab drops and rejoins with `after`",
+    )
+    parser.add_argument(
+        "--text", default="Tell me something about load testing.", help="the user turn's text"
+    )
     parser.add_argument("--tokens", type=int, help="simulated reply length ([sim:tokens=N])")
     parser.add_argument("--tps", type=float, help="simulated tokens per second ([sim:tps=R])")
     parser.add_argument("--delay", type=float, help="simulated first-token delay ([sim:delay=S])")
-    parser.add_argument("--concurrency", type=int, default=200,
-                        help="connection handshakes in flight at once")
-    parser.add_argument("--max-connections", type=int, default=20_000,
-                        help="refuse to open more sockets than this")
+    parser.add_argument(
+        "--concurrency", type=int, default=200, help="connection handshakes in flight at once"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=20_000, help="refuse to open more sockets than this"
+    )
     parser.add_argument("--connect-timeout", type=float, default=10.0)
-    parser.add_argument("--drain", type=float, default=15.0,
-                        help="seconds allowed at the end for replies in flight to arrive")
-    parser.add_argument("--procs", type=int, default=1,
-                        help="generator processes (each drives a share of the conversations)")
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=15.0,
+        help="seconds allowed at the end for replies in flight to arrive",
+    )
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="generator processes (each drives a share of the conversations)",
+    )
     parser.add_argument("--server-pid", type=int, help="sample this process's RSS and CPU")
     parser.add_argument("--redis-url", help="publish: the Redis Parley uses (default: configured)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
-    parser.add_argument("--charts", type=Path,
-                        help="chart file prefix (default: next to --out); writes "
-                             "PREFIX-timeline.png and PREFIX-histogram.png")
+    parser.add_argument(
+        "--charts",
+        type=Path,
+        help="chart file prefix (default: next to --out); writes "
+        "PREFIX-timeline.png and PREFIX-histogram.png",
+    )
+    parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     parser.add_argument("--no-progress", action="store_true", help="no live display")
     parser.add_argument("--seed", type=int, default=1)
     return parser
@@ -127,6 +159,8 @@ def plan_from(args: argparse.Namespace, settings: Settings) -> Plan:
         connect_timeout=args.connect_timeout,
         drain=args.drain,
         redis_url=args.redis_url or settings.redis.url,
+        server_pid=args.server_pid,
+        join=not args.no_join,
         log_max_events=settings.redis.log_max_events,
         log_ttl=settings.redis.ttl_seconds,
         seed=args.seed,
@@ -171,8 +205,11 @@ def main(argv: list[str], settings: Settings) -> None:
     limit = raise_fd_limit(sockets + 1024)
     per_process = sockets // max(args.procs, 1) + 64
     if limit < per_process:
-        print(f"parley load: warning: the file descriptor limit is {limit}, fewer than the "
-              f"{per_process} sockets a generator process needs (ulimit -n)", file=sys.stderr)
+        print(
+            f"parley load: warning: the file descriptor limit is {limit}, fewer than the "
+            f"{per_process} sockets a generator process needs (ulimit -n)",
+            file=sys.stderr,
+        )
     show, live = report.live_display(not args.no_progress)
     progress = runner.Progress(show, args.procs)
     with live:
@@ -184,7 +221,7 @@ def main(argv: list[str], settings: Settings) -> None:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"result: {args.out}")
     prefix = args.charts or (args.out.with_suffix("") if args.out else None)
-    if prefix is not None:
+    if prefix is not None and not args.no_charts:
         for path in report.charts(result, outcome.stats, prefix):
             print(f"chart: {path}")
     integrity = result["integrity"]

@@ -83,8 +83,9 @@ class Publisher:
             return data[:-2]
         return line[1:].strip()
 
-    def append(self, conversation: str, seq_key: str, log_key: str, channel: str,
-               frame: bytes) -> None:
+    def append(
+        self, conversation: str, seq_key: str, log_key: str, channel: str, frame: bytes
+    ) -> None:
         """Queue one append; `write()` sends what is queued in one go."""
         self._buffer.append(
             b"*9\r\n$7\r\nEVALSHA\r\n%s$1\r\n3\r\n%s%s%s%s%s"

@@ -41,9 +41,7 @@ def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
             "per_second": round(c["connections.ok"] / ramp, 1) if ramp > 0 else None,
             "joined": c["tabs.joined"],
         },
-        "latency_ms": {
-            name: stats.hists[name].summary() for name in LATENCIES if stats.hists[name].count
-        },
+        "latency_ms": {name: hist.summary() for name, hist in stats.hists.items() if hist.count},
         "throughput": {
             "run_seconds": round(run_seconds, 3),
             "frames_per_second": _rate(c["run.frames"], run_seconds),
@@ -68,6 +66,7 @@ def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
         "errors": _prefixed(c, "errors."),
         "closes": _prefixed(c, "closed."),
         "publish": {"errors": c["publish.errors"], "backlogged": c["publish.backlogged_ticks"]},
+        "phases_s": {k: round(v, 3) for k, v in stats.phases.items()},
         "counters": dict(sorted(c.items())),
         "series": _series(stats),
     }
@@ -78,8 +77,9 @@ def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
 
 
 def _prefixed(counters: Any, prefix: str) -> dict[str, int]:
-    return {k[len(prefix) :].lstrip("."): v for k, v in sorted(counters.items())
-            if k.startswith(prefix)}
+    return {
+        k[len(prefix) :].lstrip("."): v for k, v in sorted(counters.items()) if k.startswith(prefix)
+    }
 
 
 def _rate(n: int, seconds: float) -> float | None:
@@ -112,14 +112,51 @@ def _server(server: Watched, stats: Stats, sockets: int) -> dict[str, Any]:
     window = server.between(*_phase_window(stats, "ramp", "join"))
     if window is not None:
         out["cpu_percent_ramp"] = round(cpu_percent(*window), 1)
+    out.update(_costs(stats))
     out["samples"] = server.series(stats.t0)
+    return out
+
+
+def _costs(stats: Stats) -> dict[str, Any]:
+    """The server's CPU time per phase (sampled exactly at each phase change) and what it
+    comes to per connection and per delivered frame: figures that hold even when other work
+    shares the machine, unlike rates."""
+    at: dict[str, list[float]] = stats.extra.get("server_at_phase", {})
+    out: dict[str, Any] = {}
+
+    def spent(begin: str, end: str) -> tuple[float, float] | None:
+        if begin in at and end in at:
+            return at[end][0] - at[begin][0], at[end][1] - at[begin][1]
+        return None
+
+    c = stats.counters
+    ramp = spent("ramp", "join")
+    if ramp is not None and c["connections.ok"]:
+        wall, cpu = ramp
+        out["cpu_seconds_ramp"] = round(cpu, 3)
+        out["cpu_us_per_connection"] = round(cpu / c["connections.ok"] * 1e6, 1)
+        out["cpu_percent_ramp"] = round(100 * cpu / wall, 1) if wall > 0 else None
+    join = spent("join", "run")
+    if join is not None and c["tabs.joined"]:
+        out["cpu_us_per_join"] = round(join[1] / c["tabs.joined"] * 1e6, 1)
+    run = spent("run", "drain")
+    if run is not None:
+        wall, cpu = run
+        out["cpu_seconds_run"] = round(cpu, 3)
+        out["cpu_percent_run"] = round(100 * cpu / wall, 1) if wall > 0 else None
+        if c["run.frames"]:
+            out["cpu_us_per_frame"] = round(cpu / c["run.frames"] * 1e6, 2)
+    if "run" in at and "ramp" in at:
+        out["rss_kib_at_run"] = int(at["run"][2])
     return out
 
 
 def _generators(generators: list[Watched], stats: Stats) -> dict[str, Any]:
     out: dict[str, Any] = {"processes": len(generators)}
-    for name, window in (("run", _phase_window(stats)),
-                         ("ramp", _phase_window(stats, "ramp", "join"))):
+    for name, window in (
+        ("run", _phase_window(stats)),
+        ("ramp", _phase_window(stats, "ramp", "join")),
+    ):
         pairs = [w.between(*window) for w in generators]
         out[f"cpu_percent_{name}"] = round(sum(cpu_percent(*p) for p in pairs if p), 1)
     return out
@@ -137,8 +174,9 @@ def _series(stats: Stats) -> dict[str, Any]:
         if not series:
             continue
         for p in (50, 99):
-            out[f"{name}_p{p}_ms"] = [_ms(series[s].percentile(p)) if s in series else None
-                                      for s in seconds]
+            out[f"{name}_p{p}_ms"] = [
+                _ms(series[s].percentile(p)) if s in series else None for s in seconds
+            ]
     return out
 
 
@@ -154,44 +192,76 @@ def print_summary(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(stderr=False)
-    table = Table(title=f"parley load {result['workload']}"
-                  + (" (interrupted)" if result["interrupted"] else ""), show_header=False)
+    table = Table(
+        title=f"parley load {result['workload']}"
+        + (" (interrupted)" if result["interrupted"] else ""),
+        show_header=False,
+    )
     table.add_column("what", style="bold")
     table.add_column("value")
     conn = result["connections"]
     failed = ", ".join(f"{k}: {v}" for k, v in conn["failed"].items()) or "none"
-    table.add_row("sockets", f"{conn['opened']} opened of {conn['sockets']}, "
-                  f"{conn['joined']} joined; failures: {failed}")
+    table.add_row(
+        "sockets",
+        f"{conn['opened']} opened of {conn['sockets']}, "
+        f"{conn['joined']} joined; failures: {failed}",
+    )
     table.add_row("connections/s", f"{conn['per_second']} (ramp {conn['ramp_seconds']} s)")
     for name, s in result["latency_ms"].items():
-        table.add_row(TITLES[name], f"p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms  "
-                      f"p99 {s['p99_ms']} ms  max {s['max_ms']} ms  (n={s['count']})")
+        table.add_row(
+            TITLES[name],
+            f"p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms  "
+            f"p99 {s['p99_ms']} ms  max {s['max_ms']} ms  (n={s['count']})",
+        )
     tp = result["throughput"]
-    table.add_row("delivered", f"{tp['frames_per_second']} frames/s, "
-                  f"{tp['tokens_per_second']} tokens/s over {tp['run_seconds']} s")
+    table.add_row(
+        "delivered",
+        f"{tp['frames_per_second']} frames/s, "
+        f"{tp['tokens_per_second']} tokens/s over {tp['run_seconds']} s",
+    )
     if tp["published"]:
         table.add_row("published", f"{tp['published_per_second']} frames/s")
     integ = result["integrity"]
     ok = integ["lost"] == 0 and integ["duplicated"] == 0
-    table.add_row("lost / duplicated", f"[{'green' if ok else 'red'}]{integ['lost']} / "
-                  f"{integ['duplicated']}[/]")
+    table.add_row(
+        "lost / duplicated",
+        f"[{'green' if ok else 'red'}]{integ['lost']} / {integ['duplicated']}[/]",
+    )
     if integ["rejoins"]:
-        table.add_row("rejoins", f"{integ['rejoins']}: {integ['rejoins_filled']} filled, "
-                      f"{integ['rejoins_reset']} reset, {integ['rejoins_unfilled']} unfilled, "
-                      f"{integ['rejoins_failed']} failed")
+        table.add_row(
+            "rejoins",
+            f"{integ['rejoins']}: {integ['rejoins_filled']} filled, "
+            f"{integ['rejoins_reset']} reset, {integ['rejoins_unfilled']} unfilled, "
+            f"{integ['rejoins_failed']} failed",
+        )
     if result["turns"]:
         table.add_row("turns", ", ".join(f"{k}: {v}" for k, v in result["turns"].items()))
-    problems = {**{f"error {k}": v for k, v in result["errors"].items()},
-                **{f"close {k}": v for k, v in result["closes"].items()}}
-    table.add_row("errors / closes", ", ".join(f"{k}: {v}" for k, v in problems.items())
-                  or "none")
+    problems = {
+        **{f"error {k}": v for k, v in result["errors"].items()},
+        **{f"close {k}": v for k, v in result["closes"].items()},
+    }
+    table.add_row("errors / closes", ", ".join(f"{k}: {v}" for k, v in problems.items()) or "none")
     server = result.get("server")
     if server and "rss_kib_before" in server:
         per = server.get("rss_per_socket_kib")
-        table.add_row("server RSS", f"{server['rss_kib_before'] / 1024:.1f} MiB before, "
-                      f"{server.get('rss_kib_joined', 0) / 1024:.1f} MiB loaded"
-                      + (f" ({per} KiB per socket)" if per is not None else ""))
+        table.add_row(
+            "server RSS",
+            f"{server['rss_kib_before'] / 1024:.1f} MiB before, "
+            f"{server.get('rss_kib_joined', 0) / 1024:.1f} MiB loaded"
+            + (f" ({per} KiB per socket)" if per is not None else ""),
+        )
         table.add_row("server CPU", f"{server.get('cpu_percent_run')} % during the run")
+        costs = [
+            f"{server[key]} µs {label}"
+            for key, label in (
+                ("cpu_us_per_connection", "per connection"),
+                ("cpu_us_per_join", "per create+join"),
+                ("cpu_us_per_frame", "per delivered frame"),
+            )
+            if server.get(key) is not None
+        ]
+        if costs:
+            table.add_row("server CPU cost", ", ".join(costs))
     gen = result["generator"]
     table.add_row("generator CPU", f"{gen['cpu_percent_run']} % ({gen['processes']} process(es))")
     console.print(table)
@@ -216,18 +286,33 @@ def live_display(enabled: bool) -> tuple[Any, Any]:
             rate = (p.get("frames", 0) - last.get("frames", p.get("frames", 0))) / 0.5
             last.update(p)
             table.add_row("elapsed", f"{elapsed:6.1f} s   phase: {p.get('phase')}")
-            table.add_row("sockets", f"{p.get('open_now', 0)} open / {p.get('sockets', 0)}"
-                          f"   opened {p.get('opened', 0)}  failed {p.get('failed', 0)}")
-            table.add_row("frames", f"{p.get('frames', 0):,} (~{rate:,.0f}/s)   tokens "
-                          f"{p.get('tokens', 0):,}   published {p.get('published', 0):,}")
-            table.add_row("p99 last second", "   ".join(
-                f"{TITLES.get(k, k)} {v * 1000:.1f} ms" for k, v in p.get("p99", {}).items()))
-            table.add_row("integrity", f"lost {p.get('lost', 0)}  duplicated "
-                          f"{p.get('duplicated', 0)}  rejoins {p.get('rejoins', 0)}  "
-                          f"errors {p.get('errors', 0)}")
+            table.add_row(
+                "sockets",
+                f"{p.get('open_now', 0)} open / {p.get('sockets', 0)}"
+                f"   opened {p.get('opened', 0)}  failed {p.get('failed', 0)}",
+            )
+            table.add_row(
+                "frames",
+                f"{p.get('frames', 0):,} (~{rate:,.0f}/s)   tokens "
+                f"{p.get('tokens', 0):,}   published {p.get('published', 0):,}",
+            )
+            table.add_row(
+                "p99 last second",
+                "   ".join(
+                    f"{TITLES.get(k, k)} {v * 1000:.1f} ms" for k, v in p.get("p99", {}).items()
+                ),
+            )
+            table.add_row(
+                "integrity",
+                f"lost {p.get('lost', 0)}  duplicated "
+                f"{p.get('duplicated', 0)}  rejoins {p.get('rejoins', 0)}  "
+                f"errors {p.get('errors', 0)}",
+            )
             if "server_rss_kib" in p:
-                table.add_row("server", f"RSS {p['server_rss_kib'] / 1024:.1f} MiB  "
-                              f"CPU {p['server_cpu']:.0f} %")
+                table.add_row(
+                    "server",
+                    f"RSS {p['server_rss_kib'] / 1024:.1f} MiB  CPU {p['server_cpu']:.0f} %",
+                )
             live.update(table)
 
         return show, live
@@ -237,10 +322,13 @@ def live_display(enabled: bool) -> tuple[Any, Any]:
     def plain(p: dict[str, Any], elapsed: float) -> None:
         if elapsed >= state["next"]:
             state["next"] += 5.0
-            print(f"[{elapsed:5.0f} s] {p.get('phase')}: open {p.get('open_now', 0)}/"
-                  f"{p.get('sockets', 0)} frames {p.get('frames', 0)} lost {p.get('lost', 0)} "
-                  f"dup {p.get('duplicated', 0)} errors {p.get('errors', 0)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{elapsed:5.0f} s] {p.get('phase')}: open {p.get('open_now', 0)}/"
+                f"{p.get('sockets', 0)} frames {p.get('frames', 0)} lost {p.get('lost', 0)} "
+                f"dup {p.get('duplicated', 0)} errors {p.get('errors', 0)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     import contextlib
 
@@ -263,7 +351,8 @@ def charts(result: dict[str, Any], stats: Stats, prefix: Path) -> list[Path]:
 
     written: list[Path] = []
     series = result["series"]
-    measured = [name for name in LATENCIES if stats.hists[name].count]
+    totals = stats.hists
+    measured = [name for name in LATENCIES if totals[name].count]
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -271,22 +360,40 @@ def charts(result: dict[str, Any], stats: Stats, prefix: Path) -> list[Path]:
         for p, style in ((50, "-"), (99, "--")):
             values = series.get(f"{name}_p{p}_ms")
             if values:
-                points = [(s, v) for s, v in zip(series["second"], values, strict=True)
-                          if v is not None]
+                points = [
+                    (s, v) for s, v in zip(series["second"], values, strict=True) if v is not None
+                ]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, style, label=f"{TITLES[name]} p{p}")
+    for phase, at in result.get("phases_s", {}).items():
+        if phase in ("join", "run", "drain"):
+            ax.axvline(at, color="black", linestyle=":", linewidth=0.8)
+            ax.annotate(
+                phase,
+                (at, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                xytext=(2, -10),
+                textcoords="offset points",
+            )
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("latency (ms)")
     if measured:
         ax.set_yscale("log")
     frames_axis = ax.twinx()
-    frames_axis.fill_between(series["second"], series["frames"], step="mid", alpha=0.15,
-                             color="gray", label="frames/s delivered")
+    frames_axis.fill_between(
+        series["second"],
+        series["frames"],
+        step="mid",
+        alpha=0.15,
+        color="gray",
+        label="frames/s delivered",
+    )
     frames_axis.set_ylabel("frames/s delivered")
     handles = ax.get_legend_handles_labels()
     extra = frames_axis.get_legend_handles_labels()
-    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=8)
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best", fontsize=7)
     ax.set_title(f"parley load {result['workload']}: latency over time")
     fig.tight_layout()
     path = prefix.with_name(prefix.name + "-timeline.png")
@@ -295,25 +402,27 @@ def charts(result: dict[str, Any], stats: Stats, prefix: Path) -> list[Path]:
     written.append(path)
 
     if measured:
-        fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4), squeeze=False)
         for ax, name in zip(axes[0], measured, strict=True):
-            hist: Hist = stats.hists[name]
+            hist: Hist = totals[name]
             bins = hist.bins()
-            xs = [max(b * 1000, 1e-3) for b, _ in bins]
-            ys = [n for _, n in bins]
-            low, high = min(xs), max(xs)
+            values = [max(b * 1000, 1e-3) for b, _ in bins]
+            weights = [n for _, n in bins]
+            low, high = min(values), max(values)
             edges = [low * (high * 1.01 / low) ** (i / 60) for i in range(61)]
-            ax.hist(xs, bins=edges, weights=ys)
+            ax.hist(values, bins=edges, weights=weights)
             ax.set_xscale("log")
             ax.set_xlabel("ms")
             ax.set_ylabel("samples")
-            s = hist.summary()
-            ax.set_title(f"{TITLES[name]}\np50 {s['p50_ms']} · p99 {s['p99_ms']} ms", fontsize=9)
-            for p, color in (("p50_ms", "green"), ("p99_ms", "red")):
-                value = s[p]
-                if value:
-                    ax.axvline(float(value), color=color, linestyle=":")
+            summary = hist.summary()
+            ax.set_title(
+                f"{TITLES[name]}\np50 {summary['p50_ms']} · p99 {summary['p99_ms']} ms",
+                fontsize=9,
+            )
+            for key, color in (("p50_ms", "green"), ("p99_ms", "red")):
+                marker = summary[key]
+                if marker:
+                    ax.axvline(float(marker), color=color, linestyle=":")
         fig.tight_layout()
         path = prefix.with_name(prefix.name + "-histogram.png")
         fig.savefig(path, dpi=100)

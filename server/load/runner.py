@@ -239,10 +239,10 @@ def _run_forked(plan: Plan, procs: int, server_pid: int | None, progress: Progre
             time.sleep(PROGRESS_EVERY / 2)
     finally:
         signal.signal(signal.SIGINT, previous)
-        for proc, _ in children:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
+        for child, _ in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.terminate()
     if server is not None:
         server.sample()
     for failure in failures:

@@ -35,8 +35,7 @@ class Hist:
         self.max = 0.0
 
     def add(self, seconds: float) -> None:
-        us = seconds * 1e6 if seconds > 0 else 0.0
-        key = int(math.log1p(us) * RESOLUTION)
+        key = int(_log1p(seconds * 1e6) * RESOLUTION) if seconds > 0 else 0
         buckets = self.buckets
         buckets[key] = buckets.get(key, 0) + 1
         self.count += 1
@@ -60,7 +59,7 @@ class Hist:
         for key in sorted(self.buckets):
             seen += self.buckets[key]
             if seen >= rank:
-                return min(_upper(key), self.max) / 1.0
+                return min(_upper(key), self.max)
         return self.max
 
     def summary(self) -> dict[str, float | int | None]:
@@ -91,6 +90,9 @@ class Hist:
         return hist
 
 
+_log1p = math.log1p
+
+
 def _upper(key: int) -> float:
     return math.expm1((key + 1) / RESOLUTION) / 1e6
 
@@ -106,23 +108,36 @@ class Stats:
 
     t0: float = field(default_factory=time.monotonic)
     counters: Counter[str] = field(default_factory=Counter)
-    hists: dict[str, Hist] = field(default_factory=lambda: {k: Hist() for k in LATENCIES})
     per_second: dict[str, dict[int, Hist]] = field(
         default_factory=lambda: {k: {} for k in LATENCIES}
     )
+    """Latency histograms per metric and per second since t0; `hists` adds them up."""
     frames_per_second: dict[int, int] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     """Phase name -> seconds since t0 when it began (ramp, join, run, drain, done)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    _second: int = -1
+    _now: dict[str, Hist] = field(default_factory=dict)
+
     def record(self, metric: str, seconds: float, now: float) -> None:
-        self.hists[metric].add(seconds)
+        """One latency sample (the hot path: a frame may record two)."""
         second = int(now - self.t0)
-        series = self.per_second[metric]
-        hist = series.get(second)
+        if second != self._second:
+            self._second = second
+            self._now = {}
+        hist = self._now.get(metric)
         if hist is None:
-            hist = series[second] = Hist()
+            hist = self._now[metric] = self.per_second[metric].setdefault(second, Hist())
         hist.add(seconds)
+
+    @property
+    def hists(self) -> dict[str, Hist]:
+        totals = {name: Hist() for name in LATENCIES}
+        for name, series in self.per_second.items():
+            for hist in series.values():
+                totals.setdefault(name, Hist()).merge(hist)
+        return totals
 
     def frames(self, n: int, now: float) -> None:
         second = int(now - self.t0)
@@ -137,7 +152,6 @@ class Stats:
         return {
             "t0": self.t0,
             "counters": dict(self.counters),
-            "hists": {k: h.to_json() for k, h in self.hists.items()},
             "per_second": {
                 k: {str(s): h.to_json() for s, h in series.items()}
                 for k, series in self.per_second.items()
@@ -151,7 +165,6 @@ class Stats:
     def from_json(cls, data: dict[str, Any]) -> Stats:
         stats = cls(t0=float(data["t0"]))
         stats.counters = Counter({k: int(v) for k, v in data["counters"].items()})
-        stats.hists = {k: Hist.from_json(h) for k, h in data["hists"].items()}
         stats.per_second = {
             k: {int(s): Hist.from_json(h) for s, h in series.items()}
             for k, series in data["per_second"].items()
@@ -165,8 +178,6 @@ class Stats:
         """Fold another process's stats in, re-basing its seconds on this one's `t0`."""
         shift = round(other.t0 - self.t0)
         self.counters.update(other.counters)
-        for name, hist in other.hists.items():
-            self.hists.setdefault(name, Hist()).merge(hist)
         for name, series in other.per_second.items():
             mine = self.per_second.setdefault(name, {})
             for second, hist in series.items():
@@ -178,11 +189,14 @@ class Stats:
             at += other.t0 - self.t0
             # a phase began for the whole run when the last process began it
             self.phases[name] = max(self.phases.get(name, at), at)
-        for key, value in other.extra.items():
-            if isinstance(value, int | float) and isinstance(self.extra.get(key), int | float):
-                self.extra[key] += value
+        for name, value in other.extra.items():
+            current = self.extra.get(name)
+            if isinstance(value, int | float) and isinstance(current, int | float):
+                # durations overlap across processes: the longest; counts add up
+                longest = name.endswith("_seconds")
+                self.extra[name] = max(current, value) if longest else current + value
             else:
-                self.extra.setdefault(key, value)
+                self.extra.setdefault(name, value)
 
 
 # --------------------------------------------------------------------------- /proc sampling

@@ -223,7 +223,7 @@ class WSClient(asyncio.Protocol):
             pos = end
             opcode = b0 & 0x0F
             fin = b0 & 0x80
-            if opcode == OP_TEXT or opcode == OP_BINARY:
+            if opcode in (OP_TEXT, OP_BINARY):
                 if fin:
                     self.on_text(payload)
                 else:

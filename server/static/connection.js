@@ -239,7 +239,7 @@ export class Connection extends EventTarget {
     if (this.stopped) return;
     if (this.state === "online") {
       // The socket may linger half-open: ask now instead of waiting for the next ping.
-      this.#probe(3000);
+      this.#probe(2000);
       return;
     }
     clearTimeout(this.timer);

@@ -9,30 +9,39 @@
 import { Marked } from "./vendor/marked/marked.esm.js";
 import DOMPurify from "./vendor/dompurify/purify.es.mjs";
 import hljs from "./vendor/highlight/core.min.js";
-import bash from "./vendor/highlight/languages/bash.min.js";
-import c from "./vendor/highlight/languages/c.min.js";
-import cpp from "./vendor/highlight/languages/cpp.min.js";
-import css from "./vendor/highlight/languages/css.min.js";
-import diff from "./vendor/highlight/languages/diff.min.js";
-import go from "./vendor/highlight/languages/go.min.js";
-import java from "./vendor/highlight/languages/java.min.js";
-import javascript from "./vendor/highlight/languages/javascript.min.js";
-import json from "./vendor/highlight/languages/json.min.js";
-import markdown from "./vendor/highlight/languages/markdown.min.js";
-import plaintext from "./vendor/highlight/languages/plaintext.min.js";
-import python from "./vendor/highlight/languages/python.min.js";
-import rust from "./vendor/highlight/languages/rust.min.js";
-import shell from "./vendor/highlight/languages/shell.min.js";
-import sql from "./vendor/highlight/languages/sql.min.js";
-import typescript from "./vendor/highlight/languages/typescript.min.js";
-import xml from "./vendor/highlight/languages/xml.min.js";
-import yaml from "./vendor/highlight/languages/yaml.min.js";
 
-const LANGUAGES = {
-  bash, c, cpp, css, diff, go, java, javascript, json, markdown, plaintext, python, rust, shell,
-  sql, typescript, xml, yaml,
+// The highlight.js grammars vendored (scripts/vendor-ui.sh); each loads the first time a code
+// block needs it, and `grammars` then fires "change" so the page can render the block again.
+const GRAMMARS = new Set([
+  "bash", "c", "cpp", "css", "diff", "go", "java", "javascript", "json", "markdown",
+  "plaintext", "python", "rust", "shell", "sql", "typescript", "xml", "yaml",
+]);
+const ALIASES = {
+  sh: "bash", zsh: "bash", console: "shell", py: "python", python3: "python",
+  js: "javascript", jsx: "javascript", mjs: "javascript", ts: "typescript", tsx: "typescript",
+  html: "xml", svg: "xml", yml: "yaml", md: "markdown", "c++": "cpp", h: "c", hpp: "cpp",
+  golang: "go", rs: "rust", text: "plaintext", txt: "plaintext", jsonc: "json", patch: "diff",
 };
-for (const [name, grammar] of Object.entries(LANGUAGES)) hljs.registerLanguage(name, grammar);
+const loading = new Set();
+export const grammars = new EventTarget();
+
+/** The registered grammar for a fence's language, or "" (and start loading it). */
+function grammar(language) {
+  if (!language) return "";
+  if (hljs.getLanguage(language)) return language;
+  const name = ALIASES[language] || language;
+  if (hljs.getLanguage(name)) return name;
+  if (GRAMMARS.has(name) && !loading.has(name)) {
+    loading.add(name);
+    import(`./vendor/highlight/languages/${name}.min.js`)
+      .then((module) => {
+        hljs.registerLanguage(name, module.default);
+        grammars.dispatchEvent(new Event("change"));
+      })
+      .catch(() => loading.delete(name));
+  }
+  return "";
+}
 
 export function escapeHtml(text) {
   return String(text)
@@ -55,7 +64,7 @@ marked.use({
     },
     code({ text, lang }) {
       const language = (lang || "").trim().split(/\s+/)[0].toLowerCase();
-      const known = language && hljs.getLanguage(language) ? language : "";
+      const known = grammar(language);
       const body = known
         ? hljs.highlight(text, { language: known, ignoreIllegals: true }).value
         : escapeHtml(text);

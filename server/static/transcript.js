@@ -17,10 +17,15 @@ export class Transcript {
     this.queued = new Map(); // assistant message id -> queue position
     this.live = false; // a user turn arrived live and its reply has not started yet
     this.version = 0; // bumped when messages are replaced wholesale
+    this.catchUpTo = 0; // the seq the events that follow `joined` reach
+    this.catchUpDeadline = 0;
   }
 
+  /** A reply is on its way (or this tab's turn is: one turn at a time). */
   get generating() {
-    return this.queued.size > 0 || this.live || this.messages.some((m) => m.streaming);
+    return (
+      this.queued.size > 0 || this.live || this.messages.some((m) => m.streaming || m.pending)
+    );
   }
 
   find(id) {

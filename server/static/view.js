@@ -81,7 +81,10 @@ const STATUS_LABELS = {
   error: "The reply failed",
 };
 
-const BLOCKS = new Set(["P", "UL", "OL", "LI", "BLOCKQUOTE", "H1", "H2", "H3", "H4", "H5", "H6", "DIV", "PRE", "CODE", "TABLE", "TBODY", "TR", "TD"]);
+const BLOCKS = new Set([
+  "P", "UL", "OL", "LI", "BLOCKQUOTE", "H1", "H2", "H3", "H4", "H5", "H6",
+  "DIV", "PRE", "CODE", "TABLE", "TBODY", "TR", "TD",
+]);
 
 /** Where the streaming cursor goes: the end of the last block, so it follows the text. */
 function lastBlock(root) {
@@ -108,12 +111,15 @@ function createMessage(message) {
 
 function updateMessage(node, message) {
   node.dataset.status = message.streaming ? "streaming" : message.status;
+  node.dataset.chars = String(message.content.length);
   const content = node.querySelector(".msg-content");
   if (message.role === "user") {
     content.textContent = message.content;
   } else {
     content.replaceChildren(renderMarkdown(message.content));
-    if (message.streaming) lastBlock(content).append(el("span", { class: "cursor", "aria-hidden": "true" }));
+    if (message.streaming) {
+      lastBlock(content).append(el("span", { class: "cursor", "aria-hidden": "true" }));
+    }
   }
   const meta = node.querySelector(".msg-meta");
   const parts = [];
@@ -136,13 +142,17 @@ function updateMessage(node, message) {
         el("span", {
           class: "msg-usage",
           text: `${message.usage.completion_tokens} tokens`,
-          title: `${message.usage.prompt_tokens} prompt + ${message.usage.completion_tokens} completion tokens`,
+          title:
+            `${message.usage.prompt_tokens} prompt + ` +
+            `${message.usage.completion_tokens} completion tokens`,
         }),
       );
     }
     if (!message.streaming) {
       parts.push(
-        el("span", { class: "msg-actions" },
+        el(
+          "span",
+          { class: "msg-actions" },
           el("button", { type: "button", class: "msg-btn", "data-action": "copy", text: "Copy" }),
           el("button", {
             type: "button",
@@ -156,6 +166,11 @@ function updateMessage(node, message) {
   }
   meta.replaceChildren(...parts);
   meta.hidden = parts.length === 0;
+}
+
+/** Render every message again on the next renderTranscript (a grammar has arrived). */
+export function invalidateMessages() {
+  for (const entry of nodes.values()) entry.rev = -1;
 }
 
 /** Bring #messages in line with the transcript, touching only what changed. */
@@ -206,7 +221,8 @@ export function renderTranscript(transcript) {
 const NOTICE_MS = 8000;
 
 /** A short message above the composer; `key` replaces an earlier notice of the same kind. */
-export function notify(text, { kind = "error", key = null, sticky = false, ms = NOTICE_MS } = {}) {
+export function notify(text, options = {}) {
+  const { kind = "error", key = null, sticky = false, ms = NOTICE_MS } = options;
   const box = $("notices");
   if (key) box.querySelector(`[data-key="${key}"]`)?.remove();
   const close = el("button", {
@@ -217,7 +233,11 @@ export function notify(text, { kind = "error", key = null, sticky = false, ms = 
   });
   const notice = el(
     "div",
-    { class: `notice notice-${kind}`, role: kind === "error" ? "alert" : "status", "data-key": key },
+    {
+      class: `notice notice-${kind}`,
+      role: kind === "error" ? "alert" : "status",
+      "data-key": key,
+    },
     el("span", { class: "notice-text", text }),
     close,
   );

@@ -1,0 +1,175 @@
+// Putting the state on the page: the chat column, the list, the connection status.
+
+import { CLOSE_REASONS } from "./errors.js";
+import { $, state } from "./state.js";
+import { grammars } from "./markdown.js";
+import { invalidateMessages, notify, renderConversations, renderTranscript } from "./view.js";
+
+grammars.addEventListener("change", () => {
+  invalidateMessages();
+  scheduleRender();
+});
+
+let countdown = null;
+
+export function showStatus({ state: s, code, retryIn }) {
+  const pill = $("status");
+  pill.dataset.state = s;
+  const text = {
+    connecting: state.everOnline ? "Reconnecting…" : "Connecting…",
+    online: "Connected",
+    waiting: "Reconnecting…",
+    offline: "Offline",
+    closed: "Disconnected",
+  }[s];
+  $("status-text").textContent = text;
+  clearInterval(countdown);
+  if (s === "online") {
+    state.dropCode = null;
+    hideBanner();
+  } else if (s === "waiting") {
+    // Say why the working connection ended, not why the retries since have failed.
+    if (state.dropCode === null) state.dropCode = code;
+    const why = CLOSE_REASONS[state.dropCode] || CLOSE_REASONS[1006];
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((state.conn.retryAt - Date.now()) / 1000));
+      banner(`${why} Reconnecting${left ? ` in ${left} s` : ""}…`, true);
+    };
+    tick();
+    if (retryIn > 1000) countdown = setInterval(tick, 1000);
+  } else if (s === "connecting" && state.everOnline) {
+    banner("Reconnecting…");
+  } else if (s === "offline") {
+    banner("You're offline. Parley reconnects as soon as the network is back.");
+  }
+}
+
+export function banner(text, retry = false) {
+  $("banner").hidden = false;
+  $("banner-text").textContent = text;
+  $("banner-action").hidden = !retry;
+}
+
+export function hideBanner() {
+  $("banner").hidden = true;
+}
+
+let renderQueued = false;
+
+export function scheduleRender() {
+  if (renderQueued) return;
+  renderQueued = true;
+  const run = () => {
+    renderQueued = false;
+    render();
+  };
+  if (document.hidden) setTimeout(run, 250);
+  else requestAnimationFrame(run);
+}
+
+export function renderSidebar() {
+  const generating = new Set();
+  for (const t of state.transcripts.values()) if (t.generating) generating.add(t.id);
+  renderConversations(state.conversations, state.active, generating);
+}
+
+function caughtUp(t) {
+  return t.lastSeq === null || t.lastSeq >= t.catchUpTo || Date.now() >= t.catchUpDeadline;
+}
+
+export function render() {
+  const t = state.active ? state.transcripts.get(state.active) : null;
+  if (t && !caughtUp(t)) return; // the rest of the backlog is on its way
+  const meta = t?.meta || (state.active && state.conversations.get(state.active)) || null;
+  const title = meta?.title || "Parley";
+  $("title").textContent = title;
+  document.title = meta ? `${title} — Parley` : "Parley";
+  $("model-name").textContent = meta?.model || state.model || "";
+  $("sim-badge").hidden = !state.simulated;
+  $("chat-actions").hidden = !meta;
+  const system = meta?.system || "";
+  $("system-card").hidden = !system;
+  $("system-text").textContent = system;
+
+  const loaded = !t || t.lastSeq !== null;
+  const empty = loaded && (!t || t.messages.length === 0);
+  $("welcome").hidden = !empty;
+  $("welcome-title").textContent = t ? "Say hello" : "What shall we talk about?";
+  renderTranscript(t);
+
+  const generating = Boolean(t?.generating);
+  $("stop").hidden = !generating;
+  $("send").hidden = generating;
+  const pending = $("pending");
+  if (t && t.queued.size) {
+    const position = Math.min(...t.queued.values());
+    pending.hidden = false;
+    $("pending-text").textContent = `Waiting for a free model slot (position ${position})…`;
+  } else if (t && t.live) {
+    pending.hidden = false;
+    $("pending-text").textContent = "";
+  } else {
+    pending.hidden = true;
+  }
+  if (state.stick) scrollToEnd();
+}
+
+export function scrollToEnd() {
+  const scroller = $("scroller");
+  scroller.scrollTop = scroller.scrollHeight;
+  $("jump").hidden = true;
+}
+
+export function autosize() {
+  const input = $("input");
+  input.style.height = "auto";
+  input.style.height = `${Math.min(input.scrollHeight, 220)}px`;
+  // near the server's limit, show how much is left
+  const limit = state.info?.limits?.max_text_chars;
+  const count = $("count");
+  const used = input.value.length;
+  count.hidden = !limit || used < limit * 0.8;
+  if (!count.hidden) {
+    count.textContent = `${used.toLocaleString()} / ${limit.toLocaleString()} characters`;
+    count.classList.toggle("over", used > limit);
+  }
+}
+
+export function openSidebar() {
+  $("app").classList.add("sidebar-open");
+  $("scrim").hidden = false;
+  $("sidebar").querySelector(".conv.active, .conv, #new-chat")?.focus();
+}
+
+export function closeSidebar() {
+  if (!$("app").classList.contains("sidebar-open")) return;
+  $("app").classList.remove("sidebar-open");
+  $("scrim").hidden = true;
+}
+
+export async function copyText(text, button) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+    } else {
+      const area = document.createElement("textarea");
+      area.value = text;
+      area.setAttribute("readonly", "");
+      area.style.position = "fixed";
+      area.style.opacity = "0";
+      document.body.append(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    const label = button.textContent;
+    button.textContent = "Copied";
+    button.classList.add("copied");
+    setTimeout(() => {
+      button.textContent = label;
+      button.classList.remove("copied");
+    }, 1500);
+  } catch {
+    notify("Copying was not allowed by the browser.", { kind: "info" });
+  }
+}

@@ -91,7 +91,7 @@ class Outbox:
         return self._merging
 
     def _settle(self) -> None:
-        if self._merging is not None and self._frames:
+        if self._merging is not None and self._frames and len(self._merging.texts) > 1:
             self._frames[-1] = self._merging.frame()
         self._merging = None
 

@@ -42,7 +42,7 @@ local function append(seq_key, log_key, channel, frame, maxlen, ttl)
   local seq = redis.call('INCR', seq_key)
   local framed = '{"seq":' .. seq .. ',' .. string.sub(frame, 2)
   local keep = seq - tonumber(maxlen) + 1
-  local persisted = redis.call('GET', string.gsub(seq_key, ':seq$', ':persisted'))
+  local persisted = redis.call('GET', (string.gsub(seq_key, ':seq$', ':persisted')))
   if persisted and tonumber(persisted) + 1 < keep then keep = tonumber(persisted) + 1 end
   if keep < 1 then keep = 1 end
   local ok = pcall(redis.call, 'XADD', log_key, 'MINID', '~', keep, seq .. '-0', 'f', framed)

@@ -104,9 +104,15 @@ if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ttl) end
 return 1
 """
 
+# KEYS: persisted log seq   ARGV: seq ttl maxlen
 _MARK_PERSISTED: Final = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+local persisted = tonumber(ARGV[1])
+if persisted <= current then return 0 end
+redis.call('SET', KEYS[1], persisted, 'EX', ARGV[2])
+local keep = tonumber(redis.call('GET', KEYS[3]) or '0') - tonumber(ARGV[3]) + 1
+if persisted + 1 < keep then keep = persisted + 1 end
+if keep > 1 then redis.call('XTRIM', KEYS[2], 'MINID', '~', keep) end
 return 1
 """
 
@@ -193,7 +199,10 @@ class EventLog:
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
         """PostgreSQL holds every event up to `seq`: the log may trim them."""
-        await self._mark_persisted(keys=[keys.persisted(conversation)], args=[seq, self.ttl])
+        await self._mark_persisted(
+            keys=[keys.persisted(conversation), keys.log(conversation), keys.seq(conversation)],
+            args=[seq, self.ttl, self.max_events],
+        )
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:
         await self._set_meta(

@@ -37,6 +37,7 @@ class Proxy:
         self._flowing: asyncio.Event | None = None
         self._refusing = False
         self._sockets: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
 
     @classmethod
@@ -76,6 +77,8 @@ class Proxy:
         self._call(self._shutdown)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> Proxy:
         return self
@@ -113,11 +116,19 @@ class Proxy:
         if self._server is not None:
             self._server.close()
         await self._abort_all()
+        if self._flowing is not None:
+            self._flowing.set()  # let held connections run into their aborted sockets
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
         self.accepted += 1
         self._sockets.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         upstream: asyncio.StreamWriter | None = None
         try:
             if self._refusing:

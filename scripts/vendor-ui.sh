@@ -11,7 +11,8 @@ set -euo pipefail
 MARKED="${MARKED:-18.2.1}"
 DOMPURIFY="${DOMPURIFY:-3.4.18}"
 HLJS="${HLJS:-11.12.0}"
-# highlight.js grammars bundled with the UI (a fenced block in another language is shown plain)
+# highlight.js grammars bundled with the UI, loaded on first use (keep in step with GRAMMARS in
+# server/static/markdown.js; a fenced block in another language is shown plain)
 LANGUAGES=(bash c cpp css diff go java javascript json markdown plaintext python rust shell sql
            typescript xml yaml)
 

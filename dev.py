@@ -27,7 +27,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in EXTRAS:
         sys.exit(__doc__)
     command, rest = sys.argv[1], sys.argv[2:]
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs on whatever python3 is
         sys.exit("Parley needs Python 3.11 or newer")
     install(EXTRAS[command])
     if command == "serve":

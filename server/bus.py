@@ -188,6 +188,8 @@ class Bus:
             while True:
                 reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
                 if not isinstance(reply, list):
+                    if reply == b"PONG":  # PING answered outside subscribed mode (no channels)
+                        self._pong.set()
                     continue
                 kind = reply[0]
                 if kind == b"message":

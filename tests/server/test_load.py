@@ -1,0 +1,59 @@
+"""`parley load` against a real server: the load kit's own seq checks must find nothing lost,
+nothing duplicated, and every rejoin filled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, SECRET, ParleyProcess
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "OPENAI_"))}
+    env.update(PARLEY_JWT_SECRET=SECRET, PARLEY_CONFIG=str(tmp_path / "none.toml"))
+    return env
+
+
+def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
+    out = tmp_path / "chat.json"
+    args = [
+        sys.executable, "-m", "server.cli", "load", "chat",
+        "--url", parley.ws_url,
+        "--conversations", "2", "--tabs", "2",
+        "--duration", "5", "--rate", "1", "--churn", "0.3",
+        "--server-pid", str(parley.pid),
+        "--drain", "10", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+
+    integrity = result["integrity"]
+    assert integrity["lost"] == 0
+    assert integrity["duplicated"] == 0
+    assert integrity["rejoins"] > 0, "churn 0.3/s over 4 tabs x 5 s should drop some tab"
+    assert integrity["rejoins_filled"] == integrity["rejoins"]
+    assert integrity["rejoins_unfilled"] == integrity["rejoins_failed"] == 0
+    assert result["throughput"]["tokens"] > 0
+    assert result["connections"]["opened"] == 4
+    assert result["latency_ms"]["ttft"]["count"] > 0
+    assert result["server"]["rss_kib_before"] > 0
+    assert (tmp_path / "chat-timeline.png").stat().st_size > 0
+    assert (tmp_path / "chat-histogram.png").stat().st_size > 0
+
+
+def test_load_refuses_more_than_max_connections(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "load", "idle", "--sockets", "50",
+         "--max-connections", "10", "--url", "ws://127.0.0.1:9/ws"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "max-connections" in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -13,6 +14,7 @@ import jwt
 from server.config import AuthSettings
 
 SECRET_FILE = "jwt_secret"
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class AuthError(Exception):
@@ -33,8 +35,21 @@ class Verifier:
         self.settings = settings
         self.secret = secret
         self.algorithms = algorithms
+        self._cache: dict[str, Principal] = {}
 
     def verify(self, token: str) -> Principal:
+        """Check a token; one already checked is answered from a bounded cache until it
+        expires (a reconnecting tab, or a load test's thousand sockets, reuse theirs)."""
+        cached = self._cache.get(token)
+        if cached is not None and (cached.expires_at or math.inf) > time.time():
+            return cached
+        principal = self._decode(token)
+        if len(self._cache) >= VERIFIED_CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[token] = principal
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         options: dict[str, bool | list[str]] = {"require": ["sub"]}
         try:
             claims = jwt.decode(
@@ -76,7 +91,10 @@ def load_secret(settings: AuthSettings, data_dir: Path) -> str:
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as out:
         out.write(secret)
     return secret

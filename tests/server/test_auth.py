@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from server.auth import AuthError, Verifier, load_secret
+from server.config import AuthSettings
+
+SECRET = "x" * 40
+
+
+def test_valid_token_gives_the_user_and_is_cached_until_it_expires() -> None:
+    verifier = Verifier(AuthSettings(leeway=0), SECRET)
+    token = jwt.encode({"sub": "ann", "exp": time.time() + 1.5}, SECRET, algorithm="HS256")
+    assert verifier.verify(token).user == "ann"
+    assert verifier.verify(token).user == "ann"
+    time.sleep(1.6)
+    with pytest.raises(AuthError, match="expired"):
+        verifier.verify(token)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": time.time() + 60},
+        {"sub": "", "exp": time.time() + 60},
+        {"sub": "a", "nbf": time.time() + 600},
+    ],
+)
+def test_missing_sub_or_not_yet_valid_is_refused(claims: dict[str, object]) -> None:
+    verifier = Verifier(AuthSettings(leeway=0), SECRET)
+    with pytest.raises(AuthError):
+        verifier.verify(jwt.encode(claims, SECRET, algorithm="HS256"))
+
+
+def test_audience_and_issuer_are_checked_when_configured() -> None:
+    verifier = Verifier(AuthSettings(audience="parley", issuer="https://id.example"), SECRET)
+    good = verifier.mint("bob")
+    assert verifier.verify(good).user == "bob"
+    other = jwt.encode({"sub": "bob", "aud": "else", "iss": "https://id.example"}, SECRET, "HS256")
+    with pytest.raises(AuthError):
+        verifier.verify(other)
+
+
+def test_none_is_never_an_algorithm() -> None:
+    with pytest.raises(AuthError):
+        Verifier(AuthSettings(algorithms=["none"]), SECRET)
+
+
+def test_secret_is_generated_once(tmp_path: Path) -> None:
+    first = load_secret(AuthSettings(), tmp_path)
+    assert len(first) > 40 and load_secret(AuthSettings(), tmp_path) == first
+    assert (tmp_path / "jwt_secret").stat().st_mode & 0o777 == 0o600

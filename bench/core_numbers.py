@@ -40,13 +40,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def first_token_latencies(url: str, turns: int) -> list[float]:
+async def first_token_latencies(url: str, turns: int, fresh: bool) -> list[float]:
+    """`fresh`: every turn in a new conversation; else all turns in one conversation, whose
+    growing history goes to the model each time."""
     client = await Client.connect(url, mint("bench-ttft"))
-    created = await client.request(f.Create(title="ttft"))
-    conversation = created.conversation
-    await client.request(f.Join(conversation=conversation))
+    conversation = None
     latencies = []
     for i in range(turns):
+        if fresh or conversation is None:
+            conversation = (await client.request(f.Create(title="ttft"))).conversation
+            await client.request(f.Join(conversation=conversation))
         start = len(client.frames)
         sent = time.perf_counter()
         await client.send(f.Say(conversation=conversation, text=f"turn {i} [sim:tokens=5]"))
@@ -75,13 +78,14 @@ async def idle_sockets(url: str, count: int) -> list[Client]:
 
 
 async def measure(url: str, pid: int, turns: int, sockets: int) -> None:
-    latencies = sorted(await first_token_latencies(url, turns))
-    print(
-        f"say -> first token, {len(latencies)} turns, first-token delay 0: "
-        f"median {statistics.median(latencies):.2f} ms, "
-        f"p95 {latencies[int(len(latencies) * 0.95) - 1]:.2f} ms, "
-        f"min {latencies[0]:.2f} ms"
-    )
+    for fresh, where in ((True, "each in a new conversation"), (False, "in one conversation")):
+        latencies = sorted(await first_token_latencies(url, turns, fresh))
+        print(
+            f"say -> first token, {len(latencies)} turns {where}, first-token delay 0: "
+            f"median {statistics.median(latencies):.2f} ms, "
+            f"p95 {latencies[int(len(latencies) * 0.95) - 1]:.2f} ms, "
+            f"min {latencies[0]:.2f} ms"
+        )
     before = rss_kib(pid)
     clients = await idle_sockets(url, sockets)
     await asyncio.sleep(2)

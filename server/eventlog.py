@@ -29,6 +29,7 @@ from protocol import keys
 from protocol.frames import Conversation, Message
 
 UNLOADED: Final = -1
+LOST: Final = -2
 RETRY_FOR: Final = 60.0
 RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -66,19 +67,17 @@ return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 )
 
 # A generation's events carry an index; a retried call (the connection broke before the reply)
-# finds its index already recorded in the generation hash and appends nothing twice.
+# finds its index already recorded in the generation hash and appends nothing twice. A missing
+# generation hash (Redis lost its data, whoever reloaded the conversation since) answers LOST:
+# the worker must republish the turn before anything else of it is appended.
 # KEYS: seq log channel gen   ARGV: frame maxlen ttl message_id index gen_ttl
 _APPEND_PIECE: Final = (
     APPEND_FUNCTION
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[4], 'message_id') == ARGV[4] then
-  local last = tonumber(redis.call('HGET', KEYS[4], 'piece') or '-1')
-  if last >= tonumber(ARGV[5]) then return 0 end
-else
-  redis.call('HSET', KEYS[4], 'message_id', ARGV[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[6])
-end
+if redis.call('HGET', KEYS[4], 'message_id') ~= ARGV[4] then return -2 end
+local last = tonumber(redis.call('HGET', KEYS[4], 'piece') or '-1')
+if last >= tonumber(ARGV[5]) then return 0 end
 redis.call('HSET', KEYS[4], 'piece', ARGV[5])
 return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 """
@@ -236,8 +235,8 @@ class EventLog:
         index: int,
         gen_ttl: int,
     ) -> asyncio.Future[Any]:
-        """Queue one event of a generation; the future gives its seq, 0 for a repeat, or
-        UNLOADED when the conversation's Redis state is gone."""
+        """Queue one event of a generation; the future gives its seq, 0 for a repeat,
+        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's."""
         return pipeliner.call(
             self._append_piece,
             [

@@ -35,7 +35,7 @@ from protocol.transcript import status_of
 from server.bus import Bus
 from server.chat import Chat
 from server.config import Settings
-from server.eventlog import UNLOADED, EventLog, Pipeliner, encode
+from server.eventlog import EventLog, Pipeliner, encode
 from server.llm import LLM, Finished, Piece
 from server.turns import Entry, Job, Turns, read_group, text_of
 from storage.messages import FinishedTurn
@@ -63,8 +63,11 @@ class Running:
 
     def check(self, future: asyncio.Future[object]) -> None:
         """Notice an append that found the conversation's Redis state gone."""
-        if not future.cancelled() and future.exception() is None and future.result() == UNLOADED:
-            self.lost = True
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if isinstance(result, int) and result < 0:
+            self.lost = True  # UNLOADED or LOST
 
 
 class Worker:
@@ -269,10 +272,14 @@ class Worker:
         finally:
             self.running.pop(conversation, None)
 
-    async def _mark_running(self, job: Job) -> None:
+    async def _mark_running(self, job: Job, piece: int | None = None) -> None:
+        """Record this generation as the conversation's; with `piece`, every event of it
+        indexed up to there (still in flight) will be refused as a repeat."""
         pipe = self.redis.pipeline(transaction=False)
         gen = keys.generation(job.conversation)
         pipe.hset(gen, mapping={"message_id": str(job.message_id), "worker": self.name})
+        if piece is not None:
+            pipe.hset(gen, "piece", piece)
         pipe.expire(gen, self.turns.lease)
         await pipe.execute()
 
@@ -363,6 +370,7 @@ class Worker:
         job = run.job
         run.lost = False
         await self.chat.load(job.conversation)
+        await self._mark_running(job, piece=run.index)
         user_message = self._user_message(run)
         if user_message is not None:
             await self._publish_later(
@@ -412,7 +420,7 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            if await self.pipeliner.call(*call) != UNLOADED:
+            if await self.pipeliner.call(*call) >= 0:
                 return
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)

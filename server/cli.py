@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -261,6 +263,14 @@ def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
+def _own_command() -> str:
+    """How to run `parley` again from here (`.venv/bin/parley` when it is not on PATH)."""
+    argv0 = sys.argv[0]
+    if Path(argv0).name == "parley" and shutil.which("parley") != str(Path(argv0).resolve()):
+        return os.path.relpath(argv0)
+    return "parley"
+
+
 def _banner(settings: Settings) -> None:
     s = settings.server
     url = f"http://{_loopback(s.host)}:{s.port}"
@@ -269,7 +279,7 @@ def _banner(settings: Settings) -> None:
         f"\nParley on {url}  (open it in a browser)\n"
         f"  model: {model}\n"
         f"  data:  {Path(s.data_dir).resolve()}\n"
-        f"  token: parley token --user alice\n"
+        f"  token: {_own_command()} token --user alice\n"
         f"  socket: {url.replace('http', 'ws')}/ws with subprotocols "
         f"'parley.v1', 'bearer.<token>'\n",
         flush=True,

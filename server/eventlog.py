@@ -58,7 +58,7 @@ local function append(seq_key, log_key, channel, frame, maxlen, ttl)
 end
 """
 
-_APPEND: Final = (
+APPEND_SCRIPT: Final = (
     APPEND_FUNCTION
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -141,7 +141,7 @@ class EventLog:
         self.redis = redis
         self.max_events = max_events
         self.ttl = ttl
-        self._append = redis.register_script(_APPEND)
+        self._append = redis.register_script(APPEND_SCRIPT)
         self._append_piece = redis.register_script(_APPEND_PIECE)
         self._read = redis.register_script(_READ)
         self._load = redis.register_script(_LOAD)

@@ -219,9 +219,6 @@ class Turns:
             ],
         )
 
-    async def generating(self, conversation: uuid.UUID) -> bool:
-        return bool(await self.redis.exists(keys.generation(conversation)))
-
     async def cancel(self, conversation: uuid.UUID) -> None:
         """Tell whichever worker runs (or is about to run) the generation to stop."""
         message_id = await self.redis.hget(keys.generation(conversation), "message_id")

@@ -12,19 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import Final
 from urllib.parse import urlsplit
 
-from server.eventlog import APPEND_FUNCTION
-
-# Same body as the script `EventLog.append` runs: refuse a conversation not loaded in Redis.
-APPEND_SCRIPT: Final = (
-    APPEND_FUNCTION
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
-"""
-)
+from server.eventlog import APPEND_SCRIPT
 
 
 def _bulk(value: bytes) -> bytes:

@@ -1,12 +1,14 @@
 """A socket's bounded send buffer.
 
-Frames wait here while the socket's writer is busy. Once more than `merge_after` bytes wait
-(the client lags), a `token` frame that continues the last queued one (same message, next seq)
-is merged into it instead of queued: nothing is dropped and the backlog grows by the text
-alone. The merged frame is encoded once, when the writer takes it. The bound is on bytes: a
-client that still falls `limit` behind must be closed with 1013 (it can rejoin with `after`
-and lose nothing), so one slow reader can neither grow memory without bound nor hold up the
-fan-out to everybody else.
+Frames wait here while the socket's transport is paused (the client reads slower than
+events arrive). Once more than `merge_after` bytes wait (the client lags), a `token` frame
+that continues the last queued one (same message, next seq) is merged into it instead of
+queued: nothing is dropped and the backlog grows by the text alone. The merged frame is
+encoded once, when the socket takes it. The bound is on bytes: a client that still falls
+`limit` behind must be closed with 1013 (it can rejoin with `after` and lose nothing), so one
+slow reader can neither grow memory without bound nor hold up the fan-out to everybody else.
+
+Frames are whole WebSocket frames (`protocol.wsframe`), the bytes the socket writes.
 """
 
 from __future__ import annotations
@@ -17,10 +19,21 @@ from typing import Final
 
 import msgspec
 
+from protocol import wsframe
 from protocol.frames import Token, encode, splice_seq
 
-TOKEN_MARK: Final = '"type":"token"'
+TOKEN_MARK: Final = b'"type":"token"'
+_MARK_WITHIN: Final = 48
+"""Frame header (≤ 4 bytes here), `{"seq":N,` and the tag, which msgspec writes first."""
 _token_decoder: Final = msgspec.json.Decoder(Token)
+
+
+def _is_token(frame: bytes) -> bool:
+    return TOKEN_MARK in frame[:_MARK_WITHIN]
+
+
+def _token(frame: bytes) -> Token:
+    return _token_decoder.decode(wsframe.payload_of(frame))
 
 
 @dataclass(slots=True)
@@ -31,11 +44,11 @@ class _Merged:
     seq: int
     texts: list[str] = field(default_factory=list)
 
-    def frame(self) -> str:
+    def frame(self) -> bytes:
         merged = msgspec.structs.replace(
             self.first, text="".join(self.texts), first_seq=self.first.seq, seq=0
         )
-        return splice_seq(encode(merged), self.seq).decode()
+        return wsframe.text(splice_seq(encode(merged), self.seq))
 
 
 class Outbox:
@@ -46,26 +59,26 @@ class Outbox:
         self.merge_after = merge_after
         self.size = 0
         self.merged = 0
-        self._frames: deque[str] | None = None  # made on first use: most sockets never queue
+        self._frames: deque[bytes] | None = None  # made on first use: most sockets never queue
         self._merging: _Merged | None = None
 
-    def push(self, frame: str) -> bool:
+    def push(self, frame: bytes) -> bool:
         """Queue a frame; False when the bound is passed and the socket must be closed."""
-        if self.size >= self.merge_after and TOKEN_MARK in frame[:40]:
+        if self.size >= self.merge_after and _is_token(frame):
             self._merge(frame)
         else:
             self._append(frame)
         return self.size <= self.limit
 
-    def _append(self, frame: str) -> None:
+    def _append(self, frame: bytes) -> None:
         self._settle()
         if self._frames is None:
             self._frames = deque()
         self._frames.append(frame)
         self.size += len(frame)
 
-    def _merge(self, frame: str) -> None:
-        token = _token_decoder.decode(frame)
+    def _merge(self, frame: bytes) -> None:
+        token = _token(frame)
         merging = self._merging
         if merging is None or merging.first.message_id != token.message_id:
             merging = self._start_merge()
@@ -84,9 +97,9 @@ class Outbox:
     def _start_merge(self) -> _Merged | None:
         """Take the last queued frame as the start of a merge, if it is a token."""
         self._settle()
-        if not self._frames or TOKEN_MARK not in self._frames[-1][:40]:
+        if not self._frames or not _is_token(self._frames[-1]):
             return None
-        last = _token_decoder.decode(self._frames[-1])
+        last = _token(self._frames[-1])
         self._merging = _Merged(last, last.seq, [last.text])
         return self._merging
 
@@ -95,7 +108,7 @@ class Outbox:
             self._frames[-1] = self._merging.frame()
         self._merging = None
 
-    def drain(self) -> list[str]:
+    def drain(self) -> list[bytes]:
         self._settle()
         frames = list(self._frames or ())
         self._frames = None

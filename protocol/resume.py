@@ -33,7 +33,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CatchUp:
-    frames: list[str]
+    frames: list[bytes]
     outcome: Outcome
 
 
@@ -43,9 +43,9 @@ class Cursor:
     def __init__(self) -> None:
         self.last_seq = -1
         self.catching_up = True
-        self._held: dict[int, str] = {}
+        self._held: dict[int, bytes] = {}
 
-    def live(self, seq: int, frame: str) -> Verdict:
+    def live(self, seq: int, frame: bytes) -> Verdict:
         if seq <= self.last_seq:
             return Verdict.DROP
         if self.catching_up:
@@ -63,7 +63,7 @@ class Cursor:
         self.last_seq = seq
         self.catching_up = True
 
-    def catch_up(self, logged: Iterable[tuple[int, str]], head: int) -> CatchUp:
+    def catch_up(self, logged: Iterable[tuple[int, bytes]], head: int) -> CatchUp:
         """Merge events read from the log with the held live frames.
 
         `head` is the last seq assigned when the log was read (read atomically with it).
@@ -72,7 +72,7 @@ class Cursor:
             return CatchUp([], Outcome.RESET)  # the client is ahead of a log that lost data
         pending = {s: fr for s, fr in self._held.items() if s > self.last_seq}
         pending.update((seq, frame) for seq, frame in logged if seq > self.last_seq)
-        frames: list[str] = []
+        frames: list[bytes] = []
         seq = self.last_seq + 1
         while seq in pending:
             frames.append(pending.pop(seq))

@@ -1,5 +1,6 @@
-"""The Litestar application: routes, the WebSocket endpoint, the UI, the simulated model and
-the lifespan that opens and closes the process's resources. No business logic here."""
+"""The Litestar application: REST routes, the UI, the simulated model and the lifespan that
+opens and closes the process's resources. No business logic here. The WebSocket endpoint is
+not a Litestar route: uvicorn hands upgrade requests straight to `server.ws`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
-from litestar.enums import ScopeType
 from litestar.static_files import create_static_files_router
-from litestar.types import Receive, Scope, Send
 
 from server.api import ROUTES
 from server.runtime import Runtime
@@ -21,24 +20,7 @@ from server.simulator import SimulatorSettings, SimulatorStats, simulator_router
 STATIC = Path(__file__).parent / "static"
 
 
-class Entrypoint:
-    """The ASGI application: `/ws` goes straight to the socket hub, everything else (HTTP and
-    the lifespan) to Litestar. Sockets skip the HTTP middleware stack, which would otherwise
-    wrap every frame a socket sends."""
-
-    def __init__(self, app: Litestar, runtime: Runtime) -> None:
-        self.app = app
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hub = self.runtime.hub
-        if scope["type"] == ScopeType.WEBSOCKET and scope["path"] == "/ws" and hub is not None:
-            await hub(scope, receive, send)  # type: ignore[arg-type]
-            return
-        await self.app(scope, receive, send)
-
-
-def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Entrypoint:
+def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
     """A web app (`runtime.web`) and/or the simulated model (`simulator` given)."""
 
     @asynccontextmanager
@@ -68,7 +50,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Ent
         logging_config=None,
     )
     app.state.runtime = runtime
-    return Entrypoint(app, runtime)
+    return app
 
 
 def configure_logging(level: str) -> None:

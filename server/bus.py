@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from redis.asyncio import ConnectionPool
@@ -32,8 +33,9 @@ BACKOFF: Final = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class Listener(Protocol):
-    def on_event(self, seq: int, frame: str) -> None:
-        """A published frame; `seq` is 0 for frames that carry none."""
+    def on_event(self, seq: int, frame: bytes) -> None:
+        """A published message as the bus's `wrap` made it; `seq` is 0 for frames that
+        carry none."""
 
     def resync(self) -> None:
         """Frames may have been lost (the pub/sub connection was re-established)."""
@@ -43,8 +45,16 @@ class BusUnavailable(Exception):
     pass
 
 
+def _unchanged(data: bytes) -> bytes:
+    return data
+
+
 class Bus:
-    def __init__(self, url: str) -> None:
+    """`wrap` turns each published message into what listeners get, once per message however
+    many listen: the web process's bus frames it for the sockets (`protocol.wsframe.text`)."""
+
+    def __init__(self, url: str, wrap: Callable[[bytes], bytes] = _unchanged) -> None:
+        self._wrap = wrap
         self._pool = ConnectionPool.from_url(url, protocol=2)
         self._conn: AbstractConnection | None = None
         self._listeners: dict[bytes, set[Listener]] = {}
@@ -99,7 +109,8 @@ class Bus:
             waiter = self._waiters[name] = asyncio.get_running_loop().create_future()
             self._command(b"SUBSCRIBE", name)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await asyncio.shield(waiter)
         except TimeoutError:
             self.unsubscribe(channel, listener)
             raise BusUnavailable("Redis did not confirm the subscription") from None
@@ -238,7 +249,7 @@ class Bus:
         if not listeners:
             return
         seq = int(data[7 : data.index(b",", 7)]) if data.startswith(SEQ_PREFIX) else 0
-        frame = data.decode()
+        frame = self._wrap(data)
         for listener in tuple(listeners):
             listener.on_event(seq, frame)
 

@@ -86,7 +86,7 @@ class Chat:
 
     async def read_events(
         self, conversation: uuid.UUID, after: int
-    ) -> tuple[int, list[tuple[int, str]]]:
+    ) -> tuple[int, list[tuple[int, bytes]]]:
         """The conversation's head seq and retained events after `after`, loading its Redis
         state from PostgreSQL first if Redis lost it."""
         head, events = await self.events.read(conversation, after)

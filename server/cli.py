@@ -24,6 +24,7 @@ from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
+from server.ws import SocketFactory
 
 log = logging.getLogger("parley")
 
@@ -242,21 +243,24 @@ def _run_uvicorn(
         app,
         host=settings.server.host,
         port=settings.server.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.limits.max_frame_bytes,
-        ws_max_queue=16,
-        ws_ping_interval=settings.server.ws_ping_interval,
-        ws_ping_timeout=settings.server.ws_ping_timeout,
-        ws_per_message_deflate=False,
+        ws=_sockets(runtime),
+        loop="auto",  # uvloop where installed
         lifespan="on",
         access_log=False,
         log_level="warning",  # uvicorn logs every socket at info
         timeout_graceful_shutdown=max(int(grace), 1),
     )
     server = _Server(config, runtime, settings.server.drain_delay)
-    asyncio.run(server.serve(sockets=[sock] if sock else None))
+    server.run(sockets=[sock] if sock else None)
     if server.started is False:
         sys.exit("parley: the server did not start (see the log above)")
+
+
+def _sockets(runtime: Runtime | None) -> Any:
+    """uvicorn's `ws` setting: Parley's own socket protocol in a web process, none elsewhere."""
+    if runtime is None or not runtime.web:
+        return "none"
+    return SocketFactory(lambda: runtime.hub)
 
 
 def _loopback(host: str) -> str:

@@ -156,12 +156,14 @@ class EventLog:
         )
         return int(seq)
 
-    async def read(self, conversation: uuid.UUID, after: int) -> tuple[int, list[tuple[int, str]]]:
+    async def read(
+        self, conversation: uuid.UUID, after: int
+    ) -> tuple[int, list[tuple[int, bytes]]]:
         """The last seq assigned (UNLOADED when unknown) and the retained events after `after`."""
         head, entries = await self._read(
             keys=[keys.seq(conversation), keys.log(conversation)], args=[f"{after + 1}-0"]
         )
-        return int(head), [(int(eid.split(b"-")[0]), fields[1].decode()) for eid, fields in entries]
+        return int(head), [(int(eid.split(b"-")[0]), fields[1]) for eid, fields in entries]
 
     async def head(self, conversation: uuid.UUID) -> int:
         value = await self.redis.get(keys.seq(conversation))

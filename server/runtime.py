@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from protocol import wsframe
 from protocol.session import CloseCode
 from server.auth import Verifier, load_secret
 from server.bus import Bus
 from server.chat import Chat
 from server.config import Settings
 from server.eventlog import EventLog
+from server.hub import Hub
 from server.llm import LLM
 from server.persister import Persister
 from server.presence import Presence
 from server.turns import Turns
 from server.worker import Worker
-from server.ws import Hub
 from storage.db import create_pool, migrate
 
 log = logging.getLogger("parley")
@@ -72,11 +73,12 @@ class Runtime:
             self._start_worker(events, turns)
 
     async def _start_web(self) -> None:
-        self._bus = Bus(self.settings.redis.url)
+        self._bus = Bus(self.settings.redis.url, wrap=wsframe.text)
         await self._bus.start()
         self._presence = Presence(self.redis)
         await self._presence.start()
         self.hub = Hub(self.settings, self.chat, self._bus, self.verifier, self._presence)
+        self.hub.start()
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)

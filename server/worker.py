@@ -438,8 +438,8 @@ class _CancelListener:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    def on_event(self, seq: int, frame: str) -> None:
-        conversation, _, message_id = frame.partition(":")
+    def on_event(self, seq: int, frame: bytes) -> None:
+        conversation, _, message_id = frame.decode().partition(":")
         with contextlib.suppress(ValueError):
             self.worker.cancel(uuid.UUID(conversation), message_id)
 

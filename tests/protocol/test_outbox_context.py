@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 from protocol import frames as f
+from protocol import wsframe
 from protocol.context import build_prompt
 from protocol.frames import Message, utcnow
 from protocol.outbox import Outbox
@@ -10,28 +11,29 @@ from protocol.outbox import Outbox
 
 def test_outbox_is_bounded_in_bytes() -> None:
     box = Outbox(limit=10, merge_after=1000)
-    assert box.push("12345") and box.push("12345")
-    assert not box.push("1")
-    assert box.drain() == ["12345", "12345", "1"] and box.size == 0 and not box
+    assert box.push(b"12345") and box.push(b"12345")
+    assert not box.push(b"1")
+    assert box.drain() == [b"12345", b"12345", b"1"] and box.size == 0 and not box
 
 
-def token(conv: uuid.UUID, message: uuid.UUID, seq: int, text: str) -> str:
+def token(conv: uuid.UUID, message: uuid.UUID, seq: int, text: str) -> bytes:
     event = f.Token(conversation=conv, message_id=message, text=text)
-    return f.splice_seq(f.encode(event), seq).decode()
+    return wsframe.text(f.splice_seq(f.encode(event), seq))
 
 
 def test_a_lagging_socket_gets_consecutive_pieces_merged_nothing_dropped() -> None:
     conv, message = uuid.uuid4(), uuid.uuid4()
     box = Outbox(limit=100_000, merge_after=0)
-    box.push('{"seq":4,"type":"start"}')
+    box.push(wsframe.text(b'{"seq":4,"type":"start"}'))
     for seq, text in enumerate(["He", "llo", ",", " world"], start=5):
         assert box.push(token(conv, message, seq, text))
     frames = box.drain()
     assert len(frames) == 2 and box.merged == 3
-    merged = f.decode_server(frames[1])
+    payload = wsframe.payload_of(frames[1])
+    merged = f.decode_server(payload)
     assert isinstance(merged, f.Token)
     assert (merged.first_seq, merged.seq, merged.text) == (5, 8, "Hello, world")
-    assert f.seq_of(frames[1].encode()) == 8
+    assert f.seq_of(payload) == 8
 
 
 def test_no_merge_across_messages_or_gaps_or_before_the_threshold() -> None:

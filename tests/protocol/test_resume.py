@@ -10,29 +10,29 @@ from hypothesis import strategies as st
 from protocol.resume import Cursor, Outcome, Verdict
 
 
-def frames(seqs: range) -> list[tuple[int, str]]:
-    return [(s, f"e{s}") for s in seqs]
+def frames(seqs: range) -> list[tuple[int, bytes]]:
+    return [(s, b"e%d" % s) for s in seqs]
 
 
 def test_join_holds_live_frames_until_the_log_is_read() -> None:
     cursor = Cursor()
     cursor.start_at(3)
-    assert cursor.live(6, "e6") is Verdict.HOLD
+    assert cursor.live(6, b"e6") is Verdict.HOLD
     result = cursor.catch_up(frames(range(4, 6)), head=5)
-    assert result.frames == ["e4", "e5", "e6"] and result.outcome is Outcome.LIVE
-    assert cursor.live(6, "e6") is Verdict.DROP
-    assert cursor.live(7, "e7") is Verdict.SEND
+    assert result.frames == [b"e4", b"e5", b"e6"] and result.outcome is Outcome.LIVE
+    assert cursor.live(6, b"e6") is Verdict.DROP
+    assert cursor.live(7, b"e7") is Verdict.SEND
 
 
 def test_a_skipped_seq_is_a_gap_not_a_reorder() -> None:
     cursor = Cursor()
     cursor.start_at(0)
     cursor.catch_up([], head=0)
-    assert cursor.live(1, "e1") is Verdict.SEND
-    assert cursor.live(3, "e3") is Verdict.GAP
-    assert cursor.live(4, "e4") is Verdict.HOLD
+    assert cursor.live(1, b"e1") is Verdict.SEND
+    assert cursor.live(3, b"e3") is Verdict.GAP
+    assert cursor.live(4, b"e4") is Verdict.HOLD
     result = cursor.catch_up(frames(range(2, 4)), head=3)
-    assert result.frames == ["e2", "e3", "e4"] and result.outcome is Outcome.LIVE
+    assert result.frames == [b"e2", b"e3", b"e4"] and result.outcome is Outcome.LIVE
 
 
 def test_trimmed_log_means_reset() -> None:
@@ -51,11 +51,11 @@ def test_client_ahead_of_the_log_means_reset() -> None:
 def test_hole_past_the_head_means_read_again() -> None:
     cursor = Cursor()
     cursor.start_at(0)
-    cursor.live(3, "e3")
+    cursor.live(3, b"e3")
     result = cursor.catch_up(frames(range(1, 2)), head=1)
-    assert result.frames == ["e1"] and result.outcome is Outcome.AGAIN
+    assert result.frames == [b"e1"] and result.outcome is Outcome.AGAIN
     result = cursor.catch_up(frames(range(2, 4)), head=3)
-    assert result.frames == ["e2", "e3"] and result.outcome is Outcome.LIVE
+    assert result.frames == [b"e2", b"e3"] and result.outcome is Outcome.LIVE
 
 
 @given(
@@ -75,17 +75,17 @@ def test_every_event_exactly_once_in_order(
     rng = random.Random(seed)
     cursor = Cursor()
     cursor.start_at(after)
-    sent: list[str] = []
+    sent: list[bytes] = []
     for seq in range(joined_at + 1, total + 1):
         if seq in lost:
             continue
-        verdict = cursor.live(seq, f"e{seq}")
+        verdict = cursor.live(seq, b"e%d" % seq)
         if verdict is Verdict.SEND:
-            sent.append(f"e{seq}")
+            sent.append(b"e%d" % seq)
         if rng.random() < 0.2 or verdict is Verdict.GAP:
             result = cursor.catch_up(frames(range(cursor.last_seq + 1, seq + 1)), head=seq)
             sent += result.frames
     for _ in range(3):
         result = cursor.catch_up(frames(range(cursor.last_seq + 1, total + 1)), head=total)
         sent += result.frames
-    assert sent == [f"e{s}" for s in range(after + 1, total + 1)]
+    assert sent == [b"e%d" % s for s in range(after + 1, total + 1)]

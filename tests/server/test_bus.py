@@ -14,10 +14,10 @@ from tests.conftest import Services
 
 class Recorder:
     def __init__(self) -> None:
-        self.frames: list[tuple[int, str]] = []
+        self.frames: list[tuple[int, bytes]] = []
         self.resyncs = 0
 
-    def on_event(self, seq: int, frame: str) -> None:
+    def on_event(self, seq: int, frame: bytes) -> None:
         self.frames.append((seq, frame))
 
     def resync(self) -> None:
@@ -53,7 +53,7 @@ async def test_leave_and_join_in_one_breath_stays_subscribed(services: Services)
             if second.frames:
                 break
             await asyncio.sleep(0.02)
-        assert second.frames == [(7, '{"seq":7,"type":"token"}')] and not first.frames
+        assert second.frames == [(7, b'{"seq":7,"type":"token"}')] and not first.frames
     finally:
         await bus.stop()
         await redis.aclose()

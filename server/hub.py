@@ -1,0 +1,128 @@
+"""What every socket of a web process shares: settings, the chat, the bus, the token
+verifier and the per-user connection count; the list of open sockets; the upgrade policy
+(path, Origin, draining); and one keepalive sweep for all sockets instead of a timer each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.http11 import Request
+
+from protocol import frames as f
+from protocol.session import CloseCode, SessionLimits
+from server.auth import Principal, Verifier
+from server.bus import Bus
+from server.chat import Chat
+from server.config import Settings
+from server.presence import Presence
+
+if TYPE_CHECKING:
+    from server.ws import Connection
+
+PATH: Final = "/ws"
+MIN_SWEEP: Final = 0.25
+
+
+class Hub:
+    def __init__(
+        self, settings: Settings, chat: Chat, bus: Bus, verifier: Verifier, presence: Presence
+    ) -> None:
+        self.settings = settings
+        self.chat = chat
+        self.bus = bus
+        self.verifier = verifier
+        self.presence = presence
+        self.connections: set[Connection] = set()
+        self.accepting = True
+        self.limits = SessionLimits(
+            max_text_chars=settings.limits.max_text_chars,
+            frames_per_second=settings.limits.frames_per_second,
+            frame_burst=settings.limits.frame_burst,
+            bad_frames_before_close=settings.limits.bad_frames_before_close,
+            auth_timeout=settings.auth.auth_timeout,
+        )
+        self.wire_limits = settings.limits.wire()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.settings.server.ws_ping_interval > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def close_all(self, code: CloseCode, reason: str) -> None:
+        """Refuse new sockets, close the open ones and wait (up to `shutdown_grace`) for
+        them to be gone."""
+        self.accepting = False
+        for conn in tuple(self.connections):
+            conn.close(code, reason)
+        deadline = time.monotonic() + self.settings.server.shutdown_grace
+        while (self.connections or self._tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a socket's clean-up; kept referenced until it ends, and waited for at close."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ upgrade policy
+
+    def refusal(self, request: Request) -> tuple[int, str] | None:
+        """The HTTP status and text refusing an upgrade request, or None to accept it."""
+        if urlsplit(request.path).path != PATH:
+            return 404, f"no WebSocket endpoint here; use {PATH}"
+        if not self.accepting:
+            return 503, "server restarting; connect again"
+        if not self._origin_allowed(request):
+            return 403, "Origin not allowed"
+        return None
+
+    def _origin_allowed(self, request: Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None or origin in self.settings.server.allowed_origins:
+            return True
+        return urlsplit(origin).netloc == request.headers.get("Host")
+
+    def query_token(self, request: Request) -> str | None:
+        if not self.settings.auth.allow_query_token:
+            return None
+        values = parse_qs(urlsplit(request.path).query).get("token")
+        return values[0] if values else None
+
+    def ready_frame(self, principal: Principal, session: str, ref: str | None) -> f.Ready:
+        settings = self.settings
+        return f.Ready(
+            user=principal.user,
+            session=session,
+            limits=self.wire_limits,
+            model=settings.llm.model,
+            simulated=settings.simulated,
+            expires_at=None if principal.expires_at is None else int(principal.expires_at),
+            ref=ref,
+        )
+
+    # ------------------------------------------------------------------ keepalive
+
+    async def _keep_alive(self) -> None:
+        """Ping sockets silent for `ws_ping_interval`; drop those silent for another
+        `ws_ping_timeout` (a pong counts: it is data received). One sweep for all sockets."""
+        interval = self.settings.server.ws_ping_interval
+        timeout = self.settings.server.ws_ping_timeout
+        while True:
+            await asyncio.sleep(max(min(interval, timeout) / 2, MIN_SWEEP))
+            now = time.monotonic()
+            for conn in tuple(self.connections):
+                silent = now - conn.last_seen
+                if silent >= interval + timeout:
+                    conn.drop()
+                elif silent >= interval:
+                    conn.ping()

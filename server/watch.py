@@ -1,0 +1,138 @@
+"""One socket watching one conversation: the bus listener that gives the socket each of the
+conversation's events exactly once and in seq order.
+
+Live frames come from the process's pub/sub connection (`Bus`); the `Cursor` merges them by
+seq with what is read from the conversation's event log when the socket joins with `after`,
+when a live frame skips a seq, or when the bus reconnects. When the log no longer holds what
+the socket misses, the socket gets `joined` with `reset` and the full history instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+from redis.exceptions import RedisError
+
+from protocol import frames as f
+from protocol import wsframe
+from protocol.resume import Cursor, Outcome, Verdict
+from protocol.session import CloseCode
+from server.chat import Refused
+
+if TYPE_CHECKING:
+    from server.ws import Connection
+
+log = logging.getLogger("parley.watch")
+
+CATCH_UP_ATTEMPTS: Final = 5
+
+
+class Watch:
+    __slots__ = ("active", "catching_up", "conn", "conversation", "cursor")
+
+    def __init__(self, conn: Connection, conversation: uuid.UUID) -> None:
+        self.conn = conn
+        self.conversation = conversation
+        self.cursor = Cursor()
+        self.active = True
+        self.catching_up = False
+
+    def on_event(self, seq: int, frame: bytes) -> None:
+        verdict = self.cursor.live(seq, frame)
+        if verdict is Verdict.SEND:
+            self.conn.push(frame)
+        elif verdict is Verdict.GAP:
+            self._start_catch_up()
+
+    def resync(self) -> None:
+        self.cursor.catching_up = True
+        self._start_catch_up()
+
+    def _start_catch_up(self) -> None:
+        if not self.catching_up:
+            self.catching_up = True
+            self.conn.hub.spawn(self._catch_up_task())
+
+    async def _catch_up_task(self) -> None:
+        try:
+            await self.catch_up()
+        except (RedisError, OSError, Refused) as exc:
+            log.warning("catch-up failed for %s: %s", self.conversation, exc)
+            self.conn.close(CloseCode.TRY_AGAIN_LATER, "lost track of the conversation; rejoin")
+        finally:
+            self.catching_up = False
+
+    async def _read(self, after: int) -> tuple[int, list[tuple[int, bytes]]]:
+        head, logged = await self.conn.hub.chat.read_events(self.conversation, after)
+        return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
+
+    async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
+        """Send `joined` and the events after `after`, or the full history when `after` is
+        absent or its events are no longer retained (then with `reset`)."""
+        if after is None:
+            await self._send_history(meta, ref, reset=False)
+            return
+        self.cursor.start_at(after)
+        head, logged = await self._read(after)
+        result = self.cursor.catch_up(logged, head)
+        if result.outcome is Outcome.RESET:
+            await self._send_history(meta, ref, reset=True)
+            return
+        self._send_joined(meta, head, after, None, False, ref, result.frames)
+        if result.outcome is Outcome.AGAIN:
+            self._start_catch_up()
+
+    async def catch_up(self) -> None:
+        """Fill a gap from the log; when the log no longer has it, send the full history."""
+        for _ in range(CATCH_UP_ATTEMPTS):
+            if not self.active:
+                return
+            head, logged = await self._read(self.cursor.last_seq)
+            result = self.cursor.catch_up(logged, head)
+            for frame in result.frames:
+                self.conn.push(frame)
+            if result.outcome is Outcome.LIVE:
+                return
+            if result.outcome is Outcome.RESET:
+                user = self.conn.session.user if self.conn.session else None
+                meta = await self.conn.hub.chat.owned(user or "", self.conversation)
+                await self._send_history(meta, None, reset=True)
+                return
+            await asyncio.sleep(0.05)
+        raise Refused("unavailable", "could not catch up with the conversation")
+
+    async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
+        start, history = await self.conn.hub.chat.history(self.conversation)
+        self.cursor.reset()
+        self.cursor.start_at(start)
+        head, logged = await self._read(start)
+        result = self.cursor.catch_up(logged, head)
+        self._send_joined(meta, head, start, history, reset, ref, result.frames)
+
+    def _send_joined(
+        self,
+        meta: f.Conversation,
+        head: int,
+        start: int,
+        history: list[f.Message] | None,
+        reset: bool,
+        ref: str | None,
+        frames: list[bytes],
+    ) -> None:
+        meta = msgspec.structs.replace(meta, last_seq=max(head, 0))
+        self.conn.push_frame(
+            f.Joined(
+                conversation=self.conversation,
+                meta=meta,
+                last_seq=start,
+                history=history,
+                reset=reset,
+                ref=ref,
+            )
+        )
+        for frame in frames:
+            self.conn.push(frame)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -553,11 +554,20 @@ def versions(redis_port: int) -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "parley": f"{sha}{dirty}",
-        "uvicorn": f"{uvicorn.__version__} (websockets-sansio)",
+        "uvicorn": f"{uvicorn.__version__} (HTTP; sockets are Parley's own protocol)",
+        "uvloop": _version("uvloop"),
         "websockets": getattr(websockets, "__version__", "?"),
+        "httptools": _version("httptools"),
         "msgspec": msgspec.__version__,
         "redis": redis_version,
     }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _git(*args: str) -> str:

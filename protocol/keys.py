@@ -1,4 +1,5 @@
-"""Every Redis key and channel name Parley uses, in one place.
+"""Every Redis key and channel name Parley uses, in one place (and the envelope of the one
+channel whose messages are not frames as they are, `USERS`).
 
 Per-conversation keys share the hash tag `{c:ID}` so that the scripts touching one
 conversation stay on one Redis Cluster slot.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 from typing import Final
+
+import msgspec
 
 PREFIX: Final = "parley"
 
@@ -83,9 +86,20 @@ def turn_id(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:say:{message_id}"
 
 
-def user_channel(user: str) -> str:
-    """Pub/sub channel carrying `conversation_changed` for every socket of the user."""
-    return f"{PREFIX}:user:{user}"
+USERS: Final = f"{PREFIX}:users"
+"""Pub/sub channel of `conversation_changed` for every user, as `user_message` puts it; each
+web process subscribes once and routes it to that user's sockets (no subscription per socket:
+the changes are rare, the sockets many)."""
+
+
+def user_message(user: str, frame: bytes) -> bytes:
+    """The user (JSON, so it holds no raw newline), a newline, then the frame."""
+    return msgspec.json.encode(user) + b"\n" + frame
+
+
+def split_user_message(message: bytes) -> tuple[str, bytes]:
+    head, _, frame = message.partition(b"\n")
+    return msgspec.json.decode(head, type=str), frame
 
 
 def turn_rate(user: str) -> str:

@@ -58,6 +58,7 @@ class Bus:
         self._pool = ConnectionPool.from_url(url, protocol=2)
         self._conn: AbstractConnection | None = None
         self._listeners: dict[bytes, set[Listener]] = {}
+        self._raw: set[bytes] = set()
         self._confirmed: set[bytes] = set()
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._expected: dict[bytes, int] = {}
@@ -98,8 +99,11 @@ class Bus:
 
     # ------------------------------------------------------------------ subscriptions
 
-    async def subscribe(self, channel: str, listener: Listener) -> None:
+    async def subscribe(self, channel: str, listener: Listener, raw: bool = False) -> None:
+        """Add a listener; `raw` channels' messages reach their listeners unwrapped."""
         name = channel.encode()
+        if raw:
+            self._raw.add(name)
         listeners = self._listeners.setdefault(name, set())
         listeners.add(listener)
         if name in self._confirmed:
@@ -124,6 +128,7 @@ class Bus:
         if listeners:
             return
         del self._listeners[name]
+        self._raw.discard(name)
         self._confirmed.discard(name)
         waiter = self._waiters.pop(name, None)
         if waiter and not waiter.done():
@@ -249,7 +254,7 @@ class Bus:
         if not listeners:
             return
         seq = int(data[7 : data.index(b",", 7)]) if data.startswith(SEQ_PREFIX) else 0
-        frame = self._wrap(data)
+        frame = data if channel in self._raw else self._wrap(data)
         for listener in tuple(listeners):
             listener.on_event(seq, frame)
 

@@ -229,7 +229,7 @@ class Chat:
 
     async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:
         try:
-            await self.redis.publish(keys.user_channel(user), encode(frame))
+            await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
         except RedisError as exc:
             log.warning("could not publish conversation_changed: %s", exc)
 

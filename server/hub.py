@@ -11,9 +11,9 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.http11 import Request
-
 from protocol import frames as f
+from protocol import keys, wsframe
+from protocol.handshake import Refusal, UpgradeRequest
 from protocol.session import CloseCode, SessionLimits
 from server.auth import Principal, Verifier
 from server.bus import Bus
@@ -38,6 +38,7 @@ class Hub:
         self.verifier = verifier
         self.presence = presence
         self.connections: set[Connection] = set()
+        self.users: dict[str, set[Connection]] = {}
         self.accepting = True
         self.limits = SessionLimits(
             max_text_chars=settings.limits.max_text_chars,
@@ -50,9 +51,34 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.bus.subscribe(keys.USERS, self, raw=True)
         if self.settings.server.ws_ping_interval > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    # ------------------------------------------------------------------ users' sockets
+
+    def watch_user(self, user: str, conn: Connection) -> None:
+        self.users.setdefault(user, set()).add(conn)
+
+    def unwatch_user(self, user: str, conn: Connection) -> None:
+        conns = self.users.get(user)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.users[user]
+
+    def on_event(self, seq: int, frame: bytes) -> None:
+        """A `conversation_changed` for one user: to each of the user's sockets here."""
+        user, payload = keys.split_user_message(frame)
+        conns = self.users.get(user)
+        if conns:
+            framed = wsframe.text(payload)
+            for conn in tuple(conns):
+                conn.push(framed)
+
+    def resync(self) -> None:
+        """conversation_changed frames are advisory; a client re-lists when it reconnects."""
 
     async def close_all(self, code: CloseCode, reason: str) -> None:
         """Refuse new sockets, close the open ones and wait (up to `shutdown_grace`) for
@@ -76,26 +102,25 @@ class Hub:
 
     # ------------------------------------------------------------------ upgrade policy
 
-    def refusal(self, request: Request) -> tuple[int, str] | None:
-        """The HTTP status and text refusing an upgrade request, or None to accept it."""
-        if urlsplit(request.path).path != PATH:
-            return 404, f"no WebSocket endpoint here; use {PATH}"
+    def check_upgrade(self, request: UpgradeRequest) -> None:
+        """Raise `Refusal` (with the HTTP status to answer) unless the upgrade may proceed."""
+        if urlsplit(request.target).path != PATH:
+            raise Refusal(404, f"no WebSocket endpoint here; use {PATH}")
         if not self.accepting:
-            return 503, "server restarting; connect again"
+            raise Refusal(503, "server restarting; connect again")
         if not self._origin_allowed(request):
-            return 403, "Origin not allowed"
-        return None
+            raise Refusal(403, "Origin not allowed")
 
-    def _origin_allowed(self, request: Request) -> bool:
-        origin = request.headers.get("Origin")
+    def _origin_allowed(self, request: UpgradeRequest) -> bool:
+        origin = request.header(b"origin")
         if origin is None or origin in self.settings.server.allowed_origins:
             return True
-        return urlsplit(origin).netloc == request.headers.get("Host")
+        return urlsplit(origin).netloc == request.header(b"host")
 
-    def query_token(self, request: Request) -> str | None:
+    def query_token(self, request: UpgradeRequest) -> str | None:
         if not self.settings.auth.allow_query_token:
             return None
-        values = parse_qs(urlsplit(request.path).query).get("token")
+        values = parse_qs(urlsplit(request.target).query).get("token")
         return values[0] if values else None
 
     def ready_frame(self, principal: Principal, session: str, ref: str | None) -> f.Ready:

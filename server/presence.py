@@ -3,6 +3,11 @@
 Each process keeps its own count in a per-user hash (field = process id) and a heartbeat key;
 counts of processes whose heartbeat expired (they died) are dropped at the next admission, so
 a crash never locks a user out.
+
+Admissions and departures are batched: whatever arrives while one Redis call is in flight
+goes in the next, as one script call for all the users in it. Under a connection storm that
+is one round trip per few dozen sockets instead of one each; alone, a socket waits for no
+one. A departure that cannot reach Redis is kept and sent with the next batch.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+from collections import Counter
 from typing import Final
 
 from redis.asyncio import Redis
@@ -24,27 +30,49 @@ log = logging.getLogger("parley.presence")
 
 HEARTBEAT_TTL: Final = 30
 HEARTBEAT_EVERY: Final = 10.0
+MAX_BATCH: Final = 256
+RETRY_AFTER: Final = 1.0
 
 _ADMIT: Final = """
-local total = 0
-for i, v in ipairs(redis.call('HGETALL', KEYS[1])) do
-  if i % 2 == 1 then
-    local alive = redis.call('EXISTS', ARGV[3] .. v) == 1
-    if not alive then redis.call('HDEL', KEYS[1], v) end
-    if alive then total = total + tonumber(redis.call('HGET', KEYS[1], v)) end
+local results = {}
+for k, key in ipairs(KEYS) do
+  local total = 0
+  for i, v in ipairs(redis.call('HGETALL', key)) do
+    if i % 2 == 1 then
+      local alive = redis.call('EXISTS', ARGV[3] .. v) == 1
+      if not alive then redis.call('HDEL', key, v) end
+      if alive then total = total + tonumber(redis.call('HGET', key, v)) end
+    end
+  end
+  if total >= tonumber(ARGV[2]) then
+    results[k] = 0
+  else
+    redis.call('HINCRBY', key, ARGV[1], 1)
+    results[k] = 1
   end
 end
-if total >= tonumber(ARGV[2]) then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-return 1
+return results
+"""
+
+_LEAVE: Final = """
+for k, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, ARGV[1], -tonumber(ARGV[k + 1]))
+end
+return #KEYS
 """
 
 
 class Presence:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, limit: int) -> None:
         self.redis = redis
+        self.limit = limit
         self.process = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._admit = redis.register_script(_ADMIT)
+        self._leave = redis.register_script(_LEAVE)
+        self._admitting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._leaving: Counter[str] = Counter()
+        self._admitter: asyncio.Task[None] | None = None
+        self._leaver: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -54,18 +82,64 @@ class Presence:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        if self._leaver is not None:
+            await asyncio.wait([self._leaver], timeout=RETRY_AFTER * 2)
+            self._leaver.cancel()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.process(self.process))
 
-    async def admit(self, user: str, limit: int) -> bool:
-        admitted = await self._admit(
-            keys=[keys.connections(user)],
-            args=[self.process, limit, keys.process("")],
-        )
-        return bool(admitted)
+    async def admit(self, user: str) -> bool:
+        """Count one more socket for `user`; False when the user is at the limit. Raises
+        RedisError/OSError when Redis cannot be reached."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._admitting.append((user, future))
+        if self._admitter is None:
+            self._admitter = asyncio.create_task(self._admit_batches())
+        return await future
 
-    async def leave(self, user: str) -> None:
-        await self.redis.hincrby(keys.connections(user), self.process, -1)
+    def leave(self, user: str) -> None:
+        """Count one socket fewer for `user` (sent with the next batch)."""
+        self._leaving[user] += 1
+        if self._leaver is None:
+            self._leaver = asyncio.create_task(self._leave_batches())
+
+    async def _admit_batches(self) -> None:
+        try:
+            while self._admitting:
+                batch = self._admitting[:MAX_BATCH]
+                del self._admitting[:MAX_BATCH]
+                try:
+                    admitted = await self._admit(
+                        keys=[keys.connections(user) for user, _ in batch],
+                        args=[self.process, self.limit, keys.process("")],
+                    )
+                except (RedisError, OSError) as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, admitted, strict=True):
+                    if not future.done():
+                        future.set_result(bool(result))
+        finally:
+            self._admitter = None
+
+    async def _leave_batches(self) -> None:
+        try:
+            while self._leaving:
+                users = list(self._leaving)[:MAX_BATCH]
+                counts = [self._leaving.pop(user) for user in users]
+                try:
+                    await self._leave(
+                        keys=[keys.connections(user) for user in users],
+                        args=[self.process, *counts],
+                    )
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot count sockets that closed; retrying: %s", exc)
+                    self._leaving.update(dict(zip(users, counts, strict=True)))
+                    await asyncio.sleep(RETRY_AFTER)
+        finally:
+            self._leaver = None
 
     async def _beat(self) -> None:
         await self.redis.set(keys.process(self.process), "1", ex=HEARTBEAT_TTL)

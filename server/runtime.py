@@ -75,10 +75,10 @@ class Runtime:
     async def _start_web(self) -> None:
         self._bus = Bus(self.settings.redis.url, wrap=wsframe.text)
         await self._bus.start()
-        self._presence = Presence(self.redis)
+        self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
         self.hub = Hub(self.settings, self.chat, self._bus, self.verifier, self._presence)
-        self.hub.start()
+        await self.hub.start()
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)

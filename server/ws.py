@@ -17,7 +17,6 @@ than events arrive, the transport pauses the protocol and frames wait in the soc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -28,13 +27,12 @@ from typing import Any, Final, cast
 
 from redis.exceptions import RedisError
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
 
 from protocol import frames as f
 from protocol import keys, wsframe
+from protocol.handshake import Refusal, RequestParser, UpgradeRequest, accept, refuse
 from protocol.outbox import Outbox
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
 from server.auth import AuthError, Principal
@@ -48,6 +46,7 @@ log = logging.getLogger("parley.ws")
 CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
+RECHECK: Final = 0.02
 MAX_QUEUED: Final = 32
 """Actions waiting behind a running command before the socket stops reading."""
 
@@ -71,6 +70,7 @@ class Connection(asyncio.Protocol):
         "_closer",
         "_expiry",
         "_fragments",
+        "_handshake",
         "_queue",
         "_runner",
         "closing",
@@ -89,9 +89,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.ws = ServerProtocol(
-            select_subprotocol=_select_subprotocol, max_size=hub.settings.limits.max_frame_bytes
-        )
+        self._handshake: RequestParser | None = RequestParser()
+        self.ws: ServerProtocol | None = None
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.id = ""
@@ -115,23 +114,21 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
-        ws.receive_data(data)
-        events = ws.events_received()
-        if self.session is None:
-            if events and isinstance(events[0], Request):
-                self._upgrade(events[0])
-            self._flush_ws()
+        if ws is None:
+            self._handshake_received(data)
             return
+        ws.receive_data(data)
         self.last_seen = time.monotonic()
-        for event in events:
+        for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
         self._flush_ws()
         self._act()
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._flush_ws()
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._flush_ws()
         return None
 
     def pause_writing(self) -> None:
@@ -151,26 +148,37 @@ class Connection(asyncio.Protocol):
         self._leave_all()
         if self.session is None:
             return
-        if self._runner is None and not self.registered:
-            self.hub.connections.discard(self)
-            return
-        self.hub.spawn(self._cleanup())
+        if self._runner is not None:
+            self.hub.spawn(self._cleanup())
+        else:
+            self._release()
 
     # ------------------------------------------------------------------ handshake
 
-    def _upgrade(self, request: Request) -> None:
+    def _handshake_received(self, data: bytes) -> None:
+        parser = self._handshake
+        if parser is None or self.transport is None:
+            return
+        try:
+            request = parser.feed(data)
+            if request is None:
+                return
+            self._handshake = None
+            self._upgrade(request)
+        except Refusal as refusal:
+            self._handshake = None
+            self.closing = True
+            self.transport.write(refuse(refusal.status, refusal.text))
+            self.transport.close()
+
+    def _upgrade(self, request: UpgradeRequest) -> None:
         hub = self.hub
-        ws = self.ws
-        refusal = hub.refusal(request)
-        if refusal is not None:
-            status, text = refusal
-            ws.send_response(ws.reject(status, text))
-            return
-        response = ws.accept(request)
-        ws.send_response(response)
-        if ws.state is not WsState.OPEN:
-            return
-        _forget_handshake(ws)
+        hub.check_upgrade(request)
+        offered = request.subprotocols
+        subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
+        assert self.transport is not None
+        self.transport.write(accept(request, subprotocol))
+        self.ws = ServerProtocol(state=WsState.OPEN, max_size=hub.settings.limits.max_frame_bytes)
         now = time.monotonic()
         self.id = secrets.token_hex(8)
         self.session = Session(hub.limits, now)
@@ -178,7 +186,7 @@ class Connection(asyncio.Protocol):
         hub.connections.add(self)
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(hub.settings.auth.auth_timeout, self._tick)
-        token = _header_token(request) or hub.query_token(request)
+        token = _bearer_token(offered) or hub.query_token(request)
         if token is not None:
             self.session.verifying = True
             self._enqueue([Verify(token, None)])
@@ -287,7 +295,7 @@ class Connection(asyncio.Protocol):
         assert session is not None
         user = principal.user
         try:
-            admitted = await hub.presence.admit(user, hub.settings.limits.max_connections_per_user)
+            admitted = await hub.presence.admit(user)
         except (RedisError, OSError) as exc:
             log.warning("cannot admit a socket: %s", exc)
             session.close(CloseCode.TRY_AGAIN_LATER, "Redis is unavailable")
@@ -296,8 +304,7 @@ class Connection(asyncio.Protocol):
             session.close(CloseCode.TOO_MANY, "too many connections for this user")
             return
         self.registered = True
-        with contextlib.suppress(BusUnavailable):
-            await hub.bus.subscribe(keys.user_channel(user), self)
+        hub.watch_user(user, self)
         self.push_frame(hub.ready_frame(principal, self.id, ref))
 
     def _schedule_expiry(self) -> None:
@@ -312,10 +319,20 @@ class Connection(asyncio.Protocol):
             self._expiry = asyncio.get_running_loop().call_later(delay, self._tick)
 
     def _tick(self) -> None:
+        """The auth window or the token may have run out. Timers can fire a little early
+        (uvloop's clock counts milliseconds), so a window not yet over is checked again."""
         self._expiry = None
-        if self.session is not None:
-            self.session.tick(time.monotonic(), time.time())
-            self._act()
+        session = self.session
+        if session is None:
+            return
+        session.tick(time.monotonic(), time.time())
+        self._act()
+        if self.closing or self._expiry is not None:
+            return
+        if session.state is State.AWAITING_AUTH:
+            self._expiry = asyncio.get_running_loop().call_later(RECHECK, self._tick)
+        elif session.state is State.READY:
+            self._schedule_expiry()
 
     # ------------------------------------------------------------------ commands
 
@@ -397,14 +414,6 @@ class Connection(asyncio.Protocol):
         for conversation in tuple(self.watches):
             self._leave(conversation)
 
-    # ------------------------------------------------------------------ user channel listener
-
-    def on_event(self, seq: int, frame: bytes) -> None:
-        self.push(frame)
-
-    def resync(self) -> None:
-        """conversation_changed frames are advisory; a client re-lists on reconnect."""
-
     # ------------------------------------------------------------------ frames out
 
     def push_frame(self, frame: f.ServerFrame) -> None:
@@ -425,7 +434,7 @@ class Connection(asyncio.Protocol):
             self.close(CloseCode.TRY_AGAIN_LATER, "client reads too slowly")
 
     def ping(self) -> None:
-        if not self.closing and self.ws.state is WsState.OPEN:
+        if not self.closing and self.ws is not None and self.ws.state is WsState.OPEN:
             self.ws.send_ping(b"")
             self._flush_ws()
 
@@ -451,7 +460,7 @@ class Connection(asyncio.Protocol):
             frames = self.outbox.drain()
             if code != CloseCode.TRY_AGAIN_LATER:
                 transport.writelines(frames)
-        if self.ws.state is WsState.OPEN:
+        if self.ws is not None and self.ws.state is WsState.OPEN:
             self.ws.send_close(int(code), reason)
             self._flush_ws()
         self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
@@ -460,7 +469,7 @@ class Connection(asyncio.Protocol):
         """Write what the sans-I/O protocol produced (handshake response, pongs, close); its
         end-of-stream marker means the server closes the TCP connection now."""
         transport = self.transport
-        if transport is None:
+        if transport is None or self.ws is None:
             return
         for data in self.ws.data_to_send():
             if data:
@@ -472,39 +481,27 @@ class Connection(asyncio.Protocol):
                 return
 
     async def _cleanup(self) -> None:
-        """After the TCP connection is gone: let a command in flight finish, then give back
-        the socket's subscriptions and its place in the user's connection count."""
-        hub = self.hub
+        """Let a command still in flight when the TCP connection went finish first."""
         try:
             if self._runner is not None:
                 await asyncio.wait([self._runner], timeout=CLOSE_TIMEOUT)
-            self._leave_all()
-            user = self.session.user if self.session else None
-            if user is not None and self.registered:
-                hub.bus.unsubscribe(keys.user_channel(user), self)
-                with contextlib.suppress(RedisError, OSError):
-                    await hub.presence.leave(user)
         finally:
-            hub.connections.discard(self)
+            self._leave_all()
+            self._release()
+
+    def _release(self) -> None:
+        """Give back the socket's user subscription and its place in the user's count."""
+        hub = self.hub
+        user = self.session.user if self.session else None
+        if user is not None and self.registered:
+            self.registered = False
+            hub.unwatch_user(user, self)
+            hub.presence.leave(user)
+        hub.connections.discard(self)
 
 
-def _select_subprotocol(
-    protocol: ServerProtocol, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    return Subprotocol(f.SUBPROTOCOL) if f.SUBPROTOCOL in offered else None
-
-
-def _header_token(request: Request) -> str | None:
-    for header in request.headers.get_all("Sec-WebSocket-Protocol"):
-        for proto in header.split(","):
-            proto = proto.strip()
-            if proto.startswith(f.BEARER_PREFIX):
-                return proto[len(f.BEARER_PREFIX) :]
+def _bearer_token(offered: list[str]) -> str | None:
+    for proto in offered:
+        if proto.startswith(f.BEARER_PREFIX):
+            return proto[len(f.BEARER_PREFIX) :]
     return None
-
-
-def _forget_handshake(ws: ServerProtocol) -> None:
-    """Nothing of the upgrade (headers and all) needs to live as long as the socket."""
-    for name in ("request", "response"):
-        if getattr(ws, name, None) is not None:
-            setattr(ws, name, None)

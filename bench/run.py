@@ -68,6 +68,7 @@ class Sizes:
         24_000,
         32_000,
         40_000,
+        44_000,
         48_000,
         56_000,
         64_000,
@@ -625,7 +626,7 @@ def table(results: dict[str, Any]) -> list[str]:
         best = max(passing, key=lambda s: s["delivered"], default=None)
         trail = "; ".join(
             f"{s['offered'] // 1000}k→{s['delivered']:,.0f} (p99 {s['p99_ms']} ms, web "
-            f"{s['server_cpu']} %"
+            f"{s['server_cpu']} %, generator {s['generator_cpu']} %"
             + (
                 f", {s['publish_errors']} appends refused by Redis"
                 if s.get("publish_errors")

@@ -49,6 +49,8 @@ class Hub:
         )
         self.wire_limits = settings.limits.wire()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -93,6 +95,20 @@ class Hub:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """`conn` has frames to write: once this loop iteration's callbacks are done (the
+        bus has dispatched everything one read brought), every such socket writes once."""
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._flush_scheduled = False
+        for conn in dirty:
+            conn.flush()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a socket's clean-up; kept referenced until it ends, and waited for at close."""

@@ -24,7 +24,7 @@ from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
-from server.ws import SocketFactory
+from server.ws import FrontDoorFactory, SocketFactory
 
 log = logging.getLogger("parley")
 
@@ -243,6 +243,7 @@ def _run_uvicorn(
         app,
         host=settings.server.host,
         port=settings.server.port,
+        http=_connections(runtime),
         ws=_sockets(runtime),
         loop="auto",  # uvloop where installed
         lifespan="on",
@@ -254,6 +255,14 @@ def _run_uvicorn(
     server.run(sockets=[sock] if sock else None)
     if server.started is False:
         sys.exit("parley: the server did not start (see the log above)")
+
+
+def _connections(runtime: Runtime | None) -> Any:
+    """uvicorn's `http` setting: in a web process, connections whose first request is for
+    `/ws` skip uvicorn's HTTP layer."""
+    if runtime is None or not runtime.web:
+        return "httptools"
+    return FrontDoorFactory(lambda: runtime.hub)
 
 
 def _sockets(runtime: Runtime | None) -> Any:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from redis.exceptions import RedisError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
@@ -48,6 +49,7 @@ log = logging.getLogger("parley.ws")
 CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
+SOCKET_REQUEST: Final = b"GET /ws"
 RECHECK: Final = 0.02
 """How soon an auth window that a timer found not quite over is checked again."""
 MAX_QUEUED: Final = 32
@@ -55,7 +57,8 @@ MAX_QUEUED: Final = 32
 
 
 class SocketFactory:
-    """What uvicorn calls, as its `ws` protocol class, for each upgrade request; the hub
+    """What uvicorn calls, as its `ws` protocol class, for an upgrade request that reached its
+    HTTP layer (one that came after other requests on a kept-alive connection). The hub
     exists once the app's lifespan has started, before uvicorn takes connections."""
 
     def __init__(self, hub: Callable[[], Hub | None]) -> None:
@@ -66,6 +69,51 @@ class SocketFactory:
         if hub is None:
             raise RuntimeError("a socket arrived before the web process started")
         return Connection(hub)
+
+
+class FrontDoorFactory:
+    """What uvicorn calls, as its `http` protocol class, for each accepted connection."""
+
+    def __init__(self, hub: Callable[[], Hub | None]) -> None:
+        self.hub = hub
+
+    def __call__(self, **uvicorn_args: Any) -> FrontDoor:
+        return FrontDoor(self.hub, uvicorn_args)
+
+
+class FrontDoor(asyncio.Protocol):
+    """A new connection, until its first bytes say what it is: a request for `/ws` makes it
+    a socket at once, with no HTTP layer before the WebSocket one (uvicorn's request parsing
+    and its hand-over cost a seventh of a connection's set-up); anything else goes to
+    uvicorn's httptools protocol as if it had had the connection from the start."""
+
+    __slots__ = ("_head", "_hub", "_transport", "_uvicorn_args")
+
+    def __init__(self, hub: Callable[[], Hub | None], uvicorn_args: dict[str, Any]) -> None:
+        self._hub = hub
+        self._uvicorn_args = uvicorn_args
+        self._transport: asyncio.Transport | None = None
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head + data
+        if len(head) < len(SOCKET_REQUEST) + 1 and (SOCKET_REQUEST + b" ").startswith(head):
+            self._head = head
+            return
+        hub = self._hub()
+        protocol: asyncio.Protocol
+        if hub is not None and head.startswith(SOCKET_REQUEST) and head[7:8] in (b" ", b"?"):
+            protocol = Connection(hub)
+        else:
+            protocol = HttpToolsProtocol(**self._uvicorn_args)
+        transport = self._transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(head)
 
 
 class Connection(asyncio.Protocol):

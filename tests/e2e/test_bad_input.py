@@ -117,29 +117,6 @@ async def test_silence_after_connect_gets_4408(cluster: Any) -> None:
     server.stop()
 
 
-@pytest.mark.parametrize(
-    ("request_bytes", "status"),
-    [
-        (b"GET /elsewhere HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 404),
-        (b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n", 426),
-        (b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n", 400),
-    ],
-)  # fmt: skip
-async def test_bad_upgrade_requests_get_an_http_status(
-    parley: Any, request_bytes: bytes, status: int
-) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", parley.port)
-    try:
-        writer.write(request_bytes)
-        response = await asyncio.wait_for(reader.read(), 5)  # the server closes after it
-    finally:
-        writer.close()
-    assert response.startswith(f"HTTP/1.1 {status} ".encode()), response
-
-
 def test_no_unhandled_exception_in_the_server_log(parley: Any) -> None:
     """Runs after the cases above on the same shared server."""
     log = parley.log()

@@ -241,29 +241,12 @@ class Bench:
             return
         web = Parley("web", self.env, WEB_CPU, self.work / "web.log").start()
         self.web = web
-        sentinel = self._sentinel(web)
         try:
             time.sleep(1.0)  # let start-up allocations settle before RSS is sampled
             yield web
         finally:
-            sentinel.terminate()
-            sentinel.wait(10)
             if not self.smoke:
                 web.stop()
-
-    def _sentinel(self, web: Parley) -> subprocess.Popen[bytes]:
-        """One socket held open for the web process's lifetime, so its pub/sub connection
-        always has a subscription: with none, Redis answers the bus's keep-alive PING with a
-        plain `PONG` that `server.bus` does not recognise, it declares the connection stalled,
-        reconnects and resyncs every listener at once (see docs/benchmarks.md, findings)."""
-        argv = [sys.executable, "-m", "server.cli", "load", "idle", "--sockets", "1",
-                "--no-join", "--duration", "86400", "--no-progress", "--no-charts",
-                "--url", f"ws://127.0.0.1:{web.port}/ws"]  # fmt: skip
-        log = (self.work / "sentinel.log").open("ab")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=log,
-                                preexec_fn=_pin(OTHER_CPU))  # fmt: skip
-        time.sleep(2.5)  # its socket is open before the workload starts
-        return proc
 
     def load(self, name: str, workload: str, *args: str) -> dict[str, Any]:
         """Run `parley load` pinned to CPU 1 against the current web process."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from protocol import wsframe
 from protocol.session import CloseCode
+from server import collector
 from server.auth import Verifier, load_secret
 from server.bus import Bus
 from server.chat import Chat
@@ -33,8 +33,6 @@ from storage.db import create_pool, migrate
 log = logging.getLogger("parley")
 
 PERSISTER_STOP_TIMEOUT = 5.0
-GC_YOUNG_THRESHOLD = 20_000
-"""Allocations between young collections (CPython's default is 700)."""
 
 
 @dataclass(kw_only=True)
@@ -74,7 +72,7 @@ class Runtime:
             await self._start_web()
         if self.worker:
             self._start_worker(events, turns)
-        _calm_collector()
+        collector.calm()
 
     async def _start_web(self) -> None:
         self._bus = Bus(self.settings.redis.url, wrap=wsframe.text)
@@ -142,14 +140,3 @@ class Runtime:
         with contextlib.suppress(Exception):
             checks["database"] = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 1.0)
         return checks
-
-
-def _calm_collector() -> None:
-    """Keep the cyclic garbage collector off the hot path. What start-up built (modules,
-    settings, pools) is frozen out of its sight, and young collections run after 20,000
-    allocations instead of 700: a connect storm allocates in bursts, and every older
-    collection walks each open socket's objects. Garbage is still collected."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+from server import collector
 from server.load.stats import ProcSample, Stats, cpu_percent, sample_process
 from server.load.workload import Driver, Plan
 
@@ -105,6 +106,7 @@ class Progress:
 def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     """On uvloop where installed, as the server runs: the generator shares a core with the
     server's Redis, and uvloop's transports cost it less per frame."""
+    collector.calm()
     try:
         import uvloop
     except ImportError:

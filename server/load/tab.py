@@ -270,7 +270,7 @@ class Tab:
         if kind == "token":
             d.tokens += 1
             if live:
-                if fr.message_id == self.message_id:
+                if fr.message_id == self.message_id and not d.publishing:
                     d.stats.record("gap", now - self.last_token_at, now)
                 elif conv.said_at and self.ttft_turn != conv.turn:
                     self.ttft_turn = conv.turn

@@ -83,6 +83,8 @@ class Driver:
         self.stop = stop
         self.endpoint = Endpoint(plan.url)
         self.stats = Stats()
+        # no gap between tokens for `publish`: the generator's own pacing would be measured
+        self.publishing = plan.workload == "publish"
         self.rng = random.Random(plan.seed * 1_000_003 + (indices[0] if indices else 0))
         self.convs = [Conv(i) for i in indices]
         for conv in self.convs:

@@ -1,6 +1,7 @@
 """What every socket of a web process shares: settings, the chat, the bus, the token
-verifier and the per-user connection count; the list of open sockets; the upgrade policy
-(path, Origin, draining); and one keepalive sweep for all sockets instead of a timer each."""
+verifier and the per-user connection count; the open sockets, and each user's; the upgrade
+policy (path, Origin, draining); the end-of-iteration write of every socket with frames; and
+one keepalive sweep for all sockets instead of a timer each."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from protocol.session import Action, Close, CloseCode, Command, Reply, Session, 
 from server.auth import AuthError, Principal
 from server.bus import BusUnavailable
 from server.chat import Refused
-from server.hub import Hub
+from server.hub import PATH, Hub
 from server.watch import Watch
 
 log = logging.getLogger("parley.ws")
@@ -49,7 +49,7 @@ log = logging.getLogger("parley.ws")
 CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
-SOCKET_REQUEST: Final = b"GET /ws"
+SOCKET_REQUEST: Final = b"GET " + PATH.encode()
 RECHECK: Final = 0.02
 """How soon an auth window that a timer found not quite over is checked again."""
 MAX_QUEUED: Final = 32
@@ -105,7 +105,8 @@ class FrontDoor(asyncio.Protocol):
             return
         hub = self._hub()
         protocol: asyncio.Protocol
-        if hub is not None and head.startswith(SOCKET_REQUEST) and head[7:8] in (b" ", b"?"):
+        after = head[len(SOCKET_REQUEST) : len(SOCKET_REQUEST) + 1]
+        if hub is not None and head.startswith(SOCKET_REQUEST) and after in (b" ", b"?"):
             protocol = Connection(hub)
         else:
             protocol = HttpToolsProtocol(**self._uvicorn_args)

@@ -302,6 +302,8 @@ def decode_client(data: bytes | str) -> ClientFrame:
         frame: ClientFrame = _client_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise _explain(data, exc) from None
+    except UnicodeDecodeError:  # a text frame that is not UTF-8 (msgspec raises this too)
+        raise FrameError("bad_frame", "a text frame must be UTF-8 JSON") from None
     return frame
 
 

@@ -64,11 +64,12 @@ class UpgradeRequest:
 class RequestParser:
     """Collects one upgrade request; the HTTP parser is dropped with this object."""
 
-    __slots__ = ("_header", "_parser", "_received", "request")
+    __slots__ = ("_parser", "_received", "request", "rest")
 
     def __init__(self) -> None:
         self.request = UpgradeRequest()
-        self._header = b""
+        self.rest = b""
+        """Bytes that followed the request in the same read: the client's first frames."""
         self._received = 0
         self._parser = httptools.HttpRequestParser(self)
 
@@ -79,8 +80,9 @@ class RequestParser:
             raise Refusal(431, "request header fields too large")
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             self.request.complete = True
+            self.rest = data[upgrade.args[0] :] if upgrade.args else b""
         except httptools.HttpParserError:
             raise Refusal(400, "malformed HTTP request") from None
         if not self.request.complete:

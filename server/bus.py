@@ -256,7 +256,10 @@ class Bus:
         seq = int(data[7 : data.index(b",", 7)]) if data.startswith(SEQ_PREFIX) else 0
         frame = data if channel in self._raw else self._wrap(data)
         for listener in tuple(listeners):
-            listener.on_event(seq, frame)
+            try:
+                listener.on_event(seq, frame)
+            except Exception:  # one listener's failure must not end the bus for all
+                log.exception("a listener of %r failed", channel)
 
     def _resync_all(self) -> None:
         for listeners in tuple(self._listeners.values()):

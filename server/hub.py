@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
+
+import msgspec
 
 from protocol import frames as f
 from protocol import keys, wsframe
@@ -24,6 +27,8 @@ from server.presence import Presence
 
 if TYPE_CHECKING:
     from server.ws import Connection
+
+log = logging.getLogger("parley.hub")
 
 PATH: Final = "/ws"
 MIN_SWEEP: Final = 0.25
@@ -73,7 +78,11 @@ class Hub:
 
     def on_event(self, seq: int, frame: bytes) -> None:
         """A `conversation_changed` for one user: to each of the user's sockets here."""
-        user, payload = keys.split_user_message(frame)
+        try:
+            user, payload = keys.split_user_message(frame)
+        except (ValueError, msgspec.DecodeError):
+            log.warning("ignored a malformed message on %s", keys.USERS)
+            return
         conns = self.users.get(user)
         if conns:
             framed = wsframe.text(payload)
@@ -92,6 +101,8 @@ class Hub:
         deadline = time.monotonic() + self.settings.server.shutdown_grace
         while (self.connections or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for conn in tuple(self.connections):  # their clients did not answer the close
+            conn.drop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +120,11 @@ class Hub:
         dirty, self._dirty = self._dirty, []
         self._flush_scheduled = False
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:
+                log.exception("writing to a socket failed; dropping it")
+                conn.drop()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a socket's clean-up; kept referenced until it ends, and waited for at close."""

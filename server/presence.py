@@ -74,14 +74,19 @@ class Presence:
         self._admitter: asyncio.Task[None] | None = None
         self._leaver: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         await self._beat()
         self._task = asyncio.create_task(self._heartbeat())
 
     async def stop(self) -> None:
+        """Counts of this process die with its heartbeat key, deleted here."""
+        self._stopped = True
         if self._task:
             self._task.cancel()
+        if self._admitter is not None:
+            self._admitter.cancel()
         if self._leaver is not None:
             await asyncio.wait([self._leaver], timeout=RETRY_AFTER * 2)
             self._leaver.cancel()
@@ -91,6 +96,8 @@ class Presence:
     async def admit(self, user: str) -> bool:
         """Count one more socket for `user`; False when the user is at the limit. Raises
         RedisError/OSError when Redis cannot be reached."""
+        if self._stopped:
+            raise ConnectionError("the web process is stopping")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._admitting.append((user, future))
         if self._admitter is None:
@@ -99,6 +106,8 @@ class Presence:
 
     def leave(self, user: str) -> None:
         """Count one socket fewer for `user` (sent with the next batch)."""
+        if self._stopped:
+            return
         self._leaving[user] += 1
         if self._leaver is None:
             self._leaver = asyncio.create_task(self._leave_batches())
@@ -114,14 +123,17 @@ class Presence:
                         args=[self.process, self.limit, keys.process("")],
                     )
                 except (RedisError, OSError) as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _fail(batch, exc)
                     continue
+                except asyncio.CancelledError:
+                    _fail(batch, ConnectionError("the web process is stopping"))
+                    raise
                 for (_, future), result in zip(batch, admitted, strict=True):
                     if not future.done():
                         future.set_result(bool(result))
         finally:
+            _fail(self._admitting, ConnectionError("the web process is stopping"))
+            self._admitting.clear()
             self._admitter = None
 
     async def _leave_batches(self) -> None:
@@ -151,3 +163,9 @@ class Presence:
                 await self._beat()
             except (RedisError, OSError) as exc:
                 log.warning("presence heartbeat failed: %s", exc)
+
+
+def _fail(waiting: list[tuple[str, asyncio.Future[bool]]], exc: Exception) -> None:
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(exc)

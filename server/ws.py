@@ -24,7 +24,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 from redis.exceptions import RedisError
@@ -50,6 +50,8 @@ CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
 SOCKET_REQUEST: Final = b"GET " + PATH.encode()
+HANDSHAKE_TIMEOUT: Final = 10.0
+"""How long a new connection has to send its whole upgrade request."""
 RECHECK: Final = 0.02
 """How soon an auth window that a timer found not quite over is checked again."""
 MAX_QUEUED: Final = 32
@@ -87,16 +89,23 @@ class FrontDoor(asyncio.Protocol):
     and its hand-over cost a seventh of a connection's set-up); anything else goes to
     uvicorn's httptools protocol as if it had had the connection from the start."""
 
-    __slots__ = ("_head", "_hub", "_transport", "_uvicorn_args")
+    __slots__ = ("_head", "_hub", "_timer", "_transport", "_uvicorn_args")
 
     def __init__(self, hub: Callable[[], Hub | None], uvicorn_args: dict[str, Any]) -> None:
         self._hub = hub
         self._uvicorn_args = uvicorn_args
         self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._head = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         head = self._head + data
@@ -112,6 +121,8 @@ class FrontDoor(asyncio.Protocol):
             protocol = HttpToolsProtocol(**self._uvicorn_args)
         transport = self._transport
         assert transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(head)
@@ -125,6 +136,7 @@ class Connection(asyncio.Protocol):
         "_handshake",
         "_pending",
         "_queue",
+        "_queue_full",
         "_runner",
         "closing",
         "hub",
@@ -134,6 +146,7 @@ class Connection(asyncio.Protocol):
         "paused",
         "reading_paused",
         "registered",
+        "released",
         "session",
         "transport",
         "watches",
@@ -151,12 +164,14 @@ class Connection(asyncio.Protocol):
         self.outbox: Outbox | None = None
         self.closing = False
         self.registered = False
+        self.released = False
         self.paused = False
         self.reading_paused = False
         self.last_seen = 0.0
         self._fragments: tuple[Opcode, list[bytes]] | None = None
         self._pending: list[bytes] | None = None
         self._queue: deque[Action] | None = None
+        self._queue_full = False
         self._runner: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._closer: asyncio.TimerHandle | None = None
@@ -165,19 +180,29 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            if self.ws is None:
+                self._handshake_received(data)
+            else:
+                self._frames_received(data)
+        except Exception:
+            log.exception("a socket failed; closing it")
+            self.close(CloseCode.INTERNAL, "internal error")
+
+    def _frames_received(self, data: bytes) -> None:
         ws = self.ws
-        if ws is None:
-            self._handshake_received(data)
-            return
+        assert ws is not None
         ws.receive_data(data)
         self.last_seen = time.monotonic()
         for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
+        self._act()  # before a close the client sent takes effect: what came first counts
         self._flush_ws()
-        self._act()
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
@@ -187,11 +212,28 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
         if self.outbox and self.transport is not None and not self.closing:
             self.transport.writelines(self.outbox.drain())
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read nothing while the client does not read (pongs would pile up in the
+        transport) or while too many of its frames wait for a command; read again to get
+        the client's answer to a close."""
+        transport = self.transport
+        if transport is None:
+            return
+        stop = (self.paused or self._queue_full) and not self.closing
+        if stop != self.reading_paused:
+            self.reading_paused = stop
+            if stop:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -221,9 +263,16 @@ class Connection(asyncio.Protocol):
             self._upgrade(request)
         except Refusal as refusal:
             self._handshake = None
-            self.closing = True
             self.transport.write(refuse(refusal.status, refusal.text))
-            self.transport.close()
+            self._shut()
+            return
+        if parser.rest:
+            self._frames_received(parser.rest)
+
+    def _handshake_expired(self) -> None:
+        self._expiry = None
+        if self.session is None and self.transport is not None:
+            self.drop()
 
     def _upgrade(self, request: UpgradeRequest) -> None:
         hub = self.hub
@@ -239,11 +288,13 @@ class Connection(asyncio.Protocol):
         self.last_seen = now
         hub.connections.add(self)
         loop = asyncio.get_running_loop()
+        if self._expiry is not None:
+            self._expiry.cancel()
         self._expiry = loop.call_later(hub.settings.auth.auth_timeout, self._tick)
         token = _bearer_token(offered) or hub.query_token(request)
         if token is not None:
             self.session.verifying = True
-            self._enqueue([Verify(token, None)])
+            self._enqueue(Verify(token, None))
 
     # ------------------------------------------------------------------ frames in
 
@@ -274,52 +325,52 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ actions
 
     def _act(self) -> None:
-        """Carry out the session's actions in order. Replies and closes happen now; a
-        command or a token check (and whatever follows it) goes to the runner task."""
+        """Carry out the session's actions in order. Replies happen now unless a command
+        is running; a command or a token check (and whatever follows it) goes to the runner
+        task. A close happens at once: the commands waiting are dropped, the replies sent."""
         session = self.session
         if session is None:
             return
-        actions = session.actions()
-        if self._queue is not None:
-            self._enqueue(actions)
-            return
-        for i, action in enumerate(actions):
-            if isinstance(action, Reply):
-                self.push_frame(action.frame)
-            elif isinstance(action, Close):
+        for action in session.actions():
+            if isinstance(action, Close):
+                for waiting in self._queue or ():
+                    if isinstance(waiting, Reply):
+                        self.push_frame(waiting.frame)
                 self.close(action.code, action.reason)
-            else:
-                self._enqueue(actions[i:])
                 return
+            if self._queue is None and isinstance(action, Reply):
+                self.push_frame(action.frame)
+            else:
+                self._enqueue(action)
 
-    def _enqueue(self, actions: Sequence[Action]) -> None:
-        if not actions:
-            return
+    def _enqueue(self, action: Action) -> None:
         if self._queue is None:
-            self._queue = deque(actions)
+            self._queue = deque((action,))
             self._runner = asyncio.get_running_loop().create_task(self._run())
         else:
-            self._queue.extend(actions)
-        if len(self._queue) > MAX_QUEUED and not self.reading_paused and self.transport:
-            self.reading_paused = True
-            self.transport.pause_reading()
+            self._queue.append(action)
+        if len(self._queue) > MAX_QUEUED and not self._queue_full:
+            self._queue_full = True
+            self._update_reading()
 
     async def _run(self) -> None:
+        """Commands the client sent before a close of its own (or before its connection
+        dropped) still run; a close of the server's empties the queue."""
         queue = self._queue
         assert queue is not None
         try:
-            while queue and not self.closing:
+            while queue and not self.released:
                 await self._carry_out(queue.popleft())
                 self._act()
-                if self.reading_paused and len(queue) <= MAX_QUEUED // 2 and self.transport:
-                    self.reading_paused = False
-                    self.transport.resume_reading()
+                if self._queue_full and len(queue) <= MAX_QUEUED // 2:
+                    self._queue_full = False
+                    self._update_reading()
         finally:
             self._queue = None
             self._runner = None
-            if self.reading_paused and self.transport is not None and not self.closing:
-                self.reading_paused = False
-                self.transport.resume_reading()
+            if self._queue_full:
+                self._queue_full = False
+                self._update_reading()
 
     async def _carry_out(self, action: Action) -> None:
         if isinstance(action, Reply):
@@ -353,6 +404,10 @@ class Connection(asyncio.Protocol):
         except (RedisError, OSError) as exc:
             log.warning("cannot admit a socket: %s", exc)
             session.close(CloseCode.TRY_AGAIN_LATER, "Redis is unavailable")
+            return
+        if self.released:  # the socket went while Redis answered: give the place back
+            if admitted:
+                hub.presence.leave(user)
             return
         if not admitted:
             session.close(CloseCode.TOO_MANY, "too many connections for this user")
@@ -457,6 +512,8 @@ class Connection(asyncio.Protocol):
         except BaseException:
             self._leave(conversation)
             raise
+        if self.released:  # the socket went meanwhile; nothing else will unsubscribe it
+            self._leave(conversation)
 
     def _leave(self, conversation: uuid.UUID) -> None:
         watch = self.watches.pop(conversation, None)
@@ -534,10 +591,13 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        if self._queue:
+            self._queue.clear()
         self._leave_all()
         transport = self.transport
         if transport is None:
             return
+        self._update_reading()
         frames = [*(self.outbox.drain() if self.outbox else ()), *(self._pending or ())]
         self._pending = None
         if frames and code != CloseCode.TRY_AGAIN_LATER:
@@ -545,7 +605,8 @@ class Connection(asyncio.Protocol):
         if self.ws is not None and self.ws.state is WsState.OPEN:
             self.ws.send_close(int(code), reason)
             self._flush_ws()
-        self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        if self._closer is None:
+            self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def _flush_ws(self) -> None:
         """Write what the sans-I/O protocol produced (handshake response, pongs, close); its
@@ -557,10 +618,20 @@ class Connection(asyncio.Protocol):
             if data:
                 transport.write(data)
             else:
-                self.closing = True
-                self._leave_all()
-                transport.close()
+                self._shut()
                 return
+
+    def _shut(self) -> None:
+        """Close the TCP connection once what is buffered is written, and cut it if the
+        client does not read that in time."""
+        self.closing = True
+        self._leave_all()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if self._closer is None:
+            self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     async def _cleanup(self) -> None:
         """Let a command still in flight when the TCP connection went finish first."""
@@ -574,6 +645,7 @@ class Connection(asyncio.Protocol):
     def _release(self) -> None:
         """Give back the socket's user subscription and its place in the user's count."""
         hub = self.hub
+        self.released = True
         user = self.session.user if self.session else None
         if user is not None and self.registered:
             self.registered = False

@@ -7,8 +7,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
+from protocol import frames as f
 from tests.conftest import ParleyProcess, mint, new_user
 
 UPGRADE = (
@@ -72,3 +78,79 @@ async def test_bad_upgrade_requests_get_an_http_status(
     finally:
         writer.close()
     assert response.startswith(f"HTTP/1.1 {status} ".encode()), response
+
+
+def client_frame(opcode: Opcode, payload: bytes) -> bytes:
+    return Frame(opcode, payload).serialize(mask=True)
+
+
+async def server_frames(reader: asyncio.StreamReader, count: int) -> list[Frame]:
+    """Read `count` frames the server sent (unmasked, so websockets' client parser reads them)."""
+    parser = ClientProtocol(parse_uri("ws://127.0.0.1/ws"), state=State.OPEN)
+    frames: list[Frame] = []
+    while len(frames) < count:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, f"the server hung up after {frames}"
+        parser.receive_data(data)
+        frames += [e for e in parser.events_received() if isinstance(e, Frame)]
+    return frames
+
+
+async def open_raw(parley: ParleyProcess, user: str, first: bytes = b"") -> Any:
+    """A socket by hand: the upgrade (and `first`, in the same write), then the 101. With
+    `first`, the token is not in the upgrade: `first` must hold the `auth` frame."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", parley.port)
+    upgrade = UPGRADE.format(token=mint(user))
+    if first:
+        upgrade = upgrade.replace(
+            upgrade[upgrade.index(", bearer.") : upgrade.index("\r\n\r\n")], ""
+        )
+    writer.write(upgrade.encode() + first)
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+    return reader, writer
+
+
+async def test_frames_sent_with_the_upgrade_request_are_read(parley: ParleyProcess) -> None:
+    user = new_user()
+    auth = f.encode(f.Auth(token=mint(user), ref="early"))
+    reader, writer = await open_raw(parley, user, first=client_frame(Opcode.TEXT, auth))
+    try:
+        [ready] = (f.decode_server(fr.data) for fr in await server_frames(reader, 1))
+        assert isinstance(ready, f.Ready) and ready.ref == "early" and ready.user == user
+    finally:
+        writer.close()
+
+
+async def test_a_text_frame_that_is_not_utf8_gets_an_error(parley: ParleyProcess) -> None:
+    reader, writer = await open_raw(parley, new_user())
+    try:
+        writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"\xff"}'))
+        writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"after"}'))
+        _, error, pong = (f.decode_server(fr.data) for fr in await server_frames(reader, 3))
+        assert isinstance(error, f.Error) and error.code == "bad_frame"
+        assert isinstance(pong, f.Pong) and pong.ref == "after"
+    finally:
+        writer.close()
+
+
+async def test_a_command_sent_just_before_the_clients_close_still_runs(
+    parley: ParleyProcess,
+) -> None:
+    user = new_user()
+    reader, writer = await open_raw(parley, user)
+    try:
+        await server_frames(reader, 1)  # ready
+        create = client_frame(Opcode.TEXT, b'{"type":"create","title":"last words"}')
+        writer.write(create + client_frame(Opcode.CLOSE, b"\x03\xe8"))
+        await asyncio.wait_for(reader.read(), 5)  # the server answers the close and hangs up
+    finally:
+        writer.close()
+    async with httpx.AsyncClient(base_url=parley.url) as http:
+        for _ in range(50):
+            listed = await http.get(
+                "/api/conversations", headers={"Authorization": f"Bearer {mint(user)}"}
+            )
+            if [c["title"] for c in listed.json()] == ["last words"]:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the conversation was not created: {listed.json()}")

@@ -50,3 +50,9 @@ def test_events_are_encoded_without_seq_and_spliced() -> None:
 def test_optional_fields_are_absent_not_null() -> None:
     assert f.encode(f.Pong()) == b'{"type":"pong"}'
     assert b"null" not in f.encode(f.Ack(message_id=uuid.uuid4()))
+
+
+def test_a_frame_that_is_not_utf8_is_a_bad_frame() -> None:
+    with pytest.raises(f.FrameError) as bad:
+        f.decode_client(b'{"type":"ping","ref":"\xff"}')
+    assert bad.value.code == "bad_frame"

@@ -115,8 +115,5 @@ class Outbox:
         self.size = 0
         return frames
 
-    def __len__(self) -> int:
-        return len(self._frames or ())
-
     def __bool__(self) -> bool:
         return bool(self._frames)

@@ -24,7 +24,7 @@ from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
-from server.ws import FrontDoorFactory, SocketFactory
+from server.ws import Entrance
 
 log = logging.getLogger("parley")
 
@@ -243,8 +243,7 @@ def _run_uvicorn(
         app,
         host=settings.server.host,
         port=settings.server.port,
-        http=_connections(runtime),
-        ws=_sockets(runtime),
+        **_protocols(runtime),
         loop="auto",  # uvloop where installed
         lifespan="on",
         access_log=False,
@@ -257,19 +256,13 @@ def _run_uvicorn(
         sys.exit("parley: the server did not start (see the log above)")
 
 
-def _connections(runtime: Runtime | None) -> Any:
-    """uvicorn's `http` setting: in a web process, connections whose first request is for
-    `/ws` skip uvicorn's HTTP layer."""
+def _protocols(runtime: Runtime | None) -> dict[str, Any]:
+    """uvicorn's `http` and `ws` settings: in a web process, Parley's own (`server.ws`), so
+    that connections whose first request is for `/ws` skip uvicorn's HTTP layer."""
     if runtime is None or not runtime.web:
-        return "httptools"
-    return FrontDoorFactory(lambda: runtime.hub)
-
-
-def _sockets(runtime: Runtime | None) -> Any:
-    """uvicorn's `ws` setting: Parley's own socket protocol in a web process, none elsewhere."""
-    if runtime is None or not runtime.web:
-        return "none"
-    return SocketFactory(lambda: runtime.hub)
+        return {"http": "httptools", "ws": "none"}
+    entrance = Entrance(lambda: runtime.hub)
+    return {"http": entrance.http, "ws": entrance.ws}
 
 
 def _loopback(host: str) -> str:

@@ -1,7 +1,7 @@
 """The socket: one WebSocket connection, from the upgrade request to the close.
 
 uvicorn parses HTTP; a request that asks for an upgrade is handed, transport and all, to a
-`Connection` (an asyncio Protocol made by `SocketFactory`). It answers the opening handshake
+`Connection` (an asyncio Protocol made by `Entrance`). It answers the opening handshake
 (`protocol.handshake`), then parses frames with `websockets`' sans-I/O `ServerProtocol`,
 which also answers pings and the closing handshake. Nothing waits on an idle socket: no task,
 no queue. What a client sends goes through the sans-I/O `Session`, whose actions are carried
@@ -58,29 +58,23 @@ MAX_QUEUED: Final = 32
 """Actions waiting behind a running command before the socket stops reading."""
 
 
-class SocketFactory:
-    """What uvicorn calls, as its `ws` protocol class, for an upgrade request that reached its
-    HTTP layer (one that came after other requests on a kept-alive connection). The hub
-    exists once the app's lifespan has started, before uvicorn takes connections."""
+class Entrance:
+    """uvicorn's two protocol classes in a web process. `http` takes every accepted
+    connection (see `FrontDoor`); `ws` takes an upgrade request that reached uvicorn's HTTP
+    layer, one that came after other requests on a kept-alive connection. The hub exists
+    once the app's lifespan has started, before uvicorn takes connections."""
 
     def __init__(self, hub: Callable[[], Hub | None]) -> None:
         self.hub = hub
 
-    def __call__(self, **_: Any) -> Connection:
+    def http(self, **uvicorn_args: Any) -> FrontDoor:
+        return FrontDoor(self.hub, uvicorn_args)
+
+    def ws(self, **_: Any) -> Connection:
         hub = self.hub()
         if hub is None:
             raise RuntimeError("a socket arrived before the web process started")
         return Connection(hub)
-
-
-class FrontDoorFactory:
-    """What uvicorn calls, as its `http` protocol class, for each accepted connection."""
-
-    def __init__(self, hub: Callable[[], Hub | None]) -> None:
-        self.hub = hub
-
-    def __call__(self, **uvicorn_args: Any) -> FrontDoor:
-        return FrontDoor(self.hub, uvicorn_args)
 
 
 class FrontDoor(asyncio.Protocol):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from protocol import frames as f  # noqa: E402
 from server import embedded  # noqa: E402
-from server.client import Client  # noqa: E402
+from server.dev.client import Client  # noqa: E402
 from tests.conftest import SECRET, mint  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def main() -> None:
         log = Path(tmp) / "serve.log"
         with log.open("w") as out:
             server = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+                [sys.executable, "-m", "server.app.cli", "serve", "--port", str(port)],
                 cwd=ROOT,
                 env=env,
                 stdout=out,

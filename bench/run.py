@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # the full run (~4 minutes), writes docs/benchmarks.md
     .venv/bin/python bench/run.py --smoke    # <= 30 s, small numbers, writes nothing to docs/
 
-It starts its own Redis and PostgreSQL (server.embedded) in a temporary directory, `parley
+It starts its own Redis and PostgreSQL (server.dev.embedded) in a temporary directory, `parley
 web` pinned to CPU 0, and `parley worker`, Redis, PostgreSQL and the load generator (`parley
 load`) pinned to CPU 1, then runs each workload with `parley load` and writes the results
 table, the machine, the versions and the exact commands to docs/benchmarks.md (between the
@@ -168,7 +168,7 @@ class Parley:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Parley:
-        args = [sys.executable, "-m", "server.cli", self.role]
+        args = [sys.executable, "-m", "server.app.cli", self.role]
         if self.role == "web":
             self.port = embedded.free_port()
             args += ["--port", str(self.port)]
@@ -253,7 +253,7 @@ class Bench:
         assert self.web is not None
         out = self.out_dir / f"{name}.json"
         argv = [
-            "server.cli",
+            "server.app.cli",
             "load",
             workload,
             "--url",

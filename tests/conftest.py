@@ -24,8 +24,8 @@ import jwt
 import pytest
 import pytest_asyncio
 
-from server import embedded
-from server.client import Client
+from server.dev import embedded
+from server.dev.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "parley-test-secret-0123456789abcdef0123456789"
@@ -90,7 +90,7 @@ class ParleyProcess:
         return self.proc.pid
 
     def start(self, wait: bool = True) -> ParleyProcess:
-        args = [sys.executable, "-m", "server.cli", self.role, *self.extra]
+        args = [sys.executable, "-m", "server.app.cli", self.role, *self.extra]
         if self.role in ("serve", "web"):
             args += ["--port", str(self.port)]
         log = self.log_path.open("ab")

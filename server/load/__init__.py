@@ -36,7 +36,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from server.config import Settings
+from server.app.config import Settings
 from server.load.workload import WORKLOADS, Plan
 
 DEFAULTS = {
@@ -174,7 +174,7 @@ def _tokens(args: argparse.Namespace, settings: Settings, conversations: int) ->
         if not tokens:
             raise SystemExit(f"parley load: no tokens in {args.tokens_file}")
         return tokens
-    from server.auth import Verifier, load_secret
+    from server.edge.auth import Verifier, load_secret
 
     secret = args.secret or load_secret(settings.auth, settings.data_path)
     verifier = Verifier(settings.auth, secret)

@@ -3,7 +3,7 @@
 The `publish` workload uses this to offer the web process a known frame rate with a publish
 time stamped into every frame, so what it measures is the fan-out (Redis pub/sub -> web
 process -> tab), not the model or the worker. It speaks RESP over a bare asyncio stream and
-pipelines `EVALSHA` of the same append script Parley's worker runs (`server.eventlog`): the
+pipelines `EVALSHA` of the same append script Parley's worker runs (`server.redis.eventlog`): the
 seq is taken, the frame appended to the log and PUBLISHed in one atomic step.
 """
 
@@ -14,7 +14,7 @@ import collections
 import contextlib
 from urllib.parse import urlsplit
 
-from server.eventlog import APPEND_SCRIPT
+from server.redis.eventlog import APPEND_SCRIPT
 
 
 def _bulk(value: bytes) -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from server import collector
+from server.app import collector
 from server.load.stats import ProcSample, Stats, cpu_percent, sample_process
 from server.load.workload import Driver, Plan
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from protocol import frames as f
-from protocol import keys
 from server.load.publisher import Publisher
 from server.load.stats import Stats, sample_process
 from server.load.tab import STAMP, Conv, RequestFailed, Tab
 from server.load.wsclient import Endpoint
+from server.redis import keys
 
 WORKLOADS: Final = ("idle", "chat", "fanout", "publish")
 CHURN_TICK: Final = 0.1

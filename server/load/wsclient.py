@@ -1,6 +1,6 @@
 """A minimal RFC 6455 WebSocket client on a bare asyncio Protocol, for the load generator.
 
-The `websockets` library (what `server.client` uses) costs tens of microseconds per frame in
+The `websockets` library (what `server.dev.client` uses) costs tens of microseconds per frame in
 the client; a load generator that shares a core with the server under test must spend as little
 as possible, so this one does only what a Parley tab needs: the upgrade request (subprotocols
 `parley.v1` and `bearer.<JWT>`), unmasked text frames from the server, masked text frames to

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from protocol import frames as f
-from server.client import Client
+from server.dev.client import Client
 from tests.e2e.test_core import say_and_finish, start_conversation
 
 BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [

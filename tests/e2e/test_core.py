@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from protocol import frames as f
-from server.client import Client, ProtocolError
+from server.dev.client import Client, ProtocolError
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 
 SLOW = "[sim:tokens=60][sim:tps=120]"

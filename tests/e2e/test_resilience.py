@@ -33,9 +33,9 @@ import websockets
 from redis.asyncio import Redis
 
 from protocol import frames as f
-from protocol import keys
-from server import embedded
-from server.client import Client, ProtocolError
+from server.dev import embedded
+from server.dev.client import Client, ProtocolError
+from server.redis import keys
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 from tests.e2e.test_core import persisted, start_conversation, transcript, wait_persisted
 from tests.e2e.test_scale import (

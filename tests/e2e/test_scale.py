@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from protocol import frames as f
-from protocol import keys
-from server import embedded
-from server.client import Client, ProtocolError
+from server.dev import embedded
+from server.dev.client import Client, ProtocolError
+from server.redis import keys
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 from tests.e2e.test_core import (
     assert_contiguous,

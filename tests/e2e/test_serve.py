@@ -6,8 +6,8 @@ import signal
 from pathlib import Path
 
 from protocol import frames as f
-from server.client import Client
-from server.embedded import free_port
+from server.dev.client import Client
+from server.dev.embedded import free_port
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 from tests.e2e.test_core import say_and_finish, start_conversation
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from server.auth import AuthError, Verifier, load_secret
-from server.config import AuthSettings
+from server.app.config import AuthSettings
+from server.edge.auth import AuthError, Verifier, load_secret
 
 SECRET = "x" * 40
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from server import bus as bus_module
-from server.bus import Bus
+from server.edge import bus as bus_module
+from server.edge.bus import Bus
 from tests.conftest import Services
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, Settings, load
+from server.app.config import ConfigError, Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 import redis
 
-from server import embedded
-from server.embedded import EmbeddedError, Service, start_postgres, start_redis
+from server.dev import embedded
+from server.dev.embedded import EmbeddedError, Service, start_postgres, start_redis
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and prctl")
 
@@ -121,7 +121,7 @@ def test_servers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
         f"""
         import json, time
         from pathlib import Path
-        from server.embedded import start_postgres, start_redis
+        from server.dev.embedded import start_postgres, start_redis
         data = Path({str(tmp_path)!r})
         services = [start_redis(data), start_postgres(data, fast=True)]
         print(json.dumps([s.pid for s in services]), flush=True)

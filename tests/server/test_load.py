@@ -21,7 +21,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     out = tmp_path / "chat.json"
     args = [
-        sys.executable, "-m", "server.cli", "load", "chat",
+        sys.executable, "-m", "server.app.cli", "load", "chat",
         "--url", parley.ws_url,
         "--conversations", "2", "--tabs", "2",
         "--duration", "5", "--rate", "1", "--churn", "0.3",
@@ -51,7 +51,7 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
 
 def test_load_refuses_more_than_max_connections(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "load", "idle", "--sockets", "50",
+        [sys.executable, "-m", "server.app.cli", "load", "idle", "--sockets", "50",
          "--max-connections", "10", "--url", "ws://127.0.0.1:9/ws"],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=60,
     )  # fmt: skip

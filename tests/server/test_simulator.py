@@ -12,7 +12,7 @@ import pytest_asyncio
 import uvicorn
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from server.simulator import SimulatorSettings, SimulatorStats, simulator_app
+from server.dev.simulator import SimulatorSettings, SimulatorStats, simulator_app
 
 FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
 

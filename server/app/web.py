@@ -1,6 +1,6 @@
 """The Litestar application: REST routes, the UI, the simulated model and the lifespan that
 opens and closes the process's resources. No business logic here. The WebSocket endpoint is
-not a Litestar route: uvicorn hands upgrade requests straight to `server.ws`."""
+not a Litestar route: uvicorn hands upgrade requests straight to `server.edge.connection`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 from litestar import Litestar
 from litestar.static_files import create_static_files_router
 
-from server.api import ROUTES
-from server.runtime import Runtime
-from server.simulator import SimulatorSettings, SimulatorStats, simulator_router
+from server.app.runtime import Runtime
+from server.dev.simulator import SimulatorSettings, SimulatorStats, simulator_router
+from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent / "static"
 

@@ -1,6 +1,6 @@
 """The model, reached only through the `openai` client against an OpenAI-compatible endpoint.
 
-With no endpoint configured the base URL is Parley's own simulated model (server/simulator.py),
+With no endpoint configured the base URL is Parley's own simulated model (server/dev/simulator.py),
 served over real HTTP, so the same code path runs in development, tests and production.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import openai
 
 from protocol.frames import DoneReason, Usage
-from server.config import LLMSettings
+from server.app.config import LLMSettings
 
 SIMULATED_KEY = "parley-simulated"
 

@@ -29,15 +29,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import frames as f
-from protocol import keys
 from protocol.context import build_prompt
 from protocol.transcript import status_of
-from server.bus import Bus
-from server.chat import Chat
-from server.config import Settings
-from server.eventlog import EventLog, Pipeliner, encode
-from server.llm import LLM, Finished, Piece
-from server.turns import Entry, Job, Turns, read_group, text_of
+from server.app.config import Settings
+from server.edge.bus import Bus
+from server.edge.conversations import Chat
+from server.generation.llm import LLM, Finished, Piece
+from server.redis import keys
+from server.redis.eventlog import EventLog, Pipeliner, encode
+from server.redis.turns import Entry, Job, Turns, read_group, text_of
 from storage.messages import FinishedTurn
 
 log = logging.getLogger("parley.worker")

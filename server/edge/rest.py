@@ -13,9 +13,9 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from protocol import frames as f
 from protocol.asyncapi import render
-from server.auth import AuthError
-from server.chat import Refused
-from server.runtime import Runtime
+from server.app.runtime import Runtime
+from server.edge.auth import AuthError
+from server.edge.conversations import Refused
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\w.@-]+$")]
 

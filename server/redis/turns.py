@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from protocol import keys
 from protocol.frames import Message
-from server.eventlog import APPEND_FUNCTION, RECENT_KEPT, encode
+from server.redis import keys
+from server.redis.eventlog import APPEND_FUNCTION, RECENT_KEPT, encode
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -21,10 +21,10 @@ from protocol import frames as f
 from protocol import wsframe
 from protocol.resume import Cursor, Outcome, Verdict
 from protocol.session import CloseCode
-from server.chat import Refused
+from server.edge.conversations import Refused
 
 if TYPE_CHECKING:
-    from server.ws import Connection
+    from server.edge.connection import Connection
 
 log = logging.getLogger("parley.watch")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jwt
 
-from server.config import AuthSettings
+from server.app.config import AuthSettings
 
 SECRET_FILE = "jwt_secret"
 VERIFIED_CACHE_SIZE = 10_000

@@ -16,18 +16,18 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from protocol import wsframe
 from protocol.session import CloseCode
-from server import collector
-from server.auth import Verifier, load_secret
-from server.bus import Bus
-from server.chat import Chat
-from server.config import Settings
-from server.eventlog import EventLog
-from server.hub import Hub
-from server.llm import LLM
-from server.persister import Persister
-from server.presence import Presence
-from server.turns import Turns
-from server.worker import Worker
+from server.app import collector
+from server.app.config import Settings
+from server.edge.auth import Verifier, load_secret
+from server.edge.bus import Bus
+from server.edge.conversations import Chat
+from server.edge.hub import Hub
+from server.generation.llm import LLM
+from server.generation.persister import Persister
+from server.generation.worker import Worker
+from server.redis.eventlog import EventLog
+from server.redis.presence import Presence
+from server.redis.turns import Turns
 from storage.db import create_pool, migrate
 
 log = logging.getLogger("parley")

@@ -18,13 +18,13 @@ import msgspec
 import uvicorn
 
 from protocol.session import CloseCode
-from server import embedded
-from server.app import configure_logging, create_app
-from server.auth import Verifier, load_secret
-from server.config import ConfigError, Settings, load
-from server.runtime import Runtime
-from server.simulator import SimulatorStats
-from server.ws import Entrance
+from server.app.config import ConfigError, Settings, load
+from server.app.runtime import Runtime
+from server.app.web import configure_logging, create_app
+from server.dev import embedded
+from server.dev.simulator import SimulatorStats
+from server.edge.auth import Verifier, load_secret
+from server.edge.connection import Entrance
 
 log = logging.getLogger("parley")
 
@@ -136,7 +136,7 @@ def token_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def model(settings: Settings, args: argparse.Namespace) -> None:
-    from server.simulator import SimulatorSettings, simulator_app
+    from server.dev.simulator import SimulatorSettings, simulator_app
 
     s = settings.simulator
     app = simulator_app(
@@ -257,8 +257,9 @@ def _run_uvicorn(
 
 
 def _protocols(runtime: Runtime | None) -> dict[str, Any]:
-    """uvicorn's `http` and `ws` settings: in a web process, Parley's own (`server.ws`), so
-    that connections whose first request is for `/ws` skip uvicorn's HTTP layer."""
+    """uvicorn's `http` and `ws` settings: in a web process, Parley's own
+    (`server.edge.connection`), so that connections whose first request is for `/ws` skip
+    uvicorn's HTTP layer."""
     if runtime is None or not runtime.web:
         return {"http": "httptools", "ws": "none"}
     entrance = Entrance(lambda: runtime.hub)

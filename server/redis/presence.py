@@ -24,7 +24,7 @@ from typing import Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from protocol import keys
+from server.redis import keys
 
 log = logging.getLogger("parley.presence")
 

@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
-from protocol import keys
-from server.config import Settings
-from server.eventlog import UNLOADED, CachedMeta, EventLog, encode
-from server.turns import Accepted, Job, Outcome, Turns
+from server.app.config import Settings
+from server.redis import keys
+from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
+from server.redis.turns import Accepted, Job, Outcome, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 

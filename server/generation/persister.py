@@ -18,9 +18,9 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from protocol import keys
-from server.eventlog import EventLog
-from server.turns import read_group
+from server.redis import keys
+from server.redis.eventlog import EventLog
+from server.redis.turns import read_group
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")

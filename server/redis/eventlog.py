@@ -25,8 +25,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError
 
-from protocol import keys
 from protocol.frames import Conversation, Message
+from server.redis import keys
 
 UNLOADED: Final = -1
 LOST: Final = -2

@@ -34,15 +34,16 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from protocol import frames as f
-from protocol import keys, wsframe
+from protocol import wsframe
 from protocol.handshake import Refusal, RequestParser, UpgradeRequest, accept, refuse
 from protocol.outbox import Outbox
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
-from server.auth import AuthError, Principal
-from server.bus import BusUnavailable
-from server.chat import Refused
-from server.hub import PATH, Hub
-from server.watch import Watch
+from server.edge.auth import AuthError, Principal
+from server.edge.bus import BusUnavailable
+from server.edge.conversations import Refused
+from server.edge.hub import PATH, Hub
+from server.edge.watch import Watch
+from server.redis import keys
 
 log = logging.getLogger("parley.ws")
 

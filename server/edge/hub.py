@@ -16,17 +16,18 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from protocol import frames as f
-from protocol import keys, wsframe
+from protocol import wsframe
 from protocol.handshake import Refusal, UpgradeRequest
 from protocol.session import CloseCode, SessionLimits
-from server.auth import Principal, Verifier
-from server.bus import Bus
-from server.chat import Chat
-from server.config import Settings
-from server.presence import Presence
+from server.app.config import Settings
+from server.edge.auth import Principal, Verifier
+from server.edge.bus import Bus
+from server.edge.conversations import Chat
+from server.redis import keys
+from server.redis.presence import Presence
 
 if TYPE_CHECKING:
-    from server.ws import Connection
+    from server.edge.connection import Connection
 
 log = logging.getLogger("parley.hub")
 

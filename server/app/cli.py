@@ -24,7 +24,7 @@ from server.app.web import configure_logging, create_app
 from server.dev import embedded
 from server.dev.simulator import SimulatorStats
 from server.edge.auth import Verifier, load_secret
-from server.edge.connection import Entrance
+from server.edge.entrance import Entrance
 
 log = logging.getLogger("parley")
 
@@ -258,7 +258,7 @@ def _run_uvicorn(
 
 def _protocols(runtime: Runtime | None) -> dict[str, Any]:
     """uvicorn's `http` and `ws` settings: in a web process, Parley's own
-    (`server.edge.connection`), so that connections whose first request is for `/ws` skip
+    (`server.edge.entrance`), so that connections whose first request is for `/ws` skip
     uvicorn's HTTP layer."""
     if runtime is None or not runtime.web:
         return {"http": "httptools", "ws": "none"}

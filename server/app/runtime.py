@@ -21,6 +21,7 @@ from server.app.config import Settings
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
 from server.edge.conversations import Chat
+from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
 from server.generation.llm import LLM
 from server.generation.persister import Persister
@@ -79,7 +80,14 @@ class Runtime:
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
-        self.hub = Hub(self.settings, self.chat, self._bus, self.verifier, self._presence)
+        self.hub = Hub(
+            self.settings,
+            self.chat,
+            self._bus,
+            self.verifier,
+            self._presence,
+            UpgradePolicy(self.settings),
+        )
         await self.hub.start()
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:

@@ -1,12 +1,12 @@
-"""The socket: one WebSocket connection, from the upgrade request to the close.
+"""The socket: one WebSocket connection, from the upgrade request to the close — the transport
+and the WebSocket protocol, not what the client asks for (`server.edge.commands`).
 
 uvicorn parses HTTP; a request that asks for an upgrade is handed, transport and all, to a
-`Connection` (an asyncio Protocol made by `Entrance`). It answers the opening handshake
-(`protocol.handshake`), then parses frames with `websockets`' sans-I/O `ServerProtocol`,
-which also answers pings and the closing handshake. Nothing waits on an idle socket: no task,
-no queue. What a client sends goes through the sans-I/O `Session`, whose actions are carried
-out in order; those that need Redis or PostgreSQL run on a task made for the purpose, which
-ends when they are done.
+`Connection` (an asyncio Protocol made by `server.edge.entrance`). It answers the opening
+handshake (`protocol.handshake`) as the hub's `UpgradePolicy` decides, then parses frames with
+`websockets`' sans-I/O `ServerProtocol`, which also answers pings and the closing handshake,
+reassembles fragmented messages and hands each message to its `Handler` (`Commands`). Nothing
+waits on an idle socket: no task, no queue.
 
 Frames to the client go to the transport at the end of the loop iteration that produced
 them (`Hub.mark_dirty`), all of a socket's in one write. A published event arrives already
@@ -19,16 +19,12 @@ than events arrive, the transport pauses the protocol and frames wait in the soc
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-import secrets
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from redis.exceptions import RedisError
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
@@ -37,146 +33,131 @@ from protocol import frames as f
 from protocol import wsframe
 from protocol.handshake import Refusal, RequestParser, UpgradeRequest, accept, refuse
 from protocol.outbox import Outbox
-from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
-from server.edge.auth import AuthError, Principal
-from server.edge.bus import BusUnavailable
-from server.edge.conversations import Refused
-from server.edge.hub import PATH, Hub
-from server.edge.watch import Watch
-from server.redis import keys
+from protocol.session import CloseCode
+from server.edge.commands import Commands
+
+if TYPE_CHECKING:
+    from server.edge.hub import Hub
 
 log = logging.getLogger("parley.ws")
 
 CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
-SOCKET_REQUEST: Final = b"GET " + PATH.encode()
 HANDSHAKE_TIMEOUT: Final = 10.0
 """How long a new connection has to send its whole upgrade request."""
-RECHECK: Final = 0.02
-"""How soon an auth window that a timer found not quite over is checked again."""
-MAX_QUEUED: Final = 32
-"""Actions waiting behind a running command before the socket stops reading."""
 
 
-class Entrance:
-    """uvicorn's two protocol classes in a web process. `http` takes every accepted
-    connection (see `FrontDoor`); `ws` takes an upgrade request that reached uvicorn's HTTP
-    layer, one that came after other requests on a kept-alive connection. The hub exists
-    once the app's lifespan has started, before uvicorn takes connections."""
+class Phase(enum.IntEnum):
+    """Where a connection is in its life; it only moves forward."""
 
-    def __init__(self, hub: Callable[[], Hub | None]) -> None:
-        self.hub = hub
-
-    def http(self, **uvicorn_args: Any) -> FrontDoor:
-        return FrontDoor(self.hub, uvicorn_args)
-
-    def ws(self, **_: Any) -> Connection:
-        hub = self.hub()
-        if hub is None:
-            raise RuntimeError("a socket arrived before the web process started")
-        return Connection(hub)
+    HANDSHAKE = 0
+    """Reading the upgrade request."""
+    OPEN = 1
+    """Upgraded: frames flow both ways."""
+    CLOSING = 2
+    """A close was decided (a close frame sent, a refusal, the TCP close under way): no
+    frame is queued for the client any more; reading goes on only for its answer."""
+    CLOSED = 3
+    """The TCP connection is gone; a command may still be running."""
+    RELEASED = 4
+    """What the socket held (its place in the user's count, its subscriptions) is given
+    back."""
 
 
-class FrontDoor(asyncio.Protocol):
-    """A new connection, until its first bytes say what it is: a request for `/ws` makes it
-    a socket at once, with no HTTP layer before the WebSocket one (uvicorn's request parsing
-    and its hand-over cost a seventh of a connection's set-up); anything else goes to
-    uvicorn's httptools protocol as if it had had the connection from the start."""
+class Handler(Protocol):
+    """What a connection hands the client's messages to, and tells about its end
+    (`server.edge.commands.Commands`)."""
 
-    __slots__ = ("_head", "_hub", "_timer", "_transport", "_uvicorn_args")
+    def start(self, token: str | None) -> None: ...
 
-    def __init__(self, hub: Callable[[], Hub | None], uvicorn_args: dict[str, Any]) -> None:
-        self._hub = hub
-        self._uvicorn_args = uvicorn_args
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._head = b""
+    def receive_text(self, data: bytes, now: float) -> None: ...
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._transport.abort)
+    def receive_binary(self, now: float) -> None: ...
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+    def act(self) -> None:
+        """Carry out what the messages of one read asked for."""
 
-    def data_received(self, data: bytes) -> None:
-        head = self._head + data
-        if len(head) < len(SOCKET_REQUEST) + 1 and (SOCKET_REQUEST + b" ").startswith(head):
-            self._head = head
-            return
-        hub = self._hub()
-        protocol: asyncio.Protocol
-        after = head[len(SOCKET_REQUEST) : len(SOCKET_REQUEST) + 1]
-        if hub is not None and head.startswith(SOCKET_REQUEST) and after in (b" ", b"?"):
-            protocol = Connection(hub)
-        else:
-            protocol = HttpToolsProtocol(**self._uvicorn_args)
-        transport = self._transport
-        assert transport is not None
-        if self._timer is not None:
-            self._timer.cancel()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(head)
+    def closing(self, drop_waiting: bool) -> None: ...
+
+    def connection_lost(self) -> None:
+        """The TCP connection is gone; call `Connection.release` once nothing is held."""
+
+
+Opener = Callable[["Connection", "Hub"], Handler]
+"""Makes the handler of a socket that was just upgraded."""
 
 
 class Connection(asyncio.Protocol):
+    """The transport side of a socket. Its lifecycle is one `Phase`. The flow-control flags
+    stay apart from it because they change back and forth within a phase, independently of
+    it: `paused` is the transport's word that its write buffer is full (`pause_writing` until
+    `resume_writing`), `_held` the handler's that too many messages wait for a command
+    (`hold_reading`), and `reading_paused` whether this side told the transport to stop
+    reading (while either holds, before the close)."""
+
     __slots__ = (
+        "_close_timeout",
         "_closer",
-        "_expiry",
         "_fragments",
         "_handshake",
+        "_handshake_timeout",
+        "_held",
+        "_open",
         "_pending",
-        "_queue",
-        "_queue_full",
-        "_runner",
-        "closing",
+        "_timer",
+        "handler",
         "hub",
-        "id",
         "last_seen",
         "outbox",
         "paused",
+        "phase",
         "reading_paused",
-        "registered",
-        "released",
-        "session",
         "transport",
-        "watches",
         "ws",
     )
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        handler: Opener = Commands,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        close_timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
         self.hub = hub
+        self._open = handler
+        self._close_timeout = close_timeout
         self._handshake: RequestParser | None = RequestParser()
         self.ws: ServerProtocol | None = None
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
-        self.id = ""
-        self.watches: dict[uuid.UUID, Watch] = {}
+        self.handler: Handler | None = None
         self.outbox: Outbox | None = None
-        self.closing = False
-        self.registered = False
-        self.released = False
+        self.phase = Phase.HANDSHAKE
         self.paused = False
         self.reading_paused = False
         self.last_seen = 0.0
+        self._held = False
         self._fragments: tuple[Opcode, list[bytes]] | None = None
         self._pending: list[bytes] | None = None
-        self._queue: deque[Action] | None = None
-        self._queue_full = False
-        self._runner: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._handshake_timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.TimerHandle | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self.phase >= Phase.CLOSING
+
+    @property
+    def released(self) -> bool:
+        return self.phase is Phase.RELEASED
 
     # ------------------------------------------------------------------ transport events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        self._timer = loop.call_later(self._handshake_timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -196,7 +177,9 @@ class Connection(asyncio.Protocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
-        self._act()  # before a close the client sent takes effect: what came first counts
+        handler = self.handler
+        if handler is not None:  # before a close the client sent takes effect: first come counts
+            handler.act()
         self._flush_ws()
 
     def eof_received(self) -> bool | None:
@@ -211,8 +194,13 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.outbox and self.transport is not None and not self.closing:
+        if self.outbox and self.transport is not None and self.phase < Phase.CLOSING:
             self.transport.writelines(self.outbox.drain())
+        self._update_reading()
+
+    def hold_reading(self, held: bool) -> None:
+        """The handler has too many messages waiting (`held`), or no longer."""
+        self._held = held
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -222,7 +210,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        stop = (self.paused or self._queue_full) and not self.closing
+        stop = (self.paused or self._held) and self.phase < Phase.CLOSING
         if stop != self.reading_paused:
             self.reading_paused = stop
             if stop:
@@ -231,18 +219,20 @@ class Connection(asyncio.Protocol):
                 transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.phase = Phase.CLOSED
         self.transport = None
-        for timer in (self._expiry, self._closer):
+        for timer in (self._timer, self._closer):
             if timer is not None:
                 timer.cancel()
-        self._leave_all()
-        if self.session is None:
-            return
-        if self._runner is not None:
-            self.hub.spawn(self._cleanup())
+        if self.handler is None:
+            self.phase = Phase.RELEASED
         else:
-            self._release()
+            self.handler.connection_lost()
+
+    def release(self) -> None:
+        """The handler gave back what the socket held; the hub forgets the socket."""
+        self.phase = Phase.RELEASED
+        self.hub.connections.discard(self)
 
     # ------------------------------------------------------------------ handshake
 
@@ -265,31 +255,26 @@ class Connection(asyncio.Protocol):
             self._frames_received(parser.rest)
 
     def _handshake_expired(self) -> None:
-        self._expiry = None
-        if self.session is None and self.transport is not None:
+        self._timer = None
+        if self.phase is Phase.HANDSHAKE and self.transport is not None:
             self.drop()
 
     def _upgrade(self, request: UpgradeRequest) -> None:
         hub = self.hub
-        hub.check_upgrade(request)
+        hub.upgrades.check_upgrade(request)
         offered = request.subprotocols
         subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
         assert self.transport is not None
         self.transport.write(accept(request, subprotocol))
         self.ws = ServerProtocol(state=WsState.OPEN, max_size=hub.settings.limits.max_frame_bytes)
-        now = time.monotonic()
-        self.id = secrets.token_hex(8)
-        self.session = Session(hub.limits, now)
-        self.last_seen = now
+        self.phase = Phase.OPEN
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        handler = self.handler = self._open(self, hub)
+        self.last_seen = time.monotonic()
         hub.connections.add(self)
-        loop = asyncio.get_running_loop()
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self._expiry = loop.call_later(hub.settings.auth.auth_timeout, self._tick)
-        token = _bearer_token(offered) or hub.query_token(request)
-        if token is not None:
-            self.session.verifying = True
-            self._enqueue(Verify(token, None))
+        handler.start(_bearer_token(offered) or hub.upgrades.query_token(request))
 
     # ------------------------------------------------------------------ frames in
 
@@ -309,216 +294,13 @@ class Connection(asyncio.Protocol):
                 self._message(first, b"".join(parts))
 
     def _message(self, opcode: Opcode, data: bytes | bytearray | memoryview) -> None:
-        session = self.session
-        assert session is not None
+        handler = self.handler
+        assert handler is not None
         now = time.monotonic()
         if opcode is Opcode.TEXT:
-            session.receive_text(bytes(data), now)
+            handler.receive_text(bytes(data), now)
         else:
-            session.receive_binary(now)
-
-    # ------------------------------------------------------------------ actions
-
-    def _act(self) -> None:
-        """Carry out the session's actions in order. Replies happen now unless a command
-        is running; a command or a token check (and whatever follows it) goes to the runner
-        task. A close happens at once: the commands waiting are dropped, the replies sent."""
-        session = self.session
-        if session is None:
-            return
-        for action in session.actions():
-            if isinstance(action, Close):
-                for waiting in self._queue or ():
-                    if isinstance(waiting, Reply):
-                        self.push_frame(waiting.frame)
-                self.close(action.code, action.reason)
-                return
-            if self._queue is None and isinstance(action, Reply):
-                self.push_frame(action.frame)
-            else:
-                self._enqueue(action)
-
-    def _enqueue(self, action: Action) -> None:
-        if self._queue is None:
-            self._queue = deque((action,))
-            self._runner = asyncio.get_running_loop().create_task(self._run())
-        else:
-            self._queue.append(action)
-        if len(self._queue) > MAX_QUEUED and not self._queue_full:
-            self._queue_full = True
-            self._update_reading()
-
-    async def _run(self) -> None:
-        """Commands the client sent before a close of its own (or before its connection
-        dropped) still run; a close of the server's empties the queue."""
-        queue = self._queue
-        assert queue is not None
-        try:
-            while queue and not self.released:
-                await self._carry_out(queue.popleft())
-                self._act()
-                if self._queue_full and len(queue) <= MAX_QUEUED // 2:
-                    self._queue_full = False
-                    self._update_reading()
-        finally:
-            self._queue = None
-            self._runner = None
-            if self._queue_full:
-                self._queue_full = False
-                self._update_reading()
-
-    async def _carry_out(self, action: Action) -> None:
-        if isinstance(action, Reply):
-            self.push_frame(action.frame)
-        elif isinstance(action, Close):
-            self.close(action.code, action.reason)
-        elif isinstance(action, Verify):
-            await self._verify(action.token, action.ref)
-        elif isinstance(action, Command):
-            await self._command(action.frame)
-
-    async def _verify(self, token: str, ref: str | None) -> None:
-        session = self.session
-        assert session is not None
-        try:
-            principal = self.hub.verifier.verify(token)
-        except AuthError as exc:
-            session.auth_failed(str(exc))
-            return
-        if session.authenticated(principal.user, principal.expires_at, ref):
-            await self._ready(principal, ref)
-        self._schedule_expiry()
-
-    async def _ready(self, principal: Principal, ref: str | None) -> None:
-        hub = self.hub
-        session = self.session
-        assert session is not None
-        user = principal.user
-        try:
-            admitted = await hub.presence.admit(user)
-        except (RedisError, OSError) as exc:
-            log.warning("cannot admit a socket: %s", exc)
-            session.close(CloseCode.TRY_AGAIN_LATER, "Redis is unavailable")
-            return
-        if self.released:  # the socket went while Redis answered: give the place back
-            if admitted:
-                hub.presence.leave(user)
-            return
-        if not admitted:
-            session.close(CloseCode.TOO_MANY, "too many connections for this user")
-            return
-        self.registered = True
-        hub.watch_user(user, self)
-        self.push_frame(hub.ready_frame(principal, self.id, ref))
-
-    def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        session = self.session
-        if session is None or self.closing:
-            return
-        if session.expires_at is not None and session.state is State.READY:
-            delay = max(session.expires_at - time.time(), 0.0) + 0.01
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._tick)
-
-    def _tick(self) -> None:
-        """The auth window or the token may have run out. Timers can fire a little early
-        (uvloop's clock counts milliseconds), so a window not yet over is checked again."""
-        self._expiry = None
-        session = self.session
-        if session is None:
-            return
-        session.tick(time.monotonic(), time.time())
-        self._act()
-        if self.closing or self._expiry is not None:
-            return
-        if session.state is State.AWAITING_AUTH:
-            self._expiry = asyncio.get_running_loop().call_later(RECHECK, self._tick)
-        elif session.state is State.READY:
-            self._schedule_expiry()
-
-    # ------------------------------------------------------------------ commands
-
-    async def _command(self, frame: f.ClientFrame) -> None:
-        user = self.session.user if self.session else None
-        assert user is not None
-        try:
-            reply = await self._execute(user, frame)
-        except Refused as exc:
-            reply = f.Error(
-                code=exc.code, message=exc.message, retry_after=exc.retry_after, ref=frame.ref
-            )
-        except (RedisError, OSError, BusUnavailable):
-            log.warning("backing service unavailable for %s", type(frame).__name__)
-            reply = f.Error(
-                code="unavailable",
-                message="a backing service is unavailable; try again",
-                ref=frame.ref,
-            )
-        except Exception:
-            log.exception("internal error handling %s", type(frame).__name__)
-            reply = f.Error(code="internal", message="internal error", ref=frame.ref)
-        if reply is not None:
-            self.push_frame(reply)
-
-    async def _execute(self, user: str, frame: f.ClientFrame) -> f.ServerFrame | None:
-        chat = self.hub.chat
-        if isinstance(frame, f.Join):
-            await self._join(user, frame)
-            return None
-        if isinstance(frame, f.Say):
-            message_id, duplicate = await chat.say(user, frame.conversation, frame.text, frame.id)
-            return f.Ack(message_id=message_id, duplicate=duplicate, ref=frame.ref)
-        if isinstance(frame, f.Leave):
-            self._leave(frame.conversation)
-            return f.Ack(ref=frame.ref)
-        if isinstance(frame, f.Cancel):
-            await chat.cancel(user, frame.conversation)
-            return f.Ack(ref=frame.ref)
-        if isinstance(frame, f.Regenerate):
-            message_id = await chat.regenerate(user, frame.conversation)
-            return f.Ack(message_id=message_id, ref=frame.ref)
-        if isinstance(frame, f.Create):
-            meta = await chat.create(user, frame.title, frame.system, frame.model)
-            return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
-        raise Refused("bad_frame", "unsupported frame")
-
-    async def _join(self, user: str, frame: f.Join) -> None:
-        conversation = frame.conversation
-        hub = self.hub
-        meta = await hub.chat.owned(user, conversation)
-        if conversation not in self.watches and len(self.watches) >= hub.wire_limits.max_joined:
-            raise Refused(
-                "invalid",
-                f"a socket may join at most {hub.wire_limits.max_joined} conversations",
-            )
-        old = self.watches.pop(conversation, None)
-        watch = Watch(self, conversation)
-        self.watches[conversation] = watch
-        try:
-            await hub.bus.subscribe(keys.channel(conversation), watch)
-        finally:
-            if old is not None:  # unsubscribed only now, so the channel never lacks a listener
-                old.active = False
-                hub.bus.unsubscribe(keys.channel(conversation), old)
-        try:
-            await watch.join(meta, frame.after, frame.ref)
-        except BaseException:
-            self._leave(conversation)
-            raise
-        if self.released:  # the socket went meanwhile; nothing else will unsubscribe it
-            self._leave(conversation)
-
-    def _leave(self, conversation: uuid.UUID) -> None:
-        watch = self.watches.pop(conversation, None)
-        if watch is not None:
-            watch.active = False
-            self.hub.bus.unsubscribe(keys.channel(conversation), watch)
-
-    def _leave_all(self) -> None:
-        for conversation in tuple(self.watches):
-            self._leave(conversation)
+            handler.receive_binary(now)
 
     # ------------------------------------------------------------------ frames out
 
@@ -529,7 +311,7 @@ class Connection(asyncio.Protocol):
         """Queue a framed event for this loop iteration's write, or for the outbox while the
         transport is paused. Everything the bus delivers in one read reaches a socket in one
         write: under load that is several events per system call instead of one each."""
-        if self.closing:
+        if self.phase >= Phase.CLOSING:
             return
         if self.paused:
             self._hold_pending()
@@ -543,7 +325,7 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         pending, self._pending = self._pending, None
-        if not pending or self.closing or self.transport is None:
+        if not pending or self.phase >= Phase.CLOSING or self.transport is None:
             return
         if self.paused:
             for frame in pending:
@@ -559,7 +341,7 @@ class Connection(asyncio.Protocol):
             self._hold(frame)
 
     def _hold(self, frame: bytes) -> None:
-        if self.closing:
+        if self.phase >= Phase.CLOSING:
             return
         if self.outbox is None:
             limit = self.hub.settings.limits.outbox_bytes
@@ -568,7 +350,7 @@ class Connection(asyncio.Protocol):
             self.close(CloseCode.TRY_AGAIN_LATER, "client reads too slowly")
 
     def ping(self) -> None:
-        if not self.closing and self.ws is not None and self.ws.state is WsState.OPEN:
+        if self.phase < Phase.CLOSING and self.ws is not None and self.ws.state is WsState.OPEN:
             self.ws.send_ping(b"")
             self._flush_ws()
 
@@ -576,19 +358,15 @@ class Connection(asyncio.Protocol):
         """Cut the TCP connection of a peer that stopped answering: a close frame would only
         wait in a buffer it no longer reads."""
         if self.transport is not None:
-            self.closing = True
-            self._leave_all()
+            self._closing(drop_waiting=False)
             self.transport.abort()
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Stop taking frames and close. What waits in the outbox is still sent first (an
         error frame explaining the close, say) unless the client reads too slowly."""
-        if self.closing:
+        if self.phase >= Phase.CLOSING:
             return
-        self.closing = True
-        if self._queue:
-            self._queue.clear()
-        self._leave_all()
+        self._closing(drop_waiting=True)
         transport = self.transport
         if transport is None:
             return
@@ -601,7 +379,15 @@ class Connection(asyncio.Protocol):
             self.ws.send_close(int(code), reason)
             self._flush_ws()
         if self._closer is None:
-            self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+            self._closer = asyncio.get_running_loop().call_later(
+                self._close_timeout, transport.abort
+            )
+
+    def _closing(self, drop_waiting: bool) -> None:
+        if self.phase < Phase.CLOSING:
+            self.phase = Phase.CLOSING
+        if self.handler is not None:
+            self.handler.closing(drop_waiting)
 
     def _flush_ws(self) -> None:
         """Write what the sans-I/O protocol produced (handshake response, pongs, close); its
@@ -619,34 +405,15 @@ class Connection(asyncio.Protocol):
     def _shut(self) -> None:
         """Close the TCP connection once what is buffered is written, and cut it if the
         client does not read that in time."""
-        self.closing = True
-        self._leave_all()
+        self._closing(drop_waiting=False)
         transport = self.transport
         if transport is None:
             return
         transport.close()
         if self._closer is None:
-            self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
-
-    async def _cleanup(self) -> None:
-        """Let a command still in flight when the TCP connection went finish first."""
-        try:
-            if self._runner is not None:
-                await asyncio.wait([self._runner], timeout=CLOSE_TIMEOUT)
-        finally:
-            self._leave_all()
-            self._release()
-
-    def _release(self) -> None:
-        """Give back the socket's user subscription and its place in the user's count."""
-        hub = self.hub
-        self.released = True
-        user = self.session.user if self.session else None
-        if user is not None and self.registered:
-            self.registered = False
-            hub.unwatch_user(user, self)
-            hub.presence.leave(user)
-        hub.connections.discard(self)
+            self._closer = asyncio.get_running_loop().call_later(
+                self._close_timeout, transport.abort
+            )
 
 
 def _bearer_token(offered: list[str]) -> str | None:

@@ -1,7 +1,9 @@
 """What every socket of a web process shares: settings, the chat, the bus, the token
-verifier and the per-user connection count; the open sockets, and each user's; the upgrade
-policy (path, Origin, draining); the end-of-iteration write of every socket with frames; and
-one keepalive sweep for all sockets instead of a timer each."""
+verifier and the per-user connection count; the upgrade policy (`server.edge.entrance`); the
+open sockets, and each user's; the end-of-iteration write of every socket with frames; and
+one keepalive sweep for all sockets instead of a timer each.
+
+The hub sees a socket only through `Socket`, the few calls it makes on one."""
 
 from __future__ import annotations
 
@@ -10,43 +12,58 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
 from protocol import frames as f
 from protocol import wsframe
-from protocol.handshake import Refusal, UpgradeRequest
 from protocol.session import CloseCode, SessionLimits
 from server.app.config import Settings
 from server.edge.auth import Principal, Verifier
-from server.edge.bus import Bus
-from server.edge.conversations import Chat
+from server.edge.watch import Sink
 from server.redis import keys
-from server.redis.presence import Presence
 
 if TYPE_CHECKING:
-    from server.edge.connection import Connection
+    from server.edge.commands import Places, Service, Subscriptions
+    from server.edge.entrance import UpgradePolicy
 
 log = logging.getLogger("parley.hub")
 
-PATH: Final = "/ws"
 MIN_SWEEP: Final = 0.25
+
+
+class Socket(Sink, Protocol):
+    """What the hub calls on a socket (`server.edge.connection.Connection`)."""
+
+    last_seen: float
+    """When the socket last received anything (monotonic seconds): the keepalive's clock."""
+
+    def flush(self) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def drop(self) -> None: ...
 
 
 class Hub:
     def __init__(
-        self, settings: Settings, chat: Chat, bus: Bus, verifier: Verifier, presence: Presence
+        self,
+        settings: Settings,
+        chat: Service,
+        bus: Subscriptions,
+        verifier: Verifier,
+        presence: Places,
+        upgrades: UpgradePolicy,
     ) -> None:
         self.settings = settings
         self.chat = chat
         self.bus = bus
         self.verifier = verifier
         self.presence = presence
-        self.connections: set[Connection] = set()
-        self.users: dict[str, set[Connection]] = {}
-        self.accepting = True
+        self.upgrades = upgrades
+        self.connections: set[Socket] = set()
+        self.users: dict[str, set[Socket]] = {}
         self.limits = SessionLimits(
             max_text_chars=settings.limits.max_text_chars,
             frames_per_second=settings.limits.frames_per_second,
@@ -56,7 +73,7 @@ class Hub:
         )
         self.wire_limits = settings.limits.wire()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._dirty: list[Connection] = []
+        self._dirty: list[Socket] = []
         self._flush_scheduled = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -67,10 +84,10 @@ class Hub:
 
     # ------------------------------------------------------------------ users' sockets
 
-    def watch_user(self, user: str, conn: Connection) -> None:
+    def watch_user(self, user: str, conn: Socket) -> None:
         self.users.setdefault(user, set()).add(conn)
 
-    def unwatch_user(self, user: str, conn: Connection) -> None:
+    def unwatch_user(self, user: str, conn: Socket) -> None:
         conns = self.users.get(user)
         if conns is not None:
             conns.discard(conn)
@@ -96,7 +113,7 @@ class Hub:
     async def close_all(self, code: CloseCode, reason: str) -> None:
         """Refuse new sockets, close the open ones and wait (up to `shutdown_grace`) for
         them to be gone."""
-        self.accepting = False
+        self.upgrades.accepting = False
         for conn in tuple(self.connections):
             conn.close(code, reason)
         deadline = time.monotonic() + self.settings.server.shutdown_grace
@@ -109,7 +126,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
-    def mark_dirty(self, conn: Connection) -> None:
+    def mark_dirty(self, conn: Socket) -> None:
         """`conn` has frames to write: once this loop iteration's callbacks are done (the
         bus has dispatched everything one read brought), every such socket writes once."""
         self._dirty.append(conn)
@@ -132,29 +149,6 @@ class Hub:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    # ------------------------------------------------------------------ upgrade policy
-
-    def check_upgrade(self, request: UpgradeRequest) -> None:
-        """Raise `Refusal` (with the HTTP status to answer) unless the upgrade may proceed."""
-        if urlsplit(request.target).path != PATH:
-            raise Refusal(404, f"no WebSocket endpoint here; use {PATH}")
-        if not self.accepting:
-            raise Refusal(503, "server restarting; connect again")
-        if not self._origin_allowed(request):
-            raise Refusal(403, "Origin not allowed")
-
-    def _origin_allowed(self, request: UpgradeRequest) -> bool:
-        origin = request.header(b"origin")
-        if origin is None or origin in self.settings.server.allowed_origins:
-            return True
-        return urlsplit(origin).netloc == request.header(b"host")
-
-    def query_token(self, request: UpgradeRequest) -> str | None:
-        if not self.settings.auth.allow_query_token:
-            return None
-        values = parse_qs(urlsplit(request.target).query).get("token")
-        return values[0] if values else None
 
     def ready_frame(self, principal: Principal, session: str, ref: str | None) -> f.Ready:
         settings = self.settings

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol
 
 import msgspec
 from redis.exceptions import RedisError
@@ -23,20 +24,61 @@ from protocol.resume import Cursor, Outcome, Verdict
 from protocol.session import CloseCode
 from server.edge.conversations import Refused
 
-if TYPE_CHECKING:
-    from server.edge.connection import Connection
-
 log = logging.getLogger("parley.watch")
 
 CATCH_UP_ATTEMPTS: Final = 5
 
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+"""Runs a background task that the process keeps referenced (`Hub.spawn`)."""
+
+
+class Sink(Protocol):
+    """What a watch calls on its socket (`server.edge.connection.Connection`)."""
+
+    def push(self, frame: bytes) -> None: ...
+
+    def push_frame(self, frame: f.ServerFrame) -> None: ...
+
+    def close(self, code: CloseCode, reason: str) -> None: ...
+
+
+class Transcripts(Protocol):
+    """What a watch reads (`server.edge.conversations.Chat`)."""
+
+    async def owned(self, user: str, conversation: uuid.UUID) -> f.Conversation: ...
+
+    async def read_events(
+        self, conversation: uuid.UUID, after: int
+    ) -> tuple[int, list[tuple[int, bytes]]]: ...
+
+    async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]: ...
+
 
 class Watch:
-    __slots__ = ("active", "catching_up", "conn", "conversation", "cursor")
+    __slots__ = (
+        "active",
+        "catching_up",
+        "chat",
+        "conversation",
+        "cursor",
+        "socket",
+        "spawn",
+        "user",
+    )
 
-    def __init__(self, conn: Connection, conversation: uuid.UUID) -> None:
-        self.conn = conn
+    def __init__(
+        self,
+        socket: Sink,
+        conversation: uuid.UUID,
+        chat: Transcripts,
+        user: str,
+        spawn: Spawn,
+    ) -> None:
+        self.socket = socket
         self.conversation = conversation
+        self.chat = chat
+        self.user = user
+        self.spawn = spawn
         self.cursor = Cursor()
         self.active = True
         self.catching_up = False
@@ -44,7 +86,7 @@ class Watch:
     def on_event(self, seq: int, frame: bytes) -> None:
         verdict = self.cursor.live(seq, frame)
         if verdict is Verdict.SEND:
-            self.conn.push(frame)
+            self.socket.push(frame)
         elif verdict is Verdict.GAP:
             self._start_catch_up()
 
@@ -55,19 +97,19 @@ class Watch:
     def _start_catch_up(self) -> None:
         if not self.catching_up:
             self.catching_up = True
-            self.conn.hub.spawn(self._catch_up_task())
+            self.spawn(self._catch_up_task())
 
     async def _catch_up_task(self) -> None:
         try:
             await self.catch_up()
         except (RedisError, OSError, Refused) as exc:
             log.warning("catch-up failed for %s: %s", self.conversation, exc)
-            self.conn.close(CloseCode.TRY_AGAIN_LATER, "lost track of the conversation; rejoin")
+            self.socket.close(CloseCode.TRY_AGAIN_LATER, "lost track of the conversation; rejoin")
         finally:
             self.catching_up = False
 
     async def _read(self, after: int) -> tuple[int, list[tuple[int, bytes]]]:
-        head, logged = await self.conn.hub.chat.read_events(self.conversation, after)
+        head, logged = await self.chat.read_events(self.conversation, after)
         return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
 
     async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
@@ -94,19 +136,18 @@ class Watch:
             head, logged = await self._read(self.cursor.last_seq)
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
-                self.conn.push(frame)
+                self.socket.push(frame)
             if result.outcome is Outcome.LIVE:
                 return
             if result.outcome is Outcome.RESET:
-                user = self.conn.session.user if self.conn.session else None
-                meta = await self.conn.hub.chat.owned(user or "", self.conversation)
+                meta = await self.chat.owned(self.user, self.conversation)
                 await self._send_history(meta, None, reset=True)
                 return
             await asyncio.sleep(0.05)
         raise Refused("unavailable", "could not catch up with the conversation")
 
     async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
-        start, history = await self.conn.hub.chat.history(self.conversation)
+        start, history = await self.chat.history(self.conversation)
         self.cursor.reset()
         self.cursor.start_at(start)
         head, logged = await self._read(start)
@@ -124,7 +165,7 @@ class Watch:
         frames: list[bytes],
     ) -> None:
         meta = msgspec.structs.replace(meta, last_seq=max(head, 0))
-        self.conn.push_frame(
+        self.socket.push_frame(
             f.Joined(
                 conversation=self.conversation,
                 meta=meta,
@@ -135,4 +176,4 @@ class Watch:
             )
         )
         for frame in frames:
-            self.conn.push(frame)
+            self.socket.push(frame)

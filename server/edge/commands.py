@@ -1,0 +1,380 @@
+"""What a socket's client asks for, carried out: the application side of a `Connection`.
+
+The connection hands `Commands` each message; the sans-I/O `Session` turns them into actions
+(`protocol.session`), which run in order. Replies go out at once; a token check or a command
+(create, join, leave, say, cancel, regenerate) waits on Redis or PostgreSQL on a task made for
+the purpose, which ends when the queue is empty. Here too: the auth window and the token's
+expiry, the user's place in the per-user count (`Presence`), and the conversations the
+socket watches (`Watch`).
+
+The connection is the transport: it tells `Commands` when it closes (`closing`) and when the
+TCP connection is gone (`connection_lost`), and `Commands` tells it to stop reading while too
+many commands wait (`hold_reading`) and when what the socket held is given back (`release`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Final, Protocol
+
+from redis.exceptions import RedisError
+
+from protocol import frames as f
+from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
+from server.edge.auth import AuthError, Principal
+from server.edge.bus import BusUnavailable, Listener
+from server.edge.conversations import Refused
+from server.edge.watch import Transcripts, Watch
+from server.redis import keys
+
+if TYPE_CHECKING:
+    from server.edge.connection import Connection
+    from server.edge.hub import Hub
+
+log = logging.getLogger("parley.ws")
+
+RECHECK: Final = 0.02
+"""How soon an auth window that a timer found not quite over is checked again."""
+MAX_QUEUED: Final = 32
+"""Actions waiting behind a running command before the socket stops reading."""
+CLEANUP_TIMEOUT: Final = 5.0
+"""How long a command still running when the TCP connection went may take before the socket
+gives back what it holds anyway."""
+
+
+class Service(Transcripts, Protocol):
+    """What commands ask of the conversation service (`server.edge.conversations.Chat`)."""
+
+    async def create(
+        self, user: str, title: str | None, system: str | None, model: str | None
+    ) -> f.Conversation: ...
+
+    async def say(
+        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+    ) -> tuple[uuid.UUID, bool]: ...
+
+    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID: ...
+
+    async def cancel(self, user: str, conversation: uuid.UUID) -> None: ...
+
+
+class Subscriptions(Protocol):
+    """The process's pub/sub connection (`server.edge.bus.Bus`)."""
+
+    async def subscribe(self, channel: str, listener: Listener, raw: bool = False) -> None: ...
+
+    def unsubscribe(self, channel: str, listener: Listener) -> None: ...
+
+
+class Places(Protocol):
+    """The per-user socket count across processes (`server.redis.presence.Presence`)."""
+
+    async def admit(self, user: str) -> bool: ...
+
+    def leave(self, user: str) -> None: ...
+
+
+class Commands:
+    """One socket's session and the commands it runs.
+
+    `registered` is not part of the connection's lifecycle: it says the user was admitted
+    (holds a place in the per-user count and the hub's list of the user's sockets), which is
+    what `_release` gives back."""
+
+    __slots__ = (
+        "_cleanup_timeout",
+        "_expiry",
+        "_max_queued",
+        "_queue",
+        "_queue_full",
+        "_runner",
+        "conn",
+        "hub",
+        "id",
+        "registered",
+        "session",
+        "watches",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        hub: Hub,
+        *,
+        auth_timeout: float | None = None,
+        max_queued: int = MAX_QUEUED,
+        cleanup_timeout: float = CLEANUP_TIMEOUT,
+    ) -> None:
+        """`auth_timeout` defaults to the setting `auth.auth_timeout`."""
+        self.conn = conn
+        self.hub = hub
+        limits = hub.limits
+        if auth_timeout is not None and auth_timeout != limits.auth_timeout:
+            limits = dataclasses.replace(limits, auth_timeout=auth_timeout)
+        self.session = Session(limits, time.monotonic())
+        self.id = secrets.token_hex(8)
+        self.watches: dict[uuid.UUID, Watch] = {}
+        self.registered = False
+        self._max_queued = max_queued
+        self._cleanup_timeout = cleanup_timeout
+        self._queue: deque[Action] | None = None
+        self._queue_full = False
+        self._runner: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            limits.auth_timeout, self._tick
+        )
+
+    def start(self, token: str | None) -> None:
+        """Check the token the upgrade request carried, if any."""
+        if token is not None:
+            self.session.verifying = True
+            self._enqueue(Verify(token, None))
+
+    # ------------------------------------------------------------------ from the connection
+
+    def receive_text(self, data: bytes, now: float) -> None:
+        self.session.receive_text(data, now)
+
+    def receive_binary(self, now: float) -> None:
+        self.session.receive_binary(now)
+
+    def closing(self, drop_waiting: bool) -> None:
+        """The socket is closing: it watches nothing any more, and on a close of the
+        server's (`drop_waiting`) the commands still waiting are dropped."""
+        if drop_waiting and self._queue:
+            self._queue.clear()
+        self._leave_all()
+
+    def connection_lost(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._leave_all()
+        if self._runner is not None:
+            self.hub.spawn(self._cleanup())
+        else:
+            self._release()
+
+    # ------------------------------------------------------------------ actions
+
+    def act(self) -> None:
+        """Carry out the session's actions in order. Replies happen now unless a command
+        is running; a command or a token check (and whatever follows it) goes to the runner
+        task. A close happens at once: the commands waiting are dropped, the replies sent."""
+        for action in self.session.actions():
+            if isinstance(action, Close):
+                for waiting in self._queue or ():
+                    if isinstance(waiting, Reply):
+                        self.conn.push_frame(waiting.frame)
+                self.conn.close(action.code, action.reason)
+                return
+            if self._queue is None and isinstance(action, Reply):
+                self.conn.push_frame(action.frame)
+            else:
+                self._enqueue(action)
+
+    def _enqueue(self, action: Action) -> None:
+        if self._queue is None:
+            self._queue = deque((action,))
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+        else:
+            self._queue.append(action)
+        if len(self._queue) > self._max_queued and not self._queue_full:
+            self._queue_full = True
+            self.conn.hold_reading(True)
+
+    async def _run(self) -> None:
+        """Commands the client sent before a close of its own (or before its connection
+        dropped) still run; a close of the server's empties the queue."""
+        queue = self._queue
+        assert queue is not None
+        conn = self.conn
+        try:
+            while queue and not conn.released:
+                await self._carry_out(queue.popleft())
+                self.act()
+                if self._queue_full and len(queue) <= self._max_queued // 2:
+                    self._queue_full = False
+                    conn.hold_reading(False)
+        finally:
+            self._queue = None
+            self._runner = None
+            if self._queue_full:
+                self._queue_full = False
+                conn.hold_reading(False)
+
+    async def _carry_out(self, action: Action) -> None:
+        if isinstance(action, Reply):
+            self.conn.push_frame(action.frame)
+        elif isinstance(action, Close):
+            self.conn.close(action.code, action.reason)
+        elif isinstance(action, Verify):
+            await self._verify(action.token, action.ref)
+        elif isinstance(action, Command):
+            await self._command(action.frame)
+
+    # ------------------------------------------------------------------ authentication
+
+    async def _verify(self, token: str, ref: str | None) -> None:
+        session = self.session
+        try:
+            principal = self.hub.verifier.verify(token)
+        except AuthError as exc:
+            session.auth_failed(str(exc))
+            return
+        if session.authenticated(principal.user, principal.expires_at, ref):
+            await self._ready(principal, ref)
+        self._schedule_expiry()
+
+    async def _ready(self, principal: Principal, ref: str | None) -> None:
+        hub = self.hub
+        session = self.session
+        user = principal.user
+        try:
+            admitted = await hub.presence.admit(user)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot admit a socket: %s", exc)
+            session.close(CloseCode.TRY_AGAIN_LATER, "Redis is unavailable")
+            return
+        if self.conn.released:  # the socket went while Redis answered: give the place back
+            if admitted:
+                hub.presence.leave(user)
+            return
+        if not admitted:
+            session.close(CloseCode.TOO_MANY, "too many connections for this user")
+            return
+        self.registered = True
+        hub.watch_user(user, self.conn)
+        self.conn.push_frame(hub.ready_frame(principal, self.id, ref))
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        session = self.session
+        if self.conn.closing:
+            return
+        if session.expires_at is not None and session.state is State.READY:
+            delay = max(session.expires_at - time.time(), 0.0) + 0.01
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        """The auth window or the token may have run out. Timers can fire a little early
+        (uvloop's clock counts milliseconds), so a window not yet over is checked again."""
+        self._expiry = None
+        session = self.session
+        session.tick(time.monotonic(), time.time())
+        self.act()
+        if self.conn.closing or self._expiry is not None:
+            return
+        if session.state is State.AWAITING_AUTH:
+            self._expiry = asyncio.get_running_loop().call_later(RECHECK, self._tick)
+        elif session.state is State.READY:
+            self._schedule_expiry()
+
+    # ------------------------------------------------------------------ commands
+
+    async def _command(self, frame: f.ClientFrame) -> None:
+        user = self.session.user if self.session else None
+        assert user is not None
+        try:
+            reply = await self._execute(user, frame)
+        except Refused as exc:
+            reply = f.Error(
+                code=exc.code, message=exc.message, retry_after=exc.retry_after, ref=frame.ref
+            )
+        except (RedisError, OSError, BusUnavailable):
+            log.warning("backing service unavailable for %s", type(frame).__name__)
+            reply = f.Error(
+                code="unavailable",
+                message="a backing service is unavailable; try again",
+                ref=frame.ref,
+            )
+        except Exception:
+            log.exception("internal error handling %s", type(frame).__name__)
+            reply = f.Error(code="internal", message="internal error", ref=frame.ref)
+        if reply is not None:
+            self.conn.push_frame(reply)
+
+    async def _execute(self, user: str, frame: f.ClientFrame) -> f.ServerFrame | None:
+        chat = self.hub.chat
+        if isinstance(frame, f.Join):
+            await self._join(user, frame)
+            return None
+        if isinstance(frame, f.Say):
+            message_id, duplicate = await chat.say(user, frame.conversation, frame.text, frame.id)
+            return f.Ack(message_id=message_id, duplicate=duplicate, ref=frame.ref)
+        if isinstance(frame, f.Leave):
+            self._leave(frame.conversation)
+            return f.Ack(ref=frame.ref)
+        if isinstance(frame, f.Cancel):
+            await chat.cancel(user, frame.conversation)
+            return f.Ack(ref=frame.ref)
+        if isinstance(frame, f.Regenerate):
+            message_id = await chat.regenerate(user, frame.conversation)
+            return f.Ack(message_id=message_id, ref=frame.ref)
+        if isinstance(frame, f.Create):
+            meta = await chat.create(user, frame.title, frame.system, frame.model)
+            return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
+        raise Refused("bad_frame", "unsupported frame")
+
+    async def _join(self, user: str, frame: f.Join) -> None:
+        conversation = frame.conversation
+        hub = self.hub
+        meta = await hub.chat.owned(user, conversation)
+        if conversation not in self.watches and len(self.watches) >= hub.wire_limits.max_joined:
+            raise Refused(
+                "invalid",
+                f"a socket may join at most {hub.wire_limits.max_joined} conversations",
+            )
+        old = self.watches.pop(conversation, None)
+        watch = Watch(self.conn, conversation, hub.chat, user, hub.spawn)
+        self.watches[conversation] = watch
+        try:
+            await hub.bus.subscribe(keys.channel(conversation), watch)
+        finally:
+            if old is not None:  # unsubscribed only now, so the channel never lacks a listener
+                old.active = False
+                hub.bus.unsubscribe(keys.channel(conversation), old)
+        try:
+            await watch.join(meta, frame.after, frame.ref)
+        except BaseException:
+            self._leave(conversation)
+            raise
+        if self.conn.released:  # the socket went meanwhile; nothing else will unsubscribe it
+            self._leave(conversation)
+
+    def _leave(self, conversation: uuid.UUID) -> None:
+        watch = self.watches.pop(conversation, None)
+        if watch is not None:
+            watch.active = False
+            self.hub.bus.unsubscribe(keys.channel(conversation), watch)
+
+    def _leave_all(self) -> None:
+        for conversation in tuple(self.watches):
+            self._leave(conversation)
+
+    # ------------------------------------------------------------------ release
+
+    async def _cleanup(self) -> None:
+        """Let a command still in flight when the TCP connection went finish first."""
+        try:
+            if self._runner is not None:
+                await asyncio.wait([self._runner], timeout=self._cleanup_timeout)
+        finally:
+            self._leave_all()
+            self._release()
+
+    def _release(self) -> None:
+        """Give back the socket's user subscription and its place in the user's count."""
+        user = self.session.user
+        if user is not None and self.registered:
+            self.registered = False
+            self.hub.unwatch_user(user, self.conn)
+            self.hub.presence.leave(user)
+        self.conn.release()

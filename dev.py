@@ -4,6 +4,9 @@
     python3 dev.py serve    # install into .venv, then run Parley on http://127.0.0.1:8000
     python3 dev.py test     # install into .venv, then lint, type-check and run every test
 
+`test` also lints the browser UI's JavaScript with eslint, installed into node_modules/ from
+package-lock.json with npm (Node.js and npm must be on PATH).
+
 Anything after the command is passed on (`python3 dev.py serve --port 9000`,
 `python3 dev.py test tests/protocol -x`). Standard library only: it is what installs the rest.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -21,6 +25,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 EXTRAS = {"serve": "embedded", "test": "embedded,test,load"}
+NODE_MODULES = ROOT / "node_modules"
+NPM_STAMP = NODE_MODULES / ".installed-lock"
 
 
 def main() -> None:
@@ -50,20 +56,38 @@ def install(extras: str) -> None:
     stamp.write_text(digest)
 
 
+def install_js_linter() -> list[str]:
+    """Install eslint into node_modules/ (`npm ci`, again only when package-lock.json changed)
+    and return the command that lints the UI; exit with a message when npm is missing."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        sys.exit(
+            "dev.py test lints the browser UI with eslint, which needs Node.js and npm on PATH: "
+            "install them (Debian: `apt-get install nodejs npm`) and run it again."
+        )
+    digest = hashlib.sha256((ROOT / "package-lock.json").read_bytes()).hexdigest()
+    if not (NPM_STAMP.exists() and NPM_STAMP.read_text() == digest):
+        print("installing the JavaScript linter into node_modules ...", flush=True)
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True)
+        NPM_STAMP.write_text(digest)
+    return [node, str(NODE_MODULES / "eslint" / "bin" / "eslint.js"), "."]
+
+
 def test(args: list[str]) -> int:
     py = str(BIN / "python")
-    steps = [
-        [py, "-m", "ruff", "check", "."],
-        [py, "-m", "ruff", "format", "--check", "."],
-        [py, "-m", "mypy"],
-        [py, "-m", "pytest", *args],
-    ]
-    for step in steps:
-        print("$ " + " ".join(step[2:] if step[0] == py else step), flush=True)
-        code = subprocess.run(step, cwd=ROOT).returncode
-        if code:
+    python_checks = [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]]
+    for check in python_checks:
+        if code := run(check, [py, "-m", *check]):
             return code
-    return 0
+    if code := run(["eslint", "."], install_js_linter()):
+        return code
+    return run(["pytest", *args], [py, "-m", "pytest", *args])
+
+
+def run(shown: list[str], command: list[str]) -> int:
+    """Run one step, printed as a person would type it (`ruff check .`, `eslint .`)."""
+    print("$ " + " ".join(shown), flush=True)
+    return subprocess.run(command, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

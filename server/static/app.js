@@ -1,9 +1,13 @@
-// Parley's browser UI: sign-in, the session and its token, and wiring the page up.
+// Parley's browser UI, its entry point: sign-in, the session and its token, and wiring the
+// page's controls to what they do.
 //
-// Modules: api.js (REST + the token), connection.js (the socket that keeps itself open),
-// transcript.js (one conversation, applied in seq order), chat.js (conversations, frames and
-// chat actions), errors.js (messages a person understands), screen.js + view.js +
-// markdown.js (the page). The protocol is docs' PROTOCOL / AsyncAPI document.
+// Modules: store.js (the one store of what this tab knows: named updates + subscribers),
+// api.js (REST + the token), connection.js (the socket that keeps itself open), transcript.js
+// (one conversation, applied in seq order), chat.js (conversations, frames and chat actions),
+// errors.js (close codes, error kinds, messages a person understands). The page: page.js
+// (renders the store: header, chat column, status), messages.js (the messages' DOM),
+// sidebar.js (the conversation list), notices.js, markdown.js, dom.js (`$`, `el`).
+// The protocol is docs/protocol.md (and its AsyncAPI document).
 
 import {
   ApiError,
@@ -32,24 +36,29 @@ import {
   submit,
 } from "./chat.js";
 import { Connection } from "./connection.js";
-import { explain } from "./errors.js";
+import { $ } from "./dom.js";
+import { explain, onUnauthorized } from "./errors.js";
+import { notify } from "./notices.js";
+import { autosize, banner, copyText, render, scrollToEnd, showStatus } from "./page.js";
+import { closeSidebar, openSidebar, renderSidebar } from "./sidebar.js";
 import {
-  autosize,
-  banner,
-  closeSidebar,
-  copyText,
-  openSidebar,
-  render,
-  renderSidebar,
-  scheduleRender,
-  scrollToEnd,
-  showStatus,
-} from "./screen.js";
-import { $, state } from "./state.js";
-import { notify, renderTranscript } from "./view.js";
+  connectionReady,
+  setConnection,
+  setInfo,
+  setStick,
+  setToken,
+  signIn,
+  signOut as forgetSession,
+  store,
+} from "./store.js";
 
-window.parley = state; // for the console
-state.onUnauthorized = () => onUnauthorized();
+// The session's own bookkeeping, which no other module reads.
+let infoLoading = null; // the GET /api/info under way or done
+let refreshTimer = null;
+let reauthorizing = false;
+let failedAuths = 0;
+
+onUnauthorized(() => reauthorize());
 
 async function boot() {
   adoptUrlToken();
@@ -69,7 +78,7 @@ async function boot() {
     return;
   }
   if (token) return;
-  if (state.info.dev_login && devUser()) {
+  if (store.info.dev_login && devUser()) {
     token = await devSignIn(devUser()).catch(() => null);
   }
   if (token) startChat(token);
@@ -78,37 +87,34 @@ async function boot() {
 
 /** GET /api/info once (again after a failure); resolves to the info or null. */
 function loadInfo() {
-  if (!state.infoLoading) {
-    state.infoLoading = api
+  if (!infoLoading) {
+    infoLoading = api
       .info()
       .then((info) => {
-        state.info = info;
-        state.model = state.model || info.model;
-        state.simulated = state.simulated || info.simulated;
-        scheduleRender();
+        setInfo(info);
         return info;
       })
       .catch(() => {
-        state.infoLoading = null;
+        infoLoading = null;
         return null;
       });
   }
-  return state.infoLoading;
+  return infoLoading;
 }
 
 function showSignIn(message = "") {
   $("app").hidden = true;
   $("signin").hidden = false;
-  const dev = Boolean(state.info && state.info.dev_login);
+  const dev = Boolean(store.info && store.info.dev_login);
   $("dev-form").hidden = !dev;
-  $("token-form").hidden = dev || !state.info;
+  $("token-form").hidden = dev || !store.info;
   const error = $("signin-error");
   error.textContent = message;
   error.hidden = !message;
   if (dev) {
     $("dev-name").value = devUser() || "";
     $("dev-name").focus();
-  } else if (state.info) {
+  } else if (store.info) {
     $("token-input").focus();
   }
 }
@@ -121,37 +127,30 @@ async function devSignIn(name) {
 }
 
 function signOut(message = "") {
-  state.conn?.stop();
-  state.conn = null;
-  clearTimeout(state.refreshTimer);
+  store.connection?.stop();
+  clearTimeout(refreshTimer);
   forgetToken();
   if (!message) rememberDevUser(null);
-  state.token = null;
-  state.conversations.clear();
-  state.transcripts.clear();
-  state.outbox.clear();
-  state.active = null;
-  state.everOnline = false;
+  forgetSession();
   history.replaceState(null, "", location.pathname);
-  renderTranscript(null);
   showSignIn(message);
 }
 
 function startChat(token) {
-  state.token = token;
-  state.user = claims(token)?.sub || "";
-  state.failedAuths = 0;
+  const user = claims(token)?.sub || "";
+  signIn(token, user);
+  failedAuths = 0;
   $("signin").hidden = true;
   $("app").hidden = false;
-  $("user-name").textContent = state.user;
-  $("user-avatar").textContent = (state.user[0] || "?").toUpperCase();
-  state.conn?.stop();
-  const conn = new Connection(wsUrl(), () => state.token);
-  state.conn = conn;
+  $("user-name").textContent = user;
+  $("user-avatar").textContent = (user[0] || "?").toUpperCase();
+  store.connection?.stop();
+  const conn = new Connection(wsUrl(), () => store.token);
+  setConnection(conn);
   conn.addEventListener("status", (e) => showStatus(e.detail));
   conn.addEventListener("ready", (e) => onReady(e.detail.frame));
   conn.addEventListener("frame", (e) => onFrame(e.detail.frame));
-  conn.addEventListener("unauthorized", () => onUnauthorized());
+  conn.addEventListener("unauthorized", () => reauthorize());
   conn.addEventListener("fatal", (e) => {
     banner(`The server refused this page (${e.detail.code} ${e.detail.reason}).`);
   });
@@ -162,39 +161,34 @@ function startChat(token) {
 }
 
 function onReady(frame) {
-  const reconnected = state.everOnline;
-  state.everOnline = true;
-  state.failedAuths = 0;
-  state.user = frame.user;
-  state.model = frame.model || state.model;
-  state.simulated = Boolean(frame.simulated);
+  const reconnected = connectionReady(frame); // every transcript needs joining again
+  failedAuths = 0;
   loadInfo().then(() => planRefresh(frame.expires_at));
   if (reconnected) loadConversations(); // conversation_changed frames may have been missed
-  for (const t of state.transcripts.values()) t.joined = "no";
-  const active = state.transcripts.get(state.active);
+  const active = store.activeTranscript();
   if (active) join(active);
-  for (const id of state.outbox.keys()) say(id);
+  for (const id of store.unacknowledged()) say(id);
   if (reconnected) notify("Connected again.", { kind: "ok", key: "conn", ms: 2500 });
   render();
 }
 
-async function onUnauthorized() {
-  if (state.reauthorizing) return;
-  state.failedAuths += 1;
-  if (state.info?.dev_login && state.user && state.failedAuths <= 2) {
-    // A development sign-in can get a fresh token by itself.
-    state.reauthorizing = true;
+/** The token was refused: a development sign-in gets a fresh one, anyone else signs in. */
+async function reauthorize() {
+  if (reauthorizing) return;
+  failedAuths += 1;
+  if (store.info?.dev_login && store.user && failedAuths <= 2) {
+    reauthorizing = true;
     try {
-      state.token = await devSignIn(state.user);
-      state.conn?.reconnect();
+      setToken(await devSignIn(store.user));
+      store.connection?.reconnect();
       return;
     } catch (error) {
       if (error instanceof ApiError && error.status === 0) {
-        setTimeout(() => state.conn?.reconnect(), 3000);
+        setTimeout(() => store.connection?.reconnect(), 3000);
         return;
       }
     } finally {
-      state.reauthorizing = false;
+      reauthorizing = false;
     }
   }
   signOut("Your session has expired or was not accepted — sign in again.");
@@ -202,15 +196,15 @@ async function onUnauthorized() {
 
 /** Renew the token before it expires: silently with development sign-in, else warn. */
 function planRefresh(expiresAt) {
-  clearTimeout(state.refreshTimer);
+  clearTimeout(refreshTimer);
   if (!expiresAt) return;
   const left = expiresAt - Date.now() / 1000;
   const lead = Math.min(120, Math.max(15, left * 0.2));
   const wait = Math.max(0, left - lead) * 1000;
-  if (state.info?.dev_login) {
-    state.refreshTimer = setTimeout(refreshSession, wait);
+  if (store.info?.dev_login) {
+    refreshTimer = setTimeout(refreshSession, wait);
   } else {
-    state.refreshTimer = setTimeout(() => {
+    refreshTimer = setTimeout(() => {
       const minutes = Math.max(1, Math.round(lead / 60));
       notify(
         `Your session ends in about ${minutes} minute${minutes > 1 ? "s" : ""}. ` +
@@ -223,18 +217,19 @@ function planRefresh(expiresAt) {
 
 async function refreshSession() {
   try {
-    const token = await devSignIn(state.user);
-    state.token = token;
+    const token = await devSignIn(store.user);
+    setToken(token);
     let expiresAt = claims(token)?.exp;
-    if (state.conn?.online) {
-      const ack = await state.conn.request({ type: "auth", token });
+    const conn = store.connection;
+    if (conn?.online) {
+      const ack = await conn.request({ type: "auth", token });
       expiresAt = ack.expires_at || expiresAt;
     }
     planRefresh(expiresAt);
   } catch {
     // Try again shortly; if the token runs out first the socket closes with 4401 and
-    // onUnauthorized signs in again.
-    state.refreshTimer = setTimeout(refreshSession, 15_000);
+    // reauthorize signs in again.
+    refreshTimer = setTimeout(refreshSession, 15_000);
   }
 }
 
@@ -279,7 +274,7 @@ function wireUi() {
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey) {
       event.preventDefault();
-      const t = state.active && state.transcripts.get(state.active);
+      const t = store.activeTranscript();
       if (t?.generating && input.value.trim()) {
         notify("A reply is still being written. Wait for it, or press Stop (Esc).", {
           kind: "info",
@@ -289,7 +284,7 @@ function wireUi() {
       }
       $("composer").requestSubmit();
     } else if (event.key === "Escape") {
-      const t = state.active && state.transcripts.get(state.active);
+      const t = store.activeTranscript();
       if (t?.generating) stop();
     }
   });
@@ -304,7 +299,7 @@ function wireUi() {
       if (code) copyText(code.textContent, button);
     } else if (button.dataset.action === "copy") {
       const id = button.closest(".msg")?.dataset.id;
-      const message = state.transcripts.get(state.active)?.find(id);
+      const message = store.activeTranscript()?.find(id);
       if (message) copyText(message.content, button);
     } else if (button.dataset.action === "regenerate") {
       regenerate();
@@ -318,11 +313,11 @@ function wireUi() {
   const scroller = $("scroller");
   scroller.addEventListener("scroll", () => {
     const gap = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
-    state.stick = gap < 48;
-    $("jump").hidden = state.stick;
+    setStick(gap < 48);
+    $("jump").hidden = store.stick;
   });
   $("jump").addEventListener("click", () => {
-    state.stick = true;
+    setStick(true);
     scrollToEnd();
   });
 
@@ -331,14 +326,14 @@ function wireUi() {
   $("scrim").addEventListener("click", closeSidebar);
   $("conv-list").addEventListener("click", (event) => {
     const link = event.target.closest("a.conv");
-    if (link && link.dataset.id === state.active) closeSidebar();
+    if (link && link.dataset.id === store.active) closeSidebar();
   });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && $("app").classList.contains("sidebar-open")) closeSidebar();
   });
   window.addEventListener("hashchange", route);
   $("banner-action").addEventListener("click", () => {
-    state.conn?.reconnect();
+    store.connection?.reconnect();
   });
 
   // dialogs
@@ -347,10 +342,10 @@ function wireUi() {
   }
   $("new-chat").addEventListener("click", () => {
     $("new-form").reset();
-    $("new-model").placeholder = state.model;
+    $("new-model").placeholder = store.model;
     const models = $("models");
     models.replaceChildren();
-    if (state.model) models.append(new Option(state.model));
+    if (store.model) models.append(new Option(store.model));
     $("new-dialog").showModal();
   });
   $("new-form").addEventListener("submit", async (event) => {
@@ -368,7 +363,7 @@ function wireUi() {
     }
   });
   $("rename").addEventListener("click", () => {
-    const meta = state.conversations.get(state.active);
+    const meta = store.conversation(store.active);
     if (!meta) return;
     $("rename-title").value = meta.title;
     $("rename-dialog").showModal();
@@ -378,11 +373,11 @@ function wireUi() {
     event.preventDefault();
     $("rename-dialog").close();
     const title = $("rename-title").value.trim();
-    if (!title || !state.active) return;
-    renameConversation(state.active, title).catch(explain);
+    if (!title || !store.active) return;
+    renameConversation(store.active, title).catch(explain);
   });
   $("delete").addEventListener("click", () => {
-    const meta = state.conversations.get(state.active);
+    const meta = store.conversation(store.active);
     if (!meta) return;
     $("delete-name").textContent = meta.title;
     $("delete-dialog").showModal();
@@ -390,11 +385,11 @@ function wireUi() {
   $("delete-form").addEventListener("submit", (event) => {
     event.preventDefault();
     $("delete-dialog").close();
-    if (state.active) deleteConversation(state.active).catch(explain);
+    if (store.active) deleteConversation(store.active).catch(explain);
   });
 
   // the relative times in the list
-  setInterval(() => state.token && renderSidebar(), 60_000);
+  setInterval(() => store.token && renderSidebar(), 60_000);
 }
 
 boot();

@@ -1,49 +1,43 @@
 // Conversations and the chat: joining, the frames that arrive, and what a person does.
+// It changes the store through its named updates; page.js shows the result.
 
 import { ApiError, api } from "./api.js";
-import { Disconnected, ProtocolError } from "./connection.js";
-import { explain } from "./errors.js";
-import { autosize, closeSidebar, render, renderSidebar, scheduleRender } from "./screen.js";
-import { $, state } from "./state.js";
-import { Transcript } from "./transcript.js";
-import { notify } from "./view.js";
+import { $ } from "./dom.js";
+import { Disconnected, ProtocolError, explain } from "./errors.js";
+import { notify } from "./notices.js";
+import { restoreDraft } from "./page.js";
+import { closeSidebar } from "./sidebar.js";
+import {
+  applyEvent,
+  beginListLoad,
+  endListLoad,
+  forgetConversation,
+  joinEnded,
+  joinStarted,
+  joined,
+  queueTurn,
+  selectConversation,
+  setConversations,
+  setStick,
+  store,
+  turnAccepted,
+  turnRefused,
+  upsertConversation,
+} from "./store.js";
 
 const DEFAULT_TITLE = "New conversation";
 
 /** GET the list; changes that arrive while it loads (conversation_changed) win over it. */
 export async function loadConversations() {
-  const changes = new Map(); // id -> meta, or null when deleted
-  state.listChanges = changes;
+  const load = beginListLoad();
   try {
-    const list = await api.list(state.token);
-    if (state.listChanges !== changes) return; // a newer load is under way
-    const fresh = new Map(list.map((meta) => [meta.id, meta]));
-    for (const [id, meta] of changes) {
-      if (meta === null) fresh.delete(id);
-      else if (!fresh.has(id) || newer(meta, fresh.get(id))) fresh.set(id, meta);
-    }
-    state.conversations = fresh;
-    renderSidebar();
+    setConversations(load, await api.list(store.token));
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return; // the socket says so too
     notify(`Could not load your conversations: ${error.message}`, { key: "list" });
   } finally {
-    if (state.listChanges === changes) state.listChanges = null;
+    endListLoad(load);
   }
-}
-
-function newer(a, b) {
-  return Date.parse(a.updated_at) > Date.parse(b.updated_at);
-}
-
-function transcript(id) {
-  let t = state.transcripts.get(id);
-  if (!t) {
-    t = new Transcript(id);
-    t.meta = state.conversations.get(id) || null;
-    state.transcripts.set(id, t);
-  }
-  return t;
 }
 
 export function route() {
@@ -58,32 +52,30 @@ export function go(id) {
 }
 
 function select(id) {
-  if (state.active === id) return;
-  const previous = state.active && state.transcripts.get(state.active);
+  if (store.active === id) return;
+  const previous = store.activeTranscript();
   if (previous) {
-    if (state.conn?.online && previous.joined !== "no") {
-      state.conn.send({ type: "leave", conversation: previous.id });
+    const conn = store.connection;
+    if (conn?.online && previous.joined !== "no") {
+      conn.send({ type: "leave", conversation: previous.id });
     }
-    previous.joined = "no";
+    joinEnded(previous);
   }
-  state.active = id;
-  state.stick = true;
   closeSidebar();
-  if (id) join(transcript(id));
-  renderSidebar();
-  render();
+  selectConversation(id);
+  if (id) join(store.transcript(id));
   if (!matchMedia("(pointer: coarse)").matches) $("input").focus();
 }
 
 /** Join the conversation: with `after` when this tab already holds some of it. */
 export function join(t) {
-  const conn = state.conn;
+  const conn = store.connection;
   if (!conn?.online || t.joined === "joining") return;
-  t.joined = "joining";
+  joinStarted(t);
   const frame = { type: "join", conversation: t.id };
   if (t.lastSeq !== null) frame.after = t.lastSeq;
   conn.request(frame).catch((error) => {
-    if (t.joined === "joining") t.joined = "no";
+    if (t.joined === "joining") joinEnded(t);
     if (!(error instanceof ProtocolError)) return; // reconnecting: joins again when ready
     if (error.code === "not_found") {
       forget(t.id);
@@ -95,72 +87,49 @@ export function join(t) {
 }
 
 function forget(id) {
-  state.listChanges?.set(id, null);
-  state.conversations.delete(id);
-  state.transcripts.delete(id);
-  if (state.active === id) go(null);
-  renderSidebar();
+  const wasActive = store.active === id;
+  forgetConversation(id);
+  if (wasActive) go(null);
 }
 
 export async function createConversation(fields) {
   const body = {};
   for (const [key, value] of Object.entries(fields)) if (value) body[key] = value;
+  const conn = store.connection;
   let meta;
-  if (state.conn?.online) {
-    meta = (await state.conn.request({ type: "create", ...body })).meta;
+  if (conn?.online) {
+    meta = (await conn.request({ type: "create", ...body })).meta;
   } else {
-    meta = await api.create(state.token, body);
+    meta = await api.create(store.token, body);
   }
-  upsertMeta(meta);
+  upsertConversation(meta);
   go(meta.id);
   return meta;
 }
 
 export async function renameConversation(id, title) {
-  upsertMeta(await api.change(state.token, id, { title }));
-  render();
+  upsertConversation(await api.change(store.token, id, { title }));
 }
 
 export async function deleteConversation(id) {
-  await api.remove(state.token, id);
+  await api.remove(store.token, id);
   const next = sortedConversations().find((m) => m.id !== id);
   forget(id);
   if (next && window.innerWidth > 760) go(next.id);
 }
 
 function sortedConversations() {
-  return [...state.conversations.values()].sort(
-    (a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at),
-  );
+  return store.conversations().sort((a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at));
 }
 
 export function onFrame(frame) {
   switch (frame.type) {
     case "joined": {
-      const t = transcript(frame.conversation);
-      t.meta = frame.meta;
-      upsertMeta(frame.meta);
-      const hadMessages = t.messages.some((m) => !m.pending);
-      if (frame.history) {
-        t.load(frame.history, frame.last_seq);
-        for (const [id, item] of state.outbox) {
-          if (item.conversation === t.id) t.addPending(id, item.text);
-        }
-        if (frame.reset && hadMessages) console.info("parley: transcript reset by the server");
-      } else {
-        t.lastSeq = frame.last_seq;
+      const t = joined(frame);
+      if (frame.conversation !== store.active) {
+        store.connection.send({ type: "leave", conversation: t.id });
+        joinEnded(t);
       }
-      t.joined = "yes";
-      // The events up to meta.last_seq follow at once: show the conversation when they are
-      // all in, so a reload mid-reply shows the reply so far in one go (no flash, no jump).
-      t.catchUpTo = frame.meta.last_seq || 0;
-      t.catchUpDeadline = Date.now() + 1000;
-      setTimeout(scheduleRender, 1050);
-      if (frame.conversation !== state.active) {
-        state.conn.send({ type: "leave", conversation: t.id });
-        t.joined = "no";
-      }
-      scheduleRender();
       break;
     }
     case "message":
@@ -169,33 +138,25 @@ export function onFrame(frame) {
     case "done":
     case "queued":
     case "updated": {
-      const t = state.transcripts.get(frame.conversation);
-      if (!t || t.joined !== "yes") break; // a join is under way: it brings these again
-      const result = t.apply(frame);
+      const result = applyEvent(frame);
       if (result === "gap") {
-        t.joined = "no";
+        const t = store.transcript(frame.conversation);
+        joinEnded(t);
         join(t); // with after = the last seq applied
-        break;
-      }
-      if (result !== "applied") break;
-      if (frame.type === "message") state.outbox.delete(frame.message.id);
-      if (frame.type === "updated") upsertMeta(frame.meta);
-      if (frame.type === "done" && frame.reason === "error") {
+      } else if (result === "applied" && frame.type === "done" && frame.reason === "error") {
         notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
           key: "model",
         });
       }
-      if (frame.type !== "token") renderSidebar();
-      scheduleRender();
       break;
     }
     case "conversation_changed": {
       if (frame.deleted) {
-        const wasActive = state.active === frame.conversation;
+        const wasActive = store.active === frame.conversation;
         forget(frame.conversation);
         if (wasActive) notify("This conversation was deleted.", { kind: "info", key: "deleted" });
       } else if (frame.meta) {
-        upsertMeta(frame.meta);
+        upsertConversation(frame.meta);
       }
       break;
     }
@@ -205,17 +166,6 @@ export function onFrame(frame) {
     default:
       break;
   }
-}
-
-function upsertMeta(meta) {
-  const known = state.conversations.get(meta.id);
-  if (known && newer(known, meta)) return;
-  state.listChanges?.set(meta.id, meta);
-  state.conversations.set(meta.id, meta);
-  const t = state.transcripts.get(meta.id);
-  if (t) t.meta = meta;
-  renderSidebar();
-  if (meta.id === state.active) scheduleRender();
 }
 
 function newId() {
@@ -229,17 +179,17 @@ function newId() {
 
 export async function submit(text) {
   if (!text.trim()) return false;
-  const limit = state.info?.limits?.max_text_chars;
+  const limit = store.info?.limits?.max_text_chars;
   if (limit && text.length > limit) {
     explain({ code: "too_large" });
     return false;
   }
-  const wait = Math.ceil((state.rateLimitedUntil - Date.now()) / 1000);
+  const wait = Math.ceil((store.rateLimitedUntil - Date.now()) / 1000);
   if (wait > 0) {
     notify(`You're sending too quickly — try again in ${wait} s.`, { key: "rate" });
     return false;
   }
-  let t = state.active && state.transcripts.get(state.active);
+  let t = store.activeTranscript();
   if (t && t.generating) {
     notify("A reply is still being written. Wait for it, or press Stop.", {
       kind: "info",
@@ -254,16 +204,14 @@ export async function submit(text) {
       explain(error);
       return false;
     }
-    t = state.transcripts.get(state.active);
+    t = store.activeTranscript();
   }
   const id = newId();
   const fresh = !t.messages.length && t.meta?.title === DEFAULT_TITLE;
-  state.outbox.set(id, { conversation: t.id, text });
-  t.addPending(id, text);
-  state.stick = true;
-  scheduleRender();
+  setStick(true);
+  queueTurn(t, id, text);
   if (fresh) autoTitle(t.id, text);
-  if (state.conn?.online) {
+  if (store.connection?.online) {
     say(id);
   } else {
     notify("You're offline — the message is sent when the connection is back.", {
@@ -276,21 +224,16 @@ export async function submit(text) {
 
 /** Send (or send again, with the same id: never a second turn) an unacknowledged `say`. */
 export function say(id) {
-  const item = state.outbox.get(id);
+  const item = store.turn(id);
   if (!item) return;
-  state.conn
+  store.connection
     .request({ type: "say", conversation: item.conversation, text: item.text, id })
-    .then(() => state.outbox.delete(id))
+    .then(() => turnAccepted(id))
     .catch((error) => {
       if (error instanceof Disconnected) return; // sent again after reconnecting
-      state.outbox.delete(id);
-      state.transcripts.get(item.conversation)?.dropPending(id);
-      if (item.conversation === state.active && !$("input").value) {
-        $("input").value = item.text;
-        autosize();
-      }
+      turnRefused(id);
+      if (item.conversation === store.active) restoreDraft(item.text);
       explain(error);
-      scheduleRender();
     });
 }
 
@@ -298,21 +241,22 @@ function autoTitle(id, text) {
   const clean = text.replace(/\[sim:[^\]]*\]/g, "").replace(/\s+/g, " ").trim();
   if (!clean) return;
   const title = clean.length > 48 ? `${clean.slice(0, 47).replace(/\s+\S*$/, "")}…` : clean;
-  api.change(state.token, id, { title }).catch(() => {});
+  api.change(store.token, id, { title }).catch(() => {});
 }
 
 export function stop() {
-  if (!state.active) return;
-  if (!state.conn?.online) {
+  if (!store.active) return;
+  const conn = store.connection;
+  if (!conn?.online) {
     notify("Can't stop the reply while offline.", { key: "conn" });
     return;
   }
-  state.conn.request({ type: "cancel", conversation: state.active }).catch(explain);
+  conn.request({ type: "cancel", conversation: store.active }).catch(explain);
 }
 
 export function regenerate() {
-  const t = state.active && state.transcripts.get(state.active);
+  const t = store.activeTranscript();
   if (!t || t.generating) return;
-  state.stick = true;
-  state.conn?.request({ type: "regenerate", conversation: t.id }).catch(explain);
+  setStick(true);
+  store.connection?.request({ type: "regenerate", conversation: t.id }).catch(explain);
 }

@@ -9,26 +9,13 @@
 //   unauthorized {code, reason}              closed with 4401 (token missing/invalid/expired)
 //   fatal   {code, reason}                   closed for good (4403: origin not allowed)
 
+import { CLOSE, Disconnected, ProtocolError } from "./errors.js";
+
 const SUBPROTOCOL = "parley.v1";
 const MAX_DELAY_MS = 10_000;
 const PING_EVERY_MS = 25_000;
 const PONG_WITHIN_MS = 10_000;
 const REQUEST_TIMEOUT_MS = 15_000;
-
-export class ProtocolError extends Error {
-  constructor(frame) {
-    super(frame.message || frame.code);
-    this.code = frame.code;
-    this.frame = frame;
-  }
-}
-
-export class Disconnected extends Error {
-  constructor(message = "The connection to the server was lost.") {
-    super(message);
-    this.code = "disconnected";
-  }
-}
 
 let refCounter = 0;
 
@@ -64,7 +51,7 @@ export class Connection extends EventTarget {
   stop() {
     this.stopped = true;
     clearTimeout(this.timer);
-    this.#drop(1000, "signed out");
+    this.#drop(CLOSE.NORMAL, "signed out");
     this.#setState("closed");
   }
 
@@ -72,7 +59,7 @@ export class Connection extends EventTarget {
   reconnect() {
     if (this.stopped) return;
     clearTimeout(this.timer);
-    this.#drop(1000, "reconnecting");
+    this.#drop(CLOSE.NORMAL, "reconnecting");
     this.#open();
   }
 
@@ -163,11 +150,11 @@ export class Connection extends EventTarget {
       if (!ws) return;
       ws.onmessage = ws.onclose = ws.onerror = null;
       try {
-        ws.close(4000, "no answer");
+        ws.close(CLOSE.NO_ANSWER, "no answer");
       } catch {
         /* already closed */
       }
-      this.#closed(ws, 1006, "no answer from the server");
+      this.#closed(ws, CLOSE.LOST, "no answer from the server");
     }, within);
   }
 
@@ -184,12 +171,12 @@ export class Connection extends EventTarget {
     this.pending.clear();
     this.lastClose = { code, reason };
     if (this.stopped) return;
-    if (code === 4401) {
+    if (code === CLOSE.UNAUTHORIZED) {
       this.#setState("closed", code, reason);
       this.dispatchEvent(new CustomEvent("unauthorized", { detail: { code, reason } }));
       return;
     }
-    if (code === 4403) {
+    if (code === CLOSE.FORBIDDEN_ORIGIN) {
       this.stopped = true;
       this.#setState("closed", code, reason);
       this.dispatchEvent(new CustomEvent("fatal", { detail: { code, reason } }));
@@ -198,7 +185,7 @@ export class Connection extends EventTarget {
     this.#retry(code, reason);
   }
 
-  #retry(code = 1006, reason = "") {
+  #retry(code = CLOSE.LOST, reason = "") {
     if (this.stopped) return;
     if (!navigator.onLine) {
       this.#setState("offline", code, reason);
@@ -207,7 +194,7 @@ export class Connection extends EventTarget {
     // Full back-off doubles from 0.5 s to 10 s; the wait is a random 50-100 % of it so that
     // every tab of every user does not come back at the same instant after a restart.
     const base = Math.min(MAX_DELAY_MS, 500 * 2 ** this.attempt);
-    const floor = code === 4429 || code === 1013 ? 3000 : 0;
+    const floor = code === CLOSE.TOO_MANY || code === CLOSE.TRY_AGAIN_LATER ? 3000 : 0;
     const delay = Math.max(floor, Math.round(base / 2 + (Math.random() * base) / 2));
     this.attempt += 1;
     this.retryAt = Date.now() + delay;

@@ -1,21 +1,64 @@
-// Errors a person understands: `error` frames, failed HTTP calls and close codes.
+// Errors: the socket's close codes (the one place in the UI that lists them), the errors a
+// request can end with, and what a person reads about any of them (`explain`).
 
 import { ApiError } from "./api.js";
-import { Disconnected } from "./connection.js";
-import { state } from "./state.js";
-import { notify } from "./view.js";
+import { notify } from "./notices.js";
+import { rateLimit, store } from "./store.js";
+
+/** The close codes of docs/protocol.md (protocol/session.py's CloseCode), plus the two that
+ * only a browser sees: LOST (1006, no close frame) and NO_ANSWER (this page gave up on a
+ * silent link). */
+export const CLOSE = {
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  LOST: 1006,
+  TOO_LARGE: 1009,
+  INTERNAL: 1011,
+  RESTART: 1012,
+  TRY_AGAIN_LATER: 1013,
+  NO_ANSWER: 4000,
+  PROTOCOL: 4400,
+  UNAUTHORIZED: 4401,
+  FORBIDDEN_ORIGIN: 4403,
+  AUTH_TIMEOUT: 4408,
+  TOO_MANY: 4429,
+};
 
 export const CLOSE_REASONS = {
-  1001: "The server is going away.",
-  1006: "The connection was lost.",
-  1009: "A message was too large for the server.",
-  1011: "The server hit an internal error.",
-  1012: "The server is restarting.",
-  1013: "The server is busy.",
-  4400: "The server did not understand this page.",
-  4408: "Signing in took too long.",
-  4429: "Too many connections for your account — close some Parley tabs.",
+  [CLOSE.GOING_AWAY]: "The server is going away.",
+  [CLOSE.LOST]: "The connection was lost.",
+  [CLOSE.TOO_LARGE]: "A message was too large for the server.",
+  [CLOSE.INTERNAL]: "The server hit an internal error.",
+  [CLOSE.RESTART]: "The server is restarting.",
+  [CLOSE.TRY_AGAIN_LATER]: "The server is busy.",
+  [CLOSE.PROTOCOL]: "The server did not understand this page.",
+  [CLOSE.AUTH_TIMEOUT]: "Signing in took too long.",
+  [CLOSE.TOO_MANY]: "Too many connections for your account — close some Parley tabs.",
 };
+
+/** An `error` frame in answer to a request. */
+export class ProtocolError extends Error {
+  constructor(frame) {
+    super(frame.message || frame.code);
+    this.code = frame.code;
+    this.frame = frame;
+  }
+}
+
+/** A request that cannot be answered: the socket is down, or the answer did not come. */
+export class Disconnected extends Error {
+  constructor(message = "The connection to the server was lost.") {
+    super(message);
+    this.code = "disconnected";
+  }
+}
+
+let unauthorized = () => {};
+
+/** What to do when a request says the session is not valid (app.js signs in again). */
+export function onUnauthorized(handler) {
+  unauthorized = handler;
+}
 
 export function explain(error) {
   if (error instanceof Disconnected) {
@@ -32,11 +75,11 @@ export function explain(error) {
       503: "Parley can't reach one of its services right now. Try again in a moment.",
     };
     notify(byStatus[error.status] || `The server refused that: ${error.message}`);
-    if (error.status === 401) state.onUnauthorized();
+    if (error.status === 401) unauthorized();
     return;
   }
   const frame = error.frame || error;
-  const limit = state.info?.limits?.max_text_chars;
+  const limit = store.info?.limits?.max_text_chars;
   switch (frame.code) {
     case "busy":
       notify("A reply is still being written in this conversation. Wait for it, or press Stop.", {
@@ -46,7 +89,7 @@ export function explain(error) {
       break;
     case "rate_limited": {
       const seconds = Math.max(1, Math.ceil(frame.retry_after ?? 10));
-      state.rateLimitedUntil = Date.now() + seconds * 1000;
+      rateLimit(seconds);
       notify(`You're sending messages too quickly — try again in ${seconds} s.`, {
         key: "rate",
         ms: Math.max(4000, seconds * 1000),

@@ -1,9 +1,31 @@
-// Putting the state on the page: the chat column, the list, the connection status.
+// Putting the store on the page: the header and chat column (render, scheduleRender), the
+// connection status and banner, the composer's size and count. It subscribes to the store, so
+// an update anywhere is shown without its module knowing how.
 
-import { CLOSE_REASONS } from "./errors.js";
-import { $, state } from "./state.js";
+import { $ } from "./dom.js";
+import { CLOSE, CLOSE_REASONS } from "./errors.js";
 import { grammars } from "./markdown.js";
-import { invalidateMessages, notify, renderConversations, renderTranscript } from "./view.js";
+import { invalidateMessages, renderTranscript } from "./messages.js";
+import { notify } from "./notices.js";
+import { renderSidebar } from "./sidebar.js";
+import { store, subscribe } from "./store.js";
+
+subscribe((topic, detail) => {
+  if (topic === "selection") {
+    renderSidebar();
+    render();
+  } else if (topic === "conversations") {
+    renderSidebar();
+    scheduleRender();
+  } else if (topic === "transcript") {
+    if (detail.type !== "token") renderSidebar(); // whether it is replying shows in the list
+    scheduleRender();
+    // a transcript just joined waits for its backlog at most a second (see render)
+    if (detail.type === "joined") setTimeout(scheduleRender, 1050);
+  } else {
+    scheduleRender();
+  }
+});
 
 grammars.addEventListener("change", () => {
   invalidateMessages();
@@ -11,12 +33,13 @@ grammars.addEventListener("change", () => {
 });
 
 let countdown = null;
+let dropCode = null; // the close code that ended the last working connection
 
 export function showStatus({ state: s, code, retryIn }) {
   const pill = $("status");
   pill.dataset.state = s;
   const text = {
-    connecting: state.everOnline ? "Reconnecting…" : "Connecting…",
+    connecting: store.everOnline ? "Reconnecting…" : "Connecting…",
     online: "Connected",
     waiting: "Reconnecting…",
     offline: "Offline",
@@ -25,19 +48,19 @@ export function showStatus({ state: s, code, retryIn }) {
   $("status-text").textContent = text;
   clearInterval(countdown);
   if (s === "online") {
-    state.dropCode = null;
+    dropCode = null;
     hideBanner();
   } else if (s === "waiting") {
     // Say why the working connection ended, not why the retries since have failed.
-    if (state.dropCode === null) state.dropCode = code;
-    const why = CLOSE_REASONS[state.dropCode] || CLOSE_REASONS[1006];
+    if (dropCode === null) dropCode = code;
+    const why = CLOSE_REASONS[dropCode] || CLOSE_REASONS[CLOSE.LOST];
     const tick = () => {
-      const left = Math.max(0, Math.ceil((state.conn.retryAt - Date.now()) / 1000));
+      const left = Math.max(0, Math.ceil((store.connection.retryAt - Date.now()) / 1000));
       banner(`${why} Reconnecting${left ? ` in ${left} s` : ""}…`, true);
     };
     tick();
     if (retryIn > 1000) countdown = setInterval(tick, 1000);
-  } else if (s === "connecting" && state.everOnline) {
+  } else if (s === "connecting" && store.everOnline) {
     banner("Reconnecting…");
   } else if (s === "offline") {
     banner("You're offline. Parley reconnects as soon as the network is back.");
@@ -67,25 +90,19 @@ export function scheduleRender() {
   else requestAnimationFrame(run);
 }
 
-export function renderSidebar() {
-  const generating = new Set();
-  for (const t of state.transcripts.values()) if (t.generating) generating.add(t.id);
-  renderConversations(state.conversations, state.active, generating);
-}
-
 function caughtUp(t) {
   return t.lastSeq === null || t.lastSeq >= t.catchUpTo || Date.now() >= t.catchUpDeadline;
 }
 
 export function render() {
-  const t = state.active ? state.transcripts.get(state.active) : null;
+  const t = store.activeTranscript() || null;
   if (t && !caughtUp(t)) return; // the rest of the backlog is on its way
-  const meta = t?.meta || (state.active && state.conversations.get(state.active)) || null;
+  const meta = t?.meta || (store.active && store.conversation(store.active)) || null;
   const title = meta?.title || "Parley";
   $("title").textContent = title;
   document.title = meta ? `${title} — Parley` : "Parley";
-  $("model-name").textContent = meta?.model || state.model || "";
-  $("sim-badge").hidden = !state.simulated;
+  $("model-name").textContent = meta?.model || store.model || "";
+  $("sim-badge").hidden = !store.simulated;
   $("chat-actions").hidden = !meta;
   const system = meta?.system || "";
   $("system-card").hidden = !system;
@@ -111,7 +128,7 @@ export function render() {
   } else {
     pending.hidden = true;
   }
-  if (state.stick) scrollToEnd();
+  if (store.stick) scrollToEnd();
 }
 
 export function scrollToEnd() {
@@ -120,12 +137,20 @@ export function scrollToEnd() {
   $("jump").hidden = true;
 }
 
+/** Put a refused turn's text back in the composer, unless the person has typed anew. */
+export function restoreDraft(text) {
+  const input = $("input");
+  if (input.value) return;
+  input.value = text;
+  autosize();
+}
+
 export function autosize() {
   const input = $("input");
   input.style.height = "auto";
   input.style.height = `${Math.min(input.scrollHeight, 220)}px`;
   // near the server's limit, show how much is left
-  const limit = state.info?.limits?.max_text_chars;
+  const limit = store.info?.limits?.max_text_chars;
   const count = $("count");
   const used = input.value.length;
   count.hidden = !limit || used < limit * 0.8;
@@ -133,18 +158,6 @@ export function autosize() {
     count.textContent = `${used.toLocaleString()} / ${limit.toLocaleString()} characters`;
     count.classList.toggle("over", used > limit);
   }
-}
-
-export function openSidebar() {
-  $("app").classList.add("sidebar-open");
-  $("scrim").hidden = false;
-  $("sidebar").querySelector(".conv.active, .conv, #new-chat")?.focus();
-}
-
-export function closeSidebar() {
-  if (!$("app").classList.contains("sidebar-open")) return;
-  $("app").classList.remove("sidebar-open");
-  $("scrim").hidden = true;
 }
 
 export async function copyText(text, button) {

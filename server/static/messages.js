@@ -1,76 +1,9 @@
-// DOM rendering: the conversation list and the messages of one transcript.
-// Every piece of text from the server goes in as text (textContent) or as sanitised Markdown.
+// The messages of one transcript as DOM, updated in place: only a message whose `rev`
+// changed is rendered again. Every piece of text from the server goes in as text
+// (textContent) or as sanitised Markdown.
 
+import { $, el } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
-
-const $ = (id) => document.getElementById(id);
-
-export function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role") {
-      node.setAttribute(key, value === true ? "" : value);
-    } else node[key] = value;
-  }
-  node.append(...children.filter((c) => c !== null && c !== undefined));
-  return node;
-}
-
-// ------------------------------------------------------------------ time
-
-const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
-
-export function ago(iso) {
-  const then = Date.parse(iso);
-  if (Number.isNaN(then)) return "";
-  const seconds = Math.round((then - Date.now()) / 1000);
-  const abs = Math.abs(seconds);
-  if (abs < 45) return "just now";
-  if (abs < 3600) return relative.format(Math.round(seconds / 60), "minute");
-  if (abs < 86400) return relative.format(Math.round(seconds / 3600), "hour");
-  if (abs < 7 * 86400) return relative.format(Math.round(seconds / 86400), "day");
-  return new Date(then).toLocaleDateString();
-}
-
-// ------------------------------------------------------------------ conversation list
-
-export function renderConversations(conversations, activeId, generating) {
-  const list = $("conv-list");
-  const items = [...conversations.values()].sort(
-    (a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at) || (a.id < b.id ? -1 : 1),
-  );
-  list.replaceChildren(
-    ...items.map((meta) => {
-      const active = meta.id === activeId;
-      return el(
-        "li",
-        {},
-        el(
-          "a",
-          {
-            class: `conv${active ? " active" : ""}`,
-            href: `#/c/${meta.id}`,
-            "data-id": meta.id,
-            "aria-current": active ? "page" : null,
-          },
-          el("span", { class: "conv-title", text: meta.title || "Untitled" }),
-          el(
-            "span",
-            { class: "conv-time" },
-            generating.has(meta.id) ? el("span", { class: "conv-live", text: "replying" }) : null,
-            ago(meta.updated_at),
-          ),
-        ),
-      );
-    }),
-  );
-  $("conv-empty").hidden = items.length > 0;
-}
-
-// ------------------------------------------------------------------ messages
 
 const nodes = new Map(); // message id -> {el, rev, version}
 let shownVersion = -1;
@@ -214,40 +147,4 @@ export function renderTranscript(transcript) {
   for (const node of list.querySelectorAll(".msg.is-last")) node.classList.remove("is-last");
   if (last && last.role === "assistant") nodes.get(last.id)?.el.classList.add("is-last");
   list.classList.toggle("busy", transcript.generating);
-}
-
-// ------------------------------------------------------------------ notices
-
-const NOTICE_MS = 8000;
-
-/** A short message above the composer; `key` replaces an earlier notice of the same kind. */
-export function notify(text, options = {}) {
-  const { kind = "error", key = null, sticky = false, ms = NOTICE_MS } = options;
-  const box = $("notices");
-  if (key) box.querySelector(`[data-key="${key}"]`)?.remove();
-  const close = el("button", {
-    type: "button",
-    class: "notice-close",
-    "aria-label": "Dismiss",
-    text: "×",
-  });
-  const notice = el(
-    "div",
-    {
-      class: `notice notice-${kind}`,
-      role: kind === "error" ? "alert" : "status",
-      "data-key": key,
-    },
-    el("span", { class: "notice-text", text }),
-    close,
-  );
-  close.addEventListener("click", () => notice.remove());
-  box.append(notice);
-  while (box.children.length > 3) box.firstElementChild.remove();
-  if (!sticky) setTimeout(() => notice.remove(), ms);
-  return notice;
-}
-
-export function clearNotice(key) {
-  $("notices").querySelector(`[data-key="${key}"]`)?.remove();
 }

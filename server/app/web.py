@@ -17,7 +17,7 @@ from server.app.runtime import Runtime
 from server.dev.simulator import SimulatorSettings, SimulatorStats, simulator_router
 from server.edge.rest import ROUTES
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 
 
 def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:

@@ -88,7 +88,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     with embedded_services(settings) as settings:
         s = settings.server
         model_url = f"http://{_loopback(s.host)}:{s.port}/v1"
-        runtime = Runtime(settings=settings, web=True, worker=True, model_url=model_url)
+        runtime = Runtime(settings=settings, runs_web=True, runs_worker=True, model_url=model_url)
         app = create_app(runtime, SimulatorStats() if settings.simulated else None)
         _banner(settings)
         _run_uvicorn(app, settings, runtime)
@@ -96,7 +96,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def web(settings: Settings, args: argparse.Namespace) -> None:
     _require_urls(settings, "web")
-    runtime = Runtime(settings=settings, web=True, worker=False)
+    runtime = Runtime(settings=settings, runs_web=True, runs_worker=False)
     _run_uvicorn(create_app(runtime), settings, runtime)
 
 
@@ -108,7 +108,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     runtime = Runtime(
-        settings=settings, web=False, worker=True, model_url=f"http://127.0.0.1:{port}/v1"
+        settings=settings, runs_web=False, runs_worker=True, model_url=f"http://127.0.0.1:{port}/v1"
     )
     app = create_app(runtime, SimulatorStats() if settings.simulated else None)
     _run_uvicorn(app, settings, runtime, sock=sock)
@@ -237,7 +237,7 @@ def _run_uvicorn(
     app: Any, settings: Settings, runtime: Runtime | None, sock: socket.socket | None = None
 ) -> None:
     grace = settings.server.shutdown_grace
-    if runtime is not None and runtime.worker:
+    if runtime is not None and runtime.runs_worker:
         grace = max(grace, settings.worker.shutdown_deadline)
     config = uvicorn.Config(
         app,
@@ -260,7 +260,7 @@ def _protocols(runtime: Runtime | None) -> dict[str, Any]:
     """uvicorn's `http` and `ws` settings: in a web process, Parley's own
     (`server.edge.connection`), so that connections whose first request is for `/ws` skip
     uvicorn's HTTP layer."""
-    if runtime is None or not runtime.web:
+    if runtime is None or not runtime.runs_web:
         return {"http": "httptools", "ws": "none"}
     entrance = Entrance(lambda: runtime.hub)
     return {"http": entrance.http, "ws": entrance.ws}

@@ -21,7 +21,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
-    """A web app (`runtime.web`) and/or the simulated model (`simulator` given)."""
+    """A web app (`runtime.runs_web`) and/or the simulated model (`simulator` given)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -31,7 +31,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    handlers: list[Any] = list(ROUTES) if runtime.web else []
+    handlers: list[Any] = list(ROUTES) if runtime.runs_web else []
     if simulator is not None:
         s = runtime.settings.simulator
         settings = SimulatorSettings(
@@ -41,7 +41,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
             model=runtime.settings.llm.model,
         )
         handlers.append(simulator_router(settings, simulator))
-    if runtime.web and STATIC.is_dir():
+    if runtime.runs_web and STATIC.is_dir():
         handlers.append(create_static_files_router(path="/", directories=[STATIC], html_mode=True))
     app = Litestar(
         route_handlers=handlers,

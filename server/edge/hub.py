@@ -1,5 +1,5 @@
-"""What every socket of a web process shares: settings, the chat, the bus, the token
-verifier and the per-user connection count; the open sockets, and each user's; the upgrade
+"""What every socket of a web process shares: settings, the conversation service, the bus,
+the token verifier and the per-user connection count; the open sockets, and each user's; the upgrade
 policy (path, Origin, draining); the end-of-iteration write of every socket with frames; and
 one keepalive sweep for all sockets instead of a timer each."""
 
@@ -22,7 +22,7 @@ from protocol.session import CloseCode, SessionLimits
 from server.app.config import Settings
 from server.edge.auth import Principal, Verifier
 from server.edge.bus import Bus
-from server.edge.conversations import Chat
+from server.edge.conversations import Conversations
 from server.redis import keys
 from server.redis.presence import Presence
 
@@ -37,10 +37,15 @@ MIN_SWEEP: Final = 0.25
 
 class Hub:
     def __init__(
-        self, settings: Settings, chat: Chat, bus: Bus, verifier: Verifier, presence: Presence
+        self,
+        settings: Settings,
+        conversations: Conversations,
+        bus: Bus,
+        verifier: Verifier,
+        presence: Presence,
     ) -> None:
         self.settings = settings
-        self.chat = chat
+        self.conversations = conversations
         self.bus = bus
         self.verifier = verifier
         self.presence = presence

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol import wsframe
-from protocol.resume import Cursor, Outcome, Verdict
+from protocol.resume import Cursor, NextStep, Verdict
 from protocol.session import CloseCode
 from server.edge.conversations import Refused
 
@@ -67,7 +67,7 @@ class Watch:
             self.catching_up = False
 
     async def _read(self, after: int) -> tuple[int, list[tuple[int, bytes]]]:
-        head, logged = await self.conn.hub.chat.read_events(self.conversation, after)
+        head, logged = await self.conn.hub.conversations.read_events(self.conversation, after)
         return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
 
     async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
@@ -79,11 +79,11 @@ class Watch:
         self.cursor.start_at(after)
         head, logged = await self._read(after)
         result = self.cursor.catch_up(logged, head)
-        if result.outcome is Outcome.RESET:
+        if result.next_step is NextStep.RESET:
             await self._send_history(meta, ref, reset=True)
             return
         self._send_joined(meta, head, after, None, False, ref, result.frames)
-        if result.outcome is Outcome.AGAIN:
+        if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
 
     async def catch_up(self) -> None:
@@ -95,18 +95,18 @@ class Watch:
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
                 self.conn.push(frame)
-            if result.outcome is Outcome.LIVE:
+            if result.next_step is NextStep.LIVE:
                 return
-            if result.outcome is Outcome.RESET:
+            if result.next_step is NextStep.RESET:
                 user = self.conn.session.user if self.conn.session else None
-                meta = await self.conn.hub.chat.owned(user or "", self.conversation)
+                meta = await self.conn.hub.conversations.owned(user or "", self.conversation)
                 await self._send_history(meta, None, reset=True)
                 return
             await asyncio.sleep(0.05)
         raise Refused("unavailable", "could not catch up with the conversation")
 
     async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
-        start, history = await self.conn.hub.chat.history(self.conversation)
+        start, history = await self.conn.hub.conversations.history(self.conversation)
         self.cursor.reset()
         self.cursor.start_at(start)
         head, logged = await self._read(start)

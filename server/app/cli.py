@@ -136,17 +136,9 @@ def token_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def model(settings: Settings, args: argparse.Namespace) -> None:
-    from server.dev.simulator import SimulatorSettings, simulator_app
+    from server.dev.simulator import simulator_app
 
-    s = settings.simulator
-    app = simulator_app(
-        SimulatorSettings(
-            first_token_delay=s.first_token_delay,
-            tokens_per_second=s.tokens_per_second,
-            max_tokens=s.max_tokens,
-            model=settings.llm.model,
-        )
-    )
+    app = simulator_app(settings.simulator, model=settings.llm.model)
     print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
 

@@ -1,6 +1,6 @@
 """The Litestar application: REST routes, the UI, the simulated model and the lifespan that
 opens and closes the process's resources. No business logic here. The WebSocket endpoint is
-not a Litestar route: uvicorn hands upgrade requests straight to `server.edge.connection`."""
+not a Litestar route: `server.edge.connection` takes sockets before they reach Litestar."""
 
 from __future__ import annotations
 

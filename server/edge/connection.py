@@ -1,7 +1,10 @@
 """The socket: one WebSocket connection, from the upgrade request to the close.
 
-uvicorn parses HTTP; a request that asks for an upgrade is handed, transport and all, to a
-`Connection` (an asyncio Protocol made by `Entrance`). It answers the opening handshake
+Parley's front door (`FrontDoor`, the protocol uvicorn runs for every accepted connection,
+see `Entrance`) reads a new connection's first bytes: a request for `/ws` makes it a
+`Connection` at once, anything else goes to uvicorn's HTTP layer, which hands an upgrade
+request arriving later on a kept-alive connection, transport and all, to a `Connection` too.
+A `Connection` (an asyncio Protocol) answers the opening handshake
 (`protocol.handshake`), then parses frames with `websockets`' sans-I/O `ServerProtocol`,
 which also answers pings and the closing handshake. Nothing waits on an idle socket: no task,
 no queue. What a client sends goes through the sans-I/O `Session`, whose actions are carried

@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     command("model", model, "run the simulated model on its own", True)
     command("asyncapi", asyncapi, "print the protocol's AsyncAPI 3 document")
+    command("protocol-js", protocol_js, "print the UI's protocol constants (static/protocol.js)")
     load_cmd = command("load", load_command, "drive a load test against a running Parley")
     load_cmd.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -147,6 +148,12 @@ def asyncapi(settings: Settings, args: argparse.Namespace) -> None:
     from protocol.asyncapi import render
 
     print(render(), end="")
+
+
+def protocol_js(settings: Settings, args: argparse.Namespace) -> None:
+    from protocol.reference import javascript
+
+    print(javascript(), end="")
 
 
 def load_command(settings: Settings, args: argparse.Namespace) -> None:

@@ -2,19 +2,20 @@
 
 import { ApiError } from "./api.js";
 import { Disconnected } from "./connection.js";
+import { CLOSE_CODE } from "./protocol.js";
 import { state } from "./state.js";
 import { notify } from "./view.js";
 
 export const CLOSE_REASONS = {
-  1001: "The server is going away.",
+  [CLOSE_CODE.GOING_AWAY]: "The server is going away.",
   1006: "The connection was lost.",
-  1009: "A message was too large for the server.",
-  1011: "The server hit an internal error.",
-  1012: "The server is restarting.",
-  1013: "The server is busy.",
-  4400: "The server did not understand this page.",
-  4408: "Signing in took too long.",
-  4429: "Too many connections for your account — close some Parley tabs.",
+  [CLOSE_CODE.TOO_LARGE]: "A message was too large for the server.",
+  [CLOSE_CODE.INTERNAL]: "The server hit an internal error.",
+  [CLOSE_CODE.RESTART]: "The server is restarting.",
+  [CLOSE_CODE.TRY_AGAIN_LATER]: "The server is busy.",
+  [CLOSE_CODE.PROTOCOL]: "The server did not understand this page.",
+  [CLOSE_CODE.AUTH_TIMEOUT]: "Signing in took too long.",
+  [CLOSE_CODE.TOO_MANY]: "Too many connections for your account — close some Parley tabs.",
 };
 
 export function explain(error) {

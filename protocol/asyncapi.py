@@ -1,4 +1,5 @@
-"""The AsyncAPI 3 document of the protocol, generated from the Structs in frames.py.
+"""The AsyncAPI 3 document of the protocol, generated from the Structs in frames.py (each
+frame's docstring is its message's description) and the close codes in session.py.
 
 It is the reference form of the protocol: `docs/asyncapi.json` is this document (a test keeps
 it in step) and a running Parley serves it at `GET /asyncapi.json`.
@@ -6,63 +7,36 @@ it in step) and a running Parley serves it at `GET /asyncapi.json`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import msgspec
 
 from protocol import frames as f
-
-CLIENT = (f.Auth, f.Create, f.Join, f.Leave, f.Say, f.Cancel, f.Regenerate, f.Ping)
-SERVER = (
-    f.Ready,
-    f.Created,
-    f.Joined,
-    f.Ack,
-    f.Pong,
-    f.Error,
-    f.MessageEvent,
-    f.Start,
-    f.Token,
-    f.Done,
-    f.Queued,
-    f.Updated,
-    f.ConversationChanged,
-)
-CLOSE_CODES = {
-    1000: "normal closure",
-    1001: "server going away (shutdown): reconnect and rejoin with `after`",
-    1009: "frame too large",
-    1011: "internal error",
-    1012: "service restart: reconnect and rejoin with `after`",
-    1013: "try again later (overloaded, or the client reads too slowly)",
-    4400: "protocol violation the session cannot continue after (repeated garbage)",
-    4401: "missing, invalid or expired token",
-    4403: "Origin not allowed",
-    4408: "no `auth` frame within `auth_timeout`",
-    4429: "too many connections or frames for this user",
-}
+from protocol.session import CLOSE_MEANINGS
 
 
 def _tag(struct: type[msgspec.Struct]) -> str:
     return str(struct.__struct_config__.tag)
 
 
+def _message(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """A frame's message: its docstring is the description, the first paragraph the summary."""
+    description = inspect.cleandoc(struct.__doc__ or "")
+    return {
+        "name": _tag(struct),
+        "title": struct.__name__,
+        "summary": " ".join(description.split("\n\n")[0].split()),
+        "description": description,
+        "payload": {"$ref": f"#/components/schemas/{struct.__name__}"},
+    }
+
+
 def document() -> dict[str, Any]:
     (_, *_), components = msgspec.json.schema_components(
-        [*CLIENT, *SERVER], ref_template="#/components/schemas/{name}"
+        [*f.CLIENT_FRAMES, *f.SERVER_FRAMES], ref_template="#/components/schemas/{name}"
     )
-    messages = {
-        _tag(s): {
-            "name": _tag(s),
-            "title": s.__name__,
-            "summary": (s.__doc__ or "").strip().split("\n\n")[0] or None,
-            "payload": {"$ref": f"#/components/schemas/{s.__name__}"},
-        }
-        for s in (*CLIENT, *SERVER)
-    }
-    for message in messages.values():
-        if message["summary"] is None:
-            del message["summary"]
+    messages = {_tag(s): _message(s) for s in (*f.CLIENT_FRAMES, *f.SERVER_FRAMES)}
     ref = "#/channels/socket/messages/{}"
     return {
         "asyncapi": "3.0.0",
@@ -74,7 +48,7 @@ def document() -> dict[str, Any]:
                 "Authenticate with `Sec-WebSocket-Protocol: parley.v1, bearer.<JWT>` or a "
                 "first `auth` frame. Conversation events carry `seq`, contiguous per "
                 "conversation; a gap means rejoin with `after`. Close codes: "
-                + "; ".join(f"{code} {text}" for code, text in CLOSE_CODES.items())
+                + "; ".join(f"{int(code)} {text}" for code, text in CLOSE_MEANINGS.items())
             ),
         },
         "channels": {
@@ -88,13 +62,13 @@ def document() -> dict[str, Any]:
                 "action": "receive",
                 "channel": {"$ref": "#/channels/socket"},
                 "summary": "Frames a client sends.",
-                "messages": [{"$ref": ref.format(_tag(s))} for s in CLIENT],
+                "messages": [{"$ref": ref.format(_tag(s))} for s in f.CLIENT_FRAMES],
             },
             "receiveFrame": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/socket"},
                 "summary": "Frames the server sends.",
-                "messages": [{"$ref": ref.format(_tag(s))} for s in SERVER],
+                "messages": [{"$ref": ref.format(_tag(s))} for s in f.SERVER_FRAMES],
             },
         },
         "components": {"schemas": components, "messages": messages},

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -92,46 +92,82 @@ class _Client(Struct, frozen=True, tag_field="type", forbid_unknown_fields=True)
 
 
 class Auth(_Client, tag="auth", kw_only=True, frozen=True):
+    """Authenticate with a JWT: the first frame when the token is not offered in
+    `Sec-WebSocket-Protocol`, or later, with a fresh token for the same user, to extend the
+    session.
+
+    Answered with `ready` the first time, then with `ack {expires_at}`. An invalid token, or
+    one for another user, closes the socket with 4401."""
+
     token: str
 
 
 class Create(_Client, tag="create", kw_only=True, frozen=True):
+    """Create a conversation owned by the user; answered with `created`.
+
+    Without `title` it is "New conversation", without `model` the default model."""
+
     title: Annotated[str, Meta(max_length=200)] | None = None
     system: str | None = None
     model: Annotated[str, Meta(max_length=200)] | None = None
 
 
 class Join(_Client, tag="join", kw_only=True, frozen=True):
+    """Watch a conversation: answered with `joined`, then the events after it, then
+    live events.
+
+    With `after` (the last seq the client holds) only the events with `seq > after` follow;
+    when those are no longer retained, `joined` has `reset: true` and the full history."""
+
     conversation: uuid.UUID
     after: Seq | None = None
 
 
 class Leave(_Client, tag="leave", kw_only=True, frozen=True):
+    """Stop watching a conversation; answered with `ack`."""
+
     conversation: uuid.UUID
 
 
 class Say(_Client, tag="say", kw_only=True, frozen=True):
+    """A user turn; answered with `ack {message_id}`.
+
+    The `message` event and the reply's events follow to every socket that joined the
+    conversation. A turn whose `id` the conversation already has is not taken twice: the
+    answer is `ack {message_id: id, duplicate: true}`. While a reply is being generated the
+    answer is `busy`; over the turn rate, `rate_limited`."""
+
     conversation: uuid.UUID
     text: str
     id: uuid.UUID | None = None
 
 
 class Cancel(_Client, tag="cancel", kw_only=True, frozen=True):
+    """Stop the conversation's running generation; answered with `ack`.
+
+    The generation ends with `done` reason `cancelled`."""
+
     conversation: uuid.UUID
 
 
 class Regenerate(_Client, tag="regenerate", kw_only=True, frozen=True):
+    """Generate the conversation's last assistant message again; answered with
+    `ack {message_id}`.
+
+    The new message's `start` names the one it replaces in `replaces`."""
+
     conversation: uuid.UUID
 
 
 class Ping(_Client, tag="ping", kw_only=True, frozen=True):
-    pass
+    """An application-level ping for clients that cannot send WebSocket pings
+    (browsers); answered with `pong`."""
 
 
 ClientFrame = Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping
-CLIENT_TYPES: Final = frozenset(
-    t.__struct_config__.tag for t in (Auth, Create, Join, Leave, Say, Cancel, Regenerate, Ping)
-)
+CLIENT_FRAMES: Final[tuple[type[_Client], ...]] = get_args(ClientFrame)
+"""The client frames in protocol order: the one list is the union above."""
+CLIENT_TYPES: Final = frozenset(t.__struct_config__.tag for t in CLIENT_FRAMES)
 
 
 # --------------------------------------------------------------------------- server replies
@@ -142,6 +178,12 @@ class _Server(Struct, frozen=True, tag_field="type", omit_defaults=True):
 
 
 class Ready(_Server, tag="ready", kw_only=True, frozen=True):
+    """Sent once, when the socket's first valid token is accepted: the session is open.
+
+    `user` is the token's subject, `limits` the limits in force, `model` the default model,
+    `simulated` says the simulated model is in use, `expires_at` is the token's expiry in
+    Unix seconds. `ref` is the `auth` frame's, when the token came in one."""
+
     user: str
     session: str
     limits: Limits
@@ -153,13 +195,19 @@ class Ready(_Server, tag="ready", kw_only=True, frozen=True):
 
 
 class Created(_Server, tag="created", kw_only=True, frozen=True):
+    """The answer to `create`: the new conversation's id and meta.
+
+    Every socket of the user also gets `conversation_changed`."""
+
     conversation: uuid.UUID
     meta: Conversation
     ref: str | None = None
 
 
 class Joined(_Server, tag="joined", kw_only=True, frozen=True):
-    """`last_seq` is the seq the client is now at: the next event it gets is `last_seq + 1`."""
+    """The answer to `join`, before the events that follow it.
+
+    `last_seq` is the seq the client is now at: the next event it gets is `last_seq + 1`."""
 
     conversation: uuid.UUID
     meta: Conversation
@@ -170,6 +218,9 @@ class Joined(_Server, tag="joined", kw_only=True, frozen=True):
 
 
 class Ack(_Server, tag="ack", kw_only=True, frozen=True):
+    """The answer to `leave`, `cancel`, `say` (with `message_id` and `duplicate`),
+    `regenerate` (with `message_id`) and a repeated `auth` (with `expires_at`)."""
+
     message_id: uuid.UUID | None = None
     duplicate: bool = False
     expires_at: int | None = None
@@ -177,10 +228,18 @@ class Ack(_Server, tag="ack", kw_only=True, frozen=True):
 
 
 class Pong(_Server, tag="pong", kw_only=True, frozen=True):
+    """The answer to `ping`."""
+
     ref: str | None = None
 
 
 class Error(_Server, tag="error", kw_only=True, frozen=True):
+    """A frame that could not be used or a request that could not be carried out; the
+    socket stays open.
+
+    `ref` is the request's, when it had one; `retry_after` (seconds) comes with
+    `rate_limited`."""
+
     code: ErrorCode
     message: str
     retry_after: float | None = None
@@ -191,13 +250,18 @@ class Error(_Server, tag="error", kw_only=True, frozen=True):
 
 
 class MessageEvent(_Server, tag="message", kw_only=True, frozen=True):
+    """Conversation event, to every socket that joined: a user turn was accepted."""
+
     conversation: uuid.UUID
     message: Message
     seq: int = 0
 
 
 class Start(_Server, tag="start", kw_only=True, frozen=True):
-    """`replaces` names the assistant message a `regenerate` replaces. A `start` for a
+    """Conversation event, to every socket that joined: an assistant message begins,
+    generated by `model`.
+
+    `replaces` names the assistant message a `regenerate` replaces. A `start` for a
     message id the client already holds restarts that message: discard its text."""
 
     conversation: uuid.UUID
@@ -208,7 +272,10 @@ class Start(_Server, tag="start", kw_only=True, frozen=True):
 
 
 class Token(_Server, tag="token", kw_only=True, frozen=True):
-    """`first_seq`, when present, says this frame stands for the events `first_seq..seq`:
+    """Conversation event, to every socket that joined: the next piece of an assistant
+    message's text.
+
+    `first_seq`, when present, says this frame stands for the events `first_seq..seq`:
     consecutive pieces of one message merged for a socket that lags behind."""
 
     conversation: uuid.UUID
@@ -219,6 +286,11 @@ class Token(_Server, tag="token", kw_only=True, frozen=True):
 
 
 class Done(_Server, tag="done", kw_only=True, frozen=True):
+    """Conversation event, to every socket that joined: an assistant message ended.
+
+    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`);
+    `usage` is the model's token count, when it reported one."""
+
     conversation: uuid.UUID
     message_id: uuid.UUID
     reason: DoneReason
@@ -228,6 +300,11 @@ class Done(_Server, tag="done", kw_only=True, frozen=True):
 
 
 class Queued(_Server, tag="queued", kw_only=True, frozen=True):
+    """Conversation event: the assistant message waits for a worker, at `position`.
+
+    Part of protocol version 1 for clients to accept; Parley does not send it at present
+    (a queued turn shows no event until its `start`)."""
+
     conversation: uuid.UUID
     message_id: uuid.UUID
     position: int
@@ -235,12 +312,18 @@ class Queued(_Server, tag="queued", kw_only=True, frozen=True):
 
 
 class Updated(_Server, tag="updated", kw_only=True, frozen=True):
+    """Conversation event, to every socket that joined: the conversation's title,
+    system prompt or model changed; `meta` is the new meta."""
+
     conversation: uuid.UUID
     meta: Conversation
     seq: int = 0
 
 
 class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, frozen=True):
+    """User event, to every socket of the user: a conversation was created or
+    changed (`meta`) or deleted (`deleted: true`). It carries no `seq`."""
+
     conversation: uuid.UUID
     meta: Conversation | None = None
     deleted: bool = False
@@ -248,20 +331,10 @@ class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, fro
 
 ConversationEvent = MessageEvent | Start | Token | Done | Queued | Updated
 ServerFrame = (
-    Ready
-    | Created
-    | Joined
-    | Ack
-    | Pong
-    | Error
-    | MessageEvent
-    | Start
-    | Token
-    | Done
-    | Queued
-    | Updated
-    | ConversationChanged
+    Ready | Created | Joined | Ack | Pong | Error | ConversationEvent | ConversationChanged
 )
+SERVER_FRAMES: Final[tuple[type[_Server], ...]] = get_args(ServerFrame)
+"""The server frames in protocol order, conversation events flattened in."""
 
 
 # --------------------------------------------------------------------------- codecs

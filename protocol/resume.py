@@ -22,7 +22,9 @@ class Verdict(enum.Enum):
     GAP = "gap"
 
 
-class Outcome(enum.Enum):
+class NextStep(enum.Enum):
+    """What the socket does after a catch-up."""
+
     LIVE = "live"
     """Contiguous up to the log's head: the socket now takes live frames directly."""
     AGAIN = "again"
@@ -34,7 +36,7 @@ class Outcome(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class CatchUp:
     frames: list[bytes]
-    outcome: Outcome
+    next_step: NextStep
 
 
 class Cursor:
@@ -69,7 +71,7 @@ class Cursor:
         `head` is the last seq assigned when the log was read (read atomically with it).
         """
         if self.last_seq > head:
-            return CatchUp([], Outcome.RESET)  # the client is ahead of a log that lost data
+            return CatchUp([], NextStep.RESET)  # the client is ahead of a log that lost data
         pending = {s: fr for s, fr in self._held.items() if s > self.last_seq}
         pending.update((seq, frame) for seq, frame in logged if seq > self.last_seq)
         frames: list[bytes] = []
@@ -80,13 +82,13 @@ class Cursor:
         self.last_seq = seq - 1
         self._held = pending
         if self.last_seq < head:
-            outcome = Outcome.RESET
+            next_step = NextStep.RESET
         elif pending:
-            outcome = Outcome.AGAIN
+            next_step = NextStep.AGAIN
         else:
-            outcome = Outcome.LIVE
-        self.catching_up = outcome is not Outcome.LIVE
-        return CatchUp(frames, outcome)
+            next_step = NextStep.LIVE
+        self.catching_up = next_step is not NextStep.LIVE
+        return CatchUp(frames, next_step)
 
     def reset(self) -> None:
         self._held.clear()

@@ -11,7 +11,9 @@ Time is passed in as plain monotonic and wall-clock seconds so that tests can dr
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from protocol import frames as f
 
@@ -34,6 +36,30 @@ class CloseCode(enum.IntEnum):
     FORBIDDEN_ORIGIN = 4403
     AUTH_TIMEOUT = 4408
     TOO_MANY = 4429
+
+
+CLOSE_MEANINGS: Final[Mapping[CloseCode, str]] = {
+    CloseCode.NORMAL: "normal closure",
+    CloseCode.GOING_AWAY: "server going away: reconnect and rejoin with `after`",
+    CloseCode.TOO_LARGE: "frame larger than `limits.max_frame_bytes` (256 KiB)",
+    CloseCode.INTERNAL: "internal error",
+    CloseCode.RESTART: (
+        "service restart (a draining web process): reconnect and rejoin with `after`"
+    ),
+    CloseCode.TRY_AGAIN_LATER: (
+        "try again later: the client read too slowly (its outbox passed "
+        "`limits.outbox_bytes`), or Redis is unavailable at sign-in"
+    ),
+    CloseCode.PROTOCOL: "`limits.bad_frames_before_close` bad frames in a row",
+    CloseCode.UNAUTHORIZED: "missing, invalid or expired token; a frame before `auth`",
+    CloseCode.FORBIDDEN_ORIGIN: "Origin not allowed (sent as HTTP 403 on the upgrade)",
+    CloseCode.AUTH_TIMEOUT: "no `auth` frame within `auth.auth_timeout`",
+    CloseCode.TOO_MANY: (
+        "more than `limits.max_connections_per_user` sockets for the user, or a frame flood"
+    ),
+}
+"""What each close code means: the one source of the close-code lists in docs/protocol.md,
+docs/asyncapi.json and server/static/protocol.js."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     command("model", model, "run the simulated model on its own", True)
     command("asyncapi", asyncapi, "print the protocol's AsyncAPI 3 document")
+    command("protocol-js", protocol_js, "print the UI's protocol constants (static/protocol.js)")
     load_cmd = command("load", load_command, "drive a load test against a running Parley")
     load_cmd.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -88,7 +89,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     with embedded_services(settings) as settings:
         s = settings.server
         model_url = f"http://{_loopback(s.host)}:{s.port}/v1"
-        runtime = Runtime(settings=settings, web=True, worker=True, model_url=model_url)
+        runtime = Runtime(settings=settings, runs_web=True, runs_worker=True, model_url=model_url)
         app = create_app(runtime, SimulatorStats() if settings.simulated else None)
         _banner(settings)
         _run_uvicorn(app, settings, runtime)
@@ -96,7 +97,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def web(settings: Settings, args: argparse.Namespace) -> None:
     _require_urls(settings, "web")
-    runtime = Runtime(settings=settings, web=True, worker=False)
+    runtime = Runtime(settings=settings, runs_web=True, runs_worker=False)
     _run_uvicorn(create_app(runtime), settings, runtime)
 
 
@@ -108,7 +109,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     runtime = Runtime(
-        settings=settings, web=False, worker=True, model_url=f"http://127.0.0.1:{port}/v1"
+        settings=settings, runs_web=False, runs_worker=True, model_url=f"http://127.0.0.1:{port}/v1"
     )
     app = create_app(runtime, SimulatorStats() if settings.simulated else None)
     _run_uvicorn(app, settings, runtime, sock=sock)
@@ -136,17 +137,9 @@ def token_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def model(settings: Settings, args: argparse.Namespace) -> None:
-    from server.dev.simulator import SimulatorSettings, simulator_app
+    from server.dev.simulator import simulator_app
 
-    s = settings.simulator
-    app = simulator_app(
-        SimulatorSettings(
-            first_token_delay=s.first_token_delay,
-            tokens_per_second=s.tokens_per_second,
-            max_tokens=s.max_tokens,
-            model=settings.llm.model,
-        )
-    )
+    app = simulator_app(settings.simulator, model=settings.llm.model)
     print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
 
@@ -155,6 +148,12 @@ def asyncapi(settings: Settings, args: argparse.Namespace) -> None:
     from protocol.asyncapi import render
 
     print(render(), end="")
+
+
+def protocol_js(settings: Settings, args: argparse.Namespace) -> None:
+    from protocol.reference import javascript
+
+    print(javascript(), end="")
 
 
 def load_command(settings: Settings, args: argparse.Namespace) -> None:
@@ -237,7 +236,7 @@ def _run_uvicorn(
     app: Any, settings: Settings, runtime: Runtime | None, sock: socket.socket | None = None
 ) -> None:
     grace = settings.server.shutdown_grace
-    if runtime is not None and runtime.worker:
+    if runtime is not None and runtime.runs_worker:
         grace = max(grace, settings.worker.shutdown_deadline)
     config = uvicorn.Config(
         app,
@@ -260,7 +259,7 @@ def _protocols(runtime: Runtime | None) -> dict[str, Any]:
     """uvicorn's `http` and `ws` settings: in a web process, Parley's own
     (`server.edge.entrance`), so that connections whose first request is for `/ws` skip
     uvicorn's HTTP layer."""
-    if runtime is None or not runtime.web:
+    if runtime is None or not runtime.runs_web:
         return {"http": "httptools", "ws": "none"}
     entrance = Entrance(lambda: runtime.hub)
     return {"http": entrance.http, "ws": entrance.ws}

@@ -97,9 +97,14 @@ class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
 
 class SimulatorSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How the simulated model (`server.dev.simulator`) behaves."""
+
     first_token_delay: float = 0.3
+    """Seconds before the first content token."""
     tokens_per_second: float = 30.0
+    """Token rate; 0 or negative means as fast as possible."""
     max_tokens: int = 200
+    """Token cap when the request sets neither max_tokens nor max_completion_tokens."""
 
 
 class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -20,7 +20,7 @@ from server.app import collector
 from server.app.config import Settings
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
-from server.edge.conversations import Chat
+from server.edge.conversations import Conversations
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
 from server.generation.llm import LLM
@@ -39,15 +39,15 @@ PERSISTER_STOP_TIMEOUT = 5.0
 @dataclass(kw_only=True)
 class Runtime:
     settings: Settings
-    web: bool = True
-    worker: bool = True
+    runs_web: bool = True
+    runs_worker: bool = True
     model_url: str = ""
     redis: Redis = field(init=False)
     pool: asyncpg.Pool = field(init=False)
-    chat: Chat = field(init=False)
+    conversations: Conversations = field(init=False)
     verifier: Verifier = field(init=False)
     hub: Hub | None = field(init=False, default=None)
-    generator: Worker | None = field(init=False, default=None)
+    worker: Worker | None = field(init=False, default=None)
     persister: Persister | None = field(init=False, default=None)
     draining: bool = field(init=False, default=False)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
@@ -67,11 +67,11 @@ class Runtime:
         turns = Turns(
             self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
         )
-        self.chat = Chat(s, self.redis, self.pool, events, turns)
+        self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path))
-        if self.web:
+        if self.runs_web:
             await self._start_web()
-        if self.worker:
+        if self.runs_worker:
             self._start_worker(events, turns)
         collector.calm()
 
@@ -82,7 +82,7 @@ class Runtime:
         await self._presence.start()
         self.hub = Hub(
             self.settings,
-            self.chat,
+            self.conversations,
             self._bus,
             self.verifier,
             self._presence,
@@ -92,9 +92,11 @@ class Runtime:
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
-        self.generator = Worker(self.settings, self.redis, self.chat, events, turns, self._llm)
+        self.worker = Worker(
+            self.settings, self.redis, self.conversations, events, turns, self._llm
+        )
         self.persister = Persister(self.redis, self.pool, events)
-        self._tasks.append(asyncio.create_task(self._supervised("worker", self.generator.run)))
+        self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
 
     async def _supervised(self, name: str, run: object) -> None:
@@ -113,15 +115,15 @@ class Runtime:
     def begin_drain(self) -> None:
         """Readiness turns false and workers stop claiming; sockets stay open for now."""
         self.draining = True
-        if self.generator is not None:
-            self.generator.begin_drain()
+        if self.worker is not None:
+            self.worker.begin_drain()
 
     async def stop(self, code: CloseCode = CloseCode.GOING_AWAY) -> None:
         self.begin_drain()
         if self.hub is not None:
             await self.hub.close_all(code, "server shutting down")
-        if self.generator is not None:
-            await self.generator.stop()
+        if self.worker is not None:
+            await self.worker.stop()
         if self.persister is not None:
             self.persister.stop()  # finishes the turn in hand, then its loop returns
         if self._tasks:

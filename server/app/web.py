@@ -14,14 +14,14 @@ from litestar import Litestar
 from litestar.static_files import create_static_files_router
 
 from server.app.runtime import Runtime
-from server.dev.simulator import SimulatorSettings, SimulatorStats, simulator_router
+from server.dev.simulator import SimulatorStats, simulator_router
 from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent.parent / "static"
 
 
 def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
-    """A web app (`runtime.web`) and/or the simulated model (`simulator` given)."""
+    """A web app (`runtime.runs_web`) and/or the simulated model (`simulator` given)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -31,17 +31,11 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    handlers: list[Any] = list(ROUTES) if runtime.web else []
+    handlers: list[Any] = list(ROUTES) if runtime.runs_web else []
     if simulator is not None:
-        s = runtime.settings.simulator
-        settings = SimulatorSettings(
-            first_token_delay=s.first_token_delay,
-            tokens_per_second=s.tokens_per_second,
-            max_tokens=s.max_tokens,
-            model=runtime.settings.llm.model,
-        )
-        handlers.append(simulator_router(settings, simulator))
-    if runtime.web and STATIC.is_dir():
+        settings = runtime.settings
+        handlers.append(simulator_router(settings.simulator, simulator, model=settings.llm.model))
+    if runtime.runs_web and STATIC.is_dir():
         handlers.append(create_static_files_router(path="/", directories=[STATIC], html_mode=True))
     app = Litestar(
         route_handlers=handlers,

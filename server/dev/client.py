@@ -1,6 +1,7 @@
 """A small asyncio client for the Parley protocol, on the `websockets` library.
 
-Used by the load kit and the tests; also the shortest way to script Parley from Python:
+Used by the tests and `bench/core_numbers.py` (the load kit has its own lighter client,
+`server/load/wsclient.py`); also the shortest way to script Parley from Python:
 
     async with await Client.connect("ws://127.0.0.1:8000/ws", token) as c:
         conv = (await c.request(Create(title="hi"))).conversation

@@ -44,27 +44,14 @@ import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.response import Stream
 
+from server.app.config import SimulatorSettings
+
 __all__ = [
     "SimulatedStreamError",
-    "SimulatorSettings",
     "SimulatorStats",
     "simulator_app",
     "simulator_router",
 ]
-
-
-@dataclass(frozen=True)
-class SimulatorSettings:
-    """How the simulated model behaves; Parley's config layer builds this from its own config."""
-
-    first_token_delay: float = 0.3
-    """Seconds before the first content token."""
-    tokens_per_second: float = 30.0
-    """Token rate; 0 or negative means as fast as possible."""
-    max_tokens: int = 200
-    """Token cap when the request sets neither max_tokens nor max_completion_tokens."""
-    model: str = "parley-sim"
-    """The model id listed by ``GET /v1/models``; completions echo the requested model."""
 
 
 @dataclass
@@ -486,9 +473,15 @@ async def _complete(reply: _Reply, stats: SimulatorStats) -> Response[bytes]:
 
 
 def simulator_router(
-    settings: SimulatorSettings, stats: SimulatorStats, *, path: str = "/v1"
+    settings: SimulatorSettings,
+    stats: SimulatorStats,
+    *,
+    model: str = "parley-sim",
+    path: str = "/v1",
 ) -> Router:
-    """``POST {path}/chat/completions``, ``GET {path}/models`` and ``GET {path}/sim/stats``."""
+    """``POST {path}/chat/completions``, ``GET {path}/models`` and ``GET {path}/sim/stats``.
+
+    ``model`` is the id ``GET /v1/models`` lists; completions echo the requested model."""
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -511,7 +504,7 @@ def simulator_router(
 
     @get("/models")
     async def list_models() -> Response[bytes]:
-        return _json(_ModelList(data=[_ModelCard(id=settings.model)]))
+        return _json(_ModelList(data=[_ModelCard(id=model)]))
 
     @get("/sim/stats")
     async def sim_stats() -> Response[bytes]:
@@ -521,8 +514,13 @@ def simulator_router(
 
 
 def simulator_app(
-    settings: SimulatorSettings | None = None, stats: SimulatorStats | None = None
+    settings: SimulatorSettings | None = None,
+    stats: SimulatorStats | None = None,
+    *,
+    model: str = "parley-sim",
 ) -> Litestar:
     """The simulator as a standalone app (``parley model --port N``)."""
-    router = simulator_router(settings or SimulatorSettings(), stats or SimulatorStats())
+    router = simulator_router(
+        settings or SimulatorSettings(), stats or SimulatorStats(), model=model
+    )
     return Litestar(route_handlers=[router], openapi_config=None)

@@ -302,38 +302,40 @@ class Commands:
             self.conn.push_frame(reply)
 
     async def _execute(self, user: str, frame: f.ClientFrame) -> f.ServerFrame | None:
-        chat = self.hub.chat
+        conversations = self.hub.conversations
         if isinstance(frame, f.Join):
             await self._join(user, frame)
             return None
         if isinstance(frame, f.Say):
-            message_id, duplicate = await chat.say(user, frame.conversation, frame.text, frame.id)
+            message_id, duplicate = await conversations.say(
+                user, frame.conversation, frame.text, frame.id
+            )
             return f.Ack(message_id=message_id, duplicate=duplicate, ref=frame.ref)
         if isinstance(frame, f.Leave):
             self._leave(frame.conversation)
             return f.Ack(ref=frame.ref)
         if isinstance(frame, f.Cancel):
-            await chat.cancel(user, frame.conversation)
+            await conversations.cancel(user, frame.conversation)
             return f.Ack(ref=frame.ref)
         if isinstance(frame, f.Regenerate):
-            message_id = await chat.regenerate(user, frame.conversation)
+            message_id = await conversations.regenerate(user, frame.conversation)
             return f.Ack(message_id=message_id, ref=frame.ref)
         if isinstance(frame, f.Create):
-            meta = await chat.create(user, frame.title, frame.system, frame.model)
+            meta = await conversations.create(user, frame.title, frame.system, frame.model)
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
         raise Refused("bad_frame", "unsupported frame")
 
     async def _join(self, user: str, frame: f.Join) -> None:
         conversation = frame.conversation
         hub = self.hub
-        meta = await hub.chat.owned(user, conversation)
+        meta = await hub.conversations.owned(user, conversation)
         if conversation not in self.watches and len(self.watches) >= hub.wire_limits.max_joined:
             raise Refused(
                 "invalid",
                 f"a socket may join at most {hub.wire_limits.max_joined} conversations",
             )
         old = self.watches.pop(conversation, None)
-        watch = Watch(self.conn, conversation, hub.chat, user, hub.spawn)
+        watch = Watch(self.conn, conversation, hub.conversations, user, hub.spawn)
         self.watches[conversation] = watch
         try:
             await hub.bus.subscribe(keys.channel(conversation), watch)

@@ -1,9 +1,11 @@
 """The socket: one WebSocket connection, from the upgrade request to the close — the transport
 and the WebSocket protocol, not what the client asks for (`server.edge.commands`).
 
-uvicorn parses HTTP; a request that asks for an upgrade is handed, transport and all, to a
-`Connection` (an asyncio Protocol made by `server.edge.entrance`). It answers the opening
-handshake (`protocol.handshake`) as the hub's `UpgradePolicy` decides, then parses frames with
+Parley's front door (`server.edge.entrance`) reads a new connection's first bytes: a request
+for `/ws` makes it a `Connection` at once; anything else goes to uvicorn's HTTP layer, which
+hands an upgrade request arriving later on a kept-alive connection, transport and all, to a
+`Connection` too. A `Connection` (an asyncio Protocol) answers the opening handshake
+(`protocol.handshake`) as the hub's `UpgradePolicy` decides, then parses frames with
 `websockets`' sans-I/O `ServerProtocol`, which also answers pings and the closing handshake,
 reassembles fragmented messages and hands each message to its `Handler` (`Commands`). Nothing
 waits on an idle socket: no task, no queue.

@@ -19,11 +19,11 @@ from protocol import frames as f
 from server.app.config import Settings
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
-from server.redis.turns import Accepted, Job, Outcome, Turns
+from server.redis.turns import Accepted, Admission, Job, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
-log = logging.getLogger("parley.chat")
+log = logging.getLogger("parley.conversations")
 
 
 class Refused(Exception):
@@ -44,7 +44,9 @@ def unavailable(what: str) -> Refused:
     return Refused("unavailable", f"{what} is unavailable; try again shortly")
 
 
-class Chat:
+class Conversations:
+    """The conversation service: what a user may read and change, for sockets and REST alike."""
+
     def __init__(
         self, settings: Settings, redis: Redis, pool: asyncpg.Pool, events: EventLog, turns: Turns
     ) -> None:
@@ -154,7 +156,7 @@ class Chat:
         result = await self._retry_unloaded(
             conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
         )
-        return message.id, result.outcome is Outcome.DUPLICATE
+        return message.id, result.admission is Admission.DUPLICATE
 
     async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
         meta = await self.owned(user, conversation)
@@ -220,7 +222,7 @@ class Chat:
         assert callable(attempt)
         try:
             result: Accepted = await attempt()
-            if result.outcome is Outcome.UNLOADED:
+            if result.admission is Admission.UNLOADED:
                 await self.load(conversation)
                 result = await attempt()
         except RedisError:
@@ -235,12 +237,12 @@ class Chat:
 
 
 def _check(result: Accepted) -> Accepted:
-    if result.outcome is Outcome.BUSY:
+    if result.admission is Admission.BUSY:
         raise Refused("busy", "a reply is already being generated in this conversation")
-    if result.outcome is Outcome.RATE_LIMITED:
+    if result.admission is Admission.RATE_LIMITED:
         raise Refused("rate_limited", "too many turns; wait a moment", result.retry_after)
-    if result.outcome is Outcome.NOTHING:
+    if result.admission is Admission.NOTHING:
         raise Refused("invalid", "there is no assistant reply to regenerate")
-    if result.outcome is Outcome.UNLOADED:
+    if result.admission is Admission.UNLOADED:
         raise unavailable("Redis")
     return result

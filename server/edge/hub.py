@@ -1,4 +1,4 @@
-"""What every socket of a web process shares: settings, the chat, the bus, the token
+"""What every socket of a web process shares: settings, the conversation service, the bus, the token
 verifier and the per-user connection count; the upgrade policy (`server.edge.entrance`); the
 open sockets, and each user's; the end-of-iteration write of every socket with frames; and
 one keepalive sweep for all sockets instead of a timer each.
@@ -50,14 +50,14 @@ class Hub:
     def __init__(
         self,
         settings: Settings,
-        chat: Service,
+        conversations: Service,
         bus: Subscriptions,
         verifier: Verifier,
         presence: Places,
         upgrades: UpgradePolicy,
     ) -> None:
         self.settings = settings
-        self.chat = chat
+        self.conversations = conversations
         self.bus = bus
         self.verifier = verifier
         self.presence = presence

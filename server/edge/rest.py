@@ -84,14 +84,14 @@ class ConversationsController(Controller):
 
     @get("/")
     async def list_conversations(self, request: Request[Any, Any, Any]) -> list[f.Conversation]:
-        return await _runtime(request).chat.list(_user(request))
+        return await _runtime(request).conversations.list(_user(request))
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_conversation(
         self, request: Request[Any, Any, Any], data: NewConversation
     ) -> f.Conversation:
         try:
-            return await _runtime(request).chat.create(
+            return await _runtime(request).conversations.create(
                 _user(request), data.title, data.system, data.model
             )
         except Refused as exc:
@@ -101,10 +101,10 @@ class ConversationsController(Controller):
     async def get_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> ConversationDetail:
-        chat = _runtime(request).chat
+        conversations = _runtime(request).conversations
         try:
-            meta = await chat.owned(_user(request), conversation)
-            _, messages = await chat.history(conversation)
+            meta = await conversations.owned(_user(request), conversation)
+            _, messages = await conversations.history(conversation)
         except Refused as exc:
             raise _http(exc) from None
         return ConversationDetail(meta=meta, messages=messages)
@@ -114,7 +114,7 @@ class ConversationsController(Controller):
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: ConversationChange
     ) -> f.Conversation:
         try:
-            return await _runtime(request).chat.update(
+            return await _runtime(request).conversations.update(
                 _user(request),
                 conversation,
                 title=data.title,
@@ -129,7 +129,7 @@ class ConversationsController(Controller):
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> None:
         try:
-            await _runtime(request).chat.delete(_user(request), conversation)
+            await _runtime(request).conversations.delete(_user(request), conversation)
         except Refused as exc:
             raise _http(exc) from None
 

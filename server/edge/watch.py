@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol import wsframe
-from protocol.resume import Cursor, Outcome, Verdict
+from protocol.resume import Cursor, NextStep, Verdict
 from protocol.session import CloseCode
 from server.edge.conversations import Refused
 
@@ -58,8 +58,8 @@ class Watch:
     __slots__ = (
         "active",
         "catching_up",
-        "chat",
         "conversation",
+        "conversations",
         "cursor",
         "socket",
         "spawn",
@@ -70,13 +70,13 @@ class Watch:
         self,
         socket: Sink,
         conversation: uuid.UUID,
-        chat: Transcripts,
+        conversations: Transcripts,
         user: str,
         spawn: Spawn,
     ) -> None:
         self.socket = socket
         self.conversation = conversation
-        self.chat = chat
+        self.conversations = conversations
         self.user = user
         self.spawn = spawn
         self.cursor = Cursor()
@@ -109,7 +109,7 @@ class Watch:
             self.catching_up = False
 
     async def _read(self, after: int) -> tuple[int, list[tuple[int, bytes]]]:
-        head, logged = await self.chat.read_events(self.conversation, after)
+        head, logged = await self.conversations.read_events(self.conversation, after)
         return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
 
     async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
@@ -121,11 +121,11 @@ class Watch:
         self.cursor.start_at(after)
         head, logged = await self._read(after)
         result = self.cursor.catch_up(logged, head)
-        if result.outcome is Outcome.RESET:
+        if result.next_step is NextStep.RESET:
             await self._send_history(meta, ref, reset=True)
             return
         self._send_joined(meta, head, after, None, False, ref, result.frames)
-        if result.outcome is Outcome.AGAIN:
+        if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
 
     async def catch_up(self) -> None:
@@ -137,17 +137,17 @@ class Watch:
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
                 self.socket.push(frame)
-            if result.outcome is Outcome.LIVE:
+            if result.next_step is NextStep.LIVE:
                 return
-            if result.outcome is Outcome.RESET:
-                meta = await self.chat.owned(self.user, self.conversation)
+            if result.next_step is NextStep.RESET:
+                meta = await self.conversations.owned(self.user, self.conversation)
                 await self._send_history(meta, None, reset=True)
                 return
             await asyncio.sleep(0.05)
         raise Refused("unavailable", "could not catch up with the conversation")
 
     async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
-        start, history = await self.chat.history(self.conversation)
+        start, history = await self.conversations.history(self.conversation)
         self.cursor.reset()
         self.cursor.start_at(start)
         head, logged = await self._read(start)

@@ -33,7 +33,7 @@ from protocol.context import build_prompt
 from protocol.transcript import status_of
 from server.app.config import Settings
 from server.edge.bus import Bus
-from server.edge.conversations import Chat
+from server.edge.conversations import Conversations
 from server.generation.llm import LLM, Finished, Piece
 from server.redis import keys
 from server.redis.eventlog import EventLog, Pipeliner, encode
@@ -75,7 +75,7 @@ class Worker:
         self,
         settings: Settings,
         redis: Redis,
-        chat: Chat,
+        conversations: Conversations,
         events: EventLog,
         turns: Turns,
         llm: LLM,
@@ -83,7 +83,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.chat = chat
+        self.conversations = conversations
         self.events = events
         self.turns = turns
         self.llm = llm
@@ -300,7 +300,7 @@ class Worker:
         history = await self.events.recent(job.conversation)
         cached = await self.events.meta(job.conversation)
         if history is None or cached is None:
-            cached = await self.chat.load(job.conversation)
+            cached = await self.conversations.load(job.conversation)
             history = await self.events.recent(job.conversation) or []
         if job.replaces is not None:
             history = [m for m in history if m.id != job.replaces]
@@ -369,7 +369,7 @@ class Worker:
         publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
-        await self.chat.load(job.conversation)
+        await self.conversations.load(job.conversation)
         await self._mark_running(job, piece=run.index)
         user_message = self._user_message(run)
         if user_message is not None:

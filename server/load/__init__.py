@@ -213,8 +213,8 @@ def main(argv: list[str], settings: Settings) -> None:
     show, live = report.live_display(not args.no_progress)
     progress = runner.Progress(show, args.procs)
     with live:
-        outcome = runner.run(plan, max(args.procs, 1), args.server_pid, progress)
-    result = report.summarize(plan, max(args.procs, 1), outcome)
+        measured = runner.run(plan, max(args.procs, 1), args.server_pid, progress)
+    result = report.summarize(plan, max(args.procs, 1), measured)
     report.print_summary(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def main(argv: list[str], settings: Settings) -> None:
         print(f"result: {args.out}")
     prefix = args.charts or (args.out.with_suffix("") if args.out else None)
     if prefix is not None and not args.no_charts:
-        for path in report.charts(result, outcome.stats, prefix):
+        for path in report.charts(result, measured.stats, prefix):
             print(f"chart: {path}")
     integrity = result["integrity"]
     if integrity["lost"] or integrity["duplicated"]:

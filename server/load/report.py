@@ -7,7 +7,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from server.load.runner import Outcome, Watched
+from server.load.runner import Measured, Watched
 from server.load.stats import LATENCIES, Hist, Stats, cpu_percent
 from server.load.workload import Plan
 
@@ -19,8 +19,8 @@ TITLES = {
 }
 
 
-def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
-    stats = outcome.stats
+def summarize(plan: Plan, procs: int, measured: Measured) -> dict[str, Any]:
+    stats = measured.stats
     c = stats.counters
     ramp = float(stats.extra.get("ramp_seconds", 0.0))
     run_seconds = float(stats.extra.get("run_seconds", 0.0))
@@ -29,7 +29,7 @@ def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
     result: dict[str, Any] = {
         "workload": plan.workload,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "interrupted": outcome.interrupted,
+        "interrupted": measured.interrupted,
         "plan": plan_json,
         "procs": procs,
         "connections": {
@@ -70,9 +70,9 @@ def summarize(plan: Plan, procs: int, outcome: Outcome) -> dict[str, Any]:
         "counters": dict(sorted(c.items())),
         "series": _series(stats),
     }
-    if outcome.server is not None:
-        result["server"] = _server(outcome.server, stats, c["tabs.joined"] or c["connections.ok"])
-    result["generator"] = _generators(outcome.generators, stats)
+    if measured.server is not None:
+        result["server"] = _server(measured.server, stats, c["tabs.joined"] or c["connections.ok"])
+    result["generator"] = _generators(measured.generators, stats)
     return result
 
 

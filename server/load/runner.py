@@ -59,7 +59,9 @@ class Watched:
 
 
 @dataclass
-class Outcome:
+class Measured:
+    """What a load run measured, merged over its generator processes."""
+
     stats: Stats
     server: Watched | None
     generators: list[Watched]
@@ -115,7 +117,7 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def run(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> Outcome:
+def run(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> Measured:
     if procs <= 1:
         return _run_loop(_run_here(plan, server_pid, progress))
     return _run_forked(plan, procs, server_pid, progress)
@@ -124,7 +126,7 @@ def run(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> O
 # --------------------------------------------------------------------------- one process
 
 
-async def _run_here(plan: Plan, server_pid: int | None, progress: Progress) -> Outcome:
+async def _run_here(plan: Plan, server_pid: int | None, progress: Progress) -> Measured:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupted = False
@@ -165,7 +167,7 @@ async def _run_here(plan: Plan, server_pid: int | None, progress: Progress) -> O
         if watched is not None:
             watched.sample()
     progress.update(0, driver.progress())
-    return Outcome(stats, server, [me], interrupted, progress.merged())
+    return Measured(stats, server, [me], interrupted, progress.merged())
 
 
 # --------------------------------------------------------------------------- forked processes
@@ -202,7 +204,7 @@ def _child(plan: Plan, indices: list[int], conn: Connection) -> None:
         conn.close()
 
 
-def _run_forked(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> Outcome:
+def _run_forked(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> Measured:
     context = multiprocessing.get_context("fork")
     children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
     for index in range(procs):
@@ -268,7 +270,7 @@ def _run_forked(plan: Plan, procs: int, server_pid: int | None, progress: Progre
         merged = Stats.from_json(ordered[0].to_json())
         for other in ordered[1:]:
             merged.merge(other)
-    return Outcome(merged, server, generators, interrupted, progress.merged())
+    return Measured(merged, server, generators, interrupted, progress.merged())
 
 
 def _time_bound(plan: Plan) -> float:

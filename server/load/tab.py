@@ -60,7 +60,7 @@ class RequestFailed(Exception):
 # --------------------------------------------------------------------------- one tab
 
 
-class Tab:
+class LoadTab:
     """One socket joined to one conversation, with its seq checks and timings."""
 
     __slots__ = (
@@ -318,7 +318,7 @@ def _os_reason(exc: OSError) -> str:
 class Conv:
     index: int
     id: str = ""
-    tabs: list[Tab] = field(default_factory=list)
+    tabs: list[LoadTab] = field(default_factory=list)
     head: int = 0
     """Highest seq any of its tabs has seen (or, for `publish`, that was published)."""
     said_at: float = 0.0
@@ -332,7 +332,7 @@ class Conv:
             self.done_seq = seq
             self.done.set()
 
-    def speaker(self) -> Tab | None:
+    def speaker(self) -> LoadTab | None:
         for tab in self.tabs:
             if tab.alive and tab.last_seq is not None:
                 return tab

@@ -23,7 +23,7 @@ from typing import Any, Final
 from protocol import frames as f
 from server.load.publisher import Publisher
 from server.load.stats import Stats, sample_process
-from server.load.tab import STAMP, Conv, RequestFailed, Tab
+from server.load.tab import STAMP, Conv, LoadTab, RequestFailed
 from server.load.wsclient import Endpoint
 from server.redis import keys
 
@@ -88,7 +88,7 @@ class Driver:
         self.rng = random.Random(plan.seed * 1_000_003 + (indices[0] if indices else 0))
         self.convs = [Conv(i) for i in indices]
         for conv in self.convs:
-            conv.tabs = [Tab(self, conv, t) for t in range(plan.tabs)]
+            conv.tabs = [LoadTab(self, conv, t) for t in range(plan.tabs)]
         self.phase = "start"
         self.opened = 0
         self.failed = 0

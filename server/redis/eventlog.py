@@ -23,7 +23,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Conversation, Message
 from server.redis import keys
@@ -305,7 +305,7 @@ class Pipeliner:
             try:
                 results = await pipe.execute(raise_on_error=False)
                 break
-            except (ConnectionError, TimeoutError, OSError, RedisConnectionError) as exc:
+            except (ConnectionError, RedisTimeoutError, OSError, RedisConnectionError) as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     results = [exc] * len(batch)
                     break

@@ -38,7 +38,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     user_seq: int = 0
 
 
-class Outcome(enum.Enum):
+class Admission(enum.Enum):
+    """What the say/regenerate script decided about a turn."""
+
     OK = "ok"
     DUPLICATE = "dup"
     BUSY = "busy"
@@ -49,7 +51,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    outcome: Outcome
+    admission: Admission
     seq: int = 0
     retry_after: float = 0.0
     replaces: uuid.UUID | None = None
@@ -253,13 +255,13 @@ async def read_group(
 
 
 def _accepted(result: list[bytes | int]) -> Accepted:
-    outcome = Outcome(result[0].decode() if isinstance(result[0], bytes) else result[0])
-    if outcome is Outcome.RATE_LIMITED:
-        return Accepted(outcome, retry_after=float(max(int(result[1]), 1)))
-    if outcome is Outcome.OK:
+    admission = Admission(result[0].decode() if isinstance(result[0], bytes) else result[0])
+    if admission is Admission.RATE_LIMITED:
+        return Accepted(admission, retry_after=float(max(int(result[1]), 1)))
+    if admission is Admission.OK:
         replaces = uuid.UUID(result[2].decode()) if len(result) > 2 else None  # type: ignore[union-attr]
-        return Accepted(outcome, seq=int(result[1]), replaces=replaces)
-    return Accepted(outcome)
+        return Accepted(admission, seq=int(result[1]), replaces=replaces)
+    return Accepted(admission)
 
 
 def text_of(value: bytes | str) -> str:

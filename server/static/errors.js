@@ -3,26 +3,13 @@
 
 import { ApiError } from "./api.js";
 import { notify } from "./notices.js";
+import { CLOSE_CODE } from "./protocol.js";
 import { rateLimit, store } from "./store.js";
 
-/** The close codes of docs/protocol.md (protocol/session.py's CloseCode), plus the two that
- * only a browser sees: LOST (1006, no close frame) and NO_ANSWER (this page gave up on a
- * silent link). */
-export const CLOSE = {
-  NORMAL: 1000,
-  GOING_AWAY: 1001,
-  LOST: 1006,
-  TOO_LARGE: 1009,
-  INTERNAL: 1011,
-  RESTART: 1012,
-  TRY_AGAIN_LATER: 1013,
-  NO_ANSWER: 4000,
-  PROTOCOL: 4400,
-  UNAUTHORIZED: 4401,
-  FORBIDDEN_ORIGIN: 4403,
-  AUTH_TIMEOUT: 4408,
-  TOO_MANY: 4429,
-};
+/** The close codes of docs/protocol.md (generated into protocol.js from protocol/session.py),
+ * plus the two that only a browser sees: LOST (1006, no close frame) and NO_ANSWER (this page
+ * gave up on a silent link). */
+export const CLOSE = Object.freeze({ ...CLOSE_CODE, LOST: 1006, NO_ANSWER: 4000 });
 
 export const CLOSE_REASONS = {
   [CLOSE.GOING_AWAY]: "The server is going away.",

@@ -41,7 +41,7 @@ from tests.e2e.test_core import persisted, start_conversation, transcript, wait_
 from tests.e2e.test_scale import (
     Recorded,
     Scaled,
-    Tab,
+    TabClient,
     alive,
     check_tabs,
     close_all,
@@ -389,10 +389,12 @@ async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
     1001 or 1012; the tabs rejoin the other web process with `after` and lose nothing."""
     doomed, other = ops.webs
     user = new_user()
-    writer = Tab(user, None, [other], "on-other")
+    writer = TabClient(user, None, [other], "on-other")
     await writer.create(other, title="web shutdown")
     await writer.join()
-    movers = [Tab(user, writer.conversation, [other], f"mover{i}", follow=True) for i in range(2)]
+    movers = [
+        TabClient(user, writer.conversation, [other], f"mover{i}", follow=True) for i in range(2)
+    ]
     tabs = [writer, *movers]
     try:
         for tab in movers:
@@ -541,7 +543,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
     user = new_user()
     normal = await Client.connect(server.ws_url, mint(user))
     sockets: list[Any] = []
-    tabs: list[Tab] = []
+    tabs: list[TabClient] = []
     try:
         conversation = await start_conversation(normal, title="slow readers")
         warm_up = await start_conversation(normal, title="warm-up")  # a first stream is slower
@@ -568,7 +570,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
         for i in range(readers):
             ws, got = await stalled_reader(server.ws_url, mint(user), conversation)
             sockets.append(ws)
-            tab = Tab(user, conversation, [server], f"stalled{i}")
+            tab = TabClient(user, conversation, [server], f"stalled{i}")
             tab.sockets.append(got)
             tabs.append(tab)
         peak = rss_before
@@ -659,12 +661,12 @@ async def test_redis_unreachable_for_10s_everything_recovers(
         procs = [*webs, *workers]
         start_all(procs)
         user = new_user()
-        t1 = Tab(user, None, webs, "t1", follow=True)
+        t1 = TabClient(user, None, webs, "t1", follow=True)
         tabs = [t1]
         try:
             await t1.create(webs[0], title="redis outage")
             await t1.join()
-            t2 = Tab(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
+            t2 = TabClient(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
             tabs.append(t2)
             await t2.join()
             await t1.say("outage [sim:tokens=400][sim:tps=40]")
@@ -695,7 +697,7 @@ async def test_redis_unreachable_for_10s_everything_recovers(
             await stop_all(procs)
 
 
-def _event_times(tab: Tab) -> list[tuple[Any, float]]:
+def _event_times(tab: TabClient) -> list[tuple[Any, float]]:
     segments, _ = tab.segments()
     return [(frame, at) for s in segments for _, frame, at in s.events]
 
@@ -712,13 +714,13 @@ async def test_redis_restarted_empty_everything_recovers(
     worker = cluster.process("worker", start=False, REDIS_URL=redis.url)
     procs = [*webs, worker]
     user = new_user()
-    t1 = Tab(user, None, webs, "t1", follow=True)
+    t1 = TabClient(user, None, webs, "t1", follow=True)
     tabs = [t1]
     try:
         start_all(procs)
         await t1.create(webs[0], title="redis restart")
         await t1.join()
-        t2 = Tab(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
+        t2 = TabClient(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
         tabs.append(t2)
         await t2.join()
         await t1.say("restart [sim:tokens=200][sim:tps=40]")
@@ -750,7 +752,7 @@ async def test_redis_restarted_empty_everything_recovers(
         redis.stop()
 
 
-async def turn_then_cancel(tabs: list[Tab], db: asyncpg.Pool, text: str) -> float:
+async def turn_then_cancel(tabs: list[TabClient], db: asyncpg.Pool, text: str) -> float:
     """After an outage: a new turn reaches every tab (on every web process), and a `cancel`
     from the last tab stops it (the worker's cancel listener is alive); both turns persisted.
     Returns the seconds until the `say` was accepted."""

@@ -1,8 +1,8 @@
 """Scale out (issue 3, items 1 and 2): several `parley web` and `parley worker` processes on one
-Redis and one PostgreSQL, tabs spread over them, and the guarantee of PROTOCOL.md under random
+Redis and one PostgreSQL, tabs spread over them, and the guarantee of docs/protocol.md under random
 joins, leaves, drops and rejoins.
 
-The helpers here (`Tab`, `start_all`, `start_model`, `redis_db`, the shared `scaled` cluster)
+The helpers here (`TabClient`, `start_all`, `start_model`, `redis_db`, the shared `scaled` cluster)
 are used by test_resilience.py too.
 """
 
@@ -184,7 +184,7 @@ async def until(
     check: Callable[[], bool],
     timeout: float,
     what: str,
-    tabs: Sequence[Tab] = (),
+    tabs: Sequence[TabClient] = (),
     step: float = 0.02,
 ) -> float:
     """Poll `check` until true; the seconds it took. Bounded by `timeout`; on timeout the
@@ -246,7 +246,7 @@ def first_seq(frame: Any) -> int:
 RETRYABLE = (OSError, ConnectionError, TimeoutError, ProtocolError, websockets.WebSocketException)
 
 
-class Tab:
+class TabClient:
     """One browser tab following one conversation over any number of sockets.
 
     It joins, leaves, drops and rejoins with `after` = the last seq it holds, like the UI does;
@@ -275,7 +275,7 @@ class Tab:
         self._recovering: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<Tab {self.name} {self.state} last_seq={self.last_seq}>"
+        return f"<TabClient {self.name} {self.state} last_seq={self.last_seq}>"
 
     @property
     def client(self) -> Client | None:
@@ -504,7 +504,9 @@ class Tab:
         )
 
 
-def check_tabs(tabs: Sequence[Tab], expected: list[tuple[str, str]], context: object = "") -> None:
+def check_tabs(
+    tabs: Sequence[TabClient], expected: list[tuple[str, str]], context: object = ""
+) -> None:
     for tab in tabs:
         assert not tab.problems(), (tab.problems(), context)
         view = tab.view()
@@ -513,7 +515,7 @@ def check_tabs(tabs: Sequence[Tab], expected: list[tuple[str, str]], context: ob
         assert view.messages == expected, (tab.name, context)
 
 
-async def close_all(tabs: Iterable[Tab]) -> None:
+async def close_all(tabs: Iterable[TabClient]) -> None:
     await asyncio.gather(*(t.close() for t in tabs), return_exceptions=True)
 
 
@@ -573,8 +575,8 @@ async def test_join_again_on_the_same_socket_keeps_live_events(scaled: Scaled) -
     the process dropped its pub/sub subscription)."""
     web_a, web_b = scaled.webs
     user = new_user()
-    writer = Tab(user, None, [web_a], "writer")
-    again = Tab(user, None, [web_b], "again")
+    writer = TabClient(user, None, [web_a], "writer")
+    again = TabClient(user, None, [web_b], "again")
     tabs = [writer, again]
     try:
         again.conversation = await writer.create(web_a, title="join again")
@@ -603,7 +605,7 @@ actions = st.tuples(
 schedules = st.lists(st.lists(actions, min_size=1, max_size=4), min_size=2, max_size=3)
 
 
-async def act(tab: Tab, op: str, server: ParleyProcess) -> None:
+async def act(tab: TabClient, op: str, server: ParleyProcess) -> None:
     if op == "join":
         await tab.join(None, server)
     elif op == "leave" and tab.state == "on":
@@ -627,9 +629,9 @@ async def test_random_joins_leaves_drops_and_rejoins_end_identical(
 ) -> None:
     webs = scaled.webs
     user = new_user()
-    driver = Tab(user, None, webs, "driver")
+    driver = TabClient(user, None, webs, "driver")
     await driver.create(webs[0], title="property")
-    tabs = [driver] + [Tab(user, driver.conversation, webs, f"tab{i}") for i in range(1, 4)]
+    tabs = [driver] + [TabClient(user, driver.conversation, webs, f"tab{i}") for i in range(1, 4)]
     try:
         await driver.join()
         for turn, steps in enumerate(schedule):
@@ -682,7 +684,7 @@ async def test_rejoin_after_trimmed_events_gets_reset_and_full_history(
     the middle of one — and every tab ends with the persisted transcript."""
     user = new_user()
     servers = [short_log]
-    writer = Tab(user, None, servers, "writer")
+    writer = TabClient(user, None, servers, "writer")
     tabs = [writer]
     redis = Redis.from_url(redis_db(short_log.env["REDIS_URL"], SHORT_LOG_DB))
     try:
@@ -694,7 +696,7 @@ async def test_rejoin_after_trimmed_events_gets_reset_and_full_history(
         oldest = await redis.xrange(keys.log(conversation), count=1)
         assert oldest and int(oldest[0][0].split(b"-")[0]) > 5, "the log was not trimmed"
 
-        late = Tab(user, conversation, servers, "late")
+        late = TabClient(user, conversation, servers, "late")
         tabs.append(late)
         joined = await late.join(after=1)
         assert joined.reset and joined.history is not None, joined
@@ -702,8 +704,8 @@ async def test_rejoin_after_trimmed_events_gets_reset_and_full_history(
 
         await writer.say("two [sim:tokens=300][sim:tps=150]")
         await until(lambda: writer.tokens() >= 450, 15, "the second reply to be under way", tabs)
-        mid = Tab(user, conversation, servers, "mid-after")
-        fresh = Tab(user, conversation, servers, "mid-fresh")
+        mid = TabClient(user, conversation, servers, "mid-after")
+        fresh = TabClient(user, conversation, servers, "mid-fresh")
         tabs += [mid, fresh]
         joined = await mid.join(after=3)
         assert joined.reset and joined.history is not None, joined

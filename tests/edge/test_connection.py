@@ -68,7 +68,7 @@ class Transport:
             asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
 
-class FakeChat:
+class FakeConversations:
     """The conversation service: one conversation per `create`, no events."""
 
     def __init__(self) -> None:
@@ -142,9 +142,14 @@ class Peer:
     def __init__(self, **connection_args: Any) -> None:
         settings = Settings(server=ServerSettings(allowed_origins=["https://app.example"]))
         self.verifier = Verifier(AuthSettings(), SECRET)
-        self.chat, self.bus, self.presence = FakeChat(), FakeBus(), FakePresence()
+        self.conversations, self.bus, self.presence = FakeConversations(), FakeBus(), FakePresence()
         self.hub = Hub(
-            settings, self.chat, self.bus, self.verifier, self.presence, UpgradePolicy(settings)
+            settings,
+            self.conversations,
+            self.bus,
+            self.verifier,
+            self.presence,
+            UpgradePolicy(settings),
         )
         self.transport = Transport()
         self.conn = Connection(self.hub, **connection_args)

@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.resume import Cursor, Outcome, Verdict
+from protocol.resume import Cursor, NextStep, Verdict
 
 
 def frames(seqs: range) -> list[tuple[int, bytes]]:
@@ -19,7 +19,7 @@ def test_join_holds_live_frames_until_the_log_is_read() -> None:
     cursor.start_at(3)
     assert cursor.live(6, b"e6") is Verdict.HOLD
     result = cursor.catch_up(frames(range(4, 6)), head=5)
-    assert result.frames == [b"e4", b"e5", b"e6"] and result.outcome is Outcome.LIVE
+    assert result.frames == [b"e4", b"e5", b"e6"] and result.next_step is NextStep.LIVE
     assert cursor.live(6, b"e6") is Verdict.DROP
     assert cursor.live(7, b"e7") is Verdict.SEND
 
@@ -32,20 +32,20 @@ def test_a_skipped_seq_is_a_gap_not_a_reorder() -> None:
     assert cursor.live(3, b"e3") is Verdict.GAP
     assert cursor.live(4, b"e4") is Verdict.HOLD
     result = cursor.catch_up(frames(range(2, 4)), head=3)
-    assert result.frames == [b"e2", b"e3", b"e4"] and result.outcome is Outcome.LIVE
+    assert result.frames == [b"e2", b"e3", b"e4"] and result.next_step is NextStep.LIVE
 
 
 def test_trimmed_log_means_reset() -> None:
     cursor = Cursor()
     cursor.start_at(2)
     result = cursor.catch_up(frames(range(10, 12)), head=11)
-    assert result.outcome is Outcome.RESET
+    assert result.next_step is NextStep.RESET
 
 
 def test_client_ahead_of_the_log_means_reset() -> None:
     cursor = Cursor()
     cursor.start_at(50)
-    assert cursor.catch_up([], head=7).outcome is Outcome.RESET
+    assert cursor.catch_up([], head=7).next_step is NextStep.RESET
 
 
 def test_hole_past_the_head_means_read_again() -> None:
@@ -53,9 +53,9 @@ def test_hole_past_the_head_means_read_again() -> None:
     cursor.start_at(0)
     cursor.live(3, b"e3")
     result = cursor.catch_up(frames(range(1, 2)), head=1)
-    assert result.frames == [b"e1"] and result.outcome is Outcome.AGAIN
+    assert result.frames == [b"e1"] and result.next_step is NextStep.AGAIN
     result = cursor.catch_up(frames(range(2, 4)), head=3)
-    assert result.frames == [b"e2", b"e3"] and result.outcome is Outcome.LIVE
+    assert result.frames == [b"e2", b"e3"] and result.next_step is NextStep.LIVE
 
 
 @given(

@@ -12,7 +12,8 @@ import pytest_asyncio
 import uvicorn
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from server.dev.simulator import SimulatorSettings, SimulatorStats, simulator_app
+from server.app.config import SimulatorSettings
+from server.dev.simulator import SimulatorStats, simulator_app
 
 FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
 

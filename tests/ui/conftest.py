@@ -57,7 +57,7 @@ def artifacts() -> Path:
 
 
 @dataclass
-class Tab:
+class BrowserTab:
     """A page plus what it did that a test must not miss: script errors and dialogs."""
 
     page: Page
@@ -156,11 +156,11 @@ async def open_tab(
     conversation: str | None = None,
     *,
     token: str | None = None,
-) -> Tab:
+) -> BrowserTab:
     """A new page on `server`, opened with `?token=` when a user or token is given (and
     waited for until signed in when a user is)."""
     page = await context.new_page()
-    tab = Tab(page)
+    tab = BrowserTab(page)
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
 
     async def on_dialog(dialog: Dialog) -> None:

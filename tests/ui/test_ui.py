@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext
 
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.ui.conftest import PHONE, WIDE, Tab, open_tab, persisted
+from tests.ui.conftest import PHONE, WIDE, BrowserTab, open_tab, persisted
 
 pytestmark = pytest.mark.ui
 
@@ -39,7 +39,7 @@ async def settled_reply(
         await asyncio.sleep(0.05)
 
 
-async def assert_shows(tab: Tab, reply: dict[str, Any]) -> None:
+async def assert_shows(tab: BrowserTab, reply: dict[str, Any]) -> None:
     """The tab holds exactly the persisted text and shows it rendered."""
     assert await tab.raw(reply["id"]) == reply["content"]
     assert await tab.shown(reply["id"]) == await tab.rendered(reply["content"])
@@ -302,7 +302,7 @@ async def test_html_in_turns_and_replies_is_shown_as_text(
         t.check()
 
 
-async def watch_joins(tab: Tab) -> list[str]:
+async def watch_joins(tab: BrowserTab) -> list[str]:
     """The frames the page sends on sockets it opens from now on."""
     sent: list[str] = []
     tab.page.on("websocket", lambda ws: ws.on("framesent", lambda data: sent.append(str(data))))
@@ -403,7 +403,7 @@ async def test_dev_token_is_renewed_before_it_expires(
     socket's session with an `auth` frame, without reconnecting."""
     user = new_user()
     page = await context.new_page()
-    tab = Tab(page)
+    tab = BrowserTab(page)
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
     sockets: list[str] = []
     sent: list[str] = []

@@ -39,8 +39,8 @@ from protocol.handshake import Refusal, RequestParser, UpgradeRequest, accept, r
 from protocol.outbox import Outbox
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
 from server.auth import AuthError, Principal
-from server.bus import BusUnavailable
 from server.chat import Refused
+from server.failures import refusal
 from server.hub import PATH, Hub
 from server.watch import Watch
 
@@ -444,20 +444,14 @@ class Connection(asyncio.Protocol):
         assert user is not None
         try:
             reply = await self._execute(user, frame)
-        except Refused as exc:
+        except Exception as exc:  # a request's own fault, an outage or a bug: see failures
+            refused = refusal(exc, f"`{type(frame).__struct_config__.tag}` frame")
             reply = f.Error(
-                code=exc.code, message=exc.message, retry_after=exc.retry_after, ref=frame.ref
-            )
-        except (RedisError, OSError, BusUnavailable):
-            log.warning("backing service unavailable for %s", type(frame).__name__)
-            reply = f.Error(
-                code="unavailable",
-                message="a backing service is unavailable; try again",
+                code=refused.code,
+                message=refused.message,
+                retry_after=refused.retry_after,
                 ref=frame.ref,
             )
-        except Exception:
-            log.exception("internal error handling %s", type(frame).__name__)
-            reply = f.Error(code="internal", message="internal error", ref=frame.ref)
         if reply is not None:
             self.push_frame(reply)
 

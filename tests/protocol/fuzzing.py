@@ -19,8 +19,10 @@ NUMBERS = st.integers() | HUGE_INTEGERS | st.floats(allow_nan=False, allow_infin
 SCALARS = st.none() | st.booleans() | NUMBERS | st.text(ANY_CHARACTER, max_size=40)
 JSON_VALUES: st.SearchStrategy[Any] = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=5)
-    | st.dictionaries(st.text(ANY_CHARACTER, max_size=12), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(ANY_CHARACTER, max_size=12), inner, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -34,7 +36,7 @@ def to_json(value: Any) -> str:
 def deep_nesting(draw: st.DrawFn) -> str:
     """Arrays and objects nested up to 60,000 deep, closed or not, bare or in a field."""
     levels = draw(st.integers(min_value=1, max_value=60_000))
-    opener = draw(st.sampled_from(['[', '{"a":', '[{"b":', '{"s": "[[", "n":']))
+    opener = draw(st.sampled_from(["[", '{"a":', '[{"b":', '{"s": "[[", "n":']))
     closer = {"[": "]", '{"a":': "}", '[{"b":': "}]", '{"s": "[[", "n":': "}"}[opener]
     body = opener * levels + "1" + (closer * levels if draw(st.booleans()) else "")
     field = draw(st.sampled_from(["type", "text", "ref", "extra", "after", "token"]))

@@ -36,7 +36,7 @@ from server.bus import Bus
 from server.chat import Chat
 from server.config import Settings
 from server.eventlog import EventLog, Pipeliner, encode
-from server.llm import LLM, Finished, Piece
+from server.llm import LLM, Finished, MalformedReply, Piece
 from server.turns import Entry, Job, Turns, read_group, text_of
 from storage.messages import FinishedTurn
 
@@ -329,6 +329,9 @@ class Worker:
         except openai.APIError as exc:
             log.warning("model error in %s: %s", run.job.conversation, exc)
             return Finished("error", None), _describe(exc)
+        except MalformedReply as exc:
+            log.warning("model error in %s: %s", run.job.conversation, exc)
+            return Finished("error", None), "the model sent a malformed reply"
 
     async def _pump(self, run: Running, prompt: list[dict[str, str]]) -> Finished:
         job = run.job

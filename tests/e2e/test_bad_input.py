@@ -233,3 +233,13 @@ def test_no_unhandled_exception_in_the_server_log(parley: Any) -> None:
     """Runs after the cases above on the same shared server."""
     log = parley.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+async def test_a_malformed_model_reply_ends_the_turn_with_error(connect: Any) -> None:
+    """The model sends a few tokens, then an event nested 50,000 deep: the turn ends with
+    `done` `error`, the worker lives on and the next turn is answered."""
+    client: Client = await connect()
+    conversation = await start_conversation(client)
+    done = await say_and_finish(client, conversation, "break it [sim:malformed]")
+    assert done.reason == "error" and done.error and "malformed" in done.error
+    assert (await say_and_finish(client, conversation, "and now?")).reason == "stop"

@@ -18,12 +18,28 @@ from typing import Annotated, Any, Final, Literal, get_args
 import msgspec
 from msgspec import Meta, Struct
 
+from protocol.jsondepth import MAX_DEPTH, too_deep
+
 PROTOCOL_VERSION: Final = 1
 SUBPROTOCOL: Final = "parley.v1"
 BEARER_PREFIX: Final = "bearer."
 
+MAX_SEQ: Final = 2**53
+"""Seqs and `after` stay within the integers a JavaScript number holds exactly."""
+MAX_TOKEN_CHARS: Final = 8192
+MAX_NAME_CHARS: Final = 200
+MAX_SYSTEM_CHARS: Final = 32_000
+
 Ref = Annotated[str, Meta(max_length=64)]
-Seq = Annotated[int, Meta(ge=0)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+Count = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+JwtText = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
+Title = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
+ModelName = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
+SystemPrompt = Annotated[str, Meta(max_length=MAX_SYSTEM_CHARS)]
+Text = Annotated[
+    str, Meta(description="At most `limits.max_text_chars` characters (sent in `ready`).")
+]
 ErrorCode = Literal[
     "bad_frame",
     "invalid",
@@ -52,8 +68,8 @@ def new_id() -> uuid.UUID:
 
 
 class Usage(Struct, frozen=True):
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: Count
+    completion_tokens: Count
 
 
 class Conversation(Struct, frozen=True, omit_defaults=True):
@@ -63,7 +79,7 @@ class Conversation(Struct, frozen=True, omit_defaults=True):
     model: str
     created_at: datetime
     updated_at: datetime
-    last_seq: int = 0
+    last_seq: Seq = 0
 
 
 class Message(Struct, frozen=True, omit_defaults=True):
@@ -99,7 +115,7 @@ class Auth(_Client, tag="auth", kw_only=True, frozen=True):
     Answered with `ready` the first time, then with `ack {expires_at}`. An invalid token, or
     one for another user, closes the socket with 4401."""
 
-    token: str
+    token: JwtText
 
 
 class Create(_Client, tag="create", kw_only=True, frozen=True):
@@ -107,9 +123,9 @@ class Create(_Client, tag="create", kw_only=True, frozen=True):
 
     Without `title` it is "New conversation", without `model` the default model."""
 
-    title: Annotated[str, Meta(max_length=200)] | None = None
-    system: str | None = None
-    model: Annotated[str, Meta(max_length=200)] | None = None
+    title: Title | None = None
+    system: SystemPrompt | None = None
+    model: ModelName | None = None
 
 
 class Join(_Client, tag="join", kw_only=True, frozen=True):
@@ -138,7 +154,7 @@ class Say(_Client, tag="say", kw_only=True, frozen=True):
     answer is `busy`; over the turn rate, `rate_limited`."""
 
     conversation: uuid.UUID
-    text: str
+    text: Text
     id: uuid.UUID | None = None
 
 
@@ -211,7 +227,7 @@ class Joined(_Server, tag="joined", kw_only=True, frozen=True):
 
     conversation: uuid.UUID
     meta: Conversation
-    last_seq: int
+    last_seq: Seq
     history: list[Message] | None = None
     reset: bool = False
     ref: str | None = None
@@ -254,7 +270,7 @@ class MessageEvent(_Server, tag="message", kw_only=True, frozen=True):
 
     conversation: uuid.UUID
     message: Message
-    seq: int = 0
+    seq: Seq = 0
 
 
 class Start(_Server, tag="start", kw_only=True, frozen=True):
@@ -268,7 +284,7 @@ class Start(_Server, tag="start", kw_only=True, frozen=True):
     message_id: uuid.UUID
     model: str
     replaces: uuid.UUID | None = None
-    seq: int = 0
+    seq: Seq = 0
 
 
 class Token(_Server, tag="token", kw_only=True, frozen=True):
@@ -281,8 +297,8 @@ class Token(_Server, tag="token", kw_only=True, frozen=True):
     conversation: uuid.UUID
     message_id: uuid.UUID
     text: str
-    first_seq: int = 0
-    seq: int = 0
+    first_seq: Seq = 0
+    seq: Seq = 0
 
 
 class Done(_Server, tag="done", kw_only=True, frozen=True):
@@ -296,7 +312,7 @@ class Done(_Server, tag="done", kw_only=True, frozen=True):
     reason: DoneReason
     usage: Usage | None = None
     error: str | None = None
-    seq: int = 0
+    seq: Seq = 0
 
 
 class Queued(_Server, tag="queued", kw_only=True, frozen=True):
@@ -307,8 +323,8 @@ class Queued(_Server, tag="queued", kw_only=True, frozen=True):
 
     conversation: uuid.UUID
     message_id: uuid.UUID
-    position: int
-    seq: int = 0
+    position: Count
+    seq: Seq = 0
 
 
 class Updated(_Server, tag="updated", kw_only=True, frozen=True):
@@ -317,7 +333,7 @@ class Updated(_Server, tag="updated", kw_only=True, frozen=True):
 
     conversation: uuid.UUID
     meta: Conversation
-    seq: int = 0
+    seq: Seq = 0
 
 
 class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, frozen=True):
@@ -350,7 +366,11 @@ def encode(obj: Any) -> bytes:
 
 
 def decode_server(data: bytes | str) -> ServerFrame:
-    frame: ServerFrame = _server_decoder.decode(data)
+    """Decode one server frame; raises msgspec.DecodeError for anything else."""
+    try:
+        frame: ServerFrame = _server_decoder.decode(data)
+    except (UnicodeError, RecursionError) as exc:
+        raise msgspec.DecodeError(f"not a server frame: {exc}") from None
     return frame
 
 
@@ -367,23 +387,32 @@ class FrameError(Exception):
 def decode_client(data: bytes | str) -> ClientFrame:
     """Decode one client frame or raise FrameError saying what is wrong with it.
 
-    The fast path is a single typed decode; only a failing frame is decoded a second time,
-    untyped, to tell a malformed frame (`bad_frame`) from a wrong field (`invalid`) and to
-    recover its `ref`.
+    The fast path is a single typed decode, which stops at the first field that does not
+    fit (no client frame has a field that nests). Only a failing frame is decoded a second
+    time, untyped, to tell a malformed frame (`bad_frame`) from a wrong field (`invalid`) and
+    to recover its `ref`; that decode follows every nesting, so its depth is measured first.
     """
     try:
         frame: ClientFrame = _client_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise _explain(data, exc) from None
-    except UnicodeDecodeError:  # a text frame that is not UTF-8 (msgspec raises this too)
+    except UnicodeError:  # not UTF-8, or a str holding a lone surrogate
         raise FrameError("bad_frame", "a text frame must be UTF-8 JSON") from None
+    except RecursionError:
+        raise _too_deep() from None
     return frame
 
 
+def _too_deep() -> FrameError:
+    return FrameError("bad_frame", f"frame nests more than {MAX_DEPTH} levels deep")
+
+
 def _explain(data: bytes | str, exc: msgspec.DecodeError) -> FrameError:
+    if too_deep(data):
+        return _too_deep()
     try:
         raw = _any_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError, RecursionError):
         return FrameError("bad_frame", "frame is not valid JSON")
     if not isinstance(raw, dict):
         return FrameError("bad_frame", "frame must be a JSON object")

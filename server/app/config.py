@@ -13,16 +13,25 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from protocol.frames import Limits as WireLimits
+from protocol.jsondepth import too_deep
 
 
 class ConfigError(Exception):
     pass
+
+
+Port = Annotated[int, Meta(ge=0, le=65_535)]
+Size = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+"""A count, a size in bytes or a limit: at least 1."""
+Seconds = Annotated[float, Meta(ge=0, le=31_536_000)]
+"""A duration from 0 to a year (a NaN or an infinity is refused)."""
+Rate = Annotated[float, Meta(ge=0, le=1e9)]
 
 
 class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -31,13 +40,13 @@ class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Port = 8000
     data_dir: str = ".parley"
     allowed_origins: list[str] = []
-    shutdown_grace: float = 5.0
-    drain_delay: float = 1.0
-    ws_ping_interval: float = 20.0
-    ws_ping_timeout: float = 20.0
+    shutdown_grace: Seconds = 5.0
+    drain_delay: Seconds = 1.0
+    ws_ping_interval: Seconds = 20.0
+    ws_ping_timeout: Seconds = 20.0
     log_level: str = "info"
 
 
@@ -46,22 +55,22 @@ class AuthSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
     audience: str = ""
     issuer: str = ""
-    leeway: float = 10.0
-    auth_timeout: float = 5.0
+    leeway: Seconds = 10.0
+    auth_timeout: Seconds = 5.0
     allow_query_token: bool = False
     dev_login: bool | None = None
 
 
 class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    max_frame_bytes: int = 262_144
-    max_text_chars: int = 32_000
-    max_joined: int = 100
-    frames_per_second: float = 50.0
-    frame_burst: int = 200
-    bad_frames_before_close: int = 20
-    turns_per_minute: int = 30
-    max_connections_per_user: int = 100
-    outbox_bytes: int = 1_048_576
+    max_frame_bytes: Size = 262_144
+    max_text_chars: Size = 32_000
+    max_joined: Size = 100
+    frames_per_second: Rate = 50.0
+    frame_burst: Size = 200
+    bad_frames_before_close: Size = 20
+    turns_per_minute: Size = 30
+    max_connections_per_user: Size = 100
+    outbox_bytes: Size = 1_048_576
 
     def wire(self) -> WireLimits:
         return WireLimits(
@@ -75,42 +84,42 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""
-    pool_size: int = 64
-    log_max_events: int = 2000
-    ttl_seconds: int = 604_800
+    pool_size: Size = 64
+    log_max_events: Size = 2000
+    ttl_seconds: Size = 604_800
 
 
 class DatabaseSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""
-    pool_size: int = 10
+    pool_size: Size = 10
 
 
 class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     base_url: str = ""
     api_key: str = ""
     model: str = "parley-sim"
-    max_tokens: int = 1024
-    context_tokens: int = 6000
-    request_timeout: float = 60.0
-    stall_timeout: float = 60.0
-    max_duration: float = 600.0
+    max_tokens: Size = 1024
+    context_tokens: Size = 6000
+    request_timeout: Seconds = 60.0
+    stall_timeout: Seconds = 60.0
+    max_duration: Seconds = 600.0
 
 
 class SimulatorSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How the simulated model (`server.dev.simulator`) behaves."""
 
-    first_token_delay: float = 0.3
+    first_token_delay: Seconds = 0.3
     """Seconds before the first content token."""
     tokens_per_second: float = 30.0
     """Token rate; 0 or negative means as fast as possible."""
-    max_tokens: int = 200
+    max_tokens: Size = 200
     """Token cap when the request sets neither max_tokens nor max_completion_tokens."""
 
 
 class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    concurrency: int = 64
-    lease_seconds: float = 10.0
-    shutdown_deadline: float = 25.0
+    concurrency: Size = 64
+    lease_seconds: Seconds = 10.0
+    shutdown_deadline: Seconds = 25.0
 
 
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -153,17 +162,25 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     """Read the TOML file (if it exists) and the environment into Settings."""
     environ = os.environ if environ is None else environ
     path = Path(path or environ.get("PARLEY_CONFIG") or "config.toml")
-    raw: dict[str, Any] = {}
-    if path.exists():
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    raw = _read_toml(path)
     _overlay_environment(raw, environ)
     try:
         return msgspec.convert(raw, Settings, strict=False)
-    except msgspec.ValidationError as exc:
+    except (msgspec.ValidationError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # nesting or an integer past tomllib's limits
+        raise ConfigError(f"{path}: not usable TOML: {exc or type(exc).__name__}") from None
 
 
 def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -172,7 +189,10 @@ def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
         if target is None:
             continue
         section, key = target
-        raw.setdefault(section, {})[key] = _env_value(section, key, value, name)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table to take {name}")
+        table[key] = _env_value(section, key, value, name)
 
 
 def _parley_key(name: str) -> tuple[str, str] | None:
@@ -192,6 +212,18 @@ def _env_value(section: str, key: str, value: str, name: str) -> Any:
         raise ConfigError(f"environment variable {name}: unknown key `{key}` in [{section}]")
     if isinstance(getattr(section_type(), key), list):
         if value.startswith("["):
-            return msgspec.json.decode(value)
+            return _json_list(value, name)
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def _json_list(value: str, name: str) -> list[Any]:
+    """An environment variable's JSON list (of strings: nothing nests)."""
+    problem = f"environment variable {name}: expected a JSON list of strings"
+    if too_deep(value, 1):
+        raise ConfigError(f"{problem}, got nested JSON")
+    try:
+        items: list[Any] = msgspec.json.decode(value, type=list[Any])
+    except (msgspec.DecodeError, UnicodeError) as exc:
+        raise ConfigError(f"{problem}: {exc}") from None
+    return items

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from server.app.runtime import Runtime
@@ -18,6 +20,14 @@ from server.dev.simulator import SimulatorStats, simulator_router
 from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent.parent / "static"
+OPENAPI = OpenAPIConfig(
+    title="Parley REST API",
+    version="1",
+    path="/schema",
+    render_plugins=[JsonRenderPlugin()],
+    description="Conversations over REST with the WebSocket's JWT as `Authorization: Bearer`.",
+)
+"""The REST API's OpenAPI document, served at `GET /schema/openapi.json`."""
 
 
 def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Litestar:
@@ -40,7 +50,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
     app = Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],
-        openapi_config=None,
+        openapi_config=OPENAPI if runtime.runs_web else None,
         logging_config=None,
     )
     app.state.runtime = runtime

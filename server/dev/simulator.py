@@ -28,6 +28,13 @@ Prompt controls, read from the last user message (for tests):
 ``[sim:status=CODE]``
     Answer with HTTP status CODE (400-599) and an OpenAI-style error body, before any
     generation starts.  Note that the openai client retries 408/409/429/5xx by default.
+``[sim:malformed]``
+    A stream sends a few tokens, then an event whose JSON nests 50,000 levels deep, then
+    ends normally: what a broken or hostile upstream could send.
+
+Controls are bounded: at most ``MAX_CONTROL_TOKENS`` tokens and ``MAX_CONTROL_DELAY`` seconds.
+A request body that is not a chat completion request, or nests deeper than
+``protocol.jsondepth.MAX_DEPTH``, gets HTTP 400.
 """
 
 import asyncio
@@ -44,11 +51,13 @@ import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.response import Stream
 
+from protocol.jsondepth import MAX_DEPTH, too_deep
 from server.app.config import SimulatorSettings
 
 __all__ = [
     "SimulatedStreamError",
     "SimulatorStats",
+    "decode_request",
     "simulator_app",
     "simulator_router",
 ]
@@ -189,10 +198,27 @@ _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(_ChatRequest)
 _DONE = b"data: [DONE]\n\n"
 
+
+def decode_request(body: bytes) -> _ChatRequest:
+    """A chat completion request, or ValueError saying what is wrong with `body`."""
+    if too_deep(body):
+        raise ValueError(f"the JSON nests more than {MAX_DEPTH} levels deep")
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ValueError(str(exc)) from None
+    except (UnicodeError, RecursionError):
+        raise ValueError("not UTF-8 JSON") from None
+
+
 # --- prompt controls ---------------------------------------------------------------------------
 
 _CONTROL = re.compile(r"\[sim:(tokens|delay|tps|status)=(\d+(?:\.\d+)?)\]")
 _ERROR_CONTROL = "[sim:error]"
+_MALFORMED_CONTROL = "[sim:malformed]"
+MAX_CONTROL_TOKENS = 100_000
+MAX_CONTROL_DELAY = 3600.0
+_MALFORMED_EVENT = b"data: " + b"[" * 50_000 + b"\n\n"
 
 
 @dataclass(frozen=True)
@@ -202,18 +228,22 @@ class _Controls:
     tps: float | None = None
     status: int | None = None
     error: bool = False
+    malformed: bool = False
 
     @classmethod
     def parse(cls, messages: Sequence[_Message]) -> "_Controls":
         text = next((m.text() for m in reversed(messages) if m.role == "user"), "")
-        found = dict(_CONTROL.findall(text))
-        status = int(float(found["status"])) if "status" in found else None
+        found = {name: float(value) for name, value in _CONTROL.findall(text)}
+        status = found.get("status")
         return cls(
-            tokens=max(1, int(float(found["tokens"]))) if "tokens" in found else None,
-            delay=float(found["delay"]) if "delay" in found else None,
-            tps=float(found["tps"]) if "tps" in found else None,
-            status=status if status is not None and 400 <= status <= 599 else None,
+            tokens=int(min(max(1, found["tokens"]), MAX_CONTROL_TOKENS))
+            if "tokens" in found
+            else None,
+            delay=min(found["delay"], MAX_CONTROL_DELAY) if "delay" in found else None,
+            tps=found.get("tps"),
+            status=int(status) if status is not None and 400 <= status <= 599 else None,
             error=_ERROR_CONTROL in text,
+            malformed=_MALFORMED_CONTROL in text,
         )
 
 
@@ -344,6 +374,7 @@ class _Reply:
     tps: float
     fail: bool
     include_usage: bool
+    malformed: bool = False
 
     @property
     def usage(self) -> _Usage:
@@ -370,6 +401,7 @@ def _plan(chat: _ChatRequest, controls: _Controls, settings: SimulatorSettings) 
         tps=settings.tokens_per_second if controls.tps is None else controls.tps,
         fail=controls.error,
         include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
+        malformed=controls.malformed,
     )
 
 
@@ -422,11 +454,14 @@ async def _sse(reply: _Reply, stats: SimulatorStats) -> AsyncIterator[bytes]:
     stats.active += 1
     try:
         yield event(_Delta(role="assistant", content=""))
-        for index, token in enumerate(reply.tokens[:3] if reply.fail else reply.tokens):
+        broken = reply.fail or reply.malformed
+        for index, token in enumerate(reply.tokens[:3] if broken else reply.tokens):
             await _sleep_until(start, reply.due(index), index)
             yield event(_Delta(content=token))
         if reply.fail:
             raise SimulatedStreamError("simulated stream failure ([sim:error])")
+        if reply.malformed:
+            yield _MALFORMED_EVENT
         yield event(_Delta(), reply.finish_reason)
         if reply.include_usage:
             yield _data(
@@ -487,8 +522,8 @@ def simulator_router(
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         stats.requests += 1
         try:
-            chat = _request_decoder.decode(await request.body())
-        except msgspec.DecodeError as exc:  # ValidationError is a subclass
+            chat = decode_request(await request.body())
+        except ValueError as exc:
             return _error(400, f"Invalid request body: {exc}")
         controls = _Controls.parse(chat.messages)
         if controls.status is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import secrets
@@ -11,10 +13,14 @@ from pathlib import Path
 
 import jwt
 
+from protocol.frames import MAX_SEQ, MAX_TOKEN_CHARS
+from protocol.jsondepth import too_deep
 from server.app.config import AuthSettings
 
 SECRET_FILE = "jwt_secret"
 VERIFIED_CACHE_SIZE = 10_000
+MAX_PART_DEPTH = 4
+"""A JWT header or claims set nests no deeper than this (`aud` as a list is 2)."""
 
 
 class AuthError(Exception):
@@ -50,6 +56,7 @@ class Verifier:
         return principal
 
     def _decode(self, token: str) -> Principal:
+        _check_shape(token)
         options: dict[str, bool | list[str]] = {"require": ["sub"]}
         try:
             claims = jwt.decode(
@@ -65,12 +72,19 @@ class Verifier:
             raise AuthError("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError):  # claims pyjwt chokes on
+            raise AuthError("invalid token: malformed claims") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200:
             raise AuthError("invalid token: `sub` must be a non-empty string")
-        exp = claims.get("exp")
-        expires_at = float(exp) + self.settings.leeway if isinstance(exp, int | float) else None
-        return Principal(sub, expires_at)
+        return Principal(sub, self._expiry(claims.get("exp")))
+
+    def _expiry(self, exp: object) -> float | None:
+        if exp is None:
+            return None
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 <= exp <= MAX_SEQ:
+            raise AuthError("invalid token: `exp` must be a Unix time")
+        return float(exp) + self.settings.leeway
 
     def mint(self, user: str, ttl: float = 3600.0) -> str:
         now = int(time.time())
@@ -80,6 +94,23 @@ class Verifier:
         if self.settings.issuer:
             claims["iss"] = self.settings.issuer
         return jwt.encode(claims, self.secret, algorithm=self.algorithms[0])
+
+
+def _check_shape(token: str) -> None:
+    """Refuse a token too long or too deeply nested for its JSON parts to be decoded safely,
+    before pyjwt decodes them (it does so before checking the signature)."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise AuthError(f"invalid token: longer than {MAX_TOKEN_CHARS} characters")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("invalid token: a JWT has three parts")
+    for part in parts[:2]:
+        try:
+            raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        except (ValueError, binascii.Error):
+            raise AuthError("invalid token: not base64url") from None
+        if too_deep(raw, MAX_PART_DEPTH):
+            raise AuthError("invalid token: its JSON nests too deeply")
 
 
 def load_secret(settings: AuthSettings, data_dir: Path) -> str:

@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
 from server.edge.auth import AuthError, Principal
-from server.edge.bus import BusUnavailable, Listener
-from server.edge.conversations import Refused
+from server.edge.bus import Listener
+from server.edge.failures import Refused, refusal
 from server.edge.watch import Transcripts, Watch
 from server.redis import keys
 
@@ -49,7 +49,7 @@ gives back what it holds anyway."""
 
 
 class Service(Transcripts, Protocol):
-    """What commands ask of the conversation service (`server.edge.conversations.Chat`)."""
+    """What commands ask of the conversation service (`server.edge.conversations.Conversations`)."""
 
     async def create(
         self, user: str, title: str | None, system: str | None, model: str | None
@@ -284,20 +284,14 @@ class Commands:
         assert user is not None
         try:
             reply = await self._execute(user, frame)
-        except Refused as exc:
+        except Exception as exc:  # a request's own fault, an outage or a bug: see failures
+            refused = refusal(exc, f"`{type(frame).__struct_config__.tag}` frame")
             reply = f.Error(
-                code=exc.code, message=exc.message, retry_after=exc.retry_after, ref=frame.ref
-            )
-        except (RedisError, OSError, BusUnavailable):
-            log.warning("backing service unavailable for %s", type(frame).__name__)
-            reply = f.Error(
-                code="unavailable",
-                message="a backing service is unavailable; try again",
+                code=refused.code,
+                message=refused.message,
+                retry_after=refused.retry_after,
                 ref=frame.ref,
             )
-        except Exception:
-            log.exception("internal error handling %s", type(frame).__name__)
-            reply = f.Error(code="internal", message="internal error", ref=frame.ref)
         if reply is not None:
             self.conn.push_frame(reply)
 

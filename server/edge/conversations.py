@@ -17,6 +17,8 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from server.app.config import Settings
+from server.edge.failures import Refused as Refused
+from server.edge.failures import refusal
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, Job, Turns
@@ -24,16 +26,6 @@ from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
 log = logging.getLogger("parley.conversations")
-
-
-class Refused(Exception):
-    """A request the user cannot have now; becomes an `error` frame or an HTTP error."""
-
-    def __init__(self, code: f.ErrorCode, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code: f.ErrorCode = code
-        self.message = message
-        self.retry_after = retry_after
 
 
 def not_found() -> Refused:
@@ -68,8 +60,8 @@ class Conversations:
     async def _cached(self, conversation: uuid.UUID) -> CachedMeta:
         try:
             cached = await self.events.meta(conversation)
-        except RedisError:
-            raise unavailable("Redis") from None
+        except RedisError as exc:
+            raise refusal(exc, "Redis") from None
         if cached is not None:
             return cached
         return await self.load(conversation)
@@ -81,8 +73,8 @@ class Conversations:
             if row is None:
                 raise not_found()
             recent = await stored_messages.history(self.pool, conversation)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            raise unavailable("the database") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "the database") from None
         await self.events.load(row.owner, row.meta, row.meta.last_seq, row.history_seq, recent)
         return CachedMeta(row.owner, row.meta)
 
@@ -104,8 +96,8 @@ class Conversations:
             if row is None:
                 raise not_found()
             return row.history_seq, await stored_messages.history(self.pool, conversation)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            raise unavailable("the database") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "the database") from None
 
     async def list(self, user: str) -> list[f.Conversation]:
         rows = await stored_conversations.list_for(self.pool, user)
@@ -127,8 +119,8 @@ class Conversations:
         )
         try:
             await stored_conversations.insert(self.pool, user, meta)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            raise unavailable("the database") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "the database") from None
         await self.events.load(user, meta, 0, 0, [])
         await self._tell_user(user, f.ConversationChanged(conversation=meta.id, meta=meta))
         return meta
@@ -170,8 +162,8 @@ class Conversations:
         await self.owned(user, conversation)
         try:
             await self.turns.cancel(conversation)
-        except RedisError:
-            raise unavailable("Redis") from None
+        except RedisError as exc:
+            raise refusal(exc, "Redis") from None
 
     async def update(
         self,
@@ -225,8 +217,8 @@ class Conversations:
             if result.admission is Admission.UNLOADED:
                 await self.load(conversation)
                 result = await attempt()
-        except RedisError:
-            raise unavailable("Redis") from None
+        except RedisError as exc:
+            raise refusal(exc, "Redis") from None
         return _check(result)
 
     async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:

@@ -3,19 +3,24 @@ readiness, and the development sign-in used by the browser UI."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
+from litestar.handlers import BaseRouteHandler
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from protocol import frames as f
 from protocol.asyncapi import render
+from protocol.jsondepth import MAX_DEPTH, too_deep
 from server.app.runtime import Runtime
 from server.edge.auth import AuthError
-from server.edge.conversations import Refused
+from server.edge.failures import HTTP_STATUS, Refused, refusal
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\w.@-]+$")]
 
@@ -26,9 +31,9 @@ class ConversationDetail(msgspec.Struct, frozen=True):
 
 
 class NewConversation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    title: Annotated[str, msgspec.Meta(max_length=200)] | None = None
-    system: str | None = None
-    model: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    title: f.Title | None = None
+    system: f.SystemPrompt | None = None
+    model: f.ModelName | None = None
 
 
 class ConversationChange(NewConversation, frozen=True):
@@ -54,66 +59,88 @@ class ServerInfo(msgspec.Struct, frozen=True):
     limits: f.Limits
 
 
-def _runtime(request: Request[Any, Any, Any]) -> Runtime:
+def _runtime(request: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def _user(request: Request[Any, Any, Any]) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a valid bearer token (the user goes into `connection.state.user`), checked
+    before anything reads the request's body."""
+    header = connection.headers.get("authorization", "")
+    scheme, _space, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         raise NotAuthorizedException("missing bearer token")
     try:
-        return _runtime(request).verifier.verify(token.strip()).user
+        connection.state.user = _runtime(connection).verifier.verify(token.strip()).user
     except AuthError as exc:
         raise NotAuthorizedException(str(exc)) from None
+
+
+async def shallow_body(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a JSON body nests at most MAX_DEPTH levels, measured before litestar decodes it
+    (a decoder recurses per level: thousands would end in RecursionError, a 500)."""
+    if isinstance(connection, Request) and too_deep(await connection.body()):
+        raise HTTPException(
+            status_code=400, detail=f"the JSON body nests more than {MAX_DEPTH} levels deep"
+        )
+
+
+def _user(request: Request[Any, Any, Any]) -> str:
+    user: str = request.state.user
+    return user
+
+
+@contextlib.contextmanager
+def _answers(doing: str) -> Iterator[None]:
+    """Turn whatever a request ended in into the HTTP error the classification says."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise _http(refusal(exc, doing)) from None
 
 
 def _http(exc: Refused) -> HTTPException:
     if exc.code == "not_found":
         return NotFoundException(exc.message)
-    status = {"busy": 409, "rate_limited": 429, "unavailable": 503, "invalid": 400}.get(
-        exc.code, 500
-    )
-    return HTTPException(status_code=status, detail=exc.message)
+    return HTTPException(status_code=HTTP_STATUS.get(exc.code, 500), detail=exc.message)
 
 
 class ConversationsController(Controller):
     path = "/api/conversations"
+    guards = [signed_in, shallow_body]  # noqa: RUF012 (litestar's Controller declares it)
 
     @get("/")
     async def list_conversations(self, request: Request[Any, Any, Any]) -> list[f.Conversation]:
-        return await _runtime(request).conversations.list(_user(request))
+        with _answers("GET /api/conversations"):
+            return await _runtime(request).conversations.list(_user(request))
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_conversation(
         self, request: Request[Any, Any, Any], data: NewConversation
     ) -> f.Conversation:
-        try:
+        with _answers("POST /api/conversations"):
             return await _runtime(request).conversations.create(
                 _user(request), data.title, data.system, data.model
             )
-        except Refused as exc:
-            raise _http(exc) from None
 
     @get("/{conversation:uuid}")
     async def get_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> ConversationDetail:
         conversations = _runtime(request).conversations
-        try:
+        with _answers("GET /api/conversations/{id}"):
             meta = await conversations.owned(_user(request), conversation)
             _, messages = await conversations.history(conversation)
-        except Refused as exc:
-            raise _http(exc) from None
         return ConversationDetail(meta=meta, messages=messages)
 
     @patch("/{conversation:uuid}")
     async def change_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: ConversationChange
     ) -> f.Conversation:
-        try:
+        with _answers("PATCH /api/conversations/{id}"):
             return await _runtime(request).conversations.update(
                 _user(request),
                 conversation,
@@ -121,17 +148,13 @@ class ConversationsController(Controller):
                 system=data.system,
                 model=data.model,
             )
-        except Refused as exc:
-            raise _http(exc) from None
 
     @delete("/{conversation:uuid}", status_code=HTTP_204_NO_CONTENT)
     async def delete_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> None:
-        try:
+        with _answers("DELETE /api/conversations/{id}"):
             await _runtime(request).conversations.delete(_user(request), conversation)
-        except Refused as exc:
-            raise _http(exc) from None
 
 
 @get("/healthz")
@@ -158,7 +181,7 @@ async def info(request: Request[Any, Any, Any]) -> ServerInfo:
     )
 
 
-@post("/api/dev/token", status_code=HTTP_201_CREATED)
+@post("/api/dev/token", status_code=HTTP_201_CREATED, guards=[shallow_body])
 async def dev_token(request: Request[Any, Any, Any], data: DevLogin) -> IssuedToken:
     runtime = _runtime(request)
     if not dev_login_enabled(runtime.settings):

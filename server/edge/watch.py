@@ -43,7 +43,7 @@ class Sink(Protocol):
 
 
 class Transcripts(Protocol):
-    """What a watch reads (`server.edge.conversations.Chat`)."""
+    """What a watch reads (`server.edge.conversations.Conversations`)."""
 
     async def owned(self, user: str, conversation: uuid.UUID) -> f.Conversation: ...
 

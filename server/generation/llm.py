@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import openai
 
-from protocol.frames import DoneReason, Usage
+from protocol.frames import Count, DoneReason, Usage
 from server.app.config import LLMSettings
 
 SIMULATED_KEY = "parley-simulated"
@@ -26,6 +27,40 @@ class Piece:
 class Finished:
     reason: DoneReason
     usage: Usage | None
+
+
+class MalformedReply(Exception):
+    """The model's stream held a chunk that is not JSON or not shaped like a chat chunk."""
+
+
+class _Delta(msgspec.Struct, frozen=True):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct, frozen=True):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """The parts of a streamed chat completion chunk Parley reads, with their types checked
+    (the `openai` client builds its chunk objects without validating them)."""
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+def read_chunk(chunk: object) -> Chunk:
+    """The chunk's text pieces, finish reason and usage, or MalformedReply."""
+    try:
+        return msgspec.convert(chunk, Chunk, from_attributes=True)
+    except (msgspec.ValidationError, RecursionError) as exc:
+        raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
 
 
 class LLM:
@@ -54,11 +89,12 @@ class LLM:
         reason: DoneReason = "stop"
         usage: Usage | None = None
         async with stream:
-            async for chunk in stream:
+            async for raw in _parsed(stream):
+                chunk = read_chunk(raw)
                 if chunk.usage is not None:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                for choice in chunk.choices:
-                    if choice.delta.content:
+                for choice in chunk.choices or ():
+                    if choice.delta is not None and choice.delta.content:
                         yield Piece(choice.delta.content)
                     if choice.finish_reason == "length":
                         reason = "length"
@@ -66,3 +102,17 @@ class LLM:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _parsed(stream: AsyncIterator[object]) -> AsyncIterator[object]:
+    """The stream's chunks; an event the client cannot parse as JSON (it raises what
+    `json.loads` raises, RecursionError for deep nesting) is a MalformedReply."""
+    iterator = aiter(stream)
+    while True:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            raise MalformedReply(f"the model sent an unreadable event: {exc}") from None
+        yield chunk

@@ -34,7 +34,7 @@ from protocol.transcript import status_of
 from server.app.config import Settings
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
-from server.generation.llm import LLM, Finished, Piece
+from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import keys
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.turns import Entry, Job, Turns, read_group, text_of
@@ -329,6 +329,9 @@ class Worker:
         except openai.APIError as exc:
             log.warning("model error in %s: %s", run.job.conversation, exc)
             return Finished("error", None), _describe(exc)
+        except MalformedReply as exc:
+            log.warning("model error in %s: %s", run.job.conversation, exc)
+            return Finished("error", None), "the model sent a malformed reply"
 
     async def _pump(self, run: Running, prompt: list[dict[str, str]]) -> Finished:
         job = run.job

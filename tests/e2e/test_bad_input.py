@@ -4,6 +4,9 @@ frame gets an `error` naming the problem or a documented close code."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 import uuid
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 
 from protocol import frames as f
 from server.dev.client import Client
+from tests.conftest import mint
 from tests.e2e.test_core import say_and_finish, start_conversation
 
 BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
@@ -41,6 +45,53 @@ BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
     ),
     ("unknown-conversation", '{"type": "join", "conversation": "OTHER"}', "not_found", "no such"),
     ("binary", b"\x00\x01binary", "bad_frame", "binary"),
+    ("deep-array", "[" * 50_000, "bad_frame", "levels deep"),
+    ("deep-objects", '{"a":' * 20_000 + "1" + "}" * 20_000, "bad_frame", "levels deep"),
+    (
+        "deep-in-a-field",
+        '{"type": "ping", "extra": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        "bad_frame",
+        "levels deep",
+    ),
+    (
+        "deep-in-a-known-field",
+        '{"type": "say", "conversation": "CONV", "text": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        "bad_frame",
+        "levels deep",
+    ),
+    (
+        "after-1e30",
+        '{"type": "join", "conversation": "CONV", "after": 1' + "0" * 30 + "}",
+        "invalid",
+        "after",
+    ),
+    (
+        "after-2-64",
+        '{"type": "join", "conversation": "CONV", "after": 18446744073709551616}',
+        "invalid",
+        "after",
+    ),
+    (
+        "after-2-53-plus-1",
+        '{"type": "join", "conversation": "CONV", "after": 9007199254740993}',
+        "invalid",
+        "after",
+    ),
+    (
+        "seq-as-float",
+        '{"type": "join", "conversation": "CONV", "after": 1e300}',
+        "invalid",
+        "after",
+    ),
+    ("title-too-long", '{"type": "create", "title": "' + "t" * 201 + '"}', "invalid", "title"),
+    (
+        "system-too-long",
+        '{"type": "create", "system": "' + "s" * 32_001 + '"}',
+        "invalid",
+        "system",
+    ),
+    ("token-too-long", '{"type": "auth", "token": "' + "t" * 8193 + '"}', "invalid", "token"),
+    ("title-nul", '{"type": "create", "title": "a\\u0000b"}', "invalid", ""),
 ]
 
 
@@ -67,6 +118,67 @@ async def test_bad_frame_gets_error_and_session_goes_on(
     done = await say_and_finish(client, conversation, "still working?")
     assert done.reason == "stop"
     assert isinstance(await bystander.request(f.Ping()), f.Pong)
+
+
+def _rest(parley: Any, method: str, path: str, body: bytes, user: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if user is not None:
+        headers["Authorization"] = f"Bearer {mint(user)}"
+    request = urllib.request.Request(parley.url + path, body, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+DEEP_BODIES = {
+    "array": b"[" * 50_000,
+    "objects": b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    "in-a-field": b'{"title": "x", "system": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+}
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES.values(), ids=DEEP_BODIES.keys())
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/conversations"),
+        ("PATCH", "/api/conversations/ID"),
+        ("POST", "/api/dev/token"),
+    ],
+)
+async def test_deeply_nested_rest_body_is_400_or_401_never_500(
+    parley: Any, connect: Any, user: str, method: str, path: str, body: bytes
+) -> None:
+    client: Client = await connect(user)
+    path = path.replace("ID", str(await start_conversation(client)))
+    status, error = await asyncio.to_thread(_rest, parley, method, path, body, user)
+    assert status == 400 and "levels deep" in error["detail"], (status, error)
+    if path.startswith("/api/conversations"):
+        anonymous, _ = await asyncio.to_thread(_rest, parley, method, path, body, None)
+        assert anonymous == 401
+    status, _ = await asyncio.to_thread(
+        _rest, parley, "POST", "/api/conversations", b'{"title": "fine"}', user
+    )
+    assert status == 201
+
+
+@pytest.mark.parametrize("field", ["title", "system", "model"])
+async def test_a_value_the_database_refuses_is_invalid_not_an_outage(
+    parley: Any, connect: Any, user: str, field: str
+) -> None:
+    """PostgreSQL cannot store NUL in text: that is the request's fault (400 / `invalid`)."""
+    body = json.dumps({field: "a\u0000b"}).encode()
+    status, error = await asyncio.to_thread(_rest, parley, "POST", "/api/conversations", body, user)
+    assert status == 400, (status, error)
+    client: Client = await connect(user)
+    start = len(client.frames)
+    await client.send(json.dumps({"type": "create", field: "a\u0000b", "ref": "nul"}))
+    refused = await client.wait_for(lambda fr: isinstance(fr, f.Error), start=start)
+    assert (refused.code, refused.ref) == ("invalid", "nul")
+    conversation = await start_conversation(client)
+    assert (await say_and_finish(client, conversation, "still here")).reason == "stop"
 
 
 async def test_error_keeps_the_ref(connect: Any) -> None:
@@ -121,3 +233,13 @@ def test_no_unhandled_exception_in_the_server_log(parley: Any) -> None:
     """Runs after the cases above on the same shared server."""
     log = parley.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+async def test_a_malformed_model_reply_ends_the_turn_with_error(connect: Any) -> None:
+    """The model sends a few tokens, then an event nested 50,000 deep: the turn ends with
+    `done` `error`, the worker lives on and the next turn is answered."""
+    client: Client = await connect()
+    conversation = await start_conversation(client)
+    done = await say_and_finish(client, conversation, "break it [sim:malformed]")
+    assert done.reason == "error" and done.error and "malformed" in done.error
+    assert (await say_and_finish(client, conversation, "and now?")).reason == "stop"

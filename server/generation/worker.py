@@ -354,7 +354,6 @@ class Worker:
             encode(event),
             job.message_id,
             run.next_index(),
-            self.turns.lease,
         )
         future.add_done_callback(run.check)
         return future
@@ -420,7 +419,7 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            if await self.pipeliner.call(*call) >= 0:
+            if await self.pipeliner.call(call) >= 0:
                 return
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)

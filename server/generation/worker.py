@@ -35,7 +35,7 @@ from server.app.config import Settings
 from server.edge.bus import Bus
 from server.edge.conversations import Chat
 from server.generation.llm import LLM, Finished, Piece
-from server.redis import keys
+from server.redis import generations, keys
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.turns import Entry, Job, Turns, read_group, text_of
 from storage.messages import FinishedTurn
@@ -210,7 +210,7 @@ class Worker:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
             for conversation in self.running:
-                pipe.expire(keys.generation(conversation), self.turns.lease)
+                generations.renew(pipe, conversation, self.turns.lease)
             try:
                 await pipe.execute()
             except (RedisError, OSError) as exc:
@@ -276,16 +276,13 @@ class Worker:
         """Record this generation as the conversation's; with `piece`, every event of it
         indexed up to there (still in flight) will be refused as a repeat."""
         pipe = self.redis.pipeline(transaction=False)
-        gen = keys.generation(job.conversation)
-        pipe.hset(gen, mapping={"message_id": str(job.message_id), "worker": self.name})
-        if piece is not None:
-            pipe.hset(gen, "piece", piece)
-        pipe.expire(gen, self.turns.lease)
+        generations.claim(
+            pipe, job.conversation, job.message_id, self.name, self.turns.lease, piece
+        )
         await pipe.execute()
 
     async def _last_index(self, job: Job) -> int:
-        value = await self.redis.hget(keys.generation(job.conversation), "piece")
-        return int(value) if value is not None else 0
+        return await generations.last_piece(self.redis, job.conversation)
 
     @staticmethod
     def _start_event(job: Job) -> f.Start:

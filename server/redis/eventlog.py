@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError
 
 from protocol.frames import Conversation, Message
-from server.redis import keys, scripts
+from server.redis import generations, keys, scripts
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -145,12 +145,10 @@ class EventLog:
         return [_message_decoder.decode(item) for item in items]
 
     async def forget(self, conversation: uuid.UUID) -> None:
-        await self.redis.delete(
-            keys.meta(conversation),
-            keys.recent(conversation),
-            keys.generation(conversation),
-            keys.log(conversation),
-        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.meta(conversation), keys.recent(conversation), keys.log(conversation))
+        generations.clear(pipe, conversation)
+        await pipe.execute()
 
     def append_piece(
         self,

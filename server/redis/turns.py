@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from protocol.frames import Message
-from server.redis import keys, scripts
+from server.redis import generations, keys, scripts
 from server.redis.eventlog import RECENT_KEPT, encode, event_keys
 from server.redis.scripts import Call
 
@@ -134,12 +134,12 @@ class Turns:
 
     async def cancel(self, conversation: uuid.UUID) -> None:
         """Tell whichever worker runs (or is about to run) the generation to stop."""
-        message_id = await self.redis.hget(keys.generation(conversation), "message_id")
+        message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        pipe.publish(keys.CANCEL, f"{conversation}:{text_of(message_id)}")
+        pipe.publish(keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
 
     async def ensure_group(self, stream: str, group: str) -> None:

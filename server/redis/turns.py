@@ -4,7 +4,7 @@
 `scripts/regenerate.lua`): they refuse a duplicate `say` id, a conversation that is already
 generating (`busy`) and a user over the turn rate, then append the user's `message` event,
 mark the conversation as generating and enqueue a job on the `parley:turns` Stream. Workers
-read that Stream through one consumer group, so each job goes to exactly one
+read that Stream through one consumer group (`streams.py`), so each job goes to exactly one
 of them, and a job whose worker died stays pending until another claims it. `finish`
 (`scripts/finish.lua`) appends the `done` event, records the reply among the recent
 messages, queues the finished turn for PostgreSQL and clears the generating mark, again in
@@ -16,11 +16,10 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
@@ -141,28 +140,6 @@ class Turns:
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
         pipe.publish(keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
-
-    async def ensure_group(self, stream: str, group: str) -> None:
-        try:
-            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-
-Entry = tuple[bytes, dict[bytes, bytes]]
-
-
-async def read_group(
-    redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
-) -> list[Entry]:
-    """New entries of a stream for this consumer (XREADGROUP), typed."""
-    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-    return [
-        entry
-        for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or [])
-        for entry in entries
-    ]
 
 
 def _accepted(result: list[bytes | int]) -> Accepted:

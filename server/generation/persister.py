@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from server.redis import keys
 from server.redis.eventlog import EventLog
-from server.redis.turns import read_group
+from server.redis.streams import ConsumerGroup, consumer_name
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")
@@ -39,12 +37,13 @@ class Persister:
         self.redis = redis
         self.events = events
         self.pool = pool
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or consumer_name()
+        self.group = ConsumerGroup(redis, keys.PERSIST, keys.PERSISTERS, self.name)
         self.saved = 0
         self._stopping = False
 
     async def run(self) -> None:
-        await self._ensure_group()
+        await self.group.ensure()
         pending_checked = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
@@ -52,15 +51,7 @@ class Persister:
                 if loop.time() - pending_checked > CLAIM_EVERY:
                     pending_checked = loop.time()
                     await self._claim_abandoned()
-                entries = await read_group(
-                    self.redis, keys.PERSIST, keys.PERSISTERS, self.name, 100, 1000
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                log.warning("persist consumer group missing; creating it again")
-                await self._ensure_group()
-                continue
+                entries = await self.group.read(100, 1000)
             except (RedisError, OSError) as exc:
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -71,19 +62,8 @@ class Persister:
     def stop(self) -> None:
         self._stopping = True
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(keys.PERSIST, keys.PERSISTERS, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def _claim_abandoned(self) -> None:
-        reply = await self.redis.xautoclaim(
-            keys.PERSIST, keys.PERSISTERS, self.name, CLAIM_IDLE_MS, "0-0", count=100
-        )
-        claimed = reply[1]  # Redis 7 adds a third element (deleted ids)
-        for entry_id, fields in claimed:
+        for entry_id, fields in await self.group.autoclaim(CLAIM_IDLE_MS):
             await self._persist(entry_id, fields)
 
     async def _persist(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -117,10 +97,7 @@ class Persister:
     async def _ack(self, entry_id: bytes) -> None:
         while True:
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.xack(keys.PERSIST, keys.PERSISTERS, entry_id)
-                pipe.xdel(keys.PERSIST, entry_id)
-                await pipe.execute()
+                await self.group.ack(entry_id)
                 return
             except (RedisError, OSError) as exc:
                 log.warning("cannot acknowledge turn (%s); retrying", exc)

@@ -16,17 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
 
 import msgspec
 import openai
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol.context import build_prompt
@@ -35,9 +32,10 @@ from server.app.config import Settings
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
-from server.redis import keys
+from server.redis import generations, keys
 from server.redis.eventlog import EventLog, Pipeliner, encode
-from server.redis.turns import Entry, Job, Turns, read_group, text_of
+from server.redis.streams import ConsumerGroup, consumer_name
+from server.redis.turns import Job, Turns, text_of
 from storage.messages import FinishedTurn
 
 log = logging.getLogger("parley.worker")
@@ -87,7 +85,8 @@ class Worker:
         self.events = events
         self.turns = turns
         self.llm = llm
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or consumer_name()
+        self.group = ConsumerGroup(redis, keys.TURNS, keys.WORKERS, self.name)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
         self.cancels = Bus(settings.redis.url)
@@ -101,7 +100,7 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        await self.turns.ensure_group(keys.TURNS, keys.WORKERS)
+        await self.group.ensure()
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
@@ -142,12 +141,7 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                entries = await read_group(
-                    self.redis, keys.TURNS, keys.WORKERS, self.name, free, 1000
-                )
-            except ResponseError as exc:
-                await self._recover_group(exc)
-                continue
+                entries = await self.group.read(free, 1000)
             except (RedisError, OSError) as exc:
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -156,15 +150,6 @@ class Worker:
                 break  # what was just claimed stays pending and is taken over elsewhere
             for entry_id, fields in entries:
                 self._spawn(entry_id, fields, takeover=False)
-
-    async def _recover_group(self, exc: ResponseError) -> None:
-        """Redis lost its data (restarted empty): the consumer group must be made again."""
-        if "NOGROUP" not in str(exc):
-            raise exc
-        log.warning("turns consumer group missing; creating it again")
-        with contextlib.suppress(RedisError, OSError):
-            await self.turns.ensure_group(keys.TURNS, keys.WORKERS)
-        await asyncio.sleep(0.1)
 
     def _spawn(self, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> None:
         task = asyncio.create_task(self._run_job(entry_id, fields, takeover))
@@ -193,10 +178,7 @@ class Worker:
 
     async def _ack(self, entry_id: bytes) -> None:
         with contextlib.suppress(RedisError, OSError):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(keys.TURNS, keys.WORKERS, entry_id)
-            pipe.xdel(keys.TURNS, entry_id)
-            await pipe.execute()
+            await self.group.ack(entry_id)
 
     # ------------------------------------------------------------------ liveness and takeover
 
@@ -210,7 +192,7 @@ class Worker:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
             for conversation in self.running:
-                pipe.expire(keys.generation(conversation), self.turns.lease)
+                generations.renew(pipe, conversation, self.turns.lease)
             try:
                 await pipe.execute()
             except (RedisError, OSError) as exc:
@@ -221,30 +203,19 @@ class Worker:
             await asyncio.sleep(self.lease / 2)
             try:
                 await self._take_over()
-            except ResponseError as exc:
-                await self._recover_group(exc)
             except (RedisError, OSError) as exc:
                 log.warning("cannot look for abandoned turns: %s", exc)
 
     async def _take_over(self) -> None:
         """Claim turns pending with a worker whose heartbeat is gone."""
-        pending: list[dict[str, Any]] = await self.redis.xpending_range(
-            keys.TURNS, keys.WORKERS, "-", "+", 100
-        )
         idle_ms = int(self.lease * 1000)
-        for entry in pending:
-            owner = entry["consumer"].decode()
-            if owner == self.name or entry["time_since_delivered"] < idle_ms:
+        for entry in await self.group.pending():
+            owner = entry.consumer
+            if owner == self.name or entry.idle_ms < idle_ms:
                 continue
             if await self.redis.exists(keys.worker(owner)):
                 continue
-            claimed = cast(
-                list[Entry],
-                await self.redis.xclaim(
-                    keys.TURNS, keys.WORKERS, self.name, idle_ms, [entry["message_id"]]
-                ),
-            )
-            for entry_id, fields in claimed:
+            for entry_id, fields in await self.group.claim([entry.entry_id], idle_ms):
                 if fields:
                     log.warning("taking over a turn abandoned by %s", owner)
                     self.taken_over += 1
@@ -276,16 +247,13 @@ class Worker:
         """Record this generation as the conversation's; with `piece`, every event of it
         indexed up to there (still in flight) will be refused as a repeat."""
         pipe = self.redis.pipeline(transaction=False)
-        gen = keys.generation(job.conversation)
-        pipe.hset(gen, mapping={"message_id": str(job.message_id), "worker": self.name})
-        if piece is not None:
-            pipe.hset(gen, "piece", piece)
-        pipe.expire(gen, self.turns.lease)
+        generations.claim(
+            pipe, job.conversation, job.message_id, self.name, self.turns.lease, piece
+        )
         await pipe.execute()
 
     async def _last_index(self, job: Job) -> int:
-        value = await self.redis.hget(keys.generation(job.conversation), "piece")
-        return int(value) if value is not None else 0
+        return await generations.last_piece(self.redis, job.conversation)
 
     @staticmethod
     def _start_event(job: Job) -> f.Start:
@@ -357,7 +325,6 @@ class Worker:
             encode(event),
             job.message_id,
             run.next_index(),
-            self.turns.lease,
         )
         future.add_done_callback(run.check)
         return future
@@ -423,7 +390,7 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            if await self.pipeliner.call(*call) >= 0:
+            if await self.pipeliner.call(call) >= 0:
                 return
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)

@@ -14,7 +14,7 @@ import collections
 import contextlib
 from urllib.parse import urlsplit
 
-from server.redis.eventlog import APPEND_SCRIPT
+from server.redis.eventlog import APPEND, event_keys
 
 
 def _bulk(value: bytes) -> bytes:
@@ -36,7 +36,9 @@ class Publisher:
         self.port = parts.port or 6379
         self.db = int(parts.path.strip("/") or 0)
         self.password = parts.password
-        self._tail = b"%s%s" % (_bulk(str(max_events).encode()), _bulk(str(ttl).encode()))
+        self.max_events = max_events
+        self.ttl = ttl
+        self._commands: dict[str, tuple[bytes, bytes]] = {}
         self._sha = b""
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -58,7 +60,7 @@ class Publisher:
             await self._call(b"AUTH", self.password.encode())
         if self.db:
             await self._call(b"SELECT", str(self.db).encode())
-        self._sha = await self._call(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode())
+        self._sha = await self._call(b"SCRIPT", b"LOAD", APPEND.source.encode())
         self._task = asyncio.create_task(self._read_replies())
 
     async def _call(self, *args: bytes) -> bytes:
@@ -73,23 +75,28 @@ class Publisher:
             return data[:-2]
         return line[1:].strip()
 
-    def append(
-        self, conversation: str, seq_key: str, log_key: str, channel: str, frame: bytes
-    ) -> None:
+    def append(self, conversation: str, frame: bytes) -> None:
         """Queue one append; `write()` sends what is queued in one go."""
-        self._buffer.append(
-            b"*9\r\n$7\r\nEVALSHA\r\n%s$1\r\n3\r\n%s%s%s%s%s"
-            % (
-                _bulk(self._sha),
-                _bulk(seq_key.encode()),
-                _bulk(log_key.encode()),
-                _bulk(channel.encode()),
-                _bulk(frame),
-                self._tail,
-            )
-        )
+        before, after = self._commands.get(conversation) or self._command(conversation)
+        self._buffer.append(before + _bulk(frame) + after)
         self._pending.append(conversation)
         self.sent += 1
+
+    def _command(self, conversation: str) -> tuple[bytes, bytes]:
+        """The conversation's EVALSHA command before and after the frame."""
+        script_keys, args = APPEND.positional(
+            {
+                **event_keys(conversation),
+                "frame": "$FRAME$",
+                "maxlen": self.max_events,
+                "ttl": self.ttl,
+            }
+        )
+        parts = [b"EVALSHA", self._sha, str(len(script_keys)).encode()]
+        parts += [str(value).encode() for value in (*script_keys, *args)]
+        before, _, after = command(*parts).partition(_bulk(b"$FRAME$"))
+        self._commands[conversation] = (before, after)
+        return before, after
 
     def write(self) -> None:
         if self._buffer and self._writer is not None:

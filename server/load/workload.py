@@ -25,7 +25,6 @@ from server.load.publisher import Publisher
 from server.load.stats import Stats, sample_process
 from server.load.tab import STAMP, Conv, LoadTab, RequestFailed
 from server.load.wsclient import Endpoint
-from server.redis import keys
 
 WORKLOADS: Final = ("idle", "chat", "fanout", "publish")
 CHURN_TICK: Final = 0.1
@@ -324,7 +323,6 @@ class Driver:
         rate = self.plan.rate
         start = time.monotonic()
         n = len(convs)
-        chans = [(c.id, keys.seq(c.id), keys.log(c.id), keys.channel(c.id)) for c in convs]
         templates = [
             f.encode(
                 f.Token(conversation=uuid.UUID(c.id), message_id=uuid.UUID(c.message_id), text="%s")
@@ -341,7 +339,7 @@ class Driver:
                 for _ in range(due):
                     i = self.published % n
                     stamp = f"{STAMP}{time.monotonic_ns()}".encode()
-                    publisher.append(*chans[i], templates[i].replace(b"%s", stamp, 1))
+                    publisher.append(convs[i].id, templates[i].replace(b"%s", stamp, 1))
                     self.published += 1
                 publisher.write()
             elif due > 0:

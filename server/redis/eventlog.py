@@ -1,9 +1,9 @@
 """Each conversation's event sequence in Redis: seq counter, event log, pub/sub channel.
 
-Every change to a conversation is one Lua script, so that taking the next seq, appending the
-framed event to the log (a Stream whose entry id is the seq) and PUBLISHing it happen as one
-atomic step. Frames arrive encoded without their seq; the script splices `{"seq":N,` in front,
-and from then on every process forwards those exact bytes.
+Every change to a conversation is one Lua script (`scripts/*.lua`), so that taking the next
+seq, appending the framed event to the log (a Stream whose entry id is the seq) and
+PUBLISHing it happen as one atomic step. Frames arrive encoded without their seq; the script
+splices `{"seq":N,` in front, and from then on every process forwards those exact bytes.
 
 The conversation's Redis state (meta, seq, recent messages) is loaded from PostgreSQL on first
 use and expires when idle; scripts answer `unloaded` when it is missing so the caller loads it
@@ -21,12 +21,11 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Conversation, Message
-from server.redis import keys
+from server.redis import generations, keys, scripts
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -35,91 +34,12 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 log = logging.getLogger("parley.eventlog")
 
-# The log keeps the last `maxlen` events, and never trims an event PostgreSQL does not have
-# yet (past `persisted`): a tab joining with the persisted history must find the rest here.
-# The persisted key shares the conversation's hash tag, so it lives on the same cluster slot.
-APPEND_FUNCTION: Final = """
-local function append(seq_key, log_key, channel, frame, maxlen, ttl)
-  local seq = redis.call('INCR', seq_key)
-  local framed = '{"seq":' .. seq .. ',' .. string.sub(frame, 2)
-  local keep = seq - tonumber(maxlen) + 1
-  local persisted = redis.call('GET', (string.gsub(seq_key, ':seq$', ':persisted')))
-  if persisted and tonumber(persisted) + 1 < keep then keep = tonumber(persisted) + 1 end
-  if keep < 1 then keep = 1 end
-  local ok = pcall(redis.call, 'XADD', log_key, 'MINID', '~', keep, seq .. '-0', 'f', framed)
-  if not ok then
-    redis.call('DEL', log_key)
-    redis.call('XADD', log_key, seq .. '-0', 'f', framed)
-  end
-  redis.call('PUBLISH', channel, framed)
-  redis.call('EXPIRE', log_key, ttl)
-  redis.call('EXPIRE', seq_key, ttl)
-  return seq
-end
-"""
-
-APPEND_SCRIPT: Final = (
-    APPEND_FUNCTION
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
-"""
-)
-
-# A generation's events carry an index; a retried call (the connection broke before the reply)
-# finds its index already recorded in the generation hash and appends nothing twice. A missing
-# generation hash (Redis lost its data, whoever reloaded the conversation since) answers LOST:
-# the worker must republish the turn before anything else of it is appended.
-# KEYS: seq log channel gen   ARGV: frame maxlen ttl message_id index gen_ttl
-_APPEND_PIECE: Final = (
-    APPEND_FUNCTION
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[4], 'message_id') ~= ARGV[4] then return -2 end
-local last = tonumber(redis.call('HGET', KEYS[4], 'piece') or '-1')
-if last >= tonumber(ARGV[5]) then return 0 end
-redis.call('HSET', KEYS[4], 'piece', ARGV[5])
-return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
-"""
-)
-
-_READ: Final = """
-local head = redis.call('GET', KEYS[1])
-if not head then return {-1, {}} end
-return {tonumber(head), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
-"""
-
-_LOAD: Final = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[4], ARGV[4], 'EX', ttl)
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
-if seq < tonumber(ARGV[2]) then seq = tonumber(ARGV[2]) end
-redis.call('SET', KEYS[2], seq, 'EX', ttl)
-redis.call('DEL', KEYS[3])
-for i = 5, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ttl) end
-return 1
-"""
-
-# KEYS: persisted log seq   ARGV: seq ttl maxlen
-_MARK_PERSISTED: Final = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local persisted = tonumber(ARGV[1])
-if persisted <= current then return 0 end
-redis.call('SET', KEYS[1], persisted, 'EX', ARGV[2])
-local keep = tonumber(redis.call('GET', KEYS[3]) or '0') - tonumber(ARGV[3]) + 1
-if persisted + 1 < keep then keep = persisted + 1 end
-if keep > 1 then redis.call('XTRIM', KEYS[2], 'MINID', '~', keep) end
-return 1
-"""
-
-_SET_META: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-return 1
-"""
+APPEND: Final = scripts.load("append", functions=["lib_append_event"])
+APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_event"])
+READ: Final = scripts.load("read")
+LOAD: Final = scripts.load("load")
+MARK_PERSISTED: Final = scripts.load("mark_persisted")
+SET_META: Final = scripts.load("set_meta")
 
 RECENT_KEPT: Final = 200
 
@@ -141,18 +61,20 @@ class EventLog:
         self.redis = redis
         self.max_events = max_events
         self.ttl = ttl
-        self._append = redis.register_script(APPEND_SCRIPT)
-        self._append_piece = redis.register_script(_APPEND_PIECE)
-        self._read = redis.register_script(_READ)
-        self._load = redis.register_script(_LOAD)
-        self._set_meta = redis.register_script(_SET_META)
-        self._mark_persisted = redis.register_script(_MARK_PERSISTED)
+        self._append = APPEND.register(redis)
+        self._append_piece = APPEND_PIECE.register(redis)
+        self._read = READ.register(redis)
+        self._load = LOAD.register(redis)
+        self._set_meta = SET_META.register(redis)
+        self._mark_persisted = MARK_PERSISTED.register(redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
         seq = await self._append(
-            keys=[keys.seq(conversation), keys.log(conversation), keys.channel(conversation)],
-            args=[event, self.max_events, self.ttl],
+            **event_keys(conversation),
+            frame=event,
+            maxlen=self.max_events,
+            ttl=self.ttl,
         )
         return int(seq)
 
@@ -161,7 +83,9 @@ class EventLog:
     ) -> tuple[int, list[tuple[int, bytes]]]:
         """The last seq assigned (UNLOADED when unknown) and the retained events after `after`."""
         head, entries = await self._read(
-            keys=[keys.seq(conversation), keys.log(conversation)], args=[f"{after + 1}-0"]
+            seq_key=keys.seq(conversation),
+            log_key=keys.log(conversation),
+            first_id=f"{after + 1}-0",
         )
         return int(head), [(int(eid.split(b"-")[0]), fields[1]) for eid, fields in entries]
 
@@ -183,31 +107,31 @@ class EventLog:
     ) -> None:
         """Seed Redis from PostgreSQL unless another process already did."""
         await self._load(
-            keys=[
-                keys.meta(meta.id),
-                keys.seq(meta.id),
-                keys.recent(meta.id),
-                keys.persisted(meta.id),
-            ],
-            args=[
-                _encoder.encode(CachedMeta(owner, meta)),
-                last_seq,
-                self.ttl,
-                history_seq,
-                *(_encoder.encode(m) for m in recent[-RECENT_KEPT:]),
-            ],
+            meta_key=keys.meta(meta.id),
+            seq_key=keys.seq(meta.id),
+            recent_key=keys.recent(meta.id),
+            persisted_key=keys.persisted(meta.id),
+            meta=_encoder.encode(CachedMeta(owner, meta)),
+            last_seq=last_seq,
+            ttl=self.ttl,
+            persisted=history_seq,
+            messages=[_encoder.encode(m) for m in recent[-RECENT_KEPT:]],
         )
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
         """PostgreSQL holds every event up to `seq`: the log may trim them."""
         await self._mark_persisted(
-            keys=[keys.persisted(conversation), keys.log(conversation), keys.seq(conversation)],
-            args=[seq, self.ttl, self.max_events],
+            persisted_key=keys.persisted(conversation),
+            log_key=keys.log(conversation),
+            seq_key=keys.seq(conversation),
+            persisted=seq,
+            ttl=self.ttl,
+            maxlen=self.max_events,
         )
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:
         await self._set_meta(
-            keys=[keys.meta(meta.id)], args=[_encoder.encode(CachedMeta(owner, meta))]
+            meta_key=keys.meta(meta.id), meta=_encoder.encode(CachedMeta(owner, meta))
         )
 
     async def recent(self, conversation: uuid.UUID) -> list[Message] | None:
@@ -221,12 +145,10 @@ class EventLog:
         return [_message_decoder.decode(item) for item in items]
 
     async def forget(self, conversation: uuid.UUID) -> None:
-        await self.redis.delete(
-            keys.meta(conversation),
-            keys.recent(conversation),
-            keys.generation(conversation),
-            keys.log(conversation),
-        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.meta(conversation), keys.recent(conversation), keys.log(conversation))
+        generations.clear(pipe, conversation)
+        await pipe.execute()
 
     def append_piece(
         self,
@@ -235,20 +157,32 @@ class EventLog:
         event: bytes,
         message_id: uuid.UUID,
         index: int,
-        gen_ttl: int,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat,
         UNLOADED when the conversation's Redis state is gone, or LOST when the generation's."""
+        c = str(conversation)  # formatted once for the five keys (this runs per token)
         return pipeliner.call(
-            self._append_piece,
-            [
-                keys.seq(conversation),
-                keys.log(conversation),
-                keys.channel(conversation),
-                keys.generation(conversation),
-            ],
-            [event, self.max_events, self.ttl, str(message_id), index, gen_ttl],
+            self._append_piece.bind(
+                **event_keys(c),
+                gen_key=keys.generation(c),
+                frame=event,
+                maxlen=self.max_events,
+                ttl=self.ttl,
+                message_id=str(message_id),
+                piece=index,
+            )
         )
+
+
+def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
+    """The keys of `append_event` (scripts/lib_append_event.lua), by name: every script that
+    appends an event to the conversation takes them."""
+    return {
+        "seq_key": keys.seq(conversation),
+        "log_key": keys.log(conversation),
+        "channel": keys.channel(conversation),
+        "persisted_key": keys.persisted(conversation),
+    }
 
 
 def encode(obj: Any) -> bytes:
@@ -262,7 +196,7 @@ class Pipeliner:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[scripts.Call, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -277,9 +211,9 @@ class Pipeliner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(self, call: scripts.Call) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, future))
+        self._queue.append((call, future))
         self._wake.set()
         return future
 
@@ -291,17 +225,15 @@ class Pipeliner:
             if batch:
                 await self._send(batch)
 
-    async def _send(
-        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[tuple[scripts.Call, asyncio.Future[Any]]]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker
         sends is idempotent), until RETRY_FOR seconds have passed."""
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for script, keys_, args, _ in batch:
-                await script(keys=keys_, args=args, client=pipe)
+            for call, _ in batch:
+                await call.run(pipe)
             try:
                 results = await pipe.execute(raise_on_error=False)
                 break
@@ -313,7 +245,7 @@ class Pipeliner:
                     log.warning("Redis unreachable (%s); holding %d calls", exc, len(batch))
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
                 attempt += 1
-        for (*_, future), result in zip(batch, results, strict=True):
+        for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, BaseException):

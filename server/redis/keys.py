@@ -1,8 +1,21 @@
 """Every Redis key and channel name Parley uses, in one place (and the envelope of the one
 channel whose messages are not frames as they are, `USERS`).
 
-Per-conversation keys share the hash tag `{c:ID}` so that the scripts touching one
-conversation stay on one Redis Cluster slot.
+Per-conversation keys (and the conversation's channel) share the hash tag `{c:ID}`, so they
+hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on that slot:
+
+- one conversation only: `append` (seq, log, channel, persisted), `append_piece` (the same
+  and gen), `read` (seq, log), `load` (meta, seq, recent, persisted), `set_meta` (meta),
+  `mark_persisted` (persisted, log, seq);
+- crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
+  `TURNS` and `turn_rate(user)`: three slots), `regenerate` (gen, recent, meta, plus `TURNS`
+  and `turn_rate(user)`: three slots), `finish` (seq, log, channel, persisted, gen, recent,
+  done id, plus `PERSIST`: two slots), `admit` (`PROCESSES` and one `connections(user)` per
+  socket admitted) and `leave` (one `connections(user)` per user): a slot per user;
+- `beat`: `PROCESSES` alone.
+
+So Parley runs on one Redis (or a primary with replicas), not on Redis Cluster as it is:
+Cluster refuses a script whose keys span slots.
 """
 
 from __future__ import annotations
@@ -46,8 +59,7 @@ def seq(conversation: uuid.UUID | str) -> str:
 
 
 def persisted(conversation: uuid.UUID | str) -> str:
-    """The seq up to which PostgreSQL holds the conversation: the log may trim before it.
-    (The append script derives this name from `seq`'s: keep the two in step.)"""
+    """The seq up to which PostgreSQL holds the conversation: the log may trim before it."""
     return f"{_conv(conversation)}:persisted"
 
 
@@ -112,6 +124,6 @@ def connections(user: str) -> str:
     return f"{PREFIX}:conns:{user}"
 
 
-def process(process_id: str) -> str:
-    """Heartbeat of a live web process; its counts in `connections` die with it."""
-    return f"{PREFIX}:proc:{process_id}"
+PROCESSES: Final = f"{PREFIX}:procs"
+"""Sorted set of live web processes: member = process id, score = the deadline of its
+heartbeat in milliseconds of Redis's clock. A process's counts in `connections` die with it."""

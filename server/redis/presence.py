@@ -1,8 +1,9 @@
 """Open sockets per user, counted across every web process, for the per-user connection limit.
 
-Each process keeps its own count in a per-user hash (field = process id) and a heartbeat key;
-counts of processes whose heartbeat expired (they died) are dropped at the next admission, so
-a crash never locks a user out.
+Each process keeps its own count in a per-user hash (field = process id) and its heartbeat
+in the registry of live processes (`keys.PROCESSES`, a deadline on Redis's clock); counts of
+processes whose deadline passed (they died) are dropped at the next admission, so a crash
+never locks a user out. The scripts are `scripts/admit.lua`, `leave.lua` and `beat.lua`.
 
 Admissions and departures are batched: whatever arrives while one Redis call is in flight
 goes in the next, as one script call for all the users in it. Under a connection storm that
@@ -24,7 +25,7 @@ from typing import Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.redis import keys
+from server.redis import keys, scripts
 
 log = logging.getLogger("parley.presence")
 
@@ -33,33 +34,9 @@ HEARTBEAT_EVERY: Final = 10.0
 MAX_BATCH: Final = 256
 RETRY_AFTER: Final = 1.0
 
-_ADMIT: Final = """
-local results = {}
-for k, key in ipairs(KEYS) do
-  local total = 0
-  for i, v in ipairs(redis.call('HGETALL', key)) do
-    if i % 2 == 1 then
-      local alive = redis.call('EXISTS', ARGV[3] .. v) == 1
-      if not alive then redis.call('HDEL', key, v) end
-      if alive then total = total + tonumber(redis.call('HGET', key, v)) end
-    end
-  end
-  if total >= tonumber(ARGV[2]) then
-    results[k] = 0
-  else
-    redis.call('HINCRBY', key, ARGV[1], 1)
-    results[k] = 1
-  end
-end
-return results
-"""
-
-_LEAVE: Final = """
-for k, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, ARGV[1], -tonumber(ARGV[k + 1]))
-end
-return #KEYS
-"""
+ADMIT: Final = scripts.load("admit", functions=["lib_now"])
+LEAVE: Final = scripts.load("leave")
+BEAT: Final = scripts.load("beat", functions=["lib_now"])
 
 
 class Presence:
@@ -67,8 +44,9 @@ class Presence:
         self.redis = redis
         self.limit = limit
         self.process = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._admit = redis.register_script(_ADMIT)
-        self._leave = redis.register_script(_LEAVE)
+        self._admit = ADMIT.register(redis)
+        self._leave = LEAVE.register(redis)
+        self._beat_script = BEAT.register(redis)
         self._admitting: list[tuple[str, asyncio.Future[bool]]] = []
         self._leaving: Counter[str] = Counter()
         self._admitter: asyncio.Task[None] | None = None
@@ -81,7 +59,7 @@ class Presence:
         self._task = asyncio.create_task(self._heartbeat())
 
     async def stop(self) -> None:
-        """Counts of this process die with its heartbeat key, deleted here."""
+        """Counts of this process die with its place in the registry, removed here."""
         self._stopped = True
         if self._task:
             self._task.cancel()
@@ -91,7 +69,7 @@ class Presence:
             await asyncio.wait([self._leaver], timeout=RETRY_AFTER * 2)
             self._leaver.cancel()
         with contextlib.suppress(RedisError, OSError):
-            await self.redis.delete(keys.process(self.process))
+            await self.redis.zrem(keys.PROCESSES, self.process)
 
     async def admit(self, user: str) -> bool:
         """Count one more socket for `user`; False when the user is at the limit. Raises
@@ -119,8 +97,10 @@ class Presence:
                 del self._admitting[:MAX_BATCH]
                 try:
                     admitted = await self._admit(
-                        keys=[keys.connections(user) for user, _ in batch],
-                        args=[self.process, self.limit, keys.process("")],
+                        processes_key=keys.PROCESSES,
+                        user_keys=[keys.connections(user) for user, _ in batch],
+                        process=self.process,
+                        limit=self.limit,
                     )
                 except (RedisError, OSError) as exc:
                     _fail(batch, exc)
@@ -143,8 +123,9 @@ class Presence:
                 counts = [self._leaving.pop(user) for user in users]
                 try:
                     await self._leave(
-                        keys=[keys.connections(user) for user in users],
-                        args=[self.process, *counts],
+                        user_keys=[keys.connections(user) for user in users],
+                        process=self.process,
+                        counts=counts,
                     )
                 except (RedisError, OSError) as exc:
                     log.warning("cannot count sockets that closed; retrying: %s", exc)
@@ -154,7 +135,9 @@ class Presence:
             self._leaver = None
 
     async def _beat(self) -> None:
-        await self.redis.set(keys.process(self.process), "1", ex=HEARTBEAT_TTL)
+        await self._beat_script(
+            processes_key=keys.PROCESSES, process=self.process, ttl_ms=HEARTBEAT_TTL * 1000
+        )
 
     async def _heartbeat(self) -> None:
         while True:

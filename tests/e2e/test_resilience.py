@@ -35,7 +35,7 @@ from redis.asyncio import Redis
 from protocol import frames as f
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
-from server.redis import keys
+from server.redis import generations, keys
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 from tests.e2e.test_core import persisted, start_conversation, transcript, wait_persisted
 from tests.e2e.test_scale import (
@@ -70,8 +70,8 @@ def report(text: str) -> None:
 
 async def worker_of(redis: Redis, conversation: uuid.UUID) -> int | None:
     """The pid of the worker running the conversation's generation ("<host>-<pid>")."""
-    owner = await redis.hget(keys.generation(conversation), "worker")
-    return None if owner is None else int(owner.decode().rsplit("-", 1)[1])
+    owner = await generations.worker(redis, conversation)
+    return None if owner is None else int(owner.rsplit("-", 1)[1])
 
 
 def index_of(client: Client, match: Any, start: int = 0) -> int | None:

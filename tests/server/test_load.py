@@ -18,6 +18,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _run(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     out = tmp_path / "chat.json"
     args = [
@@ -29,10 +36,7 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
         "--drain", "10", "--no-progress",
         "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(
-        args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _run(args, tmp_path)
     result = json.loads(out.read_text())
 
     integrity = result["integrity"]
@@ -57,3 +61,22 @@ def test_load_refuses_more_than_max_connections(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "max-connections" in proc.stderr
+
+
+def test_load_publish_appends_through_the_append_script(
+    parley: ParleyProcess, tmp_path: Path
+) -> None:
+    out = tmp_path / "publish.json"
+    args = [
+        sys.executable, "-m", "server.app.cli", "load", "publish",
+        "--url", parley.ws_url, "--redis-url", parley.env["REDIS_URL"],
+        "--conversations", "2", "--tabs", "2", "--rate", "200", "--duration", "3",
+        "--server-pid", str(parley.pid), "--no-progress", "--no-charts",
+        "--out", str(out),
+    ]  # fmt: skip
+    _run(args, tmp_path)
+    result = json.loads(out.read_text())
+    published = result["counters"]["published"]
+    assert published > 0 and result["publish"]["errors"] == 0
+    assert result["throughput"]["tokens"] == published * 2  # every frame to both tabs
+    assert result["integrity"]["lost"] == result["integrity"]["duplicated"] == 0

@@ -1,0 +1,139 @@
+"""Parley's Lua scripts, one `.lua` file each, and the one way Python calls them.
+
+A script names its inputs at the top, one `local` per key and argument, in order:
+
+    local seq_key = KEYS[1]
+    local frame = ARGV[1]
+    local maxlen = tonumber(ARGV[2])
+    local user_keys = {unpack(KEYS, 2)}    -- the rest, for a variable number of keys
+
+and uses only those names below them. `load` reads the file, checks that rule and learns the
+names; Python then calls the script with those names as keywords
+(`append(seq_key=..., frame=...)`), and the call is turned into the positional KEYS and ARGV
+Redis wants. Every key a script touches is one of its KEYS: none is built inside Lua.
+
+Functions shared by several scripts live in `lib_*.lua` files, which `load` puts in front of
+the script (`functions=`); they take everything as parameters and never read KEYS or ARGV.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+_NAMED: Final = re.compile(
+    r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$", re.MULTILINE
+)
+_REST: Final = re.compile(
+    r"^local (\w+) = \{unpack\((KEYS|ARGV), (\d+)\)\}\s*(?:--.*)?$", re.MULTILINE
+)
+_ANY_INPUT: Final = re.compile(r"\b(?:KEYS|ARGV)\b")
+_COMMENT: Final = re.compile(r"--.*$", re.MULTILINE)
+
+
+class ScriptError(Exception):
+    """A script file breaks the naming rule, or a call does not match its names."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """The names a script gives its KEYS or its ARGV, and the name of the rest, if any."""
+
+    names: tuple[str, ...]
+    rest: str | None
+
+    def values(self, given: Mapping[str, Any]) -> list[Any]:
+        values = [given[name] for name in self.names]
+        if self.rest is not None:
+            values.extend(given[self.rest])
+        return values
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A script's source (functions included) and the names of its KEYS and ARGV."""
+
+    name: str
+    source: str
+    keys: Inputs
+    args: Inputs
+    _all: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = [*self.keys.names, *self.args.names, self.keys.rest, self.args.rest]
+        object.__setattr__(self, "_all", frozenset(n for n in names if n is not None))
+
+    def positional(self, values: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV for a call that names every input once."""
+        if len(values) != len(self._all) or not self._all.issuperset(values):
+            raise ScriptError(
+                f"{self.name}.lua takes {sorted(self._all)}, was given {sorted(values)}"
+            )
+        return self.keys.values(values), self.args.values(values)
+
+    def register(self, redis: Redis) -> Registered:
+        return Registered(self, redis.register_script(self.source))
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call of a script, its inputs in place; run now or queued on a pipeline."""
+
+    script: AsyncScript
+    keys: list[Any]
+    args: list[Any]
+
+    async def run(self, client: Redis | Pipeline | None = None) -> Any:
+        return await self.script(keys=self.keys, args=self.args, client=client)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A script registered with a client (EVALSHA, loading it again if Redis forgot it)."""
+
+    script: Script
+    redis_script: AsyncScript
+
+    def bind(self, **values: Any) -> Call:
+        keys, args = self.script.positional(values)
+        return Call(self.redis_script, keys, args)
+
+    async def __call__(self, **values: Any) -> Any:
+        return await self.bind(**values).run()
+
+
+def load(name: str, *, functions: Sequence[str] = ()) -> Script:
+    """The script `name.lua`, after the `lib_*.lua` files named in `functions`."""
+    body = _read(name)
+    keys, args = _inputs(name, body, "KEYS"), _inputs(name, body, "ARGV")
+    declared = len(keys.names) + len(args.names) + (keys.rest is not None) + (args.rest is not None)
+    if len(_ANY_INPUT.findall(_COMMENT.sub("", body))) != declared:
+        raise ScriptError(f"{name}.lua reads KEYS or ARGV outside its named locals")
+    libraries = [_read(library) for library in functions]
+    for library, source in zip(functions, libraries, strict=True):
+        if _ANY_INPUT.search(_COMMENT.sub("", source)):
+            raise ScriptError(f"{library}.lua is a function library: it must not read KEYS/ARGV")
+    return Script(name, "\n".join([*libraries, body]), keys, args)
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _inputs(name: str, body: str, table: str) -> Inputs:
+    named = sorted(
+        (int(index), local) for local, kind, index in _NAMED.findall(body) if kind == table
+    )
+    if [index for index, _ in named] != list(range(1, len(named) + 1)):
+        raise ScriptError(f"{name}.lua must name {table}[1], {table}[2]... in order")
+    rests = [(int(index), local) for local, kind, index in _REST.findall(body) if kind == table]
+    if len(rests) > 1 or (rests and rests[0][0] != len(named) + 1):
+        raise ScriptError(f"{name}.lua: the rest of {table} must start after its named ones")
+    return Inputs(tuple(local for _, local in named), rests[0][1] if rests else None)

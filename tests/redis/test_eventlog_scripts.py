@@ -1,0 +1,167 @@
+"""append, append_piece, read, load, set_meta and mark_persisted against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+from redis.asyncio import Redis
+
+from server.redis import generations, keys
+from server.redis.eventlog import LOST, UNLOADED, EventLog, Pipeliner
+from tests.redis.conftest import MAX_EVENTS, conversation_row, loaded
+
+
+def frame(text: str) -> bytes:
+    return msgspec.json.encode({"type": "token", "text": text})
+
+
+async def log_seqs(redis: Redis, conversation: uuid.UUID) -> list[int]:
+    entries = await redis.xrange(keys.log(conversation))
+    return [int(entry_id.split(b"-")[0]) for entry_id, _ in entries]
+
+
+async def test_append_assigns_consecutive_seqs_and_splices_each_in_front(
+    events: EventLog,
+) -> None:
+    conversation = await loaded(events, last_seq=41)
+    seqs = [await events.append(conversation, frame(str(i))) for i in range(3)]
+    assert seqs == [42, 43, 44]
+    head, logged = await events.read(conversation, after=42)
+    assert head == 44
+    assert logged == [
+        (43, b'{"seq":43,"type":"token","text":"1"}'),
+        (44, b'{"seq":44,"type":"token","text":"2"}'),
+    ]
+
+
+async def test_append_publishes_the_framed_event(events: EventLog, redis: Redis) -> None:
+    conversation = await loaded(events)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.channel(conversation))
+    try:
+        await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+        await events.append(conversation, frame("hi"))
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
+        assert message is not None
+        assert message["data"] == b'{"seq":1,"type":"token","text":"hi"}'
+    finally:
+        await pubsub.aclose()
+
+
+async def test_append_refuses_an_unloaded_conversation(events: EventLog, redis: Redis) -> None:
+    conversation = uuid.uuid4()
+    assert await events.append(conversation, frame("x")) == UNLOADED
+    assert not await redis.exists(keys.seq(conversation), keys.log(conversation))
+
+
+async def test_the_log_keeps_every_event_postgresql_does_not_have(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    for i in range(300):
+        await events.append(conversation, frame(str(i)))
+    assert await log_seqs(redis, conversation) == list(range(1, 301))  # none persisted yet
+
+    await events.mark_persisted(conversation, 250)
+    kept = await log_seqs(redis, conversation)
+    assert len(kept) < 300  # trimmed (by whole stream nodes: `~`)
+    assert kept == list(range(kept[0], 301)) and kept[0] <= 251
+
+    await events.append(conversation, frame("more"))
+    assert (await log_seqs(redis, conversation))[-51:] == list(range(251, 302))
+
+
+async def test_mark_persisted_only_moves_forward(events: EventLog, redis: Redis) -> None:
+    conversation = await loaded(events)
+    await events.mark_persisted(conversation, 7)
+    await events.mark_persisted(conversation, 3)
+    assert await redis.get(keys.persisted(conversation)) == b"7"
+
+
+async def test_load_seeds_once_and_never_lowers_the_seq(events: EventLog, redis: Redis) -> None:
+    meta = conversation_row(last_seq=10)
+    await events.load("alice", meta, 10, 10, [])
+    await events.append(meta.id, frame("not persisted yet"))
+    await redis.delete(keys.meta(meta.id))  # the cached row expired, the counter did not
+    await events.load("alice", meta, 10, 10, [])
+    assert await events.head(meta.id) == 11
+    cached = await events.meta(meta.id)
+    assert cached is not None and cached.owner == "alice" and cached.meta.id == meta.id
+
+    await events.load("bob", meta, 10, 10, [])  # loaded already: nothing changes
+    cached = await events.meta(meta.id)
+    assert cached is not None and cached.owner == "alice"
+
+
+async def test_set_meta_replaces_a_cached_row_only(events: EventLog) -> None:
+    meta = conversation_row()
+    await events.set_meta("alice", meta)
+    assert await events.meta(meta.id) is None
+    await events.load("alice", meta, 0, 0, [])
+    renamed = msgspec.structs.replace(meta, title="renamed")
+    await events.set_meta("alice", renamed)
+    cached = await events.meta(meta.id)
+    assert cached is not None and cached.meta.title == "renamed"
+
+
+async def claim_generation(redis: Redis, conversation: uuid.UUID, message_id: uuid.UUID) -> None:
+    pipe = redis.pipeline(transaction=False)
+    generations.claim(pipe, conversation, message_id, "worker-a", lease=60)
+    await pipe.execute()
+
+
+async def test_a_retried_batch_of_pieces_appends_nothing_twice(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    message_id = uuid.uuid4()
+    await claim_generation(redis, conversation, message_id)
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+
+        async def pieces(*indexes: int) -> list[int]:
+            futures = [
+                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
+                for i in indexes
+            ]
+            return list(await asyncio.gather(*futures))
+
+        assert await pieces(1, 2) == [1, 2]
+        assert await pieces(1, 2) == [0, 0]  # the same batch again
+        assert await pieces(2, 3) == [0, 3]
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == [1, 2, 3]
+    assert await generations.last_piece(redis, conversation) == 3
+
+
+async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    await claim_generation(redis, conversation, uuid.uuid4())
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+        other = uuid.uuid4()
+        assert await events.append_piece(pipeliner, conversation, frame("x"), other, 1) == LOST
+        unloaded = uuid.uuid4()
+        piece = events.append_piece(pipeliner, unloaded, frame("x"), other, 1)
+        assert await piece == UNLOADED
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == []
+
+
+async def test_the_log_keeps_at_most_max_events_once_persisted(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    await events.mark_persisted(conversation, 10_000)
+    for i in range(250):
+        await events.append(conversation, frame(str(i)))
+    kept = await log_seqs(redis, conversation)
+    assert MAX_EVENTS <= len(kept) < 250 and kept[-1] == 250

@@ -1,0 +1,73 @@
+"""The script loader: every `.lua` file is loaded by some module, and calls name inputs."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+
+from server.redis import eventlog, presence, scripts, turns
+
+LOADED = [
+    eventlog.APPEND,
+    eventlog.APPEND_PIECE,
+    eventlog.READ,
+    eventlog.LOAD,
+    eventlog.MARK_PERSISTED,
+    eventlog.SET_META,
+    turns.SAY,
+    turns.REGENERATE,
+    turns.FINISH,
+    presence.ADMIT,
+    presence.LEAVE,
+    presence.BEAT,
+]
+
+
+def test_every_script_file_is_loaded() -> None:
+    files = {
+        entry.name.removesuffix(".lua")
+        for entry in resources.files("server.redis.scripts").iterdir()
+        if entry.name.endswith(".lua") and not entry.name.startswith("lib_")
+    }
+    assert files == {script.name for script in LOADED}
+
+
+def test_a_call_is_turned_into_keys_and_args_in_the_declared_order() -> None:
+    keys, args = eventlog.APPEND.positional(
+        {
+            "ttl": 9,
+            "frame": b"{}",
+            "persisted_key": "p",
+            "channel": "c",
+            "maxlen": 5,
+            "log_key": "l",
+            "seq_key": "s",
+        }
+    )
+    assert keys == ["s", "l", "c", "p"] and args == [b"{}", 5, 9]
+
+
+def test_the_rest_of_the_keys_and_args_follows_the_named_ones() -> None:
+    keys, args = presence.LEAVE.positional(
+        {"user_keys": ["a", "b"], "process": "p", "counts": [1, 2]}
+    )
+    assert keys == ["a", "b"] and args == ["p", 1, 2]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"seq_key": "s", "log_key": "l", "first_id": "1-0", "extra": 1},
+        {"seq_key": "s", "first_id": "1-0"},
+    ],
+)
+def test_a_call_must_name_every_input_exactly(values: dict[str, object]) -> None:
+    with pytest.raises(scripts.ScriptError, match=r"read\.lua takes"):
+        eventlog.READ.positional(values)
+
+
+def test_library_functions_come_before_the_script() -> None:
+    source = turns.SAY.source
+    assert source.index("local function append_event") < source.index("local seq_key = KEYS[1]")
+    assert source.index("local function turn_refused") < source.index("local seq_key = KEYS[1]")

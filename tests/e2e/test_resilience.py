@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import socket
 import statistics
@@ -36,25 +35,28 @@ from protocol import frames as f
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
 from server.redis import keys
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.e2e.test_core import persisted, start_conversation, transcript, wait_persisted
-from tests.e2e.test_scale import (
-    Recorded,
+from tests.helpers.auth import mint, new_user
+from tests.helpers.conversations import (
+    index_of,
+    persisted,
+    start_conversation,
+    transcript,
+    wait_persisted,
+)
+from tests.helpers.faults import Proxy
+from tests.helpers.processes import (
+    Cluster,
+    ParleyProcess,
     Scaled,
-    Tab,
     alive,
-    check_tabs,
-    close_all,
     model_stats,
     redis_db,
-    rss_kib,
-    scaled,  # noqa: F401  (the shared 2 web + 2 worker cluster, as a fixture here too)
     start_all,
     stop_all,
     stop_together,
-    until,
 )
-from tests.faults import Proxy
+from tests.helpers.procfs import cpu_seconds, kernel_send_queue, rss_kib
+from tests.helpers.tabs import Recorded, Tab, check_tabs, close_all, until
 
 SLOW_READER_DB = 3
 OPS_DB = 5
@@ -72,13 +74,6 @@ async def worker_of(redis: Redis, conversation: uuid.UUID) -> int | None:
     """The pid of the worker running the conversation's generation ("<host>-<pid>")."""
     owner = await redis.hget(keys.generation(conversation), "worker")
     return None if owner is None else int(owner.decode().rsplit("-", 1)[1])
-
-
-def index_of(client: Client, match: Any, start: int = 0) -> int | None:
-    for index in range(start, len(client.frames)):
-        if match(client.frames[index]):
-            return index
-    return None
 
 
 # --------------------------------------------------------------------------- the ops cluster
@@ -490,23 +485,6 @@ def gaps(client: Client, message_id: uuid.UUID) -> tuple[list[float], int]:
     return [b - a for a, b in itertools.pairwise(times)], frames
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def kernel_send_queue(port: int) -> int:
-    """Bytes queued in the kernel on the server side of the port's connections."""
-    total = 0
-    with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if int(fields[1].split(":")[1], 16) == port:
-                total += int(fields[4].split(":")[0], 16)
-    return total
-
-
 def p99(values: list[float]) -> float:
     return sorted(values)[int(len(values) * 0.99) - 1] if values else 0.0
 
@@ -853,7 +831,7 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
 
 
 async def test_cancel_from_another_web_process_stops_the_model_within_half_a_second(
-    scaled: Scaled,  # noqa: F811
+    scaled: Scaled,
     db: asyncpg.Pool,
 ) -> None:
     """A tab on web A cancels a generation a tab on web B started, on a worker using the

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, BrowserContext
 
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.ui.conftest import PHONE, WIDE, Tab, open_tab, persisted
+from tests.helpers.auth import mint, new_user
+from tests.helpers.browser import PHONE, WIDE, Tab, open_tab, persisted
+from tests.helpers.processes import Cluster, ParleyProcess
 
 pytestmark = pytest.mark.ui
 

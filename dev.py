@@ -3,6 +3,8 @@
 
     python3 dev.py serve    # install into .venv, then run Parley on http://127.0.0.1:8000
     python3 dev.py test     # install into .venv, then lint, type-check and run every test
+    python3 dev.py test --fast   # the same checks, then only the fast tier of tests (< 1 min):
+                                 # unit and in-process tests, no e2e processes, no browser
 
 Anything after the command is passed on (`python3 dev.py serve --port 9000`,
 `python3 dev.py test tests/protocol -x`). Standard library only: it is what installs the rest.
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 EXTRAS = {"serve": "embedded", "test": "embedded,test,load"}
+FAST_TIER = ["-m", "not e2e and not ui and not soak"]  # markers set by tests/conftest.py
 
 
 def main() -> None:
@@ -51,6 +54,8 @@ def install(extras: str) -> None:
 
 
 def test(args: list[str]) -> int:
+    if "--fast" in args:
+        args = [*FAST_TIER, *(a for a in args if a != "--fast")]
     py = str(BIN / "python")
     steps = [
         [py, "-m", "ruff", "check", "."],

@@ -3,12 +3,18 @@ Parley itself as real server processes on 127.0.0.1. Helpers live in tests/helpe
 
 Tests isolate themselves by using fresh user names and conversations, so one server serves
 many tests; tests that restart or kill processes start their own.
+
+Tiers follow the directories: every test under tests/e2e is marked `e2e` and every test under
+tests/ui `ui` here, so that `-m "not e2e and not ui"` (`python3 dev.py test --fast`) runs the
+unit and in-process tests (tests/protocol, storage, redis, server) and nobody has to remember
+a marker.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -17,6 +23,17 @@ import pytest_asyncio
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
 from tests.helpers.processes import Cluster, ParleyProcess, Services, start_services
+
+SLOW_TIERS = {"e2e": pytest.mark.e2e, "ui": pytest.mark.ui}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its directory's tier (tests/e2e: `e2e`, tests/ui: `ui`)."""
+    here = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(here).parts if item.path.is_relative_to(here) else ()
+        if parts and parts[0] in SLOW_TIERS:
+            item.add_marker(SLOW_TIERS[parts[0]])
 
 
 @pytest.fixture(scope="session")

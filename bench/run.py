@@ -1,4 +1,4 @@
-"""Parley's benchmark: the fixed workloads of the load-kit issue, on this machine.
+"""Parley's benchmark: fixed workloads with their targets, on this machine.
 
     .venv/bin/python -m bench.run            # the full run (~4 minutes), writes docs/benchmarks.md
     .venv/bin/python -m bench.run --smoke    # <= 30 s, small numbers, writes nothing to docs/
@@ -484,7 +484,7 @@ def _busy(r: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> list[str]:
-    """The issue's target table, plus the web process's CPU cost per unit of work (which a
+    """The target table, plus the web process's CPU cost per unit of work (which a
     busy machine does not distort the way it distorts rates and latencies) and how much of
     the machine other people's processes took meanwhile."""
     sizes = results["sizes"]

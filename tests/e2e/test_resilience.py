@@ -1,8 +1,8 @@
-"""Nothing lost, nothing stuck (issue 3, items 3-9), with real processes on 127.0.0.1: slow
+"""Nothing lost, nothing stuck, with real processes on 127.0.0.1: slow
 readers, dead peers, a worker killed, Redis unreachable or restarted empty, PostgreSQL down,
 graceful shutdown, and Stop across processes.
 
-Each test prints the figure the issue asks for; run them with
+Each test prints the figure it measures; run them with
 `.venv/bin/python -m pytest tests/e2e/test_resilience.py -q -s -p no:cacheprovider` to see:
 memory per stalled reader, takeover time after a worker kill, recovery time after Redis
 returns, persistence delay after PostgreSQL returns, cancel latency.
@@ -121,7 +121,7 @@ def ops(cluster: Cluster) -> Iterator[Ops]:
     stop_together([*ops.webs, *ops.workers])
 
 
-# --------------------------------------------------------------------------- 4. heartbeats
+# --------------------------------------------------------------------------- heartbeats
 
 
 def tcp_state(ws: Any) -> int:
@@ -161,7 +161,7 @@ async def test_heartbeats_close_a_dead_peer_and_app_ping_pongs(ops: Ops) -> None
         await healthy.close()
 
 
-# --------------------------------------------------------------------------- 5. worker crash
+# --------------------------------------------------------------------------- worker crash
 
 
 async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.Pool) -> None:
@@ -237,7 +237,7 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
         await redis.aclose()
 
 
-# --------------------------------------------------------------------------- 8. graceful shutdown
+# --------------------------------------------------------------------------- graceful shutdown
 
 
 async def test_sigterm_worker_finishes_its_generation_and_exits(ops: Ops, db: asyncpg.Pool) -> None:
@@ -429,7 +429,7 @@ async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
         await close_all(tabs)
 
 
-# --------------------------------------------------------------------------- 3. slow readers
+# --------------------------------------------------------------------------- slow readers
 
 
 async def stalled_reader(url: str, token: str, conversation: uuid.UUID) -> tuple[Any, Recorded]:
@@ -620,7 +620,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
         await asyncio.to_thread(server.stop, timeout=15)
 
 
-# --------------------------------------------------------------------------- 6. Redis outage
+# --------------------------------------------------------------------------- Redis outage
 
 
 async def test_redis_unreachable_for_10s_everything_recovers(
@@ -758,7 +758,7 @@ async def turn_then_cancel(tabs: list[Tab], db: asyncpg.Pool, text: str) -> floa
     return accepted
 
 
-# --------------------------------------------------------------------------- 7. PostgreSQL outage
+# --------------------------------------------------------------------------- PostgreSQL outage
 
 
 @pytest.mark.parametrize("fault", ["down", pytest.param("paused", marks=pytest.mark.soak)])
@@ -827,7 +827,7 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
             await asyncio.to_thread(server.stop, timeout=15)
 
 
-# --------------------------------------------------------------------------- 9. stop means stop
+# --------------------------------------------------------------------------- stop means stop
 
 
 async def test_cancel_from_another_web_process_stops_the_model_within_half_a_second(

@@ -1,6 +1,7 @@
-"""Scale out (issue 3, items 1 and 2): several `parley web` and `parley worker` processes on one
-Redis and one PostgreSQL, tabs spread over them, and the guarantee of PROTOCOL.md under random
-joins, leaves, drops and rejoins.
+"""Scale out: several `parley web` and `parley worker` processes on one Redis and one
+PostgreSQL, tabs spread over them, and "The guarantee" of docs/protocol.md (every tab ends with
+the same transcript: no token lost, none twice, same order) under random joins, leaves, drops
+and rejoins.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SHORT_LOG_DB = 2
 SCALE_REPLY = "[sim:tokens=40][sim:tps=300]"
 
 
-# --------------------------------------------------------------------------- 1. scale out
+# --------------------------------------------------------------------------- scale out
 
 
 async def test_tabs_on_two_web_processes_see_identical_events(
@@ -112,7 +113,7 @@ async def test_join_again_on_the_same_socket_keeps_live_events(scaled: Scaled) -
         await close_all(tabs)
 
 
-# --------------------------------------------------------------------------- 2. the guarantee
+# --------------------------------------------------------------------------- the guarantee
 
 PROPERTY_REPLY = "[sim:tokens=40][sim:tps=150]"
 OPS = ("join", "leave", "drop", "rejoin")

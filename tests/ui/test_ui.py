@@ -1,4 +1,4 @@
-"""The browser chat UI in real Chromium against real `parley serve` processes (issue 4).
+"""The browser chat UI in real Chromium against real `parley serve` processes.
 
 The shared server has development sign-in off (its Redis and PostgreSQL are configured), so
 these pages are opened with a token in `?token=`; the tests that need development sign-in

@@ -4,6 +4,7 @@ received and what PostgreSQL holds."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from typing import Any
@@ -90,3 +91,19 @@ async def wait_persisted(
         await asyncio.sleep(0.05)
         rows = await persisted(db, conversation)
     return rows
+
+
+def gaps(client: Client, message_id: uuid.UUID) -> tuple[list[float], int]:
+    """Seconds between consecutive token *events* as the client got them (a merged frame
+    delivers all the events it stands for at once), and how many frames carried them."""
+    times: list[float] = []
+    frames = 0
+    for fr, at in zip(client.frames, client.arrived, strict=False):
+        if isinstance(fr, f.Token) and fr.message_id == message_id:
+            frames += 1
+            times += [at] * (fr.seq - (fr.first_seq or fr.seq) + 1)
+    return [b - a for a, b in itertools.pairwise(times)], frames
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99) - 1] if values else 0.0

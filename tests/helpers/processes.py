@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from redis.asyncio import Redis
+
 from server.dev import embedded
+from server.redis import keys
 from tests.helpers.auth import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,6 +192,19 @@ class Cluster:
             proc.stop(timeout=15)
 
 
+def small_outbox_server(cluster: Cluster, db: int, tokens: int) -> ParleyProcess:
+    """`parley serve` (not started yet) on Redis database `db` whose sockets' outboxes hold
+    64 KiB, and whose model may reply with up to `tokens` tokens: for slow readers."""
+    return cluster.process(
+        "serve",
+        start=False,
+        REDIS_URL=redis_db(cluster.services.redis_url, db),
+        PARLEY_LIMITS_OUTBOX_BYTES="65536",
+        PARLEY_LLM_MAX_TOKENS=str(tokens + 10),
+        PARLEY_SIMULATOR_MAX_TOKENS=str(tokens + 10),
+    )
+
+
 def start_all(procs: Iterable[ParleyProcess], timeout: float = 90) -> None:
     """Start processes side by side (each takes seconds to import, more on a busy machine),
     then wait for each; if one does not come up, stop them all (only these) and raise."""
@@ -287,3 +305,28 @@ def scaled_cluster(cluster: Cluster) -> Scaled:
     start_all([model, *webs, *workers])
     _scaled[id(cluster)] = found = Scaled(webs, workers, model, redis_url)
     return found
+
+
+async def worker_of(redis: Redis, conversation: uuid.UUID) -> int | None:
+    """The pid of the worker running the conversation's generation ("<host>-<pid>")."""
+    owner = await redis.hget(keys.generation(conversation), "worker")
+    return None if owner is None else int(owner.decode().rsplit("-", 1)[1])
+
+
+def poll_readyz(url: str, seconds: float) -> list[tuple[float, int | str]]:
+    """GET /readyz every 20 ms: (time, status or the error), until refused a few times."""
+    seen: list[tuple[float, int | str]] = []
+    deadline = time.monotonic() + seconds
+    refused = 0
+    while time.monotonic() < deadline and refused < 3:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=0.5) as response:
+                status: int | str = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            status = type(exc).__name__
+            refused += 1
+        seen.append((time.monotonic(), status))
+        time.sleep(0.02)
+    return seen

@@ -3,6 +3,8 @@
 
     python3 dev.py serve    # install into .venv, then run Parley on http://127.0.0.1:8000
     python3 dev.py test     # install into .venv, then lint, type-check and run every test
+    python3 dev.py test --fast   # the same checks, then only the fast tier of tests (< 1 min):
+                                 # unit and in-process tests, no e2e processes, no browser
 
 `test` also lints the browser UI's JavaScript with eslint, installed into node_modules/ from
 package-lock.json with npm (Node.js and npm must be on PATH).
@@ -27,6 +29,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 EXTRAS = {"serve": "embedded", "test": "embedded,test,load"}
 NODE_MODULES = ROOT / "node_modules"
 NPM_STAMP = NODE_MODULES / ".installed-lock"
+FAST_TIER = ["-m", "not e2e and not ui and not soak"]  # markers set by tests/conftest.py
 
 
 def main() -> None:
@@ -74,6 +77,8 @@ def install_js_linter() -> list[str]:
 
 
 def test(args: list[str]) -> int:
+    if "--fast" in args:
+        args = [*FAST_TIER, *(a for a in args if a != "--fast")]
     py = str(BIN / "python")
     python_checks = [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]]
     for check in python_checks:

@@ -4,7 +4,7 @@
    0 (median and p95 of 100 turns, one after another, one tab);
 2. RSS of `parley serve` with 1,000 idle sockets, each joined to a conversation.
 
-    .venv/bin/python bench/core_numbers.py [--turns 100] [--sockets 1000]
+    .venv/bin/python -m bench.core_numbers [--turns 100] [--sockets 1000]   # from the repo root
 
 It starts its own embedded Redis and PostgreSQL and its own `parley serve` (127.0.0.1 only),
 and stops them when done. A benchmark, not a test.
@@ -14,30 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from protocol import frames as f  # noqa: E402
-from server import embedded  # noqa: E402
-from server.dev.client import Client  # noqa: E402
-from tests.conftest import SECRET, mint  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from protocol import frames as f
+from server.dev.client import Client
+from tests.helpers.auth import mint
+from tests.helpers.processes import Cluster, start_services
+from tests.helpers.procfs import rss_kib
 
 
 async def first_token_latencies(url: str, turns: int, fresh: bool) -> list[float]:
@@ -98,15 +85,6 @@ async def measure(url: str, pid: int, turns: int, sockets: int) -> None:
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
-def wait_ready(port: int) -> None:
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=100)
@@ -115,42 +93,25 @@ def main() -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory() as tmp:
-        redis = embedded.start_redis(Path(tmp), persist=False)
-        postgres = embedded.start_postgres(Path(tmp), fast=True)
-        port = embedded.free_port()
-        env = dict(
-            os.environ,
-            REDIS_URL=redis.url,
-            DATABASE_URL=postgres.url,
-            PARLEY_JWT_SECRET=SECRET,
-            PARLEY_DATA_DIR=f"{tmp}/data",
-            PARLEY_CONFIG="/nonexistent",
-            PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0",
-            PARLEY_SIMULATOR_TOKENS_PER_SECOND="0",
-            PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
-            PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000",
-            PARLEY_SERVER_LOG_LEVEL="warning",
-        )
-        log = Path(tmp) / "serve.log"
-        with log.open("w") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "server.app.cli", "serve", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        services = start_services(Path(tmp))
+        cluster = Cluster(services, Path(tmp))
         try:
-            wait_ready(port)
-            asyncio.run(measure(f"ws://127.0.0.1:{port}/ws", server.pid, args.turns, args.sockets))
+            server = cluster.process(
+                "serve",
+                PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0",
+                PARLEY_SIMULATOR_TOKENS_PER_SECOND="0",
+                PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
+                PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000",
+                PARLEY_SERVER_LOG_LEVEL="warning",
+            )
+            asyncio.run(measure(server.ws_url, server.pid, args.turns, args.sockets))
         except BaseException:
-            print(log.read_text()[-3000:])
+            for proc in cluster.started:
+                print(proc.log()[-3000:])
             raise
         finally:
-            server.terminate()
-            server.wait(30)
-            redis.stop()
-            postgres.stop()
+            cluster.stop_all()
+            services.stop()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Parley's benchmark: the fixed workloads of the load-kit issue, on this machine.
+"""Parley's benchmark: fixed workloads with their targets, on this machine.
 
-    .venv/bin/python bench/run.py            # the full run (~4 minutes), writes docs/benchmarks.md
-    .venv/bin/python bench/run.py --smoke    # <= 30 s, small numbers, writes nothing to docs/
+    .venv/bin/python -m bench.run            # the full run (~4 minutes), writes docs/benchmarks.md
+    .venv/bin/python -m bench.run --smoke    # <= 30 s, small numbers, writes nothing to docs/
+
+(from the repository root: `-m` puts it on the import path, for `tests.helpers`).
 
 It starts its own Redis and PostgreSQL (server.dev.embedded) in a temporary directory, `parley
 web` pinned to CPU 0, and `parley worker`, Redis, PostgreSQL and the load generator (`parley
@@ -29,17 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from server import embedded  # noqa: E402
+from server.dev import embedded
+from tests.helpers import procfs
+from tests.helpers.processes import ROOT, ParleyProcess
 
 WEB_CPU = 0
 OTHER_CPU = 1
@@ -143,77 +143,19 @@ def _pin(cpu: int, die_with_parent: bool = True) -> Callable[[], None]:
 
 def _pin_tree(pid: int, cpu: int) -> None:
     """Pin a running process and its children (PostgreSQL's backends) to one CPU."""
-    pids = {pid}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                    pids.add(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    for p in pids:
+    for p in procfs.descendants(pid):
         with contextlib.suppress(OSError):
             os.sched_setaffinity(p, {cpu})
         _boost(p)
 
 
-@dataclass
-class Parley:
-    role: str
-    env: dict[str, str]
-    cpu: int
-    log: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Parley:
-        args = [sys.executable, "-m", "server.app.cli", self.role]
-        if self.role == "web":
-            self.port = embedded.free_port()
-            args += ["--port", str(self.port)]
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=out, stderr=out, preexec_fn=_pin(self.cpu)
-        )
-        self._wait()
-        return self
-
-    def _wait(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"parley {self.role} exited: {self.log.read_text()[-2000:]}")
-            if self.role == "worker":
-                if "worker ready" in self.log.read_text(errors="replace"):
-                    return
-            else:
-                try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{self.port}/readyz", timeout=1
-                    ) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
-            time.sleep(0.1)
-        raise TimeoutError(f"parley {self.role} did not become ready")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+def parley(role: str, env: dict[str, str], cpu: int, log: Path) -> ParleyProcess:
+    """`parley <role>` pinned to `cpu`, started and ready (a web process on a free port)."""
+    port = embedded.free_port() if role == "web" else 0
+    proc = ParleyProcess(role, env, port, log, preexec=_pin(cpu))
+    proc.start(wait=False)
+    proc.wait_ready(timeout=60)
+    return proc
 
 
 # --------------------------------------------------------------------------- the bench
@@ -227,26 +169,26 @@ class Bench:
     env: dict[str, str]
     redis_url: str
     smoke: bool = False
-    worker: Parley | None = None
-    web: Parley | None = None
+    worker: ParleyProcess | None = None
+    web: ParleyProcess | None = None
     commands: list[str] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
-    def fresh_web(self) -> Iterator[Parley]:
+    def fresh_web(self) -> Iterator[ParleyProcess]:
         """A new `parley web` for each workload, so one's leftovers cannot skew the next
         (the smoke run keeps one for all, to stay short)."""
         if self.smoke and self.web is not None:
             yield self.web
             return
-        web = Parley("web", self.env, WEB_CPU, self.work / "web.log").start()
+        web = parley("web", self.env, WEB_CPU, self.work / "web.log")
         self.web = web
         try:
             time.sleep(1.0)  # let start-up allocations settle before RSS is sampled
             yield web
         finally:
             if not self.smoke:
-                web.stop()
+                web.stop(timeout=20)
 
     def load(self, name: str, workload: str, *args: str) -> dict[str, Any]:
         """Run `parley load` pinned to CPU 1 against the current web process."""
@@ -295,7 +237,7 @@ class Bench:
         result["machine_busy"] = _others(
             before,
             _cpu_snapshot(),
-            _descendants(os.getpid()),
+            procfs.descendants(os.getpid()),  # processes that exited are nobody's
             _children_cpu() - children_before,  # the load generator, exited by now
         )
         return result
@@ -411,43 +353,13 @@ class Bench:
         self.results["chat_churn"] = r
 
 
-def _descendants(root: int) -> set[int]:
-    """`root` and every process under it (services, web, worker, load generators; processes
-    that exited during the run are not counted as anybody's)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found = {root}
-    changed = True
-    while changed:
-        changed = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                changed = True
-    return found
-
-
 def _cpu_snapshot() -> tuple[float, dict[int, float]]:
-    """(machine busy CPU-seconds, {pid: CPU-seconds}) from /proc."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(x) for x in fields]
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    """(now, {0: machine busy CPU-seconds, pid: CPU-seconds}) from /proc."""
     per: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            f = stat[stat.rindex(")") + 2 :].split()
-            per[int(entry.name)] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return time.monotonic(), {0: busy, **per}
+    for pid in procfs.pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            per[pid] = procfs.cpu_seconds(pid)
+    return time.monotonic(), {0: procfs.machine_busy_seconds(), **per}
 
 
 def _children_cpu() -> float:
@@ -572,7 +484,7 @@ def _busy(r: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> list[str]:
-    """The issue's target table, plus the web process's CPU cost per unit of work (which a
+    """The target table, plus the web process's CPU cost per unit of work (which a
     busy machine does not distort the way it distorts rates and latencies) and how much of
     the machine other people's processes took meanwhile."""
     sizes = results["sizes"]
@@ -671,7 +583,7 @@ def write_doc(doc: Path, results: dict[str, Any], commands: list[str]) -> None:
     m, v = results["machine"], results["versions"]
     lines = [
         START,
-        f"Measured {results['finished_at']} by `bench/run.py` "
+        f"Measured {results['finished_at']} by `python -m bench.run` "
         f"({'smoke' if results['smoke'] else 'full'} run, {results['wall_seconds']:.0f} s).",
         "",
         f"- Machine: {m['cpus']} CPUs ({m['cpu']}), {m['ram']} RAM, Linux {m['kernel']}, "
@@ -767,7 +679,7 @@ def main() -> None:
             bench = Bench(sizes, work, out_dir, env, redis.url, smoke=args.smoke)
             # the worker says "worker ready" at info level
             worker_env = {**env, "PARLEY_SERVER_LOG_LEVEL": "info"}
-            worker = Parley("worker", worker_env, OTHER_CPU, work / "worker.log").start()
+            worker = parley("worker", worker_env, OTHER_CPU, work / "worker.log")
             _pin_tree(postgres.pid, OTHER_CPU)  # backends forked since
             try:
                 chosen = set(args.only or ["idle", "fanout", "latency", "model", "chat"])
@@ -783,12 +695,12 @@ def main() -> None:
                     bench.chat_churn()
             finally:
                 if bench.web is not None:
-                    bench.web.stop()
-                worker.stop()
+                    bench.web.stop(timeout=20)
+                worker.stop(timeout=20)
             port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
             results = bench.results
             results.update(
-                argv=["bench/run.py", *sys.argv[1:]],
+                argv=["python", "-m", "bench.run", *sys.argv[1:]],
                 nice=args.nice,
                 smoke=args.smoke,
                 sizes=sizes.__dict__,

@@ -14,8 +14,8 @@ import pytest
 
 from protocol import frames as f
 from server.dev.client import Client
-from tests.conftest import mint
-from tests.e2e.test_core import say_and_finish, start_conversation
+from tests.helpers.auth import mint
+from tests.helpers.conversations import say_and_finish, start_conversation
 
 BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
     ("not-json", "{nope", "bad_frame", "not valid JSON"),

@@ -14,79 +14,18 @@ import pytest
 
 from protocol import frames as f
 from server.dev.client import Client, ProtocolError
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
+from tests.helpers.auth import mint, new_user
+from tests.helpers.conversations import (
+    assert_contiguous,
+    event_frames,
+    say_and_finish,
+    start_conversation,
+    transcript,
+    wait_persisted,
+)
+from tests.helpers.processes import Cluster, ParleyProcess
 
 SLOW = "[sim:tokens=60][sim:tps=120]"
-
-
-async def start_conversation(client: Client, **kwargs: Any) -> uuid.UUID:
-    created = await client.request(f.Create(**kwargs))
-    await client.request(f.Join(conversation=created.conversation))
-    return created.conversation
-
-
-async def say_and_finish(client: Client, conversation: uuid.UUID, text: str) -> f.Done:
-    start = len(client.frames)
-    await client.request(f.Say(conversation=conversation, text=text))
-    return await client.wait_for(
-        lambda fr: isinstance(fr, f.Done) and fr.conversation == conversation, start=start
-    )
-
-
-def event_frames(client: Client, conversation: uuid.UUID) -> list[str]:
-    """The raw bytes of every conversation event the socket received, in order."""
-    marker = f'"conversation":"{conversation}"'
-    return [raw for raw in client.raw if raw.startswith('{"seq":') and marker in raw]
-
-
-def transcript(client: Client, conversation: uuid.UUID) -> list[tuple[str, str]]:
-    """(role, text) per message from the socket's joined history plus its events."""
-    messages: dict[uuid.UUID, list[str]] = {}
-    roles: dict[uuid.UUID, str] = {}
-    for frame in client.frames:
-        if isinstance(frame, f.Joined) and frame.conversation == conversation and frame.history:
-            messages, roles = {}, {}
-            for m in frame.history:
-                messages[m.id], roles[m.id] = [m.content], m.role
-        elif isinstance(frame, f.MessageEvent) and frame.conversation == conversation:
-            messages[frame.message.id] = [frame.message.content]
-            roles[frame.message.id] = "user"
-        elif isinstance(frame, f.Start) and frame.conversation == conversation:
-            if frame.replaces:
-                messages.pop(frame.replaces, None)
-            messages[frame.message_id], roles[frame.message_id] = [], "assistant"
-        elif isinstance(frame, f.Token) and frame.conversation == conversation:
-            messages[frame.message_id].append(frame.text)
-    return [(roles[k], "".join(v)) for k, v in messages.items()]
-
-
-def assert_contiguous(client: Client, conversation: uuid.UUID, first: int) -> None:
-    """Every seq from `first` on exactly once, in order (a merged token frame covers
-    `first_seq..seq`)."""
-    seqs: list[int] = []
-    for frame in client.events(conversation):
-        start = getattr(frame, "first_seq", 0) or frame.seq
-        seqs.extend(range(start, frame.seq + 1))
-    assert seqs == list(range(first, first + len(seqs))), seqs
-
-
-async def persisted(db: asyncpg.Pool, conversation: uuid.UUID) -> list[tuple[str, str, str]]:
-    rows = await db.fetch(
-        "SELECT role, content, status FROM messages WHERE conversation_id = $1 ORDER BY seq",
-        conversation,
-    )
-    return [(r["role"], r["content"], r["status"]) for r in rows]
-
-
-async def wait_persisted(
-    db: asyncpg.Pool, conversation: uuid.UUID, count: int, timeout: float = 10
-) -> list[tuple[str, str, str]]:
-    deadline = time.monotonic() + timeout
-    rows = await persisted(db, conversation)
-    while len(rows) < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        rows = await persisted(db, conversation)
-    return rows
 
 
 # --------------------------------------------------------------------------- fan-out

@@ -12,7 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import ParleyProcess, mint, new_user
+from tests.helpers.auth import mint, new_user
+from tests.helpers.processes import ParleyProcess
 
 EXAMPLES_PER_OPERATION = 50
 

@@ -1,25 +1,17 @@
-"""Nothing lost, nothing stuck (issue 3, items 3-9), with real processes on 127.0.0.1: slow
+"""Nothing lost, nothing stuck, with real processes on 127.0.0.1: slow
 readers, dead peers, a worker killed, Redis unreachable or restarted empty, PostgreSQL down,
 graceful shutdown, and Stop across processes.
 
-Each test prints the figure the issue asks for; run them with
-`.venv/bin/python -m pytest tests/e2e/test_resilience.py -q -s -p no:cacheprovider` to see:
-memory per stalled reader, takeover time after a worker kill, recovery time after Redis
-returns, persistence delay after PostgreSQL returns, cancel latency.
+These tests assert bounds; the figures themselves (memory per stalled reader, how soon a dead
+peer is closed, takeover time after a worker kill, persistence delay after PostgreSQL returns,
+cancel latency) are measured by `.venv/bin/python -m bench.resilience_numbers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import signal
-import socket
-import statistics
-import struct
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,50 +27,40 @@ from redis.asyncio import Redis
 from protocol import frames as f
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
-from server.redis import generations, keys
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.e2e.test_core import persisted, start_conversation, transcript, wait_persisted
-from tests.e2e.test_scale import (
-    Recorded,
+from server.redis import keys
+from tests.helpers.auth import mint, new_user
+from tests.helpers.conversations import (
+    gaps,
+    index_of,
+    p99,
+    persisted,
+    start_conversation,
+    transcript,
+    wait_persisted,
+)
+from tests.helpers.faults import Proxy
+from tests.helpers.processes import (
+    Cluster,
+    ParleyProcess,
     Scaled,
-    TabClient,
     alive,
-    check_tabs,
-    close_all,
     model_stats,
+    poll_readyz,
     redis_db,
-    rss_kib,
-    scaled,  # noqa: F401  (the shared 2 web + 2 worker cluster, as a fixture here too)
+    small_outbox_server,
     start_all,
     stop_all,
     stop_together,
-    until,
+    worker_of,
 )
-from tests.faults import Proxy
+from tests.helpers.procfs import rss_kib
+from tests.helpers.sockets import TCP_ESTABLISHED, drain, stalled_reader, tcp_state
+from tests.helpers.tabs import Recorded, TabClient, check_tabs, close_all, until
 
 SLOW_READER_DB = 3
 OPS_DB = 5
 REDIS_OUTAGE_DB = 6
 PG_OUTAGE_DB = 7
-
-TCP_ESTABLISHED = 1
-
-
-def report(text: str) -> None:
-    print(f"\n[issue 3] {text}", flush=True)
-
-
-async def worker_of(redis: Redis, conversation: uuid.UUID) -> int | None:
-    """The pid of the worker running the conversation's generation ("<host>-<pid>")."""
-    owner = await generations.worker(redis, conversation)
-    return None if owner is None else int(owner.rsplit("-", 1)[1])
-
-
-def index_of(client: Client, match: Any, start: int = 0) -> int | None:
-    for index in range(start, len(client.frames)):
-        if match(client.frames[index]):
-            return index
-    return None
 
 
 # --------------------------------------------------------------------------- the ops cluster
@@ -126,12 +108,7 @@ def ops(cluster: Cluster) -> Iterator[Ops]:
     stop_together([*ops.webs, *ops.workers])
 
 
-# --------------------------------------------------------------------------- 4. heartbeats
-
-
-def tcp_state(ws: Any) -> int:
-    sock = ws.transport.get_extra_info("socket")
-    return struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+# --------------------------------------------------------------------------- heartbeats
 
 
 async def test_heartbeats_close_a_dead_peer_and_app_ping_pongs(ops: Ops) -> None:
@@ -156,7 +133,6 @@ async def test_heartbeats_close_a_dead_peer_and_app_ping_pongs(ops: Ops) -> None
         closed_after = await until(
             lambda: tcp_state(dead) != TCP_ESTABLISHED, 8, "the server to close the dead peer"
         )
-        report(f"dead peer closed {closed_after:.2f} s after it stopped answering pings")
         assert closed_after < 3.5
         assert isinstance(await healthy.request(f.Ping()), f.Pong)
         assert not healthy.closed.done()
@@ -166,7 +142,7 @@ async def test_heartbeats_close_a_dead_peer_and_app_ping_pongs(ops: Ops) -> None
         await healthy.close()
 
 
-# --------------------------------------------------------------------------- 5. worker crash
+# --------------------------------------------------------------------------- worker crash
 
 
 async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.Pool) -> None:
@@ -212,12 +188,10 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
                 start=at,
                 timeout=15,
             )
-            report(f"worker SIGKILL: turn taken over (start again) after {took:.2f} s")
             assert done.reason == "stop", done
             if done.usage is not None:
                 assert done.usage.completion_tokens == 150
         else:
-            report(f"worker SIGKILL: turn ended with done error after {took:.2f} s")
             assert first.reason == "error" and first.error, first
         assert took < 15
         rows = await wait_persisted(db, conversation, 2)
@@ -242,7 +216,7 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
         await redis.aclose()
 
 
-# --------------------------------------------------------------------------- 8. graceful shutdown
+# --------------------------------------------------------------------------- graceful shutdown
 
 
 async def test_sigterm_worker_finishes_its_generation_and_exits(ops: Ops, db: asyncpg.Pool) -> None:
@@ -263,7 +237,6 @@ async def test_sigterm_worker_finishes_its_generation_and_exits(ops: Ops, db: as
         victim = next((w for w in workers if w.pid == pid), None)
         assert victim is not None
         victim.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
 
         await asyncio.sleep(0.3)
         mark2 = len(a.frames)
@@ -285,11 +258,7 @@ async def test_sigterm_worker_finishes_its_generation_and_exits(ops: Ops, db: as
         if done.usage is not None:
             assert done.usage.completion_tokens == 250
         assert victim.proc is not None
-        code = await asyncio.to_thread(victim.proc.wait, 15)
-        report(
-            f"worker SIGTERM: generation finished, worker exited (code {code}) "
-            f"{time.monotonic() - signalled:.2f} s after the signal"
-        )
+        await asyncio.to_thread(victim.proc.wait, 15)
         done2 = await a.wait_for(
             lambda fr: isinstance(fr, f.Done) and fr.conversation == second, start=mark2
         )
@@ -338,13 +307,6 @@ async def test_sigterm_worker_hands_back_what_outlasts_the_deadline(
         assert at is not None
         ended = a.arrived[at] - signalled
         await exit_code
-        exited = time.monotonic() - signalled
-        tokens = sum(isinstance(fr, f.Token) for fr in a.frames[signalled_at:at])
-        outcome = "start again" if isinstance(first, f.Start) else f"done {first.reason}"
-        report(
-            f"worker SIGTERM during a 20 s generation (deadline {DEADLINE} s): {tokens} more "
-            f"tokens, then {outcome} after {ended:.1f} s; the worker exited after {exited:.1f} s"
-        )
         assert ended > DEADLINE - 1, "the generation did not run until the deadline"
         if isinstance(first, f.Start):
             done = await a.wait_for(
@@ -361,25 +323,6 @@ async def test_sigterm_worker_hands_back_what_outlasts_the_deadline(
     finally:
         await a.close()
         await redis.aclose()
-
-
-def poll_readyz(url: str, seconds: float) -> list[tuple[float, int | str]]:
-    """GET /readyz every 20 ms: (time, status or the error), until refused a few times."""
-    seen: list[tuple[float, int | str]] = []
-    deadline = time.monotonic() + seconds
-    refused = 0
-    while time.monotonic() < deadline and refused < 3:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=0.5) as response:
-                status: int | str = response.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except OSError as exc:
-            status = type(exc).__name__
-            refused += 1
-        seen.append((time.monotonic(), status))
-        time.sleep(0.02)
-    return seen
 
 
 async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
@@ -404,7 +347,6 @@ async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
             lambda: all(t.tokens() >= 10 for t in movers), 10, "tokens on the doomed web", tabs
         )
         doomed.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
         ready = await asyncio.to_thread(poll_readyz, doomed.url, 8)
         await until(
             lambda: all(t.closes for t in movers), 10, "the doomed web to close sockets", tabs
@@ -412,10 +354,6 @@ async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
         closed_at = min(t.closes[0][0] for t in movers)
         codes = [t.closes[0][1] for t in movers]
         first_503 = next((at for at, status in ready if status == 503), None)
-        report(
-            f"web SIGTERM: close codes {codes}, sockets closed {closed_at - signalled:.2f} s after "
-            f"the signal, /readyz: {[(round(at - signalled, 2), s) for at, s in ready[:6]]}"
-        )
         assert set(codes) <= {1001, 1012}, codes
         assert first_503 is not None, f"/readyz never answered 503: {ready[:5]}"
         assert first_503 < closed_at, "the sockets closed before /readyz turned 503"
@@ -436,81 +374,7 @@ async def test_sigterm_web_turns_unready_first_and_clients_rejoin_elsewhere(
         await close_all(tabs)
 
 
-# --------------------------------------------------------------------------- 3. slow readers
-
-
-async def stalled_reader(url: str, token: str, conversation: uuid.UUID) -> tuple[Any, Recorded]:
-    """A raw socket with a tiny receive buffer that joins, then stops reading."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    parts = urlsplit(url)
-    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
-    ws = await websockets.connect(
-        url,
-        sock=sock,
-        subprotocols=[f.SUBPROTOCOL, f"{f.BEARER_PREFIX}{token}"],  # type: ignore[list-item]
-        ping_interval=None,
-        compression=None,
-        max_size=None,
-        max_queue=None,
-        open_timeout=10,
-    )
-    got = Recorded()
-    got.add(await asyncio.wait_for(ws.recv(), 10))
-    await ws.send(f.encode(f.Join(conversation=conversation, ref="join")).decode())
-    while not any(isinstance(fr, f.Joined) for fr in got.frames):
-        got.add(await asyncio.wait_for(ws.recv(), 10))
-    ws.transport.pause_reading()
-    return ws, got
-
-
-async def drain(ws: Any, got: Recorded, timeout: float) -> int | None:
-    """Read everything the server queued; the close code if it closed the socket."""
-    ws.transport.resume_reading()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                got.add(await asyncio.wait_for(ws.recv(), 1.0))
-            except TimeoutError:
-                break
-    except websockets.ConnectionClosed:
-        pass
-    return ws.close_code if ws.close_code is not None else None
-
-
-def gaps(client: Client, message_id: uuid.UUID) -> tuple[list[float], int]:
-    """Seconds between consecutive token *events* as the client got them (a merged frame
-    delivers all the events it stands for at once), and how many frames carried them."""
-    times: list[float] = []
-    frames = 0
-    for fr, at in zip(client.frames, client.arrived, strict=False):
-        if isinstance(fr, f.Token) and fr.message_id == message_id:
-            frames += 1
-            times += [at] * (fr.seq - (fr.first_seq or fr.seq) + 1)
-    return [b - a for a, b in itertools.pairwise(times)], frames
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def kernel_send_queue(port: int) -> int:
-    """Bytes queued in the kernel on the server side of the port's connections."""
-    total = 0
-    with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if int(fields[1].split(":")[1], 16) == port:
-                total += int(fields[4].split(":")[0], 16)
-    return total
-
-
-def p99(values: list[float]) -> float:
-    return sorted(values)[int(len(values) * 0.99) - 1] if values else 0.0
+# --------------------------------------------------------------------------- slow readers
 
 
 @pytest.mark.parametrize(
@@ -531,14 +395,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
     tokens = seconds * tps
     reply = f"[sim:tokens={tokens}][sim:tps={tps}]"
     short = f"[sim:tokens={2 * tps}][sim:tps={tps}]"
-    server = cluster.process(
-        "serve",
-        start=False,
-        REDIS_URL=redis_db(cluster.services.redis_url, SLOW_READER_DB),
-        PARLEY_LIMITS_OUTBOX_BYTES="65536",
-        PARLEY_LLM_MAX_TOKENS=str(tokens + 10),
-        PARLEY_SIMULATOR_MAX_TOKENS=str(tokens + 10),
-    )
+    server = small_outbox_server(cluster, SLOW_READER_DB, tokens)
     start_all([server])
     user = new_user()
     normal = await Client.connect(server.ws_url, mint(user))
@@ -554,7 +411,6 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
         for other in others:
             await other.request(f.Join(conversation=conversation))
         mark = len(normal.frames)
-        cpu = cpu_seconds(server.pid)
         await normal.request(f.Say(conversation=conversation, text=f"baseline {short}"))
         done = await normal.wait_for(
             lambda fr: isinstance(fr, f.Done), start=mark, timeout=30 + seconds * 2
@@ -562,8 +418,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
         for other in others:
             await other.wait_for(lambda fr: isinstance(fr, f.Done), timeout=10)
             await other.close()
-        baseline, baseline_frames = gaps(normal, done.message_id)
-        baseline_cpu = cpu_seconds(server.pid) - cpu
+        baseline, _ = gaps(normal, done.message_id)
         await wait_persisted(db, conversation, 2)
 
         rss_before = rss_kib(server.pid)
@@ -574,36 +429,19 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
             tab.sockets.append(got)
             tabs.append(tab)
         peak = rss_before
-        queued = 0
         mark = len(normal.frames)
-        cpu = cpu_seconds(server.pid)
         await normal.request(f.Say(conversation=conversation, text=f"loaded {reply}"))
         finished = asyncio.ensure_future(
             normal.wait_for(lambda fr: isinstance(fr, f.Done), start=mark, timeout=30 + seconds * 2)
         )
         while not finished.done():
             peak = max(peak, rss_kib(server.pid))
-            queued = max(queued, kernel_send_queue(server.port))
             await asyncio.wait([finished], timeout=0.1)
         done = finished.result()
         peak = max(peak, rss_kib(server.pid))
-        loaded, loaded_frames = gaps(normal, done.message_id)
-        loaded_cpu = cpu_seconds(server.pid) - cpu
+        loaded, _ = gaps(normal, done.message_id)
         grown_mib = (peak - rss_before) / 1024
-        ms = [statistics.median(baseline) * 1e3, statistics.median(loaded) * 1e3]
-        report(
-            f"slow readers: {readers} stalled for {seconds} s: server RSS +{grown_mib:.1f} MiB "
-            f"({grown_mib / readers:.2f} MiB per stalled reader; kernel send queues at most "
-            f"{queued / 1024:.0f} KiB in all); normal tab: token gaps p50 {ms[0]:.2f}->"
-            f"{ms[1]:.2f} ms, p99 {p99(baseline) * 1e3:.1f}->{p99(loaded) * 1e3:.1f} ms, "
-            f"first to last token {sum(baseline):.2f} s (baseline, {len(baseline) + 1} tokens in "
-            f"{baseline_frames} frames) -> {sum(loaded):.2f} s ({tokens} in {loaded_frames}); "
-            f"server CPU {baseline_cpu / len(baseline) * 1e6:.0f} -> "
-            f"{loaded_cpu / len(loaded) * 1e6:.0f} us per token"
-        )
 
-        codes: list[int | None] = []
-        frames: list[int] = []
         # past ws_ping_interval + ws_ping_timeout (40 s) a reader that reads nothing is also a
         # dead peer to the heartbeat, which may drop it without a close frame the reader sees
         allowed = {1013} if seconds < 40 else {1013, 1011, 1006}
@@ -611,18 +449,12 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
             got = tab.sockets[0]
             assert isinstance(got, Recorded)
             code = await drain(ws, got, 15)
-            codes.append(code)
             caught_up = any(
                 isinstance(fr, f.Done) and fr.message_id == done.message_id for fr in got.frames
             )
-            frames.append(len(got.frames))
             assert code in allowed or (caught_up and code is None), (code, len(got.frames))
             if code is not None:
                 await tab.rejoin()
-        report(
-            f"slow readers: close codes {codes} (None = caught up, socket still open) after "
-            f"{frames} frames"
-        )
         assert len(loaded) == tokens - 1 and len(baseline) == 2 * tps - 1
         per_token = [sum(baseline) / len(baseline), sum(loaded) / len(loaded)]
         # the pace of the stream; generous, as other work may share the machine
@@ -644,7 +476,7 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
         await asyncio.to_thread(server.stop, timeout=15)
 
 
-# --------------------------------------------------------------------------- 6. Redis outage
+# --------------------------------------------------------------------------- Redis outage
 
 
 async def test_redis_unreachable_for_10s_everything_recovers(
@@ -674,32 +506,16 @@ async def test_redis_unreachable_for_10s_everything_recovers(
             proxy.pause()
             await asyncio.sleep(10)
             proxy.resume()
-            back = time.monotonic()
-            finished = await until(lambda: all(t.settled(2) for t in tabs), 30, "the reply", tabs)
-            resumed = min(
-                (at for t in tabs for e, at in _event_times(t) if at > back), default=float("nan")
-            )
+            await until(lambda: all(t.settled(2) for t in tabs), 30, "the reply", tabs)
             rows = await wait_persisted(db, t1.conversation, 2)
             check_tabs(tabs, [(r[0], r[1]) for r in rows])
             assert rows[1][2] == "complete", rows[1]
             assert len(alive(procs)) == len(procs), "a process died"
 
-            accepted = time.monotonic() - back
-            accepted += await turn_then_cancel(tabs, db, "after the outage")
-            report(
-                f"Redis unreachable 10 s: events flowed again {resumed - back:.2f} s after it "
-                f"returned, the running reply finished after {finished:.2f} s, a new turn (then "
-                f"cancelled) started after {accepted:.2f} s; sockets closed: "
-                f"{[c[1:] for t in tabs for c in t.closes]}"
-            )
+            await turn_then_cancel(tabs, db, "after the outage")
         finally:
             await close_all(tabs)
             await stop_all(procs)
-
-
-def _event_times(tab: TabClient) -> list[tuple[Any, float]]:
-    segments, _ = tab.segments()
-    return [(frame, at) for s in segments for _, frame, at in s.events]
 
 
 async def test_redis_restarted_empty_everything_recovers(
@@ -729,23 +545,13 @@ async def test_redis_restarted_empty_everything_recovers(
         redis = await asyncio.to_thread(
             embedded.start_redis, tmp_path / "two", persist=False, port=port
         )
-        back = time.monotonic()
         rows = await wait_persisted(db, t1.conversation, 2, timeout=20)
-        saved = time.monotonic() - back
         assert len(rows) == 2, f"the turn was not persisted: {rows}"
         assert rows[1][2] == "complete", rows[1]
         await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
-        converged = time.monotonic() - back
         check_tabs(tabs, [(r[0], r[1]) for r in rows])
         assert len(alive(procs)) == len(procs), "a process died"
-        accepted = time.monotonic() - back
-        accepted += await turn_then_cancel(tabs, db, "after the restart")
-        report(
-            f"Redis restarted empty: the turn was in PostgreSQL {saved:.2f} s and the tabs had "
-            f"converged {converged:.2f} s after it returned (closes: "
-            f"{[c[1:] for t in tabs for c in t.closes]}); a new turn (then cancelled) started "
-            f"{accepted:.2f} s after it returned"
-        )
+        await turn_then_cancel(tabs, db, "after the restart")
     finally:
         await close_all(tabs)
         await stop_all(procs)
@@ -782,7 +588,7 @@ async def turn_then_cancel(tabs: list[TabClient], db: asyncpg.Pool, text: str) -
     return accepted
 
 
-# --------------------------------------------------------------------------- 7. PostgreSQL outage
+# --------------------------------------------------------------------------- PostgreSQL outage
 
 
 @pytest.mark.parametrize("fault", ["down", pytest.param("paused", marks=pytest.mark.soak)])
@@ -833,7 +639,6 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
             while not await all_saved() and time.monotonic() - back < 15:
                 await asyncio.sleep(0.02)
             delay = time.monotonic() - back
-            report(f"PostgreSQL {fault} 10 s: all turns persisted {delay:.2f} s after it returned")
             assert all(n >= 2 for n in counts.values()), counts
             assert delay <= 2.0
             await asyncio.sleep(1)
@@ -851,11 +656,11 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
             await asyncio.to_thread(server.stop, timeout=15)
 
 
-# --------------------------------------------------------------------------- 9. stop means stop
+# --------------------------------------------------------------------------- stop means stop
 
 
 async def test_cancel_from_another_web_process_stops_the_model_within_half_a_second(
-    scaled: Scaled,  # noqa: F811
+    scaled: Scaled,
     db: asyncpg.Pool,
 ) -> None:
     """A tab on web A cancels a generation a tab on web B started, on a worker using the
@@ -887,10 +692,6 @@ async def test_cancel_from_another_web_process_stops_the_model_within_half_a_sec
         assert stats["aborted"] == before["aborted"] + 1, (before, stats)
         assert stats["started"] == before["started"] + 1, (before, stats)
         latency = stats["last_aborted_at"] - sent
-        report(
-            f"cancel from another web process: model stream aborted {latency * 1000:.0f} ms "
-            "after the cancel was sent"
-        )
         assert 0 <= latency < 0.5
         rows = await wait_persisted(db, conversation, 2)
         partial = transcript(a, conversation)[1][1]

@@ -8,8 +8,9 @@ from pathlib import Path
 from protocol import frames as f
 from server.dev.client import Client
 from server.dev.embedded import free_port
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.e2e.test_core import say_and_finish, start_conversation
+from tests.helpers.auth import mint, new_user
+from tests.helpers.conversations import say_and_finish, start_conversation
+from tests.helpers.processes import Cluster, ParleyProcess
 
 
 def descendants(pid: int) -> set[int]:

@@ -15,7 +15,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from protocol import frames as f
-from tests.conftest import ParleyProcess, mint, new_user
+from tests.helpers.auth import mint, new_user
+from tests.helpers.processes import ParleyProcess
 
 UPGRADE = (
     "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

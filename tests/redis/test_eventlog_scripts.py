@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from server.redis import generations, keys
 from server.redis.eventlog import LOST, UNLOADED, EventLog, Pipeliner
-from tests.redis.conftest import MAX_EVENTS, conversation_row, loaded
+from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
 
 
 def frame(text: str) -> bytes:

@@ -14,7 +14,7 @@ from server.redis import generations, keys
 from server.redis.eventlog import UNLOADED, EventLog
 from server.redis.scripts import Call
 from server.redis.turns import Admission, Job, Turns
-from tests.redis.conftest import MAX_EVENTS, TTL, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, loaded
 
 LIMIT = 100
 

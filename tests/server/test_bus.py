@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from server.edge import bus as bus_module
 from server.edge.bus import Bus
-from tests.conftest import Services
+from tests.helpers.processes import Services
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""The browser chat UI in real Chromium against real `parley serve` processes (issue 4).
+"""The browser chat UI in real Chromium against real `parley serve` processes.
 
 The shared server has development sign-in off (its Redis and PostgreSQL are configured), so
 these pages are opened with a token in `?token=`; the tests that need development sign-in
@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, BrowserContext
 
-from tests.conftest import Cluster, ParleyProcess, mint, new_user
-from tests.ui.conftest import PHONE, WIDE, BrowserTab, open_tab, persisted
+from tests.helpers.auth import mint, new_user
+from tests.helpers.browser import PHONE, WIDE, BrowserTab, open_tab, persisted
+from tests.helpers.processes import Cluster, ParleyProcess
 
 pytestmark = pytest.mark.ui
 
@@ -55,7 +56,6 @@ async def test_sign_in_send_and_stream(
     assert await page.evaluate("sessionStorage.getItem('parley.token')")
     assert await page.locator("#sim-badge").is_visible()
     assert await page.locator("#user-name").inner_text() == user
-    assert await page.evaluate("window.parley") is None, "the page keeps its state off window"
 
     conversation = await tab.new_conversation()
     await tab.send(CODE_PROMPT)
@@ -268,9 +268,8 @@ async def test_html_in_turns_and_replies_is_shown_as_text(
 
     # a reply: fed through the page's real event path as if the model had written it
     await page.evaluate(
-        """async (payload) => {
-            const { store } = await import("/store.js");
-            const t = store.transcript(location.hash.slice(4));
+        """(payload) => {
+            const t = window.parley.transcripts.get(location.hash.slice(4));
             const id = crypto.randomUUID();
             let seq = t.lastSeq;
             const c = t.id;
@@ -282,7 +281,7 @@ async def test_html_in_turns_and_replies_is_shown_as_text(
                 { type: "done", conversation: c, seq: ++seq, message_id: id, reason: "stop" },
             ];
             for (const frame of frames) {
-                store.connection.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
+                window.parley.conn.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
             }
         }""",
         XSS,
@@ -317,21 +316,13 @@ async def rejoined(sent: list[str], after: int) -> None:
         await asyncio.sleep(0.05)
 
 
-# The page's store, imported as its modules import it (see Tab.raw).
-HELD = """async () => {
-    const { store } = await import("/store.js");
-    return store.activeTranscript().lastSeq;
-}"""
-GAP = """async () => {
-    const { store } = await import("/store.js");
-    const t = store.activeTranscript();
+HELD = "window.parley.transcripts.get(window.parley.active).lastSeq"
+GAP = """() => {
+    const t = window.parley.transcripts.get(window.parley.active);
     const frame = { type: "token", conversation: t.id, seq: t.lastSeq + 2,
                     message_id: crypto.randomUUID(), text: "from further on" };
-    store.connection.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
+    window.parley.conn.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
 }"""
-# For wait_for_function, whose predicate cannot await: the test (not the page) keeps the
-# imported store on `window.parleyStore`.
-HOLD_STORE = """async () => { window.parleyStore = (await import("/store.js")).store; }"""
 
 
 async def test_network_loss_then_rejoin_with_after(
@@ -375,9 +366,10 @@ async def test_chat_goes_on_after_a_gap_rejoin(
     tab = await open_tab(context, parley, user)
     await tab.send("[sim:tokens=5] One")
     await tab.wait_replies(1)
-    await tab.page.evaluate(HOLD_STORE)
     await tab.page.evaluate(GAP)
-    await tab.page.wait_for_function("window.parleyStore.activeTranscript().joined === 'yes'")
+    await tab.page.wait_for_function(
+        "window.parley.transcripts.get(window.parley.active).joined === 'yes'"
+    )
     await tab.send("[sim:tokens=5] Two")
     await tab.wait_replies(2, timeout=1000)
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, SECRET, ParleyProcess
+from tests.helpers.auth import SECRET
+from tests.helpers.processes import ROOT, ParleyProcess
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

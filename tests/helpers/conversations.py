@@ -1,0 +1,109 @@
+"""One conversation over one `Client`: start it, say something, read back what the socket
+received and what PostgreSQL holds."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from protocol import frames as f
+from server.dev.client import Client
+
+
+async def start_conversation(client: Client, **kwargs: Any) -> uuid.UUID:
+    created = await client.request(f.Create(**kwargs))
+    await client.request(f.Join(conversation=created.conversation))
+    return created.conversation
+
+
+async def say_and_finish(client: Client, conversation: uuid.UUID, text: str) -> f.Done:
+    start = len(client.frames)
+    await client.request(f.Say(conversation=conversation, text=text))
+    return await client.wait_for(
+        lambda fr: isinstance(fr, f.Done) and fr.conversation == conversation, start=start
+    )
+
+
+def event_frames(client: Client, conversation: uuid.UUID) -> list[str]:
+    """The raw bytes of every conversation event the socket received, in order."""
+    marker = f'"conversation":"{conversation}"'
+    return [raw for raw in client.raw if raw.startswith('{"seq":') and marker in raw]
+
+
+def transcript(client: Client, conversation: uuid.UUID) -> list[tuple[str, str]]:
+    """(role, text) per message from the socket's joined history plus its events."""
+    messages: dict[uuid.UUID, list[str]] = {}
+    roles: dict[uuid.UUID, str] = {}
+    for frame in client.frames:
+        if isinstance(frame, f.Joined) and frame.conversation == conversation and frame.history:
+            messages, roles = {}, {}
+            for m in frame.history:
+                messages[m.id], roles[m.id] = [m.content], m.role
+        elif isinstance(frame, f.MessageEvent) and frame.conversation == conversation:
+            messages[frame.message.id] = [frame.message.content]
+            roles[frame.message.id] = "user"
+        elif isinstance(frame, f.Start) and frame.conversation == conversation:
+            if frame.replaces:
+                messages.pop(frame.replaces, None)
+            messages[frame.message_id], roles[frame.message_id] = [], "assistant"
+        elif isinstance(frame, f.Token) and frame.conversation == conversation:
+            messages[frame.message_id].append(frame.text)
+    return [(roles[k], "".join(v)) for k, v in messages.items()]
+
+
+def assert_contiguous(client: Client, conversation: uuid.UUID, first: int) -> None:
+    """Every seq from `first` on exactly once, in order (a merged token frame covers
+    `first_seq..seq`)."""
+    seqs: list[int] = []
+    for frame in client.events(conversation):
+        start = getattr(frame, "first_seq", 0) or frame.seq
+        seqs.extend(range(start, frame.seq + 1))
+    assert seqs == list(range(first, first + len(seqs))), seqs
+
+
+def index_of(client: Client, match: Any, start: int = 0) -> int | None:
+    """The index in `client.frames` of the first frame from `start` on that `match`es."""
+    for index in range(start, len(client.frames)):
+        if match(client.frames[index]):
+            return index
+    return None
+
+
+async def persisted(db: asyncpg.Pool, conversation: uuid.UUID) -> list[tuple[str, str, str]]:
+    rows = await db.fetch(
+        "SELECT role, content, status FROM messages WHERE conversation_id = $1 ORDER BY seq",
+        conversation,
+    )
+    return [(r["role"], r["content"], r["status"]) for r in rows]
+
+
+async def wait_persisted(
+    db: asyncpg.Pool, conversation: uuid.UUID, count: int, timeout: float = 10
+) -> list[tuple[str, str, str]]:
+    deadline = time.monotonic() + timeout
+    rows = await persisted(db, conversation)
+    while len(rows) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        rows = await persisted(db, conversation)
+    return rows
+
+
+def gaps(client: Client, message_id: uuid.UUID) -> tuple[list[float], int]:
+    """Seconds between consecutive token *events* as the client got them (a merged frame
+    delivers all the events it stands for at once), and how many frames carried them."""
+    times: list[float] = []
+    frames = 0
+    for fr, at in zip(client.frames, client.arrived, strict=False):
+        if isinstance(fr, f.Token) and fr.message_id == message_id:
+            frames += 1
+            times += [at] * (fr.seq - (fr.first_seq or fr.seq) + 1)
+    return [b - a for a, b in itertools.pairwise(times)], frames
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99) - 1] if values else 0.0

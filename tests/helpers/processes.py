@@ -1,0 +1,332 @@
+"""Embedded Redis and PostgreSQL, and Parley itself as real child processes on 127.0.0.1.
+
+Every process here is stopped only by its own PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+
+from server.dev import embedded
+from server.redis import generations
+from tests.helpers.auth import SECRET
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_MODEL = {
+    "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.02",
+    "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "400",
+}
+# Each group of processes that runs workers gets its own Redis database so that no worker of
+# another group (all share one Redis) claims its turns: streams and keys are per database, and
+# the pub/sub channels involved are per conversation or per user.
+SCALE_DB = 1
+
+
+@dataclass
+class Services:
+    redis_url: str
+    database_url: str
+    redis: embedded.Service
+    postgres: embedded.Service
+
+    def stop(self) -> None:
+        self.redis.stop()
+        self.postgres.stop()
+
+
+def start_services(data: Path) -> Services:
+    """An embedded Redis (no persistence) and PostgreSQL (fsync off) with their data in `data`."""
+    redis = embedded.start_redis(data, persist=False)
+    try:
+        postgres = embedded.start_postgres(data, fast=True)
+    except BaseException:
+        redis.stop()
+        raise
+    return Services(redis.url, postgres.url, redis, postgres)
+
+
+def redis_db(url: str, db: int) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+@dataclass
+class ParleyProcess:
+    """`parley serve | web | worker | model` as a child process, stopped only by its own PID.
+
+    `preexec` runs in the child before Parley starts (the benchmarks pin CPUs with it)."""
+
+    role: str
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+    preexec: Callable[[], None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, wait: bool = True) -> ParleyProcess:
+        args = [sys.executable, "-m", "server.app.cli", self.role, *self.extra]
+        if self.role in ("serve", "web"):
+            args += ["--port", str(self.port)]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=self.env, stdout=log, stderr=log, preexec_fn=self.preexec
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"parley {self.role} exited:\n{self.log()}")
+            if self.role == "worker":
+                if "worker ready" in self.log():
+                    return
+            else:
+                try:
+                    with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"parley {self.role} not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        self.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class Cluster:
+    """Starts Parley processes against one Redis and PostgreSQL (the test session's)."""
+
+    services: Services
+    tmp: Path
+    started: list[ParleyProcess] = field(default_factory=list)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PARLEY_", "OPENAI_")) and k not in ("PORT",)
+        }
+        env.update(
+            REDIS_URL=self.services.redis_url,
+            DATABASE_URL=self.services.database_url,
+            PARLEY_JWT_SECRET=SECRET,
+            PARLEY_DATA_DIR=str(self.tmp / "data"),
+            PARLEY_CONFIG=str(self.tmp / "none.toml"),
+            PARLEY_SERVER_LOG_LEVEL="info",
+            **FAST_MODEL,
+        )
+        env.update(overrides)
+        return env
+
+    def process(self, role: str, *, start: bool = True, **env: str) -> ParleyProcess:
+        name = f"{role}-{len(self.started)}"
+        proc = ParleyProcess(role, self.env(**env), embedded.free_port(), self.tmp / f"{name}.log")
+        self.started.append(proc)
+        return proc.start() if start else proc
+
+    def model(self, **env: str) -> ParleyProcess:
+        """A standalone simulated model (`parley model`), not started yet."""
+        port = embedded.free_port()
+        name = f"model-{len(self.started)}"
+        proc = ParleyProcess(
+            "model", self.env(**env), port, self.tmp / f"{name}.log", extra=["--port", str(port)]
+        )
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop(timeout=15)
+
+
+def small_outbox_server(cluster: Cluster, db: int, tokens: int) -> ParleyProcess:
+    """`parley serve` (not started yet) on Redis database `db` whose sockets' outboxes hold
+    64 KiB, and whose model may reply with up to `tokens` tokens: for slow readers."""
+    return cluster.process(
+        "serve",
+        start=False,
+        REDIS_URL=redis_db(cluster.services.redis_url, db),
+        PARLEY_LIMITS_OUTBOX_BYTES="65536",
+        PARLEY_LLM_MAX_TOKENS=str(tokens + 10),
+        PARLEY_SIMULATOR_MAX_TOKENS=str(tokens + 10),
+    )
+
+
+def start_all(procs: Iterable[ParleyProcess], timeout: float = 90) -> None:
+    """Start processes side by side (each takes seconds to import, more on a busy machine),
+    then wait for each; if one does not come up, stop them all (only these) and raise."""
+    procs = list(procs)
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.start(wait=False)
+        for proc in procs:
+            left = max(deadline - time.monotonic(), 1)
+            if proc.role == "model":
+                wait_model(proc, left)
+            else:
+                proc.wait_ready(left)
+    except BaseException:
+        stop_together(procs)
+        raise
+
+
+def wait_model(proc: ParleyProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.proc is not None
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"parley model exited:\n{proc.log()}")
+        try:
+            model_stats_now(proc)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"parley model not ready:\n{proc.log()}")
+
+
+def model_stats_now(proc: ParleyProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{proc.url}/v1/sim/stats", timeout=2) as response:
+        stats: dict[str, Any] = json.loads(response.read())
+        return stats
+
+
+async def model_stats(proc: ParleyProcess) -> dict[str, Any]:
+    return await asyncio.to_thread(model_stats_now, proc)
+
+
+def alive(procs: Iterable[ParleyProcess]) -> list[ParleyProcess]:
+    return [p for p in procs if p.proc is not None and p.proc.poll() is None]
+
+
+async def stop_all(procs: Iterable[ParleyProcess]) -> None:
+    await asyncio.gather(*(asyncio.to_thread(p.stop, timeout=15) for p in procs))
+
+
+def stop_together(procs: Iterable[ParleyProcess]) -> None:
+    """SIGTERM each (only the processes given) and wait for all, side by side."""
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: p.stop(timeout=15), procs))
+
+
+class Scaled:
+    """2 web + 2 worker processes on their own Redis database, and the standalone simulated
+    model they all use."""
+
+    def __init__(
+        self,
+        webs: list[ParleyProcess],
+        workers: list[ParleyProcess],
+        model: ParleyProcess,
+        redis_url: str,
+    ) -> None:
+        self.webs = webs
+        self.workers = workers
+        self.model = model
+        self.redis_url = redis_url
+
+    def __repr__(self) -> str:
+        return f"Scaled(webs={[w.port for w in self.webs]}, model={self.model.port})"
+
+
+_scaled: dict[int, Scaled] = {}
+
+
+def scaled_cluster(cluster: Cluster) -> Scaled:
+    """The `Scaled` processes, started once per cluster (which stops them) and shared by the
+    tests that do not break them; started again if one of them died."""
+    found = _scaled.get(id(cluster))
+    if found:
+        if len(alive([*found.webs, *found.workers, found.model])) == 5:
+            return found
+        stop_together([*found.webs, *found.workers, found.model])  # no stray consumers
+    model = cluster.model()
+    redis_url = redis_db(cluster.services.redis_url, SCALE_DB)
+    env = {
+        "REDIS_URL": redis_url,
+        "OPENAI_BASE_URL": f"{model.url}/v1",
+        "OPENAI_API_KEY": "sim",
+    }
+    webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+    workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
+    start_all([model, *webs, *workers])
+    _scaled[id(cluster)] = found = Scaled(webs, workers, model, redis_url)
+    return found
+
+
+async def worker_of(redis: Redis, conversation: uuid.UUID) -> int | None:
+    """The pid of the worker running the conversation's generation ("<host>-<pid>")."""
+    owner = await generations.worker(redis, conversation)
+    return None if owner is None else int(owner.rsplit("-", 1)[1])
+
+
+def poll_readyz(url: str, seconds: float) -> list[tuple[float, int | str]]:
+    """GET /readyz every 20 ms: (time, status or the error), until refused a few times."""
+    seen: list[tuple[float, int | str]] = []
+    deadline = time.monotonic() + seconds
+    refused = 0
+    while time.monotonic() < deadline and refused < 3:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=0.5) as response:
+                status: int | str = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            status = type(exc).__name__
+            refused += 1
+        seen.append((time.monotonic(), status))
+        time.sleep(0.02)
+    return seen

@@ -1,0 +1,215 @@
+"""storage/ against the real embedded PostgreSQL: migrations, conversations, and the one
+transaction that records a finished turn (including a regenerate's replaced reply)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from protocol.frames import Conversation, Message, Usage
+from storage import conversations, db, messages
+from storage.messages import FinishedTurn
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def conversation_meta(title: str = "a title", at: datetime = T0) -> Conversation:
+    return Conversation(
+        id=uuid.uuid4(), title=title, system="be brief", model="sim", created_at=at, updated_at=at
+    )
+
+
+def message(role: str, content: str, status: str = "complete", at: datetime = T0) -> Message:
+    usage = Usage(prompt_tokens=7, completion_tokens=3) if role == "assistant" else None
+    model = "sim" if role == "assistant" else None
+    return Message(
+        id=uuid.uuid4(),
+        role=role,  # type: ignore[arg-type]
+        content=content,
+        status=status,  # type: ignore[arg-type]
+        created_at=at,
+        model=model,
+        usage=usage,
+    )
+
+
+def turn(
+    conversation: uuid.UUID,
+    user_seq: int,
+    *,
+    user: Message | None = None,
+    reply: Message | None = None,
+    replaces: uuid.UUID | None = None,
+) -> FinishedTurn:
+    """A finished turn whose `start` is user_seq + 1, one token, `done` at user_seq + 3."""
+    return FinishedTurn(
+        conversation=conversation,
+        user_message=user,
+        user_seq=user_seq,
+        reply=reply or message("assistant", f"reply after seq {user_seq}"),
+        replaces=replaces,
+        finished_at=T0 + timedelta(seconds=user_seq),
+        done_seq=user_seq + 3,
+    )
+
+
+async def new_conversation(pool: asyncpg.Pool, owner: str = "alice") -> Conversation:
+    meta = conversation_meta()
+    await conversations.insert(pool, owner, meta)
+    return meta
+
+
+async def table_names(pool: asyncpg.Pool) -> set[str]:
+    rows = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {r["tablename"] for r in rows}
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+async def test_migrations_apply_once_then_apply_nothing(empty_pool: asyncpg.Pool) -> None:
+    every = [name for _, name, _ in db.migrations()]
+    assert every and every[0] == "001_init.sql"
+    assert await db.migrate(empty_pool) == every
+    assert await db.migrate(empty_pool) == []
+    recorded = await empty_pool.fetch("SELECT version, name FROM schema_migrations ORDER BY 1")
+    assert [(r["version"], r["name"]) for r in recorded] == [
+        (version, name) for version, name, _ in db.migrations()
+    ]
+    assert {"conversations", "messages", "replaced_messages"} <= await table_names(empty_pool)
+
+
+async def test_processes_migrating_at_once_apply_each_migration_once(
+    empty_pool: asyncpg.Pool,
+) -> None:
+    """Web and worker processes start together: the advisory lock lets one apply."""
+    results = await asyncio.gather(*(db.migrate(empty_pool) for _ in range(3)))
+    applied = [name for names in results for name in names]
+    assert sorted(applied) == sorted(name for _, name, _ in db.migrations())
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+async def test_conversation_is_inserted_and_read_back(pool: asyncpg.Pool) -> None:
+    meta = conversation_meta("hello")
+    await conversations.insert(pool, "alice", meta)
+    stored = await conversations.get(pool, meta.id)
+    assert stored is not None
+    assert stored.owner == "alice" and stored.meta == meta and stored.history_seq == 0
+    assert await conversations.get(pool, uuid.uuid4()) is None
+
+
+async def test_list_holds_only_the_owners_conversations_latest_first(pool: asyncpg.Pool) -> None:
+    older = conversation_meta("older", T0)
+    newer = conversation_meta("newer", T0 + timedelta(minutes=1))
+    for meta in (older, newer):
+        await conversations.insert(pool, "alice", meta)
+    await conversations.insert(pool, "bob", conversation_meta("bob's"))
+    listed = await conversations.list_for(pool, "alice")
+    assert [c.meta.title for c in listed] == ["newer", "older"]
+    assert [c.meta.title for c in await conversations.list_for(pool, "alice", limit=1)] == ["newer"]
+    assert await conversations.list_for(pool, "carol") == []
+
+
+async def test_update_changes_only_given_fields_and_only_for_the_owner(pool: asyncpg.Pool) -> None:
+    meta = await new_conversation(pool)
+    later = T0 + timedelta(hours=1)
+    kw = {"system": None, "model": None, "now": later}
+    assert await conversations.update(pool, meta.id, "bob", title="mine", seq=0, **kw) is None
+    updated = await conversations.update(pool, meta.id, "alice", title="renamed", seq=5, **kw)
+    assert updated is not None
+    assert updated.meta.title == "renamed" and updated.meta.system == meta.system
+    assert updated.meta.updated_at == later and updated.meta.last_seq == 5
+    again = await conversations.update(pool, meta.id, "alice", title=None, seq=2, **kw)
+    assert again is not None
+    assert again.meta.title == "renamed" and again.meta.last_seq == 5, "last_seq went back"
+
+
+async def test_delete_is_for_the_owner_and_takes_the_messages_along(pool: asyncpg.Pool) -> None:
+    meta = await new_conversation(pool)
+    assert await messages.save_turn(pool, turn(meta.id, 1, user=message("user", "hi")))
+    assert not await conversations.delete(pool, meta.id, "bob")
+    assert await conversations.get(pool, meta.id) is not None
+    assert await conversations.delete(pool, meta.id, "alice")
+    assert await conversations.get(pool, meta.id) is None
+    assert await messages.history(pool, meta.id) == []
+    assert not await conversations.delete(pool, meta.id, "alice")
+
+
+# --------------------------------------------------------------------------- finished turns
+
+
+async def test_finished_turn_is_saved_with_its_seqs(pool: asyncpg.Pool) -> None:
+    meta = await new_conversation(pool)
+    user = message("user", "hello")
+    reply = message("assistant", "hi there", at=T0 + timedelta(seconds=1))
+    assert await messages.save_turn(pool, turn(meta.id, 1, user=user, reply=reply))
+    assert await messages.history(pool, meta.id) == [user, reply]
+    stored = await conversations.get(pool, meta.id)
+    assert stored is not None
+    assert stored.history_seq == 4 and stored.meta.last_seq == 4
+    assert stored.meta.updated_at == T0 + timedelta(seconds=1)
+
+
+async def test_saving_the_same_turn_again_changes_nothing(pool: asyncpg.Pool) -> None:
+    """The persister may deliver a turn twice (a claimed entry after a crash before its ack)."""
+    meta = await new_conversation(pool)
+    finished = turn(meta.id, 1, user=message("user", "once"))
+    assert await messages.save_turn(pool, finished)
+    assert await messages.save_turn(pool, finished)
+    history = await messages.history(pool, meta.id)
+    assert [m.content for m in history] == ["once", finished.reply.content]
+    count = await pool.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", meta.id)
+    assert count == 2
+
+
+async def test_turn_of_a_deleted_conversation_is_dropped(pool: asyncpg.Pool) -> None:
+    gone = uuid.uuid4()
+    assert not await messages.save_turn(pool, turn(gone, 1, user=message("user", "anyone?")))
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_turn_is_saved_whole_or_not_at_all(pool: asyncpg.Pool) -> None:
+    """The user message and the reply are one transaction: a reply the database refuses
+    takes the user message and the conversation's seqs back with it."""
+    meta = await new_conversation(pool)
+    refused = message("assistant", "half", status="unknown-status")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await messages.save_turn(pool, turn(meta.id, 1, user=message("user", "q"), reply=refused))
+    assert await messages.history(pool, meta.id) == []
+    stored = await conversations.get(pool, meta.id)
+    assert stored is not None and stored.history_seq == 0 and stored.meta.last_seq == 0
+
+
+async def test_regenerate_replaces_the_reply_for_good(pool: asyncpg.Pool) -> None:
+    """A regenerated reply takes its predecessor's place; the predecessor is recorded in
+    replaced_messages, so a late second delivery of the original turn cannot bring it back."""
+    meta = await new_conversation(pool)
+    user = message("user", "a haiku please")
+    first = turn(meta.id, 1, user=user)
+    assert await messages.save_turn(pool, first)
+    second = turn(meta.id, 4, reply=message("assistant", "another haiku"), replaces=first.reply.id)
+    assert await messages.save_turn(pool, second)
+    assert await messages.history(pool, meta.id) == [user, second.reply]
+    replaced = "SELECT count(*) FROM replaced_messages WHERE id = $1"
+    assert await pool.fetchval(replaced, first.reply.id) == 1
+    assert await messages.save_turn(pool, first)  # delivered again
+    assert await messages.history(pool, meta.id) == [user, second.reply]
+    stored = await conversations.get(pool, meta.id)
+    assert stored is not None and stored.history_seq == 7
+
+
+async def test_regenerate_saved_before_the_turn_it_replaces(pool: asyncpg.Pool) -> None:
+    """Turns may reach PostgreSQL out of order: the replaced reply never appears."""
+    meta = await new_conversation(pool)
+    user = message("user", "question")
+    first = turn(meta.id, 1, user=user)
+    second = turn(meta.id, 4, reply=message("assistant", "better"), replaces=first.reply.id)
+    assert await messages.save_turn(pool, second)
+    assert await messages.save_turn(pool, first)
+    assert await messages.history(pool, meta.id) == [user, second.reply]

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from protocol import text
+
 PROTOCOL_VERSION: Final = 1
 SUBPROTOCOL: Final = "parley.v1"
 BEARER_PREFIX: Final = "bearer."
@@ -311,6 +313,8 @@ def _explain(data: bytes | str, exc: msgspec.DecodeError) -> FrameError:
     try:
         raw = _any_decoder.decode(data)
     except msgspec.DecodeError:
+        if (unstorable := text.surrogate_field(data)) is not None:
+            return FrameError("invalid", text.describe(*unstorable))
         return FrameError("bad_frame", "frame is not valid JSON")
     if not isinstance(raw, dict):
         return FrameError("bad_frame", "frame must be a JSON object")

@@ -8,10 +8,16 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
-from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    ValidationException,
+)
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from protocol import frames as f
+from protocol import text
 from protocol.asyncapi import render
 from server.auth import AuthError
 from server.chat import Refused
@@ -70,6 +76,13 @@ def _user(request: Request[Any, Any, Any]) -> str:
         raise NotAuthorizedException(str(exc)) from None
 
 
+def _storable(data: msgspec.Struct) -> None:
+    """Refuse (400, naming the field) a body holding text PostgreSQL cannot store."""
+    unstorable = text.unstorable_field(data)
+    if unstorable is not None:
+        raise ValidationException(text.describe(*unstorable))
+
+
 def _http(exc: Refused) -> HTTPException:
     if exc.code == "not_found":
         return NotFoundException(exc.message)
@@ -90,6 +103,7 @@ class ConversationsController(Controller):
     async def create_conversation(
         self, request: Request[Any, Any, Any], data: NewConversation
     ) -> f.Conversation:
+        _storable(data)
         try:
             return await _runtime(request).chat.create(
                 _user(request), data.title, data.system, data.model
@@ -113,6 +127,7 @@ class ConversationsController(Controller):
     async def change_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: ConversationChange
     ) -> f.Conversation:
+        _storable(data)
         try:
             return await _runtime(request).chat.update(
                 _user(request),

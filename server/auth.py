@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jwt
 
+from protocol import text
 from server.config import AuthSettings
 
 SECRET_FILE = "jwt_secret"
@@ -68,6 +69,8 @@ class Verifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200:
             raise AuthError("invalid token: `sub` must be a non-empty string")
+        if (why := text.problem(sub)) is not None:
+            raise AuthError(f"invalid token: `sub` {why}")
         exp = claims.get("exp")
         expires_at = float(exp) + self.settings.leeway if isinstance(exp, int | float) else None
         return Principal(sub, expires_at)

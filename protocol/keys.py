@@ -81,9 +81,10 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
-def turn_id(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
-    """Remembers a `say` id so that a retry with the same id is not a second turn."""
-    return f"{_conv(conversation)}:say:{message_id}"
+def said(conversation: uuid.UUID | str) -> str:
+    """Set of the conversation's user message ids (every `say` id, and those of the persisted
+    history when loaded), so that a retry with the same id is not a second turn."""
+    return f"{_conv(conversation)}:said"
 
 
 USERS: Final = f"{PREFIX}:users"

@@ -89,6 +89,8 @@ if not head then return {-1, {}} end
 return {tonumber(head), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
 """
 
+# KEYS: meta seq recent persisted said
+# ARGV: meta last_seq ttl history_seq n_recent recent... said_id...
 _LOAD: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local ttl = tonumber(ARGV[3])
@@ -98,8 +100,11 @@ local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 if seq < tonumber(ARGV[2]) then seq = tonumber(ARGV[2]) end
 redis.call('SET', KEYS[2], seq, 'EX', ttl)
 redis.call('DEL', KEYS[3])
-for i = 5, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ttl) end
+local last_recent = 5 + tonumber(ARGV[5])
+for i = 6, last_recent do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if last_recent >= 6 then redis.call('EXPIRE', KEYS[3], ttl) end
+for i = last_recent + 1, #ARGV do redis.call('SADD', KEYS[5], ARGV[i]) end
+if #ARGV > last_recent then redis.call('EXPIRE', KEYS[5], ttl) end
 return 1
 """
 
@@ -179,22 +184,28 @@ class EventLog:
         meta: Conversation,
         last_seq: int,
         history_seq: int,
-        recent: Sequence[Message],
+        history: Sequence[Message],
     ) -> None:
-        """Seed Redis from PostgreSQL unless another process already did."""
+        """Seed Redis from PostgreSQL unless another process already did: the latest messages
+        as context, and every user message id, so that a `say` repeating one is a duplicate
+        however long ago it was said."""
+        recent = history[-RECENT_KEPT:]
         await self._load(
             keys=[
                 keys.meta(meta.id),
                 keys.seq(meta.id),
                 keys.recent(meta.id),
                 keys.persisted(meta.id),
+                keys.said(meta.id),
             ],
             args=[
                 _encoder.encode(CachedMeta(owner, meta)),
                 last_seq,
                 self.ttl,
                 history_seq,
-                *(_encoder.encode(m) for m in recent[-RECENT_KEPT:]),
+                len(recent),
+                *(_encoder.encode(m) for m in recent),
+                *(str(m.id) for m in history if m.role == "user"),
             ],
         )
 
@@ -226,6 +237,7 @@ class EventLog:
             keys.recent(conversation),
             keys.generation(conversation),
             keys.log(conversation),
+            keys.said(conversation),
         )
 
     def append_piece(

@@ -71,17 +71,18 @@ local function start_generation(gen, message_id, lease, turns, job)
 end
 """
 
-# KEYS: seq log channel gen say_id turns recent rate meta
-# ARGV: frame message_json message_id job maxlen ttl turn_limit lease recent_kept
+# KEYS: seq log channel gen said turns recent rate meta
+# ARGV: frame message_json message_id job maxlen ttl turn_limit lease recent_kept say_id
 _ACCEPT: Final = (
     APPEND_FUNCTION
     + _GUARDS
     + """
-if redis.call('EXISTS', KEYS[5]) == 1 then return {'dup'} end
+if redis.call('SISMEMBER', KEYS[5], ARGV[10]) == 1 then return {'dup'} end
 local refused = guards(KEYS[9], KEYS[4], KEYS[8], ARGV[7])
 if refused then return refused end
 local ttl = tonumber(ARGV[6])
-redis.call('SET', KEYS[5], '1', 'EX', ttl)
+redis.call('SADD', KEYS[5], ARGV[10])
+redis.call('EXPIRE', KEYS[5], ttl)
 local seq = append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[5], ttl)
 redis.call('RPUSH', KEYS[7], ARGV[2])
 redis.call('LTRIM', KEYS[7], -tonumber(ARGV[9]), -1)
@@ -156,7 +157,7 @@ class Turns:
                 keys.log(c),
                 keys.channel(c),
                 keys.generation(c),
-                keys.turn_id(c, message.id),
+                keys.said(c),
                 keys.TURNS,
                 keys.recent(c),
                 keys.turn_rate(job.user),
@@ -172,6 +173,7 @@ class Turns:
                 turn_limit,
                 self.lease,
                 RECENT_KEPT,
+                str(message.id),
             ],
         )
         return _accepted(result)

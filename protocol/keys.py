@@ -22,6 +22,11 @@ PERSIST: Final = f"{PREFIX}:persist"
 """Stream of finished turns waiting to be written to PostgreSQL (consumer group `PERSISTERS`)."""
 PERSISTERS: Final = "persisters"
 
+DEADLETTER: Final = f"{PREFIX}:deadletter"
+"""Stream of queue entries that failed permanently, from any queue (`server/deadletter.py`):
+the entry's fields, prefixed `field:`, with `source`, `group`, `entry`, `error`, `attempts`
+and `at`. Shown, retried and dropped by `parley deadletter`."""
+
 CANCEL: Final = f"{PREFIX}:cancel"
 """Channel every worker listens on: the payload is a conversation id to stop generating."""
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final, Literal, get_args
 import msgspec
 from msgspec import Meta, Struct
 
+from protocol import text
 from protocol.jsondepth import MAX_DEPTH, too_deep
 
 PROTOCOL_VERSION: Final = 1
@@ -413,6 +414,8 @@ def _explain(data: bytes | str, exc: msgspec.DecodeError) -> FrameError:
     try:
         raw = _any_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeError, RecursionError):
+        if (unstorable := text.surrogate_field(data)) is not None:
+            return FrameError("invalid", text.describe(*unstorable))
         return FrameError("bad_frame", "frame is not valid JSON")
     if not isinstance(raw, dict):
         return FrameError("bad_frame", "frame must be a JSON object")

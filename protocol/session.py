@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocol import frames as f
+from protocol import text
 
 
 class State(enum.Enum):
@@ -195,6 +196,10 @@ class Session:
             return
         if self.state is not State.READY:
             self._close(CloseCode.UNAUTHORIZED, "the first frame must be `auth`")
+            return
+        if (unstorable := text.unstorable_field(frame)) is not None:
+            ref = None if unstorable[0] == "ref" else frame.ref
+            self._error(f.FrameError("invalid", text.describe(*unstorable), ref))
             return
         if isinstance(frame, f.Say) and len(frame.text) > self.limits.max_text_chars:
             self._error(

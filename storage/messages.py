@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 
 from protocol.frames import Message, Usage
+from protocol.text import scrub
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,13 +26,34 @@ class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime
     done_seq: int = 0
 
+    def storable(self) -> FinishedTurn:
+        """This turn with text PostgreSQL cannot hold (NUL, lone surrogates) replaced by
+        U+FFFD: the text was checked when it came in, but a queued turn is kept, not refused."""
+        user = self.user_message
+        return msgspec.structs.replace(
+            self,
+            user_message=None if user is None else _storable(user),
+            reply=_storable(self.reply),
+        )
+
+
+def _storable(message: Message) -> Message:
+    model = None if message.model is None else scrub(message.model)
+    return msgspec.structs.replace(message, content=scrub(message.content), model=model)
+
 
 _INSERT = (
     "INSERT INTO messages (id, conversation_id, role, content, status, model, usage, seq,"
     " created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
-    " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2)"
-    " AND NOT EXISTS (SELECT 1 FROM replaced_messages WHERE id = $1)"
-    " ON CONFLICT (id) DO NOTHING"
+    " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2){also}"
+    " ON CONFLICT (conversation_id, id) DO NOTHING"
+)
+_INSERT_USER_MESSAGE = _INSERT.format(also="")
+# Only a reply can have been replaced (by a `regenerate`); rows from before replaced replies
+# were scoped to their conversation carry none and match in any.
+_INSERT_REPLY = _INSERT.format(
+    also=" AND NOT EXISTS (SELECT 1 FROM replaced_messages WHERE id = $1"
+    " AND (conversation_id = $2 OR conversation_id IS NULL))"
 )
 
 
@@ -51,7 +73,7 @@ def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, .
 
 
 async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
-    """Record a finished turn in one transaction; idempotent by message id.
+    """Record a finished turn in one transaction; idempotent by (conversation, message id).
 
     Returns False when the conversation no longer exists (it was deleted meanwhile).
     """
@@ -62,14 +84,22 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
         if not exists:
             return False
         if turn.user_message is not None:
-            await conn.execute(_INSERT, *_row(turn.conversation, turn.user_message, turn.user_seq))
+            await conn.execute(
+                _INSERT_USER_MESSAGE, *_row(turn.conversation, turn.user_message, turn.user_seq)
+            )
         if turn.replaces is not None:
             await conn.execute(
-                "INSERT INTO replaced_messages (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                "INSERT INTO replaced_messages (conversation_id, id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                turn.conversation,
                 turn.replaces,
             )
-            await conn.execute("DELETE FROM messages WHERE id = $1", turn.replaces)
-        await conn.execute(_INSERT, *_row(turn.conversation, turn.reply, turn.done_seq))
+            await conn.execute(
+                "DELETE FROM messages WHERE conversation_id = $1 AND id = $2",
+                turn.conversation,
+                turn.replaces,
+            )
+        await conn.execute(_INSERT_REPLY, *_row(turn.conversation, turn.reply, turn.done_seq))
         await conn.execute(
             "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
             " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"

@@ -1,4 +1,4 @@
-"""`parley serve | web | worker | migrate | token | model | load`."""
+"""`parley serve | web | worker | migrate | token | model | load | deadletter`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import uvicorn
+from redis.exceptions import RedisError
 
 from protocol.session import CloseCode
 from server.app.config import ConfigError, Settings, load
@@ -25,6 +27,7 @@ from server.dev import embedded
 from server.dev.simulator import SimulatorStats
 from server.edge.auth import Verifier, load_secret
 from server.edge.entrance import Entrance
+from server.redis.deadletter import DeadLetter, DeadLetters, encode_letter
 
 log = logging.getLogger("parley")
 
@@ -74,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     command("protocol-js", protocol_js, "print the UI's protocol constants (static/protocol.js)")
     load_cmd = command("load", load_command, "drive a load test against a running Parley")
     load_cmd.add_argument("rest", nargs=argparse.REMAINDER)
+    dead = command("deadletter", deadletter, "list, retry or drop queue entries that failed")
+    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the oldest dead letters")
+    listing.add_argument("--count", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    for action, help in (("retry", "put one back on its queue"), ("drop", "discard one")):
+        actions.add_parser(action, help=help).add_argument("id", help="its dead-letter id")
     return parser
 
 
@@ -160,6 +170,55 @@ def load_command(settings: Settings, args: argparse.Namespace) -> None:
     from server.load import main as load_main
 
     load_main(args.rest, settings)
+
+
+def deadletter(settings: Settings, args: argparse.Namespace) -> None:
+    """Show and mend what the queues set aside (server/deadletter.py), in the Redis of
+    REDIS_URL (`parley serve` logs the URL of its embedded one)."""
+    if not settings.redis.url:
+        sys.exit("parley deadletter: set REDIS_URL (or [redis] url) to the Redis Parley uses")
+    try:
+        sys.exit(asyncio.run(_deadletter(settings.redis.url, args)))
+    except (RedisError, OSError) as exc:
+        sys.exit(f"parley deadletter: {exc}")
+
+
+async def _deadletter(url: str, args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    letters = DeadLetters(redis)
+    try:
+        if args.action == "list":
+            for letter in await letters.list(args.count):
+                print(encode_letter(letter).decode() if args.json else _letter_lines(letter))
+            return 0
+        if args.action == "retry":
+            new_id = await letters.retry(args.id)
+            if new_id is None:
+                print(f"no dead letter {args.id}", file=sys.stderr)
+                return 1
+            print(f"{args.id} put back as {new_id}")
+            return 0
+        if not await letters.drop(args.id):
+            print(f"no dead letter {args.id}", file=sys.stderr)
+            return 1
+        print(f"{args.id} dropped")
+        return 0
+    finally:
+        await redis.aclose()
+
+
+def _letter_lines(letter: DeadLetter) -> str:
+    at = datetime.fromtimestamp(letter.at, UTC).isoformat(timespec="seconds")
+    lines = [
+        f"{letter.id}  from {letter.source} (entry {letter.entry}), "
+        f"{letter.attempts} attempts, {at}",
+        f"  error: {letter.error}",
+    ]
+    for name, value in letter.fields.items():
+        lines.append(f"  {name}: {value[:300].decode(errors='replace')!r}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- helpers

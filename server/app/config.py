@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta, Struct
 
+from protocol import text
 from protocol.frames import Limits as WireLimits
 from protocol.jsondepth import too_deep
 
@@ -165,9 +166,21 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     raw = _read_toml(path)
     _overlay_environment(raw, environ)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except (msgspec.ValidationError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    _check_storable(settings, path)
+    return settings
+
+
+def _check_storable(settings: Settings, path: Path) -> None:
+    """Refuse a string setting that holds a NUL or a lone surrogate (an environment variable
+    with bytes that are not UTF-8 decodes to those): the model name, for one, is stored."""
+    for section in Settings.__struct_fields__:
+        unstorable = text.unstorable_field(getattr(settings, section))
+        if unstorable is not None:
+            name, why = unstorable
+            raise ConfigError(f"{path}: [{section}] {text.describe(name, why)}")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

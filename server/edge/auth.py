@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jwt
 
+from protocol import text
 from protocol.frames import MAX_SEQ, MAX_TOKEN_CHARS
 from protocol.jsondepth import too_deep
 from server.app.config import AuthSettings
@@ -77,6 +78,8 @@ class Verifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200:
             raise AuthError("invalid token: `sub` must be a non-empty string")
+        if (why := text.problem(sub)) is not None:
+            raise AuthError(f"invalid token: `sub` {why}")
         return Principal(sub, self._expiry(claims.get("exp")))
 
     def _expiry(self, exp: object) -> float | None:

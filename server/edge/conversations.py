@@ -176,16 +176,19 @@ class Conversations:
     ) -> f.Conversation:
         await self.owned(user, conversation)
         head = await self.events.head(conversation)
-        row = await stored_conversations.update(
-            self.pool,
-            conversation,
-            user,
-            title=title,
-            system=system,
-            model=model,
-            seq=max(head, 0) + 1,
-            now=f.utcnow(),
-        )
+        try:
+            row = await stored_conversations.update(
+                self.pool,
+                conversation,
+                user,
+                title=title,
+                system=system,
+                model=model,
+                seq=max(head, 0) + 1,
+                now=f.utcnow(),
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "the database") from None
         if row is None:
             raise not_found()
         meta = msgspec.structs.replace(row.meta, last_seq=max(head, 0) + 1)

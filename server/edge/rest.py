@@ -11,11 +11,17 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    ValidationException,
+)
 from litestar.handlers import BaseRouteHandler
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from protocol import frames as f
+from protocol import text
 from protocol.asyncapi import render
 from protocol.jsondepth import MAX_DEPTH, too_deep
 from server.app.runtime import Runtime
@@ -102,6 +108,13 @@ def _answers(doing: str) -> Iterator[None]:
         raise _http(refusal(exc, doing)) from None
 
 
+def _storable(data: msgspec.Struct) -> None:
+    """Refuse (400, naming the field) a body holding text PostgreSQL cannot store."""
+    unstorable = text.unstorable_field(data)
+    if unstorable is not None:
+        raise ValidationException(text.describe(*unstorable))
+
+
 def _http(exc: Refused) -> HTTPException:
     if exc.code == "not_found":
         return NotFoundException(exc.message)
@@ -121,6 +134,7 @@ class ConversationsController(Controller):
     async def create_conversation(
         self, request: Request[Any, Any, Any], data: NewConversation
     ) -> f.Conversation:
+        _storable(data)
         with _answers("POST /api/conversations"):
             return await _runtime(request).conversations.create(
                 _user(request), data.title, data.system, data.model
@@ -140,6 +154,7 @@ class ConversationsController(Controller):
     async def change_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: ConversationChange
     ) -> f.Conversation:
+        _storable(data)
         with _answers("PATCH /api/conversations/{id}"):
             return await _runtime(request).conversations.update(
                 _user(request),

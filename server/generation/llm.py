@@ -13,6 +13,7 @@ import msgspec
 import openai
 
 from protocol.frames import Count, DoneReason, Usage
+from protocol.text import scrub
 from server.app.config import LLMSettings
 
 SIMULATED_KEY = "parley-simulated"
@@ -78,7 +79,10 @@ class LLM:
         self, model: str, messages: list[dict[str, str]]
     ) -> AsyncIterator[Piece | Finished]:
         """Yield the reply's text pieces, then one Finished. Closing the iterator early
-        closes the HTTP response, which is how the upstream model learns of a cancel."""
+        closes the HTTP response, which is how the upstream model learns of a cancel.
+
+        The model's text is kept whatever it holds: a NUL or a lone surrogate (which the
+        JSON decoder lets through) becomes U+FFFD, so that it can be sent and stored."""
         stream = await self.client.chat.completions.create(  # type: ignore[call-overload]
             model=model,
             messages=messages,
@@ -95,7 +99,7 @@ class LLM:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices or ():
                     if choice.delta is not None and choice.delta.content:
-                        yield Piece(choice.delta.content)
+                        yield Piece(scrub(choice.delta.content))
                     if choice.finish_reason == "length":
                         reason = "length"
         yield Finished(reason, usage)

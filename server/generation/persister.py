@@ -2,7 +2,9 @@
 
 Each entry is written in one transaction, idempotently (message ids were chosen before the
 write), and acknowledged only after the commit: PostgreSQL being down delays persistence and
-loses nothing. Entries left pending by a persister that died are claimed by another.
+loses nothing. Entries left pending by a persister that died are claimed by another. An entry
+that cannot be written (malformed, or refused by PostgreSQL) goes to the dead-letter stream
+after a few attempts (server/deadletter.py), so it never holds up the turns after it.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.redis import keys
+from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
 from server.redis.streams import ConsumerGroup, consumer_name
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")
 
-RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0)
 CLAIM_IDLE_MS = 10_000
 CLAIM_EVERY = 5.0
 
@@ -40,6 +42,7 @@ class Persister:
         self.name = name or consumer_name()
         self.group = ConsumerGroup(redis, keys.PERSIST, keys.PERSISTERS, self.name)
         self.saved = 0
+        self.dead_letters = DeadLetters(redis)
         self._stopping = False
 
     async def run(self) -> None:
@@ -68,31 +71,20 @@ class Persister:
 
     async def _persist(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
-            turn = _turn_decoder.decode(fields[b"turn"])
-            turn = msgspec.structs.replace(turn, done_seq=int(fields[b"done_seq"]))
-        except (KeyError, ValueError, msgspec.DecodeError):
-            log.error("dropping malformed finished turn %s", entry_id)
-            await self._ack(entry_id)
+            turn = await attempt(lambda: self._save(fields), f"finished turn {entry_id.decode()}")
+        except Poisoned as failure:
+            await self.dead_letters.bury(keys.PERSIST, keys.PERSISTERS, entry_id, fields, failure)
             return
-        await self._save(turn)
         with contextlib.suppress(RedisError, OSError):
             await self.events.mark_persisted(turn.conversation, turn.done_seq)
         await self._ack(entry_id)
 
-    async def _save(self, turn: FinishedTurn) -> None:
-        """Retry until the commit succeeds: a database outage only delays the write."""
-        attempt = 0
-        while True:
-            try:
-                if not await save_turn(self.pool, turn):
-                    log.info("conversation %s is gone; turn dropped", turn.conversation)
-                self.saved += 1
-                return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                if attempt == 0:
-                    log.warning("cannot write turn (%s); retrying until the database is back", exc)
-                await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                attempt += 1
+    async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
+        turn = _decode(fields)
+        if not await save_turn(self.pool, turn.storable()):
+            log.info("conversation %s is gone; turn dropped", turn.conversation)
+        self.saved += 1
+        return turn
 
     async def _ack(self, entry_id: bytes) -> None:
         while True:
@@ -102,3 +94,11 @@ class Persister:
             except (RedisError, OSError) as exc:
                 log.warning("cannot acknowledge turn (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+
+
+def _decode(fields: dict[bytes, bytes]) -> FinishedTurn:
+    try:
+        turn = _turn_decoder.decode(fields[b"turn"])
+        return msgspec.structs.replace(turn, done_seq=int(fields[b"done_seq"]))
+    except (KeyError, ValueError, msgspec.DecodeError) as exc:
+        raise Malformed(f"not a finished turn: {exc}") from exc

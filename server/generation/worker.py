@@ -9,6 +9,10 @@ an index so that a batch retried after a broken connection appends nothing twice
 A worker keeps a heartbeat key alive. A turn whose worker lost its heartbeat (killed,
 partitioned) is claimed by another worker and generated again from the start under the same
 message id: clients get a second `start` for that id and discard the partial text.
+
+A turn that fails is retried as server/deadletter.py says (an outage for as long as it lasts, a
+permanent failure a few times, each try continuing as a takeover would); one that still fails,
+or a job that cannot be read, goes to the dead-letter stream and the worker moves on.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from protocol.transcript import status_of
 from server.app.config import Settings
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
+from server.edge.failures import Refused
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
+from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
@@ -96,6 +102,7 @@ class Worker:
         self._draining = False
         self._background: list[asyncio.Task[None]] = []
         self.taken_over = 0
+        self.dead_letters = DeadLetters(redis)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,20 +168,35 @@ class Worker:
         self._slot_freed.set()
 
     async def _run_job(self, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool) -> None:
+        tries = 0
+
+        async def handle() -> None:
+            nonlocal tries
+            tries += 1  # a second try continues the first's pieces, as a takeover does
+            await self._handle(fields, takeover or tries > 1)
+
+        try:
+            await attempt(handle, f"turn {entry_id.decode()}")
+        except Poisoned as failure:
+            await self.dead_letters.bury(keys.TURNS, keys.WORKERS, entry_id, fields, failure)
+            return
+        except asyncio.CancelledError:
+            log.warning("turn %s handed back at shutdown", entry_id.decode())
+            raise
+        await self._ack(entry_id)
+
+    async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> None:
         try:
             job = _job_decoder.decode(fields[b"job"])
-        except (KeyError, msgspec.DecodeError):
-            log.error("dropping malformed turn %s", entry_id)
-            await self._ack(entry_id)
-            return
+        except (KeyError, msgspec.DecodeError) as exc:
+            raise Malformed(f"not a turn: {exc}") from exc
         try:
             await self._generate(job, takeover)
-        except asyncio.CancelledError:
-            log.warning("generation in %s handed back at shutdown", job.conversation)
-            raise
-        except Exception:
-            log.exception("generation in %s failed", job.conversation)
-        await self._ack(entry_id)
+        except Refused as exc:
+            if exc.code == "not_found":
+                log.info("conversation %s is gone; turn dropped", job.conversation)
+                return
+            raise Transient(exc.message) from exc
 
     async def _ack(self, entry_id: bytes) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -103,19 +103,23 @@ class EventLog:
         meta: Conversation,
         last_seq: int,
         history_seq: int,
-        recent: Sequence[Message],
+        history: Sequence[Message],
     ) -> None:
-        """Seed Redis from PostgreSQL unless another process already did."""
+        """Seed Redis from PostgreSQL unless another process already did: the latest messages
+        as context, and every user message id, so that a `say` repeating one is a duplicate
+        however long ago it was said."""
         await self._load(
             meta_key=keys.meta(meta.id),
             seq_key=keys.seq(meta.id),
             recent_key=keys.recent(meta.id),
             persisted_key=keys.persisted(meta.id),
+            said_key=keys.said(meta.id),
             meta=_encoder.encode(CachedMeta(owner, meta)),
             last_seq=last_seq,
             ttl=self.ttl,
             persisted=history_seq,
-            messages=[_encoder.encode(m) for m in recent[-RECENT_KEPT:]],
+            said_ids=" ".join(str(m.id) for m in history if m.role == "user"),
+            messages=[_encoder.encode(m) for m in history[-RECENT_KEPT:]],
         )
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
@@ -146,7 +150,12 @@ class EventLog:
 
     async def forget(self, conversation: uuid.UUID) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(keys.meta(conversation), keys.recent(conversation), keys.log(conversation))
+        pipe.delete(
+            keys.meta(conversation),
+            keys.recent(conversation),
+            keys.log(conversation),
+            keys.said(conversation),
+        )
         generations.clear(pipe, conversation)
         await pipe.execute()
 

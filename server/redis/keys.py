@@ -35,6 +35,11 @@ PERSIST: Final = f"{PREFIX}:persist"
 """Stream of finished turns waiting to be written to PostgreSQL (consumer group `PERSISTERS`)."""
 PERSISTERS: Final = "persisters"
 
+DEADLETTER: Final = f"{PREFIX}:deadletter"
+"""Stream of queue entries that failed permanently, from any queue (`server/deadletter.py`):
+the entry's fields, prefixed `field:`, with `source`, `group`, `entry`, `error`, `attempts`
+and `at`. Shown, retried and dropped by `parley deadletter`."""
+
 CANCEL: Final = f"{PREFIX}:cancel"
 """Channel every worker listens on: the payload is a conversation id to stop generating."""
 
@@ -93,9 +98,10 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
-def turn_id(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
-    """Remembers a `say` id so that a retry with the same id is not a second turn."""
-    return f"{_conv(conversation)}:say:{message_id}"
+def said(conversation: uuid.UUID | str) -> str:
+    """Set of the conversation's user message ids (every `say` id, and those of the persisted
+    history when loaded), so that a retry with the same id is not a second turn."""
+    return f"{_conv(conversation)}:said"
 
 
 USERS: Final = f"{PREFIX}:users"

@@ -81,7 +81,7 @@ class Turns:
         result = await self._say(
             **event_keys(c),
             gen_key=keys.generation(c),
-            say_id_key=keys.turn_id(c, message.id),
+            said_key=keys.said(c),
             recent_key=keys.recent(c),
             meta_key=keys.meta(c),
             turns_key=keys.TURNS,
@@ -95,6 +95,7 @@ class Turns:
             turn_limit=turn_limit,
             lease=self.lease,
             recent_kept=RECENT_KEPT,
+            say_id=str(message.id),
         )
         return _accepted(result)
 

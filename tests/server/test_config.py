@@ -42,6 +42,9 @@ def test_environment_overrides() -> None:
         ("", {"PARLEY_LIMITS_NOPE": "1"}, "PARLEY_LIMITS_NOPE"),
         ("", {"PARLEY_BOGUS_KEY": "1"}, "PARLEY_BOGUS_KEY"),
         ("", {"PORT": "eighty"}, "port"),
+        ('[llm]\nmodel = "sim\\u0000"\n', {}, "`model` holds a NUL"),
+        ("", {"PARLEY_LLM_MODEL": "sim\udcff"}, "`model` holds a lone UTF-16 surrogate"),
+        ("", {"PARLEY_SERVER_ALLOWED_ORIGINS": "a,b\x00"}, "`allowed_origins` holds a NUL"),
     ],
 )
 def test_unknown_keys_and_wrong_types_name_the_key(

@@ -1,4 +1,5 @@
--- say: accept a user's turn. Refuses a `say` id already seen ({'dup'}), an unloaded
+-- say: accept a user's turn. Refuses a `say` id already in the conversation's set of user
+-- message ids ({'dup'}), an unloaded
 -- conversation, a busy one, a user over the turn rate (see lib_turn_guards.lua); otherwise
 -- appends the user's `message` event, keeps the message for the model's context, marks the
 -- conversation as generating and queues the job (with the message's seq) on the turns
@@ -10,7 +11,7 @@ local log_key = KEYS[2]
 local channel = KEYS[3]
 local persisted_key = KEYS[4]
 local gen_key = KEYS[5]
-local say_id_key = KEYS[6]
+local said_key = KEYS[6] -- the conversation's user message ids
 local recent_key = KEYS[7]
 local meta_key = KEYS[8]
 local turns_key = KEYS[9]
@@ -24,11 +25,13 @@ local ttl = tonumber(ARGV[6])
 local turn_limit = tonumber(ARGV[7])
 local lease = tonumber(ARGV[8])
 local recent_kept = tonumber(ARGV[9])
+local say_id = ARGV[10]
 
-if redis.call('EXISTS', say_id_key) == 1 then return {'dup'} end
+if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit)
 if refused then return refused end
-redis.call('SET', say_id_key, '1', 'EX', ttl)
+redis.call('SADD', said_key, say_id)
+redis.call('EXPIRE', said_key, ttl)
 local seq = append_event(seq_key, log_key, channel, persisted_key, frame, maxlen, ttl)
 redis.call('RPUSH', recent_key, message)
 redis.call('LTRIM', recent_key, -recent_kept, -1)

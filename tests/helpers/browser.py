@@ -82,10 +82,14 @@ class BrowserTab:
         )
 
     async def raw(self, message_id: str) -> str | None:
-        """The text this tab holds for a message (the client's transcript, not the DOM)."""
+        """The text this tab holds for a message (the client's transcript, not the DOM).
+
+        Tests read the page's state the way its own modules do, by importing store.js (the
+        page puts nothing on `window`)."""
         result: str | None = await self.page.evaluate(
-            """(id) => {
-                for (const t of window.parley.transcripts.values()) {
+            """async (id) => {
+                const { store } = await import("/store.js");
+                for (const t of store.transcripts()) {
                     const m = t.find(id);
                     if (m) return m.content;
                 }

@@ -56,6 +56,7 @@ async def test_sign_in_send_and_stream(
     assert await page.evaluate("sessionStorage.getItem('parley.token')")
     assert await page.locator("#sim-badge").is_visible()
     assert await page.locator("#user-name").inner_text() == user
+    assert await page.evaluate("window.parley") is None, "the page keeps its state off window"
 
     conversation = await tab.new_conversation()
     await tab.send(CODE_PROMPT)
@@ -268,8 +269,9 @@ async def test_html_in_turns_and_replies_is_shown_as_text(
 
     # a reply: fed through the page's real event path as if the model had written it
     await page.evaluate(
-        """(payload) => {
-            const t = window.parley.transcripts.get(location.hash.slice(4));
+        """async (payload) => {
+            const { store } = await import("/store.js");
+            const t = store.transcript(location.hash.slice(4));
             const id = crypto.randomUUID();
             let seq = t.lastSeq;
             const c = t.id;
@@ -281,7 +283,7 @@ async def test_html_in_turns_and_replies_is_shown_as_text(
                 { type: "done", conversation: c, seq: ++seq, message_id: id, reason: "stop" },
             ];
             for (const frame of frames) {
-                window.parley.conn.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
+                store.connection.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
             }
         }""",
         XSS,
@@ -316,13 +318,21 @@ async def rejoined(sent: list[str], after: int) -> None:
         await asyncio.sleep(0.05)
 
 
-HELD = "window.parley.transcripts.get(window.parley.active).lastSeq"
-GAP = """() => {
-    const t = window.parley.transcripts.get(window.parley.active);
+# The page's store, imported as its modules import it (see Tab.raw).
+HELD = """async () => {
+    const { store } = await import("/store.js");
+    return store.activeTranscript().lastSeq;
+}"""
+GAP = """async () => {
+    const { store } = await import("/store.js");
+    const t = store.activeTranscript();
     const frame = { type: "token", conversation: t.id, seq: t.lastSeq + 2,
                     message_id: crypto.randomUUID(), text: "from further on" };
-    window.parley.conn.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
+    store.connection.dispatchEvent(new CustomEvent("frame", { detail: { frame } }));
 }"""
+# For wait_for_function, whose predicate cannot await: the test (not the page) keeps the
+# imported store on `window.parleyStore`.
+HOLD_STORE = """async () => { window.parleyStore = (await import("/store.js")).store; }"""
 
 
 async def test_network_loss_then_rejoin_with_after(
@@ -366,10 +376,9 @@ async def test_chat_goes_on_after_a_gap_rejoin(
     tab = await open_tab(context, parley, user)
     await tab.send("[sim:tokens=5] One")
     await tab.wait_replies(1)
+    await tab.page.evaluate(HOLD_STORE)
     await tab.page.evaluate(GAP)
-    await tab.page.wait_for_function(
-        "window.parley.transcripts.get(window.parley.active).joined === 'yes'"
-    )
+    await tab.page.wait_for_function("window.parleyStore.activeTranscript().joined === 'yes'")
     await tab.send("[sim:tokens=5] Two")
     await tab.wait_replies(2, timeout=1000)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from server import embedded
 from server.app import configure_logging, create_app
 from server.auth import Verifier, load_secret
 from server.config import ConfigError, Settings, load
+from server.edge import BoundedHttp, EdgeLimits
 from server.runtime import Runtime
 from server.simulator import SimulatorStats
 from server.ws import Entrance
@@ -148,7 +150,13 @@ def model(settings: Settings, args: argparse.Namespace) -> None:
         )
     )
     print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        **_protocols(None, settings),
+    )
 
 
 def asyncapi(settings: Settings, args: argparse.Namespace) -> None:
@@ -243,7 +251,7 @@ def _run_uvicorn(
         app,
         host=settings.server.host,
         port=settings.server.port,
-        **_protocols(runtime),
+        **_protocols(runtime, settings),
         loop="auto",  # uvloop where installed
         lifespan="on",
         access_log=False,
@@ -256,13 +264,17 @@ def _run_uvicorn(
         sys.exit("parley: the server did not start (see the log above)")
 
 
-def _protocols(runtime: Runtime | None) -> dict[str, Any]:
-    """uvicorn's `http` and `ws` settings: in a web process, Parley's own (`server.ws`), so
-    that connections whose first request is for `/ws` skip uvicorn's HTTP layer."""
+def _protocols(runtime: Runtime | None, settings: Settings) -> dict[str, Any]:
+    """uvicorn's `http` and `ws` settings: HTTP bounded at the edge (`server.edge`); in a web
+    process, Parley's own sockets (`server.ws`), so that connections whose first request is
+    for `/ws` skip uvicorn's HTTP layer."""
+    s = settings.server
+    limits = EdgeLimits(request_timeout=s.request_timeout, max_body_bytes=s.max_body_bytes)
+    options: dict[str, Any] = {"timeout_keep_alive": s.keep_alive_timeout}
     if runtime is None or not runtime.web:
-        return {"http": "httptools", "ws": "none"}
-    entrance = Entrance(lambda: runtime.hub)
-    return {"http": entrance.http, "ws": entrance.ws}
+        return {**options, "http": functools.partial(BoundedHttp, limits), "ws": "none"}
+    entrance = Entrance(lambda: runtime.hub, limits)
+    return {**options, "http": entrance.http, "ws": entrance.ws}
 
 
 def _loopback(host: str) -> str:

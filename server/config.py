@@ -34,10 +34,14 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     port: int = 8000
     data_dir: str = ".parley"
     allowed_origins: list[str] = []
+    trust_forwarded_proto: bool = False
     shutdown_grace: float = 5.0
     drain_delay: float = 1.0
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
+    request_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_body_bytes: int = 1_048_576
     log_level: str = "info"
 
 

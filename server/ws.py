@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from redis.exceptions import RedisError
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
@@ -41,6 +40,7 @@ from protocol.session import Action, Close, CloseCode, Command, Reply, Session, 
 from server.auth import AuthError, Principal
 from server.bus import BusUnavailable
 from server.chat import Refused
+from server.edge import BoundedHttp, EdgeLimits
 from server.hub import PATH, Hub
 from server.watch import Watch
 
@@ -50,8 +50,6 @@ CLOSE_TIMEOUT: Final = 5.0
 """After sending a close frame, how long the client has to answer before the TCP connection
 is cut (it may have stopped reading)."""
 SOCKET_REQUEST: Final = b"GET " + PATH.encode()
-HANDSHAKE_TIMEOUT: Final = 10.0
-"""How long a new connection has to send its whole upgrade request."""
 RECHECK: Final = 0.02
 """How soon an auth window that a timer found not quite over is checked again."""
 MAX_QUEUED: Final = 32
@@ -64,11 +62,12 @@ class Entrance:
     layer, one that came after other requests on a kept-alive connection. The hub exists
     once the app's lifespan has started, before uvicorn takes connections."""
 
-    def __init__(self, hub: Callable[[], Hub | None]) -> None:
+    def __init__(self, hub: Callable[[], Hub | None], limits: EdgeLimits) -> None:
         self.hub = hub
+        self.limits = limits
 
     def http(self, **uvicorn_args: Any) -> FrontDoor:
-        return FrontDoor(self.hub, uvicorn_args)
+        return FrontDoor(self.hub, self.limits, uvicorn_args)
 
     def ws(self, **_: Any) -> Connection:
         hub = self.hub()
@@ -81,12 +80,16 @@ class FrontDoor(asyncio.Protocol):
     """A new connection, until its first bytes say what it is: a request for `/ws` makes it
     a socket at once, with no HTTP layer before the WebSocket one (uvicorn's request parsing
     and its hand-over cost a seventh of a connection's set-up); anything else goes to
-    uvicorn's httptools protocol as if it had had the connection from the start."""
+    uvicorn's httptools protocol, bounded (`server.edge.BoundedHttp`), as if it had had the
+    connection from the start: the request's deadline counts from the connection's opening."""
 
-    __slots__ = ("_head", "_hub", "_timer", "_transport", "_uvicorn_args")
+    __slots__ = ("_head", "_hub", "_limits", "_timer", "_transport", "_uvicorn_args")
 
-    def __init__(self, hub: Callable[[], Hub | None], uvicorn_args: dict[str, Any]) -> None:
+    def __init__(
+        self, hub: Callable[[], Hub | None], limits: EdgeLimits, uvicorn_args: dict[str, Any]
+    ) -> None:
         self._hub = hub
+        self._limits = limits
         self._uvicorn_args = uvicorn_args
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -95,7 +98,7 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._transport.abort)
+        self._timer = loop.call_later(self._limits.request_timeout, self._transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -109,14 +112,15 @@ class FrontDoor(asyncio.Protocol):
         hub = self._hub()
         protocol: asyncio.Protocol
         after = head[len(SOCKET_REQUEST) : len(SOCKET_REQUEST) + 1]
+        timer = self._timer
+        assert timer is not None
+        timer.cancel()
         if hub is not None and head.startswith(SOCKET_REQUEST) and after in (b" ", b"?"):
             protocol = Connection(hub)
         else:
-            protocol = HttpToolsProtocol(**self._uvicorn_args)
+            protocol = BoundedHttp(self._limits, timer.when(), **self._uvicorn_args)
         transport = self._transport
         assert transport is not None
-        if self._timer is not None:
-            self._timer.cancel()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(head)
@@ -175,7 +179,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        timeout = self.hub.settings.server.request_timeout  # the whole upgrade request
+        self._expiry = loop.call_later(timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ kept-alive connection, which goes through uvicorn's HTTP layer), and refusals.""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -124,13 +125,32 @@ async def test_frames_sent_with_the_upgrade_request_are_read(parley: ParleyProce
 async def test_a_text_frame_that_is_not_utf8_gets_an_error(parley: ParleyProcess) -> None:
     reader, writer = await open_raw(parley, new_user())
     try:
+        await server_frames(reader, 1)  # ready: before it, anything but `auth` closes 4401
         writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"\xff"}'))
         writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"after"}'))
-        _, error, pong = (f.decode_server(fr.data) for fr in await server_frames(reader, 3))
+        error, pong = (f.decode_server(fr.data) for fr in await server_frames(reader, 2))
         assert isinstance(error, f.Error) and error.code == "bad_frame"
         assert isinstance(pong, f.Pong) and pong.ref == "after"
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [client_frame(Opcode.BINARY, b"\x00\x01"), client_frame(Opcode.TEXT, b"not json")],
+    ids=["binary", "not-json"],
+)
+async def test_garbage_before_auth_closes_4401_at_once(parley: ParleyProcess, first: bytes) -> None:
+    """Not an error and a 4408 when the auth window (5 s) ends: a 4401 now."""
+    started = time.monotonic()
+    reader, writer = await open_raw(parley, new_user(), first=first)
+    try:
+        [close] = await server_frames(reader, 1)
+    finally:
+        writer.close()
+    assert close.opcode is Opcode.CLOSE
+    assert int.from_bytes(close.data[:2], "big") == 4401
+    assert time.monotonic() - started < 2
 
 
 async def test_a_command_sent_just_before_the_clients_close_still_runs(

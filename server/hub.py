@@ -134,20 +134,36 @@ class Hub:
 
     # ------------------------------------------------------------------ upgrade policy
 
-    def check_upgrade(self, request: UpgradeRequest) -> None:
+    def check_upgrade(self, request: UpgradeRequest, transport: asyncio.BaseTransport) -> None:
         """Raise `Refusal` (with the HTTP status to answer) unless the upgrade may proceed."""
         if urlsplit(request.target).path != PATH:
             raise Refusal(404, f"no WebSocket endpoint here; use {PATH}")
         if not self.accepting:
             raise Refusal(503, "server restarting; connect again")
-        if not self._origin_allowed(request):
+        if not self._origin_allowed(request, transport):
             raise Refusal(403, "Origin not allowed")
 
-    def _origin_allowed(self, request: UpgradeRequest) -> bool:
+    def _origin_allowed(self, request: UpgradeRequest, transport: asyncio.BaseTransport) -> bool:
+        """No Origin (not a browser), a listed one, or the page's own: same host and port,
+        and the same scheme as the browser used to reach this server."""
         origin = request.header(b"origin")
         if origin is None or origin in self.settings.server.allowed_origins:
             return True
-        return urlsplit(origin).netloc == request.header(b"host")
+        parts = urlsplit(origin)
+        host = request.header(b"host") or ""
+        return parts.netloc.lower() == host.lower() and parts.scheme == self._scheme(
+            request, transport
+        )
+
+    def _scheme(self, request: UpgradeRequest, transport: asyncio.BaseTransport) -> str:
+        """The connection's own scheme or, behind a TLS-terminating proxy trusted by
+        `server.trust_forwarded_proto`, the first value of its X-Forwarded-Proto (the
+        connection Parley sees is plain HTTP while the browser's page is https)."""
+        if self.settings.server.trust_forwarded_proto:
+            forwarded = request.header(b"x-forwarded-proto")
+            if forwarded:
+                return forwarded.split(",")[0].strip().lower()
+        return "https" if transport.get_extra_info("sslcontext") is not None else "http"
 
     def query_token(self, request: UpgradeRequest) -> str | None:
         if not self.settings.auth.allow_query_token:

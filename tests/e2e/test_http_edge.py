@@ -1,6 +1,7 @@
 """The HTTP edge against a running web process, over raw TCP sockets: every request has a
 deadline (1 s here), a 16 KiB head and a bounded body, on every route and on every request of
-a kept-alive connection; an idle kept-alive connection is closed (1 s here)."""
+a kept-alive connection; an idle kept-alive connection is closed (1 s here). The process
+trusts X-Forwarded-Proto, as one behind a TLS-terminating proxy would."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.conftest import Cluster, ParleyProcess, mint, new_user
 from tests.e2e.test_scale import rss_kib
+from tests.e2e.test_upgrade import origin_status
 
 DEADLINE = 1.0
 KEEP_ALIVE = 1.0
@@ -29,6 +31,7 @@ def edge(cluster: Cluster) -> Iterator[ParleyProcess]:
         PARLEY_SERVER_REQUEST_TIMEOUT=str(DEADLINE),
         PARLEY_SERVER_KEEP_ALIVE_TIMEOUT=str(KEEP_ALIVE),
         PARLEY_SERVER_MAX_BODY_BYTES=str(MAX_BODY),
+        PARLEY_SERVER_TRUST_FORWARDED_PROTO="true",
     )
     yield web
     web.stop()
@@ -213,6 +216,22 @@ async def test_a_body_within_the_limit_is_served(edge: ParleyProcess) -> None:
     finally:
         writer.close()
     assert status(head) == 201, head
+
+
+@pytest.mark.parametrize(
+    ("origin", "forwarded", "status"),
+    [
+        ("https://127.0.0.1:{port}", "https", 101),
+        ("https://127.0.0.1:{port}", "https, http", 101),
+        ("http://127.0.0.1:{port}", "https", 403),
+        ("https://127.0.0.1:{port}", None, 403),
+        ("http://127.0.0.1:{port}", None, 101),
+    ],
+)
+async def test_behind_a_trusted_proxy_the_origin_scheme_is_the_forwarded_one(
+    edge: ParleyProcess, origin: str, forwarded: str | None, status: int
+) -> None:
+    assert await origin_status(edge.port, origin, forwarded) == status
 
 
 def test_no_unhandled_exception_in_the_edge_log(edge: ParleyProcess) -> None:

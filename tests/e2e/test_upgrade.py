@@ -81,6 +81,38 @@ async def test_bad_upgrade_requests_get_an_http_status(
     assert response.startswith(f"HTTP/1.1 {status} ".encode()), response
 
 
+async def origin_status(port: int, origin: str, forwarded: str | None) -> int:
+    """The status an upgrade with `Host: 127.0.0.1:port`, `Origin: origin` (`{port}` filled
+    in) and, when given, `X-Forwarded-Proto: forwarded` gets."""
+    headers = f"Origin: {origin.format(port=port)}\r\n"
+    if forwarded is not None:
+        headers += f"X-Forwarded-Proto: {forwarded}\r\n"
+    request = UPGRADE.format(token=mint(new_user()))
+    request = request.replace("Host: 127.0.0.1", f"Host: 127.0.0.1:{port}")[:-2] + headers
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode() + b"\r\n")
+        head = await read_head(reader)
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("origin", "forwarded", "status"),
+    [
+        ("http://127.0.0.1:{port}", None, 101),
+        ("https://127.0.0.1:{port}", None, 403),
+        ("https://127.0.0.1:{port}", "https", 403),  # not trusted unless configured
+        ("http://127.0.0.1:1", None, 403),
+    ],
+)
+async def test_origin_must_match_scheme_host_and_port(
+    parley: ParleyProcess, origin: str, forwarded: str | None, status: int
+) -> None:
+    assert await origin_status(parley.port, origin, forwarded) == status
+
+
 def client_frame(opcode: Opcode, payload: bytes) -> bytes:
     return Frame(opcode, payload).serialize(mask=True)
 

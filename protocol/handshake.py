@@ -32,6 +32,7 @@ _WANTED: Final = frozenset(
         b"sec-websocket-key",
         b"sec-websocket-version",
         b"sec-websocket-protocol",
+        b"x-forwarded-proto",
     }
 )
 

@@ -89,6 +89,8 @@ class Command:
 
 Action = Reply | Close | Verify | Command
 
+FIRST_FRAME_AUTH = "the first frame must be `auth`"
+
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
@@ -195,7 +197,7 @@ class Session:
             self._actions.append(Verify(frame.token, frame.ref))
             return
         if self.state is not State.READY:
-            self._close(CloseCode.UNAUTHORIZED, "the first frame must be `auth`")
+            self._close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)
             return
         if (unstorable := text.unstorable_field(frame)) is not None:
             ref = None if unstorable[0] == "ref" else frame.ref
@@ -221,6 +223,11 @@ class Session:
             self._actions.append(Command(frame))
 
     def _bad(self, exc: f.FrameError) -> None:
+        """An undecodable or invalid frame: an error, and after too many in a row a close;
+        before `ready`, where only `auth` may come, a close at once, as for any other frame."""
+        if self.state is not State.READY:
+            self._close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)
+            return
         self._bad_in_a_row += 1
         if self._bad_in_a_row >= self.limits.bad_frames_before_close:
             self._close(CloseCode.PROTOCOL, "too many bad frames")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from server.dev import embedded
 from server.dev.simulator import SimulatorStats
 from server.edge.auth import Verifier, load_secret
 from server.edge.entrance import Entrance
+from server.edge.http import BoundedHttp, EdgeLimits
 from server.redis.deadletter import DeadLetter, DeadLetters, encode_letter
 
 log = logging.getLogger("parley")
@@ -151,7 +153,13 @@ def model(settings: Settings, args: argparse.Namespace) -> None:
 
     app = simulator_app(settings.simulator, model=settings.llm.model)
     print(f"simulated model on http://{settings.server.host}:{settings.server.port}/v1")
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        **_protocols(None, settings),
+    )
 
 
 def asyncapi(settings: Settings, args: argparse.Namespace) -> None:
@@ -301,7 +309,7 @@ def _run_uvicorn(
         app,
         host=settings.server.host,
         port=settings.server.port,
-        **_protocols(runtime),
+        **_protocols(runtime, settings),
         loop="auto",  # uvloop where installed
         lifespan="on",
         access_log=False,
@@ -314,14 +322,17 @@ def _run_uvicorn(
         sys.exit("parley: the server did not start (see the log above)")
 
 
-def _protocols(runtime: Runtime | None) -> dict[str, Any]:
-    """uvicorn's `http` and `ws` settings: in a web process, Parley's own
-    (`server.edge.entrance`), so that connections whose first request is for `/ws` skip
-    uvicorn's HTTP layer."""
+def _protocols(runtime: Runtime | None, settings: Settings) -> dict[str, Any]:
+    """uvicorn's `http` and `ws` settings: HTTP bounded at the edge (`server.edge.http`); in a
+    web process, Parley's own sockets (`server.edge.entrance`), so that connections whose first
+    request is for `/ws` skip uvicorn's HTTP layer."""
+    s = settings.server
+    limits = EdgeLimits(request_timeout=s.request_timeout, max_body_bytes=s.max_body_bytes)
+    options: dict[str, Any] = {"timeout_keep_alive": s.keep_alive_timeout}
     if runtime is None or not runtime.runs_web:
-        return {"http": "httptools", "ws": "none"}
-    entrance = Entrance(lambda: runtime.hub)
-    return {"http": entrance.http, "ws": entrance.ws}
+        return {**options, "http": functools.partial(BoundedHttp, limits), "ws": "none"}
+    entrance = Entrance(lambda: runtime.hub, limits)
+    return {**options, "http": entrance.http, "ws": entrance.ws}
 
 
 def _loopback(host: str) -> str:

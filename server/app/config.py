@@ -44,10 +44,14 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     port: Port = 8000
     data_dir: str = ".parley"
     allowed_origins: list[str] = []
+    trust_forwarded_proto: bool = False
     shutdown_grace: Seconds = 5.0
     drain_delay: Seconds = 1.0
     ws_ping_interval: Seconds = 20.0
     ws_ping_timeout: Seconds = 20.0
+    request_timeout: Seconds = 10.0
+    keep_alive_timeout: Seconds = 5.0
+    max_body_bytes: Size = 1_048_576
     log_level: str = "info"
 
 

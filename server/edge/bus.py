@@ -146,11 +146,16 @@ class Bus:
         self._outgoing_ready.set()
 
     async def _send_commands(self, conn: AbstractConnection) -> None:
+        """Write queued commands on `conn` while it is open. Once it is closed (a stall, a
+        stop) nothing more is written: redis-py would open it again on the next command,
+        behind the reader's back; the reader reconnects and subscribes what is wanted then."""
         try:
             while True:
                 await self._outgoing_ready.wait()
                 self._outgoing_ready.clear()
                 while self._outgoing:
+                    if not conn.is_connected:
+                        return
                     verb, name = self._outgoing.popleft()
                     await conn.send_command(verb, name, check_health=False)
         except (RedisError, OSError) as exc:
@@ -198,8 +203,8 @@ class Bus:
     async def _serve(self) -> None:
         conn = self._conn
         assert conn is not None
-        pinger = asyncio.create_task(self._ping(conn))
-        sender = asyncio.create_task(self._send_commands(conn))
+        pinger = asyncio.create_task(self._ping(conn), name="parley-bus-pinger")
+        sender = asyncio.create_task(self._send_commands(conn), name="parley-bus-sender")
         try:
             while True:
                 reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
@@ -218,13 +223,14 @@ class Bus:
                 elif kind == b"pong":
                     self._pong.set()
         finally:
-            pinger.cancel()
-            sender.cancel()
+            await _ended(pinger, sender)
 
     async def _ping(self, conn: AbstractConnection) -> None:
         """Notice a connection that stalled silently (a paused link never raises)."""
-        while True:
+        while conn.is_connected:
             await asyncio.sleep(PING_EVERY)
+            if not conn.is_connected:
+                return
             self._pong.clear()
             await conn.send_command("PING", check_health=False)
             try:
@@ -265,3 +271,14 @@ class Bus:
         for listeners in tuple(self._listeners.values()):
             for listener in tuple(listeners):
                 listener.resync()
+
+
+async def _ended(*tasks: asyncio.Task[None]) -> None:
+    """Cancel a connection's helper tasks and wait for them, so that none can end with an
+    exception nobody retrieves; one that failed is logged."""
+    for task in tasks:
+        task.cancel()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.warning("pub/sub %s failed: %r", task.get_name(), outcome)

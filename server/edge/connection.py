@@ -263,10 +263,10 @@ class Connection(asyncio.Protocol):
 
     def _upgrade(self, request: UpgradeRequest) -> None:
         hub = self.hub
-        hub.upgrades.check_upgrade(request)
+        assert self.transport is not None
+        hub.upgrades.check_upgrade(request, self.transport)
         offered = request.subprotocols
         subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
-        assert self.transport is not None
         self.transport.write(accept(request, subprotocol))
         self.ws = ServerProtocol(state=WsState.OPEN, max_size=hub.settings.limits.max_frame_bytes)
         self.phase = Phase.OPEN

@@ -39,6 +39,11 @@ class Socket(Sink, Protocol):
     last_seen: float
     """When the socket last received anything (monotonic seconds): the keepalive's clock."""
 
+    @property
+    def closing(self) -> bool:
+        """A close has begun: the socket is left to its close timer."""
+        ...
+
     def flush(self) -> None: ...
 
     def ping(self) -> None: ...
@@ -166,13 +171,17 @@ class Hub:
 
     async def _keep_alive(self) -> None:
         """Ping sockets silent for `ws_ping_interval`; drop those silent for another
-        `ws_ping_timeout` (a pong counts: it is data received). One sweep for all sockets."""
+        `ws_ping_timeout` (a pong counts: it is data received). One sweep for all sockets.
+        A socket that is closing is left to its close timer: it may be reading the frames
+        queued before the close frame, and cutting it would lose that frame (1006)."""
         interval = self.settings.server.ws_ping_interval
         timeout = self.settings.server.ws_ping_timeout
         while True:
             await asyncio.sleep(max(min(interval, timeout) / 2, MIN_SWEEP))
             now = time.monotonic()
             for conn in tuple(self.connections):
+                if conn.closing:
+                    continue
                 silent = now - conn.last_seen
                 if silent >= interval + timeout:
                     conn.drop()

@@ -5,6 +5,7 @@ kept-alive connection, which goes through uvicorn's HTTP layer), and refusals.""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -17,16 +18,7 @@ from websockets.uri import parse_uri
 from protocol import frames as f
 from tests.helpers.auth import mint, new_user
 from tests.helpers.processes import ParleyProcess
-
-UPGRADE = (
-    "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-    "Sec-WebSocket-Protocol: parley.v1, bearer.{token}\r\n\r\n"
-)
-
-
-async def read_head(reader: asyncio.StreamReader) -> bytes:
-    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+from tests.helpers.sockets import UPGRADE, origin_status, read_head
 
 
 async def test_a_socket_after_http_requests_on_one_connection(parley: ParleyProcess) -> None:
@@ -81,6 +73,21 @@ async def test_bad_upgrade_requests_get_an_http_status(
     assert response.startswith(f"HTTP/1.1 {status} ".encode()), response
 
 
+@pytest.mark.parametrize(
+    ("origin", "forwarded", "status"),
+    [
+        ("http://127.0.0.1:{port}", None, 101),
+        ("https://127.0.0.1:{port}", None, 403),
+        ("https://127.0.0.1:{port}", "https", 403),  # not trusted unless configured
+        ("http://127.0.0.1:1", None, 403),
+    ],
+)
+async def test_origin_must_match_scheme_host_and_port(
+    parley: ParleyProcess, origin: str, forwarded: str | None, status: int
+) -> None:
+    assert await origin_status(parley.port, origin, forwarded) == status
+
+
 def client_frame(opcode: Opcode, payload: bytes) -> bytes:
     return Frame(opcode, payload).serialize(mask=True)
 
@@ -125,13 +132,32 @@ async def test_frames_sent_with_the_upgrade_request_are_read(parley: ParleyProce
 async def test_a_text_frame_that_is_not_utf8_gets_an_error(parley: ParleyProcess) -> None:
     reader, writer = await open_raw(parley, new_user())
     try:
+        await server_frames(reader, 1)  # ready: before it, anything but `auth` closes 4401
         writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"\xff"}'))
         writer.write(client_frame(Opcode.TEXT, b'{"type":"ping","ref":"after"}'))
-        _, error, pong = (f.decode_server(fr.data) for fr in await server_frames(reader, 3))
+        error, pong = (f.decode_server(fr.data) for fr in await server_frames(reader, 2))
         assert isinstance(error, f.Error) and error.code == "bad_frame"
         assert isinstance(pong, f.Pong) and pong.ref == "after"
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [client_frame(Opcode.BINARY, b"\x00\x01"), client_frame(Opcode.TEXT, b"not json")],
+    ids=["binary", "not-json"],
+)
+async def test_garbage_before_auth_closes_4401_at_once(parley: ParleyProcess, first: bytes) -> None:
+    """Not an error and a 4408 when the auth window (5 s) ends: a 4401 now."""
+    started = time.monotonic()
+    reader, writer = await open_raw(parley, new_user(), first=first)
+    try:
+        [close] = await server_frames(reader, 1)
+    finally:
+        writer.close()
+    assert close.opcode is Opcode.CLOSE
+    assert int.from_bytes(close.data[:2], "big") == 4401
+    assert time.monotonic() - started < 2
 
 
 async def test_a_command_sent_just_before_the_clients_close_still_runs(

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import websockets
 
 from protocol import frames as f
+from tests.helpers.auth import mint, new_user
 from tests.helpers.tabs import Recorded
 
 TCP_ESTABLISHED = 1
@@ -63,3 +64,32 @@ async def drain(ws: Any, got: Recorded, timeout: float) -> int | None:
     except websockets.ConnectionClosed:
         pass
     return ws.close_code if ws.close_code is not None else None
+
+
+# A raw upgrade request, for tests that speak HTTP/1.1 to the front door themselves.
+UPGRADE = (
+    "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Protocol: parley.v1, bearer.{token}\r\n\r\n"
+)
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+async def origin_status(port: int, origin: str, forwarded: str | None) -> int:
+    """The status an upgrade with `Host: 127.0.0.1:port`, `Origin: origin` (`{port}` filled
+    in) and, when given, `X-Forwarded-Proto: forwarded` gets."""
+    headers = f"Origin: {origin.format(port=port)}\r\n"
+    if forwarded is not None:
+        headers += f"X-Forwarded-Proto: {forwarded}\r\n"
+    request = UPGRADE.format(token=mint(new_user()))
+    request = request.replace("Host: 127.0.0.1", f"Host: 127.0.0.1:{port}")[:-2] + headers
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode() + b"\r\n")
+        head = await read_head(reader)
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1])

@@ -5,7 +5,17 @@ from __future__ import annotations
 import uuid
 
 from protocol import frames as f
-from protocol.session import Close, CloseCode, Command, Reply, Session, SessionLimits, State, Verify
+from protocol.session import (
+    FIRST_FRAME_AUTH,
+    Close,
+    CloseCode,
+    Command,
+    Reply,
+    Session,
+    SessionLimits,
+    State,
+    Verify,
+)
 
 LIMITS = SessionLimits(
     max_text_chars=10,
@@ -32,7 +42,25 @@ def test_auth_frame_asks_for_verification_then_ready() -> None:
 def test_frames_before_auth_close_4401() -> None:
     session = Session(LIMITS, 0.0)
     session.receive_text('{"type":"ping"}', 0.0)
-    assert session.actions() == [Close(CloseCode.UNAUTHORIZED, "the first frame must be `auth`")]
+    assert session.actions() == [Close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)]
+
+
+def test_garbage_or_binary_before_auth_closes_4401_at_once() -> None:
+    for garbage in ("not json", '{"type":"nope"}', '{"type":"auth"}', "[1]"):
+        session = Session(LIMITS, 0.0)
+        session.receive_text(garbage, 0.0)
+        assert session.actions() == [Close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)], garbage
+        assert session.state is State.CLOSED
+    session = Session(LIMITS, 0.0)
+    session.receive_binary(0.0)
+    assert session.actions() == [Close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)]
+
+
+def test_garbage_while_the_token_is_checked_closes_4401() -> None:
+    session = Session(LIMITS, 0.0)
+    session.receive_text('{"type":"auth","token":"t"}', 0.0)
+    session.receive_text("not json", 0.1)
+    assert session.actions() == [Verify("t", None), Close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)]
 
 
 def test_silence_closes_4408_at_the_deadline() -> None:

@@ -180,6 +180,15 @@ class Pong(_Server, tag="pong", kw_only=True, frozen=True):
     ref: str | None = None
 
 
+class Refresh(_Server, tag="refresh", kw_only=True, frozen=True):
+    """(addition) The token in force expires at `expires_at` (Unix seconds): send a fresh
+    one in an `auth` frame. Sent once per token, `auth.refresh_hint` seconds before its
+    expiry; the socket is closed with 4401 `auth.refresh_grace` seconds after it unless a
+    fresh token came. A hint only: a client that ignores it is closed as before."""
+
+    expires_at: int
+
+
 class Error(_Server, tag="error", kw_only=True, frozen=True):
     code: ErrorCode
     message: str
@@ -254,6 +263,7 @@ ServerFrame = (
     | Ack
     | Pong
     | Error
+    | Refresh
     | MessageEvent
     | Start
     | Token

@@ -23,6 +23,7 @@ from server.app.runtime import Runtime
 from server.app.web import configure_logging, create_app
 from server.dev import embedded
 from server.dev.simulator import SimulatorStats
+from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.entrance import Entrance
 
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = load(args.config)
+        issuers.resolve(settings)  # an identity provider missing a value stops start-up here
     except ConfigError as exc:
         sys.exit(f"parley: configuration error: {exc}")
     if getattr(args, "port", None) is not None:

@@ -59,13 +59,13 @@ def _runtime(request: Request[Any, Any, Any]) -> Runtime:
     return runtime
 
 
-def _user(request: Request[Any, Any, Any]) -> str:
+async def _user(request: Request[Any, Any, Any]) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise NotAuthorizedException("missing bearer token")
     try:
-        return _runtime(request).verifier.verify(token.strip()).user
+        return (await _runtime(request).verifier.verify(token.strip())).user
     except AuthError as exc:
         raise NotAuthorizedException(str(exc)) from None
 
@@ -84,7 +84,7 @@ class ConversationsController(Controller):
 
     @get("/")
     async def list_conversations(self, request: Request[Any, Any, Any]) -> list[f.Conversation]:
-        return await _runtime(request).chat.list(_user(request))
+        return await _runtime(request).chat.list(await _user(request))
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_conversation(
@@ -92,7 +92,7 @@ class ConversationsController(Controller):
     ) -> f.Conversation:
         try:
             return await _runtime(request).chat.create(
-                _user(request), data.title, data.system, data.model
+                await _user(request), data.title, data.system, data.model
             )
         except Refused as exc:
             raise _http(exc) from None
@@ -103,7 +103,7 @@ class ConversationsController(Controller):
     ) -> ConversationDetail:
         chat = _runtime(request).chat
         try:
-            meta = await chat.owned(_user(request), conversation)
+            meta = await chat.owned(await _user(request), conversation)
             _, messages = await chat.history(conversation)
         except Refused as exc:
             raise _http(exc) from None
@@ -115,7 +115,7 @@ class ConversationsController(Controller):
     ) -> f.Conversation:
         try:
             return await _runtime(request).chat.update(
-                _user(request),
+                await _user(request),
                 conversation,
                 title=data.title,
                 system=data.system,
@@ -129,7 +129,7 @@ class ConversationsController(Controller):
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> None:
         try:
-            await _runtime(request).chat.delete(_user(request), conversation)
+            await _runtime(request).chat.delete(await _user(request), conversation)
         except Refused as exc:
             raise _http(exc) from None
 

@@ -250,6 +250,15 @@ class Pong(_Server, tag="pong", kw_only=True, frozen=True):
     ref: str | None = None
 
 
+class Refresh(_Server, tag="refresh", kw_only=True, frozen=True):
+    """(addition) The token in force expires at `expires_at` (Unix seconds): send a fresh
+    one in an `auth` frame. Sent once per token, `auth.refresh_hint` seconds before its
+    expiry; the socket is closed with 4401 `auth.refresh_grace` seconds after it unless a
+    fresh token came. A hint only: a client that ignores it is closed as before."""
+
+    expires_at: int
+
+
 class Error(_Server, tag="error", kw_only=True, frozen=True):
     """A frame that could not be used or a request that could not be carried out; the
     socket stays open.
@@ -348,7 +357,15 @@ class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, fro
 
 ConversationEvent = MessageEvent | Start | Token | Done | Queued | Updated
 ServerFrame = (
-    Ready | Created | Joined | Ack | Pong | Error | ConversationEvent | ConversationChanged
+    Ready
+    | Created
+    | Joined
+    | Ack
+    | Pong
+    | Error
+    | Refresh
+    | ConversationEvent
+    | ConversationChanged
 )
 SERVER_FRAMES: Final[tuple[type[_Server], ...]] = get_args(ServerFrame)
 """The server frames in protocol order, conversation events flattened in."""

@@ -52,7 +52,10 @@ CLOSE_MEANINGS: Final[Mapping[CloseCode, str]] = {
         "`limits.outbox_bytes`), or Redis is unavailable at sign-in"
     ),
     CloseCode.PROTOCOL: "`limits.bad_frames_before_close` bad frames in a row",
-    CloseCode.UNAUTHORIZED: "missing, invalid or expired token; a frame before `auth`",
+    CloseCode.UNAUTHORIZED: (
+        "missing, invalid or expired token (closed `auth.refresh_grace` after expiry); "
+        "a frame before `auth`"
+    ),
     CloseCode.FORBIDDEN_ORIGIN: "Origin not allowed (sent as HTTP 403 on the upgrade)",
     CloseCode.AUTH_TIMEOUT: "no `auth` frame within `auth.auth_timeout`",
     CloseCode.TOO_MANY: (
@@ -99,6 +102,10 @@ class SessionLimits:
     frame_burst: int
     bad_frames_before_close: int
     auth_timeout: float
+    refresh_hint: float = 0.0
+    """Seconds before the token's expiry that the socket gets a `refresh` hint (0: never)."""
+    refresh_grace: float = 0.0
+    """Seconds past the token's expiry that the socket stays open waiting for a new one."""
 
 
 class Session:
@@ -110,6 +117,7 @@ class Session:
         "_bad_in_a_row",
         "_bucket",
         "_bucket_at",
+        "_hinted",
         "_limited",
         "expires_at",
         "limits",
@@ -124,6 +132,7 @@ class Session:
         self.user: str | None = None
         self.expires_at: float | None = None
         self.verifying = False
+        self._hinted = False
         self._auth_deadline = now + limits.auth_timeout
         self._bad_in_a_row = 0
         self._limited = 0
@@ -166,6 +175,7 @@ class Session:
             return False
         first = self.state is State.AWAITING_AUTH
         self.user, self.expires_at, self.state = user, expires_at, State.READY
+        self._hinted = False
         if not first:
             self._reply(f.Ack(ref=ref, expires_at=_epoch(expires_at)))
         return first
@@ -175,11 +185,35 @@ class Session:
         self._close(CloseCode.UNAUTHORIZED, reason)
 
     def tick(self, now: float, wall: float) -> None:
-        """Close the socket when its auth window or its token runs out."""
+        """Close the socket when its auth window runs out. As its token nears expiry, hint
+        `refresh` once (`refresh_hint` seconds before); close it `refresh_grace` seconds
+        after expiry unless an `auth` frame brought a fresh token meanwhile."""
         if self.state is State.AWAITING_AUTH and not self.verifying and now >= self._auth_deadline:
             self._close(CloseCode.AUTH_TIMEOUT, "no auth frame in time")
-        elif self.state is State.READY and self.expires_at is not None and wall >= self.expires_at:
-            self._close(CloseCode.UNAUTHORIZED, "token expired")
+        elif self.state is State.READY and self.expires_at is not None:
+            if wall >= self.expires_at + self.limits.refresh_grace:
+                self._close(CloseCode.UNAUTHORIZED, "token expired")
+            elif self._hint_due(wall):
+                self._hinted = True
+                self._reply(f.Refresh(expires_at=int(self.expires_at)))
+
+    def token_deadline(self) -> float | None:
+        """The wall-clock time of the next decision about the token in force (its `refresh`
+        hint, then its close), or None when there is none to make: when to `tick` next."""
+        if self.state is not State.READY or self.expires_at is None:
+            return None
+        if self.limits.refresh_hint > 0 and not self._hinted:
+            return self.expires_at - self.limits.refresh_hint
+        return self.expires_at + self.limits.refresh_grace
+
+    def _hint_due(self, wall: float) -> bool:
+        hint = self.limits.refresh_hint
+        return (
+            hint > 0
+            and not self._hinted
+            and self.expires_at is not None
+            and (wall >= self.expires_at - hint)
+        )
 
     def close(self, code: CloseCode, reason: str) -> None:
         self._close(code, reason)

@@ -26,6 +26,7 @@ from server.app.runtime import Runtime
 from server.app.web import configure_logging, create_app
 from server.dev import embedded
 from server.dev.simulator import SimulatorStats
+from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.entrance import Entrance
 from server.edge.http import BoundedHttp, EdgeLimits
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = load(args.config)
+        issuers.resolve(settings)  # an identity provider missing a value stops start-up here
     except ConfigError as exc:
         sys.exit(f"parley: configuration error: {exc}")
     if getattr(args, "port", None) is not None:
@@ -181,7 +183,7 @@ def load_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def deadletter(settings: Settings, args: argparse.Namespace) -> None:
-    """Show and mend what the queues set aside (server/deadletter.py), in the Redis of
+    """Show and mend what the queues set aside (server/redis/deadletter.py), in the Redis of
     REDIS_URL (`parley serve` logs the URL of its embedded one)."""
     if not settings.redis.url:
         sys.exit("parley deadletter: set REDIS_URL (or [redis] url) to the Redis Parley uses")

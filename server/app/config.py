@@ -55,15 +55,51 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     log_level: str = "info"
 
 
-class AuthSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class IssuerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One identity provider whose tokens are verified with its published keys (JWKS).
+
+    `provider` names a preset (supabase, auth0, clerk, keycloak, firebase) that derives the
+    issuer and JWKS URL from `project` / `domain` / `realm`; `issuer` and `jwks_url` set
+    explicitly win over the preset's. See docs/auth.md."""
+
+    provider: str = ""
+    issuer: str = ""
+    jwks_url: str = ""
+    audience: str = ""
+    user_claim: str = "sub"
+    project: str = ""
+    domain: str = ""
+    realm: str = ""
+    authorized_parties: list[str] = []
+    allow_anonymous: bool = False
+
+
+class AuthSettings(IssuerSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The local secret's settings and, inherited, the single-issuer shorthand: the
+    top-level `provider`, `issuer`, `jwks_url`, `audience`... of `[auth]`."""
+
     jwt_secret: str = ""
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
-    audience: str = ""
-    issuer: str = ""
     leeway: Seconds = 10.0
     auth_timeout: Seconds = 5.0
     allow_query_token: bool = False
     dev_login: bool | None = None
+    issuers: list[IssuerSettings] = []
+    jwks_cache_seconds: Seconds = 3600.0
+    jwks_min_refresh: Seconds = 30.0
+    jwks_timeout: Seconds = 1.0
+    refresh_hint: Seconds = 30.0
+    refresh_grace: Seconds = 25.0
+
+    def shorthand(self) -> IssuerSettings | None:
+        """The top-level single-issuer settings as an issuer, when they name one: a
+        `provider`, a `jwks_url`, or an `issuer` URL alone (its keys then come by OIDC
+        discovery). `issuer` and `audience` bind the local secret's tokens too, as before."""
+        discoverable = self.issuer.startswith(("https://", "http://"))
+        if not (self.provider or self.jwks_url or discoverable):
+            return None
+        fields = {name: getattr(self, name) for name in IssuerSettings.__struct_fields__}
+        return IssuerSettings(**fields)
 
 
 class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -234,11 +270,15 @@ def _env_value(section: str, key: str, value: str, name: str) -> Any:
     return value
 
 
+ENV_JSON_DEPTH: Final = 4
+
+
 def _json_list(value: str, name: str) -> list[Any]:
-    """An environment variable's JSON list (of strings: nothing nests)."""
-    problem = f"environment variable {name}: expected a JSON list of strings"
-    if too_deep(value, 1):
-        raise ConfigError(f"{problem}, got nested JSON")
+    """An environment variable's JSON list: of strings, or of tables such as
+    `PARLEY_AUTH_ISSUERS` (a few levels at most; the types are checked with the rest)."""
+    problem = f"environment variable {name}: expected a JSON list"
+    if too_deep(value, ENV_JSON_DEPTH):
+        raise ConfigError(f"{problem}, got JSON nested more than {ENV_JSON_DEPTH} levels")
     try:
         items: list[Any] = msgspec.json.decode(value, type=list[Any])
     except (msgspec.DecodeError, UnicodeError) as exc:

@@ -18,6 +18,7 @@ from protocol import wsframe
 from protocol.session import CloseCode
 from server.app import collector
 from server.app.config import Settings
+from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
@@ -68,7 +69,7 @@ class Runtime:
             self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
-        self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path))
+        self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
         if self.runs_web:
             await self._start_web()
         if self.runs_worker:
@@ -139,6 +140,7 @@ class Runtime:
             await self._bus.stop()
         if self._llm is not None:
             await self._llm.close()
+        await self.verifier.close()
         await self.pool.close()
         await self.redis.aclose()
 

@@ -1,4 +1,5 @@
-"""JWT verification and minting (pyjwt). The algorithm list is pinned by configuration."""
+"""JWT verification and minting (pyjwt). The algorithms are pinned by configuration (the
+local secret's) and by each identity provider's key types; `none` is never accepted."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
+import httpx
 import jwt
 
 from protocol import text
 from protocol.frames import MAX_SEQ, MAX_TOKEN_CHARS
 from protocol.jsondepth import too_deep
 from server.app.config import AuthSettings
+from server.edge.issuers import ASYMMETRIC, ClaimsRefused, Issuer
+from server.edge.jwks import KeySet
 
 SECRET_FILE = "jwt_secret"
 VERIFIED_CACHE_SIZE = 10_000
-MAX_PART_DEPTH = 4
+MAX_KID: Final = 256
+HMAC: Final = frozenset({"HS256", "HS384", "HS512"})
+MAX_PART_DEPTH: Final = 4
 """A JWT header or claims set nests no deeper than this (`aud` as a list is 2)."""
 
 
@@ -32,40 +40,129 @@ class AuthError(Exception):
 class Principal:
     user: str
     expires_at: float | None
+    """The token's `exp` (Unix seconds), without leeway."""
 
 
 class Verifier:
-    def __init__(self, settings: AuthSettings, secret: str) -> None:
-        algorithms = [a for a in settings.algorithms if a.lower() != "none"]
-        if not algorithms:
+    """Checks tokens signed with the local secret (HS256 by default, `auth.algorithms`) and,
+    beside them, tokens of the configured identity providers (`server.edge.issuers`), whose
+    keys come from their JWKS (`server.edge.jwks`). The token's header picks the path: an
+    HMAC `alg` goes to the local secret, an asymmetric one to the issuer its `iss` names."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        secret: str,
+        issuers: Sequence[Issuer] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        algorithms = [a for a in settings.algorithms if a in HMAC]
+        if not algorithms and not issuers:
             raise AuthError("auth.algorithms names no usable algorithm")
         self.settings = settings
         self.secret = secret
         self.algorithms = algorithms
         self._cache: dict[str, Principal] = {}
+        self._http: httpx.AsyncClient | None = None
+        self.key_sets = [
+            KeySet(
+                issuer,
+                self._client,
+                cache_seconds=settings.jwks_cache_seconds,
+                min_refresh=settings.jwks_min_refresh,
+                clock=clock,
+            )
+            for issuer in issuers
+        ]
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
         """Check a token; one already checked is answered from a bounded cache until it
         expires (a reconnecting tab, or a load test's thousand sockets, reuse theirs)."""
         cached = self._cache.get(token)
-        if cached is not None and (cached.expires_at or math.inf) > time.time():
+        if cached is not None and (cached.expires_at or math.inf) + self.settings.leeway > (
+            time.time()
+        ):
             return cached
-        principal = self._decode(token)
+        _check_shape(token)
+        header = _header(token)
+        alg = header.get("alg")
+        if alg in self.algorithms:
+            principal = self._decode_local(token)
+        elif alg in ASYMMETRIC and self.key_sets:
+            principal = await self._decode_issued(token, header)
+        else:
+            raise AuthError(f"invalid token: algorithm {str(alg)[:20]!r} is not accepted")
         if len(self._cache) >= VERIFIED_CACHE_SIZE:
             del self._cache[next(iter(self._cache))]
         self._cache[token] = principal
         return principal
 
-    def _decode(self, token: str) -> Principal:
-        _check_shape(token)
-        options: dict[str, bool | list[str]] = {"require": ["sub"]}
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.settings.jwks_timeout,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"accept": "application/json"},
+            )
+        return self._http
+
+    def _decode_local(self, token: str) -> Principal:
+        claims = self._decode(
+            token,
+            self.secret,
+            self.algorithms,
+            self.settings.audience,
+            self.settings.issuer,
+            ["sub"],
+        )
+        return _principal(claims, "sub")
+
+    async def _decode_issued(self, token: str, header: Mapping[str, Any]) -> Principal:
+        alg = str(header["alg"])
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID):
+            raise AuthError("invalid token: unusable `kid`")
+        iss = _unverified_issuer(token)
+        candidates = [k for k in self.key_sets if k.issuer.issuer and k.issuer.issuer == iss]
+        candidates = candidates or [k for k in self.key_sets if not k.issuer.issuer]
+        for key_set in candidates:
+            key = await key_set.find(kid, alg)
+            if key is None:
+                continue
+            issuer = key_set.issuer
+            claims = self._decode(
+                token, key.key, [alg], issuer.audience, issuer.issuer, ["exp", issuer.user_claim]
+            )
+            try:
+                issuer.check(claims, time.time(), self.settings.leeway)
+            except ClaimsRefused as exc:
+                raise AuthError(f"invalid token: {exc}") from None
+            return _principal(claims, issuer.user_claim)
+        raise AuthError("invalid token: no key of its issuer matches its `kid`")
+
+    def _decode(
+        self,
+        token: str,
+        key: Any,
+        algorithms: list[str],
+        audience: str,
+        issuer: str,
+        required: list[str],
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {"require": required, "verify_aud": bool(audience)}
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
-                self.secret,
-                algorithms=self.algorithms,
-                audience=self.settings.audience or None,
-                issuer=self.settings.issuer or None,
+                key,
+                algorithms=algorithms,
+                audience=audience or None,
+                issuer=issuer or None,
                 leeway=self.settings.leeway,
                 options=options,  # type: ignore[arg-type]
             )
@@ -75,21 +172,11 @@ class Verifier:
             raise AuthError(f"invalid token: {exc}") from None
         except (ValueError, TypeError, OverflowError, RecursionError):  # claims pyjwt chokes on
             raise AuthError("invalid token: malformed claims") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 200:
-            raise AuthError("invalid token: `sub` must be a non-empty string")
-        if (why := text.problem(sub)) is not None:
-            raise AuthError(f"invalid token: `sub` {why}")
-        return Principal(sub, self._expiry(claims.get("exp")))
-
-    def _expiry(self, exp: object) -> float | None:
-        if exp is None:
-            return None
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 <= exp <= MAX_SEQ:
-            raise AuthError("invalid token: `exp` must be a Unix time")
-        return float(exp) + self.settings.leeway
+        return claims
 
     def mint(self, user: str, ttl: float = 3600.0) -> str:
+        if not self.algorithms:
+            raise AuthError("auth.algorithms names no HMAC algorithm to sign with")
         now = int(time.time())
         claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + int(ttl)}
         if self.settings.audience:
@@ -97,6 +184,43 @@ class Verifier:
         if self.settings.issuer:
             claims["iss"] = self.settings.issuer
         return jwt.encode(claims, self.secret, algorithm=self.algorithms[0])
+
+
+def _header(token: str) -> dict[str, Any]:
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
+    return header
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """The `iss` the token claims, only to pick which issuer's keys to check it with."""
+    try:
+        payload = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise AuthError("invalid token: malformed claims") from None
+    iss = payload.get("iss")
+    return iss if isinstance(iss, str) else None
+
+
+def _principal(claims: Mapping[str, Any], user_claim: str) -> Principal:
+    user = claims.get(user_claim)
+    if not isinstance(user, str) or not user or len(user) > 200:
+        raise AuthError(f"invalid token: `{user_claim}` must be a non-empty string")
+    if (why := text.problem(user)) is not None:
+        raise AuthError(f"invalid token: `{user_claim}` {why}")
+    return Principal(user, _expiry(claims.get("exp")))
+
+
+def _expiry(exp: object) -> float | None:
+    if exp is None:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 <= exp <= MAX_SEQ:
+        raise AuthError("invalid token: `exp` must be a Unix time")
+    return float(exp)
 
 
 def _check_shape(token: str) -> None:

@@ -223,7 +223,7 @@ class Commands:
     async def _verify(self, token: str, ref: str | None) -> None:
         session = self.session
         try:
-            principal = self.hub.verifier.verify(token)
+            principal = await self.hub.verifier.verify(token)
         except AuthError as exc:
             session.auth_failed(str(exc))
             return
@@ -256,15 +256,16 @@ class Commands:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        session = self.session
         if self.conn.closing:
             return
-        if session.expires_at is not None and session.state is State.READY:
-            delay = max(session.expires_at - time.time(), 0.0) + 0.01
+        deadline = self.session.token_deadline()
+        if deadline is not None:
+            delay = max(deadline - time.time(), 0.0) + 0.01
             self._expiry = asyncio.get_running_loop().call_later(delay, self._tick)
 
     def _tick(self) -> None:
-        """The auth window or the token may have run out. Timers can fire a little early
+        """The auth window may have run out, or the token be due a `refresh` hint or have
+        run out past its grace (the session decides which). Timers can fire a little early
         (uvloop's clock counts milliseconds), so a window not yet over is checked again."""
         self._expiry = None
         session = self.session

@@ -75,6 +75,8 @@ class Hub:
             frame_burst=settings.limits.frame_burst,
             bad_frames_before_close=settings.limits.bad_frames_before_close,
             auth_timeout=settings.auth.auth_timeout,
+            refresh_hint=settings.auth.refresh_hint,
+            refresh_grace=settings.auth.refresh_grace,
         )
         self.wire_limits = settings.limits.wire()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -78,7 +78,7 @@ async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     if scheme.lower() != "bearer" or not token.strip():
         raise NotAuthorizedException("missing bearer token")
     try:
-        connection.state.user = _runtime(connection).verifier.verify(token.strip()).user
+        connection.state.user = (await _runtime(connection).verifier.verify(token.strip())).user
     except AuthError as exc:
         raise NotAuthorizedException(str(exc)) from None
 

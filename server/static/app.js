@@ -57,6 +57,15 @@ let infoLoading = null; // the GET /api/info under way or done
 let refreshTimer = null;
 let reauthorizing = false;
 let failedAuths = 0;
+const TOKEN_URL = tokenUrl();
+
+/** `?token_url=` names where this page gets a fresh token; only a same-origin path. */
+function tokenUrl() {
+  const value = new URL(location.href).searchParams.get("token_url");
+  if (!value) return "";
+  const url = new URL(value, location.href);
+  return url.origin === location.origin ? url.href : "";
+}
 
 onUnauthorized(() => reauthorize());
 
@@ -149,7 +158,11 @@ function startChat(token) {
   setConnection(conn);
   conn.addEventListener("status", (e) => showStatus(e.detail));
   conn.addEventListener("ready", (e) => onReady(e.detail.frame));
-  conn.addEventListener("frame", (e) => onFrame(e.detail.frame));
+  conn.addEventListener("frame", (e) => {
+    // The server's hint that the token nears expiry: renew it now if this page can.
+    if (e.detail.frame.type === "refresh" && canRenew()) refreshSession();
+    else onFrame(e.detail.frame);
+  });
   conn.addEventListener("unauthorized", () => reauthorize());
   conn.addEventListener("fatal", (e) => {
     banner(`The server refused this page (${e.detail.code} ${e.detail.reason}).`);
@@ -201,7 +214,7 @@ function planRefresh(expiresAt) {
   const left = expiresAt - Date.now() / 1000;
   const lead = Math.min(120, Math.max(15, left * 0.2));
   const wait = Math.max(0, left - lead) * 1000;
-  if (store.info?.dev_login) {
+  if (canRenew()) {
     refreshTimer = setTimeout(refreshSession, wait);
   } else {
     refreshTimer = setTimeout(() => {
@@ -215,9 +228,27 @@ function planRefresh(expiresAt) {
   }
 }
 
+/** A token can be renewed without the person: the app gave `?token_url=` (a same-origin
+ * URL of the app's that answers a fresh token for its signed-in user), or development
+ * sign-in re-mints one. */
+function canRenew() {
+  return Boolean(TOKEN_URL || store.info?.dev_login);
+}
+
+async function freshToken() {
+  if (!TOKEN_URL) return devSignIn(store.user);
+  const response = await fetch(TOKEN_URL, { credentials: "same-origin" });
+  if (!response.ok) throw new Error(`token_url answered ${response.status}`);
+  const body = await response.text();
+  const token = body.trim().startsWith("{") ? JSON.parse(body).token : body.trim();
+  storeToken(token);
+  return token;
+}
+
 async function refreshSession() {
+  clearTimeout(refreshTimer);
   try {
-    const token = await devSignIn(store.user);
+    const token = await freshToken();
     setToken(token);
     let expiresAt = claims(token)?.exp;
     const conn = store.connection;

@@ -292,7 +292,9 @@ async def test_foreign_origin_gets_403(parley: ParleyProcess) -> None:
 async def test_token_expiry_closes_and_reauth_extends(parley: ParleyProcess) -> None:
     user = new_user()
     short = await Client.connect(parley.ws_url, mint(user, ttl=-8))  # inside the 10 s leeway
-    assert await expect_close(short, timeout=5) == 4401
+    # Closed at the end of auth.refresh_grace (25 s after expiry), after a `refresh` hint.
+    assert await expect_close(short, timeout=20) == 4401
+    assert any(isinstance(frame, f.Refresh) for frame in short.frames)
     kept = await Client.connect(parley.ws_url, mint(user, ttl=-8))
     await kept.request(f.Auth(token=mint(user, ttl=600)))
     await asyncio.sleep(3)

@@ -4,6 +4,7 @@ claims — is a Principal or an AuthError (4401 / 401), never anything else."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -50,7 +51,7 @@ TOKENS = (
 
 def verifies_or_refuses(token: str) -> None:
     try:
-        principal = VERIFIER.verify(token)
+        principal = asyncio.run(VERIFIER.verify(token))
     except AuthError as exc:
         assert str(exc).startswith(("invalid token", "token expired"))
     else:

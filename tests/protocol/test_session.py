@@ -145,3 +145,35 @@ def test_nothing_happens_after_close() -> None:
     session.actions()
     session.receive_text('{"type":"ping"}', 0.0)
     assert session.actions() == []
+
+
+def test_refresh_hint_before_expiry_then_close_after_the_grace() -> None:
+    limits = SessionLimits(
+        max_text_chars=10,
+        frames_per_second=2.0,
+        frame_burst=3,
+        bad_frames_before_close=3,
+        auth_timeout=5.0,
+        refresh_hint=30.0,
+        refresh_grace=25.0,
+    )
+    session = Session(limits, 0.0)
+    session.receive_text('{"type":"auth","token":"t"}', 0.0)
+    session.actions()
+    session.authenticated("alice", 100.0, None)
+    assert session.token_deadline() == 70.0
+    session.tick(1.0, 69.0)
+    assert session.actions() == []
+    session.tick(1.0, 70.0)
+    assert session.actions() == [Reply(f.Refresh(expires_at=100))]
+    assert session.token_deadline() == 125.0
+    session.tick(1.0, 124.0)  # expired, within the grace: still open, no second hint
+    assert session.actions() == [] and session.state is State.READY
+    session.authenticated("alice", 160.0, "r")  # a fresh token came
+    assert session.actions() == [Reply(f.Ack(ref="r", expires_at=160))]
+    assert session.token_deadline() == 130.0
+    session.tick(1.0, 130.0)
+    assert session.actions() == [Reply(f.Refresh(expires_at=160))]
+    session.tick(1.0, 185.0)
+    assert session.actions() == [Close(CloseCode.UNAUTHORIZED, "token expired")]
+    assert session.token_deadline() is None

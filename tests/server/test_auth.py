@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -12,14 +13,14 @@ from server.edge.auth import AuthError, Verifier, load_secret
 SECRET = "x" * 40
 
 
-def test_valid_token_gives_the_user_and_is_cached_until_it_expires() -> None:
+async def test_valid_token_gives_the_user_and_is_cached_until_it_expires() -> None:
     verifier = Verifier(AuthSettings(leeway=0), SECRET)
     token = jwt.encode({"sub": "ann", "exp": time.time() + 1.5}, SECRET, algorithm="HS256")
-    assert verifier.verify(token).user == "ann"
-    assert verifier.verify(token).user == "ann"
-    time.sleep(1.6)
+    assert (await verifier.verify(token)).user == "ann"
+    assert (await verifier.verify(token)).user == "ann"
+    await asyncio.sleep(1.6)
     with pytest.raises(AuthError, match="expired"):
-        verifier.verify(token)
+        await verifier.verify(token)
 
 
 @pytest.mark.parametrize(
@@ -30,19 +31,19 @@ def test_valid_token_gives_the_user_and_is_cached_until_it_expires() -> None:
         {"sub": "a", "nbf": time.time() + 600},
     ],
 )
-def test_missing_sub_or_not_yet_valid_is_refused(claims: dict[str, object]) -> None:
+async def test_missing_sub_or_not_yet_valid_is_refused(claims: dict[str, object]) -> None:
     verifier = Verifier(AuthSettings(leeway=0), SECRET)
     with pytest.raises(AuthError):
-        verifier.verify(jwt.encode(claims, SECRET, algorithm="HS256"))
+        await verifier.verify(jwt.encode(claims, SECRET, algorithm="HS256"))
 
 
-def test_audience_and_issuer_are_checked_when_configured() -> None:
+async def test_audience_and_issuer_are_checked_when_configured() -> None:
     verifier = Verifier(AuthSettings(audience="parley", issuer="https://id.example"), SECRET)
     good = verifier.mint("bob")
-    assert verifier.verify(good).user == "bob"
+    assert (await verifier.verify(good)).user == "bob"
     other = jwt.encode({"sub": "bob", "aud": "else", "iss": "https://id.example"}, SECRET, "HS256")
     with pytest.raises(AuthError):
-        verifier.verify(other)
+        await verifier.verify(other)
 
 
 def test_none_is_never_an_algorithm() -> None:

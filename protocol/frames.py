@@ -198,12 +198,15 @@ class MessageEvent(_Server, tag="message", kw_only=True, frozen=True):
 
 class Start(_Server, tag="start", kw_only=True, frozen=True):
     """`replaces` names the assistant message a `regenerate` replaces. A `start` for a
-    message id the client already holds restarts that message: discard its text."""
+    message id the client already holds restarts that message: discard its text.
+    `accepted_at` (Unix seconds) is when the turn was accepted: web processes measure the
+    time to first token from it."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID
     model: str
     replaces: uuid.UUID | None = None
+    accepted_at: float | None = None
     seq: int = 0
 
 

@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 from msgspec import Struct
@@ -39,6 +39,7 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 class AuthSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -106,6 +107,13 @@ class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     concurrency: int = 64
     lease_seconds: float = 10.0
     shutdown_deadline: float = 25.0
+    metrics_port: int = 0
+
+
+class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    models: list[str] = []
+    """Model names that may appear as a metric label (`llm.model` always may); others are
+    `other`, so a client naming models cannot grow the number of series."""
 
 
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -117,6 +125,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     llm: LLMSettings = LLMSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def data_path(self) -> Path:

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from protocol import wsframe
 from protocol.session import CloseCode
-from server.app import collector
+from server.app import collector, metrics
 from server.app.config import Settings
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
 from server.edge.conversations import Chat
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
+from server.edge.observer import Observer
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
@@ -69,14 +69,19 @@ class Runtime:
         )
         self.chat = Chat(s, self.redis, self.pool, events, turns)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path))
+        metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
         if self.web:
             await self._start_web()
         if self.worker:
             self._start_worker(events, turns)
         collector.calm()
 
+    @property
+    def role(self) -> str:
+        return "serve" if self.web and self.worker else "web" if self.web else "worker"
+
     async def _start_web(self) -> None:
-        self._bus = Bus(self.settings.redis.url, wrap=wsframe.text)
+        self._bus = Bus(self.settings.redis.url, wrap=Observer().frame)
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
@@ -89,11 +94,15 @@ class Runtime:
             UpgradePolicy(self.settings),
         )
         await self.hub.start()
+        hub = self.hub
+        metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
         self.generator = Worker(self.settings, self.redis, self.chat, events, turns, self._llm)
         self.persister = Persister(self.redis, self.pool, events)
+        generator = self.generator
+        metrics.RUNNING.set_function(lambda: len(generator.running))
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.generator.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
 

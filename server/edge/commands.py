@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
+from server.app import logs, metrics
 from server.edge.auth import AuthError, Principal
 from server.edge.bus import BusUnavailable, Listener
 from server.edge.conversations import Refused
@@ -194,6 +195,7 @@ class Commands:
         queue = self._queue
         assert queue is not None
         conn = self.conn
+        logs.SESSION.set(self.id)
         try:
             while queue and not conn.released:
                 await self._carry_out(queue.popleft())
@@ -225,6 +227,7 @@ class Commands:
         try:
             principal = self.hub.verifier.verify(token)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels("expired" if "expired" in str(exc) else "invalid").inc()
             session.auth_failed(str(exc))
             return
         if session.authenticated(principal.user, principal.expires_at, ref):
@@ -282,6 +285,8 @@ class Commands:
     async def _command(self, frame: f.ClientFrame) -> None:
         user = self.session.user if self.session else None
         assert user is not None
+        conversation = getattr(frame, "conversation", None)
+        logs.CONVERSATION.set(None if conversation is None else str(conversation))
         try:
             reply = await self._execute(user, frame)
         except Refused as exc:
@@ -289,6 +294,7 @@ class Commands:
                 code=exc.code, message=exc.message, retry_after=exc.retry_after, ref=frame.ref
             )
         except (RedisError, OSError, BusUnavailable):
+            metrics.REDIS_ERRORS.labels("socket").inc()
             log.warning("backing service unavailable for %s", type(frame).__name__)
             reply = f.Error(
                 code="unavailable",

@@ -8,6 +8,7 @@ exists.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import asyncpg
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
+from server.app import metrics
 from server.app.config import Settings
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
@@ -149,6 +151,7 @@ class Chat:
             message_id=f.new_id(),
             model=meta.model,
             user_message=message.id,
+            accepted_at=time.time(),
         )
         event = encode(f.MessageEvent(conversation=conversation, message=message))
         result = await self._retry_unloaded(
@@ -158,7 +161,13 @@ class Chat:
 
     async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        job = Job(conversation=conversation, user=user, message_id=f.new_id(), model=meta.model)
+        job = Job(
+            conversation=conversation,
+            user=user,
+            message_id=f.new_id(),
+            model=meta.model,
+            accepted_at=time.time(),
+        )
         await self._retry_unloaded(
             conversation, lambda: self.turns.regenerate(job, self._turn_limit)
         )
@@ -170,6 +179,7 @@ class Chat:
             await self.turns.cancel(conversation)
         except RedisError:
             raise unavailable("Redis") from None
+        metrics.CANCELS.inc()
 
     async def update(
         self,
@@ -225,6 +235,7 @@ class Chat:
                 result = await attempt()
         except RedisError:
             raise unavailable("Redis") from None
+        metrics.TURNS.labels(result.outcome.value).inc()
         return _check(result)
 
     async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:

@@ -18,6 +18,8 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from protocol import frames as f
+from server.app import logs, metrics
 from server.redis import keys
 from server.redis.eventlog import EventLog
 from server.redis.turns import read_group
@@ -62,6 +64,8 @@ class Persister:
                 await self._ensure_group()
                 continue
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -94,7 +98,11 @@ class Persister:
             log.error("dropping malformed finished turn %s", entry_id)
             await self._ack(entry_id)
             return
+        logs.CONVERSATION.set(str(turn.conversation))
+        logs.MESSAGE.set(str(turn.reply.id))
         await self._save(turn)
+        metrics.PERSISTED.inc()
+        metrics.PERSIST_LAG.observe(max((f.utcnow() - turn.finished_at).total_seconds(), 0.0))
         with contextlib.suppress(RedisError, OSError):
             await self.events.mark_persisted(turn.conversation, turn.done_seq)
         await self._ack(entry_id)
@@ -109,6 +117,8 @@ class Persister:
                 self.saved += 1
                 return
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                metrics.POSTGRES_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
                 if attempt == 0:
                     log.warning("cannot write turn (%s); retrying until the database is back", exc)
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
@@ -123,5 +133,7 @@ class Persister:
                 await pipe.execute()
                 return
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot acknowledge turn (%s); retrying", exc)
                 await asyncio.sleep(1.0)

@@ -22,7 +22,7 @@ SESSION: Final = contextvars.ContextVar[str | None]("session", default=None)
 WORKER: Final = contextvars.ContextVar[str | None]("worker", default=None)
 _IDS: Final = (
     ("conversation", CONVERSATION),
-    ("message", MESSAGE),
+    ("message_id", MESSAGE),
     ("session", SESSION),
     ("worker", WORKER),
 )
@@ -31,7 +31,8 @@ QUIET: Final = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"time", "level", "logger", "message", ids in scope…, "exception"?}` per line."""
+    """`{"time", "level", "logger", "message", ids in scope…, "exception"?}` per line; the
+    ids are `conversation`, `message_id`, `session` and `worker`."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {

@@ -118,6 +118,7 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
         await self.turns.ensure_group(keys.TURNS, keys.WORKERS)
         self.pipeliner.start()
         await self.cancels.start()
@@ -201,7 +202,6 @@ class Worker:
             log.error("dropping malformed turn %s", entry_id)
             await self._ack(entry_id)
             return
-        logs.WORKER.set(self.name)
         logs.CONVERSATION.set(str(job.conversation))
         logs.MESSAGE.set(str(job.message_id))
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -321,7 +321,7 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def samples(families: Iterator[Metric]) -> dict[str, float]:
+def samples(families: Iterable[Metric]) -> dict[str, float]:
     """Flatten parsed metric families to `name{labels}` → value (tests, `parley load`)."""
     flat: dict[str, float] = {}
     for family in families:

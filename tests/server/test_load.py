@@ -45,6 +45,10 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     assert result["connections"]["opened"] == 4
     assert result["latency_ms"]["ttft"]["count"] > 0
     assert result["server"]["rss_kib_before"] > 0
+    server_view = result["server_metrics"]  # read from the server's GET /metrics
+    assert server_view["ttft_count"] > 0
+    assert server_view["ttft_p99_ms"] > 0
+    assert "TTFT server vs client" in proc.stdout
     assert (tmp_path / "chat-timeline.png").stat().st_size > 0
     assert (tmp_path / "chat-histogram.png").stat().st_size > 0
 

@@ -45,7 +45,10 @@ def test_exception_is_one_line() -> None:
 
 
 async def test_json_logs_of_a_real_process(cluster: Cluster) -> None:
-    server = cluster.process("serve", PARLEY_SERVER_LOG_FORMAT="json")
+    # A Redis database of its own, so that this server's worker, not another test's, takes
+    # the turn (the turns stream is per database).
+    own_db = cluster.services.redis_url.rsplit("/", 1)[0] + "/7"
+    server = cluster.process("serve", PARLEY_SERVER_LOG_FORMAT="json", REDIS_URL=own_db)
     try:
         user = new_user()
         secret_text = f"do not log {uuid.uuid4().hex}"

@@ -7,7 +7,6 @@ import asyncio
 import time
 import urllib.request
 import uuid
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +15,7 @@ from server.app import metrics
 from server.dev.client import Client
 from server.edge.observer import Observer
 from server.redis.eventlog import encode
-from tests.conftest import ParleyProcess
+from tests.conftest import Cluster, ParleyProcess, mint
 
 REQUIRED = (
     "parley_process_info",
@@ -113,9 +112,19 @@ def test_a_generation_that_ends_without_tokens_is_forgotten() -> None:
     assert not observer._waiting
 
 
-async def test_serve_exposes_the_turn_without_ids(parley: ParleyProcess, connect: Any) -> None:
+async def test_serve_exposes_the_turn_without_ids(cluster: Cluster) -> None:
+    # A Redis database of its own: this server's worker, not another test's, takes the turn.
+    own_db = cluster.services.redis_url.rsplit("/", 1)[0] + "/6"
+    parley = cluster.process("serve", REDIS_URL=own_db)
+    try:
+        await exposes_the_turn_without_ids(parley)
+    finally:
+        parley.stop()
+
+
+async def exposes_the_turn_without_ids(parley: ParleyProcess) -> None:
     user = f"metrics-user-{uuid.uuid4().hex[:8]}"
-    client: Client = await connect(user)
+    client = await Client.connect(parley.ws_url, mint(user))
     created = await client.request(f.Create(title="metrics"))
     conversation = created.conversation
     await client.request(f.Join(conversation=conversation))
@@ -139,5 +148,6 @@ async def test_serve_exposes_the_turn_without_ids(parley: ParleyProcess, connect
     assert total(flat, "parley_ws_frames_written_total") >= 5
 
     text = await asyncio.to_thread(exposition_of, parley.url)
+    await client.close()
     for secret in (user, str(conversation), str(ack.message_id), "count me"):
         assert secret not in text

@@ -21,9 +21,10 @@ import uvicorn
 from redis.exceptions import RedisError
 
 from protocol.session import CloseCode
+from server.app import logs, metrics
 from server.app.config import ConfigError, Settings, load
 from server.app.runtime import Runtime
-from server.app.web import configure_logging, create_app
+from server.app.web import create_app
 from server.dev import embedded
 from server.dev.simulator import SimulatorStats
 from server.edge import issuers
@@ -47,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = _with(settings, "server", port=args.port)
     if getattr(args, "host", None) is not None:
         settings = _with(settings, "server", host=args.host)
-    configure_logging(settings.server.log_level)
+    if getattr(args, "metrics_port", None) is not None:
+        settings = _with(settings, "worker", metrics_port=args.metrics_port)
+    logs.configure(settings.server.log_level, settings.server.log_format)
     try:
         args.run(settings, args)
     except embedded.EmbeddedError as exc:
@@ -71,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     command("serve", serve, "everything in one process, with embedded Redis/PostgreSQL", True)
     command("web", web, "a WebSocket/HTTP process (needs REDIS_URL and DATABASE_URL)", True)
-    command("worker", worker, "a generation + persistence process (needs the URLs too)")
+    worker_cmd = command("worker", worker, "a generation + persistence process (needs URLs too)")
+    worker_cmd.add_argument(
+        "--metrics-port", type=int, help="serve GET /metrics here (worker.metrics_port; 0: off)"
+    )
     command("migrate", migrate, "apply the database migrations")
     token = command("token", token_command, "print a token for a user")
     token.add_argument("--user", required=True)
@@ -125,6 +131,8 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
     runtime = Runtime(
         settings=settings, runs_web=False, runs_worker=True, model_url=f"http://127.0.0.1:{port}/v1"
     )
+    if settings.worker.metrics_port:
+        metrics.serve(settings.server.host, settings.worker.metrics_port)
     app = create_app(runtime, SimulatorStats() if settings.simulated else None)
     _run_uvicorn(app, settings, runtime, sock=sock)
 

@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -53,6 +53,7 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     keep_alive_timeout: Seconds = 5.0
     max_body_bytes: Size = 1_048_576
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 class IssuerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -161,6 +162,13 @@ class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     concurrency: Size = 64
     lease_seconds: Seconds = 10.0
     shutdown_deadline: Seconds = 25.0
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+
+
+class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    models: list[str] = []
+    """Model names that may appear as a metric label (`llm.model` always may); others are
+    `other`, so a client naming models cannot grow the number of series."""
 
 
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -172,6 +180,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     llm: LLMSettings = LLMSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def data_path(self) -> Path:

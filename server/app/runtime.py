@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from protocol import wsframe
 from protocol.session import CloseCode
-from server.app import collector
+from server.app import collector, metrics
 from server.app.config import Settings
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
@@ -24,6 +23,7 @@ from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
+from server.edge.observer import Observer
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
@@ -70,14 +70,21 @@ class Runtime:
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
+        metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
         if self.runs_web:
             await self._start_web()
         if self.runs_worker:
             self._start_worker(events, turns)
         collector.calm()
 
+    @property
+    def role(self) -> str:
+        if self.runs_web and self.runs_worker:
+            return "serve"
+        return "web" if self.runs_web else "worker"
+
     async def _start_web(self) -> None:
-        self._bus = Bus(self.settings.redis.url, wrap=wsframe.text)
+        self._bus = Bus(self.settings.redis.url, wrap=Observer().frame)
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
@@ -90,6 +97,8 @@ class Runtime:
             UpgradePolicy(self.settings),
         )
         await self.hub.start()
+        hub = self.hub
+        metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
@@ -97,6 +106,8 @@ class Runtime:
             self.settings, self.redis, self.conversations, events, turns, self._llm
         )
         self.persister = Persister(self.redis, self.pool, events)
+        worker = self.worker
+        metrics.RUNNING.set_function(lambda: len(worker.running))
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
 

@@ -4,17 +4,17 @@ not a Litestar route: uvicorn hands upgrade requests straight to `server.edge.en
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.static_files import create_static_files_router
 
+from server.app import metrics
 from server.app.runtime import Runtime
 from server.dev.simulator import SimulatorStats, simulator_router
 from server.edge.rest import ROUTES
@@ -41,7 +41,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    handlers: list[Any] = list(ROUTES) if runtime.runs_web else []
+    handlers: list[Any] = [*ROUTES, metrics_endpoint] if runtime.runs_web else []
     if simulator is not None:
         settings = runtime.settings
         handlers.append(simulator_router(settings.simulator, simulator, model=settings.llm.model))
@@ -57,10 +57,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
     return app
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+@get("/metrics", media_type=metrics.CONTENT_TYPE, include_in_schema=False, sync_to_thread=False)
+def metrics_endpoint() -> Response[bytes]:
+    """This process's metrics in the Prometheus text format."""
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)

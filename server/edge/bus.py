@@ -23,6 +23,8 @@ from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
+from server.app import metrics
+
 log = logging.getLogger("parley.bus")
 
 SEQ_PREFIX: Final = b'{"seq":'
@@ -196,6 +198,7 @@ class Bus:
         if self._opened:
             log.info("Redis pub/sub connection re-established; %d channels", len(channels))
             self.reconnects += 1
+            metrics.BUS_RECONNECTS.inc()
             self._resync_pending = bool(channels)
         self._opened = True
         self._connected.set()
@@ -269,6 +272,7 @@ class Bus:
 
     def _resync_all(self) -> None:
         for listeners in tuple(self._listeners.values()):
+            metrics.BUS_RESYNCS.inc(len(listeners))
             for listener in tuple(listeners):
                 listener.resync()
 

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
+from server.app import logs, metrics
 from server.edge.auth import AuthError, Principal
 from server.edge.bus import Listener
 from server.edge.failures import Refused, refusal
@@ -194,6 +195,7 @@ class Commands:
         queue = self._queue
         assert queue is not None
         conn = self.conn
+        logs.SESSION.set(self.id)
         try:
             while queue and not conn.released:
                 await self._carry_out(queue.popleft())
@@ -225,6 +227,7 @@ class Commands:
         try:
             principal = await self.hub.verifier.verify(token)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels("expired" if "expired" in str(exc) else "invalid").inc()
             session.auth_failed(str(exc))
             return
         if session.authenticated(principal.user, principal.expires_at, ref):
@@ -283,10 +286,14 @@ class Commands:
     async def _command(self, frame: f.ClientFrame) -> None:
         user = self.session.user if self.session else None
         assert user is not None
+        conversation = getattr(frame, "conversation", None)
+        logs.CONVERSATION.set(None if conversation is None else str(conversation))
         try:
             reply = await self._execute(user, frame)
         except Exception as exc:  # a request's own fault, an outage or a bug: see failures
             refused = refusal(exc, f"`{type(frame).__struct_config__.tag}` frame")
+            if isinstance(exc, RedisError):
+                metrics.REDIS_ERRORS.labels("socket").inc()
             reply = f.Error(
                 code=refused.code,
                 message=refused.message,

@@ -36,6 +36,8 @@ from protocol import wsframe
 from protocol.handshake import Refusal, RequestParser, UpgradeRequest, accept, refuse
 from protocol.outbox import Outbox
 from protocol.session import CloseCode
+from server.app import metrics
+from server.app.metrics import TALLY
 from server.edge.commands import Commands
 
 if TYPE_CHECKING:
@@ -197,7 +199,8 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         if self.outbox and self.transport is not None and self.phase < Phase.CLOSING:
-            self.transport.writelines(self.outbox.drain())
+            self._tally_merged()
+            self._write_counted(self.outbox.drain())
         self._update_reading()
 
     def hold_reading(self, held: bool) -> None:
@@ -221,6 +224,8 @@ class Connection(asyncio.Protocol):
                 transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.ws is not None:
+            _count_close(self.ws)
         self.phase = Phase.CLOSED
         self.transport = None
         for timer in (self._timer, self._closer):
@@ -250,6 +255,7 @@ class Connection(asyncio.Protocol):
             self._upgrade(request)
         except Refusal as refusal:
             self._handshake = None
+            metrics.HANDSHAKES.labels(str(refusal.status)).inc()
             self.transport.write(refuse(refusal.status, refusal.text))
             self._shut()
             return
@@ -259,6 +265,7 @@ class Connection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.phase is Phase.HANDSHAKE and self.transport is not None:
+            metrics.HANDSHAKES.labels("timeout").inc()
             self.drop()
 
     def _upgrade(self, request: UpgradeRequest) -> None:
@@ -268,6 +275,7 @@ class Connection(asyncio.Protocol):
         offered = request.subprotocols
         subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
         self.transport.write(accept(request, subprotocol))
+        metrics.HANDSHAKES.labels("101").inc()
         self.ws = ServerProtocol(state=WsState.OPEN, max_size=hub.settings.limits.max_frame_bytes)
         self.phase = Phase.OPEN
         if self._timer is not None:
@@ -333,9 +341,24 @@ class Connection(asyncio.Protocol):
             for frame in pending:
                 self._hold(frame)
         elif len(pending) == 1:
-            self.transport.write(pending[0])
+            frame = pending[0]
+            self.transport.write(frame)
+            TALLY.frames_written += 1
+            TALLY.bytes_written += len(frame)
         else:
-            self.transport.writelines(pending)
+            self._write_counted(pending)
+
+    def _write_counted(self, frames: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(frames)
+        TALLY.frames_written += len(frames)
+        TALLY.bytes_written += sum(map(len, frames))
+
+    def _tally_merged(self) -> None:
+        outbox = self.outbox
+        if outbox is not None and outbox.merged:
+            TALLY.pieces_merged += outbox.merged
+            outbox.merged = 0
 
     def _hold_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -376,7 +399,7 @@ class Connection(asyncio.Protocol):
         frames = [*(self.outbox.drain() if self.outbox else ()), *(self._pending or ())]
         self._pending = None
         if frames and code != CloseCode.TRY_AGAIN_LATER:
-            transport.writelines(frames)
+            self._write_counted(frames)
         if self.ws is not None and self.ws.state is WsState.OPEN:
             self.ws.send_close(int(code), reason)
             self._flush_ws()
@@ -386,6 +409,9 @@ class Connection(asyncio.Protocol):
             )
 
     def _closing(self, drop_waiting: bool) -> None:
+        if self.phase is Phase.OPEN:
+            metrics.OUTBOX_AT_CLOSE.observe(self.outbox.size if self.outbox else 0)
+            self._tally_merged()
         if self.phase < Phase.CLOSING:
             self.phase = Phase.CLOSING
         if self.handler is not None:
@@ -423,3 +449,14 @@ def _bearer_token(offered: list[str]) -> str | None:
         if proto.startswith(f.BEARER_PREFIX):
             return proto[len(f.BEARER_PREFIX) :]
     return None
+
+
+def _count_close(ws: ServerProtocol) -> None:
+    """Count a socket's close by its code and by the side whose close frame came first."""
+    sent, received = ws.close_sent, ws.close_rcvd
+    if received is not None and (sent is None or ws.close_rcvd_then_sent):
+        metrics.CLOSES.labels(metrics.close_code_label(received.code), "client").inc()
+    elif sent is not None:
+        metrics.CLOSES.labels(metrics.close_code_label(sent.code), "server").inc()
+    else:  # the TCP connection ended (or was cut) without a close frame
+        metrics.CLOSES.labels("none", "none").inc()

@@ -8,6 +8,7 @@ exists.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import asyncpg
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
+from server.app import metrics
 from server.app.config import Settings
 from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
@@ -143,6 +145,7 @@ class Conversations:
             message_id=f.new_id(),
             model=meta.model,
             user_message=message.id,
+            accepted_at=time.time(),
         )
         event = encode(f.MessageEvent(conversation=conversation, message=message))
         result = await self._retry_unloaded(
@@ -152,7 +155,13 @@ class Conversations:
 
     async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        job = Job(conversation=conversation, user=user, message_id=f.new_id(), model=meta.model)
+        job = Job(
+            conversation=conversation,
+            user=user,
+            message_id=f.new_id(),
+            model=meta.model,
+            accepted_at=time.time(),
+        )
         await self._retry_unloaded(
             conversation, lambda: self.turns.regenerate(job, self._turn_limit)
         )
@@ -164,6 +173,7 @@ class Conversations:
             await self.turns.cancel(conversation)
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
+        metrics.CANCELS.inc()
 
     async def update(
         self,
@@ -222,6 +232,7 @@ class Conversations:
                 result = await attempt()
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
+        metrics.TURNS.labels(result.admission.value).inc()
         return _check(result)
 
     async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:

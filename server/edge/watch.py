@@ -22,6 +22,7 @@ from protocol import frames as f
 from protocol import wsframe
 from protocol.resume import Cursor, NextStep, Verdict
 from protocol.session import CloseCode
+from server.app import metrics
 from server.edge.conversations import Refused
 
 log = logging.getLogger("parley.watch")
@@ -118,12 +119,14 @@ class Watch:
         if after is None:
             await self._send_history(meta, ref, reset=False)
             return
+        metrics.REJOINS.inc()
         self.cursor.start_at(after)
         head, logged = await self._read(after)
         result = self.cursor.catch_up(logged, head)
         if result.next_step is NextStep.RESET:
             await self._send_history(meta, ref, reset=True)
             return
+        metrics.REPLAYED.observe(len(result.frames))
         self._send_joined(meta, head, after, None, False, ref, result.frames)
         if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
@@ -165,6 +168,9 @@ class Watch:
         frames: list[bytes],
     ) -> None:
         meta = msgspec.structs.replace(meta, last_seq=max(head, 0))
+        metrics.JOINS.inc()
+        if reset:
+            metrics.RESETS.inc()
         self.socket.push_frame(
             f.Joined(
                 conversation=self.conversation,

@@ -18,6 +18,8 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from protocol import frames as f
+from server.app import logs, metrics
 from server.redis import keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
@@ -56,6 +58,8 @@ class Persister:
                     await self._claim_abandoned()
                 entries = await self.group.read(100, 1000)
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -75,13 +79,23 @@ class Persister:
         except Poisoned as failure:
             await self.dead_letters.bury(keys.PERSIST, keys.PERSISTERS, entry_id, fields, failure)
             return
+        metrics.PERSISTED.inc()
+        metrics.PERSIST_LAG.observe(max((f.utcnow() - turn.finished_at).total_seconds(), 0.0))
         with contextlib.suppress(RedisError, OSError):
             await self.events.mark_persisted(turn.conversation, turn.done_seq)
         await self._ack(entry_id)
 
     async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
         turn = _decode(fields)
-        if not await save_turn(self.pool, turn.storable()):
+        logs.CONVERSATION.set(str(turn.conversation))
+        logs.MESSAGE.set(str(turn.reply.id))
+        try:
+            saved = await save_turn(self.pool, turn.storable())
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            metrics.POSTGRES_ERRORS.labels("persister").inc()
+            metrics.RETRIES.labels("persister").inc()
+            raise
+        if not saved:
             log.info("conversation %s is gone; turn dropped", turn.conversation)
         self.saved += 1
         return turn
@@ -92,6 +106,8 @@ class Persister:
                 await self.group.ack(entry_id)
                 return
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot acknowledge turn (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +33,9 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from protocol.context import build_prompt
 from protocol.transcript import status_of
+from server.app import logs, metrics
 from server.app.config import Settings
+from server.app.metrics import TALLY
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
@@ -60,6 +63,20 @@ class Running:
     lost: bool = False
     pieces: list[str] = field(default_factory=list)
     index: int = 0
+    requested: float = 0.0
+    first_chunk: float = 0.0
+    last_chunk: float = 0.0
+    max_gap: float = 0.0
+    cancel_received: float = 0.0
+
+    def chunk(self, now: float) -> None:
+        """A text chunk from the model arrived: its timing, for the metrics."""
+        TALLY.pieces += 1
+        if not self.first_chunk:
+            self.first_chunk = now
+        elif now - self.last_chunk > self.max_gap:
+            self.max_gap = now - self.last_chunk
+        self.last_chunk = now
 
     def next_index(self) -> int:
         self.index += 1
@@ -107,6 +124,7 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
         await self.group.ensure()
         self.pipeliner.start()
         await self.cancels.start()
@@ -150,6 +168,8 @@ class Worker:
             try:
                 entries = await self.group.read(free, 1000)
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("worker").inc()
+                metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -190,6 +210,8 @@ class Worker:
             job = _job_decoder.decode(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
             raise Malformed(f"not a turn: {exc}") from exc
+        logs.CONVERSATION.set(str(job.conversation))
+        logs.MESSAGE.set(str(job.message_id))
         try:
             await self._generate(job, takeover)
         except Refused as exc:
@@ -197,6 +219,9 @@ class Worker:
                 log.info("conversation %s is gone; turn dropped", job.conversation)
                 return
             raise Transient(exc.message) from exc
+        finally:
+            logs.CONVERSATION.set(None)
+            logs.MESSAGE.set(None)
 
     async def _ack(self, entry_id: bytes) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -218,6 +243,7 @@ class Worker:
             try:
                 await pipe.execute()
             except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)
 
     async def _take_over_loop(self) -> None:
@@ -241,6 +267,7 @@ class Worker:
                 if fields:
                     log.warning("taking over a turn abandoned by %s", owner)
                     self.taken_over += 1
+                    metrics.TAKEOVERS.inc()
                     self._spawn(entry_id, fields, takeover=True)
 
     # ------------------------------------------------------------------ one generation
@@ -249,6 +276,9 @@ class Worker:
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
             return  # the dead worker had finished it; only the acknowledgement was missing
+        if job.accepted_at and not takeover:
+            metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
+        begun = time.monotonic()
         run = Running(job)
         self.running[conversation] = run
         try:
@@ -261,7 +291,8 @@ class Worker:
             run.cancelled = await self._cancelled_before_start(job)
             prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
             finished, error = await self._stream(run, prompt)
-            await self._finish(run, finished, error, started)
+            reason = await self._finish(run, finished, error, started)
+            _observe(run, reason, finished, time.monotonic() - begun)
         finally:
             self.running.pop(conversation, None)
 
@@ -284,6 +315,7 @@ class Worker:
             message_id=job.message_id,
             model=job.model,
             replaces=job.replaces,
+            accepted_at=job.accepted_at or None,
         )
 
     async def _context(self, job: Job) -> tuple[list[f.Message], str]:
@@ -325,10 +357,12 @@ class Worker:
 
     async def _pump(self, run: Running, prompt: list[dict[str, str]]) -> Finished:
         job = run.job
+        run.requested = time.monotonic()
         async with asyncio.timeout(self.settings.llm.max_duration):
             async for item in self.llm.stream(job.model, prompt):
                 if not isinstance(item, Piece):
                     return item
+                run.chunk(time.monotonic())
                 run.pieces.append(item.text)
                 if run.lost:
                     await self._republish(run)
@@ -381,7 +415,7 @@ class Worker:
 
     async def _finish(
         self, run: Running, finished: Finished, error: str | None, started: datetime
-    ) -> None:
+    ) -> f.DoneReason:
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
         reply = f.Message(
@@ -413,17 +447,38 @@ class Worker:
             if run.lost:
                 await self._republish(run)
             if await self.pipeliner.call(call) >= 0:
-                return
+                return reason
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)
+        return reason
 
     def cancel(self, conversation: uuid.UUID, message_id: str) -> None:
         run = self.running.get(conversation)
         if run is None or str(run.job.message_id) != message_id:
             return
         run.cancelled = True
+        run.cancel_received = time.monotonic()
         if run.pump is not None:
             run.pump.cancel()
+
+
+def _observe(run: Running, reason: f.DoneReason, finished: Finished, duration: float) -> None:
+    """A generation's metrics, once its `done` is appended."""
+    model = metrics.MODELS.label(run.job.model)
+    metrics.FINISHED.labels(reason).inc()
+    metrics.REQUEST_DURATION.labels(model).observe(duration)
+    if run.cancel_received:
+        metrics.CANCEL_LATENCY.observe(time.monotonic() - run.cancel_received)
+    if run.first_chunk:
+        metrics.MODEL_TTFT.labels(model).observe(run.first_chunk - run.requested)
+        metrics.MAX_GAP.labels(model).observe(run.max_gap)
+    if run.last_chunk > run.first_chunk and len(run.pieces) > 1:
+        gap = (run.last_chunk - run.first_chunk) / (len(run.pieces) - 1)
+        metrics.TPOT.labels(model).observe(gap)
+    if finished.usage is not None:
+        usage = metrics.TOKEN_USAGE
+        usage.labels(model, "input").observe(finished.usage.prompt_tokens)
+        usage.labels(model, "output").observe(finished.usage.completion_tokens)
 
 
 class _CancelListener:

@@ -197,7 +197,7 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def main(argv: list[str], settings: Settings) -> None:
-    from server.load import report, runner
+    from server.load import report, runner, serverview
 
     args = _parser().parse_args(argv)
     plan = plan_from(args, settings)
@@ -212,9 +212,14 @@ def main(argv: list[str], settings: Settings) -> None:
         )
     show, live = report.live_display(not args.no_progress)
     progress = runner.Progress(show, args.procs)
+    endpoint = serverview.metrics_url(plan.url)
+    before = serverview.scrape(endpoint)
     with live:
         measured = runner.run(plan, max(args.procs, 1), args.server_pid, progress)
     result = report.summarize(plan, max(args.procs, 1), measured)
+    after = serverview.scrape(endpoint) if before is not None else None
+    if before is not None and after is not None:
+        result["server_metrics"] = serverview.summary(serverview.delta(before, after))
     report.print_summary(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

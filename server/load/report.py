@@ -213,6 +213,17 @@ def print_summary(result: dict[str, Any]) -> None:
             f"p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms  "
             f"p99 {s['p99_ms']} ms  max {s['max_ms']} ms  (n={s['count']})",
         )
+    server = result.get("server_metrics")
+    if server is not None:
+        client = result["latency_ms"].get("ttft", {})
+        table.add_row(
+            "TTFT server vs client",
+            f"server p50 {server['ttft_p50_ms']} ms  p99 {server['ttft_p99_ms']} ms "
+            f"(n={server['ttft_count']}, GET /metrics) | client p50 {client.get('p50_ms')} ms  "
+            f"p99 {client.get('p99_ms')} ms",
+        )
+        closes = ", ".join(f"{code}: {n}" for code, n in server["closes"].items()) or "none"
+        table.add_row("server closes", closes)
     tp = result["throughput"]
     table.add_row(
         "delivered",

@@ -37,6 +37,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     replaces: uuid.UUID | None = None
     user_message: uuid.UUID | None = None
     user_seq: int = 0
+    accepted_at: float = 0.0
+    """When a web process accepted the turn (Unix seconds): the start of the queue wait and
+    of the time to first token."""
 
 
 class Admission(enum.Enum):

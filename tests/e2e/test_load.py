@@ -19,11 +19,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], tmp_path: Path) -> None:
+def _run(args: list[str], tmp_path: Path) -> str:
+    """Run `parley load`; return what it printed."""
     proc = subprocess.run(
         args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
 
 
 def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
@@ -37,7 +39,7 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
         "--drain", "10", "--no-progress",
         "--out", str(out),
     ]  # fmt: skip
-    _run(args, tmp_path)
+    printed = _run(args, tmp_path)
     result = json.loads(out.read_text())
 
     integrity = result["integrity"]
@@ -50,6 +52,10 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     assert result["connections"]["opened"] == 4
     assert result["latency_ms"]["ttft"]["count"] > 0
     assert result["server"]["rss_kib_before"] > 0
+    server_view = result["server_metrics"]  # read from the server's GET /metrics
+    assert server_view["ttft_count"] > 0
+    assert server_view["ttft_p99_ms"] > 0
+    assert "TTFT server vs client" in printed
     assert (tmp_path / "chat-timeline.png").stat().st_size > 0
     assert (tmp_path / "chat-histogram.png").stat().st_size > 0
 

@@ -1,0 +1,96 @@
+"""The web process's bus `wrap`: frames each published event once for the sockets
+(`protocol.wsframe.text`) and, on the way, measures what only the fan-out can see.
+
+- Tab-observed time to first token: a `start` event carries `accepted_at`, when the web
+  process that took the `say` accepted it (any web process: it travels with the job); the
+  first `token` of that message reaching this process's sockets ends the interval. Each web
+  process with a socket watching the conversation observes it once per generation.
+- Delivery lag: a `message` event carries its `created_at`, stamped just before the say
+  script appends and publishes it; its arrival here ends the interval. Token events carry no
+  stamp (it would cost bytes on every token to every tab), so the lag is sampled per turn.
+
+Wall clocks of different machines differ: keep them in sync (NTP) or read these as upper
+bounds. Per event the cost is one bounded `bytes.find` and an integer addition; the JSON is
+decoded only for `start` and `message` events, once per turn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import msgspec
+
+from protocol import frames as f
+from protocol import wsframe
+from server.app import metrics
+
+_WITHIN: Final = 48
+"""`{"seq":N,` and the tag, which msgspec writes first."""
+_TOKEN: Final = b'"type":"token"'
+_START: Final = b'"type":"start"'
+_MESSAGE: Final = b'"type":"message"'
+_DONE: Final = b'"type":"done"'
+_MESSAGE_ID: Final = b'"message_id":"'
+_UUID_CHARS: Final = 36
+MAX_WAITING: Final = 10_000
+"""Generations awaiting their first token here; beyond it the oldest are forgotten."""
+
+_start_decoder: Final = msgspec.json.Decoder(f.Start)
+_message_decoder: Final = msgspec.json.Decoder(f.MessageEvent)
+
+
+class Observer:
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: dict[bytes, tuple[float, str]] = {}
+        """message id → (accepted_at, model label), until its first token."""
+
+    def frame(self, data: bytes) -> bytes:
+        metrics.TALLY.events_received += 1
+        if data.find(_TOKEN, 0, _WITHIN) >= 0:
+            if self._waiting:
+                self._first_token(data)
+        elif data.find(_START, 0, _WITHIN) >= 0:
+            self._start(data)
+        elif data.find(_MESSAGE, 0, _WITHIN) >= 0:
+            self._message(data)
+        elif self._waiting and data.find(_DONE, 0, _WITHIN) >= 0:
+            self._waiting.pop(_message_id(data), None)  # ended before any token
+        return wsframe.text(data)
+
+    def _start(self, data: bytes) -> None:
+        try:
+            start = _start_decoder.decode(data)
+        except msgspec.DecodeError:
+            return
+        if start.accepted_at is None:
+            return
+        if len(self._waiting) >= MAX_WAITING:
+            del self._waiting[next(iter(self._waiting))]
+        label = metrics.MODELS.label(start.model)
+        self._waiting[str(start.message_id).encode()] = (start.accepted_at, label)
+
+    def _first_token(self, data: bytes) -> None:
+        waiting = self._waiting.pop(_message_id(data), None)
+        if waiting is not None:
+            accepted_at, model = waiting
+            metrics.TTFT.labels(model).observe(max(time.time() - accepted_at, 0.0))
+
+    @staticmethod
+    def _message(data: bytes) -> None:
+        try:
+            event = _message_decoder.decode(data)
+        except msgspec.DecodeError:
+            return
+        lag = time.time() - event.message.created_at.timestamp()
+        metrics.BUS_LAG.observe(max(lag, 0.0))
+
+
+def _message_id(data: bytes) -> bytes:
+    at = data.find(_MESSAGE_ID)
+    if at < 0:
+        return b""
+    at += len(_MESSAGE_ID)
+    return data[at : at + _UUID_CHARS]

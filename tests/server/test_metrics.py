@@ -1,0 +1,156 @@
+"""The exposition: in-process (the observer, bounded labels) and of a real `parley serve`
+after a turn (names, labels, no user or conversation id anywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocol import frames as f
+from server.app import metrics
+from server.dev.client import Client
+from server.edge.observer import Observer
+from server.redis.eventlog import encode
+from tests.helpers.auth import mint
+from tests.helpers.processes import Cluster, ParleyProcess
+
+REQUIRED = (
+    "parley_process_info",
+    "parley_ws_sockets_open",
+    "parley_ws_handshakes_total",
+    "parley_ws_closes_total",
+    "parley_ws_frames_written_total",
+    "parley_ws_bytes_written_total",
+    "parley_bus_events_received_total",
+    "parley_joins_total",
+    "parley_turns_total",
+    "parley_turn_queue_wait_seconds_bucket",
+    "gen_ai_server_time_to_first_token_seconds_bucket",
+    "gen_ai_server_request_duration_seconds_bucket",
+    "gen_ai_server_time_per_output_token_seconds_bucket",
+    "gen_ai_client_token_usage_bucket",
+    "parley_model_time_to_first_chunk_seconds_bucket",
+    "parley_generations_finished_total",
+    "parley_persister_lag_seconds_bucket",
+    "parley_bus_delivery_lag_seconds_bucket",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+)
+
+
+def exposition_of(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return str(response.read().decode())
+
+
+def scrape(url: str) -> dict[str, float]:
+    return metrics.samples(text_string_to_metric_families(exposition_of(url)))
+
+
+def total(flat: dict[str, float], name: str, **labels: str) -> float:
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        value
+        for key, value in flat.items()
+        if key.startswith(name + "{") and all(w in key for w in wanted)
+    )
+
+
+def published(event: f.ServerFrame, seq: int) -> bytes:
+    """An event as the append script publishes it: `{"seq":N,` spliced in front."""
+    return f.splice_seq(encode(event), seq)
+
+
+def test_observer_measures_first_token_once_per_generation() -> None:
+    metrics.MODELS.configure(["known-model"])
+    observer = Observer()
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    before = metrics.TTFT.labels("known-model")._sum.get()
+    count = total(metrics.samples(metrics.REGISTRY.collect()), metrics.TTFT._name + "_count")
+    start = f.Start(
+        conversation=conversation,
+        message_id=message,
+        model="known-model",
+        accepted_at=time.time() - 0.25,
+    )
+    observer.frame(published(start, 1))
+    for seq in (2, 3):
+        token = f.Token(conversation=conversation, message_id=message, text="hi")
+        framed = observer.frame(published(token, seq))
+        assert framed[0] == 0x81  # still the socket's text frame
+    flat = metrics.samples(metrics.REGISTRY.collect())
+    assert total(flat, metrics.TTFT._name + "_count") == count + 1
+    assert metrics.TTFT.labels("known-model")._sum.get() - before >= 0.25
+
+
+def test_unconfigured_model_names_are_other() -> None:
+    metrics.MODELS.configure(["known-model"])
+    observer = Observer()
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    model = f"client-chosen-{uuid.uuid4().hex}"
+    start = f.Start(
+        conversation=conversation, message_id=message, model=model, accepted_at=time.time()
+    )
+    observer.frame(published(start, 1))
+    observer.frame(published(f.Token(conversation=conversation, message_id=message, text="x"), 2))
+    text = metrics.exposition().decode()
+    assert model not in text
+    assert 'gen_ai_request_model="other"' in text
+
+
+def test_a_generation_that_ends_without_tokens_is_forgotten() -> None:
+    observer = Observer()
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
+    observer.frame(published(start, 1))
+    done = f.Done(conversation=conversation, message_id=message, reason="cancelled")
+    observer.frame(published(done, 2))
+    assert not observer._waiting
+
+
+@pytest.mark.e2e  # a real `parley serve`: the slow tier
+async def test_serve_exposes_the_turn_without_ids(cluster: Cluster) -> None:
+    # A Redis database of its own: this server's worker, not another test's, takes the turn.
+    own_db = cluster.services.redis_url.rsplit("/", 1)[0] + "/6"
+    parley = cluster.process("serve", REDIS_URL=own_db)
+    try:
+        await exposes_the_turn_without_ids(parley)
+    finally:
+        parley.stop()
+
+
+async def exposes_the_turn_without_ids(parley: ParleyProcess) -> None:
+    user = f"metrics-user-{uuid.uuid4().hex[:8]}"
+    client = await Client.connect(parley.ws_url, mint(user))
+    created = await client.request(f.Create(title="metrics"))
+    conversation = created.conversation
+    await client.request(f.Join(conversation=conversation))
+    start = len(client.frames)
+    ack = await client.request(f.Say(conversation=conversation, text="count me [sim:tokens=5]"))
+    await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
+
+    deadline = time.monotonic() + 10
+    flat = await asyncio.to_thread(scrape, parley.url)
+    while total(flat, "parley_persisted_turns_total") == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        flat = await asyncio.to_thread(scrape, parley.url)
+    names = {key.partition("{")[0] for key in flat}
+    assert not [name for name in REQUIRED if name not in names]
+    assert total(flat, "parley_process_info", role="serve") == 1
+    assert total(flat, "parley_ws_sockets_open") >= 1
+    assert total(flat, "parley_ws_handshakes_total", outcome="101") >= 1
+    assert total(flat, "gen_ai_server_time_to_first_token_seconds_count") >= 1
+    assert total(flat, "gen_ai_client_token_usage_count", gen_ai_token_type="output") >= 1
+    assert total(flat, "parley_turns_total", outcome="ok") >= 1
+    assert total(flat, "parley_ws_frames_written_total") >= 5
+
+    text = await asyncio.to_thread(exposition_of, parley.url)
+    await client.close()
+    for secret in (user, str(conversation), str(ack.message_id), "count me"):
+        assert secret not in text

@@ -81,7 +81,7 @@ def test_postgres_works_and_keeps_data_across_restarts(tmp_path: Path) -> None:
         assert _sql(service.url, "select current_database()") == "parley"
         _sql(service.url, "create table notes as select 'kept' as body")
     finally:
-        service.stop()
+        service.stop(timeout=60)  # a clean shutdown: a SIGKILL (busy machine) would lose the row
     assert not _alive(service.pid)
     service.stop()
 

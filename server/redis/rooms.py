@@ -49,9 +49,11 @@ class Rooms:
         self._count(conversation, user, -1)
 
     async def stop(self) -> None:
-        if self._sender is not None:
-            await asyncio.wait([self._sender], timeout=RETRY_AFTER * 2)
-            self._sender.cancel()
+        """Send what is pending (briefly: a process's counts die with it anyway)."""
+        sender = self._sender
+        if sender is not None:
+            await asyncio.wait([sender], timeout=RETRY_AFTER * 2)
+            sender.cancel()
 
     def _count(self, conversation: uuid.UUID, user: str, delta: int) -> None:
         self._pending[(conversation, user)] += delta

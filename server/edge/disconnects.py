@@ -6,11 +6,15 @@ checked against the revocations) and closes the matching sockets with 4401. A us
 disconnect's revocation (`before`) was written by the API before it published; a session's
 token is known only to the process holding that socket, which revokes it (by `jti`, `sid`
 or digest) before closing the socket and then publishes a `forget` so that no other
-process keeps the token cached."""
+process keeps the token cached. A socket whose token was being verified while the
+revocation was written may be admitted just after the sweep: a second sweep `LATE_SWEEP`
+later closes the user's sockets whose token was issued before the revocation."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Final
 
 import msgspec
 from redis.asyncio import Redis
@@ -27,6 +31,7 @@ from server.redis.revocations import Revocations
 log = logging.getLogger("parley.disconnects")
 
 REASON = "disconnected by the server"
+LATE_SWEEP: Final = 1.0
 
 
 class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +39,8 @@ class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
 
     user: str
     session: str | None = None
+    before: float | None = None
+    """A user-wide disconnect's revocation time."""
     forget: bool = False
     """Only drop the user's cached tokens (a session's token was just revoked)."""
 
@@ -64,12 +71,24 @@ class Disconnects:
         sockets = self._sockets(message.user, message.session)
         if message.session is None:
             _close(sockets)
+            if message.before is not None:
+                loop = asyncio.get_running_loop()
+                loop.call_later(LATE_SWEEP, self._sweep_late, message.user, message.before)
         elif sockets:
             self.hub.spawn(self._revoke_session(message.user, sockets))
 
     def resync(self) -> None:
         """A disconnect may have been missed: check every cached token again."""
         self.verifier.forget_all()
+
+    def _sweep_late(self, user: str, before: float) -> None:
+        _close(
+            [
+                (conn, commands)
+                for conn, commands in self._sockets(user, None)
+                if commands.principal is not None and (commands.principal.issued_at or 0.0) < before
+            ]
+        )
 
     def _sockets(self, user: str, session: str | None) -> list[tuple[Connection, Commands]]:
         found = []

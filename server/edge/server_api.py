@@ -111,7 +111,8 @@ class ServerAPI(Controller):
                 revoked_before = time.time()
                 assert runtime.revocations is not None
                 await runtime.revocations.revoke_before(data.user, revoked_before)
-            await publish(runtime.redis, Disconnect(user=data.user, session=data.session))
+            message = Disconnect(user=data.user, session=data.session, before=revoked_before)
+            await publish(runtime.redis, message)
         return Disconnected(user=data.user, session=data.session, revoked_before=revoked_before)
 
     @post("/notice", status_code=HTTP_202_ACCEPTED)

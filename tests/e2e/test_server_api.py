@@ -14,9 +14,11 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from redis.asyncio import Redis
 
 from protocol import frames as f
 from server.dev.client import Client
+from server.edge.disconnects import Disconnect, publish
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation, wait_persisted
 from tests.helpers.processes import Cluster, ParleyProcess, redis_db, start_all, stop_together
@@ -145,6 +147,31 @@ async def test_disconnect_closes_every_socket_on_both_processes_and_revokes_the_
     finally:
         for client in (*tabs, bystander):
             await client.close()
+
+
+async def test_a_socket_admitted_while_the_revocation_was_written_is_swept_later(
+    webs: tuple[ParleyProcess, ParleyProcess], cluster: Cluster
+) -> None:
+    """The disconnect message alone (no revocation in Redis, as for a token verified just
+    before it was written): the late sweep closes a socket signed in with an older token."""
+    user = new_user()
+    old = mint(user)
+    before = time.time() + 0.001
+    redis = Redis.from_url(redis_db(cluster.services.redis_url, SERVER_API_DB))
+    try:
+        await publish(redis, Disconnect(user=user, before=before))
+    finally:
+        await redis.aclose()
+    late = await Client.connect(webs[1].ws_url, old)
+    await asyncio.sleep(max(int(before) + 1 - time.time(), 0) + 0.01)
+    fresh = await Client.connect(webs[1].ws_url, mint(user))
+    try:
+        assert await closed_with(late, 3.0) == UNAUTHORIZED
+        await fresh.request(f.Ping())
+        assert not fresh.closed.done()
+    finally:
+        await late.close()
+        await fresh.close()
 
 
 async def test_session_disconnect_leaves_the_other_sessions(

@@ -358,7 +358,20 @@ class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, fro
     deleted: bool = False
 
 
-ConversationEvent = MessageEvent | Start | Token | Done | Queued | Updated
+class Notice(_Server, tag="notice", kw_only=True, frozen=True):
+    """A system notice from the application's backend (the server API), not a message of
+    the transcript: a conversation event with `seq` when it names a `conversation` (kept in
+    the event log, so a rejoin with `after` gets it; not stored in PostgreSQL), else a user
+    event to every socket of the user, without `seq`. Added after version 1: a client that
+    does not know it ignores it."""
+
+    text: str
+    at: datetime
+    conversation: uuid.UUID | None = None
+    seq: Seq = 0
+
+
+ConversationEvent = MessageEvent | Start | Token | Done | Queued | Updated | Notice
 ServerFrame = (
     Ready
     | Created

@@ -52,7 +52,10 @@ async def get(pool: asyncpg.Pool, conversation: uuid.UUID) -> StoredConversation
     return None if row is None else _from_row(row)
 
 
-async def list_for(pool: asyncpg.Pool, owner: str, limit: int = 200) -> list[StoredConversation]:
+async def list_for(
+    pool: asyncpg.Pool, owner: str, limit: int | None = 200
+) -> list[StoredConversation]:
+    """The owner's conversations, latest first; `limit` None: all of them."""
     rows = await pool.fetch(
         f"SELECT {_COLUMNS} FROM conversations WHERE owner = $1"
         " ORDER BY updated_at DESC, id LIMIT $2",
@@ -94,3 +97,19 @@ async def delete(pool: asyncpg.Pool, conversation: uuid.UUID, owner: str) -> boo
         "DELETE FROM conversations WHERE id = $1 AND owner = $2", conversation, owner
     )
     return bool(status.endswith(" 1"))
+
+
+async def delete_all_for(pool: asyncpg.Pool, owner: str) -> list[uuid.UUID]:
+    """Delete every conversation of `owner` (their messages go with them); the ids deleted."""
+    rows = await pool.fetch("DELETE FROM conversations WHERE owner = $1 RETURNING id", owner)
+    return [row["id"] for row in rows]
+
+
+async def advance_seq(pool: asyncpg.Pool, conversation: uuid.UUID, seq: int) -> None:
+    """Record that the conversation's events reached `seq` (an event PostgreSQL does not
+    store, such as a notice), so that a reload from PostgreSQL never hands it out again."""
+    await pool.execute(
+        "UPDATE conversations SET last_seq = GREATEST(last_seq, $2) WHERE id = $1",
+        conversation,
+        seq,
+    )

@@ -171,6 +171,15 @@ class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     `other`, so a client naming models cannot grow the number of series."""
 
 
+class ServerAPISettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The server API (`/api/server/`, docs/server-api.md): the host application's backend
+    authenticates with one of `keys`, never with a user's token. No keys: the API is off."""
+
+    keys: list[str] = []
+    revocation_ttl: Seconds = 86_400.0
+    """How long a revocation is kept: the longest token lifetime Parley will honour it for."""
+
+
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -181,6 +190,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     simulator: SimulatorSettings = SimulatorSettings()
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    server_api: ServerAPISettings = ServerAPISettings()
 
     @property
     def data_path(self) -> Path:
@@ -260,7 +270,8 @@ def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
 def _parley_key(name: str) -> tuple[str, str] | None:
     if not name.startswith("PARLEY_") or name in NOT_SETTINGS:
         return None
-    for section in Settings.__struct_fields__:
+    # longest first: PARLEY_SERVER_API_KEYS is [server_api] keys, not [server] api_keys
+    for section in sorted(Settings.__struct_fields__, key=len, reverse=True):
         head = f"PARLEY_{section.upper()}_"
         if name.startswith(head):
             return section, name[len(head) :].lower()

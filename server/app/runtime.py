@@ -21,6 +21,7 @@ from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
+from server.edge.disconnects import Disconnects
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
 from server.edge.observer import Observer
@@ -29,6 +30,8 @@ from server.generation.persister import Persister
 from server.generation.worker import Worker
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
+from server.redis.revocations import Revocations
+from server.redis.rooms import Rooms
 from server.redis.turns import Turns
 from storage.db import create_pool, migrate
 
@@ -48,12 +51,14 @@ class Runtime:
     conversations: Conversations = field(init=False)
     verifier: Verifier = field(init=False)
     hub: Hub | None = field(init=False, default=None)
+    revocations: Revocations | None = field(init=False, default=None)
     worker: Worker | None = field(init=False, default=None)
     persister: Persister | None = field(init=False, default=None)
     draining: bool = field(init=False, default=False)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _bus: Bus | None = field(init=False, default=None)
     _presence: Presence | None = field(init=False, default=None)
+    _rooms: Rooms | None = field(init=False, default=None)
     _llm: LLM | None = field(init=False, default=None)
 
     async def start(self) -> None:
@@ -99,6 +104,15 @@ class Runtime:
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
+        await self._start_server_api(self.hub, self._presence.process)
+
+    async def _start_server_api(self, hub: Hub, process: str) -> None:
+        """Token revocations, who joined which conversation, and the disconnects' channel."""
+        s = self.settings
+        self.revocations = Revocations(self.redis, s.server_api.revocation_ttl)
+        self.verifier.revocations = self.revocations
+        self._rooms = hub.rooms = Rooms(self.redis, process, s.redis.ttl_seconds)
+        await Disconnects(hub, self.verifier, self.redis, self.revocations).start()
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
@@ -145,6 +159,8 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._rooms is not None:
+            await self._rooms.stop()
         if self._presence is not None:
             await self._presence.stop()
         if self._bus is not None:

@@ -17,6 +17,7 @@ from litestar.static_files import create_static_files_router
 from server.app import metrics
 from server.app.runtime import Runtime
 from server.dev.simulator import SimulatorStats, simulator_router
+from server.edge import server_api
 from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -25,7 +26,10 @@ OPENAPI = OpenAPIConfig(
     version="1",
     path="/schema",
     render_plugins=[JsonRenderPlugin()],
-    description="Conversations over REST with the WebSocket's JWT as `Authorization: Bearer`.",
+    description=(
+        "Conversations over REST with the WebSocket's JWT as `Authorization: Bearer`; the "
+        "server API (`/api/server/`, tag `server`) with a `server_api.keys` key instead."
+    ),
 )
 """The REST API's OpenAPI document, served at `GET /schema/openapi.json`."""
 
@@ -41,7 +45,9 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    handlers: list[Any] = [*ROUTES, metrics_endpoint] if runtime.runs_web else []
+    handlers: list[Any] = (
+        [*ROUTES, *server_api.ROUTES, metrics_endpoint] if runtime.runs_web else []
+    )
     if simulator is not None:
         settings = runtime.settings
         handlers.append(simulator_router(settings.simulator, simulator, model=settings.llm.model))

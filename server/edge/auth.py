@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import hashlib
+import logging
 import math
 import os
 import secrets
@@ -12,10 +15,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import jwt
+from redis.exceptions import RedisError
 
 from protocol import text
 from protocol.frames import MAX_SEQ, MAX_TOKEN_CHARS
@@ -32,6 +36,10 @@ MAX_PART_DEPTH: Final = 4
 """A JWT header or claims set nests no deeper than this (`aud` as a list is 2)."""
 
 
+log = logging.getLogger("parley.auth")
+MAX_ID_CHARS: Final = 256
+
+
 class AuthError(Exception):
     pass
 
@@ -41,6 +49,17 @@ class Principal:
     user: str
     expires_at: float | None
     """The token's `exp` (Unix seconds), without leeway."""
+    issued_at: float | None = None
+    """The token's `iat`, if it has a usable one."""
+    token_id: str = ""
+    """What names this token for a revocation: `jti:<jti>`, else `sid:<sid>` (every token of
+    that session), else `tok:<digest of the token>`."""
+
+
+class Revocations(Protocol):
+    """Revoked tokens (`server.redis.revocations.Revocations`)."""
+
+    async def revoked(self, principal: Principal) -> bool: ...
 
 
 class Verifier:
@@ -63,6 +82,9 @@ class Verifier:
         self.secret = secret
         self.algorithms = algorithms
         self._cache: dict[str, Principal] = {}
+        self.revocations: Revocations | None = None
+        """Checked once per token verified (a cached token skips it: `forget` a user whose
+        tokens were revoked)."""
         self._http: httpx.AsyncClient | None = None
         self.key_sets = [
             KeySet(
@@ -92,10 +114,36 @@ class Verifier:
             principal = await self._decode_issued(token, header)
         else:
             raise AuthError(f"invalid token: algorithm {str(alg)[:20]!r} is not accepted")
+        principal = _identified(principal, token)
+        if not await self._current(principal):
+            return principal
         if len(self._cache) >= VERIFIED_CACHE_SIZE:
             del self._cache[next(iter(self._cache))]
         self._cache[token] = principal
         return principal
+
+    async def _current(self, principal: Principal) -> bool:
+        """Raise if the token was revoked; False when that could not be checked (Redis is
+        unreachable): the token is then accepted but not cached, so it is checked again."""
+        if self.revocations is None:
+            return True
+        try:
+            revoked = await self.revocations.revoked(principal)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot check token revocations: %s", exc)
+            return False
+        if revoked:
+            raise AuthError("token revoked")
+        return True
+
+    def forget(self, user: str) -> None:
+        """Drop the user's verified tokens from the cache: their next use is checked again."""
+        for token, principal in tuple(self._cache.items()):
+            if principal.user == user:
+                del self._cache[token]
+
+    def forget_all(self) -> None:
+        self._cache.clear()
 
     async def close(self) -> None:
         if self._http is not None:
@@ -212,7 +260,28 @@ def _principal(claims: Mapping[str, Any], user_claim: str) -> Principal:
         raise AuthError(f"invalid token: `{user_claim}` must be a non-empty string")
     if (why := text.problem(user)) is not None:
         raise AuthError(f"invalid token: `{user_claim}` {why}")
-    return Principal(user, _expiry(claims.get("exp")))
+    issued = claims.get("iat")
+    if isinstance(issued, bool) or not isinstance(issued, int | float):
+        issued = None
+    token_id = next(
+        (
+            f"{claim}:{value}"
+            for claim in ("jti", "sid")
+            if isinstance(value := claims.get(claim), str) and 0 < len(value) <= MAX_ID_CHARS
+        ),
+        "",
+    )
+    return Principal(
+        user, _expiry(claims.get("exp")), None if issued is None else float(issued), token_id
+    )
+
+
+def _identified(principal: Principal, token: str) -> Principal:
+    """The principal with a `token_id`: the token's own digest when it has no jti or sid."""
+    if principal.token_id:
+        return principal
+    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+    return dataclasses.replace(principal, token_id=f"tok:{digest}")
 
 
 def _expiry(exp: object) -> float | None:

@@ -98,6 +98,7 @@ class Commands:
         "conn",
         "hub",
         "id",
+        "principal",
         "registered",
         "session",
         "watches",
@@ -120,6 +121,8 @@ class Commands:
             limits = dataclasses.replace(limits, auth_timeout=auth_timeout)
         self.session = Session(limits, time.monotonic())
         self.id = secrets.token_hex(8)
+        self.principal: Principal | None = None
+        """The latest token's, once one was accepted (a server API disconnect revokes it)."""
         self.watches: dict[uuid.UUID, Watch] = {}
         self.registered = False
         self._max_queued = max_queued
@@ -230,6 +233,7 @@ class Commands:
             metrics.AUTH_FAILURES.labels("expired" if "expired" in str(exc) else "invalid").inc()
             session.auth_failed(str(exc))
             return
+        self.principal = principal
         if session.authenticated(principal.user, principal.expires_at, ref):
             await self._ready(principal, ref)
         self._schedule_expiry()
@@ -339,6 +343,8 @@ class Commands:
         old = self.watches.pop(conversation, None)
         watch = Watch(self.conn, conversation, hub.conversations, user, hub.spawn)
         self.watches[conversation] = watch
+        if old is None and hub.rooms is not None:
+            hub.rooms.joined(conversation, user)
         try:
             await hub.bus.subscribe(keys.channel(conversation), watch)
         finally:
@@ -357,6 +363,8 @@ class Commands:
         watch = self.watches.pop(conversation, None)
         if watch is not None:
             watch.active = False
+            if self.hub.rooms is not None:
+                self.hub.rooms.left(conversation, watch.user)
             self.hub.bus.unsubscribe(keys.channel(conversation), watch)
 
     def _leave_all(self) -> None:

@@ -101,6 +101,11 @@ class Conversations:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
 
+    async def everything(self, user: str) -> list[f.Conversation]:
+        """All of the user's conversations, however many (an export)."""
+        rows = await stored_conversations.list_for(self.pool, user, limit=None)
+        return [row.meta for row in rows]
+
     async def list(self, user: str) -> list[f.Conversation]:
         rows = await stored_conversations.list_for(self.pool, user)
         return [row.meta for row in rows]
@@ -124,7 +129,7 @@ class Conversations:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
         await self.events.load(user, meta, 0, 0, [])
-        await self._tell_user(user, f.ConversationChanged(conversation=meta.id, meta=meta))
+        await self.tell(user, f.ConversationChanged(conversation=meta.id, meta=meta))
         return meta
 
     async def say(
@@ -206,7 +211,7 @@ class Conversations:
         await self.events.append(
             conversation, encode(f.Updated(conversation=conversation, meta=meta))
         )
-        await self._tell_user(user, f.ConversationChanged(conversation=conversation, meta=meta))
+        await self.tell(user, f.ConversationChanged(conversation=conversation, meta=meta))
         return meta
 
     async def delete(self, user: str, conversation: uuid.UUID) -> None:
@@ -214,7 +219,53 @@ class Conversations:
         if not await stored_conversations.delete(self.pool, conversation, user):
             raise not_found()
         await self.events.forget(conversation)
-        await self._tell_user(user, f.ConversationChanged(conversation=conversation, deleted=True))
+        await self.tell(user, f.ConversationChanged(conversation=conversation, deleted=True))
+
+    # ------------------------------------------------------------------ the server API
+
+    async def notice(self, user: str, conversation: uuid.UUID | None, text: str) -> int:
+        """A system notice: into the user's conversation (its seq returned), or, without
+        one, to every socket of the user (0 returned)."""
+        if conversation is None:
+            await self.tell(user, f.Notice(text=text, at=f.utcnow()))
+            return 0
+        await self.owned(user, conversation)
+        event = encode(f.Notice(conversation=conversation, text=text, at=f.utcnow()))
+        try:
+            seq = await self.events.append(conversation, event)
+            if seq == UNLOADED:
+                await self.load(conversation)
+                seq = await self.events.append(conversation, event)
+            if seq == UNLOADED:
+                raise unavailable("Redis")
+            await stored_conversations.advance_seq(self.pool, conversation, seq)
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "the notice") from None
+        return seq
+
+    async def erase_user(self, user: str) -> int:
+        """Delete every conversation and message of the user, and their Redis state; the
+        number of conversations deleted."""
+        try:
+            deleted = await stored_conversations.delete_all_for(self.pool, user)
+            for conversation in deleted:
+                await self.events.forget(conversation)
+                await self.redis.delete(
+                    keys.seq(conversation), keys.persisted(conversation), keys.present(conversation)
+                )
+            await self.redis.delete(keys.turn_rate(user))
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise refusal(exc, "erasing the user") from None
+        for conversation in deleted:
+            await self.tell(user, f.ConversationChanged(conversation=conversation, deleted=True))
+        return len(deleted)
+
+    async def tell(self, user: str, frame: f.ConversationChanged | f.Notice) -> None:
+        """A user event to every socket of the user, on every web process."""
+        try:
+            await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
+        except RedisError as exc:
+            log.warning("could not publish a %s: %s", type(frame).__name__, exc)
 
     # ------------------------------------------------------------------ helpers
 
@@ -234,12 +285,6 @@ class Conversations:
             raise refusal(exc, "Redis") from None
         metrics.TURNS.labels(result.admission.value).inc()
         return _check(result)
-
-    async def _tell_user(self, user: str, frame: f.ConversationChanged) -> None:
-        try:
-            await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
-        except RedisError as exc:
-            log.warning("could not publish conversation_changed: %s", exc)
 
 
 def _check(result: Accepted) -> Accepted:

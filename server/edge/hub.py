@@ -27,6 +27,7 @@ from server.redis import keys
 if TYPE_CHECKING:
     from server.edge.commands import Places, Service, Subscriptions
     from server.edge.entrance import UpgradePolicy
+    from server.redis.rooms import Rooms
 
 log = logging.getLogger("parley.hub")
 
@@ -67,6 +68,8 @@ class Hub:
         self.verifier = verifier
         self.presence = presence
         self.upgrades = upgrades
+        self.rooms: Rooms | None = None
+        """Who joined which conversation, for the server API's presence."""
         self.connections: set[Socket] = set()
         self.users: dict[str, set[Socket]] = {}
         self.limits = SessionLimits(

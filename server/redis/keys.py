@@ -133,3 +133,20 @@ def connections(user: str) -> str:
 PROCESSES: Final = f"{PREFIX}:procs"
 """Sorted set of live web processes: member = process id, score = the deadline of its
 heartbeat in milliseconds of Redis's clock. A process's counts in `connections` die with it."""
+
+
+SERVER: Final = f"{PREFIX}:server"
+"""Pub/sub channel of the server API's disconnects (`server.edge.disconnects`): every web
+process subscribes once and closes the sockets a message names."""
+
+
+def revoked(user: str) -> str:
+    """Hash of the user's revoked tokens: `before` -> a Unix time (every token issued before
+    it), `jti:<id>` / `sid:<id>` / `tok:<digest>` -> 1. Expires `server_api.revocation_ttl`
+    after the last revocation."""
+    return f"{PREFIX}:revoked:{user}"
+
+
+def present(conversation: uuid.UUID | str) -> str:
+    """Hash of who has joined the conversation: field `[process, user]` (JSON) -> sockets."""
+    return f"{_conv(conversation)}:present"

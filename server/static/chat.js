@@ -132,6 +132,12 @@ export function onFrame(frame) {
       }
       break;
     }
+    case "notice":
+      if (!frame.conversation) {
+        notify(frame.text, { kind: "info", key: "notice" }); // to all the user's tabs
+        break;
+      }
+    // falls through: a conversation's notice is an event with a seq
     case "message":
     case "start":
     case "token":
@@ -143,6 +149,8 @@ export function onFrame(frame) {
         const t = store.transcript(frame.conversation);
         joinEnded(t);
         join(t); // with after = the last seq applied
+      } else if (result === "applied" && frame.type === "notice") {
+        notify(frame.text, { kind: "info", key: "notice" });
       } else if (result === "applied" && frame.type === "done" && frame.reason === "error") {
         notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
           key: "model",

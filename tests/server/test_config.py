@@ -55,3 +55,9 @@ def test_unknown_keys_and_wrong_types_name_the_key(
     with pytest.raises(ConfigError) as error:
         load(path, env)
     assert named in str(error.value)
+
+
+def test_a_section_whose_name_starts_with_another_takes_its_own_variables() -> None:
+    """PARLEY_SERVER_API_KEYS is [server_api] keys, not [server] api_keys."""
+    s = load(ROOT / "config.toml", {"PARLEY_SERVER_API_KEYS": "k1, k2", "PARLEY_SERVER_PORT": "1"})
+    assert s.server_api.keys == ["k1", "k2"] and s.server.port == 1

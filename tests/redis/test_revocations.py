@@ -1,0 +1,84 @@
+"""Token revocations and conversation presence against the real embedded Redis, through the
+real `Verifier` (no Parley process)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import jwt
+import pytest
+from redis.asyncio import Redis
+
+from server.app.config import AuthSettings
+from server.edge.auth import AuthError, Verifier
+from server.redis import keys
+from server.redis.presence import Presence
+from server.redis.revocations import Revocations
+from server.redis.rooms import Present, Rooms, present
+from tests.helpers.auth import SECRET, mint, new_user
+
+
+def verifier(redis: Redis) -> Verifier:
+    checker = Verifier(AuthSettings(), SECRET)
+    checker.revocations = Revocations(redis, ttl=60)
+    return checker
+
+
+async def test_a_user_wide_revocation_refuses_older_tokens_once_forgotten(redis: Redis) -> None:
+    checker = verifier(redis)
+    user = new_user()
+    old = mint(user)
+    assert (await checker.verify(old)).user == user
+    await Revocations(redis, ttl=60).revoke_before(user, time.time() + 1)
+    assert (await checker.verify(old)).user == user  # cached: the disconnect must forget it
+    checker.forget(user)
+    with pytest.raises(AuthError, match="revoked"):
+        await checker.verify(old)
+    no_iat = jwt.encode({"sub": user, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError, match="revoked"):
+        await checker.verify(no_iat)
+    later = mint(user, iat=int(time.time()) + 2)
+    assert (await checker.verify(later)).user == user
+    assert 0 < await redis.ttl(keys.revoked(user)) <= 60
+
+
+@pytest.mark.parametrize(
+    ("claims", "prefix"), [({"jti": "t1"}, "jti:"), ({"sid": "s1"}, "sid:"), ({}, "tok:")]
+)
+async def test_one_token_is_revoked_by_jti_sid_or_digest(
+    redis: Redis, claims: dict[str, object], prefix: str
+) -> None:
+    checker = verifier(redis)
+    user = new_user()
+    token = mint(user, **claims)
+    other = mint(user, ttl=1800)  # same user, another token
+    principal = await checker.verify(token)
+    assert principal.token_id.startswith(prefix)
+    await Revocations(redis, ttl=60).revoke_token(user, principal.token_id)
+    checker.forget(user)
+    with pytest.raises(AuthError, match="revoked"):
+        await checker.verify(token)
+    assert (await checker.verify(other)).user == user
+
+
+async def test_presence_counts_live_processes_only(redis: Redis) -> None:
+    conversation = uuid.uuid4()
+    live, dead = Presence(redis, 10), Presence(redis, 10)
+    await live.start()
+    await dead.start()
+    try:
+        here = Rooms(redis, live.process, ttl=60)
+        gone = Rooms(redis, dead.process, ttl=60)
+        alice, bob = new_user(), new_user()
+        for rooms, user in ((here, alice), (here, alice), (here, bob), (gone, bob)):
+            rooms.joined(conversation, user)
+        here.left(conversation, bob)
+        await here.stop()
+        await gone.stop()
+        expected = sorted([Present(alice, 2), Present(bob, 1)], key=lambda p: p.user)
+        assert await present(redis, conversation) == expected
+        await dead.stop()  # its counts vanish with its place in the registry
+        assert await present(redis, conversation) == [Present(alice, 2)]
+    finally:
+        await live.stop()

@@ -25,6 +25,8 @@ class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
     replaces: uuid.UUID | None
     finished_at: datetime
     done_seq: int = 0
+    traceparent: str | None = None
+    """The generation's trace context, for the persister's span (server/app/tracing.py)."""
 
     def storable(self) -> FinishedTurn:
         """This turn with text PostgreSQL cannot hold (NUL, lone surrogates) replaced by

@@ -15,7 +15,7 @@ import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from protocol.session import CloseCode
-from server.app import collector, metrics
+from server.app import collector, metrics, tracing
 from server.app.config import Settings
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
@@ -76,6 +76,7 @@ class Runtime:
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
         metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
+        tracing.configure(self.role)
         if self.runs_web:
             await self._start_web()
         if self.runs_worker:
@@ -170,6 +171,7 @@ class Runtime:
         await self.verifier.close()
         await self.pool.close()
         await self.redis.aclose()
+        tracing.shutdown()
 
     async def ready(self) -> dict[str, bool]:
         """What /readyz reports: Redis and PostgreSQL reachable, and not draining."""

@@ -7,9 +7,11 @@ exists.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import asyncpg
 import msgspec
@@ -17,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
-from server.app import metrics
+from server.app import metrics, tracing
 from server.app.config import Settings
 from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
@@ -144,33 +146,43 @@ class Conversations:
             status="complete",
             created_at=f.utcnow(),
         )
-        job = Job(
-            conversation=conversation,
-            user=user,
-            message_id=f.new_id(),
-            model=meta.model,
-            user_message=message.id,
-            accepted_at=time.time(),
-        )
-        event = encode(f.MessageEvent(conversation=conversation, message=message))
-        result = await self._retry_unloaded(
-            conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
-        )
+        with self._turn("say", user, meta, message.id) as (job, span):
+            event = encode(f.MessageEvent(conversation=conversation, message=message))
+            result = await self._retry_unloaded(
+                conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
+            )
+            span.note("parley.admission", result.admission.value)
         return message.id, result.admission is Admission.DUPLICATE
 
     async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        job = Job(
-            conversation=conversation,
-            user=user,
-            message_id=f.new_id(),
-            model=meta.model,
-            accepted_at=time.time(),
-        )
-        await self._retry_unloaded(
-            conversation, lambda: self.turns.regenerate(job, self._turn_limit)
-        )
+        with self._turn("regenerate", user, meta) as (job, span):
+            result = await self._retry_unloaded(
+                conversation, lambda: self.turns.regenerate(job, self._turn_limit)
+            )
+            span.note("parley.admission", result.admission.value)
         return job.message_id
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _turn(
+        command: str, user: str, meta: f.Conversation, user_message: uuid.UUID | None = None
+    ) -> Iterator[tuple[Job, tracing.Traced]]:
+        """The job for a new reply, within the span of accepting it (the trace's root)."""
+        reply_id = f.new_id()
+        with tracing.accepting(command, meta.id, reply_id) as span:
+            yield (
+                Job(
+                    conversation=meta.id,
+                    user=user,
+                    message_id=reply_id,
+                    model=meta.model,
+                    user_message=user_message,
+                    accepted_at=time.time(),
+                    traceparent=span.traceparent,
+                ),
+                span,
+            )
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None:
         await self.owned(user, conversation)

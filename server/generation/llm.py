@@ -28,6 +28,8 @@ class Piece:
 class Finished:
     reason: DoneReason
     usage: Usage | None
+    model: str | None = None
+    """The model that answered, as its stream named it."""
 
 
 class MalformedReply(Exception):
@@ -54,6 +56,8 @@ class Chunk(msgspec.Struct, frozen=True):
 
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
+    model: object = None
+    """Only for traces: anything but a string is ignored, never a malformed reply."""
 
 
 def read_chunk(chunk: object) -> Chunk:
@@ -92,9 +96,12 @@ class LLM:
         )
         reason: DoneReason = "stop"
         usage: Usage | None = None
+        answered: str | None = None
         async with stream:
             async for raw in _parsed(stream):
                 chunk = read_chunk(raw)
+                if isinstance(chunk.model, str) and chunk.model:
+                    answered = chunk.model
                 if chunk.usage is not None:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices or ():
@@ -102,7 +109,7 @@ class LLM:
                         yield Piece(scrub(choice.delta.content))
                     if choice.finish_reason == "length":
                         reason = "length"
-        yield Finished(reason, usage)
+        yield Finished(reason, usage, answered)
 
     async def close(self) -> None:
         await self.client.close()

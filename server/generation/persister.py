@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
-from server.app import logs, metrics
+from server.app import logs, metrics, tracing
 from server.redis import keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
@@ -90,7 +90,10 @@ class Persister:
         logs.CONVERSATION.set(str(turn.conversation))
         logs.MESSAGE.set(str(turn.reply.id))
         try:
-            saved = await save_turn(self.pool, turn.storable())
+            with tracing.continued(
+                turn.traceparent, "persist turn", turn.conversation, turn.reply.id
+            ):
+                saved = await save_turn(self.pool, turn.storable())
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             metrics.POSTGRES_ERRORS.labels("persister").inc()
             metrics.RETRIES.labels("persister").inc()

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from protocol.context import build_prompt
 from protocol.transcript import status_of
-from server.app import logs, metrics
+from server.app import logs, metrics, tracing
 from server.app.config import Settings
 from server.app.metrics import TALLY
 from server.edge.bus import Bus
@@ -281,20 +281,34 @@ class Worker:
         begun = time.monotonic()
         run = Running(job)
         self.running[conversation] = run
+        accepted_at = 0.0 if takeover else job.accepted_at
         try:
-            await self._mark_running(job)
-            if takeover:
-                run.index = await self._last_index(job)
-            run.history, system = await self._context(job)
-            started = f.utcnow()
-            await self._publish(run, self._start_event(job))
-            run.cancelled = await self._cancelled_before_start(job)
-            prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
-            finished, error = await self._stream(run, prompt)
-            reason = await self._finish(run, finished, error, started)
+            with tracing.chat(
+                job.traceparent, job.model, conversation, job.message_id, accepted_at
+            ) as chat:
+                reason, finished, error = await self._run(run, takeover)
+                chat.chat_finished(reason, finished.usage, finished.model, error)
             _observe(run, reason, finished, time.monotonic() - begun)
         finally:
             self.running.pop(conversation, None)
+
+    async def _run(self, run: Running, takeover: bool) -> tuple[f.DoneReason, Finished, str | None]:
+        """The generation's steps, each a span of the turn's trace when tracing is on."""
+        job = run.job
+        await self._mark_running(job)
+        if takeover:
+            run.index = await self._last_index(job)
+        with tracing.span("build prompt"):
+            run.history, system = await self._context(job)
+            prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
+        started = f.utcnow()
+        await self._publish(run, self._start_event(job))
+        run.cancelled = await self._cancelled_before_start(job)
+        with tracing.span("model stream"):
+            finished, error = await self._stream(run, prompt)
+        with tracing.span("finish turn"):
+            reason = await self._finish(run, finished, error, started)
+        return reason, finished, error
 
     async def _mark_running(self, job: Job, piece: int | None = None) -> None:
         """Record this generation as the conversation's; with `piece`, every event of it
@@ -441,6 +455,7 @@ class Worker:
             reply=reply,
             replaces=job.replaces,
             finished_at=f.utcnow(),
+            traceparent=tracing.current_traceparent(),
         )
         call = self.turns.finish_call(job, encode(done), reply, encode(turn))
         for _ in range(3):

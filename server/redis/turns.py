@@ -40,6 +40,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     accepted_at: float = 0.0
     """When a web process accepted the turn (Unix seconds): the start of the queue wait and
     of the time to first token."""
+    traceparent: str | None = None
+    """The W3C trace context of the span that accepted the turn, when tracing is on
+    (server/app/tracing.py): the worker's spans join that trace."""
 
 
 class Admission(enum.Enum):

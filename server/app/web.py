@@ -17,6 +17,7 @@ from litestar.static_files import create_static_files_router
 
 from server.app.runtime import Runtime
 from server.dev.simulator import SimulatorStats, simulator_router
+from server.edge import streams
 from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -41,7 +42,7 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
         finally:
             await runtime.stop()
 
-    handlers: list[Any] = list(ROUTES) if runtime.runs_web else []
+    handlers: list[Any] = [*ROUTES, *streams.ROUTES] if runtime.runs_web else []
     if simulator is not None:
         settings = runtime.settings
         handlers.append(simulator_router(settings.simulator, simulator, model=settings.llm.model))

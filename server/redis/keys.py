@@ -133,3 +133,8 @@ def connections(user: str) -> str:
 PROCESSES: Final = f"{PREFIX}:procs"
 """Sorted set of live web processes: member = process id, score = the deadline of its
 heartbeat in milliseconds of Redis's clock. A process's counts in `connections` die with it."""
+
+
+def stream_ticket(ticket: str) -> str:
+    """A single-use ticket for an SSE stream (`server.redis.tickets`): the user it stands for."""
+    return f"{PREFIX}:ticket:{ticket}"

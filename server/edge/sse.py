@@ -48,13 +48,16 @@ def as_event(frame: bytes) -> list[bytes]:
 class Stream:
     """One SSE response's end of a watch: what a socket is to the watch (`Sink`)."""
 
-    __slots__ = ("ended", "outbox", "overflowed", "wake")
+    __slots__ = ("ended", "on_overflow", "outbox", "overflowed", "wake")
 
     def __init__(self, limit: int) -> None:
         self.outbox = Outbox(limit, merge_after=min(65_536, limit // 4))
         self.wake = asyncio.Event()
         self.ended = False
         self.overflowed = False
+        self.on_overflow: Callable[[], None] = lambda: None
+        """Gives back what the stream holds at once: its response may stay blocked in a
+        write to a client that stopped reading until that client goes."""
 
     def push(self, frame: bytes) -> None:
         if self.ended:
@@ -63,6 +66,7 @@ class Stream:
             self.overflowed = True
             self.outbox.drain()
             self.ended = True
+            self.on_overflow()
         self.wake.set()
 
     def push_frame(self, frame: f.ServerFrame) -> None:
@@ -116,10 +120,13 @@ class Body:
 
     __slots__ = ("_gen", "_release", "released")
 
-    def __init__(self, gen: AsyncGenerator[bytes, None], release: Callable[[], None]) -> None:
+    def __init__(
+        self, stream: Stream, gen: AsyncGenerator[bytes, None], release: Callable[[], None]
+    ) -> None:
         self._gen = gen
         self._release = release
         self.released = False
+        stream.on_overflow = self.release
 
     def __aiter__(self) -> Body:
         return self
@@ -193,7 +200,7 @@ class Opening:
         except BaseException:
             release()
             raise
-        return Body(write(stream, render, self.timing, done), release)
+        return Body(stream, write(stream, render, self.timing, done), release)
 
     async def user_events(self, user: str) -> Body:
         """A response body with the user's `conversation_changed` events."""
@@ -205,4 +212,4 @@ class Opening:
             hub.unwatch_user(user, stream)
             self._leave(user, stream)
 
-        return Body(write(stream, as_event, self.timing), release)
+        return Body(stream, write(stream, as_event, self.timing), release)

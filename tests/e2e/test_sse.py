@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -18,15 +19,25 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from protocol import frames as f
 from server.dev.client import Client
+from server.redis import keys
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import transcript, wait_persisted
-from tests.helpers.processes import Cluster, ParleyProcess, redis_db, start_all, stop_together
+from tests.helpers.processes import (
+    Cluster,
+    ParleyProcess,
+    redis_db,
+    small_outbox_server,
+    start_all,
+    stop_together,
+)
 from tests.helpers.sse import Reader, chunks
 
 SSE_DB = 13
+SLOW_SSE_DB = 14
 LOG_EVENTS = 200
 REPLY_TOKENS = 60
 FILLERS = 6
@@ -309,6 +320,63 @@ async def test_bad_input_on_the_new_endpoints(sse: Sse) -> None:
         assert bad.status_code == 401
     log = web.log()
     assert "Traceback" not in log and " 500 " not in log
+
+
+async def stalled_sse(web: ParleyProcess, token: str, conversation: uuid.UUID) -> Any:
+    """A raw socket with a tiny receive buffer that opens the stream, reads up to its
+    `joined`, then stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", web.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET /api/conversations/{conversation}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    got = b""
+    while b"event: joined" not in got:
+        got += await asyncio.wait_for(reader.read(4096), 10)
+    writer.transport.pause_reading()
+    return writer
+
+
+async def test_a_stream_that_stops_reading_gives_back_its_place(
+    cluster: Cluster, db: asyncpg.Pool
+) -> None:
+    """An SSE client that stops reading is bounded like a socket: past the outbox's bound its
+    stream lets go of the conversation and of the user's place in the per-user count, while
+    its TCP connection is still open, and the reply is persisted whole."""
+    tokens = 100_000  # ~20 MB of events: past the kernel's buffers and the 64 KiB outbox
+    server = small_outbox_server(cluster, SLOW_SSE_DB, tokens)
+    server.env["PARLEY_SERVER_SSE_MAX_LIFETIME"] = "120"
+    start_all([server])
+    user = new_user()
+    token = mint(user)
+    redis = Redis.from_url(redis_db(cluster.services.redis_url, SLOW_SSE_DB))
+    try:
+        async with httpx.AsyncClient() as http:
+            conversation = await new_conversation(http, server, token)
+            stalled = await stalled_sse(server, token, conversation)
+            assert await places(redis, user) == 1
+            await say(http, server, token, conversation, f"long [sim:tokens={tokens}][sim:tps=0]")
+            rows = await wait_persisted(db, conversation, 2, timeout=90)
+            held = await places(redis, user)
+            still_open = not stalled.is_closing()
+            stalled.close()
+    finally:
+        await redis.aclose()
+        await asyncio.to_thread(server.stop)
+    assert rows[1][2] == "complete"
+    assert held == 0, "the stalled stream still holds its place"
+    assert still_open
+    log = server.log()
+    assert "Traceback" not in log and " 500 " not in log
+
+
+async def places(redis: Redis, user: str) -> int:
+    counts = await redis.hvals(keys.connections(user))  # type: ignore[misc]
+    return sum(int(v) for v in counts)
 
 
 def _chat(conversation: uuid.UUID, text: str) -> dict[str, Any]:

@@ -41,8 +41,24 @@ Render = Callable[[bytes], list[bytes]]
 """A WebSocket frame (as the watch pushes it) to the bytes the response writes."""
 
 
+RENDERED_MAX: Final = 4096
+RENDERED_BYTES: Final = 4096
+_rendered: dict[bytes, bytes] = {}
+"""A published event reaches every stream as the same framed bytes object (`Bus`): rendered
+once, not once per stream. Keyed by the frame (bytes cache their hash); only frames of up to
+`RENDERED_BYTES` (a `joined` with its history is one stream's alone), emptied past
+`RENDERED_MAX` entries: at most 32 MiB."""
+
+
 def as_event(frame: bytes) -> list[bytes]:
-    return [sse.event(wsframe.payload_of(frame))]
+    if len(frame) > RENDERED_BYTES:
+        return [sse.event(wsframe.payload_of(frame))]
+    event = _rendered.get(frame)
+    if event is None:
+        if len(_rendered) >= RENDERED_MAX:
+            _rendered.clear()
+        event = _rendered[frame] = sse.event(wsframe.payload_of(frame))
+    return [event]
 
 
 class Stream:

@@ -13,6 +13,7 @@ resumes with `Last-Event-ID`). A silent stream gets a comment line every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -166,7 +167,11 @@ class Body:
             self.release()
 
     def __del__(self) -> None:
-        self.release()
+        """A body Litestar never iterated (its client went first): give back now. Without a
+        running loop (the process is ending) there is nothing left to give back to."""
+        if not self.released:
+            with contextlib.suppress(RuntimeError):
+                self.release()
 
 
 class Opening:

@@ -387,6 +387,22 @@ def _chat(conversation: uuid.UUID, text: str) -> dict[str, Any]:
     }
 
 
+async def persisted_text(
+    web: ParleyProcess, token: str, conversation: uuid.UUID, message_id: str
+) -> str | None:
+    """The text of `message_id` once the REST transcript has it (within 10 s)."""
+    async with httpx.AsyncClient() as http:
+        for _ in range(100):
+            detail = await http.get(
+                f"{web.url}/api/conversations/{conversation}", headers=bearer(token)
+            )
+            found = [m for m in detail.json()["messages"] if m["id"] == message_id]
+            if found and found[0]["status"] == "complete":
+                return str(found[0]["content"])
+            await asyncio.sleep(0.1)
+    return None
+
+
 def npm_ci() -> None:
     """Install the pinned `ai` package (tests/node/package-lock.json) once."""
     if (NODE_DIR / "node_modules" / "ai" / "package.json").exists():
@@ -433,7 +449,17 @@ async def test_ai_sdk_client_sends_drops_resumes_and_ends_with_the_persisted_tex
             headers=bearer(token),
             timeout=30,
         )
+        regenerated = await http.post(
+            f"{web_a.url}/api/ai/chat",
+            json={"id": str(conversation), "messages": [], "trigger": "regenerate-message"},
+            headers=bearer(token),
+            timeout=30,
+        )
     assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
     got = chunks(response.text)
     assert got[-1] == "[DONE]" and got[-2]["type"] == "finish"
     assert [c["type"] for c in got[:2]] == ["start", "text-start"]
+    again = chunks(regenerated.text)
+    assert again[-1] == "[DONE]" and again[0]["messageId"] != got[0]["messageId"]
+    texts = "".join(c["delta"] for c in again if c != "[DONE]" and c["type"] == "text-delta")
+    assert texts == await persisted_text(web_a, token, conversation, again[0]["messageId"])

@@ -24,6 +24,11 @@ export default [
     },
   },
   {
+    // The Vercel AI SDK client the e2e tests run in Node (tests/node/, its own package.json).
+    files: ["tests/node/**/*.mjs"],
+    languageOptions: { ecmaVersion: 2023, sourceType: "module", globals: globals.node },
+  },
+  {
     files: ["eslint.config.mjs"],
     languageOptions: { sourceType: "module", globals: globals.node },
   },

@@ -49,6 +49,9 @@ class ServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     drain_delay: Seconds = 1.0
     ws_ping_interval: Seconds = 20.0
     ws_ping_timeout: Seconds = 20.0
+    sse_heartbeat: Seconds = 15.0
+    sse_max_lifetime: Seconds = 300.0
+    stream_ticket_ttl: Seconds = 30.0
     request_timeout: Seconds = 10.0
     keep_alive_timeout: Seconds = 5.0
     max_body_bytes: Size = 1_048_576

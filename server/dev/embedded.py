@@ -76,7 +76,9 @@ def free_port() -> int:
 # --- Redis ---------------------------------------------------------------------------------
 
 
-def start_redis(data_dir: Path, *, port: int = 0, persist: bool = True) -> Service:
+def start_redis(
+    data_dir: Path, *, port: int = 0, persist: bool = True, databases: int = 16
+) -> Service:
     """Start redis-server on 127.0.0.1 with its files and log in `data_dir/redis`.
 
     With `persist`, writes go to an append-only file synced every second; otherwise nothing
@@ -91,6 +93,7 @@ def start_redis(data_dir: Path, *, port: int = 0, persist: bool = True) -> Servi
         *("--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "no"),
         *("--dir", str(workdir), "--daemonize", "no", "--logfile", "", "--save", ""),
         *("--appendonly", "yes" if persist else "no", "--appendfsync", "everysec"),
+        *("--databases", str(databases)),
     ]
     log = workdir / "redis.log"
     proc, since = _spawn(argv, log, signal.SIGTERM)

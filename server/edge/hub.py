@@ -71,7 +71,9 @@ class Hub:
         self.rooms: Rooms | None = None
         """Who joined which conversation, for the server API's presence."""
         self.connections: set[Socket] = set()
-        self.users: dict[str, set[Socket]] = {}
+        self.users: dict[str, set[Sink]] = {}
+        self.streams: set[Sink] = set()
+        """SSE responses (`server.edge.sse`): ended with the sockets at shutdown."""
         self.limits = SessionLimits(
             max_text_chars=settings.limits.max_text_chars,
             frames_per_second=settings.limits.frames_per_second,
@@ -94,10 +96,10 @@ class Hub:
 
     # ------------------------------------------------------------------ users' sockets
 
-    def watch_user(self, user: str, conn: Socket) -> None:
+    def watch_user(self, user: str, conn: Sink) -> None:
         self.users.setdefault(user, set()).add(conn)
 
-    def unwatch_user(self, user: str, conn: Socket) -> None:
+    def unwatch_user(self, user: str, conn: Sink) -> None:
         conns = self.users.get(user)
         if conns is not None:
             conns.discard(conn)
@@ -124,7 +126,7 @@ class Hub:
         """Refuse new sockets, close the open ones and wait (up to `shutdown_grace`) for
         them to be gone."""
         self.upgrades.accepting = False
-        for conn in tuple(self.connections):
+        for conn in (*self.connections, *self.streams):
             conn.close(code, reason)
         deadline = time.monotonic() + self.settings.server.shutdown_grace
         while (self.connections or self._tasks) and time.monotonic() < deadline:

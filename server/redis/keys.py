@@ -150,3 +150,8 @@ def revoked(user: str) -> str:
 def present(conversation: uuid.UUID | str) -> str:
     """Hash of who has joined the conversation: field `[process, user]` (JSON) -> sockets."""
     return f"{_conv(conversation)}:present"
+
+
+def stream_ticket(ticket: str) -> str:
+    """A single-use ticket for an SSE stream (`server.redis.tickets`): the user it stands for."""
+    return f"{PREFIX}:ticket:{ticket}"

@@ -31,9 +31,9 @@ from server.redis import keys
 from storage.messages import FinishedTurn
 from tests.helpers.auth import mint
 from tests.helpers.conversations import say_and_finish, start_conversation, wait_persisted
-from tests.helpers.processes import ROOT, Cluster, ParleyProcess, redis_db
+from tests.helpers.processes import ROOT, Cluster, Db, ParleyProcess, redis_db
 
-POISON_DB = 9
+POISON_DB = Db.POISON
 
 
 async def refused(client: Client, raw: str) -> f.Error:

@@ -41,6 +41,7 @@ from tests.helpers.conversations import (
 from tests.helpers.faults import Proxy
 from tests.helpers.processes import (
     Cluster,
+    Db,
     ParleyProcess,
     Scaled,
     alive,
@@ -57,10 +58,9 @@ from tests.helpers.procfs import rss_kib
 from tests.helpers.sockets import TCP_ESTABLISHED, drain, stalled_reader, tcp_state
 from tests.helpers.tabs import Recorded, TabClient, check_tabs, close_all, until
 
-SLOW_READER_DB = 3
-OPS_DB = 5
-REDIS_OUTAGE_DB = 6
-PG_OUTAGE_DB = 7
+SLOW_READER_DB = Db.SLOW_READER
+OPS_DB = Db.OPS
+REDIS_OUTAGE_DB = Db.REDIS_OUTAGE
 
 
 # --------------------------------------------------------------------------- the ops cluster
@@ -601,7 +601,9 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
         server = cluster.process(
             "serve",
             start=False,
-            REDIS_URL=redis_db(cluster.services.redis_url, PG_OUTAGE_DB + (fault == "paused") * 4),
+            REDIS_URL=redis_db(
+                cluster.services.redis_url, Db.PG_PAUSED if fault == "paused" else Db.PG_OUTAGE
+            ),
             DATABASE_URL=proxy.url(cluster.services.database_url),
         )
         start_all([server])

@@ -28,6 +28,7 @@ from tests.helpers.conversations import (
 )
 from tests.helpers.processes import (
     Cluster,
+    Db,
     ParleyProcess,
     Scaled,
     model_stats,
@@ -36,7 +37,7 @@ from tests.helpers.processes import (
 )
 from tests.helpers.tabs import TabClient, check_tabs, close_all, until
 
-SHORT_LOG_DB = 2
+SHORT_LOG_DB = Db.SHORT_LOG
 SCALE_REPLY = "[sim:tokens=40][sim:tps=300]"
 
 

@@ -21,9 +21,9 @@ from server.dev.client import Client
 from server.edge.disconnects import Disconnect, publish
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation, wait_persisted
-from tests.helpers.processes import Cluster, ParleyProcess, redis_db, start_all, stop_together
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, start_all, stop_together
 
-SERVER_API_DB = 13
+SERVER_API_DB = Db.SERVER_API
 KEY = "server-key-0123456789abcdef"
 OTHER_KEY = "second-key-0123456789abcdef"
 UNAUTHORIZED = 4401

@@ -16,10 +16,10 @@ import pytest
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import Cluster, ParleyProcess, redis_db, start_all, stop_together
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, start_all, stop_together
 from tests.helpers.tabs import until
 
-SHUTDOWN_DB = 9
+SHUTDOWN_DB = Db.SHUTDOWN
 RUNS = 3
 TABS = 6
 ENV = {

@@ -26,10 +26,10 @@ from protocol import frames as f
 from server.dev.client import Client, ProtocolError
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation
-from tests.helpers.processes import Cluster, redis_db, start_all
+from tests.helpers.processes import Cluster, Db, redis_db, start_all
 
-TRACING_DB = 14
-NO_WORKER_DB = 15
+TRACING_DB = Db.TRACING
+NO_WORKER_DB = Db.TRACING_NO_WORKER
 MODEL = "sim-traced"
 
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,10 +34,36 @@ FAST_MODEL = {
     "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.02",
     "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "400",
 }
+
+
 # Each group of processes that runs workers gets its own Redis database so that no worker of
 # another group (all share one Redis) claims its turns: streams and keys are per database, and
 # the pub/sub channels involved are per conversation or per user.
-SCALE_DB = 1
+class Db(IntEnum):
+    """The Redis database of each group of test processes that must not see another's
+    queues (a worker claims any turn in its database). Database 0 is the shared `parley`
+    server's; one number each, listed here so that no two tests pick the same."""
+
+    SCALE = 1
+    SHORT_LOG = 2
+    SLOW_READER = 3
+    OPS = 4
+    REDIS_OUTAGE = 5
+    PG_OUTAGE = 6
+    PG_PAUSED = 7
+    POISON = 8
+    SHUTDOWN = 9
+    SCRIPTS = 10
+    SERVER_API = 11
+    SSE = 12
+    SLOW_SSE = 13
+    TRACING = 14
+    TRACING_NO_WORKER = 15
+    METRICS = 16
+    LOGS = 17
+
+
+SCALE_DB = Db.SCALE
 
 
 @dataclass
@@ -53,7 +80,7 @@ class Services:
 
 def start_services(data: Path) -> Services:
     """An embedded Redis (no persistence) and PostgreSQL (fsync off) with their data in `data`."""
-    redis = embedded.start_redis(data, persist=False)
+    redis = embedded.start_redis(data, persist=False, databases=len(Db) + 1)
     try:
         postgres = embedded.start_postgres(data, fast=True)
     except BaseException:

@@ -12,10 +12,10 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from server.redis.eventlog import EventLog
-from tests.helpers.processes import Services
+from tests.helpers.processes import Db, Services
 from tests.helpers.scripts import MAX_EVENTS, TTL
 
-SCRIPTS_DB = 11
+SCRIPTS_DB = Db.SCRIPTS
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -16,7 +16,7 @@ from protocol import frames as f
 from server.app import logs
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import Cluster
+from tests.helpers.processes import Cluster, Db, redis_db
 
 
 def test_json_line_carries_the_ids_set_in_context() -> None:
@@ -51,7 +51,7 @@ def test_exception_is_one_line() -> None:
 async def test_json_logs_of_a_real_process(cluster: Cluster) -> None:
     # A Redis database of its own, so that this server's worker, not another test's, takes
     # the turn (the turns stream is per database).
-    own_db = cluster.services.redis_url.rsplit("/", 1)[0] + "/7"
+    own_db = redis_db(cluster.services.redis_url, Db.LOGS)
     server = cluster.process("serve", PARLEY_SERVER_LOG_FORMAT="json", REDIS_URL=own_db)
     try:
         user = new_user()

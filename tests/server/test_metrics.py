@@ -17,7 +17,7 @@ from server.dev.client import Client
 from server.edge.observer import Observer
 from server.redis.eventlog import encode
 from tests.helpers.auth import mint
-from tests.helpers.processes import Cluster, ParleyProcess
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 REQUIRED = (
     "parley_process_info",
@@ -117,7 +117,7 @@ def test_a_generation_that_ends_without_tokens_is_forgotten() -> None:
 @pytest.mark.e2e  # a real `parley serve`: the slow tier
 async def test_serve_exposes_the_turn_without_ids(cluster: Cluster) -> None:
     # A Redis database of its own: this server's worker, not another test's, takes the turn.
-    own_db = cluster.services.redis_url.rsplit("/", 1)[0] + "/6"
+    own_db = redis_db(cluster.services.redis_url, Db.METRICS)
     parley = cluster.process("serve", REDIS_URL=own_db)
     try:
         await exposes_the_turn_without_ids(parley)

@@ -1,0 +1,286 @@
+"""The HTTP routes for clients without a WebSocket: SSE streams of a conversation's events and
+of the user's (`server.edge.sse`), the stream tickets `EventSource` opens them with, the
+WebSocket's commands over REST (say, cancel, regenerate), and a backend for the Vercel AI
+SDK's `useChat` (its UI message stream protocol, v1). Errors are classified as everywhere
+(`server.edge.failures`) and answered as HTTP status and JSON body."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Final
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.handlers import BaseRouteHandler
+from litestar.params import Parameter
+from litestar.response import Stream
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from protocol import frames as f
+from protocol import sse, wsframe
+from server.edge.failures import Refused
+from server.edge.rest import _answers, _runtime, _storable, _user, shallow_body, signed_in
+from server.edge.sse import Body, Opening
+from server.redis.tickets import Tickets
+
+SSE_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+UI_NAMESPACE: Final = uuid.UUID("6f0b1a52-5e0c-4c2b-9a55-7a1d9c2f4e10")
+"""Message ids of the AI SDK (not UUIDs) map to Parley ids in this namespace (uuid5), so that
+a retried request says the same turn."""
+
+
+class StreamTicket(msgspec.Struct, frozen=True):
+    ticket: str
+    expires_at: float
+
+
+class NewMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    text: f.Text
+    id: uuid.UUID | None = None
+
+
+class Accepted(msgspec.Struct, frozen=True, omit_defaults=True):
+    message_id: uuid.UUID
+    duplicate: bool = False
+
+
+class UiPart(msgspec.Struct, frozen=True):
+    type: Annotated[str, msgspec.Meta(max_length=64)]
+    text: str | None = None
+
+
+class UiMessage(msgspec.Struct, frozen=True):
+    id: Annotated[str, msgspec.Meta(max_length=128)]
+    role: Annotated[str, msgspec.Meta(max_length=16)]
+    parts: list[UiPart] = []
+
+
+class ChatRequest(msgspec.Struct, frozen=True):
+    """The body `DefaultChatTransport` posts: the chat id (a Parley conversation id), the
+    chat's messages (only the last, the new user message, is read: Parley holds the rest)
+    and what triggered the request."""
+
+    id: uuid.UUID
+    messages: list[UiMessage] = []
+    trigger: str = "submit-message"
+    messageId: str | None = None
+
+
+def _tickets(request: ASGIConnection[Any, Any, Any, Any]) -> Tickets:
+    runtime = _runtime(request)
+    return Tickets(runtime.redis, runtime.settings.server.stream_ticket_ttl)
+
+
+async def bearer_or_ticket(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Guard for SSE streams: a bearer token, or a ticket in `?ticket=` (used up here)."""
+    ticket = connection.query_params.get("ticket")
+    if ticket is None:
+        await signed_in(connection, handler)
+        return
+    with _answers("redeeming a stream ticket"):
+        user = await _tickets(connection).redeem(ticket)
+    if user is None:
+        raise NotAuthorizedException("the stream ticket is unknown, used or expired")
+    connection.state.user = user
+
+
+def _event_stream(body: Body, *extra: tuple[str, str]) -> Stream:
+    return Stream(body, media_type="text/event-stream", headers={**SSE_HEADERS, **dict(extra)})
+
+
+def _opening(request: Request[Any, Any, Any]) -> Opening:
+    hub = _runtime(request).hub
+    assert hub is not None
+    return Opening(hub)
+
+
+def _after(request: Request[Any, Any, Any], after: int | None) -> int | None:
+    return sse.last_event_id(request.headers.get("last-event-id"), after)
+
+
+Seq = Annotated[int | None, Parameter(ge=0, le=f.MAX_SEQ, required=False)]
+
+
+@post("/api/stream-tickets", status_code=HTTP_201_CREATED, guards=[signed_in])
+async def issue_ticket(request: Request[Any, Any, Any]) -> StreamTicket:
+    with _answers("POST /api/stream-tickets"):
+        ticket, expires_at = await _tickets(request).issue(_user(request))
+    return StreamTicket(ticket=ticket, expires_at=round(expires_at, 3))
+
+
+@get("/api/events", guards=[bearer_or_ticket])
+async def user_events(request: Request[Any, Any, Any]) -> Stream:
+    with _answers("GET /api/events"):
+        body = await _opening(request).user_events(_user(request))
+    return _event_stream(body)
+
+
+class ConversationStreams(Controller):
+    path = "/api/conversations/{conversation:uuid}"
+
+    @get("/events", guards=[bearer_or_ticket])
+    async def events(
+        self, request: Request[Any, Any, Any], conversation: uuid.UUID, after: Seq = None
+    ) -> Stream:
+        with _answers("GET /api/conversations/{id}/events"):
+            body = await _opening(request).conversation(
+                _user(request), conversation, _after(request, after)
+            )
+        return _event_stream(body)
+
+    @post("/messages", status_code=HTTP_202_ACCEPTED, guards=[signed_in, shallow_body])
+    async def say(
+        self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: NewMessage
+    ) -> Accepted:
+        _sayable(request, data.text)
+        _storable(data)
+        with _answers("POST /api/conversations/{id}/messages"):
+            message_id, duplicate = await _runtime(request).conversations.say(
+                _user(request), conversation, data.text, data.id
+            )
+        return Accepted(message_id=message_id, duplicate=duplicate)
+
+    @post("/cancel", status_code=HTTP_202_ACCEPTED, guards=[signed_in])
+    async def cancel(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> None:
+        with _answers("POST /api/conversations/{id}/cancel"):
+            await _runtime(request).conversations.cancel(_user(request), conversation)
+
+    @post("/regenerate", status_code=HTTP_202_ACCEPTED, guards=[signed_in])
+    async def regenerate(
+        self, request: Request[Any, Any, Any], conversation: uuid.UUID
+    ) -> Accepted:
+        with _answers("POST /api/conversations/{id}/regenerate"):
+            message_id = await _runtime(request).conversations.regenerate(
+                _user(request), conversation
+            )
+        return Accepted(message_id=message_id)
+
+
+def _sayable(request: Request[Any, Any, Any], text: str) -> None:
+    """The checks `say` gets on a socket (`protocol.session`): not empty, not too long."""
+    limit = _runtime(request).settings.limits.max_text_chars
+    if len(text) > limit:
+        raise HTTPException(
+            status_code=413, detail=f"text is {len(text)} characters; the limit is {limit}"
+        )
+    if not text.strip():
+        raise ValidationException("`text` is empty")
+
+
+# --------------------------------------------------------------------------- AI SDK
+
+
+def _ui_message_id(ui_id: str, conversation: uuid.UUID) -> uuid.UUID:
+    try:
+        return uuid.UUID(ui_id)
+    except ValueError:
+        return uuid.uuid5(UI_NAMESPACE, f"{conversation}:{ui_id}")
+
+
+def _user_text(data: ChatRequest) -> tuple[str, str]:
+    """The new user message's id and text: the last message, a user's, with text parts."""
+    if not data.messages or data.messages[-1].role != "user":
+        raise ValidationException("the last message must be the user's new message")
+    last = data.messages[-1]
+    text = "".join(part.text or "" for part in last.parts if part.type == "text")
+    return last.id, text
+
+
+async def _running_reply(request: Request[Any, Any, Any], conversation: uuid.UUID) -> int | None:
+    """The seq just before the `start` of the conversation's running reply, from its log;
+    None when no reply runs (or its start is no longer in the log)."""
+    _, logged = await _runtime(request).conversations.read_events(conversation, -1)
+    start: int | None = None
+    for seq, payload in logged:
+        kind = msgspec.json.decode(payload, type=_Kind).type
+        if kind == "start":
+            start = seq
+        elif kind == "done":
+            start = None
+    return None if start is None else start - 1
+
+
+class _Kind(msgspec.Struct):
+    type: str
+
+
+def _ui_stream(body: Body) -> Stream:
+    return _event_stream(body, sse.UI_STREAM_HEADER)
+
+
+class AiChat(Controller):
+    """`useChat` with `DefaultChatTransport({api: "/api/ai/chat"})`; see docs/sse.md."""
+
+    path = "/api/ai/chat"
+    guards = [signed_in]  # noqa: RUF012 (litestar's Controller declares it)
+
+    @post("/", guards=[shallow_body])
+    async def chat(self, request: Request[Any, Any, Any], data: ChatRequest) -> Stream:
+        runtime = _runtime(request)
+        user = _user(request)
+        conversation = data.id
+        with _answers("POST /api/ai/chat"):
+            await runtime.conversations.owned(user, conversation)
+            if data.trigger == "regenerate-message":
+                head = await _head(request, conversation)
+                body = await _follow(request, user, conversation, head)
+                await runtime.conversations.regenerate(user, conversation)
+                return _ui_stream(body)
+            if data.trigger != "submit-message":
+                raise Refused("invalid", f"unknown trigger {data.trigger!r}")
+            ui_id, text = _user_text(data)
+            _sayable(request, text)
+            _storable(NewMessage(text=text))
+            head = await _head(request, conversation)
+            body = await _follow(request, user, conversation, head)
+            _, duplicate = await runtime.conversations.say(
+                user, conversation, text, _ui_message_id(ui_id, conversation)
+            )
+            if duplicate:
+                await body.aclose()
+                raise Refused("busy", "this message was already sent; resume its reply")
+        return _ui_stream(body)
+
+    @get("/{conversation:uuid}/stream")
+    async def resume(
+        self, request: Request[Any, Any, Any], conversation: uuid.UUID
+    ) -> Response[Any]:
+        user = _user(request)
+        with _answers("GET /api/ai/chat/{id}/stream"):
+            await _runtime(request).conversations.owned(user, conversation)
+            after = await _running_reply(request, conversation)
+            if after is None:
+                return Response(None, status_code=HTTP_204_NO_CONTENT)
+            body = await _follow(request, user, conversation, after)
+        return _ui_stream(body)
+
+    @post("/{conversation:uuid}/stop", status_code=HTTP_204_NO_CONTENT)
+    async def stop(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> None:
+        with _answers("POST /api/ai/chat/{id}/stop"):
+            await _runtime(request).conversations.cancel(_user(request), conversation)
+
+
+async def _head(request: Request[Any, Any, Any], conversation: uuid.UUID) -> int:
+    head, _ = await _runtime(request).conversations.read_events(conversation, f.MAX_SEQ)
+    return head
+
+
+async def _follow(
+    request: Request[Any, Any, Any], user: str, conversation: uuid.UUID, after: int
+) -> Body:
+    """The UI message stream of the first reply that starts after `after`, until its end."""
+    reply = sse.UiReply()
+
+    def render(frame: bytes) -> list[bytes]:
+        return reply.feed(wsframe.payload_of(frame))
+
+    return await _opening(request).conversation(
+        user, conversation, after, render, done=lambda: reply.ended
+    )
+
+
+ROUTES = [issue_ticket, user_events, ConversationStreams, AiChat]

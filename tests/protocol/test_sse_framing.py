@@ -1,0 +1,79 @@
+"""SSE framing and the AI SDK's UI message chunks made from conversation events (pure)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from protocol import frames as f
+from protocol import sse
+
+CONV = uuid.uuid4()
+MSG = uuid.uuid4()
+
+
+def test_an_event_carries_its_seq_type_and_the_websockets_json() -> None:
+    payload = f.encode(f.Token(conversation=CONV, message_id=MSG, text="hi", seq=7))
+    assert sse.event(payload) == b"id: 7\nevent: token\ndata: " + payload + b"\n\n"
+
+
+def test_joined_carries_its_last_seq_and_a_user_event_no_id() -> None:
+    changed = f.encode(f.ConversationChanged(conversation=CONV, deleted=True))
+    assert sse.event(changed).startswith(b"event: conversation_changed\n")
+    meta = f.Conversation(
+        id=CONV, title="t", system="", model="m", created_at=f.utcnow(), updated_at=f.utcnow()
+    )
+    joined = f.encode(f.Joined(conversation=CONV, meta=meta, last_seq=0))
+    assert sse.event(joined).startswith(b"id: 0\nevent: joined\n")
+
+
+def test_a_payload_with_newlines_becomes_several_data_lines() -> None:
+    assert (
+        sse.event(b'{"type":"x",\n"seq":3}')
+        == b'id: 3\nevent: x\ndata: {"type":"x",\ndata: "seq":3}\n\n'
+    )
+
+
+def test_last_event_id_wins_over_after_and_garbage_counts_as_absent() -> None:
+    assert sse.last_event_id("12", 3) == 12
+    assert sse.last_event_id(None, 3) == 3
+    assert sse.last_event_id("abc", None) is None
+    assert sse.last_event_id("-1", 5) == 5
+
+
+def _chunks(out: list[bytes]) -> list[object]:
+    return ["[DONE]" if c == sse.DONE else json.loads(c.removeprefix(b"data: ")) for c in out]
+
+
+def test_a_reply_becomes_start_text_and_finish_then_done() -> None:
+    reply = sse.UiReply()
+    other = uuid.uuid4()
+    out: list[bytes] = []
+    for frame in (
+        f.Token(conversation=CONV, message_id=other, text="stale", seq=1),
+        f.Start(conversation=CONV, message_id=MSG, model="m", seq=2),
+        f.Token(conversation=CONV, message_id=MSG, text="Hel", seq=3),
+        f.Token(conversation=CONV, message_id=MSG, text="lo", seq=4),
+        f.Done(conversation=CONV, message_id=MSG, reason="stop", seq=5),
+        f.Token(conversation=CONV, message_id=MSG, text="after", seq=6),
+    ):
+        out += reply.feed(f.encode(frame))
+    text_id = str(MSG)
+    assert _chunks(out) == [
+        {"type": "start", "messageId": text_id},
+        {"type": "text-start", "id": text_id},
+        {"type": "text-delta", "id": text_id, "delta": "Hel"},
+        {"type": "text-delta", "id": text_id, "delta": "lo"},
+        {"type": "text-end", "id": text_id},
+        {"type": "finish", "finishReason": "stop"},
+        "[DONE]",
+    ]
+    assert reply.ended
+
+
+def test_a_failed_reply_sends_an_error_before_finish() -> None:
+    reply = sse.UiReply()
+    reply.feed(f.encode(f.Start(conversation=CONV, message_id=MSG, model="m", seq=1)))
+    done = f.Done(conversation=CONV, message_id=MSG, reason="error", error="boom", seq=2)
+    kinds = [c if c == "[DONE]" else c["type"] for c in _chunks(reply.feed(f.encode(done)))]  # type: ignore[index]
+    assert kinds == ["text-end", "error", "finish", "[DONE]"]

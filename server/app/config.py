@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -163,6 +163,21 @@ class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     shutdown_deadline: Seconds = 25.0
 
 
+class HooksSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """HTTP endpoints of the host application called around turns (docs/hooks.md); an
+    empty URL turns its hook off."""
+
+    connect_url: str = ""
+    turn_url: str = ""
+    finish_url: str = ""
+    secret: str = ""
+    """`whsec_` and base64: the Standard Webhooks signing key; empty sends no signature."""
+    turn_timeout: Seconds = 2.0
+    turn_failure: Literal["allow", "refuse"] = "allow"
+    finish_give_up: Seconds = 600.0
+    """How long a `finish` call is retried while its endpoint fails before dead-lettering."""
+
+
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -172,6 +187,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     llm: LLMSettings = LLMSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     worker: WorkerSettings = WorkerSettings()
+    hooks: HooksSettings = HooksSettings()
 
     @property
     def data_path(self) -> Path:

@@ -18,12 +18,14 @@ from protocol import wsframe
 from protocol.session import CloseCode
 from server.app import collector
 from server.app.config import Settings
+from server.app.hooks import Hooks
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
+from server.generation.finish_hooks import FinishSender
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
@@ -55,6 +57,7 @@ class Runtime:
     _bus: Bus | None = field(init=False, default=None)
     _presence: Presence | None = field(init=False, default=None)
     _llm: LLM | None = field(init=False, default=None)
+    hooks: Hooks = field(init=False)
 
     async def start(self) -> None:
         s = self.settings
@@ -69,6 +72,7 @@ class Runtime:
             self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
+        self.hooks = Hooks(s.hooks)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
         if self.runs_web:
             await self._start_web()
@@ -89,16 +93,26 @@ class Runtime:
             self._presence,
             UpgradePolicy(self.settings),
         )
+        self.hub.hooks = self.hooks
         await self.hub.start()
 
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
         self.worker = Worker(
-            self.settings, self.redis, self.conversations, events, turns, self._llm
+            self.settings,
+            self.redis,
+            self.conversations,
+            events,
+            turns,
+            self._llm,
+            hooks=self.hooks,
         )
         self.persister = Persister(self.redis, self.pool, events)
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
+        if self.settings.hooks.finish_url:
+            sender = FinishSender(self.redis, self.hooks, self.settings.hooks)
+            self._tasks.append(asyncio.create_task(self._supervised("finish hooks", sender.run)))
 
     async def _supervised(self, name: str, run: object) -> None:
         """Restart a background loop that died of an unexpected error."""
@@ -140,6 +154,7 @@ class Runtime:
             await self._bus.stop()
         if self._llm is not None:
             await self._llm.close()
+        await self.hooks.close()
         await self.verifier.close()
         await self.pool.close()
         await self.redis.aclose()

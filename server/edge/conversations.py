@@ -21,7 +21,7 @@ from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
-from server.redis.turns import Accepted, Admission, Job, Turns
+from server.redis.turns import Accepted, Admission, HookData, Job, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
@@ -126,9 +126,15 @@ class Conversations:
         return meta
 
     async def say(
-        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        text: str,
+        message_id: uuid.UUID | None,
+        hook_data: HookData = None,
     ) -> tuple[uuid.UUID, bool]:
-        """Accept a user turn; returns its message id and whether it was a duplicate."""
+        """Accept a user turn; returns its message id and whether it was a duplicate.
+        `hook_data` is what the socket's connect hook attached (docs/hooks.md)."""
         meta = await self.owned(user, conversation)
         message = f.Message(
             id=message_id or f.new_id(),
@@ -143,6 +149,7 @@ class Conversations:
             message_id=f.new_id(),
             model=meta.model,
             user_message=message.id,
+            hook_data=hook_data,
         )
         event = encode(f.MessageEvent(conversation=conversation, message=message))
         result = await self._retry_unloaded(
@@ -150,9 +157,17 @@ class Conversations:
         )
         return message.id, result.admission is Admission.DUPLICATE
 
-    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
+    async def regenerate(
+        self, user: str, conversation: uuid.UUID, hook_data: HookData = None
+    ) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        job = Job(conversation=conversation, user=user, message_id=f.new_id(), model=meta.model)
+        job = Job(
+            conversation=conversation,
+            user=user,
+            message_id=f.new_id(),
+            model=meta.model,
+            hook_data=hook_data,
+        )
         await self._retry_unloaded(
             conversation, lambda: self.turns.regenerate(job, self._turn_limit)
         )

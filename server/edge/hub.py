@@ -25,6 +25,7 @@ from server.edge.watch import Sink
 from server.redis import keys
 
 if TYPE_CHECKING:
+    from server.app.hooks import Hooks
     from server.edge.commands import Places, Service, Subscriptions
     from server.edge.entrance import UpgradePolicy
 
@@ -67,6 +68,8 @@ class Hub:
         self.verifier = verifier
         self.presence = presence
         self.upgrades = upgrades
+        self.hooks: Hooks | None = None
+        """The host application's hooks (set by the runtime when any is configured)."""
         self.connections: set[Socket] = set()
         self.users: dict[str, set[Socket]] = {}
         self.limits = SessionLimits(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,9 +34,11 @@ from protocol import frames as f
 from protocol.context import build_prompt
 from protocol.transcript import status_of
 from server.app.config import Settings
+from server.app.hooks import ALLOW, Hooks, Reply
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
+from server.generation import finish_hooks
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
@@ -60,6 +63,8 @@ class Running:
     lost: bool = False
     pieces: list[str] = field(default_factory=list)
     index: int = 0
+    first_token: float | None = None
+    watchers: int = 0
 
     def next_index(self) -> int:
         self.index += 1
@@ -84,6 +89,7 @@ class Worker:
         turns: Turns,
         llm: LLM,
         name: str | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -103,6 +109,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self.taken_over = 0
         self.dead_letters = DeadLetters(redis)
+        self.hooks = hooks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -256,14 +263,82 @@ class Worker:
             if takeover:
                 run.index = await self._last_index(job)
             run.history, system = await self._context(job)
-            started = f.utcnow()
-            await self._publish(run, self._start_event(job))
-            run.cancelled = await self._cancelled_before_start(job)
             prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
-            finished, error = await self._stream(run, prompt)
-            await self._finish(run, finished, error, started)
+            verdict = await self._turn_hook(run, prompt)
+            started, began = f.utcnow(), time.monotonic()
+            run.watchers = await finish_hooks.subscribers(self.redis, conversation)
+            await self._publish(run, self._start_event(run.job))
+            run.cancelled = await self._cancelled_before_start(job)
+            if verdict.allow:
+                finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
+            else:
+                finished, error = Finished("error", None), verdict.message or "refused"
+            code: f.ErrorCode | None = None if verdict.allow else "refused"
+            await self._finish(run, finished, error, started, code)
+            await self._finish_hook(run, finished, error, code, started, began)
         finally:
             self.running.pop(conversation, None)
+
+    async def _turn_hook(self, run: Running, prompt: list[dict[str, str]]) -> Reply:
+        """Ask the host application's turn hook, if any; a model it picks becomes the job's."""
+        url = self.settings.hooks.turn_url
+        if not url or self.hooks is None:
+            return ALLOW
+        job = run.job
+        payload = {
+            "type": "turn",
+            "user": job.user,
+            "conversation": str(job.conversation),
+            "message_id": str(job.message_id),
+            "message": self._user_message(run),
+            "regenerate": job.replaces is not None,
+            "model": job.model,
+            "messages": prompt,
+            "data": job.hook_data,
+        }
+        verdict = await self.hooks.decide(url, payload)
+        if verdict.model:
+            run.job = msgspec.structs.replace(job, model=verdict.model[:200])
+        return verdict
+
+    async def _finish_hook(
+        self,
+        run: Running,
+        finished: Finished,
+        error: str | None,
+        code: str | None,
+        started: datetime,
+        began: float,
+    ) -> None:
+        if not self.settings.hooks.finish_url:
+            return
+        job = run.job
+        reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
+        end = time.monotonic()
+        at_end = await finish_hooks.subscribers(self.redis, job.conversation)
+        event = finish_hooks.FinishEvent(
+            conversation=job.conversation,
+            user=job.user,
+            message_id=job.message_id,
+            user_message_id=job.user_message,
+            replaces=job.replaces,
+            status=finish_hooks.STATUS[reason],
+            error=error,
+            code=code,
+            model=job.model,
+            usage=finished.usage,
+            timings=finish_hooks.Timings(
+                started_at=started,
+                finished_at=f.utcnow(),
+                first_token_ms=None
+                if run.first_token is None
+                else round((run.first_token - began) * 1000, 1),
+                duration_ms=round((end - began) * 1000, 1),
+            ),
+            watchers=finish_hooks.watchers(run.watchers, at_end),
+            data=job.hook_data,
+        )
+        await finish_hooks.enqueue(self.redis, event)
 
     async def _mark_running(self, job: Job, piece: int | None = None) -> None:
         """Record this generation as the conversation's; with `piece`, every event of it
@@ -330,6 +405,8 @@ class Worker:
                 if not isinstance(item, Piece):
                     return item
                 run.pieces.append(item.text)
+                if run.first_token is None:
+                    run.first_token = time.monotonic()
                 if run.lost:
                     await self._republish(run)
                     continue
@@ -380,7 +457,12 @@ class Worker:
         return next((m for m in run.history if m.id == run.job.user_message), None)
 
     async def _finish(
-        self, run: Running, finished: Finished, error: str | None, started: datetime
+        self,
+        run: Running,
+        finished: Finished,
+        error: str | None,
+        started: datetime,
+        code: f.ErrorCode | None = None,
     ) -> None:
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
@@ -399,6 +481,7 @@ class Worker:
             reason=reason,
             usage=finished.usage,
             error=error,
+            code=code,
         )
         turn = FinishedTurn(
             conversation=job.conversation,
@@ -437,6 +520,13 @@ class _CancelListener:
 
     def resync(self) -> None:
         """A cancel published while disconnected is still in its key; checked at start."""
+
+
+def verdict_prompt(verdict: Reply, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages the turn hook chose, or Parley's own prompt."""
+    if verdict.messages is None:
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in verdict.messages]
 
 
 def _describe(exc: openai.APIError) -> str:

@@ -273,8 +273,8 @@ class Commands:
         payload = {"user": principal.user, "expires_at": principal.expires_at, "socket": self.id}
         reply = await self.hub.hooks.decide(url, payload)
         if not reply.allow:
-            reason = (reply.message or "refused by the application")[:100]
-            self.session.close(CloseCode.REFUSED, reason)
+            reason = (reply.message or "refused by the application").encode()[:100]
+            self.session.close(CloseCode.REFUSED, reason.decode(errors="ignore"))
             return False
         self.hook_data = reply.data
         return True

@@ -274,8 +274,9 @@ class Worker:
             else:
                 finished, error = Finished("error", None), verdict.message or "refused"
             code: f.ErrorCode | None = None if verdict.allow else "refused"
+            at_end = await finish_hooks.subscribers(self.redis, conversation)
             await self._finish(run, finished, error, started, code)
-            await self._finish_hook(run, finished, error, code, started, began)
+            await self._finish_hook(run, (finished, error, code), at_end, started, began)
         finally:
             self.running.pop(conversation, None)
 
@@ -304,18 +305,19 @@ class Worker:
     async def _finish_hook(
         self,
         run: Running,
-        finished: Finished,
-        error: str | None,
-        code: str | None,
+        outcome: tuple[Finished, str | None, str | None],
+        at_end: int,
         started: datetime,
         began: float,
     ) -> None:
+        """Queue the finish hook; `at_end` is the channel's subscriber count just before
+        `done` was published (measured after, a tab that closes on `done` would be missed)."""
         if not self.settings.hooks.finish_url:
             return
+        finished, error, code = outcome
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
         end = time.monotonic()
-        at_end = await finish_hooks.subscribers(self.redis, job.conversation)
         event = finish_hooks.FinishEvent(
             conversation=job.conversation,
             user=job.user,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import httpx
 import msgspec
 
 from protocol import webhooks
 from protocol.jsondepth import too_deep
-from server.app.config import HooksSettings
+from server.app.config import ConfigError, HooksSettings
 
 log = logging.getLogger("parley.hooks")
 
@@ -27,7 +27,7 @@ FINISH_TIMEOUT: Final = 10.0
 
 
 class PromptMessage(msgspec.Struct, frozen=True):
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str
 
 
@@ -57,6 +57,11 @@ class Hooks:
     def __init__(self, settings: HooksSettings) -> None:
         self.settings = settings
         self._client: httpx.AsyncClient | None = None
+        if settings.secret:
+            try:
+                webhooks.secret_bytes(settings.secret)
+            except webhooks.BadSecret as exc:
+                raise ConfigError(f"hooks.secret: {exc}") from None
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -94,7 +99,7 @@ class Hooks:
                 if not response.is_success:
                     raise HookFailed(f"HTTP {response.status_code}")
                 return await _read_bounded(response)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL too
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
 
 

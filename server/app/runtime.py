@@ -58,6 +58,7 @@ class Runtime:
     _presence: Presence | None = field(init=False, default=None)
     _llm: LLM | None = field(init=False, default=None)
     hooks: Hooks = field(init=False)
+    finish_sender: FinishSender | None = field(init=False, default=None)
 
     async def start(self) -> None:
         s = self.settings
@@ -111,8 +112,9 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
         if self.settings.hooks.finish_url:
-            sender = FinishSender(self.redis, self.hooks, self.settings.hooks)
-            self._tasks.append(asyncio.create_task(self._supervised("finish hooks", sender.run)))
+            self.finish_sender = FinishSender(self.redis, self.hooks, self.settings.hooks)
+            run = self.finish_sender.run
+            self._tasks.append(asyncio.create_task(self._supervised("finish hooks", run)))
 
     async def _supervised(self, name: str, run: object) -> None:
         """Restart a background loop that died of an unexpected error."""
@@ -141,6 +143,8 @@ class Runtime:
             await self.worker.stop()
         if self.persister is not None:
             self.persister.stop()  # finishes the turn in hand, then its loop returns
+        if self.finish_sender is not None:
+            self.finish_sender.stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=PERSISTER_STOP_TIMEOUT)
         for task in self._tasks:

@@ -113,11 +113,16 @@ class FinishSender:
         self.group = ConsumerGroup(redis, keys.FINISH_HOOKS, keys.FINISH_SENDERS, consumer_name())
         self.dead_letters = DeadLetters(redis)
         self.sent = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Finish the calls in hand, then return from `run`."""
+        self._stopping = True
 
     async def run(self) -> None:
         await self.group.ensure()
         looked = 0.0
-        while True:
+        while not self._stopping:
             try:
                 if time.monotonic() - looked > LOOK_EVERY:
                     looked = time.monotonic()

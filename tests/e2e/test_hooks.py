@@ -70,6 +70,8 @@ class Receiver:
                 status, payload = reply
                 self.send_response(status)
                 self.send_header("content-length", str(len(payload)))
+                if 300 <= status < 400:
+                    self.send_header("location", "/followed")
                 self.end_headers()
                 with_body = self.wfile.write(payload)
                 assert with_body is None or with_body >= 0
@@ -222,6 +224,8 @@ HOSTILE: dict[str, Answer] = {
     "huge": lambda p, b: (200, b'{"message": "' + b"x" * 1_000_000 + b'"}'),
     "deep": lambda p, b: (200, b"[" * 10_000),
     "wrong types": lambda p, b: (200, b'{"allow": "yes", "messages": 3}'),
+    "bad role": lambda p, b: (200, b'{"messages": [{"role": "tool", "content": "x"}]}'),
+    "redirect": lambda p, b: (307, b""),
 }
 
 
@@ -234,6 +238,8 @@ async def test_hostile_receivers(hooked: ParleyProcess, receiver: Receiver, kind
         conversation = await start_conversation(client)
         done = await say_and_finish(client, conversation, "hi")
     assert done.reason == "stop"
+    assert receiver.of("/connect") and receiver.of("/turn")
+    assert not receiver.of("/followed")  # a redirect is a failure, never followed
     log_clean(hooked)
 
 

@@ -266,7 +266,7 @@ class Worker:
             prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
             verdict = await self._turn_hook(run, prompt)
             started, began = f.utcnow(), time.monotonic()
-            run.watchers = await finish_hooks.subscribers(self.redis, conversation)
+            run.watchers = await self._subscribers(conversation)
             await self._publish(run, self._start_event(run.job))
             run.cancelled = await self._cancelled_before_start(job)
             if verdict.allow:
@@ -274,7 +274,7 @@ class Worker:
             else:
                 finished, error = Finished("error", None), verdict.message or "refused"
             code: f.ErrorCode | None = None if verdict.allow else "refused"
-            at_end = await finish_hooks.subscribers(self.redis, conversation)
+            at_end = await self._subscribers(conversation)
             await self._finish(run, finished, error, started, code)
             await self._finish_hook(run, (finished, error, code), at_end, started, began)
         finally:
@@ -301,6 +301,12 @@ class Worker:
         if verdict.model:
             run.job = msgspec.structs.replace(job, model=verdict.model[:200])
         return verdict
+
+    async def _subscribers(self, conversation: uuid.UUID) -> int:
+        """The channel's subscriber count, which only the finish hook reports."""
+        if not self.settings.hooks.finish_url:
+            return 0
+        return await finish_hooks.subscribers(self.redis, conversation)
 
     async def _finish_hook(
         self,

@@ -51,6 +51,7 @@ ErrorCode = Literal[
     "rate_limited",
     "unavailable",
     "internal",
+    "refused",
 ]
 DoneReason = Literal["stop", "length", "cancelled", "error"]
 Role = Literal["user", "assistant"]
@@ -317,7 +318,8 @@ class Token(_Server, tag="token", kw_only=True, frozen=True):
 class Done(_Server, tag="done", kw_only=True, frozen=True):
     """Conversation event, to every socket that joined: an assistant message ended.
 
-    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`);
+    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`,
+    and `code: "refused"` when the host application's turn hook refused the turn);
     `usage` is the model's token count, when it reported one."""
 
     conversation: uuid.UUID
@@ -325,6 +327,7 @@ class Done(_Server, tag="done", kw_only=True, frozen=True):
     reason: DoneReason
     usage: Usage | None = None
     error: str | None = None
+    code: ErrorCode | None = None
     seq: Seq = 0
 
 

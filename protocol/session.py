@@ -35,6 +35,7 @@ class CloseCode(enum.IntEnum):
     PROTOCOL = 4400
     UNAUTHORIZED = 4401
     FORBIDDEN_ORIGIN = 4403
+    REFUSED = 4403  # the same code: forbidden, by the Origin check or the connect hook
     AUTH_TIMEOUT = 4408
     TOO_MANY = 4429
 
@@ -56,7 +57,10 @@ CLOSE_MEANINGS: Final[Mapping[CloseCode, str]] = {
         "missing, invalid or expired token (closed `auth.refresh_grace` after expiry); "
         "a frame before `auth`"
     ),
-    CloseCode.FORBIDDEN_ORIGIN: "Origin not allowed (sent as HTTP 403 on the upgrade)",
+    CloseCode.FORBIDDEN_ORIGIN: (
+        "forbidden: Origin not allowed (sent as HTTP 403 on the upgrade), or the host "
+        "application's connect hook refused the socket (the reason is its message)"
+    ),
     CloseCode.AUTH_TIMEOUT: "no `auth` frame within `auth.auth_timeout`",
     CloseCode.TOO_MANY: (
         "more than `limits.max_connections_per_user` sockets for the user, or a frame flood"

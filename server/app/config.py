@@ -183,6 +183,21 @@ class ServerAPISettings(_Section, frozen=True, forbid_unknown_fields=True, kw_on
     """How long a revocation is kept: the longest token lifetime Parley will honour it for."""
 
 
+class HooksSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """HTTP endpoints of the host application called around turns (docs/hooks.md); an
+    empty URL turns its hook off."""
+
+    connect_url: str = ""
+    turn_url: str = ""
+    finish_url: str = ""
+    secret: str = ""
+    """`whsec_` and base64: the Standard Webhooks signing key; empty sends no signature."""
+    turn_timeout: Seconds = 2.0
+    turn_failure: Literal["allow", "refuse"] = "allow"
+    finish_give_up: Seconds = 600.0
+    """How long a `finish` call is retried while its endpoint fails before dead-lettering."""
+
+
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -194,6 +209,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
     server_api: ServerAPISettings = ServerAPISettings()
+    hooks: HooksSettings = HooksSettings()
 
     @property
     def data_path(self) -> Path:

@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from protocol.session import CloseCode
 from server.app import collector, metrics, tracing
 from server.app.config import Settings
+from server.app.hooks import Hooks
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.bus import Bus
@@ -25,6 +26,7 @@ from server.edge.disconnects import Disconnects
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
 from server.edge.observer import Observer
+from server.generation.finish_hooks import FinishSender
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
@@ -60,6 +62,8 @@ class Runtime:
     _presence: Presence | None = field(init=False, default=None)
     _rooms: Rooms | None = field(init=False, default=None)
     _llm: LLM | None = field(init=False, default=None)
+    hooks: Hooks = field(init=False)
+    finish_sender: FinishSender | None = field(init=False, default=None)
 
     async def start(self) -> None:
         s = self.settings
@@ -74,6 +78,7 @@ class Runtime:
             self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
+        self.hooks = Hooks(s.hooks)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
         metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
         tracing.configure(self.role)
@@ -102,6 +107,7 @@ class Runtime:
             self._presence,
             UpgradePolicy(self.settings),
         )
+        self.hub.hooks = self.hooks
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
@@ -118,13 +124,23 @@ class Runtime:
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
         self.worker = Worker(
-            self.settings, self.redis, self.conversations, events, turns, self._llm
+            self.settings,
+            self.redis,
+            self.conversations,
+            events,
+            turns,
+            self._llm,
+            hooks=self.hooks,
         )
         self.persister = Persister(self.redis, self.pool, events)
         worker = self.worker
         metrics.RUNNING.set_function(lambda: len(worker.running))
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))
         self._tasks.append(asyncio.create_task(self._supervised("persister", self.persister.run)))
+        if self.settings.hooks.finish_url:
+            self.finish_sender = FinishSender(self.redis, self.hooks, self.settings.hooks)
+            run = self.finish_sender.run
+            self._tasks.append(asyncio.create_task(self._supervised("finish hooks", run)))
 
     async def _supervised(self, name: str, run: object) -> None:
         """Restart a background loop that died of an unexpected error."""
@@ -153,6 +169,8 @@ class Runtime:
             await self.worker.stop()
         if self.persister is not None:
             self.persister.stop()  # finishes the turn in hand, then its loop returns
+        if self.finish_sender is not None:
+            self.finish_sender.stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=PERSISTER_STOP_TIMEOUT)
         for task in self._tasks:
@@ -168,6 +186,7 @@ class Runtime:
             await self._bus.stop()
         if self._llm is not None:
             await self._llm.close()
+        await self.hooks.close()
         await self.verifier.close()
         await self.pool.close()
         await self.redis.aclose()

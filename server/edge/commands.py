@@ -33,6 +33,7 @@ from server.edge.bus import Listener
 from server.edge.failures import Refused, refusal
 from server.edge.watch import Transcripts, Watch
 from server.redis import keys
+from server.redis.turns import HookData
 
 if TYPE_CHECKING:
     from server.edge.connection import Connection
@@ -57,10 +58,17 @@ class Service(Transcripts, Protocol):
     ) -> f.Conversation: ...
 
     async def say(
-        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        text: str,
+        message_id: uuid.UUID | None,
+        hook_data: HookData = None,
     ) -> tuple[uuid.UUID, bool]: ...
 
-    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID: ...
+    async def regenerate(
+        self, user: str, conversation: uuid.UUID, hook_data: HookData = None
+    ) -> uuid.UUID: ...
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None: ...
 
@@ -96,6 +104,7 @@ class Commands:
         "_queue_full",
         "_runner",
         "conn",
+        "hook_data",
         "hub",
         "id",
         "principal",
@@ -125,6 +134,7 @@ class Commands:
         """The latest token's, once one was accepted (a server API disconnect revokes it)."""
         self.watches: dict[uuid.UUID, Watch] = {}
         self.registered = False
+        self.hook_data: HookData = None
         self._max_queued = max_queued
         self._cleanup_timeout = cleanup_timeout
         self._queue: deque[Action] | None = None
@@ -242,6 +252,8 @@ class Commands:
         hub = self.hub
         session = self.session
         user = principal.user
+        if not await self._connect_hook(principal):
+            return
         try:
             admitted = await hub.presence.admit(user)
         except (RedisError, OSError) as exc:
@@ -258,6 +270,21 @@ class Commands:
         self.registered = True
         hub.watch_user(user, self.conn)
         self.conn.push_frame(hub.ready_frame(principal, self.id, ref))
+
+    async def _connect_hook(self, principal: Principal) -> bool:
+        """Ask the host application's connect hook, if any, whether the socket may stay;
+        what it attaches goes with the socket's turns (docs/hooks.md)."""
+        url = self.hub.settings.hooks.connect_url
+        if not url or self.hub.hooks is None:
+            return True
+        payload = {"user": principal.user, "expires_at": principal.expires_at, "socket": self.id}
+        reply = await self.hub.hooks.decide(url, payload)
+        if not reply.allow:
+            reason = (reply.message or "refused by the application").encode()[:100]
+            self.session.close(CloseCode.REFUSED, reason.decode(errors="ignore"))
+            return False
+        self.hook_data = reply.data
+        return True
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -314,7 +341,7 @@ class Commands:
             return None
         if isinstance(frame, f.Say):
             message_id, duplicate = await conversations.say(
-                user, frame.conversation, frame.text, frame.id
+                user, frame.conversation, frame.text, frame.id, self.hook_data
             )
             return f.Ack(message_id=message_id, duplicate=duplicate, ref=frame.ref)
         if isinstance(frame, f.Leave):
@@ -324,7 +351,7 @@ class Commands:
             await conversations.cancel(user, frame.conversation)
             return f.Ack(ref=frame.ref)
         if isinstance(frame, f.Regenerate):
-            message_id = await conversations.regenerate(user, frame.conversation)
+            message_id = await conversations.regenerate(user, frame.conversation, self.hook_data)
             return f.Ack(message_id=message_id, ref=frame.ref)
         if isinstance(frame, f.Create):
             meta = await conversations.create(user, frame.title, frame.system, frame.model)

@@ -25,7 +25,7 @@ from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
-from server.redis.turns import Accepted, Admission, Job, Turns
+from server.redis.turns import Accepted, Admission, HookData, Job, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
@@ -135,9 +135,15 @@ class Conversations:
         return meta
 
     async def say(
-        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        text: str,
+        message_id: uuid.UUID | None,
+        hook_data: HookData = None,
     ) -> tuple[uuid.UUID, bool]:
-        """Accept a user turn; returns its message id and whether it was a duplicate."""
+        """Accept a user turn; returns its message id and whether it was a duplicate.
+        `hook_data` is what the socket's connect hook attached (docs/hooks.md)."""
         meta = await self.owned(user, conversation)
         message = f.Message(
             id=message_id or f.new_id(),
@@ -146,7 +152,7 @@ class Conversations:
             status="complete",
             created_at=f.utcnow(),
         )
-        with self._turn("say", user, meta, message.id) as (job, span):
+        with self._turn("say", user, meta, hook_data, message.id) as (job, span):
             event = encode(f.MessageEvent(conversation=conversation, message=message))
             result = await self._retry_unloaded(
                 conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
@@ -154,9 +160,11 @@ class Conversations:
             span.note("parley.admission", result.admission.value)
         return message.id, result.admission is Admission.DUPLICATE
 
-    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
+    async def regenerate(
+        self, user: str, conversation: uuid.UUID, hook_data: HookData = None
+    ) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        with self._turn("regenerate", user, meta) as (job, span):
+        with self._turn("regenerate", user, meta, hook_data) as (job, span):
             result = await self._retry_unloaded(
                 conversation, lambda: self.turns.regenerate(job, self._turn_limit)
             )
@@ -166,7 +174,11 @@ class Conversations:
     @staticmethod
     @contextlib.contextmanager
     def _turn(
-        command: str, user: str, meta: f.Conversation, user_message: uuid.UUID | None = None
+        command: str,
+        user: str,
+        meta: f.Conversation,
+        hook_data: HookData,
+        user_message: uuid.UUID | None = None,
     ) -> Iterator[tuple[Job, tracing.Traced]]:
         """The job for a new reply, within the span of accepting it (the trace's root)."""
         reply_id = f.new_id()
@@ -180,6 +192,7 @@ class Conversations:
                     user_message=user_message,
                     accepted_at=time.time(),
                     traceparent=span.traceparent,
+                    hook_data=hook_data,
                 ),
                 span,
             )

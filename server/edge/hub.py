@@ -25,6 +25,7 @@ from server.edge.watch import Sink
 from server.redis import keys
 
 if TYPE_CHECKING:
+    from server.app.hooks import Hooks
     from server.edge.commands import Places, Service, Subscriptions
     from server.edge.entrance import UpgradePolicy
     from server.redis.rooms import Rooms
@@ -70,6 +71,8 @@ class Hub:
         self.upgrades = upgrades
         self.rooms: Rooms | None = None
         """Who joined which conversation, for the server API's presence."""
+        self.hooks: Hooks | None = None
+        """The host application's hooks (set by the runtime when any is configured)."""
         self.connections: set[Socket] = set()
         self.users: dict[str, set[Sink]] = {}
         self.streams: set[Sink] = set()

@@ -35,10 +35,12 @@ from protocol.context import build_prompt
 from protocol.transcript import status_of
 from server.app import logs, metrics, tracing
 from server.app.config import Settings
+from server.app.hooks import ALLOW, Hooks, Reply
 from server.app.metrics import TALLY
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
+from server.generation import finish_hooks
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
@@ -68,6 +70,8 @@ class Running:
     last_chunk: float = 0.0
     max_gap: float = 0.0
     cancel_received: float = 0.0
+    first_token: float | None = None
+    watchers: int = 0
 
     def chunk(self, now: float) -> None:
         """A text chunk from the model arrived: its timing, for the metrics."""
@@ -101,6 +105,7 @@ class Worker:
         turns: Turns,
         llm: LLM,
         name: str | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -120,6 +125,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self.taken_over = 0
         self.dead_letters = DeadLetters(redis)
+        self.hooks = hooks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -301,14 +307,90 @@ class Worker:
         with tracing.span("build prompt"):
             run.history, system = await self._context(job)
             prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
-        started = f.utcnow()
-        await self._publish(run, self._start_event(job))
+        verdict = await self._turn_hook(run, prompt)
+        started, began = f.utcnow(), time.monotonic()
+        run.watchers = await self._subscribers(job.conversation)
+        await self._publish(run, self._start_event(run.job))
         run.cancelled = await self._cancelled_before_start(job)
         with tracing.span("model stream"):
-            finished, error = await self._stream(run, prompt)
+            if verdict.allow:
+                finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
+            else:
+                finished, error = Finished("error", None), verdict.message or "refused"
+        code: f.ErrorCode | None = None if verdict.allow else "refused"
+        at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
-            reason = await self._finish(run, finished, error, started)
+            reason = await self._finish(run, finished, error, started, code)
+        await self._finish_hook(run, (finished, error, code), at_end, started, began)
         return reason, finished, error
+
+    async def _turn_hook(self, run: Running, prompt: list[dict[str, str]]) -> Reply:
+        """Ask the host application's turn hook, if any; a model it picks becomes the job's."""
+        url = self.settings.hooks.turn_url
+        if not url or self.hooks is None:
+            return ALLOW
+        job = run.job
+        payload = {
+            "type": "turn",
+            "user": job.user,
+            "conversation": str(job.conversation),
+            "message_id": str(job.message_id),
+            "message": self._user_message(run),
+            "regenerate": job.replaces is not None,
+            "model": job.model,
+            "messages": prompt,
+            "data": job.hook_data,
+        }
+        verdict = await self.hooks.decide(url, payload)
+        if verdict.model:
+            run.job = msgspec.structs.replace(job, model=verdict.model[:200])
+        return verdict
+
+    async def _subscribers(self, conversation: uuid.UUID) -> int:
+        """The channel's subscriber count, which only the finish hook reports."""
+        if not self.settings.hooks.finish_url:
+            return 0
+        return await finish_hooks.subscribers(self.redis, conversation)
+
+    async def _finish_hook(
+        self,
+        run: Running,
+        outcome: tuple[Finished, str | None, str | None],
+        at_end: int,
+        started: datetime,
+        began: float,
+    ) -> None:
+        """Queue the finish hook; `at_end` is the channel's subscriber count just before
+        `done` was published (measured after, a tab that closes on `done` would be missed)."""
+        if not self.settings.hooks.finish_url:
+            return
+        finished, error, code = outcome
+        job = run.job
+        reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
+        end = time.monotonic()
+        event = finish_hooks.FinishEvent(
+            conversation=job.conversation,
+            user=job.user,
+            message_id=job.message_id,
+            user_message_id=job.user_message,
+            replaces=job.replaces,
+            status=finish_hooks.STATUS[reason],
+            error=error,
+            code=code,
+            model=job.model,
+            usage=finished.usage,
+            timings=finish_hooks.Timings(
+                started_at=started,
+                finished_at=f.utcnow(),
+                first_token_ms=None
+                if run.first_token is None
+                else round((run.first_token - began) * 1000, 1),
+                duration_ms=round((end - began) * 1000, 1),
+            ),
+            watchers=finish_hooks.watchers(run.watchers, at_end),
+            data=job.hook_data,
+        )
+        await finish_hooks.enqueue(self.redis, event)
 
     async def _mark_running(self, job: Job, piece: int | None = None) -> None:
         """Record this generation as the conversation's; with `piece`, every event of it
@@ -378,6 +460,8 @@ class Worker:
                     return item
                 run.chunk(time.monotonic())
                 run.pieces.append(item.text)
+                if run.first_token is None:
+                    run.first_token = time.monotonic()
                 if run.lost:
                     await self._republish(run)
                     continue
@@ -428,7 +512,12 @@ class Worker:
         return next((m for m in run.history if m.id == run.job.user_message), None)
 
     async def _finish(
-        self, run: Running, finished: Finished, error: str | None, started: datetime
+        self,
+        run: Running,
+        finished: Finished,
+        error: str | None,
+        started: datetime,
+        code: f.ErrorCode | None = None,
     ) -> f.DoneReason:
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
@@ -447,6 +536,7 @@ class Worker:
             reason=reason,
             usage=finished.usage,
             error=error,
+            code=code,
         )
         turn = FinishedTurn(
             conversation=job.conversation,
@@ -507,6 +597,13 @@ class _CancelListener:
 
     def resync(self) -> None:
         """A cancel published while disconnected is still in its key; checked at start."""
+
+
+def verdict_prompt(verdict: Reply, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages the turn hook chose, or Parley's own prompt."""
+    if verdict.messages is None:
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in verdict.messages]
 
 
 def _describe(exc: openai.APIError) -> str:

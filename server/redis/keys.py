@@ -35,6 +35,11 @@ PERSIST: Final = f"{PREFIX}:persist"
 """Stream of finished turns waiting to be written to PostgreSQL (consumer group `PERSISTERS`)."""
 PERSISTERS: Final = "persisters"
 
+FINISH_HOOKS: Final = f"{PREFIX}:hooks:finish"
+"""Stream of `finish` hook calls waiting to reach the host application (consumer group
+`FINISH_SENDERS`, `server/generation/finish_hooks.py`)."""
+FINISH_SENDERS: Final = "finish-senders"
+
 DEADLETTER: Final = f"{PREFIX}:deadletter"
 """Stream of queue entries that failed permanently, from any queue (`server/deadletter.py`):
 the entry's fields, prefixed `field:`, with `source`, `group`, `entry`, `error`, `attempts`

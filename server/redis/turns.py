@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
@@ -25,6 +25,9 @@ from protocol.frames import Message
 from server.redis import generations, keys, scripts
 from server.redis.eventlog import RECENT_KEPT, encode, event_keys
 from server.redis.scripts import Call
+
+HookData = dict[str, Any] | None
+"""Data the host application's connect hook attached to a socket (docs/hooks.md)."""
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -43,6 +46,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     traceparent: str | None = None
     """The W3C trace context of the span that accepted the turn, when tracing is on
     (server/app/tracing.py): the worker's spans join that trace."""
+    hook_data: HookData = None
+    """What the connect hook attached to the socket that asked for the turn."""
 
 
 class Admission(enum.Enum):

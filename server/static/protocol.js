@@ -27,4 +27,5 @@ export const ERROR_CODE = Object.freeze({
   RATE_LIMITED: "rate_limited",
   UNAVAILABLE: "unavailable",
   INTERNAL: "internal",
+  REFUSED: "refused",
 });

@@ -61,6 +61,10 @@ class Db(IntEnum):
     TRACING_NO_WORKER = 15
     METRICS = 16
     LOGS = 17
+    HOOKS = 18
+    HOOKS_TIMEOUT = 19
+    HOOKS_PROCESS_KILLED = 20
+    HOOKS_GIVE_UP = 21
 
 
 SCALE_DB = Db.SCALE

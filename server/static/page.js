@@ -61,7 +61,9 @@ export function showStatus({ state: s, code, retryIn }) {
     tick();
     if (retryIn > 1000) countdown = setInterval(tick, 1000);
   } else if (s === "connecting" && store.everOnline) {
-    banner("Reconnecting…");
+    // While retrying, keep saying why the working connection ended.
+    const why = dropCode === null ? "" : `${CLOSE_REASONS[dropCode] || CLOSE_REASONS[CLOSE.LOST]} `;
+    banner(`${why}Reconnecting…`);
   } else if (s === "offline") {
     banner("You're offline. Parley reconnects as soon as the network is back.");
   }

@@ -111,10 +111,13 @@ class Runtime:
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
-        await self._start_server_api(self.hub, self._presence.process)
+        if self.settings.server_api.keys:
+            await self._start_server_api(self.hub, self._presence.process)
 
     async def _start_server_api(self, hub: Hub, process: str) -> None:
-        """Token revocations, who joined which conversation, and the disconnects' channel."""
+        """Token revocations, who joined which conversation, and the disconnects' channel.
+        Without an API key nothing can revoke a token or ask who is present, so none of it
+        runs: a new token costs no revocation lookup and a join no presence write."""
         s = self.settings
         self.revocations = Revocations(self.redis, s.server_api.revocation_ttl)
         self.verifier.revocations = self.revocations

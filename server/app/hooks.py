@@ -19,6 +19,7 @@ import msgspec
 from protocol import webhooks
 from protocol.jsondepth import too_deep
 from server.app.config import ConfigError, HooksSettings
+from server.app.http_client import read_capped
 
 log = logging.getLogger("parley.hooks")
 
@@ -98,20 +99,9 @@ class Hooks:
             ) as response:
                 if not response.is_success:
                     raise HookFailed(f"HTTP {response.status_code}")
-                return await _read_bounded(response)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL too
+                return await read_capped(response, MAX_REPLY_BYTES)
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
-
-
-async def _read_bounded(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_REPLY_BYTES:
-            raise HookFailed(f"reply larger than {MAX_REPLY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _decode(body: bytes) -> Reply:

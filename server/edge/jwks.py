@@ -29,6 +29,7 @@ import jwt
 import msgspec
 
 from server.app.config import ConfigError
+from server.app.http_client import BodyTooLarge, read_capped
 from server.edge.issuers import Issuer, check_url
 
 log = logging.getLogger("parley.auth")
@@ -166,22 +167,11 @@ class KeySet:
                     if response.status_code != 200:
                         error = f"{url} answered {response.status_code}"
                         continue
-                    body = await _read_capped(response)
+                    body = await read_capped(response, MAX_BODY)
                     return msgspec.json.decode(body), _max_age(response.headers)
-            except (httpx.HTTPError, msgspec.DecodeError, FetchFailed) as exc:
+            except (httpx.HTTPError, msgspec.DecodeError, BodyTooLarge, FetchFailed) as exc:
                 error = f"{url}: {type(exc).__name__} {exc}".strip()
         raise FetchFailed(error)
-
-
-async def _read_capped(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise FetchFailed(f"body larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _max_age(headers: httpx.Headers) -> float | None:

@@ -65,7 +65,7 @@ class ServerInfo(msgspec.Struct, frozen=True):
     limits: f.Limits
 
 
-def _runtime(request: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
+def runtime_of(request: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -78,7 +78,7 @@ async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     if scheme.lower() != "bearer" or not token.strip():
         raise NotAuthorizedException("missing bearer token")
     try:
-        connection.state.user = (await _runtime(connection).verifier.verify(token.strip())).user
+        connection.state.user = (await runtime_of(connection).verifier.verify(token.strip())).user
     except AuthError as exc:
         raise NotAuthorizedException(str(exc)) from None
 
@@ -92,13 +92,13 @@ async def shallow_body(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
         )
 
 
-def _user(request: Request[Any, Any, Any]) -> str:
+def user_of(request: Request[Any, Any, Any]) -> str:
     user: str = request.state.user
     return user
 
 
 @contextlib.contextmanager
-def _answers(doing: str) -> Iterator[None]:
+def answers(doing: str) -> Iterator[None]:
     """Turn whatever a request ended in into the HTTP error the classification says."""
     try:
         yield
@@ -108,7 +108,7 @@ def _answers(doing: str) -> Iterator[None]:
         raise _http(refusal(exc, doing)) from None
 
 
-def _storable(data: msgspec.Struct) -> None:
+def refuse_unstorable(data: msgspec.Struct) -> None:
     """Refuse (400, naming the field) a body holding text PostgreSQL cannot store."""
     unstorable = text.unstorable_field(data)
     if unstorable is not None:
@@ -127,26 +127,26 @@ class ConversationsController(Controller):
 
     @get("/")
     async def list_conversations(self, request: Request[Any, Any, Any]) -> list[f.Conversation]:
-        with _answers("GET /api/conversations"):
-            return await _runtime(request).conversations.list(_user(request))
+        with answers("GET /api/conversations"):
+            return await runtime_of(request).conversations.list(user_of(request))
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_conversation(
         self, request: Request[Any, Any, Any], data: NewConversation
     ) -> f.Conversation:
-        _storable(data)
-        with _answers("POST /api/conversations"):
-            return await _runtime(request).conversations.create(
-                _user(request), data.title, data.system, data.model
+        refuse_unstorable(data)
+        with answers("POST /api/conversations"):
+            return await runtime_of(request).conversations.create(
+                user_of(request), data.title, data.system, data.model
             )
 
     @get("/{conversation:uuid}")
     async def get_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> ConversationDetail:
-        conversations = _runtime(request).conversations
-        with _answers("GET /api/conversations/{id}"):
-            meta = await conversations.owned(_user(request), conversation)
+        conversations = runtime_of(request).conversations
+        with answers("GET /api/conversations/{id}"):
+            meta = await conversations.owned(user_of(request), conversation)
             _, messages = await conversations.history(conversation)
         return ConversationDetail(meta=meta, messages=messages)
 
@@ -154,10 +154,10 @@ class ConversationsController(Controller):
     async def change_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: ConversationChange
     ) -> f.Conversation:
-        _storable(data)
-        with _answers("PATCH /api/conversations/{id}"):
-            return await _runtime(request).conversations.update(
-                _user(request),
+        refuse_unstorable(data)
+        with answers("PATCH /api/conversations/{id}"):
+            return await runtime_of(request).conversations.update(
+                user_of(request),
                 conversation,
                 title=data.title,
                 system=data.system,
@@ -168,8 +168,8 @@ class ConversationsController(Controller):
     async def delete_conversation(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> None:
-        with _answers("DELETE /api/conversations/{id}"):
-            await _runtime(request).conversations.delete(_user(request), conversation)
+        with answers("DELETE /api/conversations/{id}"):
+            await runtime_of(request).conversations.delete(user_of(request), conversation)
 
 
 @get("/healthz")
@@ -179,14 +179,14 @@ async def healthz() -> dict[str, bool]:
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, bool]]:
-    checks = await _runtime(request).ready()
+    checks = await runtime_of(request).ready()
     ready = checks["redis"] and checks["database"] and not checks["draining"]
     return Response({"ready": ready, **checks}, status_code=200 if ready else 503)
 
 
 @get("/api/info")
 async def info(request: Request[Any, Any, Any]) -> ServerInfo:
-    settings = _runtime(request).settings
+    settings = runtime_of(request).settings
     return ServerInfo(
         simulated=settings.simulated,
         model=settings.llm.model,
@@ -198,7 +198,7 @@ async def info(request: Request[Any, Any, Any]) -> ServerInfo:
 
 @post("/api/dev/token", status_code=HTTP_201_CREATED, guards=[shallow_body])
 async def dev_token(request: Request[Any, Any, Any], data: DevLogin) -> IssuedToken:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     if not dev_login_enabled(runtime.settings):
         raise NotFoundException("development sign-in is off")
     token = runtime.verifier.mint(data.user, data.ttl)

@@ -23,7 +23,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 from protocol import frames as f
 from server.app.runtime import Runtime
 from server.edge.disconnects import Disconnect, publish
-from server.edge.rest import ConversationDetail, _answers, _storable, shallow_body
+from server.edge.rest import ConversationDetail, answers, refuse_unstorable, shallow_body
 from server.redis import rooms
 
 User = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -74,7 +74,7 @@ class Erased(msgspec.Struct, frozen=True):
     conversations: int
 
 
-def _runtime(connection: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
+def runtime_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
     runtime: Runtime = connection.app.state.runtime
     return runtime
 
@@ -82,7 +82,7 @@ def _runtime(connection: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
 async def server_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: one of `server_api.keys` as the bearer (compared in constant time with each);
     404 when none is configured, 401 otherwise. Checked before the body is read."""
-    configured = _runtime(connection).settings.server_api.keys
+    configured = runtime_of(connection).settings.server_api.keys
     if not configured:
         raise NotFoundException("the server API is off (no server_api.keys)")
     scheme, _space, given = connection.headers.get("authorization", "").partition(" ")
@@ -103,10 +103,10 @@ class ServerAPI(Controller):
     ) -> Disconnected:
         """Close the user's sockets (or one session's) on every web process with 4401 and
         refuse their tokens from now on."""
-        _storable(data)
-        runtime = _runtime(request)
+        refuse_unstorable(data)
+        runtime = runtime_of(request)
         revoked_before = None
-        with _answers("POST /api/server/disconnect"):
+        with answers("POST /api/server/disconnect"):
             if data.session is None:
                 revoked_before = time.time()
                 assert runtime.revocations is not None
@@ -119,9 +119,9 @@ class ServerAPI(Controller):
     async def notice(self, request: Request[Any, Any, Any], data: NoticeRequest) -> NoticeSent:
         """A `notice` frame: into the user's conversation (a conversation event with seq)
         or, without `conversation`, to every socket of the user."""
-        _storable(data)
-        with _answers("POST /api/server/notice"):
-            seq = await _runtime(request).conversations.notice(
+        refuse_unstorable(data)
+        with answers("POST /api/server/notice"):
+            seq = await runtime_of(request).conversations.notice(
                 data.user, data.conversation, data.text
             )
         return NoticeSent(seq=seq)
@@ -129,29 +129,29 @@ class ServerAPI(Controller):
     @get("/conversations/{conversation:uuid}/presence")
     async def presence(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> Presence:
         """Who has sockets joined to the conversation, on every live web process."""
-        with _answers("GET /api/server/conversations/{id}/presence"):
-            users = await rooms.present(_runtime(request).redis, conversation)
+        with answers("GET /api/server/conversations/{id}/presence"):
+            users = await rooms.present(runtime_of(request).redis, conversation)
         return Presence(conversation, sum(u.sockets for u in users), users)
 
     @get("/users/{user:str}/conversations")
     async def list_conversations(
         self, request: Request[Any, Any, Any], user: UserParam
     ) -> list[f.Conversation]:
-        with _answers("GET /api/server/users/{user}/conversations"):
-            return await _runtime(request).conversations.list(user)
+        with answers("GET /api/server/users/{user}/conversations"):
+            return await runtime_of(request).conversations.list(user)
 
     @get("/users/{user:str}/conversations/{conversation:uuid}")
     async def read_conversation(
         self, request: Request[Any, Any, Any], user: UserParam, conversation: uuid.UUID
     ) -> ConversationDetail:
-        with _answers("GET /api/server/users/{user}/conversations/{id}"):
-            return await _detail(_runtime(request), user, conversation)
+        with answers("GET /api/server/users/{user}/conversations/{id}"):
+            return await _detail(runtime_of(request), user, conversation)
 
     @get("/users/{user:str}/export")
     async def export(self, request: Request[Any, Any, Any], user: UserParam) -> Export:
         """Every conversation of the user with its persisted messages (a GDPR export)."""
-        runtime = _runtime(request)
-        with _answers("GET /api/server/users/{user}/export"):
+        runtime = runtime_of(request)
+        with answers("GET /api/server/users/{user}/export"):
             details = []
             for meta in await runtime.conversations.everything(user):
                 _, messages = await runtime.conversations.history(meta.id)
@@ -161,8 +161,8 @@ class ServerAPI(Controller):
     @delete("/users/{user:str}", status_code=HTTP_204_NO_CONTENT)
     async def erase(self, request: Request[Any, Any, Any], user: UserParam) -> None:
         """Delete every conversation and message of the user, in PostgreSQL and Redis."""
-        with _answers("DELETE /api/server/users/{user}"):
-            await _runtime(request).conversations.erase_user(user)
+        with answers("DELETE /api/server/users/{user}"):
+            await runtime_of(request).conversations.erase_user(user)
 
 
 async def _detail(runtime: Runtime, user: str, conversation: uuid.UUID) -> ConversationDetail:

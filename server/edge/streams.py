@@ -21,7 +21,14 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_
 from protocol import frames as f
 from protocol import sse, wsframe
 from server.edge.failures import Refused
-from server.edge.rest import _answers, _runtime, _storable, _user, shallow_body, signed_in
+from server.edge.rest import (
+    answers,
+    refuse_unstorable,
+    runtime_of,
+    shallow_body,
+    signed_in,
+    user_of,
+)
 from server.edge.sse import Body, Opening
 from server.redis.tickets import Tickets
 
@@ -69,7 +76,7 @@ class ChatRequest(msgspec.Struct, frozen=True):
 
 
 def _tickets(request: ASGIConnection[Any, Any, Any, Any]) -> Tickets:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     return Tickets(runtime.redis, runtime.settings.server.stream_ticket_ttl)
 
 
@@ -81,7 +88,7 @@ async def bearer_or_ticket(
     if ticket is None:
         await signed_in(connection, handler)
         return
-    with _answers("redeeming a stream ticket"):
+    with answers("redeeming a stream ticket"):
         user = await _tickets(connection).redeem(ticket)
     if user is None:
         raise NotAuthorizedException("the stream ticket is unknown, used or expired")
@@ -93,7 +100,7 @@ def _event_stream(body: Body, *extra: tuple[str, str]) -> Stream:
 
 
 def _opening(request: Request[Any, Any, Any]) -> Opening:
-    hub = _runtime(request).hub
+    hub = runtime_of(request).hub
     assert hub is not None
     return Opening(hub)
 
@@ -107,15 +114,15 @@ Seq = Annotated[int | None, Parameter(ge=0, le=f.MAX_SEQ, required=False)]
 
 @post("/api/stream-tickets", status_code=HTTP_201_CREATED, guards=[signed_in])
 async def issue_ticket(request: Request[Any, Any, Any]) -> StreamTicket:
-    with _answers("POST /api/stream-tickets"):
-        ticket, expires_at = await _tickets(request).issue(_user(request))
+    with answers("POST /api/stream-tickets"):
+        ticket, expires_at = await _tickets(request).issue(user_of(request))
     return StreamTicket(ticket=ticket, expires_at=round(expires_at, 3))
 
 
 @get("/api/events", guards=[bearer_or_ticket])
 async def user_events(request: Request[Any, Any, Any]) -> Stream:
-    with _answers("GET /api/events"):
-        body = await _opening(request).user_events(_user(request))
+    with answers("GET /api/events"):
+        body = await _opening(request).user_events(user_of(request))
     return _event_stream(body)
 
 
@@ -126,9 +133,9 @@ class ConversationStreams(Controller):
     async def events(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, after: Seq = None
     ) -> Stream:
-        with _answers("GET /api/conversations/{id}/events"):
+        with answers("GET /api/conversations/{id}/events"):
             body = await _opening(request).conversation(
-                _user(request), conversation, _after(request, after)
+                user_of(request), conversation, _after(request, after)
             )
         return _event_stream(body)
 
@@ -137,32 +144,32 @@ class ConversationStreams(Controller):
         self, request: Request[Any, Any, Any], conversation: uuid.UUID, data: NewMessage
     ) -> Accepted:
         _sayable(request, data.text)
-        _storable(data)
-        with _answers("POST /api/conversations/{id}/messages"):
-            message_id, duplicate = await _runtime(request).conversations.say(
-                _user(request), conversation, data.text, data.id
+        refuse_unstorable(data)
+        with answers("POST /api/conversations/{id}/messages"):
+            message_id, duplicate = await runtime_of(request).conversations.say(
+                user_of(request), conversation, data.text, data.id
             )
         return Accepted(message_id=message_id, duplicate=duplicate)
 
     @post("/cancel", status_code=HTTP_202_ACCEPTED, guards=[signed_in])
     async def cancel(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> None:
-        with _answers("POST /api/conversations/{id}/cancel"):
-            await _runtime(request).conversations.cancel(_user(request), conversation)
+        with answers("POST /api/conversations/{id}/cancel"):
+            await runtime_of(request).conversations.cancel(user_of(request), conversation)
 
     @post("/regenerate", status_code=HTTP_202_ACCEPTED, guards=[signed_in])
     async def regenerate(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> Accepted:
-        with _answers("POST /api/conversations/{id}/regenerate"):
-            message_id = await _runtime(request).conversations.regenerate(
-                _user(request), conversation
+        with answers("POST /api/conversations/{id}/regenerate"):
+            message_id = await runtime_of(request).conversations.regenerate(
+                user_of(request), conversation
             )
         return Accepted(message_id=message_id)
 
 
 def _sayable(request: Request[Any, Any, Any], text: str) -> None:
     """The checks `say` gets on a socket (`protocol.session`): not empty, not too long."""
-    limit = _runtime(request).settings.limits.max_text_chars
+    limit = runtime_of(request).settings.limits.max_text_chars
     if len(text) > limit:
         raise HTTPException(
             status_code=413, detail=f"text is {len(text)} characters; the limit is {limit}"
@@ -193,7 +200,7 @@ def _user_text(data: ChatRequest) -> tuple[str, str]:
 async def _running_reply(request: Request[Any, Any, Any], conversation: uuid.UUID) -> int | None:
     """The seq just before the `start` of the conversation's running reply, from its log;
     None when no reply runs (or its start is no longer in the log)."""
-    _, logged = await _runtime(request).conversations.read_events(conversation, -1)
+    _, logged = await runtime_of(request).conversations.read_events(conversation, -1)
     start: int | None = None
     for seq, payload in logged:
         kind = msgspec.json.decode(payload, type=_Kind).type
@@ -220,10 +227,10 @@ class AiChat(Controller):
 
     @post("/", guards=[shallow_body])
     async def chat(self, request: Request[Any, Any, Any], data: ChatRequest) -> Stream:
-        runtime = _runtime(request)
-        user = _user(request)
+        runtime = runtime_of(request)
+        user = user_of(request)
         conversation = data.id
-        with _answers("POST /api/ai/chat"):
+        with answers("POST /api/ai/chat"):
             await runtime.conversations.owned(user, conversation)
             if data.trigger == "regenerate-message":
                 head = await _head(request, conversation)
@@ -234,7 +241,7 @@ class AiChat(Controller):
                 raise Refused("invalid", f"unknown trigger {data.trigger!r}")
             ui_id, text = _user_text(data)
             _sayable(request, text)
-            _storable(NewMessage(text=text))
+            refuse_unstorable(NewMessage(text=text))
             head = await _head(request, conversation)
             body = await _follow(request, user, conversation, head)
             _, duplicate = await runtime.conversations.say(
@@ -249,9 +256,9 @@ class AiChat(Controller):
     async def resume(
         self, request: Request[Any, Any, Any], conversation: uuid.UUID
     ) -> Response[Any]:
-        user = _user(request)
-        with _answers("GET /api/ai/chat/{id}/stream"):
-            await _runtime(request).conversations.owned(user, conversation)
+        user = user_of(request)
+        with answers("GET /api/ai/chat/{id}/stream"):
+            await runtime_of(request).conversations.owned(user, conversation)
             after = await _running_reply(request, conversation)
             if after is None:
                 return Response(None, status_code=HTTP_204_NO_CONTENT)
@@ -260,12 +267,12 @@ class AiChat(Controller):
 
     @post("/{conversation:uuid}/stop", status_code=HTTP_204_NO_CONTENT)
     async def stop(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> None:
-        with _answers("POST /api/ai/chat/{id}/stop"):
-            await _runtime(request).conversations.cancel(_user(request), conversation)
+        with answers("POST /api/ai/chat/{id}/stop"):
+            await runtime_of(request).conversations.cancel(user_of(request), conversation)
 
 
 async def _head(request: Request[Any, Any, Any], conversation: uuid.UUID) -> int:
-    head, _ = await _runtime(request).conversations.read_events(conversation, f.MAX_SEQ)
+    head, _ = await runtime_of(request).conversations.read_events(conversation, f.MAX_SEQ)
     return head
 
 

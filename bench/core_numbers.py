@@ -23,7 +23,7 @@ from pathlib import Path
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint
-from tests.helpers.processes import Cluster, start_services
+from tests.helpers.processes import bench_cluster
 from tests.helpers.procfs import rss_kib
 
 
@@ -92,26 +92,16 @@ def main() -> None:
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory() as tmp:
-        services = start_services(Path(tmp))
-        cluster = Cluster(services, Path(tmp))
-        try:
-            server = cluster.process(
-                "serve",
-                PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0",
-                PARLEY_SIMULATOR_TOKENS_PER_SECOND="0",
-                PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
-                PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000",
-                PARLEY_SERVER_LOG_LEVEL="warning",
-            )
-            asyncio.run(measure(server.ws_url, server.pid, args.turns, args.sockets))
-        except BaseException:
-            for proc in cluster.started:
-                print(proc.log()[-3000:])
-            raise
-        finally:
-            cluster.stop_all()
-            services.stop()
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
+        server = cluster.process(
+            "serve",
+            PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0",
+            PARLEY_SIMULATOR_TOKENS_PER_SECOND="0",
+            PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
+            PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000",
+            PARLEY_SERVER_LOG_LEVEL="warning",
+        )
+        asyncio.run(measure(server.ws_url, server.pid, args.turns, args.sockets))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import httpx
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint
-from tests.helpers.processes import Cluster, ParleyProcess, start_all, start_services
+from tests.helpers.processes import ParleyProcess, bench_cluster, start_all
 from tests.helpers.procfs import cpu_seconds, rss_kib
 
 USER = "bench-sse"
@@ -144,30 +144,20 @@ def main() -> None:
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory() as tmp:
-        services = start_services(Path(tmp))
-        cluster = Cluster(services, Path(tmp))
-        try:
-            model = cluster.model(PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0")
-            env = {
-                "OPENAI_BASE_URL": f"{model.url}/v1",
-                "OPENAI_API_KEY": "sim",
-                "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "100000",
-                "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
-                "PARLEY_LLM_MAX_TOKENS": str(args.tokens + 10),
-            }
-            webs = [cluster.process("web", start=False, **env) for _ in range(2)]
-            worker = cluster.process("worker", start=False, **env)
-            start_all([model, *webs, worker])
-            asyncio.run(idle(webs[0], webs[1], args.idle))
-            asyncio.run(fan_out(webs[0], webs[1], args.readers, args.tokens))
-        except BaseException:
-            for proc in cluster.started:
-                print(proc.log()[-3000:])
-            raise
-        finally:
-            cluster.stop_all()
-            services.stop()
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
+        model = cluster.model(PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0")
+        env = {
+            "OPENAI_BASE_URL": f"{model.url}/v1",
+            "OPENAI_API_KEY": "sim",
+            "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "100000",
+            "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
+            "PARLEY_LLM_MAX_TOKENS": str(args.tokens + 10),
+        }
+        webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+        worker = cluster.process("worker", start=False, **env)
+        start_all([model, *webs, worker])
+        asyncio.run(idle(webs[0], webs[1], args.idle))
+        asyncio.run(fan_out(webs[0], webs[1], args.readers, args.tokens))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -361,3 +362,20 @@ def poll_readyz(url: str, seconds: float) -> list[tuple[float, int | str]]:
         seen.append((time.monotonic(), status))
         time.sleep(0.02)
     return seen
+
+
+@contextmanager
+def bench_cluster(tmp: Path) -> Iterator[Cluster]:
+    """Embedded services and a `Cluster` on them for a benchmark script: on failure the
+    processes' logs are printed; on the way out every process and service is stopped."""
+    services = start_services(tmp)
+    cluster = Cluster(services, tmp)
+    try:
+        yield cluster
+    except BaseException:
+        for proc in cluster.started:
+            print(proc.log()[-3000:])
+        raise
+    finally:
+        cluster.stop_all()
+        services.stop()

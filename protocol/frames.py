@@ -265,12 +265,17 @@ class Error(_Server, tag="error", kw_only=True, frozen=True):
     socket stays open.
 
     `ref` is the request's, when it had one; `retry_after` (seconds) comes with
-    `rate_limited`."""
+    `rate_limited`. A turn the host application's turn hook refused (`code: "refused"`) is a
+    conversation event instead, to every socket that joined: it carries `conversation`,
+    `seq` and `message_id` (the reply the turn would have had)."""
 
     code: ErrorCode
     message: str
     retry_after: float | None = None
     ref: str | None = None
+    conversation: uuid.UUID | None = None
+    message_id: uuid.UUID | None = None
+    seq: Seq = 0
 
 
 # --------------------------------------------------------------------------- conversation events
@@ -318,8 +323,7 @@ class Token(_Server, tag="token", kw_only=True, frozen=True):
 class Done(_Server, tag="done", kw_only=True, frozen=True):
     """Conversation event, to every socket that joined: an assistant message ended.
 
-    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`,
-    and `code: "refused"` when the host application's turn hook refused the turn);
+    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`);
     `usage` is the model's token count, when it reported one."""
 
     conversation: uuid.UUID
@@ -327,7 +331,6 @@ class Done(_Server, tag="done", kw_only=True, frozen=True):
     reason: DoneReason
     usage: Usage | None = None
     error: str | None = None
-    code: ErrorCode | None = None
     seq: Seq = 0
 
 

@@ -85,6 +85,8 @@ class _Event(msgspec.Struct):
     text: str = ""
     reason: str = ""
     error: str | None = None
+    code: str | None = None
+    message: str = ""
     seq: int = 0
 
 
@@ -100,7 +102,8 @@ class UiReply:
     """One assistant reply as UI message chunks, from the conversation's events in seq order.
 
     It follows the first `start` it sees (or the one for `message_id`, when given) and ends at
-    that message's `done`; other events are skipped. A second `start` for the same message
+    that message's `done` (or at the `error` event of a turn the application refused, which
+    has no `start`); other events are skipped. A second `start` for the same message
     (a generation retried by another worker) restarts its text: the AI SDK has no way to take
     text back, so the restart ends the stream with an `error` chunk naming it."""
 
@@ -122,6 +125,9 @@ class UiReply:
             return []
         if ev.type == "start":
             return self._start(ev.message_id)
+        if ev.type == "error" and ev.code == "refused":
+            self.ended = True
+            return [chunk({"type": "error", "errorText": ev.message}), DONE]
         if not self.started:
             return []
         text_id = str(ev.message_id)

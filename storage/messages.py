@@ -13,20 +13,33 @@ from protocol.text import scrub
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
-    """A user turn (absent for a regenerate) and the assistant reply it got.
+    """A user turn (absent for a regenerate) and the assistant reply it got (none when the
+    host application's turn hook refused the turn: the user's message is kept alone).
 
-    `done_seq` is the seq of the reply's `done` event: the transcript covers events up to it.
+    `done_seq` is the seq of the reply's `done` event (of the refusal's `error`): the
+    transcript covers events up to it.
     """
 
     conversation: uuid.UUID
     user_message: Message | None
     user_seq: int
-    reply: Message
+    reply: Message | None
     replaces: uuid.UUID | None
     finished_at: datetime
     done_seq: int = 0
     traceparent: str | None = None
     """The generation's trace context, for the persister's span (server/app/tracing.py)."""
+    refused_reply: uuid.UUID | None = None
+    """Without a `reply`: the id the refused turn's reply would have had."""
+
+    def __post_init__(self) -> None:
+        if self.reply is None and self.refused_reply is None:
+            raise ValueError("a turn without a reply names its refused reply")
+
+    @property
+    def reply_id(self) -> uuid.UUID:
+        """The reply's id, or the one the refused turn's reply would have had."""
+        return self.reply.id if self.reply is not None else self.refused_reply  # type: ignore[return-value]
 
     def storable(self) -> FinishedTurn:
         """This turn with text PostgreSQL cannot hold (NUL, lone surrogates) replaced by
@@ -35,7 +48,7 @@ class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.structs.replace(
             self,
             user_message=None if user is None else _storable(user),
-            reply=_storable(self.reply),
+            reply=None if self.reply is None else _storable(self.reply),
         )
 
 
@@ -101,7 +114,8 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
                 turn.conversation,
                 turn.replaces,
             )
-        await conn.execute(_INSERT_REPLY, *_row(turn.conversation, turn.reply, turn.done_seq))
+        if turn.reply is not None:
+            await conn.execute(_INSERT_REPLY, *_row(turn.conversation, turn.reply, turn.done_seq))
         await conn.execute(
             "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
             " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"

@@ -150,9 +150,10 @@ class Client:
         return reply
 
     def events(self, conversation: Any) -> list[Any]:
-        """The conversation events received so far, in arrival order."""
+        """The conversation events received so far, in arrival order (a refused turn's
+        `error` is one)."""
         return [
             fr
             for fr in self.frames
-            if isinstance(fr, f.ConversationEvent) and fr.conversation == conversation
+            if isinstance(fr, f.ConversationEvent | f.Error) and fr.conversation == conversation
         ]

@@ -88,10 +88,10 @@ class Persister:
     async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
         turn = _decode(fields)
         logs.CONVERSATION.set(str(turn.conversation))
-        logs.MESSAGE.set(str(turn.reply.id))
+        logs.MESSAGE.set(str(turn.reply_id))
         try:
             with tracing.continued(
-                turn.traceparent, "persist turn", turn.conversation, turn.reply.id
+                turn.traceparent, "persist turn", turn.conversation, turn.reply_id
             ):
                 saved = await save_turn(self.pool, turn.storable())
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

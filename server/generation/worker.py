@@ -45,6 +45,7 @@ from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
+from server.redis.scripts import Call
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from storage.messages import FinishedTurn
@@ -310,19 +311,40 @@ class Worker:
         verdict = await self._turn_hook(run, prompt)
         started, began = f.utcnow(), time.monotonic()
         run.watchers = await self._subscribers(job.conversation)
+        if not verdict.allow:
+            return await self._refuse(run, verdict.message or "refused", started, began)
         await self._publish(run, self._start_event(run.job))
         run.cancelled = await self._cancelled_before_start(job)
         with tracing.span("model stream"):
-            if verdict.allow:
-                finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
-            else:
-                finished, error = Finished("error", None), verdict.message or "refused"
-        code: f.ErrorCode | None = None if verdict.allow else "refused"
+            finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
-            reason = await self._finish(run, finished, error, started, code)
-        await self._finish_hook(run, (finished, error, code), at_end, started, began)
+            reason = await self._finish(run, finished, error, started)
+        await self._finish_hook(run, (finished, error, None), at_end, started, began)
         return reason, finished, error
+
+    async def _refuse(
+        self, run: Running, message: str, started: datetime, began: float
+    ) -> tuple[f.DoneReason, Finished, str | None]:
+        """The turn hook said no: no reply begins. Every tab gets `error {code: "refused"}`
+        as a conversation event (in the log, so a rejoin replays it), the user's message is
+        kept as sent, and the conversation is free again."""
+        job = run.job
+        refusal = f.Error(
+            code="refused",
+            message=message,
+            conversation=job.conversation,
+            message_id=job.message_id,
+        )
+        turn = self._finished_turn(run, None)
+        at_end = await self._subscribers(job.conversation)
+        with tracing.span("finish turn"):
+            await self._call_finish(
+                run, self.turns.finish_call(job, encode(refusal), None, encode(turn))
+            )
+        finished = Finished("error", None)
+        await self._finish_hook(run, (finished, message, "refused"), at_end, started, began)
+        return "error", finished, message
 
     async def _turn_hook(self, run: Running, prompt: list[dict[str, str]]) -> Reply:
         """Ask the host application's turn hook, if any; a model it picks becomes the job's."""
@@ -373,7 +395,7 @@ class Worker:
             user=job.user,
             message_id=job.message_id,
             user_message_id=job.user_message,
-            replaces=job.replaces,
+            replaces=None if code == "refused" else job.replaces,
             status=finish_hooks.STATUS[reason],
             error=error,
             code=code,
@@ -512,12 +534,7 @@ class Worker:
         return next((m for m in run.history if m.id == run.job.user_message), None)
 
     async def _finish(
-        self,
-        run: Running,
-        finished: Finished,
-        error: str | None,
-        started: datetime,
-        code: f.ErrorCode | None = None,
+        self, run: Running, finished: Finished, error: str | None, started: datetime
     ) -> f.DoneReason:
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
@@ -536,26 +553,33 @@ class Worker:
             reason=reason,
             usage=finished.usage,
             error=error,
-            code=code,
         )
-        turn = FinishedTurn(
+        turn = self._finished_turn(run, reply)
+        await self._call_finish(run, self.turns.finish_call(job, encode(done), reply, encode(turn)))
+        return reason
+
+    def _finished_turn(self, run: Running, reply: f.Message | None) -> FinishedTurn:
+        """The turn for PostgreSQL; without a reply (refused) it replaces nothing."""
+        job = run.job
+        return FinishedTurn(
             conversation=job.conversation,
             user_message=self._user_message(run),
             user_seq=job.user_seq,
             reply=reply,
-            replaces=job.replaces,
+            replaces=job.replaces if reply is not None else None,
             finished_at=f.utcnow(),
             traceparent=tracing.current_traceparent(),
+            refused_reply=job.message_id if reply is None else None,
         )
-        call = self.turns.finish_call(job, encode(done), reply, encode(turn))
+
+    async def _call_finish(self, run: Running, call: Call) -> None:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
             if await self.pipeliner.call(call) >= 0:
-                return reason
+                return
             run.lost = True
-        log.error("could not finish the turn in %s", job.conversation)
-        return reason
+        log.error("could not finish the turn in %s", run.job.conversation)
 
     def cancel(self, conversation: uuid.UUID, message_id: str) -> None:
         run = self.running.get(conversation)

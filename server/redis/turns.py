@@ -125,9 +125,10 @@ class Turns:
         )
         return _accepted(result)
 
-    def finish_call(self, job: Job, done_event: bytes, reply: Message, turn: bytes) -> Call:
+    def finish_call(self, job: Job, done_event: bytes, reply: Message | None, turn: bytes) -> Call:
         """The `finish` script call (append `done`, keep the reply for context, queue the turn
-        for PostgreSQL), for the pipeliner, so it follows the reply's last token."""
+        for PostgreSQL), for the pipeliner, so it follows the reply's last token. Without a
+        reply (a refused turn) `done_event` is the refusal and the context is left as it is."""
         c = job.conversation
         return self._finish.bind(
             **event_keys(c),
@@ -136,12 +137,12 @@ class Turns:
             finished_key=keys.finished(c, job.message_id),
             persist_key=keys.PERSIST,
             frame=done_event,
-            reply=encode(reply),
+            reply=b"" if reply is None else encode(reply),
             reply_id=str(job.message_id),
             turn=turn,
             maxlen=self.max_events,
             ttl=self.ttl,
-            replaces=str(job.replaces or ""),
+            replaces=str(job.replaces or "") if reply is not None else "",
             recent_kept=RECENT_KEPT,
         )
 

@@ -143,21 +143,9 @@ export function onFrame(frame) {
     case "token":
     case "done":
     case "queued":
-    case "updated": {
-      const result = applyEvent(frame);
-      if (result === "gap") {
-        const t = store.transcript(frame.conversation);
-        joinEnded(t);
-        join(t); // with after = the last seq applied
-      } else if (result === "applied" && frame.type === "notice") {
-        notify(frame.text, { kind: "info", key: "notice" });
-      } else if (result === "applied" && frame.type === "done" && frame.reason === "error") {
-        notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
-          key: "model",
-        });
-      }
+    case "updated":
+      onEvent(frame);
       break;
-    }
     case "conversation_changed": {
       if (frame.deleted) {
         const wasActive = store.active === frame.conversation;
@@ -169,10 +157,34 @@ export function onFrame(frame) {
       break;
     }
     case "error":
-      if (!frame.ref) explain(new ProtocolError(frame));
+      if (frame.conversation) {
+        onEvent(frame); // a turn the application refused: an event with a seq
+      } else if (!frame.ref) {
+        explain(new ProtocolError(frame));
+      }
       break;
     default:
       break;
+  }
+}
+
+/** A conversation event: applied in seq order, a gap rejoins with `after`. */
+function onEvent(frame) {
+  const result = applyEvent(frame);
+  if (result === "gap") {
+    const t = store.transcript(frame.conversation);
+    joinEnded(t);
+    join(t); // with after = the last seq applied
+  } else if (result !== "applied") {
+    return;
+  } else if (frame.type === "notice") {
+    notify(frame.text, { kind: "info", key: "notice" });
+  } else if (frame.type === "done" && frame.reason === "error") {
+    notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
+      key: "model",
+    });
+  } else if (frame.type === "error") {
+    notify(frame.message, { key: "refused" }); // the application's own words
   }
 }
 

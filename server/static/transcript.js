@@ -93,6 +93,10 @@ export class Transcript {
         this.queued.set(event.message_id, event.position);
         this.live = false;
         break;
+      case "error": // the application refused the turn: no reply comes
+        this.queued.delete(event.message_id);
+        this.live = false;
+        break;
       case "updated":
         this.meta = event.meta;
         break;

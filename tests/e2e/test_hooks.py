@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -22,7 +23,12 @@ from server.dev import embedded
 from server.dev.client import Client
 from server.redis import keys
 from tests.helpers.auth import mint, new_user
-from tests.helpers.conversations import say_and_finish, start_conversation
+from tests.helpers.conversations import (
+    assert_contiguous,
+    say_and_finish,
+    start_conversation,
+    wait_persisted,
+)
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -166,17 +172,47 @@ async def test_connect_data_reaches_turn_and_finish(
     assert receiver.bad_signatures == 0
 
 
-async def test_turn_refused(hooked: ParleyProcess, receiver: Receiver) -> None:
+async def test_turn_refused(hooked: ParleyProcess, receiver: Receiver, db: asyncpg.Pool) -> None:
+    """Every tab watching gets `error {code: "refused"}` with the application's message as a
+    conversation event (a rejoin replays it); no reply begins, the user's message is kept and
+    the conversation is free for the next turn."""
     receiver.answers["/turn"] = reply(allow=False, message="not on your plan")
-    async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
+    user = new_user()
+    async with (
+        await Client.connect(hooked.ws_url, mint(user)) as client,
+        await Client.connect(hooked.ws_url, mint(user)) as other,
+    ):
         conversation = await start_conversation(client)
-        done = await say_and_finish(client, conversation, "hello")
-        assert (done.reason, done.code, done.error) == ("error", "refused", "not on your plan")
+        await other.request(f.Join(conversation=conversation))
+        ack = await client.request(f.Say(conversation=conversation, text="hello"))
+        refusals = [
+            await tab.wait_for(lambda fr: isinstance(fr, f.Error) and fr.code == "refused")
+            for tab in (client, other)
+        ]
+        for tab, refusal in zip((client, other), refusals, strict=True):
+            assert (refusal.message, refusal.conversation) == ("not on your plan", conversation)
+            assert refusal.ref is None and refusal.message_id is not None
+            assert not any(isinstance(fr, f.Start | f.Done) for fr in tab.frames)
+            assert_contiguous(tab, conversation, 1)
         receiver.answers.pop("/turn")
         again = await say_and_finish(client, conversation, "and now?")  # not busy
         assert again.reason == "stop"
+    async with await Client.connect(hooked.ws_url, mint(user)) as late:
+        replay = await late.request(f.Join(conversation=conversation, after=0))
+        assert replay.last_seq == 0
+        refusal = await late.wait_for(lambda fr: isinstance(fr, f.Error))
+        assert refusal == refusals[0]
+    rows = await wait_persisted(db, conversation, 3)
+    assert rows[:2] == [("user", "hello", "complete"), ("user", "and now?", "complete")]
+    assert rows[2][0] == "assistant" and len(rows) == 3
+    assert str(ack.message_id) == receiver.of("/turn")[0]["message"]["id"]
     await wait_calls(receiver, "/finish", 2)
-    assert [b["status"] for b in receiver.of("/finish")] == ["error", "complete"]
+    finishes = receiver.of("/finish")
+    assert [(b["status"], b["code"]) for b in finishes] == [
+        ("error", "refused"),
+        ("complete", None),
+    ]
+    assert finishes[0]["message_id"] == str(refusals[0].message_id)
 
 
 async def test_turn_replaces_messages_and_model(hooked: ParleyProcess, receiver: Receiver) -> None:
@@ -206,11 +242,15 @@ async def test_turn_timeout_policy(cluster: Cluster, receiver: Receiver, policy:
     try:
         async with await Client.connect(server.ws_url, mint(new_user())) as client:
             conversation = await start_conversation(client)
-            done = await say_and_finish(client, conversation, "hi")
+            await client.request(f.Say(conversation=conversation, text="hi"))
+            end = await client.wait_for(
+                lambda fr: isinstance(fr, f.Done | f.Error) and fr.conversation == conversation
+            )
         if policy == "allow":
-            assert done.reason == "stop"
+            assert isinstance(end, f.Done) and end.reason == "stop"
         else:
-            assert (done.reason, done.code) == ("error", "refused")
+            assert isinstance(end, f.Error)
+            assert (end.code, end.message) == ("refused", "the application is unavailable")
         log_clean(server)
     finally:
         server.stop()

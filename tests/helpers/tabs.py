@@ -226,7 +226,7 @@ class TabClient:
                 if isinstance(frame, f.Joined) and frame.conversation == self.conversation:
                     segments.append(Segment(sock, frame))
                 elif (
-                    isinstance(frame, f.ConversationEvent)
+                    isinstance(frame, f.ConversationEvent | f.Error)
                     and frame.conversation == self.conversation
                 ):
                     if segments and segments[-1].socket is sock:

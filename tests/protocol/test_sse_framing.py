@@ -77,3 +77,13 @@ def test_a_failed_reply_sends_an_error_before_finish() -> None:
     done = f.Done(conversation=CONV, message_id=MSG, reason="error", error="boom", seq=2)
     kinds = [c if c == "[DONE]" else c["type"] for c in _chunks(reply.feed(f.encode(done)))]  # type: ignore[index]
     assert kinds == ["text-end", "error", "finish", "[DONE]"]
+
+
+def test_a_refused_turn_is_one_error_then_done() -> None:
+    reply = sse.UiReply(MSG)
+    refusal = f.Error(
+        code="refused", message="not on your plan", conversation=CONV, message_id=MSG, seq=2
+    )
+    chunks = _chunks(reply.feed(f.encode(refusal)))
+    assert chunks == [{"type": "error", "errorText": "not on your plan"}, "[DONE]"]
+    assert reply.ended

@@ -1,5 +1,6 @@
--- finish: end a generation, once. Appends the `done` event, keeps the reply for the model's
--- context (dropping the reply it replaces), queues the finished turn for PostgreSQL on the
+-- finish: end a generation, once. Appends the `done` event (or a refused turn's `error`),
+-- keeps the reply for the model's context (dropping the reply it replaces; a refused turn
+-- has no reply, '', and changes neither), queues the finished turn for PostgreSQL on the
 -- persist Stream and clears the `gen` hash if it still names this generation. A retried
 -- call finds the `done` seq it recorded and returns it without appending again. Returns the
 -- seq of `done`, or -1 (unloaded) when the conversation's seq is gone.
@@ -18,7 +19,7 @@ local reply_id = ARGV[3]
 local turn = ARGV[4]
 local maxlen = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
-local replaces = ARGV[7] -- '' when the reply replaces none
+local replaces = ARGV[7] -- '' when the reply replaces none (or there is no reply)
 local recent_kept = tonumber(ARGV[8])
 
 local before = redis.call('GET', finished_key)
@@ -31,8 +32,10 @@ if replaces ~= '' then
     if cjson.decode(item).id == replaces then redis.call('LREM', recent_key, -1, item) end
   end
 end
-redis.call('RPUSH', recent_key, reply)
-redis.call('LTRIM', recent_key, -recent_kept, -1)
+if reply ~= '' then
+  redis.call('RPUSH', recent_key, reply)
+  redis.call('LTRIM', recent_key, -recent_kept, -1)
+end
 redis.call('XADD', persist_key, '*', 'turn', turn, 'done_seq', seq)
 if redis.call('HGET', gen_key, 'message_id') == reply_id then redis.call('DEL', gen_key) end
 return seq

@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.run            # the full run (~4 minutes), writes docs/benchmarks.md
     .venv/bin/python -m bench.run --smoke    # <= 30 s, small numbers, writes nothing to docs/
+    .venv/bin/python -m bench.run --only idle --token-alg RS256 --doc /tmp/rs256.md
+                                             # the idle row with RS256 tokens from a JWKS
 
 (from the repository root: `-m` puts it on the import path, for `tests.helpers`).
 
@@ -39,6 +41,7 @@ from typing import Any
 
 from server.dev import embedded
 from tests.helpers import procfs
+from tests.helpers.idp import LocalIdP, Signer
 from tests.helpers.processes import ROOT, ParleyProcess
 
 WEB_CPU = 0
@@ -169,6 +172,8 @@ class Bench:
     env: dict[str, str]
     redis_url: str
     smoke: bool = False
+    tokens_file: Path | None = None
+    """The idle row's tokens (RS256 from a JWKS); None: `parley load` mints HS256 ones."""
     worker: ParleyProcess | None = None
     web: ParleyProcess | None = None
     commands: list[str] = field(default_factory=list)
@@ -260,6 +265,7 @@ class Bench:
                 str(s.connect_concurrency),
                 "--connect-timeout",
                 "30",
+                *(["--tokens-file", str(self.tokens_file)] if self.tokens_file else []),
             )
         self.results["idle"] = r
 
@@ -508,7 +514,8 @@ def table(results: dict[str, Any]) -> list[str]:
         conn_ms = idle["latency_ms"].get("connect", {})
         cost = server.get("cpu_us_per_connection")
         rows.append(
-            f"| connection set-up incl. JWT check | {TARGETS['connect']} | "
+            f"| connection set-up incl. JWT check ({results.get('token_alg', 'HS256')}) | "
+            f"{TARGETS['connect']} | "
             f"**{conn['per_second']:,} /s** | {cost} µs per connection "
             f"(≈ {1e6 / cost if cost else 0:,.0f} /s per core) | {_busy(idle)} | "
             f"{conn['opened']:,} sockets, {idle['plan']['concurrency']} handshakes in flight; "
@@ -637,6 +644,13 @@ def main() -> None:
         help="run only these workloads",
     )
     parser.add_argument("--sockets", type=int, help="idle sockets (default 10,000)")
+    parser.add_argument(
+        "--token-alg",
+        choices=["HS256", "RS256"],
+        default="HS256",
+        help="the idle row's tokens: HS256 with the local secret, or RS256 verified through a "
+        "JWKS a local HTTP server publishes (its key fetched once, then cached)",
+    )
     parser.add_argument("--concurrency", type=int, help="connection handshakes in flight")
     parser.add_argument(
         "--nice",
@@ -665,7 +679,10 @@ def main() -> None:
             file=sys.stderr,
         )
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         work = Path(tmp)
         # results outlive the run's temporary directory (services' data goes with it)
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="parley-bench-results-"))
@@ -677,6 +694,8 @@ def main() -> None:
             _pin_tree(postgres.pid, OTHER_CPU)
             env = _env(redis.url, postgres.url, work)
             bench = Bench(sizes, work, out_dir, env, redis.url, smoke=args.smoke)
+            if args.token_alg == "RS256":
+                bench.tokens_file = rs256_tokens(work, env, sizes, stack)
             # the worker says "worker ready" at info level
             worker_env = {**env, "PARLEY_SERVER_LOG_LEVEL": "info"}
             worker = parley("worker", worker_env, OTHER_CPU, work / "worker.log")
@@ -701,6 +720,7 @@ def main() -> None:
             results = bench.results
             results.update(
                 argv=["python", "-m", "bench.run", *sys.argv[1:]],
+                token_alg=args.token_alg,
                 nice=args.nice,
                 smoke=args.smoke,
                 sizes=sizes.__dict__,
@@ -719,6 +739,26 @@ def main() -> None:
             write_doc(doc, results, bench.commands)
             print(f"\nwritten: {doc}")
         print(f"results: {out_dir}  ({time.monotonic() - started:.0f} s)")
+
+
+def rs256_tokens(
+    work: Path, env: dict[str, str], sizes: Sizes, stack: contextlib.ExitStack
+) -> Path:
+    """Point `env` at a JWKS served on 127.0.0.1 (stopped with `stack`) and write one RS256
+    token per idle socket, signed with its key: each is verified once, a new token each."""
+    signer = Signer.rsa()
+    idp = LocalIdP([signer]).start()
+    stack.callback(idp.stop)
+    env["PARLEY_AUTH_JWKS_URL"] = f"{idp.base}/bench/jwks.json"
+    exp = int(time.time()) + sizes.hold_seconds + 3600
+    run = secrets.token_hex(3)
+    path = work / "rs256-tokens.txt"
+    path.write_text(
+        "\n".join(
+            signer.sign({"sub": f"load-{run}-{i}", "exp": exp}) for i in range(sizes.idle_sockets)
+        )
+    )
+    return path
 
 
 def _env(redis_url: str, database_url: str, work: Path) -> dict[str, str]:

@@ -63,6 +63,8 @@ class Running:
     history: list[f.Message] = field(default_factory=list)
     pump: asyncio.Task[Finished] | None = None
     cancelled: bool = False
+    refused: bool = False
+    """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
     pieces: list[str] = field(default_factory=list)
     index: int = 0
@@ -330,6 +332,7 @@ class Worker:
         as a conversation event (in the log, so a rejoin replays it), the user's message is
         kept as sent, and the conversation is free again."""
         job = run.job
+        run.refused = True
         refusal = f.Error(
             code="refused",
             message=message,
@@ -522,7 +525,8 @@ class Worker:
             await self._publish_later(
                 run, f.MessageEvent(conversation=job.conversation, message=user_message)
             )
-        await self._publish_later(run, self._start_event(job))
+        if not run.refused:
+            await self._publish_later(run, self._start_event(job))
         if run.pieces:
             text = "".join(run.pieces)
             token = f.Token(conversation=job.conversation, message_id=job.message_id, text=text)

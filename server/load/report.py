@@ -212,7 +212,8 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{conn['opened']} opened of {conn['sockets']}, "
         f"{conn['joined']} joined; failures: {failed}",
     )
-    table.add_row("connections/s", f"{conn['per_second']} (ramp {conn['ramp_seconds']} s)")
+    if result.get("transport") != "sse":  # an SSE tab opens nothing before its stream (join)
+        table.add_row("connections/s", f"{conn['per_second']} (ramp {conn['ramp_seconds']} s)")
     for name, s in result["latency_ms"].items():
         table.add_row(
             TITLES[name],
@@ -276,6 +277,7 @@ def print_summary(result: dict[str, Any]) -> None:
                 ("cpu_us_per_frame", "per delivered frame"),
             )
             if server.get(key) is not None
+            and not (key == "cpu_us_per_connection" and result.get("transport") == "sse")
         ]
         if costs:
             table.add_row("server CPU cost", ", ".join(costs))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -39,11 +41,11 @@ def http_base(ws_url: str) -> str:
 
 
 def client_for(plan_url: str, timeout: float) -> httpx.AsyncClient:
-    """One HTTP client per generator process: its pool holds every tab's stream."""
+    """One HTTP client per generator process for the REST requests (streams: `EventStream`)."""
     return httpx.AsyncClient(
         base_url=http_base(plan_url),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        timeout=httpx.Timeout(timeout, read=None),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        timeout=timeout,
     )
 
 
@@ -137,7 +139,7 @@ class SseTab(LoadTab):
             started = time.monotonic()
             try:
                 ended_cleanly = await self._read(after, started)
-            except (httpx.HTTPError, OSError) as exc:
+            except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
                 self._failed(type(exc).__name__)
                 return
             if not ended_cleanly:
@@ -150,27 +152,28 @@ class SseTab(LoadTab):
     async def _read(self, after: int | None, started: float) -> bool:
         """One response; False when it was refused."""
         d = self.driver
-        params = {} if after is None else {"after": str(after)}
+        query = {} if after is None else {"after": str(after)}
         headers = self.headers
         if d.plan.sse_tickets:
             ticket = await self._post("/api/stream-tickets", {})
-            params["ticket"] = ticket["ticket"]
+            query["ticket"] = ticket["ticket"]
             headers = {}
         path = f"/api/conversations/{self.conv.id}/events"
-        async with self.http.stream("GET", path, params=params, headers=headers) as response:
-            if response.status_code != 200:
-                self._failed(CODE_BY_STATUS.get(response.status_code, str(response.status_code)))
+        if query:
+            path += "?" + urlencode(query)
+        base = urlsplit(str(self.http.base_url))
+        stream = await EventStream.open(base.hostname or "", base.port or 80, path, headers)
+        try:
+            if stream.status != 200:
+                self._failed(CODE_BY_STATUS.get(stream.status, str(stream.status)))
                 return False
             now = time.monotonic()
             d.stats.record("connect", now - started, now)
-            data: list[str] = []
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
-                elif not line and data:
-                    self.on_text("\n".join(data).encode())
-                    data.clear()
-                    self._joined_now()
+            async for data in stream.events():
+                self.on_text(data)
+                self._joined_now()
+        finally:
+            stream.close()
         return True
 
     def _joined_now(self) -> None:
@@ -189,6 +192,66 @@ class SseTab(LoadTab):
             future.set_exception(RequestFailed(reason))
         else:
             d.unexpected_closes += 1
+
+
+class EventStream:
+    """One SSE response read off a plain socket: the few bytes an idle stream costs the load
+    generator are its socket and buffers (an HTTP client library's pool would cost time per
+    stream opened)."""
+
+    __slots__ = ("chunked", "reader", "status", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.chunked = False
+
+    @classmethod
+    async def open(cls, host: str, port: int, path: str, headers: dict[str, str]) -> EventStream:
+        reader, writer = await asyncio.open_connection(host, port)
+        stream = cls(reader, writer)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        stream.status = int(head.split(" ", 2)[1])
+        stream.chunked = "transfer-encoding: chunked" in head
+        return stream
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they come (chunked, or up to the end of the connection)."""
+        reader = self.reader
+        while True:
+            if not self.chunked:
+                data = await reader.read(65_536)
+                if not data:
+                    return
+                yield data
+                continue
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                return
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Each event's `data` (its lines joined); comments, `id:`, `retry:` skipped."""
+        buffer = b""
+        async for data in self._body():
+            buffer += data.replace(b"\r\n", b"\n")
+            while (end := buffer.find(b"\n\n")) >= 0:
+                block, buffer = buffer[:end], buffer[end + 2 :]
+                payload = [
+                    line[5:].removeprefix(b" ")
+                    for line in block.split(b"\n")
+                    if line.startswith(b"data:")
+                ]
+                if payload:
+                    yield b"\n".join(payload)
+
+    def close(self) -> None:
+        self.writer.transport.abort()
 
 
 async def close_client(http: httpx.AsyncClient) -> None:

@@ -19,9 +19,10 @@ import { ApiError, api, claims, streamUrl } from "./api.js";
 import { Disconnected, ProtocolError } from "./errors.js";
 
 const MAX_DELAY_MS = 10_000;
-/** A stream that had been open this long and ends is opened again at once (the server ends
- * every response after `server.sse_max_lifetime`); one that ends sooner backs off. */
-const QUIET_REOPEN_AFTER_MS = 5_000;
+/** A stream that had been open this long and ends is opened again at once, without a word
+ * (the server ends every response after `server.sse_max_lifetime`); one that ends sooner,
+ * or whose new opening fails, backs off (and the page says it is reconnecting). */
+const QUIET_REOPEN_AFTER_MS = 1_000;
 /** The event types a stream carries (the server frames of docs/protocol.md). */
 const EVENT_TYPES = [
   "joined",

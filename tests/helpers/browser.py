@@ -221,7 +221,7 @@ async def reload_mid_reply(
     ends exactly as persisted (no gap, no repeat)."""
     page = tab.page
     conversation = await tab.new_conversation()
-    await tab.send("[sim:tps=25] [sim:tokens=70] Tell me a long story")
+    await tab.send("[sim:tps=15] [sim:tokens=120] Tell me a long story")
     streaming = page.locator(".msg-assistant[data-status=streaming]")
     await streaming.wait_for()
     message_id = await streaming.get_attribute("data-id")

@@ -12,7 +12,7 @@ from playwright.async_api import BrowserContext, Page
 from tests.helpers.auth import mint, new_user
 from tests.helpers.browser import BrowserTab, open_tab, reload_mid_reply, settled_reply
 from tests.helpers.faults import Proxy
-from tests.helpers.processes import ParleyProcess
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.ui
 
@@ -22,6 +22,16 @@ def no_websocket(parley: ParleyProcess) -> Iterator[Proxy]:
     """The shared server behind a proxy that answers every WebSocket upgrade with 403."""
     with Proxy.to_url(parley.url, refuse_upgrades=True) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="module")
+def short_streams(cluster: Cluster) -> ParleyProcess:
+    """A server that ends every SSE response after 1.5 s (`server.sse_max_lifetime`)."""
+    return cluster.process(
+        "serve",
+        REDIS_URL=redis_db(cluster.services.redis_url, Db.UI_SHORT_STREAMS),
+        PARLEY_SERVER_SSE_MAX_LIFETIME="1.5",
+    )
 
 
 def sockets_of(page: Page) -> list[str]:
@@ -107,3 +117,35 @@ async def test_forced_sse_resumes_exactly_after_a_reload_mid_reply(
     assert "transport=sse" in tab.page.url
     assert opened == [], f"?transport=sse opened a WebSocket: {opened}"
     tab.check()
+
+
+async def test_streams_the_server_ends_mid_reply_resume_exactly(
+    context: BrowserContext, short_streams: ParleyProcess
+) -> None:
+    """Every response ends after 1.5 s: the page opens each stream again with a new ticket
+    and `?after=`, quietly (no reconnection banner), and the reply ends as persisted."""
+    user = new_user()
+    tab = await open_tab(context, short_streams, user, query="transport=sse")
+    await on_sse(tab)
+    page = tab.page
+    conversation = await tab.new_conversation()
+    await tab.send("[sim:tps=20] [sim:tokens=90] Tell me a long story")
+    streaming = page.locator(".msg-assistant[data-status=streaming]")
+    await streaming.wait_for()
+    message_id = await streaming.get_attribute("data-id")
+    assert message_id
+    shown = await tab.lengths_until_settled(message_id)
+    reply = await settled_reply(short_streams, user, conversation)
+    assert reply["id"] == message_id and reply["status"] == "complete"
+    assert shown == sorted(shown), f"the shown reply shrank: {shown}"
+    assert await tab.raw(message_id) == reply["content"]
+    assert await page.locator(".msg-assistant").count() == 1
+    # the list's stream came back too: a conversation made elsewhere shows up
+    other = await open_tab(context, short_streams, user, query="transport=sse")
+    await on_sse(other)
+    made = await other.new_conversation()
+    await page.locator(f'.conv[data-id="{made}"]').wait_for(timeout=10_000)
+    assert await page.locator("#banner").is_hidden(), "a server-ended stream is no outage"
+    assert await page.locator("#status").get_attribute("data-state") == "online"
+    for t in (tab, other):
+        t.check()

@@ -4,6 +4,7 @@
     parley load chat    --conversations 20 --tabs 3 --rate 0.2 --churn 0.05 --duration 60
     parley load fanout  --conversations 200 --tabs 3 --tokens 400 --tps 50 --duration 60
     parley load publish --conversations 200 --tabs 3 --rate 12000 --redis-url redis://...
+    parley load idle    --transport sse --conversations 500 --server-pid PID
 
 Workloads:
 
@@ -16,6 +17,12 @@ Workloads:
   conversations' Redis logs, as the worker does, at `--rate` frames/s in total, each stamped
   with its publish time, and the tabs measure publish -> tab latency. Needs `--redis-url`
   (default: the configured REDIS_URL) and the same host (CLOCK_MONOTONIC).
+
+`--transport sse` runs the same workloads with every tab following its conversation over
+Server-Sent Events (`GET /api/conversations/{id}/events`, resumed with `?after=`) and sending
+over REST (`POST …/messages`), with the bearer token, or with a single-use stream ticket per
+stream (`--sse-tickets`, what a browser's EventSource uses). The figures are the same: RSS
+per idle client (`--server-pid`), frames/s delivered, seq integrity.
 
 The simulated model's speed is set from the command line: `--tokens N`, `--tps R` and
 `--delay S` put the controls `[sim:tokens=N]`, `[sim:tps=R]` and `[sim:delay=S]` into every
@@ -37,7 +44,7 @@ import sys
 from pathlib import Path
 
 from server.app.config import Settings
-from server.load.workload import WORKLOADS, Plan
+from server.load.workload import TRANSPORTS, WORKLOADS, Plan
 
 DEFAULTS = {
     # workload: (conversations, tabs, rate, sim_tokens)
@@ -57,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the /ws endpoint")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="websocket",
+        help="websocket tabs, or sse: Server-Sent Events streams plus REST sending",
+    )
+    parser.add_argument(
+        "--sse-tickets",
+        action="store_true",
+        help="sse: open each stream with a stream ticket instead of the bearer token",
+    )
     auth = parser.add_mutually_exclusive_group()
     auth.add_argument("--secret", help="HS* secret to mint tokens with (default: configured)")
     auth.add_argument("--tokens-file", type=Path, help="file of JWTs, one per line")
@@ -164,6 +182,8 @@ def plan_from(args: argparse.Namespace, settings: Settings) -> Plan:
         log_max_events=settings.redis.log_max_events,
         log_ttl=settings.redis.ttl_seconds,
         seed=args.seed,
+        transport=args.transport,
+        sse_tickets=args.sse_tickets,
     )
 
 

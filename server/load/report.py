@@ -28,6 +28,7 @@ def summarize(plan: Plan, procs: int, measured: Measured) -> dict[str, Any]:
     plan_json["tokens"] = f"<{len(plan.tokens)} tokens>"
     result: dict[str, Any] = {
         "workload": plan.workload,
+        "transport": plan.transport,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "interrupted": measured.interrupted,
         "plan": plan_json,
@@ -187,6 +188,10 @@ def _ms(value: float | None) -> float | None:
 # --------------------------------------------------------------------------- terminal
 
 
+def _client(result: dict[str, Any]) -> str:
+    return "SSE client" if result.get("transport") == "sse" else "socket"
+
+
 def print_summary(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -194,6 +199,7 @@ def print_summary(result: dict[str, Any]) -> None:
     console = Console(stderr=False)
     table = Table(
         title=f"parley load {result['workload']}"
+        + (" over SSE" if result.get("transport") == "sse" else "")
         + (" (interrupted)" if result["interrupted"] else ""),
         show_header=False,
     )
@@ -206,7 +212,8 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{conn['opened']} opened of {conn['sockets']}, "
         f"{conn['joined']} joined; failures: {failed}",
     )
-    table.add_row("connections/s", f"{conn['per_second']} (ramp {conn['ramp_seconds']} s)")
+    if result.get("transport") != "sse":  # an SSE tab opens nothing before its stream (join)
+        table.add_row("connections/s", f"{conn['per_second']} (ramp {conn['ramp_seconds']} s)")
     for name, s in result["latency_ms"].items():
         table.add_row(
             TITLES[name],
@@ -259,7 +266,7 @@ def print_summary(result: dict[str, Any]) -> None:
             "server RSS",
             f"{server['rss_kib_before'] / 1024:.1f} MiB before, "
             f"{server.get('rss_kib_joined', 0) / 1024:.1f} MiB loaded"
-            + (f" ({per} KiB per socket)" if per is not None else ""),
+            + (f" ({per} KiB per {_client(result)})" if per is not None else ""),
         )
         table.add_row("server CPU", f"{server.get('cpu_percent_run')} % during the run")
         costs = [
@@ -270,6 +277,7 @@ def print_summary(result: dict[str, Any]) -> None:
                 ("cpu_us_per_frame", "per delivered frame"),
             )
             if server.get(key) is not None
+            and not (key == "cpu_us_per_connection" and result.get("transport") == "sse")
         ]
         if costs:
             table.add_row("server CPU cost", ", ".join(costs))

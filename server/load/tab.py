@@ -172,6 +172,11 @@ class LoadTab:
             frame["after"] = after
         await self.request(frame)
 
+    def close(self) -> None:
+        """The run is over: close cleanly."""
+        if self.ws is not None:
+            self.ws.close(1000, "load test over")
+
     def drop(self) -> None:
         """Lose the connection without a close frame, as a flaky network would."""
         self.dropping = True

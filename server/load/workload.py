@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from protocol import frames as f
+from server.load import ssetab
 from server.load.publisher import Publisher
 from server.load.stats import Stats, sample_process
 from server.load.tab import STAMP, Conv, LoadTab, RequestFailed
 from server.load.wsclient import Endpoint
 
 WORKLOADS: Final = ("idle", "chat", "fanout", "publish")
+TRANSPORTS: Final = ("websocket", "sse")
 CHURN_TICK: Final = 0.1
 
 
@@ -59,6 +61,10 @@ class Plan:
     log_max_events: int = 2000
     log_ttl: int = 604_800
     seed: int = 0
+    transport: str = "websocket"
+    """`sse`: every tab follows its conversation over Server-Sent Events (`ssetab`)."""
+    sse_tickets: bool = False
+    """SSE: open each stream with a single-use stream ticket instead of the bearer token."""
 
     def prompt(self) -> str:
         controls = []
@@ -86,8 +92,11 @@ class Driver:
         self.publishing = plan.workload == "publish"
         self.rng = random.Random(plan.seed * 1_000_003 + (indices[0] if indices else 0))
         self.convs = [Conv(i) for i in indices]
+        self.http = (
+            ssetab.client_for(plan.url, plan.connect_timeout) if plan.transport == "sse" else None
+        )
         for conv in self.convs:
-            conv.tabs = [LoadTab(self, conv, t) for t in range(plan.tabs)]
+            conv.tabs = [self._tab(conv, t) for t in range(plan.tabs)]
         self.phase = "start"
         self.opened = 0
         self.failed = 0
@@ -101,6 +110,11 @@ class Driver:
         self._run_started = 0.0
         self._frames_at_run = 0
         self._tokens_at_run = 0
+
+    def _tab(self, conv: Conv, index: int) -> LoadTab:
+        if self.http is not None:
+            return ssetab.SseTab(self, conv, index, self.http)
+        return LoadTab(self, conv, index)
 
     @property
     def sockets(self) -> int:
@@ -387,9 +401,10 @@ class Driver:
         self.closing = True
         for conv in self.convs:
             for tab in conv.tabs:
-                if tab.ws is not None:
-                    tab.ws.close(1000, "load test over")
+                tab.close()
         await asyncio.sleep(0.2)
+        if self.http is not None:
+            await ssetab.close_client(self.http)
 
     def progress(self) -> dict[str, Any]:
         """A small snapshot for the live display (sent between processes as it is)."""

@@ -51,7 +51,20 @@ export const api = {
   create: (token, fields) => call("POST", "api/conversations", { token, body: fields }),
   change: (token, id, fields) => call("PATCH", `api/conversations/${id}`, { token, body: fields }),
   remove: (token, id) => call("DELETE", `api/conversations/${id}`, { token }),
+  // What a socket sends as frames, for pages on Server-Sent Events (sse.js).
+  ticket: (token) => call("POST", "api/stream-tickets", { token }),
+  say: (token, id, body) => call("POST", `api/conversations/${id}/messages`, { token, body }),
+  cancel: (token, id) => call("POST", `api/conversations/${id}/cancel`, { token }),
+  regenerate: (token, id) => call("POST", `api/conversations/${id}/regenerate`, { token }),
 };
+
+/** The URL of an SSE stream (`path` relative to the page), opened with a stream ticket. */
+export function streamUrl(path, ticket, after = null) {
+  const u = new URL(path, document.baseURI);
+  u.searchParams.set("ticket", ticket);
+  if (after !== null) u.searchParams.set("after", String(after));
+  return u.href;
+}
 
 export function wsUrl() {
   const u = new URL("ws", document.baseURI);

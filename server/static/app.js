@@ -2,7 +2,8 @@
 // page's controls to what they do.
 //
 // Modules: store.js (the one store of what this tab knows: named updates + subscribers),
-// api.js (REST + the token), connection.js (the socket that keeps itself open), transcript.js
+// api.js (REST + the token), transport.js (the link to the server: connection.js, the socket
+// that keeps itself open, or sse.js, Server-Sent Events where a socket cannot go), transcript.js
 // (one conversation, applied in seq order), chat.js (conversations, frames and chat actions),
 // errors.js (close codes, error kinds, messages a person understands). The page: page.js
 // (renders the store: header, chat column, status), messages.js (the messages' DOM),
@@ -20,7 +21,6 @@ import {
   secondsLeft,
   storeToken,
   storedToken,
-  wsUrl,
 } from "./api.js";
 import {
   createConversation,
@@ -35,7 +35,6 @@ import {
   stop,
   submit,
 } from "./chat.js";
-import { Connection } from "./connection.js";
 import { $ } from "./dom.js";
 import { explain, onUnauthorized } from "./errors.js";
 import { notify } from "./notices.js";
@@ -51,6 +50,7 @@ import {
   signOut as forgetSession,
   store,
 } from "./store.js";
+import { Transport } from "./transport.js";
 
 // The session's own bookkeeping, which no other module reads.
 let infoLoading = null; // the GET /api/info under way or done
@@ -154,10 +154,13 @@ function startChat(token) {
   $("user-name").textContent = user;
   $("user-avatar").textContent = (user[0] || "?").toUpperCase();
   store.connection?.stop();
-  const conn = new Connection(wsUrl(), () => store.token);
+  const conn = new Transport(() => store.token);
   setConnection(conn);
   conn.addEventListener("status", (e) => showStatus(e.detail));
   conn.addEventListener("ready", (e) => onReady(e.detail.frame));
+  // Server-Sent Events only: the list's stream came back after a gap that may have hidden
+  // conversation_changed events.
+  conn.addEventListener("resync", () => loadConversations());
   conn.addEventListener("frame", (e) => {
     // The server's hint that the token nears expiry: renew it now if this page can.
     if (e.detail.frame.type === "refresh" && canRenew()) refreshSession();

@@ -35,9 +35,11 @@ grammars.addEventListener("change", () => {
 let countdown = null;
 let dropCode = null; // the close code that ended the last working connection
 
-export function showStatus({ state: s, code, retryIn }) {
+export function showStatus({ state: s, code, retryIn, transport }) {
   const pill = $("status");
   pill.dataset.state = s;
+  pill.dataset.transport = transport;
+  pill.title = transport === "sse" ? "Over Server-Sent Events (no WebSocket)" : "";
   const text = {
     connecting: store.everOnline ? "Reconnecting…" : "Connecting…",
     online: "Connected",

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.auth import SECRET
 from tests.helpers.processes import ROOT, ParleyProcess
@@ -28,6 +29,15 @@ def _run(args: list[str], tmp_path: Path) -> str:
     return proc.stdout
 
 
+def _assert_churned_without_loss(result: dict[str, Any]) -> None:
+    integrity = result["integrity"]
+    assert integrity["lost"] == 0
+    assert integrity["duplicated"] == 0
+    assert integrity["rejoins"] > 0, "churn 0.3/s over 4 tabs x 5 s should drop some tab"
+    assert integrity["rejoins_filled"] == integrity["rejoins"]
+    assert integrity["rejoins_unfilled"] == integrity["rejoins_failed"] == 0
+
+
 def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     out = tmp_path / "chat.json"
     args = [
@@ -42,12 +52,7 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     printed = _run(args, tmp_path)
     result = json.loads(out.read_text())
 
-    integrity = result["integrity"]
-    assert integrity["lost"] == 0
-    assert integrity["duplicated"] == 0
-    assert integrity["rejoins"] > 0, "churn 0.3/s over 4 tabs x 5 s should drop some tab"
-    assert integrity["rejoins_filled"] == integrity["rejoins"]
-    assert integrity["rejoins_unfilled"] == integrity["rejoins_failed"] == 0
+    _assert_churned_without_loss(result)
     assert result["throughput"]["tokens"] > 0
     assert result["connections"]["opened"] == 4
     assert result["latency_ms"]["ttft"]["count"] > 0
@@ -58,6 +63,29 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     assert "TTFT server vs client" in printed
     assert (tmp_path / "chat-timeline.png").stat().st_size > 0
     assert (tmp_path / "chat-histogram.png").stat().st_size > 0
+
+
+def test_load_chat_with_churn_over_sse_tickets(parley: ParleyProcess, tmp_path: Path) -> None:
+    out = tmp_path / "sse.json"
+    args = [
+        sys.executable, "-m", "server.app.cli", "load", "chat",
+        "--transport", "sse", "--sse-tickets",
+        "--url", parley.ws_url,
+        "--conversations", "2", "--tabs", "2",
+        "--duration", "5", "--rate", "1", "--churn", "0.3",
+        "--server-pid", str(parley.pid),
+        "--drain", "10", "--no-progress", "--no-charts",
+        "--out", str(out),
+    ]  # fmt: skip
+    printed = _run(args, tmp_path)
+    result = json.loads(out.read_text())
+
+    assert result["transport"] == "sse"
+    _assert_churned_without_loss(result)
+    assert result["throughput"]["tokens"] > 0
+    assert result["throughput"]["frames_per_second"] > 0
+    assert result["latency_ms"]["ttft"]["count"] > 0
+    assert "parley load chat over SSE" in printed
 
 
 def test_load_refuses_more_than_max_connections(tmp_path: Path) -> None:

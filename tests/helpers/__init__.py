@@ -7,7 +7,7 @@
                       what PostgreSQL holds
     tabs.py           `TabClient`: a browser tab's view over many sockets, replayed like a client
     procfs.py         /proc sampling: RSS, CPU seconds, kernel send queues, process trees
-    faults.py         `Proxy`: a TCP link that pauses, cuts and refuses on demand
+    faults.py         `Proxy`: a TCP link that pauses, cuts, refuses (or refuses upgrades)
     browser.py        the UI tests' Chromium page (`TabClient`, `open_tab`), Playwright only
 
 Fixtures live in the conftest.py files; tests import from here, never from another test

@@ -7,8 +7,11 @@ through the development sign-in form.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +108,23 @@ class BrowserTab:
         ).inner_text()
         return text
 
+    async def lengths_until_settled(self, message_id: str, timeout: float = 30) -> list[int]:
+        """The lengths the tab shows for a reply, sampled until it stops streaming."""
+        shown: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = await self.page.evaluate(
+                """(id) => { const m = document.querySelector(`.msg[data-id='${id}']`);
+                             return m && [m.dataset.status, Number(m.dataset.chars)] }""",
+                message_id,
+            )
+            if found:
+                shown.append(found[1])
+                if found[0] != "streaming":
+                    return shown
+            await asyncio.sleep(0.03)
+        raise AssertionError(f"the reply still streams after {timeout} s: {shown[-5:]}")
+
     async def rendered(self, markdown: str) -> str:
         """What the page's own Markdown renderer shows for `markdown`."""
         text: str = await self.page.evaluate(
@@ -137,9 +157,12 @@ async def open_tab(
     conversation: str | None = None,
     *,
     token: str | None = None,
+    base: str | None = None,
+    query: str = "",
 ) -> BrowserTab:
-    """A new page on `server`, opened with `?token=` when a user or token is given (and
-    waited for until signed in when a user is)."""
+    """A new page on `server` (or at `base`, a proxy in front of it), opened with `?token=`
+    when a user or token is given (and waited for until signed in when a user is), plus
+    `query` (`transport=sse`)."""
     page = await context.new_page()
     tab = BrowserTab(page)
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
@@ -149,9 +172,12 @@ async def open_tab(
         await dialog.dismiss()
 
     page.on("dialog", on_dialog)
-    url = f"{server.url}/"
+    params = [query] if query else []
     if user or token:
-        url += f"?token={token or mint(user or '')}"
+        params.append(f"token={token or mint(user or '')}")
+    url = f"{base or server.url}/"
+    if params:
+        url += "?" + "&".join(params)
     if conversation:
         url += f"#/c/{conversation}"
     await page.goto(url)
@@ -170,3 +196,52 @@ async def persisted(server: ParleyProcess, user: str, conversation: str) -> dict
         response.raise_for_status()
         detail: dict[str, Any] = response.json()
         return detail
+
+
+async def settled_reply(
+    server: ParleyProcess, user: str, conversation: str, count: int = 1
+) -> dict[str, Any]:
+    """The `count`-th assistant message once the persister has stored it."""
+    deadline = time.monotonic() + 10
+    while True:
+        detail = await persisted(server, user, conversation)
+        replies = [m for m in detail["messages"] if m["role"] == "assistant"]
+        if len(replies) >= count:
+            reply: dict[str, Any] = replies[count - 1]
+            return reply
+        assert time.monotonic() < deadline, f"reply {count} not persisted: {detail}"
+        await asyncio.sleep(0.05)
+
+
+async def reload_mid_reply(
+    tab: BrowserTab, server: ParleyProcess, user: str, ready: Callable[[], Awaitable[None]]
+) -> None:
+    """Reload the page while a reply streams (`ready` waits until it is signed in again):
+    history plus the events after it, then the rest live. What is shown never goes back and
+    ends exactly as persisted (no gap, no repeat)."""
+    page = tab.page
+    conversation = await tab.new_conversation()
+    await tab.send("[sim:tps=15] [sim:tokens=120] Tell me a long story")
+    streaming = page.locator(".msg-assistant[data-status=streaming]")
+    await streaming.wait_for()
+    message_id = await streaming.get_attribute("data-id")
+    assert message_id
+    await page.wait_for_function(
+        "(id) => Number(document.querySelector(`.msg[data-id='${id}']`).dataset.chars) > 60",
+        arg=message_id,
+    )
+    before = await tab.raw(message_id) or ""
+
+    await page.reload()
+    await ready()
+    shown = await tab.lengths_until_settled(message_id)
+    reply = await settled_reply(server, user, conversation)
+    assert reply["id"] == message_id
+    assert reply["content"].startswith(before)
+    assert shown[0] >= len(before), "the reply jumped back after the reload"
+    assert shown == sorted(shown), f"the shown reply shrank: {shown}"
+    assert len(set(shown)) >= 2, "the reply did not keep streaming after the reload"
+    assert shown[-1] == len(reply["content"])
+    assert await tab.raw(message_id) == reply["content"]
+    assert await tab.shown(message_id) == await tab.rendered(reply["content"])
+    assert await page.locator(".msg-assistant").count() == 1

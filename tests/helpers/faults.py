@@ -10,6 +10,11 @@ It runs its own event loop in a background thread, so it keeps forwarding while 
         proxy.resume()
         proxy.cut()     # every current connection is reset
         proxy.refuse()  # down: current connections reset, new ones closed at once (resume ends it)
+
+`Proxy(host, port, refuse_upgrades=True)` is the corporate proxy that breaks WebSocket: a
+connection whose first request asks to upgrade is answered 403 (counted in `upgrades_refused`);
+every other connection is forwarded. Browsers open every WebSocket on a connection of its own,
+so looking at a connection's first request is enough.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 CHUNK = 65536
 CONNECT_TIMEOUT = 5.0
+REFUSED_UPGRADE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class Proxy:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, refuse_upgrades: bool = False) -> None:
         self.target = (host, port)
         self.port = 0
         self.accepted = 0
+        self.refuse_upgrades = refuse_upgrades
+        self.upgrades_refused = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
         self._flowing: asyncio.Event | None = None
@@ -41,10 +49,10 @@ class Proxy:
         self._server: asyncio.Server | None = None
 
     @classmethod
-    def to_url(cls, url: str) -> Proxy:
+    def to_url(cls, url: str, *, refuse_upgrades: bool = False) -> Proxy:
         parts = urlsplit(url)
         assert parts.hostname == "127.0.0.1" and parts.port, url
-        return cls(parts.hostname, parts.port).start()
+        return cls(parts.hostname, parts.port, refuse_upgrades=refuse_upgrades).start()
 
     def url(self, url: str) -> str:
         """`url` with its host:port replaced by the proxy's (user, path and query kept)."""
@@ -134,21 +142,33 @@ class Proxy:
             if self._refusing:
                 return
             await self._flowing.wait()  # paused: a new connection hangs like an unreachable host
+            head = await self._first_head(reader) if self.refuse_upgrades else b""
+            if _asks_upgrade(head):
+                self.upgrades_refused += 1
+                writer.write(REFUSED_UPGRADE)
+                await writer.drain()
+                return
             up_reader, upstream = await asyncio.wait_for(
                 asyncio.open_connection(*self.target), CONNECT_TIMEOUT
             )
             upstream.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets.add(upstream)
+            upstream.write(head)
             await asyncio.gather(
                 self._pipe(reader, upstream), self._pipe(up_reader, writer), return_exceptions=True
             )
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             for end in (writer, upstream):
                 if end is not None:
                     self._sockets.discard(end)
                     end.transport.abort()
+
+    @staticmethod
+    async def _first_head(reader: asyncio.StreamReader) -> bytes:
+        """The connection's first request line and headers (what is forwarded first)."""
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
@@ -164,3 +184,9 @@ class Proxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+def _asks_upgrade(head: bytes) -> bool:
+    return any(
+        line.lower().replace(b" ", b"") == b"upgrade:websocket" for line in head.split(b"\r\n")
+    )

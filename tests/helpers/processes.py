@@ -67,6 +67,7 @@ class Db(IntEnum):
     HOOKS_PROCESS_KILLED = 20
     HOOKS_GIVE_UP = 21
     HOOKS_UI = 22
+    UI_SHORT_STREAMS = 23
 
 
 SCALE_DB = Db.SCALE

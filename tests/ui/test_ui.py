@@ -16,28 +16,20 @@ import pytest
 from playwright.async_api import Browser, BrowserContext
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.browser import PHONE, WIDE, BrowserTab, open_tab, persisted
+from tests.helpers.browser import (
+    PHONE,
+    WIDE,
+    BrowserTab,
+    open_tab,
+    reload_mid_reply,
+    settled_reply,
+)
 from tests.helpers.processes import Cluster, ParleyProcess
 
 pytestmark = pytest.mark.ui
 
 # The simulated model's reply to this first turn has a list and a Python code block.
 CODE_PROMPT = "Explain WebSockets in two short paragraphs [sim:tokens=80]"
-
-
-async def settled_reply(
-    server: ParleyProcess, user: str, conversation: str, count: int = 1
-) -> dict[str, Any]:
-    """The `count`-th assistant message once the persister has stored it."""
-    deadline = time.monotonic() + 10
-    while True:
-        detail = await persisted(server, user, conversation)
-        replies = [m for m in detail["messages"] if m["role"] == "assistant"]
-        if len(replies) >= count:
-            reply: dict[str, Any] = replies[count - 1]
-            return reply
-        assert time.monotonic() < deadline, f"reply {count} not persisted: {detail}"
-        await asyncio.sleep(0.05)
 
 
 async def assert_shows(tab: BrowserTab, reply: dict[str, Any]) -> None:
@@ -153,44 +145,7 @@ async def test_reload_mid_reply_continues_without_gap_or_repeat(
 ) -> None:
     user = new_user()
     tab = await open_tab(context, parley, user)
-    page = tab.page
-    conversation = await tab.new_conversation()
-    await tab.send("[sim:tps=25] [sim:tokens=70] Tell me a long story")
-    streaming = page.locator(".msg-assistant[data-status=streaming]")
-    await streaming.wait_for()
-    message_id = await streaming.get_attribute("data-id")
-    assert message_id
-    await page.wait_for_function(
-        "(id) => Number(document.querySelector(`.msg[data-id='${id}']`).dataset.chars) > 60",
-        arg=message_id,
-    )
-    before = await tab.raw(message_id) or ""
-
-    await page.reload()
-    await tab.signed_in()
-    # after the reload: history + the in-flight events, then the rest live; what is shown
-    # never goes back and ends exactly as persisted (no gap, no repeat)
-    shown: list[int] = []
-    while True:
-        found = await page.evaluate(
-            """(id) => { const m = document.querySelector(`.msg[data-id='${id}']`);
-                         return m && [m.dataset.status, Number(m.dataset.chars)] }""",
-            message_id,
-        )
-        if found:
-            shown.append(found[1])
-            if found[0] != "streaming":
-                break
-        await asyncio.sleep(0.03)
-    reply = await settled_reply(parley, user, conversation)
-    assert reply["id"] == message_id
-    assert reply["content"].startswith(before)
-    assert shown[0] >= len(before), "the reply jumped back after the reload"
-    assert shown == sorted(shown), f"the shown reply shrank: {shown}"
-    assert len(set(shown)) >= 2, "the reply did not keep streaming after the reload"
-    assert shown[-1] == len(reply["content"])
-    await assert_shows(tab, reply)
-    assert await page.locator(".msg-assistant").count() == 1
+    await reload_mid_reply(tab, parley, user, tab.signed_in)
     tab.check()
 
 

@@ -86,7 +86,8 @@ class _Event(msgspec.Struct):
     reason: str = ""
     error: str | None = None
     code: str | None = None
-    message: str = ""
+    message: str | dict[str, object] | None = None
+    """A refused turn's text (`error`); the user's message itself in a `message` event."""
     seq: int = 0
 
 
@@ -127,7 +128,8 @@ class UiReply:
             return self._start(ev.message_id)
         if ev.type == "error" and ev.code == "refused":
             self.ended = True
-            return [chunk({"type": "error", "errorText": ev.message}), DONE]
+            text = ev.message if isinstance(ev.message, str) else "the turn was refused"
+            return [chunk({"type": "error", "errorText": text}), DONE]
         if not self.started:
             return []
         text_id = str(ev.message_id)

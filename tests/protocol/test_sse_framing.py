@@ -81,6 +81,10 @@ def test_a_failed_reply_sends_an_error_before_finish() -> None:
 
 def test_a_refused_turn_is_one_error_then_done() -> None:
     reply = sse.UiReply(MSG)
+    user = f.Message(
+        id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=f.utcnow()
+    )
+    assert reply.feed(f.encode(f.MessageEvent(conversation=CONV, message=user, seq=1))) == []
     refusal = f.Error(
         code="refused", message="not on your plan", conversation=CONV, message_id=MSG, seq=2
     )

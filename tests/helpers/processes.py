@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, unique
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +40,7 @@ FAST_MODEL = {
 # Each group of processes that runs workers gets its own Redis database so that no worker of
 # another group (all share one Redis) claims its turns: streams and keys are per database, and
 # the pub/sub channels involved are per conversation or per user.
+@unique
 class Db(IntEnum):
     """The Redis database of each group of test processes that must not see another's
     queues (a worker claims any turn in its database). Database 0 is the shared `parley`

@@ -214,14 +214,18 @@ async def settled_reply(
 
 
 async def reload_mid_reply(
-    tab: BrowserTab, server: ParleyProcess, user: str, ready: Callable[[], Awaitable[None]]
+    tab: BrowserTab,
+    server: ParleyProcess,
+    user: str,
+    ready: Callable[[], Awaitable[None]],
+    tps: int = 15,
 ) -> None:
-    """Reload the page while a reply streams (`ready` waits until it is signed in again):
-    history plus the events after it, then the rest live. What is shown never goes back and
-    ends exactly as persisted (no gap, no repeat)."""
+    """Reload the page while a reply of 120 tokens at `tps` streams (`ready` waits until it
+    is signed in again): history plus the events after it, then the rest live. What is shown
+    never goes back and ends exactly as persisted (no gap, no repeat)."""
     page = tab.page
     conversation = await tab.new_conversation()
-    await tab.send("[sim:tps=15] [sim:tokens=120] Tell me a long story")
+    await tab.send(f"[sim:tps={tps}] [sim:tokens=120] Tell me a long story")
     streaming = page.locator(".msg-assistant[data-status=streaming]")
     await streaming.wait_for()
     message_id = await streaming.get_attribute("data-id")

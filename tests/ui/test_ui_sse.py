@@ -113,7 +113,8 @@ async def test_forced_sse_resumes_exactly_after_a_reload_mid_reply(
     opened = sockets_of(tab.page)
     await tab.page.goto(f"{parley.url}/?transport=sse&token={mint(user)}")
     await on_sse(tab)
-    await reload_mid_reply(tab, parley, user, lambda: on_sse(tab))
+    # slower than over a socket: after a reload, two tickets and two streams come first
+    await reload_mid_reply(tab, parley, user, lambda: on_sse(tab), tps=8)
     assert "transport=sse" in tab.page.url
     assert opened == [], f"?transport=sse opened a WebSocket: {opened}"
     tab.check()

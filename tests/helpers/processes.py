@@ -66,6 +66,8 @@ class Db(IntEnum):
     HOOKS_TIMEOUT = 19
     HOOKS_PROCESS_KILLED = 20
     HOOKS_GIVE_UP = 21
+    LLAMA = 22
+    LLAMA_SHORT = 23
 
 
 SCALE_DB = Db.SCALE

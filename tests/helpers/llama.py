@@ -34,6 +34,7 @@ import gguf
 import numpy as np
 
 from server.dev import embedded
+from tests.helpers.processes import answers, read_log
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
@@ -180,17 +181,13 @@ class LlamaServer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llama-server exited:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if answers(f"{self.url}/health"):
+                return
             time.sleep(0.1)
         raise TimeoutError(f"llama-server not healthy:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def slot(self) -> dict[str, Any]:
         """The server's one slot as GET /slots shows it: `is_processing`, the last task's

@@ -100,6 +100,19 @@ def redis_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
+def answers(url: str) -> bool:
+    """Whether GET `url` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 @dataclass
 class ParleyProcess:
     """`parley serve | web | worker | model` as a child process, stopped only by its own PID.
@@ -148,18 +161,13 @@ class ParleyProcess:
             if self.role == "worker":
                 if "worker ready" in self.log():
                     return
-            else:
-                try:
-                    with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
+            elif answers(f"{self.url}/readyz"):
+                return
             time.sleep(0.05)
         raise TimeoutError(f"parley {self.role} not ready:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def send_signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:

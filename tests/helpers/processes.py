@@ -66,8 +66,8 @@ class Db(IntEnum):
     HOOKS_TIMEOUT = 19
     HOOKS_PROCESS_KILLED = 20
     HOOKS_GIVE_UP = 21
-    LLAMA = 22
-    LLAMA_SHORT = 23
+    LLAMA = 24
+    LLAMA_SHORT = 25
 
 
 SCALE_DB = Db.SCALE
@@ -87,7 +87,7 @@ class Services:
 
 def start_services(data: Path) -> Services:
     """An embedded Redis (no persistence) and PostgreSQL (fsync off) with their data in `data`."""
-    redis = embedded.start_redis(data, persist=False, databases=len(Db) + 1)
+    redis = embedded.start_redis(data, persist=False, databases=max(Db) + 1)
     try:
         postgres = embedded.start_postgres(data, fast=True)
     except BaseException:

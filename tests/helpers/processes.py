@@ -69,6 +69,8 @@ class Db(IntEnum):
     HOOKS_GIVE_UP = 21
     HOOKS_UI = 22
     UI_SHORT_STREAMS = 23
+    LLAMA = 24
+    LLAMA_SHORT = 25
 
 
 SCALE_DB = Db.SCALE
@@ -88,7 +90,7 @@ class Services:
 
 def start_services(data: Path) -> Services:
     """An embedded Redis (no persistence) and PostgreSQL (fsync off) with their data in `data`."""
-    redis = embedded.start_redis(data, persist=False, databases=len(Db) + 1)
+    redis = embedded.start_redis(data, persist=False, databases=max(Db) + 1)
     try:
         postgres = embedded.start_postgres(data, fast=True)
     except BaseException:
@@ -99,6 +101,19 @@ def start_services(data: Path) -> Services:
 
 def redis_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+def answers(url: str) -> bool:
+    """Whether GET `url` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 @dataclass
@@ -149,18 +164,13 @@ class ParleyProcess:
             if self.role == "worker":
                 if "worker ready" in self.log():
                     return
-            else:
-                try:
-                    with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
+            elif answers(f"{self.url}/readyz"):
+                return
             time.sleep(0.05)
         raise TimeoutError(f"parley {self.role} not ready:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def send_signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,9 +18,10 @@ from typing import Final, Literal
 
 State = Literal["pending", "approved", "denied", "expired"]
 Decision = Literal["approve", "deny"]
-Outcome = Literal["settled", "already", "forbidden", "unknown"]
+Outcome = Literal["settled", "already", "forbidden", "unknown", "pending"]
 """What an answer did: settled the call; found it already settled (by an earlier answer or
-the expiry); came from someone who is not the owner; named no pending call."""
+the expiry); came from someone who is not the owner; named no pending call. `pending` is
+only the store's answer to an expiry check made before the expiry."""
 
 SETTLES: Final[dict[Decision, State]] = {"approve": "approved", "deny": "denied"}
 MAX_REASON_CHARS: Final = 500

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from protocol.text import scrub
 from server.app.config import Approval
 
 Status = Literal["ok", "error", "timeout", "cancelled"]
@@ -68,4 +69,4 @@ class ToolError(Exception):
 
 
 def error(call_id: str, tool: str, message: str, status: Status = "error") -> Result:
-    return Result(call_id, tool, status, message[:MAX_ERROR_CHARS])
+    return Result(call_id, tool, status, scrub(message[:MAX_ERROR_CHARS]))

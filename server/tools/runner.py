@@ -3,7 +3,8 @@
 Every call ends in a `Result` the model can read — never an exception out of the runner:
 a call the model garbled or that names no known tool, arguments that are not JSON or miss
 the schema, a tool that fails, hangs past its timeout, answers more than
-`tools.max_result_bytes` or not JSON — each is an error result saying so. `Batch.cancel`
+`tools.max_result_bytes` or not JSON — each is an error result saying so. A result's text is
+made storable (`protocol.text.scrub`): it goes into the transcript. `Batch.cancel`
 abandons the calls still running (a cancelled turn): they come back `cancelled`.
 Approval is not the runner's business: the caller runs only the calls that may run.
 """
@@ -15,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from protocol.text import scrub
 from protocol.toolcalls import ToolCall
 from server.tools import validation
 from server.tools.definitions import CallContext, Result, ToolError, error
@@ -76,7 +78,7 @@ class Runner:
                 tool.name,
                 f"the tool's result is larger than {self.max_result_bytes} bytes",
             )
-        return Result(call.id, tool.name, "ok", content)
+        return Result(call.id, tool.name, "ok", scrub(content))
 
 
 @dataclass

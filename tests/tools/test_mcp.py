@@ -90,6 +90,12 @@ async def test_calls_run_in_parallel_with_per_user_headers(http_box: Toolbox) ->
     assert bob.content == "bob"
 
 
+async def test_a_result_is_made_storable(http_box: Toolbox) -> None:
+    runner = Runner(http_box, max_result_bytes=100_000, max_parallel=8)
+    [result] = await runner.run([call("t_echo", '{"text": "nul \\u0000 here"}')], ALICE)
+    assert (result.status, result.content) == ("ok", "nul \ufffd here")
+
+
 async def test_invalid_arguments_and_an_unknown_tool_are_error_results(http_box: Toolbox) -> None:
     runner = Runner(http_box, max_result_bytes=100_000, max_parallel=8)
     results = await runner.run(

@@ -267,6 +267,9 @@ class _Session:
         dead = asyncio.ensure_future(self._dead.wait())
         try:
             await asyncio.wait({answer, dead}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the call was cancelled or timed out: so is the request
+            answer.cancel()
+            raise
         finally:
             dead.cancel()
         if not answer.done():

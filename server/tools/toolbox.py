@@ -40,6 +40,7 @@ class Toolbox:
         ]
         self._checkers: dict[str, tuple[dict[str, Any], jsonschema.protocols.Validator]] = {}
         """Per tool name, the schema a validator was built for (a re-listed tool's may change)."""
+        self._warned: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         for server in self.servers:
@@ -54,10 +55,15 @@ class Toolbox:
         tools: dict[str, Tool] = {}
         for tool in [*self._http_tools, *(t for s in self.servers for t in s.tools.values())]:
             if tool.name in tools:
-                log.warning("tool %s of %s skipped: the name is taken", tool.name, tool.source)
+                self._skipped(tool)
                 continue
             tools[tool.name] = tool
         return list(tools.values())
+
+    def _skipped(self, tool: Tool) -> None:
+        if (tool.source, tool.name) not in self._warned:
+            self._warned.add((tool.source, tool.name))
+            log.warning("tool %s of %s skipped: the name is taken", tool.name, tool.source)
 
     def lookup(self, name: str) -> Tool | None:
         return next((tool for tool in self.definitions() if tool.name == name), None)

@@ -135,6 +135,36 @@ async def test_a_hanging_tool_times_out_and_a_huge_result_is_refused(http_box: T
     assert over.status == "error" and "larger than 100000 bytes" in over.content
 
 
+async def test_cancel_abandons_a_running_mcp_call(http_box: Toolbox) -> None:
+    runner = Runner(http_box, max_result_bytes=100_000, max_parallel=8)
+    batch = runner.start([call("t_hang", '{"seconds": 30}')], ALICE)
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    [result] = await batch.cancel()
+    assert result.status == "cancelled" and time.monotonic() - started < 0.5
+    [after] = await runner.run([call("t_add", '{"a": 1, "b": 1}')], ALICE)
+    assert (after.status, after.content) == ("ok", "2")  # the session is still good
+
+
+async def test_a_name_taken_by_another_tool_is_skipped_once(
+    mcp_server: McpProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    twice = [
+        McpServerSettings(name="first", url=mcp_server.url),
+        McpServerSettings(name="second", url=mcp_server.url),
+    ]
+    box = Toolbox(ToolsSettings(mcp=twice))
+    await box.start()
+    try:
+        for _ in range(3):
+            echo = box.lookup("echo")
+            assert echo is not None and echo.source == "first"
+        warnings = [r for r in caplog.records if "skipped: the name is taken" in r.message]
+        assert len({r.message for r in warnings}) == len(warnings) > 0
+    finally:
+        await box.close()
+
+
 async def test_the_list_is_read_again_when_the_server_says_it_changed(http_box: Toolbox) -> None:
     assert http_box.lookup("t_extra") is None
     runner = Runner(http_box, max_result_bytes=100_000, max_parallel=8)

@@ -46,9 +46,12 @@ def test_any_fragments_give_bounded_calls(fragments: list[Fragment]) -> None:
 @given(JSON_VALUES)
 def test_any_delta_shape_is_a_fragment_or_a_validation_error(value: Any) -> None:
     try:
-        msgspec.convert(value, Fragment)
+        fragment = msgspec.convert(value, Fragment)
     except (msgspec.ValidationError, RecursionError):
-        pass
+        return
+    assert fragment.index is None or isinstance(fragment.index, int)
+    assert fragment.id is None or isinstance(fragment.id, str)
+    Calls().add(fragment)
 
 
 @settings(max_examples=300, deadline=None)

@@ -40,6 +40,21 @@ class Fragment(msgspec.Struct, frozen=True):
     function: FunctionFragment | None = None
 
 
+class BadFragment(ValueError):
+    """A `tool_calls` element that is not shaped like one (the model's reply is malformed)."""
+
+
+def read_fragment(value: object) -> Fragment:
+    """One `tool_calls` element (a dict, or an object such as the `openai` client builds
+    without validating it) as a checked Fragment, or BadFragment."""
+    try:
+        return msgspec.convert(value, Fragment, from_attributes=True)
+    except (msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        # msgspec encodes a string found where a number or an object belongs, so a lone
+        # surrogate there is a UnicodeEncodeError rather than a ValidationError
+        raise BadFragment(f"a malformed tool call: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """What one fragment added to a call: for streaming the call to the tabs as it grows."""

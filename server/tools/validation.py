@@ -44,6 +44,8 @@ def parse(arguments: str) -> dict[str, Any]:
         value = msgspec.json.decode(arguments)
     except msgspec.DecodeError as exc:
         raise ToolError(f"the arguments are not valid JSON: {exc}") from None
+    except UnicodeError:  # a lone surrogate, which the stream's JSON let through
+        raise ToolError("the arguments are not valid JSON: not valid Unicode") from None
     if not isinstance(value, dict):
         raise ToolError("the arguments must be a JSON object")
     return value

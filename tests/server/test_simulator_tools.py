@@ -7,12 +7,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import openai
 import pytest_asyncio
 from openai.types.chat import ChatCompletionChunk
 
-from protocol.toolcalls import Calls, Fragment, ToolCall, assistant_message, tool_message
+from protocol.toolcalls import Calls, ToolCall, assistant_message, read_fragment, tool_message
 from server.app.config import SimulatorSettings
 from server.dev.simulator import SimulatorStats
 from tests.helpers.simulator import served
@@ -47,7 +46,7 @@ def calls_of(chunks: list[ChatCompletionChunk]) -> tuple[list[ToolCall], int, st
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or ():
                 fragments += 1
-                calls.add(msgspec.convert(delta, Fragment, from_attributes=True))
+                calls.add(read_fragment(delta))
             finish = choice.finish_reason or finish
     return calls.finish(), fragments, finish
 

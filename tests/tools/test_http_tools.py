@@ -208,3 +208,8 @@ async def test_the_tools_secret_wins_over_the_hooks_secret(receiver: Receiver) -
     finally:
         await toolbox.close()
     assert receiver.bad_signatures == 1
+
+
+async def test_arguments_with_a_lone_surrogate_are_an_error_result(box: Toolbox) -> None:
+    [result] = await runner(box).run([call("weather", '{"city": "\ud800"}')], ALICE)
+    assert result.status == "error" and "not valid Unicode" in result.content

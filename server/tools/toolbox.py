@@ -8,14 +8,16 @@ logged (an MCP server's `prefix` keeps them apart). The toolbox checks each sche
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
 from server.app.config import ConfigError, ToolsSettings
 from server.tools import http, validation
 from server.tools.definitions import CallContext, Tool
-from server.tools.mcp import McpServer
+
+if TYPE_CHECKING:
+    from server.tools.mcp import McpServer
 
 log = logging.getLogger("parley.tools")
 
@@ -35,9 +37,13 @@ class Toolbox:
         for server in settings.mcp:
             if bool(server.url) == bool(server.command):
                 raise ConfigError(f"tools.mcp {server.name}: set either url or command")
-        self.servers = [
-            McpServer(s, settings.call_timeout, settings.max_result_bytes) for s in settings.mcp
-        ]
+        self.servers: list[McpServer] = []
+        if settings.mcp:  # the SDK (pydantic, starlette...) takes seconds to import: only then
+            from server.tools.mcp import McpServer
+
+            self.servers = [
+                McpServer(s, settings.call_timeout, settings.max_result_bytes) for s in settings.mcp
+            ]
         self._checkers: dict[str, tuple[dict[str, Any], jsonschema.protocols.Validator]] = {}
         """Per tool name, the schema a validator was built for (a re-listed tool's may change)."""
         self._warned: set[tuple[str, str]] = set()

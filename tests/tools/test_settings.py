@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,18 @@ def test_bad_tool_settings_name_the_key(env: dict[str, str], named: str) -> None
 def test_an_mcp_server_is_either_a_url_or_a_command(server: McpServerSettings) -> None:
     with pytest.raises(ConfigError, match=rf"tools\.mcp {server.name}: set either url or command"):
         Toolbox(ToolsSettings(mcp=[server]))
+
+
+def test_without_mcp_servers_the_sdk_is_not_imported() -> None:
+    """The SDK takes seconds to import: a process with HTTP tools only never loads it."""
+    script = (
+        "import sys\n"
+        "from server.app.config import HttpToolSettings, ToolsSettings\n"
+        "from server.tools.runner import Runner\n"
+        "from server.tools.toolbox import Toolbox\n"
+        "box = Toolbox(ToolsSettings(http=[HttpToolSettings(name='t', url='http://127.0.0.1:1/')]))\n"
+        "Runner(box, 1, 1)\n"
+        "print('mcp' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

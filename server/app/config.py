@@ -148,6 +148,8 @@ class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     request_timeout: Seconds = 60.0
     stall_timeout: Seconds = 60.0
     max_duration: Seconds = 600.0
+    max_steps: Annotated[int, Meta(ge=1, le=100)] = 8
+    """Model calls per turn when the model calls tools: after this many, the turn ends."""
 
 
 class SimulatorSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -198,6 +200,62 @@ class HooksSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     """How long a `finish` call is retried while its endpoint fails before dead-lettering."""
 
 
+Approval = Literal["never", "always"]
+"""Whether a person must approve each call of a tool before it runs."""
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""What OpenAI-compatible models accept as a function name."""
+
+
+class HttpToolSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One of the application's own tools: Parley POSTs the validated arguments to `url`,
+    signed like the hooks (docs/tools.md)."""
+
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    """The JSON Schema of the arguments, as the model sees it and as calls are checked."""
+    url: str
+    approval: Approval = "never"
+    timeout: Seconds | None = None
+    """Seconds a call may take; `tools.call_timeout` when unset."""
+
+
+class McpServerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """An MCP server whose tools the model may call: streamable HTTP (`url`) or a local
+    process over stdio (`command`, its arguments after it)."""
+
+    name: str
+    url: str = ""
+    headers: dict[str, str] = {}
+    """Sent with every request; `{user}` and `{conversation}` are replaced per call."""
+    command: list[str] = []
+    env: dict[str, str] = {}
+    prefix: str = ""
+    """Put in front of each of its tools' names as the model sees them (to keep them apart)."""
+    approval: Approval = "never"
+    approvals: dict[str, Approval] = {}
+    """Per tool (its name on the server), overriding `approval`."""
+    timeout: Seconds | None = None
+
+
+class ToolsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Tools the model may call (docs/tools.md); none configured: the model is offered none."""
+
+    http: list[HttpToolSettings] = []
+    mcp: list[McpServerSettings] = []
+    secret: str = ""
+    """`whsec_` and base64: signs the calls to HTTP tools; empty: `hooks.secret`."""
+    call_timeout: Seconds = 30.0
+    max_result_bytes: Size = 65_536
+    """A result larger than this reaches the model as an error saying so."""
+    approval_timeout: Seconds = 600.0
+    """Seconds a call waits for a person's approval, then it counts as denied."""
+    max_parallel: Size = 8
+    """Calls of one model step running at once; the others wait their turn."""
+
+
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -210,6 +268,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     metrics: MetricsSettings = MetricsSettings()
     server_api: ServerAPISettings = ServerAPISettings()
     hooks: HooksSettings = HooksSettings()
+    tools: ToolsSettings = ToolsSettings()
 
     @property
     def data_path(self) -> Path:

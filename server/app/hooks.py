@@ -85,8 +85,11 @@ class Hooks:
                 return ALLOW
             return Reply(allow=False, message="the application is unavailable")
 
-    async def post(self, url: str, payload: Any, msg_id: str, timeout: float) -> bytes:
-        """POST the signed payload; the reply's body when 2xx, else HookFailed."""
+    async def post(
+        self, url: str, payload: Any, msg_id: str, timeout: float, limit: int = MAX_REPLY_BYTES
+    ) -> bytes:
+        """POST the signed payload; the reply's body (at most `limit` bytes) when 2xx, else
+        HookFailed."""
         body = _encoder.encode(payload)
         headers = {"content-type": "application/json"}
         if self.settings.secret:
@@ -99,7 +102,7 @@ class Hooks:
             ) as response:
                 if not response.is_success:
                     raise HookFailed(f"HTTP {response.status_code}")
-                return await read_capped(response, MAX_REPLY_BYTES)
+                return await read_capped(response, limit)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
 

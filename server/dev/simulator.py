@@ -31,6 +31,14 @@ Prompt controls, read from the last user message (for tests):
 ``[sim:malformed]``
     A stream sends a few tokens, then an event whose JSON nests 50,000 levels deep, then
     ends normally: what a broken or hostile upstream could send.
+``[sim:tool=NAME {"json": "arguments"}]``
+    Call the tool NAME with those arguments (a JSON object; none: ``{}``) instead of
+    answering; several controls are parallel calls.  A stream sends each call's id and name
+    first, then its arguments in fragments of a few characters, the calls interleaved, and
+    ends with ``finish_reason="tool_calls"``.  Once the request holds the results (``tool``
+    messages after the user's message), the reply answers with them: ``NAME answered:
+    RESULT`` for each.  ``[sim:tool_repeat]`` calls the tools again even then (a model that
+    never stops calling tools).
 
 Controls are bounded: at most ``MAX_CONTROL_TOKENS`` tokens and ``MAX_CONTROL_DELAY`` seconds.
 A request body that is not a chat completion request, or nests deeper than
@@ -39,6 +47,8 @@ A request body that is not a chat completion request, or nests deeper than
 
 import asyncio
 import hashlib
+import itertools
+import json
 import random
 import re
 import time
@@ -96,9 +106,26 @@ class _ContentPart(msgspec.Struct, frozen=True):
     text: str | None = None
 
 
+class _FunctionCall(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str = ""
+
+
+class _ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A call in a request's history, a response's message, or a stream's fragment of one
+    (only the first fragment has the id, type and name)."""
+
+    function: _FunctionCall
+    id: str | None = None
+    type: str | None = None
+    index: int | None = None
+
+
 class _Message(msgspec.Struct, frozen=True):
     role: str
     content: str | list[_ContentPart] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -132,6 +159,7 @@ class _Usage(msgspec.Struct, frozen=True):
 class _Delta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _ChunkChoice(msgspec.Struct, frozen=True):
@@ -150,9 +178,10 @@ class _Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     usage: _Usage | None = None
 
 
-class _AssistantMessage(msgspec.Struct, frozen=True):
-    content: str
+class _AssistantMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(msgspec.Struct, frozen=True):
@@ -221,6 +250,31 @@ MAX_CONTROL_DELAY = 3600.0
 _MALFORMED_EVENT = b"data: " + b"[" * 50_000 + b"\n\n"
 
 
+_TOOL_CONTROL = re.compile(r"\[sim:tool=([A-Za-z0-9_-]{1,64})")
+_TOOL_REPEAT_CONTROL = "[sim:tool_repeat]"
+MAX_CONTROL_TOOLS = 16
+_json_decoder = json.JSONDecoder()
+
+
+def _tool_controls(text: str) -> list[tuple[str, str]]:
+    """Each `[sim:tool=NAME {args}]` as the name and its arguments' JSON text."""
+    calls: list[tuple[str, str]] = []
+    for match in _TOOL_CONTROL.finditer(text):
+        rest = text[match.end() :]
+        arguments, end = "{}", len(rest) - len(rest.lstrip())
+        if rest[end : end + 1] == "{":
+            try:
+                value, stop = _json_decoder.raw_decode(rest, end)
+            except (ValueError, RecursionError):
+                continue
+            arguments, end = json.dumps(value), stop
+        if rest[end : end + 1] == "]":
+            calls.append((match.group(1), arguments))
+        if len(calls) == MAX_CONTROL_TOOLS:
+            break
+    return calls
+
+
 @dataclass(frozen=True)
 class _Controls:
     tokens: int | None = None
@@ -229,6 +283,8 @@ class _Controls:
     status: int | None = None
     error: bool = False
     malformed: bool = False
+    tools: tuple[tuple[str, str], ...] = ()
+    tool_repeat: bool = False
 
     @classmethod
     def parse(cls, messages: Sequence[_Message]) -> "_Controls":
@@ -244,6 +300,8 @@ class _Controls:
             status=int(status) if status is not None and 400 <= status <= 599 else None,
             error=_ERROR_CONTROL in text,
             malformed=_MALFORMED_CONTROL in text,
+            tools=tuple(_tool_controls(text)),
+            tool_repeat=_TOOL_REPEAT_CONTROL in text,
         )
 
 
@@ -375,6 +433,7 @@ class _Reply:
     fail: bool
     include_usage: bool
     malformed: bool = False
+    tool_calls: tuple[_ToolCall, ...] = ()
 
     @property
     def usage(self) -> _Usage:
@@ -391,18 +450,74 @@ def _plan(chat: _ChatRequest, controls: _Controls, settings: SimulatorSettings) 
     rng = random.Random(seed)
     natural_length = controls.tokens or rng.randint(20, 80)
     text = _compose(rng, natural_length)
+    results = _tool_results(chat.messages)
+    calls = _planned_calls(controls, seed) if controls.tool_repeat or not results else ()
+    if calls:
+        text = []
+    elif results:
+        text = [
+            ("\n" if index else "") + f"{name} answered: {content}"
+            for index, (name, content) in enumerate(results)
+        ]
     cap = chat.max_completion_tokens or chat.max_tokens or settings.max_tokens
+    finish_reason = "length" if len(text) > cap else "stop"
     return _Reply(
         model=chat.model,
         tokens=text[:cap],
-        finish_reason="length" if natural_length > cap else "stop",
+        finish_reason="tool_calls" if calls else finish_reason,
         prompt_tokens=sum(len(m.text().split()) + 4 for m in chat.messages),
         first_delay=settings.first_token_delay if controls.delay is None else controls.delay,
         tps=settings.tokens_per_second if controls.tps is None else controls.tps,
         fail=controls.error,
         include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
         malformed=controls.malformed,
+        tool_calls=calls,
     )
+
+
+def _planned_calls(controls: _Controls, seed: bytes) -> tuple[_ToolCall, ...]:
+    """The calls the controls ask for, with ids fixed by the conversation (like the text)."""
+    return tuple(
+        _ToolCall(
+            _FunctionCall(name, arguments),
+            id=f"call_{seed.hex()[:12]}_{index}",
+            type="function",
+            index=index,
+        )
+        for index, (name, arguments) in enumerate(controls.tools)
+    )
+
+
+def _tool_results(messages: Sequence[_Message]) -> list[tuple[str, str]]:
+    """The tool results after the last user message: (tool name, content) each."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    names = {
+        call.id: call.function.name or "the tool"
+        for message in messages[last_user + 1 :]
+        for call in message.tool_calls or ()
+    }
+    return [
+        (names.get(message.tool_call_id or "", "the tool"), message.text())
+        for message in messages[last_user + 1 :]
+        if message.role == "tool"
+    ]
+
+
+FRAGMENT_CHARS = 4
+"""A streamed call's arguments arrive in pieces this long."""
+
+
+def _call_fragments(calls: Sequence[_ToolCall]) -> list[_ToolCall]:
+    """Each call's head (id and name) then its arguments in pieces, the calls interleaved."""
+    streams = [_fragments_of(call) for call in calls]
+    return [f for group in itertools.zip_longest(*streams) for f in group if f is not None]
+
+
+def _fragments_of(call: _ToolCall) -> list[_ToolCall]:
+    text = call.function.arguments
+    pieces = [text[i : i + FRAGMENT_CHARS] for i in range(0, len(text), FRAGMENT_CHARS)]
+    head = _ToolCall(_FunctionCall(call.function.name), call.id, call.type, call.index)
+    return [head, *(_ToolCall(_FunctionCall(None, p), index=call.index) for p in pieces)]
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -458,6 +573,9 @@ async def _sse(reply: _Reply, stats: SimulatorStats) -> AsyncIterator[bytes]:
         for index, token in enumerate(reply.tokens[:3] if broken else reply.tokens):
             await _sleep_until(start, reply.due(index), index)
             yield event(_Delta(content=token))
+        for index, fragment in enumerate(_call_fragments(reply.tool_calls)):
+            await _sleep_until(start, reply.due(index), index)
+            yield event(_Delta(tool_calls=[fragment]))
         if reply.fail:
             raise SimulatedStreamError("simulated stream failure ([sim:error])")
         if reply.malformed:
@@ -492,7 +610,9 @@ async def _complete(reply: _Reply, stats: SimulatorStats) -> Response[bytes]:
         if reply.fail:
             stats.failed += 1
             return _error(500, "simulated failure ([sim:error])")
-        message = _AssistantMessage("".join(reply.tokens))
+        calls = [_ToolCall(c.function, c.id, c.type) for c in reply.tool_calls] or None
+        text = "".join(reply.tokens)
+        message = _AssistantMessage((text or None) if calls else text, tool_calls=calls)
         choice = _Choice(0, message, reply.finish_reason)
         completion = _Completion(
             id=_completion_id(),

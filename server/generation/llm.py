@@ -64,7 +64,8 @@ def read_chunk(chunk: object) -> Chunk:
     """The chunk's text pieces, finish reason and usage, or MalformedReply."""
     try:
         return msgspec.convert(chunk, Chunk, from_attributes=True)
-    except (msgspec.ValidationError, RecursionError) as exc:
+    except (msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        # a string with a lone surrogate where a list or number belongs: msgspec encodes it
         raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
 
 

@@ -6,7 +6,8 @@ hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on 
 
 - one conversation only: `append` (seq, log, channel, persisted), `append_piece` (the same
   and gen), `read` (seq, log), `load` (meta, seq, recent, persisted), `set_meta` (meta),
-  `mark_persisted` (persisted, log, seq);
+  `mark_persisted` (persisted, log, seq), `open_approval` and `settle_approval` (one
+  approval);
 - crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
   `TURNS` and `turn_rate(user)`: three slots), `regenerate` (gen, recent, meta, plus `TURNS`
   and `turn_rate(user)`: three slots), `finish` (seq, log, channel, persisted, gen, recent,
@@ -107,6 +108,12 @@ def said(conversation: uuid.UUID | str) -> str:
     """Set of the conversation's user message ids (every `say` id, and those of the persisted
     history when loaded), so that a retry with the same id is not a second turn."""
     return f"{_conv(conversation)}:said"
+
+
+def approval(conversation: uuid.UUID | str, call_id: str) -> str:
+    """Hash of a tool call waiting for (or settled by) a person's approval: owner, tool,
+    arguments, message id, expiry (ms, Redis's clock), state, who answered and why."""
+    return f"{_conv(conversation)}:approval:{call_id}"
 
 
 USERS: Final = f"{PREFIX}:users"

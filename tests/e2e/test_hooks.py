@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -18,7 +15,6 @@ import pytest
 from redis.asyncio import Redis
 
 from protocol import frames as f
-from protocol import webhooks
 from server.dev import embedded
 from server.dev.client import Client
 from server.redis import keys
@@ -30,69 +26,7 @@ from tests.helpers.conversations import (
     wait_persisted,
 )
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
-
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-Answer = Callable[[str, dict[str, Any]], tuple[int, bytes] | None]
-"""Per path: status and body, or None to hang."""
-
-
-@dataclass
-class Receiver:
-    """A host application's hook endpoint: records each request and checks its signature."""
-
-    port: int
-    answers: dict[str, Answer] = field(default_factory=dict)
-    calls: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
-    bad_signatures: int = 0
-    server: ThreadingHTTPServer | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def of(self, path: str) -> list[dict[str, Any]]:
-        return [body for p, body, _ in self.calls if p == path]
-
-    def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers["content-length"]))
-                h = {k.lower(): v for k, v in self.headers.items()}
-                if not webhooks.verify(
-                    SECRET, h["webhook-id"], h["webhook-timestamp"], h["webhook-signature"],
-                    raw, time.time(),
-                ):  # fmt: skip
-                    receiver.bad_signatures += 1
-                body = json.loads(raw)
-                receiver.calls.append((self.path, body, h))
-                answer = receiver.answers.get(self.path, lambda p, b: (200, b"{}"))
-                reply = answer(self.path, body)
-                if reply is None:
-                    time.sleep(6)
-                    return
-                status, payload = reply
-                self.send_response(status)
-                self.send_header("content-length", str(len(payload)))
-                if 300 <= status < 400:
-                    self.send_header("location", "/followed")
-                self.end_headers()
-                with_body = self.wfile.write(payload)
-                assert with_body is None or with_body >= 0
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+from tests.helpers.receiver import SECRET, Answer, Receiver
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +56,7 @@ def hooked(cluster: Cluster, receiver: Receiver) -> Iterator[ParleyProcess]:
 
 @pytest.fixture(autouse=True)
 def fresh(receiver: Receiver) -> None:
-    receiver.answers.clear()
-    receiver.calls.clear()
-    receiver.bad_signatures = 0
+    receiver.reset()
 
 
 def reply(**fields: Any) -> Answer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 
@@ -38,6 +38,7 @@ def _nested(levels: int) -> Any:
 
 @settings(max_examples=200, deadline=None)
 @given(CHUNKS)
+@example({"choices": "\ud800"})  # a lone surrogate where a list belongs
 def test_any_chunk_is_read_or_malformed(data: dict[str, Any]) -> None:
     try:
         chunk = read_chunk(ChatCompletionChunk.construct(**data))

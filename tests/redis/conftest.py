@@ -18,13 +18,21 @@ from tests.helpers.scripts import MAX_EVENTS, TTL
 SCRIPTS_DB = Db.SCRIPTS
 
 
+def scripts_db(services: Services) -> Redis:
+    return Redis.from_url(f"{services.redis_url.rsplit('/', 1)[0]}/{SCRIPTS_DB}")
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def redis(services: Services) -> AsyncIterator[Redis]:
-    client = Redis.from_url(f"{services.redis_url.rsplit('/', 1)[0]}/{SCRIPTS_DB}")
-    try:
+    async with scripts_db(services) as client:
         yield client
-    finally:
-        await client.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def second_redis(services: Services) -> AsyncIterator[Redis]:
+    """Another client of the same database: another process, as far as Redis can tell."""
+    async with scripts_db(services) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")

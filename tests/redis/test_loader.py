@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import eventlog, presence, scripts, turns
+from server.redis import approvals, eventlog, presence, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -21,6 +21,8 @@ LOADED = [
     presence.ADMIT,
     presence.LEAVE,
     presence.BEAT,
+    approvals.OPEN,
+    approvals.SETTLE,
 ]
 
 

@@ -9,11 +9,11 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
-import uvicorn
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from server.app.config import SimulatorSettings
-from server.dev.simulator import SimulatorStats, simulator_app
+from server.dev.simulator import SimulatorStats
+from tests.helpers.simulator import served
 
 FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
 
@@ -34,16 +34,8 @@ class Sim:
 @pytest_asyncio.fixture(scope="module")
 async def sim() -> AsyncIterator[Sim]:
     stats = SimulatorStats()
-    config = uvicorn.Config(
-        simulator_app(FAST, stats), host="127.0.0.1", port=0, log_level="critical", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started, within=5)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Sim(f"http://127.0.0.1:{port}/v1", stats)
-    server.should_exit = True
-    await asyncio.wait_for(task, 5)
+    async with served(FAST, stats) as base_url:
+        yield Sim(base_url, stats)
 
 
 @pytest_asyncio.fixture

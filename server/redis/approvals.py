@@ -1,0 +1,114 @@
+"""Tool calls waiting for a person's approval, in Redis: they survive a refresh, another web
+process, a killed worker and a restart of everything (docs/tools.md).
+
+One hash per call (`keys.approval`) holds the call, its owner and its expiry on Redis's
+clock; `settle_approval.lua` applies an answer atomically with the rules of
+`protocol/approvals.py`, so the first answer wins whichever process or tab sends it. A
+worker waiting for the answer polls the record (`wait`), bounded by the expiry, at which it
+settles the call as expired itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, cast
+
+from redis.asyncio import Redis
+
+from protocol.approvals import MAX_REASON_CHARS, Answered, Approval, Decision, Outcome, State
+from server.redis import keys, scripts
+
+OPEN: Final = scripts.load("open_approval", functions=["lib_now"])
+SETTLE: Final = scripts.load("settle_approval", functions=["lib_now"])
+RETAIN_SECONDS: Final = 86_400.0
+"""How long a record stays after its expiry, for a turn resumed late to read its outcome."""
+POLL_FIRST: Final = 0.05
+POLL_MAX: Final = 0.5
+
+
+class Approvals:
+    def __init__(self, redis: Redis, timeout: float, retain: float = RETAIN_SECONDS) -> None:
+        self.redis = redis
+        self.timeout_ms = max(int(timeout * 1000), 1)
+        self.retain_ms = max(int(retain * 1000), 1)
+        self._open = OPEN.register(redis)
+        self._settle = SETTLE.register(redis)
+
+    async def open(
+        self, conversation: str, call_id: str, owner: str, tool: str, arguments: str,
+        message_id: str,
+    ) -> float:  # fmt: skip
+        """Record the pending call (once: opened again, it keeps its expiry); its expiry in
+        Unix seconds of Redis's clock."""
+        expires_ms = await self._open(
+            approval_key=keys.approval(conversation, call_id),
+            owner=owner,
+            tool=tool,
+            arguments=arguments,
+            message_id=message_id,
+            timeout_ms=self.timeout_ms,
+            retain_ms=self.retain_ms,
+        )
+        return int(expires_ms) / 1000
+
+    async def answer(
+        self,
+        conversation: str,
+        call_id: str,
+        user: str,
+        decision: Decision,
+        reason: str | None = None,
+    ) -> Answered:
+        """One person's answer: `settled` for the first, `already` for later ones."""
+        return await self._apply(conversation, call_id, user, decision, reason)
+
+    async def expire(self, conversation: str, call_id: str) -> Answered:
+        """Settle the call as expired when its time is up (`pending` before, `already` once
+        settled otherwise)."""
+        return await self._apply(conversation, call_id, "", "expire", None)
+
+    async def get(self, conversation: str, call_id: str) -> Approval | None:
+        raw = await self.redis.hgetall(keys.approval(conversation, call_id))
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return Approval(
+            call_id=call_id,
+            owner=fields["owner"],
+            tool=fields["tool"],
+            arguments=fields["arguments"],
+            expires_at=int(fields["expires_at"]) / 1000,
+            state=cast(State, fields["state"]),
+            by=fields.get("by") or None,
+            reason=fields.get("reason") or None,
+        )
+
+    async def wait(self, conversation: str, call_id: str) -> Approval | None:
+        """The call once settled — by an answer, or as expired when its time is up; None if
+        there is no such call. Polls, from 50 ms to every 0.5 s."""
+        delay = POLL_FIRST
+        while True:
+            approval = await self.get(conversation, call_id)
+            if approval is None or approval.state != "pending":
+                return approval
+            expired = await self.expire(conversation, call_id)
+            if expired.outcome in ("settled", "already"):
+                return await self.get(conversation, call_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+
+    async def _apply(
+        self, conversation: str, call_id: str, user: str, decision: str, reason: str | None
+    ) -> Answered:
+        outcome, _, _, _ = await self._settle(
+            approval_key=keys.approval(conversation, call_id),
+            user=user,
+            decision=decision,
+            reason=(reason or "")[:MAX_REASON_CHARS],
+        )
+        approval = await self.get(conversation, call_id)
+        return Answered(cast(Outcome, _text(outcome)), approval)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

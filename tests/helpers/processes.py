@@ -66,6 +66,7 @@ class Db(IntEnum):
     HOOKS_TIMEOUT = 19
     HOOKS_PROCESS_KILLED = 20
     HOOKS_GIVE_UP = 21
+    THINK_TAGS = 22
 
 
 SCALE_DB = Db.SCALE

@@ -1,49 +1,21 @@
 """The simulated model, served by uvicorn and driven by the real openai client over HTTP."""
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
 import pytest_asyncio
-import uvicorn
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from server.app.config import SimulatorSettings
-from server.dev.simulator import SimulatorStats, simulator_app
-
-FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
-
-
-async def eventually(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-@dataclass(frozen=True)
-class Sim:
-    base_url: str
-    stats: SimulatorStats
+from tests.helpers.simulated import Sim, eventually, serving
 
 
 @pytest_asyncio.fixture(scope="module")
 async def sim() -> AsyncIterator[Sim]:
-    stats = SimulatorStats()
-    config = uvicorn.Config(
-        simulator_app(FAST, stats), host="127.0.0.1", port=0, log_level="critical", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started, within=5)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Sim(f"http://127.0.0.1:{port}/v1", stats)
-    server.should_exit = True
-    await asyncio.wait_for(task, 5)
+    async with serving() as served:
+        yield served
 
 
 @pytest_asyncio.fixture

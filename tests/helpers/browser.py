@@ -7,7 +7,9 @@ through the development sign-in form.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,3 +172,18 @@ async def persisted(server: ParleyProcess, user: str, conversation: str) -> dict
         response.raise_for_status()
         detail: dict[str, Any] = response.json()
         return detail
+
+
+async def settled_reply(
+    server: ParleyProcess, user: str, conversation: str, count: int = 1
+) -> dict[str, Any]:
+    """The `count`-th assistant message once the persister has stored it."""
+    deadline = time.monotonic() + 10
+    while True:
+        detail = await persisted(server, user, conversation)
+        replies = [m for m in detail["messages"] if m["role"] == "assistant"]
+        if len(replies) >= count:
+            reply: dict[str, Any] = replies[count - 1]
+            return reply
+        assert time.monotonic() < deadline, f"reply {count} not persisted: {detail}"
+        await asyncio.sleep(0.05)

@@ -3,33 +3,19 @@ model reasoning, including a reload in the middle of the reasoning."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pytest
 from playwright.async_api import BrowserContext
 
 from tests.helpers.auth import new_user
-from tests.helpers.browser import open_tab, persisted
+from tests.helpers.browser import open_tab, settled_reply
 from tests.helpers.processes import ParleyProcess
 
 pytestmark = pytest.mark.ui
 
 THINK = "[sim:reasoning=50][sim:tps=20][sim:tokens=15][sim:finish=length][sim:usage=details]"
 BLOCK = ".msg-assistant .msg-thinking"
-
-
-async def persisted_reply(server: ParleyProcess, user: str, conversation: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        detail = await persisted(server, user, conversation)
-        replies = [m for m in detail["messages"] if m["role"] == "assistant"]
-        if replies:
-            reply: dict[str, Any] = replies[-1]
-            return reply
-        assert time.monotonic() < deadline, f"reply not persisted: {detail}"
-        await asyncio.sleep(0.05)
 
 
 async def thinking_chars(page: Any) -> int:
@@ -70,7 +56,7 @@ async def test_thinking_block_streams_survives_a_reload_and_collapses_for_the_an
     usage = await page.locator(".msg-assistant .msg-usage").get_attribute("title") or ""
     assert "50 of them reasoning" in usage and "first token after" in usage
 
-    reply = await persisted_reply(parley, user, conversation)
+    reply = await settled_reply(parley, user, conversation)
     reasoning = reply["parts"][0]
     assert reasoning["kind"] == "reasoning" and reply["reason"] == "length"
     # after a reload the finished reply shows the same, from the history alone

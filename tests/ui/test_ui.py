@@ -16,28 +16,13 @@ import pytest
 from playwright.async_api import Browser, BrowserContext
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.browser import PHONE, WIDE, BrowserTab, open_tab, persisted
+from tests.helpers.browser import PHONE, WIDE, BrowserTab, open_tab, settled_reply
 from tests.helpers.processes import Cluster, ParleyProcess
 
 pytestmark = pytest.mark.ui
 
 # The simulated model's reply to this first turn has a list and a Python code block.
 CODE_PROMPT = "Explain WebSockets in two short paragraphs [sim:tokens=80]"
-
-
-async def settled_reply(
-    server: ParleyProcess, user: str, conversation: str, count: int = 1
-) -> dict[str, Any]:
-    """The `count`-th assistant message once the persister has stored it."""
-    deadline = time.monotonic() + 10
-    while True:
-        detail = await persisted(server, user, conversation)
-        replies = [m for m in detail["messages"] if m["role"] == "assistant"]
-        if len(replies) >= count:
-            reply: dict[str, Any] = replies[count - 1]
-            return reply
-        assert time.monotonic() < deadline, f"reply {count} not persisted: {detail}"
-        await asyncio.sleep(0.05)
 
 
 async def assert_shows(tab: BrowserTab, reply: dict[str, Any]) -> None:

@@ -55,11 +55,21 @@ class Stalled(TimeoutError):
 
 class _Delta(msgspec.Struct, frozen=True):
     content: str | None = None
-    reasoning_content: str | None = None
-    """DeepSeek's name for the reasoning, used by vLLM (before 0.10), SGLang, LM Studio and
-    llama.cpp; the `openai` client keeps it as an extra field of the delta."""
-    reasoning: str | None = None
-    """The name vLLM (0.10 on), Ollama and OpenRouter use."""
+    model_extra: dict[str, object] | None = None
+    """The delta's fields the `openai` client does not know, reasoning among them: read from
+    this dict, because asking the client's object for a field it lacks raises (and catches)
+    an AttributeError per chunk, which would cost more than the rest of a chunk's reading."""
+
+    def reasoning(self) -> str | None:
+        """`reasoning_content` (DeepSeek's name, used by llama.cpp, LM Studio, SGLang and vLLM
+        before 0.10) or `reasoning` (vLLM 0.10 on, Ollama, OpenRouter)."""
+        extra = self.model_extra
+        if not extra:
+            return None
+        found = extra.get("reasoning_content") or extra.get("reasoning")
+        if found is None or isinstance(found, str):
+            return found
+        raise MalformedReply("the model sent reasoning that is not text")
 
 
 class _Choice(msgspec.Struct, frozen=True):
@@ -157,7 +167,7 @@ class LLM:
                         delta = choice.delta
                         if delta is None:
                             pass
-                        elif think is None and not (delta.reasoning_content or delta.reasoning):
+                        elif think is None and not delta.model_extra:
                             if delta.content:  # the hot path: plain text
                                 watchdog.progress()
                                 yield Piece(scrub(delta.content))
@@ -184,7 +194,7 @@ class LLM:
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:
     """A delta's reasoning, then its content (split at `<think>` tags when `think`)."""
     out: list[Piece] = []
-    reasoning = delta.reasoning_content or delta.reasoning
+    reasoning = delta.reasoning()
     if reasoning:
         out.append(Piece(scrub(reasoning), "reasoning"))
     if delta.content:

@@ -45,9 +45,10 @@ def tokens_only() -> None:
     for raw in CHUNKS:
         for choice in llm.read_chunk(raw).choices or ():
             if choice.delta is not None and choice.delta.content:
-                text = scrub(choice.delta.content)
-                pieces.append(text)
-                encode(f.Token(conversation=CONVERSATION, message_id=MESSAGE, text=text))
+                piece = llm.Piece(scrub(choice.delta.content))  # as the older worker's pump:
+                time.monotonic()  # a piece, its arrival time, kept and published as a token
+                pieces.append(piece.text)
+                encode(f.Token(conversation=CONVERSATION, message_id=MESSAGE, text=piece.text))
 
 
 def with_parts() -> None:
@@ -60,8 +61,9 @@ def with_parts() -> None:
             if delta is None or delta.model_extra or not delta.content:
                 continue
             piece = llm.Piece(scrub(delta.content))
+            now = time.monotonic()
             if piece.kind != parts.kind:
-                for event in parts.switch(piece.kind, time.monotonic()):
+                for event in parts.switch(piece.kind, now):
                     encode(event)
             encode(parts.add(piece.text))
 

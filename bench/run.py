@@ -318,8 +318,13 @@ class Bench:
         self.results["latency"] = r
 
     def model_fanout(self) -> None:
-        """End to end through the worker and the simulated model (the worker shares CPU 1)."""
+        """End to end through the worker and the simulated model (the worker shares CPU 1).
+
+        Also the worker's CPU per relayed delta: its CPU time over the run (the simulated
+        model's streaming, served by the worker process, included) per token it published."""
         s = self.sizes
+        assert self.worker is not None
+        worker_before = procfs.cpu_seconds(self.worker.pid)
         with self.fresh_web():
             r = self.load(
                 "model-fanout",
@@ -337,6 +342,10 @@ class Bench:
                 "--duration",
                 str(s.model_seconds),
             )
+        relayed = r.get("throughput", {}).get("tokens", 0) / s.fanout_tabs
+        if relayed:
+            cpu = procfs.cpu_seconds(self.worker.pid) - worker_before
+            r["worker_cpu_us_per_delta"] = round(cpu / relayed * 1e6, 2)
         self.results["model_fanout"] = r
 
     def chat_churn(self) -> None:
@@ -570,7 +579,8 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{model['throughput']['frames_per_second']:,} frames/s | "
             f"{server.get('cpu_us_per_frame')} µs per frame | {_busy(model)} | "
             f"TTFT p50 {tt.get('p50_ms')} / p99 {tt.get('p99_ms')} ms, "
-            f"token gap p99 {gap.get('p99_ms')} ms, lost "
+            f"token gap p99 {gap.get('p99_ms')} ms, worker CPU "
+            f"{model.get('worker_cpu_us_per_delta')} µs per relayed delta, lost "
             f"{model['integrity']['lost']}, dup {model['integrity']['duplicated']} |"
         )
     chat = results.get("chat_churn") or {}
@@ -699,6 +709,7 @@ def main() -> None:
             # the worker says "worker ready" at info level
             worker_env = {**env, "PARLEY_SERVER_LOG_LEVEL": "info"}
             worker = parley("worker", worker_env, OTHER_CPU, work / "worker.log")
+            bench.worker = worker
             _pin_tree(postgres.pid, OTHER_CPU)  # backends forked since
             try:
                 chosen = set(args.only or ["idle", "fanout", "latency", "model", "chat"])

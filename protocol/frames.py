@@ -4,7 +4,7 @@ Client frames form the tagged union `ClientFrame`, server frames `ServerFrame`; 
 tagged by the `type` field. Server frames omit fields left at their default, so optional
 fields are absent rather than `null`.
 
-Conversation events (`message`, `start`, `token`, `done`, `queued`, `updated`) are encoded
+Conversation events (`message`, `start`, `token`, `part_*`, `done`, `queued`, `updated`) are encoded
 *without* their `seq`: the Redis append script assigns the seq and splices it in front of the
 encoded bytes (`{"seq":N,...`), so every process forwards one encoding unchanged.
 """
@@ -53,7 +53,10 @@ ErrorCode = Literal[
     "internal",
     "refused",
 ]
-DoneReason = Literal["stop", "length", "cancelled", "error"]
+DoneReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
+PartKind = Literal["text", "reasoning", "tool_call", "tool_result"]
+"""What a part of an assistant message holds; `tool_call` and `tool_result` are reserved for
+tool calling, which adds them without another protocol change."""
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "error"]
 
@@ -69,9 +72,33 @@ def new_id() -> uuid.UUID:
 # --------------------------------------------------------------------------- shapes
 
 
-class Usage(Struct, frozen=True):
+class Usage(Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """What one generation cost and how long it took.
+
+    Token counts are the endpoint's when it reported them; otherwise Parley counted them with
+    a tokenizer and `estimated` is true. `reasoning_tokens` (part of `completion_tokens`) and
+    `cached_prompt_tokens` (part of `prompt_tokens`) come only from endpoints that report
+    them. `first_token_ms` is the time from the request to the first piece of the reply
+    (reasoning or text), `duration_ms` the whole generation."""
+
     prompt_tokens: Count
     completion_tokens: Count
+    reasoning_tokens: Count | None = None
+    cached_prompt_tokens: Count | None = None
+    first_token_ms: float | None = None
+    duration_ms: float | None = None
+    estimated: bool = False
+
+
+class Part(Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """One part of an assistant message; its index is its position in `parts`.
+
+    `duration_ms` is how long a `reasoning` part lasted, from its first piece to the end of
+    it."""
+
+    kind: PartKind
+    text: str = ""
+    duration_ms: float | None = None
 
 
 class Conversation(Struct, frozen=True, omit_defaults=True):
@@ -92,6 +119,11 @@ class Message(Struct, frozen=True, omit_defaults=True):
     created_at: datetime
     model: str | None = None
     usage: Usage | None = None
+    parts: list[Part] | None = None
+    """(addition) An assistant message's parts in order, when it has more than its text (a
+    reasoning part, say); `content` is always the text of its `text` parts, joined."""
+    reason: DoneReason | None = None
+    """(addition) How an assistant message ended, when it was not `stop`."""
 
 
 class Limits(Struct, frozen=True):
@@ -320,11 +352,52 @@ class Token(_Server, tag="token", kw_only=True, frozen=True):
     seq: Seq = 0
 
 
+class PartStart(_Server, tag="part_start", kw_only=True, frozen=True):
+    """(addition) Conversation event: part `index` of an assistant message begins, holding
+    `kind`. A `text` part needs no `part_start`: a `token` when the message has no open
+    text part opens one at the next index. Added after version 1: a client that does not
+    know it ignores it (and still sees the answer's text in `token` events)."""
+
+    conversation: uuid.UUID
+    message_id: uuid.UUID
+    index: Count
+    kind: PartKind
+    seq: Seq = 0
+
+
+class PartDelta(_Server, tag="part_delta", kw_only=True, frozen=True):
+    """(addition) Conversation event: the next piece of part `index` of an assistant message
+    (a part other than `text`, whose pieces are `token` events).
+
+    `first_seq`, when present, says this frame stands for the events `first_seq..seq`:
+    consecutive pieces of one part merged for a socket that lags behind, as for `token`."""
+
+    conversation: uuid.UUID
+    message_id: uuid.UUID
+    index: Count
+    text: str
+    first_seq: Seq = 0
+    seq: Seq = 0
+
+
+class PartEnd(_Server, tag="part_end", kw_only=True, frozen=True):
+    """(addition) Conversation event: part `index` of an assistant message is complete;
+    `duration_ms` is how long a `reasoning` part took. A part left open ends with the
+    message's `done`."""
+
+    conversation: uuid.UUID
+    message_id: uuid.UUID
+    index: Count
+    duration_ms: float | None = None
+    seq: Seq = 0
+
+
 class Done(_Server, tag="done", kw_only=True, frozen=True):
     """Conversation event, to every socket that joined: an assistant message ended.
 
-    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`);
-    `usage` is the model's token count, when it reported one."""
+    `reason` is `stop`, `length`, `cancelled` or `error` (then with a readable `error`), and
+    (additions) `content_filter` or `tool_calls` when the model ended so; `usage` is the
+    token count and timing (counted by Parley, `estimated`, when the model reported none)."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID
@@ -377,7 +450,18 @@ class Notice(_Server, tag="notice", kw_only=True, frozen=True):
     seq: Seq = 0
 
 
-ConversationEvent = MessageEvent | Start | Token | Done | Queued | Updated | Notice
+ConversationEvent = (
+    MessageEvent
+    | Start
+    | Token
+    | PartStart
+    | PartDelta
+    | PartEnd
+    | Done
+    | Queued
+    | Updated
+    | Notice
+)
 ServerFrame = (
     Ready
     | Created

@@ -8,7 +8,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from protocol.frames import Message, Usage
+from protocol.frames import Message, Part, Usage
 from protocol.text import scrub
 
 
@@ -54,12 +54,17 @@ class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
 
 def _storable(message: Message) -> Message:
     model = None if message.model is None else scrub(message.model)
-    return msgspec.structs.replace(message, content=scrub(message.content), model=model)
+    parts = message.parts
+    if parts is not None:
+        parts = [msgspec.structs.replace(p, text=scrub(p.text)) for p in parts]
+    return msgspec.structs.replace(
+        message, content=scrub(message.content), model=model, parts=parts
+    )
 
 
 _INSERT = (
     "INSERT INTO messages (id, conversation_id, role, content, status, model, usage, seq,"
-    " created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+    " created_at, parts, reason) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11"
     " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2){also}"
     " ON CONFLICT (conversation_id, id) DO NOTHING"
 )
@@ -74,6 +79,7 @@ _INSERT_REPLY = _INSERT.format(
 
 def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, ...]:
     usage = msgspec.to_builtins(message.usage) if message.usage else None
+    parts = msgspec.to_builtins(message.parts) if message.parts is not None else None
     return (
         message.id,
         conversation,
@@ -84,6 +90,8 @@ def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, .
         usage,
         seq,
         message.created_at,
+        parts,
+        message.reason,
     )
 
 
@@ -129,7 +137,8 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
 
 async def history(pool: asyncpg.Pool, conversation: uuid.UUID) -> list[Message]:
     rows = await pool.fetch(
-        "SELECT id, role, content, status, model, usage, created_at FROM messages"
+        "SELECT id, role, content, status, model, usage, created_at, parts, reason"
+        " FROM messages"
         " WHERE conversation_id = $1 ORDER BY seq, created_at",
         conversation,
     )
@@ -142,6 +151,8 @@ async def history(pool: asyncpg.Pool, conversation: uuid.UUID) -> list[Message]:
             created_at=r["created_at"],
             model=r["model"],
             usage=msgspec.convert(r["usage"], Usage) if r["usage"] else None,
+            parts=msgspec.convert(r["parts"], list[Part]) if r["parts"] is not None else None,
+            reason=r["reason"],
         )
         for r in rows
     ]

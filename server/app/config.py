@@ -146,10 +146,16 @@ class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     max_tokens: Size = 1024
     context_tokens: Size = 6000
     request_timeout: Seconds = 60.0
+    first_chunk_timeout: Seconds = 300.0
+    """A reasoning model may think silently (no reasoning streamed) for minutes."""
     stall_timeout: Seconds = 60.0
+    """Between two chunks once the stream has begun; reasoning chunks count as progress."""
     max_duration: Seconds = 600.0
     max_steps: Annotated[int, Meta(ge=1, le=100)] = 8
     """Model calls per turn when the model calls tools: after this many, the turn ends."""
+    think_tags: bool = False
+    """Read `<think>…</think>` in the model's text as reasoning (models served without a
+    reasoning parser); off by default, since a plain model may write the tags in its answer."""
 
 
 class SimulatorSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

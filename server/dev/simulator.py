@@ -39,6 +39,22 @@ Prompt controls, read from the last user message (for tests):
     messages after the user's message), the reply answers with them: ``NAME answered:
     RESULT`` for each.  ``[sim:tool_repeat]`` calls the tools again even then (a model that
     never stops calling tools).
+``[sim:reasoning=N]``
+    Stream N tokens of reasoning before the reply (paced like it), in the delta field
+    ``[sim:reasoning_field=reasoning_content|reasoning|think]`` names: ``reasoning_content``
+    (the default; DeepSeek, llama.cpp, LM Studio, older vLLM), ``reasoning`` (vLLM 0.10 on,
+    Ollama, OpenRouter) or ``think``: inline in ``content`` between ``<think>`` and
+    ``</think>``, each tag cut across two chunks.
+``[sim:finish=content_filter]``, ``[sim:finish=length]``, ``[sim:finish=tool_calls]``
+    End with that ``finish_reason`` (``content_filter`` after half the reply).
+``[sim:usage=details]``, ``[sim:usage=none]``
+    The usage chunk (sent when the request asks with ``stream_options.include_usage``) also
+    reports ``completion_tokens_details.reasoning_tokens`` and
+    ``prompt_tokens_details.cached_tokens`` (every message but the last, as if a prefix cache
+    held them); or no usage chunk at all.
+
+``GET /v1/sim/stats`` also shows the messages of the latest request (``last_messages``), so
+tests can see what a model was sent.
 
 Controls are bounded: at most ``MAX_CONTROL_TOKENS`` tokens and ``MAX_CONTROL_DELAY`` seconds.
 A request body that is not a chat completion request, or nests deeper than
@@ -54,7 +70,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -90,6 +106,8 @@ class SimulatorStats:
     active: int = 0
     last_aborted_at: float | None = None
     """``time.monotonic()`` of the latest abort."""
+    last_messages: list[dict[str, str]] = field(default_factory=list)
+    """The latest chat completion request's messages (role and text)."""
 
 
 class SimulatedStreamError(RuntimeError):
@@ -150,16 +168,28 @@ class _ChatRequest(msgspec.Struct, frozen=True):
 # --- response wire types -----------------------------------------------------------------------
 
 
-class _Usage(msgspec.Struct, frozen=True):
+class _CompletionDetails(msgspec.Struct, frozen=True):
+    reasoning_tokens: int
+
+
+class _PromptDetails(msgspec.Struct, frozen=True):
+    cached_tokens: int
+
+
+class _Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: _CompletionDetails | None = None
+    prompt_tokens_details: _PromptDetails | None = None
 
 
 class _Delta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[_ToolCall] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class _ChunkChoice(msgspec.Struct, frozen=True):
@@ -242,7 +272,10 @@ def decode_request(body: bytes) -> _ChatRequest:
 
 # --- prompt controls ---------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"\[sim:(tokens|delay|tps|status)=(\d+(?:\.\d+)?)\]")
+_CONTROL = re.compile(r"\[sim:(tokens|delay|tps|status|reasoning)=(\d+(?:\.\d+)?)\]")
+_REASONING_FIELD = re.compile(r"\[sim:reasoning_field=(reasoning_content|reasoning|think)\]")
+_FINISH = re.compile(r"\[sim:finish=(content_filter|length|tool_calls)\]")
+_USAGE = re.compile(r"\[sim:usage=(details|none)\]")
 _ERROR_CONTROL = "[sim:error]"
 _MALFORMED_CONTROL = "[sim:malformed]"
 MAX_CONTROL_TOKENS = 100_000
@@ -285,6 +318,10 @@ class _Controls:
     malformed: bool = False
     tools: tuple[tuple[str, str], ...] = ()
     tool_repeat: bool = False
+    reasoning: int = 0
+    reasoning_field: str = "reasoning_content"
+    finish: str | None = None
+    usage: str = "plain"
 
     @classmethod
     def parse(cls, messages: Sequence[_Message]) -> "_Controls":
@@ -302,7 +339,16 @@ class _Controls:
             malformed=_MALFORMED_CONTROL in text,
             tools=tuple(_tool_controls(text)),
             tool_repeat=_TOOL_REPEAT_CONTROL in text,
+            reasoning=int(min(found.get("reasoning", 0), MAX_CONTROL_TOKENS)),
+            reasoning_field=_named(_REASONING_FIELD, text) or "reasoning_content",
+            finish=_named(_FINISH, text),
+            usage=_named(_USAGE, text) or "plain",
         )
+
+
+def _named(control: re.Pattern[str], text: str) -> str | None:
+    found = control.search(text)
+    return found.group(1) if found else None
 
 
 # --- text generation ---------------------------------------------------------------------------
@@ -434,11 +480,35 @@ class _Reply:
     include_usage: bool
     malformed: bool = False
     tool_calls: tuple[_ToolCall, ...] = ()
+    reasoning: tuple[str, ...] = ()
+    reasoning_field: str = "reasoning_content"
+    usage_mode: str = "plain"
+    cached_tokens: int = 0
 
     @property
     def usage(self) -> _Usage:
-        completion = len(self.tokens)
-        return _Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
+        completion = len(self.tokens) + len(self.reasoning)
+        total = self.prompt_tokens + completion
+        if self.usage_mode != "details":
+            return _Usage(self.prompt_tokens, completion, total)
+        return _Usage(
+            self.prompt_tokens,
+            completion,
+            total,
+            _CompletionDetails(len(self.reasoning)),
+            _PromptDetails(self.cached_tokens),
+        )
+
+    def deltas(self) -> list[_Delta]:
+        """The reasoning, then the reply, one delta per token."""
+        if self.reasoning and self.reasoning_field == "think":
+            inline = ["<thi", "nk>" + self.reasoning[0], *self.reasoning[1:], "</th", "ink>\n\n"]
+            thinking = [_Delta(content=piece) for piece in inline]
+        elif self.reasoning_field == "reasoning":
+            thinking = [_Delta(reasoning=piece) for piece in self.reasoning]
+        else:
+            thinking = [_Delta(reasoning_content=piece) for piece in self.reasoning]
+        return thinking + [_Delta(content=token) for token in self.tokens]
 
     def due(self, index: int) -> float:
         """Seconds after the start at which token ``index`` is due."""
@@ -460,16 +530,26 @@ def _plan(chat: _ChatRequest, controls: _Controls, settings: SimulatorSettings) 
             for index, (name, content) in enumerate(results)
         ]
     cap = chat.max_completion_tokens or chat.max_tokens or settings.max_tokens
-    finish_reason = "length" if len(text) > cap else "stop"
+    tokens = text[:cap]
+    if controls.finish == "content_filter":
+        tokens = tokens[: len(tokens) // 2]
+    reasoning = _compose(random.Random(seed + b"reasoning"), controls.reasoning)
+    prompt_sizes = [len(m.text().split()) + 4 for m in chat.messages]
+    finish_reason = controls.finish or ("length" if len(text) > cap else "stop")
     return _Reply(
         model=chat.model,
-        tokens=text[:cap],
+        tokens=tokens,
         finish_reason="tool_calls" if calls else finish_reason,
-        prompt_tokens=sum(len(m.text().split()) + 4 for m in chat.messages),
+        prompt_tokens=sum(prompt_sizes),
+        cached_tokens=sum(prompt_sizes[:-1]),
+        reasoning=tuple(reasoning) if controls.reasoning else (),
+        reasoning_field=controls.reasoning_field,
+        usage_mode=controls.usage,
         first_delay=settings.first_token_delay if controls.delay is None else controls.delay,
         tps=settings.tokens_per_second if controls.tps is None else controls.tps,
         fail=controls.error,
-        include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
+        include_usage=bool(chat.stream_options and chat.stream_options.include_usage)
+        and controls.usage != "none",
         malformed=controls.malformed,
         tool_calls=calls,
     )
@@ -570,9 +650,10 @@ async def _sse(reply: _Reply, stats: SimulatorStats) -> AsyncIterator[bytes]:
     try:
         yield event(_Delta(role="assistant", content=""))
         broken = reply.fail or reply.malformed
-        for index, token in enumerate(reply.tokens[:3] if broken else reply.tokens):
+        deltas = reply.deltas()
+        for index, delta in enumerate(deltas[:3] if broken else deltas):
             await _sleep_until(start, reply.due(index), index)
-            yield event(_Delta(content=token))
+            yield event(delta)
         for index, fragment in enumerate(_call_fragments(reply.tool_calls)):
             await _sleep_until(start, reply.due(index), index)
             yield event(_Delta(tool_calls=[fragment]))
@@ -645,6 +726,7 @@ def simulator_router(
             chat = decode_request(await request.body())
         except ValueError as exc:
             return _error(400, f"Invalid request body: {exc}")
+        stats.last_messages = [{"role": m.role, "content": m.text()} for m in chat.messages]
         controls = _Controls.parse(chat.messages)
         if controls.status is not None:
             return _error(controls.status, f"simulated HTTP {controls.status} ([sim:status])")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol.context import build_prompt
+from protocol.parts import PartsBuilder, content_of, round_ms, stored_parts
 from protocol.transcript import status_of
 from server.app import logs, metrics, tracing
 from server.app.config import Settings
@@ -40,8 +42,8 @@ from server.app.metrics import TALLY
 from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
-from server.generation import finish_hooks
-from server.generation.llm import LLM, Finished, MalformedReply, Piece
+from server.generation import finish_hooks, tokens
+from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
 from server.redis import generations, keys
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
@@ -66,7 +68,8 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
-    pieces: list[str] = field(default_factory=list)
+    parts: PartsBuilder = field(init=False)
+    pieces: int = 0
     index: int = 0
     requested: float = 0.0
     first_chunk: float = 0.0
@@ -75,10 +78,16 @@ class Running:
     cancel_received: float = 0.0
     first_token: float | None = None
     watchers: int = 0
+    prompt: list[dict[str, str]] = field(default_factory=list)
+    """What the model was sent; empty when it was not called."""
+
+    def __post_init__(self) -> None:
+        self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
 
     def chunk(self, now: float) -> None:
         """A text chunk from the model arrived: its timing, for the metrics."""
         TALLY.pieces += 1
+        self.pieces += 1
         if not self.first_chunk:
             self.first_chunk = now
         elif now - self.last_chunk > self.max_gap:
@@ -139,6 +148,7 @@ class Worker:
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
         await self._beat()
+        await asyncio.to_thread(tokens.warm)  # before the first turn: no `done` waits for it
         self._background = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._take_over_loop()),
@@ -319,6 +329,7 @@ class Worker:
         run.cancelled = await self._cancelled_before_start(job)
         with tracing.span("model stream"):
             finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
+        finished = await self._measured(run, finished)
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
@@ -348,6 +359,21 @@ class Worker:
         finished = Finished("error", None)
         await self._finish_hook(run, (finished, message, "refused"), at_end, started, began)
         return "error", finished, message
+
+    @staticmethod
+    async def _measured(run: Running, finished: Finished) -> Finished:
+        """The usage with the generation's timing, counted here (`estimated`) when the model
+        reported none; none at all when the model was not called."""
+        if not run.requested:
+            return finished
+        usage = finished.usage
+        if usage is None:
+            usage = await tokens.estimate_off_loop(run.prompt, run.parts.parts())
+        first = None if run.first_token is None else round_ms(run.first_token - run.requested)
+        usage = msgspec.structs.replace(
+            usage, first_token_ms=first, duration_ms=round_ms(time.monotonic() - run.requested)
+        )
+        return dataclasses.replace(finished, usage=usage)
 
     async def _turn_hook(self, run: Running, prompt: list[dict[str, str]]) -> Reply:
         """Ask the host application's turn hook, if any; a model it picks becomes the job's."""
@@ -458,6 +484,7 @@ class Worker:
     ) -> tuple[Finished, str | None]:
         if run.cancelled:
             return Finished("cancelled", None), None
+        run.prompt = prompt
         run.pump = asyncio.create_task(self._pump(run, prompt))
         try:
             return await run.pump, None
@@ -467,6 +494,8 @@ class Worker:
                 run.pump.cancel()
                 raise
             return Finished("cancelled", None), None
+        except Stalled as exc:
+            return Finished("error", None), str(exc)
         except TimeoutError:
             return Finished("error", None), "the model took too long"
         except openai.APIError as exc:
@@ -483,17 +512,19 @@ class Worker:
             async for item in self.llm.stream(job.model, prompt):
                 if not isinstance(item, Piece):
                     return item
-                run.chunk(time.monotonic())
-                run.pieces.append(item.text)
+                now = time.monotonic()
+                run.chunk(now)
                 if run.first_token is None:
-                    run.first_token = time.monotonic()
+                    run.first_token = now
+                parts = run.parts
+                if item.kind != parts.kind:
+                    for boundary in parts.switch(item.kind, now):
+                        self._publish_later(run, boundary)
+                piece = parts.add(item.text)
                 if run.lost:
                     await self._republish(run)
                     continue
-                token = f.Token(
-                    conversation=job.conversation, message_id=job.message_id, text=item.text
-                )
-                self._publish_later(run, token)
+                self._publish_later(run, piece)
         return Finished("stop", None)
 
     def _publish_later(self, run: Running, event: f.ServerFrame) -> asyncio.Future[object]:
@@ -527,10 +558,8 @@ class Worker:
             )
         if not run.refused:
             await self._publish_later(run, self._start_event(job))
-        if run.pieces:
-            text = "".join(run.pieces)
-            token = f.Token(conversation=job.conversation, message_id=job.message_id, text=text)
-            await self._publish_later(run, token)
+        for event in run.parts.replay():
+            await self._publish_later(run, event)
         log.warning("conversation %s was lost by Redis; republished the turn", job.conversation)
 
     @staticmethod
@@ -542,14 +571,19 @@ class Worker:
     ) -> f.DoneReason:
         job = run.job
         reason = "cancelled" if run.cancelled and finished.reason != "error" else finished.reason
+        for boundary in run.parts.close(time.monotonic()):
+            self._publish_later(run, boundary)
+        parts = run.parts.parts()
         reply = f.Message(
             id=job.message_id,
             role="assistant",
-            content="".join(run.pieces),
+            content=content_of(parts),
             status=status_of(reason),
             created_at=started,
             model=job.model,
             usage=finished.usage,
+            parts=stored_parts(parts),
+            reason=None if reason == "stop" else reason,
         )
         done = f.Done(
             conversation=job.conversation,
@@ -605,8 +639,8 @@ def _observe(run: Running, reason: f.DoneReason, finished: Finished, duration: f
     if run.first_chunk:
         metrics.MODEL_TTFT.labels(model).observe(run.first_chunk - run.requested)
         metrics.MAX_GAP.labels(model).observe(run.max_gap)
-    if run.last_chunk > run.first_chunk and len(run.pieces) > 1:
-        gap = (run.last_chunk - run.first_chunk) / (len(run.pieces) - 1)
+    if run.last_chunk > run.first_chunk and run.pieces > 1:
+        gap = (run.last_chunk - run.first_chunk) / (run.pieces - 1)
         metrics.TPOT.labels(model).observe(gap)
     if finished.usage is not None:
         usage = metrics.TOKEN_USAGE

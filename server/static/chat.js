@@ -141,6 +141,9 @@ export function onFrame(frame) {
     case "message":
     case "start":
     case "token":
+    case "part_start":
+    case "part_delta":
+    case "part_end":
     case "done":
     case "queued":
     case "updated":

@@ -42,9 +42,64 @@ function createMessage(message) {
   );
 }
 
+/** Seconds, as the Thinking block's summary says them. */
+function seconds(ms) {
+  return ms < 10_000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 1000)} s`;
+}
+
+/**
+ * The collapsible "Thinking" block above the answer: open while the model reasons, closed once
+ * the answer starts (the reader may open it again; a later update keeps their choice).
+ */
+function updateThinking(node, message) {
+  const reasoning = (message.parts || []).filter((p) => p.kind === "reasoning");
+  let block = node.querySelector(".msg-thinking");
+  if (reasoning.length === 0) {
+    block?.remove();
+    return;
+  }
+  if (!block) {
+    block = el(
+      "details",
+      { class: "msg-thinking" },
+      el("summary", { class: "msg-thinking-summary" }),
+      el("div", { class: "msg-thinking-text" }),
+    );
+    node.querySelector(".msg-body").prepend(block);
+  }
+  const thinking = message.streaming && reasoning.some((p) => p.open);
+  const state = thinking ? "thinking" : "done";
+  if (block.dataset.state !== state) {
+    block.open = thinking; // only when the state changes: the reader's toggle stays
+    block.dataset.state = state;
+  }
+  const took = reasoning.reduce((sum, p) => sum + (p.duration_ms || 0), 0);
+  block.querySelector(".msg-thinking-summary").textContent = thinking
+    ? "Thinking…"
+    : took
+      ? `Thought for ${seconds(took)}`
+      : "Thoughts";
+  block.querySelector(".msg-thinking-text").textContent = reasoning.map((p) => p.text).join("\n\n");
+}
+
+/** The usage as the tooltip of the token count: every figure the server reported. */
+function usageTitle(usage) {
+  const lines = [`${usage.prompt_tokens} prompt tokens`];
+  if (usage.cached_prompt_tokens != null) lines.push(`${usage.cached_prompt_tokens} of them cached`);
+  lines.push(`${usage.completion_tokens} completion tokens`);
+  if (usage.reasoning_tokens != null) lines.push(`${usage.reasoning_tokens} of them reasoning`);
+  if (usage.first_token_ms != null) lines.push(`first token after ${seconds(usage.first_token_ms)}`);
+  if (usage.duration_ms != null) lines.push(`took ${seconds(usage.duration_ms)}`);
+  if (usage.estimated) lines.push("(counted by Parley: the model reported none)");
+  return lines.join("\n");
+}
+
+const STOPPED = new Set(["length", "content_filter", "tool_calls"]);
+
 function updateMessage(node, message) {
   node.dataset.status = message.streaming ? "streaming" : message.status;
   node.dataset.chars = String(message.content.length);
+  if (message.role === "assistant") updateThinking(node, message);
   const content = node.querySelector(".msg-content");
   if (message.role === "user") {
     content.textContent = message.content;
@@ -59,7 +114,8 @@ function updateMessage(node, message) {
   if (message.role === "assistant") {
     const label = message.streaming
       ? null
-      : STATUS_LABELS[message.status] || (message.reason === "length" ? "Cut short" : null);
+      : STATUS_LABELS[message.status] ||
+        (STOPPED.has(message.reason) ? `stopped: ${message.reason}` : null);
     if (label) {
       parts.push(
         el("span", {
@@ -74,10 +130,8 @@ function updateMessage(node, message) {
       parts.push(
         el("span", {
           class: "msg-usage",
-          text: `${message.usage.completion_tokens} tokens`,
-          title:
-            `${message.usage.prompt_tokens} prompt + ` +
-            `${message.usage.completion_tokens} completion tokens`,
+          text: `${message.usage.estimated ? "~" : ""}${message.usage.completion_tokens} tokens`,
+          title: usageTitle(message.usage),
         }),
       );
     }

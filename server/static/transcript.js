@@ -71,7 +71,36 @@ export class Transcript {
         const m = this.find(event.message_id);
         if (m && m.streaming) {
           m.content += event.text;
+          if (m.parts && m.parts.at(-1)?.kind !== "text") m.parts.push({ kind: "text", text: "" });
+          if (m.parts) m.parts.at(-1).text += event.text;
           m.rev = tick();
+        }
+        break;
+      }
+      case "part_start": {
+        // A part other than the text (reasoning, say); the text's pieces stay `token`s.
+        const m = this.find(event.message_id);
+        if (m && m.streaming) {
+          m.parts = m.parts || [];
+          m.parts[event.index] = { kind: event.kind, text: "", open: true };
+          m.rev = tick();
+        }
+        break;
+      }
+      case "part_delta": {
+        const part = this.find(event.message_id)?.parts?.[event.index];
+        if (part) {
+          part.text += event.text;
+          this.find(event.message_id).rev = tick();
+        }
+        break;
+      }
+      case "part_end": {
+        const part = this.find(event.message_id)?.parts?.[event.index];
+        if (part) {
+          part.open = false;
+          if (event.duration_ms != null) part.duration_ms = event.duration_ms;
+          this.find(event.message_id).rev = tick();
         }
         break;
       }
@@ -83,6 +112,7 @@ export class Transcript {
           m.streaming = false;
           m.status = statusOf(event.reason);
           m.reason = event.reason;
+          for (const part of m.parts || []) part.open = false;
           if (event.usage) m.usage = event.usage;
           if (event.error) m.error = event.error;
           m.rev = tick();

@@ -157,7 +157,8 @@ async def test_turn_replaces_messages_and_model(hooked: ParleyProcess, receiver:
         began = next(fr for fr in client.frames[start:] if isinstance(fr, f.Start))
     assert began.model == "chosen-model"
     # the simulator counts each prompt message's words + 4 and obeys the replaced control
-    assert done.usage == f.Usage(prompt_tokens=3 + 4, completion_tokens=3)
+    assert done.usage is not None
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (3 + 4, 3)
 
 
 @pytest.mark.parametrize("policy", ["allow", "refuse"])

@@ -71,6 +71,7 @@ class Db(IntEnum):
     UI_SHORT_STREAMS = 23
     LLAMA = 24
     LLAMA_SHORT = 25
+    THINK_TAGS = 26
 
 
 SCALE_DB = Db.SCALE

@@ -1,9 +1,7 @@
 """The simulated model, served by uvicorn and driven by the real openai client over HTTP."""
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import httpx
 import openai
@@ -11,31 +9,13 @@ import pytest
 import pytest_asyncio
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from server.app.config import SimulatorSettings
-from server.dev.simulator import SimulatorStats
-from tests.helpers.simulator import served
-
-FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
-
-
-async def eventually(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-@dataclass(frozen=True)
-class Sim:
-    base_url: str
-    stats: SimulatorStats
+from tests.helpers.simulated import Sim, eventually, serving
 
 
 @pytest_asyncio.fixture(scope="module")
 async def sim() -> AsyncIterator[Sim]:
-    stats = SimulatorStats()
-    async with served(FAST, stats) as base_url:
-        yield Sim(base_url, stats)
+    async with serving() as served:
+        yield served
 
 
 @pytest_asyncio.fixture

@@ -12,11 +12,8 @@ import pytest_asyncio
 from openai.types.chat import ChatCompletionChunk
 
 from protocol.toolcalls import Calls, ToolCall, assistant_message, read_fragment, tool_message
-from server.app.config import SimulatorSettings
-from server.dev.simulator import SimulatorStats
-from tests.helpers.simulator import served
+from tests.helpers.simulated import serving
 
-FAST = SimulatorSettings(first_token_delay=0.0, tokens_per_second=0.0)
 TOOLS = [
     {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}},
     {"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}},
@@ -26,8 +23,8 @@ TOOLS = [
 @pytest_asyncio.fixture(scope="module")
 async def client() -> AsyncIterator[openai.AsyncOpenAI]:
     async with (
-        served(FAST, SimulatorStats()) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="sim", max_retries=0) as c,
+        serving() as sim,
+        openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0) as c,
     ):
         yield c
 

@@ -8,9 +8,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
-from protocol.frames import Conversation, Message, Usage
+from protocol.frames import Conversation, Message, Part, Usage
 from storage import conversations, db, messages
 from storage.messages import FinishedTurn
 
@@ -213,3 +214,24 @@ async def test_regenerate_saved_before_the_turn_it_replaces(pool: asyncpg.Pool) 
     assert await messages.save_turn(pool, second)
     assert await messages.save_turn(pool, first)
     assert await messages.history(pool, meta.id) == [user, second.reply]
+
+
+async def test_a_reply_keeps_its_parts_reason_and_full_usage(pool: asyncpg.Pool) -> None:
+    meta = await new_conversation(pool)
+    usage = Usage(
+        prompt_tokens=20, completion_tokens=9, reasoning_tokens=5, cached_prompt_tokens=12,
+        first_token_ms=12.5, duration_ms=300.0, estimated=True,
+    )  # fmt: skip
+    parts = [
+        Part(kind="reasoning", text="let me think\x00", duration_ms=250.0),
+        Part(kind="text", text="the answer"),
+    ]
+    reply = msgspec.structs.replace(
+        message("assistant", "the answer"), usage=usage, parts=parts, reason="content_filter"
+    )
+    finished = turn(meta.id, 1, user=message("user", "q"), reply=reply)
+    await messages.save_turn(pool, finished.storable())
+    stored = (await messages.history(pool, meta.id))[-1]
+    assert stored.parts is not None and stored.parts[0].text == "let me think\ufffd"
+    assert stored.parts[1:] == parts[1:] and stored.parts[0].duration_ms == 250.0
+    assert (stored.usage, stored.reason, stored.content) == (usage, "content_filter", "the answer")

@@ -1,0 +1,178 @@
+"""An assistant message as an ordered list of parts, built from its pieces and rebuilt from
+its events.
+
+The worker feeds each piece of the reply (its kind and text) to a `PartsBuilder`, which says
+which events carry it: a piece of a `text` part is a `token` event, as in protocol version 1,
+so a client that knows only `token` sees the answer unchanged; any other part opens with
+`part_start`, grows with `part_delta` and closes with `part_end`. A `token` when the message's
+last part is not text begins a text part (no `part_start`: the hot path of a plain answer is
+the one of version 1).
+
+A client folds the events back with `MessageParts`; the builder's `parts()` are what is
+persisted, so the two must agree byte for byte (tests/protocol/test_parts.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from protocol import frames as f
+
+
+def round_ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+@dataclass(slots=True)
+class _Building:
+    kind: f.PartKind
+    began: float
+    texts: list[str] = field(default_factory=list)
+    duration_ms: float | None = None
+
+    def part(self) -> f.Part:
+        return f.Part(kind=self.kind, text="".join(self.texts), duration_ms=self.duration_ms)
+
+
+class PartsBuilder:
+    """The parts of one reply as its pieces arrive. Times are the caller's clock (seconds)."""
+
+    __slots__ = ("_parts", "conversation", "kind", "message_id")
+
+    def __init__(self, conversation: uuid.UUID, message_id: uuid.UUID) -> None:
+        self.conversation = conversation
+        self.message_id = message_id
+        self.kind: f.PartKind | None = None
+        """The kind of the part pieces go to now; None before the first and after `close`."""
+        self._parts: list[_Building] = []
+
+    def switch(self, kind: f.PartKind, now: float) -> list[f.ServerFrame]:
+        """Close the current part and open one of `kind`: the events that say so."""
+        events = self.close(now)
+        self._parts.append(_Building(kind, now))
+        self.kind = kind
+        if kind != "text":
+            events.append(self._start(len(self._parts) - 1))
+        return events
+
+    def add(self, text: str) -> f.ServerFrame:
+        """A piece of the current part, and the event that carries it."""
+        self._parts[-1].texts.append(text)
+        return self._piece(len(self._parts) - 1, text)
+
+    def close(self, now: float) -> list[f.ServerFrame]:
+        """End the current part (a reply's last part is closed by `done` instead)."""
+        if self.kind is None:
+            return []
+        self.kind = None
+        part = self._parts[-1]
+        if part.kind == "text":
+            return []
+        if part.kind == "reasoning":
+            part.duration_ms = round_ms(now - part.began)
+        return [self._end(len(self._parts) - 1)]
+
+    def parts(self) -> list[f.Part]:
+        return [p.part() for p in self._parts]
+
+    def replay(self) -> list[f.ServerFrame]:
+        """The events of the reply so far, one piece per part: to publish it again after
+        Redis lost the conversation (the open part stays open)."""
+        events: list[f.ServerFrame] = []
+        last = len(self._parts) - 1
+        for index, building in enumerate(self._parts):
+            text = "".join(building.texts)
+            if building.kind != "text":
+                events.append(self._start(index))
+            if text:
+                events.append(self._piece(index, text))
+            if building.kind != "text" and (index < last or self.kind is None):
+                events.append(self._end(index))
+        return events
+
+    def _start(self, index: int) -> f.PartStart:
+        return f.PartStart(
+            conversation=self.conversation,
+            message_id=self.message_id,
+            index=index,
+            kind=self._parts[index].kind,
+        )
+
+    def _piece(self, index: int, text: str) -> f.ServerFrame:
+        if self._parts[index].kind == "text":
+            return f.Token(conversation=self.conversation, message_id=self.message_id, text=text)
+        return f.PartDelta(
+            conversation=self.conversation, message_id=self.message_id, index=index, text=text
+        )
+
+    def _end(self, index: int) -> f.PartEnd:
+        return f.PartEnd(
+            conversation=self.conversation,
+            message_id=self.message_id,
+            index=index,
+            duration_ms=self._parts[index].duration_ms,
+        )
+
+
+def content_of(parts: list[f.Part]) -> str:
+    """A message's `content`: its text parts, joined."""
+    return "".join(p.text for p in parts if p.kind == "text")
+
+
+def stored_parts(parts: list[f.Part]) -> list[f.Part] | None:
+    """What a message keeps in `parts`: nothing when its text says it all."""
+    if all(p.kind == "text" for p in parts):
+        return None
+    return parts
+
+
+def parts_of(message: f.Message) -> list[f.Part]:
+    """A message's parts, for one written before parts existed or holding only text too."""
+    if message.parts is not None:
+        return message.parts
+    return [f.Part(kind="text", text=message.content)] if message.content else []
+
+
+@dataclass(slots=True)
+class _Folding:
+    kind: f.PartKind
+    texts: list[str] = field(default_factory=list)
+    duration_ms: float | None = None
+
+
+class MessageParts:
+    """One assistant message's parts, rebuilt from its events in seq order (a client's view)."""
+
+    __slots__ = ("_parts", "message_id", "reason")
+
+    def __init__(self, message_id: uuid.UUID) -> None:
+        self.message_id = message_id
+        self._parts: list[_Folding] = []
+        self.reason: f.DoneReason | None = None
+
+    def apply(self, event: f.ServerFrame) -> None:
+        if getattr(event, "message_id", None) != self.message_id:
+            return
+        if isinstance(event, f.Start):
+            self._parts.clear()  # a restarted message: discard what it had
+            self.reason = None
+        elif isinstance(event, f.PartStart):
+            while len(self._parts) <= event.index:
+                self._parts.append(_Folding(event.kind))
+        elif isinstance(event, f.PartDelta) and event.index < len(self._parts):
+            self._parts[event.index].texts.append(event.text)
+        elif isinstance(event, f.Token):
+            if not self._parts or self._parts[-1].kind != "text":
+                self._parts.append(_Folding("text"))
+            self._parts[-1].texts.append(event.text)
+        elif isinstance(event, f.PartEnd) and event.index < len(self._parts):
+            self._parts[event.index].duration_ms = event.duration_ms
+        elif isinstance(event, f.Done):
+            self.reason = event.reason
+
+    def parts(self) -> list[f.Part]:
+        return [
+            f.Part(kind=p.kind, text="".join(p.texts), duration_ms=p.duration_ms)
+            for p in self._parts
+        ]

@@ -79,7 +79,7 @@ async def test_reasoning_streams_resumes_and_persists_byte_for_byte(
     reader: Client = await connect(user)
     stored = (await history(reader, conversation))[-1]
     assert stored.parts is not None and [p.kind for p in stored.parts] == ["reasoning", "text"]
-    assert len(stored.parts[0].text.split()) == 12 and stored.parts[0].duration_ms
+    assert stored.parts[0].text.strip() and stored.parts[0].duration_ms
     for tab in (a, b, c):
         assert encoded(folded(tab, message_id)) == encoded(stored.parts)
     assert_contiguous(b, conversation, joined.last_seq + 1)

@@ -48,6 +48,7 @@ from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from storage.messages import FinishedTurn
+from storage.usage import UsageEntry
 
 log = logging.getLogger("parley.worker")
 
@@ -538,6 +539,7 @@ class Worker:
             error=error,
             code=code,
         )
+        spent = self._spent(job, reply, started)
         turn = FinishedTurn(
             conversation=job.conversation,
             user_message=self._user_message(run),
@@ -546,16 +548,53 @@ class Worker:
             replaces=job.replaces,
             finished_at=f.utcnow(),
             traceparent=tracing.current_traceparent(),
+            spent=spent,
         )
-        call = self.turns.finish_call(job, encode(done), reply, encode(turn))
+        call = self.turns.finish_call(job, encode(done), reply, encode(turn), spent.tokens)
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
             if await self.pipeliner.call(call) >= 0:
+                await self._warn(job)
                 return reason
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)
         return reason
+
+    def _spent(self, job: Job, reply: f.Message, started: datetime) -> UsageEntry:
+        """The reply's row in the usage ledger: what the model reported (nothing when it
+        reported nothing, as for a turn cancelled before it began) and what that cost."""
+        usage = reply.usage
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        budgets = self.conversations.spending.budgets
+        return UsageEntry(
+            owner=job.user,
+            model=job.model,
+            status=reply.status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost=self.settings.budgets.cost(job.model, prompt, completion),
+            bucket=job.budget_bucket or budgets.bucket(),
+            started_at=started,
+        )
+
+    async def _warn(self, job: Job) -> None:
+        """Tell the user's tabs, once per window, that their spending nears the budget."""
+        spending = self.conversations.spending
+        if not spending.settings.enabled:
+            return
+        try:
+            reached = await spending.budgets.warning(job.user, job.group)
+            if reached is None:
+                return
+            state = await spending.state(job.user, job.group)
+        except (Refused, RedisError, OSError) as exc:
+            log.warning("cannot check the budget's warning: %s", exc)
+            return
+        used, limit = reached
+        warning = f.UsageWarning(used=used, limit=limit, resets_at=state.resets_at)
+        await self.conversations.tell(job.user, warning)
 
     def cancel(self, conversation: uuid.UUID, message_id: str) -> None:
         run = self.running.get(conversation)

@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import eventlog, presence, scripts, turns
+from server.redis import budgets, eventlog, presence, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -21,6 +21,8 @@ LOADED = [
     presence.ADMIT,
     presence.LEAVE,
     presence.BEAT,
+    budgets.LOAD,
+    budgets.WARN,
 ]
 
 

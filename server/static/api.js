@@ -51,6 +51,7 @@ export const api = {
   create: (token, fields) => call("POST", "api/conversations", { token, body: fields }),
   change: (token, id, fields) => call("PATCH", `api/conversations/${id}`, { token, body: fields }),
   remove: (token, id) => call("DELETE", `api/conversations/${id}`, { token }),
+  usage: (token) => call("GET", "api/usage", { token }),
 };
 
 export function wsUrl() {

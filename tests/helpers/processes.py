@@ -68,6 +68,7 @@ class Db(IntEnum):
     HOOKS_GIVE_UP = 21
     BUDGETS = 22
     FAIR_QUEUE = 23
+    BUDGETS_UI = 24
 
 
 SCALE_DB = Db.SCALE

@@ -46,14 +46,20 @@ local function budget_reserve(budget_key, bucket, cost, ttl)
   return redis.call('HGET', budget_key, 'epoch') or ''
 end
 
--- The turn's worst case: its prompt (the recent messages and `message`, about 3 characters
--- a token, at most the context budget) and a whole reply of `max_tokens`.
+-- The turn's worst case: its prompt (`message` and the recent messages, newest first, about 3
+-- characters a token, at most the context budget: only as many are read as could fit) and a
+-- whole reply of `max_tokens`.
 local function budget_worst_case(recent_key, message, context_tokens, max_tokens)
+  local cap = tonumber(context_tokens)
   local chars = string.len(message)
-  for _, item in ipairs(redis.call('LRANGE', recent_key, 0, -1)) do
-    chars = chars + string.len(item)
+  local last = -1
+  while math.floor(chars / 3) + 1 < cap do
+    local items = redis.call('LRANGE', recent_key, last - 19, last)
+    for i = #items, 1, -1 do chars = chars + string.len(items[i]) end
+    if #items < 20 then break end
+    last = last - 20
   end
-  return math.min(math.floor(chars / 3) + 1, tonumber(context_tokens)) + tonumber(max_tokens)
+  return math.min(math.floor(chars / 3) + 1, cap) + tonumber(max_tokens)
 end
 
 -- Replace a turn's reservation with what it really spent. A budget rebuilt from the ledger

@@ -14,16 +14,13 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import frames as f
-from server.dev.client import Client
 from tests.helpers import processes
-from tests.helpers.auth import mint, new_user
-from tests.helpers.conversations import start_conversation
+from tests.helpers.conversations import timed_turns
 from tests.helpers.processes import bench_cluster, redis_db
 
 COMMON = {
@@ -33,21 +30,6 @@ COMMON = {
     "PARLEY_SERVER_LOG_LEVEL": "warning",
 }
 BUDGET = {"PARLEY_BUDGETS_DEFAULT_TOKENS": str(10**12)}
-
-
-async def acks(ws_url: str, turns: int) -> list[float]:
-    """Milliseconds from sending `say` to its `ack`, per turn."""
-    times: list[float] = []
-    async with await Client.connect(ws_url, mint(new_user())) as client:
-        conversation = await start_conversation(client)
-        for i in range(turns):
-            start = len(client.frames)
-            sent = time.monotonic()
-            await client.send(f.Say(conversation=conversation, text=f"q{i} [sim:tokens=2]"))
-            await client.wait_for(lambda fr: isinstance(fr, f.Ack), start=start, timeout=10)
-            times.append((time.monotonic() - sent) * 1000)
-            await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start, timeout=10)
-    return times
 
 
 def report(name: str, times: list[float]) -> None:
@@ -72,8 +54,8 @@ def main() -> None:
             url = redis_db(cluster.services.redis_url, db)
             server = cluster.process("serve", REDIS_URL=url, **COMMON, **env)
             processes.ROOT = here
-            asyncio.run(acks(server.ws_url, 20))  # warm up
-            report(name, asyncio.run(acks(server.ws_url, args.turns)))
+            asyncio.run(timed_turns(server.ws_url, 20, f.Ack))  # warm up
+            report(name, asyncio.run(timed_turns(server.ws_url, args.turns, f.Ack)))
             server.stop()
 
 

@@ -116,9 +116,6 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     turns_per_minute: Size = 30
     max_connections_per_user: Size = 100
     outbox_bytes: Size = 1_048_576
-    generations_per_user: Size = 2
-    """Generations of one user running at once (documented; enforcement is with the fair
-    queue, not built yet)."""
 
     def wire(self) -> WireLimits:
         return WireLimits(

@@ -157,6 +157,7 @@ class Conversations:
         `hook_data` is what the socket's connect hook attached (docs/hooks.md), `group` the
         user's budget group."""
         meta = await self.owned(user, conversation)
+        self.spending.allows(group, meta.model)  # the group may have lost it since
         message = f.Message(
             id=message_id or f.new_id(),
             role="user",
@@ -178,6 +179,7 @@ class Conversations:
         self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID:
         meta = await self.owned(user, conversation)
+        self.spending.allows(group, meta.model)
         budgeting = self._budgeting(group)
         with self._turn("regenerate", user, meta, hook_data, None, budgeting) as (job, span):
             result = await self._retry_unloaded(

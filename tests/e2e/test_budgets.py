@@ -236,3 +236,9 @@ async def test_a_users_own_budget_and_group_policy(
     async with await Client.connect(webs[0].ws_url, mint(user, plan="pro")) as client:
         assert client.ready is not None and client.ready.budget is not None
         assert client.ready.budget.limit == 1_000_000
+        pro_only = await start_conversation(client, model="gpt-expensive")  # pro: any model
+    async with await Client.connect(webs[1].ws_url, mint(user, plan="free")) as client:
+        await client.request(f.Join(conversation=pro_only))
+        with pytest.raises(ProtocolError) as downgraded:
+            await client.request(f.Say(conversation=pro_only, text="hello"))
+        assert downgraded.value.error.code == "forbidden_model"

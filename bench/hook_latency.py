@@ -25,9 +25,7 @@ from protocol import frames as f
 from server.app.config import HooksSettings
 from server.app.hooks import Hooks
 from server.dev import embedded
-from server.dev.client import Client
-from tests.helpers.auth import mint, new_user
-from tests.helpers.conversations import start_conversation
+from tests.helpers.conversations import timed_turns
 from tests.helpers.processes import Cluster, redis_db, start_services
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -47,21 +45,6 @@ class Allow(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-async def first_tokens(ws_url: str, turns: int) -> list[float]:
-    """Milliseconds from sending `say` to the reply's first token, per turn."""
-    times: list[float] = []
-    async with await Client.connect(ws_url, mint(new_user())) as client:
-        conversation = await start_conversation(client)
-        for i in range(turns):
-            start = len(client.frames)
-            sent = time.monotonic()
-            await client.send(f.Say(conversation=conversation, text=f"q{i} [sim:tokens=2]"))
-            await client.wait_for(lambda fr: isinstance(fr, f.Token), start=start, timeout=10)
-            times.append((time.monotonic() - sent) * 1000)
-            await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start, timeout=10)
-    return times
 
 
 async def round_trips(url: str, calls: int) -> list[float]:
@@ -112,8 +95,8 @@ def main() -> None:
                 server = cluster.process(
                     "serve", REDIS_URL=redis_db(services.redis_url, db), **common, **hooks
                 )
-                asyncio.run(first_tokens(server.ws_url, 10))  # warm up
-                report(name, asyncio.run(first_tokens(server.ws_url, args.turns)))
+                asyncio.run(timed_turns(server.ws_url, 10, f.Token))  # warm up
+                report(name, asyncio.run(timed_turns(server.ws_url, args.turns, f.Token)))
                 server.stop()
         finally:
             cluster.stop_all()

@@ -52,6 +52,8 @@ ErrorCode = Literal[
     "unavailable",
     "internal",
     "refused",
+    "quota_exceeded",
+    "forbidden_model",
 ]
 DoneReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
 PartKind = Literal["text", "reasoning", "tool_call", "tool_result"]
@@ -132,6 +134,19 @@ class Limits(Struct, frozen=True):
     max_joined: int
     frames_per_second: float
     turns_per_minute: int
+
+
+class Budget(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A user's token budget now: `limit` 0 is unlimited (then `remaining` is absent);
+    `used` counts finished turns and the worst case of running ones; `resets_at` is when
+    spending next goes down (the window's end; for `rolling24h`, when the oldest hour with
+    spending leaves the window)."""
+
+    limit: int
+    used: int
+    resets_at: datetime
+    window: str
+    remaining: int | None = None
 
 
 # --------------------------------------------------------------------------- client frames
@@ -242,6 +257,8 @@ class Ready(_Server, tag="ready", kw_only=True, frozen=True):
     simulated: bool = False
     expires_at: int | None = None
     ref: str | None = None
+    budget: Budget | None = None
+    """(addition) The user's token budget when budgets are configured (`[budgets]`)."""
 
 
 class Created(_Server, tag="created", kw_only=True, frozen=True):
@@ -308,6 +325,10 @@ class Error(_Server, tag="error", kw_only=True, frozen=True):
     conversation: uuid.UUID | None = None
     message_id: uuid.UUID | None = None
     seq: Seq = 0
+    resets_at: datetime | None = None
+    """(addition) With `quota_exceeded`: when the user's token budget resets."""
+    remaining: int | None = None
+    """(addition) With `quota_exceeded`: the tokens left in the budget (0)."""
 
 
 # --------------------------------------------------------------------------- conversation events
@@ -450,6 +471,15 @@ class Notice(_Server, tag="notice", kw_only=True, frozen=True):
     seq: Seq = 0
 
 
+class UsageWarning(_Server, tag="usage_warning", kw_only=True, frozen=True):
+    """(addition) User event, to every socket of the user, once per budget window: the
+    user's spending reached `budgets.warn_at` of `limit` tokens. It carries no `seq`."""
+
+    used: int
+    limit: int
+    resets_at: datetime
+
+
 ConversationEvent = (
     MessageEvent
     | Start
@@ -472,6 +502,7 @@ ServerFrame = (
     | Refresh
     | ConversationEvent
     | ConversationChanged
+    | UsageWarning
 )
 SERVER_FRAMES: Final[tuple[type[_Server], ...]] = get_args(ServerFrame)
 """The server frames in protocol order, conversation events flattened in."""

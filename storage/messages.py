@@ -10,6 +10,7 @@ import msgspec
 
 from protocol.frames import Message, Part, Usage
 from protocol.text import scrub
+from storage import usage as ledger
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +30,8 @@ class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
     done_seq: int = 0
     traceparent: str | None = None
     """The generation's trace context, for the persister's span (server/app/tracing.py)."""
+    spent: ledger.UsageEntry | None = None
+    """The reply's row in the usage ledger (absent in turns queued by older versions)."""
     refused_reply: uuid.UUID | None = None
     """Without a `reply`: the id the refused turn's reply would have had."""
 
@@ -98,9 +101,14 @@ def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, .
 async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
     """Record a finished turn in one transaction; idempotent by (conversation, message id).
 
-    Returns False when the conversation no longer exists (it was deleted meanwhile).
+    Returns False when the conversation no longer exists (it was deleted meanwhile); the
+    turn's usage is recorded all the same: its tokens were spent.
     """
     async with pool.acquire() as conn, conn.transaction():
+        if turn.spent is not None:
+            await ledger.record(
+                conn, turn.conversation, turn.reply_id, turn.spent, turn.finished_at
+            )
         exists = await conn.fetchval(
             "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", turn.conversation
         )

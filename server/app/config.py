@@ -262,6 +262,54 @@ class ToolsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Calls of one model step running at once; the others wait their turn."""
 
 
+Tokens = Annotated[int, Meta(ge=0, le=2**53)]
+"""A token budget: 0 is unlimited."""
+Price = Annotated[float, Meta(ge=0, le=1e6)]
+
+
+class ModelPrice(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a model's tokens cost, per million."""
+
+    input: Price = 0.0
+    output: Price = 0.0
+
+
+class BudgetsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Token budgets per user (protocol/budget.py), the models each group may pick and
+    what their tokens cost."""
+
+    window: Literal["day", "week", "month", "rolling24h"] = "day"
+    default_tokens: Tokens = 0
+    """The budget of a user whose group has none of its own; 0: unlimited."""
+    group_claim: str = ""
+    """The token claim naming the user's group (e.g. `plan`); empty: every user is in the
+    default group."""
+    groups: dict[str, Tokens] = {}
+    warn_at: Annotated[float, Meta(ge=0, le=1)] = 0.8
+    models: dict[str, list[str]] = {}
+    """Group -> the models its users may pick; a group not listed may pick any."""
+    prices: dict[str, ModelPrice] = {}
+    """Model -> its price per million input and output tokens, for the ledger's cost."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any budget is configured (`ready` then carries the user's)."""
+        return self.default_tokens > 0 or any(self.groups.values())
+
+    def limit_for(self, group: str) -> int:
+        return self.groups.get(group, self.default_tokens) if group else self.default_tokens
+
+    def allows(self, group: str, model: str) -> bool:
+        allowed = self.models.get(group)
+        return allowed is None or model in allowed
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+        price = self.prices.get(model)
+        if price is None:
+            return 0.0
+        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+
+
 class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -275,6 +323,7 @@ class Settings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server_api: ServerAPISettings = ServerAPISettings()
     hooks: HooksSettings = HooksSettings()
     tools: ToolsSettings = ToolsSettings()
+    budgets: BudgetsSettings = BudgetsSettings()
 
     @property
     def data_path(self) -> Path:
@@ -367,10 +416,13 @@ def _env_value(section: str, key: str, value: str, name: str) -> Any:
     section_type = type(getattr(Settings(), section))
     if key not in section_type.__struct_fields__:
         raise ConfigError(f"environment variable {name}: unknown key `{key}` in [{section}]")
-    if isinstance(getattr(section_type(), key), list):
+    default = getattr(section_type(), key)
+    if isinstance(default, list):
         if value.startswith("["):
             return _json_list(value, name)
         return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(default, dict):
+        return _json_table(value, name)
     return value
 
 
@@ -388,3 +440,15 @@ def _json_list(value: str, name: str) -> list[Any]:
     except (msgspec.DecodeError, UnicodeError) as exc:
         raise ConfigError(f"{problem}: {exc}") from None
     return items
+
+
+def _json_table(value: str, name: str) -> dict[str, Any]:
+    """An environment variable's JSON object, such as `PARLEY_BUDGETS_GROUPS`."""
+    problem = f"environment variable {name}: expected a JSON object"
+    if too_deep(value, ENV_JSON_DEPTH):
+        raise ConfigError(f"{problem}, got JSON nested more than {ENV_JSON_DEPTH} levels")
+    try:
+        table: dict[str, Any] = msgspec.json.decode(value, type=dict[str, Any])
+    except (msgspec.DecodeError, UnicodeError) as exc:
+        raise ConfigError(f"{problem}: {exc}") from None
+    return table

@@ -80,6 +80,7 @@ class Runtime:
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.hooks = Hooks(s.hooks)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
+        self.verifier.group_claim = s.budgets.group_claim
         metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
         tracing.configure(self.role)
         if self.runs_web:

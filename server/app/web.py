@@ -17,7 +17,7 @@ from litestar.static_files import create_static_files_router
 from server.app import metrics
 from server.app.runtime import Runtime
 from server.dev.simulator import SimulatorStats, simulator_router
-from server.edge import server_api, streams
+from server.edge import server_api, streams, usage
 from server.edge.rest import ROUTES
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -46,7 +46,9 @@ def create_app(runtime: Runtime, simulator: SimulatorStats | None = None) -> Lit
             await runtime.stop()
 
     handlers: list[Any] = (
-        [*ROUTES, *server_api.ROUTES, *streams.ROUTES, metrics_endpoint] if runtime.runs_web else []
+        [*ROUTES, *server_api.ROUTES, *streams.ROUTES, *usage.ROUTES, metrics_endpoint]
+        if runtime.runs_web
+        else []
     )
     if simulator is not None:
         settings = runtime.settings

@@ -54,6 +54,8 @@ class Principal:
     token_id: str = ""
     """What names this token for a revocation: `jti:<jti>`, else `sid:<sid>` (every token of
     that session), else `tok:<digest of the token>`."""
+    group: str = ""
+    """The user's budget group: the `budgets.group_claim` claim, if set and a short string."""
 
 
 class Revocations(Protocol):
@@ -82,6 +84,8 @@ class Verifier:
         self.secret = secret
         self.algorithms = algorithms
         self._cache: dict[str, Principal] = {}
+        self.group_claim = ""
+        """The claim naming the user's budget group (`budgets.group_claim`)."""
         self.revocations: Revocations | None = None
         """Checked once per token verified (a cached token skips it: `forget` a user whose
         tokens were revoked)."""
@@ -169,7 +173,7 @@ class Verifier:
             self.settings.issuer,
             ["sub"],
         )
-        return _principal(claims, "sub")
+        return _principal(claims, "sub", self.group_claim)
 
     async def _decode_issued(self, token: str, header: Mapping[str, Any]) -> Principal:
         alg = str(header["alg"])
@@ -191,7 +195,7 @@ class Verifier:
                 issuer.check(claims, time.time(), self.settings.leeway)
             except ClaimsRefused as exc:
                 raise AuthError(f"invalid token: {exc}") from None
-            return _principal(claims, issuer.user_claim)
+            return _principal(claims, issuer.user_claim, self.group_claim)
         raise AuthError("invalid token: no key of its issuer matches its `kid`")
 
     def _decode(
@@ -254,7 +258,7 @@ def _unverified_issuer(token: str) -> str | None:
     return iss if isinstance(iss, str) else None
 
 
-def _principal(claims: Mapping[str, Any], user_claim: str) -> Principal:
+def _principal(claims: Mapping[str, Any], user_claim: str, group_claim: str = "") -> Principal:
     user = claims.get(user_claim)
     if not isinstance(user, str) or not user or len(user) > 200:
         raise AuthError(f"invalid token: `{user_claim}` must be a non-empty string")
@@ -272,8 +276,20 @@ def _principal(claims: Mapping[str, Any], user_claim: str) -> Principal:
         "",
     )
     return Principal(
-        user, _expiry(claims.get("exp")), None if issued is None else float(issued), token_id
+        user,
+        _expiry(claims.get("exp")),
+        None if issued is None else float(issued),
+        token_id,
+        _group(claims, group_claim),
     )
+
+
+def _group(claims: Mapping[str, Any], group_claim: str) -> str:
+    """The budget group the token names; anything but a short string is no group."""
+    value = claims.get(group_claim) if group_claim else None
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS and text.problem(value) is None:
+        return value
+    return ""
 
 
 def _identified(principal: Principal, token: str) -> Principal:

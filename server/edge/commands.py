@@ -54,7 +54,12 @@ class Service(Transcripts, Protocol):
     """What commands ask of the conversation service (`server.edge.conversations.Conversations`)."""
 
     async def create(
-        self, user: str, title: str | None, system: str | None, model: str | None
+        self,
+        user: str,
+        title: str | None,
+        system: str | None,
+        model: str | None,
+        group: str = "",
     ) -> f.Conversation: ...
 
     async def say(
@@ -64,11 +69,14 @@ class Service(Transcripts, Protocol):
         text: str,
         message_id: uuid.UUID | None,
         hook_data: HookData = None,
+        group: str = "",
     ) -> tuple[uuid.UUID, bool]: ...
 
     async def regenerate(
-        self, user: str, conversation: uuid.UUID, hook_data: HookData = None
+        self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID: ...
+
+    async def budget(self, user: str, group: str) -> f.Budget | None: ...
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None: ...
 
@@ -269,7 +277,8 @@ class Commands:
             return
         self.registered = True
         hub.watch_user(user, self.conn)
-        self.conn.push_frame(hub.ready_frame(principal, self.id, ref))
+        budget = await hub.conversations.budget(user, principal.group)
+        self.conn.push_frame(hub.ready_frame(principal, self.id, ref, budget))
 
     async def _connect_hook(self, principal: Principal) -> bool:
         """Ask the host application's connect hook, if any, whether the socket may stay;
@@ -330,9 +339,16 @@ class Commands:
                 message=refused.message,
                 retry_after=refused.retry_after,
                 ref=frame.ref,
+                resets_at=refused.resets_at,
+                remaining=refused.remaining,
             )
         if reply is not None:
             self.conn.push_frame(reply)
+
+    @property
+    def _group(self) -> str:
+        """The user's budget group, from the token in force."""
+        return "" if self.principal is None else self.principal.group
 
     async def _execute(self, user: str, frame: f.ClientFrame) -> f.ServerFrame | None:
         conversations = self.hub.conversations
@@ -341,7 +357,7 @@ class Commands:
             return None
         if isinstance(frame, f.Say):
             message_id, duplicate = await conversations.say(
-                user, frame.conversation, frame.text, frame.id, self.hook_data
+                user, frame.conversation, frame.text, frame.id, self.hook_data, self._group
             )
             return f.Ack(message_id=message_id, duplicate=duplicate, ref=frame.ref)
         if isinstance(frame, f.Leave):
@@ -351,10 +367,14 @@ class Commands:
             await conversations.cancel(user, frame.conversation)
             return f.Ack(ref=frame.ref)
         if isinstance(frame, f.Regenerate):
-            message_id = await conversations.regenerate(user, frame.conversation, self.hook_data)
+            message_id = await conversations.regenerate(
+                user, frame.conversation, self.hook_data, self._group
+            )
             return f.Ack(message_id=message_id, ref=frame.ref)
         if isinstance(frame, f.Create):
-            meta = await conversations.create(user, frame.title, frame.system, frame.model)
+            meta = await conversations.create(
+                user, frame.title, frame.system, frame.model, self._group
+            )
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
         raise Refused("bad_frame", "unsupported frame")
 

@@ -23,9 +23,10 @@ from server.app import metrics, tracing
 from server.app.config import Settings
 from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
+from server.edge.spending import Spending
 from server.redis import keys
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
-from server.redis.turns import Accepted, Admission, HookData, Job, Turns
+from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
@@ -51,6 +52,7 @@ class Conversations:
         self.pool = pool
         self.events = events
         self.turns = turns
+        self.spending = Spending(redis, pool, settings.budgets)
 
     # ------------------------------------------------------------------ reading
 
@@ -115,8 +117,16 @@ class Conversations:
     # ------------------------------------------------------------------ changing
 
     async def create(
-        self, user: str, title: str | None, system: str | None, model: str | None
+        self,
+        user: str,
+        title: str | None,
+        system: str | None,
+        model: str | None,
+        group: str = "",
     ) -> f.Conversation:
+        """A new conversation; `group` is the user's budget group (the models it may pick)."""
+        if model is not None:
+            self.spending.allows(group, model)
         now = f.utcnow()
         meta = f.Conversation(
             id=f.new_id(),
@@ -141,10 +151,13 @@ class Conversations:
         text: str,
         message_id: uuid.UUID | None,
         hook_data: HookData = None,
+        group: str = "",
     ) -> tuple[uuid.UUID, bool]:
         """Accept a user turn; returns its message id and whether it was a duplicate.
-        `hook_data` is what the socket's connect hook attached (docs/hooks.md)."""
+        `hook_data` is what the socket's connect hook attached (docs/hooks.md), `group` the
+        user's budget group."""
         meta = await self.owned(user, conversation)
+        self.spending.allows(group, meta.model)  # the group may have lost it since
         message = f.Message(
             id=message_id or f.new_id(),
             role="user",
@@ -152,21 +165,25 @@ class Conversations:
             status="complete",
             created_at=f.utcnow(),
         )
-        with self._turn("say", user, meta, hook_data, message.id) as (job, span):
+        budgeting = self._budgeting(group)
+        with self._turn("say", user, meta, hook_data, message.id, budgeting) as (job, span):
             event = encode(f.MessageEvent(conversation=conversation, message=message))
             result = await self._retry_unloaded(
-                conversation, lambda: self.turns.accept(event, message, job, self._turn_limit)
+                job,
+                lambda: self.turns.accept(event, message, job, self._turn_limit, budgeting),
             )
             span.note("parley.admission", result.admission.value)
         return message.id, result.admission is Admission.DUPLICATE
 
     async def regenerate(
-        self, user: str, conversation: uuid.UUID, hook_data: HookData = None
+        self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID:
         meta = await self.owned(user, conversation)
-        with self._turn("regenerate", user, meta, hook_data) as (job, span):
+        self.spending.allows(group, meta.model)
+        budgeting = self._budgeting(group)
+        with self._turn("regenerate", user, meta, hook_data, None, budgeting) as (job, span):
             result = await self._retry_unloaded(
-                conversation, lambda: self.turns.regenerate(job, self._turn_limit)
+                job, lambda: self.turns.regenerate(job, self._turn_limit, budgeting)
             )
             span.note("parley.admission", result.admission.value)
         return job.message_id
@@ -178,7 +195,8 @@ class Conversations:
         user: str,
         meta: f.Conversation,
         hook_data: HookData,
-        user_message: uuid.UUID | None = None,
+        user_message: uuid.UUID | None,
+        budgeting: Budgeting,
     ) -> Iterator[tuple[Job, tracing.Traced]]:
         """The job for a new reply, within the span of accepting it (the trace's root)."""
         reply_id = f.new_id()
@@ -193,6 +211,8 @@ class Conversations:
                     accepted_at=time.time(),
                     traceparent=span.traceparent,
                     hook_data=hook_data,
+                    group=budgeting.group,
+                    budget_bucket=budgeting.bucket,
                 ),
                 span,
             )
@@ -213,8 +233,11 @@ class Conversations:
         title: str | None = None,
         system: str | None = None,
         model: str | None = None,
+        group: str = "",
     ) -> f.Conversation:
         await self.owned(user, conversation)
+        if model is not None:
+            self.spending.allows(group, model)
         head = await self.events.head(conversation)
         try:
             row = await stored_conversations.update(
@@ -285,7 +308,21 @@ class Conversations:
             await self.tell(user, f.ConversationChanged(conversation=conversation, deleted=True))
         return len(deleted)
 
-    async def tell(self, user: str, frame: f.ConversationChanged | f.Notice) -> None:
+    async def budget(self, user: str, group: str) -> f.Budget | None:
+        """The user's budget for `ready`, when budgets are configured (else, or when it
+        cannot be read now, None: `ready` goes without it)."""
+        if not self.settings.budgets.enabled:
+            return None
+        try:
+            state = await self.spending.state(user, group)
+        except Refused as exc:
+            log.warning("no budget in `ready`: %s", exc.message)
+            return None
+        return self.spending.budget_frame(state)
+
+    async def tell(
+        self, user: str, frame: f.ConversationChanged | f.Notice | f.UsageWarning
+    ) -> None:
         """A user event to every socket of the user, on every web process."""
         try:
             await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
@@ -298,17 +335,29 @@ class Conversations:
     def _turn_limit(self) -> int:
         return self.settings.limits.turns_per_minute
 
-    async def _retry_unloaded(self, conversation: uuid.UUID, attempt: object) -> Accepted:
-        """Run a turn script; load the conversation into Redis and retry if it was not."""
+    def _budgeting(self, group: str) -> Budgeting:
+        llm = self.settings.llm
+        return self.spending.budgets.budgeting(group, llm.context_tokens, llm.max_tokens)
+
+    async def _retry_unloaded(self, job: Job, attempt: object) -> Accepted:
+        """Run a turn script; load the conversation (or the user's budget) into Redis and
+        retry if it was not there."""
         assert callable(attempt)
         try:
             result: Accepted = await attempt()
-            if result.admission is Admission.UNLOADED:
-                await self.load(conversation)
+            for _ in range(2):  # the conversation, then the budget, may each be missing
+                if result.admission is Admission.UNLOADED:
+                    await self.load(job.conversation)
+                elif result.admission is Admission.NO_BUDGET:
+                    await self.spending.rebuild(job.user)
+                else:
+                    break
                 result = await attempt()
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         metrics.TURNS.labels(result.admission.value).inc()
+        if result.admission is Admission.OVER_BUDGET:
+            raise await self.spending.over_budget(job.user, job.group)
         return _check(result)
 
 
@@ -319,6 +368,6 @@ def _check(result: Accepted) -> Accepted:
         raise Refused("rate_limited", "too many turns; wait a moment", result.retry_after)
     if result.admission is Admission.NOTHING:
         raise Refused("invalid", "there is no assistant reply to regenerate")
-    if result.admission is Admission.UNLOADED:
+    if result.admission in (Admission.UNLOADED, Admission.NO_BUDGET):
         raise unavailable("Redis")
     return result

@@ -13,6 +13,7 @@ One classification for the WebSocket (`error` frame codes) and the REST API (HTT
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Final
 
 import asyncpg
@@ -28,11 +29,22 @@ log = logging.getLogger("parley.failures")
 class Refused(Exception):
     """A request the user cannot have now; becomes an `error` frame or an HTTP error."""
 
-    def __init__(self, code: f.ErrorCode, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        code: f.ErrorCode,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        resets_at: datetime | None = None,
+        remaining: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code: f.ErrorCode = code
         self.message = message
         self.retry_after = retry_after
+        self.resets_at = resets_at
+        """With `quota_exceeded`: when the budget resets, and what remains of it (0)."""
+        self.remaining = remaining
 
 
 HTTP_STATUS: Final[dict[f.ErrorCode, int]] = {
@@ -43,6 +55,8 @@ HTTP_STATUS: Final[dict[f.ErrorCode, int]] = {
     "not_found": 404,
     "busy": 409,
     "rate_limited": 429,
+    "quota_exceeded": 429,
+    "forbidden_model": 403,
     "unavailable": 503,
     "internal": 500,
 }

@@ -165,7 +165,9 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def ready_frame(self, principal: Principal, session: str, ref: str | None) -> f.Ready:
+    def ready_frame(
+        self, principal: Principal, session: str, ref: str | None, budget: f.Budget | None = None
+    ) -> f.Ready:
         settings = self.settings
         return f.Ready(
             user=principal.user,
@@ -175,6 +177,7 @@ class Hub:
             simulated=settings.simulated,
             expires_at=None if principal.expires_at is None else int(principal.expires_at),
             ref=ref,
+            budget=budget,
         )
 
     # ------------------------------------------------------------------ keepalive

@@ -78,9 +78,11 @@ async def signed_in(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     if scheme.lower() != "bearer" or not token.strip():
         raise NotAuthorizedException("missing bearer token")
     try:
-        connection.state.user = (await runtime_of(connection).verifier.verify(token.strip())).user
+        principal = await runtime_of(connection).verifier.verify(token.strip())
     except AuthError as exc:
         raise NotAuthorizedException(str(exc)) from None
+    connection.state.user = principal.user
+    connection.state.group = principal.group
 
 
 async def shallow_body(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -95,6 +97,12 @@ async def shallow_body(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
 def user_of(request: Request[Any, Any, Any]) -> str:
     user: str = request.state.user
     return user
+
+
+def group_of(request: Request[Any, Any, Any]) -> str:
+    """The signed-in user's budget group (`budgets.group_claim`)."""
+    group: str = request.state.get("group", "")
+    return group
 
 
 @contextlib.contextmanager
@@ -137,7 +145,7 @@ class ConversationsController(Controller):
         refuse_unstorable(data)
         with answers("POST /api/conversations"):
             return await runtime_of(request).conversations.create(
-                user_of(request), data.title, data.system, data.model
+                user_of(request), data.title, data.system, data.model, group_of(request)
             )
 
     @get("/{conversation:uuid}")
@@ -162,6 +170,7 @@ class ConversationsController(Controller):
                 title=data.title,
                 system=data.system,
                 model=data.model,
+                group=group_of(request),
             )
 
     @delete("/{conversation:uuid}", status_code=HTTP_204_NO_CONTENT)

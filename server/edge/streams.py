@@ -23,6 +23,7 @@ from protocol import sse, wsframe
 from server.edge.failures import Refused
 from server.edge.rest import (
     answers,
+    group_of,
     refuse_unstorable,
     runtime_of,
     shallow_body,
@@ -147,7 +148,7 @@ class ConversationStreams(Controller):
         refuse_unstorable(data)
         with answers("POST /api/conversations/{id}/messages"):
             message_id, duplicate = await runtime_of(request).conversations.say(
-                user_of(request), conversation, data.text, data.id
+                user_of(request), conversation, data.text, data.id, group=group_of(request)
             )
         return Accepted(message_id=message_id, duplicate=duplicate)
 
@@ -162,7 +163,7 @@ class ConversationStreams(Controller):
     ) -> Accepted:
         with answers("POST /api/conversations/{id}/regenerate"):
             message_id = await runtime_of(request).conversations.regenerate(
-                user_of(request), conversation
+                user_of(request), conversation, group=group_of(request)
             )
         return Accepted(message_id=message_id)
 
@@ -235,7 +236,7 @@ class AiChat(Controller):
             if data.trigger == "regenerate-message":
                 head = await _head(request, conversation)
                 body = await _follow(request, user, conversation, head)
-                await runtime.conversations.regenerate(user, conversation)
+                await runtime.conversations.regenerate(user, conversation, group=group_of(request))
                 return _ui_stream(body)
             if data.trigger != "submit-message":
                 raise Refused("invalid", f"unknown trigger {data.trigger!r}")
@@ -245,7 +246,11 @@ class AiChat(Controller):
             head = await _head(request, conversation)
             body = await _follow(request, user, conversation, head)
             _, duplicate = await runtime.conversations.say(
-                user, conversation, text, _ui_message_id(ui_id, conversation)
+                user,
+                conversation,
+                text,
+                _ui_message_id(ui_id, conversation),
+                group=group_of(request),
             )
             if duplicate:
                 await body.aclose()

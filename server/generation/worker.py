@@ -51,6 +51,7 @@ from server.redis.scripts import Call
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from storage.messages import FinishedTurn
+from storage.usage import UsageEntry
 
 log = logging.getLogger("parley.worker")
 
@@ -350,11 +351,11 @@ class Worker:
             conversation=job.conversation,
             message_id=job.message_id,
         )
-        turn = self._finished_turn(run, None)
+        turn = self._finished_turn(run, None, None)
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             await self._call_finish(
-                run, self.turns.finish_call(job, encode(refusal), None, encode(turn))
+                run, self.turns.finish_call(job, encode(refusal), None, encode(turn), 0)
             )
         finished = Finished("error", None)
         await self._finish_hook(run, (finished, message, "refused"), at_end, started, began)
@@ -592,11 +593,16 @@ class Worker:
             usage=finished.usage,
             error=error,
         )
-        turn = self._finished_turn(run, reply)
-        await self._call_finish(run, self.turns.finish_call(job, encode(done), reply, encode(turn)))
+        spent = self._spent(job, reply, started)
+        turn = self._finished_turn(run, reply, spent)
+        call = self.turns.finish_call(job, encode(done), reply, encode(turn), spent.tokens)
+        if await self._call_finish(run, call):
+            await self._warn(job)
         return reason
 
-    def _finished_turn(self, run: Running, reply: f.Message | None) -> FinishedTurn:
+    def _finished_turn(
+        self, run: Running, reply: f.Message | None, spent: UsageEntry | None
+    ) -> FinishedTurn:
         """The turn for PostgreSQL; without a reply (refused) it replaces nothing."""
         job = run.job
         return FinishedTurn(
@@ -608,16 +614,56 @@ class Worker:
             finished_at=f.utcnow(),
             traceparent=tracing.current_traceparent(),
             refused_reply=job.message_id if reply is None else None,
+            spent=spent,
         )
 
-    async def _call_finish(self, run: Running, call: Call) -> None:
+    async def _call_finish(self, run: Running, call: Call) -> bool:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
             if await self.pipeliner.call(call) >= 0:
-                return
+                return True
             run.lost = True
         log.error("could not finish the turn in %s", run.job.conversation)
+        return False
+
+    def _spent(self, job: Job, reply: f.Message, started: datetime) -> UsageEntry:
+        """The reply's row in the usage ledger: what the model reported (nothing when it
+        reported nothing, as for a turn cancelled before it began) and what that cost."""
+        usage = reply.usage
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        budgets = self.conversations.spending.budgets
+        return UsageEntry(
+            owner=job.user,
+            model=job.model,
+            status=reply.status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            reasoning_tokens=(usage.reasoning_tokens or 0) if usage else 0,
+            cached_tokens=(usage.cached_prompt_tokens or 0) if usage else 0,
+            estimated=bool(usage and usage.estimated),
+            cost=self.settings.budgets.cost(job.model, prompt, completion),
+            bucket=job.budget_bucket or budgets.bucket(),
+            started_at=started,
+        )
+
+    async def _warn(self, job: Job) -> None:
+        """Tell the user's tabs, once per window, that their spending nears the budget."""
+        spending = self.conversations.spending
+        if not spending.settings.enabled:
+            return
+        try:
+            reached = await spending.budgets.warning(job.user, job.group)
+            if reached is None:
+                return
+            state = await spending.state(job.user, job.group)
+        except (Refused, RedisError, OSError) as exc:
+            log.warning("cannot check the budget's warning: %s", exc)
+            return
+        used, limit = reached
+        warning = f.UsageWarning(used=used, limit=limit, resets_at=state.resets_at)
+        await self.conversations.tell(job.user, warning)
 
     def cancel(self, conversation: uuid.UUID, message_id: str) -> None:
         run = self.running.get(conversation)

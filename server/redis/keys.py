@@ -9,11 +9,12 @@ hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on 
   `mark_persisted` (persisted, log, seq), `open_approval` and `settle_approval` (one
   approval);
 - crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
-  `TURNS` and `turn_rate(user)`: three slots), `regenerate` (gen, recent, meta, plus `TURNS`
-  and `turn_rate(user)`: three slots), `finish` (seq, log, channel, persisted, gen, recent,
-  done id, plus `PERSIST`: two slots), `admit` (`PROCESSES` and one `connections(user)` per
-  socket admitted) and `leave` (one `connections(user)` per user): a slot per user;
-- `beat`: `PROCESSES` alone.
+  `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `regenerate` (gen, recent,
+  meta, plus `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `finish` (seq, log,
+  channel, persisted, gen, recent, done id, plus `PERSIST` and `budget(user)`: three slots),
+  `admit` (`PROCESSES` and one `connections(user)` per socket admitted) and `leave` (one
+  `connections(user)` per user): a slot per user;
+- `beat`: `PROCESSES` alone; `budget_load` and `budget_warn`: `budget(user)` alone.
 
 So Parley runs on one Redis (or a primary with replicas), not on Redis Cluster as it is:
 Cluster refuses a script whose keys span slots.
@@ -135,6 +136,13 @@ def split_user_message(message: bytes) -> tuple[str, bytes]:
 def turn_rate(user: str) -> str:
     """Counter of turns the user started in the current one-minute window."""
     return f"{PREFIX}:rate:{user}"
+
+
+def budget(user: str) -> str:
+    """Hash of the user's token budget (`server.redis.budgets`): spending per bucket, the
+    user's own limit, the rebuild's epoch. A cache of the usage ledger in PostgreSQL; its
+    hash tag is the user's, so it can sit on the user's slot."""
+    return f"{PREFIX}:budget:{{u:{user}}}"
 
 
 def connections(user: str) -> str:

@@ -48,6 +48,14 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     (server/app/tracing.py): the worker's spans join that trace."""
     hook_data: HookData = None
     """What the connect hook attached to the socket that asked for the turn."""
+    group: str = ""
+    """The user's budget group (`budgets.group_claim` of the token)."""
+    budget_bucket: int = 0
+    """The budget bucket the turn's tokens count in (protocol/budget.py)."""
+    budget_reserved: int = 0
+    """The tokens the turn reserved (its worst case), set by the say/regenerate script."""
+    budget_epoch: str = ""
+    """Which rebuild of the user's budget the reservation was made in (server/redis/budgets.py)."""
 
 
 class Admission(enum.Enum):
@@ -59,6 +67,9 @@ class Admission(enum.Enum):
     RATE_LIMITED = "rate"
     UNLOADED = "unloaded"
     NOTHING = "nothing"
+    OVER_BUDGET = "quota"
+    NO_BUDGET = "budget"
+    """Redis holds no budget for the user: rebuild it from the ledger, then try again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +78,37 @@ class Accepted:
     seq: int = 0
     retry_after: float = 0.0
     replaces: uuid.UUID | None = None
+    spent: int = 0
+    limit: int = 0
 
 
-SAY: Final = scripts.load("say", functions=["lib_append_event", "lib_turn_guards"])
-REGENERATE: Final = scripts.load("regenerate", functions=["lib_turn_guards"])
-FINISH: Final = scripts.load("finish", functions=["lib_append_event"])
+SAY: Final = scripts.load("say", functions=["lib_append_event", "lib_budget", "lib_turn_guards"])
+REGENERATE: Final = scripts.load("regenerate", functions=["lib_budget", "lib_turn_guards"])
+FINISH: Final = scripts.load("finish", functions=["lib_append_event", "lib_budget"])
+
+
+@dataclass(frozen=True, slots=True)
+class Budgeting:
+    """What the say/regenerate scripts need to check and reserve the user's budget."""
+
+    group: str
+    limit: int
+    oldest: int
+    bucket: int
+    ttl: int
+    context_tokens: int
+    max_tokens: int
+
+    def args(self) -> dict[str, int]:
+        """The scripts' arguments (the group is the job's, not the script's)."""
+        return {
+            "budget_limit": self.limit,
+            "budget_oldest": self.oldest,
+            "budget_bucket": self.bucket,
+            "budget_ttl": self.ttl,
+            "context_tokens": self.context_tokens,
+            "max_tokens": self.max_tokens,
+        }
 
 
 class Turns:
@@ -86,7 +123,12 @@ class Turns:
         self._finish = FINISH.register(redis)
 
     async def accept(
-        self, message_event: bytes, message: Message, job: Job, turn_limit: int
+        self,
+        message_event: bytes,
+        message: Message,
+        job: Job,
+        turn_limit: int,
+        budgeting: Budgeting,
     ) -> Accepted:
         c = job.conversation
         result = await self._say(
@@ -97,6 +139,7 @@ class Turns:
             meta_key=keys.meta(c),
             turns_key=keys.TURNS,
             rate_key=keys.turn_rate(job.user),
+            budget_key=keys.budget(job.user),
             frame=message_event,
             message=encode(message),
             reply_id=str(job.message_id),
@@ -107,10 +150,11 @@ class Turns:
             lease=self.lease,
             recent_kept=RECENT_KEPT,
             say_id=str(message.id),
+            **budgeting.args(),
         )
         return _accepted(result)
 
-    async def regenerate(self, job: Job, turn_limit: int) -> Accepted:
+    async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         c = job.conversation
         result = await self._regenerate(
             gen_key=keys.generation(c),
@@ -118,17 +162,22 @@ class Turns:
             meta_key=keys.meta(c),
             turns_key=keys.TURNS,
             rate_key=keys.turn_rate(job.user),
+            budget_key=keys.budget(job.user),
             job=encode(job),
             reply_id=str(job.message_id),
             turn_limit=turn_limit,
             lease=self.lease,
+            **budgeting.args(),
         )
         return _accepted(result)
 
-    def finish_call(self, job: Job, done_event: bytes, reply: Message | None, turn: bytes) -> Call:
+    def finish_call(
+        self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int
+    ) -> Call:
         """The `finish` script call (append `done`, keep the reply for context, queue the turn
-        for PostgreSQL), for the pipeliner, so it follows the reply's last token. Without a
-        reply (a refused turn) `done_event` is the refusal and the context is left as it is."""
+        for PostgreSQL, settle the budget reservation with the `spent` tokens), for the
+        pipeliner, so it follows the reply's last token. Without a reply (a refused turn)
+        `done_event` is the refusal and the context is left as it is."""
         c = job.conversation
         return self._finish.bind(
             **event_keys(c),
@@ -136,6 +185,7 @@ class Turns:
             recent_key=keys.recent(c),
             finished_key=keys.finished(c, job.message_id),
             persist_key=keys.PERSIST,
+            budget_key=keys.budget(job.user),
             frame=done_event,
             reply=b"" if reply is None else encode(reply),
             reply_id=str(job.message_id),
@@ -144,6 +194,10 @@ class Turns:
             ttl=self.ttl,
             replaces=str(job.replaces or "") if reply is not None else "",
             recent_kept=RECENT_KEPT,
+            budget_epoch=job.budget_epoch,
+            budget_bucket=job.budget_bucket,
+            budget_reserved=job.budget_reserved,
+            spent=spent,
         )
 
     async def cancel(self, conversation: uuid.UUID) -> None:
@@ -161,6 +215,8 @@ def _accepted(result: list[bytes | int]) -> Accepted:
     admission = Admission(result[0].decode() if isinstance(result[0], bytes) else result[0])
     if admission is Admission.RATE_LIMITED:
         return Accepted(admission, retry_after=float(max(int(result[1]), 1)))
+    if admission is Admission.OVER_BUDGET:
+        return Accepted(admission, spent=int(result[1]), limit=int(result[2]))
     if admission is Admission.OK:
         replaces = uuid.UUID(result[2].decode()) if len(result) > 2 else None  # type: ignore[union-attr]
         return Accepted(admission, seq=int(result[1]), replaces=replaces)

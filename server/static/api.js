@@ -56,6 +56,7 @@ export const api = {
   say: (token, id, body) => call("POST", `api/conversations/${id}/messages`, { token, body }),
   cancel: (token, id) => call("POST", `api/conversations/${id}/cancel`, { token }),
   regenerate: (token, id) => call("POST", `api/conversations/${id}/regenerate`, { token }),
+  usage: (token) => call("GET", "api/usage", { token }),
 };
 
 /** The URL of an SSE stream (`path` relative to the page), opened with a stream ticket. */

@@ -3,7 +3,7 @@
 
 import { ApiError, api } from "./api.js";
 import { $ } from "./dom.js";
-import { Disconnected, ProtocolError, explain } from "./errors.js";
+import { Disconnected, ProtocolError, explain, when } from "./errors.js";
 import { notify } from "./notices.js";
 import { restoreDraft } from "./page.js";
 import { closeSidebar } from "./sidebar.js";
@@ -12,11 +12,12 @@ import {
   beginListLoad,
   endListLoad,
   forgetConversation,
+  joined,
   joinEnded,
   joinStarted,
-  joined,
   queueTurn,
   selectConversation,
+  setBudget,
   setConversations,
   setStick,
   store,
@@ -122,6 +123,20 @@ function sortedConversations() {
   return store.conversations().sort((a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at));
 }
 
+let budgetAsked = null; // the GET /api/usage under way, so a burst of replies asks once
+
+/** A reply ended: what remains of the budget changed (settled on the server), ask again. */
+function refreshBudget() {
+  if (budgetAsked) return;
+  budgetAsked = api
+    .usage(store.token)
+    .then((report) => setBudget(report.budget))
+    .catch(() => {}) // the next reply asks again; the sidebar keeps the last known state
+    .finally(() => {
+      budgetAsked = null;
+    });
+}
+
 export function onFrame(frame) {
   switch (frame.type) {
     case "joined": {
@@ -148,6 +163,15 @@ export function onFrame(frame) {
     case "queued":
     case "updated":
       onEvent(frame);
+      break;
+    case "usage_warning":
+      setBudget({ used: frame.used, limit: frame.limit, resets_at: frame.resets_at });
+      notify(
+        `You have used ${Math.round((100 * frame.used) / frame.limit)}% of your token budget ` +
+          `(${frame.used.toLocaleString()} of ${frame.limit.toLocaleString()} tokens); ` +
+          `it resets ${when(frame.resets_at)}.`,
+        { kind: "info", key: "usage", ms: 15000 },
+      );
       break;
     case "conversation_changed": {
       if (frame.deleted) {
@@ -182,10 +206,13 @@ function onEvent(frame) {
     return;
   } else if (frame.type === "notice") {
     notify(frame.text, { kind: "info", key: "notice" });
-  } else if (frame.type === "done" && frame.reason === "error") {
-    notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
-      key: "model",
-    });
+  } else if (frame.type === "done") {
+    if (store.budget) refreshBudget();
+    if (frame.reason === "error") {
+      notify(`The model failed to answer${frame.error ? `: ${frame.error}` : "."}`, {
+        key: "model",
+      });
+    }
   } else if (frame.type === "error") {
     notify(frame.message, { key: "refused" }); // the application's own words
   }

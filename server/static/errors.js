@@ -4,7 +4,7 @@
 import { ApiError } from "./api.js";
 import { notify } from "./notices.js";
 import { CLOSE_CODE } from "./protocol.js";
-import { rateLimit, store } from "./store.js";
+import { rateLimit, setBudget, store } from "./store.js";
 
 /** The close codes of docs/protocol.md (generated into protocol.js from protocol/session.py),
  * plus the two that only a browser sees: LOST (1006, no close frame) and NO_ANSWER (this page
@@ -40,6 +40,17 @@ export class Disconnected extends Error {
   }
 }
 
+const moment = new Intl.DateTimeFormat(undefined, {
+  weekday: "long",
+  hour: "2-digit",
+  minute: "2-digit",
+});
+
+/** "on Tuesday 14:00": when a budget resets, in the reader's time zone. */
+export function when(iso) {
+  return `on ${moment.format(new Date(iso))}`;
+}
+
 let unauthorized = () => {};
 
 /** What to do when a request says the session is not valid (app.js signs in again). */
@@ -58,7 +69,8 @@ export function explain(error) {
       401: "Your session has expired — sign in again.",
       404: "That conversation does not exist any more.",
       409: "A reply is still being written. Wait for it, or press Stop.",
-      429: "You're going too fast — wait a moment and try again.",
+      429: "You're going too fast, or your token budget is used up — try again later.",
+      403: "That is not available on your plan.",
       503: "Parley can't reach one of its services right now. Try again in a moment.",
     };
     notify(byStatus[error.status] || `The server refused that: ${error.message}`);
@@ -100,6 +112,17 @@ export function explain(error) {
       break;
     case "not_found":
       notify("That conversation does not exist any more.", { key: "nf" });
+      break;
+    case "quota_exceeded":
+      if (frame.resets_at) setBudget({ resets_at: frame.resets_at });
+      notify(
+        "Your token budget has no room left for another reply" +
+          (frame.resets_at ? ` — it resets ${when(frame.resets_at)}.` : "."),
+        { key: "quota", ms: 15000 },
+      );
+      break;
+    case "forbidden_model":
+      notify("That model is not available on your plan.", { key: "model" });
       break;
     case "unauthorized":
       notify("Your session is not valid any more — signing in again.", { key: "auth" });

@@ -85,11 +85,11 @@ function updateThinking(node, message) {
 /** The usage as the tooltip of the token count: every figure the server reported. */
 function usageTitle(usage) {
   const lines = [`${usage.prompt_tokens} prompt tokens`];
-  if (usage.cached_prompt_tokens != null) lines.push(`${usage.cached_prompt_tokens} of them cached`);
+  if (typeof usage.cached_prompt_tokens === "number") lines.push(`${usage.cached_prompt_tokens} of them cached`);
   lines.push(`${usage.completion_tokens} completion tokens`);
-  if (usage.reasoning_tokens != null) lines.push(`${usage.reasoning_tokens} of them reasoning`);
-  if (usage.first_token_ms != null) lines.push(`first token after ${seconds(usage.first_token_ms)}`);
-  if (usage.duration_ms != null) lines.push(`took ${seconds(usage.duration_ms)}`);
+  if (typeof usage.reasoning_tokens === "number") lines.push(`${usage.reasoning_tokens} of them reasoning`);
+  if (typeof usage.first_token_ms === "number") lines.push(`first token after ${seconds(usage.first_token_ms)}`);
+  if (typeof usage.duration_ms === "number") lines.push(`took ${seconds(usage.duration_ms)}`);
   if (usage.estimated) lines.push("(counted by Parley: the model reported none)");
   return lines.join("\n");
 }

@@ -7,7 +7,7 @@ import { CLOSE, CLOSE_REASONS } from "./errors.js";
 import { grammars } from "./markdown.js";
 import { invalidateMessages, renderTranscript } from "./messages.js";
 import { notify } from "./notices.js";
-import { renderSidebar } from "./sidebar.js";
+import { renderBudget, renderSidebar } from "./sidebar.js";
 import { store, subscribe } from "./store.js";
 
 subscribe((topic, detail) => {
@@ -23,6 +23,7 @@ subscribe((topic, detail) => {
     // a transcript just joined waits for its backlog at most a second (see render)
     if (detail.type === "joined") setTimeout(scheduleRender, 1050);
   } else {
+    if (topic === "session") renderBudget();
     scheduleRender();
   }
 });

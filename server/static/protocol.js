@@ -28,4 +28,6 @@ export const ERROR_CODE = Object.freeze({
   UNAVAILABLE: "unavailable",
   INTERNAL: "internal",
   REFUSED: "refused",
+  QUOTA_EXCEEDED: "quota_exceeded",
+  FORBIDDEN_MODEL: "forbidden_model",
 });

@@ -56,6 +56,24 @@ export function renderSidebar() {
   $("conv-empty").hidden = items.length > 0;
 }
 
+const clock = new Intl.DateTimeFormat(undefined, { weekday: "short", hour: "2-digit", minute: "2-digit" });
+
+/** What remains of the user's token budget and when it resets (nothing without a budget). */
+export function renderBudget() {
+  const budget = store.budget;
+  const box = $("budget");
+  if (!budget || !(budget.limit > 0)) {
+    box.hidden = true;
+    return;
+  }
+  const left = Math.max(budget.remaining ?? budget.limit - budget.used, 0);
+  box.hidden = false;
+  box.dataset.remaining = String(left);
+  box.classList.toggle("budget-low", left < budget.limit * 0.2);
+  box.textContent = `${left.toLocaleString()} of ${budget.limit.toLocaleString()} tokens left · resets ${clock.format(new Date(budget.resets_at))}`;
+  box.title = "Your token budget: what the model may still read and write for you until it resets.";
+}
+
 export function openSidebar() {
   $("app").classList.add("sidebar-open");
   $("scrim").hidden = false;

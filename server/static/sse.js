@@ -29,12 +29,16 @@ const EVENT_TYPES = [
   "message",
   "start",
   "token",
+  "part_start",
+  "part_delta",
+  "part_end",
   "done",
   "queued",
   "updated",
   "notice",
   "error",
   "conversation_changed",
+  "usage_warning",
   "refresh",
 ];
 const CODE_BY_STATUS = {

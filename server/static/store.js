@@ -25,6 +25,7 @@ const state = {
   outbox: new Map(), // message id -> {conversation, text}: turns not yet acknowledged
   stick: true, // keep the newest message in view
   rateLimitedUntil: 0, // Date.now() before which a new turn is refused here
+  budget: null, // the user's token budget ({limit, used, remaining, resets_at}), if any
 };
 
 // ------------------------------------------------------------------ reading
@@ -58,10 +59,11 @@ export const store = {
 };
 
 // Read-only values: store.token, store.user, store.info, store.model, store.simulated,
-// store.connection, store.everOnline, store.active, store.stick, store.rateLimitedUntil.
+// store.connection, store.everOnline, store.active, store.stick, store.rateLimitedUntil,
+// store.budget.
 for (const key of [
   "token", "user", "info", "model", "simulated",
-  "connection", "everOnline", "active", "stick", "rateLimitedUntil",
+  "connection", "everOnline", "active", "stick", "rateLimitedUntil", "budget",
 ]) {
   Object.defineProperty(store, key, { get: () => state[key], enumerable: true });
 }
@@ -73,7 +75,7 @@ const subscribers = new Set();
 
 /**
  * Call `listener(topic, detail)` after each update that changes what the page shows.
- * Topics: "session" (token, user, info, model), "conversations" (the list; detail: the id,
+ * Topics: "session" (token, user, info, model, budget), "conversations" (the list; detail: the id,
  * or null for the whole list), "selection" (the active conversation), "transcript" (detail:
  * {id, type}; type is a frame type, "pending" or "refused"). Returns the unsubscribe function.
  */
@@ -121,6 +123,7 @@ export function connectionReady(frame) {
   state.user = frame.user;
   state.model = frame.model || state.model;
   state.simulated = Boolean(frame.simulated);
+  state.budget = frame.budget ?? null;
   for (const t of state.transcripts.values()) t.joined = "no";
   changed("session");
   return reconnected;
@@ -288,6 +291,17 @@ export function turnRefused(id) {
   if (item) state.transcripts.get(item.conversation)?.dropPending(id);
   changed("transcript", { id: item?.conversation, type: "refused" });
   return item;
+}
+
+/** The user's token budget as the server last told it (`ready`, `usage_warning`, a refusal,
+ * GET /api/usage); `changes` are the fields it told. */
+export function setBudget(changes) {
+  if (!changes) return;
+  state.budget = { ...(state.budget ?? {}), ...changes };
+  if (state.budget.limit > 0) {
+    state.budget.remaining = changes.remaining ?? Math.max(state.budget.limit - state.budget.used, 0);
+  }
+  changed("session");
 }
 
 /** The server said to wait `seconds` before the next turn. */

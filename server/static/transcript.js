@@ -99,7 +99,7 @@ export class Transcript {
         const part = this.find(event.message_id)?.parts?.[event.index];
         if (part) {
           part.open = false;
-          if (event.duration_ms != null) part.duration_ms = event.duration_ms;
+          if (typeof event.duration_ms === "number") part.duration_ms = event.duration_ms;
           this.find(event.message_id).rev = tick();
         }
         break;

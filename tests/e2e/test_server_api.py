@@ -21,7 +21,7 @@ from server.dev.client import Client
 from server.edge.disconnects import Disconnect, publish
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation, wait_persisted
-from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, start_all, stop_together
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, two_webs_and_a_worker
 
 SERVER_API_DB = Db.SERVER_API
 KEY = "server-key-0123456789abcdef"
@@ -35,10 +35,8 @@ def webs(cluster: Cluster) -> Iterator[tuple[ParleyProcess, ParleyProcess]]:
         "REDIS_URL": redis_db(cluster.services.redis_url, SERVER_API_DB),
         "PARLEY_SERVER_API_KEYS": f"{KEY}, {OTHER_KEY}",
     }
-    procs = [cluster.process(role, start=False, **env) for role in ("web", "web", "worker")]
-    start_all(procs)
-    yield procs[0], procs[1]
-    stop_together(procs)
+    with two_webs_and_a_worker(cluster, **env) as webs:
+        yield webs
 
 
 @pytest_asyncio.fixture(loop_scope="session")

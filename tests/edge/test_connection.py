@@ -88,19 +88,35 @@ class FakeConversations:
         return 0, []
 
     async def create(
-        self, user: str, title: str | None, system: str | None, model: str | None
+        self,
+        user: str,
+        title: str | None,
+        system: str | None,
+        model: str | None,
+        group: str = "",
     ) -> f.Conversation:
         conversation = f.new_id()
         self.owners[conversation] = user
         return _meta(conversation)
 
     async def say(
-        self, user: str, conversation: uuid.UUID, text: str, message_id: uuid.UUID | None
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        text: str,
+        message_id: uuid.UUID | None,
+        hook_data: object = None,
+        group: str = "",
     ) -> tuple[uuid.UUID, bool]:
         return message_id or f.new_id(), False
 
-    async def regenerate(self, user: str, conversation: uuid.UUID) -> uuid.UUID:
+    async def regenerate(
+        self, user: str, conversation: uuid.UUID, hook_data: object = None, group: str = ""
+    ) -> uuid.UUID:
         return f.new_id()
+
+    async def budget(self, user: str, group: str) -> f.Budget | None:
+        return None
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None:
         return None

@@ -13,6 +13,7 @@ import asyncpg
 
 from protocol import frames as f
 from server.dev.client import Client
+from tests.helpers.auth import mint, new_user
 
 
 async def start_conversation(client: Client, **kwargs: Any) -> uuid.UUID:
@@ -107,3 +108,20 @@ def gaps(client: Client, message_id: uuid.UUID) -> tuple[list[float], int]:
 
 def p99(values: list[float]) -> float:
     return sorted(values)[int(len(values) * 0.99) - 1] if values else 0.0
+
+
+async def timed_turns(ws_url: str, turns: int, until: type[f.ServerFrame]) -> list[float]:
+    """Milliseconds from sending each `say` to the first `until` frame after it, one turn at a
+    time on one socket (each waits for its `done`, so every `say` finds the conversation
+    free). A benchmark's measure: `Ack` is the acceptance, `Token` the time to first token."""
+    times: list[float] = []
+    async with await Client.connect(ws_url, mint(new_user())) as client:
+        conversation = await start_conversation(client)
+        for i in range(turns):
+            start = len(client.frames)
+            sent = time.monotonic()
+            await client.send(f.Say(conversation=conversation, text=f"q{i} [sim:tokens=2]"))
+            await client.wait_for(lambda fr: isinstance(fr, until), start=start, timeout=10)
+            times.append((time.monotonic() - sent) * 1000)
+            await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start, timeout=10)
+    return times

@@ -72,6 +72,8 @@ class Db(IntEnum):
     LLAMA = 24
     LLAMA_SHORT = 25
     THINK_TAGS = 26
+    BUDGETS = 27
+    BUDGETS_UI = 28
 
 
 SCALE_DB = Db.SCALE
@@ -249,6 +251,20 @@ def small_outbox_server(cluster: Cluster, db: int, tokens: int) -> ParleyProcess
         PARLEY_LLM_MAX_TOKENS=str(tokens + 10),
         PARLEY_SIMULATOR_MAX_TOKENS=str(tokens + 10),
     )
+
+
+@contextmanager
+def two_webs_and_a_worker(
+    cluster: Cluster, **env: str
+) -> Iterator[tuple[ParleyProcess, ParleyProcess]]:
+    """Two `parley web` processes and a worker (with its own simulated model), started
+    together with `env` and stopped together."""
+    procs = [cluster.process(role, start=False, **env) for role in ("web", "web", "worker")]
+    start_all(procs)
+    try:
+        yield procs[0], procs[1]
+    finally:
+        stop_together(procs)
 
 
 def start_all(procs: Iterable[ParleyProcess], timeout: float = 90) -> None:

@@ -6,11 +6,25 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from redis.asyncio import Redis
+
 from protocol.frames import Conversation
+from server.app.config import BudgetsSettings
+from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog
+from server.redis.turns import Budgeting
 
 MAX_EVENTS = 5
 TTL = 600
+UNLIMITED = Budgeting(
+    group="", limit=0, oldest=0, bucket=0, ttl=TTL, context_tokens=1000, max_tokens=100
+)
+"""No budget to stay within (the turn's worst case is still reserved and settled)."""
+
+
+async def budgeted(redis: Redis, user: str) -> None:
+    """Give the user a budget in Redis as if rebuilt from an empty ledger."""
+    await Budgets(redis, BudgetsSettings()).seed(user, {}, None)
 
 
 def conversation_row(conversation: uuid.UUID | None = None, last_seq: int = 0) -> Conversation:

@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import approvals, eventlog, presence, scripts, turns
+from server.redis import approvals, budgets, eventlog, presence, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -23,6 +23,8 @@ LOADED = [
     presence.BEAT,
     approvals.OPEN,
     approvals.SETTLE,
+    budgets.LOAD,
+    budgets.WARN,
 ]
 
 

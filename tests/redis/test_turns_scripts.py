@@ -14,7 +14,7 @@ from server.redis import generations, keys
 from server.redis.eventlog import UNLOADED, EventLog
 from server.redis.scripts import Call
 from server.redis.turns import Admission, Job, Turns
-from tests.helpers.scripts import MAX_EVENTS, TTL, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
 
 LIMIT = 100
 
@@ -46,9 +46,10 @@ async def say(
     limit: int = LIMIT,
 ) -> tuple[Admission, int, Job]:
     said = said or message()
+    await budgeted(turns.redis, user)
     job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
     event = f.encode(f.MessageEvent(conversation=conversation, message=said))
-    accepted = await turns.accept(event, said, job, limit)
+    accepted = await turns.accept(event, said, job, limit, UNLIMITED)
     return accepted.admission, accepted.seq, job
 
 
@@ -102,7 +103,7 @@ async def test_say_over_the_turn_rate_is_refused_with_the_wait(
     said = message()
     job = Job(conversation=second, user=user, message_id=uuid.uuid4(), model="m")
     event = f.encode(f.MessageEvent(conversation=second, message=said))
-    refused = await turns.accept(event, said, job, 1)
+    refused = await turns.accept(event, said, job, 1, UNLIMITED)
     assert refused.admission is Admission.RATE_LIMITED and 1 <= refused.retry_after <= 61
     assert await events.head(second) == 0
 
@@ -114,7 +115,7 @@ async def test_say_in_an_unloaded_conversation_asks_for_a_load(turns: Turns) -> 
 def finish(turns: Turns, job: Job, reply: f.Message) -> Call:
     """The finish call of `job`; the queued turn is the reply's id, to find it again."""
     done = f.Done(conversation=job.conversation, message_id=job.message_id, reason="stop")
-    return turns.finish_call(job, f.encode(done), reply, str(reply.id).encode())
+    return turns.finish_call(job, f.encode(done), reply, str(reply.id).encode(), 0)
 
 
 async def test_finish_appends_done_once_queues_the_turn_and_clears_busy(
@@ -155,15 +156,17 @@ async def test_regenerate_replaces_the_last_reply(
     pipe = redis.pipeline(transaction=False)
     generations.clear(pipe, conversation)
     await pipe.execute()
-    assert (await turns.regenerate(nothing, LIMIT)).admission is Admission.NOTHING  # last is user's
+    assert (
+        await turns.regenerate(nothing, LIMIT, UNLIMITED)
+    ).admission is Admission.NOTHING  # last is user's
 
     reply = message("assistant", job.message_id)
     await finish(turns, job, reply).run()
     again = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
-    accepted = await turns.regenerate(again, LIMIT)
+    accepted = await turns.regenerate(again, LIMIT, UNLIMITED)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     assert (await queued_job(redis, again)).replaces == job.message_id
-    assert (await turns.regenerate(again, LIMIT)).admission is Admission.BUSY
+    assert (await turns.regenerate(again, LIMIT, UNLIMITED)).admission is Admission.BUSY
 
     second = message("assistant", again.message_id)
     replaced = Job(

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from protocol.frames import Conversation, Message, Part, Usage
-from storage import conversations, db, messages
+from storage import conversations, db, messages, usage
 from storage.messages import FinishedTurn
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -235,3 +235,49 @@ async def test_a_reply_keeps_its_parts_reason_and_full_usage(pool: asyncpg.Pool)
     assert stored.parts is not None and stored.parts[0].text == "let me think\ufffd"
     assert stored.parts[1:] == parts[1:] and stored.parts[0].duration_ms == 250.0
     assert (stored.usage, stored.reason, stored.content) == (usage, "content_filter", "the answer")
+
+
+# --------------------------------------------------------------------------- the usage ledger
+
+
+def spending(turn: FinishedTurn, owner: str = "alice") -> FinishedTurn:
+    entry = usage.UsageEntry(
+        owner=owner,
+        model="m",
+        status="complete",
+        prompt_tokens=12,
+        completion_tokens=30,
+        cost=0.5,
+        bucket=int(T0.timestamp()),
+        started_at=T0,
+    )
+    return msgspec.structs.replace(turn, spent=entry)
+
+
+async def test_a_turns_spending_is_recorded_once_and_outlives_its_conversation(
+    pool: asyncpg.Pool,
+) -> None:
+    meta = await new_conversation(pool)
+    finished = spending(turn(meta.id, 1, user=message("user", "q")))
+    assert await messages.save_turn(pool, finished)
+    assert await messages.save_turn(pool, finished)  # delivered twice
+    assert await usage.spent_by_bucket(pool, "alice", 0) == {int(T0.timestamp()): 42}
+    assert await conversations.delete(pool, meta.id, "alice")
+    gone = spending(turn(meta.id, 5, user=message("user", "late")))
+    assert not await messages.save_turn(pool, gone)  # the conversation went meanwhile
+    rows = await usage.records(pool, "alice", T0 - timedelta(days=1), T0 + timedelta(days=1), 10)
+    assert [(r.message_id, r.prompt_tokens + r.completion_tokens) for r in rows] == [
+        (finished.reply.id, 42),
+        (gone.reply.id, 42),
+    ]
+    totals = await usage.totals(pool, "alice", T0, T0 + timedelta(days=1), "model")
+    assert [(t.key, t.turns, t.completion_tokens, t.cost) for t in totals] == [("m", 2, 60, 1.0)]
+
+
+async def test_a_users_own_budget_is_set_and_removed(pool: asyncpg.Pool) -> None:
+    assert await usage.override(pool, "bob") is None
+    await usage.set_override(pool, "bob", 500, T0)
+    await usage.set_override(pool, "bob", 700, T0)
+    assert await usage.override(pool, "bob") == 700
+    await usage.set_override(pool, "bob", None, T0)
+    assert await usage.override(pool, "bob") is None

@@ -1,12 +1,15 @@
 -- turn_refused and start_generation: what say and regenerate share (the loader puts this
 -- file in front of them).
 
--- Why a new turn may not start now, as the script's answer ({'unloaded'}, {'busy'},
--- {'rate', seconds until the window ends}), or nil when it may. Counts the turn against the
--- user's per-minute rate.
-local function turn_refused(meta_key, gen_key, rate_key, turn_limit)
+-- Why a new turn may not start now, as the script's answer ({'unloaded'}, {'busy'}, the
+-- budget's refusal, {'rate', seconds until the window ends}), or nil when it may. Counts the
+-- turn against the user's per-minute rate. `over_budget` says why the budget refuses, if it
+-- does (before the rate counts the turn).
+local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget)
   if redis.call('EXISTS', meta_key) == 0 then return {'unloaded'} end
   if redis.call('EXISTS', gen_key) == 1 then return {'busy'} end
+  local refused = over_budget()
+  if refused then return refused end
   local n = redis.call('INCR', rate_key)
   if n == 1 then redis.call('EXPIRE', rate_key, 61) end
   if n > tonumber(turn_limit) then return {'rate', redis.call('TTL', rate_key)} end

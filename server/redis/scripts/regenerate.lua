@@ -1,25 +1,38 @@
 -- regenerate: generate the conversation's last reply again. Answers {'nothing'} when the
 -- last message is not the model's, refuses like say (see lib_turn_guards.lua), otherwise
 -- marks the conversation as generating and queues the job naming the reply it replaces.
+-- Reserves the turn's worst case in the user's budget as say does.
 -- Returns {'ok', 0, replaced message id}.
--- Besides the conversation's keys it touches `parley:turns` and `parley:rate:<user>`:
--- three Redis Cluster slots.
+-- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
+-- user's budget: four Redis Cluster slots.
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
 local meta_key = KEYS[3]
 local turns_key = KEYS[4]
 local rate_key = KEYS[5]
+local budget_key = KEYS[6]
 local job = ARGV[1]
 local reply_id = ARGV[2]
 local turn_limit = tonumber(ARGV[3])
 local lease = tonumber(ARGV[4])
+local budget_limit = ARGV[5]
+local budget_oldest = tonumber(ARGV[6])
+local budget_bucket = ARGV[7]
+local budget_ttl = tonumber(ARGV[8])
+local context_tokens = ARGV[9]
+local max_tokens = ARGV[10]
 
 local last = redis.call('LINDEX', recent_key, -1)
 if not last then return {'nothing'} end
 local message = cjson.decode(last)
 if message.role ~= 'assistant' then return {'nothing'} end
-local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit)
+local cost = budget_worst_case(recent_key, '', context_tokens, max_tokens)
+local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
+  return budget_refused(budget_key, budget_limit, budget_oldest, cost)
+end)
 if refused then return refused end
-local job_with_replaces = string.sub(job, 1, -2) .. ',"replaces":"' .. message.id .. '"}'
+local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
+local job_with_replaces = string.sub(job, 1, -2) .. ',"replaces":"' .. message.id
+  .. '","budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
 start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces)
 return {'ok', 0, message.id}

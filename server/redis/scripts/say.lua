@@ -1,11 +1,12 @@
 -- say: accept a user's turn. Refuses a `say` id already in the conversation's set of user
 -- message ids ({'dup'}), an unloaded
--- conversation, a busy one, a user over the turn rate (see lib_turn_guards.lua); otherwise
--- appends the user's `message` event, keeps the message for the model's context, marks the
--- conversation as generating and queues the job (with the message's seq) on the turns
--- Stream. Returns {'ok', seq}.
--- Besides the conversation's keys it touches `parley:turns` and `parley:rate:<user>`:
--- three Redis Cluster slots.
+-- conversation, a busy one, a user over budget or over the turn rate (see
+-- lib_turn_guards.lua, lib_budget.lua); otherwise reserves the turn's worst case in the
+-- user's budget, appends the user's `message` event, keeps the message for the model's
+-- context, marks the conversation as generating and queues the job (with the message's seq,
+-- the reservation and the budget's epoch) on the turns Stream. Returns {'ok', seq}.
+-- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
+-- user's budget: four Redis Cluster slots.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -16,6 +17,7 @@ local recent_key = KEYS[7]
 local meta_key = KEYS[8]
 local turns_key = KEYS[9]
 local rate_key = KEYS[10]
+local budget_key = KEYS[11]
 local frame = ARGV[1]
 local message = ARGV[2]
 local reply_id = ARGV[3]
@@ -26,10 +28,20 @@ local turn_limit = tonumber(ARGV[7])
 local lease = tonumber(ARGV[8])
 local recent_kept = tonumber(ARGV[9])
 local say_id = ARGV[10]
+local budget_limit = ARGV[11] -- the group's; 0: unlimited
+local budget_oldest = tonumber(ARGV[12]) -- the first bucket the window covers
+local budget_bucket = ARGV[13] -- the bucket this turn counts in
+local budget_ttl = tonumber(ARGV[14])
+local context_tokens = ARGV[15]
+local max_tokens = ARGV[16]
 
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
-local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit)
+local cost = budget_worst_case(recent_key, message, context_tokens, max_tokens)
+local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
+  return budget_refused(budget_key, budget_limit, budget_oldest, cost)
+end)
 if refused then return refused end
+local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
 redis.call('SADD', said_key, say_id)
 redis.call('EXPIRE', said_key, ttl)
 local seq = append_event(seq_key, log_key, channel, persisted_key, frame, maxlen, ttl)
@@ -37,6 +49,7 @@ redis.call('RPUSH', recent_key, message)
 redis.call('LTRIM', recent_key, -recent_kept, -1)
 redis.call('EXPIRE', recent_key, ttl)
 redis.call('EXPIRE', meta_key, ttl)
-local job_with_seq = string.sub(job, 1, -2) .. ',"user_seq":' .. seq .. '}'
+local job_with_seq = string.sub(job, 1, -2) .. ',"user_seq":' .. seq
+  .. ',"budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
 start_generation(gen_key, reply_id, lease, turns_key, job_with_seq)
 return {'ok', seq}

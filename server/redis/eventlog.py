@@ -35,7 +35,7 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_event"])
+APPEND_PIECE: Final = scripts.load("append_piece")
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")

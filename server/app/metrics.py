@@ -221,7 +221,14 @@ RETRIES = Counter(
 class Tally:
     """Per-frame counts as plain ints; `TallyCollector` reports them at scrape time."""
 
-    __slots__ = ("bytes_written", "events_received", "frames_written", "pieces", "pieces_merged")
+    __slots__ = (
+        "bytes_written",
+        "coalesced",
+        "events_received",
+        "frames_written",
+        "pieces",
+        "pieces_merged",
+    )
 
     def __init__(self) -> None:
         self.frames_written = 0
@@ -229,6 +236,7 @@ class Tally:
         self.events_received = 0
         self.pieces_merged = 0
         self.pieces = 0
+        self.coalesced = 0
 
 
 TALLY: Final = Tally()
@@ -247,6 +255,11 @@ _TALLIED: Final = (
         "pieces_merged",
     ),
     ("parley_model_chunks", "Text chunks received from the model.", "pieces"),
+    (
+        "parley_model_chunks_coalesced",
+        "Text chunks joined to their generation's event still waiting to go to Redis.",
+        "coalesced",
+    ),
 )
 
 

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -55,6 +56,30 @@ _job_decoder = msgspec.json.Decoder(Job)
 
 
 @dataclass(slots=True)
+class OpenText:
+    """A generation's text event queued in the pipeliner and not sent yet: text of the same
+    part arriving before it goes out joins it. Pieces the model sends while the previous
+    batch is on its way to Redis thus become one append, one seq and one frame per tab,
+    with nothing waiting longer than it would have (tabs see the same text)."""
+
+    part: str
+    texts: list[str]
+    sent: bool = False
+
+    def take(self) -> str:
+        """The text so far, sealed: a later piece starts a new event."""
+        self.sent = True
+        return "".join(self.texts)
+
+    def join(self, part: str, text: str) -> bool:
+        """Add `text` when it is of this part and this event has not gone yet."""
+        if self.sent or part != self.part:
+            return False
+        self.texts.append(text)
+        return True
+
+
+@dataclass(slots=True)
 class Running:
     """One generation in progress."""
 
@@ -72,6 +97,7 @@ class Running:
     cancel_received: float = 0.0
     first_token: float | None = None
     watchers: int = 0
+    open_text: OpenText | None = None
 
     def chunk(self, now: float) -> None:
         """A text chunk from the model arrived: its timing, for the metrics."""
@@ -465,18 +491,35 @@ class Worker:
                 if run.lost:
                     await self._republish(run)
                     continue
-                token = f.Token(
-                    conversation=job.conversation, message_id=job.message_id, text=item.text
-                )
-                self._publish_later(run, token)
+                self._publish_text(run, "text", item.text, self._token_of(job))
         return Finished("stop", None)
 
-    def _publish_later(self, run: Running, event: f.ServerFrame) -> asyncio.Future[object]:
+    @staticmethod
+    def _token_of(job: Job) -> Callable[[str], f.ServerFrame]:
+        def token(text: str) -> f.ServerFrame:
+            return f.Token(conversation=job.conversation, message_id=job.message_id, text=text)
+
+        return token
+
+    def _publish_text(
+        self, run: Running, part: str, text: str, event_of: Callable[[str], f.ServerFrame]
+    ) -> None:
+        """Publish a piece of `part`'s text: joined to the part's event still queued, if
+        any, else as a new event (`event_of` makes it from the text it ends up holding)."""
+        if run.open_text is not None and run.open_text.join(part, text):
+            TALLY.coalesced += 1
+            return
+        open_text = run.open_text = OpenText(part, [text])
+        self._publish_later(run, lambda: encode(event_of(open_text.take())))
+
+    def _publish_later(
+        self, run: Running, event: f.ServerFrame | Callable[[], bytes]
+    ) -> asyncio.Future[object]:
         job = run.job
         future = self.events.append_piece(
             self.pipeliner,
             job.conversation,
-            encode(event),
+            event if callable(event) else encode(event),
             job.message_id,
             run.next_index(),
         )
@@ -493,6 +536,7 @@ class Worker:
         publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
+        run.open_text = None  # what it holds is in run.pieces, republished below
         await self.conversations.load(job.conversation)
         await self._mark_running(job, piece=run.index)
         user_message = self._user_message(run)

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -163,24 +163,30 @@ class EventLog:
         self,
         pipeliner: Pipeliner,
         conversation: uuid.UUID,
-        event: bytes,
+        event: bytes | Callable[[], bytes],
         message_id: uuid.UUID,
         index: int,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's."""
+        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's.
+        An `event` given as a function is encoded only when its batch is sent (see
+        `Pipeliner.call`)."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
-        return pipeliner.call(
-            self._append_piece.bind(
+
+        def bind(frame: bytes) -> scripts.Call:
+            return self._append_piece.bind(
                 **event_keys(c),
                 gen_key=keys.generation(c),
-                frame=event,
+                frame=frame,
                 maxlen=self.max_events,
                 ttl=self.ttl,
                 message_id=str(message_id),
                 piece=index,
             )
-        )
+
+        if callable(event):
+            return pipeliner.call(lambda: bind(event()))
+        return pipeliner.call(bind(event))
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -205,7 +211,8 @@ class Pipeliner:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queue: list[tuple[scripts.Call, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[scripts.Call | Callable[[], scripts.Call], asyncio.Future[Any]]]
+        self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -220,7 +227,9 @@ class Pipeliner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def call(self, call: scripts.Call) -> asyncio.Future[Any]:
+    def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
+        """Queue a call; one given as a function is made when its batch is taken, so what
+        it sends may still grow while earlier batches are in flight."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((call, future))
         self._wake.set()
@@ -230,7 +239,8 @@ class Pipeliner:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue, []
+            queued, self._queue = self._queue, []
+            batch = [(c if isinstance(c, scripts.Call) else c(), f) for c, f in queued]
             if batch:
                 await self._send(batch)
 

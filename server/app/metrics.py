@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from storage.db import QUERIES
+
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 OTHER_MODEL: Final = "other"
 
@@ -267,6 +269,11 @@ class TallyCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         for name, documentation, attribute in _TALLIED:
             yield CounterMetricFamily(name, documentation, value=getattr(TALLY, attribute))
+        yield CounterMetricFamily(
+            "parley_postgres_queries",
+            "Statements sent to PostgreSQL by this process (connection resets included).",
+            value=QUERIES.sent,
+        )
 
 
 REGISTRY.register(TallyCollector())

@@ -40,8 +40,12 @@ READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
 SET_META: Final = scripts.load("set_meta")
+CACHE_HISTORY: Final = scripts.load("cache_history")
 
 RECENT_KEPT: Final = 200
+HISTORY_CACHED_BYTES: Final = 1 << 20
+"""A persisted transcript larger than this (encoded) is read from PostgreSQL at every join
+rather than kept in Redis."""
 
 
 class CachedMeta(msgspec.Struct, frozen=True):
@@ -51,7 +55,15 @@ class CachedMeta(msgspec.Struct, frozen=True):
     meta: Conversation
 
 
+class CachedHistory(msgspec.Struct, frozen=True):
+    """A conversation's persisted transcript and the seq it covers (`history_seq`)."""
+
+    seq: int
+    messages: list[Message]
+
+
 _meta_decoder: Final = msgspec.json.Decoder(CachedMeta)
+_history_decoder: Final = msgspec.json.Decoder(CachedHistory)
 _message_decoder: Final = msgspec.json.Decoder(Message)
 _encoder: Final = msgspec.json.Encoder()
 
@@ -67,6 +79,7 @@ class EventLog:
         self._load = LOAD.register(redis)
         self._set_meta = SET_META.register(redis)
         self._mark_persisted = MARK_PERSISTED.register(redis)
+        self._cache_history = CACHE_HISTORY.register(redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -128,9 +141,37 @@ class EventLog:
             persisted_key=keys.persisted(conversation),
             log_key=keys.log(conversation),
             seq_key=keys.seq(conversation),
+            history_key=keys.history(conversation),
             persisted=seq,
             ttl=self.ttl,
             maxlen=self.max_events,
+        )
+
+    async def history(self, conversation: uuid.UUID) -> CachedHistory | None:
+        """The persisted transcript kept by `cache_history`, if it is still the latest (its
+        seq is the one PostgreSQL is known to hold up to)."""
+        persisted, raw = await self.redis.mget(
+            keys.persisted(conversation), keys.history(conversation)
+        )
+        if persisted is None or raw is None:
+            return None
+        cached = _history_decoder.decode(raw)
+        return cached if cached.seq == int(persisted) else None
+
+    async def cache_history(
+        self, conversation: uuid.UUID, seq: int, messages: list[Message]
+    ) -> None:
+        """Keep the transcript PostgreSQL holds up to `seq` for the next joins, unless a
+        persist has moved on since it was read (or it is too large to keep)."""
+        encoded = _encoder.encode(CachedHistory(seq, messages))
+        if len(encoded) > HISTORY_CACHED_BYTES:
+            return
+        await self._cache_history(
+            persisted_key=keys.persisted(conversation),
+            history_key=keys.history(conversation),
+            history=encoded,
+            seq=str(seq),
+            ttl=self.ttl,
         )
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:
@@ -155,6 +196,7 @@ class EventLog:
             keys.recent(conversation),
             keys.log(conversation),
             keys.said(conversation),
+            keys.history(conversation),
         )
         generations.clear(pipe, conversation)
         await pipe.execute()

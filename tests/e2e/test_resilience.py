@@ -457,8 +457,10 @@ async def test_slow_readers_cost_bounded_memory_and_no_latency(
             assert code in allowed or (caught_up and code is None), (code, len(got.frames))
             if code is not None:
                 await tab.rejoin()
-        assert len(loaded) == tokens - 1 and len(baseline) == 2 * tps - 1
-        per_token = [sum(baseline) / len(baseline), sum(loaded) / len(loaded)]
+        # chunks the worker read while its appends were in flight are one event: at most
+        # one event per token, and the stream's pace is measured per token
+        assert 0 < len(loaded) <= tokens - 1 and 0 < len(baseline) <= 2 * tps - 1
+        per_token = [sum(baseline) / (2 * tps - 1), sum(loaded) / (tokens - 1)]
         # the pace of the stream; generous, as other work may share the machine
         assert per_token[1] < per_token[0] * 2 + 0.0002, per_token
         assert p99(loaded) < max(p99(baseline) * 3, p99(baseline) + 0.05)

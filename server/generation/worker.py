@@ -506,7 +506,11 @@ class Worker:
     ) -> None:
         """Publish a piece of `part`'s text: joined to the part's event still queued, if
         any, else as a new event (`event_of` makes it from the text it ends up holding)."""
-        if run.open_text is not None and run.open_text.join(part, text):
+        if (
+            self.settings.worker.coalesce
+            and run.open_text is not None
+            and run.open_text.join(part, text)
+        ):
             TALLY.coalesced += 1
             return
         open_text = run.open_text = OpenText(part, [text])

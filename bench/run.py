@@ -367,6 +367,20 @@ class Bench:
             )
         self.results["chat_churn"] = r
 
+    def reconnect_storm(self) -> None:
+        """`bench/reconnect_storm.py` (its own services and two web processes): the tabs of
+        one web process, SIGKILLed, rejoin the other with `after`."""
+        tabs = 200 if self.smoke else self.sizes.idle_sockets
+        out = self.out_dir / "storm.json"
+        argv = ["bench.reconnect_storm", "--tabs", str(tabs), "--conversations", str(tabs // 10)]
+        self.commands.append("storm: python -m " + " ".join(argv))
+        print(f"\n=== storm: {' '.join(argv)}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=900, check=False
+        )
+        if out.exists():
+            self.results["storm"] = json.loads(out.read_text())
+
 
 def _cpu_snapshot() -> tuple[float, dict[int, float]]:
     """(now, {0: machine busy CPU-seconds, pid: CPU-seconds}) from /proc."""
@@ -650,7 +664,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["idle", "fanout", "latency", "model", "chat"],
+        choices=["idle", "fanout", "latency", "model", "chat", "storm"],
         help="run only these workloads",
     )
     parser.add_argument("--sockets", type=int, help="idle sockets (default 10,000)")
@@ -723,6 +737,8 @@ def main() -> None:
                     bench.model_fanout()
                 if "chat" in chosen:
                     bench.chat_churn()
+                if "storm" in chosen:  # only when asked for: it starts its own services
+                    bench.reconnect_storm()
             finally:
                 if bench.web is not None:
                     bench.web.stop(timeout=20)

@@ -56,10 +56,15 @@ class PartsBuilder:
             events.append(self._start(len(self._parts) - 1))
         return events
 
+    @property
+    def current(self) -> int:
+        """The index of the part pieces go to now."""
+        return len(self._parts) - 1
+
     def add(self, text: str) -> f.ServerFrame:
         """A piece of the current part, and the event that carries it."""
         self._parts[-1].texts.append(text)
-        return self._piece(len(self._parts) - 1, text)
+        return self.piece(len(self._parts) - 1, text)
 
     def close(self, now: float) -> list[f.ServerFrame]:
         """End the current part (a reply's last part is closed by `done` instead)."""
@@ -86,7 +91,7 @@ class PartsBuilder:
             if building.kind != "text":
                 events.append(self._start(index))
             if text:
-                events.append(self._piece(index, text))
+                events.append(self.piece(index, text))
             if building.kind != "text" and (index < last or self.kind is None):
                 events.append(self._end(index))
         return events
@@ -99,7 +104,8 @@ class PartsBuilder:
             kind=self._parts[index].kind,
         )
 
-    def _piece(self, index: int, text: str) -> f.ServerFrame:
+    def piece(self, index: int, text: str) -> f.ServerFrame:
+        """The event carrying `text` of part `index` (a `token` for a text part)."""
         if self._parts[index].kind == "text":
             return f.Token(conversation=self.conversation, message_id=self.message_id, text=text)
         return f.PartDelta(

@@ -40,25 +40,34 @@ class CatchUp:
 
 
 class Cursor:
+    """One socket's position in one conversation. `_held` (live frames waiting for a
+    catch-up) is None when empty: a cursor exists per joined socket, and a dict that once
+    held a replay keeps its table however many entries it still has."""
+
     __slots__ = ("_held", "catching_up", "last_seq")
 
     def __init__(self) -> None:
         self.last_seq = -1
         self.catching_up = True
-        self._held: dict[int, bytes] = {}
+        self._held: dict[int, bytes] | None = None
 
     def live(self, seq: int, frame: bytes) -> Verdict:
         if seq <= self.last_seq:
             return Verdict.DROP
         if self.catching_up:
-            self._held[seq] = frame
+            self._hold(seq, frame)
             return Verdict.HOLD
         if seq == self.last_seq + 1:
             self.last_seq = seq
             return Verdict.SEND
         self.catching_up = True
-        self._held[seq] = frame
+        self._hold(seq, frame)
         return Verdict.GAP
+
+    def _hold(self, seq: int, frame: bytes) -> None:
+        if self._held is None:
+            self._held = {}
+        self._held[seq] = frame
 
     def start_at(self, seq: int) -> None:
         """The client holds everything up to `seq` (its `after`, or the history sent)."""
@@ -72,7 +81,8 @@ class Cursor:
         """
         if self.last_seq > head:
             return CatchUp([], NextStep.RESET)  # the client is ahead of a log that lost data
-        pending = {s: fr for s, fr in self._held.items() if s > self.last_seq}
+        held = self._held or {}
+        pending = {s: fr for s, fr in held.items() if s > self.last_seq}
         pending.update((seq, frame) for seq, frame in logged if seq > self.last_seq)
         frames: list[bytes] = []
         seq = self.last_seq + 1
@@ -80,7 +90,7 @@ class Cursor:
             frames.append(pending.pop(seq))
             seq += 1
         self.last_seq = seq - 1
-        self._held = pending
+        self._held = pending or None
         if self.last_seq < head:
             next_step = NextStep.RESET
         elif pending:
@@ -91,6 +101,6 @@ class Cursor:
         return CatchUp(frames, next_step)
 
     def reset(self) -> None:
-        self._held.clear()
+        self._held = None
         self.last_seq = -1
         self.catching_up = True

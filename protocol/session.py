@@ -142,7 +142,7 @@ class Session:
         self._limited = 0
         self._bucket = float(limits.frame_burst)
         self._bucket_at = now
-        self._actions: list[Action] = []
+        self._actions: list[Action] | None = None  # a list only while actions wait
 
     # ------------------------------------------------------------------ inputs
 
@@ -223,16 +223,21 @@ class Session:
         self._close(code, reason)
 
     def actions(self) -> list[Action]:
-        actions, self._actions = self._actions, []
-        return actions
+        actions, self._actions = self._actions, None
+        return actions or []
 
     # ------------------------------------------------------------------ internals
+
+    def _act(self, action: Action) -> None:
+        if self._actions is None:
+            self._actions = []
+        self._actions.append(action)
 
     def _frame(self, frame: f.ClientFrame) -> None:
         if isinstance(frame, f.Auth):
             self._bad_in_a_row = 0
             self.verifying = True
-            self._actions.append(Verify(frame.token, frame.ref))
+            self._act(Verify(frame.token, frame.ref))
             return
         if self.state is not State.READY:
             self._close(CloseCode.UNAUTHORIZED, FIRST_FRAME_AUTH)
@@ -258,7 +263,7 @@ class Session:
         if isinstance(frame, f.Ping):
             self._reply(f.Pong(ref=frame.ref))
         else:
-            self._actions.append(Command(frame))
+            self._act(Command(frame))
 
     def _bad(self, exc: f.FrameError) -> None:
         """An undecodable or invalid frame: an error, and after too many in a row a close;
@@ -276,12 +281,12 @@ class Session:
         self._reply(f.Error(code=exc.code, message=exc.message, ref=exc.ref, retry_after=retry))
 
     def _reply(self, frame: f.ServerFrame) -> None:
-        self._actions.append(Reply(frame))
+        self._act(Reply(frame))
 
     def _close(self, code: CloseCode, reason: str) -> None:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
-            self._actions.append(Close(code, reason))
+            self._act(Close(code, reason))
 
     def _take_token(self, now: float) -> bool:
         """Token bucket: `frame_burst` frames at once, `frames_per_second` sustained."""

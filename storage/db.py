@@ -13,7 +13,25 @@ MIGRATION_LOCK = 0x7061726C  # "parl": one migrating process at a time
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
 
+class QueryCount:
+    """Statements this process has sent to PostgreSQL, over every pooled connection (the
+    resets a pool runs when a connection comes back included): how the server shows, as
+    `parley_postgres_queries_total`, which paths touch PostgreSQL and which do not."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def count(self, _query: object) -> None:
+        self.sent += 1
+
+
+QUERIES = QueryCount()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    conn.add_query_logger(QUERIES.count)
     await conn.set_type_codec(
         "jsonb",
         encoder=lambda value: msgspec.json.encode(value).decode(),

@@ -174,6 +174,9 @@ class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     lease_seconds: Seconds = 10.0
     shutdown_deadline: Seconds = 25.0
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    coalesce: bool = True
+    """Join a generation's text chunks that arrive while its previous appends are on their
+    way to Redis into one `token` event; false: one event per model chunk."""
 
 
 class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

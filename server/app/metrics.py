@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from storage.db import QUERIES
+
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 OTHER_MODEL: Final = "other"
 
@@ -221,7 +223,14 @@ RETRIES = Counter(
 class Tally:
     """Per-frame counts as plain ints; `TallyCollector` reports them at scrape time."""
 
-    __slots__ = ("bytes_written", "events_received", "frames_written", "pieces", "pieces_merged")
+    __slots__ = (
+        "bytes_written",
+        "coalesced",
+        "events_received",
+        "frames_written",
+        "pieces",
+        "pieces_merged",
+    )
 
     def __init__(self) -> None:
         self.frames_written = 0
@@ -229,6 +238,7 @@ class Tally:
         self.events_received = 0
         self.pieces_merged = 0
         self.pieces = 0
+        self.coalesced = 0
 
 
 TALLY: Final = Tally()
@@ -247,6 +257,11 @@ _TALLIED: Final = (
         "pieces_merged",
     ),
     ("parley_model_chunks", "Text chunks received from the model.", "pieces"),
+    (
+        "parley_model_chunks_coalesced",
+        "Text chunks joined to their generation's event still waiting to go to Redis.",
+        "coalesced",
+    ),
 )
 
 
@@ -254,6 +269,11 @@ class TallyCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         for name, documentation, attribute in _TALLIED:
             yield CounterMetricFamily(name, documentation, value=getattr(TALLY, attribute))
+        yield CounterMetricFamily(
+            "parley_postgres_queries",
+            "Statements sent to PostgreSQL by this process (connection resets included).",
+            value=QUERIES.sent,
+        )
 
 
 REGISTRY.register(TallyCollector())

@@ -96,14 +96,22 @@ class Conversations:
         return head, events
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
-        """The persisted transcript and the seq it covers."""
+        """The persisted transcript and the seq it covers: from Redis when it keeps the
+        latest, else from PostgreSQL (then kept in Redis for the next joins)."""
+        with contextlib.suppress(RedisError):
+            cached = await self.events.history(conversation)
+            if cached is not None:
+                return cached.seq, cached.messages
         try:
             row = await stored_conversations.get(self.pool, conversation)
             if row is None:
                 raise not_found()
-            return row.history_seq, await stored_messages.history(self.pool, conversation)
+            messages = await stored_messages.history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
+        with contextlib.suppress(RedisError):
+            await self.events.cache_history(conversation, row.history_seq, messages)
+        return row.history_seq, messages
 
     async def everything(self, user: str) -> list[f.Conversation]:
         """All of the user's conversations, however many (an export)."""

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -59,6 +61,30 @@ _job_decoder = msgspec.json.Decoder(Job)
 
 
 @dataclass(slots=True)
+class OpenText:
+    """A generation's text event queued in the pipeliner and not sent yet: text of the same
+    part arriving before it goes out joins it. Pieces the model sends while the previous
+    batch is on its way to Redis thus become one append, one seq and one frame per tab,
+    with nothing waiting longer than it would have (tabs see the same text)."""
+
+    part: int
+    texts: list[str]
+    sent: bool = False
+
+    def take(self) -> str:
+        """The text so far, sealed: a later piece starts a new event."""
+        self.sent = True
+        return "".join(self.texts)
+
+    def join(self, part: int, text: str) -> bool:
+        """Add `text` when it is of this part and this event has not gone yet."""
+        if self.sent or part != self.part:
+            return False
+        self.texts.append(text)
+        return True
+
+
+@dataclass(slots=True)
 class Running:
     """One generation in progress."""
 
@@ -81,6 +107,7 @@ class Running:
     watchers: int = 0
     prompt: list[dict[str, str]] = field(default_factory=list)
     """What the model was sent; empty when it was not called."""
+    open_text: OpenText | None = None
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -521,19 +548,37 @@ class Worker:
                 if item.kind != parts.kind:
                     for boundary in parts.switch(item.kind, now):
                         self._publish_later(run, boundary)
-                piece = parts.add(item.text)
+                parts.add(item.text)
                 if run.lost:
                     await self._republish(run)
                     continue
-                self._publish_later(run, piece)
+                index = parts.current
+                self._publish_text(run, index, item.text, functools.partial(parts.piece, index))
         return Finished("stop", None)
 
-    def _publish_later(self, run: Running, event: f.ServerFrame) -> asyncio.Future[object]:
+    def _publish_text(
+        self, run: Running, part: int, text: str, event_of: Callable[[str], f.ServerFrame]
+    ) -> None:
+        """Publish a piece of part `part`'s text: joined to the part's event still queued, if
+        any, else as a new event (`event_of` makes it from the text it ends up holding)."""
+        if (
+            self.settings.worker.coalesce
+            and run.open_text is not None
+            and run.open_text.join(part, text)
+        ):
+            TALLY.coalesced += 1
+            return
+        open_text = run.open_text = OpenText(part, [text])
+        self._publish_later(run, lambda: encode(event_of(open_text.take())))
+
+    def _publish_later(
+        self, run: Running, event: f.ServerFrame | Callable[[], bytes]
+    ) -> asyncio.Future[object]:
         job = run.job
         future = self.events.append_piece(
             self.pipeliner,
             job.conversation,
-            encode(event),
+            event if callable(event) else encode(event),
             job.message_id,
             run.next_index(),
         )
@@ -550,6 +595,7 @@ class Worker:
         publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
+        run.open_text = None  # what it holds is in run.pieces, republished below
         await self.conversations.load(job.conversation)
         await self._mark_running(job, piece=run.index)
         user_message = self._user_message(run)

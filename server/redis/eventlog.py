@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -35,13 +35,17 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_event"])
+APPEND_PIECE: Final = scripts.load("append_piece")
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
 SET_META: Final = scripts.load("set_meta")
+CACHE_HISTORY: Final = scripts.load("cache_history")
 
 RECENT_KEPT: Final = 200
+HISTORY_CACHED_BYTES: Final = 1 << 20
+"""A persisted transcript larger than this (encoded) is read from PostgreSQL at every join
+rather than kept in Redis."""
 
 
 class CachedMeta(msgspec.Struct, frozen=True):
@@ -51,7 +55,15 @@ class CachedMeta(msgspec.Struct, frozen=True):
     meta: Conversation
 
 
+class CachedHistory(msgspec.Struct, frozen=True):
+    """A conversation's persisted transcript and the seq it covers (`history_seq`)."""
+
+    seq: int
+    messages: list[Message]
+
+
 _meta_decoder: Final = msgspec.json.Decoder(CachedMeta)
+_history_decoder: Final = msgspec.json.Decoder(CachedHistory)
 _message_decoder: Final = msgspec.json.Decoder(Message)
 _encoder: Final = msgspec.json.Encoder()
 
@@ -67,6 +79,7 @@ class EventLog:
         self._load = LOAD.register(redis)
         self._set_meta = SET_META.register(redis)
         self._mark_persisted = MARK_PERSISTED.register(redis)
+        self._cache_history = CACHE_HISTORY.register(redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -128,9 +141,37 @@ class EventLog:
             persisted_key=keys.persisted(conversation),
             log_key=keys.log(conversation),
             seq_key=keys.seq(conversation),
+            history_key=keys.history(conversation),
             persisted=seq,
             ttl=self.ttl,
             maxlen=self.max_events,
+        )
+
+    async def history(self, conversation: uuid.UUID) -> CachedHistory | None:
+        """The persisted transcript kept by `cache_history`, if it is still the latest (its
+        seq is the one PostgreSQL is known to hold up to)."""
+        persisted, raw = await self.redis.mget(
+            keys.persisted(conversation), keys.history(conversation)
+        )
+        if persisted is None or raw is None:
+            return None
+        cached = _history_decoder.decode(raw)
+        return cached if cached.seq == int(persisted) else None
+
+    async def cache_history(
+        self, conversation: uuid.UUID, seq: int, messages: list[Message]
+    ) -> None:
+        """Keep the transcript PostgreSQL holds up to `seq` for the next joins, unless a
+        persist has moved on since it was read (or it is too large to keep)."""
+        encoded = _encoder.encode(CachedHistory(seq, messages))
+        if len(encoded) > HISTORY_CACHED_BYTES:
+            return
+        await self._cache_history(
+            persisted_key=keys.persisted(conversation),
+            history_key=keys.history(conversation),
+            history=encoded,
+            seq=str(seq),
+            ttl=self.ttl,
         )
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:
@@ -155,6 +196,7 @@ class EventLog:
             keys.recent(conversation),
             keys.log(conversation),
             keys.said(conversation),
+            keys.history(conversation),
         )
         generations.clear(pipe, conversation)
         await pipe.execute()
@@ -163,24 +205,30 @@ class EventLog:
         self,
         pipeliner: Pipeliner,
         conversation: uuid.UUID,
-        event: bytes,
+        event: bytes | Callable[[], bytes],
         message_id: uuid.UUID,
         index: int,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's."""
+        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's.
+        An `event` given as a function is encoded only when its batch is sent (see
+        `Pipeliner.call`)."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
-        return pipeliner.call(
-            self._append_piece.bind(
+
+        def bind(frame: bytes) -> scripts.Call:
+            return self._append_piece.bind(
                 **event_keys(c),
                 gen_key=keys.generation(c),
-                frame=event,
+                frame=frame,
                 maxlen=self.max_events,
                 ttl=self.ttl,
                 message_id=str(message_id),
                 piece=index,
             )
-        )
+
+        if callable(event):
+            return pipeliner.call(lambda: bind(event()))
+        return pipeliner.call(bind(event))
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -205,7 +253,8 @@ class Pipeliner:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queue: list[tuple[scripts.Call, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[scripts.Call | Callable[[], scripts.Call], asyncio.Future[Any]]]
+        self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -220,7 +269,9 @@ class Pipeliner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def call(self, call: scripts.Call) -> asyncio.Future[Any]:
+    def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
+        """Queue a call; one given as a function is made when its batch is taken, so what
+        it sends may still grow while earlier batches are in flight."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((call, future))
         self._wake.set()
@@ -230,7 +281,8 @@ class Pipeliner:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue, []
+            queued, self._queue = self._queue, []
+            batch = [(c if isinstance(c, scripts.Call) else c(), f) for c, f in queued]
             if batch:
                 await self._send(batch)
 

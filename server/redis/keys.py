@@ -6,8 +6,8 @@ hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on 
 
 - one conversation only: `append` (seq, log, channel, persisted), `append_piece` (the same
   and gen), `read` (seq, log), `load` (meta, seq, recent, persisted), `set_meta` (meta),
-  `mark_persisted` (persisted, log, seq), `open_approval` and `settle_approval` (one
-  approval);
+  `mark_persisted` (persisted, log, seq, history), `cache_history` (persisted, history),
+  `open_approval` and `settle_approval` (one approval);
 - crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
   `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `regenerate` (gen, recent,
   meta, plus `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `finish` (seq, log,
@@ -73,6 +73,12 @@ def seq(conversation: uuid.UUID | str) -> str:
 def persisted(conversation: uuid.UUID | str) -> str:
     """The seq up to which PostgreSQL holds the conversation: the log may trim before it."""
     return f"{_conv(conversation)}:persisted"
+
+
+def history(conversation: uuid.UUID | str) -> str:
+    """Cached persisted transcript: `CachedHistory` (JSON), valid while its seq is the one in
+    `persisted` (a persist moves `persisted` on, so a stale copy is never used)."""
+    return f"{_conv(conversation)}:history"
 
 
 def meta(conversation: uuid.UUID | str) -> str:

@@ -45,6 +45,27 @@ async def test_two_tabs_see_byte_identical_events(connect: Any, user: str) -> No
     assert kinds[:2] == ["MessageEvent", "Start"] and kinds[-1] == "Done"
 
 
+async def test_chunks_faster_than_redis_round_trips_become_fewer_identical_events(
+    connect: Any, user: str, db: asyncpg.Pool
+) -> None:
+    """A model sending its chunks back to back: the worker joins the chunks that arrive
+    while its previous appends are on their way to Redis, so the tabs get fewer token
+    events, byte-identical on each tab, holding exactly the text PostgreSQL keeps."""
+    a: Client = await connect(user)
+    b: Client = await connect(user)
+    conversation = await start_conversation(a, title="fast model")
+    await b.request(f.Join(conversation=conversation))
+    done = await say_and_finish(a, conversation, "fast [sim:tokens=400][sim:tps=0]")
+    await b.wait_for(lambda fr: isinstance(fr, f.Done) and fr.message_id == done.message_id)
+    assert done.usage is not None and done.usage.completion_tokens == 400
+    assert event_frames(a, conversation) == event_frames(b, conversation)
+    assert_contiguous(a, conversation, 1)
+    tokens = [fr for fr in a.events(conversation) if isinstance(fr, f.Token)]
+    assert 0 < len(tokens) < 400
+    rows = await wait_persisted(db, conversation, 2)
+    assert rows[-1][1] == "".join(token.text for token in tokens)
+
+
 async def test_third_tab_joining_mid_stream_ends_identical(connect: Any, user: str) -> None:
     a: Client = await connect(user)
     conversation = await start_conversation(a)

@@ -32,6 +32,7 @@ from tests.helpers.processes import (
     ParleyProcess,
     Scaled,
     model_stats,
+    postgres_queries,
     redis_db,
     start_all,
 )
@@ -110,6 +111,55 @@ async def test_join_again_on_the_same_socket_keeps_live_events(scaled: Scaled) -
         head = writer.last_seq or 0
         await until(lambda: (again.last_seq or 0) >= head, 5, "the live events", tabs)
         check_tabs(tabs, writer.view().messages)
+    finally:
+        await close_all(tabs)
+
+
+async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
+    scaled: Scaled, db: asyncpg.Pool
+) -> None:
+    """Once one join has read the persisted transcript, joins on any web process (with or
+    without `after`) take it from Redis: the other process sends PostgreSQL nothing. A turn
+    persisted since makes the copy stale: the next join reads PostgreSQL again and gets it."""
+    web_a, web_b = scaled.webs
+    user = new_user()
+    writer = TabClient(user, None, [web_a], "writer")
+    tabs = [writer]
+    try:
+        conversation = await writer.create(web_a, title="no postgres")
+        await writer.join()
+        await writer.say(f"one {SCALE_REPLY}")
+        await until(lambda: writer.settled(2), 10, "the reply", tabs)
+        first = await wait_persisted(db, conversation, 2)
+        redis = Redis.from_url(scaled.redis_url)
+        try:
+            for i in range(50):  # once the persist is marked in Redis, a join keeps the copy
+                tabs.append(warm := TabClient(user, conversation, [web_a], f"warm-{i}"))
+                await warm.join()
+                if await redis.exists(keys.history(conversation)):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await redis.aclose()
+        before = await postgres_queries(web_b)
+        for i in range(5):
+            tab = TabClient(user, conversation, [web_b], f"fresh-{i}")
+            tabs.append(tab)
+            joined = await tab.join()
+            assert joined.history is not None
+            assert [(m.role, m.content) for m in joined.history] == [r[:2] for r in first]
+            tabs.append(again := TabClient(user, conversation, [web_b], f"after-{i}"))
+            await again.join(after=joined.last_seq)
+        assert await postgres_queries(web_b) == before
+
+        await writer.say(f"two {SCALE_REPLY}")
+        await until(lambda: writer.settled(4), 10, "the second reply", tabs)
+        second = await wait_persisted(db, conversation, 4)
+        late = TabClient(user, conversation, [web_b], "late")
+        tabs.append(late)
+        joined = await late.join()
+        assert joined.history is not None
+        assert [(m.role, m.content) for m in joined.history] == [r[:2] for r in second]
     finally:
         await close_all(tabs)
 

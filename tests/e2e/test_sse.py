@@ -213,6 +213,16 @@ async def test_last_event_id_older_than_the_log_gets_reset_with_history(sse: Sse
         for n in range(FILLERS):  # more events than the log keeps
             await say(http, web, token, conversation, f"filler {n}")
             await reader.read(http, url, bearer(token), stop=finished(1))
+        # every reply persisted (and marked so in Redis), so the history holds them all
+        redis = Redis.from_url(web.env["REDIS_URL"])
+        try:
+            head = int(await redis.get(keys.seq(conversation)))
+            deadline = time.monotonic() + 10
+            while int(await redis.get(keys.persisted(conversation)) or 0) < head:
+                assert time.monotonic() < deadline, "the replies were never persisted"
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
         reader = Reader(last_id="1")
         await reader.read(http, url, bearer(token), stop=lambda e: e.event == "joined")
         joined = reader.frames[-1]
@@ -351,6 +361,7 @@ async def test_a_stream_that_stops_reading_gives_back_its_place(
     tokens = 100_000  # ~20 MB of events: past the kernel's buffers and the 64 KiB outbox
     server = small_outbox_server(cluster, SLOW_SSE_DB, tokens)
     server.env["PARLEY_SERVER_SSE_MAX_LIFETIME"] = "120"
+    server.env["PARLEY_WORKER_COALESCE"] = "false"  # one event per token: the ~20 MB
     start_all([server])
     user = new_user()
     token = mint(user)

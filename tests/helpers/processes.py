@@ -310,6 +310,19 @@ async def model_stats(proc: ParleyProcess) -> dict[str, Any]:
     return await asyncio.to_thread(model_stats_now, proc)
 
 
+def postgres_queries_now(proc: ParleyProcess) -> int:
+    """`parley_postgres_queries_total` from the process's GET /metrics."""
+    with urllib.request.urlopen(f"{proc.url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("parley_postgres_queries_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError(f"no parley_postgres_queries_total in {proc.url}/metrics")
+
+
+async def postgres_queries(proc: ParleyProcess) -> int:
+    return await asyncio.to_thread(postgres_queries_now, proc)
+
+
 def alive(procs: Iterable[ParleyProcess]) -> list[ParleyProcess]:
     return [p for p in procs if p.proc is not None and p.proc.poll() is None]
 

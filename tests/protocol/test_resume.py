@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 from hypothesis import given
@@ -89,3 +90,16 @@ def test_every_event_exactly_once_in_order(
         result = cursor.catch_up(frames(range(cursor.last_seq + 1, total + 1)), head=total)
         sent += result.frames
     assert sent == [b"e%d" % s for s in range(after + 1, total + 1)]
+
+
+def test_a_cursor_live_again_after_a_long_replay_keeps_no_table() -> None:
+    """One cursor per joined socket: once caught up it must not keep the table of the frames
+    it held during a replay (a dict keeps its size when emptied)."""
+    cursor = Cursor()
+    cursor.start_at(0)
+    for seq in range(101, 201):  # live frames arriving while the log is read
+        assert cursor.live(seq, b"x") is Verdict.HOLD
+    result = cursor.catch_up([(seq, b"x") for seq in range(1, 101)], 200)
+    assert result.next_step is NextStep.LIVE and len(result.frames) == 200
+    assert cursor.live(201, b"x") is Verdict.SEND
+    assert not any(isinstance(o, dict) for o in gc.get_referents(cursor))

@@ -8,6 +8,7 @@ import uuid
 import msgspec
 from redis.asyncio import Redis
 
+from protocol.frames import Message, utcnow
 from server.redis import generations, keys
 from server.redis.eventlog import LOST, UNLOADED, EventLog, Pipeliner
 from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
@@ -165,3 +166,32 @@ async def test_the_log_keeps_at_most_max_events_once_persisted(
         await events.append(conversation, frame(str(i)))
     kept = await log_seqs(redis, conversation)
     assert MAX_EVENTS <= len(kept) < 250 and kept[-1] == 250
+
+
+def said(text: str) -> Message:
+    return Message(
+        id=uuid.uuid4(), role="user", content=text, status="complete", created_at=utcnow()
+    )
+
+
+async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
+    events: EventLog,
+) -> None:
+    conversation = await loaded(events, last_seq=4)
+    transcript = [said("one")]
+    await events.cache_history(conversation, 3, transcript)  # older than what is persisted
+    assert await events.history(conversation) is None
+    await events.cache_history(conversation, 4, transcript)
+    cached = await events.history(conversation)
+    assert cached is not None and (cached.seq, cached.messages) == (4, transcript)
+    await events.mark_persisted(conversation, 6)  # a turn persisted since: the copy is stale
+    assert await events.history(conversation) is None
+    await events.cache_history(conversation, 4, transcript)  # read before that persist
+    assert await events.history(conversation) is None
+
+
+async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, redis: Redis) -> None:
+    conversation = await loaded(events, last_seq=2)
+    await events.cache_history(conversation, 2, [said("one")])
+    await events.forget(conversation)
+    assert not await redis.exists(keys.history(conversation))

@@ -15,6 +15,7 @@ LOADED = [
     eventlog.LOAD,
     eventlog.MARK_PERSISTED,
     eventlog.SET_META,
+    eventlog.CACHE_HISTORY,
     turns.SAY,
     turns.REGENERATE,
     turns.FINISH,

@@ -4,6 +4,12 @@
 -- Returns the seq, 0 for a repeat, -1 (unloaded) when the conversation's seq is gone, or
 -- -2 (lost) when `gen` no longer names this generation: Redis lost its data, and the worker
 -- must republish the turn before anything else of it is appended.
+--
+-- This runs once per token, so it does per piece only what each piece needs (check and
+-- record the index, take the seq, log, PUBLISH: five commands) and the rest once every
+-- `MAINTAIN_EVERY` pieces of a generation, its first included: renew the log's and the
+-- seq's expiry and trim the log (approximately, never past what PostgreSQL holds). Between
+-- two trims the log holds at most that many events more than `maxlen`.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -15,9 +21,36 @@ local ttl = tonumber(ARGV[3])
 local message_id = ARGV[4]
 local piece = tonumber(ARGV[5])
 
-if redis.call('EXISTS', seq_key) == 0 then return -1 end
-if redis.call('HGET', gen_key, 'message_id') ~= message_id then return -2 end
-local last = tonumber(redis.call('HGET', gen_key, 'piece') or '-1')
-if last >= piece then return 0 end
+local MAINTAIN_EVERY = 64
+
+local gen = redis.call('HMGET', gen_key, 'message_id', 'piece')
+if gen[1] ~= message_id then
+  if redis.call('EXISTS', seq_key) == 0 then return -1 end
+  return -2
+end
+if tonumber(gen[2] or '-1') >= piece then return 0 end
+local seq = redis.call('INCR', seq_key)
+-- a loaded seq always has an expiry: without one, INCR has just created it
+if seq == 1 and redis.call('TTL', seq_key) == -1 then
+  redis.call('DEL', seq_key)
+  return -1
+end
 redis.call('HSET', gen_key, 'piece', piece)
-return append_event(seq_key, log_key, channel, persisted_key, frame, maxlen, ttl)
+local framed = '{"seq":' .. seq .. ',' .. string.sub(frame, 2)
+local added = redis.pcall('XADD', log_key, seq .. '-0', 'f', framed)
+if type(added) == 'table' and added.err then
+  -- the log holds an entry at or past this seq (left from before a reload): start it again
+  redis.call('DEL', log_key)
+  redis.call('XADD', log_key, seq .. '-0', 'f', framed)
+  redis.call('EXPIRE', log_key, ttl)
+end
+redis.call('PUBLISH', channel, framed)
+if piece % MAINTAIN_EVERY == 1 then
+  local keep = seq - maxlen + 1
+  local persisted = redis.call('GET', persisted_key)
+  if persisted and tonumber(persisted) + 1 < keep then keep = tonumber(persisted) + 1 end
+  if keep > 1 then redis.call('XTRIM', log_key, 'MINID', '~', keep) end
+  redis.call('EXPIRE', log_key, ttl)
+  redis.call('EXPIRE', seq_key, ttl)
+end
+return seq

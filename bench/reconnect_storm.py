@@ -1,0 +1,256 @@
+"""A reconnect storm: every tab of one `parley web` loses it at once and rejoins another.
+
+    .venv/bin/python -m bench.reconnect_storm [--tabs 10000] [--conversations 1000]
+
+Starts its own Redis and PostgreSQL, two `parley web` processes (A, B) and no worker. The
+tabs (`--tabs` sockets, spread over `--conversations` conversations, each with a finished
+turn persisted in PostgreSQL) join on A. Events keep being appended to every conversation
+(the append script, from this process) while A is SIGKILLed: each tab then reconnects to B
+and joins with `after` = the last seq it holds. Reported: the storm's completion time (kill
+→ last tab caught up), each rejoin's time (kill → its `joined`) p50/p99, the statements B
+sent PostgreSQL during the storm (`parley_postgres_queries_total`), and whether any tab
+lost or repeated an event (each tab's seqs must be contiguous up to the head). Socket
+set-ups including `join` per second and per web core come from B's CPU time during the
+storm. A benchmark: it never fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from protocol import frames as f
+from server.load.wsclient import Endpoint, WSClient, connect
+from server.redis import keys
+from server.redis.eventlog import EventLog, encode
+from tests.helpers import procfs
+from tests.helpers.auth import mint
+from tests.helpers.processes import ParleyProcess, bench_cluster, postgres_queries_now, start_all
+
+
+class _Incoming(msgspec.Struct):
+    type: str
+    seq: int = -1
+    ref: str | None = None
+    conversation: str = ""
+    last_seq: int = -1
+    reset: bool = False
+
+
+_decode = msgspec.json.Decoder(_Incoming).decode
+
+
+class Tab:
+    """One socket joined to one conversation, checking that its seqs are contiguous."""
+
+    __slots__ = ("conversation", "gaps", "joined", "last_seq", "ready", "rejoined_at", "ws")
+
+    def __init__(self, conversation: str) -> None:
+        self.conversation = conversation
+        self.ws: WSClient | None = None
+        self.last_seq = -1
+        self.gaps = 0
+        self.ready: asyncio.Future[None] | None = None
+        self.joined: asyncio.Future[None] | None = None
+        self.rejoined_at = 0.0
+
+    def on_text(self, payload: bytes) -> None:
+        fr = _decode(payload)
+        if fr.seq >= 0:
+            if self.last_seq >= 0 and fr.seq != self.last_seq + 1:
+                self.gaps += 1
+            self.last_seq = max(self.last_seq, fr.seq)
+        elif fr.type == "ready" and self.ready is not None and not self.ready.done():
+            self.ready.set_result(None)
+        elif fr.type == "joined" and self.joined is not None and not self.joined.done():
+            if fr.reset:
+                self.gaps += 1  # a reset means the log had lost what this tab missed
+            self.last_seq = fr.last_seq
+            self.rejoined_at = time.monotonic()
+            self.joined.set_result(None)
+
+    def on_closed(self, code: int | None, reason: str) -> None:
+        pass
+
+    async def join(self, port: int, token: str, after: int | None, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.ready, self.joined = loop.create_future(), loop.create_future()
+        endpoint = Endpoint(f"ws://127.0.0.1:{port}/ws")
+        protocols = [f.SUBPROTOCOL, f"{f.BEARER_PREFIX}{token}"]
+        async with asyncio.timeout(timeout):
+            self.ws = await connect(endpoint, protocols, self.on_text, self.on_closed, timeout)
+            await self.ready
+            frame: dict[str, Any] = {"type": "join", "conversation": self.conversation}
+            if after is not None:
+                frame["after"] = after
+            self.ws.send_text(msgspec.json.encode(frame))
+            await self.joined
+
+
+async def _conversations(web: ParleyProcess, token: str, n: int) -> list[str]:
+    """`n` conversations of the user, created over one socket (within its frame rate)."""
+    tab = Tab("")
+    created: list[str] = []
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_text(payload: bytes) -> None:
+        fr = msgspec.json.decode(payload)
+        if fr.get("type") == "created":
+            waiting.put_nowait(fr["conversation"])
+        elif fr.get("type") == "error":
+            waiting.put_nowait("")
+        elif fr.get("type") == "ready" and tab.ready is not None and not tab.ready.done():
+            tab.ready.set_result(None)
+
+    tab.ready = asyncio.get_running_loop().create_future()
+    endpoint = Endpoint(web.ws_url)
+    protocols = [f.SUBPROTOCOL, f"{f.BEARER_PREFIX}{token}"]
+    ws = await connect(endpoint, protocols, on_text, tab.on_closed, 10)
+    await tab.ready
+    while len(created) < n:
+        ws.send_text(msgspec.json.encode({"type": "create", "title": f"storm {len(created)}"}))
+        conversation = await asyncio.wait_for(waiting.get(), 10)
+        if conversation:
+            created.append(conversation)
+        else:  # over the socket's frame rate: wait for the bucket to refill
+            await asyncio.sleep(0.5)
+    ws.abort()
+    return created
+
+
+async def _append_forever(events: EventLog, conversations: list[str], rate: float) -> int:
+    """Append a notice-like event to the conversations round-robin at `rate` per second."""
+    sent = 0
+    if rate <= 0:
+        return sent
+    try:
+        while True:
+            for c in conversations:
+                frame = encode(
+                    f.Token(conversation=uuid.UUID(c), message_id=uuid.UUID(c), text="x")
+                )
+                await events.append(uuid.UUID(c), frame)
+                sent += 1
+                await asyncio.sleep(1 / rate)
+    except asyncio.CancelledError:
+        return sent
+
+
+async def _gather_bounded(coros: list[Any], concurrency: int) -> list[Any]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(coro: Any) -> Any:
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+
+
+async def storm(
+    web_a: ParleyProcess,
+    web_b: ParleyProcess,
+    redis_url: str,
+    tabs_n: int,
+    conversations_n: int,
+    concurrency: int,
+    rate: float,
+) -> dict[str, Any]:
+    token = mint("storm-user", ttl=3600)
+    conversations = await _conversations(web_a, token, conversations_n)
+    tabs = [Tab(conversations[i % conversations_n]) for i in range(tabs_n)]
+    first = time.monotonic()
+    opened = await _gather_bounded([t.join(web_a.port, token, None, 60) for t in tabs], concurrency)
+    failed_open = sum(isinstance(r, BaseException) for r in opened)
+    first_seconds = time.monotonic() - first
+    redis = Redis.from_url(redis_url)
+    events = EventLog(redis, 2000, 3600)
+    appender = asyncio.create_task(_append_forever(events, conversations, rate))
+    await asyncio.sleep(1.0)
+    queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
+    cpu_before = procfs.cpu_seconds(web_b.pid)
+    killed = time.monotonic()
+    web_a.send_signal(signal.SIGKILL)
+    rejoined = await _gather_bounded(
+        [t.join(web_b.port, token, t.last_seq, 60) for t in tabs], concurrency
+    )
+    done = time.monotonic()
+    cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
+    queries = await asyncio.to_thread(postgres_queries_now, web_b) - queries_before
+    await asyncio.sleep(1.0)
+    appender.cancel()
+    appended = await appender
+    await asyncio.sleep(1.0)  # the last events reach every tab
+    heads = {c: int(await redis.get(keys.seq(c)) or 0) for c in conversations}
+    await redis.aclose()
+    failed = sum(isinstance(r, BaseException) for r in rejoined)
+    times = sorted(t.rejoined_at - killed for t in tabs if t.rejoined_at > killed)
+    behind = sum(1 for t in tabs if t.last_seq < heads[t.conversation])
+    for t in tabs:
+        if t.ws is not None:
+            t.ws.abort()
+
+    def pct(q: float) -> float | None:
+        return round(times[min(int(q * len(times)), len(times) - 1)] * 1000, 1) if times else None
+
+    return {
+        "tabs": tabs_n,
+        "conversations": conversations_n,
+        "failed_first_join": failed_open,
+        "first_joins_seconds": round(first_seconds, 2),
+        "failed_rejoin": failed,
+        "storm_seconds": round(done - killed, 2),
+        "rejoin_ms_p50": pct(0.5),
+        "rejoin_ms_p99": pct(0.99),
+        "postgres_queries_during_storm": queries,
+        "web_b_cpu_seconds": round(cpu, 2),
+        "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,
+        "web_b_cpu_us_per_setup": round(cpu * 1e6 / len(times)) if times else None,
+        "events_appended": appended,
+        "tabs_with_a_gap_or_reset": sum(1 for t in tabs if t.gaps),
+        "tabs_behind_the_head": behind,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tabs", type=int, default=10_000)
+    parser.add_argument("--conversations", type=int, default=1_000)
+    parser.add_argument("--concurrency", type=int, default=200, help="set-ups in flight")
+    parser.add_argument(
+        "--rate", type=float, default=500, help="events appended per second during the storm"
+    )
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
+        env = {"PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "1000000"}
+        webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+        start_all(webs)
+        result = asyncio.run(
+            storm(
+                webs[0],
+                webs[1],
+                cluster.services.redis_url,
+                args.tabs,
+                args.conversations,
+                args.concurrency,
+                args.rate,
+            )
+        )
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""What Redis spends per appended event, against a raw PUBLISH of the same frame.
+
+    .venv/bin/python -m bench.redis_append [--conversations 400] [--tokens 200] [--batch 64]
+
+Starts its own Redis (server.dev.embedded), loads `--conversations` conversations the way a
+`say` leaves them (seq counter, generation mark), subscribes one pub/sub connection to all
+their channels (a web process), then appends `--tokens` token events to each through the
+worker's own code (`EventLog.append_piece` in pipelines of `--batch` calls), and afterwards
+PUBLISHes the same framed bytes to the same channels in the same pipelines. For each it reads
+Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
+network included) and `INFO commandstats` (time inside the commands). Prints µs per event and
+events per second per Redis core; it is a benchmark, it never fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from protocol import frames as f
+from server.dev import embedded
+from server.redis import generations, keys
+from server.redis.eventlog import EventLog, Pipeliner, encode
+
+TTL = 3600
+MAX_EVENTS = 1000
+
+
+async def _redis_cpu(redis: Redis) -> tuple[float, dict[str, tuple[int, int]]]:
+    """(CPU seconds Redis used so far, {command: (calls, µs)})."""
+    cpu = await redis.info("cpu")
+    stats = await redis.info("commandstats")
+    commands = {
+        name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+        for name, v in stats.items()
+    }
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), commands
+
+
+def _delta(
+    before: tuple[float, dict[str, tuple[int, int]]],
+    after: tuple[float, dict[str, tuple[int, int]]],
+    events: int,
+) -> dict[str, Any]:
+    commands = {}
+    for name, (calls, usec) in after[1].items():
+        was = before[1].get(name, (0, 0))
+        if calls - was[0] > 0:
+            commands[name] = {"calls": calls - was[0], "usec": usec - was[1]}
+    cpu_us = (after[0] - before[0]) * 1e6 / events
+    inside_us = sum(c["usec"] for c in commands.values()) / events
+    return {
+        "events": events,
+        "redis_cpu_us_per_event": round(cpu_us, 2),
+        "command_us_per_event": round(inside_us, 2),
+        "events_per_redis_core_per_s": round(1e6 / cpu_us) if cpu_us else None,
+        "commands": commands,
+    }
+
+
+async def _prepare(
+    redis: Redis, conversations: list[uuid.UUID], message_ids: list[uuid.UUID]
+) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for conversation, message_id in zip(conversations, message_ids, strict=True):
+        pipe.set(keys.seq(conversation), 1, ex=TTL)
+        pipe.set(keys.persisted(conversation), 0, ex=TTL)
+        generations.claim(pipe, conversation, message_id, "bench", TTL)
+    await pipe.execute()
+
+
+def _tokens(
+    conversations: list[uuid.UUID], message_ids: list[uuid.UUID], tokens: int
+) -> Iterator[tuple[uuid.UUID, uuid.UUID, int, bytes]]:
+    """(conversation, message id, piece index, token frame without seq), a round of every
+    conversation per token."""
+    pairs = list(zip(conversations, message_ids, strict=True))
+    for index in range(1, tokens + 1):
+        for conversation, message_id in pairs:
+            token = f.Token(conversation=conversation, message_id=message_id, text=f" w{index}")
+            yield conversation, message_id, index, encode(token)
+
+
+async def _appends(
+    events: EventLog,
+    conversations: list[uuid.UUID],
+    message_ids: list[uuid.UUID],
+    tokens: int,
+    batch: int,
+) -> None:
+    pipeliner = Pipeliner(events.redis)
+    pipeliner.start()
+    pending = []
+    for conversation, message_id, index, frame in _tokens(conversations, message_ids, tokens):
+        pending.append(events.append_piece(pipeliner, conversation, frame, message_id, index))
+        if len(pending) >= batch:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    await pipeliner.stop()
+
+
+async def _publishes(
+    redis: Redis,
+    conversations: list[uuid.UUID],
+    message_ids: list[uuid.UUID],
+    tokens: int,
+    batch: int,
+) -> None:
+    """The same frames, framed as the script would (the seq spliced in front), PUBLISHed."""
+    pipe = redis.pipeline(transaction=False)
+    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
+        pipe.publish(keys.channel(conversation), b'{"seq":%d,' % (index + 1) + frame[1:])
+        if len(pipe) >= batch:
+            await pipe.execute()
+    await pipe.execute()
+
+
+async def _listen(redis_url: str, conversations: list[uuid.UUID], ready: asyncio.Event) -> int:
+    """One subscriber on every channel, draining what arrives (a web process's bus)."""
+    client = Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(*(keys.channel(c) for c in conversations))
+    ready.set()
+    received = 0
+    try:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                received += 1
+    except asyncio.CancelledError:
+        return received
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def _round(
+    redis_url: str, events: EventLog, name: str, n: int, tokens: int, batch: int
+) -> dict[str, Any]:
+    redis = events.redis
+    conversations = [uuid.uuid4() for _ in range(n)]
+    message_ids = [uuid.uuid4() for _ in range(n)]
+    await _prepare(redis, conversations, message_ids)
+    ready = asyncio.Event()
+    listener = asyncio.create_task(_listen(redis_url, conversations, ready))
+    await ready.wait()
+    await redis.config_resetstat()
+    before = await _redis_cpu(redis)
+    if name == "append":
+        await _appends(events, conversations, message_ids, tokens, batch)
+    else:
+        await _publishes(redis, conversations, message_ids, tokens, batch)
+    after = await _redis_cpu(redis)
+    await asyncio.sleep(0.5)
+    listener.cancel()
+    received = await listener
+    await redis.flushdb()
+    return _delta(before, after, n * tokens) | {"received": received}
+
+
+async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> dict[str, Any]:
+    """Appends and raw PUBLISHes in alternating rounds; each keeps its least disturbed round
+    (the machine may be shared: other processes only ever add to Redis's CPU time)."""
+    redis = Redis.from_url(redis_url)
+    events = EventLog(redis, MAX_EVENTS, TTL)
+    results: dict[str, Any] = {"conversations": n, "tokens": tokens, "batch": batch}
+    for name in ("append", "publish"):
+        results[name + "_rounds"] = []
+    for _ in range(rounds):
+        for name in ("append", "publish"):
+            r = await _round(redis_url, events, name, n, tokens, batch)
+            results[name + "_rounds"].append(r)
+    for name in ("append", "publish"):
+        results[name] = min(results[name + "_rounds"], key=lambda r: r["redis_cpu_us_per_event"])
+    await redis.aclose()
+    append, publish = results["append"], results["publish"]
+    results["cpu_ratio"] = round(
+        append["redis_cpu_us_per_event"] / publish["redis_cpu_us_per_event"], 2
+    )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=400)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=64, help="calls per pipeline")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="parley-redis-bench-") as tmp:
+        redis = embedded.start_redis(Path(tmp), persist=False)
+        try:
+            results = asyncio.run(
+                run(redis.url, args.conversations, args.tokens, args.batch, args.rounds)
+            )
+        finally:
+            redis.stop()
+    text = json.dumps(results, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    for name in ("append", "publish"):
+        r = results[name]
+        print(
+            f"{name:8} Redis CPU {r['redis_cpu_us_per_event']:6.2f} µs/event "
+            f"(inside commands {r['command_us_per_event']:5.2f}), "
+            f"{r['events_per_redis_core_per_s']:,} events/s per Redis core, "
+            f"{r['received']:,} received"
+        )
+    print(f"append / publish: {results['cpu_ratio']}×")
+    for name, c in results["append"]["commands"].items():
+        print(f"  {name:12} {c['calls']:8,} calls {c['usec'] / c['calls']:6.2f} µs/call")
+
+
+if __name__ == "__main__":
+    main()

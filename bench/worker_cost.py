@@ -1,0 +1,157 @@
+"""What one generation worker and Redis spend per relayed token.
+
+    .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
+
+Starts its own Redis and PostgreSQL and, each its own process, the simulated model
+(`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
+(one tab per conversation, one turn each) and reads, around the run, the worker's and the
+model's CPU time (/proc) and Redis's (`INFO cpu`) and its EVALSHA count. Prints µs per
+token for each, the tokens per append, and the load generator's summary line. A benchmark: it
+never fails on a number; the machine may be shared, so per-token costs are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from server.dev import embedded
+from tests.helpers import procfs
+from tests.helpers.processes import ROOT, bench_cluster, start_all
+
+
+async def _redis_cpu(url: str) -> tuple[float, int]:
+    redis = Redis.from_url(url)
+    try:
+        cpu = await redis.info("cpu")
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    calls = int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), calls
+
+
+def _chunks(port: int) -> int:
+    """`parley_model_chunks_total` from the worker's GET /metrics."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("parley_model_chunks_total "):
+                return int(float(line.split()[1]))
+    return 0
+
+
+def _settle(pid: int, limit: float = 120) -> None:
+    """Wait until the process uses less than 5 % of a core (at most `limit` seconds)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = procfs.cpu_seconds(pid)
+        time.sleep(1.0)
+        if procfs.cpu_seconds(pid) - before < 0.05:
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--tps", type=float, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
+        model = cluster.model()
+        env = {
+            "OPENAI_BASE_URL": f"{model.url}/v1",
+            "OPENAI_API_KEY": "sim",
+            "PARLEY_WORKER_CONCURRENCY": str(args.conversations * 2),
+            "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "100000",
+            "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
+            "PARLEY_SIMULATOR_MAX_TOKENS": str(args.tokens * 2),
+        }
+        web = cluster.process("web", start=False, **env)
+        metrics_port = embedded.free_port()
+        worker = cluster.process(
+            "worker", start=False, **env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
+        )
+        start_all([model, web, worker])
+        redis_url = cluster.services.redis_url
+        redis_before = asyncio.run(_redis_cpu(redis_url))
+        chunks_before = _chunks(metrics_port)
+        worker_before = procfs.cpu_seconds(worker.pid)
+        model_before = procfs.cpu_seconds(model.pid)
+        out = Path(tmp) / "load.json"
+        duration = args.tokens / args.tps + 5
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.app.cli",
+                "load",
+                "fanout",
+                "--url",
+                web.ws_url,
+                "--conversations",
+                str(args.conversations),
+                "--tabs",
+                "1",
+                "--tokens",
+                str(args.tokens),
+                "--tps",
+                f"{args.tps:g}",
+                "--rate",
+                "1",
+                "--duration",
+                f"{duration:g}",
+                "--no-progress",
+                "--no-charts",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=web.env,
+            check=False,
+            timeout=600,
+        )
+        _settle(worker.pid)  # a saturated worker is still relaying what it has read
+        chunks = _chunks(metrics_port) - chunks_before
+        worker_cpu = procfs.cpu_seconds(worker.pid) - worker_before
+        model_cpu = procfs.cpu_seconds(model.pid) - model_before
+        redis_after = asyncio.run(_redis_cpu(redis_url))
+        load: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    tokens = chunks  # the text chunks the worker read from the model: one token each
+    frames = int(load.get("counters", {}).get("tokens", 0))
+    appends = redis_after[1] - redis_before[1]
+    result = {
+        "conversations": args.conversations,
+        "tokens_per_reply": args.tokens,
+        "tps": args.tps,
+        "tokens": tokens,
+        "token_frames_received": frames,
+        "worker_cpu_s": round(worker_cpu, 2),
+        "model_cpu_s": round(model_cpu, 2),
+        "redis_cpu_s": round(redis_after[0] - redis_before[0], 2),
+        "evalsha_calls": appends,
+        "worker_us_per_token": round(worker_cpu * 1e6 / tokens, 1) if tokens else None,
+        "model_us_per_token": round(model_cpu * 1e6 / tokens, 1) if tokens else None,
+        "redis_us_per_token": round((redis_after[0] - redis_before[0]) * 1e6 / tokens, 1)
+        if tokens
+        else None,
+        "tokens_per_script_call": round(tokens / appends, 2) if appends else None,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result | {"load": load}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

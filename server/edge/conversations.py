@@ -24,6 +24,7 @@ from server.app.config import Settings
 from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
 from server.redis import keys
+from server.redis.client import publish
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, HookData, Job, Turns
 from storage import conversations as stored_conversations
@@ -288,7 +289,7 @@ class Conversations:
     async def tell(self, user: str, frame: f.ConversationChanged | f.Notice) -> None:
         """A user event to every socket of the user, on every web process."""
         try:
-            await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
+            await publish(self.redis, keys.USERS, keys.user_message(user, encode(frame)))
         except RedisError as exc:
             log.warning("could not publish a %s: %s", type(frame).__name__, exc)
 

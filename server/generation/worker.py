@@ -1,8 +1,10 @@
 """Generation: claim a turn, build the prompt, stream the model, publish every piece, finish.
 
-A worker reads jobs from the `parley:turns` Stream through the `workers` consumer group, runs
-up to `worker.concurrency` generations at once, and listens on the `parley:cancel` channel so
-that `cancel` from any tab on any web process stops the upstream stream within milliseconds.
+A worker reads jobs from every shard of the turns Stream (`keys.turns`, one on a single
+Redis) through the `workers` consumer group, runs up to `worker.concurrency` generations at
+once (shared by the shards: a shard's loop reserves the slots it reads for), and listens on
+the `parley:cancel` channel so that `cancel` from any tab on any web process stops the
+upstream stream within milliseconds.
 Pieces go through the pipeliner (one Redis round trip per batch, not per token); each carries
 an index so that a batch retried after a broken connection appends nothing twice.
 
@@ -37,9 +39,9 @@ from server.app import logs, metrics, tracing
 from server.app.config import Settings
 from server.app.hooks import ALLOW, Hooks, Reply
 from server.app.metrics import TALLY
-from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
+from server.edge.shardbus import open_bus
 from server.generation import finish_hooks
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
@@ -114,10 +116,17 @@ class Worker:
         self.turns = turns
         self.llm = llm
         self.name = name or consumer_name()
-        self.group = ConsumerGroup(redis, keys.TURNS, keys.WORKERS, self.name)
+        self.groups = [
+            ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
+            for shard in range(turns.shards)
+        ]
+        self._reserved = 0
+        """Slots the shards' loops are reading for (so together they never exceed
+        concurrency); each reads for at most its share, so no shard waits on another's."""
+        self._share = max(1, settings.worker.concurrency // len(self.groups))
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
-        self.cancels = Bus(settings.redis.url)
+        self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -131,7 +140,8 @@ class Worker:
 
     async def run(self) -> None:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
-        await self.group.ensure()
+        for group in self.groups:
+            await group.ensure()
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
@@ -141,7 +151,7 @@ class Worker:
             asyncio.create_task(self._take_over_loop()),
         ]
         log.info("worker ready (%s)", self.name)
-        await self._claim_loop()
+        await asyncio.gather(*(self._claim_loop(group) for group in self.groups))
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -164,28 +174,37 @@ class Worker:
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.worker(self.name))
 
-    async def _claim_loop(self) -> None:
+    async def _claim_loop(self, group: ConsumerGroup) -> None:
         while not self._draining:
-            free = self.settings.worker.concurrency - len(self._tasks)
+            free = min(
+                self.settings.worker.concurrency - len(self._tasks) - self._reserved,
+                self._share,
+            )
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            self._reserved += free
             try:
-                entries = await self.group.read(free, 1000)
+                entries = await group.read(free, 1000)
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._reserved -= free
+                self._slot_freed.set()
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
             for entry_id, fields in entries:
-                self._spawn(entry_id, fields, takeover=False)
+                self._spawn(group, entry_id, fields, takeover=False)
 
-    def _spawn(self, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> None:
-        task = asyncio.create_task(self._run_job(entry_id, fields, takeover))
+    def _spawn(
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool
+    ) -> None:
+        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -193,7 +212,9 @@ class Worker:
         self._tasks.discard(task)
         self._slot_freed.set()
 
-    async def _run_job(self, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool) -> None:
+    async def _run_job(
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool
+    ) -> None:
         tries = 0
 
         async def handle() -> None:
@@ -204,12 +225,13 @@ class Worker:
         try:
             await attempt(handle, f"turn {entry_id.decode()}")
         except Poisoned as failure:
-            await self.dead_letters.bury(keys.TURNS, keys.WORKERS, entry_id, fields, failure)
+            await self.dead_letters.bury(group.stream, keys.WORKERS, entry_id, fields, failure)
             return
         except asyncio.CancelledError:
             log.warning("turn %s handed back at shutdown", entry_id.decode())
             raise
-        await self._ack(entry_id)
+        with contextlib.suppress(RedisError, OSError):
+            await group.ack(entry_id)
 
     async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> None:
         try:
@@ -228,10 +250,6 @@ class Worker:
         finally:
             logs.CONVERSATION.set(None)
             logs.MESSAGE.set(None)
-
-    async def _ack(self, entry_id: bytes) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.group.ack(entry_id)
 
     # ------------------------------------------------------------------ liveness and takeover
 
@@ -261,26 +279,31 @@ class Worker:
                 log.warning("cannot look for abandoned turns: %s", exc)
 
     async def _take_over(self) -> None:
-        """Claim turns pending with a worker whose heartbeat is gone."""
+        """Claim turns pending with a worker whose heartbeat is gone, on every shard."""
+        for group in self.groups:
+            await self._take_over_shard(group)
+
+    async def _take_over_shard(self, group: ConsumerGroup) -> None:
         idle_ms = int(self.lease * 1000)
-        for entry in await self.group.pending():
+        for entry in await group.pending():
             owner = entry.consumer
             if owner == self.name or entry.idle_ms < idle_ms:
                 continue
             if await self.redis.exists(keys.worker(owner)):
                 continue
-            for entry_id, fields in await self.group.claim([entry.entry_id], idle_ms):
+            for entry_id, fields in await group.claim([entry.entry_id], idle_ms):
                 if fields:
                     log.warning("taking over a turn abandoned by %s", owner)
                     self.taken_over += 1
                     metrics.TAKEOVERS.inc()
-                    self._spawn(entry_id, fields, takeover=True)
+                    self._spawn(group, entry_id, fields, takeover=True)
 
     # ------------------------------------------------------------------ one generation
 
     async def _generate(self, job: Job, takeover: bool) -> None:
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
+            await self.turns.queue_finished_again(job)
             return  # the dead worker had finished it; only the acknowledgement was missing
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
@@ -547,11 +570,10 @@ class Worker:
             finished_at=f.utcnow(),
             traceparent=tracing.current_traceparent(),
         )
-        call = self.turns.finish_call(job, encode(done), reply, encode(turn))
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            if await self.pipeliner.call(call) >= 0:
+            if await self.turns.finish(self.pipeliner, job, encode(done), reply, encode(turn)) >= 0:
                 return reason
             run.lost = True
         log.error("could not finish the turn in %s", job.conversation)

@@ -240,11 +240,8 @@ class Pipeliner:
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:
-            pipe = self.redis.pipeline(transaction=False)
-            for call, _ in batch:
-                await call.run(pipe)
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await scripts.pipelined(self.redis, [call for call, _ in batch])
                 break
             except (ConnectionError, RedisTimeoutError, OSError, RedisConnectionError) as exc:
                 if asyncio.get_running_loop().time() > deadline:

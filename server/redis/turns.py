@@ -9,10 +9,34 @@ of them, and a job whose worker died stays pending until another claims it. `fin
 (`scripts/finish.lua`) appends the `done` event, records the reply among the recent
 messages, queues the finished turn for PostgreSQL and clears the generating mark, again in
 one step.
+
+On a Redis Cluster a script may only touch one slot, and a turn spans three (the
+conversation, the user's rate counter, the turns shard), so `accept` and `regenerate` run as
+four single-slot steps, in this order:
+
+1. `turn_check` (conversation, read-only): a duplicate `say` id, an unloaded or a busy
+   conversation is refused before anything is counted, as the single script does;
+2. `turn_rate` (the user's slot): counts the turn, refuses it over the limit. Counted only
+   for turns that passed step 1, so a retried `say` never uses up the user's rate;
+3. `say_commit` / `regenerate_commit` (conversation): checks step 1 again, atomically with
+   what it changes (another tab may have started a turn between 1 and 3: it then answers
+   `busy`, or `dup` for the same id, having counted one turn of rate, which a single Redis
+   would not), then records the say id, appends the message and sets the busy mark. This is
+   the step that decides: at most one turn per conversation is marked, once per say id;
+4. the job's XADD on the conversation's turns shard, retried while the cluster fails over.
+
+The one window the single script does not have: a web process that dies between 3 and 4
+leaves the message appended and the conversation busy without a queued job. The busy mark
+expires `lease` seconds later (nothing renews it), and the user can say again.
+
+`finish` likewise appends `done` with `finish_commit`, which keeps the finished turn beside
+the `done` seq, and then queues it on the persist shard; a takeover that finds the turn
+finished queues it again (the persister writes a turn idempotently, so twice is once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import uuid
 from dataclasses import dataclass
@@ -20,10 +44,14 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
-from server.redis.eventlog import RECENT_KEPT, encode, event_keys
+from server.redis.client import is_cluster, publish
+from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
 from server.redis.scripts import Call
 
 HookData = dict[str, Any] | None
@@ -69,25 +97,52 @@ class Accepted:
     replaces: uuid.UUID | None = None
 
 
-SAY: Final = scripts.load("say", functions=["lib_append_event", "lib_turn_guards"])
+_SAYING: Final = ["lib_append_event", "lib_turn_guards", "lib_user_message"]
+SAY: Final = scripts.load("say", functions=_SAYING)
 REGENERATE: Final = scripts.load("regenerate", functions=["lib_turn_guards"])
-FINISH: Final = scripts.load("finish", functions=["lib_append_event"])
+FINISH: Final = scripts.load("finish", functions=["lib_append_event", "lib_finish"])
+TURN_CHECK: Final = scripts.load("turn_check", functions=["lib_turn_guards"])
+TURN_RATE: Final = scripts.load("turn_rate", functions=["lib_turn_guards"])
+SAY_COMMIT: Final = scripts.load("say_commit", functions=_SAYING)
+REGENERATE_COMMIT: Final = scripts.load("regenerate_commit", functions=["lib_turn_guards"])
+FINISH_COMMIT: Final = scripts.load("finish_commit", functions=["lib_append_event", "lib_finish"])
+
+QUEUE_RETRIES: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
+"""Pauses between tries of a cluster step that queues (a failover takes a few seconds)."""
 
 
 class Turns:
-    def __init__(self, redis: Redis, max_events: int, ttl: int, lease: float) -> None:
+    def __init__(
+        self, redis: Redis, max_events: int, ttl: int, lease: float, shards: int = 1
+    ) -> None:
         self.redis = redis
         self.max_events = max_events
         self.ttl = ttl
         self.lease = max(int(lease * 3), 3)
         """How long the `generating` mark outlives its worker's last heartbeat."""
+        self.shards = shards
+        self.in_steps = is_cluster(redis)
+        """On a Redis Cluster: turns are accepted and finished in single-slot steps."""
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
+        self._turn_check = TURN_CHECK.register(redis)
+        self._turn_rate = TURN_RATE.register(redis)
+        self._say_commit = SAY_COMMIT.register(redis)
+        self._regenerate_commit = REGENERATE_COMMIT.register(redis)
+        self._finish_commit = FINISH_COMMIT.register(redis)
+
+    def turns_key(self, conversation: uuid.UUID) -> str:
+        return keys.turns(keys.shard_of(conversation, self.shards))
+
+    def persist_key(self, conversation: uuid.UUID) -> str:
+        return keys.persist(keys.shard_of(conversation, self.shards))
 
     async def accept(
         self, message_event: bytes, message: Message, job: Job, turn_limit: int
     ) -> Accepted:
+        if self.in_steps:
+            return await self._accept_in_steps(message_event, message, job, turn_limit)
         c = job.conversation
         result = await self._say(
             **event_keys(c),
@@ -95,7 +150,7 @@ class Turns:
             said_key=keys.said(c),
             recent_key=keys.recent(c),
             meta_key=keys.meta(c),
-            turns_key=keys.TURNS,
+            turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             frame=message_event,
             message=encode(message),
@@ -111,12 +166,14 @@ class Turns:
         return _accepted(result)
 
     async def regenerate(self, job: Job, turn_limit: int) -> Accepted:
+        if self.in_steps:
+            return await self._regenerate_in_steps(job, turn_limit)
         c = job.conversation
         result = await self._regenerate(
             gen_key=keys.generation(c),
             recent_key=keys.recent(c),
             meta_key=keys.meta(c),
-            turns_key=keys.TURNS,
+            turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             job=encode(job),
             reply_id=str(job.message_id),
@@ -128,22 +185,133 @@ class Turns:
     def finish_call(self, job: Job, done_event: bytes, reply: Message, turn: bytes) -> Call:
         """The `finish` script call (append `done`, keep the reply for context, queue the turn
         for PostgreSQL), for the pipeliner, so it follows the reply's last token."""
+        inputs = self._finish_inputs(job, done_event, reply, turn)
+        return self._finish.bind(**inputs, persist_key=self.persist_key(job.conversation))
+
+    async def finish(
+        self, pipeliner: Pipeliner, job: Job, done_event: bytes, reply: Message, turn: bytes
+    ) -> int:
+        """Append `done` after the reply's last token (through the pipeliner) and queue the
+        finished turn for PostgreSQL; the seq of `done`, or UNLOADED."""
+        if not self.in_steps:
+            return int(await pipeliner.call(self.finish_call(job, done_event, reply, turn)))
         c = job.conversation
-        return self._finish.bind(
+        inputs = self._finish_inputs(job, done_event, reply, turn)
+        call = self._finish_commit.bind(**inputs, turn_key=keys.finished_turn(c, job.message_id))
+        seq = int(await pipeliner.call(call))
+        if seq >= 0:
+            await self._queue(self.persist_key(c), {"turn": turn, "done_seq": seq})
+        return seq
+
+    def _finish_inputs(
+        self, job: Job, done_event: bytes, reply: Message, turn: bytes
+    ) -> dict[str, Any]:
+        """What `finish` and `finish_commit` both take."""
+        c = job.conversation
+        return {
             **event_keys(c),
-            gen_key=keys.generation(c),
-            recent_key=keys.recent(c),
-            finished_key=keys.finished(c, job.message_id),
-            persist_key=keys.PERSIST,
-            frame=done_event,
-            reply=encode(reply),
-            reply_id=str(job.message_id),
-            turn=turn,
-            maxlen=self.max_events,
-            ttl=self.ttl,
-            replaces=str(job.replaces or ""),
-            recent_kept=RECENT_KEPT,
+            "gen_key": keys.generation(c),
+            "recent_key": keys.recent(c),
+            "finished_key": keys.finished(c, job.message_id),
+            "frame": done_event,
+            "reply": encode(reply),
+            "reply_id": str(job.message_id),
+            "turn": turn,
+            "maxlen": self.max_events,
+            "ttl": self.ttl,
+            "replaces": str(job.replaces or ""),
+            "recent_kept": RECENT_KEPT,
+        }
+
+    async def queue_finished_again(self, job: Job) -> None:
+        """In a cluster, queue for PostgreSQL a turn a dead worker finished, in case it died
+        before it queued it (queued twice, it is still written once)."""
+        if not self.in_steps:
+            return  # `finish` queued it in the same step
+        c = job.conversation
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.finished(c, job.message_id))
+        pipe.get(keys.finished_turn(c, job.message_id))
+        seq, turn = await pipe.execute()
+        if seq is not None and turn is not None:
+            await self._queue(self.persist_key(c), {"turn": turn, "done_seq": int(seq)})
+
+    async def _accept_in_steps(
+        self, message_event: bytes, message: Message, job: Job, turn_limit: int
+    ) -> Accepted:
+        c = job.conversation
+        refused = await self._refused(job, turn_limit, say_id=str(message.id))
+        if refused is not None:
+            return refused
+        accepted = _accepted(
+            await self._say_commit(
+                **event_keys(c),
+                gen_key=keys.generation(c),
+                said_key=keys.said(c),
+                recent_key=keys.recent(c),
+                meta_key=keys.meta(c),
+                frame=message_event,
+                message=encode(message),
+                reply_id=str(job.message_id),
+                maxlen=self.max_events,
+                ttl=self.ttl,
+                lease=self.lease,
+                recent_kept=RECENT_KEPT,
+                say_id=str(message.id),
+            )
         )
+        if accepted.admission is Admission.OK:
+            queued = msgspec.structs.replace(job, user_seq=accepted.seq)
+            await self._queue(self.turns_key(c), {"job": encode(queued)})
+        return accepted
+
+    async def _regenerate_in_steps(self, job: Job, turn_limit: int) -> Accepted:
+        c = job.conversation
+        refused = await self._refused(job, turn_limit, say_id="")
+        if refused is not None:
+            return refused
+        accepted = _accepted(
+            await self._regenerate_commit(
+                gen_key=keys.generation(c),
+                recent_key=keys.recent(c),
+                meta_key=keys.meta(c),
+                reply_id=str(job.message_id),
+                lease=self.lease,
+            )
+        )
+        if accepted.admission is Admission.OK:
+            queued = msgspec.structs.replace(job, replaces=accepted.replaces)
+            await self._queue(self.turns_key(c), {"job": encode(queued)})
+        return accepted
+
+    async def _refused(self, job: Job, turn_limit: int, say_id: str) -> Accepted | None:
+        """Steps 1 and 2 of a turn in a cluster (the conversation's check, then the user's
+        rate): the refusal, or None when the turn may be committed."""
+        c = job.conversation
+        checked = await self._turn_check(
+            meta_key=keys.meta(c),
+            gen_key=keys.generation(c),
+            said_key=keys.said(c),
+            recent_key=keys.recent(c),
+            say_id=say_id,
+            regenerating="0" if say_id else "1",
+        )
+        if text_of(checked[0]) != "ok":
+            return _accepted(checked)
+        rated = await self._turn_rate(rate_key=keys.turn_rate(job.user), turn_limit=turn_limit)
+        return None if text_of(rated[0]) == "ok" else _accepted(rated)
+
+    async def _queue(self, stream: str, fields: dict[Any, Any]) -> None:
+        """XADD, tried again while the cluster fails over (the step before it is done and
+        cannot be undone: giving up early would strand the turn)."""
+        for pause in (*QUEUE_RETRIES, None):
+            try:
+                await self.redis.xadd(stream, fields)
+                return
+            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
 
     async def cancel(self, conversation: uuid.UUID) -> None:
         """Tell whichever worker runs (or is about to run) the generation to stop."""
@@ -152,7 +320,7 @@ class Turns:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        pipe.publish(keys.CANCEL, f"{conversation}:{message_id}")
+        publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
 
 

@@ -2,8 +2,9 @@
 -- last message is not the model's, refuses like say (see lib_turn_guards.lua), otherwise
 -- marks the conversation as generating and queues the job naming the reply it replaces.
 -- Returns {'ok', 0, replaced message id}.
--- Besides the conversation's keys it touches `parley:turns` and `parley:rate:<user>`:
--- three Redis Cluster slots.
+-- Besides the conversation's keys it touches a turns shard and `parley:rate:<user>`: three
+-- slots, so on a Redis Cluster the same is done in steps (turn_check, turn_rate,
+-- regenerate_commit, then the job's XADD: server/redis/turns.py).
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
 local meta_key = KEYS[3]

@@ -49,7 +49,7 @@ class Node:
 
 
 @dataclass
-class RedisCluster:
+class SixNodes:
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -104,12 +104,12 @@ def available() -> bool:
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def start(directory: Path, node_timeout_ms: int = 2000) -> RedisCluster:
+def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
     primary is replaced by its replica about `node_timeout_ms` after it stops answering."""
     if not available():
         raise ClusterUnavailable("redis-server and redis-cli are not installed")
-    cluster = RedisCluster()
+    cluster = SixNodes()
     try:
         for _ in range(NODES):
             cluster.nodes.append(_start_node(directory, node_timeout_ms))

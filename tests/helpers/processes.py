@@ -303,6 +303,8 @@ class RedisBackend:
 
     url: str
     clustered: bool = False
+    nodes: redis_cluster.SixNodes | None = None
+    """The cluster's nodes, for a test that kills one."""
 
     def env(self) -> dict[str, str]:
         return {"REDIS_URL": self.url, "PARLEY_REDIS_CLUSTER": str(self.clustered).lower()}
@@ -325,7 +327,7 @@ class RedisClusters:
     def backend(self) -> RedisBackend:
         nodes = redis_cluster.start(self.tmp / f"cluster-{len(self.started)}")
         self.started.append(nodes)
-        return RedisBackend(nodes.url, clustered=True)
+        return RedisBackend(nodes.url, clustered=True, nodes=nodes)
 
     def stop(self) -> None:
         for nodes in self.started:

@@ -1,4 +1,5 @@
-"""Finished turns, from the `parley:persist` Stream to PostgreSQL.
+"""Finished turns, from the persist Streams (`keys.persist`: one per queue shard, each read
+by its own loop) to PostgreSQL.
 
 Each entry is written in one transaction, idempotently (message ids were chosen before the
 write), and acknowledged only after the commit: PostgreSQL being down delays persistence and
@@ -70,7 +71,7 @@ class Persister:
                     pending_checked = loop.time()
                     await self._claim_abandoned(group)
                 entries = await group.read(100, 1000)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, AttributeError) as exc:  # see Worker._claim_loop
                 metrics.REDIS_ERRORS.labels("persister").inc()
                 metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot read finished turns (%s); retrying", exc)

@@ -187,7 +187,9 @@ class Worker:
             self._reserved += free
             try:
                 entries = await group.read(free, 1000)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, AttributeError) as exc:
+                # AttributeError: redis-py's cluster client can be caught with a connection
+                # half torn down while a failover settles; the next read reconnects
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
@@ -275,7 +277,7 @@ class Worker:
             await asyncio.sleep(self.lease / 2)
             try:
                 await self._take_over()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, AttributeError) as exc:  # AttributeError: see read
                 log.warning("cannot look for abandoned turns: %s", exc)
 
     async def _take_over(self) -> None:

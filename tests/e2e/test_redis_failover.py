@@ -5,43 +5,20 @@ duplicated or stuck. The time from the kill to tokens flowing again is measured 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 
-from server.redis import keys
 from tests.helpers.auth import new_user
 from tests.helpers.conversations import persisted, wait_persisted
+from tests.helpers.failover import FAILOVER_ENV, kill_owner_mid_stream
 from tests.helpers.processes import (
     Cluster,
-    ParleyProcess,
-    RedisBackend,
     RedisClusters,
     alive,
     start_all,
     stop_all,
 )
 from tests.helpers.tabs import TabClient, check_tabs, close_all, until
-
-FAILOVER_ENV = {"PARLEY_WORKER_LEASE_SECONDS": "2"}
-
-
-async def kill_owner_mid_stream(
-    backend: RedisBackend, webs: list[ParleyProcess], tabs: list[TabClient]
-) -> float:
-    """Start a long reply, kill the primary owning the conversation's slot once the tabs
-    have some of it; the seconds from the kill until the last tab gets tokens again."""
-    assert backend.nodes is not None
-    first, last = tabs[0], tabs[-1]
-    await first.say("failover [sim:tokens=200][sim:tps=40]")
-    await until(lambda: last.tokens() >= 10, 15, "tokens before the kill", tabs)
-    assert first.conversation is not None
-    owner = await asyncio.to_thread(backend.nodes.owner, keys.channel(first.conversation))
-    seen = last.tokens()
-    killed = time.monotonic()
-    await asyncio.to_thread(owner.kill)
-    await until(lambda: last.tokens() > seen, 30, "tokens after the failover", tabs)
-    return time.monotonic() - killed
 
 
 async def test_primary_killed_mid_stream_replica_takes_over_and_tabs_converge(
@@ -66,7 +43,7 @@ async def test_primary_killed_mid_stream_replica_takes_over_and_tabs_converge(
         t2 = TabClient(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
         tabs.append(t2)
         await t2.join()
-        took = await kill_owner_mid_stream(backend, webs, tabs)
+        took = await kill_owner_mid_stream(backend, tabs)
         assert took < 20
         assert t1.conversation is not None
         rows = await wait_persisted(db, t1.conversation, 2, timeout=30)

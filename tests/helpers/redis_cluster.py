@@ -108,7 +108,9 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
     primary is replaced by its replica about `node_timeout_ms` after it stops answering."""
     if not available():
-        raise ClusterUnavailable("redis-server and redis-cli are not installed")
+        raise ClusterUnavailable(
+            "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
+        )
     cluster = SixNodes()
     try:
         for _ in range(NODES):

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -243,7 +244,14 @@ class Pipeliner:
             try:
                 results = await scripts.pipelined(self.redis, [call for call, _ in batch])
                 break
-            except (ConnectionError, RedisTimeoutError, OSError, RedisConnectionError) as exc:
+            except (
+                ConnectionError,
+                RedisTimeoutError,
+                OSError,
+                RedisConnectionError,
+                ClusterDownError,
+                TryAgainError,
+            ) as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     results = [exc] * len(batch)
                     break

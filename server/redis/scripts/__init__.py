@@ -32,7 +32,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.redis.client import is_cluster
 
@@ -143,6 +145,7 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     their results or errors. A script a node does not know yet (a cluster pipeline loads
     none; a promoted replica may lack some) is loaded and run again."""
     results = await _pipelined(redis, calls)
+    _raise_if_unreachable(redis, results)
     unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
     if unknown:
         for source in {calls[i].script.script for i in unknown}:
@@ -151,6 +154,21 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
         for i, result in zip(unknown, again, strict=True):
             results[i] = result
     return results
+
+
+_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+
+
+def _raise_if_unreachable(redis: Any, results: list[Any]) -> None:
+    """A cluster pipeline hands back a node's connection failure as each call's result and
+    keeps its slot table: raise it (every caller retries what it sends, idempotently), and
+    have the client read the slot table again first (a failover may have moved the slots)."""
+    failed = next((r for r in results if isinstance(r, _UNREACHABLE)), None)
+    if failed is None:
+        return
+    if is_cluster(redis):
+        redis._initialize = True  # what redis-py's own retry does: re-read the slots
+    raise failed
 
 
 async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from server.app import logs, metrics, tracing
 from server.redis import keys
+from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
 from server.redis.streams import ConsumerGroup, consumer_name
@@ -71,7 +72,7 @@ class Persister:
                     pending_checked = loop.time()
                     await self._claim_abandoned(group)
                 entries = await group.read(100, 1000)
-            except (RedisError, OSError, AttributeError) as exc:  # see Worker._claim_loop
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("persister").inc()
                 metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot read finished turns (%s); retrying", exc)

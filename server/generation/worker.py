@@ -45,6 +45,7 @@ from server.edge.shardbus import open_bus
 from server.generation import finish_hooks
 from server.generation.llm import LLM, Finished, MalformedReply, Piece
 from server.redis import generations, keys
+from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, consumer_name
@@ -187,9 +188,7 @@ class Worker:
             self._reserved += free
             try:
                 entries = await group.read(free, 1000)
-            except (RedisError, OSError, AttributeError) as exc:
-                # AttributeError: redis-py's cluster client can be caught with a connection
-                # half torn down while a failover settles; the next read reconnects
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
@@ -277,7 +276,7 @@ class Worker:
             await asyncio.sleep(self.lease / 2)
             try:
                 await self._take_over()
-            except (RedisError, OSError, AttributeError) as exc:  # AttributeError: see read
+            except UNREACHABLE as exc:
                 log.warning("cannot look for abandoned turns: %s", exc)
 
     async def _take_over(self) -> None:

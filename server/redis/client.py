@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
 from server.app.config import RedisSettings
 
@@ -23,6 +24,13 @@ AnyRedis = Redis | RedisCluster
 
 CLUSTER_ERROR_RETRIES: Final = 8
 """Redirections and reconnections one command may take while a failover settles."""
+
+
+UNREACHABLE: Final = (RedisError, OSError, AttributeError, RuntimeError)
+"""What a call may raise while Redis cannot be reached. Besides the usual errors, redis-py's
+cluster client can be caught using a connection it is tearing down while a failover settles
+(`'NoneType' object has no attribute 'writelines'`, uvloop's `the handler is closed`); the next
+call reconnects, so the loops that retry treat those alike."""
 
 
 def connect(settings: RedisSettings) -> Any:

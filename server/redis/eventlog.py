@@ -21,12 +21,10 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
+from server.redis.client import UNREACHABLE
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -244,14 +242,7 @@ class Pipeliner:
             try:
                 results = await scripts.pipelined(self.redis, [call for call, _ in batch])
                 break
-            except (
-                ConnectionError,
-                RedisTimeoutError,
-                OSError,
-                RedisConnectionError,
-                ClusterDownError,
-                TryAgainError,
-            ) as exc:
+            except UNREACHABLE as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     results = [exc] * len(batch)
                     break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -113,10 +114,12 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
         )
     cluster = SixNodes()
     try:
-        for _ in range(NODES):
-            cluster.nodes.append(_start_node(directory, node_timeout_ms))
-        for node in cluster.nodes:
-            _wait_ping(node)
+        while len(cluster.nodes) < NODES:
+            node = _start_node(directory, node_timeout_ms)
+            if _answers(node):
+                cluster.nodes.append(node)
+            elif len(list(directory.glob("node-*"))) > NODES * 3:  # a port taken meanwhile
+                raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
         _cli(
             "--cluster",
             "create",
@@ -134,12 +137,21 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
 
 
 def _low_port() -> int:
-    """A free port whose cluster bus port (10000 above it) is a valid port too."""
+    """A free port whose cluster bus port (10000 above it) is valid and free too."""
     for _ in range(100):
         port = free_port()
-        if port <= MAX_PORT:
+        if port <= MAX_PORT and _free(port + 10000):
             return port
     raise ClusterUnavailable(f"no free port below {MAX_PORT}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _start_node(directory: Path, node_timeout_ms: int) -> Node:
@@ -173,18 +185,25 @@ def _start_node(directory: Path, node_timeout_ms: int) -> Node:
     return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet))
 
 
-def _wait_ping(node: Node) -> None:
+def _answers(node: Node) -> bool:
+    """Whether the node came up (False: it exited, e.g. its port was taken meanwhile)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if not node.alive():
-            raise ClusterUnavailable(f"redis-server on {node.port} exited")
+            return False
         try:
             if node.cli("PING", timeout=2) == "PONG":
-                return
+                return True
         except (subprocess.SubprocessError, OSError):
             pass
         time.sleep(0.05)
-    raise ClusterUnavailable(f"redis-server on {node.port} did not answer")
+    node.kill()
+    return False
+
+
+def _log(node: Node) -> str:
+    path = node.directory / "redis.log"
+    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
 
 def _ok(node: Node) -> bool:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pytest
 import pytest_asyncio
 
 from protocol import frames as f
@@ -22,13 +23,17 @@ from tests.helpers.scripts import MAX_EVENTS, TTL, loaded
 SHARDS = 4
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="session")
-async def cluster_redis(redis_clusters: RedisClusters) -> AsyncIterator[Any]:
-    client = redis_clusters.backend().client()
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """A cluster of this module's own, stopped after it (six nodes gossiping would tax the
+    timing-sensitive tests that follow in the fast tier)."""
+    clusters = RedisClusters(tmp_path_factory.mktemp("turns-cluster"))
+    client = clusters.backend().client()
     try:
         yield client
     finally:
         await client.aclose()
+        clusters.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

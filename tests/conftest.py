@@ -22,7 +22,13 @@ import pytest_asyncio
 
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import Cluster, ParleyProcess, Services, start_services
+from tests.helpers.processes import (
+    Cluster,
+    ParleyProcess,
+    RedisClusters,
+    Services,
+    start_services,
+)
 
 SLOW_TIERS = {"e2e": pytest.mark.e2e, "ui": pytest.mark.ui}
 
@@ -52,6 +58,17 @@ def cluster(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield cluster
     finally:
         cluster.stop_all()
+
+
+@pytest.fixture(scope="session")
+def redis_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusters]:
+    """Six-node Redis Clusters (`redis-server` 7 from PATH), one per group of processes that
+    asks for one; all stopped at the end of the session."""
+    clusters = RedisClusters(tmp_path_factory.mktemp("redis-clusters"))
+    try:
+        yield clusters
+    finally:
+        clusters.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from protocol.session import CloseCode
 from server.app import logs, metrics
-from server.app.config import ConfigError, Settings, load
+from server.app.config import ConfigError, RedisSettings, Settings, load
 from server.app.runtime import Runtime
 from server.app.web import create_app
 from server.dev import embedded
@@ -196,15 +196,15 @@ def deadletter(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.redis.url:
         sys.exit("parley deadletter: set REDIS_URL (or [redis] url) to the Redis Parley uses")
     try:
-        sys.exit(asyncio.run(_deadletter(settings.redis.url, args)))
+        sys.exit(asyncio.run(_deadletter(settings.redis, args)))
     except (RedisError, OSError) as exc:
         sys.exit(f"parley deadletter: {exc}")
 
 
-async def _deadletter(url: str, args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
+async def _deadletter(settings: RedisSettings, args: argparse.Namespace) -> int:
+    from server.redis import client
 
-    redis = Redis.from_url(url)
+    redis = client.connect(settings)
     letters = DeadLetters(redis)
     try:
         if args.action == "list":

@@ -132,6 +132,18 @@ class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     pool_size: Size = 64
     log_max_events: Size = 2000
     ttl_seconds: Size = 604_800
+    cluster: bool = False
+    """`url` names any node of a Redis Cluster (server/redis/client.py): scripts stay on one
+    slot, channels are sharded (SPUBLISH/SSUBSCRIBE) and the queues are split in shards."""
+    queue_shards: Annotated[int, Meta(ge=0, le=1024)] = 0
+    """How many streams the turns and persist queues are each split into (a conversation's
+    turns always go to the same one); 0 picks 1 on a single Redis and 8 in a cluster."""
+
+    @property
+    def shards(self) -> int:
+        if self.queue_shards > 0:
+            return self.queue_shards
+        return 8 if self.cluster else 1
 
 
 class DatabaseSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

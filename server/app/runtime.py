@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import asyncpg
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from protocol.session import CloseCode
 from server.app import collector, metrics, tracing
@@ -20,16 +20,17 @@ from server.app.config import Settings
 from server.app.hooks import Hooks
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
-from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.disconnects import Disconnects
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
 from server.edge.observer import Observer
+from server.edge.shardbus import Fanout, open_bus
 from server.generation.finish_hooks import FinishSender
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
+from server.redis import client
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
 from server.redis.revocations import Revocations
@@ -58,7 +59,7 @@ class Runtime:
     persister: Persister | None = field(init=False, default=None)
     draining: bool = field(init=False, default=False)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
-    _bus: Bus | None = field(init=False, default=None)
+    _bus: Fanout | None = field(init=False, default=None)
     _presence: Presence | None = field(init=False, default=None)
     _rooms: Rooms | None = field(init=False, default=None)
     _llm: LLM | None = field(init=False, default=None)
@@ -67,15 +68,16 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        pool = BlockingConnectionPool.from_url(
-            s.redis.url, max_connections=s.redis.pool_size, timeout=5, health_check_interval=10
-        )
-        self.redis = Redis(connection_pool=pool)
+        self.redis = client.connect(s.redis)
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
         events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)
         turns = Turns(
-            self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
+            self.redis,
+            s.redis.log_max_events,
+            s.redis.ttl_seconds,
+            s.worker.lease_seconds,
+            s.redis.shards,
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.hooks = Hooks(s.hooks)
@@ -96,7 +98,7 @@ class Runtime:
         return "web" if self.runs_web else "worker"
 
     async def _start_web(self) -> None:
-        self._bus = Bus(self.settings.redis.url, wrap=Observer().frame)
+        self._bus = open_bus(self.redis, self.settings.redis.url, wrap=Observer().frame)
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
@@ -136,7 +138,7 @@ class Runtime:
             self._llm,
             hooks=self.hooks,
         )
-        self.persister = Persister(self.redis, self.pool, events)
+        self.persister = Persister(self.redis, self.pool, events, shards=self.settings.redis.shards)
         worker = self.worker
         metrics.RUNNING.set_function(lambda: len(worker.running))
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))

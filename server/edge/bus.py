@@ -7,6 +7,10 @@ caller that reads the event log afterwards cannot miss an event published in bet
 The connection is opened at start-up (never lazily under a connect storm), pinged while idle,
 and reopened with back-off when it breaks or stalls; every channel is then subscribed again
 and every listener told to `resync`, because whatever was published meanwhile is lost.
+
+With `sharded`, the channels are Redis Cluster shard channels (`SSUBSCRIBE`) of the one node
+this bus is connected to; server/edge/shardbus.py holds one such bus per primary and moves
+channels between them when their slot changes hands.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from redis.asyncio import ConnectionPool
@@ -47,6 +52,17 @@ class BusUnavailable(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Verbs:
+    subscribe: bytes
+    unsubscribe: bytes
+    message: bytes
+
+
+_PLAIN: Final = _Verbs(b"SUBSCRIBE", b"UNSUBSCRIBE", b"message")
+_SHARDED: Final = _Verbs(b"SSUBSCRIBE", b"SUNSUBSCRIBE", b"smessage")
+
+
 def _unchanged(data: bytes) -> bytes:
     return data
 
@@ -55,8 +71,21 @@ class Bus:
     """`wrap` turns each published message into what listeners get, once per message however
     many listen: the web process's bus frames it for the sockets (`protocol.wsframe.text`)."""
 
-    def __init__(self, url: str, wrap: Callable[[bytes], bytes] = _unchanged) -> None:
+    def __init__(
+        self,
+        url: str,
+        wrap: Callable[[bytes], bytes] = _unchanged,
+        *,
+        sharded: bool = False,
+        on_lost: Callable[[], None] | None = None,
+        on_dropped: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """`on_lost` is called each time the connection breaks or cannot be opened;
+        `on_dropped` when Redis ends a subscription itself (its slot moved to another node)."""
         self._wrap = wrap
+        self._verbs = _SHARDED if sharded else _PLAIN
+        self._on_lost = on_lost
+        self._on_dropped = on_dropped
         self._pool = ConnectionPool.from_url(url, protocol=2)
         self._conn: AbstractConnection | None = None
         self._listeners: dict[bytes, set[Listener]] = {}
@@ -113,7 +142,7 @@ class Bus:
         waiter = self._waiters.get(name)
         if waiter is None:
             waiter = self._waiters[name] = asyncio.get_running_loop().create_future()
-            self._command(b"SUBSCRIBE", name)
+            self._command(self._verbs.subscribe, name)
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await asyncio.shield(waiter)
@@ -135,14 +164,30 @@ class Bus:
         waiter = self._waiters.pop(name, None)
         if waiter and not waiter.done():
             waiter.cancel()
-        self._command(b"UNSUBSCRIBE", name)
+        self._command(self._verbs.unsubscribe, name)
+
+    def take(self, channel: bytes) -> tuple[set[Listener], bool]:
+        """Remove a channel and hand back its listeners (and whether it is raw) without a
+        word to Redis: its slot is served by another node now."""
+        listeners = self._listeners.pop(channel, set())
+        raw = channel in self._raw
+        self._raw.discard(channel)
+        self._confirmed.discard(channel)
+        waiter = self._waiters.pop(channel, None)
+        if waiter and not waiter.done():
+            waiter.cancel()
+        return listeners, raw
+
+    def holds(self) -> list[bytes]:
+        """The channels this bus has listeners for."""
+        return list(self._listeners)
 
     # ------------------------------------------------------------------ connection
 
     def _command(self, verb: bytes, name: bytes) -> None:
         """Queue a (UN)SUBSCRIBE; one sender keeps them in call order, so a quick leave and
         join of the same channel cannot reach Redis as join, then leave."""
-        if verb == b"SUBSCRIBE":
+        if verb == self._verbs.subscribe:
             self._expected[name] = self._expected.get(name, 0) + 1
         self._outgoing.append((verb, name))
         self._outgoing_ready.set()
@@ -172,6 +217,8 @@ class Bus:
                 await self._serve()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+                if self._on_lost is not None:
+                    self._on_lost()
             finally:
                 self._connected.clear()
                 self._confirmed.clear()
@@ -193,8 +240,10 @@ class Bus:
         channels = list(self._listeners)
         for name in channels:
             self._expected[name] = 1
-        if channels:
+        if channels and self._verbs is _PLAIN:
             await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        for name in channels if self._verbs is _SHARDED else ():  # one slot per command
+            await conn.send_command("SSUBSCRIBE", name, check_health=False)
         if self._opened:
             log.info("Redis pub/sub connection re-established; %d channels", len(channels))
             self.reconnects += 1
@@ -216,9 +265,11 @@ class Bus:
                         self._pong.set()
                     continue
                 kind = reply[0]
-                if kind == b"message":
+                if kind == self._verbs.message:
                     self._dispatch(reply[1], reply[2])
-                elif kind == b"subscribe":
+                elif kind == b"sunsubscribe":
+                    self._dropped(reply[1])
+                elif kind in (b"subscribe", b"ssubscribe"):
                     self._confirm(reply[1])
                     if self._resync_pending:
                         self._resync_pending = False
@@ -257,6 +308,13 @@ class Bus:
         waiter = self._waiters.pop(name, None)
         if waiter and not waiter.done():
             waiter.set_result(None)
+
+    def _dropped(self, name: bytes) -> None:
+        """An SUNSUBSCRIBE reply: ours (the channel has no listener left), or Redis ending
+        the subscription because the channel's slot moved (it still has listeners)."""
+        if name in self._listeners and name not in self._waiters and self._on_dropped:
+            self._confirmed.discard(name)
+            self._on_dropped(name)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         listeners = self._listeners.get(channel)

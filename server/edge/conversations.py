@@ -25,6 +25,7 @@ from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
 from server.edge.spending import Spending
 from server.redis import keys
+from server.redis.client import publish
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
 from storage import conversations as stored_conversations
@@ -333,7 +334,7 @@ class Conversations:
     ) -> None:
         """A user event to every socket of the user, on every web process."""
         try:
-            await self.redis.publish(keys.USERS, keys.user_message(user, encode(frame)))
+            await publish(self.redis, keys.USERS, keys.user_message(user, encode(frame)))
         except RedisError as exc:
             log.warning("could not publish a %s: %s", type(frame).__name__, exc)
 

@@ -25,7 +25,7 @@ from server.edge.auth import Verifier
 from server.edge.commands import Commands
 from server.edge.connection import Connection
 from server.edge.hub import Hub
-from server.redis import keys
+from server.redis import client, keys
 from server.redis.revocations import Revocations
 
 log = logging.getLogger("parley.disconnects")
@@ -46,7 +46,7 @@ class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def publish(redis: Redis, message: Disconnect) -> None:
-    await redis.publish(keys.SERVER, msgspec.json.encode(message))
+    await client.publish(redis, keys.SERVER, msgspec.json.encode(message))
 
 
 class Disconnects:

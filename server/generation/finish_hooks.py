@@ -27,6 +27,7 @@ from protocol import frames as f
 from server.app.config import HooksSettings
 from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks
 from server.redis import keys
+from server.redis.client import is_cluster
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned
 from server.redis.streams import ConsumerGroup, Entry, consumer_name
 from server.redis.turns import HookData
@@ -86,7 +87,11 @@ def watchers(at_start: int, at_end: int) -> Watchers:
 async def subscribers(redis: Redis, conversation: uuid.UUID) -> int:
     """0 when Redis cannot say: the count only describes, it decides nothing."""
     try:
-        reply = await redis.pubsub_numsub(keys.channel(conversation))
+        channel = keys.channel(conversation)
+        if is_cluster(redis):  # a shard channel: counted on the nodes, summed
+            reply = await redis.pubsub_shardnumsub(channel)
+        else:
+            reply = await redis.pubsub_numsub(channel)
     except (RedisError, OSError):
         return 0
     return int(reply[0][1]) if reply else 0

@@ -1,4 +1,5 @@
-"""Finished turns, from the `parley:persist` Stream to PostgreSQL.
+"""Finished turns, from the persist Streams (`keys.persist`: one per queue shard, each read
+by its own loop) to PostgreSQL.
 
 Each entry is written in one transaction, idempotently (message ids were chosen before the
 write), and acknowledged only after the commit: PostgreSQL being down delays persistence and
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 from protocol import frames as f
 from server.app import logs, metrics, tracing
 from server.redis import keys
+from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
 from server.redis.streams import ConsumerGroup, consumer_name
@@ -36,54 +38,69 @@ _turn_decoder = msgspec.json.Decoder(FinishedTurn)
 
 class Persister:
     def __init__(
-        self, redis: Redis, pool: asyncpg.Pool, events: EventLog, name: str | None = None
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        events: EventLog,
+        name: str | None = None,
+        shards: int = 1,
     ) -> None:
+        """`shards`: how many persist streams there are (`keys.persist`); all are read."""
         self.redis = redis
         self.events = events
         self.pool = pool
         self.name = name or consumer_name()
-        self.group = ConsumerGroup(redis, keys.PERSIST, keys.PERSISTERS, self.name)
+        self.groups = [
+            ConsumerGroup(redis, keys.persist(shard), keys.PERSISTERS, self.name)
+            for shard in range(shards)
+        ]
         self.saved = 0
         self.dead_letters = DeadLetters(redis)
         self._stopping = False
 
     async def run(self) -> None:
-        await self.group.ensure()
+        """Read every persist shard, each in its own loop."""
+        await asyncio.gather(*(self._run_shard(group) for group in self.groups))
+
+    async def _run_shard(self, group: ConsumerGroup) -> None:
+        await group.ensure()
         pending_checked = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 if loop.time() - pending_checked > CLAIM_EVERY:
                     pending_checked = loop.time()
-                    await self._claim_abandoned()
-                entries = await self.group.read(100, 1000)
-            except (RedisError, OSError) as exc:
+                    await self._claim_abandoned(group)
+                entries = await group.read(100, 1000)
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("persister").inc()
                 metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
             for entry_id, fields in entries:
-                await self._persist(entry_id, fields)
+                await self._persist(group, entry_id, fields)
 
     def stop(self) -> None:
         self._stopping = True
 
-    async def _claim_abandoned(self) -> None:
-        for entry_id, fields in await self.group.autoclaim(CLAIM_IDLE_MS):
-            await self._persist(entry_id, fields)
+    async def _claim_abandoned(self, group: ConsumerGroup) -> None:
+        for entry_id, fields in await group.autoclaim(CLAIM_IDLE_MS):
+            await self._persist(group, entry_id, fields)
 
-    async def _persist(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _persist(
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> None:
         try:
             turn = await attempt(lambda: self._save(fields), f"finished turn {entry_id.decode()}")
         except Poisoned as failure:
-            await self.dead_letters.bury(keys.PERSIST, keys.PERSISTERS, entry_id, fields, failure)
+            await self.dead_letters.bury(group.stream, keys.PERSISTERS, entry_id, fields, failure)
             return
         metrics.PERSISTED.inc()
         metrics.PERSIST_LAG.observe(max((f.utcnow() - turn.finished_at).total_seconds(), 0.0))
         with contextlib.suppress(RedisError, OSError):
             await self.events.mark_persisted(turn.conversation, turn.done_seq)
-        await self._ack(entry_id)
+        await self._ack(group, entry_id)
 
     async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
         turn = _decode(fields)
@@ -103,10 +120,10 @@ class Persister:
         self.saved += 1
         return turn
 
-    async def _ack(self, entry_id: bytes) -> None:
+    async def _ack(self, group: ConsumerGroup, entry_id: bytes) -> None:
         while True:
             try:
-                await self.group.ack(entry_id)
+                await group.ack(entry_id)
                 return
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("persister").inc()

@@ -1,8 +1,10 @@
 """Generation: claim a turn, build the prompt, stream the model, publish every piece, finish.
 
-A worker reads jobs from the `parley:turns` Stream through the `workers` consumer group, runs
-up to `worker.concurrency` generations at once, and listens on the `parley:cancel` channel so
-that `cancel` from any tab on any web process stops the upstream stream within milliseconds.
+A worker reads jobs from every shard of the turns Stream (`keys.turns`, one on a single
+Redis) through the `workers` consumer group, runs up to `worker.concurrency` generations at
+once (shared by the shards: a shard's loop reserves the slots it reads for), and listens on
+the `parley:cancel` channel so that `cancel` from any tab on any web process stops the
+upstream stream within milliseconds.
 Pieces go through the pipeliner (one Redis round trip per batch, not per token); each carries
 an index so that a batch retried after a broken connection appends nothing twice.
 
@@ -41,15 +43,15 @@ from server.app import logs, metrics, tracing
 from server.app.config import Settings
 from server.app.hooks import ALLOW, Hooks, Reply
 from server.app.metrics import TALLY
-from server.edge.bus import Bus
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
+from server.edge.shardbus import open_bus
 from server.generation import finish_hooks, tokens
 from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
 from server.redis import generations, keys
+from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
-from server.redis.scripts import Call
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from storage.messages import FinishedTurn
@@ -154,10 +156,17 @@ class Worker:
         self.turns = turns
         self.llm = llm
         self.name = name or consumer_name()
-        self.group = ConsumerGroup(redis, keys.TURNS, keys.WORKERS, self.name)
+        self.groups = [
+            ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
+            for shard in range(turns.shards)
+        ]
+        self._reserved = 0
+        """Slots the shards' loops are reading for (so together they never exceed
+        concurrency); each reads for at most its share, so no shard waits on another's."""
+        self._share = max(1, settings.worker.concurrency // len(self.groups))
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
-        self.cancels = Bus(settings.redis.url)
+        self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -171,7 +180,8 @@ class Worker:
 
     async def run(self) -> None:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
-        await self.group.ensure()
+        for group in self.groups:
+            await group.ensure()
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
@@ -182,7 +192,7 @@ class Worker:
             asyncio.create_task(self._take_over_loop()),
         ]
         log.info("worker ready (%s)", self.name)
-        await self._claim_loop()
+        await asyncio.gather(*(self._claim_loop(group) for group in self.groups))
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -205,28 +215,37 @@ class Worker:
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.worker(self.name))
 
-    async def _claim_loop(self) -> None:
+    async def _claim_loop(self, group: ConsumerGroup) -> None:
         while not self._draining:
-            free = self.settings.worker.concurrency - len(self._tasks)
+            free = min(
+                self.settings.worker.concurrency - len(self._tasks) - self._reserved,
+                self._share,
+            )
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            self._reserved += free
             try:
-                entries = await self.group.read(free, 1000)
-            except (RedisError, OSError) as exc:
+                entries = await group.read(free, 1000)
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._reserved -= free
+                self._slot_freed.set()
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
             for entry_id, fields in entries:
-                self._spawn(entry_id, fields, takeover=False)
+                self._spawn(group, entry_id, fields, takeover=False)
 
-    def _spawn(self, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> None:
-        task = asyncio.create_task(self._run_job(entry_id, fields, takeover))
+    def _spawn(
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool
+    ) -> None:
+        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -234,7 +253,9 @@ class Worker:
         self._tasks.discard(task)
         self._slot_freed.set()
 
-    async def _run_job(self, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool) -> None:
+    async def _run_job(
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool
+    ) -> None:
         tries = 0
 
         async def handle() -> None:
@@ -245,12 +266,13 @@ class Worker:
         try:
             await attempt(handle, f"turn {entry_id.decode()}")
         except Poisoned as failure:
-            await self.dead_letters.bury(keys.TURNS, keys.WORKERS, entry_id, fields, failure)
+            await self.dead_letters.bury(group.stream, keys.WORKERS, entry_id, fields, failure)
             return
         except asyncio.CancelledError:
             log.warning("turn %s handed back at shutdown", entry_id.decode())
             raise
-        await self._ack(entry_id)
+        with contextlib.suppress(RedisError, OSError):
+            await group.ack(entry_id)
 
     async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> None:
         try:
@@ -269,10 +291,6 @@ class Worker:
         finally:
             logs.CONVERSATION.set(None)
             logs.MESSAGE.set(None)
-
-    async def _ack(self, entry_id: bytes) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.group.ack(entry_id)
 
     # ------------------------------------------------------------------ liveness and takeover
 
@@ -298,30 +316,35 @@ class Worker:
             await asyncio.sleep(self.lease / 2)
             try:
                 await self._take_over()
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("cannot look for abandoned turns: %s", exc)
 
     async def _take_over(self) -> None:
-        """Claim turns pending with a worker whose heartbeat is gone."""
+        """Claim turns pending with a worker whose heartbeat is gone, on every shard."""
+        for group in self.groups:
+            await self._take_over_shard(group)
+
+    async def _take_over_shard(self, group: ConsumerGroup) -> None:
         idle_ms = int(self.lease * 1000)
-        for entry in await self.group.pending():
+        for entry in await group.pending():
             owner = entry.consumer
             if owner == self.name or entry.idle_ms < idle_ms:
                 continue
             if await self.redis.exists(keys.worker(owner)):
                 continue
-            for entry_id, fields in await self.group.claim([entry.entry_id], idle_ms):
+            for entry_id, fields in await group.claim([entry.entry_id], idle_ms):
                 if fields:
                     log.warning("taking over a turn abandoned by %s", owner)
                     self.taken_over += 1
                     metrics.TAKEOVERS.inc()
-                    self._spawn(entry_id, fields, takeover=True)
+                    self._spawn(group, entry_id, fields, takeover=True)
 
     # ------------------------------------------------------------------ one generation
 
     async def _generate(self, job: Job, takeover: bool) -> None:
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
+            await self.turns.queue_finished_again(job)
             return  # the dead worker had finished it; only the acknowledgement was missing
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
@@ -381,9 +404,7 @@ class Worker:
         turn = self._finished_turn(run, None, None)
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
-            await self._call_finish(
-                run, self.turns.finish_call(job, encode(refusal), None, encode(turn), 0)
-            )
+            await self._call_finish(run, encode(refusal), None, encode(turn), 0)
         finished = Finished("error", None)
         await self._finish_hook(run, (finished, message, "refused"), at_end, started, began)
         return "error", finished, message
@@ -641,8 +662,7 @@ class Worker:
         )
         spent = self._spent(job, reply, started)
         turn = self._finished_turn(run, reply, spent)
-        call = self.turns.finish_call(job, encode(done), reply, encode(turn), spent.tokens)
-        if await self._call_finish(run, call):
+        if await self._call_finish(run, encode(done), reply, encode(turn), spent.tokens):
             await self._warn(job)
         return reason
 
@@ -663,11 +683,16 @@ class Worker:
             spent=spent,
         )
 
-    async def _call_finish(self, run: Running, call: Call) -> bool:
+    async def _call_finish(
+        self, run: Running, done_event: bytes, reply: f.Message | None, turn: bytes, spent: int
+    ) -> bool:
+        """Finish the turn (`Turns.finish`: one script, or a cluster's steps), republishing
+        it first if Redis lost it; whether it finished."""
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            if await self.pipeliner.call(call) >= 0:
+            seq = await self.turns.finish(self.pipeliner, run.job, done_event, reply, turn, spent)
+            if seq >= 0:
                 return True
             run.lost = True
         log.error("could not finish the turn in %s", run.job.conversation)

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from server.redis import keys
+from server.redis.client import is_cluster
 
 log = logging.getLogger("parley.deadletter")
 
@@ -158,7 +159,9 @@ class DeadLetters:
         delay = 0
         while True:
             try:
-                pipe = self.redis.pipeline(transaction=True)
+                # one step on one Redis; on a cluster the streams are on two slots, and a
+                # retry after a half-done pipeline can only add the dead letter twice
+                pipe = self.redis.pipeline(transaction=not is_cluster(self.redis))
                 pipe.xadd(self.stream, record, maxlen=KEPT, approximate=True)  # type: ignore[arg-type]
                 pipe.xack(source, group, entry_id)
                 pipe.xdel(source, entry_id)
@@ -190,7 +193,7 @@ class DeadLetters:
         letter = await self.get(dead_id)
         if letter is None:
             return None
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=not is_cluster(self.redis))
         pipe.xadd(letter.source, letter.fields)  # type: ignore[arg-type]
         pipe.xdel(self.stream, dead_id)
         new_id, _ = await pipe.execute()

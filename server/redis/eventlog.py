@@ -21,11 +21,10 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
+from server.redis.client import UNREACHABLE
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -292,13 +291,10 @@ class Pipeliner:
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:
-            pipe = self.redis.pipeline(transaction=False)
-            for call, _ in batch:
-                await call.run(pipe)
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await scripts.pipelined(self.redis, [call for call, _ in batch])
                 break
-            except (ConnectionError, RedisTimeoutError, OSError, RedisConnectionError) as exc:
+            except UNREACHABLE as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     results = [exc] * len(batch)
                     break

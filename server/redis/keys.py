@@ -1,23 +1,33 @@
 """Every Redis key and channel name Parley uses, in one place (and the envelope of the one
 channel whose messages are not frames as they are, `USERS`).
 
-Per-conversation keys (and the conversation's channel) share the hash tag `{c:ID}`, so they
-hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on that slot:
+The names work unchanged on one Redis and on a Redis Cluster, where a script may only touch
+keys of one slot. How the keys fall into slots:
 
-- one conversation only: `append` (seq, log, channel, persisted), `append_piece` (the same
-  and gen), `read` (seq, log), `load` (meta, seq, recent, persisted), `set_meta` (meta),
-  `mark_persisted` (persisted, log, seq, history), `cache_history` (persisted, history),
-  `open_approval` and `settle_approval` (one approval);
-- crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
-  `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `regenerate` (gen, recent,
-  meta, plus `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `finish` (seq, log,
-  channel, persisted, gen, recent, done id, plus `PERSIST` and `budget(user)`: three slots),
-  `admit` (`PROCESSES` and one `connections(user)` per socket admitted) and `leave` (one
-  `connections(user)` per user): a slot per user;
-- `beat`: `PROCESSES` alone; `budget_load` and `budget_warn`: `budget(user)` alone.
+- a conversation: every key (and its channel) shares the hash tag `{c:ID}`, so the scripts
+  `append`, `append_piece`, `read`, `load`, `set_meta`, `mark_persisted` (with `history`),
+  `cache_history` and, in a cluster, `turn_check`, `say_commit`, `regenerate_commit` and
+  `finish_commit` stay on it;
+- a user: `turn_rate(user)`, `connections(user)` and `revoked(user)` are single keys, each
+  its own slot (no script touches two of them): `turn_rate` (script `turn_rate`),
+  `admit_live` and `leave` one user key per call in a cluster. `budget(user)` carries the tag
+  `{u:USER}` (`budget_settled` shares it): `budget_load`, `budget_warn` and, in a cluster,
+  `turn_budget` and `finish_budget` stay on it;
+- an approval: `open_approval` and `settle_approval` touch its one key;
+- a queue shard: `turns(shard)` and `persist(shard)`, one stream each (shard 0 keeps the
+  single-Redis name `parley:turns`, the others carry the tag `{turns:N}`); a conversation's
+  turns always go to shard `shard_of(conversation, shards)`, so they stay in order;
+- alone: `PROCESSES` (script `beat`), `FINISH_HOOKS`, `DEADLETTER`, the worker heartbeats.
 
-So Parley runs on one Redis (or a primary with replicas), not on Redis Cluster as it is:
-Cluster refuses a script whose keys span slots.
+On one Redis, `say` and `regenerate` still take the conversation's keys with `turns(shard)`,
+`turn_rate(user)` and `budget(user)` in one script, `finish` the conversation's keys with
+`persist(shard)` and `budget(user)`, and `admit` takes `PROCESSES` with a batch of users'
+keys: one round trip each. In a cluster those are split into single-slot steps
+(server/redis/turns.py, server/redis/presence.py).
+
+Channels: a conversation's (`channel`) is published from its scripts, with `SPUBLISH` in a
+cluster so that it reaches only the node owning its slot; `CANCEL`, `USERS` and `SERVER` are
+process-wide and, in a cluster, sharded channels too (each on the node of its own slot).
 """
 
 from __future__ import annotations
@@ -30,12 +40,31 @@ import msgspec
 PREFIX: Final = "parley"
 
 TURNS: Final = f"{PREFIX}:turns"
-"""Stream of accepted turns waiting for a generation worker (consumer group `WORKERS`)."""
+"""Shard 0 of the accepted turns waiting for a generation worker (consumer group `WORKERS`);
+the only one on a single Redis (see `turns`)."""
 WORKERS: Final = "workers"
 
 PERSIST: Final = f"{PREFIX}:persist"
-"""Stream of finished turns waiting to be written to PostgreSQL (consumer group `PERSISTERS`)."""
+"""Shard 0 of the finished turns waiting to be written to PostgreSQL (consumer group
+`PERSISTERS`); the only one on a single Redis (see `persist`)."""
 PERSISTERS: Final = "persisters"
+
+
+def turns(shard: int) -> str:
+    """Stream `shard` of the accepted turns; each shard has its own hash tag (its own slot)."""
+    return TURNS if shard == 0 else f"{TURNS}:{{turns:{shard}}}"
+
+
+def persist(shard: int) -> str:
+    """Stream `shard` of the finished turns, tagged like `turns`."""
+    return PERSIST if shard == 0 else f"{PERSIST}:{{persist:{shard}}}"
+
+
+def shard_of(conversation: uuid.UUID, shards: int) -> int:
+    """The queue shard of a conversation's turns and finished turns: the same for every
+    process, so one conversation's turns are consumed in the order they were queued."""
+    return conversation.int % shards
+
 
 FINISH_HOOKS: Final = f"{PREFIX}:hooks:finish"
 """Stream of `finish` hook calls waiting to reach the host application (consumer group
@@ -106,6 +135,12 @@ def finished(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:done:{message_id}"
 
 
+def finished_turn(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
+    """In a cluster, the finished turn (as queued for PostgreSQL) kept beside `finished`, so
+    that a takeover can queue it again if its worker died before it did."""
+    return f"{finished(conversation, message_id)}:turn"
+
+
 def worker(name: str) -> str:
     """Heartbeat of a live generation worker; a turn whose worker lost it is taken over."""
     return f"{PREFIX}:worker:{name}"
@@ -149,6 +184,12 @@ def budget(user: str) -> str:
     user's own limit, the rebuild's epoch. A cache of the usage ledger in PostgreSQL; its
     hash tag is the user's, so it can sit on the user's slot."""
     return f"{PREFIX}:budget:{{u:{user}}}"
+
+
+def budget_settled(user: str, message_id: uuid.UUID | str) -> str:
+    """In a cluster, set once the turn `message_id` settled its reservation in the user's
+    budget (script `finish_budget`), so a retry or a takeover does not settle it twice."""
+    return f"{budget(user)}:settled:{message_id}"
 
 
 def connections(user: str) -> str:

@@ -9,6 +9,10 @@ Admissions and departures are batched: whatever arrives while one Redis call is 
 goes in the next, as one script call for all the users in it. Under a connection storm that
 is one round trip per few dozen sockets instead of one each; alone, a socket waits for no
 one. A departure that cannot reach Redis is kept and sent with the next batch.
+
+On a Redis Cluster every user's hash is on its own slot and the registry on another, so a
+batch is one `live_processes` call, then one `admit_live` (or `leave`) call per user, all in
+one pipeline each.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.redis import keys, scripts
+from server.redis.client import is_cluster
 
 log = logging.getLogger("parley.presence")
 
@@ -34,7 +39,9 @@ HEARTBEAT_EVERY: Final = 10.0
 MAX_BATCH: Final = 256
 RETRY_AFTER: Final = 1.0
 
-ADMIT: Final = scripts.load("admit", functions=["lib_now"])
+ADMIT: Final = scripts.load("admit", functions=["lib_now", "lib_admit"])
+ADMIT_LIVE: Final = scripts.load("admit_live", functions=["lib_admit"])
+LIVE_PROCESSES: Final = scripts.load("live_processes", functions=["lib_now"])
 LEAVE: Final = scripts.load("leave")
 BEAT: Final = scripts.load("beat", functions=["lib_now"])
 
@@ -45,7 +52,11 @@ class Presence:
         self.limit = limit
         self.process = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._admit = ADMIT.register(redis)
+        self._admit_live = ADMIT_LIVE.register(redis)
+        self._live = LIVE_PROCESSES.register(redis)
         self._leave = LEAVE.register(redis)
+        self.per_user = is_cluster(redis)
+        """On a Redis Cluster: one call per user, each on the user's slot."""
         self._beat_script = BEAT.register(redis)
         self._admitting: list[tuple[str, asyncio.Future[bool]]] = []
         self._leaving: Counter[str] = Counter()
@@ -96,12 +107,7 @@ class Presence:
                 batch = self._admitting[:MAX_BATCH]
                 del self._admitting[:MAX_BATCH]
                 try:
-                    admitted = await self._admit(
-                        processes_key=keys.PROCESSES,
-                        user_keys=[keys.connections(user) for user, _ in batch],
-                        process=self.process,
-                        limit=self.limit,
-                    )
+                    admitted = await self._admit_users([user for user, _ in batch])
                 except (RedisError, OSError) as exc:
                     _fail(batch, exc)
                     continue
@@ -122,17 +128,50 @@ class Presence:
                 users = list(self._leaving)[:MAX_BATCH]
                 counts = [self._leaving.pop(user) for user in users]
                 try:
-                    await self._leave(
-                        user_keys=[keys.connections(user) for user in users],
-                        process=self.process,
-                        counts=counts,
-                    )
+                    await self._leave_users(users, counts)
                 except (RedisError, OSError) as exc:
                     log.warning("cannot count sockets that closed; retrying: %s", exc)
                     self._leaving.update(dict(zip(users, counts, strict=True)))
                     await asyncio.sleep(RETRY_AFTER)
         finally:
             self._leaver = None
+
+    async def _admit_users(self, users: list[str]) -> list[int]:
+        if not self.per_user:
+            result: list[int] = await self._admit(
+                processes_key=keys.PROCESSES,
+                user_keys=[keys.connections(user) for user in users],
+                process=self.process,
+                limit=self.limit,
+            )
+            return result
+        live = await self._live(processes_key=keys.PROCESSES)
+        return await scripts.run_all(
+            self.redis,
+            [
+                self._admit_live.bind(
+                    user_key=keys.connections(user),
+                    process=self.process,
+                    limit=self.limit,
+                    live=b" ".join(live),
+                )
+                for user in users
+            ],
+        )
+
+    async def _leave_users(self, users: list[str], counts: list[int]) -> None:
+        if not self.per_user:
+            await self._leave(
+                user_keys=[keys.connections(user) for user in users],
+                process=self.process,
+                counts=counts,
+            )
+            return
+        calls = [
+            self._leave.bind(user_keys=[keys.connections(user)], process=self.process, counts=[n])
+            for user, n in zip(users, counts, strict=True)
+        ]
+        await scripts.run_all(self.redis, calls)
 
     async def _beat(self) -> None:
         await self._beat_script(

@@ -9,21 +9,60 @@ of them, and a job whose worker died stays pending until another claims it. `fin
 (`scripts/finish.lua`) appends the `done` event, records the reply among the recent
 messages, queues the finished turn for PostgreSQL and clears the generating mark, again in
 one step.
+
+On a Redis Cluster a script may only touch one slot, and a turn spans four (the
+conversation, the user's budget, the user's rate counter, the turns shard), so `accept` and
+`regenerate` run as five single-slot steps, in this order (the order say.lua checks them):
+
+1. `turn_check` (conversation, read-only): a duplicate `say` id, an unloaded or a busy
+   conversation is refused before anything is counted, as the single script does; it also
+   prices the turn's worst case (lib_budget.lua);
+2. `turn_budget` (the user's budget slot): refuses a user over budget, or reserves the worst
+   case, before the model is called, as on one Redis;
+3. `turn_rate` (the user's rate slot): counts the turn, refuses it over the limit (and the
+   reservation of step 2 is given back). Counted only for turns that passed steps 1 and 2, so
+   a retried `say` never uses up the user's rate;
+4. `say_commit` / `regenerate_commit` (conversation): checks step 1 again, atomically with
+   what it changes (another tab may have started a turn between 1 and 4: it then answers
+   `busy`, or `dup` for the same id, having counted one turn of rate, which a single Redis
+   would not, and the reservation is given back), then records the say id, appends the
+   message and sets the busy mark. This is the step that decides: at most one turn per
+   conversation is marked, once per say id;
+5. the job's XADD on the conversation's turns shard, retried while the cluster fails over.
+
+The windows the single script does not have: a web process that dies between 4 and 5 leaves
+the message appended and the conversation busy without a queued job (the busy mark expires
+`lease` seconds later: nothing renews it, and the user can say again); one that dies between
+2 and 4 leaves its reservation held. A held reservation is counted as spent until the budget
+is next rebuilt from the ledger: a user may be refused early, never let past the limit.
+
+`finish` likewise appends `done` with `finish_commit`, which keeps the finished turn beside
+the `done` seq, then queues it on the persist shard and settles the budget with
+`finish_budget` on the user's slot, once per turn (a marker key next to the budget); a
+takeover that finds the turn finished queues it again (the persister writes a turn
+idempotently, so twice is once). A worker that dies between `finish_commit` and the
+settlement leaves the worst case counted, as above.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
-from server.redis.eventlog import RECENT_KEPT, encode, event_keys
+from server.redis.client import is_cluster, publish
+from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
 from server.redis.scripts import Call
 
 HookData = dict[str, Any] | None
@@ -82,9 +121,23 @@ class Accepted:
     limit: int = 0
 
 
-SAY: Final = scripts.load("say", functions=["lib_append_event", "lib_budget", "lib_turn_guards"])
+_SAYING: Final = ["lib_append_event", "lib_budget", "lib_turn_guards", "lib_user_message"]
+_FINISHING: Final = ["lib_append_event", "lib_finish"]
+SAY: Final = scripts.load("say", functions=_SAYING)
 REGENERATE: Final = scripts.load("regenerate", functions=["lib_budget", "lib_turn_guards"])
-FINISH: Final = scripts.load("finish", functions=["lib_append_event", "lib_budget"])
+FINISH: Final = scripts.load("finish", functions=[*_FINISHING, "lib_budget"])
+TURN_CHECK: Final = scripts.load("turn_check", functions=["lib_budget", "lib_turn_guards"])
+TURN_BUDGET: Final = scripts.load("turn_budget", functions=["lib_budget"])
+TURN_RATE: Final = scripts.load("turn_rate", functions=["lib_turn_guards"])
+SAY_COMMIT: Final = scripts.load("say_commit", functions=_SAYING)
+REGENERATE_COMMIT: Final = scripts.load("regenerate_commit", functions=["lib_turn_guards"])
+FINISH_COMMIT: Final = scripts.load("finish_commit", functions=_FINISHING)
+FINISH_BUDGET: Final = scripts.load("finish_budget", functions=["lib_budget"])
+
+QUEUE_RETRIES: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
+"""Pauses between tries of a cluster step that queues (a failover takes a few seconds)."""
+RELEASE_MARK_TTL: Final = 120
+"""Seconds the marker of a given-back reservation is kept: longer than its retries take."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +165,33 @@ class Budgeting:
 
 
 class Turns:
-    def __init__(self, redis: Redis, max_events: int, ttl: int, lease: float) -> None:
+    def __init__(
+        self, redis: Redis, max_events: int, ttl: int, lease: float, shards: int = 1
+    ) -> None:
         self.redis = redis
         self.max_events = max_events
         self.ttl = ttl
         self.lease = max(int(lease * 3), 3)
         """How long the `generating` mark outlives its worker's last heartbeat."""
+        self.shards = shards
+        self.in_steps = is_cluster(redis)
+        """On a Redis Cluster: turns are accepted and finished in single-slot steps."""
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
+        self._turn_check = TURN_CHECK.register(redis)
+        self._turn_budget = TURN_BUDGET.register(redis)
+        self._turn_rate = TURN_RATE.register(redis)
+        self._say_commit = SAY_COMMIT.register(redis)
+        self._regenerate_commit = REGENERATE_COMMIT.register(redis)
+        self._finish_commit = FINISH_COMMIT.register(redis)
+        self._finish_budget = FINISH_BUDGET.register(redis)
+
+    def turns_key(self, conversation: uuid.UUID) -> str:
+        return keys.turns(keys.shard_of(conversation, self.shards))
+
+    def persist_key(self, conversation: uuid.UUID) -> str:
+        return keys.persist(keys.shard_of(conversation, self.shards))
 
     async def accept(
         self,
@@ -130,6 +201,8 @@ class Turns:
         turn_limit: int,
         budgeting: Budgeting,
     ) -> Accepted:
+        if self.in_steps:
+            return await self._accept_in_steps(message_event, message, job, turn_limit, budgeting)
         c = job.conversation
         result = await self._say(
             **event_keys(c),
@@ -137,7 +210,7 @@ class Turns:
             said_key=keys.said(c),
             recent_key=keys.recent(c),
             meta_key=keys.meta(c),
-            turns_key=keys.TURNS,
+            turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
             frame=message_event,
@@ -155,12 +228,14 @@ class Turns:
         return _accepted(result)
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
+        if self.in_steps:
+            return await self._regenerate_in_steps(job, turn_limit, budgeting)
         c = job.conversation
         result = await self._regenerate(
             gen_key=keys.generation(c),
             recent_key=keys.recent(c),
             meta_key=keys.meta(c),
-            turns_key=keys.TURNS,
+            turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
             job=encode(job),
@@ -178,27 +253,216 @@ class Turns:
         for PostgreSQL, settle the budget reservation with the `spent` tokens), for the
         pipeliner, so it follows the reply's last token. Without a reply (a refused turn)
         `done_event` is the refusal and the context is left as it is."""
-        c = job.conversation
+        inputs = self._finish_inputs(job, done_event, reply, turn)
         return self._finish.bind(
-            **event_keys(c),
-            gen_key=keys.generation(c),
-            recent_key=keys.recent(c),
-            finished_key=keys.finished(c, job.message_id),
-            persist_key=keys.PERSIST,
+            **inputs,
+            persist_key=self.persist_key(job.conversation),
             budget_key=keys.budget(job.user),
-            frame=done_event,
-            reply=b"" if reply is None else encode(reply),
-            reply_id=str(job.message_id),
-            turn=turn,
-            maxlen=self.max_events,
-            ttl=self.ttl,
-            replaces=str(job.replaces or "") if reply is not None else "",
-            recent_kept=RECENT_KEPT,
             budget_epoch=job.budget_epoch,
             budget_bucket=job.budget_bucket,
             budget_reserved=job.budget_reserved,
             spent=spent,
         )
+
+    async def finish(
+        self,
+        pipeliner: Pipeliner,
+        job: Job,
+        done_event: bytes,
+        reply: Message | None,
+        turn: bytes,
+        spent: int,
+    ) -> int:
+        """Append `done` after the reply's last token (through the pipeliner), queue the
+        finished turn for PostgreSQL and settle the budget; the seq of `done`, or UNLOADED."""
+        if not self.in_steps:
+            call = self.finish_call(job, done_event, reply, turn, spent)
+            return int(await pipeliner.call(call))
+        c = job.conversation
+        inputs = self._finish_inputs(job, done_event, reply, turn)
+        call = self._finish_commit.bind(**inputs, turn_key=keys.finished_turn(c, job.message_id))
+        seq = int(await pipeliner.call(call))
+        if seq >= 0:
+            await self._persistently(
+                lambda: self.redis.xadd(self.persist_key(c), {"turn": turn, "done_seq": seq})
+            )
+            once = keys.budget_settled(job.user, job.message_id)
+            await self._settle(job, spent, once, self.ttl)
+        return seq
+
+    def _finish_inputs(
+        self, job: Job, done_event: bytes, reply: Message | None, turn: bytes
+    ) -> dict[str, Any]:
+        """What `finish` and `finish_commit` both take."""
+        c = job.conversation
+        return {
+            **event_keys(c),
+            "gen_key": keys.generation(c),
+            "recent_key": keys.recent(c),
+            "finished_key": keys.finished(c, job.message_id),
+            "frame": done_event,
+            "reply": b"" if reply is None else encode(reply),
+            "reply_id": str(job.message_id),
+            "turn": turn,
+            "maxlen": self.max_events,
+            "ttl": self.ttl,
+            "replaces": str(job.replaces or "") if reply is not None else "",
+            "recent_kept": RECENT_KEPT,
+        }
+
+    async def queue_finished_again(self, job: Job) -> None:
+        """In a cluster, queue for PostgreSQL a turn a dead worker finished, in case it died
+        before it queued it (queued twice, it is still written once)."""
+        if not self.in_steps:
+            return  # `finish` queued it in the same step
+        c = job.conversation
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.finished(c, job.message_id))
+        pipe.get(keys.finished_turn(c, job.message_id))
+        seq, turn = await pipe.execute()
+        if seq is not None and turn is not None:
+            stream = self.persist_key(c)
+            await self._persistently(
+                lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": int(seq)})
+            )
+
+    async def _accept_in_steps(
+        self,
+        message_event: bytes,
+        message: Message,
+        job: Job,
+        turn_limit: int,
+        budgeting: Budgeting,
+    ) -> Accepted:
+        c = job.conversation
+        reserved = await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id))
+        if isinstance(reserved, Accepted):
+            return reserved
+        accepted = _accepted(
+            await self._say_commit(
+                **event_keys(c),
+                gen_key=keys.generation(c),
+                said_key=keys.said(c),
+                recent_key=keys.recent(c),
+                meta_key=keys.meta(c),
+                frame=message_event,
+                message=encode(message),
+                reply_id=str(job.message_id),
+                maxlen=self.max_events,
+                ttl=self.ttl,
+                lease=self.lease,
+                recent_kept=RECENT_KEPT,
+                say_id=str(message.id),
+            )
+        )
+        await self._commit_or_release(
+            accepted, msgspec.structs.replace(reserved, user_seq=accepted.seq)
+        )
+        return accepted
+
+    async def _regenerate_in_steps(
+        self, job: Job, turn_limit: int, budgeting: Budgeting
+    ) -> Accepted:
+        c = job.conversation
+        reserved = await self._reserve(job, turn_limit, budgeting, b"", "")
+        if isinstance(reserved, Accepted):
+            return reserved
+        accepted = _accepted(
+            await self._regenerate_commit(
+                gen_key=keys.generation(c),
+                recent_key=keys.recent(c),
+                meta_key=keys.meta(c),
+                reply_id=str(job.message_id),
+                lease=self.lease,
+            )
+        )
+        await self._commit_or_release(
+            accepted, msgspec.structs.replace(reserved, replaces=accepted.replaces)
+        )
+        return accepted
+
+    async def _reserve(
+        self, job: Job, turn_limit: int, budgeting: Budgeting, message: bytes, say_id: str
+    ) -> Job | Accepted:
+        """Steps 1 to 3 of a turn in a cluster, in the order say.lua checks them: the
+        conversation's check (which also prices the turn's worst case), the user's budget
+        (which reserves it), the user's rate. The refusal, or the job carrying its
+        reservation; a reservation the rate then refuses is given back."""
+        c = job.conversation
+        checked = await self._turn_check(
+            meta_key=keys.meta(c),
+            gen_key=keys.generation(c),
+            said_key=keys.said(c),
+            recent_key=keys.recent(c),
+            say_id=say_id,
+            regenerating="0" if say_id else "1",
+            message=message,
+            context_tokens=budgeting.context_tokens,
+            max_tokens=budgeting.max_tokens,
+        )
+        if text_of(checked[0]) != "ok":
+            return _accepted(checked)
+        cost = int(checked[1])
+        budgeted = await self._turn_budget(
+            budget_key=keys.budget(job.user),
+            group_limit=budgeting.limit,
+            oldest=budgeting.oldest,
+            bucket=budgeting.bucket,
+            ttl=budgeting.ttl,
+            cost=cost,
+        )
+        if text_of(budgeted[0]) != "ok":
+            return _accepted(budgeted)
+        reserved = msgspec.structs.replace(
+            job, budget_reserved=cost, budget_epoch=text_of(budgeted[1])
+        )
+        rated = await self._turn_rate(rate_key=keys.turn_rate(job.user), turn_limit=turn_limit)
+        if text_of(rated[0]) == "ok":
+            return reserved
+        await self._release(reserved)
+        return _accepted(rated)
+
+    async def _commit_or_release(self, accepted: Accepted, job: Job) -> None:
+        """After the conversation's step: queue the job it accepted, or give back the budget
+        reserved for the turn it refused (another tab started one since step 1)."""
+        if accepted.admission is Admission.OK:
+            stream = self.turns_key(job.conversation)
+            await self._persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
+        else:
+            await self._release(job)
+
+    async def _release(self, job: Job) -> None:
+        """Give back a reservation whose turn was refused after it: a settlement of 0 tokens,
+        done once per attempt (its marker need only outlive the retries of this call)."""
+        once = keys.budget_settled(job.user, f"release:{uuid.uuid4()}")
+        await self._settle(job, 0, once, RELEASE_MARK_TTL)
+
+    async def _settle(self, job: Job, spent: int, once: str, mark_ttl: int) -> None:
+        """In a cluster, a budget step on the user's slot: replace the turn's reservation with
+        what it `spent`, unless the marker `once` says it was done already."""
+        await self._persistently(
+            lambda: self._finish_budget(
+                budget_key=keys.budget(job.user),
+                settled_key=once,
+                epoch=job.budget_epoch,
+                bucket=job.budget_bucket,
+                reserved=job.budget_reserved,
+                spent=spent,
+                ttl=mark_ttl,
+            )
+        )
+
+    async def _persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """A step tried again while the cluster fails over (the step before it is done and
+        cannot be undone: giving up early would strand the turn or its reservation)."""
+        for pause in (*QUEUE_RETRIES, None):
+            try:
+                return await step()
+            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        return None
 
     async def cancel(self, conversation: uuid.UUID) -> None:
         """Tell whichever worker runs (or is about to run) the generation to stop."""
@@ -207,7 +471,7 @@ class Turns:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        pipe.publish(keys.CANCEL, f"{conversation}:{message_id}")
+        publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
 
 

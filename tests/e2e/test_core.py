@@ -23,9 +23,21 @@ from tests.helpers.conversations import (
     transcript,
     wait_persisted,
 )
-from tests.helpers.processes import Cluster, ParleyProcess
+from tests.helpers.processes import BACKENDS, Cluster, ParleyProcess, clusters_for
 
 SLOW = "[sim:tokens=60][sim:tps=120]"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def parley(
+    request: pytest.FixtureRequest, parley: ParleyProcess, cluster: Cluster
+) -> ParleyProcess:
+    """The session's `parley serve` on a single Redis, and one on a Redis Cluster of its own:
+    every test here runs against both."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        return parley
+    return cluster.process("serve", **clusters.backend().env())
 
 
 # --------------------------------------------------------------------------- fan-out

@@ -41,11 +41,14 @@ from tests.helpers.conversations import (
 )
 from tests.helpers.faults import Proxy
 from tests.helpers.processes import (
+    BACKENDS,
     Cluster,
     Db,
     ParleyProcess,
+    RedisBackend,
     Scaled,
     alive,
+    clusters_for,
     model_stats,
     poll_readyz,
     postgres_queries,
@@ -81,7 +84,7 @@ OPS_ENV = {
 class Ops:
     webs: list[ParleyProcess]
     workers: list[ParleyProcess]
-    redis_url: str
+    backend: RedisBackend
     cluster: Cluster
     env: dict[str, str]
 
@@ -95,17 +98,21 @@ class Ops:
         return alive(self.workers)
 
 
-@pytest.fixture(scope="module")
-def ops(cluster: Cluster) -> Iterator[Ops]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def ops(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[Ops]:
     """2 web + 3 worker processes (lease 2 s, shutdown deadline 10 s, grace 2 s, pings every
     1 s) shared by the heartbeat, worker-crash and shutdown tests, which each kill or stop at
-    most one of them and pick among the ones still alive."""
-    redis_url = redis_db(cluster.services.redis_url, OPS_DB)
-    env = {"REDIS_URL": redis_url, **OPS_ENV}
+    most one of them and pick among the ones still alive; on each Redis backend."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        backend = RedisBackend(redis_db(cluster.services.redis_url, OPS_DB))
+    else:
+        backend = clusters.backend()
+    env = {**backend.env(), **OPS_ENV}
     webs = [cluster.process("web", start=False, **env) for _ in range(2)]
     workers = [cluster.process("worker", start=False, **env) for _ in range(3)]
     start_all([*webs, *workers])
-    ops = Ops(webs, workers, redis_url, cluster, env)
+    ops = Ops(webs, workers, backend, cluster, env)
     yield ops
     stop_together([*ops.webs, *ops.workers])
 
@@ -152,7 +159,7 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
     again for the same message id and a complete reply, or `done` reason `error` with a text;
     the conversation is never left busy."""
     workers = ops.live_workers(2)
-    redis = Redis.from_url(ops.redis_url)
+    redis = ops.backend.client()
     a = await Client.connect(ops.webs[0].ws_url, mint(new_user()))
     try:
         conversation = await start_conversation(a, title="crash")
@@ -225,7 +232,7 @@ async def test_sigterm_worker_finishes_its_generation_and_exits(ops: Ops, db: as
     """SIGTERM to the worker running a generation (deadline 10 s): it stops claiming (the next
     turn goes to another worker), the running generation ends with `done` stop, and it exits."""
     workers = ops.live_workers(2)
-    redis = Redis.from_url(ops.redis_url)
+    redis = ops.backend.client()
     a = await Client.connect(ops.webs[0].ws_url, mint(new_user()))
     try:
         first = await start_conversation(a, title="draining")
@@ -286,7 +293,7 @@ async def test_sigterm_worker_hands_back_what_outlasts_the_deadline(
     deadline and the turn is taken over by another worker (`start` again, then `done` stop) or
     ends with `done` error — within 15 s of the exit, never stuck."""
     workers = ops.live_workers(2)
-    redis = Redis.from_url(ops.redis_url)
+    redis = ops.backend.client()
     a = await Client.connect(ops.webs[1].ws_url, mint(new_user()))
     try:
         conversation = await start_conversation(a, title="outlasts")

@@ -25,9 +25,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from server.dev import embedded
 from server.redis import generations
+from tests.helpers import redis_cluster
 from tests.helpers.auth import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -337,48 +339,106 @@ def stop_together(procs: Iterable[ParleyProcess]) -> None:
         list(pool.map(lambda p: p.stop(timeout=15), procs))
 
 
+@dataclass
+class RedisBackend:
+    """Where a group of test processes keeps its Redis state: a database of the session's
+    single Redis, or a six-node Redis Cluster of its own (a cluster has no databases)."""
+
+    url: str
+    clustered: bool = False
+    nodes: redis_cluster.SixNodes | None = None
+    """The cluster's nodes, for a test that kills one."""
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.url, "PARLEY_REDIS_CLUSTER": str(self.clustered).lower()}
+
+    def client(self) -> Any:
+        """A redis-py client for the tests' own reads (closed by the caller)."""
+        if self.clustered:
+            return RedisClusterClient.from_url(self.url)
+        return Redis.from_url(self.url)
+
+
+class RedisClusters:
+    """Six-node Redis Clusters made on demand (one per group of processes that must not
+    share queues), all stopped at the end of the session."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[redis_cluster.SixNodes] = []
+
+    def backend(self) -> RedisBackend:
+        nodes = redis_cluster.start(self.tmp / f"cluster-{len(self.started)}")
+        self.started.append(nodes)
+        return RedisBackend(nodes.url, clustered=True, nodes=nodes)
+
+    def stop(self) -> None:
+        for nodes in self.started:
+            nodes.stop()
+
+
+BACKENDS = ["redis", "redis-cluster"]
+"""The parameters of a fixture whose processes run against a single Redis and against a
+six-node Redis Cluster (the guarantee tests run on both)."""
+
+
+def clusters_for(request: Any) -> RedisClusters | None:
+    """For a fixture parametrized with BACKENDS: None for `redis`, the session's Redis
+    Clusters (fixture `redis_clusters`) for `redis-cluster`."""
+    if request.param == "redis":
+        return None
+    clusters: RedisClusters = request.getfixturevalue("redis_clusters")
+    return clusters
+
+
 class Scaled:
-    """2 web + 2 worker processes on their own Redis database, and the standalone simulated
-    model they all use."""
+    """2 web + 2 worker processes on their own Redis database (or Redis Cluster), and the
+    standalone simulated model they all use."""
 
     def __init__(
         self,
         webs: list[ParleyProcess],
         workers: list[ParleyProcess],
         model: ParleyProcess,
-        redis_url: str,
+        backend: RedisBackend,
     ) -> None:
         self.webs = webs
         self.workers = workers
         self.model = model
-        self.redis_url = redis_url
+        self.backend = backend
+        self.redis_url = backend.url
 
     def __repr__(self) -> str:
         return f"Scaled(webs={[w.port for w in self.webs]}, model={self.model.port})"
 
 
-_scaled: dict[int, Scaled] = {}
+_scaled: dict[tuple[int, bool], Scaled] = {}
 
 
-def scaled_cluster(cluster: Cluster) -> Scaled:
+def scaled_cluster(cluster: Cluster, clusters: RedisClusters | None = None) -> Scaled:
     """The `Scaled` processes, started once per cluster (which stops them) and shared by the
-    tests that do not break them; started again if one of them died."""
-    found = _scaled.get(id(cluster))
+    tests that do not break them; started again if one of them died. With `clusters`, on a
+    Redis Cluster of their own instead of a database of the session's Redis."""
+    clustered = clusters is not None
+    found = _scaled.get((id(cluster), clustered))
     if found:
         if len(alive([*found.webs, *found.workers, found.model])) == 5:
             return found
         stop_together([*found.webs, *found.workers, found.model])  # no stray consumers
+    if clusters is None:
+        backend = RedisBackend(redis_db(cluster.services.redis_url, SCALE_DB))
+    else:
+        backend = found.backend if found else clusters.backend()
     model = cluster.model()
-    redis_url = redis_db(cluster.services.redis_url, SCALE_DB)
     env = {
-        "REDIS_URL": redis_url,
+        **backend.env(),
         "OPENAI_BASE_URL": f"{model.url}/v1",
         "OPENAI_API_KEY": "sim",
     }
     webs = [cluster.process("web", start=False, **env) for _ in range(2)]
     workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
     start_all([model, *webs, *workers])
-    _scaled[id(cluster)] = found = Scaled(webs, workers, model, redis_url)
+    _scaled[(id(cluster), clustered)] = found = Scaled(webs, workers, model, backend)
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import pytest
@@ -19,7 +20,16 @@ LOADED = [
     turns.SAY,
     turns.REGENERATE,
     turns.FINISH,
+    turns.TURN_CHECK,
+    turns.TURN_BUDGET,
+    turns.TURN_RATE,
+    turns.SAY_COMMIT,
+    turns.REGENERATE_COMMIT,
+    turns.FINISH_COMMIT,
+    turns.FINISH_BUDGET,
     presence.ADMIT,
+    presence.ADMIT_LIVE,
+    presence.LIVE_PROCESSES,
     presence.LEAVE,
     presence.BEAT,
     approvals.OPEN,
@@ -76,3 +86,17 @@ def test_library_functions_come_before_the_script() -> None:
     source = turns.SAY.source
     assert source.index("local function append_event") < source.index("local seq_key = KEYS[1]")
     assert source.index("local function turn_refused") < source.index("local seq_key = KEYS[1]")
+
+
+PUBLISHING = {"append", "append_piece", "say", "finish", "say_commit", "finish_commit"}
+
+
+@pytest.mark.parametrize("script", LOADED, ids=lambda script: script.name)
+def test_a_script_registered_with_a_cluster_publishes_only_on_sharded_channels(
+    script: scripts.Script,
+) -> None:
+    """In a cluster a plain PUBLISH is copied to every node: `sharded` must catch every
+    publish of every script, however the script (or a function it includes) spells it."""
+    sharded = script.sharded().source
+    assert not re.search(r"(?<!S)PUBLISH['\"]", sharded, re.IGNORECASE)
+    assert ("redis.call('SPUBLISH', channel," in sharded) == (script.name in PUBLISHING)

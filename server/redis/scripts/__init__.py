@@ -14,6 +14,10 @@ Redis wants. Every key a script touches is one of its KEYS: none is built inside
 
 Functions shared by several scripts live in `lib_*.lua` files, which `load` puts in front of
 the script (`functions=`); they take everything as parameters and never read KEYS or ARGV.
+
+Registered with a Redis Cluster client, a script publishes with `SPUBLISH` instead of
+`PUBLISH` (`Script.sharded`): in a cluster a plain PUBLISH is copied to every node, a sharded
+one stays on the node that owns the channel's slot, where its subscribers are.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.redis.client import is_cluster
 
 _NAMED: Final = re.compile(
     r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$", re.MULTILINE
@@ -36,6 +46,8 @@ _REST: Final = re.compile(
 )
 _ANY_INPUT: Final = re.compile(r"\b(?:KEYS|ARGV)\b")
 _COMMENT: Final = re.compile(r"--.*$", re.MULTILINE)
+_PUBLISH: Final = "redis.call('PUBLISH',"
+_SPUBLISH: Final = "redis.call('SPUBLISH',"
 
 
 class ScriptError(Exception):
@@ -79,7 +91,12 @@ class Script:
         return self.keys.values(values), self.args.values(values)
 
     def register(self, redis: Redis) -> Registered:
-        return Registered(self, redis.register_script(self.source))
+        script = self.sharded() if is_cluster(redis) else self
+        return Registered(script, redis.register_script(script.source))
+
+    def sharded(self) -> Script:
+        """The same script publishing on sharded channels (`SPUBLISH`), for a cluster."""
+        return Script(self.name, self.source.replace(_PUBLISH, _SPUBLISH), self.keys, self.args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,11 @@ class Call:
     args: list[Any]
 
     async def run(self, client: Redis | Pipeline | None = None) -> Any:
+        if isinstance(client, ClusterPipeline):
+            # redis-py refuses `evalsha` on a cluster pipeline by name, not the command
+            # itself: queued as such it goes to the node of its keys' slot
+            keys = len(self.keys)
+            return client.execute_command("EVALSHA", self.script.sha, keys, *self.keys, *self.args)
         return await self.script(keys=self.keys, args=self.args, client=client)
 
 
@@ -107,6 +129,53 @@ class Registered:
 
     async def __call__(self, **values: Any) -> Any:
         return await self.bind(**values).run()
+
+
+async def run_all(redis: Any, calls: Sequence[Call]) -> list[Any]:
+    """`pipelined`, raising the first error."""
+    results = await pipelined(redis, calls)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
+    """Run calls in one pipeline (not a transaction: on a cluster it spans nodes) and give
+    their results or errors. A script a node does not know yet (a cluster pipeline loads
+    none; a promoted replica may lack some) is loaded and run again."""
+    results = await _pipelined(redis, calls)
+    _raise_if_unreachable(redis, results)
+    unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if unknown:
+        for source in {calls[i].script.script for i in unknown}:
+            await redis.script_load(source)
+        again = await _pipelined(redis, [calls[i] for i in unknown])
+        for i, result in zip(unknown, again, strict=True):
+            results[i] = result
+    return results
+
+
+_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+
+
+def _raise_if_unreachable(redis: Any, results: list[Any]) -> None:
+    """A cluster pipeline hands back a node's connection failure as each call's result and
+    keeps its slot table: raise it (every caller retries what it sends, idempotently), and
+    have the client read the slot table again first (a failover may have moved the slots)."""
+    failed = next((r for r in results if isinstance(r, _UNREACHABLE)), None)
+    if failed is None:
+        return
+    if is_cluster(redis):
+        redis._initialize = True  # what redis-py's own retry does: re-read the slots
+    raise failed
+
+
+async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
+    pipe = redis.pipeline(transaction=False)
+    for call in calls:
+        await call.run(pipe)
+    return list(await pipe.execute(raise_on_error=False))
 
 
 def load(name: str, *, functions: Sequence[str] = ()) -> Script:

@@ -1,8 +1,8 @@
--- admit: one more socket for each of a batch of users, on process `process`, unless the
--- user already has `limit` open across every live process. A user's connections hash holds
--- one count per process; counts of processes no longer live in the registry (they died) are
--- dropped first, so a crash never locks a user out. Returns 1 (admitted) or 0 per user key.
--- The users' keys and the registry are on different Redis Cluster slots.
+-- admit: one more socket for each of a batch of users, on process `process` (lib_admit.lua),
+-- a process being alive while its deadline in the registry has not passed. Returns 1
+-- (admitted) or 0 per user key.
+-- The users' keys and the registry are on different slots: on a Redis Cluster, admit_live
+-- runs instead, once per user.
 local processes_key = KEYS[1]
 local user_keys = {unpack(KEYS, 2)} -- each user's connections hash, one per socket to admit
 local process = ARGV[1]
@@ -16,20 +16,6 @@ end
 
 local results = {}
 for k, user_key in ipairs(user_keys) do
-  local total = 0
-  local counts = redis.call('HGETALL', user_key)
-  for i = 1, #counts, 2 do
-    if alive(counts[i]) then
-      total = total + tonumber(counts[i + 1])
-    else
-      redis.call('HDEL', user_key, counts[i])
-    end
-  end
-  if total >= limit then
-    results[k] = 0
-  else
-    redis.call('HINCRBY', user_key, process, 1)
-    results[k] = 1
-  end
+  results[k] = admit_user(user_key, process, limit, alive)
 end
 return results

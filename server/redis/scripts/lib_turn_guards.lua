@@ -1,25 +1,40 @@
 -- turn_refused and start_generation: what say and regenerate share (the loader puts this
--- file in front of them).
+-- file in front of them). In a Redis Cluster the same checks run as separate single-slot
+-- steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so each is its own function.
 
--- Why a new turn may not start now, as the script's answer ({'unloaded'}, {'busy'}, the
--- budget's refusal, {'rate', seconds until the window ends}), or nil when it may. Counts the
--- turn against the user's per-minute rate. `over_budget` says why the budget refuses, if it
--- does (before the rate counts the turn).
-local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget)
+-- Why the conversation cannot start a turn now ({'unloaded'}, {'busy'}), or nil.
+local function turn_blocked(meta_key, gen_key)
   if redis.call('EXISTS', meta_key) == 0 then return {'unloaded'} end
   if redis.call('EXISTS', gen_key) == 1 then return {'busy'} end
-  local refused = over_budget()
-  if refused then return refused end
+  return nil
+end
+
+-- Counts the turn against the user's per-minute rate: {'rate', seconds until the window
+-- ends} when it is over, or nil.
+local function rate_refused(rate_key, turn_limit)
   local n = redis.call('INCR', rate_key)
   if n == 1 then redis.call('EXPIRE', rate_key, 61) end
   if n > tonumber(turn_limit) then return {'rate', redis.call('TTL', rate_key)} end
   return nil
 end
 
+-- Why a new turn may not start now, as the script's answer ({'unloaded'}, {'busy'}, the
+-- budget's refusal, {'rate', seconds until the window ends}), or nil when it may. Counts the
+-- turn against the user's per-minute rate. `over_budget` says why the budget refuses, if it
+-- does (before the rate counts the turn).
+local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget)
+  return turn_blocked(meta_key, gen_key) or over_budget() or rate_refused(rate_key, turn_limit)
+end
+
 -- Mark the conversation as generating (the `gen` hash, alive for `lease` seconds unless the
--- worker's heartbeat renews it) and queue the job for the workers.
-local function start_generation(gen_key, message_id, lease, turns_key, job)
+-- worker's heartbeat renews it).
+local function mark_generating(gen_key, message_id, lease)
   redis.call('HSET', gen_key, 'message_id', message_id, 'state', 'queued')
   redis.call('EXPIRE', gen_key, lease)
+end
+
+-- Mark the conversation as generating and queue the job for the workers.
+local function start_generation(gen_key, message_id, lease, turns_key, job)
+  mark_generating(gen_key, message_id, lease)
   redis.call('XADD', turns_key, '*', 'job', job)
 end

@@ -3,8 +3,9 @@
 -- marks the conversation as generating and queues the job naming the reply it replaces.
 -- Reserves the turn's worst case in the user's budget as say does.
 -- Returns {'ok', 0, replaced message id}.
--- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
--- user's budget: four Redis Cluster slots.
+-- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>` and the
+-- user's budget: four slots, so on a Redis Cluster the same is done in steps (turn_check,
+-- turn_budget, turn_rate, regenerate_commit, then the job's XADD: server/redis/turns.py).
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
 local meta_key = KEYS[3]

@@ -5,8 +5,9 @@
 -- user's budget, appends the user's `message` event, keeps the message for the model's
 -- context, marks the conversation as generating and queues the job (with the message's seq,
 -- the reservation and the budget's epoch) on the turns Stream. Returns {'ok', seq}.
--- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
--- user's budget: four Redis Cluster slots.
+-- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>` and the
+-- user's budget: four slots, so on a Redis Cluster the same is done in steps (turn_check,
+-- turn_budget, turn_rate, say_commit, then the job's XADD: server/redis/turns.py).
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -42,13 +43,11 @@ local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
 end)
 if refused then return refused end
 local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
-redis.call('SADD', said_key, say_id)
-redis.call('EXPIRE', said_key, ttl)
-local seq = append_event(seq_key, log_key, channel, persisted_key, frame, maxlen, ttl)
-redis.call('RPUSH', recent_key, message)
-redis.call('LTRIM', recent_key, -recent_kept, -1)
-redis.call('EXPIRE', recent_key, ttl)
-redis.call('EXPIRE', meta_key, ttl)
+local conversation = {
+  seq = seq_key, log = log_key, channel = channel, persisted = persisted_key,
+  said = said_key, recent = recent_key, meta = meta_key,
+}
+local seq = keep_user_message(conversation, say_id, frame, message, maxlen, ttl, recent_kept)
 local job_with_seq = string.sub(job, 1, -2) .. ',"user_seq":' .. seq
   .. ',"budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
 start_generation(gen_key, reply_id, lease, turns_key, job_with_seq)

@@ -1,0 +1,144 @@
+"""Appended tokens per second at saturation, one Redis against a three-primary Redis Cluster,
+and each Redis process's CPU meanwhile: the `append_piece` script (the per-token write of a
+generation) through the worker's pipeliner, from several client processes, on many
+conversations. Also PUBLISH against SPUBLISH inside the script on one Redis.
+
+    .venv/bin/python -m bench.cluster_appends [--seconds 8] [--clients 2] [--conversations 600]
+
+Starts its own `redis-server` processes on 127.0.0.1 (Debian's redis-server 7) and stops them
+by PID. On a 2-core machine the clients share the cores with Redis, so the cluster's figure is
+bounded by the machine, not by the shards: read the CPU per Redis process beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from server.app.config import RedisSettings
+from server.dev.embedded import free_port
+from server.redis import client, keys
+from server.redis.eventlog import APPEND_PIECE, Pipeliner, event_keys
+from tests.helpers import redis_cluster
+from tests.helpers.procfs import cpu_seconds
+
+TOKEN = b'{"type":"token","conversation":"c","message_id":"m","text":"hello "}'
+
+
+async def _drive(settings: RedisSettings, seconds: float, conversations: int, sharded: bool) -> int:
+    redis = client.connect(settings)
+    script = APPEND_PIECE.sharded() if sharded else APPEND_PIECE
+    registered = script.register(redis)
+    ids = [uuid.uuid4() for _ in range(conversations)]
+    pipe = redis.pipeline(transaction=False)
+    for c in ids:
+        pipe.set(keys.seq(c), 0)
+        pipe.hset(keys.generation(c), mapping={"message_id": "m", "piece": -1})
+    await pipe.execute()
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def stream(c: uuid.UUID) -> None:
+        nonlocal done
+        piece = 0
+        while time.monotonic() < deadline:
+            piece += 1
+            call = registered.bind(
+                **event_keys(c),
+                gen_key=keys.generation(c),
+                frame=TOKEN,
+                maxlen=200,
+                ttl=600,
+                message_id="m",
+                piece=piece,
+            )
+            await pipeliner.call(call)
+            done += 1
+
+    await asyncio.gather(*(stream(c) for c in ids))
+    await pipeliner.stop()
+    await redis.aclose()
+    return done
+
+
+def _client(args: tuple[RedisSettings, float, int, bool]) -> int:
+    return asyncio.run(_drive(*args))
+
+
+def measure(
+    settings: RedisSettings, pids: list[int], opts: Any, sharded: bool = False
+) -> dict[str, Any]:
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    started = time.monotonic()
+    with multiprocessing.Pool(opts.clients) as pool:
+        counts = pool.map(
+            _client, [(settings, opts.seconds, opts.conversations, sharded)] * opts.clients
+        )
+    elapsed = time.monotonic() - started
+    cpu = {pid: round(100 * (cpu_seconds(pid) - before[pid]) / opts.seconds, 1) for pid in pids}
+    return {
+        "appends_per_s": round(sum(counts) / opts.seconds),
+        "redis_cpu_pct": cpu,
+        "wall": round(elapsed, 1),
+    }
+
+
+def single_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--conversations", type=int, default=600)
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = single_redis(Path(tmp))
+        try:
+            plain = measure(RedisSettings(url=url), [proc.pid], opts)
+            print("single Redis, PUBLISH  ", plain)
+            sharded = measure(RedisSettings(url=url), [proc.pid], opts, sharded=True)
+            print("single Redis, SPUBLISH ", sharded)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        nodes = redis_cluster.start(Path(tmp) / "cluster")
+        try:
+            primaries = [n.proc.pid for n in nodes.nodes]
+            result = measure(RedisSettings(url=nodes.url, cluster=True), primaries, opts)
+            print("3-primary cluster      ", result)
+        finally:
+            nodes.stop()
+
+
+if __name__ == "__main__":
+    main()

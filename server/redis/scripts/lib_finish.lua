@@ -1,0 +1,25 @@
+-- finish_turn: what finish (one Redis) and finish_commit (a cluster) share (the loader puts
+-- this file, after lib_append_event.lua, in front of them). Appends the `done` event (or a
+-- refused turn's `error`) once, keeps the reply for the model's context (dropping the reply
+-- it replaces; a refused turn has no reply, '', and changes neither) and clears the
+-- `gen` hash if it still names this generation. Returns the seq of `done` and whether this
+-- call appended it (false: a retry found the seq recorded), or -1 (unloaded) when the
+-- conversation's seq is gone.
+local function finish_turn(k, frame, reply, reply_id, maxlen, ttl, replaces, recent_kept)
+  local before = redis.call('GET', k.finished)
+  if before then return tonumber(before), false end
+  if redis.call('EXISTS', k.seq) == 0 then return -1, false end
+  local seq = append_event(k.seq, k.log, k.channel, k.persisted, frame, maxlen, ttl)
+  redis.call('SET', k.finished, seq, 'EX', ttl)
+  if replaces ~= '' then
+    for _, item in ipairs(redis.call('LRANGE', k.recent, -5, -1)) do
+      if cjson.decode(item).id == replaces then redis.call('LREM', k.recent, -1, item) end
+    end
+  end
+  if reply ~= '' then
+    redis.call('RPUSH', k.recent, reply)
+    redis.call('LTRIM', k.recent, -recent_kept, -1)
+  end
+  if redis.call('HGET', k.gen, 'message_id') == reply_id then redis.call('DEL', k.gen) end
+  return seq, true
+end

@@ -1,0 +1,18 @@
+-- regenerate_commit: in a Redis Cluster, the conversation's step of a regenerate, after
+-- turn_check and turn_rate (regenerate.lua does it all on one Redis): checks again and marks
+-- the conversation as generating. Returns {'ok', 0, replaced message id} or the refusal; the
+-- job is queued after it by server/redis/turns.py.
+local gen_key = KEYS[1]
+local recent_key = KEYS[2]
+local meta_key = KEYS[3]
+local reply_id = ARGV[1]
+local lease = tonumber(ARGV[2])
+
+local last = redis.call('LINDEX', recent_key, -1)
+if not last then return {'nothing'} end
+local message = cjson.decode(last)
+if message.role ~= 'assistant' then return {'nothing'} end
+local blocked = turn_blocked(meta_key, gen_key)
+if blocked then return blocked end
+mark_generating(gen_key, reply_id, lease)
+return {'ok', 0, message.id}

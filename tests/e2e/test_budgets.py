@@ -1,6 +1,8 @@
-"""Token budgets end to end: two `parley web` processes and a worker on their own Redis
-database, users' tabs firing turns at once, the usage ledger in PostgreSQL, `GET /api/usage`,
-the server API's usage, budget and export, and a Redis flush that must not give budget back."""
+"""Token budgets end to end, on a single Redis and on a Redis Cluster (where the reservation
+and the settlement are steps of their own on the user's slot): two `parley web` processes
+and a worker on their own Redis database or cluster, users' tabs firing turns at once, the
+usage ledger in PostgreSQL, `GET /api/usage`, the server API's usage, budget and export, and
+a Redis flush that must not give budget back."""
 
 from __future__ import annotations
 
@@ -15,13 +17,21 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from redis.asyncio import Redis
 
 from protocol import frames as f
 from server.dev.client import Client, ProtocolError
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation
-from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, two_webs_and_a_worker
+from tests.helpers.processes import (
+    BACKENDS,
+    Cluster,
+    Db,
+    ParleyProcess,
+    RedisBackend,
+    clusters_for,
+    redis_db,
+    two_webs_and_a_worker,
+)
 
 KEY = "budget-key-0123456789abcdef"
 LIMIT = 3300
@@ -29,15 +39,19 @@ LIMIT = 3300
 TABS = 20
 
 
-@pytest.fixture(scope="module")
-def redis_url(cluster: Cluster) -> str:
-    return redis_db(cluster.services.redis_url, Db.BUDGETS)
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest, cluster: Cluster) -> RedisBackend:
+    """A database of the session's Redis, or a Redis Cluster of this module's own."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        return RedisBackend(redis_db(cluster.services.redis_url, Db.BUDGETS))
+    return clusters.backend()
 
 
 @pytest.fixture(scope="module")
-def webs(cluster: Cluster, redis_url: str) -> Iterator[tuple[ParleyProcess, ParleyProcess]]:
+def webs(cluster: Cluster, backend: RedisBackend) -> Iterator[tuple[ParleyProcess, ParleyProcess]]:
     env = {
-        "REDIS_URL": redis_url,
+        **backend.env(),
         "PARLEY_SERVER_API_KEYS": KEY,
         "PARLEY_BUDGETS_DEFAULT_TOKENS": str(LIMIT),
         "PARLEY_BUDGETS_GROUP_CLAIM": "plan",
@@ -134,7 +148,7 @@ async def test_a_redis_flush_between_turns_gives_no_budget_back(
     webs: tuple[ParleyProcess, ParleyProcess],
     api: httpx.AsyncClient,
     db: asyncpg.Pool,
-    redis_url: str,
+    backend: RedisBackend,
 ) -> None:
     user = new_user()
     async with await Client.connect(webs[0].ws_url, mint(user)) as client:
@@ -142,9 +156,9 @@ async def test_a_redis_flush_between_turns_gives_no_budget_back(
         first = await say_and_finish(client, conversation, "[sim:tokens=40] one")
         assert first.usage is not None
         rows = await ledger(db, user, 1)
-    redis = Redis.from_url(redis_url)
+    redis = backend.client()
     try:
-        await redis.flushdb()
+        await redis.flushdb()  # on a cluster: every primary
     finally:
         await redis.aclose()
     assert (await budget_of(api, user))["used"] == spent(rows) > 0  # rebuilt from the ledger

@@ -25,7 +25,7 @@ from tests.helpers.conversations import (
     start_conversation,
     wait_persisted,
 )
-from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
+from tests.helpers.processes import BACKENDS, Cluster, Db, ParleyProcess, clusters_for, redis_db
 from tests.helpers.receiver import SECRET, Answer, Receiver
 
 
@@ -37,11 +37,17 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
-@pytest.fixture(scope="module")
-def hooked(cluster: Cluster, receiver: Receiver) -> Iterator[ParleyProcess]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def hooked(
+    request: pytest.FixtureRequest, cluster: Cluster, receiver: Receiver
+) -> Iterator[ParleyProcess]:
+    """`parley serve` calling the hooks, on a database of the session's Redis and on a Redis
+    Cluster of its own (where a refused turn's `finish` is a cluster's steps)."""
+    clusters = clusters_for(request)
+    redis = {"REDIS_URL": redis_db(cluster.services.redis_url, Db.HOOKS)}
     server = cluster.process(
         "serve",
-        REDIS_URL=redis_db(cluster.services.redis_url, Db.HOOKS),
+        **(redis if clusters is None else clusters.backend().env()),
         PARLEY_HOOKS_CONNECT_URL=receiver.url("/connect"),
         PARLEY_HOOKS_TURN_URL=receiver.url("/turn"),
         PARLEY_HOOKS_FINISH_URL=receiver.url("/finish"),

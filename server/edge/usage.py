@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -48,9 +48,13 @@ class BudgetChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def _span(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
     """[from, to) as asked: `to` defaults to now, `from` to 30 days before `to`."""
     end = end or f.utcnow()
-    start = start or end - DEFAULT_SPAN
-    if start.tzinfo is None or end.tzinfo is None:
+    if end.tzinfo is None or (start is not None and start.tzinfo is None):
         raise ValidationException("`from` and `to` need a time zone (e.g. 2026-01-01T00:00:00Z)")
+    try:
+        start = start or end - DEFAULT_SPAN
+        start, end = start.astimezone(UTC), end.astimezone(UTC)
+    except OverflowError:
+        raise ValidationException("`from` and `to` must lie between the years 1 and 9999") from None
     if not start < end or end - start > MAX_SPAN:
         raise ValidationException(f"`from` must be before `to`, at most {MAX_SPAN.days} days")
     return start, end

@@ -213,8 +213,13 @@ async def test_usage_reads_back_per_day_and_model_and_exports_for_billing(
             params={"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
             headers={"authorization": f"Bearer {token}"},
         )
+        year_one = await http.get(
+            "/api/usage",
+            params={"to": "0001-01-01T00:04:01+23:35"},  # 30 days before it is before year 1
+            headers={"authorization": f"Bearer {token}"},
+        )
         anonymous = await http.get("/api/usage")
-    assert (bad.status_code, anonymous.status_code) == (400, 401)
+    assert (bad.status_code, year_one.status_code, anonymous.status_code) == (400, 400, 401)
     assert mine.status_code == 200, mine.text
     totals = mine.json()["totals"]
     assert [t["key"] for t in totals] == ["parley-sim"] and totals[0]["turns"] == 2

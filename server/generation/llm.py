@@ -336,10 +336,11 @@ async def _events(blocks: AsyncIterator[bytes], request: httpx2.Request) -> Asyn
 
 async def _drain(blocks: AsyncIterator[bytes]) -> None:
     """Read what follows `[DONE]` (the end of the chunked body, as a rule), so that the
-    connection goes back to the pool; at most a second and MAX_EVENT_BYTES of it."""
+    connection goes back to the pool; at most 0.1 s (as the `openai` client waits) and
+    MAX_EVENT_BYTES of it, so a server that keeps the body open never delays `done`."""
     left = MAX_EVENT_BYTES
     with contextlib.suppress(TimeoutError, httpx2.RequestError):
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(0.1):
             async for block in blocks:
                 left -= len(block)
                 if left < 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import openai
@@ -183,3 +184,16 @@ async def test_closing_the_stream_early_closes_the_http_response() -> None:
             assert sim.stats.active == 0
         finally:
             await llm.close()
+
+
+async def test_a_body_kept_open_after_done_does_not_delay_the_end() -> None:
+    async def lingering(writer: asyncio.StreamWriter) -> None:
+        writer.write(framed(sse(chunk("bye", "stop"), b"[DONE]")))
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    async with upstream(lingering) as url:
+        began = time.monotonic()
+        text, finished = await relay(url)
+        assert time.monotonic() - began < 0.6
+    assert (text, finished.reason) == ("bye", "stop")

@@ -7,14 +7,19 @@ served over real HTTP, so the same code path runs in development, tests and prod
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
+import httpx2
 import msgspec
 import openai
 
 from protocol.frames import Count, DoneReason, PartKind, Usage
+from protocol.jsondepth import too_deep
 from protocol.text import scrub
 from protocol.think import ThinkSplitter
 from server.app.config import LLMSettings
@@ -55,21 +60,15 @@ class Stalled(TimeoutError):
 
 class _Delta(msgspec.Struct, frozen=True):
     content: str | None = None
-    model_extra: dict[str, object] | None = None
-    """The delta's fields the `openai` client does not know, reasoning among them: read from
-    this dict, because asking the client's object for a field it lacks raises (and catches)
-    an AttributeError per chunk, which would cost more than the rest of a chunk's reading."""
+    reasoning_content: str | None = None
+    """DeepSeek's name for the reasoning, used by llama.cpp, LM Studio, SGLang and vLLM
+    before 0.10."""
+    reasoning: str | None = None
+    """vLLM 0.10 on, Ollama, OpenRouter."""
 
-    def reasoning(self) -> str | None:
-        """`reasoning_content` (DeepSeek's name, used by llama.cpp, LM Studio, SGLang and vLLM
-        before 0.10) or `reasoning` (vLLM 0.10 on, Ollama, OpenRouter)."""
-        extra = self.model_extra
-        if not extra:
-            return None
-        found = extra.get("reasoning_content") or extra.get("reasoning")
-        if found is None or isinstance(found, str):
-            return found
-        raise MalformedReply("the model sent reasoning that is not text")
+    def thought(self) -> str | None:
+        """The delta's reasoning, under either name."""
+        return self.reasoning_content or self.reasoning
 
 
 class _Choice(msgspec.Struct, frozen=True):
@@ -102,20 +101,48 @@ class _Usage(msgspec.Struct, frozen=True):
 
 
 class Chunk(msgspec.Struct, frozen=True):
-    """The parts of a streamed chat completion chunk Parley reads, with their types checked
-    (the `openai` client builds its chunk objects without validating them)."""
+    """The parts of a streamed chat completion chunk Parley reads, with their types checked;
+    every other field is skipped unread."""
 
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
     model: object = None
     """Only for traces: anything but a string is ignored, never a malformed reply."""
+    error: object = None
+    """An error the server reports inside the stream, after its 200 (any shape)."""
 
 
-def read_chunk(chunk: object) -> Chunk:
-    """The chunk's text pieces, finish reason and usage, or MalformedReply."""
+_decoder: Final = msgspec.json.Decoder(Chunk)
+
+MAX_EVENT_BYTES: Final = 1 << 20
+"""The longest line (and `data:` event) read from the model's stream: a chunk is a few
+hundred bytes, so a longer one is a broken or hostile server, refused before it fills memory."""
+
+
+def read_chunk(data: bytes) -> Chunk:
+    """One `data:` payload as a Chunk, or MalformedReply. Refused unread when it nests deeper
+    than a chunk can (a decoder recurses once per bracket)."""
+    if too_deep(data):
+        raise MalformedReply("the model sent a malformed chunk: nested too deeply")
     try:
-        return msgspec.convert(chunk, Chunk, from_attributes=True)
-    except (msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
+    except msgspec.DecodeError:
+        return _read_leniently(data)
+
+
+def _read_leniently(data: bytes) -> Chunk:
+    """A payload msgspec cannot decode, read as the `openai` client read every chunk: bytes
+    that are not UTF-8 replaced, and the lone surrogates `json` lets through kept (the text
+    is scrubbed later). Only the rare odd chunk takes this slower way."""
+    try:
+        value = json.loads(data.decode("utf-8", "replace"))
+    except ValueError as exc:
+        raise MalformedReply(f"the model sent an unreadable event: {exc}") from None
+    try:
+        return msgspec.convert(value, Chunk)
+    except (msgspec.ValidationError, UnicodeError) as exc:
         # a string with a lone surrogate where a list or number belongs: msgspec encodes it
         raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
 
@@ -132,6 +159,7 @@ class LLM:
                 connect=settings.request_timeout,
             ),
             max_retries=1,
+            http_client=_http_client(),
         )
 
     async def stream(
@@ -150,16 +178,19 @@ class LLM:
         answered: str | None = None
         think = ThinkSplitter() if self.settings.think_tags else None
         try:
-            stream = await self.client.chat.completions.create(  # type: ignore[call-overload]
+            requesting = self.client.chat.completions.with_streaming_response.create
+            async with requesting(  # type: ignore[call-overload]
                 model=model,
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=self.settings.max_tokens,
-            )
-            async with stream:
-                async for raw in _parsed(stream):
-                    chunk = read_chunk(raw)
+            ) as response:
+                http = response.http_response
+                async for data in _events(http.aiter_bytes(), http.request):
+                    chunk = read_chunk(data)
+                    if chunk.error:
+                        raise _streamed_error(chunk.error, http.request)
                     if isinstance(chunk.model, str) and chunk.model:
                         answered = chunk.model
                     if chunk.usage is not None:
@@ -168,7 +199,7 @@ class LLM:
                         delta = choice.delta
                         if delta is None:
                             pass
-                        elif think is None and not delta.model_extra:
+                        elif think is None and delta.reasoning_content is delta.reasoning is None:
                             if delta.content:  # the hot path: plain text
                                 watchdog.progress()
                                 yield Piece(scrub(delta.content))
@@ -192,10 +223,20 @@ class LLM:
         await self.client.close()
 
 
+def _http_client() -> openai.DefaultAsyncHttpxClient | None:
+    """The `openai` client's aiohttp transport where the `openai[aiohttp]` extra is installed
+    (it reads a stream for less than half the CPU of httpx's: docs/benchmarks.md), else
+    None: the client's own httpx."""
+    aiohttp_client = getattr(openai, "DefaultAioHttpClient", None)  # openai 1.9x on
+    if aiohttp_client is None or importlib.util.find_spec("aiohttp") is None:
+        return None
+    return cast(openai.DefaultAsyncHttpxClient, aiohttp_client())
+
+
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:
     """A delta's reasoning, then its content (split at `<think>` tags when `think`)."""
     out: list[Piece] = []
-    reasoning = delta.reasoning()
+    reasoning = delta.thought()
     if reasoning:
         out.append(Piece(scrub(reasoning), "reasoning"))
     if delta.content:
@@ -251,15 +292,64 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def _parsed(stream: AsyncIterator[object]) -> AsyncIterator[object]:
-    """The stream's chunks; an event the client cannot parse as JSON (it raises what
-    `json.loads` raises, RecursionError for deep nesting) is a MalformedReply."""
-    iterator = aiter(stream)
-    while True:
-        try:
-            chunk = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
-            raise MalformedReply(f"the model sent an unreadable event: {exc}") from None
-        yield chunk
+async def _events(blocks: AsyncIterator[bytes], request: httpx2.Request) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event in the body up to `[DONE]`, read as the `openai`
+    client's SSE decoder reads it (lines end in LF, CRLF or CR; an event's `data:` lines are
+    joined by LF; other fields and comments are skipped), with no line or event longer than
+    MAX_EVENT_BYTES. The HTTP client's errors become the `openai` client's."""
+    pending = b""
+    data: list[bytes] = []
+    size = 0
+    after_cr = False  # the last block ended in CR: an LF opening the next ends the same line
+    try:
+        async for block in blocks:
+            if after_cr and block.startswith(b"\n"):
+                block = block[1:]
+            if pending:
+                block = pending + block
+            lines = block.splitlines()
+            after_cr = block.endswith(b"\r")
+            pending = lines.pop() if lines and not block.endswith((b"\n", b"\r")) else b""
+            if len(pending) > MAX_EVENT_BYTES:
+                raise MalformedReply("the model sent a line longer than the limit")
+            for line in lines:
+                if not line:
+                    if data:
+                        yield data[0] if len(data) == 1 else b"\n".join(data)
+                        data, size = [], 0
+                elif line.startswith(b"data:"):
+                    value = line[6:] if line.startswith(b"data: ") else line[5:]
+                    if not data and value.startswith(b"[DONE]"):
+                        await _drain(blocks)
+                        return
+                    size += len(value)
+                    if size > MAX_EVENT_BYTES:
+                        raise MalformedReply("the model sent an event longer than the limit")
+                    data.append(value)
+    except httpx2.TimeoutException as exc:
+        raise openai.APITimeoutError(request=request) from exc
+    except httpx2.RequestError as exc:
+        raise openai.APIConnectionError(request=request) from exc
+    if data:
+        yield data[0] if len(data) == 1 else b"\n".join(data)
+
+
+async def _drain(blocks: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (the end of the chunked body, as a rule), so that the
+    connection goes back to the pool; at most 0.1 s (as the `openai` client waits) and
+    MAX_EVENT_BYTES of it, so a server that keeps the body open never delays `done`."""
+    left = MAX_EVENT_BYTES
+    with contextlib.suppress(TimeoutError, httpx2.RequestError):
+        async with asyncio.timeout(0.1):
+            async for block in blocks:
+                left -= len(block)
+                if left < 0:
+                    return
+
+
+def _streamed_error(error: object, request: httpx2.Request) -> openai.APIError:
+    """An `error` sent inside the stream, as the `openai` client raised it."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return openai.APIError(message, request, body=error)

@@ -1,15 +1,15 @@
-"""Fuzz the reading of a model's streamed chunks: whatever JSON the upstream sends, built into
-chunk objects the way the `openai` client builds them (without validation), `read_chunk`
-returns a checked Chunk or raises MalformedReply, which ends the turn with `done` `error`."""
+"""Fuzz the reading of a model's streamed chunks: whatever bytes the upstream sends as an event's
+`data`, JSON or not, `read_chunk` returns a checked Chunk or raises MalformedReply, which ends
+the turn with `done` `error`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from openai.types.chat import ChatCompletionChunk
 
 from server.generation.llm import Chunk, MalformedReply, read_chunk
 from tests.protocol.fuzzing import HUGE_INTEGERS, JSON_VALUES
@@ -29,21 +29,21 @@ CHUNKS = st.fixed_dictionaries(
 )
 
 
-def _nested(levels: int) -> Any:
-    value: Any = "x"
-    for _ in range(levels):
-        value = [value]
-    return value
+def _nested(levels: int) -> str:
+    """`"x"` inside `levels` arrays, as JSON text (too deep for `json.dumps` to write)."""
+    return "[" * levels + '"x"' + "]" * levels
 
 
 @settings(max_examples=200, deadline=None)
-@given(CHUNKS)
-@example({"choices": "\ud800"})  # a lone surrogate where a list belongs
-def test_any_chunk_is_read_or_malformed(data: dict[str, Any]) -> None:
+@given(CHUNKS, st.booleans())
+@example({"choices": "\ud800"}, True)  # a lone surrogate where a list belongs
+@example({"choices": [{"delta": {"content": "a\ud800"}}]}, True)  # ... and in the text
+def test_any_chunk_is_read_or_malformed(data: dict[str, Any], ascii_only: bool) -> None:
+    raw = json.dumps(data, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
     try:
-        chunk = read_chunk(ChatCompletionChunk.construct(**data))
+        chunk = read_chunk(raw)
     except MalformedReply as exc:
-        assert "malformed" in str(exc)
+        assert "malformed" in str(exc) or "unreadable" in str(exc)
     else:
         assert isinstance(chunk, Chunk)
         for choice in chunk.choices or ():
@@ -57,9 +57,26 @@ def test_any_chunk_is_read_or_malformed(data: dict[str, Any]) -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 5_000), st.sampled_from(["choices", "usage", "delta"]))
+@given(st.integers(1, 5_000), st.sampled_from(["choices", "usage", "delta", "model", "error"]))
 def test_deeply_nested_chunk_is_malformed(levels: int, where: str) -> None:
     nested = _nested(levels)
-    data = {"choices": [{"delta": nested}]} if where == "delta" else {where: nested}
+    text = (
+        f'{{"choices": [{{"delta": {nested}}}]}}'
+        if where == "delta"
+        else f'{{"{where}": {nested}}}'
+    )
     with contextlib.suppress(MalformedReply):
-        read_chunk(ChatCompletionChunk.construct(**data))
+        read_chunk(text.encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_are_read_or_malformed(raw: bytes) -> None:
+    with contextlib.suppress(MalformedReply):
+        assert isinstance(read_chunk(raw), Chunk)
+
+
+def test_a_lone_surrogate_in_the_text_is_kept_for_scrubbing() -> None:
+    chunk = read_chunk(b'{"choices": [{"delta": {"content": "a\\ud800"}}]}')
+    assert chunk.choices and chunk.choices[0].delta
+    assert chunk.choices[0].delta.content == "a\ud800"

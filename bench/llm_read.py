@@ -1,0 +1,120 @@
+"""What reading the model's stream costs the worker, and nothing else: `LLM.stream` (the
+worker's reader) against `parley model` in its own process, many streams at once.
+
+    .venv/bin/python -m bench.llm_read [--streams 200] [--tokens 100] [--tps 20] [--httpx]
+
+Prints this process's CPU per chunk read (the worker's reading cost, without Redis or the
+fan-out) and the model process's CPU per chunk (from /proc), each as µs per chunk. The
+`openai` client runs on the transport `LLM` picks (aiohttp where the `openai[aiohttp]` extra
+is installed), or on httpx with `--httpx`; `--aiohttp` forces aiohttp (for older trees).
+A benchmark: it never fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import uvloop
+
+from server.app.config import LLMSettings
+from server.dev import embedded
+from server.generation.llm import LLM, Piece
+from tests.helpers import procfs
+from tests.helpers.processes import ROOT
+
+
+async def _read(llm: LLM, tokens: int) -> int:
+    prompt = f"[sim:tokens={tokens}] go"
+    count = 0
+    async for item in llm.stream("m", [{"role": "user", "content": prompt}]):
+        count += isinstance(item, Piece)
+    return count
+
+
+async def _run(url: str, streams: int, tokens: int, transport: str) -> tuple[int, float, float]:
+    llm = LLM(LLMSettings(), url)
+    if transport:
+        await llm.client.close()
+        llm.client = llm.client.with_options(http_client=_http_client(transport))
+    try:
+        await _read(llm, 2)  # connect once before measuring
+        began, cpu = time.monotonic(), time.process_time()
+        counts = await asyncio.gather(*(_read(llm, tokens) for _ in range(streams)))
+        return sum(counts), time.process_time() - cpu, time.monotonic() - began
+    finally:
+        await llm.close()
+
+
+def _http_client(transport: str) -> openai.DefaultAsyncHttpxClient:
+    if transport == "httpx":
+        return openai.DefaultAsyncHttpxClient()
+    return openai.DefaultAioHttpClient()
+
+
+def _wait_ready(url: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/sim/stats", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--tps", type=float, default=20)
+    parser.add_argument("--httpx", action="store_const", const="httpx", dest="transport")
+    parser.add_argument("--aiohttp", action="store_const", const="aiohttp", dest="transport")
+    args = parser.parse_args()
+    port = embedded.free_port()
+    env = os.environ | {
+        "PARLEY_SIMULATOR_TOKENS_PER_SECOND": f"{args.tps:g}",
+        "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.1",
+    }
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "model.log").open("wb") as log:
+        model = subprocess.Popen(
+            [sys.executable, "-m", "server.app.cli", "model", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/v1"
+            _wait_ready(url)
+            model_before = procfs.cpu_seconds(model.pid)
+            chunks, cpu, wall = uvloop.run(
+                _run(url, args.streams, args.tokens, args.transport or "")
+            )
+            model_cpu = procfs.cpu_seconds(model.pid) - model_before
+        finally:
+            model.terminate()
+            model.wait(15)
+    result = {
+        "transport": args.transport or "LLM's own",
+        "streams": args.streams,
+        "chunks": chunks,
+        "seconds": round(wall, 2),
+        "reader_us_per_chunk": round(cpu * 1e6 / chunks, 1) if chunks else None,
+        "model_us_per_chunk": round(model_cpu * 1e6 / chunks, 1) if chunks else None,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

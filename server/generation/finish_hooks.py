@@ -88,8 +88,9 @@ async def subscribers(redis: Redis, conversation: uuid.UUID) -> int:
     """0 when Redis cannot say: the count only describes, it decides nothing."""
     try:
         channel = keys.channel(conversation)
-        if is_cluster(redis):  # a shard channel: counted on the nodes, summed
-            reply = await redis.pubsub_shardnumsub(channel)
+        if is_cluster(redis):  # a shard channel: counted on the primary owning its slot
+            node = redis.get_node_from_key(channel)  # type: ignore[attr-defined]
+            reply = await redis.pubsub_shardnumsub(channel, target_nodes=node)
         else:
             reply = await redis.pubsub_numsub(channel)
     except (RedisError, OSError):

@@ -53,7 +53,8 @@ Prompt controls, read from the last user message (for tests):
     ``prompt_tokens_details.cached_tokens`` (every message but the last, as if a prefix cache
     held them); or no usage chunk at all.
 
-``GET /v1/sim/stats`` also shows the messages of the latest request (``last_messages``), so
+``GET /v1/sim/stats`` also shows the messages of the latest request (``last_messages``) and
+of the last few (``recent_messages``), so
 tests can see what a model was sent.
 
 Controls are bounded: at most ``MAX_CONTROL_TOKENS`` tokens and ``MAX_CONTROL_DELAY`` seconds.
@@ -108,6 +109,9 @@ class SimulatorStats:
     """``time.monotonic()`` of the latest abort."""
     last_messages: list[dict[str, str]] = field(default_factory=list)
     """The latest chat completion request's messages (role and text)."""
+    recent_messages: list[list[dict[str, str]]] = field(default_factory=list)
+    """The messages of the latest `RECENT_REQUESTS` requests, newest last: a test finds its
+    own request there even when other conversations ask the model meanwhile."""
 
 
 class SimulatedStreamError(RuntimeError):
@@ -279,6 +283,7 @@ _USAGE = re.compile(r"\[sim:usage=(details|none)\]")
 _ERROR_CONTROL = "[sim:error]"
 _MALFORMED_CONTROL = "[sim:malformed]"
 MAX_CONTROL_TOKENS = 100_000
+RECENT_REQUESTS = 16
 MAX_CONTROL_DELAY = 3600.0
 _MALFORMED_EVENT = b"data: " + b"[" * 50_000 + b"\n\n"
 
@@ -727,6 +732,7 @@ def simulator_router(
         except ValueError as exc:
             return _error(400, f"Invalid request body: {exc}")
         stats.last_messages = [{"role": m.role, "content": m.text()} for m in chat.messages]
+        stats.recent_messages = [*stats.recent_messages[1 - RECENT_REQUESTS :], stats.last_messages]
         controls = _Controls.parse(chat.messages)
         if controls.status is not None:
             return _error(controls.status, f"simulated HTTP {controls.status} ([sim:status])")

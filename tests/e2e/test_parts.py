@@ -94,7 +94,8 @@ async def test_reasoning_streams_resumes_and_persists_byte_for_byte(
     assert encoded(rest.parts or []) == encoded(stored.parts)
     # the next turn's prompt holds the answer but not the reasoning
     await say_and_finish(a, conversation, "and then? [sim:tokens=3]")
-    sent = (await model_stats(parley))["last_messages"]
+    asked = (await model_stats(parley))["recent_messages"]
+    sent = next(m for m in reversed(asked) if m[-1]["content"] == "and then? [sim:tokens=3]")
     assert {"role": "assistant", "content": stored.content} in sent
     assert not any(stored.parts[0].text in m["content"] for m in sent)
 

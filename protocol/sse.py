@@ -6,9 +6,10 @@ A Parley event over SSE is `id: <seq>` (when the frame has one; for `joined`, it
 the client holds, which is what `join`'s `after` means.
 
 The AI SDK's stream is `data: <chunk JSON>` lines ending with `data: [DONE]`: `start`,
-`text-start`, `text-delta` and `text-end` for the assistant message's text, and `finish`
-(after an `error` chunk when the model failed) at its end; a cancelled reply finishes
-with `finishReason: "other"`.
+`text-start`, `text-delta` and `text-end` for the assistant message's text,
+`reasoning-start`, `reasoning-delta` and `reasoning-end` for each reasoning part (id
+`<message id>:<part index>`), and `finish` (after an `error` chunk when the model failed) at
+its end; a cancelled reply finishes with `finishReason: "other"`.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def last_event_id(header: str | None, after: int | None) -> int | None:
 
 # --------------------------------------------------------------------------- AI SDK stream
 
-FinishReason = Literal["stop", "length", "error", "other"]
+FinishReason = Literal["stop", "length", "content-filter", "tool-calls", "error", "other"]
 FINISH_REASONS: Final[dict[str, FinishReason]] = {
     "stop": "stop",
     "length": "length",
+    "content_filter": "content-filter",
+    "tool_calls": "tool-calls",
     "error": "error",
     "cancelled": "other",
 }
@@ -83,6 +86,8 @@ class _Event(msgspec.Struct):
     type: str
     message_id: uuid.UUID | None = None
     text: str = ""
+    index: int = 0
+    kind: str = ""
     reason: str = ""
     error: str | None = None
     code: str | None = None
@@ -108,12 +113,14 @@ class UiReply:
     (a generation retried by another worker) restarts its text: the AI SDK has no way to take
     text back, so the restart ends the stream with an `error` chunk naming it."""
 
-    __slots__ = ("ended", "message_id", "started")
+    __slots__ = ("ended", "message_id", "reasoning", "started")
 
     def __init__(self, message_id: uuid.UUID | None = None) -> None:
         self.message_id = message_id
         self.started = False
         self.ended = False
+        self.reasoning: set[int] = set()
+        """The indices of the reasoning parts begun and not yet ended."""
 
     def feed(self, payload: bytes) -> list[bytes]:
         """The chunks one event (its JSON) stands for; `ended` once the reply is over."""
@@ -137,6 +144,21 @@ class UiReply:
             return [chunk({"type": "text-delta", "id": text_id, "delta": ev.text})]
         if ev.type == "done":
             return self._done(ev, text_id)
+        return self._reasoning(ev, text_id)
+
+    def _reasoning(self, ev: _Event, text_id: str) -> list[bytes]:
+        """A reasoning part's event as its chunk; other parts' events have none (yet)."""
+        part_id = f"{text_id}:{ev.index}"
+        if ev.type == "part_start" and ev.kind == "reasoning":
+            self.reasoning.add(ev.index)
+            return [chunk({"type": "reasoning-start", "id": part_id})]
+        if ev.index not in self.reasoning:
+            return []
+        if ev.type == "part_delta":
+            return [chunk({"type": "reasoning-delta", "id": part_id, "delta": ev.text})]
+        if ev.type == "part_end":
+            self.reasoning.discard(ev.index)
+            return [chunk({"type": "reasoning-end", "id": part_id})]
         return []
 
     def _start(self, message_id: uuid.UUID) -> list[bytes]:
@@ -153,7 +175,9 @@ class UiReply:
 
     def _done(self, ev: _Event, text_id: str) -> list[bytes]:
         self.ended = True
-        out = [chunk({"type": "text-end", "id": text_id})]
+        left_open = sorted(self.reasoning)
+        out = [chunk({"type": "reasoning-end", "id": f"{text_id}:{i}"}) for i in left_open]
+        out.append(chunk({"type": "text-end", "id": text_id}))
         if ev.reason == "error":
             out.append(chunk({"type": "error", "errorText": ev.error or "the model failed"}))
         out.append(

@@ -475,3 +475,32 @@ async def test_ai_sdk_client_sends_drops_resumes_and_ends_with_the_persisted_tex
     assert again[-1] == "[DONE]" and again[0]["messageId"] != got[0]["messageId"]
     texts = "".join(c["delta"] for c in again if c != "[DONE]" and c["type"] == "text-delta")
     assert texts == await persisted_text(web_a, token, conversation, again[0]["messageId"])
+
+
+async def test_ai_sdk_stream_carries_reasoning_as_reasoning_chunks(sse: Sse) -> None:
+    """A reply that reasons first streams `reasoning-*` chunks before its text, and the
+    reasoning they carry is the reasoning part Parley persisted."""
+    token = mint(new_user())
+    web = sse.webs[0]
+    async with httpx.AsyncClient() as http:
+        conversation = await new_conversation(http, web, token)
+        response = await http.post(
+            f"{web.url}/api/ai/chat",
+            json=_chat(conversation, "think first [sim:reasoning=6] [sim:tokens=4]"),
+            headers=bearer(token),
+            timeout=30,
+        )
+    got = [c for c in chunks(response.text) if c != "[DONE]"]
+    types = [c["type"] for c in got]
+    assert types.index("reasoning-start") < types.index("reasoning-end") < types.index("text-delta")
+    reasoning = "".join(c["delta"] for c in got if c["type"] == "reasoning-delta")
+    message_id = got[0]["messageId"]
+    assert await persisted_text(web, token, conversation, message_id) is not None
+    async with httpx.AsyncClient() as http:
+        detail = await http.get(
+            f"{web.url}/api/conversations/{conversation}", headers=bearer(token)
+        )
+    stored = next(m for m in detail.json()["messages"] if m["id"] == message_id)
+    assert stored["parts"][0] == {"kind": "reasoning", "text": reasoning} | {
+        k: v for k, v in stored["parts"][0].items() if k == "duration_ms"
+    }

@@ -91,3 +91,34 @@ def test_a_refused_turn_is_one_error_then_done() -> None:
     chunks = _chunks(reply.feed(f.encode(refusal)))
     assert chunks == [{"type": "error", "errorText": "not on your plan"}, "[DONE]"]
     assert reply.ended
+
+
+def test_a_reasoning_part_streams_as_reasoning_chunks_before_the_text() -> None:
+    reply = sse.UiReply()
+    out: list[bytes] = []
+    for frame in (
+        f.Start(conversation=CONV, message_id=MSG, model="m", seq=1),
+        f.PartStart(conversation=CONV, message_id=MSG, index=0, kind="reasoning", seq=2),
+        f.PartDelta(conversation=CONV, message_id=MSG, index=0, text="hmm", seq=3),
+        f.PartEnd(conversation=CONV, message_id=MSG, index=0, duration_ms=5.0, seq=4),
+        f.Token(conversation=CONV, message_id=MSG, text="yes", seq=5),
+        f.PartStart(conversation=CONV, message_id=MSG, index=2, kind="reasoning", seq=6),
+        f.PartDelta(conversation=CONV, message_id=MSG, index=2, text="again", seq=7),
+        f.Done(conversation=CONV, message_id=MSG, reason="content_filter", seq=8),
+    ):
+        out += reply.feed(f.encode(frame))
+    text_id = str(MSG)
+    assert _chunks(out) == [
+        {"type": "start", "messageId": text_id},
+        {"type": "text-start", "id": text_id},
+        {"type": "reasoning-start", "id": f"{text_id}:0"},
+        {"type": "reasoning-delta", "id": f"{text_id}:0", "delta": "hmm"},
+        {"type": "reasoning-end", "id": f"{text_id}:0"},
+        {"type": "text-delta", "id": text_id, "delta": "yes"},
+        {"type": "reasoning-start", "id": f"{text_id}:2"},
+        {"type": "reasoning-delta", "id": f"{text_id}:2", "delta": "again"},
+        {"type": "reasoning-end", "id": f"{text_id}:2"},  # left open: `done` ends it
+        {"type": "text-end", "id": text_id},
+        {"type": "finish", "finishReason": "content-filter"},
+        "[DONE]",
+    ]

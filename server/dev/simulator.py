@@ -283,7 +283,7 @@ _USAGE = re.compile(r"\[sim:usage=(details|none)\]")
 _ERROR_CONTROL = "[sim:error]"
 _MALFORMED_CONTROL = "[sim:malformed]"
 MAX_CONTROL_TOKENS = 100_000
-RECENT_REQUESTS = 16
+RECENT_REQUESTS = 200
 MAX_CONTROL_DELAY = 3600.0
 _MALFORMED_EVENT = b"data: " + b"[" * 50_000 + b"\n\n"
 

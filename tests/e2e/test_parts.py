@@ -95,7 +95,9 @@ async def test_reasoning_streams_resumes_and_persists_byte_for_byte(
     # the next turn's prompt holds the answer but not the reasoning
     await say_and_finish(a, conversation, "and then? [sim:tokens=3]")
     asked = (await model_stats(parley))["recent_messages"]
-    sent = next(m for m in reversed(asked) if m[-1]["content"] == "and then? [sim:tokens=3]")
+    ours = [m for m in asked if m[-1]["content"] == "and then? [sim:tokens=3]"]
+    assert ours, f"not among the model's last {len(asked)} requests"
+    sent = ours[-1]
     assert {"role": "assistant", "content": stored.content} in sent
     assert not any(stored.parts[0].text in m["content"] for m in sent)
 

@@ -131,7 +131,7 @@ async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
         await writer.say(f"one {SCALE_REPLY}")
         await until(lambda: writer.settled(2), 10, "the reply", tabs)
         first = await wait_persisted(db, conversation, 2)
-        redis = Redis.from_url(scaled.redis_url)
+        redis = scaled.backend.client()
         try:
             for i in range(50):  # once the persist is marked in Redis, a join keeps the copy
                 tabs.append(warm := TabClient(user, conversation, [web_a], f"warm-{i}"))

@@ -72,9 +72,15 @@ def redis_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCl
 
 
 @pytest.fixture(scope="session")
-def parley(cluster: Cluster) -> ParleyProcess:
-    """One `parley serve` shared by the tests that need an ordinary server."""
-    return cluster.process("serve")
+def parley(cluster: Cluster) -> Iterator[ParleyProcess]:
+    """One `parley serve` shared by the tests that need an ordinary server.
+
+    Stopped when pytest tears it down, which it may do before the session ends (a module's
+    parametrized fixture of the same name makes it build a new one): an old server left
+    running would be a second worker taking the shared database's turns."""
+    proc = cluster.process("serve")
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture

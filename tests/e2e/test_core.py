@@ -23,7 +23,7 @@ from tests.helpers.conversations import (
     transcript,
     wait_persisted,
 )
-from tests.helpers.processes import BACKENDS, Cluster, ParleyProcess, clusters_for
+from tests.helpers.processes import BACKENDS, Cluster, Db, ParleyProcess, clusters_for, redis_db
 
 SLOW = "[sim:tokens=60][sim:tps=120]"
 
@@ -213,7 +213,7 @@ async def test_context_carries_the_system_prompt_and_earlier_turns(connect: Any,
 async def test_finished_turn_is_in_postgres_once_and_survives_restart(
     cluster: Cluster, db: asyncpg.Pool
 ) -> None:
-    server = cluster.process("serve")
+    server = cluster.process("serve", REDIS_URL=redis_db(cluster.services.redis_url, Db.RESTART))
     user = new_user()
     async with await Client.connect(server.ws_url, mint(user)) as a:
         conversation = await start_conversation(a, title="durable")
@@ -228,6 +228,7 @@ async def test_finished_turn_is_in_postgres_once_and_survives_restart(
         joined = await b.request(f.Join(conversation=conversation))
     assert [(m.role, m.content) for m in joined.history] == [(r[0], r[1]) for r in rows]
     assert joined.meta.title == "durable"
+    server.stop()
 
 
 async def test_rest_api_lists_and_hides_other_users(parley: ParleyProcess, connect: Any) -> None:

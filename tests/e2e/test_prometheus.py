@@ -18,7 +18,7 @@ import websockets
 
 from server.dev import embedded
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import ROOT, Cluster, ParleyProcess
+from tests.helpers.processes import ROOT, Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.prometheus
 
@@ -139,9 +139,10 @@ async def one_turn(url: str, user: str) -> None:
 
 
 async def test_prometheus_scrapes_web_and_worker(cluster: Cluster, tmp_path: Path) -> None:
-    webs = [cluster.process("web"), cluster.process("web")]
+    redis = {"REDIS_URL": redis_db(cluster.services.redis_url, Db.PROMETHEUS)}
+    webs = [cluster.process("web", **redis), cluster.process("web", **redis)]
     worker_port = embedded.free_port()
-    worker = cluster.process("worker", PARLEY_WORKER_METRICS_PORT=str(worker_port))
+    worker = cluster.process("worker", PARLEY_WORKER_METRICS_PORT=str(worker_port), **redis)
     targets = [(webs[0], webs[0].port, "web"), (webs[1], webs[1].port, "web")]
     targets.append((worker, worker_port, "worker"))
     prometheus = Prometheus(scrape_config(targets), tmp_path)

@@ -76,6 +76,9 @@ class Db(IntEnum):
     THINK_TAGS = 26
     BUDGETS = 27
     BUDGETS_UI = 28
+    RESTART = 29
+    PROMETHEUS = 30
+    DEV_LOGIN_UI = 31
 
 
 SCALE_DB = Db.SCALE

@@ -24,7 +24,7 @@ from tests.helpers.browser import (
     reload_mid_reply,
     settled_reply,
 )
-from tests.helpers.processes import Cluster, ParleyProcess
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.ui
 
@@ -343,7 +343,12 @@ async def test_chat_goes_on_after_a_gap_rejoin(
 def dev_server_starting(cluster: Cluster) -> ParleyProcess:
     """A server of its own with development sign-in on (the restart test restarts it),
     started with the module so that it is up by the time its tests come."""
-    server = cluster.process("serve", start=False, PARLEY_AUTH_DEV_LOGIN="true")
+    server = cluster.process(
+        "serve",
+        start=False,
+        PARLEY_AUTH_DEV_LOGIN="true",
+        REDIS_URL=redis_db(cluster.services.redis_url, Db.DEV_LOGIN_UI),
+    )
     return server.start(wait=False)
 
 

@@ -33,6 +33,9 @@ from tests.helpers import redis_cluster
 from tests.helpers.auth import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
+PORT_TAKEN = "address already in use"
+"""What uvicorn logs when the port it was given is taken."""
+
 FAST_MODEL = {
     "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.02",
     "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "400",
@@ -137,6 +140,7 @@ class ParleyProcess:
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
     preexec: Callable[[], None] | None = None
+    _port_clashes: int = 0
 
     @property
     def url(self) -> str:
@@ -155,6 +159,7 @@ class ParleyProcess:
         args = [sys.executable, "-m", "server.app.cli", self.role, *self.extra]
         if self.role in ("serve", "web"):
             args += ["--port", str(self.port)]
+        self._port_clashes = self.log().count(PORT_TAKEN)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env=self.env, stdout=log, stderr=log, preexec_fn=self.preexec
@@ -168,6 +173,9 @@ class ParleyProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
+                if self._lost_its_port():
+                    self.start(wait=False)
+                    continue
                 raise RuntimeError(f"parley {self.role} exited:\n{self.log()}")
             if self.role == "worker":
                 if "worker ready" in self.log():
@@ -176,6 +184,16 @@ class ParleyProcess:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"parley {self.role} not ready:\n{self.log()}")
+
+    def _lost_its_port(self) -> bool:
+        """Whether the web server exited because another process took its port between
+        `free_port()` and the bind (other processes start all the time); if so, it gets a
+        new one, at most a few times."""
+        clashes = self.log().count(PORT_TAKEN)
+        if self.role not in ("serve", "web") or clashes <= self._port_clashes or clashes > 3:
+            return False
+        self.port = embedded.free_port()
+        return True
 
     def log(self) -> str:
         return read_log(self.log_path)

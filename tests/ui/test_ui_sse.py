@@ -69,7 +69,7 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
     await second.page.wait_for_selector("#welcome:visible")
 
     # sending (POST …/messages) and the streamed reply, in both tabs
-    await first.send("[sim:tps=40] [sim:tokens=40] Hello over server-sent events")
+    await first.send("[sim:tps=12] [sim:tokens=48] Hello over server-sent events")
     streaming = first.page.locator(".msg-assistant[data-status=streaming]")
     await streaming.wait_for()
     message_id = await streaming.get_attribute("data-id")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -22,7 +21,7 @@ from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
 
 SHARDS = 4
 
@@ -48,16 +47,6 @@ async def events(cluster_redis: Any) -> EventLog:
 @pytest_asyncio.fixture(loop_scope="session")
 async def turns(cluster_redis: Any) -> Turns:
     return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS)
-
-
-def message(role: f.Role = "user", message_id: uuid.UUID | None = None) -> f.Message:
-    return f.Message(
-        id=message_id or uuid.uuid4(),
-        role=role,
-        content="hello",
-        status="complete",
-        created_at=datetime.now(UTC),
-    )
 
 
 async def say(

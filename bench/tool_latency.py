@@ -161,6 +161,7 @@ def serve_with_the_tool(url: str, data: Path) -> ParleyProcess:
         PARLEY_DATA_DIR=str(data),
         PARLEY_JWT_SECRET=JWT_SECRET,
         PARLEY_SIMULATOR_TOKENS_PER_SECOND="1000",
+        PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
     )
     proc = ParleyProcess("serve", env, embedded.free_port(), data / "serve.log")
     proc.start(wait=False)
@@ -181,6 +182,7 @@ async def tool_steps(ws_url: str, calls: int) -> list[float]:
             await client.request(f.Say(conversation=conversation, text=STEP_TEXT))
             done = await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
             assert done.reason == "stop", done
+            await client.request(f.Leave(conversation=conversation))
             frames = client.frames[start:]
             arrived = client.arrived[start:]
             end = next(i for i, fr in enumerate(frames) if isinstance(fr, f.PartEnd))

@@ -134,6 +134,8 @@ class Running:
     """The model response's calls (by their index) that have a `tool_call` part: its index."""
     unnamed: dict[int, list[str]] = field(default_factory=dict)
     """Arguments of calls whose name has not come yet (their part opens with the name)."""
+    pending: list[ToolCall] = field(default_factory=list)
+    """Calls of a step taken over before their results were in: run before the model."""
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -417,7 +419,7 @@ class Worker:
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
-        if run.steps > 1:
+        if run.steps > 1 or takeover:
             with contextlib.suppress(RedisError, OSError):
                 await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
@@ -440,25 +442,33 @@ class Worker:
         limit = self.settings.llm.max_steps
         offered = [tool.openai() for tool in run.tools.values()]
         while True:
-            finished, error = await self._stream(
-                run, prompt + reply_messages(run.parts.parts()), offered
-            )
-            run.steps += 1
-            run.usages.append(finished.usage)
-            calls = self._step_closed(run, finished.calls)
-            finished = dataclasses.replace(finished, usage=_total(run.usages))
-            if error is not None or run.cancelled or not calls:
-                return finished, error
+            if run.pending:  # a taken-over step: its calls were made, their results were not in
+                calls, run.pending = run.pending, []
+                finished = Finished("tool_calls", _total(run.usages))
+                if run.cancelled:
+                    self._publish_results(run, [error_of(c, CANCELLED, "cancelled") for c in calls])
+                    return dataclasses.replace(finished, reason="cancelled"), None
+            else:
+                finished, error = await self._stream(
+                    run, prompt + reply_messages(run.parts.parts()), offered
+                )
+                run.steps += 1
+                run.usages.append(finished.usage)
+                calls = self._step_closed(run, finished.calls)
+                finished = dataclasses.replace(finished, usage=_total(run.usages))
+                if error is not None or run.cancelled or not calls:
+                    return finished, error
             if run.steps >= limit:
                 note = (
                     f"the turn reached its step limit ({limit} model calls); the call did not run"
                 )
                 self._publish_results(run, [error_of(c, note) for c in calls])
                 return finished, f"the turn reached its step limit of {limit} model calls"
+            await self._record_steps(run, calls)
             self._publish_results(run, await self._call_tools(run, calls))
             if run.cancelled:
                 return dataclasses.replace(finished, reason="cancelled"), None
-            await self._record_steps(run)
+            await self._record_steps(run, [])
 
     def _step_closed(self, run: Running, calls: tuple[ToolCall, ...]) -> list[ToolCall]:
         """End the model response's open parts; its calls as their parts name them (a call
@@ -567,10 +577,14 @@ class Worker:
             return None
         return error_of(call, "this tool needs a person's approval, which is not available")
 
-    async def _record_steps(self, run: Running) -> None:
-        """The completed steps, before the model is called again (a takeover resumes here)."""
+    async def _record_steps(self, run: Running, pending: list[ToolCall]) -> None:
+        """The reply so far, for a takeover to resume from: before the step's calls run (with
+        them `pending`: a takeover runs them without calling the model again), and once their
+        results are in (before the model is called again)."""
         job = run.job
-        steps = toolsteps.Steps(steps=run.steps, parts=run.parts.parts(), usage=run.usages)
+        steps = toolsteps.Steps(
+            steps=run.steps, parts=run.parts.parts(), usage=run.usages, pending=pending
+        )
         await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
 
     async def _resume_steps(self, run: Running) -> None:
@@ -583,6 +597,7 @@ class Worker:
         run.parts.restore(recorded.parts)
         run.steps = recorded.steps
         run.usages = list(recorded.usage)
+        run.pending = list(recorded.pending)
         for event in run.parts.replay():
             self._publish_later(run, event)
 

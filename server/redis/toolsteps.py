@@ -1,10 +1,12 @@
-"""A reply's completed tool steps, kept in Redis while its turn runs.
+"""A reply's tool steps, kept in Redis while its turn runs.
 
-After each step whose calls all ended (results in), the worker records the reply's parts so
-far, how many model calls it made and what they cost, before it calls the model again. A
-worker that takes the turn over (the first one died) reads the record, publishes those
-parts again after its `start` and goes on with the next model call: a completed call is never
-run twice. A call running when its worker died has no result recorded: its step runs again.
+The worker records the reply's parts so far, how many model calls it made and what they cost
+twice per step: when the model's response named its calls (with those calls `pending`),
+and once their results are in, before it calls the model again. A worker that takes the turn
+over (the first one died) reads the record and publishes those parts again after its
+`start`; then it runs the pending calls, if any, without asking the model again (a person's
+approval is waited for there), or goes on with the next model call. A completed step is never
+run twice; the calls of a step whose results were not all in run again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol.frames import Part, Usage
+from protocol.toolcalls import ToolCall
 from server.redis import keys
 
 RETAIN_SECONDS: Final = 86_400
@@ -28,6 +31,8 @@ class Steps(msgspec.Struct, frozen=True, kw_only=True):
     parts: list[Part]
     usage: list[Usage | None] = []
     """Each model call's usage, as the model reported it."""
+    pending: list[ToolCall] = []
+    """The calls of the step in progress, when their results are not in yet."""
 
 
 _decoder: Final = msgspec.json.Decoder(Steps)

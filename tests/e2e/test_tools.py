@@ -343,8 +343,8 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
     cluster: Cluster, connect: Any, user: str, db: asyncpg.Pool, tools: Tools, receiver: Receiver
 ) -> None:
     """SIGKILL the worker while the second step's call runs: the other worker resumes at that
-    step (the first step's call is not made again) and every tab ends with the persisted
-    reply."""
+    step's calls (neither the first step's call nor the second model call is made again) and
+    every tab ends with the persisted reply."""
     config = cluster.tmp / "tools.toml"
     env = tool_env(cluster, Db.TOOLS_TAKEOVER, config, tools.model.url)
     web = cluster.process("web", start=False, **env)
@@ -354,6 +354,7 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
     try:
         a: Client = await connect(user, server=web)
         conversation = await start_conversation(a)
+        asked = (await model_stats(tools.model))["started"]
         await a.request(
             f.Say(conversation=conversation, text="[sim:tool=slow {}][sim:tool_repeat]")
         )
@@ -367,6 +368,7 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
         done = await a.wait_for(lambda fr: isinstance(fr, f.Done), timeout=40)
         assert done.reason == "tool_calls"
         assert len(receiver.of("/slow")) == MAX_STEPS  # 1, 2 (its worker killed), 2 again
+        assert (await model_stats(tools.model))["started"] - asked == MAX_STEPS
         starts = [fr for fr in a.frames if isinstance(fr, f.Start)]
         assert len(starts) == 2 and starts[0].message_id == starts[1].message_id
         await wait_persisted(db, conversation, 2)

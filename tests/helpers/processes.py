@@ -83,6 +83,8 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    TOOLS = 40
+    TOOLS_TAKEOVER = 41
 
 
 SCALE_DB = Db.SCALE

@@ -138,7 +138,10 @@ def machines(
             webs = [host.process("web", env, start=False) for host in net.hosts]
             workers = [host.process("worker", env, start=False) for host in net.hosts]
             start_all([*webs, *workers])
-            yield Machines(net, env, backend, webs, workers)
+            try:
+                yield Machines(net, env, backend, webs, workers)
+            finally:  # before the proxy to PostgreSQL closes
+                net.stop_processes()
 
 
 async def open_tabs(machines: Machines, title: str) -> tuple[list[TabClient], uuid.UUID]:

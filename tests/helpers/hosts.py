@@ -185,9 +185,13 @@ class Network:
             time.sleep(0.1)
         return False
 
+    def stop_processes(self) -> None:
+        """SIGTERM every process the hosts run (by PID) and wait for them."""
+        stop_together([p for host in self.hosts for p in host.started])
+
     def close(self) -> None:
         """Stop every process started here (by PID), then delete what was made here."""
-        stop_together([p for host in self.hosts for p in host.started])
+        self.stop_processes()
         for stop in self.on_close:
             stop()
         for proc in self.services:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,27 +35,69 @@ from tests.helpers.processes import ROOT, Cluster, start_all, start_services
 from tests.helpers.procfs import cpu_seconds
 
 TABS = 3
+IDLE_SECONDS = 10.0
 
 
-def _redis_pids(backend: str, net: Network, tmp: Path) -> tuple[str, dict[str, int], bool]:
-    """Start the backend; its URL, the PIDs of the Redis processes that take writes (by
-    name), and whether it is a cluster."""
+@dataclass
+class Redises:
+    """The backend's URL, its Redis processes by name ("redis", "primary:PORT",
+    "replica:PORT") as (PID, address), and whether it is a cluster."""
+
+    url: str
+    processes: dict[str, tuple[int, str]]
+    clustered: bool
+
+    def cpu(self) -> dict[str, float]:
+        """Each process's CPU seconds so far (user + system, from /proc)."""
+        return {name: cpu_seconds(pid) for name, (pid, _) in self.processes.items()}
+
+    def reset_commandstats(self) -> None:
+        for _, address in self.processes.values():
+            _cli(address, "CONFIG", "RESETSTAT")
+
+    def command_seconds(self) -> dict[str, float]:
+        """Seconds each process spent executing commands since the reset (INFO
+        commandstats: the sum of every command's usec), without its idle housekeeping."""
+        return {
+            name: _command_usec(_cli(address, "INFO", "commandstats")) / 1e6
+            for name, (_, address) in self.processes.items()
+        }
+
+
+def _cli(address: str, *args: str) -> str:
+    host, port = address.rsplit(":", 1)
+    command = [shutil.which("redis-cli") or "redis-cli", "-h", host, "-p", port, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+def _command_usec(info: str) -> float:
+    """cmdstat_evalsha:calls=1,usec=12,usec_per_call=… lines → the sum of usec."""
+    total = 0.0
+    for line in info.splitlines():
+        if line.startswith("cmdstat_"):
+            fields = dict(kv.split("=", 1) for kv in line.split(":", 1)[1].split(","))
+            total += float(fields["usec"])
+    return total
+
+
+def _start_redis(backend: str, net: Network, tmp: Path) -> Redises:
+    """The backend, listening on the bridge's address."""
     if backend == "redis":
         url = net.redis(tmp / "redis")
-        return url, {"redis": net.services[-1].pid}, False
+        address = urlsplit(url).netloc
+        return Redises(url, {"redis": (net.services[-1].pid, address)}, False)
     nodes = redis_cluster.start(tmp / "cluster", host=net.gateway)
     net.on_close.append(nodes.stop)
-    primaries = {}
+    primaries = set()
     for line in nodes.nodes[0].cli("CLUSTER", "NODES").splitlines():
         parts = line.split()
         if "master" in parts[2]:
-            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
-            node = next(n for n in nodes.nodes if n.port == port)
-            primaries[f"primary:{port}"] = node.proc.pid
-    replicas = {f"replica:{n.port}": n.proc.pid for n in nodes.nodes}
-    for name in primaries:
-        replicas.pop(f"replica:{name.split(':')[1]}", None)
-    return nodes.url, {**primaries, **replicas}, True
+            primaries.add(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+    processes = {
+        f"{'primary' if n.port in primaries else 'replica'}:{n.port}": (n.proc.pid, n.address)
+        for n in nodes.nodes
+    }
+    return Redises(nodes.url, dict(sorted(processes.items())), True)
 
 
 def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -60,13 +105,13 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     cluster = Cluster(services, tmp)
     try:
         with Network.make(3, tmp) as net:
-            url, pids, clustered = _redis_pids(backend, net, tmp)
+            redises = _start_redis(backend, net, tmp)
             pg = urlsplit(services.database_url)
             assert pg.hostname and pg.port
             with Proxy(pg.hostname, pg.port, listen=net.gateway).start() as postgres:
                 env = cluster.env(
-                    REDIS_URL=url,
-                    PARLEY_REDIS_CLUSTER=str(clustered).lower(),
+                    REDIS_URL=redises.url,
+                    PARLEY_REDIS_CLUSTER=str(redises.clustered).lower(),
                     DATABASE_URL=postgres.url(services.database_url),
                 )
                 webs = [host.process("web", env, start=False) for host in net.hosts]
@@ -79,11 +124,16 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 command += ["--tokens", str(args.tokens), "--tps", str(args.tps)]
                 command += ["--rate", str(args.rate), "--duration", str(args.duration)]
                 command += ["--no-progress", "--no-charts", "--out", str(out)]
-                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                idle = _idle_rate(redises)
+                redises.reset_commandstats()
+                before = redises.cpu()
+                started = time.monotonic()
                 done = subprocess.run(
                     command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
                 )
-                after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                after = redises.cpu()
+                seconds = time.monotonic() - started
+                commands = redises.command_seconds()
                 if done.returncode != 0:
                     print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                 result = json.loads(out.read_text())
@@ -91,15 +141,31 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     finally:
         cluster.stop_all()
         services.stop()
-    return _summary(backend, result, {n: after[n] - before[n] for n in pids})
+    cpu = {name: after[name] - before[name] for name in before}
+    busy = {name: cpu[name] - idle[name] * seconds for name in cpu}
+    return _summary(backend, result, busy, commands)
 
 
-def _summary(backend: str, result: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+def _idle_rate(redises: Redises, seconds: float = IDLE_SECONDS) -> dict[str, float]:
+    """Each Redis process's CPU seconds per second with every Parley process connected and
+    nothing to do (cron, cluster bus, the workers' blocked reads and leases): subtracted
+    from the run's, so that what is left is the load's."""
+    before = redises.cpu()
+    time.sleep(seconds)
+    after = redises.cpu()
+    return {name: (after[name] - before[name]) / seconds for name in before}
+
+
+def _summary(
+    backend: str, result: dict[str, Any], cpu: dict[str, float], commands: dict[str, float]
+) -> dict[str, Any]:
     frames = result["throughput"]["frames"]
     tokens = result["throughput"]["tokens"]
     latency = result["latency_ms"]
     appended = max(tokens / TABS, 1)  # each appended token reaches every tab
-    written = {name: seconds for name, seconds in cpu.items() if not name.startswith("replica")}
+    written = [name for name in cpu if not name.startswith("replica")]
+    process_seconds = sum(cpu[name] for name in written)
+    command_seconds = sum(commands[name] for name in written)
     return {
         "backend": backend,
         "sockets": result["connections"]["opened"],
@@ -111,9 +177,11 @@ def _summary(backend: str, result: dict[str, Any], cpu: dict[str, float]) -> dic
         "token_gap_ms": {k: latency.get("gap", {}).get(k) for k in ("p50_ms", "p99_ms")},
         "lost": result["integrity"]["lost"],
         "duplicated": result["integrity"]["duplicated"],
-        "redis_cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
-        "redis_cpu_us_per_frame": round(sum(written.values()) / max(frames, 1) * 1e6, 2),
-        "redis_cpu_us_per_appended_token": round(sum(written.values()) / appended * 1e6, 2),
+        "redis_cpu_seconds_above_idle": {k: round(v, 2) for k, v in cpu.items()},
+        "redis_command_seconds": {k: round(v, 2) for k, v in commands.items()},
+        "primaries_cpu_us_per_frame": round(process_seconds / max(frames, 1) * 1e6, 2),
+        "primaries_cpu_us_per_appended_token": round(process_seconds / appended * 1e6, 2),
+        "primaries_command_us_per_appended_token": round(command_seconds / appended * 1e6, 2),
     }
 
 

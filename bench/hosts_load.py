@@ -116,7 +116,7 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
                 webs = [host.process("web", env, start=False) for host in net.hosts]
                 workers = [host.process("worker", env, start=False) for host in net.hosts]
-                start_all([*webs, *workers])
+                start_all([*webs, *workers], timeout=300)
                 out = tmp / f"load-{backend}.json"
                 command = [sys.executable, "-m", "server.app.cli", "load", "fanout"]
                 command += [a for web in webs for a in ("--url", web.ws_url)]

@@ -75,13 +75,7 @@ class Conversations:
 
     async def load(self, conversation: uuid.UUID) -> CachedMeta:
         """Seed Redis with the conversation from PostgreSQL."""
-        try:
-            row = await stored_conversations.get(self.pool, conversation)
-            if row is None:
-                raise not_found()
-            recent = await stored_messages.history(self.pool, conversation)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise refusal(exc, "the database") from None
+        row, recent = await self._stored(conversation)
         await self.events.load(row.owner, row.meta, row.meta.last_seq, row.history_seq, recent)
         return CachedMeta(row.owner, row.meta)
 
@@ -103,16 +97,22 @@ class Conversations:
             cached = await self.events.history(conversation)
             if cached is not None:
                 return cached.seq, cached.messages
+        row, messages = await self._stored(conversation)
+        with contextlib.suppress(RedisError):
+            await self.events.cache_history(conversation, row.history_seq, messages)
+        return row.history_seq, messages
+
+    async def _stored(
+        self, conversation: uuid.UUID
+    ) -> tuple[stored_conversations.StoredConversation, list[f.Message]]:
+        """The conversation's row and persisted messages from PostgreSQL."""
         try:
             row = await stored_conversations.get(self.pool, conversation)
             if row is None:
                 raise not_found()
-            messages = await stored_messages.history(self.pool, conversation)
+            return row, await stored_messages.history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
-        with contextlib.suppress(RedisError):
-            await self.events.cache_history(conversation, row.history_seq, messages)
-        return row.history_seq, messages
 
     async def everything(self, user: str) -> list[f.Conversation]:
         """All of the user's conversations, however many (an export)."""

@@ -17,19 +17,19 @@ Needs root and iproute2 (`ip`); `available()` says why not.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.dev.embedded import free_port
-from tests.helpers.processes import ParleyProcess, answers, stop_together
+from tests.helpers.processes import ParleyProcess, read_log, stop_together, wait_until_up
 
 SUBNET = "10.231"
 IP_TIMEOUT = 10.0
@@ -170,20 +170,9 @@ class Network:
         args += ["--logfile", str(directory / "redis.log")]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.services.append(proc)
-        deadline = time.monotonic() + 15
-        while not _listening(self.gateway, port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise HostsUnavailable(f"redis-server on {self.gateway}:{port} did not start")
-            time.sleep(0.05)
+        up = functools.partial(_listening, self.gateway, port)
+        wait_until_up(proc, up, "redis-server", lambda: read_log(directory / "redis.log"), 15)
         return f"redis://{self.gateway}:{port}/0"
-
-    def webs_ready(self, procs: list[ParleyProcess], timeout: float = 30) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(answers(f"{p.url}/readyz") for p in procs):
-                return True
-            time.sleep(0.1)
-        return False
 
     def stop_processes(self) -> None:
         """SIGTERM every process the hosts run (by PID) and wait for them."""

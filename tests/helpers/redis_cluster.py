@@ -31,10 +31,11 @@ class Node:
     port: int
     directory: Path
     proc: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -46,7 +47,7 @@ class Node:
             self.proc.wait(10)
 
     def cli(self, *args: str, timeout: float = 10) -> str:
-        return _cli("-p", str(self.port), *args, timeout=timeout)
+        return _cli("-h", self.host, "-p", str(self.port), *args, timeout=timeout)
 
 
 @dataclass
@@ -105,9 +106,10 @@ def available() -> bool:
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
+def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1") -> SixNodes:
     """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
-    primary is replaced by its replica about `node_timeout_ms` after it stops answering."""
+    primary is replaced by its replica about `node_timeout_ms` after it stops answering.
+    The nodes listen on `host` (and announce it to clients and to each other)."""
     if not available():
         raise ClusterUnavailable(
             "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
@@ -115,12 +117,14 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     cluster = SixNodes()
     try:
         while len(cluster.nodes) < NODES:
-            node = _start_node(directory, node_timeout_ms)
+            node = _start_node(directory, node_timeout_ms, host)
             if _answers(node):
                 cluster.nodes.append(node)
             elif len(list(directory.glob("node-*"))) > NODES * 3:  # a port taken meanwhile
                 raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
         _cli(
+            "-h",
+            host,
             "--cluster",
             "create",
             *(n.address for n in cluster.nodes),
@@ -136,26 +140,26 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     return cluster
 
 
-def _low_port() -> int:
+def _low_port(host: str) -> int:
     """A free port whose cluster bus port (10000 above it) is valid and free too."""
     for _ in range(100):
         port = free_port()
-        if port <= MAX_PORT and _free(port + 10000):
+        if port <= MAX_PORT and _free(host, port) and _free(host, port + 10000):
             return port
     raise ClusterUnavailable(f"no free port below {MAX_PORT}")
 
 
-def _free(port: int) -> bool:
+def _free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
         return True
 
 
-def _start_node(directory: Path, node_timeout_ms: int) -> Node:
-    port = _low_port()
+def _start_node(directory: Path, node_timeout_ms: int, host: str) -> Node:
+    port = _low_port(host)
     home = directory / f"node-{port}"
     home.mkdir(parents=True)
     args = [
@@ -163,7 +167,9 @@ def _start_node(directory: Path, node_timeout_ms: int) -> Node:
         "--port",
         str(port),
         "--bind",
-        "127.0.0.1",
+        host,
+        "--protected-mode",
+        "no",  # bound to `host` only; answer it even when it is not the loopback
         "--dir",
         str(home),
         "--cluster-enabled",
@@ -182,7 +188,7 @@ def _start_node(directory: Path, node_timeout_ms: int) -> Node:
         str(home / "redis.log"),
     ]
     quiet = subprocess.DEVNULL
-    return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet))
+    return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet), host)
 
 
 def _answers(node: Node) -> bool:
@@ -217,7 +223,7 @@ def _ok(node: Node) -> bool:
 
 def _cli(*args: str, timeout: float = 10) -> str:
     done = subprocess.run(
-        [shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", *args],
+        [shutil.which("redis-cli") or "redis-cli", *args],
         capture_output=True,
         timeout=timeout,
         check=True,

@@ -90,7 +90,8 @@ class TabClient:
 
     It joins, leaves, drops and rejoins with `after` = the last seq it holds, like the UI does;
     with `follow`, it reconnects by itself (to a live process of `servers`) when the server
-    closes its socket. Its transcript is computed from everything its sockets received.
+    closes its socket or, with `heartbeat`, stops answering pings. Its transcript is computed
+    from everything its sockets received.
     """
 
     def __init__(
@@ -100,12 +101,16 @@ class TabClient:
         servers: Sequence[ParleyProcess],
         name: str = "tab",
         follow: bool = False,
+        heartbeat: float | None = None,
     ) -> None:
         self.user = user
         self.conversation = conversation
         self.servers = list(servers)
         self.name = name
         self.follow = follow
+        self.heartbeat = heartbeat
+        """Seconds between the socket's pings, and to wait for a pong before it counts the
+        server gone (a browser's heartbeat): how a tab notices a server cut off the network."""
         self.sockets: list[Received] = []
         self.closes: list[tuple[float, int | None, str]] = []
         self.failures: list[str] = []
@@ -125,7 +130,10 @@ class TabClient:
         return self.client is not None and not self.client.closed.done()
 
     async def open(self, server: ParleyProcess) -> Client:
-        client = await Client.connect(server.ws_url, mint(self.user))
+        pings = {"ping_interval": self.heartbeat, "ping_timeout": self.heartbeat}
+        client = await Client.connect(
+            server.ws_url, mint(self.user), **(pings if self.heartbeat else {})
+        )
         self.sockets.append(client)
         client.closed.add_done_callback(functools.partial(self._closed, client))
         self.state = "left"

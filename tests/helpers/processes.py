@@ -79,6 +79,7 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    ONE_BUSY_SHARD = 60
 
 
 SCALE_DB = Db.SCALE

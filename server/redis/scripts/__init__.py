@@ -145,7 +145,7 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     their results or errors. A script a node does not know yet (a cluster pipeline loads
     none; a promoted replica may lack some) is loaded and run again."""
     results = await _pipelined(redis, calls)
-    _raise_if_unreachable(redis, results)
+    raise_if_unreachable(redis, results)
     unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
     if unknown:
         for source in {calls[i].script.script for i in unknown}:
@@ -159,7 +159,7 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
 _UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
 
 
-def _raise_if_unreachable(redis: Any, results: list[Any]) -> None:
+def raise_if_unreachable(redis: Any, results: list[Any]) -> None:
     """A cluster pipeline hands back a node's connection failure as each call's result and
     keeps its slot table: raise it (every caller retries what it sends, idempotently), and
     have the client read the slot table again first (a failover may have moved the slots)."""

@@ -97,6 +97,9 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
+    acked: int = 0
+    """The highest seq Redis acknowledged for this generation's events: none is handed out
+    again if a failover loses them (`EventLog.append_piece`'s floor)."""
     parts: PartsBuilder = field(init=False)
     pieces: int = 0
     index: int = 0
@@ -133,8 +136,12 @@ class Running:
         if future.cancelled() or future.exception() is not None:
             return
         result = future.result()
-        if isinstance(result, int) and result < 0:
-            self.lost = True  # UNLOADED or LOST
+        if not isinstance(result, int):
+            return
+        if result < 0:
+            self.lost = True  # UNLOADED, LOST or BEHIND
+        elif result > self.acked:
+            self.acked = result
 
 
 class Worker:
@@ -592,6 +599,7 @@ class Worker:
             event if callable(event) else encode(event),
             job.message_id,
             run.next_index(),
+            lambda: run.acked,
         )
         future.add_done_callback(run.check)
         return future
@@ -602,8 +610,9 @@ class Worker:
             await self._republish(run)
 
     async def _republish(self, run: Running) -> None:
-        """Redis lost the conversation (restarted empty): seed it again from PostgreSQL and
-        publish the turn so far, so that every tab, after its reset, sees it whole."""
+        """Redis lost the conversation (restarted empty) or some of its last events (a
+        failover to a replica that lacked them): seed it again from PostgreSQL if need be
+        and publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
         run.open_text = None  # what it holds is in run.pieces, republished below
@@ -681,7 +690,9 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            seq = await self.turns.finish(self.pipeliner, run.job, done_event, reply, turn, spent)
+            seq = await self.turns.finish(
+                self.pipeliner, run.job, done_event, reply, turn, spent, lambda: run.acked
+            )
             if seq >= 0:
                 return True
             run.lost = True

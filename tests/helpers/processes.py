@@ -80,6 +80,7 @@ class Db(IntEnum):
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
     ONE_BUSY_SHARD = 60
+    LOST_ACKNOWLEDGED = 61
 
 
 SCALE_DB = Db.SCALE

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from typing import Final
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from server.app import metrics
 from server.edge.bus import Bus, BusUnavailable, Listener
+from server.redis.client import UNREACHABLE
 
 log = logging.getLogger("parley.shardbus")
 
@@ -138,7 +138,7 @@ class ShardedBus:
             try:
                 await self._cluster.nodes_manager.initialize()
                 stranded = await self._move_once()
-            except (RedisError, OSError, BusUnavailable) as exc:
+            except (*UNREACHABLE, BusUnavailable) as exc:
                 log.warning("cannot read the cluster's slots yet (%s)", exc)
                 stranded = True
             if not stranded and not self._again:

@@ -310,6 +310,10 @@ class Pipeliner:
                     log.warning("Redis unreachable (%s); holding %d calls", exc, len(batch))
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
                 attempt += 1
+            except Exception as exc:  # the batch fails, not the pipeliner every call waits on
+                log.exception("a batch of %d calls failed", len(batch))
+                results = [exc] * len(batch)
+                break
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

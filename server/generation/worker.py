@@ -132,8 +132,15 @@ class Running:
         return self.index
 
     def check(self, future: asyncio.Future[object]) -> None:
-        """Notice an append that found the conversation's Redis state gone."""
-        if future.cancelled() or future.exception() is not None:
+        """Notice an append that found the conversation's Redis state gone or failed: the
+        turn so far is published again (`Worker._republish`)."""
+        if future.cancelled():
+            return
+        failure = future.exception()
+        if failure is not None:
+            # the event is not in the log: tabs would miss its text without seeing a gap
+            log.warning("an event of %s was not appended (%r)", self.job.conversation, failure)
+            self.lost = True
             return
         result = future.result()
         if not isinstance(result, int):

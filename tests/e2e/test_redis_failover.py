@@ -84,3 +84,42 @@ async def test_acknowledged_events_lost_by_redis_are_never_given_again_under_the
         await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
         check_tabs(tabs, [(r[0], r[1]) for r in rows])
         same_seq_same_bytes(tabs)
+
+
+async def test_a_conversations_slot_migrated_mid_stream_keeps_every_tab_exact(
+    cluster: Cluster, redis_clusters: RedisClusters, db: asyncpg.Pool
+) -> None:
+    """The slot of a streaming conversation is migrated to another primary, key by key (the
+    worker's appends meet ASK and TRYAGAIN meanwhile), then assigned to it (the old owner
+    ends the web processes' subscriptions with `sunsubscribe`): tokens keep reaching both
+    tabs, which end with the persisted transcript; the turn is persisted once and the
+    conversation takes a new turn on its new primary."""
+    backend = redis_clusters.backend()
+    nodes = backend.nodes
+    assert nodes is not None
+    async with two_tabs_on_two_webs(cluster, backend.env(), "migrated") as group:
+        tabs, conversation = group.tabs, group.conversation
+        await tabs[0].say("migrated [sim:tokens=200][sim:tps=40]")
+        await until(lambda: tabs[1].tokens() >= 10, 15, "tokens before the migration", tabs)
+        channel = keys.channel(conversation)
+        owner = await asyncio.to_thread(nodes.owner, channel)
+        target = next(n for n in await asyncio.to_thread(nodes.primaries) if n is not owner)
+        await asyncio.to_thread(nodes.move_slot, channel, target, 0.1)
+        assert (await asyncio.to_thread(nodes.owner, channel)) is target
+        seen = [t.tokens() for t in tabs]
+        await until(
+            lambda: all(t.tokens() > n for t, n in zip(tabs, seen, strict=True)),
+            20,
+            "tokens after the migration",
+            tabs,
+        )
+        rows = await wait_persisted(db, conversation, 2, timeout=30)
+        assert len(rows) == 2 and rows[1][2] == "complete", rows
+        await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
+        check_tabs(tabs, [(r[0], r[1]) for r in rows])
+        same_seq_same_bytes(tabs)
+        await tabs[1].say("after the migration [sim:tokens=20][sim:tps=200]")
+        rows = await wait_persisted(db, conversation, 4, timeout=20)
+        await until(lambda: all(t.settled(4) for t in tabs), 20, "the next turn", tabs)
+        check_tabs(tabs, [(r[0], r[1]) for r in rows])
+        assert len(alive(group.procs)) == len(group.procs), "a process died"

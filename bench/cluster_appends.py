@@ -61,6 +61,7 @@ async def _drive(settings: RedisSettings, seconds: float, conversations: int, sh
                 ttl=600,
                 message_id="m",
                 piece=piece,
+                floor=0,
             )
             await pipeliner.call(call)
             done += 1

@@ -89,7 +89,9 @@ class SixNodes:
     def move_slot(self, key: str, target: Node, pause: float = 0.0) -> None:
         """Migrate `key`'s slot, with every key in it, to the primary `target` as `redis-cli
         --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE key by key, `pause` seconds
-        between keys, then the slot assigned to `target` on every primary)."""
+        between keys, then the slot assigned to `target`, the source and the others) and once
+        more to every primary, `target` included: Redis then ends the slot's shard channel
+        subscriptions on `target` too, which clients must survive as well."""
         source = self.owner(key)
         slot = source.cli("CLUSTER", "KEYSLOT", key)
         source_id, target_id = source.cli("CLUSTER", "MYID"), target.cli("CLUSTER", "MYID")

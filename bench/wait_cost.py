@@ -21,11 +21,10 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from bench.cluster_appends import token_call
 from server.redis import keys
-from server.redis.eventlog import APPEND_PIECE, event_keys
+from server.redis.eventlog import APPEND_PIECE
 from tests.helpers import redis_cluster
-
-TOKEN = b'{"type":"token","conversation":"c","message_id":"m","text":"hello "}'
 
 
 async def batches(
@@ -47,16 +46,7 @@ async def batches(
             pipe = redis.pipeline(transaction=False)
             for _ in range(opts.batch):
                 piece += 1
-                call = script.bind(
-                    **event_keys(conversation),
-                    gen_key=keys.generation(conversation),
-                    frame=TOKEN,
-                    maxlen=200,
-                    ttl=600,
-                    message_id="m",
-                    piece=piece,
-                    floor=0,
-                )
+                call = token_call(script, conversation, piece)
                 await call.run(pipe)
             if wait:
                 pipe.execute_command("WAIT", 1, opts.timeout_ms)

@@ -1,10 +1,10 @@
 """Generation: claim a turn, build the prompt, stream the model, publish every piece, finish.
 
 A worker reads jobs from every shard of the turns Stream (`keys.turns`, one on a single
-Redis) through the `workers` consumer group, runs up to `worker.concurrency` generations at
-once (shared by the shards: a shard's loop reserves the slots it reads for), and listens on
-the `parley:cancel` channel so that `cancel` from any tab on any web process stops the
-upstream stream within milliseconds.
+Redis) through the `workers` consumer group in one loop (`streams.Shards`: each shard gets
+its share of the free slots), runs up to `worker.concurrency` generations at once, and
+listens on the `parley:cancel` channel so that `cancel` from any tab on any web process stops
+the upstream stream within milliseconds.
 Pieces go through the pipeliner (one Redis round trip per batch, not per token); each carries
 an index so that a batch retried after a broken connection appends nothing twice.
 
@@ -62,7 +62,7 @@ from server.redis import generations, keys, toolsteps
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
-from server.redis.streams import ConsumerGroup, consumer_name
+from server.redis.streams import ConsumerGroup, Shards, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from server.tools.definitions import CallContext, Result, Tool, error
 from server.tools.runner import Runner
@@ -111,6 +111,9 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
+    acked: int = 0
+    """The highest seq Redis acknowledged for this generation's events: none is handed out
+    again if a failover loses them (`EventLog.append_piece`'s floor)."""
     parts: PartsBuilder = field(init=False)
     pieces: int = 0
     index: int = 0
@@ -155,12 +158,23 @@ class Running:
         return self.index
 
     def check(self, future: asyncio.Future[object]) -> None:
-        """Notice an append that found the conversation's Redis state gone."""
-        if future.cancelled() or future.exception() is not None:
+        """Notice an append that found the conversation's Redis state gone or failed: the
+        turn so far is published again (`Worker._republish`)."""
+        if future.cancelled():
+            return
+        failure = future.exception()
+        if failure is not None:
+            # the event is not in the log: tabs would miss its text without seeing a gap
+            log.warning("an event of %s was not appended (%r)", self.job.conversation, failure)
+            self.lost = True
             return
         result = future.result()
-        if isinstance(result, int) and result < 0:
-            self.lost = True  # UNLOADED or LOST
+        if not isinstance(result, int):
+            return
+        if result < 0:
+            self.lost = True  # UNLOADED, LOST or BEHIND
+        elif result > self.acked:
+            self.acked = result
 
 
 class Worker:
@@ -187,10 +201,7 @@ class Worker:
             ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
             for shard in range(turns.shards)
         ]
-        self._reserved = 0
-        """Slots the shards' loops are reading for (so together they never exceed
-        concurrency); each reads for at most its share, so no shard waits on another's."""
-        self._share = max(1, settings.worker.concurrency // len(self.groups))
+        self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
         self.cancels = open_bus(redis, settings.redis.url)
@@ -212,8 +223,7 @@ class Worker:
 
     async def run(self) -> None:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
-        for group in self.groups:
-            await group.ensure()
+        await self.shards.ensure()
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
@@ -224,7 +234,7 @@ class Worker:
             asyncio.create_task(self._take_over_loop()),
         ]
         log.info("worker ready (%s)", self.name)
-        await asyncio.gather(*(self._claim_loop(group) for group in self.groups))
+        await self._claim_loop()
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -247,31 +257,25 @@ class Worker:
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.worker(self.name))
 
-    async def _claim_loop(self, group: ConsumerGroup) -> None:
+    async def _claim_loop(self) -> None:
+        """Claim turns from every shard while slots are free (one loop: see `Shards`)."""
         while not self._draining:
-            free = min(
-                self.settings.worker.concurrency - len(self._tasks) - self._reserved,
-                self._share,
-            )
+            free = self.settings.worker.concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            self._reserved += free
             try:
-                entries = await group.read(free, 1000)
+                claimed = await self.shards.read(free, 1000)
             except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            finally:
-                self._reserved -= free
-                self._slot_freed.set()
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
-            for entry_id, fields in entries:
+            for group, (entry_id, fields) in claimed:
                 self._spawn(group, entry_id, fields, takeover=False)
 
     def _spawn(
@@ -822,6 +826,7 @@ class Worker:
             event if callable(event) else encode(event),
             job.message_id,
             run.next_index(),
+            lambda: run.acked,
         )
         future.add_done_callback(run.check)
         return future
@@ -832,8 +837,9 @@ class Worker:
             await self._republish(run)
 
     async def _republish(self, run: Running) -> None:
-        """Redis lost the conversation (restarted empty): seed it again from PostgreSQL and
-        publish the turn so far, so that every tab, after its reset, sees it whole."""
+        """Redis lost the conversation (restarted empty) or some of its last events (a
+        failover to a replica that lacked them): seed it again from PostgreSQL if need be
+        and publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
         run.open_text = None  # what it holds is in run.pieces, republished below
@@ -911,7 +917,9 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            seq = await self.turns.finish(self.pipeliner, run.job, done_event, reply, turn, spent)
+            seq = await self.turns.finish(
+                self.pipeliner, run.job, done_event, reply, turn, spent, lambda: run.acked
+            )
             if seq >= 0:
                 return True
             run.lost = True

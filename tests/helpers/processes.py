@@ -85,6 +85,8 @@ class Db(IntEnum):
     DEV_LOGIN_UI = 31
     TOOLS = 40
     TOOLS_TAKEOVER = 41
+    ONE_BUSY_SHARD = 60
+    LOST_ACKNOWLEDGED = 61
 
 
 SCALE_DB = Db.SCALE

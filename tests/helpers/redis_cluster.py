@@ -78,6 +78,36 @@ class SixNodes:
                     return next(n for n in self.nodes if n.port == port)
         raise ClusterUnavailable(f"no primary serves slot {slot}")
 
+    def primaries(self) -> list[Node]:
+        """The nodes that serve slots now."""
+        ports = {
+            int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            for parts in (line.split() for line in self._any().cli("CLUSTER", "NODES").splitlines())
+            if "master" in parts[2] and "fail" not in parts[2] and len(parts) > 8
+        }
+        return [n for n in self.nodes if n.port in ports]
+
+    def move_slot(self, key: str, target: Node, pause: float = 0.0) -> None:
+        """Migrate `key`'s slot, with every key in it, to the primary `target` as `redis-cli
+        --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE key by key, `pause` seconds
+        between keys, then the slot assigned to `target`, the source and the others) and once
+        more to every primary, `target` included: Redis then ends the slot's shard channel
+        subscriptions on `target` too, which clients must survive as well."""
+        source = self.owner(key)
+        slot = source.cli("CLUSTER", "KEYSLOT", key)
+        source_id, target_id = source.cli("CLUSTER", "MYID"), target.cli("CLUSTER", "MYID")
+        target.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        for _ in range(1000):
+            keys = source.cli("CLUSTER", "GETKEYSINSLOT", slot, "10").split()
+            if not keys:
+                break
+            for name in keys:
+                source.cli("MIGRATE", "127.0.0.1", str(target.port), name, "0", "5000")
+                time.sleep(pause)
+        for node in [target, source, *self.primaries()]:
+            node.cli("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def wait_ok(self, timeout: float = READY_TIMEOUT) -> None:
         """Until every live node says `cluster_state:ok` and suspects no node."""
         deadline = time.monotonic() + timeout

@@ -1,7 +1,8 @@
 """A turn on a Redis Cluster, in single-slot steps (turn_check, turn_budget, turn_rate,
 say_commit / regenerate_commit, the job's XADD; finish_commit, the persist XADD, then
 finish_budget), against a real six-node cluster: the same answers and guarantees as the
-one-script path on a single Redis, the user's token budget included."""
+one-script path on a single Redis, the user's token budget included; and the turns queue's
+shards, each on its own slot, read by one loop."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from server.app.config import BudgetsSettings
 from server.redis import generations, keys
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
+from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
 from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
@@ -270,3 +272,22 @@ async def test_a_refused_turn_keeps_no_reservation(
     if refusal is Admission.OVER_BUDGET:  # the refusal says what is spent of which limit
         assert (refused.spent, refused.limit) == (before, limit)
     assert int(await cluster_redis.get(keys.turn_rate(user.name))) == rate_counted
+
+
+async def test_the_queue_shards_each_on_its_own_slot_are_read_together(
+    cluster_redis: Any,
+) -> None:
+    """A read over shards of different slots (one XREADGROUP of them all would be CROSSSLOT):
+    one pipeline of reads, at most the free slots in all; when every shard is empty, a short
+    blocking read of one."""
+    tag = uuid.uuid4().hex[:8]
+    streams = [f"test:turns:{{{tag}:{i}}}" for i in range(SHARDS)]
+    shards = Shards([ConsumerGroup(cluster_redis, s, "g", "w") for s in streams])
+    await shards.ensure()
+    assert await shards.read(SHARDS * 2, 1000) == []
+    for stream in streams[1:3]:
+        for n in range(3):
+            await cluster_redis.xadd(stream, {"n": str(n)})
+    taken = await shards.read(SHARDS * 2, 1000)
+    assert sorted(group.stream for group, _ in taken) == sorted([*streams[1:3]] * 2)
+    assert len(await shards.read(3, 1000)) <= 3

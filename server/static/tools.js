@@ -47,6 +47,7 @@ function stateOf(call, approval, streaming) {
   if (call.status && call.status !== "running") {
     return [call.status, RESULT_LABELS[call.status] || call.status];
   }
+  if (approval?.state === "pending" && !streaming) return ["ended", "did not run"];
   if (approval && approval.state !== "approved") {
     const by = approval.state === "denied" && approval.by ? ` by ${approval.by}` : "";
     return [approval.state, APPROVAL_LABELS[approval.state] + by];
@@ -77,8 +78,8 @@ function createCard(id) {
   );
 }
 
-function approvalRow(call, approval) {
-  if (!approval) return [];
+function approvalRow(call, approval, streaming) {
+  if (!approval || (approval.state === "pending" && !streaming)) return [];
   if (approval.state === "pending") {
     return [
       el("span", { class: "tool-question", text: "Let the model run this?" }),
@@ -110,12 +111,14 @@ function updateCard(card, call, approval, streaming) {
   card.querySelector(".tool-status").textContent = label;
   card.querySelector(".tool-args").textContent = call.args;
   const row = card.querySelector(".tool-approval");
-  const wanted = approval ? `${approval.state}|${approval.by || ""}|${approval.reason || ""}` : "";
+  const wanted = approval
+    ? `${approval.state}|${approval.by || ""}|${approval.reason || ""}|${streaming}`
+    : "";
   if (row.dataset.shown !== wanted) {
-    row.replaceChildren(...approvalRow(call, approval)); // buttons only when this changes
+    row.replaceChildren(...approvalRow(call, approval, streaming)); // new buttons only now
     row.dataset.shown = wanted;
   }
-  row.hidden = !approval;
+  row.hidden = row.childElementCount === 0;
   const result = card.querySelector(".tool-result");
   result.hidden = call.result === undefined;
   result.querySelector(".tool-result-text").textContent = call.result || "";

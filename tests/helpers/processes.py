@@ -79,6 +79,9 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    APPROVALS = 45
+    APPROVALS_EXPIRY = 46
+    APPROVALS_UI = 47
 
 
 SCALE_DB = Db.SCALE

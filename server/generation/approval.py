@@ -1,0 +1,43 @@
+"""A tool call that needs a person's approval, as the worker waits for it.
+
+The call is opened in Redis (`server/redis/approvals.py`), which appends its
+`approval_request` event once; the worker then waits — no model call, no tool run — until an
+`approve` or `deny` from any tab settles it, or its expiry (`tools.approval_timeout`, on
+Redis's clock) does. A worker that resumes the turn after the first one died opens the same
+call again: the record keeps its first expiry and the tabs get no second request, and if the
+call was answered meanwhile the answer is read at once. Nothing waits longer than the expiry.
+"""
+
+from __future__ import annotations
+
+from protocol.approvals import model_result
+from protocol.text import scrub
+from protocol.toolcalls import ToolCall
+from server.redis.approvals import Approvals
+from server.redis.turns import Job
+from server.tools.definitions import Result, Tool, error
+
+LOST = "the call's approval was lost (Redis lost its data); it did not run"
+
+
+def needs_approval(tool: Tool | None) -> bool:
+    return tool is not None and tool.approval == "always"
+
+
+async def approved(approvals: Approvals, job: Job, call: ToolCall) -> Result | None:
+    """None once a person approved the call; otherwise the result the model reads instead
+    of the tool's (the denial and its reason, or the expiry)."""
+    conversation = str(job.conversation)
+    await approvals.open(
+        conversation,
+        call.id,
+        job.user,
+        scrub(call.name),
+        scrub(call.arguments),
+        str(job.message_id),
+    )
+    approval = await approvals.wait(conversation, call.id)
+    if approval is None:
+        return error(call.id, call.name, LOST)
+    refusal = model_result(approval)
+    return None if refusal is None else error(call.id, call.name, refusal)

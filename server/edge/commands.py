@@ -61,6 +61,7 @@ class Service(Transcripts, Protocol):
         system: str | None,
         model: str | None,
         group: str = "",
+        tools: list[str] | None = None,
     ) -> f.Conversation: ...
 
     async def say(
@@ -389,7 +390,7 @@ class Commands:
             return f.Ack(approval=answer, ref=frame.ref)
         if isinstance(frame, f.Create):
             meta = await conversations.create(
-                user, frame.title, frame.system, frame.model, self._group
+                user, frame.title, frame.system, frame.model, self._group, frame.tools
             )
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
         raise Refused("bad_frame", "unsupported frame")

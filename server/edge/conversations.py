@@ -7,6 +7,7 @@ exists.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import time
@@ -31,6 +32,7 @@ from server.redis.approvals import Approvals
 from server.redis.client import publish
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
+from server.tools.definitions import known_tools, unknown_tools
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
@@ -141,10 +143,13 @@ class Conversations:
         system: str | None,
         model: str | None,
         group: str = "",
+        tools: builtins.list[str] | None = None,
     ) -> f.Conversation:
-        """A new conversation; `group` is the user's budget group (the models it may pick)."""
+        """A new conversation; `group` is the user's budget group (the models it may pick),
+        `tools` the configured tools offered in it (None: all)."""
         if model is not None:
             self.spending.allows(group, model)
+        self._check_tools(tools)
         now = f.utcnow()
         meta = f.Conversation(
             id=f.new_id(),
@@ -153,6 +158,7 @@ class Conversations:
             model=model or self.settings.llm.model,
             created_at=now,
             updated_at=now,
+            tools=tools,
         )
         try:
             await stored_conversations.insert(self.pool, user, meta)
@@ -283,10 +289,12 @@ class Conversations:
         system: str | None = None,
         model: str | None = None,
         group: str = "",
+        tools: builtins.list[str] | None = None,
     ) -> f.Conversation:
         await self.owned(user, conversation)
         if model is not None:
             self.spending.allows(group, model)
+        self._check_tools(tools)
         head = await self.events.head(conversation)
         try:
             row = await stored_conversations.update(
@@ -298,6 +306,7 @@ class Conversations:
                 model=model,
                 seq=max(head, 0) + 1,
                 now=f.utcnow(),
+                tools=tools,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
@@ -310,6 +319,15 @@ class Conversations:
         )
         await self.tell(user, f.ConversationChanged(conversation=conversation, meta=meta))
         return meta
+
+    def _check_tools(self, tools: builtins.list[str] | None) -> None:
+        """Refuse a choice of tools naming one that is not configured."""
+        if tools is None:
+            return
+        unknown = unknown_tools(self.settings.tools, tools)
+        if unknown:
+            known = ", ".join(known_tools(self.settings.tools)) or "none"
+            raise Refused("invalid", f"`tools`: unknown tool {unknown[0]!r} (tools: {known})")
 
     async def delete(self, user: str, conversation: uuid.UUID) -> None:
         await self.owned(user, conversation)

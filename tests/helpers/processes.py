@@ -79,6 +79,8 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    TOOLS = 40
+    TOOLS_TAKEOVER = 41
     APPROVALS = 45
     APPROVALS_EXPIRY = 46
     APPROVALS_UI = 47

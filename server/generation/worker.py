@@ -56,9 +56,10 @@ from server.app.metrics import TALLY
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
 from server.edge.shardbus import open_bus
-from server.generation import finish_hooks, tokens
+from server.generation import approval, finish_hooks, tokens
 from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
 from server.redis import generations, keys, toolsteps
+from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
@@ -134,6 +135,11 @@ class Running:
     """The model response's calls (by their index) that have a `tool_call` part: its index."""
     unnamed: dict[int, list[str]] = field(default_factory=dict)
     """Arguments of calls whose name has not come yet (their part opens with the name)."""
+    waiting: list[ToolCall] = field(default_factory=list)
+    """Calls of a step recorded while they waited for a person's approval, for a worker
+    that took the turn over to run (or not) without calling the model for them again."""
+    recorded: bool = False
+    """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -204,6 +210,12 @@ class Worker:
         tools = settings.tools
         self.runner = (
             None if toolbox is None else Runner(toolbox, tools.max_result_bytes, tools.max_parallel)
+        )
+        self.approvals = Approvals(
+            redis,
+            tools.approval_timeout,
+            log_max_events=settings.redis.log_max_events,
+            log_ttl=settings.redis.ttl_seconds,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -417,7 +429,7 @@ class Worker:
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
-        if run.steps > 1:
+        if run.recorded:
             with contextlib.suppress(RedisError, OSError):
                 await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
@@ -440,21 +452,31 @@ class Worker:
         limit = self.settings.llm.max_steps
         offered = [tool.openai() for tool in run.tools.values()]
         while True:
-            finished, error = await self._stream(
-                run, prompt + reply_messages(run.parts.parts()), offered
-            )
-            run.steps += 1
-            run.usages.append(finished.usage)
-            calls = self._step_closed(run, finished.calls)
-            finished = dataclasses.replace(finished, usage=_total(run.usages))
-            if error is not None or run.cancelled or not calls:
-                return finished, error
-            if run.steps >= limit:
-                note = (
-                    f"the turn reached its step limit ({limit} model calls); the call did not run"
+            if run.waiting:  # taken over at calls waiting for a person: the model said them
+                calls, run.waiting = run.waiting, []
+                finished, error = Finished("tool_calls", _total(run.usages)), None
+                if run.cancelled:
+                    self._publish_results(run, [error_of(c, CANCELLED, "cancelled") for c in calls])
+                    return dataclasses.replace(finished, reason="cancelled"), None
+            else:
+                finished, error = await self._stream(
+                    run, prompt + reply_messages(run.parts.parts()), offered
                 )
-                self._publish_results(run, [error_of(c, note) for c in calls])
-                return finished, f"the turn reached its step limit of {limit} model calls"
+                run.steps += 1
+                run.usages.append(finished.usage)
+                calls = self._step_closed(run, finished.calls)
+                finished = dataclasses.replace(finished, usage=_total(run.usages))
+                if error is not None or run.cancelled or not calls:
+                    return finished, error
+                if run.steps >= limit:
+                    note = (
+                        f"the turn reached its step limit ({limit} model calls); "
+                        "the call did not run"
+                    )
+                    self._publish_results(run, [error_of(c, note) for c in calls])
+                    return finished, f"the turn reached its step limit of {limit} model calls"
+                if any(approval.needs_approval(run.tools.get(c.name)) for c in calls):
+                    await self._record_steps(run, waiting=calls)
             self._publish_results(run, await self._call_tools(run, calls))
             if run.cancelled:
                 return dataclasses.replace(finished, reason="cancelled"), None
@@ -563,15 +585,19 @@ class Worker:
         """Whether a person lets the call run: None when it may run, else how it ended without
         running. The one place a call waits for approval; a tool with `approval = "never"`
         runs at once."""
-        if tool.approval == "never":
+        if not approval.needs_approval(tool):
             return None
-        return error_of(call, "this tool needs a person's approval, which is not available")
+        return await approval.approved(self.approvals, run.job, call)
 
-    async def _record_steps(self, run: Running) -> None:
-        """The completed steps, before the model is called again (a takeover resumes here)."""
+    async def _record_steps(self, run: Running, waiting: list[ToolCall] | None = None) -> None:
+        """The completed steps, before the model is called again, or with the step's calls
+        `waiting` for a person's approval (a takeover resumes here)."""
         job = run.job
-        steps = toolsteps.Steps(steps=run.steps, parts=run.parts.parts(), usage=run.usages)
+        steps = toolsteps.Steps(
+            steps=run.steps, parts=run.parts.parts(), usage=run.usages, waiting=waiting or []
+        )
         await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
+        run.recorded = True
 
     async def _resume_steps(self, run: Running) -> None:
         """Continue after the steps the previous worker completed: publish them again (tabs
@@ -583,6 +609,8 @@ class Worker:
         run.parts.restore(recorded.parts)
         run.steps = recorded.steps
         run.usages = list(recorded.usage)
+        run.waiting = list(recorded.waiting)
+        run.recorded = True
         for event in run.parts.replay():
             self._publish_later(run, event)
 

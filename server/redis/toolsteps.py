@@ -5,6 +5,10 @@ far, how many model calls it made and what they cost, before it calls the model 
 worker that takes the turn over (the first one died) reads the record, publishes those
 parts again after its `start` and goes on with the next model call: a completed call is never
 run twice. A call running when its worker died has no result recorded: its step runs again.
+
+A step whose calls wait for a person's approval is recorded before it waits, with its calls
+(`waiting`): a worker that takes the turn over then resumes at those calls — their approvals
+read again, answered or not — without calling the model for that step again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol.frames import Part, Usage
+from protocol.toolcalls import ToolCall
 from server.redis import keys
 
 RETAIN_SECONDS: Final = 86_400
@@ -28,6 +33,9 @@ class Steps(msgspec.Struct, frozen=True, kw_only=True):
     parts: list[Part]
     usage: list[Usage | None] = []
     """Each model call's usage, as the model reported it."""
+    waiting: list[ToolCall] = []
+    """The last step's calls, when the record was made before they ran because one of them
+    waits for a person's approval; empty once every call of the step has its result."""
 
 
 _decoder: Final = msgspec.json.Decoder(Steps)

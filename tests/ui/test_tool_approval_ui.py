@@ -5,6 +5,7 @@ answer streams; a reload rebuilds the card from the history, its result folded."
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.async_api import BrowserContext
@@ -42,7 +43,7 @@ def tool_server(cluster: Cluster, receiver: Receiver) -> Iterator[ParleyProcess]
 
 
 async def test_approve_in_one_page_and_both_show_it_and_the_answer(
-    context: BrowserContext, tool_server: ParleyProcess, receiver: Receiver
+    context: BrowserContext, tool_server: ParleyProcess, receiver: Receiver, artifacts: Path
 ) -> None:
     user = new_user()
     first = await open_tab(context, tool_server, user)
@@ -57,6 +58,7 @@ async def test_approve_in_one_page_and_both_show_it_and_the_answer(
         assert await card.locator("button[data-action=approve]").is_enabled()
         assert await card.locator("button[data-action=deny]").is_enabled()
     assert receiver.of(PATH) == []  # nothing runs before the answer
+    await second.page.screenshot(path=artifacts / "tool-approval-pending.png")
 
     await second.click(f"{CARD} button[data-action=approve]")
     for tab in (first, second):
@@ -69,6 +71,7 @@ async def test_approve_in_one_page_and_both_show_it_and_the_answer(
         shown = await tab.page.locator(".msg-assistant .msg-content").inner_text()
         assert f"{TOOL} answered" in shown
     assert len(receiver.of(PATH)) == 1
+    await first.page.screenshot(path=artifacts / "tool-approval-approved.png")
     reply = await settled_reply(tool_server, user, conversation)
     result = next(p for p in reply["parts"] if p["kind"] == "tool_result")
 

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+import redis.asyncio
 
 from protocol import frames as f
 from server.dev import embedded
@@ -33,6 +34,7 @@ from tests.helpers.processes import (
     redis_db,
     start_all,
     stop_together,
+    worker_of,
 )
 from tests.helpers.receiver import SECRET, Receiver
 
@@ -40,6 +42,8 @@ pytestmark = pytest.mark.e2e
 
 MAX_STEPS = 3
 HUGE = 5 * 1024 * 1024
+SLOW = 1.5
+"""Seconds the `slow` tool takes."""
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
@@ -67,8 +71,8 @@ def answer_weather(path: str, body: dict[str, Any]) -> tuple[int, bytes]:
 
 
 def answer_slowly(path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    time.sleep(0.8)
-    return 200, b'{"slept": 0.8}'
+    time.sleep(SLOW)
+    return 200, b'{"slept": true}'
 
 
 def tool_config(cluster: Cluster, receiver: Receiver, mcp: McpProcess) -> Path:
@@ -138,12 +142,12 @@ def receiver(tools: Tools) -> Receiver:
 
 
 async def two_tabs(
-    connect: Any, user: str, tools: Tools, **create: Any
+    connect: Any, user: str, procs: Tools, **create: Any
 ) -> tuple[Client, Client, uuid.UUID]:
     """Tab a on the first web process (it creates the conversation), tab b on the second."""
-    a: Client = await connect(user, server=tools.webs[0])
+    a: Client = await connect(user, server=procs.webs[0])
     conversation = await start_conversation(a, **create)
-    b: Client = await connect(user, server=tools.webs[1])
+    b: Client = await connect(user, server=procs.webs[1])
     await b.request(f.Join(conversation=conversation))
     return a, b, conversation
 
@@ -280,14 +284,12 @@ async def test_cancel_from_another_tab_during_a_slow_call_abandons_it(
 ) -> None:
     a, b, conversation = await two_tabs(connect, user, tools)
     start = len(a.frames)
-    await a.request(
-        f.Say(
-            conversation=conversation, text='[sim:tool=mcp_hang {"seconds": 20}][sim:tool=slow {}]'
-        )
-    )
-    await a.wait_for(
-        lambda fr: isinstance(fr, f.PartEnd) and fr.index == 1, start=start, timeout=20
-    )  # both calls made: the step runs them
+    text = '[sim:tool=mcp_hang {"seconds": 20}][sim:tool=weather {"city": "Bergen"}]'
+    await a.request(f.Say(conversation=conversation, text=text))
+    for _ in range(400):  # the step runs both calls: the weather answers at once
+        if receiver.of("/weather"):
+            break
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
     asked = time.monotonic()
     await b.request(f.Cancel(conversation=conversation))
@@ -296,9 +298,9 @@ async def test_cancel_from_another_tab_during_a_slow_call_abandons_it(
     assert done.reason == "cancelled"
     reply = await persisted_reply(db, connect, user, tools, conversation, 2)
     assert reply.status == "cancelled"
-    hang, slow = (reply.parts or [])[2:4]
+    hang, weather = (reply.parts or [])[2:4]
     assert (hang.name, hang.status) == ("mcp_hang", "cancelled")
-    assert slow.status == "ok"  # it had finished: its result stays
+    assert weather.status == "ok"  # it had finished: its result stays
     assert_tabs_match(reply, a, b)
 
 
@@ -330,3 +332,46 @@ async def test_a_conversation_offers_only_the_tools_it_chose(
     done = await a.wait_for(lambda fr: isinstance(fr, f.Done), start=start, timeout=30)
     reply = await persisted_reply(db, connect, user, tools, conversation, 4)
     assert (reply.parts or [])[1].status == "ok" and (reply.parts or [])[1].text == "2"
+
+
+async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
+    cluster: Cluster, connect: Any, user: str, db: asyncpg.Pool, tools: Tools, receiver: Receiver
+) -> None:
+    """SIGKILL the worker while the second step's call runs: the other worker resumes at that
+    step (the first step's call is not made again) and every tab ends with the persisted
+    reply."""
+    config = cluster.tmp / "tools.toml"
+    env = tool_env(cluster, Db.TOOLS_TAKEOVER, config, tools.model.url)
+    web = cluster.process("web", start=False, **env)
+    workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
+    start_all([web, *workers])
+    store = redis.asyncio.Redis.from_url(env["REDIS_URL"])
+    try:
+        a: Client = await connect(user, server=web)
+        conversation = await start_conversation(a)
+        await a.request(
+            f.Say(conversation=conversation, text="[sim:tool=slow {}][sim:tool_repeat]")
+        )
+        for _ in range(400):
+            if len(receiver.of("/slow")) == 2:
+                break
+            await asyncio.sleep(0.02)
+        pid = await worker_of(store, conversation)
+        victim = next(w for w in workers if w.pid == pid)
+        await asyncio.to_thread(victim.kill)
+        done = await a.wait_for(lambda fr: isinstance(fr, f.Done), timeout=40)
+        assert done.reason == "tool_calls"
+        assert len(receiver.of("/slow")) == MAX_STEPS  # 1, 2 (its worker killed), 2 again
+        starts = [fr for fr in a.frames if isinstance(fr, f.Start)]
+        assert len(starts) == 2 and starts[0].message_id == starts[1].message_id
+        await wait_persisted(db, conversation, 2)
+        reader: Client = await connect(user, server=web)
+        joined = await reader.request(f.Join(conversation=conversation))
+        assert joined.history is not None
+        reply = joined.history[-1]
+        assert [p.kind for p in reply.parts or []] == ["tool_call", "tool_result"] * MAX_STEPS
+        assert [p.status for p in reply.parts or []][1::2] == ["ok", "ok", "error"]
+        assert_tabs_match(reply, a)
+    finally:
+        await store.aclose()
+        stop_together([web, *workers])

@@ -73,7 +73,8 @@ ToolName = Annotated[str, Meta(max_length=256)]
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "error"]
 ApprovalState = Literal["approved", "denied", "expired"]
-CallId = Annotated[str, Meta(min_length=1, max_length=256)]
+MAX_CALL_ID_CHARS: Final = 256
+CallId = Annotated[str, Meta(min_length=1, max_length=MAX_CALL_ID_CHARS)]
 """A tool call's id as the model gave it (`call_...`)."""
 Reason = Annotated[str, Meta(max_length=500)]
 

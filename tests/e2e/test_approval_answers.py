@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -130,3 +131,35 @@ async def test_a_stranger_is_forbidden_and_an_unknown_call_is_not_found(
         assert stranger.closed.done() is False and tab.closed.done() is False
     finally:
         await asyncio.gather(tab.close(), stranger.close())
+
+
+async def test_the_same_answers_over_http_for_clients_on_server_sent_events(
+    parley: ParleyProcess, store: Approvals
+) -> None:
+    owner = new_user()
+    (tab,) = await tabs(parley, owner, 1)
+    try:
+        conversation = await start_conversation(tab)
+        call_id = await pending_call(store, conversation, owner)
+        url = f"/api/conversations/{conversation}/approvals/{call_id}"
+
+        async def post(user: str, body: object, path: str = url) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {mint(user)}"}
+            return await http.post(path, json=body, headers=headers)
+
+        async with httpx.AsyncClient(base_url=parley.url, timeout=10) as http:
+            assert (await post(new_user(), {"decision": "approve"})).status_code == 403
+            unknown = await post(owner, {"decision": "approve"}, url + "x")
+            assert unknown.status_code == 404 and call_id + "x" in unknown.text
+            assert (await post(owner, {"decision": "maybe"})).status_code == 400
+            denied = await post(owner, {"decision": "deny", "reason": "no"})
+            assert denied.status_code == 200
+            assert denied.json() == {
+                "call_id": call_id, "state": "denied", "first": True, "by": owner, "reason": "no"
+            }  # fmt: skip
+            again = await post(owner, {"decision": "approve"})
+            assert (again.json()["first"], again.json()["state"]) == (False, "denied")
+        resolved = await tab.wait_for(lambda fr: isinstance(fr, f.ApprovalResolved))
+        assert (resolved.state, resolved.reason) == ("denied", "no")
+    finally:
+        await tab.close()

@@ -140,6 +140,10 @@ class Running:
     that took the turn over to run (or not) without calling the model for them again."""
     recorded: bool = False
     """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
+    awaiting_people: int = 0
+    """Its calls waiting for a person's approval now: a draining worker hands such a turn
+    back at once (another worker resumes it at the calls) rather than wait for an answer."""
+    task: asyncio.Task[Any] | None = None
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -243,6 +247,9 @@ class Worker:
         """Stop claiming; let running generations finish within the deadline, then hand the
         rest back (their turns stay pending and another worker takes them over)."""
         self._draining = True
+        for run in list(self.running.values()):
+            if run.awaiting_people:
+                self._hand_back(run)
         deadline = self.settings.worker.shutdown_deadline if deadline is None else deadline
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=deadline)
@@ -391,7 +398,7 @@ class Worker:
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
-        run = Running(job)
+        run = Running(job, task=asyncio.current_task())
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -587,7 +594,20 @@ class Worker:
         runs at once."""
         if not approval.needs_approval(tool):
             return None
-        return await approval.approved(self.approvals, run.job, call)
+        run.awaiting_people += 1
+        try:
+            if self._draining:
+                self._hand_back(run)
+            return await approval.approved(self.approvals, run.job, call)
+        finally:
+            run.awaiting_people -= 1
+
+    def _hand_back(self, run: Running) -> None:
+        """Stop a turn that waits for a person, leaving it pending: the step and its waiting
+        calls are recorded, so the worker that takes it over resumes there."""
+        if run.task is not None and not run.task.done():
+            log.info("handing back a turn waiting for approval in %s", run.job.conversation)
+            run.task.cancel()
 
     async def _record_steps(self, run: Running, waiting: list[ToolCall] | None = None) -> None:
         """The completed steps, before the model is called again, or with the step's calls

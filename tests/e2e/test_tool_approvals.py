@@ -8,6 +8,7 @@ denial."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from tests.helpers.receiver import Receiver
 pytestmark = pytest.mark.e2e
 
 EXPIRY = 1.5
+SHUTDOWN_DEADLINE = 25.0
+"""`worker.shutdown_deadline`'s default: how long a stopping worker lets a turn run."""
 
 
 @dataclass
@@ -286,3 +289,32 @@ async def test_an_unanswered_call_expires_as_denied(
         assert len(of_type(a, conversation, f.ApprovalResolved)) == 1
     finally:
         stop_together([server])
+
+
+async def test_a_call_waiting_through_a_restart_of_everything_is_answered_after(
+    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+) -> None:
+    a, b, conversation = await two_tabs(connect, user, approving.webs)
+    text = delete_call(f"/tmp/{uuid.uuid4().hex}")
+    request = await asked(a, b, conversation, text)
+    began = time.monotonic()
+    await asyncio.to_thread(stop_together, approving.workers)
+    # a turn waiting for a person is handed back at once, not held to the shutdown deadline
+    assert time.monotonic() - began < SHUTDOWN_DEADLINE / 2
+    assert "handing back a turn waiting for approval" in approving.workers[0].log() + (
+        approving.workers[1].log()
+    )
+    await asyncio.to_thread(stop_together, approving.webs)
+    await asyncio.to_thread(start_all, [*approving.webs, *approving.workers])
+    again: Client = await connect(user, server=approving.webs[1])
+    await again.request(f.Join(conversation=conversation))
+    waiting = await again.wait_for(lambda fr: isinstance(fr, f.ApprovalRequest))
+    assert waiting.call_id == request.call_id
+    ack = await again.request(f.Approve(conversation=conversation, call_id=request.call_id))
+    assert ack.approval.first
+    assert (await finished(again, conversation)).reason == "stop"
+    assert len(receiver.of(PATH)) == 1
+    assert model_calls(await model_stats(approving.model), text) == 2
+    assert len(of_type(again, conversation, f.ApprovalRequest)) == 1
+    reply = await reply_of(db, again, conversation)
+    assert result_of(reply).status == "ok"

@@ -110,6 +110,16 @@ async def asked(a: Client, b: Client, conversation: uuid.UUID, text: str) -> f.A
     return requests[0]
 
 
+async def waiting_on_a_new_file(
+    connect: Any, user: str, approving: Approving
+) -> tuple[Client, Client, uuid.UUID, str, f.ApprovalRequest]:
+    """Two tabs of a new conversation whose turn waits to delete a file named only there:
+    the tabs, the conversation, the turn's text (to find its model calls) and the request."""
+    a, b, conversation = await two_tabs(connect, user, approving.webs)
+    text = delete_call(f"/tmp/{uuid.uuid4().hex}")
+    return a, b, conversation, text, await asked(a, b, conversation, text)
+
+
 def of_type(client: Client, conversation: uuid.UUID, kind: type) -> list[Any]:
     return [e for e in client.events(conversation) if isinstance(e, kind)]
 
@@ -180,9 +190,7 @@ async def test_approved_from_the_second_tab_while_the_first_reloads(
 async def test_a_worker_killed_while_waiting_another_resumes_at_the_call(
     connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
 ) -> None:
-    a, b, conversation = await two_tabs(connect, user, approving.webs)
-    text = delete_call(f"/tmp/{uuid.uuid4().hex}")
-    request = await asked(a, b, conversation, text)
+    a, b, conversation, text, request = await waiting_on_a_new_file(connect, user, approving)
     redis = Redis.from_url(approving.redis_url)
     try:
         pid = await worker_of(redis, conversation)
@@ -294,9 +302,7 @@ async def test_an_unanswered_call_expires_as_denied(
 async def test_a_call_waiting_through_a_restart_of_everything_is_answered_after(
     connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
 ) -> None:
-    a, b, conversation = await two_tabs(connect, user, approving.webs)
-    text = delete_call(f"/tmp/{uuid.uuid4().hex}")
-    request = await asked(a, b, conversation, text)
+    _, _, conversation, text, request = await waiting_on_a_new_file(connect, user, approving)
     began = time.monotonic()
     await asyncio.to_thread(stop_together, approving.workers)
     # a turn waiting for a person is handed back at once, not held to the shutdown deadline

@@ -203,6 +203,18 @@ class Create(_Client, tag="create", kw_only=True, frozen=True):
     tools: ToolChoice | None = None
 
 
+class Update(_Client, tag="update", kw_only=True, frozen=True):
+    """(addition) Change a conversation's title, system prompt, model or tools (the fields
+    given; the others stay); answered with `ack`. Sockets that joined it get `updated`, every
+    socket of the user `conversation_changed`. The same as the REST API's `PATCH`."""
+
+    conversation: uuid.UUID
+    title: Title | None = None
+    system: SystemPrompt | None = None
+    model: ModelName | None = None
+    tools: ToolChoice | None = None
+
+
 class Join(_Client, tag="join", kw_only=True, frozen=True):
     """Watch a conversation: answered with `joined`, then the events after it, then
     live events.
@@ -279,7 +291,9 @@ class Ping(_Client, tag="ping", kw_only=True, frozen=True):
     (browsers); answered with `pong`."""
 
 
-ClientFrame = Auth | Create | Join | Leave | Say | Cancel | Regenerate | Approve | Deny | Ping
+ClientFrame = (
+    Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping | Update | Approve | Deny
+)
 CLIENT_FRAMES: Final[tuple[type[_Client], ...]] = get_args(ClientFrame)
 """The client frames in protocol order: the one list is the union above."""
 CLIENT_TYPES: Final = frozenset(t.__struct_config__.tag for t in CLIENT_FRAMES)

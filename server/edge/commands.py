@@ -78,6 +78,18 @@ class Service(Transcripts, Protocol):
         self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID: ...
 
+    async def update(
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        *,
+        title: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        group: str = "",
+        tools: list[str] | None = None,
+    ) -> f.Conversation: ...
+
     async def budget(self, user: str, group: str) -> f.Budget | None: ...
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None: ...
@@ -393,6 +405,17 @@ class Commands:
                 user, frame.title, frame.system, frame.model, self._group, frame.tools
             )
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
+        if isinstance(frame, f.Update):
+            await conversations.update(
+                user,
+                frame.conversation,
+                title=frame.title,
+                system=frame.system,
+                model=frame.model,
+                group=self._group,
+                tools=frame.tools,
+            )
+            return f.Ack(ref=frame.ref)
         raise Refused("bad_frame", "unsupported frame")
 
     async def _join(self, user: str, frame: f.Join) -> None:

@@ -5,6 +5,7 @@ one-script path on a single Redis, the user's token budget included."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import pytest_asyncio
 from protocol import frames as f
 from server.app.config import BudgetsSettings
 from server.redis import generations, keys
+from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
@@ -264,3 +266,24 @@ async def test_a_reservation_the_rate_refuses_is_given_back(
     refused = await say(turns, await loaded(events), user, message(), 1, budgeting)
     assert refused[0] is Admission.RATE_LIMITED
     assert await used(budgets, user) == before
+
+
+async def test_an_approval_on_a_cluster_appends_its_request_and_one_resolution(
+    cluster_redis: Any, events: EventLog
+) -> None:
+    """The approval scripts take the call's key and the conversation's log in one slot, and
+    publish with SPUBLISH: the request and the one winning answer are each logged once."""
+    conversation, message_id = uuid.uuid4(), uuid.uuid4()
+    await cluster_redis.set(keys.seq(conversation), 3, ex=60)
+    store = Approvals(cluster_redis, timeout=60)
+    await store.open(str(conversation), "call_1", "alice", "rm", "{}", str(message_id))
+    answers = await asyncio.gather(
+        store.answer(str(conversation), "call_1", "alice", "approve"),
+        store.answer(str(conversation), "call_1", "alice", "deny"),
+    )
+    assert sorted(a.outcome for a in answers) == ["already", "settled"]
+    head, entries = await events.read(conversation, 0)
+    request, resolved = (f.decode_server(frame) for _, frame in entries)
+    assert head == 5 and isinstance(request, f.ApprovalRequest) and request.seq == 4
+    assert isinstance(resolved, f.ApprovalResolved) and resolved.seq == 5
+    assert resolved.state == next(a for a in answers if a.outcome == "settled").approval.state  # type: ignore[union-attr]

@@ -44,7 +44,8 @@ function callsOf(message, transcript) {
 
 /** Where the call stands, in words, and as a `data-state` for the stylesheet. */
 function stateOf(call, approval, streaming) {
-  if (call.status && call.status !== "running") {
+  const refused = approval?.state === "denied" || approval?.state === "expired";
+  if (call.status && call.status !== "running" && !refused) {
     return [call.status, RESULT_LABELS[call.status] || call.status];
   }
   if (approval?.state === "pending" && !streaming) return ["ended", "did not run"];

@@ -86,3 +86,27 @@ async def test_approve_in_one_page_and_both_show_it_and_the_answer(
     assert await done.locator(".tool-result-text").inner_text() == result["text"]
     first.check()
     second.check()
+
+
+async def test_deny_in_one_page_and_both_show_the_call_denied_and_not_run(
+    context: BrowserContext, tool_server: ParleyProcess, receiver: Receiver
+) -> None:
+    user = new_user()
+    first = await open_tab(context, tool_server, user)
+    conversation = await first.new_conversation()
+    second = await open_tab(context, tool_server, user, conversation)
+    await first.send(delete_call("/tmp/denied"))
+    await second.page.locator(f"{CARD}[data-state=pending]").wait_for(timeout=15_000)
+    await first.page.locator(f"{CARD}[data-state=pending]").wait_for(timeout=5000)
+    calls = len(receiver.of(PATH))
+    await first.click(f"{CARD} button[data-action=deny]")
+    for tab in (first, second):
+        denied = tab.page.locator(f"{CARD}[data-state=denied]")
+        await denied.wait_for(timeout=5000)
+        assert await denied.locator(".tool-status").inner_text() == f"denied by {user}"
+        await tab.wait_replies(1)
+        shown = await tab.page.locator(".msg-assistant .msg-content").inner_text()
+        assert "The user denied this call" in shown  # the model read the denial
+    assert len(receiver.of(PATH)) == calls  # the tool never ran
+    first.check()
+    second.check()

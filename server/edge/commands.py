@@ -402,7 +402,7 @@ class Commands:
             return f.Ack(approval=answer, ref=frame.ref)
         if isinstance(frame, f.Create):
             meta = await conversations.create(
-                user, frame.title, frame.system, frame.model, self._group, frame.tools
+                user, frame.title, frame.system, frame.model, self._group, tools=frame.tools
             )
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
         if isinstance(frame, f.Update):

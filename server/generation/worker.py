@@ -598,7 +598,7 @@ class Worker:
         try:
             if self._draining:
                 self._hand_back(run)
-            return await approval.approved(self.approvals, run.job, call)
+            return await approval.approved(self.approvals, self.cancels, run.job, call)
         finally:
             run.awaiting_people -= 1
 

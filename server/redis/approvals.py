@@ -14,6 +14,7 @@ settles the call as expired itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Final, cast
 
@@ -112,18 +113,24 @@ class Approvals:
             reason=fields.get("reason") or None,
         )
 
-    async def wait(self, conversation: str, call_id: str) -> Approval | None:
+    async def wait(
+        self, conversation: str, call_id: str, wake: asyncio.Event | None = None
+    ) -> Approval | None:
         """The call once settled — by an answer, or as expired when its time is up; None if
-        there is no such call. Polls, from 50 ms to every 0.5 s."""
+        there is no such call. Reads the record from 50 ms to every 0.5 s, and at once when
+        `wake` is set (by whoever sees the conversation's `approval_resolved`)."""
         delay = POLL_FIRST
+        wake = wake or asyncio.Event()
         while True:
+            wake.clear()
             approval = await self.get(conversation, call_id)
             if approval is None or approval.state != "pending":
                 return approval
             expired = await self.expire(conversation, call_id)
             if expired.outcome in ("settled", "already"):
                 return await self.get(conversation, call_id)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
             delay = min(delay * 2, POLL_MAX)
 
     async def _apply(

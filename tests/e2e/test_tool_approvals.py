@@ -23,6 +23,7 @@ from protocol import frames as f
 from protocol.parts import parts_of
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
+from server.redis.approvals import POLL_MAX
 from tests.helpers.approvals import PATH, TOOL, answer_deleted, approval_config, delete_call
 from tests.helpers.conversations import folded, start_conversation, wait_persisted
 from tests.helpers.processes import (
@@ -165,11 +166,16 @@ async def test_approved_from_the_second_tab_while_the_first_reloads(
     a, b, conversation = await two_tabs(connect, user, approving.webs)
     request = await asked(a, b, conversation, delete_call("/tmp/reloaded"))
     assert (request.tool, request.arguments) == (TOOL, '{"path": "/tmp/reloaded"}')
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(2)  # long enough for the worker to read the record only every 0.5 s
     assert receiver.of(PATH) == [] and not of_type(b, conversation, f.Done)  # suspended
     await a.close()  # the first tab reloads: closed, answered elsewhere, opened again
     ack = await b.request(f.Approve(conversation=conversation, call_id=request.call_id))
+    answered = time.monotonic()
     assert (ack.approval.first, ack.approval.state) == (True, "approved")
+    await b.wait_for(lambda fr: isinstance(fr, f.PartStart) and fr.kind == "tool_result")
+    resumed = time.monotonic() - answered
+    print(f"approve -> the tool's result on the tab: {resumed * 1000:.0f} ms")
+    assert resumed < POLL_MAX  # woken by the resolution it publishes, not by reading again
     again: Client = await connect(user, server=approving.webs[0])
     joined = await again.request(f.Join(conversation=conversation))
     assert joined.history is not None

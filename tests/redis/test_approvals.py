@@ -179,3 +179,21 @@ async def test_no_event_without_the_conversations_seq(redis: Redis) -> None:
     assert (await store.answer(conversation, call_id, "alice", "approve")).outcome == "settled"
     assert await redis.get(keys.seq(conversation)) is None
     assert await events_of(redis, conversation) == []
+
+
+async def test_a_wake_ends_the_wait_at_once_however_long_it_has_waited(
+    redis: Redis, second_redis: Redis
+) -> None:
+    """Past the first second the record is read only every 0.5 s; the worker's wake (the
+    `approval_resolved` it hears on the conversation's channel) does not wait for that."""
+    store = Approvals(redis, timeout=30)
+    conversation, call_id = await opened(store)
+    wake = asyncio.Event()
+    waiting = asyncio.create_task(store.wait(conversation, call_id, wake))
+    await asyncio.sleep(1.5)
+    await Approvals(second_redis, timeout=30).answer(conversation, call_id, "alice", "deny")
+    answered = time.monotonic()
+    wake.set()
+    denied = await asyncio.wait_for(waiting, 5)
+    assert denied is not None and denied.state == "denied"
+    assert time.monotonic() - answered < 0.1

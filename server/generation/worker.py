@@ -135,9 +135,8 @@ class Running:
     """The model response's calls (by their index) that have a `tool_call` part: its index."""
     unnamed: dict[int, list[str]] = field(default_factory=dict)
     """Arguments of calls whose name has not come yet (their part opens with the name)."""
-    waiting: list[ToolCall] = field(default_factory=list)
-    """Calls of a step recorded while they waited for a person's approval, for a worker
-    that took the turn over to run (or not) without calling the model for them again."""
+    pending: list[ToolCall] = field(default_factory=list)
+    """Calls of a step taken over before their results were in: run before the model."""
     recorded: bool = False
     """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
     awaiting_people: int = 0
@@ -459,9 +458,9 @@ class Worker:
         limit = self.settings.llm.max_steps
         offered = [tool.openai() for tool in run.tools.values()]
         while True:
-            if run.waiting:  # taken over at calls waiting for a person: the model said them
-                calls, run.waiting = run.waiting, []
-                finished, error = Finished("tool_calls", _total(run.usages)), None
+            if run.pending:  # a taken-over step: its calls were made, their results were not in
+                calls, run.pending = run.pending, []
+                finished = Finished("tool_calls", _total(run.usages))
                 if run.cancelled:
                     self._publish_results(run, [error_of(c, CANCELLED, "cancelled") for c in calls])
                     return dataclasses.replace(finished, reason="cancelled"), None
@@ -475,19 +474,17 @@ class Worker:
                 finished = dataclasses.replace(finished, usage=_total(run.usages))
                 if error is not None or run.cancelled or not calls:
                     return finished, error
-                if run.steps >= limit:
-                    note = (
-                        f"the turn reached its step limit ({limit} model calls); "
-                        "the call did not run"
-                    )
-                    self._publish_results(run, [error_of(c, note) for c in calls])
-                    return finished, f"the turn reached its step limit of {limit} model calls"
-                if any(approval.needs_approval(run.tools.get(c.name)) for c in calls):
-                    await self._record_steps(run, waiting=calls)
+            if run.steps >= limit:
+                note = (
+                    f"the turn reached its step limit ({limit} model calls); the call did not run"
+                )
+                self._publish_results(run, [error_of(c, note) for c in calls])
+                return finished, f"the turn reached its step limit of {limit} model calls"
+            await self._record_steps(run, calls)
             self._publish_results(run, await self._call_tools(run, calls))
             if run.cancelled:
                 return dataclasses.replace(finished, reason="cancelled"), None
-            await self._record_steps(run)
+            await self._record_steps(run, [])
 
     def _step_closed(self, run: Running, calls: tuple[ToolCall, ...]) -> list[ToolCall]:
         """End the model response's open parts; its calls as their parts name them (a call
@@ -609,12 +606,13 @@ class Worker:
             log.info("handing back a turn waiting for approval in %s", run.job.conversation)
             run.task.cancel()
 
-    async def _record_steps(self, run: Running, waiting: list[ToolCall] | None = None) -> None:
-        """The completed steps, before the model is called again, or with the step's calls
-        `waiting` for a person's approval (a takeover resumes here)."""
+    async def _record_steps(self, run: Running, pending: list[ToolCall]) -> None:
+        """The reply so far, for a takeover to resume from: before the step's calls run (with
+        them `pending`: a takeover runs them without calling the model again), and once their
+        results are in (before the model is called again)."""
         job = run.job
         steps = toolsteps.Steps(
-            steps=run.steps, parts=run.parts.parts(), usage=run.usages, waiting=waiting or []
+            steps=run.steps, parts=run.parts.parts(), usage=run.usages, pending=pending
         )
         await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
         run.recorded = True
@@ -629,7 +627,7 @@ class Worker:
         run.parts.restore(recorded.parts)
         run.steps = recorded.steps
         run.usages = list(recorded.usage)
-        run.waiting = list(recorded.waiting)
+        run.pending = list(recorded.pending)
         run.recorded = True
         for event in run.parts.replay():
             self._publish_later(run, event)

@@ -1,14 +1,12 @@
-"""A reply's completed tool steps, kept in Redis while its turn runs.
+"""A reply's tool steps, kept in Redis while its turn runs.
 
-After each step whose calls all ended (results in), the worker records the reply's parts so
-far, how many model calls it made and what they cost, before it calls the model again. A
-worker that takes the turn over (the first one died) reads the record, publishes those
-parts again after its `start` and goes on with the next model call: a completed call is never
-run twice. A call running when its worker died has no result recorded: its step runs again.
-
-A step whose calls wait for a person's approval is recorded before it waits, with its calls
-(`waiting`): a worker that takes the turn over then resumes at those calls — their approvals
-read again, answered or not — without calling the model for that step again.
+The worker records the reply's parts so far, how many model calls it made and what they cost
+twice per step: when the model's response named its calls (with those calls `pending`),
+and once their results are in, before it calls the model again. A worker that takes the turn
+over (the first one died) reads the record and publishes those parts again after its
+`start`; then it runs the pending calls, if any, without asking the model again (a person's
+approval is waited for there), or goes on with the next model call. A completed step is never
+run twice; the calls of a step whose results were not all in run again.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ class Steps(msgspec.Struct, frozen=True, kw_only=True):
     parts: list[Part]
     usage: list[Usage | None] = []
     """Each model call's usage, as the model reported it."""
-    waiting: list[ToolCall] = []
-    """The last step's calls, when the record was made before they ran because one of them
-    waits for a person's approval; empty once every call of the step has its result."""
+    pending: list[ToolCall] = []
+    """The calls of the step in progress, when their results are not in yet."""
 
 
 _decoder: Final = msgspec.json.Decoder(Steps)

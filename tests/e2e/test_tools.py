@@ -63,6 +63,7 @@ def http_tools(receiver: Receiver) -> list[dict[str, Any]]:
         {"name": "slow", "url": receiver.url("/slow")},
         {"name": "stuck", "url": receiver.url("/stuck"), "timeout": 1.0},
         {"name": "huge", "url": receiver.url("/huge")},
+        {"name": "garbled", "url": receiver.url("/garbled")},
     ]  # fmt: skip
 
 
@@ -136,6 +137,7 @@ def receiver(tools: Tools) -> Receiver:
             "/slow": answer_slowly,
             "/stuck": lambda p, b: None,
             "/huge": lambda p, b: (200, json.dumps("x" * HUGE).encode()),
+            "/garbled": lambda p, b: (200, b"{not json"),
         }
     )
     return tools.receiver
@@ -241,7 +243,7 @@ async def test_invalid_arguments_and_an_unknown_tool_are_results_the_model_reads
     assert_tabs_match(reply, a, b)
 
 
-async def test_a_hanging_tool_times_out_and_a_5_mb_result_is_refused(
+async def test_a_hanging_tool_times_out_a_5_mb_or_garbled_result_is_refused(
     connect: Any, user: str, db: asyncpg.Pool, tools: Tools, receiver: Receiver
 ) -> None:
     a, b, conversation = await two_tabs(connect, user, tools)
@@ -250,15 +252,17 @@ async def test_a_hanging_tool_times_out_and_a_5_mb_result_is_refused(
         a,
         b,
         conversation,
-        '[sim:tool=stuck {}][sim:tool=huge {}][sim:tool=mcp_big {"size": 5242880}]',
+        '[sim:tool=stuck {}][sim:tool=huge {}][sim:tool=mcp_big {"size": 5242880}]'
+        "[sim:tool=garbled {}]",
     )
     assert done.reason == "stop"
     assert time.monotonic() - began < receiver.hang  # the turn did not wait for the stuck tool
     reply = await persisted_reply(db, connect, user, tools, conversation, 2)
-    stuck, huge, big = (reply.parts or [])[3:6]
-    assert (stuck.status, huge.status, big.status) == ("timeout", "error", "error")
+    stuck, huge, big, garbled = (reply.parts or [])[4:8]
+    assert [p.status for p in (stuck, huge, big, garbled)] == ["timeout", "error", "error", "error"]
     assert "did not answer within 1 s" in stuck.text
     assert "larger than" in huge.text and "byte limit" in big.text
+    assert "not valid JSON" in garbled.text
     assert len(msgspec.json.encode(reply)) < 64 * 1024
     assert_tabs_match(reply, a, b)
 
@@ -339,8 +343,8 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
     cluster: Cluster, connect: Any, user: str, db: asyncpg.Pool, tools: Tools, receiver: Receiver
 ) -> None:
     """SIGKILL the worker while the second step's call runs: the other worker resumes at that
-    step (the first step's call is not made again) and every tab ends with the persisted
-    reply."""
+    step's calls (neither the first step's call nor the second model call is made again) and
+    every tab ends with the persisted reply."""
     config = cluster.tmp / "tools.toml"
     env = tool_env(cluster, Db.TOOLS_TAKEOVER, config, tools.model.url)
     web = cluster.process("web", start=False, **env)
@@ -350,6 +354,7 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
     try:
         a: Client = await connect(user, server=web)
         conversation = await start_conversation(a)
+        asked = (await model_stats(tools.model))["started"]
         await a.request(
             f.Say(conversation=conversation, text="[sim:tool=slow {}][sim:tool_repeat]")
         )
@@ -363,6 +368,7 @@ async def test_a_worker_taking_a_turn_over_resumes_after_its_completed_steps(
         done = await a.wait_for(lambda fr: isinstance(fr, f.Done), timeout=40)
         assert done.reason == "tool_calls"
         assert len(receiver.of("/slow")) == MAX_STEPS  # 1, 2 (its worker killed), 2 again
+        assert (await model_stats(tools.model))["started"] - asked == MAX_STEPS
         starts = [fr for fr in a.frames if isinstance(fr, f.Start)]
         assert len(starts) == 2 and starts[0].message_id == starts[1].message_id
         await wait_persisted(db, conversation, 2)

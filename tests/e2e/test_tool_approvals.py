@@ -330,3 +330,17 @@ async def test_a_call_waiting_through_a_restart_of_everything_is_answered_after(
     assert len(of_type(again, conversation, f.ApprovalRequest)) == 1
     reply = await reply_of(db, again, conversation)
     assert result_of(reply).status == "ok"
+
+
+async def test_a_cancel_ends_a_turn_waiting_for_a_person_at_once(
+    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+) -> None:
+    a, b, conversation, _, request = await waiting_on_a_new_file(connect, user, approving)
+    began = time.monotonic()
+    await b.request(f.Cancel(conversation=conversation))
+    done = await finished(a, conversation, timeout=10)
+    assert done.reason == "cancelled" and time.monotonic() - began < 5
+    reply = await reply_of(db, a, conversation)
+    assert (result_of(reply).call_id, result_of(reply).status) == (request.call_id, "cancelled")
+    assert receiver.of(PATH) == []
+    assert_tabs_match(reply, a, b)

@@ -72,7 +72,7 @@ ToolCallId = Annotated[str, Meta(max_length=256)]
 ToolName = Annotated[str, Meta(max_length=256)]
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "error"]
-ApprovalState = Literal["approved", "denied", "expired"]
+ApprovalState = Literal["approved", "denied", "expired", "cancelled"]
 MAX_CALL_ID_CHARS: Final = 256
 CallId = Annotated[str, Meta(min_length=1, max_length=MAX_CALL_ID_CHARS)]
 """A tool call's id as the model gave it (`call_...`)."""
@@ -549,7 +549,8 @@ class ApprovalRequest(_Server, tag="approval_request", kw_only=True, frozen=True
 
 class ApprovalResolved(_Server, tag="approval_resolved", kw_only=True, frozen=True):
     """(addition) Conversation event: the tool call `call_id` was `approved` or `denied`
-    (by `by`, with `reason`), or `expired` unanswered; sent once, whichever tab answered."""
+    (by `by`, with `reason`), `expired` unanswered, or `cancelled` with its turn; sent once,
+    whichever tab answered."""
 
     conversation: uuid.UUID
     call_id: str

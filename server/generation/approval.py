@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 
+from redis.exceptions import RedisError
+
 from protocol.approvals import model_result
 from protocol.text import scrub
 from protocol.toolcalls import ToolCall
@@ -65,6 +67,15 @@ async def approved(approvals: Approvals, bus: Fanout, job: Job, call: ToolCall) 
     finally:
         with contextlib.suppress(BusUnavailable):
             bus.unsubscribe(channel, wake)
+
+
+async def withdrawn(approvals: Approvals, job: Job, call: ToolCall) -> None:
+    """The turn was cancelled while the call waited: settle it `cancelled`, so every tab
+    sees that and a later answer learns it (a failure to say so is only logged)."""
+    try:
+        await approvals.withdraw(str(job.conversation), call.id)
+    except (RedisError, OSError) as exc:
+        log.warning("could not mark the call %s cancelled: %s", call.id, exc)
 
 
 async def _settled(

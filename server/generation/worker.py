@@ -596,6 +596,10 @@ class Worker:
             if self._draining:
                 self._hand_back(run)
             return await approval.approved(self.approvals, self.cancels, run.job, call)
+        except asyncio.CancelledError:
+            if run.cancelled:  # the user stopped the turn: the call will never run
+                await asyncio.shield(approval.withdrawn(self.approvals, run.job, call))
+            raise
         finally:
             run.awaiting_people -= 1
 

@@ -29,6 +29,12 @@ OPEN: Final = scripts.load("open_approval", functions=["lib_now", "lib_append_ev
 SETTLE: Final = scripts.load("settle_approval", functions=["lib_now", "lib_append_event"])
 RETAIN_SECONDS: Final = 86_400.0
 """How long a record stays after its expiry, for a turn resumed late to read its outcome."""
+SETTLED_BY: Final[dict[str, f.ApprovalState]] = {
+    "approve": "approved",
+    "deny": "denied",
+    "withdraw": "cancelled",
+    "expire": "expired",
+}
 POLL_FIRST: Final = 0.05
 POLL_MAX: Final = 0.5
 
@@ -97,6 +103,11 @@ class Approvals:
         settled otherwise)."""
         return await self._apply(conversation, call_id, "", "expire", None)
 
+    async def withdraw(self, conversation: str, call_id: str) -> Answered:
+        """The turn was cancelled: a call still pending is settled `cancelled` (a later
+        answer learns that; nothing runs)."""
+        return await self._apply(conversation, call_id, "", "withdraw", None)
+
     async def get(self, conversation: str, call_id: str) -> Approval | None:
         raw = await self.redis.hgetall(keys.approval(conversation, call_id))
         if not raw:
@@ -138,12 +149,11 @@ class Approvals:
     ) -> Answered:
         reason = (reason or "")[:MAX_REASON_CHARS]
         conversation_id = uuid.UUID(conversation)
-        state: f.ApprovalState = "approved" if decision == "approve" else "denied"
         resolved = f.ApprovalResolved(
             conversation=conversation_id,
             call_id=call_id,
-            state=state,
-            by=user,
+            state=SETTLED_BY[decision],
+            by=user or None,
             reason=reason or None,
         )
         expired = f.ApprovalResolved(conversation=conversation_id, call_id=call_id, state="expired")

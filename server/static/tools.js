@@ -18,6 +18,7 @@ const APPROVAL_LABELS = {
   approved: "approved",
   denied: "denied",
   expired: "not approved in time",
+  cancelled: "cancelled with the reply",
 };
 
 /** The calls of a message in order: {id, name, args, open, result, status}. */
@@ -44,7 +45,7 @@ function callsOf(message, transcript) {
 
 /** Where the call stands, in words, and as a `data-state` for the stylesheet. */
 function stateOf(call, approval, streaming) {
-  const refused = approval?.state === "denied" || approval?.state === "expired";
+  const refused = ["denied", "expired", "cancelled"].includes(approval?.state);
   if (call.status && call.status !== "running" && !refused) {
     return [call.status, RESULT_LABELS[call.status] || call.status];
   }

@@ -340,6 +340,15 @@ async def test_a_cancel_ends_a_turn_waiting_for_a_person_at_once(
     await b.request(f.Cancel(conversation=conversation))
     done = await finished(a, conversation, timeout=10)
     assert done.reason == "cancelled" and time.monotonic() - began < 5
+    for tab in (a, b):
+        resolved = await tab.wait_for(lambda fr: isinstance(fr, f.ApprovalResolved))
+        assert (resolved.call_id, resolved.state, resolved.by) == (
+            request.call_id,
+            "cancelled",
+            None,
+        )
+    late = await a.request(f.Approve(conversation=conversation, call_id=request.call_id))
+    assert (late.approval.first, late.approval.state) == (False, "cancelled")
     reply = await reply_of(db, a, conversation)
     assert (result_of(reply).call_id, result_of(reply).status) == (request.call_id, "cancelled")
     assert receiver.of(PATH) == []

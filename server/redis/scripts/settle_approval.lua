@@ -1,8 +1,9 @@
 -- settle_approval: one answer to a pending approval, applied atomically, so that of two tabs
 -- answering at the same instant exactly one wins (the rules of protocol/approvals.py), and
 -- the `approval_resolved` event appended in the same step: every tab sees the outcome once.
--- decision is 'approve' or 'deny' (from user, who must be the owner) or 'expire' (from
--- Parley, settles only a call past its expiry). `resolved` is the event this answer
+-- decision is 'approve' or 'deny' (from user, who must be the owner), 'expire' (from
+-- Parley, settles only a call past its expiry) or 'withdraw' (from Parley: the turn was
+-- cancelled, the call will never run; `resolved` then says `cancelled`). `resolved` is the event this answer
 -- appends when it wins, `expired` the one appended when it finds the call past its expiry
 -- (both encoded without `seq`). Returns {outcome, state, by, reason}:
 -- outcome 'settled' (this answer won), 'already' (settled before, or expired: the state
@@ -30,7 +31,7 @@ end
 local record = redis.call('HMGET', approval_key, 'owner', 'state', 'expires_at', 'by', 'reason')
 local owner, state, expires_at = record[1], record[2], tonumber(record[3])
 if not owner then return {'unknown', '', '', ''} end
-if decision ~= 'expire' and user ~= owner then
+if decision ~= 'expire' and decision ~= 'withdraw' and user ~= owner then
   return {'forbidden', state, record[4] or '', record[5] or ''}
 end
 if state ~= 'pending' then return {'already', state, record[4] or '', record[5] or ''} end
@@ -44,6 +45,7 @@ if decision == 'expire' or due then
 end
 local settled = 'denied'
 if decision == 'approve' then settled = 'approved' end
+if decision == 'withdraw' then settled = 'cancelled' end
 redis.call('HSET', approval_key, 'state', settled, 'by', user, 'reason', reason)
 announce(resolved)
 return {'settled', settled, user, reason}

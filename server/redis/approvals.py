@@ -132,7 +132,10 @@ class Approvals:
         `wake` is set (by whoever sees the conversation's `approval_resolved`)."""
         delay = POLL_FIRST
         wake = wake or asyncio.Event()
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancel a Redis call swallowed, honoured here
             wake.clear()
             approval = await self.get(conversation, call_id)
             if approval is None or approval.state != "pending":

@@ -56,9 +56,10 @@ from server.app.metrics import TALLY
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
 from server.edge.shardbus import open_bus
-from server.generation import finish_hooks, tokens
+from server.generation import approval, finish_hooks, tokens
 from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
 from server.redis import generations, keys, toolsteps
+from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
@@ -139,6 +140,12 @@ class Running:
     """Arguments of calls whose name has not come yet (their part opens with the name)."""
     pending: list[ToolCall] = field(default_factory=list)
     """Calls of a step taken over before their results were in: run before the model."""
+    recorded: bool = False
+    """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
+    awaiting_people: int = 0
+    """Its calls waiting for a person's approval now: a draining worker hands such a turn
+    back at once (another worker resumes it at the calls) rather than wait for an answer."""
+    task: asyncio.Task[Any] | None = None
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -218,6 +225,12 @@ class Worker:
         self.runner = (
             None if toolbox is None else Runner(toolbox, tools.max_result_bytes, tools.max_parallel)
         )
+        self.approvals = Approvals(
+            redis,
+            tools.approval_timeout,
+            log_max_events=settings.redis.log_max_events,
+            log_ttl=settings.redis.ttl_seconds,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -243,6 +256,9 @@ class Worker:
         """Stop claiming; let running generations finish within the deadline, then hand the
         rest back (their turns stay pending and another worker takes them over)."""
         self._draining = True
+        for run in list(self.running.values()):
+            if run.awaiting_people:
+                self._hand_back(run)
         deadline = self.settings.worker.shutdown_deadline if deadline is None else deadline
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=deadline)
@@ -385,7 +401,7 @@ class Worker:
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
-        run = Running(job)
+        run = Running(job, task=asyncio.current_task())
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -423,7 +439,7 @@ class Worker:
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
-        if run.steps > 1 or takeover:
+        if run.recorded:
             with contextlib.suppress(RedisError, OSError):
                 await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
@@ -577,9 +593,26 @@ class Worker:
         """Whether a person lets the call run: None when it may run, else how it ended without
         running. The one place a call waits for approval; a tool with `approval = "never"`
         runs at once."""
-        if tool.approval == "never":
+        if not approval.needs_approval(tool):
             return None
-        return error_of(call, "this tool needs a person's approval, which is not available")
+        run.awaiting_people += 1
+        try:
+            if self._draining:
+                self._hand_back(run)
+            return await approval.approved(self.approvals, self.cancels, run.job, call)
+        except asyncio.CancelledError:
+            if run.cancelled:  # the user stopped the turn: the call will never run
+                await asyncio.shield(approval.withdrawn(self.approvals, run.job, call))
+            raise
+        finally:
+            run.awaiting_people -= 1
+
+    def _hand_back(self, run: Running) -> None:
+        """Stop a turn that waits for a person, leaving it pending: the step and its waiting
+        calls are recorded, so the worker that takes it over resumes there."""
+        if run.task is not None and not run.task.done():
+            log.info("handing back a turn waiting for approval in %s", run.job.conversation)
+            run.task.cancel()
 
     async def _record_steps(self, run: Running, pending: list[ToolCall]) -> None:
         """The reply so far, for a takeover to resume from: before the step's calls run (with
@@ -590,6 +623,7 @@ class Worker:
             steps=run.steps, parts=run.parts.parts(), usage=run.usages, pending=pending
         )
         await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
+        run.recorded = True
 
     async def _resume_steps(self, run: Running) -> None:
         """Continue after the steps the previous worker completed: publish them again (tabs
@@ -602,6 +636,7 @@ class Worker:
         run.steps = recorded.steps
         run.usages = list(recorded.usage)
         run.pending = list(recorded.pending)
+        run.recorded = True
         for event in run.parts.replay():
             self._publish_later(run, event)
 

@@ -6,6 +6,7 @@ shards, each on its own slot, read by one loop."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pytest_asyncio
 from protocol import frames as f
 from server.app.config import BudgetsSettings
 from server.redis import generations, keys
+from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.streams import ConsumerGroup, Shards
@@ -291,3 +293,24 @@ async def test_the_queue_shards_each_on_its_own_slot_are_read_together(
     taken = await shards.read(SHARDS * 2, 1000)
     assert sorted(group.stream for group, _ in taken) == sorted([*streams[1:3]] * 2)
     assert len(await shards.read(3, 1000)) <= 3
+
+
+async def test_an_approval_on_a_cluster_appends_its_request_and_one_resolution(
+    cluster_redis: Any, events: EventLog
+) -> None:
+    """The approval scripts take the call's key and the conversation's log in one slot, and
+    publish with SPUBLISH: the request and the one winning answer are each logged once."""
+    conversation, message_id = uuid.uuid4(), uuid.uuid4()
+    await cluster_redis.set(keys.seq(conversation), 3, ex=60)
+    store = Approvals(cluster_redis, timeout=60)
+    await store.open(str(conversation), "call_1", "alice", "rm", "{}", str(message_id))
+    answers = await asyncio.gather(
+        store.answer(str(conversation), "call_1", "alice", "approve"),
+        store.answer(str(conversation), "call_1", "alice", "deny"),
+    )
+    assert sorted(a.outcome for a in answers) == ["already", "settled"]
+    head, entries = await events.read(conversation, 0)
+    request, resolved = (f.decode_server(frame) for _, frame in entries)
+    assert head == 5 and isinstance(request, f.ApprovalRequest) and request.seq == 4
+    assert isinstance(resolved, f.ApprovalResolved) and resolved.seq == 5
+    assert resolved.state == next(a for a in answers if a.outcome == "settled").approval.state  # type: ignore[union-attr]

@@ -59,7 +59,6 @@ ErrorCode = Literal[
     "refused",
     "quota_exceeded",
     "forbidden_model",
-    "forbidden",
 ]
 DoneReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
 PartKind = Literal["text", "reasoning", "tool_call", "tool_result"]
@@ -269,8 +268,8 @@ class Approve(_Client, tag="approve", kw_only=True, frozen=True):
     The first answer wins, from whichever tab: the reply's `approval.first` says whether
     this one settled the call, and `approval.state` how it stands (an answer after the
     expiry finds it `expired`). Every tab sees the outcome as `approval_resolved`. Only the
-    conversation's owner may answer (`forbidden`); a call that waits for no answer is
-    `not_found`."""
+    conversation's owner may answer: to anyone else, like a call that waits for no answer,
+    it is `not_found` (another user's conversation looks like one that does not exist)."""
 
     conversation: uuid.UUID
     call_id: CallId

@@ -259,8 +259,8 @@ class Conversations:
     ) -> f.Answer:
         """A person's `approve` or `deny` of a tool call waiting for it: the first answer
         settles it (and its `approval_resolved` event reaches every tab), a later one learns
-        how it stands. Only the call's owner may answer: the record says who that is, so
-        nobody else learns what the call was."""
+        how it stands. Only the call's owner may answer: to anyone else the call is
+        `not_found`, as another user's conversation is, so nobody learns it exists."""
         try:
             answered = await self.approvals.answer(
                 str(conversation), call_id, user, decision, reason
@@ -268,8 +268,6 @@ class Conversations:
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         approval = answered.approval
-        if answered.outcome == "forbidden":
-            raise Refused("forbidden", "only the conversation's owner may answer its tool calls")
         if approval is None or answered.outcome not in ("settled", "already"):
             raise Refused("not_found", f"no tool call {call_id!r} waits for an answer here")
         return f.Answer(

@@ -57,7 +57,6 @@ HTTP_STATUS: Final[dict[f.ErrorCode, int]] = {
     "rate_limited": 429,
     "quota_exceeded": 429,
     "forbidden_model": 403,
-    "forbidden": 403,
     "unavailable": 503,
     "internal": 500,
 }

@@ -30,5 +30,4 @@ export const ERROR_CODE = Object.freeze({
   REFUSED: "refused",
   QUOTA_EXCEEDED: "quota_exceeded",
   FORBIDDEN_MODEL: "forbidden_model",
-  FORBIDDEN: "forbidden",
 });

@@ -45,7 +45,7 @@ const EVENT_TYPES = [
 ];
 const CODE_BY_STATUS = {
   400: "invalid",
-  403: "forbidden",
+  403: "forbidden_model",
   404: "not_found",
   409: "busy",
   413: "too_large",

@@ -107,7 +107,7 @@ async def test_a_reloaded_tab_finds_the_request_and_its_resolution(
         await reloaded.close()
 
 
-async def test_a_stranger_is_forbidden_and_an_unknown_call_is_not_found(
+async def test_to_a_stranger_a_call_is_not_found_like_an_unknown_one(
     parley: ParleyProcess, store: Approvals
 ) -> None:
     owner = new_user()
@@ -118,7 +118,7 @@ async def test_a_stranger_is_forbidden_and_an_unknown_call_is_not_found(
         call_id = await pending_call(store, conversation, owner)
         with pytest.raises(ProtocolError) as refused:
             await stranger.request(f.Approve(conversation=conversation, call_id=call_id))
-        assert refused.value.error.code == "forbidden"
+        assert refused.value.error.code == "not_found"
         assert "delete_file" not in refused.value.error.message
         with pytest.raises(ProtocolError) as unknown:
             await tab.request(f.Approve(conversation=conversation, call_id="call_nope"))
@@ -148,7 +148,7 @@ async def test_the_same_answers_over_http_for_clients_on_server_sent_events(
             return await http.post(path, json=body, headers=headers)
 
         async with httpx.AsyncClient(base_url=parley.url, timeout=10) as http:
-            assert (await post(new_user(), {"decision": "approve"})).status_code == 403
+            assert (await post(new_user(), {"decision": "approve"})).status_code == 404
             unknown = await post(owner, {"decision": "approve"}, url + "x")
             assert unknown.status_code == 404 and call_id + "x" in unknown.text
             assert (await post(owner, {"decision": "maybe"})).status_code == 400

@@ -231,9 +231,9 @@ async def test_a_denial_is_the_result_the_model_reads_and_the_tool_never_runs(
     a, b, conversation = await two_tabs(connect, user, approving.webs)
     request = await asked(a, b, conversation, delete_call("/etc/passwd"))
     stranger: Client = await connect(server=approving.webs[1])
-    with pytest.raises(ProtocolError) as forbidden:
+    with pytest.raises(ProtocolError) as strange:
         await stranger.request(f.Approve(conversation=conversation, call_id=request.call_id))
-    assert forbidden.value.error.code == "forbidden"
+    assert strange.value.error.code == "not_found"
     with pytest.raises(ProtocolError) as unknown:
         await b.request(f.Approve(conversation=conversation, call_id="call_unknown"))
     assert unknown.value.error.code == "not_found"

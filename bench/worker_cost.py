@@ -1,6 +1,7 @@
 """What one generation worker and Redis spend per relayed token.
 
     .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
+        [--profile worker.pstats]
 
 Starts its own Redis and PostgreSQL and, each its own process, the simulated model
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
@@ -8,6 +9,8 @@ Starts its own Redis and PostgreSQL and, each its own process, the simulated mod
 model's CPU time (/proc) and Redis's (`INFO cpu`) and its EVALSHA count. Prints µs per
 token for each, the tokens per append, and the load generator's summary line. A benchmark: it
 never fails on a number; the machine may be shared, so per-token costs are what to compare.
+With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
+report says where its time goes, but its CPU figures then include the profiler's own cost.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bench import profiling
 from server.dev import embedded
 from tests.helpers import procfs
 from tests.helpers.processes import ROOT, bench_cluster, start_all
@@ -67,7 +71,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tps", type=float, default=50)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="write the worker's cProfile stats here")
     args = parser.parse_args()
+    profile = args.profile.resolve() if args.profile else None
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         model = cluster.model()
         env = {
@@ -80,8 +86,9 @@ def main() -> None:
         }
         web = cluster.process("web", start=False, **env)
         metrics_port = embedded.free_port()
+        worker_env = env | (profiling.env(profile) if profile else {})
         worker = cluster.process(
-            "worker", start=False, **env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
+            "worker", start=False, **worker_env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
         )
         start_all([model, web, worker])
         redis_url = cluster.services.redis_url
@@ -91,6 +98,8 @@ def main() -> None:
         model_before = procfs.cpu_seconds(model.pid)
         out = Path(tmp) / "load.json"
         duration = args.tokens / args.tps + 5
+        if profile:
+            profiling.start(worker.pid)
         subprocess.run(
             [
                 sys.executable,
@@ -123,6 +132,8 @@ def main() -> None:
             timeout=600,
         )
         _settle(worker.pid)  # a saturated worker is still relaying what it has read
+        if profile:
+            profiling.stop(worker.pid, profile)
         chunks = _chunks(metrics_port) - chunks_before
         worker_cpu = procfs.cpu_seconds(worker.pid) - worker_before
         model_cpu = procfs.cpu_seconds(model.pid) - model_before
@@ -149,6 +160,8 @@ def main() -> None:
         "tokens_per_script_call": round(tokens / appends, 2) if appends else None,
     }
     print(json.dumps(result, indent=1))
+    if profile and profile.exists():
+        print(profiling.report(profile))
     if args.out:
         args.out.write_text(json.dumps(result | {"load": load}, indent=1, default=str))
 

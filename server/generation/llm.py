@@ -178,15 +178,7 @@ class LLM:
         answered: str | None = None
         think = ThinkSplitter() if self.settings.think_tags else None
         try:
-            requesting = self.client.chat.completions.with_streaming_response.create
-            async with requesting(  # type: ignore[call-overload]
-                model=model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=self.settings.max_tokens,
-            ) as response:
-                http = response.http_response
+            async with self._request(model, messages) as http:
                 async for data in _events(http.aiter_bytes(), http.request):
                     chunk = read_chunk(data)
                     if chunk.error:
@@ -219,8 +211,43 @@ class LLM:
             yield Piece(text, kind)
         yield Finished(reason, usage, answered)
 
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, model: str, messages: list[dict[str, str]], **extra: object
+    ) -> AsyncIterator[httpx2.Response]:
+        """The streamed chat completion's HTTP response, unread, closed on the way out.
+
+        Sent by the `openai` client (its base URL, key, headers, retries, status errors),
+        through its generic `post` with the body encoded here, once: the typed
+        `chat.completions.create` walks every message against its TypedDicts first, which
+        cost the worker more per request than reading a hundred tokens of the reply
+        (docs/benchmarks.md). The body holds what `create` would send."""
+        body = {
+            "model": model,
+            "stream": True,
+            "messages": messages,
+            "max_tokens": self.settings.max_tokens,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
+        content = _body_encoder.encode(body)
+        response = await self.client.post(
+            "/chat/completions", cast_to=httpx2.Response, content=content, options=_STREAMED
+        )
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def close(self) -> None:
         await self.client.close()
+
+
+_STREAMED: Final[openai.RequestOptions] = {
+    "headers": {"X-Stainless-Raw-Response": "stream"},  # the body is left unread
+    "security": {"bearer_auth": True},  # the API key, as `create` sends it
+}
+_body_encoder: Final = msgspec.json.Encoder()
 
 
 def _http_client() -> openai.DefaultAsyncHttpxClient | None:

@@ -195,3 +195,37 @@ async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, re
     await events.cache_history(conversation, 2, [said("one")])
     await events.forget(conversation)
     assert not await redis.exists(keys.history(conversation))
+
+
+async def script_commands(redis: Redis) -> int:
+    """How many SCRIPT commands (LOAD, EXISTS, FLUSH…) Redis has run."""
+    stats = await redis.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_script"))
+
+
+async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting_its_scripts(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    message_id = uuid.uuid4()
+    await claim_generation(redis, conversation, message_id)
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+
+        async def pieces(*indexes: int) -> list[int]:
+            futures = [
+                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
+                for i in indexes
+            ]
+            return list(await asyncio.gather(*futures))
+
+        assert await pieces(1, 2) == [1, 2]
+        before = await script_commands(redis)
+        assert await pieces(3, 4) == [3, 4]
+        assert await script_commands(redis) == before  # no SCRIPT EXISTS ahead of the batch
+        await redis.script_flush()  # as after a restart of Redis
+        assert await pieces(5, 6) == [5, 6]  # loaded again, then run in order
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == [1, 2, 3, 4, 5, 6]

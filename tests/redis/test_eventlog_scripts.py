@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import msgspec
@@ -113,6 +114,20 @@ async def claim_generation(redis: Redis, conversation: uuid.UUID, message_id: uu
     await pipe.execute()
 
 
+async def append_pieces(
+    events: EventLog,
+    pipeliner: Pipeliner,
+    conversation: uuid.UUID,
+    message_id: uuid.UUID,
+    *indexes: int,
+) -> list[int]:
+    """Queue the pieces with these indexes together (one batch) and give their results."""
+    futures = [
+        events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i) for i in indexes
+    ]
+    return list(await asyncio.gather(*futures))
+
+
 async def test_a_retried_batch_of_pieces_appends_nothing_twice(
     events: EventLog, redis: Redis
 ) -> None:
@@ -122,14 +137,7 @@ async def test_a_retried_batch_of_pieces_appends_nothing_twice(
     pipeliner = Pipeliner(redis)
     pipeliner.start()
     try:
-
-        async def pieces(*indexes: int) -> list[int]:
-            futures = [
-                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
-                for i in indexes
-            ]
-            return list(await asyncio.gather(*futures))
-
+        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
         assert await pieces(1, 2) == [1, 2]
         assert await pieces(1, 2) == [0, 0]  # the same batch again
         assert await pieces(2, 3) == [0, 3]
@@ -212,14 +220,7 @@ async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting
     pipeliner = Pipeliner(redis)
     pipeliner.start()
     try:
-
-        async def pieces(*indexes: int) -> list[int]:
-            futures = [
-                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
-                for i in indexes
-            ]
-            return list(await asyncio.gather(*futures))
-
+        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
         assert await pieces(1, 2) == [1, 2]
         before = await script_commands(redis)
         assert await pieces(3, 4) == [3, 4]

@@ -1,14 +1,16 @@
 """What one generation worker and Redis spend per relayed token.
 
     .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
-        [--profile worker.pstats]
+        [--tabs 1] [--duration S] [--profile worker.pstats]
 
 Starts its own Redis and PostgreSQL and, each its own process, the simulated model
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
-(one tab per conversation, one turn each) and reads, around the run, the worker's and the
-model's CPU time (/proc) and Redis's (`INFO cpu`) and its EVALSHA count. Prints µs per
-token for each, the tokens per append, and the load generator's summary line. A benchmark: it
-never fails on a number; the machine may be shared, so per-token costs are what to compare.
+(`--tabs` per conversation, one turn after another for `--duration` seconds) and reads,
+around the run, the worker's and the model's CPU time (/proc) and Redis's (`INFO cpu`) and
+its EVALSHA count. Prints µs per token for each, the tokens per append, what the tabs
+received (turns finished, events lost, time to first token and Parley's share of it,
+`added`), and the load generator's summary. A benchmark: it never fails on a number; the
+machine may be shared, so per-token costs are what to compare.
 With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
 report says where its time goes, but its CPU figures then include the profiler's own cost.
 """
@@ -65,11 +67,27 @@ def _settle(pid: int, limit: float = 120) -> None:
             return
 
 
+def _received(load: dict[str, Any]) -> dict[str, Any]:
+    """What the tabs got: turns sent and finished (their `done` seen), events lost or repeated,
+    and the time to first token (`added`: less the model's own, Parley's share)."""
+    latency = load.get("latency_ms", {})
+    integrity = load.get("integrity", {})
+    return {
+        "turns": load.get("turns"),
+        "lost": integrity.get("lost"),
+        "duplicated": integrity.get("duplicated"),
+        "ttft_ms": {k: latency.get("ttft", {}).get(k) for k in ("count", "p50_ms", "p99_ms")},
+        "added_ms": {k: latency.get("added", {}).get(k) for k in ("count", "p50_ms", "p99_ms")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tps", type=float, default=50)
+    parser.add_argument("--tabs", type=int, default=1)
+    parser.add_argument("--duration", type=float, help="seconds of turns (tokens/tps + 5)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="write the worker's cProfile stats here")
     args = parser.parse_args()
@@ -97,7 +115,7 @@ def main() -> None:
         worker_before = procfs.cpu_seconds(worker.pid)
         model_before = procfs.cpu_seconds(model.pid)
         out = Path(tmp) / "load.json"
-        duration = args.tokens / args.tps + 5
+        duration = args.duration or args.tokens / args.tps + 5
         if profile:
             profiling.start(worker.pid)
         subprocess.run(
@@ -112,7 +130,7 @@ def main() -> None:
                 "--conversations",
                 str(args.conversations),
                 "--tabs",
-                "1",
+                str(args.tabs),
                 "--tokens",
                 str(args.tokens),
                 "--tps",
@@ -129,7 +147,7 @@ def main() -> None:
             cwd=ROOT,
             env=web.env,
             check=False,
-            timeout=600,
+            timeout=600 + duration,
         )
         _settle(worker.pid)  # a saturated worker is still relaying what it has read
         if profile:
@@ -144,6 +162,7 @@ def main() -> None:
     appends = redis_after[1] - redis_before[1]
     result = {
         "conversations": args.conversations,
+        "tabs": args.tabs,
         "tokens_per_reply": args.tokens,
         "tps": args.tps,
         "tokens": tokens,
@@ -158,7 +177,7 @@ def main() -> None:
         if tokens
         else None,
         "tokens_per_script_call": round(tokens / appends, 2) if appends else None,
-    }
+    } | _received(load)
     print(json.dumps(result, indent=1))
     if profile and profile.exists():
         print(profiling.report(profile))

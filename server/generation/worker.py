@@ -515,8 +515,7 @@ class Worker:
         )
 
     async def _context(self, job: Job) -> tuple[list[f.Message], str]:
-        history = await self.events.recent(job.conversation)
-        cached = await self.events.meta(job.conversation)
+        history, cached = await self.events.context(job.conversation)
         if history is None or cached is None:
             cached = await self.conversations.load(job.conversation)
             history = await self.events.recent(job.conversation) or []

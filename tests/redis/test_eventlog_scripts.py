@@ -230,3 +230,18 @@ async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting
     finally:
         await pipeliner.stop()
     assert await log_seqs(redis, conversation) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_generations_context_is_the_recent_messages_and_the_meta_or_nothing(
+    events: EventLog,
+) -> None:
+    meta = conversation_row()
+    assert await events.context(meta.id) == (None, None)
+    said = Message(
+        id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=utcnow()
+    )
+    await events.load("alice", meta, 1, 1, [said])
+    history, cached = await events.context(meta.id)
+    assert history == [said] == await events.recent(meta.id)
+    assert cached is not None and cached == await events.meta(meta.id)
+    assert cached.owner == "alice" and cached.meta.id == meta.id

@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --smoke    # <= 30 s, small numbers, writes nothing to docs/
     .venv/bin/python -m bench.run --only idle --token-alg RS256 --doc /tmp/rs256.md
                                              # the idle row with RS256 tokens from a JWKS
+    .venv/bin/python -m bench.run --only generation   # the generation path, model apart
 
 (from the repository root: `-m` puts it on the import path, for `tests.helpers`).
 
@@ -367,6 +368,26 @@ class Bench:
             )
         self.results["chat_churn"] = r
 
+    def generation_path(self) -> None:
+        """`bench/worker_cost.py` (its own services; the simulated model, web and worker each
+        their own process): 400 conversations x 3 tabs, 200-token replies at 20 tokens/s;
+        worker, model and Redis CPU per token, turns finished, time to first token and
+        Parley's share of it."""
+        conversations, tabs, tokens = (20, 3, 40) if self.smoke else (400, 3, 200)
+        out = self.out_dir / "generation.json"
+        argv = [
+            "bench.worker_cost",
+            *("--conversations", str(conversations), "--tabs", str(tabs)),
+            *("--tokens", str(tokens), "--tps", "20"),
+        ]
+        self.commands.append("generation: python -m " + " ".join(argv))
+        print(f"\n=== generation: {' '.join(argv)}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=1200, check=False
+        )
+        if out.exists():
+            self.results["generation"] = json.loads(out.read_text())
+
     def reconnect_storm(self) -> None:
         """`bench/reconnect_storm.py` (its own services and two web processes): the tabs of
         one web process, SIGKILLed, rejoin the other with `after`."""
@@ -597,6 +618,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{model.get('worker_cpu_us_per_delta')} µs per relayed delta, lost "
             f"{model['integrity']['lost']}, dup {model['integrity']['duplicated']} |"
         )
+    rows += _generation_rows(results.get("generation") or {})
     chat = results.get("chat_churn") or {}
     if chat:
         i = chat["integrity"]
@@ -608,6 +630,24 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{_busy(chat)} | TTFT p50 {tt.get('p50_ms')} / p99 {tt.get('p99_ms')} ms |"
         )
     return rows
+
+
+def _generation_rows(g: dict[str, Any]) -> list[str]:
+    """The generation path's row: worker CPU per token (goal ≤ 40 µs) and Parley's share of
+    the time to first token (goal p50 ≤ 5 ms, p99 ≤ 20 ms)."""
+    if not g:
+        return []
+    added, ttft, turns = g.get("added_ms") or {}, g.get("ttft_ms") or {}, g.get("turns") or {}
+    return [
+        f"| generation path, model apart: {g['conversations']} × {g['tabs']}, "
+        f"{g['tokens_per_reply']}-token replies at {g['tps']:g} tokens/s | worker ≤ 40 µs per "
+        f"token; added TTFT p50 ≤ 5 / p99 ≤ 20 ms | **worker {g['worker_us_per_token']} µs per "
+        f"token**; added TTFT p50 {added.get('p50_ms')} / p99 {added.get('p99_ms')} ms | — | — | "
+        f"model {g['model_us_per_token']} µs and Redis {g['redis_us_per_token']} µs per token, "
+        f"{g['tokens_per_script_call']} tokens per append; TTFT p50 {ttft.get('p50_ms')} / p99 "
+        f"{ttft.get('p99_ms')} ms; turns {turns}; lost {g.get('lost')}, dup "
+        f"{g.get('duplicated')} |"
+    ]
 
 
 def write_doc(doc: Path, results: dict[str, Any], commands: list[str]) -> None:
@@ -664,7 +704,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["idle", "fanout", "latency", "model", "chat", "storm"],
+        choices=["idle", "fanout", "latency", "model", "chat", "storm", "generation"],
         help="run only these workloads",
     )
     parser.add_argument("--sockets", type=int, help="idle sockets (default 10,000)")
@@ -739,6 +779,8 @@ def main() -> None:
                     bench.chat_churn()
                 if "storm" in chosen:  # only when asked for: it starts its own services
                     bench.reconnect_storm()
+                if "generation" in chosen:  # likewise
+                    bench.generation_path()
             finally:
                 if bench.web is not None:
                     bench.web.stop(timeout=20)

@@ -369,38 +369,34 @@ class Bench:
         self.results["chat_churn"] = r
 
     def generation_path(self) -> None:
-        """`bench/worker_cost.py` (its own services; the simulated model, web and worker each
-        their own process): 400 conversations x 3 tabs, 200-token replies at 20 tokens/s;
-        worker, model and Redis CPU per token, turns finished, time to first token and
-        Parley's share of it."""
+        """`bench/worker_cost.py` (the simulated model, web and worker each their own
+        process): 400 conversations x 3 tabs, 200-token replies at 20 tokens/s; worker,
+        model and Redis CPU per token, turns finished, time to first token and Parley's
+        share of it."""
         conversations, tabs, tokens = (20, 3, 40) if self.smoke else (400, 3, 200)
-        out = self.out_dir / "generation.json"
-        argv = [
-            "bench.worker_cost",
-            *("--conversations", str(conversations), "--tabs", str(tabs)),
-            *("--tokens", str(tokens), "--tps", "20"),
-        ]
-        self.commands.append("generation: python -m " + " ".join(argv))
-        print(f"\n=== generation: {' '.join(argv)}", flush=True)
+        sized = ["--conversations", str(conversations), "--tabs", str(tabs)]
+        self.apart(
+            "generation", ["bench.worker_cost", *sized, "--tokens", str(tokens), "--tps", "20"]
+        )
+
+    def reconnect_storm(self) -> None:
+        """`bench/reconnect_storm.py` (two web processes): the tabs of one web process,
+        SIGKILLed, rejoin the other with `after`."""
+        tabs = 200 if self.smoke else self.sizes.idle_sockets
+        argv = ["bench.reconnect_storm", "--tabs", str(tabs), "--conversations", str(tabs // 10)]
+        self.apart("storm", argv)
+
+    def apart(self, name: str, argv: list[str]) -> None:
+        """A benchmark module that starts its own services and processes, its JSON result
+        kept under `name`."""
+        out = self.out_dir / f"{name}.json"
+        self.commands.append(f"{name}: python -m " + " ".join(argv))
+        print(f"\n=== {name}: {' '.join(argv)}", flush=True)
         subprocess.run(
             [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=1200, check=False
         )
         if out.exists():
-            self.results["generation"] = json.loads(out.read_text())
-
-    def reconnect_storm(self) -> None:
-        """`bench/reconnect_storm.py` (its own services and two web processes): the tabs of
-        one web process, SIGKILLed, rejoin the other with `after`."""
-        tabs = 200 if self.smoke else self.sizes.idle_sockets
-        out = self.out_dir / "storm.json"
-        argv = ["bench.reconnect_storm", "--tabs", str(tabs), "--conversations", str(tabs // 10)]
-        self.commands.append("storm: python -m " + " ".join(argv))
-        print(f"\n=== storm: {' '.join(argv)}", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=900, check=False
-        )
-        if out.exists():
-            self.results["storm"] = json.loads(out.read_text())
+            self.results[name] = json.loads(out.read_text())
 
 
 def _cpu_snapshot() -> tuple[float, dict[int, float]]:

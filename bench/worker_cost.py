@@ -114,6 +114,7 @@ def main() -> None:
         chunks_before = _chunks(metrics_port)
         worker_before = procfs.cpu_seconds(worker.pid)
         model_before = procfs.cpu_seconds(model.pid)
+        web_before = procfs.cpu_seconds(web.pid)
         out = Path(tmp) / "load.json"
         duration = args.duration or args.tokens / args.tps + 5
         if profile:
@@ -155,6 +156,7 @@ def main() -> None:
         chunks = _chunks(metrics_port) - chunks_before
         worker_cpu = procfs.cpu_seconds(worker.pid) - worker_before
         model_cpu = procfs.cpu_seconds(model.pid) - model_before
+        web_cpu = procfs.cpu_seconds(web.pid) - web_before
         redis_after = asyncio.run(_redis_cpu(redis_url))
         load: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     tokens = chunks  # the text chunks the worker read from the model: one token each
@@ -170,6 +172,7 @@ def main() -> None:
         "worker_cpu_s": round(worker_cpu, 2),
         "model_cpu_s": round(model_cpu, 2),
         "redis_cpu_s": round(redis_after[0] - redis_before[0], 2),
+        "web_cpu_s": round(web_cpu, 2),
         "evalsha_calls": appends,
         "worker_us_per_token": round(worker_cpu * 1e6 / tokens, 1) if tokens else None,
         "model_us_per_token": round(model_cpu * 1e6 / tokens, 1) if tokens else None,

@@ -9,6 +9,7 @@ shard its own hash tag), the few steps that span slots run as one script per slo
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final, cast
 
 import hiredis
@@ -53,9 +54,11 @@ def connect(settings: RedisSettings) -> Any:
 
 class HiredisPacking:
     """Commands packed by hiredis (C) rather than by the Python loop over every argument of
-    redis-py's asyncio connection (which has no hiredis packer): the same bytes, for about a
-    tenth of the worker's Redis client time per command (docs/benchmarks.md). Arguments go
-    through the connection's own encoder first, so what is sent and refused is unchanged."""
+    redis-py's asyncio connection (which has no hiredis packer): the same bytes for a
+    fraction of the time (docs/benchmarks.md). Arguments that are all `bytes`, `str` or `int`
+    (what Parley sends) are handed to hiredis as they are, which encodes them exactly as
+    redis-py's UTF-8 encoder does; any other (a float, a `bool` redis-py refuses…) goes through
+    the connection's own encoder first, so what is sent and refused is unchanged."""
 
     encoder: Any
 
@@ -64,7 +67,20 @@ class HiredisPacking:
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(tuple(map(self.encoder.encode, args)))]
+        if not self._utf8 or not all(type(arg) in _AS_THEY_ARE for arg in args):
+            args = tuple(map(self.encoder.encode, args))
+        return [hiredis.pack_command(args)]
+
+    @functools.cached_property
+    def _utf8(self) -> bool:
+        """The encoder is the default one, which hiredis's own encoding matches."""
+        encoder = self.encoder
+        return bool(encoder.encoding == "utf-8" and encoder.encoding_errors == "strict")
+
+
+_AS_THEY_ARE: Final = frozenset({bytes, str, int})
+"""Argument types hiredis encodes byte for byte as redis-py does (not `bool`, an `int` that
+redis-py refuses, nor `float`, which it writes with `repr`)."""
 
 
 def packed_by_hiredis(

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import DataError
 
 from server.app.config import RedisSettings
 from server.redis.client import connect, packed_by_hiredis
@@ -18,6 +19,8 @@ COMMANDS: list[tuple[Any, ...]] = [
     ("SCRIPT EXISTS", "ab" * 20),
     (b"CONFIG GET", "maxmemory"),
     ("PUBLISH", "c", b"x" * 100_000),  # above the Python packer's buffer cutoff
+    ("SET", "k", 0.1),  # a float: through the encoder (`repr`), as redis-py writes it
+    ("SET", "k", 2**70, "EX", 10**3),
 ]
 
 
@@ -29,9 +32,17 @@ def test_a_command_is_packed_as_redis_py_packs_it(command: tuple[Any, ...]) -> N
     )
 
 
-def test_what_redis_py_refuses_to_send_is_still_refused() -> None:
-    with pytest.raises(Exception, match="Invalid input"):
-        packed_by_hiredis(Connection)().pack_command("SET", "k", None)
+@pytest.mark.parametrize("value", [None, True], ids=repr)
+def test_what_redis_py_refuses_to_send_is_still_refused(value: object) -> None:
+    with pytest.raises(DataError, match="Invalid input"):
+        packed_by_hiredis(Connection)().pack_command("SET", "k", value)
+
+
+def test_text_utf8_cannot_hold_is_refused_as_redis_py_refuses_it() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        Connection().pack_command("SET", "k", "\ud800")
+    with pytest.raises(UnicodeEncodeError):
+        packed_by_hiredis(Connection)().pack_command("SET", "k", "\ud800")
 
 
 def test_the_connection_kind_the_url_chose_is_kept() -> None:

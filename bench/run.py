@@ -641,7 +641,8 @@ def _generation_rows(g: dict[str, Any]) -> list[str]:
         f"token**; added TTFT p50 {added.get('p50_ms')} / p99 {added.get('p99_ms')} ms | — | — | "
         f"model {g['model_us_per_token']} µs and Redis {g['redis_us_per_token']} µs per token, "
         f"{g['tokens_per_script_call']} tokens per append; TTFT p50 {ttft.get('p50_ms')} / p99 "
-        f"{ttft.get('p99_ms')} ms; turns {turns}; lost {g.get('lost')}, dup "
+        f"{ttft.get('p99_ms')} ms; {turns.get('done')} turns done of {turns.get('sent')} sent; "
+        f"lost {g.get('lost')}, dup "
         f"{g.get('duplicated')} |"
     ]
 

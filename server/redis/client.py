@@ -67,7 +67,7 @@ class HiredisPacking:
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
-        if not self._utf8 or not all(type(arg) in _AS_THEY_ARE for arg in args):
+        if not (self._utf8 and _AS_THEY_ARE.issuperset(map(type, args))):
             args = tuple(map(self.encoder.encode, args))
         return [hiredis.pack_command(args)]
 

@@ -12,7 +12,7 @@ import importlib.util
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import httpx2
 import msgspec
@@ -179,7 +179,7 @@ class LLM:
         think = ThinkSplitter() if self.settings.think_tags else None
         try:
             async with self._request(model, messages) as http:
-                async for data in _events(http.aiter_bytes(), http.request):
+                async for data in _events(_blocks(http), http.request):
                     chunk = read_chunk(data)
                     if chunk.error:
                         raise _streamed_error(chunk.error, http.request)
@@ -258,6 +258,41 @@ def _http_client() -> openai.DefaultAsyncHttpxClient | None:
     if aiohttp_client is None or importlib.util.find_spec("aiohttp") is None:
         return None
     return cast(openai.DefaultAsyncHttpxClient, aiohttp_client())
+
+
+def _vendored_aiohttp() -> Any:
+    """The `openai` client's own aiohttp transport module (openai 2.x on), or None."""
+    try:
+        return importlib.import_module("openai._vendor.httpx_aiohttp.transport")
+    except ImportError:
+        return None
+
+
+_AIOHTTP: Final = _vendored_aiohttp()
+
+
+def _blocks(http: httpx2.Response) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive. On the `openai` client's aiohttp transport they are
+    read from aiohttp's response itself, its errors mapped as the transport maps them: through
+    httpx2's `aiter_bytes` each read passes four more async iterators, ≈ 5 % of a worker's
+    CPU (docs/benchmarks.md). Any other transport, or an encoded body (which httpx2
+    decodes), is read through `aiter_bytes`."""
+    inner = getattr(http.stream, "_stream", None)
+    if (
+        _AIOHTTP is None
+        or not isinstance(inner, _AIOHTTP.AiohttpResponseStream)
+        or http.headers.get("content-encoding", "identity") != "identity"
+    ):
+        return http.aiter_bytes()
+    return _aiohttp_blocks(inner)
+
+
+async def _aiohttp_blocks(stream: Any) -> AsyncIterator[bytes]:
+    """What the transport's `AiohttpResponseStream` yields, without httpx2's iterators."""
+    with _AIOHTTP.map_aiohttp_exceptions():
+        content = stream._aiohttp_response.content
+        async for block in content.iter_chunked(stream.CHUNK_SIZE):
+            yield block
 
 
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:

@@ -2,12 +2,14 @@
 worker's reader) against `parley model` in its own process, many streams at once.
 
     .venv/bin/python -m bench.llm_read [--streams 200] [--tokens 100] [--tps 20] [--httpx]
+        [--history 0]
 
 Prints this process's CPU per chunk read (the worker's reading cost, without Redis or the
 fan-out) and the model process's CPU per chunk (from /proc), each as µs per chunk. The
 `openai` client runs on the transport `LLM` picks (aiohttp where the `openai[aiohttp]` extra
 is installed), or on httpx with `--httpx`; `--aiohttp` forces aiohttp (for older trees).
-A benchmark: it never fails on a number.
+`--history N` sends N earlier messages with each request, as a conversation's turn does (what
+building the request costs grows with them). A benchmark: it never fails on a number.
 """
 
 from __future__ import annotations
@@ -33,15 +35,26 @@ from tests.helpers import procfs
 from tests.helpers.processes import ROOT
 
 
-async def _read(llm: LLM, tokens: int) -> int:
-    prompt = f"[sim:tokens={tokens}] go"
+def _messages(tokens: int, history: int) -> list[dict[str, str]]:
+    """Earlier turns (a sentence each), then the request for `tokens` tokens."""
+    said = "a sentence of about the length people type when they ask a model something"
+    earlier = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{said} ({i})"}
+        for i in range(history)
+    ]
+    return [*earlier, {"role": "user", "content": f"[sim:tokens={tokens}] go"}]
+
+
+async def _read(llm: LLM, tokens: int, history: int = 0) -> int:
     count = 0
-    async for item in llm.stream("m", [{"role": "user", "content": prompt}]):
+    async for item in llm.stream("m", _messages(tokens, history)):
         count += isinstance(item, Piece)
     return count
 
 
-async def _run(url: str, streams: int, tokens: int, transport: str) -> tuple[int, float, float]:
+async def _run(
+    url: str, streams: int, tokens: int, history: int, transport: str
+) -> tuple[int, float, float]:
     llm = LLM(LLMSettings(), url)
     if transport:
         await llm.client.close()
@@ -49,7 +62,7 @@ async def _run(url: str, streams: int, tokens: int, transport: str) -> tuple[int
     try:
         await _read(llm, 2)  # connect once before measuring
         began, cpu = time.monotonic(), time.process_time()
-        counts = await asyncio.gather(*(_read(llm, tokens) for _ in range(streams)))
+        counts = await asyncio.gather(*(_read(llm, tokens, history) for _ in range(streams)))
         return sum(counts), time.process_time() - cpu, time.monotonic() - began
     finally:
         await llm.close()
@@ -78,6 +91,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--tps", type=float, default=20)
+    parser.add_argument("--history", type=int, default=0)
     parser.add_argument("--httpx", action="store_const", const="httpx", dest="transport")
     parser.add_argument("--aiohttp", action="store_const", const="aiohttp", dest="transport")
     args = parser.parse_args()
@@ -99,7 +113,7 @@ def main() -> None:
             _wait_ready(url)
             model_before = procfs.cpu_seconds(model.pid)
             chunks, cpu, wall = uvloop.run(
-                _run(url, args.streams, args.tokens, args.transport or "")
+                _run(url, args.streams, args.tokens, args.history, args.transport or "")
             )
             model_cpu = procfs.cpu_seconds(model.pid) - model_before
         finally:
@@ -108,6 +122,7 @@ def main() -> None:
     result = {
         "transport": args.transport or "LLM's own",
         "streams": args.streams,
+        "history": args.history,
         "chunks": chunks,
         "seconds": round(wall, 2),
         "reader_us_per_chunk": round(cpu * 1e6 / chunks, 1) if chunks else None,

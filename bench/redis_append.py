@@ -8,8 +8,10 @@ their channels (a web process), then appends `--tokens` token events to each thr
 worker's own code (`EventLog.append_piece` in pipelines of `--batch` calls), and afterwards
 PUBLISHes the same framed bytes to the same channels in the same pipelines. For each it reads
 Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
-network included) and `INFO commandstats` (time inside the commands). Prints µs per event and
-events per second per Redis core; it is a benchmark, it never fails on a number.
+network included) and `INFO commandstats` (time inside the commands), and this process's own
+CPU (the worker's side: the pipeliner, redis-py, the replies; the subscriber's draining
+included, the same for both). Prints µs per event and events per second per Redis core; it
+is a benchmark, it never fails on a number.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,16 +158,21 @@ async def _round(
     await ready.wait()
     await redis.config_resetstat()
     before = await _redis_cpu(redis)
+    client_before = time.process_time()
     if name == "append":
         await _appends(events, conversations, message_ids, tokens, batch)
     else:
         await _publishes(redis, conversations, message_ids, tokens, batch)
+    client = (time.process_time() - client_before) * 1e6 / (n * tokens)
     after = await _redis_cpu(redis)
     await asyncio.sleep(0.5)
     listener.cancel()
     received = await listener
     await redis.flushdb()
-    return _delta(before, after, n * tokens) | {"received": received}
+    return _delta(before, after, n * tokens) | {
+        "received": received,
+        "client_cpu_us_per_event": round(client, 2),
+    }
 
 
 async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> dict[str, Any]:
@@ -214,6 +222,7 @@ def main() -> None:
             f"{name:8} Redis CPU {r['redis_cpu_us_per_event']:6.2f} µs/event "
             f"(inside commands {r['command_us_per_event']:5.2f}), "
             f"{r['events_per_redis_core_per_s']:,} events/s per Redis core, "
+            f"client CPU {r['client_cpu_us_per_event']:6.2f} µs/event, "
             f"{r['received']:,} received"
         )
     print(f"append / publish: {results['cpu_ratio']}×")

@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --smoke    # <= 30 s, small numbers, writes nothing to docs/
     .venv/bin/python -m bench.run --only idle --token-alg RS256 --doc /tmp/rs256.md
                                              # the idle row with RS256 tokens from a JWKS
+    .venv/bin/python -m bench.run --only generation   # the generation path, model apart
 
 (from the repository root: `-m` puts it on the import path, for `tests.helpers`).
 
@@ -367,19 +368,35 @@ class Bench:
             )
         self.results["chat_churn"] = r
 
+    def generation_path(self) -> None:
+        """`bench/worker_cost.py` (the simulated model, web and worker each their own
+        process): 400 conversations x 3 tabs, 200-token replies at 20 tokens/s; worker,
+        model and Redis CPU per token, turns finished, time to first token and Parley's
+        share of it."""
+        conversations, tabs, tokens = (20, 3, 40) if self.smoke else (400, 3, 200)
+        sized = ["--conversations", str(conversations), "--tabs", str(tabs)]
+        self.apart(
+            "generation", ["bench.worker_cost", *sized, "--tokens", str(tokens), "--tps", "20"]
+        )
+
     def reconnect_storm(self) -> None:
-        """`bench/reconnect_storm.py` (its own services and two web processes): the tabs of
-        one web process, SIGKILLed, rejoin the other with `after`."""
+        """`bench/reconnect_storm.py` (two web processes): the tabs of one web process,
+        SIGKILLed, rejoin the other with `after`."""
         tabs = 200 if self.smoke else self.sizes.idle_sockets
-        out = self.out_dir / "storm.json"
         argv = ["bench.reconnect_storm", "--tabs", str(tabs), "--conversations", str(tabs // 10)]
-        self.commands.append("storm: python -m " + " ".join(argv))
-        print(f"\n=== storm: {' '.join(argv)}", flush=True)
+        self.apart("storm", argv)
+
+    def apart(self, name: str, argv: list[str]) -> None:
+        """A benchmark module that starts its own services and processes, its JSON result
+        kept under `name`."""
+        out = self.out_dir / f"{name}.json"
+        self.commands.append(f"{name}: python -m " + " ".join(argv))
+        print(f"\n=== {name}: {' '.join(argv)}", flush=True)
         subprocess.run(
-            [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=900, check=False
+            [sys.executable, "-m", *argv, "--out", str(out)], cwd=ROOT, timeout=1200, check=False
         )
         if out.exists():
-            self.results["storm"] = json.loads(out.read_text())
+            self.results[name] = json.loads(out.read_text())
 
 
 def _cpu_snapshot() -> tuple[float, dict[int, float]]:
@@ -597,6 +614,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{model.get('worker_cpu_us_per_delta')} µs per relayed delta, lost "
             f"{model['integrity']['lost']}, dup {model['integrity']['duplicated']} |"
         )
+    rows += _generation_rows(results.get("generation") or {})
     chat = results.get("chat_churn") or {}
     if chat:
         i = chat["integrity"]
@@ -608,6 +626,25 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{_busy(chat)} | TTFT p50 {tt.get('p50_ms')} / p99 {tt.get('p99_ms')} ms |"
         )
     return rows
+
+
+def _generation_rows(g: dict[str, Any]) -> list[str]:
+    """The generation path's row: worker CPU per token (goal ≤ 40 µs) and Parley's share of
+    the time to first token (goal p50 ≤ 5 ms, p99 ≤ 20 ms)."""
+    if not g:
+        return []
+    added, ttft, turns = g.get("added_ms") or {}, g.get("ttft_ms") or {}, g.get("turns") or {}
+    return [
+        f"| generation path, model apart: {g['conversations']} × {g['tabs']}, "
+        f"{g['tokens_per_reply']}-token replies at {g['tps']:g} tokens/s | worker ≤ 40 µs per "
+        f"token; added TTFT p50 ≤ 5 / p99 ≤ 20 ms | **worker {g['worker_us_per_token']} µs per "
+        f"token**; added TTFT p50 {added.get('p50_ms')} / p99 {added.get('p99_ms')} ms | — | — | "
+        f"model {g['model_us_per_token']} µs and Redis {g['redis_us_per_token']} µs per token, "
+        f"{g['tokens_per_script_call']} tokens per append; TTFT p50 {ttft.get('p50_ms')} / p99 "
+        f"{ttft.get('p99_ms')} ms; {turns.get('done')} turns done of {turns.get('sent')} sent; "
+        f"lost {g.get('lost')}, dup "
+        f"{g.get('duplicated')} |"
+    ]
 
 
 def write_doc(doc: Path, results: dict[str, Any], commands: list[str]) -> None:
@@ -664,7 +701,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["idle", "fanout", "latency", "model", "chat", "storm"],
+        choices=["idle", "fanout", "latency", "model", "chat", "storm", "generation"],
         help="run only these workloads",
     )
     parser.add_argument("--sockets", type=int, help="idle sockets (default 10,000)")
@@ -739,6 +776,8 @@ def main() -> None:
                     bench.chat_churn()
                 if "storm" in chosen:  # only when asked for: it starts its own services
                     bench.reconnect_storm()
+                if "generation" in chosen:  # likewise
+                    bench.generation_path()
             finally:
                 if bench.web is not None:
                     bench.web.stop(timeout=20)

@@ -1,13 +1,18 @@
 """What one generation worker and Redis spend per relayed token.
 
     .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
+        [--tabs 1] [--duration S] [--profile worker.pstats]
 
 Starts its own Redis and PostgreSQL and, each its own process, the simulated model
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
-(one tab per conversation, one turn each) and reads, around the run, the worker's and the
-model's CPU time (/proc) and Redis's (`INFO cpu`) and its EVALSHA count. Prints µs per
-token for each, the tokens per append, and the load generator's summary line. A benchmark: it
-never fails on a number; the machine may be shared, so per-token costs are what to compare.
+(`--tabs` per conversation, one turn after another for `--duration` seconds) and reads,
+around the run, the worker's and the model's CPU time (/proc) and Redis's (`INFO cpu`) and
+its EVALSHA count. Prints µs per token for each, the tokens per append, what the tabs
+received (turns finished, events lost, time to first token and Parley's share of it,
+`added`), and the load generator's summary. A benchmark: it never fails on a number; the
+machine may be shared, so per-token costs are what to compare.
+With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
+report says where its time goes, but its CPU figures then include the profiler's own cost.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bench import profiling
 from server.dev import embedded
 from tests.helpers import procfs
 from tests.helpers.processes import ROOT, bench_cluster, start_all
@@ -61,13 +67,31 @@ def _settle(pid: int, limit: float = 120) -> None:
             return
 
 
+def _received(load: dict[str, Any]) -> dict[str, Any]:
+    """What the tabs got: turns sent and finished (their `done` seen), events lost or repeated,
+    and the time to first token (`added`: less the model's own, Parley's share)."""
+    latency = load.get("latency_ms", {})
+    integrity = load.get("integrity", {})
+    return {
+        "turns": load.get("turns"),
+        "lost": integrity.get("lost"),
+        "duplicated": integrity.get("duplicated"),
+        "ttft_ms": {k: latency.get("ttft", {}).get(k) for k in ("count", "p50_ms", "p99_ms")},
+        "added_ms": {k: latency.get("added", {}).get(k) for k in ("count", "p50_ms", "p99_ms")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tps", type=float, default=50)
+    parser.add_argument("--tabs", type=int, default=1)
+    parser.add_argument("--duration", type=float, help="seconds of turns (tokens/tps + 5)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="write the worker's cProfile stats here")
     args = parser.parse_args()
+    profile = args.profile.resolve() if args.profile else None
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         model = cluster.model()
         env = {
@@ -80,8 +104,9 @@ def main() -> None:
         }
         web = cluster.process("web", start=False, **env)
         metrics_port = embedded.free_port()
+        worker_env = env | (profiling.env(profile) if profile else {})
         worker = cluster.process(
-            "worker", start=False, **env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
+            "worker", start=False, **worker_env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
         )
         start_all([model, web, worker])
         redis_url = cluster.services.redis_url
@@ -89,8 +114,11 @@ def main() -> None:
         chunks_before = _chunks(metrics_port)
         worker_before = procfs.cpu_seconds(worker.pid)
         model_before = procfs.cpu_seconds(model.pid)
+        web_before = procfs.cpu_seconds(web.pid)
         out = Path(tmp) / "load.json"
-        duration = args.tokens / args.tps + 5
+        duration = args.duration or args.tokens / args.tps + 5
+        if profile:
+            profiling.start(worker.pid)
         subprocess.run(
             [
                 sys.executable,
@@ -103,7 +131,7 @@ def main() -> None:
                 "--conversations",
                 str(args.conversations),
                 "--tabs",
-                "1",
+                str(args.tabs),
                 "--tokens",
                 str(args.tokens),
                 "--tps",
@@ -120,12 +148,15 @@ def main() -> None:
             cwd=ROOT,
             env=web.env,
             check=False,
-            timeout=600,
+            timeout=600 + duration,
         )
         _settle(worker.pid)  # a saturated worker is still relaying what it has read
+        if profile:
+            profiling.stop(worker.pid, profile)
         chunks = _chunks(metrics_port) - chunks_before
         worker_cpu = procfs.cpu_seconds(worker.pid) - worker_before
         model_cpu = procfs.cpu_seconds(model.pid) - model_before
+        web_cpu = procfs.cpu_seconds(web.pid) - web_before
         redis_after = asyncio.run(_redis_cpu(redis_url))
         load: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     tokens = chunks  # the text chunks the worker read from the model: one token each
@@ -133,6 +164,7 @@ def main() -> None:
     appends = redis_after[1] - redis_before[1]
     result = {
         "conversations": args.conversations,
+        "tabs": args.tabs,
         "tokens_per_reply": args.tokens,
         "tps": args.tps,
         "tokens": tokens,
@@ -140,6 +172,7 @@ def main() -> None:
         "worker_cpu_s": round(worker_cpu, 2),
         "model_cpu_s": round(model_cpu, 2),
         "redis_cpu_s": round(redis_after[0] - redis_before[0], 2),
+        "web_cpu_s": round(web_cpu, 2),
         "evalsha_calls": appends,
         "worker_us_per_token": round(worker_cpu * 1e6 / tokens, 1) if tokens else None,
         "model_us_per_token": round(model_cpu * 1e6 / tokens, 1) if tokens else None,
@@ -147,8 +180,10 @@ def main() -> None:
         if tokens
         else None,
         "tokens_per_script_call": round(tokens / appends, 2) if appends else None,
-    }
+    } | _received(load)
     print(json.dumps(result, indent=1))
+    if profile and profile.exists():
+        print(profiling.report(profile))
     if args.out:
         args.out.write_text(json.dumps(result | {"load": load}, indent=1, default=str))
 

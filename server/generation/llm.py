@@ -191,17 +191,8 @@ class LLM:
         calls = Calls()
         offered = {"tools": tools} if tools else {}
         try:
-            requesting = self.client.chat.completions.with_streaming_response.create
-            async with requesting(  # type: ignore[call-overload]
-                model=model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=self.settings.max_tokens,
-                **offered,
-            ) as response:
-                http = response.http_response
-                async for data in _events(http.aiter_bytes(), http.request):
+            async with self._request(model, messages, **offered) as http:
+                async for data in _events(_blocks(http), http.request):
                     chunk = read_chunk(data)
                     if chunk.error:
                         raise _streamed_error(chunk.error, http.request)
@@ -238,8 +229,43 @@ class LLM:
             yield Piece(text, kind)
         yield Finished(reason, usage, answered, tuple(calls.finish()))
 
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, model: str, messages: list[dict[str, Any]], **extra: object
+    ) -> AsyncIterator[httpx2.Response]:
+        """The streamed chat completion's HTTP response, unread, closed on the way out.
+
+        Sent by the `openai` client (its base URL, key, headers, retries, status errors),
+        through its generic `post` with the body encoded here, once: the typed
+        `chat.completions.create` walks every message against its TypedDicts first, which
+        cost the worker more per request than reading a hundred tokens of the reply
+        (docs/benchmarks.md). The body holds what `create` would send."""
+        body = {
+            "model": model,
+            "stream": True,
+            "messages": messages,
+            "max_tokens": self.settings.max_tokens,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
+        content = _body_encoder.encode(body)
+        response = await self.client.post(
+            "/chat/completions", cast_to=httpx2.Response, content=content, options=_STREAMED
+        )
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def close(self) -> None:
         await self.client.close()
+
+
+_STREAMED: Final[openai.RequestOptions] = {
+    "headers": {"X-Stainless-Raw-Response": "stream"},  # the body is left unread
+    "security": {"bearer_auth": True},  # the API key, as `create` sends it
+}
+_body_encoder: Final = msgspec.json.Encoder()
 
 
 def _http_client() -> openai.DefaultAsyncHttpxClient | None:
@@ -250,6 +276,41 @@ def _http_client() -> openai.DefaultAsyncHttpxClient | None:
     if aiohttp_client is None or importlib.util.find_spec("aiohttp") is None:
         return None
     return cast(openai.DefaultAsyncHttpxClient, aiohttp_client())
+
+
+def _vendored_aiohttp() -> Any:
+    """The `openai` client's own aiohttp transport module (openai 2.x on), or None."""
+    try:
+        return importlib.import_module("openai._vendor.httpx_aiohttp.transport")
+    except ImportError:
+        return None
+
+
+_AIOHTTP: Final = _vendored_aiohttp()
+
+
+def _blocks(http: httpx2.Response) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive. On the `openai` client's aiohttp transport they are
+    read from aiohttp's response itself, its errors mapped as the transport maps them: through
+    httpx2's `aiter_bytes` each read passes four more async iterators, ≈ 5 % of a worker's
+    CPU (docs/benchmarks.md). Any other transport, or an encoded body (which httpx2
+    decodes), is read through `aiter_bytes`."""
+    inner = getattr(http.stream, "_stream", None)
+    if (
+        _AIOHTTP is None
+        or not isinstance(inner, _AIOHTTP.AiohttpResponseStream)
+        or http.headers.get("content-encoding", "identity") != "identity"
+    ):
+        return http.aiter_bytes()
+    return _aiohttp_blocks(inner)
+
+
+async def _aiohttp_blocks(stream: Any) -> AsyncIterator[bytes]:
+    """What the transport's `AiohttpResponseStream` yields, without httpx2's iterators."""
+    with _AIOHTTP.map_aiohttp_exceptions():
+        content = stream._aiohttp_response.content
+        async for block in content.iter_chunked(stream.CHUNK_SIZE):
+            yield block
 
 
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:

@@ -768,8 +768,7 @@ class Worker:
         )
 
     async def _context(self, job: Job) -> tuple[list[f.Message], f.Conversation]:
-        history = await self.events.recent(job.conversation)
-        cached = await self.events.meta(job.conversation)
+        history, cached = await self.events.context(job.conversation)
         if history is None or cached is None:
             cached = await self.conversations.load(job.conversation)
             history = await self.events.recent(job.conversation) or []

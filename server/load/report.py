@@ -14,6 +14,7 @@ from server.load.workload import Plan
 TITLES = {
     "connect": "connect → ready",
     "ttft": "say → first token",
+    "added": "ttft less the model's",
     "gap": "gap between tokens",
     "latency": "publish → tab",
 }

@@ -18,9 +18,11 @@ from typing import Any, Final
 RESOLUTION: Final = 100.0
 """Histogram buckets per e-fold of microseconds: each bucket is ~1 % wide."""
 
-LATENCIES: Final = ("connect", "ttft", "gap", "latency")
-"""connect: TCP connect to `ready`; ttft: `say` to the first `token`; gap: between two tokens of
-one message on one tab; latency: publish to arrival on a tab (the `publish` workload)."""
+LATENCIES: Final = ("connect", "ttft", "added", "gap", "latency")
+"""connect: TCP connect to `ready`; ttft: `say` to the first `token`; added: ttft less the
+model's own time to first token (`done.usage.first_token_ms`), Parley's share; gap: between
+two tokens of one message on one tab; latency: publish to arrival on a tab (the `publish`
+workload)."""
 
 
 class Hist:

@@ -31,6 +31,11 @@ class _Meta(msgspec.Struct):
     last_seq: int = 0
 
 
+class _Usage(msgspec.Struct):
+    first_token_ms: float | None = None
+    """The model's own time to first token, as the worker measured it."""
+
+
 class Incoming(msgspec.Struct):
     """The fields of a server frame the load generator looks at; the rest are skipped."""
 
@@ -45,6 +50,7 @@ class Incoming(msgspec.Struct):
     meta: _Meta | None = None
     code: str = ""
     retry_after: float | None = None
+    usage: _Usage | None = None
 
 
 _decode = msgspec.json.Decoder(Incoming).decode
@@ -77,6 +83,7 @@ class LoadTab:
         "rejoin_target",
         "rejoining",
         "replay_until",
+        "ttft",
         "ttft_turn",
         "waiting",
         "ws",
@@ -94,6 +101,8 @@ class LoadTab:
         self.message_id = ""
         self.last_token_at = 0.0
         self.ttft_turn = 0
+        self.ttft = 0.0
+        """This turn's `say` → first token, until its `done` tells the model's share."""
         self.dropping = False
         self.lost_here = 0
         self.rejoin_target: int | None = None
@@ -283,7 +292,8 @@ class LoadTab:
                     d.stats.record("gap", now - self.last_token_at, now)
                 elif conv.said_at and self.ttft_turn != conv.turn:
                     self.ttft_turn = conv.turn
-                    d.stats.record("ttft", now - conv.said_at, now)
+                    self.ttft = now - conv.said_at
+                    d.stats.record("ttft", self.ttft, now)
                 if fr.text[:1] == STAMP:
                     sent = int(fr.text[1:])
                     d.stats.record("latency", (time.monotonic_ns() - sent) / 1e9, now)
@@ -292,9 +302,18 @@ class LoadTab:
         elif kind == "start":
             self.message_id = ""
         elif kind == "done":
+            self._added(fr, now)
             conv.finished(seq)
         if self.rejoin_target is not None:
             self._check_rejoin()
+
+    def _added(self, done: Incoming, now: float) -> None:
+        """Parley's share of this turn's time to first token: `say` → first token on this tab
+        less the model's own request → first chunk (`done.usage.first_token_ms`)."""
+        model = done.usage.first_token_ms if done.usage is not None else None
+        if self.ttft and model is not None:
+            self.driver.stats.record("added", max(self.ttft - model / 1000, 0.0), now)
+        self.ttft = 0.0
 
     def _check_rejoin(self) -> None:
         target = self.rejoin_target

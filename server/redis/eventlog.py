@@ -191,6 +191,18 @@ class EventLog:
             return None
         return [_message_decoder.decode(item) for item in items]
 
+    async def context(
+        self, conversation: uuid.UUID
+    ) -> tuple[list[Message] | None, CachedMeta | None]:
+        """`recent` and `meta` in one round trip (a generation reads both to begin)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.meta(conversation))
+        pipe.lrange(keys.recent(conversation), 0, -1)
+        raw, items = await pipe.execute()
+        if raw is None:
+            return None, None
+        return [_message_decoder.decode(item) for item in items], _meta_decoder.decode(raw)
+
     async def forget(self, conversation: uuid.UUID) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(

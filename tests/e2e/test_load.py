@@ -56,6 +56,9 @@ def test_load_chat_with_churn(parley: ParleyProcess, tmp_path: Path) -> None:
     assert result["throughput"]["tokens"] > 0
     assert result["connections"]["opened"] == 4
     assert result["latency_ms"]["ttft"]["count"] > 0
+    added = result["latency_ms"]["added"]  # Parley's share: the model's own TTFT taken off
+    assert 0 < added["count"] <= result["latency_ms"]["ttft"]["count"]
+    assert added["p50_ms"] < result["latency_ms"]["ttft"]["p50_ms"]
     assert result["server"]["rss_kib_before"] > 0
     server_view = result["server_metrics"]  # read from the server's GET /metrics
     assert server_view["ttft_count"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import msgspec
@@ -113,6 +114,20 @@ async def claim_generation(redis: Redis, conversation: uuid.UUID, message_id: uu
     await pipe.execute()
 
 
+async def append_pieces(
+    events: EventLog,
+    pipeliner: Pipeliner,
+    conversation: uuid.UUID,
+    message_id: uuid.UUID,
+    *indexes: int,
+) -> list[int]:
+    """Queue the pieces with these indexes together (one batch) and give their results."""
+    futures = [
+        events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i) for i in indexes
+    ]
+    return list(await asyncio.gather(*futures))
+
+
 async def test_a_retried_batch_of_pieces_appends_nothing_twice(
     events: EventLog, redis: Redis
 ) -> None:
@@ -122,14 +137,7 @@ async def test_a_retried_batch_of_pieces_appends_nothing_twice(
     pipeliner = Pipeliner(redis)
     pipeliner.start()
     try:
-
-        async def pieces(*indexes: int) -> list[int]:
-            futures = [
-                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
-                for i in indexes
-            ]
-            return list(await asyncio.gather(*futures))
-
+        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
         assert await pieces(1, 2) == [1, 2]
         assert await pieces(1, 2) == [0, 0]  # the same batch again
         assert await pieces(2, 3) == [0, 3]
@@ -228,3 +236,45 @@ async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, re
     await events.cache_history(conversation, 2, [said("one")])
     await events.forget(conversation)
     assert not await redis.exists(keys.history(conversation))
+
+
+async def script_commands(redis: Redis) -> int:
+    """How many SCRIPT commands (LOAD, EXISTS, FLUSH…) Redis has run."""
+    stats = await redis.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_script"))
+
+
+async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting_its_scripts(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    message_id = uuid.uuid4()
+    await claim_generation(redis, conversation, message_id)
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
+        assert await pieces(1, 2) == [1, 2]
+        before = await script_commands(redis)
+        assert await pieces(3, 4) == [3, 4]
+        assert await script_commands(redis) == before  # no SCRIPT EXISTS ahead of the batch
+        await redis.script_flush()  # as after a restart of Redis
+        assert await pieces(5, 6) == [5, 6]  # loaded again, then run in order
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_generations_context_is_the_recent_messages_and_the_meta_or_nothing(
+    events: EventLog,
+) -> None:
+    meta = conversation_row()
+    assert await events.context(meta.id) == (None, None)
+    said = Message(
+        id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=utcnow()
+    )
+    await events.load("alice", meta, 1, 1, [said])
+    history, cached = await events.context(meta.id)
+    assert history == [said] == await events.recent(meta.id)
+    assert cached is not None and cached == await events.meta(meta.id)
+    assert cached.owner == "alice" and cached.meta.id == meta.id

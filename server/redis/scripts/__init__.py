@@ -108,9 +108,11 @@ class Call:
     args: list[Any]
 
     async def run(self, client: Redis | Pipeline | None = None) -> Any:
-        if isinstance(client, ClusterPipeline):
-            # redis-py refuses `evalsha` on a cluster pipeline by name, not the command
-            # itself: queued as such it goes to the node of its keys' slot
+        if isinstance(client, (Pipeline, ClusterPipeline)):
+            # queued as the bare command: through redis-py's script object a pipeline would
+            # first ask Redis `SCRIPT EXISTS` (one more round trip for every batch), and a
+            # cluster pipeline refuses `evalsha` by name (queued as such it goes to the node of
+            # its keys' slot); `pipelined` loads a script Redis does not know and runs it again
             keys = len(self.keys)
             return client.execute_command("EVALSHA", self.script.sha, keys, *self.keys, *self.args)
         return await self.script(keys=self.keys, args=self.args, client=client)

@@ -32,6 +32,7 @@ from server.generation.persister import Persister
 from server.generation.worker import Worker
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
+from server.redis.queue import FairQueue
 from server.redis.revocations import Revocations
 from server.redis.rooms import Rooms
 from server.redis.turns import Turns
@@ -74,8 +75,15 @@ class Runtime:
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
         events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)
+        queue = FairQueue(
+            self.redis,
+            s.limits.generations_per_user,
+            s.redis.log_max_events,
+            s.redis.ttl_seconds,
+            enabled=s.limits.fair_queue,
+        )
         turns = Turns(
-            self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds
+            self.redis, s.redis.log_max_events, s.redis.ttl_seconds, s.worker.lease_seconds, queue
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.hooks = Hooks(s.hooks)

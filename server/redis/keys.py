@@ -181,3 +181,29 @@ def present(conversation: uuid.UUID | str) -> str:
 def stream_ticket(ticket: str) -> str:
     """A single-use ticket for an SSE stream (`server.redis.tickets`): the user it stands for."""
     return f"{PREFIX}:ticket:{ticket}"
+
+
+QUEUE_RING: Final = f"{PREFIX}:queue:ring"
+"""List of the users with turns in the fair queue, the next to be served first
+(server/redis/queue.py): a user is in it exactly while their `queue` is not empty."""
+
+QUEUE_TOLD: Final = f"{PREFIX}:queue:told"
+"""Hash of the queued turns' last announced places: message id -> `position:ms` (the time
+of the announcement), so a position changes on the tabs at most once a second."""
+
+QUEUE_ANNOUNCER: Final = f"{PREFIX}:queue:announcer"
+"""Held (SET NX, one second) by the process announcing the queue's positions this second."""
+
+SLOTS: Final = f"{PREFIX}:slots"
+"""Hash worker name -> `slots deadline_ms` (its `worker.concurrency` and the time its
+heartbeat runs out): the capacity the fair queue fills."""
+
+
+def queue(user: str) -> str:
+    """List of the user's turns (jobs, JSON) waiting in the fair queue, oldest first."""
+    return f"{PREFIX}:queue:{{u:{user}}}"
+
+
+def running(user: str) -> str:
+    """Counter of the user's turns handed to the workers and not finished yet."""
+    return f"{PREFIX}:running:{{u:{user}}}"

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
 from server.redis.eventlog import RECENT_KEPT, encode, event_keys
+from server.redis.queue import FairQueue
 from server.redis.scripts import Call
 
 HookData = dict[str, Any] | None
@@ -112,12 +113,22 @@ class Budgeting:
 
 
 class Turns:
-    def __init__(self, redis: Redis, max_events: int, ttl: int, lease: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        max_events: int,
+        ttl: int,
+        lease: float,
+        queue: FairQueue | None = None,
+    ) -> None:
         self.redis = redis
+        self.queue = queue or FairQueue(redis, 0, max_events, ttl, enabled=False)
+        """Where accepted turns wait for a worker slot (or, disabled, the Stream at once)."""
         self.max_events = max_events
         self.ttl = ttl
         self.lease = max(int(lease * 3), 3)
         """How long the `generating` mark outlives its worker's last heartbeat."""
+        self.queue.lease = self.lease
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
@@ -140,6 +151,7 @@ class Turns:
             turns_key=keys.TURNS,
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
+            **self._queue_inputs(job),
             frame=message_event,
             message=encode(message),
             reply_id=str(job.message_id),
@@ -152,7 +164,7 @@ class Turns:
             say_id=str(message.id),
             **budgeting.args(),
         )
-        return _accepted(result)
+        return await self._queued(_accepted(result))
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         c = job.conversation
@@ -163,13 +175,30 @@ class Turns:
             turns_key=keys.TURNS,
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
+            **self._queue_inputs(job),
             job=encode(job),
             reply_id=str(job.message_id),
             turn_limit=turn_limit,
             lease=self.lease,
             **budgeting.args(),
         )
-        return _accepted(result)
+        return await self._queued(_accepted(result))
+
+    def _queue_inputs(self, job: Job) -> dict[str, str]:
+        return {
+            "queue_key": keys.queue(job.user),
+            "ring_key": keys.QUEUE_RING,
+            "fair": "1" if self.queue.enabled else "0",
+            "user": job.user,
+        }
+
+    async def _queued(self, accepted: Accepted) -> Accepted:
+        """An accepted turn waits in the fair queue: start it if a slot is free, and tell
+        its tabs (and the others waiting) where it stands."""
+        if accepted.admission is Admission.OK and self.queue.enabled:
+            await self.queue.dispatch()
+            await self.queue.announce()
+        return accepted
 
     def finish_call(
         self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int
@@ -200,8 +229,9 @@ class Turns:
             spent=spent,
         )
 
-    async def cancel(self, conversation: uuid.UUID) -> None:
-        """Tell whichever worker runs (or is about to run) the generation to stop."""
+    async def cancel(self, conversation: uuid.UUID, user: str) -> None:
+        """Tell whichever worker runs (or is about to run) the generation to stop; a turn
+        still in the fair queue (`user`'s) leaves it for a worker to end at once."""
         message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
@@ -209,6 +239,8 @@ class Turns:
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
         pipe.publish(keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
+        if self.queue.enabled and await self.queue.unqueue(user, message_id):
+            await self.queue.announce()
 
 
 def _accepted(result: list[bytes | int]) -> Accepted:

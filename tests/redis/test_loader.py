@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import approvals, budgets, eventlog, presence, scripts, turns
+from server.redis import approvals, budgets, eventlog, presence, queue, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -26,6 +26,10 @@ LOADED = [
     approvals.SETTLE,
     budgets.LOAD,
     budgets.WARN,
+    queue.DISPATCH,
+    queue.RELEASE,
+    queue.UNQUEUE,
+    queue.ANNOUNCE,
 ]
 
 

@@ -17,9 +17,15 @@ local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget
 end
 
 -- Mark the conversation as generating (the `gen` hash, alive for `lease` seconds unless the
--- worker's heartbeat renews it) and queue the job for the workers.
-local function start_generation(gen_key, message_id, lease, turns_key, job)
+-- worker's heartbeat renews it) and queue the job: with `fair` ('1') at the end of the
+-- user's fair queue (the user joining the ring when their queue was empty), for
+-- server/redis/queue.py to hand to the workers; otherwise straight on the turns Stream.
+local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
   redis.call('HSET', gen_key, 'message_id', message_id, 'state', 'queued')
   redis.call('EXPIRE', gen_key, lease)
-  redis.call('XADD', turns_key, '*', 'job', job)
+  if queue.fair ~= '1' then
+    redis.call('XADD', turns_key, '*', 'job', job)
+  elseif redis.call('RPUSH', queue.key, job) == 1 then
+    redis.call('RPUSH', queue.ring_key, queue.user)
+  end
 end

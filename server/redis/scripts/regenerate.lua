@@ -3,14 +3,16 @@
 -- marks the conversation as generating and queues the job naming the reply it replaces.
 -- Reserves the turn's worst case in the user's budget as say does.
 -- Returns {'ok', 0, replaced message id}.
--- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
--- user's budget: four Redis Cluster slots.
+-- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>`, the
+-- user's budget and fair queue, and the queue's ring: five Redis Cluster slots.
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
 local meta_key = KEYS[3]
 local turns_key = KEYS[4]
 local rate_key = KEYS[5]
 local budget_key = KEYS[6]
+local queue_key = KEYS[7] -- the user's fair queue
+local ring_key = KEYS[8]
 local job = ARGV[1]
 local reply_id = ARGV[2]
 local turn_limit = tonumber(ARGV[3])
@@ -21,6 +23,8 @@ local budget_bucket = ARGV[7]
 local budget_ttl = tonumber(ARGV[8])
 local context_tokens = ARGV[9]
 local max_tokens = ARGV[10]
+local fair = ARGV[11] -- '1': through the fair queue
+local user = ARGV[12]
 
 local last = redis.call('LINDEX', recent_key, -1)
 if not last then return {'nothing'} end
@@ -34,5 +38,6 @@ if refused then return refused end
 local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
 local job_with_replaces = string.sub(job, 1, -2) .. ',"replaces":"' .. message.id
   .. '","budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
-start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces)
+start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces,
+  {fair = fair, key = queue_key, ring_key = ring_key, user = user})
 return {'ok', 0, message.id}

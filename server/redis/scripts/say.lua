@@ -5,8 +5,8 @@
 -- user's budget, appends the user's `message` event, keeps the message for the model's
 -- context, marks the conversation as generating and queues the job (with the message's seq,
 -- the reservation and the budget's epoch) on the turns Stream. Returns {'ok', seq}.
--- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>` and the
--- user's budget: four Redis Cluster slots.
+-- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>`, the
+-- user's budget and fair queue, and the queue's ring: five Redis Cluster slots.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -18,6 +18,8 @@ local meta_key = KEYS[8]
 local turns_key = KEYS[9]
 local rate_key = KEYS[10]
 local budget_key = KEYS[11]
+local queue_key = KEYS[12] -- the user's fair queue
+local ring_key = KEYS[13]
 local frame = ARGV[1]
 local message = ARGV[2]
 local reply_id = ARGV[3]
@@ -34,6 +36,8 @@ local budget_bucket = ARGV[13] -- the bucket this turn counts in
 local budget_ttl = tonumber(ARGV[14])
 local context_tokens = ARGV[15]
 local max_tokens = ARGV[16]
+local fair = ARGV[17] -- '1': through the fair queue
+local user = ARGV[18]
 
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 local cost = budget_worst_case(recent_key, message, context_tokens, max_tokens)
@@ -51,5 +55,6 @@ redis.call('EXPIRE', recent_key, ttl)
 redis.call('EXPIRE', meta_key, ttl)
 local job_with_seq = string.sub(job, 1, -2) .. ',"user_seq":' .. seq
   .. ',"budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
-start_generation(gen_key, reply_id, lease, turns_key, job_with_seq)
+start_generation(gen_key, reply_id, lease, turns_key, job_with_seq,
+  {fair = fair, key = queue_key, ring_key = ring_key, user = user})
 return {'ok', seq}

@@ -9,12 +9,16 @@ hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on 
   `mark_persisted` (persisted, log, seq, history), `cache_history` (persisted, history),
   `open_approval` and `settle_approval` (one approval);
 - crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
-  `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `regenerate` (gen, recent,
-  meta, plus `TURNS`, `turn_rate(user)` and `budget(user)`: four slots), `finish` (seq, log,
+  `TURNS`, `turn_rate(user)`, `budget(user)` and `queue(user)`, `QUEUE_RING`: five slots),
+  `regenerate` (gen, recent, meta, plus the same five), `finish` (seq, log,
   channel, persisted, gen, recent, done id, plus `PERSIST` and `budget(user)`: three slots),
   `admit` (`PROCESSES` and one `connections(user)` per socket admitted) and `leave` (one
   `connections(user)` per user): a slot per user;
 - `beat`: `PROCESSES` alone; `budget_load` and `budget_warn`: `budget(user)` alone.
+- the fair queue's: `dispatch` (`TURNS`, `QUEUE_RING`, `QUEUE_TOLD` and each picked user's
+  `queue` and `running`), `release` (`TURNS`, `running(user)`), `unqueue` (the user's
+  `queue` and `running`, `QUEUE_RING`, `TURNS`, `QUEUE_TOLD`), `announce` (the user's
+  `queue`, `QUEUE_TOLD` and the conversation's event keys).
 
 So Parley runs on one Redis (or a primary with replicas), not on Redis Cluster as it is:
 Cluster refuses a script whose keys span slots.

@@ -9,16 +9,17 @@ hash to one Redis Cluster slot. Which scripts (`server/redis/scripts/`) stay on 
   `mark_persisted` (persisted, log, seq, history), `cache_history` (persisted, history),
   `open_approval` and `settle_approval` (one approval);
 - crossing slots: `say` (seq, log, channel, persisted, gen, say id, recent, meta, plus
-  `TURNS`, `turn_rate(user)`, `budget(user)` and `queue(user)`, `QUEUE_RING`: five slots),
-  `regenerate` (gen, recent, meta, plus the same five), `finish` (seq, log,
-  channel, persisted, gen, recent, done id, plus `PERSIST` and `budget(user)`: three slots),
+  `TURNS`, `turn_rate(user)`, `budget(user)` with `queue(user)` (the user's slot),
+  `QUEUE_RING` and `QUEUE_TOLD`: six slots), `regenerate` (gen, recent, meta, plus the
+  same), `finish` (seq, log, channel, persisted, gen, recent, done id, plus `PERSIST` and
+  `budget(user)`: three slots),
   `admit` (`PROCESSES` and one `connections(user)` per socket admitted) and `leave` (one
   `connections(user)` per user): a slot per user;
 - `beat`: `PROCESSES` alone; `budget_load` and `budget_warn`: `budget(user)` alone.
 - the fair queue's: `dispatch` (`TURNS`, `QUEUE_RING`, `QUEUE_TOLD` and each picked user's
   `queue` and `running`), `release` (`TURNS`, `running(user)`), `unqueue` (the user's
-  `queue` and `running`, `QUEUE_RING`, `TURNS`, `QUEUE_TOLD`), `announce` (the user's
-  `queue`, `QUEUE_TOLD` and the conversation's event keys).
+  `queue` and `running`, `QUEUE_RING`, `TURNS`, `QUEUE_TOLD`), `announce` (`QUEUE_TOLD`
+  and the conversation's event keys).
 
 So Parley runs on one Redis (or a primary with replicas), not on Redis Cluster as it is:
 Cluster refuses a script whose keys span slots.
@@ -192,8 +193,9 @@ QUEUE_RING: Final = f"{PREFIX}:queue:ring"
 (server/redis/queue.py): a user is in it exactly while their `queue` is not empty."""
 
 QUEUE_TOLD: Final = f"{PREFIX}:queue:told"
-"""Hash of the queued turns' last announced places: message id -> `position:ms` (the time
-of the announcement), so a position changes on the tabs at most once a second."""
+"""Hash of the turns waiting in the fair queue: message id -> `position:ms`, the last place
+announced and when (`-1:0` until the first), so a position changes on the tabs at most once
+a second and never after the turn left the queue (dispatch and unqueue delete its entry)."""
 
 QUEUE_ANNOUNCER: Final = f"{PREFIX}:queue:announcer"
 """Held (SET NX, one second) by the process announcing the queue's positions this second."""

@@ -198,19 +198,18 @@ class FairQueue:
         pipe = self.redis.pipeline(transaction=False)
         for waiting, jobs in zip(ring, queues, strict=True):
             for job, position in zip(jobs, places[waiting.user], strict=False):
-                await self._tell(job, waiting.user, position, now_ms).run(pipe)
+                await self._tell(job, position, now_ms).run(pipe)
         for conversation in conversations:
             pipe.expire(keys.generation(conversation), self.lease)
         results = await pipe.execute()
         return sum(1 for seq in results[: len(results) - len(conversations)] if seq)
 
-    def _tell(self, raw: bytes, user: str, position: int, now_ms: int) -> scripts.Call:
+    def _tell(self, raw: bytes, position: int, now_ms: int) -> scripts.Call:
         job = _queued.decode(raw)
         frame = f.Queued(
             conversation=job.conversation, message_id=job.message_id, position=position
         )
         return self._announce.bind(
-            queue_key=keys.queue(user),
             told_key=keys.QUEUE_TOLD,
             **event_keys(job.conversation),
             message_id=str(job.message_id),

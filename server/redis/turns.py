@@ -188,6 +188,7 @@ class Turns:
         return {
             "queue_key": keys.queue(job.user),
             "ring_key": keys.QUEUE_RING,
+            "told_key": keys.QUEUE_TOLD,
             "fair": "1" if self.queue.enabled else "0",
             "user": job.user,
         }

@@ -19,13 +19,17 @@ end
 -- Mark the conversation as generating (the `gen` hash, alive for `lease` seconds unless the
 -- worker's heartbeat renews it) and queue the job: with `fair` ('1') at the end of the
 -- user's fair queue (the user joining the ring when their queue was empty), for
--- server/redis/queue.py to hand to the workers; otherwise straight on the turns Stream.
+-- server/redis/queue.py to hand to the workers, marked as waiting and not yet told its
+-- position in the queue's `told` hash; otherwise straight on the turns Stream.
 local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
   redis.call('HSET', gen_key, 'message_id', message_id, 'state', 'queued')
   redis.call('EXPIRE', gen_key, lease)
   if queue.fair ~= '1' then
     redis.call('XADD', turns_key, '*', 'job', job)
-  elseif redis.call('RPUSH', queue.key, job) == 1 then
-    redis.call('RPUSH', queue.ring_key, queue.user)
+  else
+    if redis.call('RPUSH', queue.key, job) == 1 then
+      redis.call('RPUSH', queue.ring_key, queue.user)
+    end
+    redis.call('HSET', queue.told_key, message_id, '-1:0')
   end
 end

@@ -4,7 +4,7 @@
 -- Reserves the turn's worst case in the user's budget as say does.
 -- Returns {'ok', 0, replaced message id}.
 -- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>`, the
--- user's budget and fair queue, and the queue's ring: five Redis Cluster slots.
+-- user's budget and fair queue (one slot), the queue's ring and `told`: six Cluster slots.
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
 local meta_key = KEYS[3]
@@ -13,6 +13,7 @@ local rate_key = KEYS[5]
 local budget_key = KEYS[6]
 local queue_key = KEYS[7] -- the user's fair queue
 local ring_key = KEYS[8]
+local told_key = KEYS[9]
 local job = ARGV[1]
 local reply_id = ARGV[2]
 local turn_limit = tonumber(ARGV[3])
@@ -39,5 +40,5 @@ local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
 local job_with_replaces = string.sub(job, 1, -2) .. ',"replaces":"' .. message.id
   .. '","budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
 start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces,
-  {fair = fair, key = queue_key, ring_key = ring_key, user = user})
+  {fair = fair, key = queue_key, ring_key = ring_key, told_key = told_key, user = user})
 return {'ok', 0, message.id}

@@ -6,7 +6,7 @@
 -- context, marks the conversation as generating and queues the job (with the message's seq,
 -- the reservation and the budget's epoch) on the turns Stream. Returns {'ok', seq}.
 -- Besides the conversation's keys it touches `parley:turns`, `parley:rate:<user>`, the
--- user's budget and fair queue, and the queue's ring: five Redis Cluster slots.
+-- user's budget and fair queue (one slot), the queue's ring and `told`: six Cluster slots.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -20,6 +20,7 @@ local rate_key = KEYS[10]
 local budget_key = KEYS[11]
 local queue_key = KEYS[12] -- the user's fair queue
 local ring_key = KEYS[13]
+local told_key = KEYS[14]
 local frame = ARGV[1]
 local message = ARGV[2]
 local reply_id = ARGV[3]
@@ -56,5 +57,5 @@ redis.call('EXPIRE', meta_key, ttl)
 local job_with_seq = string.sub(job, 1, -2) .. ',"user_seq":' .. seq
   .. ',"budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
 start_generation(gen_key, reply_id, lease, turns_key, job_with_seq,
-  {fair = fair, key = queue_key, ring_key = ring_key, user = user})
+  {fair = fair, key = queue_key, ring_key = ring_key, told_key = told_key, user = user})
 return {'ok', seq}

@@ -76,6 +76,9 @@ class Db(IntEnum):
     THINK_TAGS = 26
     BUDGETS = 27
     BUDGETS_UI = 28
+    FAIR_QUEUE = 29
+    FAIR_QUEUE_CAP = 30
+    FAIR_QUEUE_KILL = 31
 
 
 SCALE_DB = Db.SCALE

@@ -63,6 +63,7 @@ from protocol.frames import Message
 from server.redis import generations, keys, scripts
 from server.redis.client import is_cluster, publish
 from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
+from server.redis.queue import FairQueue
 from server.redis.scripts import Call
 
 HookData = dict[str, Any] | None
@@ -166,9 +167,17 @@ class Budgeting:
 
 class Turns:
     def __init__(
-        self, redis: Redis, max_events: int, ttl: int, lease: float, shards: int = 1
+        self,
+        redis: Redis,
+        max_events: int,
+        ttl: int,
+        lease: float,
+        shards: int = 1,
+        queue: FairQueue | None = None,
     ) -> None:
         self.redis = redis
+        self.queue = queue or FairQueue(redis, 0, max_events, ttl, enabled=False)
+        """Where accepted turns wait for a worker slot (or, disabled, the Stream at once)."""
         self.max_events = max_events
         self.ttl = ttl
         self.lease = max(int(lease * 3), 3)
@@ -176,6 +185,7 @@ class Turns:
         self.shards = shards
         self.in_steps = is_cluster(redis)
         """On a Redis Cluster: turns are accepted and finished in single-slot steps."""
+        self.queue.lease = self.lease
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
@@ -213,6 +223,7 @@ class Turns:
             turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
+            **self._queue_inputs(job),
             frame=message_event,
             message=encode(message),
             reply_id=str(job.message_id),
@@ -225,7 +236,7 @@ class Turns:
             say_id=str(message.id),
             **budgeting.args(),
         )
-        return _accepted(result)
+        return await self._queued(_accepted(result))
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         if self.in_steps:
@@ -238,13 +249,31 @@ class Turns:
             turns_key=self.turns_key(c),
             rate_key=keys.turn_rate(job.user),
             budget_key=keys.budget(job.user),
+            **self._queue_inputs(job),
             job=encode(job),
             reply_id=str(job.message_id),
             turn_limit=turn_limit,
             lease=self.lease,
             **budgeting.args(),
         )
-        return _accepted(result)
+        return await self._queued(_accepted(result))
+
+    def _queue_inputs(self, job: Job) -> dict[str, str]:
+        return {
+            "queue_key": keys.queue(job.user),
+            "ring_key": keys.QUEUE_RING,
+            "told_key": keys.QUEUE_TOLD,
+            "fair": "1" if self.queue.enabled else "0",
+            "user": job.user,
+        }
+
+    async def _queued(self, accepted: Accepted) -> Accepted:
+        """An accepted turn waits in the fair queue: start it if a slot is free, and tell
+        its tabs (and the others waiting) where it stands."""
+        if accepted.admission is Admission.OK and self.queue.enabled:
+            await self.queue.dispatch()
+            await self.queue.announce()
+        return accepted
 
     def finish_call(
         self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int
@@ -464,8 +493,9 @@ class Turns:
                 await asyncio.sleep(pause)
         return None
 
-    async def cancel(self, conversation: uuid.UUID) -> None:
-        """Tell whichever worker runs (or is about to run) the generation to stop."""
+    async def cancel(self, conversation: uuid.UUID, user: str) -> None:
+        """Tell whichever worker runs (or is about to run) the generation to stop; a turn
+        still in the fair queue (`user`'s) leaves it for a worker to end at once."""
         message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
@@ -473,6 +503,9 @@ class Turns:
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
         publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
+        stream = self.turns_key(conversation)
+        if self.queue.enabled and await self.queue.unqueue(user, message_id, stream):
+            await self.queue.announce()
 
 
 def _accepted(result: list[bytes | int]) -> Accepted:

@@ -79,6 +79,9 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    FAIR_QUEUE = 50
+    FAIR_QUEUE_CAP = 51
+    FAIR_QUEUE_KILL = 52
 
 
 SCALE_DB = Db.SCALE

@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import approvals, budgets, eventlog, presence, scripts, turns
+from server.redis import approvals, budgets, eventlog, presence, queue, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -36,6 +36,10 @@ LOADED = [
     approvals.SETTLE,
     budgets.LOAD,
     budgets.WARN,
+    queue.DISPATCH,
+    queue.RELEASE,
+    queue.UNQUEUE,
+    queue.ANNOUNCE,
 ]
 
 
@@ -88,7 +92,7 @@ def test_library_functions_come_before_the_script() -> None:
     assert source.index("local function turn_refused") < source.index("local seq_key = KEYS[1]")
 
 
-PUBLISHING = {"append", "append_piece", "say", "finish", "say_commit", "finish_commit"}
+PUBLISHING = {"append", "append_piece", "say", "finish", "say_commit", "finish_commit", "announce"}
 
 
 @pytest.mark.parametrize("script", LOADED, ids=lambda script: script.name)

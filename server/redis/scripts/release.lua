@@ -1,0 +1,15 @@
+-- release: a worker is done with a turn the fair queue handed it: acknowledge and delete
+-- its Stream entry and lower the user's running count, once (only the call that deleted the
+-- entry lowers it, or the one told the entry was `buried`, which deleted it already).
+local turns_key = KEYS[1]
+local running_key = KEYS[2]
+local group = ARGV[1]
+local entry_id = ARGV[2]
+local buried = ARGV[3]
+
+redis.call('XACK', turns_key, group, entry_id)
+local deleted = redis.call('XDEL', turns_key, entry_id)
+if (deleted == 1 or buried == '1') and tonumber(redis.call('GET', running_key) or '0') > 0 then
+  redis.call('DECR', running_key)
+end
+return deleted

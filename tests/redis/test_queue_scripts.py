@@ -1,0 +1,153 @@
+"""The fair queue's scripts against the real Redis: turns wait per user, are handed to the
+turns Stream round-robin within the workers' capacity and the per-user cap, and their tabs
+are told their positions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import msgspec
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from protocol import frames as f
+from server.redis import keys
+from server.redis.eventlog import EventLog
+from server.redis.queue import FairQueue
+from server.redis.turns import Admission, Job, Turns
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
+
+PER_USER = 2
+GROUP = "workers"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def turns(redis: Redis) -> AsyncIterator[Turns]:
+    await redis.delete(keys.TURNS, keys.QUEUE_RING, keys.QUEUE_TOLD, keys.SLOTS)
+    await redis.xgroup_create(keys.TURNS, GROUP, id="0", mkstream=True)
+    queue = FairQueue(redis, PER_USER, MAX_EVENTS, TTL)
+    yield Turns(redis, MAX_EVENTS, TTL, lease=10.0, queue=queue)
+    await redis.delete(keys.TURNS, keys.QUEUE_RING, keys.QUEUE_TOLD, keys.SLOTS)
+
+
+async def say(turns: Turns, events: EventLog, user: str) -> Job:
+    conversation = await loaded(events, user)
+    await budgeted(turns.redis, user)
+    said = f.Message(
+        id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=datetime.now(UTC)
+    )
+    job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
+    event = f.encode(f.MessageEvent(conversation=conversation, message=said))
+    accepted = await turns.accept(event, said, job, 100, UNLIMITED)
+    assert accepted.admission is Admission.OK
+    return job
+
+
+async def running_users(redis: Redis) -> list[str]:
+    return [fields[b"user"].decode() for _, fields in await redis.xrange(keys.TURNS)]
+
+
+async def slots(turns: Turns, n: int) -> None:
+    pipe = turns.redis.pipeline(transaction=False)
+    turns.queue.beat(pipe, "w1", n, 30)
+    await pipe.execute()
+
+
+async def told(events: EventLog, job: Job) -> list[int]:
+    _, logged = await events.read(job.conversation, 0)
+    frames = [msgspec.json.decode(frame) for _, frame in logged]
+    return [fr["position"] for fr in frames if fr["type"] == "queued"]
+
+
+def users() -> tuple[str, str]:
+    tag = uuid.uuid4().hex[:6]
+    return f"a-{tag}", f"b-{tag}"
+
+
+async def test_without_capacity_turns_wait_and_are_told_their_places(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    a_jobs = [await say(turns, events, a) for _ in range(3)]
+    b_job = await say(turns, events, b)
+    assert await turns.redis.xlen(keys.TURNS) == 0
+    assert [await told(events, job) for job in a_jobs] == [[0], [1], [2]]
+    assert await told(events, b_job) == [1]  # entered behind a's first, ahead of its others
+
+
+async def test_slots_go_round_robin_and_a_user_never_runs_more_than_the_cap(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    for _ in range(6):
+        await say(turns, events, a)
+    await say(turns, events, b)
+    await slots(turns, 4)
+    await turns.queue.dispatch()
+    assert await running_users(turns.redis) == [a, b, a]  # a's third waits for the cap
+
+
+async def test_released_slots_alternate_between_the_waiting_users(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    await slots(turns, 1)
+    for _ in range(3):
+        await say(turns, events, a)
+    await say(turns, events, b)
+    started = []
+    for _ in range(3):
+        ((entry_id, fields),) = await turns.redis.xrange(keys.TURNS)
+        started.append(fields[b"user"].decode())
+        await turns.queue.release(keys.TURNS, GROUP, entry_id, started[-1], buried=False)
+        await turns.queue.dispatch()
+    assert started == [a, a, b]  # b waited behind a's second turn only, not a's third
+    assert await running_users(turns.redis) == [a]
+    assert int(await turns.redis.get(keys.running(b)) or 0) == 0
+
+
+async def test_a_cancelled_waiting_turn_leaves_the_queue_for_the_workers(
+    turns: Turns, events: EventLog
+) -> None:
+    a, _ = users()
+    jobs = [await say(turns, events, a) for _ in range(2)]
+    await turns.cancel(jobs[1].conversation, a)
+    assert await turns.redis.lrange(keys.queue(a), 0, -1) == [
+        await turns.redis.lindex(keys.queue(a), 0)
+    ]
+    assert await running_users(turns.redis) == [a]
+    assert (
+        await turns.redis.get(keys.cancelled(jobs[1].conversation))
+        == str(jobs[1].message_id).encode()
+    )
+
+
+SHARDS = 4
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sharded(redis: Redis) -> AsyncIterator[Turns]:
+    streams = [keys.turns(shard) for shard in range(SHARDS)]
+    await redis.delete(*streams, keys.QUEUE_RING, keys.QUEUE_TOLD, keys.SLOTS)
+    queue = FairQueue(redis, 0, MAX_EVENTS, TTL, shards=SHARDS)
+    yield Turns(redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS, queue=queue)
+    await redis.delete(*streams, keys.QUEUE_RING, keys.QUEUE_TOLD, keys.SLOTS)
+
+
+async def test_dispatch_puts_each_turn_on_its_conversations_shard_within_the_capacity(
+    sharded: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    jobs = [await say(sharded, events, user) for user in (a, b) * 6]
+    await slots(sharded, 8)
+    started = set(await sharded.queue.dispatch())
+    assert len(started) == 8  # the capacity counts the turns on every shard
+    for job in jobs:
+        stream = keys.turns(keys.shard_of(job.conversation, SHARDS))
+        on_stream = {
+            msgspec.json.decode(fields[b"job"])["message_id"]
+            for _, fields in await sharded.redis.xrange(stream)
+        }
+        assert (str(job.message_id) in on_stream) == (str(job.message_id) in started)

@@ -305,18 +305,20 @@ class Worker:
         *,
         buried: bool = False,
     ) -> None:
-        """Done with a turn: a turn the fair queue handed over (its entry names the user)
-        frees its slot, and the queue hands over the next."""
+        """Done with a turn: a turn the fair queue counts (its entry names the user) frees
+        its slot, and when turns wait the queue hands over the next and the others waiting
+        learn their new places (the one now next at once: announce.lua)."""
         user = fields.get(b"user")
         with contextlib.suppress(RedisError, OSError):
             if user is None:
                 if not buried:
                     await group.ack(entry_id)
                 return
-            await self.turns.queue.release(
-                group.stream, keys.WORKERS, entry_id, user.decode(), buried=buried
-            )
-            await self.turns.queue.dispatch()
+            queue = self.turns.queue
+            stream, name = group.stream, user.decode()
+            waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+            if waiting and await queue.dispatch():
+                await queue.announce()
 
     # ------------------------------------------------------------------ liveness and takeover
 

@@ -170,15 +170,18 @@ class FairQueue:
 
     async def release(
         self, stream: str, group: str, entry_id: bytes, user: str, *, buried: bool
-    ) -> None:
-        """A worker is done with a dispatched turn of `stream` (or buried it): free its slot."""
-        await self._release(
+    ) -> bool:
+        """A worker is done with a turn of `stream` the queue counted (or buried it): free
+        its slot. Whether turns wait in the queue (for one of them to take the slot)."""
+        waiting: int = await self._release(
             turns_key=stream,
             running_key=keys.running(user),
+            ring_key=keys.QUEUE_RING,
             group=group,
             entry_id=entry_id,
             buried="1" if buried else "0",
         )
+        return waiting > 0
 
     async def unqueue(self, user: str, message_id: str, stream: str) -> bool:
         """Take a cancelled turn out of the queue onto its conversation's `stream`, for a

@@ -124,8 +124,11 @@ class Accepted:
 
 _SAYING: Final = ["lib_append_event", "lib_budget", "lib_turn_guards", "lib_user_message"]
 _FINISHING: Final = ["lib_append_event", "lib_finish"]
-SAY: Final = scripts.load("say", functions=_SAYING)
-REGENERATE: Final = scripts.load("regenerate", functions=["lib_budget", "lib_turn_guards"])
+_STARTING: Final = ["lib_now", "lib_fair_queue"]
+SAY: Final = scripts.load("say", functions=[*_SAYING, *_STARTING])
+REGENERATE: Final = scripts.load(
+    "regenerate", functions=["lib_budget", "lib_turn_guards", *_STARTING]
+)
 FINISH: Final = scripts.load("finish", functions=[*_FINISHING, "lib_budget"])
 TURN_CHECK: Final = scripts.load("turn_check", functions=["lib_budget", "lib_turn_guards"])
 TURN_BUDGET: Final = scripts.load("turn_budget", functions=["lib_budget"])
@@ -236,7 +239,7 @@ class Turns:
             say_id=str(message.id),
             **budgeting.args(),
         )
-        return await self._queued(_accepted(result))
+        return await self._queued(result)
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         if self.in_steps:
@@ -256,24 +259,32 @@ class Turns:
             lease=self.lease,
             **budgeting.args(),
         )
-        return await self._queued(_accepted(result))
+        return await self._queued(result)
 
-    def _queue_inputs(self, job: Job) -> dict[str, str]:
+    def _queue_inputs(self, job: Job) -> dict[str, Any]:
         return {
             "queue_key": keys.queue(job.user),
             "ring_key": keys.QUEUE_RING,
             "told_key": keys.QUEUE_TOLD,
+            "running_key": keys.running(job.user),
+            "slots_key": keys.SLOTS,
+            "streams": [keys.turns(shard) for shard in range(self.shards)],
             "fair": "1" if self.queue.enabled else "0",
             "user": job.user,
+            "per_user": self.queue.per_user,
         }
 
-    async def _queued(self, accepted: Accepted) -> Accepted:
-        """An accepted turn waits in the fair queue: start it if a slot is free, and tell
-        its tabs (and the others waiting) where it stands."""
-        if accepted.admission is Admission.OK and self.queue.enabled:
-            await self.queue.dispatch()
-            await self.queue.announce()
-        return accepted
+    async def _queued(self, result: list[bytes | int]) -> Accepted:
+        """The script's answer; a turn it left waiting in the fair queue (its last element
+        1; others waited or no slot was free) may start if another process freed a slot
+        meanwhile, and its tabs (and the other waiting turns') learn where it stands. A turn
+        that went straight to the workers costs nothing more here."""
+        if result[0] in (b"ok", "ok"):
+            waits = result.pop()
+            if waits:
+                await self.queue.dispatch()
+                await self.queue.announce()
+        return _accepted(result)
 
     def finish_call(
         self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int

@@ -32,9 +32,12 @@ async def turns(redis: Redis) -> AsyncIterator[Turns]:
     await redis.delete(keys.TURNS, keys.QUEUE_RING, keys.QUEUE_TOLD, keys.SLOTS)
 
 
-async def say(turns: Turns, events: EventLog, user: str) -> Job:
-    conversation = await loaded(events, user)
-    await budgeted(turns.redis, user)
+async def say(
+    turns: Turns, events: EventLog, user: str, conversation: uuid.UUID | None = None
+) -> Job:
+    if conversation is None:
+        conversation = await loaded(events, user)
+        await budgeted(turns.redis, user)
     said = f.Message(
         id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=datetime.now(UTC)
     )
@@ -101,7 +104,7 @@ async def test_released_slots_alternate_between_the_waiting_users(
     for _ in range(3):
         ((entry_id, fields),) = await turns.redis.xrange(keys.TURNS)
         started.append(fields[b"user"].decode())
-        await turns.queue.release(keys.TURNS, GROUP, entry_id, started[-1], buried=False)
+        assert await turns.queue.release(keys.TURNS, GROUP, entry_id, started[-1], buried=False)
         await turns.queue.dispatch()
     assert started == [a, a, b]  # b waited behind a's second turn only, not a's third
     assert await running_users(turns.redis) == [a]
@@ -151,3 +154,51 @@ async def test_dispatch_puts_each_turn_on_its_conversations_shard_within_the_cap
             for _, fields in await sharded.redis.xrange(stream)
         }
         assert (str(job.message_id) in on_stream) == (str(job.message_id) in started)
+
+
+async def test_with_a_free_slot_and_nobody_waiting_say_starts_the_turn_in_its_one_call(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    await slots(turns, 2)
+    await say(turns, events, b)  # the script is loaded: no NOSCRIPT retry counted below
+    conversation = await loaded(events, a)
+    await budgeted(turns.redis, a)
+    await turns.redis.config_resetstat()
+    job = await say(turns, events, a, conversation)
+    stats = await turns.redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1  # say, and no dispatch script after it
+    assert await running_users(turns.redis) == [b, a]
+    assert await turns.redis.get(keys.running(a)) == b"1"
+    assert await turns.redis.llen(keys.queue(a)) == 0
+    assert not await turns.redis.hexists(keys.QUEUE_TOLD, str(job.message_id))
+    assert await told(events, job) == []
+
+
+async def test_a_full_house_or_a_user_at_the_cap_still_waits(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    await slots(turns, 3)
+    await say(turns, events, a)
+    await say(turns, events, a)
+    capped = await say(turns, events, a)  # a runs PER_USER already
+    assert await told(events, capped) == [0]
+    other = await say(turns, events, b)  # b is below the cap, but a waits: b queues behind
+    assert await running_users(turns.redis) == [a, a, b]  # ... and the dispatch starts it
+    assert await told(events, other) == []
+    full = await say(turns, events, b)  # three slots, three running
+    assert await told(events, full) == [1]
+    assert await turns.redis.llen(keys.queue(b)) == 1
+
+
+async def test_the_turn_next_in_line_hears_position_0_at_once(
+    turns: Turns, events: EventLog
+) -> None:
+    a, _ = users()
+    first, second = await say(turns, events, a), await say(turns, events, a)
+    assert await told(events, second) == [1]
+    await slots(turns, 1)
+    assert await turns.queue.dispatch() == [str(first.message_id)]
+    await turns.queue.announce()  # within the second after `1`: 0 is not held back
+    assert await told(events, second) == [1, 0]

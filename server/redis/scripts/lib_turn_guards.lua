@@ -1,4 +1,4 @@
--- turn_refused and start_generation: what say and regenerate share (the loader puts this
+-- turn_refused and mark_generating: what say and regenerate share (the loader puts this
 -- file in front of them). In a Redis Cluster the same checks run as separate single-slot
 -- steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so each is its own function.
 
@@ -31,20 +31,4 @@ end
 local function mark_generating(gen_key, message_id, lease)
   redis.call('HSET', gen_key, 'message_id', message_id, 'state', 'queued')
   redis.call('EXPIRE', gen_key, lease)
-end
-
--- Mark the conversation as generating and queue the job: with `fair` ('1') at the end of the
--- user's fair queue (the user joining the ring when their queue was empty), for
--- server/redis/queue.py to hand to the workers, marked as waiting and not yet told its
--- position in the queue's `told` hash; otherwise straight on the turns Stream (shard).
-local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
-  mark_generating(gen_key, message_id, lease)
-  if queue.fair ~= '1' then
-    redis.call('XADD', turns_key, '*', 'job', job)
-  else
-    if redis.call('RPUSH', queue.key, job) == 1 then
-      redis.call('RPUSH', queue.ring_key, queue.user)
-    end
-    redis.call('HSET', queue.told_key, message_id, '-1:0')
-  end
 end

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +57,36 @@ def positions(ring: Sequence[Waiting]) -> dict[str, list[int]]:
             for k in range(waiting.queued)
         ]
     return places
+
+
+TOLD_EVERY_MS: Final = 1000
+"""A waiting turn's tabs hear a new position at most this often, except position 0."""
+
+
+@dataclass(frozen=True, slots=True)
+class Told:
+    """The position a waiting turn's tabs last heard (-1: none yet) and when (ms)."""
+
+    position: int
+    at_ms: int
+
+
+def told(value: str | None) -> Told | None:
+    """A `told` entry as the fair queue keeps it (`position:ms`); None for no entry (the turn
+    no longer waits) or one that does not read as such."""
+    position, _, at_ms = (value or "").partition(":")
+    try:
+        return Told(int(position), int(at_ms))
+    except ValueError:
+        return None
+
+
+def due(last: Told | None, position: int, now_ms: int) -> bool:
+    """Whether a waiting turn's tabs are to hear `position` now: not once the turn stopped
+    waiting (`last` None), never the same position twice in a row, and at most once every
+    `TOLD_EVERY_MS`, except position 0 (next to start), told at once so that the tabs of a
+    turn that starts within the second saw it (server/redis/scripts/announce.lua applies the
+    same rule atomically)."""
+    if last is None or last.position == position:
+        return False
+    return position == 0 or now_ms - last.at_ms >= TOLD_EVERY_MS

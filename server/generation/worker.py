@@ -353,7 +353,7 @@ class Worker:
             try:
                 if await queue.take_turn(QUEUE_TICK):
                     await queue.dispatch()
-                    await queue.announce()
+                    await queue.announce(renew=True)
             except (RedisError, OSError) as exc:
                 log.warning("cannot serve the fair queue: %s", exc)
 

@@ -1,23 +1,28 @@
 """The fair queue in front of the workers: turns wait per user and are handed to the turns
 Stream round-robin across users, as free generation slots allow.
 
-`say`/`regenerate` (with `limits.fair_queue`) push the job onto the user's list
-`keys.queue(user)` and put the user in the ring `keys.QUEUE_RING` when their list was empty.
-`dispatch` reads the ring, the users' queued and running counts and the workers' capacity
-(the sum of `worker.concurrency` over the workers whose heartbeat in `keys.SLOTS` is alive),
-lets protocol/fairness.py pick, and has `scripts/dispatch.lua` move the picked turns onto the
-Stream, which checks the capacity and the per-user cap again, atomically: a concurrent
-dispatcher can make a pick less fair, never overfill. The turns on the Stream (delivered or
-not, their workers alive or not) are the ones running: a worker's `release` deletes an entry
-and lowers the user's running count in one step, so a worker that dies loses no turn (its
-entries stay pending and are taken over) and frees no slot it did not free.
+`say`/`regenerate` (with `limits.fair_queue`) start a turn in their own script call when
+nobody waits, the user runs fewer than `limits.generations_per_user` and a slot is free
+(scripts/lib_fair_queue.lua); otherwise they push the job onto the user's list
+`keys.queue(user)`, put the user in the ring `keys.QUEUE_RING` when their list was empty, and
+the web process calls `dispatch` and `announce` here. Both read the queue once (`_read`: the
+ring, then in one pipeline every ring user's counts and first waiting jobs, the workers'
+slots, the `told` hash and the Stream's length); `dispatch` lets protocol/fairness.py pick
+within the free slots and has `scripts/dispatch.lua` move the picked turns onto the Stream,
+which checks the capacity and the per-user cap again, atomically: a concurrent dispatcher can
+make a pick less fair, never overfill. The turns on the Stream (delivered or not, their
+workers alive or not) are the ones running: a worker's `release` deletes an entry and lowers
+the user's running count in one step, so a worker that dies loses no turn (its entries stay
+pending and are taken over) and frees no slot it did not free; `release` answers whether
+turns wait, and only then does the worker dispatch.
 
 Positions: `announce` computes every waiting turn's place (protocol/fairness.positions) and
-appends `queued {message_id, position}` to its conversation when the tabs have not been
-told it (`scripts/announce.lua`: never more often than once a second per turn, and never
-once the turn has left the queue). The web process announces right after accepting a turn;
-workers announce and dispatch on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`)
-and after every turn they finish.
+appends `queued {message_id, position}` to its conversation when protocol/fairness.due says
+so (once a second at most, position 0 at once, never once the turn left the queue;
+`scripts/announce.lua` decides again atomically, and is called only for the turns due). The
+web process announces right after queueing a turn, a worker after handing one over, and the
+workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which also renews the
+waiting turns' `generating` marks and covers a worker joining or dying.
 
 One Redis node: the dispatch script touches the ring, every shard of the Stream (a turn goes
 to its conversation's, `keys.shard_of`) and every picked user's keys (each user's keys share
@@ -29,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -36,7 +42,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from protocol import frames as f
-from protocol.fairness import Waiting, pick, positions
+from protocol.fairness import Waiting, due, pick, positions, told
 from server.redis import keys, scripts
 from server.redis.eventlog import encode, event_keys
 
@@ -59,6 +65,19 @@ class _Queued(msgspec.Struct):
 
 
 _queued = msgspec.json.Decoder(_Queued)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One read of the fair queue (`FairQueue._read`)."""
+
+    ring: list[Waiting]
+    jobs: list[list[bytes]]
+    """Each ring user's first `MAX_SHOWN` waiting jobs, oldest first."""
+    capacity: int
+    told: dict[str, str]
+    """The `told` hash: message id -> `position:ms`."""
+    on_streams: int
 
 
 def _text(value: bytes | str) -> str:
@@ -84,7 +103,7 @@ class FairQueue:
         self.ttl = ttl
         self.enabled = enabled
         self.lease = 3
-        """Seconds a waiting turn's `generating` mark lives; each announcement renews it."""
+        """Seconds a waiting turn's `generating` mark lives; the workers' tick renews it."""
         self._dispatch = DISPATCH.register(redis)
         self._release = RELEASE.register(redis)
         self._unqueue = UNQUEUE.register(redis)
@@ -102,11 +121,11 @@ class FairQueue:
     async def leave(redis: Redis, worker: str) -> None:
         await redis.hdel(keys.SLOTS, worker)
 
-    async def capacity(self) -> int:
-        """The live workers' slots; a worker whose heartbeat ran out is forgotten."""
+    async def _capacity(self, beats: dict[bytes, bytes]) -> int:
+        """The live workers' slots in `beats` (the `slots` hash); a worker whose heartbeat
+        ran out is forgotten."""
         now = time.time() * 1000
         total, dead = 0, []
-        beats = await self.redis.hgetall(keys.SLOTS)
         for worker, value in beats.items():
             slots, _, deadline = _text(value).partition(" ")
             if int(deadline or 0) < now:
@@ -117,33 +136,46 @@ class FairQueue:
             await self.redis.hdel(keys.SLOTS, *dead)
         return total
 
-    # ------------------------------------------------------------------ moving turns
+    # ------------------------------------------------------------------ one read
 
-    async def waiting(self) -> list[Waiting]:
-        """The ring, in serving order, with each user's queued and running counts."""
+    async def _read(self) -> Snapshot | None:
+        """The queue as it stands, in two round trips (the ring, then everything about its
+        users, the workers and the streams in one pipeline); None when nobody waits."""
         users = [_text(user) for user in await self.redis.lrange(keys.QUEUE_RING, 0, -1)]
         if not users:
-            return []
+            return None
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
             pipe.llen(keys.queue(user))
             pipe.get(keys.running(user))
-        counts = await pipe.execute()
-        return [
-            Waiting(user, int(counts[2 * i]), int(counts[2 * i + 1] or 0))
-            for i, user in enumerate(users)
-        ]
+            pipe.lrange(keys.queue(user), 0, MAX_SHOWN - 1)
+        pipe.hgetall(keys.SLOTS)
+        pipe.hgetall(keys.QUEUE_TOLD)
+        for stream in self._streams():
+            pipe.xlen(stream)
+        replies = await pipe.execute()
+        per_user, rest = replies[: 3 * len(users)], replies[3 * len(users) :]
+        return Snapshot(
+            ring=[
+                Waiting(user, int(per_user[3 * i]), int(per_user[3 * i + 1] or 0))
+                for i, user in enumerate(users)
+            ],
+            jobs=[per_user[3 * i + 2] for i in range(len(users))],
+            capacity=await self._capacity(rest[0]),
+            told={_text(k): _text(v) for k, v in rest[1].items()},
+            on_streams=sum(rest[2:]),
+        )
+
+    # ------------------------------------------------------------------ moving turns
 
     async def dispatch(self) -> list[str]:
         """Hand waiting turns to the workers, as many as free slots; their message ids."""
         if not self.enabled:
             return []
-        ring = await self.waiting()
-        if not ring:
+        state = await self._read()
+        if state is None:
             return []
-        capacity = await self.capacity()
-        free = capacity - await self._on_streams()
-        users = pick(ring, free, self.per_user)
+        users = pick(state.ring, state.capacity - state.on_streams, self.per_user)
         if not users:
             return []
         user_keys = [key for user in users for key in (keys.queue(user), keys.running(user))]
@@ -151,7 +183,7 @@ class FairQueue:
             ring_key=keys.QUEUE_RING,
             told_key=keys.QUEUE_TOLD,
             rest=[*self._streams(), *user_keys],
-            capacity=capacity,
+            capacity=state.capacity,
             per_user=self.per_user,
             shards=self.shards,
             picks=users,
@@ -160,13 +192,6 @@ class FairQueue:
 
     def _streams(self) -> list[str]:
         return [keys.turns(shard) for shard in range(self.shards)]
-
-    async def _on_streams(self) -> int:
-        """The turns on the Stream's shards: the ones running."""
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self._streams():
-            pipe.xlen(stream)
-        return sum(await pipe.execute())
 
     async def release(
         self, stream: str, group: str, entry_id: bytes, user: str, *, buried: bool
@@ -206,32 +231,36 @@ class FairQueue:
             await self.redis.set(keys.QUEUE_ANNOUNCER, "1", nx=True, px=int(seconds * 1000))
         )
 
-    async def announce(self) -> int:
-        """Tell each waiting turn's tabs its position where it changed, and keep its
-        conversation's `generating` mark alive (no worker renews it yet); events appended."""
+    async def announce(self, *, renew: bool = False) -> int:
+        """Tell each waiting turn's tabs its position where it is due (protocol/fairness.due
+        on this read; announce.lua checks again, atomically); with `renew`, keep the waiting
+        conversations' `generating` marks alive (no worker renews them yet). Events appended."""
         if not self.enabled:
             return 0
-        ring = await self.waiting()
-        if not ring:
+        state = await self._read()
+        if state is None:
             return 0
-        places = positions(ring)
-        pipe = self.redis.pipeline(transaction=False)
-        for waiting in ring:
-            pipe.lrange(keys.queue(waiting.user), 0, MAX_SHOWN - 1)
-        queues: list[list[bytes]] = await pipe.execute()
         now_ms = int(time.time() * 1000)
-        conversations = [_queued.decode(job).conversation for jobs in queues for job in jobs]
+        places = positions(state.ring)
+        placed = [
+            (_queued.decode(raw), position)
+            for waiting, raws in zip(state.ring, state.jobs, strict=True)
+            for raw, position in zip(raws, places[waiting.user], strict=False)
+        ]
         pipe = self.redis.pipeline(transaction=False)
-        for waiting, jobs in zip(ring, queues, strict=True):
-            for job, position in zip(jobs, places[waiting.user], strict=False):
+        calls = 0
+        for job, position in placed:
+            if due(told(state.told.get(str(job.message_id))), position, now_ms):
                 await self._tell(job, position, now_ms).run(pipe)
-        for conversation in conversations:
-            pipe.expire(keys.generation(conversation), self.lease)
+                calls += 1
+        for job, _ in placed if renew else []:
+            pipe.expire(keys.generation(job.conversation), self.lease)
+        if not calls and not renew:
+            return 0
         results = await pipe.execute()
-        return sum(1 for seq in results[: len(results) - len(conversations)] if seq)
+        return sum(1 for seq in results[:calls] if seq)
 
-    def _tell(self, raw: bytes, position: int, now_ms: int) -> scripts.Call:
-        job = _queued.decode(raw)
+    def _tell(self, job: _Queued, position: int, now_ms: int) -> scripts.Call:
         frame = f.Queued(
             conversation=job.conversation, message_id=job.message_id, position=position
         )

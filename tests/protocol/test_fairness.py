@@ -1,4 +1,4 @@
-from protocol.fairness import Waiting, pick, positions
+from protocol.fairness import Told, Waiting, due, pick, positions, told
 
 
 def test_a_user_with_one_turn_is_served_in_the_first_pass_over_one_with_fifty() -> None:
@@ -43,3 +43,19 @@ def test_a_waiting_turns_position_never_grows_while_the_others_are_served() -> N
         ]
     assert seen == sorted(seen, reverse=True)
     assert seen[-1] == 0
+
+
+def test_a_new_position_is_due_once_a_second_but_0_at_once() -> None:
+    last = told("3:10000")
+    assert last == Told(3, 10000)
+    assert not due(last, 3, 20000)  # the same place is never told twice in a row
+    assert not due(last, 2, 10999)
+    assert due(last, 2, 11000)
+    assert due(last, 0, 10001)  # next to start: told at once
+    assert due(told("-1:0"), 5, 10**12)  # never told yet
+
+
+def test_a_turn_no_longer_waiting_is_never_due() -> None:
+    assert told(None) is None
+    assert told("garbage") is None
+    assert not due(None, 0, 10**12)

@@ -432,8 +432,8 @@ class Queued(_Server, tag="queued", kw_only=True, frozen=True):
     """Conversation event: the assistant message waits for a worker, at `position`.
 
     Sent when a turn enters the fair queue (every worker slot, or the user's share of them,
-    busy) and whenever its position changes, at most once a second; `start` follows when it
-    runs. Position 0 is the next turn to start."""
+    busy) and whenever its position changes, at most once a second except that position 0
+    (the next turn to start) is sent at once; `start` follows when it runs."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID

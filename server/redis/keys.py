@@ -19,9 +19,10 @@ keys of one slot. How the keys fall into slots:
   turns always go to shard `shard_of(conversation, shards)`, so they stay in order;
 - alone: `PROCESSES` (script `beat`), `FINISH_HOOKS`, `DEADLETTER`, the worker heartbeats;
 - the fair queue (one Redis only; off in a cluster): `queue(user)` and `running(user)` share
-  the user's tag, and `say`/`regenerate` (with the user's `queue`, `QUEUE_RING` and
-  `QUEUE_TOLD`), `dispatch` (every turns shard, `QUEUE_RING`, `QUEUE_TOLD` and each picked
-  user's `queue` and `running`), `release` (a turns shard, `running(user)`), `unqueue` (the
+  the user's tag, and `say`/`regenerate` (with the user's `queue` and `running`,
+  `QUEUE_RING`, `QUEUE_TOLD`, `SLOTS` and every turns shard), `dispatch` (every turns shard,
+  `QUEUE_RING`, `QUEUE_TOLD` and each picked user's `queue` and `running`), `release` (a
+  turns shard, `running(user)`, `QUEUE_RING`), `unqueue` (the
   user's `queue` and `running`, `QUEUE_RING`, a turns shard, `QUEUE_TOLD`) and `announce`
   (`QUEUE_TOLD` and the conversation's event keys) cross slots.
 
@@ -244,7 +245,9 @@ QUEUE_ANNOUNCER: Final = f"{PREFIX}:queue:announcer"
 
 SLOTS: Final = f"{PREFIX}:slots"
 """Hash worker name -> `slots deadline_ms` (its `worker.concurrency` and the time its
-heartbeat runs out): the capacity the fair queue fills."""
+heartbeat runs out, by the worker's clock, compared with Redis's own in `say`/`regenerate`
+and with the dispatching process's in server/redis/queue.py: hosts' clocks must agree to
+well within `worker.lease_seconds`): the capacity the fair queue fills."""
 
 
 def queue(user: str) -> str:

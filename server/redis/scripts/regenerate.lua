@@ -4,7 +4,8 @@
 -- Reserves the turn's worst case in the user's budget as say does.
 -- Returns {'ok', 0, replaced message id, 1 when the turn waits in the fair queue or 0}.
 -- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>`, the
--- user's budget and fair queue (one slot), the queue's ring and `told`: six slots, so on a
+-- user's budget, fair queue and running count (one slot), the queue's ring and `told`, the
+-- workers' slots and every turns shard (the fair queue's capacity): seven slots or more, so on a
 -- Redis Cluster (where the fair queue is off) the same is done in steps (turn_check,
 -- turn_budget, turn_rate, regenerate_commit, then the job's XADD: server/redis/turns.py).
 local gen_key = KEYS[1]

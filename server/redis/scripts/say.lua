@@ -7,7 +7,8 @@
 -- the reservation and the budget's epoch) on the turns Stream or in the user's fair queue
 -- (lib_fair_queue.lua). Returns {'ok', seq, 1 when the turn waits in the fair queue or 0}.
 -- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>`, the
--- user's budget and fair queue (one slot), the queue's ring and `told`: six slots, so on a
+-- user's budget, fair queue and running count (one slot), the queue's ring and `told`, the
+-- workers' slots and every turns shard (the fair queue's capacity): seven slots or more, so on a
 -- Redis Cluster (where the fair queue is off) the same is done in steps (turn_check,
 -- turn_budget, turn_rate, say_commit, then the job's XADD: server/redis/turns.py).
 local seq_key = KEYS[1]

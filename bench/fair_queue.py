@@ -1,9 +1,11 @@
 """One worker's turn throughput with the fair queue off and on: `parley serve` (one worker,
-`worker.concurrency` 8) and a simulated model with no delay; 4 users with 8 conversations
+`worker.concurrency` 8, or `--slots`) and a simulated model with no delay; 4 users with 8 conversations
 each say a turn, wait for its `done` and say the next, for `--turns` turns in all. Runs with
-`limits.fair_queue` off, on with no cap per user, and on with the default cap of 2.
+`limits.fair_queue` off, on with no cap per user, and on with the default cap of 2. With
+`--slots 32` (as many slots as conversations) and the cap off nobody ever waits: the queue's
+cost on its fast path, decided inside `say`.
 
-    .venv/bin/python bench/fair_queue.py [--turns 800]
+    .venv/bin/python bench/fair_queue.py [--turns 800] [--slots 8]
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ COMMON = {
     "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
     "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "0",
     "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
-    "PARLEY_WORKER_CONCURRENCY": "8",
     "PARLEY_SERVER_LOG_LEVEL": "warning",
 }
 RUNS = {
@@ -68,11 +69,13 @@ async def throughput(url: str, turns: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=800)
+    parser.add_argument("--slots", type=int, default=8, help="worker.concurrency")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         for db, (name, env) in enumerate(RUNS.items(), start=1):
             url = redis_db(cluster.services.redis_url, db)
-            server = cluster.process("serve", REDIS_URL=url, **COMMON, **env)
+            slots = {"PARLEY_WORKER_CONCURRENCY": str(args.slots)}
+            server = cluster.process("serve", REDIS_URL=url, **COMMON, **slots, **env)
             asyncio.run(throughput(server.ws_url, 64))  # warm up
             rate = asyncio.run(throughput(server.ws_url, args.turns))
             print(f"{name:24} {rate:7.1f} turns/s", flush=True)

@@ -140,6 +140,9 @@ FINISH_BUDGET: Final = scripts.load("finish_budget", functions=["lib_budget"])
 
 QUEUE_RETRIES: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
 """Pauses between tries of a cluster step that queues (a failover takes a few seconds)."""
+WAITS_WITH_A_SLOT_FREE: Final = 1
+"""`say`/`regenerate` left the turn in the fair queue though a slot was free (2: none was)."""
+
 RELEASE_MARK_TTL: Final = 120
 """Seconds the marker of a given-back reservation is kept: longer than its retries take."""
 
@@ -275,14 +278,15 @@ class Turns:
         }
 
     async def _queued(self, result: list[bytes | int]) -> Accepted:
-        """The script's answer; a turn it left waiting in the fair queue (its last element
-        1; others waited or no slot was free) may start if another process freed a slot
-        meanwhile, and its tabs (and the other waiting turns') learn where it stands. A turn
-        that went straight to the workers costs nothing more here."""
+        """The script's answer. A turn it left waiting in the fair queue while a slot was
+        free (its last element 1: others waited, or the user is at the cap) may start, or
+        another in its stead; a waiting turn's tabs (and the other waiting turns') learn
+        where it stands. A turn that went straight to the workers (0) costs nothing more."""
         if result[0] in (b"ok", "ok"):
             waits = result.pop()
-            if waits:
+            if waits == WAITS_WITH_A_SLOT_FREE:
                 await self.queue.dispatch()
+            if waits:
                 await self.queue.announce()
         return _accepted(result)
 

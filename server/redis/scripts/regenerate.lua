@@ -2,7 +2,7 @@
 -- last message is not the model's, refuses like say (see lib_turn_guards.lua), otherwise
 -- marks the conversation as generating and queues the job naming the reply it replaces.
 -- Reserves the turn's worst case in the user's budget as say does.
--- Returns {'ok', 0, replaced message id, 1 when the turn waits in the fair queue or 0}.
+-- Returns {'ok', 0, replaced message id, waits} (waits as say's).
 -- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>`, the
 -- user's budget, fair queue and running count (one slot), the queue's ring and `told`, the
 -- workers' slots and every turns shard (the fair queue's capacity): seven slots or more, so on a

@@ -1,9 +1,9 @@
 """One worker's turn throughput with the fair queue off and on: `parley serve` (one worker,
-`worker.concurrency` 8, or `--slots`) and a simulated model with no delay; 4 users with 8 conversations
-each say a turn, wait for its `done` and say the next, for `--turns` turns in all. Runs with
-`limits.fair_queue` off, on with no cap per user, and on with the default cap of 2. With
-`--slots 32` (as many slots as conversations) and the cap off nobody ever waits: the queue's
-cost on its fast path, decided inside `say`.
+`worker.concurrency` 8, or `--slots`) and a simulated model with no delay; 4 users with 8
+conversations each say a turn, wait for its `done` and say the next, for `--turns` turns in
+all. Runs with `limits.fair_queue` off, on with no cap per user, and on with the default cap
+of 2. With 8 slots for 32 conversations most turns wait (the queue's slow path); with
+`--slots 32` and the cap off nobody ever waits (its fast path, decided inside `say`).
 
     .venv/bin/python bench/fair_queue.py [--turns 800] [--slots 8]
 """

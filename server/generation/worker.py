@@ -317,8 +317,8 @@ class Worker:
             queue = self.turns.queue
             stream, name = group.stream, user.decode()
             waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
-            if waiting and await queue.dispatch():
-                await queue.announce()
+            if waiting:
+                await queue.serve()
 
     # ------------------------------------------------------------------ liveness and takeover
 
@@ -352,8 +352,7 @@ class Worker:
             await asyncio.sleep(QUEUE_TICK)
             try:
                 if await queue.take_turn(QUEUE_TICK):
-                    await queue.dispatch()
-                    await queue.announce(renew=True)
+                    await queue.serve(renew=True)
             except (RedisError, OSError) as exc:
                 log.warning("cannot serve the fair queue: %s", exc)
 

@@ -168,13 +168,28 @@ class FairQueue:
 
     # ------------------------------------------------------------------ moving turns
 
-    async def dispatch(self) -> list[str]:
-        """Hand waiting turns to the workers, as many as free slots; their message ids."""
+    async def serve(self, *, renew: bool = False) -> list[str]:
+        """Hand waiting turns to the workers as free slots allow, then tell the waiting
+        turns their places (with `renew`, keep their `generating` marks alive), all from one
+        read: the places are the read's with the handed-over turns taken out as dispatch.lua
+        took them. The message ids handed over."""
         if not self.enabled:
             return []
         state = await self._read()
         if state is None:
             return []
+        started = await self._hand_over(state)
+        await self._tell_places(_after_dispatch(state, started), renew)
+        return started
+
+    async def dispatch(self) -> list[str]:
+        """Hand waiting turns to the workers, as many as free slots; their message ids."""
+        if not self.enabled:
+            return []
+        state = await self._read()
+        return [] if state is None else await self._hand_over(state)
+
+    async def _hand_over(self, state: Snapshot) -> list[str]:
         users = pick(state.ring, state.capacity - state.on_streams, self.per_user)
         if not users:
             return []
@@ -232,14 +247,17 @@ class FairQueue:
         )
 
     async def announce(self, *, renew: bool = False) -> int:
-        """Tell each waiting turn's tabs its position where it is due (protocol/fairness.due
-        on this read; announce.lua checks again, atomically); with `renew`, keep the waiting
-        conversations' `generating` marks alive (no worker renews them yet). Events appended."""
+        """Tell each waiting turn's tabs its position where it is due; events appended."""
         if not self.enabled:
             return 0
         state = await self._read()
-        if state is None:
-            return 0
+        return 0 if state is None else await self._tell_places(state, renew)
+
+    async def _tell_places(self, state: Snapshot, renew: bool) -> int:
+        """Tell each waiting turn of `state` its position where it is due
+        (protocol/fairness.due on this read; announce.lua checks again, atomically); with
+        `renew`, keep the waiting conversations' `generating` marks alive (no worker renews
+        them yet). Events appended."""
         now_ms = int(time.time() * 1000)
         places = positions(state.ring)
         placed = [
@@ -274,3 +292,23 @@ class FairQueue:
             maxlen=self.max_events,
             ttl=self.ttl,
         )
+
+
+def _after_dispatch(state: Snapshot, started: list[str]) -> Snapshot:
+    """`state` as dispatch.lua left it having handed over `started`: each such turn (its
+    user's oldest waiting) gone from `told` and from its user's list, the user running one
+    more and moved to the end of the ring, or out of it when nothing of theirs waits."""
+    if not started:
+        return state
+    ring, jobs = list(state.ring), [list(waiting) for waiting in state.jobs]
+    for message_id in started:
+        for i, waiting in enumerate(ring):
+            if jobs[i] and str(_queued.decode(jobs[i][0]).message_id) == message_id:
+                rest = jobs.pop(i)[1:]
+                del ring[i]
+                if waiting.queued > 1:
+                    ring.append(Waiting(waiting.user, waiting.queued - 1, waiting.running + 1))
+                    jobs.append(rest)
+                break
+    told = {m: t for m, t in state.told.items() if m not in started}
+    return Snapshot(ring, jobs, state.capacity, told, state.on_streams + len(started))

@@ -140,9 +140,6 @@ FINISH_BUDGET: Final = scripts.load("finish_budget", functions=["lib_budget"])
 
 QUEUE_RETRIES: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
 """Pauses between tries of a cluster step that queues (a failover takes a few seconds)."""
-WAITS_WITH_A_SLOT_FREE: Final = 1
-"""`say`/`regenerate` left the turn in the fair queue though a slot was free (2: none was)."""
-
 RELEASE_MARK_TTL: Final = 120
 """Seconds the marker of a given-back reservation is kept: longer than its retries take."""
 
@@ -278,16 +275,12 @@ class Turns:
         }
 
     async def _queued(self, result: list[bytes | int]) -> Accepted:
-        """The script's answer. A turn it left waiting in the fair queue while a slot was
-        free (its last element 1: others waited, or the user is at the cap) may start, or
-        another in its stead; a waiting turn's tabs (and the other waiting turns') learn
-        where it stands. A turn that went straight to the workers (0) costs nothing more."""
-        if result[0] in (b"ok", "ok"):
-            waits = result.pop()
-            if waits == WAITS_WITH_A_SLOT_FREE:
-                await self.queue.dispatch()
-            if waits:
-                await self.queue.announce()
+        """The script's answer. A turn it left waiting in the fair queue (its last element
+        1) may start if a slot is free (others waited, or the user was at the cap), and the
+        waiting turns' tabs learn where they stand. A turn that went straight to the
+        workers (0) costs nothing more."""
+        if result[0] in (b"ok", "ok") and result.pop():
+            await self.queue.serve()
         return _accepted(result)
 
     def finish_call(

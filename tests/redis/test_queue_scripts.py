@@ -202,3 +202,19 @@ async def test_the_turn_next_in_line_hears_position_0_at_once(
     assert await turns.queue.dispatch() == [str(first.message_id)]
     await turns.queue.announce()  # within the second after `1`: 0 is not held back
     assert await told(events, second) == [1, 0]
+
+
+async def test_serve_tells_places_as_they_stand_after_its_hand_over(
+    turns: Turns, events: EventLog
+) -> None:
+    a, b = users()
+    a_first, b_first, a_second = (
+        await say(turns, events, a),
+        await say(turns, events, b),
+        await say(turns, events, a),
+    )
+    assert [await told(events, job) for job in (a_first, b_first, a_second)] == [[0], [1], [2]]
+    await slots(turns, 1)
+    assert await turns.queue.serve() == [str(a_first.message_id)]
+    assert await told(events, b_first) == [1, 0]  # next now, and told at once
+    assert await told(events, a_second) == [2]  # 1 now, but told 2 less than a second ago

@@ -41,17 +41,14 @@ end
 -- `release` lowers): the common case, decided here so that it costs no round trip more than
 -- with the queue off. Else at the end of the user's fair queue (the user joining the ring when
 -- their queue was empty), marked in `told` as waiting and not yet told its position, for
--- server/redis/queue.py to hand over in turn. Returns 0 when the turn went to the workers,
--- 1 when it waits with a slot free (a dispatch may start it or another), 2 when it waits
--- with every slot taken (a worker's `release` dispatches).
+-- server/redis/queue.py to hand over in turn. Returns 1 when the turn waits, else 0.
 local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
   mark_generating(gen_key, message_id, lease)
   if queue.fair ~= '1' then
     redis.call('XADD', turns_key, '*', 'job', job)
     return 0
   end
-  local free = fair_slot_free(queue)
-  if free and not fair_behind(queue) then
+  if fair_slot_free(queue) and not fair_behind(queue) then
     redis.call('INCR', queue.running_key)
     redis.call('XADD', turns_key, '*', 'job', job, 'user', queue.user)
     return 0
@@ -60,6 +57,5 @@ local function start_generation(gen_key, message_id, lease, turns_key, job, queu
     redis.call('RPUSH', queue.ring_key, queue.user)
   end
   redis.call('HSET', queue.told_key, message_id, '-1:0')
-  if free then return 1 end
-  return 2
+  return 1
 end

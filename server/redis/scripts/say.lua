@@ -5,8 +5,8 @@
 -- user's budget, appends the user's `message` event, keeps the message for the model's
 -- context, marks the conversation as generating and queues the job (with the message's seq,
 -- the reservation and the budget's epoch) on the turns Stream or in the user's fair queue
--- (lib_fair_queue.lua). Returns {'ok', seq, waits}: waits 0 when the turn went to the
--- workers, 1 or 2 when it waits in the fair queue (start_generation in lib_fair_queue.lua).
+-- (lib_fair_queue.lua). Returns {'ok', seq, waits}: waits 1 when the turn waits in the
+-- fair queue, 0 when it went to the workers.
 -- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>`, the
 -- user's budget, fair queue and running count (one slot), the queue's ring and `told`, the
 -- workers' slots and every turns shard (the fair queue's capacity): seven slots or more, so on a

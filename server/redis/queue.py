@@ -5,23 +5,25 @@ Stream round-robin across users, as free generation slots allow.
 nobody waits, the user runs fewer than `limits.generations_per_user` and a slot is free
 (scripts/lib_fair_queue.lua); otherwise they push the job onto the user's list
 `keys.queue(user)`, put the user in the ring `keys.QUEUE_RING` when their list was empty, and
-the web process calls `dispatch` and `announce` here. Both read the queue once (`_read`: the
-ring, then in one pipeline every ring user's counts and first waiting jobs, the workers'
-slots, the `told` hash and the Stream's length); `dispatch` lets protocol/fairness.py pick
-within the free slots and has `scripts/dispatch.lua` move the picked turns onto the Stream,
+the web process calls `serve` here: dispatch, then announce, from one read of the queue
+(`_read`: the ring, then in one pipeline every ring user's counts and first waiting jobs, the
+workers' slots, the `told` hash and the Stream's length). Dispatching lets
+protocol/fairness.py pick within the free slots and has `scripts/dispatch.lua` move the
+picked turns onto the Stream,
 which checks the capacity and the per-user cap again, atomically: a concurrent dispatcher can
 make a pick less fair, never overfill. The turns on the Stream (delivered or not, their
 workers alive or not) are the ones running: a worker's `release` deletes an entry and lowers
 the user's running count in one step, so a worker that dies loses no turn (its entries stay
 pending and are taken over) and frees no slot it did not free; `release` answers whether
-turns wait, and only then does the worker dispatch.
+turns wait, and only then does the worker serve.
 
 Positions: `announce` computes every waiting turn's place (protocol/fairness.positions) and
 appends `queued {message_id, position}` to its conversation when protocol/fairness.due says
 so (once a second at most, position 0 at once, never once the turn left the queue;
-`scripts/announce.lua` decides again atomically, and is called only for the turns due). The
-web process announces right after queueing a turn, a worker after handing one over, and the
-workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which also renews the
+`scripts/announce.lua` decides again atomically, and is called only for the turns due), the
+places computed on the read with the turns just handed over taken out (`_after_dispatch`).
+The web process serves right after queueing a turn, a worker after releasing one while turns
+wait, and the workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which also renews the
 waiting turns' `generating` marks and covers a worker joining or dying.
 
 One Redis node: the dispatch script touches the ring, every shard of the Stream (a turn goes

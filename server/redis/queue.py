@@ -23,8 +23,8 @@ so (once a second at most, position 0 at once, never once the turn left the queu
 `scripts/announce.lua` decides again atomically, and is called only for the turns due), the
 places computed on the read with the turns just handed over taken out (`_after_dispatch`).
 The web process serves right after queueing a turn, a worker after releasing one while turns
-wait, and the workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which also renews the
-waiting turns' `generating` marks and covers a worker joining or dying.
+wait, and the workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which
+also renews the waiting turns' `generating` marks and covers a worker joining or dying.
 
 One Redis node: the dispatch script touches the ring, every shard of the Stream (a turn goes
 to its conversation's, `keys.shard_of`) and every picked user's keys (each user's keys share

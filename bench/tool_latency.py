@@ -5,14 +5,25 @@ receiver (what any HTTP call costs) and an MCP tool over streamable HTTP (the SD
 against its own server, a process on 127.0.0.1).
 
     .venv/bin/python bench/tool_latency.py [--calls 200]
+
+With `--step`, what one whole tool step adds through a running `parley serve` (embedded Redis
+and PostgreSQL, its simulated model answering at once): a tab asks for a call of the local
+tool; from the moment the tab sees the model's call end (its `part_end`) to the moment it
+sees the first token of the model's answer to the result, minus the tool's own time. That is
+the worker ending the model's stream, the runner's call, publishing the result, the second
+model request up to its first token, and the fan-out of both to the tab.
+
+    .venv/bin/python bench/tool_latency.py --step [--calls 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,14 +32,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocol import frames as f
 from protocol.toolcalls import ToolCall
 from server.app.config import HooksSettings, HttpToolSettings, McpServerSettings, ToolsSettings
 from server.app.hooks import Hooks
 from server.dev import embedded
+from server.dev.client import Client
 from server.tools.definitions import CallContext
 from server.tools.runner import Runner
 from server.tools.toolbox import Toolbox
+from tests.helpers.auth import SECRET as JWT_SECRET
+from tests.helpers.auth import mint
 from tests.helpers.mcp_process import McpProcess
+from tests.helpers.processes import ParleyProcess
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SCHEMA = {
@@ -127,13 +143,86 @@ def report(name: str, times: list[float]) -> None:
     print(f"{name:44} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
 
 
+STEP_TEXT = '[sim:tool=weather {"city": "Oslo", "days": 2}][sim:delay=0][sim:tokens=2]'
+
+
+def serve_with_the_tool(url: str, data: Path) -> ParleyProcess:
+    """`parley serve` (embedded services under `data`) offering the local tool."""
+    config = data / "config.toml"
+    config.write_text(
+        f'[tools]\nsecret = "{SECRET}"\n\n[[tools.http]]\nname = "weather"\n'
+        f'url = "{url}"\nparameters = {{ type = "object" }}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    env.pop("REDIS_URL", None)
+    env.pop("DATABASE_URL", None)
+    env.update(
+        PARLEY_CONFIG=str(config),
+        PARLEY_DATA_DIR=str(data),
+        PARLEY_JWT_SECRET=JWT_SECRET,
+        PARLEY_SIMULATOR_TOKENS_PER_SECOND="1000",
+        PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
+    )
+    proc = ParleyProcess("serve", env, embedded.free_port(), data / "serve.log")
+    proc.start(wait=False)
+    proc.wait_ready(120)
+    return proc
+
+
+async def tool_steps(ws_url: str, calls: int) -> list[float]:
+    """Per turn, the tab's time from the call's end to the answer's first token (ms)."""
+    client = await Client.connect(ws_url, mint("bench"))
+    times: list[float] = []
+    try:
+        for i in range(calls + 10):  # the first 10 warm up
+            created = await client.request(f.Create())
+            conversation = created.conversation
+            await client.request(f.Join(conversation=conversation))
+            start = len(client.frames)
+            await client.request(f.Say(conversation=conversation, text=STEP_TEXT))
+            done = await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
+            assert done.reason == "stop", done
+            await client.request(f.Leave(conversation=conversation))
+            frames = client.frames[start:]
+            arrived = client.arrived[start:]
+            end = next(i for i, fr in enumerate(frames) if isinstance(fr, f.PartEnd))
+            token = next(i for i, fr in enumerate(frames) if isinstance(fr, f.Token))
+            if i >= 10:
+                times.append((arrived[token] - arrived[end]) * 1000)
+    finally:
+        await client.close()
+    return times
+
+
+def step(url: str, calls: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="parley-step-") as tmp:
+        proc = serve_with_the_tool(url, Path(tmp))
+        try:
+            totals = asyncio.run(tool_steps(proc.ws_url, calls))
+        finally:
+            proc.stop()
+    own = OWN[-len(totals) :]
+    report("tool step: call end -> answer's first token", totals)
+    report("tool step: the tool's own time", own)
+    added = [total - mine for total, mine in zip(totals, own, strict=True)]
+    report("tool step: added by Parley (step - own)", added)
+    print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--step", action="store_true", help="a whole tool step through Parley")
     args = parser.parse_args()
     receiver = ThreadingHTTPServer(("127.0.0.1", embedded.free_port()), Tool)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{receiver.server_address[1]}/weather"
+    if args.step:
+        try:
+            step(url, args.calls)
+        finally:
+            receiver.shutdown()
+        return
     mcp = McpProcess().start()
     try:
         report("bare signed POST (hooks' client)", asyncio.run(bare_posts(url, args.calls)))

@@ -38,6 +38,10 @@ JwtText = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
 Title = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
 ModelName = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
 SystemPrompt = Annotated[str, Meta(max_length=MAX_SYSTEM_CHARS)]
+ToolChoice = Annotated[
+    list[Annotated[str, Meta(min_length=1, max_length=64)]],
+    Meta(max_length=128, description="Names of configured tools; `[]`: none."),
+]
 Text = Annotated[
     str, Meta(description="At most `limits.max_text_chars` characters (sent in `ready`).")
 ]
@@ -57,8 +61,13 @@ ErrorCode = Literal[
 ]
 DoneReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
 PartKind = Literal["text", "reasoning", "tool_call", "tool_result"]
-"""What a part of an assistant message holds; `tool_call` and `tool_result` are reserved for
-tool calling, which adds them without another protocol change."""
+"""What a part of an assistant message holds: the answer's text, the model's reasoning, a tool
+call the model made (its text: the arguments, JSON, as the model wrote them) and a call's
+result (its text: what the model read back)."""
+ToolStatus = Literal["ok", "error", "timeout", "cancelled"]
+"""How a tool call ended (a `tool_result` part's `status`)."""
+ToolCallId = Annotated[str, Meta(max_length=256)]
+ToolName = Annotated[str, Meta(max_length=256)]
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "error"]
 
@@ -96,11 +105,15 @@ class Part(Struct, frozen=True, omit_defaults=True, kw_only=True):
     """One part of an assistant message; its index is its position in `parts`.
 
     `duration_ms` is how long a `reasoning` part lasted, from its first piece to the end of
-    it."""
+    it, or how long a tool call ran (`tool_result`). `call_id` and `name` (the tool) belong to
+    `tool_call` and `tool_result` parts, `status` to a `tool_result`."""
 
     kind: PartKind
     text: str = ""
     duration_ms: float | None = None
+    call_id: ToolCallId | None = None
+    name: ToolName | None = None
+    status: ToolStatus | None = None
 
 
 class Conversation(Struct, frozen=True, omit_defaults=True):
@@ -111,6 +124,9 @@ class Conversation(Struct, frozen=True, omit_defaults=True):
     created_at: datetime
     updated_at: datetime
     last_seq: Seq = 0
+    tools: list[str] | None = None
+    """(addition) The tools the model is offered in this conversation, by name; absent: every
+    configured tool."""
 
 
 class Message(Struct, frozen=True, omit_defaults=True):
@@ -170,11 +186,26 @@ class Auth(_Client, tag="auth", kw_only=True, frozen=True):
 class Create(_Client, tag="create", kw_only=True, frozen=True):
     """Create a conversation owned by the user; answered with `created`.
 
-    Without `title` it is "New conversation", without `model` the default model."""
+    Without `title` it is "New conversation", without `model` the default model.
+    (addition) `tools` names the configured tools the model may call in it (`[]`: none);
+    without it, every configured tool. An unknown name is `invalid`."""
 
     title: Title | None = None
     system: SystemPrompt | None = None
     model: ModelName | None = None
+    tools: ToolChoice | None = None
+
+
+class Update(_Client, tag="update", kw_only=True, frozen=True):
+    """(addition) Change a conversation's title, system prompt, model or tools (the fields
+    given; the others stay); answered with `ack`. Sockets that joined it get `updated`, every
+    socket of the user `conversation_changed`. The same as the REST API's `PATCH`."""
+
+    conversation: uuid.UUID
+    title: Title | None = None
+    system: SystemPrompt | None = None
+    model: ModelName | None = None
+    tools: ToolChoice | None = None
 
 
 class Join(_Client, tag="join", kw_only=True, frozen=True):
@@ -229,7 +260,7 @@ class Ping(_Client, tag="ping", kw_only=True, frozen=True):
     (browsers); answered with `pong`."""
 
 
-ClientFrame = Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping
+ClientFrame = Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping | Update
 CLIENT_FRAMES: Final[tuple[type[_Client], ...]] = get_args(ClientFrame)
 """The client frames in protocol order: the one list is the union above."""
 CLIENT_TYPES: Final = frozenset(t.__struct_config__.tag for t in CLIENT_FRAMES)
@@ -377,12 +408,15 @@ class PartStart(_Server, tag="part_start", kw_only=True, frozen=True):
     """(addition) Conversation event: part `index` of an assistant message begins, holding
     `kind`. A `text` part needs no `part_start`: a `token` when the message has no open
     text part opens one at the next index. Added after version 1: a client that does not
-    know it ignores it (and still sees the answer's text in `token` events)."""
+    know it ignores it (and still sees the answer's text in `token` events). A `tool_call`
+    or `tool_result` part names its call (`call_id`) and tool (`name`)."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID
     index: Count
     kind: PartKind
+    call_id: ToolCallId | None = None
+    name: ToolName | None = None
     seq: Seq = 0
 
 
@@ -403,13 +437,15 @@ class PartDelta(_Server, tag="part_delta", kw_only=True, frozen=True):
 
 class PartEnd(_Server, tag="part_end", kw_only=True, frozen=True):
     """(addition) Conversation event: part `index` of an assistant message is complete;
-    `duration_ms` is how long a `reasoning` part took. A part left open ends with the
-    message's `done`."""
+    `duration_ms` is how long a `reasoning` part took (a `tool_result`: how long the call
+    ran), `status` how a `tool_result` ended. A part left open ends with the message's
+    `done`."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID
     index: Count
     duration_ms: float | None = None
+    status: ToolStatus | None = None
     seq: Seq = 0
 
 

@@ -8,6 +8,11 @@ so a client that knows only `token` sees the answer unchanged; any other part op
 last part is not text begins a text part (no `part_start`: the hot path of a plain answer is
 the one of version 1).
 
+A reply that calls tools holds every step: a `tool_call` part per call (opened when the call's
+name arrives, its arguments streamed into it as `part_delta`s; calls streamed in parallel are
+open together), then a `tool_result` part per call (start, the result whole, end with its
+`status`), then the next step's parts.
+
 A client folds the events back with `MessageParts`; the builder's `parts()` are what is
 persisted, so the two must agree byte for byte (tests/protocol/test_parts.py).
 """
@@ -30,9 +35,20 @@ class _Building:
     began: float
     texts: list[str] = field(default_factory=list)
     duration_ms: float | None = None
+    call_id: str | None = None
+    name: str | None = None
+    status: f.ToolStatus | None = None
+    open: bool = True
 
     def part(self) -> f.Part:
-        return f.Part(kind=self.kind, text="".join(self.texts), duration_ms=self.duration_ms)
+        return f.Part(
+            kind=self.kind,
+            text="".join(self.texts),
+            duration_ms=self.duration_ms,
+            call_id=self.call_id,
+            name=self.name,
+            status=self.status,
+        )
 
 
 class PartsBuilder:
@@ -48,13 +64,63 @@ class PartsBuilder:
         self._parts: list[_Building] = []
 
     def switch(self, kind: f.PartKind, now: float) -> list[f.ServerFrame]:
-        """Close the current part and open one of `kind`: the events that say so."""
-        events = self.close(now)
-        self._parts.append(_Building(kind, now))
+        """Close the current part and open one of `kind`: the events that say so. Tool calls
+        still streaming stay open (they close with the model's response)."""
+        events = self._end_current(now)
         self.kind = kind
+        if kind == "text" and self._parts and self._parts[-1].kind == "text":
+            self._parts[-1].open = True  # a `token` continues the last part when it is text
+            return events
+        self._parts.append(_Building(kind, now))
         if kind != "text":
             events.append(self._start(len(self._parts) - 1))
         return events
+
+    def open_call(self, call_id: str, name: str, now: float) -> tuple[int, list[f.ServerFrame]]:
+        """A `tool_call` part for a call the model began: its index and the events."""
+        events = self._end_current(now)
+        self._parts.append(_Building("tool_call", now, call_id=call_id, name=name))
+        self.kind = "tool_call"
+        index = len(self._parts) - 1
+        events.append(self._start(index))
+        return index, events
+
+    def add_to(self, index: int, text: str) -> f.ServerFrame:
+        """A piece of part `index` (a tool call's arguments), and the event that carries it."""
+        self._parts[index].texts.append(text)
+        return self.piece(index, text)
+
+    def result(
+        self, call_id: str, name: str, status: f.ToolStatus, text: str, duration_ms: float
+    ) -> list[f.ServerFrame]:
+        """A call's whole `tool_result` part: its start, its text and its end (after the
+        model response that made the call was closed)."""
+        events: list[f.ServerFrame] = []
+        self._parts.append(
+            _Building("tool_result", 0.0, [text], duration_ms, call_id, name, status, open=False)
+        )
+        index = len(self._parts) - 1
+        events.append(self._start(index))
+        if text:
+            events.append(self.piece(index, text))
+        events.append(self._end(index))
+        return events
+
+    def _end_current(self, now: float) -> list[f.ServerFrame]:
+        """End the last part when it is open and not a tool call."""
+        if self.kind is None or self.kind == "tool_call":
+            return []
+        self.kind = None
+        return self._end_part(len(self._parts) - 1, now)
+
+    def _end_part(self, index: int, now: float) -> list[f.ServerFrame]:
+        part = self._parts[index]
+        part.open = False
+        if part.kind == "text":
+            return []
+        if part.kind == "reasoning":
+            part.duration_ms = round_ms(now - part.began)
+        return [self._end(index)]
 
     @property
     def current(self) -> int:
@@ -67,41 +133,47 @@ class PartsBuilder:
         return self.piece(len(self._parts) - 1, text)
 
     def close(self, now: float) -> list[f.ServerFrame]:
-        """End the current part (a reply's last part is closed by `done` instead)."""
-        if self.kind is None:
-            return []
+        """End every part still open: the current one and the tool calls streaming (at the
+        end of a model response)."""
         self.kind = None
-        part = self._parts[-1]
-        if part.kind == "text":
-            return []
-        if part.kind == "reasoning":
-            part.duration_ms = round_ms(now - part.began)
-        return [self._end(len(self._parts) - 1)]
+        events: list[f.ServerFrame] = []
+        for index, part in enumerate(self._parts):
+            if part.open:
+                events += self._end_part(index, now)
+        return events
 
     def parts(self) -> list[f.Part]:
         return [p.part() for p in self._parts]
+
+    def restore(self, parts: list[f.Part]) -> None:
+        """Continue from parts recorded earlier (a turn taken over after completed steps);
+        all of them are closed."""
+        self.kind = None
+        self._parts = [_restored(part) for part in parts]
 
     def replay(self) -> list[f.ServerFrame]:
         """The events of the reply so far, one piece per part: to publish it again after
         Redis lost the conversation (the open part stays open)."""
         events: list[f.ServerFrame] = []
-        last = len(self._parts) - 1
         for index, building in enumerate(self._parts):
             text = "".join(building.texts)
             if building.kind != "text":
                 events.append(self._start(index))
             if text:
                 events.append(self.piece(index, text))
-            if building.kind != "text" and (index < last or self.kind is None):
+            if building.kind != "text" and not building.open:
                 events.append(self._end(index))
         return events
 
     def _start(self, index: int) -> f.PartStart:
+        part = self._parts[index]
         return f.PartStart(
             conversation=self.conversation,
             message_id=self.message_id,
             index=index,
-            kind=self._parts[index].kind,
+            kind=part.kind,
+            call_id=part.call_id,
+            name=part.name,
         )
 
     def piece(self, index: int, text: str) -> f.ServerFrame:
@@ -113,12 +185,21 @@ class PartsBuilder:
         )
 
     def _end(self, index: int) -> f.PartEnd:
+        part = self._parts[index]
         return f.PartEnd(
             conversation=self.conversation,
             message_id=self.message_id,
             index=index,
-            duration_ms=self._parts[index].duration_ms,
+            duration_ms=part.duration_ms,
+            status=part.status,
         )
+
+
+def _restored(part: f.Part) -> _Building:
+    texts = [part.text] if part.text else []
+    return _Building(
+        part.kind, 0.0, texts, part.duration_ms, part.call_id, part.name, part.status, False
+    )
 
 
 def content_of(parts: list[f.Part]) -> str:
@@ -140,13 +221,6 @@ def parts_of(message: f.Message) -> list[f.Part]:
     return [f.Part(kind="text", text=message.content)] if message.content else []
 
 
-@dataclass(slots=True)
-class _Folding:
-    kind: f.PartKind
-    texts: list[str] = field(default_factory=list)
-    duration_ms: float | None = None
-
-
 class MessageParts:
     """One assistant message's parts, rebuilt from its events in seq order (a client's view)."""
 
@@ -154,7 +228,7 @@ class MessageParts:
 
     def __init__(self, message_id: uuid.UUID) -> None:
         self.message_id = message_id
-        self._parts: list[_Folding] = []
+        self._parts: list[_Building] = []
         self.reason: f.DoneReason | None = None
 
     def apply(self, event: f.ServerFrame) -> None:
@@ -165,20 +239,20 @@ class MessageParts:
             self.reason = None
         elif isinstance(event, f.PartStart):
             while len(self._parts) <= event.index:
-                self._parts.append(_Folding(event.kind))
+                self._parts.append(_Building(event.kind, 0.0))
+            self._parts[event.index].call_id = event.call_id
+            self._parts[event.index].name = event.name
         elif isinstance(event, f.PartDelta) and event.index < len(self._parts):
             self._parts[event.index].texts.append(event.text)
         elif isinstance(event, f.Token):
             if not self._parts or self._parts[-1].kind != "text":
-                self._parts.append(_Folding("text"))
+                self._parts.append(_Building("text", 0.0))
             self._parts[-1].texts.append(event.text)
         elif isinstance(event, f.PartEnd) and event.index < len(self._parts):
             self._parts[event.index].duration_ms = event.duration_ms
+            self._parts[event.index].status = event.status
         elif isinstance(event, f.Done):
             self.reason = event.reason
 
     def parts(self) -> list[f.Part]:
-        return [
-            f.Part(kind=p.kind, text="".join(p.texts), duration_ms=p.duration_ms)
-            for p in self._parts
-        ]
+        return [p.part() for p in self._parts]

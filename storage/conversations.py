@@ -10,7 +10,7 @@ import asyncpg
 
 from protocol.frames import Conversation
 
-_COLUMNS = "id, owner, title, system, model, created_at, updated_at, history_seq, last_seq"
+_COLUMNS = "id, owner, title, system, model, created_at, updated_at, history_seq, last_seq, tools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +29,16 @@ def _from_row(row: asyncpg.Record) -> StoredConversation:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         last_seq=row["last_seq"],
+        tools=row["tools"],
     )
     return StoredConversation(owner=row["owner"], meta=meta, history_seq=row["history_seq"])
 
 
 async def insert(pool: asyncpg.Pool, owner: str, meta: Conversation) -> None:
     await pool.execute(
-        "INSERT INTO conversations (id, owner, title, system, model, created_at, updated_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO conversations"
+        " (id, owner, title, system, model, created_at, updated_at, tools)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         meta.id,
         owner,
         meta.title,
@@ -44,6 +46,7 @@ async def insert(pool: asyncpg.Pool, owner: str, meta: Conversation) -> None:
         meta.model,
         meta.created_at,
         meta.updated_at,
+        meta.tools,
     )
 
 
@@ -75,12 +78,13 @@ async def update(
     model: str | None,
     seq: int,
     now: datetime,
+    tools: list[str] | None = None,
 ) -> StoredConversation | None:
     """Change the given fields of the owner's conversation; None when there is no such one."""
     row = await pool.fetchrow(
         "UPDATE conversations SET title = COALESCE($3, title), system = COALESCE($4, system),"
-        " model = COALESCE($5, model), updated_at = $6, last_seq = GREATEST(last_seq, $7)"
-        f" WHERE id = $1 AND owner = $2 RETURNING {_COLUMNS}",
+        " model = COALESCE($5, model), updated_at = $6, last_seq = GREATEST(last_seq, $7),"
+        f" tools = COALESCE($8, tools) WHERE id = $1 AND owner = $2 RETURNING {_COLUMNS}",
         conversation,
         owner,
         title,
@@ -88,6 +92,7 @@ async def update(
         model,
         now,
         seq,
+        tools,
     )
     return None if row is None else _from_row(row)
 

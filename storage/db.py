@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 MIGRATION_LOCK = 0x7061726C  # "parl": one migrating process at a time
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
@@ -38,6 +41,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=msgspec.json.decode,
         schema="pg_catalog",
     )
+
+
+def structs(rows: Iterable[asyncpg.Record], kind: type[S]) -> list[S]:
+    """Rows whose columns bear the names of `kind`'s fields, as `kind`s: a jsonb column (which
+    the pool's codec decodes) becomes the Struct, or list of Structs, its field declares."""
+    return [msgspec.convert(dict(row), kind) for row in rows]
 
 
 async def create_pool(url: str, size: int = 10, **kwargs: Any) -> asyncpg.Pool:

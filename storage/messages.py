@@ -8,9 +8,10 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from protocol.frames import Message, Part, Usage
+from protocol.frames import Message
 from protocol.text import scrub
 from storage import usage as ledger
+from storage.db import structs
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,17 +151,4 @@ async def history(pool: asyncpg.Pool, conversation: uuid.UUID) -> list[Message]:
         " WHERE conversation_id = $1 ORDER BY seq, created_at",
         conversation,
     )
-    return [
-        Message(
-            id=r["id"],
-            role=r["role"],
-            content=r["content"],
-            status=r["status"],
-            created_at=r["created_at"],
-            model=r["model"],
-            usage=msgspec.convert(r["usage"], Usage) if r["usage"] else None,
-            parts=msgspec.convert(r["parts"], list[Part]) if r["parts"] is not None else None,
-            reason=r["reason"],
-        )
-        for r in rows
-    ]
+    return structs(rows, Message)

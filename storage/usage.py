@@ -13,6 +13,8 @@ from typing import Literal
 import asyncpg
 import msgspec
 
+from storage.db import structs
+
 GroupBy = Literal["day", "model"]
 
 
@@ -134,18 +136,7 @@ async def totals(
 ) -> list[UsageTotal]:
     """The user's ledger in [start, end), summed per UTC day or per model."""
     rows = await pool.fetch(_TOTALS.format(key=_KEYS[group_by]), owner, start, end)
-    return [
-        UsageTotal(
-            key=r["key"],
-            turns=r["turns"],
-            prompt_tokens=r["prompt_tokens"],
-            completion_tokens=r["completion_tokens"],
-            reasoning_tokens=r["reasoning_tokens"],
-            cached_tokens=r["cached_tokens"],
-            cost=r["cost"],
-        )
-        for r in rows
-    ]
+    return structs(rows, UsageTotal)
 
 
 async def records(
@@ -161,7 +152,7 @@ async def records(
         end,
         limit,
     )
-    return [UsageRecord(**dict(r)) for r in rows]
+    return structs(rows, UsageRecord)
 
 
 async def override(pool: asyncpg.Pool, owner: str) -> int | None:

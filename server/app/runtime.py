@@ -37,6 +37,7 @@ from server.redis.queue import FairQueue
 from server.redis.revocations import Revocations
 from server.redis.rooms import Rooms
 from server.redis.turns import Turns
+from server.tools.toolbox import Toolbox
 from storage.db import create_pool, migrate
 
 log = logging.getLogger("parley")
@@ -66,6 +67,7 @@ class Runtime:
     _llm: LLM | None = field(init=False, default=None)
     hooks: Hooks = field(init=False)
     finish_sender: FinishSender | None = field(init=False, default=None)
+    toolbox: Toolbox | None = field(init=False, default=None)
 
     async def start(self) -> None:
         s = self.settings
@@ -98,6 +100,7 @@ class Runtime:
         if self.runs_web:
             await self._start_web()
         if self.runs_worker:
+            await self._start_tools()
             self._start_worker(events, turns)
         collector.calm()
 
@@ -137,6 +140,14 @@ class Runtime:
         self._rooms = hub.rooms = Rooms(self.redis, process, s.redis.ttl_seconds)
         await Disconnects(hub, self.verifier, self.redis, self.revocations).start()
 
+    async def _start_tools(self) -> None:
+        """The tools the model may call, when any are configured (MCP servers listed now;
+        one that cannot be reached is tried again later)."""
+        tools = self.settings.tools
+        if tools.http or tools.mcp:
+            self.toolbox = Toolbox(tools, self.settings.hooks.secret)
+            await self.toolbox.start()
+
     def _start_worker(self, events: EventLog, turns: Turns) -> None:
         self._llm = LLM(self.settings.llm, self.settings.llm.base_url or self.model_url)
         self.worker = Worker(
@@ -147,6 +158,7 @@ class Runtime:
             turns,
             self._llm,
             hooks=self.hooks,
+            toolbox=self.toolbox,
         )
         self.persister = Persister(self.redis, self.pool, events, shards=self.settings.redis.shards)
         worker = self.worker
@@ -202,6 +214,8 @@ class Runtime:
             await self._bus.stop()
         if self._llm is not None:
             await self._llm.close()
+        if self.toolbox is not None:
+            await self.toolbox.close()
         await self.hooks.close()
         await self.verifier.close()
         await self.pool.close()

@@ -53,9 +53,8 @@ Prompt controls, read from the last user message (for tests):
     ``prompt_tokens_details.cached_tokens`` (every message but the last, as if a prefix cache
     held them); or no usage chunk at all.
 
-``GET /v1/sim/stats`` also shows the messages of the latest request (``last_messages``) and
-of the last few (``recent_messages``), so
-tests can see what a model was sent.
+``GET /v1/sim/stats`` also shows the messages of the last few requests, newest last
+(``recent_messages``), so tests can see what a model was sent.
 
 Controls are bounded: at most ``MAX_CONTROL_TOKENS`` tokens and ``MAX_CONTROL_DELAY`` seconds.
 A request body that is not a chat completion request, or nests deeper than
@@ -107,8 +106,6 @@ class SimulatorStats:
     active: int = 0
     last_aborted_at: float | None = None
     """``time.monotonic()`` of the latest abort."""
-    last_messages: list[dict[str, str]] = field(default_factory=list)
-    """The latest chat completion request's messages (role and text)."""
     recent_messages: list[list[dict[str, str]]] = field(default_factory=list)
     """The messages of the latest `RECENT_REQUESTS` requests, newest last: a test finds its
     own request there even when other conversations ask the model meanwhile."""
@@ -731,8 +728,8 @@ def simulator_router(
             chat = decode_request(await request.body())
         except ValueError as exc:
             return _error(400, f"Invalid request body: {exc}")
-        stats.last_messages = [{"role": m.role, "content": m.text()} for m in chat.messages]
-        stats.recent_messages = [*stats.recent_messages[1 - RECENT_REQUESTS :], stats.last_messages]
+        asked = [{"role": m.role, "content": m.text()} for m in chat.messages]
+        stats.recent_messages = [*stats.recent_messages[1 - RECENT_REQUESTS :], asked]
         controls = _Controls.parse(chat.messages)
         if controls.status is not None:
             return _error(controls.status, f"simulated HTTP {controls.status} ([sim:status])")

@@ -60,6 +60,7 @@ class Service(Transcripts, Protocol):
         system: str | None,
         model: str | None,
         group: str = "",
+        tools: list[str] | None = None,
     ) -> f.Conversation: ...
 
     async def say(
@@ -75,6 +76,18 @@ class Service(Transcripts, Protocol):
     async def regenerate(
         self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID: ...
+
+    async def update(
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        *,
+        title: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        group: str = "",
+        tools: list[str] | None = None,
+    ) -> f.Conversation: ...
 
     async def budget(self, user: str, group: str) -> f.Budget | None: ...
 
@@ -373,9 +386,20 @@ class Commands:
             return f.Ack(message_id=message_id, ref=frame.ref)
         if isinstance(frame, f.Create):
             meta = await conversations.create(
-                user, frame.title, frame.system, frame.model, self._group
+                user, frame.title, frame.system, frame.model, self._group, tools=frame.tools
             )
             return f.Created(conversation=meta.id, meta=meta, ref=frame.ref)
+        if isinstance(frame, f.Update):
+            await conversations.update(
+                user,
+                frame.conversation,
+                title=frame.title,
+                system=frame.system,
+                model=frame.model,
+                group=self._group,
+                tools=frame.tools,
+            )
+            return f.Ack(ref=frame.ref)
         raise Refused("bad_frame", "unsupported frame")
 
     async def _join(self, user: str, frame: f.Join) -> None:

@@ -7,6 +7,7 @@ exists.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import time
@@ -28,6 +29,7 @@ from server.redis import keys
 from server.redis.client import publish
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
+from server.tools.definitions import known_tools, unknown_tools
 from storage import conversations as stored_conversations
 from storage import messages as stored_messages
 
@@ -75,13 +77,7 @@ class Conversations:
 
     async def load(self, conversation: uuid.UUID) -> CachedMeta:
         """Seed Redis with the conversation from PostgreSQL."""
-        try:
-            row = await stored_conversations.get(self.pool, conversation)
-            if row is None:
-                raise not_found()
-            recent = await stored_messages.history(self.pool, conversation)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise refusal(exc, "the database") from None
+        row, recent = await self._stored(conversation)
         await self.events.load(row.owner, row.meta, row.meta.last_seq, row.history_seq, recent)
         return CachedMeta(row.owner, row.meta)
 
@@ -103,16 +99,22 @@ class Conversations:
             cached = await self.events.history(conversation)
             if cached is not None:
                 return cached.seq, cached.messages
+        row, messages = await self._stored(conversation)
+        with contextlib.suppress(RedisError):
+            await self.events.cache_history(conversation, row.history_seq, messages)
+        return row.history_seq, messages
+
+    async def _stored(
+        self, conversation: uuid.UUID
+    ) -> tuple[stored_conversations.StoredConversation, list[f.Message]]:
+        """The conversation's row and persisted messages from PostgreSQL."""
         try:
             row = await stored_conversations.get(self.pool, conversation)
             if row is None:
                 raise not_found()
-            messages = await stored_messages.history(self.pool, conversation)
+            return row, await stored_messages.history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
-        with contextlib.suppress(RedisError):
-            await self.events.cache_history(conversation, row.history_seq, messages)
-        return row.history_seq, messages
 
     async def everything(self, user: str) -> list[f.Conversation]:
         """All of the user's conversations, however many (an export)."""
@@ -132,10 +134,13 @@ class Conversations:
         system: str | None,
         model: str | None,
         group: str = "",
+        tools: builtins.list[str] | None = None,
     ) -> f.Conversation:
-        """A new conversation; `group` is the user's budget group (the models it may pick)."""
+        """A new conversation; `group` is the user's budget group (the models it may pick),
+        `tools` the configured tools offered in it (None: all)."""
         if model is not None:
             self.spending.allows(group, model)
+        self._check_tools(tools)
         now = f.utcnow()
         meta = f.Conversation(
             id=f.new_id(),
@@ -144,6 +149,7 @@ class Conversations:
             model=model or self.settings.llm.model,
             created_at=now,
             updated_at=now,
+            tools=tools,
         )
         try:
             await stored_conversations.insert(self.pool, user, meta)
@@ -243,10 +249,12 @@ class Conversations:
         system: str | None = None,
         model: str | None = None,
         group: str = "",
+        tools: builtins.list[str] | None = None,
     ) -> f.Conversation:
         await self.owned(user, conversation)
         if model is not None:
             self.spending.allows(group, model)
+        self._check_tools(tools)
         head = await self.events.head(conversation)
         try:
             row = await stored_conversations.update(
@@ -258,6 +266,7 @@ class Conversations:
                 model=model,
                 seq=max(head, 0) + 1,
                 now=f.utcnow(),
+                tools=tools,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
@@ -270,6 +279,15 @@ class Conversations:
         )
         await self.tell(user, f.ConversationChanged(conversation=conversation, meta=meta))
         return meta
+
+    def _check_tools(self, tools: builtins.list[str] | None) -> None:
+        """Refuse a choice of tools naming one that is not configured."""
+        if tools is None:
+            return
+        unknown = unknown_tools(self.settings.tools, tools)
+        if unknown:
+            known = ", ".join(known_tools(self.settings.tools)) or "none"
+            raise Refused("invalid", f"`tools`: unknown tool {unknown[0]!r} (tools: {known})")
 
     async def delete(self, user: str, conversation: uuid.UUID) -> None:
         await self.owned(user, conversation)

@@ -40,6 +40,7 @@ class NewConversation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     title: f.Title | None = None
     system: f.SystemPrompt | None = None
     model: f.ModelName | None = None
+    tools: f.ToolChoice | None = None
 
 
 class ConversationChange(NewConversation, frozen=True):
@@ -145,7 +146,12 @@ class ConversationsController(Controller):
         refuse_unstorable(data)
         with answers("POST /api/conversations"):
             return await runtime_of(request).conversations.create(
-                user_of(request), data.title, data.system, data.model, group_of(request)
+                user_of(request),
+                data.title,
+                data.system,
+                data.model,
+                group_of(request),
+                data.tools,
             )
 
     @get("/{conversation:uuid}")
@@ -171,6 +177,7 @@ class ConversationsController(Controller):
                 system=data.system,
                 model=data.model,
                 group=group_of(request),
+                tools=data.tools,
             )
 
     @delete("/{conversation:uuid}", status_code=HTTP_204_NO_CONTENT)

@@ -12,7 +12,7 @@ import importlib.util
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import httpx2
 import msgspec
@@ -22,6 +22,7 @@ from protocol.frames import Count, DoneReason, PartKind, Usage
 from protocol.jsondepth import too_deep
 from protocol.text import scrub
 from protocol.think import ThinkSplitter
+from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
 from server.app.config import LLMSettings
 
 SIMULATED_KEY = "parley-simulated"
@@ -48,6 +49,8 @@ class Finished:
     usage: Usage | None
     model: str | None = None
     """The model that answered, as its stream named it."""
+    calls: tuple[ToolCall, ...] = ()
+    """The tools the model called, complete, in the order of their index."""
 
 
 class MalformedReply(Exception):
@@ -65,6 +68,8 @@ class _Delta(msgspec.Struct, frozen=True):
     before 0.10."""
     reasoning: str | None = None
     """vLLM 0.10 on, Ollama, OpenRouter."""
+    tool_calls: list[Fragment] | None = None
+    """Fragments of the calls the model makes (protocol/toolcalls.py)."""
 
     def thought(self) -> str | None:
         """The delta's reasoning, under either name."""
@@ -163,12 +168,18 @@ class LLM:
         )
 
     async def stream(
-        self, model: str, messages: list[dict[str, str]]
-    ) -> AsyncIterator[Piece | Finished]:
-        """Yield the reply's pieces (reasoning and text), then one Finished. Closing the
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[Piece | Progress | Finished]:
+        """Yield the reply's pieces (reasoning and text) and the progress of the tool calls it
+        makes (each fragment's piece of arguments; `tools`, in OpenAI's format, are offered
+        when there are any), then one Finished with the complete calls. Closing the
         iterator early closes the HTTP response, which is how the upstream model learns of a
         cancel. Stalled when the first piece takes longer than `llm.first_chunk_timeout` or
-        a later one longer than `llm.stall_timeout` (reasoning counts as much as text).
+        a later one longer than `llm.stall_timeout` (reasoning and calls count as much as
+        text).
 
         The model's text is kept whatever it holds: a NUL or a lone surrogate (which the
         JSON decoder lets through) becomes U+FFFD, so that it can be sent and stored."""
@@ -177,6 +188,8 @@ class LLM:
         usage: Usage | None = None
         answered: str | None = None
         think = ThinkSplitter() if self.settings.think_tags else None
+        calls = Calls()
+        offered = {"tools": tools} if tools else {}
         try:
             requesting = self.client.chat.completions.with_streaming_response.create
             async with requesting(  # type: ignore[call-overload]
@@ -185,6 +198,7 @@ class LLM:
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=self.settings.max_tokens,
+                **offered,
             ) as response:
                 http = response.http_response
                 async for data in _events(http.aiter_bytes(), http.request):
@@ -207,6 +221,11 @@ class LLM:
                             watchdog.progress()
                             for piece in _pieces(delta, think):
                                 yield piece
+                        if delta is not None and delta.tool_calls:
+                            watchdog.progress()
+                            for fragment in delta.tool_calls:
+                                if (progress := calls.add(fragment)) is not None:
+                                    yield progress
                         if choice.finish_reason:
                             reason = FINISH_REASONS.get(choice.finish_reason, "stop")
         except asyncio.CancelledError:
@@ -217,7 +236,7 @@ class LLM:
             watchdog.stop()
         for kind, text in think.finish() if think is not None else ():
             yield Piece(text, kind)
-        yield Finished(reason, usage, answered)
+        yield Finished(reason, usage, answered, tuple(calls.finish()))
 
     async def close(self) -> None:
         await self.client.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol.frames import Part, Usage
 
@@ -45,11 +45,12 @@ def count(text: str) -> int:
     return len(_encoding().encode(text)) if text else 0
 
 
-def estimate(prompt: list[dict[str, str]], parts: list[Part]) -> Usage:
-    """The usage of a generation that sent `prompt` and got `parts` back, counted here."""
-    prompt_tokens = sum(count(m.get("content", "")) + PER_MESSAGE for m in prompt)
+def estimate(prompt: list[dict[str, Any]], parts: list[Part]) -> Usage:
+    """The usage of a generation that sent `prompt` and got `parts` back, counted here (a
+    tool's result is not the model's output)."""
+    prompt_tokens = sum(count(m.get("content") or "") + PER_MESSAGE for m in prompt)
     reasoning = sum(count(p.text) for p in parts if p.kind == "reasoning")
-    completion = sum(count(p.text) for p in parts)
+    completion = sum(count(p.text) for p in parts if p.kind != "tool_result")
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
@@ -58,5 +59,5 @@ def estimate(prompt: list[dict[str, str]], parts: list[Part]) -> Usage:
     )
 
 
-async def estimate_off_loop(prompt: list[dict[str, str]], parts: list[Part]) -> Usage:
+async def estimate_off_loop(prompt: list[dict[str, Any]], parts: list[Part]) -> Usage:
     return await asyncio.to_thread(estimate, prompt, parts)

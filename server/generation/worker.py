@@ -12,6 +12,13 @@ A worker keeps a heartbeat key alive. A turn whose worker lost its heartbeat (ki
 partitioned) is claimed by another worker and generated again from the start under the same
 message id: clients get a second `start` for that id and discard the partial text.
 
+A model that calls tools gets their results back and is called again, up to `llm.max_steps`
+model calls per turn (`_steps`): each call is a `tool_call` part whose arguments stream to the
+tabs, the calls of one step run in parallel through the tools' runner, each result is a
+`tool_result` part. Once a step's results are in, the reply so far is recorded in Redis
+(server/redis/toolsteps.py), so a worker taking the turn over resumes after the completed
+steps rather than from the start.
+
 A turn that fails is retried as server/deadletter.py says (an outage for as long as it lasts, a
 permanent failure a few times, each try continuing as a takeover would); one that still fails,
 or a job that cannot be read, goes to the dead-letter stream and the worker moves on.
@@ -29,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import openai
@@ -36,8 +44,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
-from protocol.context import build_prompt
+from protocol.context import ModelMessage, build_prompt, reply_messages
 from protocol.parts import PartsBuilder, content_of, round_ms, stored_parts
+from protocol.text import scrub
+from protocol.toolcalls import Progress, ToolCall
 from protocol.transcript import status_of
 from server.app import logs, metrics, tracing
 from server.app.config import Settings
@@ -48,12 +58,15 @@ from server.edge.failures import Refused
 from server.edge.shardbus import open_bus
 from server.generation import finish_hooks, tokens
 from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
-from server.redis import generations, keys
+from server.redis import generations, keys, toolsteps
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, consumer_name
 from server.redis.turns import Job, Turns, text_of
+from server.tools.definitions import CallContext, Result, Tool, error
+from server.tools.runner import Runner
+from server.tools.toolbox import Toolbox
 from storage.messages import FinishedTurn
 from storage.usage import UsageEntry
 
@@ -95,7 +108,8 @@ class Running:
 
     job: Job
     history: list[f.Message] = field(default_factory=list)
-    pump: asyncio.Task[Finished] | None = None
+    pump: asyncio.Task[Any] | None = None
+    """What a `cancel` stops: the model's stream, or the step's tool calls."""
     cancelled: bool = False
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
@@ -110,9 +124,21 @@ class Running:
     cancel_received: float = 0.0
     first_token: float | None = None
     watchers: int = 0
-    prompt: list[dict[str, str]] = field(default_factory=list)
-    """What the model was sent; empty when it was not called."""
+    prompt: list[ModelMessage] = field(default_factory=list)
+    """What the model was sent last; empty when it was not called."""
     open_text: OpenText | None = None
+    tools: dict[str, Tool] = field(default_factory=dict)
+    """The tools offered to the model in this turn, by name."""
+    steps: int = 0
+    """Model calls made (those of a worker this turn was taken over from included)."""
+    usages: list[f.Usage | None] = field(default_factory=list)
+    """Each model call's usage as the model reported it."""
+    call_parts: dict[int, int] = field(default_factory=dict)
+    """The model response's calls (by their index) that have a `tool_call` part: its index."""
+    unnamed: dict[int, list[str]] = field(default_factory=dict)
+    """Arguments of calls whose name has not come yet (their part opens with the name)."""
+    pending: list[ToolCall] = field(default_factory=list)
+    """Calls of a step taken over before their results were in: run before the model."""
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -151,6 +177,7 @@ class Worker:
         llm: LLM,
         name: str | None = None,
         hooks: Hooks | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -178,6 +205,11 @@ class Worker:
         self.taken_over = 0
         self.dead_letters = DeadLetters(redis)
         self.hooks = hooks
+        self.toolbox = toolbox
+        tools = settings.tools
+        self.runner = (
+            None if toolbox is None else Runner(toolbox, tools.max_result_bytes, tools.max_parallel)
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -414,23 +446,205 @@ class Worker:
         if takeover:
             run.index = await self._last_index(job)
         with tracing.span("build prompt"):
-            run.history, system = await self._context(job)
-            prompt = build_prompt(system, run.history, self.settings.llm.context_tokens)
+            run.history, meta = await self._context(job)
+            prompt = build_prompt(meta.system, run.history, self.settings.llm.context_tokens)
+            run.tools = await self._offered(meta.tools)
         verdict = await self._turn_hook(run, prompt)
         started, began = f.utcnow(), time.monotonic()
         run.watchers = await self._subscribers(job.conversation)
         if not verdict.allow:
             return await self._refuse(run, verdict.message or "refused", started, began)
         await self._publish(run, self._start_event(run.job))
+        if takeover:
+            await self._resume_steps(run)
         run.cancelled = await self._cancelled_before_start(job)
         with tracing.span("model stream"):
-            finished, error = await self._stream(run, verdict_prompt(verdict, prompt))
+            finished, error = await self._steps(run, verdict_prompt(verdict, prompt))
         finished = await self._measured(run, finished)
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
+        if run.steps > 1 or takeover:
+            with contextlib.suppress(RedisError, OSError):
+                await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
         return reason, finished, error
+
+    # ------------------------------------------------------------------ tools
+
+    async def _offered(self, names: list[str] | None) -> dict[str, Tool]:
+        """The tools the model may call in this conversation (`names`; None: all of them)."""
+        if self.toolbox is None:
+            return {}
+        await self.toolbox.refresh()
+        tools = self.toolbox.definitions()
+        return {t.name: t for t in tools if names is None or t.name in names}
+
+    async def _steps(self, run: Running, prompt: list[ModelMessage]) -> tuple[Finished, str | None]:
+        """Call the model, run the tools it calls, give it their results, and again, until it
+        answers without calling tools, the turn is cancelled, or it made `llm.max_steps`
+        calls (then its last calls do not run, the turn ends with reason `tool_calls`)."""
+        limit = self.settings.llm.max_steps
+        offered = [tool.openai() for tool in run.tools.values()]
+        while True:
+            if run.pending:  # a taken-over step: its calls were made, their results were not in
+                calls, run.pending = run.pending, []
+                finished = Finished("tool_calls", _total(run.usages))
+                if run.cancelled:
+                    self._publish_results(run, [error_of(c, CANCELLED, "cancelled") for c in calls])
+                    return dataclasses.replace(finished, reason="cancelled"), None
+            else:
+                finished, error = await self._stream(
+                    run, prompt + reply_messages(run.parts.parts()), offered
+                )
+                run.steps += 1
+                run.usages.append(finished.usage)
+                calls = self._step_closed(run, finished.calls)
+                finished = dataclasses.replace(finished, usage=_total(run.usages))
+                if error is not None or run.cancelled or not calls:
+                    return finished, error
+            if run.steps >= limit:
+                note = (
+                    f"the turn reached its step limit ({limit} model calls); the call did not run"
+                )
+                self._publish_results(run, [error_of(c, note) for c in calls])
+                return finished, f"the turn reached its step limit of {limit} model calls"
+            await self._record_steps(run, calls)
+            self._publish_results(run, await self._call_tools(run, calls))
+            if run.cancelled:
+                return dataclasses.replace(finished, reason="cancelled"), None
+            await self._record_steps(run, [])
+
+    def _step_closed(self, run: Running, calls: tuple[ToolCall, ...]) -> list[ToolCall]:
+        """End the model response's open parts; its calls as their parts name them (a call
+        whose name never came gets its part now)."""
+        now = time.monotonic()
+        for boundary in run.parts.close(now):
+            self._publish_later(run, boundary)
+        named = []
+        for call in calls:
+            index = run.call_parts.get(call.index)
+            if index is None:
+                index = self._open_call(run, call.index, call.id, call.name, now)
+                if call.arguments:
+                    self._publish_later(run, run.parts.add_to(index, scrub(call.arguments)))
+                for boundary in run.parts.close(now):
+                    self._publish_later(run, boundary)
+            part = run.parts.parts()[index]
+            named.append(
+                ToolCall(call.index, part.call_id or call.id, part.name or "", call.arguments,
+                         call.problem)
+            )  # fmt: skip
+        run.call_parts.clear()
+        run.unnamed.clear()
+        return named
+
+    def _open_call(self, run: Running, call: int, call_id: str, name: str, now: float) -> int:
+        index, events = run.parts.open_call(scrub(call_id), scrub(name), now)
+        run.call_parts[call] = index
+        for event in events:
+            self._publish_later(run, event)
+        return index
+
+    def _call_piece(self, run: Running, progress: Progress) -> None:
+        """A fragment of a tool call: its part opens when the call's name is known, then its
+        arguments stream into it like text."""
+        index = run.call_parts.get(progress.index)
+        text = progress.arguments
+        if index is None:
+            if not progress.name:
+                run.unnamed.setdefault(progress.index, []).append(text)
+                return
+            now = time.monotonic()
+            index = self._open_call(run, progress.index, progress.id, progress.name, now)
+            text = "".join(run.unnamed.pop(progress.index, ())) + text
+        if text:
+            text = scrub(text)
+            run.parts.add_to(index, text)
+            self._publish_text(run, index, text, functools.partial(run.parts.piece, index))
+
+    def _publish_results(self, run: Running, results: list[Result]) -> None:
+        for result in results:
+            events = run.parts.result(
+                result.call_id, result.tool, result.status, result.content,
+                round_ms(result.duration),
+            )  # fmt: skip
+            for event in events:
+                self._publish_later(run, event)
+
+    async def _call_tools(self, run: Running, calls: list[ToolCall]) -> list[Result]:
+        """The step's calls, run in parallel; a `cancel` abandons those still running."""
+        running: asyncio.Task[list[Result]] = asyncio.create_task(self._run_calls(run, calls))
+        run.pump = running
+        try:
+            return await running
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                running.cancel()
+                raise
+            return [error_of(call, CANCELLED, "cancelled") for call in calls]
+
+    async def _run_calls(self, run: Running, calls: list[ToolCall]) -> list[Result]:
+        """Each call's result, in order: those that may not run get theirs without running."""
+        outcomes = list(await asyncio.gather(*(self._screen(run, call) for call in calls)))
+        runnable = [call for call, outcome in zip(calls, outcomes, strict=True) if outcome is None]
+        if not runnable or self.runner is None:  # (a runnable call needs the runner)
+            return [outcome for outcome in outcomes if outcome is not None]
+        job = run.job
+        context = CallContext(job.user, str(job.conversation), str(job.message_id))
+        batch = self.runner.start(runnable, context)
+        try:
+            ran = iter(await batch.results())
+        except asyncio.CancelledError:
+            if not run.cancelled:
+                await batch.cancel()
+                raise
+            ran = iter(await batch.cancel())  # a `cancel`: finished calls keep their results
+        return [outcome or next(ran) for outcome in outcomes]
+
+    async def _screen(self, run: Running, call: ToolCall) -> Result | None:
+        """None when the call may run; else its result without running it (a tool this
+        conversation does not offer)."""
+        if call.problem is not None and self.runner is not None:
+            return None  # the runner says what is wrong with it
+        tool = run.tools.get(call.name)
+        if tool is None:
+            known = ", ".join(run.tools) or "none"
+            return error_of(call, f"there is no tool {call.name!r} (tools: {known})")
+        return await self._approve(run, call, tool)
+
+    async def _approve(self, run: Running, call: ToolCall, tool: Tool) -> Result | None:
+        """Whether a person lets the call run: None when it may run, else how it ended without
+        running. The one place a call waits for approval; a tool with `approval = "never"`
+        runs at once."""
+        if tool.approval == "never":
+            return None
+        return error_of(call, "this tool needs a person's approval, which is not available")
+
+    async def _record_steps(self, run: Running, pending: list[ToolCall]) -> None:
+        """The reply so far, for a takeover to resume from: before the step's calls run (with
+        them `pending`: a takeover runs them without calling the model again), and once their
+        results are in (before the model is called again)."""
+        job = run.job
+        steps = toolsteps.Steps(
+            steps=run.steps, parts=run.parts.parts(), usage=run.usages, pending=pending
+        )
+        await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
+
+    async def _resume_steps(self, run: Running) -> None:
+        """Continue after the steps the previous worker completed: publish them again (tabs
+        discarded the reply at `start`) and count their model calls."""
+        job = run.job
+        recorded = await toolsteps.recorded(self.redis, job.conversation, job.message_id)
+        if recorded is None:
+            return
+        run.parts.restore(recorded.parts)
+        run.steps = recorded.steps
+        run.usages = list(recorded.usage)
+        run.pending = list(recorded.pending)
+        for event in run.parts.replay():
+            self._publish_later(run, event)
 
     async def _refuse(
         self, run: Running, message: str, started: datetime, began: float
@@ -469,7 +683,7 @@ class Worker:
         )
         return dataclasses.replace(finished, usage=usage)
 
-    async def _turn_hook(self, run: Running, prompt: list[dict[str, str]]) -> Reply:
+    async def _turn_hook(self, run: Running, prompt: list[ModelMessage]) -> Reply:
         """Ask the host application's turn hook, if any; a model it picks becomes the job's."""
         url = self.settings.hooks.turn_url
         if not url or self.hooks is None:
@@ -559,7 +773,7 @@ class Worker:
             accepted_at=job.accepted_at or None,
         )
 
-    async def _context(self, job: Job) -> tuple[list[f.Message], str]:
+    async def _context(self, job: Job) -> tuple[list[f.Message], f.Conversation]:
         history = await self.events.recent(job.conversation)
         cached = await self.events.meta(job.conversation)
         if history is None or cached is None:
@@ -567,19 +781,19 @@ class Worker:
             history = await self.events.recent(job.conversation) or []
         if job.replaces is not None:
             history = [m for m in history if m.id != job.replaces]
-        return history, cached.meta.system
+        return history, cached.meta
 
     async def _cancelled_before_start(self, job: Job) -> bool:
         marked = await self.redis.get(keys.cancelled(job.conversation))
         return marked is not None and text_of(marked) == str(job.message_id)
 
     async def _stream(
-        self, run: Running, prompt: list[dict[str, str]]
+        self, run: Running, prompt: list[ModelMessage], tools: list[dict[str, Any]]
     ) -> tuple[Finished, str | None]:
         if run.cancelled:
             return Finished("cancelled", None), None
         run.prompt = prompt
-        run.pump = asyncio.create_task(self._pump(run, prompt))
+        run.pump = asyncio.create_task(self._pump(run, prompt, tools))
         try:
             return await run.pump, None
         except asyncio.CancelledError:
@@ -599,13 +813,19 @@ class Worker:
             log.warning("model error in %s: %s", run.job.conversation, exc)
             return Finished("error", None), "the model sent a malformed reply"
 
-    async def _pump(self, run: Running, prompt: list[dict[str, str]]) -> Finished:
+    async def _pump(
+        self, run: Running, prompt: list[ModelMessage], tools: list[dict[str, Any]]
+    ) -> Finished:
         job = run.job
-        run.requested = time.monotonic()
+        run.requested = run.requested or time.monotonic()
         async with asyncio.timeout(self.settings.llm.max_duration):
-            async for item in self.llm.stream(job.model, prompt):
+            async for item in self.llm.stream(job.model, prompt, tools):
                 if not isinstance(item, Piece):
-                    return item
+                    if isinstance(item, Finished):
+                        return item
+                    run.first_token = run.first_token or time.monotonic()
+                    self._call_piece(run, item)
+                    continue
                 now = time.monotonic()
                 run.chunk(now)
                 if run.first_token is None:
@@ -823,11 +1043,40 @@ class _CancelListener:
         """A cancel published while disconnected is still in its key; checked at start."""
 
 
-def verdict_prompt(verdict: Reply, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+def verdict_prompt(verdict: Reply, prompt: list[ModelMessage]) -> list[ModelMessage]:
     """The messages the turn hook chose, or Parley's own prompt."""
     if verdict.messages is None:
         return prompt
     return [{"role": m.role, "content": m.content} for m in verdict.messages]
+
+
+CANCELLED = "the call was cancelled: the turn was stopped"
+
+
+def error_of(call: ToolCall, message: str, status: f.ToolStatus = "error") -> Result:
+    """A call's result when it did not run (or stopped): `message` is what the model reads."""
+    return error(call.id, call.name, message, status)
+
+
+def _total(usages: list[f.Usage | None]) -> f.Usage | None:
+    """The usage of every model call of the turn; None when one of them reported none (then
+    Parley counts the whole turn itself)."""
+    if not usages or any(u is None for u in usages):
+        return None
+    if len(usages) == 1:
+        return usages[0]
+    known = [u for u in usages if u is not None]
+
+    def summed(values: list[int | None]) -> int | None:
+        present = [v for v in values if v is not None]
+        return sum(present) if present else None
+
+    return f.Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in known),
+        completion_tokens=sum(u.completion_tokens for u in known),
+        reasoning_tokens=summed([u.reasoning_tokens for u in known]),
+        cached_prompt_tokens=summed([u.cached_prompt_tokens for u in known]),
+    )
 
 
 def _describe(exc: openai.APIError) -> str:

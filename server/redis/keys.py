@@ -165,6 +165,12 @@ def approval(conversation: uuid.UUID | str, call_id: str) -> str:
     return f"{_conv(conversation)}:approval:{call_id}"
 
 
+def tool_steps(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
+    """A reply's completed tool steps (its parts and usage so far), so that a worker taking
+    the turn over resumes after them instead of running their calls again."""
+    return f"{_conv(conversation)}:steps:{message_id}"
+
+
 USERS: Final = f"{PREFIX}:users"
 """Pub/sub channel of `conversation_changed` for every user, as `user_message` puts it; each
 web process subscribes once and routes it to that user's sockets (no subscription per socket:

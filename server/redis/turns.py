@@ -216,48 +216,20 @@ class Turns:
     ) -> Accepted:
         if self.in_steps:
             return await self._accept_in_steps(message_event, message, job, turn_limit, budgeting)
-        c = job.conversation
         result = await self._say(
-            **event_keys(c),
-            gen_key=keys.generation(c),
-            said_key=keys.said(c),
-            recent_key=keys.recent(c),
-            meta_key=keys.meta(c),
-            turns_key=self.turns_key(c),
-            rate_key=keys.turn_rate(job.user),
-            budget_key=keys.budget(job.user),
+            **self._say_inputs(message_event, message, job),
+            **self._one_step_inputs(job, turn_limit, budgeting),
             **self._queue_inputs(job),
-            frame=message_event,
-            message=encode(message),
-            reply_id=str(job.message_id),
-            job=encode(job),
-            maxlen=self.max_events,
-            ttl=self.ttl,
-            turn_limit=turn_limit,
-            lease=self.lease,
-            recent_kept=RECENT_KEPT,
-            say_id=str(message.id),
-            **budgeting.args(),
         )
         return await self._queued(result)
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         if self.in_steps:
             return await self._regenerate_in_steps(job, turn_limit, budgeting)
-        c = job.conversation
         result = await self._regenerate(
-            gen_key=keys.generation(c),
-            recent_key=keys.recent(c),
-            meta_key=keys.meta(c),
-            turns_key=self.turns_key(c),
-            rate_key=keys.turn_rate(job.user),
-            budget_key=keys.budget(job.user),
+            **self._mark_inputs(job),
+            **self._one_step_inputs(job, turn_limit, budgeting),
             **self._queue_inputs(job),
-            job=encode(job),
-            reply_id=str(job.message_id),
-            turn_limit=turn_limit,
-            lease=self.lease,
-            **budgeting.args(),
         )
         return await self._queued(result)
 
@@ -282,6 +254,45 @@ class Turns:
         if result[0] in (b"ok", "ok") and result.pop():
             await self.queue.serve()
         return _accepted(result)
+
+    def _mark_inputs(self, job: Job) -> dict[str, Any]:
+        """What every script that marks the conversation as generating takes: `say`,
+        `regenerate` and their cluster steps `say_commit` and `regenerate_commit`."""
+        c = job.conversation
+        return {
+            "gen_key": keys.generation(c),
+            "recent_key": keys.recent(c),
+            "meta_key": keys.meta(c),
+            "reply_id": str(job.message_id),
+            "lease": self.lease,
+        }
+
+    def _say_inputs(self, message_event: bytes, message: Message, job: Job) -> dict[str, Any]:
+        """What `say` and `say_commit` both take."""
+        c = job.conversation
+        return {
+            **event_keys(c),
+            **self._mark_inputs(job),
+            "said_key": keys.said(c),
+            "frame": message_event,
+            "message": encode(message),
+            "maxlen": self.max_events,
+            "ttl": self.ttl,
+            "recent_kept": RECENT_KEPT,
+            "say_id": str(message.id),
+        }
+
+    def _one_step_inputs(self, job: Job, turn_limit: int, budgeting: Budgeting) -> dict[str, Any]:
+        """What `say` and `regenerate` take beyond their conversation's step: the job, the
+        turns shard it is queued on, the user's rate and budget (other slots in a cluster)."""
+        return {
+            "turns_key": self.turns_key(job.conversation),
+            "rate_key": keys.turn_rate(job.user),
+            "budget_key": keys.budget(job.user),
+            "job": encode(job),
+            "turn_limit": turn_limit,
+            **budgeting.args(),
+        }
 
     def finish_call(
         self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int
@@ -371,26 +382,11 @@ class Turns:
         turn_limit: int,
         budgeting: Budgeting,
     ) -> Accepted:
-        c = job.conversation
         reserved = await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id))
         if isinstance(reserved, Accepted):
             return reserved
         accepted = _accepted(
-            await self._say_commit(
-                **event_keys(c),
-                gen_key=keys.generation(c),
-                said_key=keys.said(c),
-                recent_key=keys.recent(c),
-                meta_key=keys.meta(c),
-                frame=message_event,
-                message=encode(message),
-                reply_id=str(job.message_id),
-                maxlen=self.max_events,
-                ttl=self.ttl,
-                lease=self.lease,
-                recent_kept=RECENT_KEPT,
-                say_id=str(message.id),
-            )
+            await self._say_commit(**self._say_inputs(message_event, message, job))
         )
         await self._commit_or_release(
             accepted, msgspec.structs.replace(reserved, user_seq=accepted.seq)
@@ -400,19 +396,10 @@ class Turns:
     async def _regenerate_in_steps(
         self, job: Job, turn_limit: int, budgeting: Budgeting
     ) -> Accepted:
-        c = job.conversation
         reserved = await self._reserve(job, turn_limit, budgeting, b"", "")
         if isinstance(reserved, Accepted):
             return reserved
-        accepted = _accepted(
-            await self._regenerate_commit(
-                gen_key=keys.generation(c),
-                recent_key=keys.recent(c),
-                meta_key=keys.meta(c),
-                reply_id=str(job.message_id),
-                lease=self.lease,
-            )
-        )
+        accepted = _accepted(await self._regenerate_commit(**self._mark_inputs(job)))
         await self._commit_or_release(
             accepted, msgspec.structs.replace(reserved, replaces=accepted.replaces)
         )

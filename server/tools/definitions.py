@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from protocol.text import scrub
-from server.app.config import Approval
+from server.app.config import Approval, ToolsSettings
 
 Status = Literal["ok", "error", "timeout", "cancelled"]
 """`ok`: the tool answered; `error`: it failed or could not be called (the content says why,
@@ -70,3 +70,17 @@ class ToolError(Exception):
 
 def error(call_id: str, tool: str, message: str, status: Status = "error") -> Result:
     return Result(call_id, tool, status, scrub(message[:MAX_ERROR_CHARS]))
+
+
+def known_tools(settings: ToolsSettings) -> list[str]:
+    """The tool names a conversation may choose, as told to a client: each HTTP tool's, and
+    `PREFIX*` for each MCP server (its tools are known only once listed, by the workers)."""
+    return [t.name for t in settings.http] + [f"{s.prefix}*" for s in settings.mcp]
+
+
+def unknown_tools(settings: ToolsSettings, names: list[str]) -> list[str]:
+    """The names that can be no configured tool: neither an HTTP tool's nor under an MCP
+    server's `prefix` (a server without one may list any name)."""
+    http = {t.name for t in settings.http}
+    prefixes = [s.prefix for s in settings.mcp]
+    return [n for n in names if n not in http and not any(n.startswith(p) for p in prefixes)]

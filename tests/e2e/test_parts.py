@@ -14,11 +14,11 @@ import msgspec
 import pytest
 
 from protocol import frames as f
-from protocol.parts import MessageParts, parts_of
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import (
     assert_contiguous,
+    folded,
     say_and_finish,
     start_conversation,
     transcript,
@@ -27,22 +27,6 @@ from tests.helpers.conversations import (
 from tests.helpers.processes import Cluster, Db, ParleyProcess, model_stats, redis_db
 
 THINKING = "[sim:reasoning=12][sim:tokens=10][sim:tps=60]"
-
-
-def folded(client: Client, message_id: uuid.UUID) -> list[f.Part]:
-    """The message's parts as a tab rebuilds them from its history and events (an event at
-    or below the last seq it holds is one it has: a rejoin's replay may repeat it)."""
-    parts = MessageParts(message_id)
-    history: list[f.Part] | None = None
-    held = 0
-    for frame in client.frames:
-        if isinstance(frame, f.Joined) and frame.history is not None:
-            history = next((parts_of(m) for m in frame.history if m.id == message_id), None)
-            held = frame.last_seq
-        elif isinstance(frame, f.ConversationEvent) and frame.seq > held:
-            held = frame.seq
-            parts.apply(frame)
-    return parts.parts() or history or []
 
 
 async def history(client: Client, conversation: uuid.UUID) -> list[f.Message]:

@@ -94,6 +94,7 @@ class FakeConversations:
         system: str | None,
         model: str | None,
         group: str = "",
+        tools: list[str] | None = None,
     ) -> f.Conversation:
         conversation = f.new_id()
         self.owners[conversation] = user

@@ -1,8 +1,9 @@
 """The browser UI's tests' page: real headless Chromium (Debian's `chromium` package), driven
 by Playwright's async API.
 
-`open_tab` opens the page the way people do: with a token handed over in `?token=`, or
-through the development sign-in form.
+`open_signed_in` opens the page for a new user the way people do, with a token handed over in
+`?token=`; `open_tab` also opens it for a given user or token, or on the sign-in form;
+`new_tab` gives a blank page to watch from its first socket on before `open_tab` opens it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import BrowserContext, Dialog, Page
 
-from tests.helpers.auth import mint
+from tests.helpers.auth import mint, new_user
 from tests.helpers.processes import ROOT, ParleyProcess
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -150,19 +151,9 @@ class BrowserTab:
         assert not self.dialogs, f"the page opened dialogs: {self.dialogs}"
 
 
-async def open_tab(
-    context: BrowserContext,
-    server: ParleyProcess,
-    user: str | None = None,
-    conversation: str | None = None,
-    *,
-    token: str | None = None,
-    base: str | None = None,
-    query: str = "",
-) -> BrowserTab:
-    """A new page on `server` (or at `base`, a proxy in front of it), opened with `?token=`
-    when a user or token is given (and waited for until signed in when a user is), plus
-    `query` (`transport=sse`)."""
+async def new_tab(context: BrowserContext) -> BrowserTab:
+    """A blank page that records its script errors and its dialogs (dismissed): a test adds
+    the listeners that must see the page's first socket, then opens it with `open_tab`."""
     page = await context.new_page()
     tab = BrowserTab(page)
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
@@ -172,6 +163,24 @@ async def open_tab(
         await dialog.dismiss()
 
     page.on("dialog", on_dialog)
+    return tab
+
+
+async def open_tab(
+    context: BrowserContext,
+    server: ParleyProcess,
+    user: str | None = None,
+    conversation: str | None = None,
+    *,
+    token: str | None = None,
+    base: str | None = None,
+    query: str = "",
+    tab: BrowserTab | None = None,
+) -> BrowserTab:
+    """A page on `server` (or at `base`, a proxy in front of it), opened with `?token=`
+    when a user or token is given (and waited for until signed in when a user is), plus
+    `query` (`transport=sse`); in `tab` (from `new_tab`) when given, else in a new one."""
+    tab = tab or await new_tab(context)
     params = [query] if query else []
     if user or token:
         params.append(f"token={token or mint(user or '')}")
@@ -180,10 +189,19 @@ async def open_tab(
         url += "?" + "&".join(params)
     if conversation:
         url += f"#/c/{conversation}"
-    await page.goto(url)
+    await tab.page.goto(url)
     if user:
         await tab.signed_in()
     return tab
+
+
+async def open_signed_in(
+    context: BrowserContext, server: ParleyProcess, *, query: str = ""
+) -> tuple[str, BrowserTab]:
+    """A new user and their page on `server` (plus `query`), signed in with a token in
+    `?token=`: how most UI tests begin."""
+    user = new_user()
+    return user, await open_tab(context, server, user, query=query)
 
 
 async def persisted(server: ParleyProcess, user: str, conversation: str) -> dict[str, Any]:

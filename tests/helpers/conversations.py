@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from protocol import frames as f
+from protocol.parts import MessageParts, parts_of
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
 
@@ -125,3 +126,19 @@ async def timed_turns(ws_url: str, turns: int, until: type[f.ServerFrame]) -> li
             times.append((time.monotonic() - sent) * 1000)
             await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start, timeout=10)
     return times
+
+
+def folded(client: Client, message_id: uuid.UUID) -> list[f.Part]:
+    """The message's parts as a tab rebuilds them from its history and events (an event at
+    or below the last seq it holds is one it has: a rejoin's replay may repeat it)."""
+    parts = MessageParts(message_id)
+    history: list[f.Part] | None = None
+    held = 0
+    for frame in client.frames:
+        if isinstance(frame, f.Joined) and frame.history is not None:
+            history = next((parts_of(m) for m in frame.history if m.id == message_id), None)
+            held = frame.last_seq
+        elif isinstance(frame, f.ConversationEvent) and frame.seq > held:
+            held = frame.seq
+            parts.apply(frame)
+    return parts.parts() or history or []

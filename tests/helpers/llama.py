@@ -19,12 +19,12 @@ The server binary is built once by scripts/build-llama-server.sh (which caches i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ import gguf
 import numpy as np
 
 from server.dev import embedded
-from tests.helpers.processes import answers, read_log
+from tests.helpers.processes import answers, read_log, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
@@ -176,15 +176,12 @@ class LlamaServer:
         return self
 
     def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited:\n{self.log()[-4000:]}")
-            if answers(f"{self.url}/health"):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"llama-server not healthy:\n{self.log()[-4000:]}")
+        assert self.proc is not None
+        healthy = functools.partial(answers, f"{self.url}/health")
+        wait_until_up(self.proc, healthy, "llama-server", self._log_tail, timeout, pause=0.1)
+
+    def _log_tail(self) -> str:
+        return self.log()[-4000:]
 
     def log(self) -> str:
         return read_log(self.log_path)

@@ -6,6 +6,7 @@ Every process here is stopped only by its own PID.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -33,6 +34,9 @@ from tests.helpers import redis_cluster
 from tests.helpers.auth import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
+PORT_TAKEN = "address already in use"
+"""What uvicorn logs when the port it was given is taken."""
+
 FAST_MODEL = {
     "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.02",
     "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "400",
@@ -79,6 +83,8 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    TOOLS = 40
+    TOOLS_TAKEOVER = 41
     FAIR_QUEUE = 50
     FAIR_QUEUE_CAP = 51
     FAIR_QUEUE_KILL = 52
@@ -127,6 +133,26 @@ def read_log(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def wait_until_up(
+    proc: subprocess.Popen[bytes],
+    up: Callable[[], bool],
+    what: str,
+    log: Callable[[], str],
+    timeout: float,
+    pause: float = 0.05,
+) -> None:
+    """Wait until `up()` says the process `what` serves; RuntimeError as soon as it exits,
+    TimeoutError after `timeout` seconds, either with its `log()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{log()}")
+        if up():
+            return
+        time.sleep(pause)
+    raise TimeoutError(f"{what} not ready:\n{log()}")
+
+
 @dataclass
 class ParleyProcess:
     """`parley serve | web | worker | model` as a child process, stopped only by its own PID.
@@ -140,6 +166,7 @@ class ParleyProcess:
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
     preexec: Callable[[], None] | None = None
+    _port_clashes: int = 0
 
     @property
     def url(self) -> str:
@@ -158,6 +185,7 @@ class ParleyProcess:
         args = [sys.executable, "-m", "server.app.cli", self.role, *self.extra]
         if self.role in ("serve", "web"):
             args += ["--port", str(self.port)]
+        self._port_clashes = self.log().count(PORT_TAKEN)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env=self.env, stdout=log, stderr=log, preexec_fn=self.preexec
@@ -167,18 +195,30 @@ class ParleyProcess:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"parley {self.role} exited:\n{self.log()}")
-            if self.role == "worker":
-                if "worker ready" in self.log():
-                    return
-            elif answers(f"{self.url}/readyz"):
+            try:
+                wait_until_up(self.proc, self._ready, f"parley {self.role}", self.log, timeout)
                 return
-            time.sleep(0.05)
-        raise TimeoutError(f"parley {self.role} not ready:\n{self.log()}")
+            except RuntimeError:
+                if not self._lost_its_port():
+                    raise
+                self.start(wait=False)
+
+    def _ready(self) -> bool:
+        if self.role == "worker":
+            return "worker ready" in self.log()
+        return answers(f"{self.url}/readyz")
+
+    def _lost_its_port(self) -> bool:
+        """Whether the web server exited because another process took its port between
+        `free_port()` and the bind (other processes start all the time); if so, it gets a
+        new one, at most a few times."""
+        clashes = self.log().count(PORT_TAKEN)
+        if self.role not in ("serve", "web") or clashes <= self._port_clashes or clashes > 3:
+            return False
+        self.port = embedded.free_port()
+        return True
 
     def log(self) -> str:
         return read_log(self.log_path)
@@ -295,17 +335,9 @@ def start_all(procs: Iterable[ParleyProcess], timeout: float = 90) -> None:
 
 
 def wait_model(proc: ParleyProcess, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.proc is not None
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"parley model exited:\n{proc.log()}")
-        try:
-            model_stats_now(proc)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"parley model not ready:\n{proc.log()}")
+    assert proc.proc is not None
+    up = functools.partial(answers, f"{proc.url}/v1/sim/stats")
+    wait_until_up(proc.proc, up, "parley model", proc.log, timeout)
 
 
 def model_stats_now(proc: ParleyProcess) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""What the Lua script tests share: a conversation row and a conversation loaded into Redis
-as if from PostgreSQL."""
+"""What the Lua script tests share: a conversation row, a conversation loaded into Redis as
+if from PostgreSQL, and a message in it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from protocol.frames import Conversation
+from protocol.frames import Conversation, Message, Role
 from server.app.config import BudgetsSettings
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog
@@ -45,3 +45,13 @@ async def loaded(events: EventLog, owner: str = "alice", last_seq: int = 0) -> u
     meta = conversation_row(last_seq=last_seq)
     await events.load(owner, meta, last_seq, last_seq, [])
     return meta.id
+
+
+def message(role: Role = "user", message_id: uuid.UUID | None = None) -> Message:
+    return Message(
+        id=message_id or uuid.uuid4(),
+        role=role,
+        content="hello",
+        status="complete",
+        created_at=datetime.now(UTC),
+    )

@@ -4,7 +4,7 @@ import uuid
 
 from protocol import frames as f
 from protocol import wsframe
-from protocol.context import build_prompt
+from protocol.context import build_prompt, reply_messages
 from protocol.frames import Message, utcnow
 from protocol.outbox import Outbox
 
@@ -66,3 +66,72 @@ def test_prompt_keeps_the_newest_turns_within_budget() -> None:
 def test_the_last_message_is_always_sent_cut_to_fit() -> None:
     prompt = build_prompt("", [message("user", "z" * 10_000)], budget=100)
     assert len(prompt) == 1 and 0 < len(prompt[0]["content"]) <= 400
+
+
+def _reply_with_tools() -> f.Message:
+    parts = [
+        f.Part(kind="reasoning", text="hmm"),
+        f.Part(kind="text", text="Looking."),
+        f.Part(kind="tool_call", call_id="c1", name="weather", text='{"city":"Oslo"}'),
+        f.Part(kind="tool_call", call_id="c2", name="time", text="{}"),
+        f.Part(kind="tool_result", call_id="c1", name="weather", text='{"t":3}', status="ok"),
+        f.Part(kind="tool_result", call_id="c2", name="time", text="late", status="error"),
+        f.Part(kind="tool_call", call_id="c3", name="weather", text='{"city":"Rome"}'),
+        f.Part(kind="tool_result", call_id="c3", name="weather", text='{"t":20}', status="ok"),
+        f.Part(kind="text", text="Oslo 3, Rome 20."),
+    ]
+    return f.Message(
+        id=uuid.uuid4(), role="assistant", content="Looking.Oslo 3, Rome 20.",
+        status="complete", created_at=f.utcnow(), parts=parts,
+    )  # fmt: skip
+
+
+def test_a_reply_that_called_tools_goes_back_to_the_model_step_by_step() -> None:
+    messages = reply_messages(_reply_with_tools().parts or [])
+    assert messages == [
+        {
+            "role": "assistant",
+            "content": "Looking.",
+            "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
+                {"id": "c2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"t":3}'},
+        {"role": "tool", "tool_call_id": "c2", "content": "late"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c3", "type": "function",
+                 "function": {"name": "weather", "arguments": '{"city":"Rome"}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c3", "content": '{"t":20}'},
+        {"role": "assistant", "content": "Oslo 3, Rome 20."},
+    ]  # fmt: skip
+
+
+def test_later_prompts_hold_the_tool_results_of_earlier_turns_or_none_of_that_turn() -> None:
+    question = f.Message(
+        id=uuid.uuid4(), role="user", content="Weather?", status="complete",
+        created_at=f.utcnow(),
+    )  # fmt: skip
+    reply = _reply_with_tools()
+    prompt = build_prompt("", [question, reply], 10_000)
+    assert [m["role"] for m in prompt] == ["user", "assistant", "tool", "tool", "assistant",
+                                           "tool", "assistant"]  # fmt: skip
+    assert not any("hmm" in str(m) for m in prompt)  # reasoning stays out
+    tight = build_prompt("", [question, reply], 20)
+    assert [m["role"] for m in tight] == ["assistant", "tool", "tool", "assistant", "tool",
+                                          "assistant"]  # fmt: skip
+
+
+def test_a_call_without_a_recorded_result_is_answered_for_the_model() -> None:
+    parts = [f.Part(kind="tool_call", call_id="c1", name="slow", text="{}")]
+    assert reply_messages(parts)[1] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "content": "the call has no result",
+    }

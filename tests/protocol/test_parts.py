@@ -81,16 +81,11 @@ class Tab:
             self.folded.apply(event)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    script=pieces,
-    merge_after=st.lists(st.sampled_from([0, 1, 64, 10**6]), min_size=1, max_size=4),
-    actions=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["read", "rejoin", "none"]))),
-)
-def test_every_tab_ends_with_the_persisted_parts_byte_for_byte(
-    script: list[tuple[str, str]], merge_after: list[int], actions: list[tuple[int, str]]
-) -> None:
-    log, persisted = published(script)
+def tabs_after(
+    log: list[bytes], merge_after: list[int], actions: list[tuple[int, str]]
+) -> list[Tab]:
+    """Tabs there from the start that got the log live, each reading or rejoining as
+    `actions` say after each event, and having read everything at the end."""
     tabs = [Tab(m) for m in merge_after]
     for tab in tabs:
         tab.join(log, 0)
@@ -106,6 +101,20 @@ def test_every_tab_ends_with_the_persisted_parts_byte_for_byte(
             tab.join(log, head)
     for tab in tabs:
         tab.read()
+    return tabs
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=pieces,
+    merge_after=st.lists(st.sampled_from([0, 1, 64, 10**6]), min_size=1, max_size=4),
+    actions=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["read", "rejoin", "none"]))),
+)
+def test_every_tab_ends_with_the_persisted_parts_byte_for_byte(
+    script: list[tuple[str, str]], merge_after: list[int], actions: list[tuple[int, str]]
+) -> None:
+    log, persisted = published(script)
+    for tab in tabs_after(log, merge_after, actions):
         assert tab.held == len(log)
         assert msgspec.json.encode(tab.folded.parts()) == msgspec.json.encode(persisted)
         assert tab.folded.reason == "stop"
@@ -152,3 +161,102 @@ def test_replay_after_redis_lost_the_conversation_rebuilds_the_same_parts() -> N
         folded.apply(event)
     assert folded.parts() == builder.parts()
     assert [p.text for p in builder.parts()] == ["think", "answer"]
+
+
+CallScript = list[tuple[int, str]]
+"""A model response's call fragments: (which call, a piece of its arguments)."""
+
+
+def published_steps(
+    steps: list[tuple[str, CallScript]], answer: str
+) -> tuple[list[bytes], list[f.Part]]:
+    """A reply that calls tools: per step some text, then its calls' fragments interleaved,
+    then their results; then the answer. Framed as the append script frames them."""
+    builder = PartsBuilder(CONV, MESSAGE)
+    events: list[f.ServerFrame] = [f.Start(conversation=CONV, message_id=MESSAGE, model="m")]
+    for step, (text, fragments) in enumerate(steps):
+        if text:
+            events += builder.switch("text", 0.0)
+            events.append(builder.add(text))
+        opened: dict[int, int] = {}
+        for call, piece in fragments:
+            if call not in opened:
+                opened[call], starting = builder.open_call(f"c{step}_{call}", f"tool{call}", 0.0)
+                events += starting
+            events.append(builder.add_to(opened[call], piece))
+        events += builder.close(1.0)
+        for call in sorted(opened):
+            status = "ok" if call % 2 == 0 else "error"
+            events += builder.result(f"c{step}_{call}", f"tool{call}", status, f"r{call}", 2.5)
+    events += builder.switch("text", 2.0)
+    events.append(builder.add(answer))
+    events += builder.close(3.0)
+    events.append(f.Done(conversation=CONV, message_id=MESSAGE, reason="stop"))
+    log = [f.splice_seq(f.encode(e), seq) for seq, e in enumerate(events, start=1)]
+    return log, builder.parts()
+
+
+tool_steps = st.lists(
+    st.tuples(
+        st.text(max_size=4),
+        st.lists(st.tuples(st.integers(0, 2), st.text(min_size=1, max_size=5)), max_size=12),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=tool_steps,
+    merge_after=st.lists(st.sampled_from([0, 1, 10**6]), min_size=1, max_size=3),
+    actions=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["read", "rejoin", "none"]))),
+)
+def test_tool_steps_fold_on_every_tab_to_the_persisted_parts_byte_for_byte(
+    steps: list[tuple[str, CallScript]], merge_after: list[int], actions: list[tuple[int, str]]
+) -> None:
+    log, persisted = published_steps(steps, "done")
+    for tab in tabs_after(log, merge_after, actions):
+        assert msgspec.json.encode(tab.folded.parts()) == msgspec.json.encode(persisted)
+
+
+def test_parallel_calls_stream_their_arguments_into_their_own_parts() -> None:
+    _, parts = published_steps(
+        [("Let me look.", [(0, '{"ci'), (1, '{"q"'), (0, 'ty":"Oslo"}'), (1, ":1}")])], "Sunny."
+    )
+    assert [(p.kind, p.call_id, p.name, p.text, p.status) for p in parts] == [
+        ("text", None, None, "Let me look.", None),
+        ("tool_call", "c0_0", "tool0", '{"city":"Oslo"}', None),
+        ("tool_call", "c0_1", "tool1", '{"q":1}', None),
+        ("tool_result", "c0_0", "tool0", "r0", "ok"),
+        ("tool_result", "c0_1", "tool1", "r1", "error"),
+        ("text", None, None, "Sunny.", None),
+    ]
+    assert parts[3].duration_ms == 2.5
+    assert content_of(parts) == "Let me look.Sunny."
+    assert stored_parts(parts) == parts
+
+
+def test_a_v1_client_sees_only_the_answer_text_of_a_reply_that_called_tools() -> None:
+    log, _ = published_steps([("", [(0, "{}")])], "It is sunny.")
+    tokens = [e.text for e in map(f.decode_server, log) if isinstance(e, f.Token)]
+    assert "".join(tokens) == "It is sunny."
+
+
+def test_a_taken_over_reply_replays_its_recorded_steps_and_goes_on_from_them() -> None:
+    _, recorded = published_steps([("a", [(0, "{}"), (1, '{"x":1}')])], "")
+    builder = PartsBuilder(CONV, MESSAGE)
+    builder.restore(recorded[:-1])  # the completed step, as Redis kept it
+    folded = MessageParts(MESSAGE)
+    for event in [
+        f.Start(conversation=CONV, message_id=MESSAGE, model="m"),
+        *builder.replay(),
+        *builder.switch("text", 0.0),
+        builder.add("the answer"),
+    ]:
+        folded.apply(event)
+    assert (
+        folded.parts()
+        == builder.parts()
+        == [*recorded[:-1], f.Part(kind="text", text="the answer")]
+    )

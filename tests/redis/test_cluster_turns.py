@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -21,7 +21,7 @@ from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
 
 SHARDS = 4
 
@@ -47,16 +47,6 @@ async def events(cluster_redis: Any) -> EventLog:
 @pytest_asyncio.fixture(loop_scope="session")
 async def turns(cluster_redis: Any) -> Turns:
     return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS)
-
-
-def message(role: f.Role = "user", message_id: uuid.UUID | None = None) -> f.Message:
-    return f.Message(
-        id=message_id or uuid.uuid4(),
-        role=role,
-        content="hello",
-        status="complete",
-        created_at=datetime.now(UTC),
-    )
 
 
 async def say(
@@ -191,12 +181,31 @@ async def test_regenerate_in_steps_replaces_the_last_reply(
     assert any(j.message_id == again.message_id and j.replaces == job.message_id for j in jobs)
 
 
-def budgets_of(redis: Any, limit: int) -> Budgets:
-    return Budgets(redis, BudgetsSettings(default_tokens=limit))
+@dataclass(frozen=True, slots=True)
+class BudgetedUser:
+    """A new user with a token budget (which Redis does not hold until a test seeds it)."""
+
+    name: str
+    budgets: Budgets
+    budgeting: Budgeting
+
+    async def used(self) -> int:
+        state = await self.budgets.read(self.name, "")
+        assert state is not None
+        return state.used
 
 
-def budgeting_of(budgets: Budgets) -> Budgeting:
-    return budgets.budgeting("", context_tokens=1000, max_tokens=100)
+@pytest.fixture
+def limit() -> int:
+    """The `user` fixture's budget in tokens (a test parametrizes it to change it)."""
+    return 10_000
+
+
+@pytest.fixture
+def user(cluster_redis: Any, limit: int) -> BudgetedUser:
+    budgets = Budgets(cluster_redis, BudgetsSettings(default_tokens=limit))
+    budgeting = budgets.budgeting("", context_tokens=1000, max_tokens=100)
+    return BudgetedUser(f"b-{uuid.uuid4().hex[:8]}", budgets, budgeting)
 
 
 async def queued_job(redis: Any, turns: Turns, job: Job) -> Job:
@@ -205,25 +214,18 @@ async def queued_job(redis: Any, turns: Turns, job: Job) -> Job:
     return next(j for j in jobs if j.message_id == job.message_id)
 
 
-async def used(budgets: Budgets, user: str) -> int:
-    state = await budgets.read(user, "")
-    assert state is not None
-    return state.used
-
-
 async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finish(
-    events: EventLog, turns: Turns, cluster_redis: Any
+    events: EventLog, turns: Turns, cluster_redis: Any, user: BudgetedUser
 ) -> None:
-    budgets, user = budgets_of(cluster_redis, 10_000), f"b-{uuid.uuid4().hex[:8]}"
-    conversation = await loaded(events, owner=user)
-    budgeting = budgeting_of(budgets)
-    refused, _ = await say_budgeted(turns, conversation, user, message(), 100, budgeting)
+    conversation = await loaded(events, owner=user.name)
+    budgeting = user.budgeting
+    refused, _ = await say_budgeted(turns, conversation, user.name, message(), 100, budgeting)
     assert refused.admission is Admission.NO_BUDGET  # rebuilt from the ledger, then again
-    await budgets.seed(user, {}, None)
-    accepted, job = await say_budgeted(turns, conversation, user, message(), 100, budgeting)
+    await user.budgets.seed(user.name, {}, None)
+    accepted, job = await say_budgeted(turns, conversation, user.name, message(), 100, budgeting)
     assert accepted.admission is Admission.OK
     reserved = (await queued_job(cluster_redis, turns, job)).budget_reserved
-    assert 100 < reserved < 200 and await used(budgets, user) == reserved
+    assert 100 < reserved < 200 and await user.used() == reserved
     pipeliner = Pipeliner(cluster_redis)
     pipeliner.start()
     try:
@@ -234,33 +236,37 @@ async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finis
             assert await turns.finish(pipeliner, queued_as, done, reply, b"turn", 42) == 2
     finally:
         await pipeliner.stop()
-    assert await used(budgets, user) == 42
+    assert await user.used() == 42
 
 
-async def test_over_budget_is_refused_before_the_rate_counts_and_reserves_nothing(
-    events: EventLog, turns: Turns, cluster_redis: Any
+@pytest.mark.parametrize(
+    ("limit", "turn_limit", "refusal", "rate_counted"),
+    [
+        # over budget: refused before the rate counts the turn
+        pytest.param(250, 100, Admission.OVER_BUDGET, 1, id="over-budget"),
+        # over the rate: the reservation the budget step made is given back
+        pytest.param(10_000, 1, Admission.RATE_LIMITED, 2, id="over-rate"),
+    ],
+)
+async def test_a_refused_turn_keeps_no_reservation(
+    events: EventLog,
+    turns: Turns,
+    cluster_redis: Any,
+    user: BudgetedUser,
+    limit: int,
+    turn_limit: int,
+    refusal: Admission,
+    rate_counted: int,
 ) -> None:
-    budgets, user = budgets_of(cluster_redis, 250), f"b-{uuid.uuid4().hex[:8]}"
-    await budgets.seed(user, {}, None)
-    budgeting = budgeting_of(budgets)
-    first = await loaded(events, owner=user)
-    assert (await say(turns, first, user, message(), 100, budgeting))[0] is Admission.OK
-    before = await used(budgets, user)
-    refused, _ = await say_budgeted(turns, await loaded(events), user, message(), 100, budgeting)
-    assert refused.admission is Admission.OVER_BUDGET and refused.limit == 250
-    assert await used(budgets, user) == before == refused.spent
-    assert int(await cluster_redis.get(keys.turn_rate(user))) == 1
-
-
-async def test_a_reservation_the_rate_refuses_is_given_back(
-    events: EventLog, turns: Turns, cluster_redis: Any
-) -> None:
-    budgets, user = budgets_of(cluster_redis, 10_000), f"b-{uuid.uuid4().hex[:8]}"
-    await budgets.seed(user, {}, None)
-    budgeting = budgeting_of(budgets)
-    first = await loaded(events, owner=user)
-    assert (await say(turns, first, user, message(), 1, budgeting))[0] is Admission.OK
-    before = await used(budgets, user)
-    refused = await say(turns, await loaded(events), user, message(), 1, budgeting)
-    assert refused[0] is Admission.RATE_LIMITED
-    assert await used(budgets, user) == before
+    await user.budgets.seed(user.name, {}, None)
+    first = await loaded(events, owner=user.name)
+    said = await say(turns, first, user.name, message(), turn_limit, user.budgeting)
+    assert said[0] is Admission.OK
+    before = await user.used()
+    second = await loaded(events)
+    refused, _ = await say_budgeted(turns, second, user.name, message(), turn_limit, user.budgeting)
+    assert refused.admission is refusal
+    assert await user.used() == before
+    if refusal is Admission.OVER_BUDGET:  # the refusal says what is spent of which limit
+        assert (refused.spent, refused.limit) == (before, limit)
+    assert int(await cluster_redis.get(keys.turn_rate(user.name))) == rate_counted

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 import msgspec
 import pytest_asyncio
@@ -14,7 +13,7 @@ from server.redis import generations, keys
 from server.redis.eventlog import UNLOADED, EventLog
 from server.redis.scripts import Call
 from server.redis.turns import Admission, Job, Turns
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
 
 LIMIT = 100
 
@@ -22,16 +21,6 @@ LIMIT = 100
 @pytest_asyncio.fixture(loop_scope="session")
 async def turns(redis: Redis) -> Turns:
     return Turns(redis, MAX_EVENTS, TTL, lease=10.0)
-
-
-def message(role: f.Role = "user", message_id: uuid.UUID | None = None) -> f.Message:
-    return f.Message(
-        id=message_id or uuid.uuid4(),
-        role=role,
-        content="hello",
-        status="complete",
-        created_at=datetime.now(UTC),
-    )
 
 
 def new_user() -> str:

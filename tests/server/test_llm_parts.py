@@ -4,12 +4,14 @@ first-chunk and between-chunks timeouts."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from protocol.toolcalls import Progress
 from server.app.config import LLMSettings
 from server.generation.llm import LLM, Finished, Piece, Stalled
 from tests.helpers.simulated import Sim, serving
@@ -95,3 +97,27 @@ async def test_between_chunks_timeout_and_reasoning_counts_as_progress(sim: Sim)
     # ... while one every 2 s does
     with pytest.raises(Stalled, match="between two chunks"):
         await run(sim, "[sim:tps=0.5][sim:tokens=3][sim:delay=0] q", stall_timeout=0.6)
+
+
+async def test_parallel_tool_calls_stream_in_fragments_and_finish_complete(sim: Sim) -> None:
+    llm = LLM(LLMSettings(), sim.base_url)
+    text = '[sim:tool=weather {"city": "Oslo"}][sim:tool=clock {"zone": "Europe/Oslo"}]'
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    progress: list[Progress] = []
+    try:
+        async for item in llm.stream("m", [{"role": "user", "content": text}], tools):
+            if isinstance(item, Finished):
+                break
+            assert isinstance(item, Progress), item  # no text while it calls tools
+            progress.append(item)
+    finally:
+        await llm.close()
+    assert item.reason == "tool_calls"
+    weather, clock = item.calls
+    assert (weather.name, json.loads(weather.arguments)) == ("weather", {"city": "Oslo"})
+    assert (clock.name, json.loads(clock.arguments)) == ("clock", {"zone": "Europe/Oslo"})
+    assert len(progress) > 6 and [p.index for p in progress] != sorted(p.index for p in progress)
+    for call in (weather, clock):
+        pieces = [p.arguments for p in progress if p.index == call.index]
+        assert "".join(pieces) == call.arguments and all(p.id == call.id for p in progress
+                                                          if p.index == call.index)  # fmt: skip

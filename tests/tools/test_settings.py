@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from server.app.config import ConfigError, McpServerSettings, Settings, ToolsSettings, load
+from server.app.config import (
+    ConfigError,
+    HttpToolSettings,
+    McpServerSettings,
+    Settings,
+    ToolsSettings,
+    load,
+)
+from server.tools.definitions import known_tools, unknown_tools
 from server.tools.toolbox import Toolbox
 
 TOML = """
@@ -109,3 +117,18 @@ def test_without_mcp_servers_the_sdk_is_not_imported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_conversation_may_choose_http_tools_by_name_and_mcp_tools_by_prefix() -> None:
+    tools = ToolsSettings(
+        http=[HttpToolSettings(name="weather", url="http://127.0.0.1:1/w")],
+        mcp=[McpServerSettings(name="files", url="http://127.0.0.1:1/mcp", prefix="files_")],
+    )
+    assert unknown_tools(tools, ["weather", "files_read", "files_", "clock", "file"]) == [
+        "clock",
+        "file",
+    ]
+    assert known_tools(tools) == ["weather", "files_*"]
+    unprefixed = ToolsSettings(mcp=[McpServerSettings(name="any", command=["x"])])
+    assert unknown_tools(unprefixed, ["whatever"]) == []  # its tools may have any name
+    assert unknown_tools(ToolsSettings(), ["weather"]) == ["weather"]

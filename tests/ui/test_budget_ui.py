@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import BrowserContext
 
-from tests.helpers.auth import new_user
-from tests.helpers.browser import open_tab
+from tests.helpers.browser import open_signed_in
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.ui
@@ -43,7 +42,7 @@ def tokens_left(text: str) -> int:
 async def test_the_sidebar_shows_the_budget_and_the_warning_and_refusal_are_readable(
     context: BrowserContext, budget_server: ParleyProcess, artifacts: Path
 ) -> None:
-    tab = await open_tab(context, budget_server, new_user())
+    _, tab = await open_signed_in(context, budget_server)
     page = tab.page
     budget = page.locator("#budget")
     await budget.wait_for()

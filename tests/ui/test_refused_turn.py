@@ -19,8 +19,7 @@ import pytest
 from playwright.async_api import BrowserContext, WebSocket
 
 from server.dev import embedded
-from tests.helpers.auth import new_user
-from tests.helpers.browser import open_tab
+from tests.helpers.browser import open_signed_in
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.ui
@@ -70,8 +69,7 @@ def hooked(cluster: Cluster, hook_url: str) -> Iterator[ParleyProcess]:
 async def test_a_refused_turn_shows_the_applications_message(
     context: BrowserContext, hooked: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, hooked, user)
+    _, tab = await open_signed_in(context, hooked)
     page = tab.page
     joins: list[str] = []
 

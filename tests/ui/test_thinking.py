@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from playwright.async_api import BrowserContext
 
-from tests.helpers.auth import new_user
-from tests.helpers.browser import open_tab, settled_reply
+from tests.helpers.browser import open_signed_in, settled_reply
 from tests.helpers.processes import ParleyProcess
 
 pytestmark = pytest.mark.ui
@@ -26,8 +25,7 @@ async def thinking_chars(page: Any) -> int:
 async def test_thinking_block_streams_survives_a_reload_and_collapses_for_the_answer(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    user, tab = await open_signed_in(context, parley)
     page = tab.page
     conversation = await tab.new_conversation()
     await tab.send(f"{THINK} Think it over")

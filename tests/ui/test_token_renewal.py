@@ -20,7 +20,7 @@ import pytest
 from playwright.async_api import BrowserContext, Page, Route, WebSocket
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.browser import BrowserTab, open_tab
+from tests.helpers.browser import BrowserTab, new_tab, open_tab
 from tests.helpers.processes import Cluster, ParleyProcess
 
 pytestmark = pytest.mark.ui
@@ -76,11 +76,9 @@ async def open_renewing(
     context: BrowserContext, server: ParleyProcess, token: str
 ) -> tuple[BrowserTab, list[str], list[tuple[float, str]]]:
     """A page opened with `?token=` and `&token_url=`, its socket watched from the start."""
-    page = await context.new_page()
-    tab = BrowserTab(page)
-    page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    sockets, received = watch_socket(page)
-    await page.goto(f"{server.url}/?token={token}&token_url={TOKEN_PATH}")
+    tab = await new_tab(context)
+    sockets, received = watch_socket(tab.page)
+    await open_tab(context, server, token=token, query=f"token_url={TOKEN_PATH}", tab=tab)
     await tab.signed_in()
     return tab, sockets, received
 

@@ -20,6 +20,8 @@ from tests.helpers.browser import (
     PHONE,
     WIDE,
     BrowserTab,
+    new_tab,
+    open_signed_in,
     open_tab,
     reload_mid_reply,
     settled_reply,
@@ -41,8 +43,7 @@ async def assert_shows(tab: BrowserTab, reply: dict[str, Any]) -> None:
 async def test_sign_in_send_and_stream(
     context: BrowserContext, parley: ParleyProcess, artifacts: Path
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    user, tab = await open_signed_in(context, parley)
     page = tab.page
     assert "token=" not in page.url, "the token must leave the address bar"
     assert await page.evaluate("sessionStorage.getItem('parley.token')")
@@ -107,8 +108,7 @@ async def test_sign_in_send_and_stream(
 
 
 async def test_two_tabs_see_the_same_reply(context: BrowserContext, parley: ParleyProcess) -> None:
-    user = new_user()
-    first = await open_tab(context, parley, user)
+    user, first = await open_signed_in(context, parley)
     second = await open_tab(context, parley, user)
     conversation = await first.new_conversation()
     # the other tab learns about the new conversation from `conversation_changed`
@@ -143,8 +143,7 @@ async def test_two_tabs_see_the_same_reply(context: BrowserContext, parley: Parl
 async def test_reload_mid_reply_continues_without_gap_or_repeat(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    user, tab = await open_signed_in(context, parley)
     await reload_mid_reply(tab, parley, user, tab.signed_in)
     tab.check()
 
@@ -152,8 +151,7 @@ async def test_reload_mid_reply_continues_without_gap_or_repeat(
 async def test_stop_in_one_tab_stops_the_reply_in_both(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    first = await open_tab(context, parley, user)
+    user, first = await open_signed_in(context, parley)
     conversation = await first.new_conversation()
     second = await open_tab(context, parley, user, conversation)
     await first.send("[sim:tps=15] [sim:tokens=200] Talk for a long time")
@@ -208,8 +206,7 @@ XSS = (
 async def test_html_in_turns_and_replies_is_shown_as_text(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    user, tab = await open_signed_in(context, parley)
     page = tab.page
     conversation = await tab.new_conversation()
 
@@ -294,8 +291,7 @@ HOLD_STORE = """async () => { window.parleyStore = (await import("/store.js")).s
 async def test_network_loss_then_rejoin_with_after(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    user, tab = await open_signed_in(context, parley)
     page = tab.page
     await tab.send("[sim:tokens=10] Before the network goes")
     conversation = await tab.conversation_id()
@@ -328,8 +324,7 @@ async def test_network_loss_then_rejoin_with_after(
 async def test_chat_goes_on_after_a_gap_rejoin(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
-    user = new_user()
-    tab = await open_tab(context, parley, user)
+    _, tab = await open_signed_in(context, parley)
     await tab.send("[sim:tokens=5] One")
     await tab.wait_replies(1)
     await tab.page.evaluate(HOLD_STORE)
@@ -364,15 +359,14 @@ async def test_dev_token_is_renewed_before_it_expires(
     """With development sign-in the page renews a token near its end and extends the
     socket's session with an `auth` frame, without reconnecting."""
     user = new_user()
-    page = await context.new_page()
-    tab = BrowserTab(page)
-    page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    tab = await new_tab(context)
+    page = tab.page
     sockets: list[str] = []
     sent: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
     page.on("websocket", lambda ws: ws.on("framesent", lambda data: sent.append(str(data))))
     short = mint(user, ttl=5)
-    await page.goto(f"{dev_server.url}/?token={short}")
+    await open_tab(context, dev_server, token=short, tab=tab)
     await tab.signed_in()
     await page.wait_for_function(
         "(old) => sessionStorage.getItem('parley.token') !== old", arg=short, timeout=10_000
@@ -432,7 +426,6 @@ async def test_reconnects_after_a_server_restart(
 async def test_phone_width_and_dark_mode(
     browser: Browser, parley: ParleyProcess, artifacts: Path
 ) -> None:
-    user = new_user()
     phone = await browser.new_context(
         viewport=PHONE,  # type: ignore[arg-type]
         device_scale_factor=2,
@@ -441,7 +434,7 @@ async def test_phone_width_and_dark_mode(
     )
     dark = await browser.new_context(viewport=WIDE, color_scheme="dark")  # type: ignore[arg-type]
     try:
-        tab = await open_tab(phone, parley, user)
+        user, tab = await open_signed_in(phone, parley)
         page = tab.page
         box = await page.locator("#sidebar").bounding_box()
         assert box is not None and box["x"] + box["width"] <= 0, "the list hides at phone width"

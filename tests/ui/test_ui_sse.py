@@ -10,7 +10,13 @@ import pytest
 from playwright.async_api import BrowserContext, Page
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.browser import BrowserTab, open_tab, reload_mid_reply, settled_reply
+from tests.helpers.browser import (
+    BrowserTab,
+    open_signed_in,
+    open_tab,
+    reload_mid_reply,
+    settled_reply,
+)
 from tests.helpers.faults import Proxy
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
@@ -52,9 +58,9 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
 ) -> None:
     user = new_user()
     base = no_websocket.url(parley.url)
-    first = await open_tab(context, parley, base=base)
+    first = await open_tab(context, parley, base=base)  # on the sign-in page: no socket yet
     first_sockets = sockets_of(first.page)
-    await first.page.goto(f"{base}/?token={mint(user)}")
+    await open_tab(context, parley, token=mint(user), base=base, tab=first)
     await on_sse(first)
     assert no_websocket.upgrades_refused >= 2, "the page never tried the WebSocket"
     assert first_sockets, "the page never tried the WebSocket"
@@ -69,7 +75,7 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
     await second.page.wait_for_selector("#welcome:visible")
 
     # sending (POST …/messages) and the streamed reply, in both tabs
-    await first.send("[sim:tps=40] [sim:tokens=40] Hello over server-sent events")
+    await first.send("[sim:tps=12] [sim:tokens=48] Hello over server-sent events")
     streaming = first.page.locator(".msg-assistant[data-status=streaming]")
     await streaming.wait_for()
     message_id = await streaming.get_attribute("data-id")
@@ -109,9 +115,9 @@ async def test_forced_sse_resumes_exactly_after_a_reload_mid_reply(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:
     user = new_user()
-    tab = await open_tab(context, parley, query="transport=sse")
+    tab = await open_tab(context, parley, query="transport=sse")  # on the sign-in page
     opened = sockets_of(tab.page)
-    await tab.page.goto(f"{parley.url}/?transport=sse&token={mint(user)}")
+    await open_tab(context, parley, token=mint(user), query="transport=sse", tab=tab)
     await on_sse(tab)
     # slower than over a socket: after a reload, two tickets and two streams come first
     await reload_mid_reply(tab, parley, user, lambda: on_sse(tab), tps=8)
@@ -125,8 +131,7 @@ async def test_streams_the_server_ends_mid_reply_resume_exactly(
 ) -> None:
     """Every response ends after 1.5 s: the page opens each stream again with a new ticket
     and `?after=`, quietly (no reconnection banner), and the reply ends as persisted."""
-    user = new_user()
-    tab = await open_tab(context, short_streams, user, query="transport=sse")
+    user, tab = await open_signed_in(context, short_streams, query="transport=sse")
     await on_sse(tab)
     page = tab.page
     conversation = await tab.new_conversation()

@@ -27,10 +27,25 @@ from server.app.config import RedisSettings
 from server.dev.embedded import free_port
 from server.redis import client, keys
 from server.redis.eventlog import APPEND_PIECE, Pipeliner, event_keys
+from server.redis.scripts import Call, Registered
 from tests.helpers import redis_cluster
 from tests.helpers.procfs import cpu_seconds
 
 TOKEN = b'{"type":"token","conversation":"c","message_id":"m","text":"hello "}'
+
+
+def token_call(registered: Registered, conversation: uuid.UUID, piece: int) -> Call:
+    """`append_piece` of one token, piece `piece` of generation "m" (no seq floor)."""
+    return registered.bind(
+        **event_keys(conversation),
+        gen_key=keys.generation(conversation),
+        frame=TOKEN,
+        maxlen=200,
+        ttl=600,
+        message_id="m",
+        piece=piece,
+        floor=0,
+    )
 
 
 async def _drive(settings: RedisSettings, seconds: float, conversations: int, sharded: bool) -> int:
@@ -53,16 +68,7 @@ async def _drive(settings: RedisSettings, seconds: float, conversations: int, sh
         piece = 0
         while time.monotonic() < deadline:
             piece += 1
-            call = registered.bind(
-                **event_keys(c),
-                gen_key=keys.generation(c),
-                frame=TOKEN,
-                maxlen=200,
-                ttl=600,
-                message_id="m",
-                piece=piece,
-            )
-            await pipeliner.call(call)
+            await pipeliner.call(token_call(registered, c, piece))
             done += 1
 
     await asyncio.gather(*(stream(c) for c in ids))

@@ -18,31 +18,18 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tests.helpers.auth import new_user
 from tests.helpers.failover import FAILOVER_ENV, kill_owner_mid_stream
-from tests.helpers.processes import Cluster, RedisClusters, bench_cluster, start_all, stop_all
-from tests.helpers.tabs import TabClient, close_all
+from tests.helpers.processes import Cluster, RedisClusters, bench_cluster
+from tests.helpers.tabs import two_tabs_on_two_webs
 
 
 async def one_run(cluster: Cluster, clusters: RedisClusters) -> float:
     backend = clusters.backend()
     env = {**backend.env(), **FAILOVER_ENV}
-    webs = [cluster.process("web", start=False, **env) for _ in range(2)]
-    procs = [*webs, cluster.process("worker", start=False, **env)]
-    user = new_user()
-    t1 = TabClient(user, None, webs, "t1", follow=True)
-    tabs = [t1]
     try:
-        start_all(procs)
-        await t1.create(webs[0], title="failover bench")
-        await t1.join()
-        t2 = TabClient(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
-        tabs.append(t2)
-        await t2.join()
-        return await kill_owner_mid_stream(backend, tabs)
+        async with two_tabs_on_two_webs(cluster, env, "failover bench") as group:
+            return await kill_owner_mid_stream(backend, group.tabs)
     finally:
-        await close_all(tabs)
-        await stop_all(procs)
         clusters.stop()
         clusters.started.clear()
 

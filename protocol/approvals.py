@@ -2,7 +2,8 @@
 
     pending ──approve (owner)──▶ approved
        │    ──deny (owner)─────▶ denied
-       └────expiry─────────────▶ expired   (the model is told: denied, no answer in time)
+       ├────expiry─────────────▶ expired   (the model is told: denied, no answer in time)
+       └────turn cancelled─────▶ cancelled (the call will never run; nobody may answer it)
 
 The first answer wins; a later one, from any tab, learns the state it lost to. Only the
 conversation's owner may answer; an answer after the expiry finds the call expired, even
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final, Literal
 
-State = Literal["pending", "approved", "denied", "expired"]
+State = Literal["pending", "approved", "denied", "expired", "cancelled"]
 Decision = Literal["approve", "deny"]
 Outcome = Literal["settled", "already", "forbidden", "unknown", "pending"]
 """What an answer did: settled the call; found it already settled (by an earlier answer or
@@ -82,4 +83,6 @@ def model_result(approval: Approval) -> str | None:
         return f"The user denied this call of {approval.tool}{why}"
     if approval.state == "expired":
         return f"The user did not approve this call of {approval.tool} in time; it did not run"
+    if approval.state == "cancelled":
+        return f"The turn was stopped before this call of {approval.tool} ran"
     raise ValueError("the approval is still pending")

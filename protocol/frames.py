@@ -4,7 +4,8 @@ Client frames form the tagged union `ClientFrame`, server frames `ServerFrame`; 
 tagged by the `type` field. Server frames omit fields left at their default, so optional
 fields are absent rather than `null`.
 
-Conversation events (`message`, `start`, `token`, `part_*`, `done`, `queued`, `updated`) are encoded
+Conversation events (`message`, `start`, `token`, `part_*`, `done`, `queued`, `updated`,
+`approval_*`) are encoded
 *without* their `seq`: the Redis append script assigns the seq and splices it in front of the
 encoded bytes (`{"seq":N,...`), so every process forwards one encoding unchanged.
 """
@@ -70,6 +71,11 @@ ToolCallId = Annotated[str, Meta(max_length=256)]
 ToolName = Annotated[str, Meta(max_length=256)]
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "error"]
+ApprovalState = Literal["approved", "denied", "expired", "cancelled"]
+MAX_CALL_ID_CHARS: Final = 256
+CallId = Annotated[str, Meta(min_length=1, max_length=MAX_CALL_ID_CHARS)]
+"""A tool call's id as the model gave it (`call_...`)."""
+Reason = Annotated[str, Meta(max_length=500)]
 
 
 def utcnow() -> datetime:
@@ -255,12 +261,38 @@ class Regenerate(_Client, tag="regenerate", kw_only=True, frozen=True):
     conversation: uuid.UUID
 
 
+class Approve(_Client, tag="approve", kw_only=True, frozen=True):
+    """(addition) Let the tool call `call_id`, waiting for the user's approval, run;
+    answered with `ack {approval}`.
+
+    The first answer wins, from whichever tab: the reply's `approval.first` says whether
+    this one settled the call, and `approval.state` how it stands (an answer after the
+    expiry finds it `expired`). Every tab sees the outcome as `approval_resolved`. Only the
+    conversation's owner may answer: to anyone else, like a call that waits for no answer,
+    it is `not_found` (another user's conversation looks like one that does not exist)."""
+
+    conversation: uuid.UUID
+    call_id: CallId
+    reason: Reason | None = None
+
+
+class Deny(_Client, tag="deny", kw_only=True, frozen=True):
+    """(addition) Refuse the tool call `call_id`; answered like `approve`. The model gets
+    the refusal (with `reason`, when given) as the tool's result."""
+
+    conversation: uuid.UUID
+    call_id: CallId
+    reason: Reason | None = None
+
+
 class Ping(_Client, tag="ping", kw_only=True, frozen=True):
     """An application-level ping for clients that cannot send WebSocket pings
     (browsers); answered with `pong`."""
 
 
-ClientFrame = Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping | Update
+ClientFrame = (
+    Auth | Create | Join | Leave | Say | Cancel | Regenerate | Ping | Update | Approve | Deny
+)
 CLIENT_FRAMES: Final[tuple[type[_Client], ...]] = get_args(ClientFrame)
 """The client frames in protocol order: the one list is the union above."""
 CLIENT_TYPES: Final = frozenset(t.__struct_config__.tag for t in CLIENT_FRAMES)
@@ -315,14 +347,28 @@ class Joined(_Server, tag="joined", kw_only=True, frozen=True):
     ref: str | None = None
 
 
+class Answer(Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """How a tool call's approval stands after an `approve` or `deny`: `first` when this
+    answer settled it, false when it had been settled before (by another tab, or by the
+    expiry: `state` says which); `by` is who answered, `reason` the denial's reason."""
+
+    call_id: str
+    state: ApprovalState
+    first: bool
+    by: str | None = None
+    reason: str | None = None
+
+
 class Ack(_Server, tag="ack", kw_only=True, frozen=True):
     """The answer to `leave`, `cancel`, `say` (with `message_id` and `duplicate`),
-    `regenerate` (with `message_id`) and a repeated `auth` (with `expires_at`)."""
+    `regenerate` (with `message_id`), a repeated `auth` (with `expires_at`) and
+    (addition) `approve` / `deny` (with `approval`)."""
 
     message_id: uuid.UUID | None = None
     duplicate: bool = False
     expires_at: int | None = None
     ref: str | None = None
+    approval: Answer | None = None
 
 
 class Pong(_Server, tag="pong", kw_only=True, frozen=True):
@@ -486,6 +532,34 @@ class Updated(_Server, tag="updated", kw_only=True, frozen=True):
     seq: Seq = 0
 
 
+class ApprovalRequest(_Server, tag="approval_request", kw_only=True, frozen=True):
+    """(addition) Conversation event: the tool call `call_id` of assistant message
+    `message_id` waits for the user's `approve` or `deny` (until `expires_at`, Unix seconds
+    of Redis's clock; then it counts as denied). `arguments` is the call's JSON text as the
+    model wrote it. The turn is suspended meanwhile; `approval_resolved` ends the wait."""
+
+    conversation: uuid.UUID
+    message_id: uuid.UUID
+    call_id: str
+    tool: str
+    arguments: str
+    expires_at: float = 0.0
+    seq: Seq = 0
+
+
+class ApprovalResolved(_Server, tag="approval_resolved", kw_only=True, frozen=True):
+    """(addition) Conversation event: the tool call `call_id` was `approved` or `denied`
+    (by `by`, with `reason`), `expired` unanswered, or `cancelled` with its turn; sent once,
+    whichever tab answered."""
+
+    conversation: uuid.UUID
+    call_id: str
+    state: ApprovalState
+    by: str | None = None
+    reason: str | None = None
+    seq: Seq = 0
+
+
 class ConversationChanged(_Server, tag="conversation_changed", kw_only=True, frozen=True):
     """User event, to every socket of the user: a conversation was created or
     changed (`meta`) or deleted (`deleted: true`). It carries no `seq`."""
@@ -528,6 +602,8 @@ ConversationEvent = (
     | Queued
     | Updated
     | Notice
+    | ApprovalRequest
+    | ApprovalResolved
 )
 ServerFrame = (
     Ready

@@ -182,6 +182,16 @@ class Bus:
         """The channels this bus has listeners for."""
         return list(self._listeners)
 
+    def dropped(self, channel: bytes) -> bool:
+        """Whether Redis ended `channel`'s subscription itself (`sunsubscribe`) and it has
+        not been subscribed again since."""
+        return (
+            channel in self._listeners
+            and channel not in self._confirmed
+            and channel not in self._waiters
+            and self._connected.is_set()
+        )
+
     # ------------------------------------------------------------------ connection
 
     def _command(self, verb: bytes, name: bytes) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from redis.exceptions import RedisError
 
 from protocol import frames as f
+from protocol.approvals import Decision
 from protocol.session import Action, Close, CloseCode, Command, Reply, Session, State, Verify
 from server.app import logs, metrics
 from server.edge.auth import AuthError, Principal
@@ -92,6 +93,15 @@ class Service(Transcripts, Protocol):
     async def budget(self, user: str, group: str) -> f.Budget | None: ...
 
     async def cancel(self, user: str, conversation: uuid.UUID) -> None: ...
+
+    async def answer(
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        call_id: str,
+        decision: Decision,
+        reason: str | None = None,
+    ) -> f.Answer: ...
 
 
 class Subscriptions(Protocol):
@@ -384,6 +394,12 @@ class Commands:
                 user, frame.conversation, self.hook_data, self._group
             )
             return f.Ack(message_id=message_id, ref=frame.ref)
+        if isinstance(frame, f.Approve | f.Deny):
+            decision: Decision = "approve" if isinstance(frame, f.Approve) else "deny"
+            answer = await conversations.answer(
+                user, frame.conversation, frame.call_id, decision, frame.reason
+            )
+            return f.Ack(approval=answer, ref=frame.ref)
         if isinstance(frame, f.Create):
             meta = await conversations.create(
                 user, frame.title, frame.system, frame.model, self._group, tools=frame.tools

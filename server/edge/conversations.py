@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import asyncpg
 import msgspec
@@ -20,12 +21,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from protocol import frames as f
+from protocol.approvals import Decision
 from server.app import metrics, tracing
 from server.app.config import Settings
 from server.edge.failures import Refused as Refused
 from server.edge.failures import refusal
 from server.edge.spending import Spending
 from server.redis import keys
+from server.redis.approvals import Approvals
 from server.redis.client import publish
 from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
@@ -56,6 +59,12 @@ class Conversations:
         self.events = events
         self.turns = turns
         self.spending = Spending(redis, pool, settings.budgets)
+        self.approvals = Approvals(
+            redis,
+            settings.tools.approval_timeout,
+            log_max_events=settings.redis.log_max_events,
+            log_ttl=settings.redis.ttl_seconds,
+        )
 
     # ------------------------------------------------------------------ reading
 
@@ -239,6 +248,35 @@ class Conversations:
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         metrics.CANCELS.inc()
+
+    async def answer(
+        self,
+        user: str,
+        conversation: uuid.UUID,
+        call_id: str,
+        decision: Decision,
+        reason: str | None = None,
+    ) -> f.Answer:
+        """A person's `approve` or `deny` of a tool call waiting for it: the first answer
+        settles it (and its `approval_resolved` event reaches every tab), a later one learns
+        how it stands. Only the call's owner may answer: to anyone else the call is
+        `not_found`, as another user's conversation is, so nobody learns it exists."""
+        try:
+            answered = await self.approvals.answer(
+                str(conversation), call_id, user, decision, reason
+            )
+        except RedisError as exc:
+            raise refusal(exc, "Redis") from None
+        approval = answered.approval
+        if approval is None or answered.outcome not in ("settled", "already"):
+            raise Refused("not_found", f"no tool call {call_id!r} waits for an answer here")
+        return f.Answer(
+            call_id=call_id,
+            state=cast(f.ApprovalState, approval.state),
+            first=answered.outcome == "settled",
+            by=approval.by,
+            reason=approval.reason,
+        )
 
     async def update(
         self,

@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from server.app import metrics
 from server.edge.bus import Bus, BusUnavailable, Listener
+from server.redis.client import UNREACHABLE
 
 log = logging.getLogger("parley.shardbus")
 
@@ -138,7 +138,7 @@ class ShardedBus:
             try:
                 await self._cluster.nodes_manager.initialize()
                 stranded = await self._move_once()
-            except (RedisError, OSError, BusUnavailable) as exc:
+            except (*UNREACHABLE, BusUnavailable) as exc:
                 log.warning("cannot read the cluster's slots yet (%s)", exc)
                 stranded = True
             if not stranded and not self._again:
@@ -152,26 +152,52 @@ class ShardedBus:
 
     async def _move_once(self) -> bool:
         """Move each channel whose slot changed owner; True while some channel is still on
-        a node whose connection is down (its replica may not be promoted yet)."""
+        a node whose connection is down (its replica may not be promoted yet) or that ended
+        its subscription (the slot moved, but the node that answered the slot table had not
+        heard yet)."""
         stranded = False
         for name, node in list(self._routes.items()):
             owner = self._owner(name)
             if owner == node:
-                if name not in self._buses[node].holds():
+                bus = self._buses[node]
+                if name not in bus.holds():
                     del self._routes[name]  # it was left meanwhile
-                elif not self._buses[node].healthy:
+                elif not bus.healthy:
                     stranded = True
+                elif bus.dropped(name):
+                    if await self._serves(node, name):
+                        await self._move(name, node, node)  # its slot was assigned again
+                    else:
+                        stranded = True  # the slot table read predates the change
                 continue
-            listeners, raw = self._buses[node].take(name)
-            self._routes[name] = owner
-            target = await self._bus_of(owner)
-            for listener in listeners:
-                await target.subscribe(name.decode(), listener, raw)
-            self.moves += 1
-            metrics.BUS_RESYNCS.inc(len(listeners))
-            for listener in listeners:
-                listener.resync()
+            await self._move(name, node, owner)
         return stranded
+
+    async def _move(self, name: bytes, node: str, owner: str) -> None:
+        """Subscribe `name`'s listeners through `owner`'s bus, then have them resync."""
+        listeners, raw = self._buses[node].take(name)
+        self._routes[name] = owner
+        target = await self._bus_of(owner)
+        for listener in listeners:
+            await target.subscribe(name.decode(), listener, raw)
+        self.moves += 1
+        metrics.BUS_RESYNCS.inc(len(listeners))
+        for listener in listeners:
+            listener.resync()
+
+    async def _serves(self, node: str, channel: bytes) -> bool:
+        """Whether `node` itself says it serves `channel`'s slot (a node's word on its own
+        slots is the latest; another node's may lag)."""
+        slot = self._cluster.keyslot(channel)
+        target = self._cluster.get_node(node_name=node)
+        if target is None:
+            return False
+        host, _, port = node.rpartition(":")
+        ranges = await self._cluster.execute_command("CLUSTER SLOTS", target_nodes=target)
+        return any(
+            low <= slot <= high and _address(served["primary"]) == (host, int(port))
+            for (low, high), served in ranges.items()
+        )
 
     async def _close_idle(self) -> None:
         """Stop the buses of nodes that are no longer primaries and hold no channel."""
@@ -180,6 +206,12 @@ class ShardedBus:
             if node not in primaries and not bus.holds():
                 del self._buses[node]
                 await bus.stop()
+
+
+def _address(node: tuple[Any, Any]) -> tuple[str, int]:
+    """(host, port) of a node as redis-py gives `CLUSTER SLOTS` (host as bytes or str)."""
+    host = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
+    return host, int(node[1])
 
 
 Fanout = Bus | ShardedBus

@@ -7,7 +7,7 @@ SDK's `useChat` (its UI message stream protocol, v1). Errors are classified as e
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -16,7 +16,12 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Validatio
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.response import Stream
-from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_201_CREATED,
+    HTTP_202_ACCEPTED,
+    HTTP_204_NO_CONTENT,
+)
 
 from protocol import frames as f
 from protocol import sse, wsframe
@@ -47,6 +52,13 @@ class StreamTicket(msgspec.Struct, frozen=True):
 class NewMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     text: f.Text
     id: uuid.UUID | None = None
+
+
+class Decision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A person's answer to a tool call waiting for approval (the `approve` / `deny` frames)."""
+
+    decision: Literal["approve", "deny"]
+    reason: f.Reason | None = None
 
 
 class Accepted(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -166,6 +178,21 @@ class ConversationStreams(Controller):
                 user_of(request), conversation, group=group_of(request)
             )
         return Accepted(message_id=message_id)
+
+    @post("/approvals/{call_id:str}", status_code=HTTP_200_OK, guards=[signed_in, shallow_body])
+    async def answer(
+        self, request: Request[Any, Any, Any], conversation: uuid.UUID, call_id: str, data: Decision
+    ) -> f.Answer:
+        """`approve` / `deny` over HTTP: 200 with how the call stands (`first`: this answer
+        settled it), 403 for someone other than the owner, 404 for a call that waits for
+        nothing."""
+        if not 0 < len(call_id) <= f.MAX_CALL_ID_CHARS:
+            raise HTTPException(status_code=400, detail="`call_id` must be 1 to 256 characters")
+        refuse_unstorable(data)
+        with answers("POST /api/conversations/{id}/approvals/{call_id}"):
+            return await runtime_of(request).conversations.answer(
+                user_of(request), conversation, call_id, data.decision, data.reason
+            )
 
 
 def _sayable(request: Request[Any, Any, Any], text: str) -> None:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
 
 import msgspec
-from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol import wsframe
@@ -24,6 +23,7 @@ from protocol.resume import Cursor, NextStep, Verdict
 from protocol.session import CloseCode
 from server.app import metrics
 from server.edge.conversations import Refused
+from server.redis.client import UNREACHABLE
 
 log = logging.getLogger("parley.watch")
 
@@ -103,7 +103,8 @@ class Watch:
     async def _catch_up_task(self) -> None:
         try:
             await self.catch_up()
-        except (RedisError, OSError, Refused) as exc:
+        except (*UNREACHABLE, Refused) as exc:
+            # left catching up, the socket would hold every live frame from now on
             log.warning("catch-up failed for %s: %s", self.conversation, exc)
             self.socket.close(CloseCode.TRY_AGAIN_LATER, "lost track of the conversation; rejoin")
         finally:

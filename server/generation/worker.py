@@ -1,10 +1,10 @@
 """Generation: claim a turn, build the prompt, stream the model, publish every piece, finish.
 
 A worker reads jobs from every shard of the turns Stream (`keys.turns`, one on a single
-Redis) through the `workers` consumer group, runs up to `worker.concurrency` generations at
-once (shared by the shards: a shard's loop reserves the slots it reads for), and listens on
-the `parley:cancel` channel so that `cancel` from any tab on any web process stops the
-upstream stream within milliseconds.
+Redis) through the `workers` consumer group in one loop (`streams.Shards`: each shard gets
+its share of the free slots), runs up to `worker.concurrency` generations at once, and
+listens on the `parley:cancel` channel so that `cancel` from any tab on any web process stops
+the upstream stream within milliseconds.
 Pieces go through the pipeliner (one Redis round trip per batch, not per token); each carries
 an index so that a batch retried after a broken connection appends nothing twice.
 
@@ -56,13 +56,14 @@ from server.app.metrics import TALLY
 from server.edge.conversations import Conversations
 from server.edge.failures import Refused
 from server.edge.shardbus import open_bus
-from server.generation import finish_hooks, tokens
+from server.generation import approval, finish_hooks, tokens
 from server.generation.llm import LLM, Finished, MalformedReply, Piece, Stalled
 from server.redis import generations, keys, toolsteps
+from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
-from server.redis.streams import ConsumerGroup, consumer_name
+from server.redis.streams import ConsumerGroup, Shards, consumer_name
 from server.redis.turns import Job, Turns, text_of
 from server.tools.definitions import CallContext, Result, Tool, error
 from server.tools.runner import Runner
@@ -114,6 +115,9 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
+    acked: int = 0
+    """The highest seq Redis acknowledged for this generation's events: none is handed out
+    again if a failover loses them (`EventLog.append_piece`'s floor)."""
     parts: PartsBuilder = field(init=False)
     pieces: int = 0
     index: int = 0
@@ -139,6 +143,12 @@ class Running:
     """Arguments of calls whose name has not come yet (their part opens with the name)."""
     pending: list[ToolCall] = field(default_factory=list)
     """Calls of a step taken over before their results were in: run before the model."""
+    recorded: bool = False
+    """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
+    awaiting_people: int = 0
+    """Its calls waiting for a person's approval now: a draining worker hands such a turn
+    back at once (another worker resumes it at the calls) rather than wait for an answer."""
+    task: asyncio.Task[Any] | None = None
 
     def __post_init__(self) -> None:
         self.parts = PartsBuilder(self.job.conversation, self.job.message_id)
@@ -158,12 +168,23 @@ class Running:
         return self.index
 
     def check(self, future: asyncio.Future[object]) -> None:
-        """Notice an append that found the conversation's Redis state gone."""
-        if future.cancelled() or future.exception() is not None:
+        """Notice an append that found the conversation's Redis state gone or failed: the
+        turn so far is published again (`Worker._republish`)."""
+        if future.cancelled():
+            return
+        failure = future.exception()
+        if failure is not None:
+            # the event is not in the log: tabs would miss its text without seeing a gap
+            log.warning("an event of %s was not appended (%r)", self.job.conversation, failure)
+            self.lost = True
             return
         result = future.result()
-        if isinstance(result, int) and result < 0:
-            self.lost = True  # UNLOADED or LOST
+        if not isinstance(result, int):
+            return
+        if result < 0:
+            self.lost = True  # UNLOADED, LOST or BEHIND
+        elif result > self.acked:
+            self.acked = result
 
 
 class Worker:
@@ -190,10 +211,7 @@ class Worker:
             ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
             for shard in range(turns.shards)
         ]
-        self._reserved = 0
-        """Slots the shards' loops are reading for (so together they never exceed
-        concurrency); each reads for at most its share, so no shard waits on another's."""
-        self._share = max(1, settings.worker.concurrency // len(self.groups))
+        self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis)
         self.cancels = open_bus(redis, settings.redis.url)
@@ -210,13 +228,18 @@ class Worker:
         self.runner = (
             None if toolbox is None else Runner(toolbox, tools.max_result_bytes, tools.max_parallel)
         )
+        self.approvals = Approvals(
+            redis,
+            tools.approval_timeout,
+            log_max_events=settings.redis.log_max_events,
+            log_ttl=settings.redis.ttl_seconds,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
-        for group in self.groups:
-            await group.ensure()
+        await self.shards.ensure()
         self.pipeliner.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
@@ -228,7 +251,7 @@ class Worker:
             asyncio.create_task(self._queue_loop()),
         ]
         log.info("worker ready (%s)", self.name)
-        await asyncio.gather(*(self._claim_loop(group) for group in self.groups))
+        await self._claim_loop()
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -237,6 +260,9 @@ class Worker:
         """Stop claiming; let running generations finish within the deadline, then hand the
         rest back (their turns stay pending and another worker takes them over)."""
         self._draining = True
+        for run in list(self.running.values()):
+            if run.awaiting_people:
+                self._hand_back(run)
         deadline = self.settings.worker.shutdown_deadline if deadline is None else deadline
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=deadline)
@@ -252,31 +278,25 @@ class Worker:
             await self.redis.delete(keys.worker(self.name))
             await self.turns.queue.leave(self.redis, self.name)
 
-    async def _claim_loop(self, group: ConsumerGroup) -> None:
+    async def _claim_loop(self) -> None:
+        """Claim turns from every shard while slots are free (one loop: see `Shards`)."""
         while not self._draining:
-            free = min(
-                self.settings.worker.concurrency - len(self._tasks) - self._reserved,
-                self._share,
-            )
+            free = self.settings.worker.concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            self._reserved += free
             try:
-                entries = await group.read(free, 1000)
+                claimed = await self.shards.read(free, 1000)
             except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 metrics.RETRIES.labels("worker").inc()
                 log.warning("cannot read turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            finally:
-                self._reserved -= free
-                self._slot_freed.set()
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
-            for entry_id, fields in entries:
+            for group, (entry_id, fields) in claimed:
                 self._spawn(group, entry_id, fields, takeover=False)
 
     def _spawn(
@@ -426,7 +446,7 @@ class Worker:
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
-        run = Running(job)
+        run = Running(job, task=asyncio.current_task())
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -464,7 +484,7 @@ class Worker:
         at_end = await self._subscribers(job.conversation)
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
-        if run.steps > 1 or takeover:
+        if run.recorded:
             with contextlib.suppress(RedisError, OSError):
                 await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
@@ -618,9 +638,26 @@ class Worker:
         """Whether a person lets the call run: None when it may run, else how it ended without
         running. The one place a call waits for approval; a tool with `approval = "never"`
         runs at once."""
-        if tool.approval == "never":
+        if not approval.needs_approval(tool):
             return None
-        return error_of(call, "this tool needs a person's approval, which is not available")
+        run.awaiting_people += 1
+        try:
+            if self._draining:
+                self._hand_back(run)
+            return await approval.approved(self.approvals, self.cancels, run.job, call)
+        except asyncio.CancelledError:
+            if run.cancelled:  # the user stopped the turn: the call will never run
+                await asyncio.shield(approval.withdrawn(self.approvals, run.job, call))
+            raise
+        finally:
+            run.awaiting_people -= 1
+
+    def _hand_back(self, run: Running) -> None:
+        """Stop a turn that waits for a person, leaving it pending: the step and its waiting
+        calls are recorded, so the worker that takes it over resumes there."""
+        if run.task is not None and not run.task.done():
+            log.info("handing back a turn waiting for approval in %s", run.job.conversation)
+            run.task.cancel()
 
     async def _record_steps(self, run: Running, pending: list[ToolCall]) -> None:
         """The reply so far, for a takeover to resume from: before the step's calls run (with
@@ -631,6 +668,7 @@ class Worker:
             steps=run.steps, parts=run.parts.parts(), usage=run.usages, pending=pending
         )
         await toolsteps.record(self.redis, job.conversation, job.message_id, steps)
+        run.recorded = True
 
     async def _resume_steps(self, run: Running) -> None:
         """Continue after the steps the previous worker completed: publish them again (tabs
@@ -643,6 +681,7 @@ class Worker:
         run.steps = recorded.steps
         run.usages = list(recorded.usage)
         run.pending = list(recorded.pending)
+        run.recorded = True
         for event in run.parts.replay():
             self._publish_later(run, event)
 
@@ -867,6 +906,7 @@ class Worker:
             event if callable(event) else encode(event),
             job.message_id,
             run.next_index(),
+            lambda: run.acked,
         )
         future.add_done_callback(run.check)
         return future
@@ -877,8 +917,9 @@ class Worker:
             await self._republish(run)
 
     async def _republish(self, run: Running) -> None:
-        """Redis lost the conversation (restarted empty): seed it again from PostgreSQL and
-        publish the turn so far, so that every tab, after its reset, sees it whole."""
+        """Redis lost the conversation (restarted empty) or some of its last events (a
+        failover to a replica that lacked them): seed it again from PostgreSQL if need be
+        and publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
         run.open_text = None  # what it holds is in run.pieces, republished below
@@ -956,7 +997,9 @@ class Worker:
         for _ in range(3):
             if run.lost:
                 await self._republish(run)
-            seq = await self.turns.finish(self.pipeliner, run.job, done_event, reply, turn, spent)
+            seq = await self.turns.finish(
+                self.pipeliner, run.job, done_event, reply, turn, spent, lambda: run.acked
+            )
             if seq >= 0:
                 return True
             run.lost = True

@@ -5,6 +5,7 @@
     parley load fanout  --conversations 200 --tabs 3 --tokens 400 --tps 50 --duration 60
     parley load publish --conversations 200 --tabs 3 --rate 12000 --redis-url redis://...
     parley load idle    --transport sse --conversations 500 --server-pid PID
+    parley load fanout  --url ws://10.0.0.2:8000/ws --url ws://10.0.0.3:8000/ws --tabs 2
 
 Workloads:
 
@@ -29,6 +30,10 @@ The simulated model's speed is set from the command line: `--tokens N`, `--tps R
 user turn's text, and the simulated model honours them (a real model ignores them). Its
 defaults come from the server's `[simulator]` configuration (PARLEY_SIMULATOR_*).
 
+Several `--url`s spread the sockets round-robin over several web processes (socket k of the
+run goes to URL k modulo their number), so that a conversation's tabs sit on different ones
+and its events cross Redis between them; the server-side figures are summed over them all.
+
 Tokens are minted from `--secret` (default: the configured secret, or the one generated into
 the data directory), one user per conversation, or read from `--tokens-file` (one JWT per
 line; conversation i uses line i modulo their number).
@@ -46,6 +51,7 @@ from pathlib import Path
 from server.app.config import Settings
 from server.load.workload import TRANSPORTS, WORKLOADS, Plan
 
+DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 DEFAULTS = {
     # workload: (conversations, tabs, rate, sim_tokens)
     "idle": (100, 1, 0.0, None),
@@ -63,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("workload", choices=WORKLOADS)
-    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the /ws endpoint")
+    parser.add_argument(
+        "--url",
+        action="append",
+        help="the /ws endpoint (default ws://127.0.0.1:8000/ws); repeat it to spread the "
+        "sockets round-robin over several web processes, a conversation's tabs on different ones",
+    )
     parser.add_argument(
         "--transport",
         choices=TRANSPORTS,
@@ -158,11 +169,15 @@ def plan_from(args: argparse.Namespace, settings: Settings) -> Plan:
             f"parley load: {conversations} x {tabs} sockets is more than --max-connections "
             f"{args.max_connections}"
         )
+    urls = tuple(args.url or [DEFAULT_URL])
+    if len(urls) > 1 and args.transport == "sse":
+        raise SystemExit("parley load: --transport sse takes one --url")
     if args.duration <= 0 or args.duration > 86_400:
         raise SystemExit("parley load: --duration must be between 0 and 86400 seconds")
     return Plan(
         workload=args.workload,
-        url=args.url,
+        url=urls[0],
+        urls=urls,
         tokens=_tokens(args, settings, conversations),
         conversations=conversations,
         tabs=tabs,
@@ -232,12 +247,12 @@ def main(argv: list[str], settings: Settings) -> None:
         )
     show, live = report.live_display(not args.no_progress)
     progress = runner.Progress(show, args.procs)
-    endpoint = serverview.metrics_url(plan.url)
-    before = serverview.scrape(endpoint)
+    endpoints = [serverview.metrics_url(url) for url in plan.urls]
+    before = serverview.scrape_all(endpoints)
     with live:
         measured = runner.run(plan, max(args.procs, 1), args.server_pid, progress)
     result = report.summarize(plan, max(args.procs, 1), measured)
-    after = serverview.scrape(endpoint) if before is not None else None
+    after = serverview.scrape_all(endpoints) if before is not None else None
     if before is not None and after is not None:
         result["server_metrics"] = serverview.summary(serverview.delta(before, after))
     report.print_summary(result)

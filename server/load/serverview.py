@@ -1,4 +1,4 @@
-"""The server's side of a load run: `GET /metrics` of the web process driven, read before
+"""The server's side of a load run: `GET /metrics` of the web processes driven, read before
 and after the run, so that the summary shows the server's time to first token and its
 closes beside what the tabs measured. Nothing when the endpoint is not reachable."""
 
@@ -29,6 +29,18 @@ def scrape(url: str) -> dict[str, float] | None:
             return samples(text_string_to_metric_families(response.read().decode()))
     except (OSError, ValueError):
         return None
+
+
+def scrape_all(urls: list[str]) -> dict[str, float] | None:
+    """The samples of every endpoint, added up; None if one of them does not answer."""
+    total: dict[str, float] = {}
+    for url in urls:
+        found = scrape(url)
+        if found is None:
+            return None
+        for key, value in found.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -116,7 +116,11 @@ class LoadTab:
         self.waiting["ready"] = asyncio.get_running_loop().create_future()
         try:
             self.ws = await connect(
-                d.endpoint, protocols, self.on_text, self.on_closed, d.plan.connect_timeout
+                d.endpoint(self.conv, self.index),
+                protocols,
+                self.on_text,
+                self.on_closed,
+                d.plan.connect_timeout,
             )
             async with asyncio.timeout(d.plan.connect_timeout):
                 await self.waiting["ready"]

@@ -38,6 +38,7 @@ class Plan:
 
     workload: str
     url: str
+    """The first (or only) /ws endpoint."""
     tokens: list[str]
     conversations: int
     tabs: int
@@ -65,6 +66,8 @@ class Plan:
     """`sse`: every tab follows its conversation over Server-Sent Events (`ssetab`)."""
     sse_tickets: bool = False
     """SSE: open each stream with a single-use stream ticket instead of the bearer token."""
+    urls: tuple[str, ...] = ()
+    """Every /ws endpoint, `url` first: sockets are spread over them round-robin."""
 
     def prompt(self) -> str:
         controls = []
@@ -86,7 +89,7 @@ class Driver:
     def __init__(self, plan: Plan, indices: list[int], stop: asyncio.Event) -> None:
         self.plan = plan
         self.stop = stop
-        self.endpoint = Endpoint(plan.url)
+        self.endpoints = [Endpoint(url) for url in plan.urls or (plan.url,)]
         self.stats = Stats()
         # no gap between tokens for `publish`: the generator's own pacing would be measured
         self.publishing = plan.workload == "publish"
@@ -110,6 +113,11 @@ class Driver:
         self._run_started = 0.0
         self._frames_at_run = 0
         self._tokens_at_run = 0
+
+    def endpoint(self, conv: Conv, index: int) -> Endpoint:
+        """Where tab `index` of `conv` connects: socket k of the plan (conversation-major)
+        goes to endpoint k modulo their number, so a conversation's tabs are spread."""
+        return self.endpoints[(conv.index * self.plan.tabs + index) % len(self.endpoints)]
 
     def _tab(self, conv: Conv, index: int) -> LoadTab:
         if self.http is not None:

@@ -15,7 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.app.config import RedisSettings
 
@@ -26,11 +26,13 @@ CLUSTER_ERROR_RETRIES: Final = 8
 """Redirections and reconnections one command may take while a failover settles."""
 
 
-UNREACHABLE: Final = (RedisError, OSError, AttributeError, RuntimeError)
+UNREACHABLE: Final = (RedisError, RedisClusterException, OSError, AttributeError, RuntimeError)
 """What a call may raise while Redis cannot be reached. Besides the usual errors, redis-py's
 cluster client can be caught using a connection it is tearing down while a failover settles
-(`'NoneType' object has no attribute 'writelines'`, uvloop's `the handler is closed`); the next
-call reconnects, so the loops that retry treat those alike."""
+(`'NoneType' object has no attribute 'writelines'`, uvloop's `the handler is closed`), and
+raises `RedisClusterException`, which is no `RedisError`, when no node it knows answers while
+it reads the slot table again; the next call reconnects, so the loops that retry treat those
+alike."""
 
 
 def connect(settings: RedisSettings) -> Any:

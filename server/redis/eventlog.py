@@ -28,13 +28,16 @@ from server.redis.client import UNREACHABLE
 
 UNLOADED: Final = -1
 LOST: Final = -2
+BEHIND: Final = -3
+"""The seq counter went back below a seq Redis had acknowledged (a failover to a replica that
+lacks the last events; scripts/lib_seq_floor.lua): raised, nothing appended."""
 RETRY_FOR: Final = 60.0
 RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece")
+APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_seq_floor"])
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
@@ -207,27 +210,29 @@ class EventLog:
         event: bytes | Callable[[], bytes],
         message_id: uuid.UUID,
         index: int,
+        floor: Callable[[], int] = lambda: 0,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, or LOST when the generation's.
-        An `event` given as a function is encoded only when its batch is sent (see
-        `Pipeliner.call`)."""
+        UNLOADED when the conversation's Redis state is gone, LOST when the generation's, or
+        BEHIND when the seq counter is below `floor()` (the highest seq Redis acknowledged
+        to the generation). The call is made when its batch is taken (see `Pipeliner.call`):
+        an `event` given as a function is encoded then, and `floor()` counts every batch
+        acknowledged before it."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
 
-        def bind(frame: bytes) -> scripts.Call:
+        def bind() -> scripts.Call:
             return self._append_piece.bind(
                 **event_keys(c),
                 gen_key=keys.generation(c),
-                frame=frame,
+                frame=event() if callable(event) else event,
                 maxlen=self.max_events,
                 ttl=self.ttl,
                 message_id=str(message_id),
                 piece=index,
+                floor=floor(),
             )
 
-        if callable(event):
-            return pipeliner.call(lambda: bind(event()))
-        return pipeliner.call(bind(event))
+        return pipeliner.call(bind)
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -284,6 +289,9 @@ class Pipeliner:
             batch = [(c if isinstance(c, scripts.Call) else c(), f) for c, f in queued]
             if batch:
                 await self._send(batch)
+                # let the futures' callbacks run before the next batch's calls are made,
+                # so that what they record (a generation's acknowledged seq) is counted there
+                await asyncio.sleep(0)
 
     async def _send(self, batch: list[tuple[scripts.Call, asyncio.Future[Any]]]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker
@@ -302,6 +310,10 @@ class Pipeliner:
                     log.warning("Redis unreachable (%s); holding %d calls", exc, len(batch))
                 await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
                 attempt += 1
+            except Exception as exc:  # the batch fails, not the pipeliner every call waits on
+                log.exception("a batch of %d calls failed", len(batch))
+                results = [exc] * len(batch)
+                break
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

@@ -13,7 +13,8 @@ keys of one slot. How the keys fall into slots:
   `admit_live` and `leave` one user key per call in a cluster. `budget(user)` carries the tag
   `{u:USER}` (`budget_settled` shares it): `budget_load`, `budget_warn` and, in a cluster,
   `turn_budget` and `finish_budget` stay on it;
-- an approval: `open_approval` and `settle_approval` touch its one key;
+- an approval: `approval(conversation, call)` carries its conversation's tag, so
+  `open_approval` and `settle_approval` append their events in the same script;
 - a queue shard: `turns(shard)` and `persist(shard)`, one stream each (shard 0 keeps the
   single-Redis name `parley:turns`, the others carry the tag `{turns:N}`); a conversation's
   turns always go to shard `shard_of(conversation, shards)`, so they stay in order;

@@ -19,7 +19,10 @@ from typing import Any, Final, cast
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-from redis.typing import StreamIdT
+from redis.typing import KeyT, StreamIdT
+
+from server.redis.client import is_cluster
+from server.redis.scripts import raise_if_unreachable
 
 log = logging.getLogger("parley.streams")
 
@@ -27,6 +30,11 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry: its id and its fields."""
 
 MAX_PENDING: Final = 100
+IDLE_BLOCK_MS: Final = 100
+"""When a read cannot wait on every shard at once (fewer free slots than shards, or a
+cluster, where a blocking read spans one slot) and found every shard empty, how long it
+waits on one of them before looking at them all again (Redis wakes a blocked read that
+times out only about every 100 ms anyway)."""
 
 
 class Pending(msgspec.Struct, frozen=True):
@@ -64,7 +72,7 @@ class ConsumerGroup:
                 self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
             )
         except ResponseError as exc:
-            await self._recreate_if_missing(exc)
+            await self.recreate_if_missing(exc)
             return []
         return [
             entry
@@ -86,7 +94,7 @@ class ConsumerGroup:
                 self.stream, self.group, "-", "+", count
             )
         except ResponseError as exc:
-            await self._recreate_if_missing(exc)
+            await self.recreate_if_missing(exc)
             return []
         return [
             Pending(item["message_id"], item["consumer"].decode(), item["time_since_delivered"])
@@ -102,7 +110,7 @@ class ConsumerGroup:
                 self.stream, self.group, self.consumer, min_idle_ms, ids
             )
         except ResponseError as exc:
-            await self._recreate_if_missing(exc)
+            await self.recreate_if_missing(exc)
             return []
         return cast(list[Entry], reply)
 
@@ -113,13 +121,102 @@ class ConsumerGroup:
                 self.stream, self.group, self.consumer, min_idle_ms, "0-0", count=count
             )
         except ResponseError as exc:
-            await self._recreate_if_missing(exc)
+            await self.recreate_if_missing(exc)
             return []
         return cast(list[Entry], reply[1])  # Redis 7 adds a third element (deleted ids)
 
-    async def _recreate_if_missing(self, exc: ResponseError) -> None:
+    async def recreate_if_missing(self, exc: ResponseError) -> None:
         """Redis lost its data (restarted empty): the group must be made again."""
         if "NOGROUP" not in str(exc):
             raise exc
         log.warning("%s consumer group missing; creating it again", self.stream)
         await self.ensure()
+
+
+class Shards:
+    """The consumer groups of every shard of one queue, read by one loop.
+
+    A read asks every shard for at most its share of the free slots (with fewer free slots
+    than shards, one each for the next shards in turn, until one has an entry), so the
+    entries of a busy shard are taken as soon as slots are free, never held up by reads of
+    empty shards that reserved them. On one Redis with a slot free for each shard a read is
+    one blocking `XREADGROUP` over all the shards' streams; otherwise (in a cluster each
+    shard has its own slot, and a read of several is CROSSSLOT) non-blocking reads sweep the
+    shards (in a cluster one pipeline per sweep: each node's share in one round trip), and
+    only when all were empty does a short blocking read wait on one of them.
+    """
+
+    def __init__(self, groups: Sequence[ConsumerGroup]) -> None:
+        self.groups = list(groups)
+        self._by_stream = {group.stream.encode(): group for group in self.groups}
+        self._clustered = bool(self.groups) and is_cluster(self.groups[0].redis)
+        self._next = 0
+
+    async def ensure(self) -> None:
+        for group in self.groups:
+            await group.ensure()
+
+    async def read(self, free: int, block_ms: int) -> list[tuple[ConsumerGroup, Entry]]:
+        """At most `free` entries in all, waiting up to `block_ms` for one (about
+        IDLE_BLOCK_MS when the shards cannot all be waited on at once)."""
+        shards = len(self.groups)
+        count = max(free // shards, 1)
+        if free >= shards and not self._clustered:
+            return await self._read_together(self.groups, count, block_ms)
+        step = min(free, shards)
+        for _ in range(0, shards, step):
+            picked = [self.groups[(self._next + i) % shards] for i in range(step)]
+            self._next = (self._next + step) % shards
+            found = await self._read_once(picked, count)
+            if found:
+                return found
+        waiting = self.groups[self._next]
+        self._next = (self._next + 1) % shards
+        entries = await waiting.read(count, min(block_ms, IDLE_BLOCK_MS))
+        return [(waiting, entry) for entry in entries]
+
+    async def _read_once(
+        self, picked: list[ConsumerGroup], count: int
+    ) -> list[tuple[ConsumerGroup, Entry]]:
+        if self._clustered:
+            return await self._read_each(picked, count)
+        return await self._read_together(picked, count, None)
+
+    async def _read_together(
+        self, picked: list[ConsumerGroup], count: int, block_ms: int | None
+    ) -> list[tuple[ConsumerGroup, Entry]]:
+        """One XREADGROUP of the streams of `picked` (all on one Redis)."""
+        redis, first = picked[0].redis, picked[0]
+        streams: dict[KeyT, StreamIdT] = {group.stream: ">" for group in picked}
+        try:
+            reply = await redis.xreadgroup(
+                first.group, first.consumer, streams, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            for group in picked:
+                await group.recreate_if_missing(exc)
+            return []
+        return [
+            (self._by_stream[stream], entry)
+            for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or [])
+            for entry in entries
+        ]
+
+    async def _read_each(
+        self, picked: list[ConsumerGroup], count: int
+    ) -> list[tuple[ConsumerGroup, Entry]]:
+        """A non-blocking XREADGROUP of each of `picked` (on a cluster), in one pipeline."""
+        pipe = picked[0].redis.pipeline(transaction=False)
+        for group in picked:
+            pipe.xreadgroup(group.group, group.consumer, {group.stream: ">"}, count=count)
+        replies = list(await pipe.execute(raise_on_error=False))
+        raise_if_unreachable(picked[0].redis, replies)
+        found: list[tuple[ConsumerGroup, Entry]] = []
+        for group, reply in zip(picked, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                await group.recreate_if_missing(reply)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            found += [(group, entry) for _, entries in reply or [] for entry in entries]
+        return found

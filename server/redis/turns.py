@@ -123,7 +123,7 @@ class Accepted:
 
 
 _SAYING: Final = ["lib_append_event", "lib_budget", "lib_turn_guards", "lib_user_message"]
-_FINISHING: Final = ["lib_append_event", "lib_finish"]
+_FINISHING: Final = ["lib_append_event", "lib_seq_floor", "lib_finish"]
 _STARTING: Final = ["lib_now", "lib_fair_queue"]
 SAY: Final = scripts.load("say", functions=[*_SAYING, *_STARTING])
 REGENERATE: Final = scripts.load(
@@ -295,7 +295,13 @@ class Turns:
         }
 
     def finish_call(
-        self, job: Job, done_event: bytes, reply: Message | None, turn: bytes, spent: int
+        self,
+        job: Job,
+        done_event: bytes,
+        reply: Message | None,
+        turn: bytes,
+        spent: int,
+        floor: int = 0,
     ) -> Call:
         """The `finish` script call (append `done`, keep the reply for context, queue the turn
         for PostgreSQL, settle the budget reservation with the `spent` tokens), for the
@@ -310,6 +316,7 @@ class Turns:
             budget_bucket=job.budget_bucket,
             budget_reserved=job.budget_reserved,
             spent=spent,
+            floor=floor,
         )
 
     async def finish(
@@ -320,16 +327,25 @@ class Turns:
         reply: Message | None,
         turn: bytes,
         spent: int,
+        floor: Callable[[], int] = lambda: 0,
     ) -> int:
         """Append `done` after the reply's last token (through the pipeliner), queue the
-        finished turn for PostgreSQL and settle the budget; the seq of `done`, or UNLOADED."""
+        finished turn for PostgreSQL and settle the budget; the seq of `done`, UNLOADED, or
+        BEHIND when the seq counter is below `floor()` (as `EventLog.append_piece`)."""
         if not self.in_steps:
-            call = self.finish_call(job, done_event, reply, turn, spent)
-            return int(await pipeliner.call(call))
+            return int(
+                await pipeliner.call(
+                    lambda: self.finish_call(job, done_event, reply, turn, spent, floor())
+                )
+            )
         c = job.conversation
         inputs = self._finish_inputs(job, done_event, reply, turn)
-        call = self._finish_commit.bind(**inputs, turn_key=keys.finished_turn(c, job.message_id))
-        seq = int(await pipeliner.call(call))
+        finished_turn = keys.finished_turn(c, job.message_id)
+        seq = int(
+            await pipeliner.call(
+                lambda: self._finish_commit.bind(**inputs, turn_key=finished_turn, floor=floor())
+            )
+        )
         if seq >= 0:
             await self._persistently(
                 lambda: self.redis.xadd(self.persist_key(c), {"turn": turn, "done_seq": seq})

@@ -56,6 +56,8 @@ export const api = {
   say: (token, id, body) => call("POST", `api/conversations/${id}/messages`, { token, body }),
   cancel: (token, id) => call("POST", `api/conversations/${id}/cancel`, { token }),
   regenerate: (token, id) => call("POST", `api/conversations/${id}/regenerate`, { token }),
+  answer: (token, id, callId, body) =>
+    call("POST", `api/conversations/${id}/approvals/${encodeURIComponent(callId)}`, { token, body }),
   usage: (token) => call("GET", "api/usage", { token }),
 };
 

@@ -23,6 +23,7 @@ import {
   storedToken,
 } from "./api.js";
 import {
+  answerApproval,
   createConversation,
   deleteConversation,
   join,
@@ -337,6 +338,12 @@ function wireUi() {
       if (message) copyText(message.content, button);
     } else if (button.dataset.action === "regenerate") {
       regenerate();
+    } else if (button.dataset.action === "approve" || button.dataset.action === "deny") {
+      const buttons = [...button.parentElement.querySelectorAll("button")];
+      for (const b of buttons) b.disabled = true;
+      answerApproval(button.dataset.callId, button.dataset.action).then((answer) => {
+        if (!answer) for (const b of buttons) b.disabled = false; // refused: answer again
+      });
     }
   });
   $("suggestions").addEventListener("click", (event) => {

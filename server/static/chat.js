@@ -162,6 +162,8 @@ export function onFrame(frame) {
     case "done":
     case "queued":
     case "updated":
+    case "approval_request":
+    case "approval_resolved":
       onEvent(frame);
       break;
     case "usage_warning":
@@ -309,4 +311,32 @@ export function regenerate() {
   if (!t || t.generating) return;
   setStick(true);
   store.connection?.request({ type: "regenerate", conversation: t.id }).catch(explain);
+}
+
+/** The user's answer to a tool call waiting for approval (`approve` or `deny`). Every tab
+ * shows the outcome from `approval_resolved`; a later answer learns what won. */
+export function answerApproval(callId, decision) {
+  const conversation = store.active;
+  const conn = store.connection;
+  if (!conversation || !conn?.online) {
+    notify("You're offline — answer again when the connection is back.", { key: "conn" });
+    return Promise.resolve(null);
+  }
+  return conn
+    .request({ type: decision, conversation, call_id: callId })
+    .then((ack) => {
+      const answer = ack.approval;
+      if (answer && !answer.first) {
+        notify(`That call was already ${answer.state}.`, { kind: "info", key: "approval" });
+      }
+      return answer;
+    })
+    .catch((error) => {
+      if (error instanceof ProtocolError && error.code === "not_found") {
+        notify("That tool call does not wait for an answer any more.", { key: "approval" });
+      } else {
+        explain(error);
+      }
+      return null;
+    });
 }

@@ -4,6 +4,7 @@
 
 import { $, el } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
+import { updateTools } from "./tools.js";
 
 const nodes = new Map(); // message id -> {el, rev, version}
 let shownVersion = -1;
@@ -96,10 +97,13 @@ function usageTitle(usage) {
 
 const STOPPED = new Set(["length", "content_filter", "tool_calls"]);
 
-function updateMessage(node, message) {
+function updateMessage(node, message, transcript) {
   node.dataset.status = message.streaming ? "streaming" : message.status;
   node.dataset.chars = String(message.content.length);
-  if (message.role === "assistant") updateThinking(node, message);
+  if (message.role === "assistant") {
+    updateThinking(node, message);
+    updateTools(node, message, transcript);
+  }
   const content = node.querySelector(".msg-content");
   if (message.role === "user") {
     content.textContent = message.content;
@@ -190,7 +194,7 @@ export function renderTranscript(transcript) {
       nodes.set(message.id, entry);
     }
     if (entry.rev !== message.rev) {
-      updateMessage(entry.el, message);
+      updateMessage(entry.el, message, transcript);
       entry.rev = message.rev;
     }
     const expected = previous ? previous.nextElementSibling : list.firstElementChild;

@@ -35,6 +35,8 @@ const EVENT_TYPES = [
   "done",
   "queued",
   "updated",
+  "approval_request",
+  "approval_resolved",
   "notice",
   "error",
   "conversation_changed",
@@ -43,6 +45,7 @@ const EVENT_TYPES = [
 ];
 const CODE_BY_STATUS = {
   400: "invalid",
+  403: "forbidden_model",
   404: "not_found",
   409: "busy",
   413: "too_large",
@@ -136,6 +139,12 @@ export class SseConnection extends EventTarget {
         return this.#answer(api.cancel(token, id), "ack");
       case "regenerate":
         return this.#answer(api.regenerate(token, id), "ack");
+      case "approve":
+      case "deny": {
+        const body = { decision: frame.type, ...(frame.reason ? { reason: frame.reason } : {}) };
+        const answer = api.answer(token, id, frame.call_id, body);
+        return this.#answer(answer, "ack", (approval) => ({ approval }));
+      }
       case "create": {
         const fields = { ...frame };
         delete fields.type;

@@ -15,6 +15,9 @@ export class Transcript {
     this.lastSeq = null; // null: never joined, so the next join asks for the history
     this.joined = "no"; // no | joining | yes
     this.queued = new Map(); // assistant message id -> queue position
+    // call id -> {message_id, tool, arguments, expires_at, state, by, reason}: the tool calls
+    // that asked for the user's approval (state "pending" until `approval_resolved`)
+    this.approvals = new Map();
     this.live = false; // a user turn arrived live and its reply has not started yet
     this.version = 0; // bumped when messages are replaced wholesale
     this.catchUpTo = 0; // the seq the events that follow `joined` reach
@@ -36,6 +39,7 @@ export class Transcript {
   load(history, lastSeq) {
     this.messages = history.map((m) => ({ ...m, streaming: false, rev: tick() }));
     this.queued.clear();
+    this.approvals.clear();
     this.live = false;
     this.lastSeq = lastSeq;
     this.version += 1;
@@ -83,6 +87,8 @@ export class Transcript {
         if (m && m.streaming) {
           m.parts = m.parts || [];
           m.parts[event.index] = { kind: event.kind, text: "", open: true };
+          if (event.call_id) m.parts[event.index].call_id = event.call_id;
+          if (event.name) m.parts[event.index].name = event.name;
           m.rev = tick();
         }
         break;
@@ -100,6 +106,7 @@ export class Transcript {
         if (part) {
           part.open = false;
           if (typeof event.duration_ms === "number") part.duration_ms = event.duration_ms;
+          if (event.status) part.status = event.status;
           this.find(event.message_id).rev = tick();
         }
         break;
@@ -130,6 +137,24 @@ export class Transcript {
       case "updated":
         this.meta = event.meta;
         break;
+      case "approval_request":
+        this.approvals.set(event.call_id, {
+          message_id: event.message_id,
+          tool: event.tool,
+          arguments: event.arguments,
+          expires_at: event.expires_at,
+          state: "pending",
+        });
+        this.#touch(event.message_id);
+        break;
+      case "approval_resolved": {
+        const approval = this.approvals.get(event.call_id);
+        if (approval) {
+          Object.assign(approval, { state: event.state, by: event.by, reason: event.reason });
+          this.#touch(approval.message_id);
+        }
+        break;
+      }
       default:
         break;
     }
@@ -154,6 +179,17 @@ export class Transcript {
   dropPending(id) {
     const m = this.find(id);
     if (m && m.pending) this.#remove(id);
+  }
+
+  /** The approval of tool call `callId`, if it asked for one. */
+  approval(callId) {
+    return this.approvals.get(callId);
+  }
+
+  /** The message changed outside its own fields (an approval of one of its calls). */
+  #touch(id) {
+    const m = this.find(id);
+    if (m) m.rev = tick();
   }
 
   #put(message) {

@@ -61,7 +61,14 @@ from tests.helpers.processes import (
 )
 from tests.helpers.procfs import rss_kib
 from tests.helpers.sockets import TCP_ESTABLISHED, drain, stalled_reader, tcp_state
-from tests.helpers.tabs import Recorded, TabClient, check_tabs, close_all, until
+from tests.helpers.tabs import (
+    Recorded,
+    TabClient,
+    check_tabs,
+    close_all,
+    two_tabs_on_two_webs,
+    until,
+)
 
 SLOW_READER_DB = Db.SLOW_READER
 OPS_DB = Db.OPS
@@ -537,35 +544,25 @@ async def test_redis_restarted_empty_everything_recovers(
     (the database gets the complete turn), and a new turn works."""
     redis = await asyncio.to_thread(embedded.start_redis, tmp_path / "one", persist=False)
     port = urlsplit(redis.url).port
-    webs = [cluster.process("web", start=False, REDIS_URL=redis.url) for _ in range(2)]
-    worker = cluster.process("worker", start=False, REDIS_URL=redis.url)
-    procs = [*webs, worker]
-    user = new_user()
-    t1 = TabClient(user, None, webs, "t1", follow=True)
-    tabs = [t1]
     try:
-        start_all(procs)
-        await t1.create(webs[0], title="redis restart")
-        await t1.join()
-        t2 = TabClient(user, t1.conversation, [webs[1], webs[0]], "t2", follow=True)
-        tabs.append(t2)
-        await t2.join()
-        await t1.say("restart [sim:tokens=200][sim:tps=40]")
-        await until(lambda: t2.tokens() >= 10, 10, "tokens before the restart", tabs)
-        await asyncio.to_thread(redis.stop)
-        redis = await asyncio.to_thread(
-            embedded.start_redis, tmp_path / "two", persist=False, port=port
-        )
-        rows = await wait_persisted(db, t1.conversation, 2, timeout=20)
-        assert len(rows) == 2, f"the turn was not persisted: {rows}"
-        assert rows[1][2] == "complete", rows[1]
-        await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
-        check_tabs(tabs, [(r[0], r[1]) for r in rows])
-        assert len(alive(procs)) == len(procs), "a process died"
-        await turn_then_cancel(tabs, db, "after the restart")
+        async with two_tabs_on_two_webs(
+            cluster, {"REDIS_URL": redis.url}, "redis restart"
+        ) as group:
+            tabs, conversation = group.tabs, group.conversation
+            await tabs[0].say("restart [sim:tokens=200][sim:tps=40]")
+            await until(lambda: tabs[1].tokens() >= 10, 10, "tokens before the restart", tabs)
+            await asyncio.to_thread(redis.stop)
+            redis = await asyncio.to_thread(
+                embedded.start_redis, tmp_path / "two", persist=False, port=port
+            )
+            rows = await wait_persisted(db, conversation, 2, timeout=20)
+            assert len(rows) == 2, f"the turn was not persisted: {rows}"
+            assert rows[1][2] == "complete", rows[1]
+            await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
+            check_tabs(tabs, [(r[0], r[1]) for r in rows])
+            assert len(alive(group.procs)) == len(group.procs), "a process died"
+            await turn_then_cancel(tabs, db, "after the restart")
     finally:
-        await close_all(tabs)
-        await stop_all(procs)
         redis.stop()
 
 

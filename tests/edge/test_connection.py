@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
+from redis.exceptions import RedisClusterException
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -73,6 +74,8 @@ class FakeConversations:
 
     def __init__(self) -> None:
         self.owners: dict[uuid.UUID, str] = {}
+        self.unreadable: Exception | None = None
+        """Raised by `read_events` when set (Redis failing mid-failover)."""
 
     async def owned(self, user: str, conversation: uuid.UUID) -> f.Conversation:
         if self.owners.get(conversation) != user:
@@ -82,6 +85,8 @@ class FakeConversations:
     async def read_events(
         self, conversation: uuid.UUID, after: int
     ) -> tuple[int, list[tuple[int, bytes]]]:
+        if self.unreadable is not None:
+            raise self.unreadable
         return 0, []
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
@@ -335,6 +340,36 @@ async def test_commands_run_in_the_order_sent() -> None:
     await asyncio.sleep(0.01)
     (joined,) = await peer.messages()
     assert joined["type"] == "joined" and sum(map(len, peer.bus.listeners.values())) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RedisClusterException("Redis Cluster cannot be connected"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+    ],
+    ids=["no-node-answers", "connection-torn-down"],
+)
+async def test_a_catch_up_the_cluster_client_fails_closes_the_socket_to_rejoin(
+    failure: Exception,
+) -> None:
+    """What redis-py's cluster client raises while a failover settles besides RedisError:
+    the socket is closed with 1013 (the tab rejoins with `after`) rather than left catching
+    up, holding every live frame from then on."""
+    peer = Peer()
+    await peer.open()
+    peer.send_json({"type": "create", "ref": "c"})
+    await asyncio.sleep(0.01)
+    (created,) = await peer.messages()
+    peer.send_json({"type": "join", "conversation": created["conversation"], "ref": "j"})
+    await asyncio.sleep(0.01)
+    await peer.messages()
+    peer.conversations.unreadable = failure
+    (listener,) = next(iter(peer.bus.listeners.values()))
+    listener.resync()
+    await asyncio.sleep(0.01)
+    (frame,) = await peer.frames()
+    assert close_code(frame) == CloseCode.TRY_AGAIN_LATER
 
 
 # ---------------------------------------------------------------------- flow control

@@ -34,8 +34,11 @@ REFUSED_UPGRADE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: c
 
 
 class Proxy:
-    def __init__(self, host: str, port: int, *, refuse_upgrades: bool = False) -> None:
+    def __init__(
+        self, host: str, port: int, *, refuse_upgrades: bool = False, listen: str = "127.0.0.1"
+    ) -> None:
         self.target = (host, port)
+        self.listen = listen
         self.port = 0
         self.accepted = 0
         self.refuse_upgrades = refuse_upgrades
@@ -58,7 +61,7 @@ class Proxy:
         """`url` with its host:port replaced by the proxy's (user, path and query kept)."""
         parts = urlsplit(url)
         user = f"{parts.username}@" if parts.username else ""
-        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
+        return urlunsplit(parts._replace(netloc=f"{user}{self.listen}:{self.port}"))
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -104,7 +107,7 @@ class Proxy:
     async def _listen(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, self.listen, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _set_flowing(self, flowing: bool) -> None:

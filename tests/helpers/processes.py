@@ -88,6 +88,11 @@ class Db(IntEnum):
     FAIR_QUEUE = 50
     FAIR_QUEUE_CAP = 51
     FAIR_QUEUE_KILL = 52
+    ONE_BUSY_SHARD = 60
+    LOST_ACKNOWLEDGED = 61
+    APPROVALS = 45
+    APPROVALS_EXPIRY = 46
+    APPROVALS_UI = 47
 
 
 SCALE_DB = Db.SCALE
@@ -157,7 +162,9 @@ def wait_until_up(
 class ParleyProcess:
     """`parley serve | web | worker | model` as a child process, stopped only by its own PID.
 
-    `preexec` runs in the child before Parley starts (the benchmarks pin CPUs with it)."""
+    `preexec` runs in the child before Parley starts (the benchmarks pin CPUs with it).
+    `launcher` comes before the Python command line and `host` is the address it listens
+    on and is reached at (tests/helpers/hosts.py runs processes in network namespaces)."""
 
     role: str
     env: dict[str, str]
@@ -166,15 +173,17 @@ class ParleyProcess:
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
     preexec: Callable[[], None] | None = None
+    host: str = "127.0.0.1"
+    launcher: list[str] = field(default_factory=list)
     _port_clashes: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"ws://{self.host}:{self.port}/ws"
 
     @property
     def pid(self) -> int:
@@ -182,9 +191,9 @@ class ParleyProcess:
         return self.proc.pid
 
     def start(self, wait: bool = True) -> ParleyProcess:
-        args = [sys.executable, "-m", "server.app.cli", self.role, *self.extra]
+        args = [*self.launcher, sys.executable, "-m", "server.app.cli", self.role, *self.extra]
         if self.role in ("serve", "web"):
-            args += ["--port", str(self.port)]
+            args += ["--host", self.host, "--port", str(self.port)]
         self._port_clashes = self.log().count(PORT_TAKEN)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -350,13 +359,18 @@ async def model_stats(proc: ParleyProcess) -> dict[str, Any]:
     return await asyncio.to_thread(model_stats_now, proc)
 
 
-def postgres_queries_now(proc: ParleyProcess) -> int:
-    """`parley_postgres_queries_total` from the process's GET /metrics."""
+def counter_now(proc: ParleyProcess, name: str) -> int:
+    """The unlabelled counter `name` from the process's GET /metrics."""
     with urllib.request.urlopen(f"{proc.url}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("parley_postgres_queries_total "):
+            if line.startswith(f"{name} "):
                 return int(float(line.split()[1]))
-    raise AssertionError(f"no parley_postgres_queries_total in {proc.url}/metrics")
+    raise AssertionError(f"no {name} in {proc.url}/metrics")
+
+
+def postgres_queries_now(proc: ParleyProcess) -> int:
+    """`parley_postgres_queries_total` from the process's GET /metrics."""
+    return counter_now(proc, "parley_postgres_queries_total")
 
 
 async def postgres_queries(proc: ParleyProcess) -> int:

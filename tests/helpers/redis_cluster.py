@@ -31,10 +31,11 @@ class Node:
     port: int
     directory: Path
     proc: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -46,7 +47,7 @@ class Node:
             self.proc.wait(10)
 
     def cli(self, *args: str, timeout: float = 10) -> str:
-        return _cli("-p", str(self.port), *args, timeout=timeout)
+        return _cli("-h", self.host, "-p", str(self.port), *args, timeout=timeout)
 
 
 @dataclass
@@ -77,6 +78,36 @@ class SixNodes:
                     return next(n for n in self.nodes if n.port == port)
         raise ClusterUnavailable(f"no primary serves slot {slot}")
 
+    def primaries(self) -> list[Node]:
+        """The nodes that serve slots now."""
+        ports = {
+            int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            for parts in (line.split() for line in self._any().cli("CLUSTER", "NODES").splitlines())
+            if "master" in parts[2] and "fail" not in parts[2] and len(parts) > 8
+        }
+        return [n for n in self.nodes if n.port in ports]
+
+    def move_slot(self, key: str, target: Node, pause: float = 0.0) -> None:
+        """Migrate `key`'s slot, with every key in it, to the primary `target` as `redis-cli
+        --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE key by key, `pause` seconds
+        between keys, then the slot assigned to `target`, the source and the others) and once
+        more to every primary, `target` included: Redis then ends the slot's shard channel
+        subscriptions on `target` too, which clients must survive as well."""
+        source = self.owner(key)
+        slot = source.cli("CLUSTER", "KEYSLOT", key)
+        source_id, target_id = source.cli("CLUSTER", "MYID"), target.cli("CLUSTER", "MYID")
+        target.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        for _ in range(1000):
+            keys = source.cli("CLUSTER", "GETKEYSINSLOT", slot, "10").split()
+            if not keys:
+                break
+            for name in keys:
+                source.cli("MIGRATE", "127.0.0.1", str(target.port), name, "0", "5000")
+                time.sleep(pause)
+        for node in [target, source, *self.primaries()]:
+            node.cli("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def wait_ok(self, timeout: float = READY_TIMEOUT) -> None:
         """Until every live node says `cluster_state:ok` and suspects no node."""
         deadline = time.monotonic() + timeout
@@ -105,9 +136,10 @@ def available() -> bool:
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
+def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1") -> SixNodes:
     """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
-    primary is replaced by its replica about `node_timeout_ms` after it stops answering."""
+    primary is replaced by its replica about `node_timeout_ms` after it stops answering.
+    The nodes listen on `host` (and announce it to clients and to each other)."""
     if not available():
         raise ClusterUnavailable(
             "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
@@ -115,12 +147,14 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     cluster = SixNodes()
     try:
         while len(cluster.nodes) < NODES:
-            node = _start_node(directory, node_timeout_ms)
+            node = _start_node(directory, node_timeout_ms, host)
             if _answers(node):
                 cluster.nodes.append(node)
             elif len(list(directory.glob("node-*"))) > NODES * 3:  # a port taken meanwhile
                 raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
         _cli(
+            "-h",
+            host,
             "--cluster",
             "create",
             *(n.address for n in cluster.nodes),
@@ -136,26 +170,26 @@ def start(directory: Path, node_timeout_ms: int = 2000) -> SixNodes:
     return cluster
 
 
-def _low_port() -> int:
+def _low_port(host: str) -> int:
     """A free port whose cluster bus port (10000 above it) is valid and free too."""
     for _ in range(100):
         port = free_port()
-        if port <= MAX_PORT and _free(port + 10000):
+        if port <= MAX_PORT and _free(host, port) and _free(host, port + 10000):
             return port
     raise ClusterUnavailable(f"no free port below {MAX_PORT}")
 
 
-def _free(port: int) -> bool:
+def _free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
         return True
 
 
-def _start_node(directory: Path, node_timeout_ms: int) -> Node:
-    port = _low_port()
+def _start_node(directory: Path, node_timeout_ms: int, host: str) -> Node:
+    port = _low_port(host)
     home = directory / f"node-{port}"
     home.mkdir(parents=True)
     args = [
@@ -163,7 +197,9 @@ def _start_node(directory: Path, node_timeout_ms: int) -> Node:
         "--port",
         str(port),
         "--bind",
-        "127.0.0.1",
+        host,
+        "--protected-mode",
+        "no",  # bound to `host` only; answer it even when it is not the loopback
         "--dir",
         str(home),
         "--cluster-enabled",
@@ -182,7 +218,7 @@ def _start_node(directory: Path, node_timeout_ms: int) -> Node:
         str(home / "redis.log"),
     ]
     quiet = subprocess.DEVNULL
-    return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet))
+    return Node(port, home, subprocess.Popen(args, stdout=quiet, stderr=quiet), host)
 
 
 def _answers(node: Node) -> bool:
@@ -217,7 +253,7 @@ def _ok(node: Node) -> bool:
 
 def _cli(*args: str, timeout: float = 10) -> str:
     done = subprocess.run(
-        [shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", *args],
+        [shutil.which("redis-cli") or "redis-cli", *args],
         capture_output=True,
         timeout=timeout,
         check=True,

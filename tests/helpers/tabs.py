@@ -4,10 +4,11 @@ way a correct client applies what it receives; and `until`, the bounded poll the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,8 +16,8 @@ import websockets
 
 from protocol import frames as f
 from server.dev.client import Client, ProtocolError
-from tests.helpers.auth import mint
-from tests.helpers.processes import ParleyProcess, alive
+from tests.helpers.auth import mint, new_user
+from tests.helpers.processes import Cluster, ParleyProcess, alive, start_all, stop_all
 
 
 async def until(
@@ -90,7 +91,8 @@ class TabClient:
 
     It joins, leaves, drops and rejoins with `after` = the last seq it holds, like the UI does;
     with `follow`, it reconnects by itself (to a live process of `servers`) when the server
-    closes its socket. Its transcript is computed from everything its sockets received.
+    closes its socket or, with `heartbeat`, stops answering pings. Its transcript is computed
+    from everything its sockets received.
     """
 
     def __init__(
@@ -100,12 +102,16 @@ class TabClient:
         servers: Sequence[ParleyProcess],
         name: str = "tab",
         follow: bool = False,
+        heartbeat: float | None = None,
     ) -> None:
         self.user = user
         self.conversation = conversation
         self.servers = list(servers)
         self.name = name
         self.follow = follow
+        self.heartbeat = heartbeat
+        """Seconds between the socket's pings, and to wait for a pong before it counts the
+        server gone (a browser's heartbeat): how a tab notices a server cut off the network."""
         self.sockets: list[Received] = []
         self.closes: list[tuple[float, int | None, str]] = []
         self.failures: list[str] = []
@@ -125,7 +131,10 @@ class TabClient:
         return self.client is not None and not self.client.closed.done()
 
     async def open(self, server: ParleyProcess) -> Client:
-        client = await Client.connect(server.ws_url, mint(self.user))
+        pings = {"ping_interval": self.heartbeat, "ping_timeout": self.heartbeat}
+        client = await Client.connect(
+            server.ws_url, mint(self.user), **(pings if self.heartbeat else {})
+        )
         self.sockets.append(client)
         client.closed.add_done_callback(functools.partial(self._closed, client))
         self.state = "left"
@@ -356,3 +365,46 @@ def check_tabs(
 
 async def close_all(tabs: Iterable[TabClient]) -> None:
     await asyncio.gather(*(t.close() for t in tabs), return_exceptions=True)
+
+
+@dataclass
+class TwoWebs:
+    """Two web processes and one worker on one Redis (database or cluster), and two tabs of
+    one user following one conversation: `tabs[0]` on the first web process, `tabs[1]` on the
+    second (each reconnects to the other when its own goes)."""
+
+    webs: list[ParleyProcess]
+    worker: ParleyProcess
+    tabs: list[TabClient]
+
+    @property
+    def procs(self) -> list[ParleyProcess]:
+        return [*self.webs, self.worker]
+
+    @property
+    def conversation(self) -> uuid.UUID:
+        assert self.tabs[0].conversation is not None
+        return self.tabs[0].conversation
+
+
+@contextlib.asynccontextmanager
+async def two_tabs_on_two_webs(
+    cluster: Cluster, env: dict[str, str], title: str
+) -> AsyncIterator[TwoWebs]:
+    """Start 2 web + 1 worker processes with `env`, create a conversation titled `title`
+    and join it from a tab on each web process; everything is closed and stopped after."""
+    webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+    worker = cluster.process("worker", start=False, **env)
+    first = TabClient(new_user(), None, webs, "t1", follow=True)
+    group = TwoWebs(webs, worker, [first])
+    try:
+        start_all(group.procs)
+        await first.create(webs[0], title=title)
+        await first.join()
+        second = TabClient(first.user, first.conversation, [webs[1], webs[0]], "t2", follow=True)
+        group.tabs.append(second)
+        await second.join()
+        yield group
+    finally:
+        await close_all(group.tabs)
+        await stop_all(group.procs)

@@ -56,3 +56,32 @@ def test_a_frame_that_is_not_utf8_is_a_bad_frame() -> None:
     with pytest.raises(f.FrameError) as bad:
         f.decode_client(b'{"type":"ping","ref":"\xff"}')
     assert bad.value.code == "bad_frame"
+
+
+def test_approve_and_deny_name_a_call_and_bound_the_reason() -> None:
+    conv = uuid.uuid4()
+    frame = f.decode_client(
+        f'{{"type":"deny","conversation":"{conv}","call_id":"call_1","reason":"no","ref":"r"}}'
+    )
+    assert frame == f.Deny(conversation=conv, call_id="call_1", reason="no", ref="r")
+    approve = f.decode_client(f'{{"type":"approve","conversation":"{conv}","call_id":"c"}}')
+    assert approve == f.Approve(conversation=conv, call_id="c")
+    for bad in ('"call_id":""', '"call_id":"c","reason":"' + "x" * 501 + '"', '"reason":"x"'):
+        with pytest.raises(f.FrameError) as error:
+            f.decode_client(f'{{"type":"approve","conversation":"{conv}",{bad}}}')
+        assert error.value.code == "invalid"
+
+
+def test_an_approval_request_takes_its_expiry_spliced_in_front_like_its_seq() -> None:
+    """The open script splices `expires_at` (Redis's clock) in front of the encoded request,
+    then `seq`: the frame decodes with both."""
+    conv, message = uuid.uuid4(), uuid.uuid4()
+    request = f.ApprovalRequest(
+        conversation=conv, message_id=message, call_id="c", tool="rm", arguments="{}"
+    )
+    encoded = f.encode(request)
+    assert b"expires_at" not in encoded and b"seq" not in encoded
+    framed = f.splice_seq(b'{"expires_at":1764470000.125,' + encoded[1:], 12)
+    decoded = f.decode_server(framed)
+    assert isinstance(decoded, f.ApprovalRequest) and f.seq_of(framed) == 12
+    assert (decoded.expires_at, decoded.seq, decoded.tool) == (1764470000.125, 12, "rm")

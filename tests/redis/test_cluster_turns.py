@@ -1,10 +1,12 @@
 """A turn on a Redis Cluster, in single-slot steps (turn_check, turn_budget, turn_rate,
 say_commit / regenerate_commit, the job's XADD; finish_commit, the persist XADD, then
 finish_budget), against a real six-node cluster: the same answers and guarantees as the
-one-script path on a single Redis, the user's token budget included."""
+one-script path on a single Redis, the user's token budget included; and the turns queue's
+shards, each on its own slot, read by one loop."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,8 +19,10 @@ import pytest_asyncio
 from protocol import frames as f
 from server.app.config import BudgetsSettings
 from server.redis import generations, keys
+from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog, Pipeliner
+from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
 from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
@@ -270,3 +274,43 @@ async def test_a_refused_turn_keeps_no_reservation(
     if refusal is Admission.OVER_BUDGET:  # the refusal says what is spent of which limit
         assert (refused.spent, refused.limit) == (before, limit)
     assert int(await cluster_redis.get(keys.turn_rate(user.name))) == rate_counted
+
+
+async def test_the_queue_shards_each_on_its_own_slot_are_read_together(
+    cluster_redis: Any,
+) -> None:
+    """A read over shards of different slots (one XREADGROUP of them all would be CROSSSLOT):
+    one pipeline of reads, at most the free slots in all; when every shard is empty, a short
+    blocking read of one."""
+    tag = uuid.uuid4().hex[:8]
+    streams = [f"test:turns:{{{tag}:{i}}}" for i in range(SHARDS)]
+    shards = Shards([ConsumerGroup(cluster_redis, s, "g", "w") for s in streams])
+    await shards.ensure()
+    assert await shards.read(SHARDS * 2, 1000) == []
+    for stream in streams[1:3]:
+        for n in range(3):
+            await cluster_redis.xadd(stream, {"n": str(n)})
+    taken = await shards.read(SHARDS * 2, 1000)
+    assert sorted(group.stream for group, _ in taken) == sorted([*streams[1:3]] * 2)
+    assert len(await shards.read(3, 1000)) <= 3
+
+
+async def test_an_approval_on_a_cluster_appends_its_request_and_one_resolution(
+    cluster_redis: Any, events: EventLog
+) -> None:
+    """The approval scripts take the call's key and the conversation's log in one slot, and
+    publish with SPUBLISH: the request and the one winning answer are each logged once."""
+    conversation, message_id = uuid.uuid4(), uuid.uuid4()
+    await cluster_redis.set(keys.seq(conversation), 3, ex=60)
+    store = Approvals(cluster_redis, timeout=60)
+    await store.open(str(conversation), "call_1", "alice", "rm", "{}", str(message_id))
+    answers = await asyncio.gather(
+        store.answer(str(conversation), "call_1", "alice", "approve"),
+        store.answer(str(conversation), "call_1", "alice", "deny"),
+    )
+    assert sorted(a.outcome for a in answers) == ["already", "settled"]
+    head, entries = await events.read(conversation, 0)
+    request, resolved = (f.decode_server(frame) for _, frame in entries)
+    assert head == 5 and isinstance(request, f.ApprovalRequest) and request.seq == 4
+    assert isinstance(resolved, f.ApprovalResolved) and resolved.seq == 5
+    assert resolved.state == next(a for a in answers if a.outcome == "settled").approval.state  # type: ignore[union-attr]

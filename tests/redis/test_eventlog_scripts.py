@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from protocol.frames import Message, utcnow
 from server.redis import generations, keys
-from server.redis.eventlog import LOST, UNLOADED, EventLog, Pipeliner
+from server.redis.eventlog import BEHIND, LOST, UNLOADED, EventLog, Pipeliner
 from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
 
 
@@ -155,6 +155,39 @@ async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
     finally:
         await pipeliner.stop()
     assert await log_seqs(redis, conversation) == []
+
+
+async def test_a_seq_counter_gone_back_below_an_acknowledged_seq_is_never_reused(
+    events: EventLog, redis: Redis
+) -> None:
+    """A failover to a replica that lacked the last two events (emulated: the counter set
+    back, their log entries gone): the next piece, told the highest seq acknowledged, raises
+    the counter past it and appends nothing; the following ones go on after it."""
+    conversation = await loaded(events)
+    message_id = uuid.uuid4()
+    await claim_generation(redis, conversation, message_id)
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    acked = 0
+
+    async def piece(index: int) -> int:
+        nonlocal acked
+        seq = await events.append_piece(
+            pipeliner, conversation, frame(str(index)), message_id, index, lambda: acked
+        )
+        acked = max(acked, int(seq))
+        return int(seq)
+
+    try:
+        assert [await piece(i) for i in (1, 2, 3)] == [1, 2, 3]
+        await redis.set(keys.seq(conversation), 1, keepttl=True)
+        await redis.xdel(keys.log(conversation), "2-0", "3-0")
+        assert await piece(4) == BEHIND
+        assert int(await redis.get(keys.seq(conversation))) == 3
+        assert [await piece(i) for i in (5, 6)] == [4, 5]
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == [1, 4, 5]
 
 
 async def test_the_log_keeps_at_most_max_events_once_persisted(

@@ -92,7 +92,10 @@ def test_library_functions_come_before_the_script() -> None:
     assert source.index("local function turn_refused") < source.index("local seq_key = KEYS[1]")
 
 
-PUBLISHING = {"append", "append_piece", "say", "finish", "say_commit", "finish_commit", "announce"}
+PUBLISHING = {
+    "append", "append_piece", "say", "finish", "say_commit", "finish_commit",
+    "open_approval", "settle_approval", "announce",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("script", LOADED, ids=lambda script: script.name)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from redis.asyncio import Redis
 
-from server.redis.streams import ConsumerGroup
+from server.redis.streams import ConsumerGroup, Shards
 
 
 def group_on(redis: Redis, consumer: str, stream: str | None = None) -> ConsumerGroup:
@@ -54,3 +55,45 @@ async def test_entries_of_a_dead_consumer_are_claimed_by_id_or_by_idle_time(
     assert await heir.claim([first], min_idle_ms=20) == [(first, {b"n": b"1"})]
     assert await heir.autoclaim(min_idle_ms=200) == [(second, {b"n": b"2"})]
     assert {p.consumer for p in await heir.pending()} == {"heir"}
+
+
+async def shards_of(redis: Redis, count: int) -> Shards:
+    stream = f"test:shards:{uuid.uuid4().hex}"
+    shards = Shards([group_on(redis, "w", f"{stream}:{i}") for i in range(count)])
+    await shards.ensure()
+    return shards
+
+
+async def test_one_read_over_the_shards_never_takes_more_than_the_free_slots(
+    redis: Redis,
+) -> None:
+    shards = await shards_of(redis, 4)
+    for group in shards.groups:
+        for n in range(3):
+            await redis.xadd(group.stream, {"n": str(n)})
+    taken = await shards.read(8, 100)
+    assert len(taken) == 8
+    assert {group.stream for group, _ in taken} == {g.stream for g in shards.groups}
+    assert len(await shards.read(3, 100)) == 3  # fewer slots than shards: one from each of 3
+    assert len(await shards.read(5, 100)) == 1  # what is left: one entry on one shard
+
+
+async def test_a_busy_shard_is_emptied_at_once_while_the_others_stay_empty(
+    redis: Redis,
+) -> None:
+    """Two free slots, four shards, six entries on one: every pass takes what the slots
+    allow; none waits for the empty shards' blocking reads (a second each)."""
+    shards = await shards_of(redis, 4)
+    busy = shards.groups[1]
+    for n in range(6):
+        await redis.xadd(busy.stream, {"n": str(n)})
+    began = time.monotonic()
+    taken = []
+    for _ in range(20):
+        got = await shards.read(2, 1000)
+        assert len(got) <= 2
+        taken += got
+        if len(taken) == 6:
+            break
+    assert len(taken) == 6 and {group for group, _ in taken} == {busy}
+    assert time.monotonic() - began < 0.8

@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, ClusterError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -145,7 +145,7 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     their results or errors. A script a node does not know yet (a cluster pipeline loads
     none; a promoted replica may lack some) is loaded and run again."""
     results = await _pipelined(redis, calls)
-    _raise_if_unreachable(redis, results)
+    raise_if_unreachable(redis, results)
     unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
     if unknown:
         for source in {calls[i].script.script for i in unknown}:
@@ -156,13 +156,23 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     return results
 
 
-_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+_UNREACHABLE: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    AskError,
+)
+"""Results that mean "not now, not here": besides connection failures and a cluster that is
+down, a slot being migrated (`ASK`, `TRYAGAIN` for a script whose keys are partly moved, or
+redirections past redis-py's limit: "TTL exhausted") or moved (`MOVED`, an AskError)."""
 
 
-def _raise_if_unreachable(redis: Any, results: list[Any]) -> None:
-    """A cluster pipeline hands back a node's connection failure as each call's result and
-    keeps its slot table: raise it (every caller retries what it sends, idempotently), and
-    have the client read the slot table again first (a failover may have moved the slots)."""
+def raise_if_unreachable(redis: Any, results: list[Any]) -> None:
+    """A cluster pipeline hands back a node's connection failure, or a redirection it did
+    not follow, as each call's result and keeps its slot table: raise it (every caller
+    retries what it sends, idempotently), and have the client read the slot table again
+    first (a failover or a migration may have moved the slots)."""
     failed = next((r for r in results if isinstance(r, _UNREACHABLE)), None)
     if failed is None:
         return

@@ -3,7 +3,10 @@
 -- before the reply) finds its index already recorded in the `gen` hash and appends nothing.
 -- Returns the seq, 0 for a repeat, -1 (unloaded) when the conversation's seq is gone, or
 -- -2 (lost) when `gen` no longer names this generation: Redis lost its data, and the worker
--- must republish the turn before anything else of it is appended.
+-- must republish the turn before anything else of it is appended; or -3 (behind) when the
+-- seq counter is below `floor`, the highest seq the worker was acknowledged (a failover to a
+-- replica that lacks events, lib_seq_floor.lua): the counter is raised and the worker
+-- republishes the turn.
 --
 -- This runs once per token, so it does per piece only what each piece needs (check and
 -- record the index, take the seq, log, PUBLISH: five commands) and the rest once every
@@ -20,6 +23,7 @@ local maxlen = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local message_id = ARGV[4]
 local piece = tonumber(ARGV[5])
+local floor = ARGV[6]
 
 local MAINTAIN_EVERY = 64
 
@@ -29,6 +33,7 @@ if gen[1] ~= message_id then
   return -2
 end
 if tonumber(gen[2] or '-1') >= piece then return 0 end
+if seq_went_back(seq_key, floor) then return -3 end
 local seq = redis.call('INCR', seq_key)
 -- a loaded seq always has an expiry: without one, INCR has just created it
 if seq == 1 and redis.call('TTL', seq_key) == -1 then

@@ -28,13 +28,14 @@ local budget_epoch = ARGV[9]
 local budget_bucket = ARGV[10]
 local budget_reserved = ARGV[11]
 local spent = ARGV[12]
+local floor = ARGV[13] -- the highest seq acknowledged to the worker
 
 local conversation = {
   seq = seq_key, log = log_key, channel = channel, persisted = persisted_key,
   gen = gen_key, recent = recent_key, finished = finished_key,
 }
 local seq, fresh = finish_turn(conversation, frame, reply, reply_id, maxlen, ttl, replaces,
-  recent_kept)
+  recent_kept, floor)
 if fresh then
   budget_settle(budget_key, budget_epoch, budget_bucket, budget_reserved, spent)
   redis.call('XADD', persist_key, '*', 'turn', turn, 'done_seq', seq)

@@ -18,12 +18,13 @@ local maxlen = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local replaces = ARGV[7] -- '' when the reply replaces none
 local recent_kept = tonumber(ARGV[8])
+local floor = ARGV[9] -- the highest seq acknowledged to the worker
 
 local conversation = {
   seq = seq_key, log = log_key, channel = channel, persisted = persisted_key,
   gen = gen_key, recent = recent_key, finished = finished_key,
 }
 local seq, fresh = finish_turn(conversation, frame, reply, reply_id, maxlen, ttl, replaces,
-  recent_kept)
+  recent_kept, floor)
 if fresh then redis.call('SET', turn_key, turn, 'EX', ttl) end
 return seq

@@ -3,12 +3,14 @@
 -- refused turn's `error`) once, keeps the reply for the model's context (dropping the reply
 -- it replaces; a refused turn has no reply, '', and changes neither) and clears the
 -- `gen` hash if it still names this generation. Returns the seq of `done` and whether this
--- call appended it (false: a retry found the seq recorded), or -1 (unloaded) when the
--- conversation's seq is gone.
-local function finish_turn(k, frame, reply, reply_id, maxlen, ttl, replaces, recent_kept)
+-- call appended it (false: a retry found the seq recorded), -1 (unloaded) when the
+-- conversation's seq is gone, or -3 (behind) when the seq counter went back below `floor`
+-- (lib_seq_floor.lua, which the loader puts in front too).
+local function finish_turn(k, frame, reply, reply_id, maxlen, ttl, replaces, recent_kept, floor)
   local before = redis.call('GET', k.finished)
   if before then return tonumber(before), false end
   if redis.call('EXISTS', k.seq) == 0 then return -1, false end
+  if seq_went_back(k.seq, floor) then return -3, false end
   local seq = append_event(k.seq, k.log, k.channel, k.persisted, frame, maxlen, ttl)
   redis.call('SET', k.finished, seq, 'EX', ttl)
   if replaces ~= '' then

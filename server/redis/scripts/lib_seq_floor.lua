@@ -1,0 +1,17 @@
+-- seq_went_back: whether the conversation's seq counter is below `floor`, the highest seq
+-- Redis acknowledged to the generation's worker; if so it is raised to `floor`.
+-- After a Redis Cluster failover the promoted replica may lack the last events the old
+-- primary acknowledged (replication is asynchronous): its counter is behind seqs that tabs
+-- already hold, and handing them out again would give a tab the same seq twice with other
+-- content. The caller appends nothing and says so (-3): the worker publishes the turn so far
+-- again past `floor`, and tabs that miss the lost events see a gap the log cannot fill and
+-- reset. `floor` 0: the caller knows of no acknowledged seq. Shared by append_piece and
+-- lib_finish.lua (the loader puts this file in front).
+local function seq_went_back(seq_key, floor)
+  floor = tonumber(floor)
+  if floor == nil or floor <= 0 then return false end
+  local current = tonumber(redis.call('GET', seq_key) or '0')
+  if current >= floor then return false end
+  redis.call('SET', seq_key, floor, 'KEEPTTL')
+  return true
+end

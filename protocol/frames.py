@@ -513,8 +513,9 @@ class Done(_Server, tag="done", kw_only=True, frozen=True):
 class Queued(_Server, tag="queued", kw_only=True, frozen=True):
     """Conversation event: the assistant message waits for a worker, at `position`.
 
-    Part of protocol version 1 for clients to accept; Parley does not send it at present
-    (a queued turn shows no event until its `start`)."""
+    Sent when a turn enters the fair queue (every worker slot, or the user's share of them,
+    busy) and whenever its position changes, at most once a second except that position 0
+    (the next turn to start) is sent at once; `start` follows when it runs."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID

@@ -116,6 +116,12 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     turns_per_minute: Size = 30
     max_connections_per_user: Size = 100
     outbox_bytes: Size = 1_048_576
+    generations_per_user: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 2
+    """A user's generations running at once (0: no cap); the rest wait in the fair queue."""
+    fair_queue: bool = True
+    """Turns wait in the fair queue (server/redis/queue.py) for a free worker slot; off,
+    they go straight on the turns Stream, first come first served, with no cap per user.
+    Off on a Redis Cluster whatever this says (server/app/runtime.fair_queue_on)."""
 
     def wire(self) -> WireLimits:
         return WireLimits(

@@ -142,7 +142,7 @@ TURNS = Counter(
 CANCELS = Counter("parley_cancels_total", "`cancel` commands accepted by web processes.")
 QUEUE_WAIT = Histogram(
     "parley_turn_queue_wait_seconds",
-    "From a turn's acceptance to a worker starting it (the turns stream's queue).",
+    "From a turn's acceptance to a worker starting it (the fair queue and the turns stream).",
     buckets=SECONDS_BUCKETS,
 )
 REQUEST_DURATION = Histogram(

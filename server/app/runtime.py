@@ -33,6 +33,7 @@ from server.generation.worker import Worker
 from server.redis import client
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
+from server.redis.queue import FairQueue
 from server.redis.revocations import Revocations
 from server.redis.rooms import Rooms
 from server.redis.turns import Turns
@@ -74,12 +75,21 @@ class Runtime:
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
         events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)
+        queue = FairQueue(
+            self.redis,
+            s.limits.generations_per_user,
+            s.redis.log_max_events,
+            s.redis.ttl_seconds,
+            enabled=fair_queue_on(s),
+            shards=s.redis.shards,
+        )
         turns = Turns(
             self.redis,
             s.redis.log_max_events,
             s.redis.ttl_seconds,
             s.worker.lease_seconds,
             s.redis.shards,
+            queue,
         )
         self.conversations = Conversations(s, self.redis, self.pool, events, turns)
         self.hooks = Hooks(s.hooks)
@@ -220,3 +230,13 @@ class Runtime:
         with contextlib.suppress(Exception):
             checks["database"] = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 1.0)
         return checks
+
+
+def fair_queue_on(s: Settings) -> bool:
+    """Whether turns go through the fair queue: `limits.fair_queue`, except on a Redis
+    Cluster, whose single-slot scripts cannot move a turn from a user's queue to a turns
+    shard (there turns go straight to the workers and `generations_per_user` is not held)."""
+    if s.limits.fair_queue and s.redis.cluster:
+        log.info("fair queue off: it needs a single Redis (redis.cluster is set)")
+        return False
+    return s.limits.fair_queue

@@ -244,7 +244,7 @@ class Conversations:
     async def cancel(self, user: str, conversation: uuid.UUID) -> None:
         await self.owned(user, conversation)
         try:
-            await self.turns.cancel(conversation)
+            await self.turns.cancel(conversation, user)
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         metrics.CANCELS.inc()

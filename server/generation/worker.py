@@ -75,6 +75,9 @@ log = logging.getLogger("parley.worker")
 
 _job_decoder = msgspec.json.Decoder(Job)
 
+QUEUE_TICK = 0.5
+"""Seconds between two passes over the fair queue (by any one worker)."""
+
 
 @dataclass(slots=True)
 class OpenText:
@@ -245,6 +248,7 @@ class Worker:
         self._background = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._take_over_loop()),
+            asyncio.create_task(self._queue_loop()),
         ]
         log.info("worker ready (%s)", self.name)
         await self._claim_loop()
@@ -272,6 +276,7 @@ class Worker:
         await self.cancels.stop()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.worker(self.name))
+            await self.turns.queue.leave(self.redis, self.name)
 
     async def _claim_loop(self) -> None:
         """Claim turns from every shard while slots are free (one loop: see `Shards`)."""
@@ -319,12 +324,12 @@ class Worker:
             await attempt(handle, f"turn {entry_id.decode()}")
         except Poisoned as failure:
             await self.dead_letters.bury(group.stream, keys.WORKERS, entry_id, fields, failure)
+            await self._ack(group, entry_id, fields, buried=True)
             return
         except asyncio.CancelledError:
             log.warning("turn %s handed back at shutdown", entry_id.decode())
             raise
-        with contextlib.suppress(RedisError, OSError):
-            await group.ack(entry_id)
+        await self._ack(group, entry_id, fields)
 
     async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> None:
         try:
@@ -344,10 +349,36 @@ class Worker:
             logs.CONVERSATION.set(None)
             logs.MESSAGE.set(None)
 
+    async def _ack(
+        self,
+        group: ConsumerGroup,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        *,
+        buried: bool = False,
+    ) -> None:
+        """Done with a turn: a turn the fair queue counts (its entry names the user) frees
+        its slot, and when turns wait the queue hands over the next and the others waiting
+        learn their new places (the one now next at once: announce.lua)."""
+        user = fields.get(b"user")
+        with contextlib.suppress(RedisError, OSError):
+            if user is None:
+                if not buried:
+                    await group.ack(entry_id)
+                return
+            queue = self.turns.queue
+            stream, name = group.stream, user.decode()
+            waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+            if waiting:
+                await queue.serve()
+
     # ------------------------------------------------------------------ liveness and takeover
 
     async def _beat(self) -> None:
-        await self.redis.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
+        self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
+        await pipe.execute()
 
     async def _heartbeat(self) -> None:
         """Keep this worker's heartbeat and its generations' `generating` marks alive."""
@@ -355,6 +386,7 @@ class Worker:
             await asyncio.sleep(self.lease / 3)
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
+            self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
             for conversation in self.running:
                 generations.renew(pipe, conversation, self.turns.lease)
             try:
@@ -362,6 +394,19 @@ class Worker:
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _queue_loop(self) -> None:
+        """Fill free slots from the fair queue and tell the waiting turns their positions,
+        one worker per tick (a slot freed here is filled at once, by `_ack`; this covers a
+        worker joining, one dying, and positions that changed)."""
+        queue = self.turns.queue
+        while queue.enabled and not self._draining:
+            await asyncio.sleep(QUEUE_TICK)
+            try:
+                if await queue.take_turn(QUEUE_TICK):
+                    await queue.serve(renew=True)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot serve the fair queue: %s", exc)
 
     async def _take_over_loop(self) -> None:
         while not self._draining:

@@ -63,6 +63,7 @@ from protocol.frames import Message
 from server.redis import generations, keys, scripts
 from server.redis.client import is_cluster, publish
 from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
+from server.redis.queue import FairQueue
 from server.redis.scripts import Call
 
 HookData = dict[str, Any] | None
@@ -123,8 +124,11 @@ class Accepted:
 
 _SAYING: Final = ["lib_append_event", "lib_budget", "lib_turn_guards", "lib_user_message"]
 _FINISHING: Final = ["lib_append_event", "lib_seq_floor", "lib_finish"]
-SAY: Final = scripts.load("say", functions=_SAYING)
-REGENERATE: Final = scripts.load("regenerate", functions=["lib_budget", "lib_turn_guards"])
+_STARTING: Final = ["lib_now", "lib_fair_queue"]
+SAY: Final = scripts.load("say", functions=[*_SAYING, *_STARTING])
+REGENERATE: Final = scripts.load(
+    "regenerate", functions=["lib_budget", "lib_turn_guards", *_STARTING]
+)
 FINISH: Final = scripts.load("finish", functions=[*_FINISHING, "lib_budget"])
 TURN_CHECK: Final = scripts.load("turn_check", functions=["lib_budget", "lib_turn_guards"])
 TURN_BUDGET: Final = scripts.load("turn_budget", functions=["lib_budget"])
@@ -166,9 +170,17 @@ class Budgeting:
 
 class Turns:
     def __init__(
-        self, redis: Redis, max_events: int, ttl: int, lease: float, shards: int = 1
+        self,
+        redis: Redis,
+        max_events: int,
+        ttl: int,
+        lease: float,
+        shards: int = 1,
+        queue: FairQueue | None = None,
     ) -> None:
         self.redis = redis
+        self.queue = queue or FairQueue(redis, 0, max_events, ttl, enabled=False)
+        """Where accepted turns wait for a worker slot (or, disabled, the Stream at once)."""
         self.max_events = max_events
         self.ttl = ttl
         self.lease = max(int(lease * 3), 3)
@@ -176,6 +188,7 @@ class Turns:
         self.shards = shards
         self.in_steps = is_cluster(redis)
         """On a Redis Cluster: turns are accepted and finished in single-slot steps."""
+        self.queue.lease = self.lease
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
@@ -206,15 +219,40 @@ class Turns:
         result = await self._say(
             **self._say_inputs(message_event, message, job),
             **self._one_step_inputs(job, turn_limit, budgeting),
+            **self._queue_inputs(job),
         )
-        return _accepted(result)
+        return await self._queued(result)
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
         if self.in_steps:
             return await self._regenerate_in_steps(job, turn_limit, budgeting)
         result = await self._regenerate(
-            **self._mark_inputs(job), **self._one_step_inputs(job, turn_limit, budgeting)
+            **self._mark_inputs(job),
+            **self._one_step_inputs(job, turn_limit, budgeting),
+            **self._queue_inputs(job),
         )
+        return await self._queued(result)
+
+    def _queue_inputs(self, job: Job) -> dict[str, Any]:
+        return {
+            "queue_key": keys.queue(job.user),
+            "ring_key": keys.QUEUE_RING,
+            "told_key": keys.QUEUE_TOLD,
+            "running_key": keys.running(job.user),
+            "slots_key": keys.SLOTS,
+            "streams": [keys.turns(shard) for shard in range(self.shards)],
+            "fair": "1" if self.queue.enabled else "0",
+            "user": job.user,
+            "per_user": self.queue.per_user,
+        }
+
+    async def _queued(self, result: list[bytes | int]) -> Accepted:
+        """The script's answer. A turn it left waiting in the fair queue (its last element
+        1) may start if a slot is free (others waited, or the user was at the cap), and the
+        waiting turns' tabs learn where they stand. A turn that went straight to the
+        workers (0) costs nothing more."""
+        if result[0] in (b"ok", "ok") and result.pop():
+            await self.queue.serve()
         return _accepted(result)
 
     def _mark_inputs(self, job: Job) -> dict[str, Any]:
@@ -466,8 +504,9 @@ class Turns:
                 await asyncio.sleep(pause)
         return None
 
-    async def cancel(self, conversation: uuid.UUID) -> None:
-        """Tell whichever worker runs (or is about to run) the generation to stop."""
+    async def cancel(self, conversation: uuid.UUID, user: str) -> None:
+        """Tell whichever worker runs (or is about to run) the generation to stop; a turn
+        still in the fair queue (`user`'s) leaves it for a worker to end at once."""
         message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
@@ -475,6 +514,9 @@ class Turns:
         pipe.set(keys.cancelled(conversation), message_id, ex=3600)
         publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
         await pipe.execute()
+        stream = self.turns_key(conversation)
+        if self.queue.enabled and await self.queue.unqueue(user, message_id, stream):
+            await self.queue.announce()
 
 
 def _accepted(result: list[bytes | int]) -> Accepted:

@@ -126,7 +126,8 @@ export function render() {
   if (t && t.queued.size) {
     const position = Math.min(...t.queued.values());
     pending.hidden = false;
-    $("pending-text").textContent = `Waiting for a free model slot (position ${position})…`;
+    const place = position ? `${position} ahead` : "next"; // 0: the next turn to start
+    $("pending-text").textContent = `Waiting for a free model slot (${place})…`;
   } else if (t && t.live) {
     pending.hidden = false;
     $("pending-text").textContent = "";

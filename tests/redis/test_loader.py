@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from server.redis import approvals, budgets, eventlog, presence, scripts, turns
+from server.redis import approvals, budgets, eventlog, presence, queue, scripts, turns
 
 LOADED = [
     eventlog.APPEND,
@@ -36,6 +36,10 @@ LOADED = [
     approvals.SETTLE,
     budgets.LOAD,
     budgets.WARN,
+    queue.DISPATCH,
+    queue.RELEASE,
+    queue.UNQUEUE,
+    queue.ANNOUNCE,
 ]
 
 
@@ -90,7 +94,7 @@ def test_library_functions_come_before_the_script() -> None:
 
 PUBLISHING = {
     "append", "append_piece", "say", "finish", "say_commit", "finish_commit",
-    "open_approval", "settle_approval",
+    "open_approval", "settle_approval", "announce",
 }  # fmt: skip
 
 

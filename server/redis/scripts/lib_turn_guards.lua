@@ -1,4 +1,4 @@
--- turn_refused and start_generation: what say and regenerate share (the loader puts this
+-- turn_refused and mark_generating: what say and regenerate share (the loader puts this
 -- file in front of them). In a Redis Cluster the same checks run as separate single-slot
 -- steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so each is its own function.
 
@@ -31,10 +31,4 @@ end
 local function mark_generating(gen_key, message_id, lease)
   redis.call('HSET', gen_key, 'message_id', message_id, 'state', 'queued')
   redis.call('EXPIRE', gen_key, lease)
-end
-
--- Mark the conversation as generating and queue the job for the workers.
-local function start_generation(gen_key, message_id, lease, turns_key, job)
-  mark_generating(gen_key, message_id, lease)
-  redis.call('XADD', turns_key, '*', 'job', job)
 end

@@ -2,9 +2,11 @@
 -- last message is not the model's, refuses like say (see lib_turn_guards.lua), otherwise
 -- marks the conversation as generating and queues the job naming the reply it replaces.
 -- Reserves the turn's worst case in the user's budget as say does.
--- Returns {'ok', 0, replaced message id}.
--- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>` and the
--- user's budget: four slots, so on a Redis Cluster the same is done in steps (turn_check,
+-- Returns {'ok', 0, replaced message id, waits} (waits as say's).
+-- Besides the conversation's keys it touches a turns shard, `parley:rate:<user>`, the
+-- user's budget, fair queue and running count (one slot), the queue's ring and `told`, the
+-- workers' slots and every turns shard (the fair queue's capacity): seven slots or more, so on a
+-- Redis Cluster (where the fair queue is off) the same is done in steps (turn_check,
 -- turn_budget, turn_rate, regenerate_commit, then the job's XADD: server/redis/turns.py).
 local gen_key = KEYS[1]
 local recent_key = KEYS[2]
@@ -12,6 +14,12 @@ local meta_key = KEYS[3]
 local turns_key = KEYS[4]
 local rate_key = KEYS[5]
 local budget_key = KEYS[6]
+local queue_key = KEYS[7] -- the user's fair queue
+local ring_key = KEYS[8]
+local told_key = KEYS[9]
+local running_key = KEYS[10] -- the user's running generations
+local slots_key = KEYS[11] -- the workers' slots
+local streams = {unpack(KEYS, 12)} -- every shard of the turns Stream
 local job = ARGV[1]
 local reply_id = ARGV[2]
 local turn_limit = tonumber(ARGV[3])
@@ -22,6 +30,9 @@ local budget_bucket = ARGV[7]
 local budget_ttl = tonumber(ARGV[8])
 local context_tokens = ARGV[9]
 local max_tokens = ARGV[10]
+local fair = ARGV[11] -- '1': through the fair queue
+local user = ARGV[12]
+local per_user = ARGV[13] -- limits.generations_per_user
 
 local last = redis.call('LINDEX', recent_key, -1)
 if not last then return {'nothing'} end
@@ -35,5 +46,7 @@ if refused then return refused end
 local epoch = budget_reserve(budget_key, budget_bucket, cost, budget_ttl)
 local job_with_replaces = string.sub(job, 1, -2) .. ',"replaces":"' .. message.id
   .. '","budget_reserved":' .. cost .. ',"budget_epoch":' .. cjson.encode(epoch) .. '}'
-start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces)
-return {'ok', 0, message.id}
+local waits = start_generation(gen_key, reply_id, lease, turns_key, job_with_replaces,
+  {fair = fair, key = queue_key, ring_key = ring_key, told_key = told_key, user = user,
+   running_key = running_key, slots_key = slots_key, streams = streams, per_user = per_user})
+return {'ok', 0, message.id, waits}

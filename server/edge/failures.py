@@ -13,6 +13,7 @@ One classification for the WebSocket (`error` frame codes) and the REST API (HTT
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Final
 
@@ -65,6 +66,8 @@ REDIS_OUTAGE_PREFIXES: Final = ("BUSY", "LOADING", "MASTERDOWN", "OOM", "READONL
 """Error replies by which Redis says it cannot serve anyone right now."""
 REDIS_BUG_PREFIXES: Final = ("WRONGTYPE", "NOSCRIPT", "NOPERM")
 """Error replies no request can cause: Parley's keys or scripts are wrong."""
+_PIPELINED: Final = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
+"""How redis-py introduces a pipelined command's error reply (the reply follows)."""
 PG_INVALID_CLASSES: Final = ("22", "23")
 """SQLSTATE classes for data exceptions and integrity violations: the request's values."""
 PG_OUTAGE_CLASSES: Final = ("08", "25", "40", "53", "54", "55", "57", "58")
@@ -96,7 +99,9 @@ def _redis(exc: redis_errors.RedisError) -> f.ErrorCode:
         return "invalid"
     if not isinstance(exc, redis_errors.ResponseError):
         return "unavailable"  # connection, timeout, cluster down
-    reply = str(exc).lstrip()
+    reply = _PIPELINED.sub("", str(exc)).lstrip(" ('\"")
+    if isinstance(exc, redis_errors.NoScriptError):
+        return "internal"
     if reply.startswith(REDIS_OUTAGE_PREFIXES):
         return "unavailable"
     if reply.startswith(REDIS_BUG_PREFIXES):

@@ -16,6 +16,7 @@ from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint
 from tests.helpers.conversations import say_and_finish, start_conversation
+from tests.helpers.processes import Db, redis_db
 
 BAD_FRAMES: list[tuple[str, str | bytes, str, str]] = [
     ("not-json", "{nope", "bad_frame", "not valid JSON"),
@@ -222,7 +223,11 @@ async def test_frame_flood_is_rate_limited_then_closed_4429(connect: Any) -> Non
 
 
 async def test_silence_after_connect_gets_4408(cluster: Any) -> None:
-    server = cluster.process("serve", PARLEY_AUTH_AUTH_TIMEOUT="0.5")
+    server = cluster.process(
+        "serve",
+        PARLEY_AUTH_AUTH_TIMEOUT="0.5",
+        REDIS_URL=redis_db(cluster.services.redis_url, Db.AUTH_TIMEOUT),
+    )
     client = await Client.connect(server.ws_url, None)
     code, _ = await asyncio.wait_for(client.closed, 5)
     assert code == 4408

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.auth import mint, new_user
 from tests.helpers.idp import LocalIdP, Signer, shaped
-from tests.helpers.processes import Cluster, ParleyProcess
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 from tests.server.test_jwks import ORIGIN, PRESETS, issuer_url, preset_issuers
 
 HINT, GRACE = 2.0, 2.0
@@ -39,8 +39,10 @@ def server(cluster: Cluster, idp: LocalIdP) -> Iterator[ParleyProcess]:
         PARLEY_AUTH_REFRESH_HINT=str(HINT),
         PARLEY_AUTH_REFRESH_GRACE=str(GRACE),
         PARLEY_AUTH_LEEWAY="0",
+        REDIS_URL=redis_db(cluster.services.redis_url, Db.IDENTITY),
     )
     yield proc
+    proc.stop()
     log = proc.log()
     assert "Traceback" not in log and "1011" not in log
 

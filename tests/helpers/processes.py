@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum, unique
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -34,6 +34,8 @@ from tests.helpers import redis_cluster
 from tests.helpers.auth import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKING_ROLES: Final = ("serve", "worker")
+
 PORT_TAKEN = "address already in use"
 """What uvicorn logs when the port it was given is taken."""
 
@@ -83,6 +85,9 @@ class Db(IntEnum):
     RESTART = 29
     PROMETHEUS = 30
     DEV_LOGIN_UI = 31
+    IDENTITY = 32
+    TOKEN_RENEWAL = 33
+    AUTH_TIMEOUT = 34
     TOOLS = 40
     TOOLS_TAKEOVER = 41
     FAIR_QUEUE = 50
@@ -279,8 +284,24 @@ class Cluster:
     def process(self, role: str, *, start: bool = True, **env: str) -> ParleyProcess:
         name = f"{role}-{len(self.started)}"
         proc = ParleyProcess(role, self.env(**env), embedded.free_port(), self.tmp / f"{name}.log")
+        self._refuse_a_second_worker(proc)
         self.started.append(proc)
         return proc.start() if start else proc
+
+    def _refuse_a_second_worker(self, proc: ParleyProcess) -> None:
+        """The session's shared database has one process running a worker, the shared
+        server: a second one would take turns of the tests that use it (and send them to its
+        own simulated model). Groups of workers each have a database of their own."""
+        url = self.services.redis_url
+        if proc.role not in WORKING_ROLES or proc.env["REDIS_URL"] != url:
+            return
+        for other in self.started:
+            running = other.proc is not None and other.proc.poll() is None
+            if running and other.role in WORKING_ROLES and other.env["REDIS_URL"] == url:
+                raise AssertionError(
+                    f"a {proc.role} on the shared database, where a {other.role} runs: "
+                    "give it a database of its own (Db, redis_db)"
+                )
 
     def model(self, **env: str) -> ParleyProcess:
         """A standalone simulated model (`parley model`), not started yet."""

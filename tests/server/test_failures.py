@@ -29,6 +29,10 @@ async def test_redis_errors(services: Any) -> None:
         bad_id = await _error(redis.xrange(key, f"{2**64}-0", "+"))
         await redis.set(key, "a string")
         wrong_type = await _error(redis.xrange(key, "-", "+"))
+        pipe = redis.pipeline(transaction=False)
+        pipe.xrange(key, "-", "+")
+        pipe.evalsha("0" * 40, 0)
+        pipelined = await pipe.execute(raise_on_error=False)
     finally:
         await redis.delete(key)
         await redis.aclose()
@@ -38,6 +42,8 @@ async def test_redis_errors(services: Any) -> None:
     assert classify(bad_id) == "invalid"
     assert classify(wrong_type) == "internal"
     assert classify(unreachable) == "unavailable"
+    # in a pipeline, redis-py puts the command before the reply; a script Redis does not know
+    assert [classify(exc) for exc in pipelined] == ["internal", "internal"], pipelined
 
 
 async def test_postgres_errors(db: asyncpg.Pool) -> None:

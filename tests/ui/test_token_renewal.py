@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import jwt
@@ -21,7 +22,7 @@ from playwright.async_api import BrowserContext, Page, Route, WebSocket
 
 from tests.helpers.auth import mint, new_user
 from tests.helpers.browser import BrowserTab, new_tab, open_tab
-from tests.helpers.processes import Cluster, ParleyProcess
+from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
 
 pytestmark = pytest.mark.ui
 
@@ -45,14 +46,17 @@ UNAUTHORIZED_CLOSE = """async () => {
 
 
 @pytest.fixture(scope="module")
-def refreshing(cluster: Cluster) -> ParleyProcess:
+def refreshing(cluster: Cluster) -> Iterator[ParleyProcess]:
     """A server (development sign-in off) that hints `refresh` REFRESH_HINT before a token's
     expiry (5 s after a TOKEN_TTL token is minted) and closes a socket REFRESH_GRACE after."""
-    return cluster.process(
+    server = cluster.process(
         "serve",
         PARLEY_AUTH_REFRESH_HINT=str(REFRESH_HINT),
         PARLEY_AUTH_REFRESH_GRACE=str(REFRESH_GRACE),
+        REDIS_URL=redis_db(cluster.services.redis_url, Db.TOKEN_RENEWAL),
     )
+    yield server
+    server.stop()
 
 
 def watch_socket(page: Page) -> tuple[list[str], list[tuple[float, str]]]:

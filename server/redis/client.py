@@ -54,6 +54,20 @@ def connect(settings: RedisSettings) -> Any:
     return Redis(connection_pool=pool)
 
 
+async def opened(settings: RedisSettings) -> Any:
+    """The client for `settings`, ready for concurrent use: a cluster client has read the
+    slot table before its first command. redis-py routes a command it is asked before it
+    knows the table to any node, which answers MOVED, and every fifth MOVED makes the
+    client close all its connections, those other commands are using too: the first
+    commands of a process that starts several loops at once (the worker's and the
+    persister's consumer groups) would fail with `'NoneType' object has no attribute
+    'writelines'` or `Connection closed by server`."""
+    redis = connect(settings)
+    if settings.cluster:
+        await redis.initialize()
+    return redis
+
+
 class HiredisPacking:
     """Commands packed by hiredis (C) rather than by the Python loop over every argument of
     redis-py's asyncio connection (which has no hiredis packer): the same bytes for a

@@ -18,7 +18,14 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from server.app.config import RedisSettings
 
@@ -36,6 +43,22 @@ cluster client can be caught using a connection it is tearing down while a failo
 raises `RedisClusterException`, which is no `RedisError`, when no node it knows answers while
 it reads the slot table again; the next call reconnects, so the loops that retry treat those
 alike."""
+
+
+MOVING: Final = (ClusterError, TryAgainError, AskError)
+"""Replies that say a slot is elsewhere or on its way there (a failover, a migration): the
+cluster is down or its slot not served yet, `TRYAGAIN` for a command whose keys are split
+between the slot's two nodes, `ASK`/`MOVED` (an AskError) and redis-py's "TTL exhausted"
+after too many of them."""
+
+
+def passing(exc: BaseException) -> bool:
+    """Whether `exc` says Redis cannot answer now (`UNREACHABLE`, or a cluster that is
+    `MOVING`) rather than that it refused the command (another `ResponseError`: a script's
+    error, a wrong type), which no retry would change."""
+    if isinstance(exc, ResponseError):
+        return isinstance(exc, MOVING)
+    return isinstance(exc, UNREACHABLE)
 
 
 def connect(settings: RedisSettings) -> Any:

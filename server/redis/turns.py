@@ -55,13 +55,10 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
-from server.redis.client import is_cluster, publish
+from server.redis.client import UNREACHABLE, is_cluster, passing, publish
 from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
 from server.redis.queue import FairQueue
 from server.redis.scripts import Call
@@ -493,13 +490,15 @@ class Turns:
         )
 
     async def _persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """A step tried again while the cluster fails over (the step before it is done and
-        cannot be undone: giving up early would strand the turn or its reservation)."""
+        """A step tried again, a bounded number of times, while Redis cannot answer or the
+        cluster moves the step's slot (a failover, a migration: `client.passing`); the step
+        before it is done and cannot be undone: giving up early would strand the turn or its
+        reservation."""
         for pause in (*QUEUE_RETRIES, None):
             try:
                 return await step()
-            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
-                if pause is None:
+            except UNREACHABLE as exc:
+                if pause is None or not passing(exc):
                     raise
                 await asyncio.sleep(pause)
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,30 +17,42 @@ import pytest
 import pytest_asyncio
 
 from protocol import frames as f
-from server.app.config import BudgetsSettings
+from server.app.config import BudgetsSettings, RedisSettings
 from server.redis import generations, keys
 from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
+from server.redis.client import opened
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
+from tests.helpers.redis_cluster import SixNodes
 from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
 
 SHARDS = 4
+MIGRATION_SECONDS = 1.5
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+@pytest.fixture(scope="module")
+def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SixNodes]:
     """A cluster of this module's own, stopped after it (six nodes gossiping would tax the
     timing-sensitive tests that follow in the fast tier)."""
     clusters = RedisClusters(tmp_path_factory.mktemp("turns-cluster"))
-    client = clusters.backend().client()
+    try:
+        nodes = clusters.backend().nodes
+        assert nodes is not None
+        yield nodes
+    finally:
+        clusters.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster_redis(cluster_nodes: SixNodes) -> AsyncIterator[Any]:
+    client = await opened(RedisSettings(url=cluster_nodes.url, cluster=True))
     try:
         yield client
     finally:
         await client.aclose()
-        clusters.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -240,6 +252,44 @@ async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finis
             assert await turns.finish(pipeliner, queued_as, done, reply, b"turn", 42) == 2
     finally:
         await pipeliner.stop()
+    assert await user.used() == 42
+
+
+async def test_a_settlement_waits_out_a_slot_migration_it_finds_half_done(
+    events: EventLog,
+    turns: Turns,
+    cluster_redis: Any,
+    cluster_nodes: SixNodes,
+    user: BudgetedUser,
+) -> None:
+    """The user's budget has moved to the slot's new node and its settlement marker cannot
+    be made beside it until the migration ends: Redis answers TRYAGAIN until redis-py gives
+    up ("TTL exhausted"). The settlement, which must not be lost, is tried again until the
+    slot has its owner."""
+    conversation = await loaded(events, owner=user.name)
+    await user.budgets.seed(user.name, {}, None)
+    _, job = await say_budgeted(turns, conversation, user.name, message(), 100, user.budgeting)
+    queued_as = await queued_job(cluster_redis, turns, job)
+    budget = keys.budget(user.name)
+    source = cluster_nodes.owner(budget)
+    target = next(n for n in cluster_nodes.primaries() if n is not source)
+    slot = cluster_nodes.begin_move(budget, target)
+    cluster_nodes.migrate(budget, source, target)
+    pipeliner = Pipeliner(cluster_redis)
+    pipeliner.start()
+    try:
+        reply = message("assistant", job.message_id)
+        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
+        finishing = asyncio.create_task(
+            turns.finish(pipeliner, queued_as, done, reply, b"turn", 42)
+        )
+        await asyncio.sleep(MIGRATION_SECONDS)
+        assert not finishing.done()
+        await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)
+        assert await asyncio.wait_for(finishing, 15) == 2
+    finally:
+        await pipeliner.stop()
+        await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)  # (again)
     assert await user.used() == 42
 
 

@@ -31,6 +31,7 @@ from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, 
 
 SHARDS = 4
 MIGRATION_SECONDS = 1.5
+HOLD_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,19 @@ async def free(redis: Any, conversation: uuid.UUID) -> None:
     await pipe.execute()
 
 
+async def finish_turn(redis: Any, turns: Turns, job: Job, spent: int) -> int:
+    """`finish` the turn with a reply, `spent` tokens counted; the seq of its `done`."""
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+        reply = message("assistant", job.message_id)
+        c = job.conversation
+        done = f.encode(f.Done(conversation=c, message_id=job.message_id, reason="stop"))
+        return await turns.finish(pipeliner, job, done, reply, b"turn", spent)
+    finally:
+        await pipeliner.stop()
+
+
 async def test_say_appends_marks_busy_and_queues_on_the_conversations_shard(
     events: EventLog, turns: Turns, cluster_redis: Any
 ) -> None:
@@ -180,14 +194,7 @@ async def test_regenerate_in_steps_replaces_the_last_reply(
     again = Job(conversation=conversation, user="u5", message_id=uuid.uuid4(), model="m")
     await free(cluster_redis, conversation)
     assert (await turns.regenerate(again, 100, UNLIMITED)).admission is Admission.NOTHING
-    pipeliner = Pipeliner(cluster_redis)
-    pipeliner.start()
-    try:
-        reply = message("assistant", job.message_id)
-        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-        await turns.finish(pipeliner, job, done, reply, b"turn", 0)
-    finally:
-        await pipeliner.stop()
+    await finish_turn(cluster_redis, turns, job, 0)
     accepted = await turns.regenerate(again, 100, UNLIMITED)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     jobs = [
@@ -291,6 +298,71 @@ async def test_a_settlement_waits_out_a_slot_migration_it_finds_half_done(
         await pipeliner.stop()
         await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)  # (again)
     assert await user.used() == 42
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def holding_briefly(cluster_redis: Any) -> Turns:
+    """Turns whose reservations wait HOLD_SECONDS for their commit."""
+    return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS, hold=HOLD_SECONDS)
+
+
+async def reserve_then_die(turns: Turns, user: BudgetedUser, conversation: uuid.UUID) -> Job:
+    """What a web process does before it dies between the budget step and the commit: the
+    turn checked, its worst case reserved, the rate counted; never committed."""
+    said = message()
+    job = Job(
+        conversation=conversation,
+        user=user.name,
+        message_id=uuid.uuid4(),
+        model="m",
+        budget_bucket=user.budgeting.bucket,
+    )
+    said_as = msgspec.json.encode(said)
+    reserved = await turns._reserve(job, 100, user.budgeting, said_as, str(said.id))
+    assert isinstance(reserved, Job)
+    return reserved
+
+
+@pytest.mark.parametrize("limit", [250])
+async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_hold(
+    events: EventLog, holding_briefly: Turns, cluster_redis: Any, user: BudgetedUser
+) -> None:
+    turns = holding_briefly
+    await user.budgets.seed(user.name, {}, None)
+    abandoned = await reserve_then_die(turns, user, await loaded(events, owner=user.name))
+    assert await user.used() == abandoned.budget_reserved
+    other = await loaded(events, owner=user.name)
+    refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert refused.admission is Admission.OVER_BUDGET  # within its hold it may still commit
+    await asyncio.sleep(HOLD_SECONDS + 0.2)
+    accepted, job = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert accepted.admission is Admission.OK
+    assert await user.used() == (await queued_job(cluster_redis, turns, job)).budget_reserved
+    fate = keys.turn_fate(abandoned.conversation, abandoned.message_id)
+    assert await cluster_redis.get(fate) == b"void"  # a commit arriving now is refused
+
+
+@pytest.mark.parametrize("limit", [250])
+async def test_a_committed_turns_reservation_outlives_its_hold_until_it_is_settled(
+    events: EventLog, holding_briefly: Turns, cluster_redis: Any, user: BudgetedUser
+) -> None:
+    """Past its hold, a reservation whose turn committed (it runs, or waits for a worker) is
+    kept: giving it back would let the user start turns past the limit."""
+    turns = holding_briefly
+    await user.budgets.seed(user.name, {}, None)
+    conversation = await loaded(events, owner=user.name)
+    _, job = await say_budgeted(turns, conversation, user.name, message(), 100, user.budgeting)
+    running = await queued_job(cluster_redis, turns, job)
+    await asyncio.sleep(HOLD_SECONDS + 0.2)
+    other = await loaded(events, owner=user.name)
+    for _ in range(2):  # the second finds it held, no longer overdue
+        refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+        assert refused.admission is Admission.OVER_BUDGET
+        assert await user.used() == running.budget_reserved
+    await finish_turn(cluster_redis, turns, running, 42)
+    assert await user.used() == 42
+    accepted, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert accepted.admission is Admission.OK
 
 
 @pytest.mark.parametrize(

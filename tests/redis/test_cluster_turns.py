@@ -306,9 +306,12 @@ async def holding_briefly(cluster_redis: Any) -> Turns:
     return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS, hold=HOLD_SECONDS)
 
 
-async def reserve_then_die(turns: Turns, user: BudgetedUser, conversation: uuid.UUID) -> Job:
-    """What a web process does before it dies between the budget step and the commit: the
-    turn checked, its worst case reserved, the rate counted; never committed."""
+async def reserve_then_die(
+    turns: Turns, user: BudgetedUser, conversation: uuid.UUID
+) -> tuple[Job, f.Message]:
+    """What a web process does before it dies (or stalls) between the budget step and the
+    commit: the turn checked, its worst case reserved, the rate counted; not committed. The
+    job and the user's message."""
     said = message()
     job = Job(
         conversation=conversation,
@@ -320,7 +323,7 @@ async def reserve_then_die(turns: Turns, user: BudgetedUser, conversation: uuid.
     said_as = msgspec.json.encode(said)
     reserved = await turns._reserve(job, 100, user.budgeting, said_as, str(said.id))
     assert isinstance(reserved, Job)
-    return reserved
+    return reserved, said
 
 
 @pytest.mark.parametrize("limit", [250])
@@ -329,7 +332,7 @@ async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_
 ) -> None:
     turns = holding_briefly
     await user.budgets.seed(user.name, {}, None)
-    abandoned = await reserve_then_die(turns, user, await loaded(events, owner=user.name))
+    abandoned, said = await reserve_then_die(turns, user, await loaded(events, owner=user.name))
     assert await user.used() == abandoned.budget_reserved
     other = await loaded(events, owner=user.name)
     refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
@@ -338,8 +341,14 @@ async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_
     accepted, job = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
     assert accepted.admission is Admission.OK
     assert await user.used() == (await queued_job(cluster_redis, turns, job)).budget_reserved
-    fate = keys.turn_fate(abandoned.conversation, abandoned.message_id)
-    assert await cluster_redis.get(fate) == b"void"  # a commit arriving now is refused
+    used = await user.used()
+    c = abandoned.conversation
+    stalled = turns._say_inputs(
+        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned
+    )
+    late = await turns._say_commit(**stalled, fate_key=keys.turn_fate(c, abandoned.message_id))
+    assert late == [b"late"]  # the stalled web process's commit, its reservation given back
+    assert await events.head(c) == 0 and await user.used() == used
 
 
 @pytest.mark.parametrize("limit", [250])

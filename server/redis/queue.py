@@ -146,16 +146,16 @@ class FairQueue:
         users = [_text(user) for user in await self.redis.lrange(keys.QUEUE_RING, 0, -1)]
         if not users:
             return None
-        pipe = self.redis.pipeline(transaction=False)
-        for user in users:
-            pipe.llen(keys.queue(user))
-            pipe.get(keys.running(user))
-            pipe.lrange(keys.queue(user), 0, MAX_SHOWN - 1)
-        pipe.hgetall(keys.SLOTS)
-        pipe.hgetall(keys.QUEUE_TOLD)
-        for stream in self._streams():
-            pipe.xlen(stream)
-        replies = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.llen(keys.queue(user))
+                pipe.get(keys.running(user))
+                pipe.lrange(keys.queue(user), 0, MAX_SHOWN - 1)
+            pipe.hgetall(keys.SLOTS)
+            pipe.hgetall(keys.QUEUE_TOLD)
+            for stream in self._streams():
+                pipe.xlen(stream)
+            replies = await pipe.execute()
         per_user, rest = replies[: 3 * len(users)], replies[3 * len(users) :]
         return Snapshot(
             ring=[
@@ -267,17 +267,17 @@ class FairQueue:
             for waiting, raws in zip(state.ring, state.jobs, strict=True)
             for raw, position in zip(raws, places[waiting.user], strict=False)
         ]
-        pipe = self.redis.pipeline(transaction=False)
-        calls = 0
-        for job, position in placed:
-            if due(told(state.told.get(str(job.message_id))), position, now_ms):
-                await self._tell(job, position, now_ms).run(pipe)
-                calls += 1
-        for job, _ in placed if renew else []:
-            pipe.expire(keys.generation(job.conversation), self.lease)
-        if not calls and not renew:
-            return 0
-        results = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            calls = 0
+            for job, position in placed:
+                if due(told(state.told.get(str(job.message_id))), position, now_ms):
+                    await self._tell(job, position, now_ms).run(pipe)
+                    calls += 1
+            for job, _ in placed if renew else []:
+                pipe.expire(keys.generation(job.conversation), self.lease)
+            if not calls and not renew:
+                return 0
+            results = await pipe.execute()
         return sum(1 for seq in results[:calls] if seq)
 
     def _tell(self, job: _Queued, position: int, now_ms: int) -> scripts.Call:

@@ -392,10 +392,10 @@ class Turns:
         if not self.in_steps:
             return  # `finish` queued it in the same step
         c = job.conversation
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.finished(c, job.message_id))
-        pipe.get(keys.finished_turn(c, job.message_id))
-        seq, turn = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.finished(c, job.message_id))
+            pipe.get(keys.finished_turn(c, job.message_id))
+            seq, turn = await pipe.execute()
         if seq is not None and turn is not None:
             stream = self.persist_key(c)
             await self._persistently(
@@ -559,10 +559,10 @@ class Turns:
         message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.cancelled(conversation), message_id, ex=3600)
+            publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
+            await pipe.execute()
         stream = self.turns_key(conversation)
         if self.queue.enabled and await self.queue.unqueue(user, message_id, stream):
             await self.queue.announce()

@@ -204,7 +204,7 @@ def deadletter(settings: Settings, args: argparse.Namespace) -> None:
 async def _deadletter(settings: RedisSettings, args: argparse.Namespace) -> int:
     from server.redis import client
 
-    redis = client.connect(settings)
+    redis = await client.opened(settings)
     letters = DeadLetters(redis)
     try:
         if args.action == "list":

@@ -71,7 +71,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        self.redis = client.connect(s.redis)
+        self.redis = await client.opened(s.redis)
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
         events = EventLog(self.redis, s.redis.log_max_events, s.redis.ttl_seconds)

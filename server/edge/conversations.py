@@ -433,6 +433,6 @@ def _check(result: Accepted) -> Accepted:
         raise Refused("rate_limited", "too many turns; wait a moment", result.retry_after)
     if result.admission is Admission.NOTHING:
         raise Refused("invalid", "there is no assistant reply to regenerate")
-    if result.admission in (Admission.UNLOADED, Admission.NO_BUDGET):
+    if result.admission in (Admission.UNLOADED, Admission.NO_BUDGET, Admission.LATE):
         raise unavailable("Redis")
     return result

@@ -375,22 +375,23 @@ class Worker:
     # ------------------------------------------------------------------ liveness and takeover
 
     async def _beat(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
-        self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
+            self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
+            await pipe.execute()
 
     async def _heartbeat(self) -> None:
         """Keep this worker's heartbeat and its generations' `generating` marks alive."""
         while True:
             await asyncio.sleep(self.lease / 3)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
-            self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
-            for conversation in self.running:
-                generations.renew(pipe, conversation, self.turns.lease)
             try:
-                await pipe.execute()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
+                    queue = self.turns.queue
+                    queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
+                    for conversation in self.running:
+                        generations.renew(pipe, conversation, self.turns.lease)
+                    await pipe.execute()
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)
@@ -793,11 +794,11 @@ class Worker:
     async def _mark_running(self, job: Job, piece: int | None = None) -> None:
         """Record this generation as the conversation's; with `piece`, every event of it
         indexed up to there (still in flight) will be refused as a repeat."""
-        pipe = self.redis.pipeline(transaction=False)
-        generations.claim(
-            pipe, job.conversation, job.message_id, self.name, self.turns.lease, piece
-        )
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            generations.claim(
+                pipe, job.conversation, job.message_id, self.name, self.turns.lease, piece
+            )
+            await pipe.execute()
 
     async def _last_index(self, job: Job) -> int:
         return await generations.last_piece(self.redis, job.conversation)

@@ -18,7 +18,14 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from server.app.config import RedisSettings
 
@@ -38,6 +45,22 @@ it reads the slot table again; the next call reconnects, so the loops that retry
 alike."""
 
 
+MOVING: Final = (ClusterError, TryAgainError, AskError)
+"""Replies that say a slot is elsewhere or on its way there (a failover, a migration): the
+cluster is down or its slot not served yet, `TRYAGAIN` for a command whose keys are split
+between the slot's two nodes, `ASK`/`MOVED` (an AskError) and redis-py's "TTL exhausted"
+after too many of them."""
+
+
+def passing(exc: BaseException) -> bool:
+    """Whether `exc` says Redis cannot answer now (`UNREACHABLE`, or a cluster that is
+    `MOVING`) rather than that it refused the command (another `ResponseError`: a script's
+    error, a wrong type), which no retry would change."""
+    if isinstance(exc, ResponseError):
+        return isinstance(exc, MOVING)
+    return isinstance(exc, UNREACHABLE)
+
+
 def connect(settings: RedisSettings) -> Any:
     """The client for `settings` (typed `Any`: redis-py's cluster client and single client
     share their commands but no declared type)."""
@@ -52,6 +75,20 @@ def connect(settings: RedisSettings) -> Any:
     )
     pool.connection_class = packed_by_hiredis(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+async def opened(settings: RedisSettings) -> Any:
+    """The client for `settings`, ready for concurrent use: a cluster client has read the
+    slot table before its first command. redis-py routes a command it is asked before it
+    knows the table to any node, which answers MOVED, and every fifth MOVED makes the
+    client close all its connections, those other commands are using too: the first
+    commands of a process that starts several loops at once (the worker's and the
+    persister's consumer groups) would fail with `'NoneType' object has no attribute
+    'writelines'` or `Connection closed by server`."""
+    redis = connect(settings)
+    if settings.cluster:
+        await redis.initialize()
+    return redis
 
 
 class HiredisPacking:

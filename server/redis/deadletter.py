@@ -161,11 +161,11 @@ class DeadLetters:
             try:
                 # one step on one Redis; on a cluster the streams are on two slots, and a
                 # retry after a half-done pipeline can only add the dead letter twice
-                pipe = self.redis.pipeline(transaction=not is_cluster(self.redis))
-                pipe.xadd(self.stream, record, maxlen=KEPT, approximate=True)  # type: ignore[arg-type]
-                pipe.xack(source, group, entry_id)
-                pipe.xdel(source, entry_id)
-                await pipe.execute()
+                async with self.redis.pipeline(transaction=not is_cluster(self.redis)) as pipe:
+                    pipe.xadd(self.stream, record, maxlen=KEPT, approximate=True)  # type: ignore[arg-type]
+                    pipe.xack(source, group, entry_id)
+                    pipe.xdel(source, entry_id)
+                    await pipe.execute()
                 return
             except (RedisError, OSError) as exc:
                 log.warning("cannot dead-letter %s (%s); retrying", entry_id.decode(), exc)
@@ -193,10 +193,10 @@ class DeadLetters:
         letter = await self.get(dead_id)
         if letter is None:
             return None
-        pipe = self.redis.pipeline(transaction=not is_cluster(self.redis))
-        pipe.xadd(letter.source, letter.fields)  # type: ignore[arg-type]
-        pipe.xdel(self.stream, dead_id)
-        new_id, _ = await pipe.execute()
+        async with self.redis.pipeline(transaction=not is_cluster(self.redis)) as pipe:
+            pipe.xadd(letter.source, letter.fields)  # type: ignore[arg-type]
+            pipe.xdel(self.stream, dead_id)
+            new_id, _ = await pipe.execute()
         return str(new_id.decode() if isinstance(new_id, bytes) else new_id)
 
     async def drop(self, dead_id: str) -> bool:

@@ -183,10 +183,10 @@ class EventLog:
 
     async def recent(self, conversation: uuid.UUID) -> list[Message] | None:
         """The latest finished messages, oldest first; None when the state is not loaded."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(keys.meta(conversation))
-        pipe.lrange(keys.recent(conversation), 0, -1)
-        loaded, items = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.meta(conversation))
+            pipe.lrange(keys.recent(conversation), 0, -1)
+            loaded, items = await pipe.execute()
         if not loaded:
             return None
         return [_message_decoder.decode(item) for item in items]
@@ -195,25 +195,25 @@ class EventLog:
         self, conversation: uuid.UUID
     ) -> tuple[list[Message] | None, CachedMeta | None]:
         """`recent` and `meta` in one round trip (a generation reads both to begin)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.meta(conversation))
-        pipe.lrange(keys.recent(conversation), 0, -1)
-        raw, items = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.meta(conversation))
+            pipe.lrange(keys.recent(conversation), 0, -1)
+            raw, items = await pipe.execute()
         if raw is None:
             return None, None
         return [_message_decoder.decode(item) for item in items], _meta_decoder.decode(raw)
 
     async def forget(self, conversation: uuid.UUID) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(
-            keys.meta(conversation),
-            keys.recent(conversation),
-            keys.log(conversation),
-            keys.said(conversation),
-            keys.history(conversation),
-        )
-        generations.clear(pipe, conversation)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(
+                keys.meta(conversation),
+                keys.recent(conversation),
+                keys.log(conversation),
+                keys.said(conversation),
+                keys.history(conversation),
+            )
+            generations.clear(pipe, conversation)
+            await pipe.execute()
 
     def append_piece(
         self,

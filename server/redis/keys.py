@@ -143,6 +143,13 @@ def finished(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:done:{message_id}"
 
 
+def turn_fate(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
+    """In a cluster, whether the turn `message_id` was committed or declared void (scripts
+    `turn_fate`, `say_commit`, `regenerate_commit`): what settles a reservation its web
+    process left behind."""
+    return f"{_conv(conversation)}:fate:{message_id}"
+
+
 def finished_turn(conversation: uuid.UUID | str, message_id: uuid.UUID | str) -> str:
     """In a cluster, the finished turn (as queued for PostgreSQL) kept beside `finished`, so
     that a takeover can queue it again if its worker died before it did."""

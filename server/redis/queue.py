@@ -146,16 +146,16 @@ class FairQueue:
         users = [_text(user) for user in await self.redis.lrange(keys.QUEUE_RING, 0, -1)]
         if not users:
             return None
-        pipe = self.redis.pipeline(transaction=False)
-        for user in users:
-            pipe.llen(keys.queue(user))
-            pipe.get(keys.running(user))
-            pipe.lrange(keys.queue(user), 0, MAX_SHOWN - 1)
-        pipe.hgetall(keys.SLOTS)
-        pipe.hgetall(keys.QUEUE_TOLD)
-        for stream in self._streams():
-            pipe.xlen(stream)
-        replies = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.llen(keys.queue(user))
+                pipe.get(keys.running(user))
+                pipe.lrange(keys.queue(user), 0, MAX_SHOWN - 1)
+            pipe.hgetall(keys.SLOTS)
+            pipe.hgetall(keys.QUEUE_TOLD)
+            for stream in self._streams():
+                pipe.xlen(stream)
+            replies = await pipe.execute()
         per_user, rest = replies[: 3 * len(users)], replies[3 * len(users) :]
         return Snapshot(
             ring=[
@@ -273,10 +273,10 @@ class FairQueue:
             if due(told(state.told.get(str(job.message_id))), position, now_ms)
         ]
         if renew and placed:
-            pipe = self.redis.pipeline(transaction=False)
-            for job, _ in placed:
-                pipe.expire(keys.generation(job.conversation), self.lease)
-            await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job, _ in placed:
+                    pipe.expire(keys.generation(job.conversation), self.lease)
+                await pipe.execute()
         results = await scripts.run_all(self.redis, calls) if calls else []
         return sum(1 for seq in results if seq)
 

@@ -82,10 +82,10 @@ class ConsumerGroup:
 
     async def ack(self, entry_id: bytes) -> None:
         """The entry is done with: acknowledge and delete it, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(self.stream, self.group, entry_id)
-        pipe.xdel(self.stream, entry_id)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, self.group, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
 
     async def pending(self, count: int = MAX_PENDING) -> list[Pending]:
         """The oldest `count` entries delivered and not acknowledged, by any consumer."""
@@ -206,10 +206,10 @@ class Shards:
         self, picked: list[ConsumerGroup], count: int
     ) -> list[tuple[ConsumerGroup, Entry]]:
         """A non-blocking XREADGROUP of each of `picked` (on a cluster), in one pipeline."""
-        pipe = picked[0].redis.pipeline(transaction=False)
-        for group in picked:
-            pipe.xreadgroup(group.group, group.consumer, {group.stream: ">"}, count=count)
-        replies = list(await pipe.execute(raise_on_error=False))
+        async with picked[0].redis.pipeline(transaction=False) as pipe:
+            for group in picked:
+                pipe.xreadgroup(group.group, group.consumer, {group.stream: ">"}, count=count)
+            replies = list(await pipe.execute(raise_on_error=False))
         raise_if_unreachable(picked[0].redis, replies)
         found: list[tuple[ConsumerGroup, Entry]] = []
         for group, reply in zip(picked, replies, strict=True):

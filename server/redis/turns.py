@@ -33,8 +33,13 @@ conversation, the user's budget, the user's rate counter, the turns shard), so `
 The windows the single script does not have: a web process that dies between 4 and 5 leaves
 the message appended and the conversation busy without a queued job (the busy mark expires
 `lease` seconds later: nothing renews it, and the user can say again); one that dies between
-2 and 4 leaves its reservation held. A held reservation is counted as spent until the budget
-is next rebuilt from the ledger: a user may be refused early, never let past the limit.
+2 and 4 leaves its reservation held. Step 2 records each reservation with a deadline (`hold`
+seconds on); a later step 2 that would refuse the user lists those past it, and each is
+settled by its turn's fate, decided once on its conversation's slot (`turn_fate`): the commit
+of step 4 claims the fate key as `committed` (the reservation then stays until the turn is
+settled), or the reconciliation claims it as `void` first (the reservation is given back, and
+a commit arriving after that is refused as `late`). A user may be refused early for `hold`
+seconds, never let past the limit.
 
 `finish` likewise appends `done` with `finish_commit`, which keeps the finished turn beside
 the `done` seq, then queues it on the persist shard and settles the budget with
@@ -55,13 +60,10 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.frames import Message
 from server.redis import generations, keys, scripts
-from server.redis.client import is_cluster, publish
+from server.redis.client import UNREACHABLE, is_cluster, passing, publish
 from server.redis.eventlog import RECENT_KEPT, Pipeliner, encode, event_keys
 from server.redis.queue import FairQueue
 from server.redis.scripts import Call
@@ -110,6 +112,9 @@ class Admission(enum.Enum):
     OVER_BUDGET = "quota"
     NO_BUDGET = "budget"
     """Redis holds no budget for the user: rebuild it from the ledger, then try again."""
+    LATE = "late"
+    """In a cluster: the turn's commit came after its reservation was declared abandoned
+    (`Turns.hold` seconds after the budget step) and given back; nothing was changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,9 @@ REGENERATE: Final = scripts.load(
 )
 FINISH: Final = scripts.load("finish", functions=[*_FINISHING, "lib_budget"])
 TURN_CHECK: Final = scripts.load("turn_check", functions=["lib_budget", "lib_turn_guards"])
-TURN_BUDGET: Final = scripts.load("turn_budget", functions=["lib_budget"])
+TURN_BUDGET: Final = scripts.load("turn_budget", functions=["lib_now", "lib_budget"])
+TURN_FATE: Final = scripts.load("turn_fate")
+BUDGET_RECONCILE: Final = scripts.load("budget_reconcile")
 TURN_RATE: Final = scripts.load("turn_rate", functions=["lib_turn_guards"])
 SAY_COMMIT: Final = scripts.load("say_commit", functions=_SAYING)
 REGENERATE_COMMIT: Final = scripts.load("regenerate_commit", functions=["lib_turn_guards"])
@@ -140,8 +147,9 @@ FINISH_BUDGET: Final = scripts.load("finish_budget", functions=["lib_budget"])
 
 QUEUE_RETRIES: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
 """Pauses between tries of a cluster step that queues (a failover takes a few seconds)."""
-RELEASE_MARK_TTL: Final = 120
-"""Seconds the marker of a given-back reservation is kept: longer than its retries take."""
+HOLD: Final = 30.0
+"""Seconds a cluster turn's reservation waits for its conversation's commit before a budget
+step that it makes refuse may declare it abandoned and give it back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +185,7 @@ class Turns:
         lease: float,
         shards: int = 1,
         queue: FairQueue | None = None,
+        hold: float = HOLD,
     ) -> None:
         self.redis = redis
         self.queue = queue or FairQueue(redis, 0, max_events, ttl, enabled=False)
@@ -188,12 +197,15 @@ class Turns:
         self.shards = shards
         self.in_steps = is_cluster(redis)
         """On a Redis Cluster: turns are accepted and finished in single-slot steps."""
+        self.hold_ms = int(hold * 1000)
         self.queue.lease = self.lease
         self._say = SAY.register(redis)
         self._regenerate = REGENERATE.register(redis)
         self._finish = FINISH.register(redis)
         self._turn_check = TURN_CHECK.register(redis)
         self._turn_budget = TURN_BUDGET.register(redis)
+        self._turn_fate = TURN_FATE.register(redis)
+        self._budget_reconcile = BUDGET_RECONCILE.register(redis)
         self._turn_rate = TURN_RATE.register(redis)
         self._say_commit = SAY_COMMIT.register(redis)
         self._regenerate_commit = REGENERATE_COMMIT.register(redis)
@@ -380,10 +392,10 @@ class Turns:
         if not self.in_steps:
             return  # `finish` queued it in the same step
         c = job.conversation
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.finished(c, job.message_id))
-        pipe.get(keys.finished_turn(c, job.message_id))
-        seq, turn = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.finished(c, job.message_id))
+            pipe.get(keys.finished_turn(c, job.message_id))
+            seq, turn = await pipe.execute()
         if seq is not None and turn is not None:
             stream = self.persist_key(c)
             await self._persistently(
@@ -401,8 +413,11 @@ class Turns:
         reserved = await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id))
         if isinstance(reserved, Accepted):
             return reserved
+        fate_key = keys.turn_fate(job.conversation, job.message_id)
         accepted = _accepted(
-            await self._say_commit(**self._say_inputs(message_event, message, job))
+            await self._say_commit(
+                **self._say_inputs(message_event, message, job), fate_key=fate_key
+            )
         )
         await self._commit_or_release(
             accepted, msgspec.structs.replace(reserved, user_seq=accepted.seq)
@@ -415,7 +430,12 @@ class Turns:
         reserved = await self._reserve(job, turn_limit, budgeting, b"", "")
         if isinstance(reserved, Accepted):
             return reserved
-        accepted = _accepted(await self._regenerate_commit(**self._mark_inputs(job)))
+        fate_key = keys.turn_fate(job.conversation, job.message_id)
+        accepted = _accepted(
+            await self._regenerate_commit(
+                **self._mark_inputs(job), fate_key=fate_key, fate_ttl=self.ttl
+            )
+        )
         await self._commit_or_release(
             accepted, msgspec.structs.replace(reserved, replaces=accepted.replaces)
         )
@@ -443,14 +463,10 @@ class Turns:
         if text_of(checked[0]) != "ok":
             return _accepted(checked)
         cost = int(checked[1])
-        budgeted = await self._turn_budget(
-            budget_key=keys.budget(job.user),
-            group_limit=budgeting.limit,
-            oldest=budgeting.oldest,
-            bucket=budgeting.bucket,
-            ttl=budgeting.ttl,
-            cost=cost,
-        )
+        budgeted = await self._budget_step(job, budgeting, cost)
+        if text_of(budgeted[0]) == "quota" and len(budgeted) > 3:
+            await self._reconcile(job.user, budgeted[3:])
+            budgeted = await self._budget_step(job, budgeting, cost)
         if text_of(budgeted[0]) != "ok":
             return _accepted(budgeted)
         reserved = msgspec.structs.replace(
@@ -462,6 +478,33 @@ class Turns:
         await self._release(reserved)
         return _accepted(rated)
 
+    async def _budget_step(self, job: Job, budgeting: Budgeting, cost: int) -> list[Any]:
+        """Step 2: refuse, or reserve `cost` and record the reservation (turn_budget.lua)."""
+        return list(
+            await self._turn_budget(
+                budget_key=keys.budget(job.user),
+                group_limit=budgeting.limit,
+                oldest=budgeting.oldest,
+                bucket=budgeting.bucket,
+                ttl=budgeting.ttl,
+                cost=cost,
+                reply_id=str(job.message_id),
+                conversation=str(job.conversation),
+                hold_ms=self.hold_ms,
+            )
+        )
+
+    async def _reconcile(self, user: str, overdue: list[Any]) -> None:
+        """Settle reservations past their hold (reply id, conversation, flat) by their turns'
+        fate: the conversation decides once whether each committed (then it is held until
+        its settlement) or never will (then it is given back)."""
+        for reply_id, conversation in zip(overdue[::2], overdue[1::2], strict=True):
+            reply, c = text_of(reply_id), text_of(conversation)
+            fate = await self._turn_fate(fate_key=keys.turn_fate(c, reply), ttl=self.ttl)
+            await self._budget_reconcile(
+                budget_key=keys.budget(user), reply_id=reply, fate=text_of(fate)
+            )
+
     async def _commit_or_release(self, accepted: Accepted, job: Job) -> None:
         """After the conversation's step: queue the job it accepted, or give back the budget
         reserved for the turn it refused (another tab started one since step 1)."""
@@ -472,10 +515,13 @@ class Turns:
             await self._release(job)
 
     async def _release(self, job: Job) -> None:
-        """Give back a reservation whose turn was refused after it: a settlement of 0 tokens,
-        done once per attempt (its marker need only outlive the retries of this call)."""
-        once = keys.budget_settled(job.user, f"release:{uuid.uuid4()}")
-        await self._settle(job, 0, once, RELEASE_MARK_TTL)
+        """Give back a reservation whose turn was refused after it (its record goes with it,
+        so it is given back once, however often this is tried)."""
+        await self._persistently(
+            lambda: self._budget_reconcile(
+                budget_key=keys.budget(job.user), reply_id=str(job.message_id), fate="refused"
+            )
+        )
 
     async def _settle(self, job: Job, spent: int, once: str, mark_ttl: int) -> None:
         """In a cluster, a budget step on the user's slot: replace the turn's reservation with
@@ -489,17 +535,20 @@ class Turns:
                 reserved=job.budget_reserved,
                 spent=spent,
                 ttl=mark_ttl,
+                reply_id=str(job.message_id),
             )
         )
 
     async def _persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """A step tried again while the cluster fails over (the step before it is done and
-        cannot be undone: giving up early would strand the turn or its reservation)."""
+        """A step tried again, a bounded number of times, while Redis cannot answer or the
+        cluster moves the step's slot (a failover, a migration: `client.passing`); the step
+        before it is done and cannot be undone: giving up early would strand the turn or its
+        reservation."""
         for pause in (*QUEUE_RETRIES, None):
             try:
                 return await step()
-            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
-                if pause is None:
+            except UNREACHABLE as exc:
+                if pause is None or not passing(exc):
                     raise
                 await asyncio.sleep(pause)
         return None
@@ -510,10 +559,10 @@ class Turns:
         message_id = await generations.message_id(self.redis, conversation)
         if message_id is None:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.cancelled(conversation), message_id, ex=3600)
-        publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.cancelled(conversation), message_id, ex=3600)
+            publish(pipe, keys.CANCEL, f"{conversation}:{message_id}")
+            await pipe.execute()
         stream = self.turns_key(conversation)
         if self.queue.enabled and await self.queue.unqueue(user, message_id, stream):
             await self.queue.announce()

@@ -94,17 +94,32 @@ class SixNodes:
         more to every primary, `target` included: Redis then ends the slot's shard channel
         subscriptions on `target` too, which clients must survive as well."""
         source = self.owner(key)
-        slot = source.cli("CLUSTER", "KEYSLOT", key)
-        source_id, target_id = source.cli("CLUSTER", "MYID"), target.cli("CLUSTER", "MYID")
-        target.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        source.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        slot = self.begin_move(key, target)
         for _ in range(1000):
             keys = source.cli("CLUSTER", "GETKEYSINSLOT", slot, "10").split()
             if not keys:
                 break
             for name in keys:
-                source.cli("MIGRATE", "127.0.0.1", str(target.port), name, "0", "5000")
+                self.migrate(name, source, target)
                 time.sleep(pause)
+        self.end_move(slot, target, source)
+
+    def begin_move(self, key: str, target: Node) -> str:
+        """Mark `key`'s slot as moving from its owner to `target` (IMPORTING/MIGRATING) and
+        return it; its keys stay on the owner until migrated."""
+        source = self.owner(key)
+        slot = source.cli("CLUSTER", "KEYSLOT", key)
+        source_id, target_id = source.cli("CLUSTER", "MYID"), target.cli("CLUSTER", "MYID")
+        target.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        return slot
+
+    def migrate(self, key: str, source: Node, target: Node) -> None:
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), key, "0", "5000")
+
+    def end_move(self, slot: str, target: Node, source: Node) -> None:
+        """The slot is `target`'s, on every primary."""
+        target_id = target.cli("CLUSTER", "MYID")
         for node in [target, source, *self.primaries()]:
             node.cli("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,30 +17,43 @@ import pytest
 import pytest_asyncio
 
 from protocol import frames as f
-from server.app.config import BudgetsSettings
+from server.app.config import BudgetsSettings, RedisSettings
 from server.redis import generations, keys
 from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
+from server.redis.client import opened
 from server.redis.eventlog import EventLog, Pipeliner
 from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
+from tests.helpers.redis_cluster import SixNodes
 from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
 
 SHARDS = 4
+MIGRATION_SECONDS = 1.5
+HOLD_SECONDS = 1.0
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+@pytest.fixture(scope="module")
+def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SixNodes]:
     """A cluster of this module's own, stopped after it (six nodes gossiping would tax the
     timing-sensitive tests that follow in the fast tier)."""
     clusters = RedisClusters(tmp_path_factory.mktemp("turns-cluster"))
-    client = clusters.backend().client()
+    try:
+        nodes = clusters.backend().nodes
+        assert nodes is not None
+        yield nodes
+    finally:
+        clusters.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster_redis(cluster_nodes: SixNodes) -> AsyncIterator[Any]:
+    client = await opened(RedisSettings(url=cluster_nodes.url, cluster=True))
     try:
         yield client
     finally:
         await client.aclose()
-        clusters.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -95,6 +108,19 @@ async def free(redis: Any, conversation: uuid.UUID) -> None:
     pipe = redis.pipeline(transaction=False)
     generations.clear(pipe, conversation)
     await pipe.execute()
+
+
+async def finish_turn(redis: Any, turns: Turns, job: Job, spent: int) -> int:
+    """`finish` the turn with a reply, `spent` tokens counted; the seq of its `done`."""
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+        reply = message("assistant", job.message_id)
+        c = job.conversation
+        done = f.encode(f.Done(conversation=c, message_id=job.message_id, reason="stop"))
+        return await turns.finish(pipeliner, job, done, reply, b"turn", spent)
+    finally:
+        await pipeliner.stop()
 
 
 async def test_say_appends_marks_busy_and_queues_on_the_conversations_shard(
@@ -168,14 +194,7 @@ async def test_regenerate_in_steps_replaces_the_last_reply(
     again = Job(conversation=conversation, user="u5", message_id=uuid.uuid4(), model="m")
     await free(cluster_redis, conversation)
     assert (await turns.regenerate(again, 100, UNLIMITED)).admission is Admission.NOTHING
-    pipeliner = Pipeliner(cluster_redis)
-    pipeliner.start()
-    try:
-        reply = message("assistant", job.message_id)
-        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-        await turns.finish(pipeliner, job, done, reply, b"turn", 0)
-    finally:
-        await pipeliner.stop()
+    await finish_turn(cluster_redis, turns, job, 0)
     accepted = await turns.regenerate(again, 100, UNLIMITED)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     jobs = [
@@ -241,6 +260,118 @@ async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finis
     finally:
         await pipeliner.stop()
     assert await user.used() == 42
+
+
+async def test_a_settlement_waits_out_a_slot_migration_it_finds_half_done(
+    events: EventLog,
+    turns: Turns,
+    cluster_redis: Any,
+    cluster_nodes: SixNodes,
+    user: BudgetedUser,
+) -> None:
+    """The user's budget has moved to the slot's new node and its settlement marker cannot
+    be made beside it until the migration ends: Redis answers TRYAGAIN until redis-py gives
+    up ("TTL exhausted"). The settlement, which must not be lost, is tried again until the
+    slot has its owner."""
+    conversation = await loaded(events, owner=user.name)
+    await user.budgets.seed(user.name, {}, None)
+    _, job = await say_budgeted(turns, conversation, user.name, message(), 100, user.budgeting)
+    queued_as = await queued_job(cluster_redis, turns, job)
+    budget = keys.budget(user.name)
+    source = cluster_nodes.owner(budget)
+    target = next(n for n in cluster_nodes.primaries() if n is not source)
+    slot = cluster_nodes.begin_move(budget, target)
+    cluster_nodes.migrate(budget, source, target)
+    pipeliner = Pipeliner(cluster_redis)
+    pipeliner.start()
+    try:
+        reply = message("assistant", job.message_id)
+        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
+        finishing = asyncio.create_task(
+            turns.finish(pipeliner, queued_as, done, reply, b"turn", 42)
+        )
+        await asyncio.sleep(MIGRATION_SECONDS)
+        assert not finishing.done()
+        await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)
+        assert await asyncio.wait_for(finishing, 15) == 2
+    finally:
+        await pipeliner.stop()
+        await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)  # (again)
+    assert await user.used() == 42
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def holding_briefly(cluster_redis: Any) -> Turns:
+    """Turns whose reservations wait HOLD_SECONDS for their commit."""
+    return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS, hold=HOLD_SECONDS)
+
+
+async def reserve_then_die(
+    turns: Turns, user: BudgetedUser, conversation: uuid.UUID
+) -> tuple[Job, f.Message]:
+    """What a web process does before it dies (or stalls) between the budget step and the
+    commit: the turn checked, its worst case reserved, the rate counted; not committed. The
+    job and the user's message."""
+    said = message()
+    job = Job(
+        conversation=conversation,
+        user=user.name,
+        message_id=uuid.uuid4(),
+        model="m",
+        budget_bucket=user.budgeting.bucket,
+    )
+    said_as = msgspec.json.encode(said)
+    reserved = await turns._reserve(job, 100, user.budgeting, said_as, str(said.id))
+    assert isinstance(reserved, Job)
+    return reserved, said
+
+
+@pytest.mark.parametrize("limit", [250])
+async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_hold(
+    events: EventLog, holding_briefly: Turns, cluster_redis: Any, user: BudgetedUser
+) -> None:
+    turns = holding_briefly
+    await user.budgets.seed(user.name, {}, None)
+    abandoned, said = await reserve_then_die(turns, user, await loaded(events, owner=user.name))
+    assert await user.used() == abandoned.budget_reserved
+    other = await loaded(events, owner=user.name)
+    refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert refused.admission is Admission.OVER_BUDGET  # within its hold it may still commit
+    await asyncio.sleep(HOLD_SECONDS + 0.2)
+    accepted, job = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert accepted.admission is Admission.OK
+    assert await user.used() == (await queued_job(cluster_redis, turns, job)).budget_reserved
+    used = await user.used()
+    c = abandoned.conversation
+    stalled = turns._say_inputs(
+        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned
+    )
+    late = await turns._say_commit(**stalled, fate_key=keys.turn_fate(c, abandoned.message_id))
+    assert late == [b"late"]  # the stalled web process's commit, its reservation given back
+    assert await events.head(c) == 0 and await user.used() == used
+
+
+@pytest.mark.parametrize("limit", [250])
+async def test_a_committed_turns_reservation_outlives_its_hold_until_it_is_settled(
+    events: EventLog, holding_briefly: Turns, cluster_redis: Any, user: BudgetedUser
+) -> None:
+    """Past its hold, a reservation whose turn committed (it runs, or waits for a worker) is
+    kept: giving it back would let the user start turns past the limit."""
+    turns = holding_briefly
+    await user.budgets.seed(user.name, {}, None)
+    conversation = await loaded(events, owner=user.name)
+    _, job = await say_budgeted(turns, conversation, user.name, message(), 100, user.budgeting)
+    running = await queued_job(cluster_redis, turns, job)
+    await asyncio.sleep(HOLD_SECONDS + 0.2)
+    other = await loaded(events, owner=user.name)
+    for _ in range(2):  # the second finds it held, no longer overdue
+        refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+        assert refused.admission is Admission.OVER_BUDGET
+        assert await user.used() == running.budget_reserved
+    await finish_turn(cluster_redis, turns, running, 42)
+    assert await user.used() == 42
+    accepted, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
+    assert accepted.admission is Admission.OK
 
 
 @pytest.mark.parametrize(

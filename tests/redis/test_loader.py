@@ -27,6 +27,8 @@ LOADED = [
     turns.REGENERATE_COMMIT,
     turns.FINISH_COMMIT,
     turns.FINISH_BUDGET,
+    turns.TURN_FATE,
+    turns.BUDGET_RECONCILE,
     presence.ADMIT,
     presence.ADMIT_LIVE,
     presence.LIVE_PROCESSES,

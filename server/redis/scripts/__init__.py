@@ -184,10 +184,10 @@ def raise_if_unreachable(redis: Any, results: list[Any]) -> None:
 
 
 async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
-    pipe = redis.pipeline(transaction=False)
-    for call in calls:
-        await call.run(pipe)
-    return list(await pipe.execute(raise_on_error=False))
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await call.run(pipe)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 def load(name: str, *, functions: Sequence[str] = ()) -> Script:

@@ -9,7 +9,9 @@ local bucket = ARGV[2]
 local reserved = ARGV[3]
 local spent = ARGV[4]
 local ttl = tonumber(ARGV[5])
+local reply_id = ARGV[6] -- the turn's reservation record (lib_budget.lua) goes with it
 
 if not redis.call('SET', settled_key, 1, 'NX', 'EX', ttl) then return 0 end
 budget_settle(budget_key, epoch, bucket, reserved, spent)
+if reply_id ~= '' then redis.call('HDEL', budget_key, 'r:' .. reply_id) end
 return 1

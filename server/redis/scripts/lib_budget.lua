@@ -71,3 +71,29 @@ local function budget_settle(budget_key, epoch, bucket, reserved, spent)
   if redis.call('HGET', budget_key, 'epoch') == epoch then delta = delta - tonumber(reserved) end
   if delta ~= 0 then redis.call('HINCRBY', budget_key, 'b:' .. bucket, delta) end
 end
+
+-- A cluster turn's reservation record, `r:<reply id>` -> '<bucket> <cost> <deadline ms>
+-- <conversation>' (deadline 0: held until the turn's settlement). turn_budget makes it;
+-- budget_reconcile holds it (the turn committed) or gives it back (it never will);
+-- finish_budget removes it when it settles the turn.
+local function budget_record(budget_key, reply_id, bucket, cost, deadline, conversation)
+  local record = bucket .. ' ' .. cost .. ' ' .. deadline .. ' ' .. conversation
+  redis.call('HSET', budget_key, 'r:' .. reply_id, record)
+end
+
+-- The reply ids and conversations of the records past their deadline, flat: {id, c, ...}.
+local function budget_overdue(budget_key, now)
+  local overdue = {}
+  local fields = redis.call('HGETALL', budget_key)
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'r:' then
+      local _, _, deadline, conversation = string.match(fields[i + 1], '(%S+) (%S+) (%S+) (%S+)')
+      local due = tonumber(deadline)
+      if due > 0 and due < now then
+        table.insert(overdue, string.sub(fields[i], 3))
+        table.insert(overdue, conversation)
+      end
+    end
+  end
+  return overdue
+end

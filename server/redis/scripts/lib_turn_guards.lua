@@ -9,6 +9,13 @@ local function turn_blocked(meta_key, gen_key)
   return nil
 end
 
+-- In a Redis Cluster, the conversation's commit claims its turn (`fate_key`, turn_fate.lua):
+-- false when the turn was declared void meanwhile (its web process took too long after the
+-- budget step, and its reservation may be given back already): it must not start.
+local function turn_claimed(fate_key, ttl)
+  return redis.call('SET', fate_key, 'committed', 'NX', 'EX', ttl) ~= false
+end
+
 -- Counts the turn against the user's per-minute rate: {'rate', seconds until the window
 -- ends} when it is over, or nil.
 local function rate_refused(rate_key, turn_limit)

@@ -3,7 +3,7 @@ model and a real HTTP tool receiver on 127.0.0.1. The turn waits at the call unt
 the user answers (or the call expires); every tab sees the request and the one outcome; a
 reloaded tab, another web process and another worker (the first one killed) all pick the
 waiting call up where it is; the tool runs once, after the approval, and never after a
-denial."""
+denial. The stored reply says how each approval ended."""
 
 from __future__ import annotations
 
@@ -190,6 +190,7 @@ async def test_approved_from_the_second_tab_while_the_first_reloads(
     assert [body["arguments"] for body in receiver.of(PATH)] == [{"path": "/tmp/reloaded"}]
     reply = await reply_of(db, again, conversation)
     assert result_of(reply).status == "ok" and f"{TOOL} answered" in reply.content
+    assert result_of(reply).approval == f.ToolApproval(state="approved", by=user)
     assert_tabs_match(reply, b)
 
 
@@ -222,6 +223,7 @@ async def test_a_worker_killed_while_waiting_another_resumes_at_the_call(
         assert len(of_type(tab, conversation, f.Start)) == 2  # the takeover's start
     reply = await reply_of(db, b, conversation)
     assert result_of(reply).status == "ok"
+    assert result_of(reply).approval == f.ToolApproval(state="approved", by=user)
     assert_tabs_match(reply, a, b)
 
 
@@ -246,6 +248,7 @@ async def test_a_denial_is_the_result_the_model_reads_and_the_tool_never_runs(
     result = result_of(reply)
     assert result.status == "error" and reason in result.text and "denied" in result.text
     assert f"{TOOL} answered: {result.text}" in reply.content  # the model read the denial
+    assert result.approval == f.ToolApproval(state="denied", by=user, reason=reason)
     assert_tabs_match(reply, a, b)
 
 
@@ -300,6 +303,7 @@ async def test_an_unanswered_call_expires_as_denied(
         assert receiver.of(PATH) == []
         reply = await reply_of(db, b, conversation)
         assert "did not approve" in result_of(reply).text
+        assert result_of(reply).approval == f.ToolApproval(state="expired")
         assert len(of_type(a, conversation, f.ApprovalResolved)) == 1
     finally:
         stop_together([server])
@@ -351,5 +355,6 @@ async def test_a_cancel_ends_a_turn_waiting_for_a_person_at_once(
     assert (late.approval.first, late.approval.state) == (False, "cancelled")
     reply = await reply_of(db, a, conversation)
     assert (result_of(reply).call_id, result_of(reply).status) == (request.call_id, "cancelled")
+    assert result_of(reply).approval == f.ToolApproval(state="cancelled")
     assert receiver.of(PATH) == []
     assert_tabs_match(reply, a, b)

@@ -628,13 +628,17 @@ class Worker:
 
     async def _screen(self, run: Running, call: ToolCall) -> Result | None:
         """None when the call may run; else its result without running it (a tool this
-        conversation does not offer)."""
-        if call.problem is not None and self.runner is not None:
-            return None  # the runner says what is wrong with it
+        conversation does not offer, arguments that miss the schema, a person's denial).
+        The arguments are checked before anyone is asked: an approved call runs."""
+        prepared = None if self.runner is None else self.runner.prepare(call)
+        if call.problem is not None and isinstance(prepared, Result):
+            return prepared  # what the runner could not read of it
         tool = run.tools.get(call.name)
         if tool is None:
             known = ", ".join(run.tools) or "none"
             return error_of(call, f"there is no tool {call.name!r} (tools: {known})")
+        if isinstance(prepared, Result):
+            return prepared
         return await self._approve(run, call, tool)
 
     async def _approve(self, run: Running, call: ToolCall, tool: Tool) -> Result | None:

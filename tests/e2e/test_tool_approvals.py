@@ -24,7 +24,14 @@ from protocol.parts import parts_of
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
 from server.redis.approvals import POLL_MAX
-from tests.helpers.approvals import PATH, TOOL, answer_deleted, approval_config, delete_call
+from tests.helpers.approvals import (
+    PATH,
+    TOOL,
+    answer_deleted,
+    approval_config,
+    bad_delete_call,
+    delete_call,
+)
 from tests.helpers.conversations import folded, start_conversation, wait_persisted
 from tests.helpers.processes import (
     Cluster,
@@ -356,5 +363,21 @@ async def test_a_cancel_ends_a_turn_waiting_for_a_person_at_once(
     reply = await reply_of(db, a, conversation)
     assert (result_of(reply).call_id, result_of(reply).status) == (request.call_id, "cancelled")
     assert result_of(reply).approval == f.ToolApproval(state="cancelled")
+    assert receiver.of(PATH) == []
+    assert_tabs_match(reply, a, b)
+
+
+async def test_arguments_that_miss_the_schema_fail_without_asking_anyone(
+    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+) -> None:
+    a, b, conversation = await two_tabs(connect, user, approving.webs)
+    await a.request(f.Say(conversation=conversation, text=bad_delete_call()))
+    assert (await finished(b, conversation)).reason == "stop"
+    for tab in (a, b):
+        assert of_type(tab, conversation, f.ApprovalRequest) == []
+    reply = await reply_of(db, a, conversation)
+    result = result_of(reply)
+    assert result.status == "error" and "schema" in result.text and result.approval is None
+    assert f"{TOOL} answered: {result.text}" in reply.content  # the model read what is wrong
     assert receiver.of(PATH) == []
     assert_tabs_match(reply, a, b)

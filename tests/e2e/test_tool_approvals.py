@@ -3,7 +3,8 @@ model and a real HTTP tool receiver on 127.0.0.1. The turn waits at the call unt
 the user answers (or the call expires); every tab sees the request and the one outcome; a
 reloaded tab, another web process and another worker (the first one killed) all pick the
 waiting call up where it is; the tool runs once, after the approval, and never after a
-denial. The stored reply says how each approval ended."""
+denial. The stored reply says how each approval ended. The approval from another tab and the
+worker killed while waiting run on a single Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
-from redis.asyncio import Redis
 
 from protocol import frames as f
 from protocol.parts import parts_of
@@ -34,9 +34,12 @@ from tests.helpers.approvals import (
 )
 from tests.helpers.conversations import folded, start_conversation, wait_persisted
 from tests.helpers.processes import (
+    BACKENDS,
     Cluster,
     Db,
     ParleyProcess,
+    RedisBackend,
+    clusters_for,
     model_stats,
     redis_db,
     start_all,
@@ -58,7 +61,7 @@ class Approving:
     workers: list[ParleyProcess]
     model: ParleyProcess
     receiver: Receiver
-    redis_url: str
+    backend: RedisBackend
 
 
 def env_for(
@@ -83,10 +86,34 @@ def approving(cluster: Cluster) -> Iterator[Approving]:
     workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
     start_all([model, *webs, *workers])
     try:
-        yield Approving(webs, workers, model, receiver, env["REDIS_URL"])
+        yield Approving(webs, workers, model, receiver, RedisBackend(env["REDIS_URL"]))
     finally:
         stop_together([*webs, *workers, model])
         receiver.stop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def on_each_backend(
+    request: pytest.FixtureRequest, cluster: Cluster, approving: Approving
+) -> Iterator[Approving]:
+    """`approving` on the single Redis; on a Redis Cluster, 2 web + 2 worker processes of
+    their own (the same model and tool receiver)."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        yield approving
+        return
+    backend = clusters.backend()
+    env = {
+        **env_for(cluster, Db.APPROVALS, approving.receiver, approving.model),
+        **backend.env(),
+    }
+    webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+    workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
+    start_all([*webs, *workers])
+    try:
+        yield Approving(webs, workers, approving.model, approving.receiver, backend)
+    finally:
+        stop_together([*webs, *workers])
 
 
 @pytest.fixture
@@ -168,8 +195,9 @@ def model_calls(stats: dict[str, Any], text: str) -> int:
 
 
 async def test_approved_from_the_second_tab_while_the_first_reloads(
-    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+    connect: Any, user: str, db: asyncpg.Pool, on_each_backend: Approving, receiver: Receiver
 ) -> None:
+    approving = on_each_backend
     a, b, conversation = await two_tabs(connect, user, approving.webs)
     request = await asked(a, b, conversation, delete_call("/tmp/reloaded"))
     assert (request.tool, request.arguments) == (TOOL, '{"path": "/tmp/reloaded"}')
@@ -202,10 +230,11 @@ async def test_approved_from_the_second_tab_while_the_first_reloads(
 
 
 async def test_a_worker_killed_while_waiting_another_resumes_at_the_call(
-    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+    connect: Any, user: str, db: asyncpg.Pool, on_each_backend: Approving, receiver: Receiver
 ) -> None:
+    approving = on_each_backend
     a, b, conversation, text, request = await waiting_on_a_new_file(connect, user, approving)
-    redis = Redis.from_url(approving.redis_url)
+    redis = approving.backend.client()
     try:
         pid = await worker_of(redis, conversation)
     finally:

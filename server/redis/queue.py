@@ -267,18 +267,20 @@ class FairQueue:
             for waiting, raws in zip(state.ring, state.jobs, strict=True)
             for raw, position in zip(raws, places[waiting.user], strict=False)
         ]
-        pipe = self.redis.pipeline(transaction=False)
-        calls = 0
-        for job, position in placed:
-            if due(told(state.told.get(str(job.message_id))), position, now_ms):
-                await self._tell(job, position, now_ms).run(pipe)
-                calls += 1
-        for job, _ in placed if renew else []:
-            pipe.expire(keys.generation(job.conversation), self.lease)
-        if not calls and not renew:
+        if renew and placed:
+            pipe = self.redis.pipeline(transaction=False)
+            for job, _ in placed:
+                pipe.expire(keys.generation(job.conversation), self.lease)
+            await pipe.execute()
+        tells = [
+            self._tell(job, position, now_ms)
+            for job, position in placed
+            if due(told(state.told.get(str(job.message_id))), position, now_ms)
+        ]
+        if not tells:
             return 0
-        results = await pipe.execute()
-        return sum(1 for seq in results[:calls] if seq)
+        # `run_all` loads announce.lua when Redis does not know it (a fresh or restarted one)
+        return sum(1 for seq in await scripts.run_all(self.redis, tells) if seq)
 
     def _tell(self, job: _Queued, position: int, now_ms: int) -> scripts.Call:
         frame = f.Queued(

@@ -107,12 +107,22 @@ class Usage(Struct, frozen=True, omit_defaults=True, kw_only=True):
     estimated: bool = False
 
 
+class ToolApproval(Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """(addition) How a person's approval of a tool call ended: `approved` or `denied` (by
+    `by`, with `reason`), `expired` unanswered, or `cancelled` with its turn."""
+
+    state: ApprovalState
+    by: str | None = None
+    reason: Reason | None = None
+
+
 class Part(Struct, frozen=True, omit_defaults=True, kw_only=True):
     """One part of an assistant message; its index is its position in `parts`.
 
     `duration_ms` is how long a `reasoning` part lasted, from its first piece to the end of
     it, or how long a tool call ran (`tool_result`). `call_id` and `name` (the tool) belong to
-    `tool_call` and `tool_result` parts, `status` to a `tool_result`."""
+    `tool_call` and `tool_result` parts, `status` to a `tool_result`, and (addition)
+    `approval` to the `tool_result` of a call that waited for a person's answer."""
 
     kind: PartKind
     text: str = ""
@@ -120,6 +130,7 @@ class Part(Struct, frozen=True, omit_defaults=True, kw_only=True):
     call_id: ToolCallId | None = None
     name: ToolName | None = None
     status: ToolStatus | None = None
+    approval: ToolApproval | None = None
 
 
 class Conversation(Struct, frozen=True, omit_defaults=True):
@@ -484,14 +495,15 @@ class PartDelta(_Server, tag="part_delta", kw_only=True, frozen=True):
 class PartEnd(_Server, tag="part_end", kw_only=True, frozen=True):
     """(addition) Conversation event: part `index` of an assistant message is complete;
     `duration_ms` is how long a `reasoning` part took (a `tool_result`: how long the call
-    ran), `status` how a `tool_result` ended. A part left open ends with the message's
-    `done`."""
+    ran), `status` how a `tool_result` ended and (addition) `approval` how a person's
+    approval of its call ended. A part left open ends with the message's `done`."""
 
     conversation: uuid.UUID
     message_id: uuid.UUID
     index: Count
     duration_ms: float | None = None
     status: ToolStatus | None = None
+    approval: ToolApproval | None = None
     seq: Seq = 0
 
 

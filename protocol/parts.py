@@ -11,7 +11,8 @@ the one of version 1).
 A reply that calls tools holds every step: a `tool_call` part per call (opened when the call's
 name arrives, its arguments streamed into it as `part_delta`s; calls streamed in parallel are
 open together), then a `tool_result` part per call (start, the result whole, end with its
-`status`), then the next step's parts.
+`status` and, for a call that waited for a person, the `approval`'s outcome), then the next
+step's parts.
 
 A client folds the events back with `MessageParts`; the builder's `parts()` are what is
 persisted, so the two must agree byte for byte (tests/protocol/test_parts.py).
@@ -39,6 +40,7 @@ class _Building:
     name: str | None = None
     status: f.ToolStatus | None = None
     open: bool = True
+    approval: f.ToolApproval | None = None
 
     def part(self) -> f.Part:
         return f.Part(
@@ -48,6 +50,7 @@ class _Building:
             call_id=self.call_id,
             name=self.name,
             status=self.status,
+            approval=self.approval,
         )
 
 
@@ -91,13 +94,22 @@ class PartsBuilder:
         return self.piece(index, text)
 
     def result(
-        self, call_id: str, name: str, status: f.ToolStatus, text: str, duration_ms: float
+        self,
+        call_id: str,
+        name: str,
+        status: f.ToolStatus,
+        text: str,
+        duration_ms: float,
+        approval: f.ToolApproval | None = None,
     ) -> list[f.ServerFrame]:
         """A call's whole `tool_result` part: its start, its text and its end (after the
-        model response that made the call was closed)."""
+        model response that made the call was closed); the end says how a person's approval
+        of the call ended, when it waited for one."""
         events: list[f.ServerFrame] = []
         self._parts.append(
-            _Building("tool_result", 0.0, [text], duration_ms, call_id, name, status, open=False)
+            _Building(
+                "tool_result", 0.0, [text], duration_ms, call_id, name, status, False, approval
+            )
         )
         index = len(self._parts) - 1
         events.append(self._start(index))
@@ -192,13 +204,22 @@ class PartsBuilder:
             index=index,
             duration_ms=part.duration_ms,
             status=part.status,
+            approval=part.approval,
         )
 
 
 def _restored(part: f.Part) -> _Building:
     texts = [part.text] if part.text else []
     return _Building(
-        part.kind, 0.0, texts, part.duration_ms, part.call_id, part.name, part.status, False
+        part.kind,
+        0.0,
+        texts,
+        part.duration_ms,
+        part.call_id,
+        part.name,
+        part.status,
+        False,
+        part.approval,
     )
 
 
@@ -251,6 +272,7 @@ class MessageParts:
         elif isinstance(event, f.PartEnd) and event.index < len(self._parts):
             self._parts[event.index].duration_ms = event.duration_ms
             self._parts[event.index].status = event.status
+            self._parts[event.index].approval = event.approval
         elif isinstance(event, f.Done):
             self.reason = event.reason
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Final
 
 from redis.exceptions import RedisError
 
-from protocol.approvals import model_result
+from protocol import frames as f
+from protocol.approvals import Approval, model_result
 from protocol.text import scrub
 from protocol.toolcalls import ToolCall
 from server.edge.bus import BusUnavailable
@@ -54,9 +56,23 @@ def needs_approval(tool: Tool | None) -> bool:
     return tool is not None and tool.approval == "always"
 
 
-async def approved(approvals: Approvals, bus: Fanout, job: Job, call: ToolCall) -> Result | None:
-    """None once a person approved the call; otherwise the result the model reads instead
-    of the tool's (the denial and its reason, or the expiry)."""
+Answered = tuple[f.ToolApproval | None, Result | None]
+"""How the call's approval ended (None when its record was lost), and None when the call may
+run, else the result the model reads instead of the tool's."""
+
+WITHDRAWN: Final = f.ToolApproval(state="cancelled")
+
+
+def outcome(approval: Approval) -> f.ToolApproval:
+    """A settled approval as its `tool_result` part keeps it."""
+    if approval.state == "pending":
+        raise ValueError("the approval is still pending")
+    return f.ToolApproval(state=approval.state, by=approval.by, reason=approval.reason)
+
+
+async def approved(approvals: Approvals, bus: Fanout, job: Job, call: ToolCall) -> Answered:
+    """How a person answered the call: once approved, it may run; otherwise the model reads
+    the denial and its reason, or the expiry, instead of the tool's result."""
     channel, wake = keys.channel(job.conversation), _Wake()
     try:
         await bus.subscribe(channel, wake)
@@ -78,9 +94,7 @@ async def withdrawn(approvals: Approvals, job: Job, call: ToolCall) -> None:
         log.warning("could not mark the call %s cancelled: %s", call.id, exc)
 
 
-async def _settled(
-    approvals: Approvals, job: Job, call: ToolCall, wake: asyncio.Event
-) -> Result | None:
+async def _settled(approvals: Approvals, job: Job, call: ToolCall, wake: asyncio.Event) -> Answered:
     conversation = str(job.conversation)
     await approvals.open(
         conversation,
@@ -92,6 +106,6 @@ async def _settled(
     )
     approval = await approvals.wait(conversation, call.id, wake)
     if approval is None:
-        return error(call.id, call.name, LOST)
+        return None, error(call.id, call.name, LOST)
     refusal = model_result(approval)
-    return None if refusal is None else error(call.id, call.name, refusal)
+    return outcome(approval), None if refusal is None else error(call.id, call.name, refusal)

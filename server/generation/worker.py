@@ -145,6 +145,9 @@ class Running:
     """Calls of a step taken over before their results were in: run before the model."""
     recorded: bool = False
     """Its tool steps were recorded in Redis (forgotten when the turn ends)."""
+    approvals: dict[str, f.ToolApproval] = field(default_factory=dict)
+    """How a person answered the step's calls that waited for one (by call id), for their
+    `tool_result` parts."""
     awaiting_people: int = 0
     """Its calls waiting for a person's approval now: a draining worker hands such a turn
     back at once (another worker resumes it at the calls) rather than wait for an answer."""
@@ -588,7 +591,7 @@ class Worker:
         for result in results:
             events = run.parts.result(
                 result.call_id, result.tool, result.status, result.content,
-                round_ms(result.duration),
+                round_ms(result.duration), run.approvals.pop(result.call_id, None),
             )  # fmt: skip
             for event in events:
                 self._publish_later(run, event)
@@ -626,13 +629,17 @@ class Worker:
 
     async def _screen(self, run: Running, call: ToolCall) -> Result | None:
         """None when the call may run; else its result without running it (a tool this
-        conversation does not offer)."""
-        if call.problem is not None and self.runner is not None:
-            return None  # the runner says what is wrong with it
+        conversation does not offer, arguments that miss the schema, a person's denial).
+        The arguments are checked before anyone is asked: an approved call runs."""
+        prepared = None if self.runner is None else self.runner.prepare(call)
+        if call.problem is not None and isinstance(prepared, Result):
+            return prepared  # what the runner could not read of it
         tool = run.tools.get(call.name)
         if tool is None:
             known = ", ".join(run.tools) or "none"
             return error_of(call, f"there is no tool {call.name!r} (tools: {known})")
+        if isinstance(prepared, Result):
+            return prepared
         return await self._approve(run, call, tool)
 
     async def _approve(self, run: Running, call: ToolCall, tool: Tool) -> Result | None:
@@ -645,13 +652,17 @@ class Worker:
         try:
             if self._draining:
                 self._hand_back(run)
-            return await approval.approved(self.approvals, self.cancels, run.job, call)
+            answered, refusal = await approval.approved(self.approvals, self.cancels, run.job, call)
         except asyncio.CancelledError:
             if run.cancelled:  # the user stopped the turn: the call will never run
+                run.approvals[call.id] = approval.WITHDRAWN
                 await asyncio.shield(approval.withdrawn(self.approvals, run.job, call))
             raise
         finally:
             run.awaiting_people -= 1
+        if answered is not None:
+            run.approvals[call.id] = answered
+        return refusal
 
     def _hand_back(self, run: Running) -> None:
         """Stop a turn that waits for a person, leaving it pending: the step and its waiting

@@ -1,7 +1,8 @@
 // The tool calls of an assistant message as cards: the tool's name, its arguments as they
 // stream in, where the call stands, its result (folded), and Approve / Deny while the call
 // waits for the user. Built from the message's `tool_call` / `tool_result` parts and the
-// transcript's approvals, so a reload (history, then the events after it) shows the same.
+// transcript's approvals (a stored reply keeps how each approval ended on its
+// `tool_result` part), so a reload (history, then the events after it) shows the same.
 // Cards are updated in place: a reader's unfolded result stays unfolded.
 
 import { el } from "./dom.js";
@@ -21,7 +22,7 @@ const APPROVAL_LABELS = {
   cancelled: "cancelled with the reply",
 };
 
-/** The calls of a message in order: {id, name, args, open, result, status}. */
+/** The calls of a message in order: {id, name, args, open, result, status, approval}. */
 function callsOf(message, transcript) {
   const calls = new Map();
   for (const part of message.parts || []) {
@@ -33,6 +34,7 @@ function callsOf(message, transcript) {
     } else {
       call.result = part.text;
       call.status = part.status || (part.open && message.streaming ? "running" : "ok");
+      call.approval = part.approval;
     }
     calls.set(part.call_id, call);
   }
@@ -144,7 +146,8 @@ export function updateTools(node, message, transcript) {
     let card = cards.get(call.id);
     if (!card) card = createCard(call.id);
     cards.delete(call.id);
-    updateCard(card, call, transcript?.approval(call.id), message.streaming);
+    const approval = transcript?.approval(call.id) || call.approval;
+    updateCard(card, call, approval, message.streaming);
     const expected = previous ? previous.nextElementSibling : box.firstElementChild;
     if (expected !== card) box.insertBefore(card, expected);
     previous = card;

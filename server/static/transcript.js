@@ -107,6 +107,7 @@ export class Transcript {
           part.open = false;
           if (typeof event.duration_ms === "number") part.duration_ms = event.duration_ms;
           if (event.status) part.status = event.status;
+          if (event.approval) part.approval = event.approval;
           this.find(event.message_id).rev = tick();
         }
         break;

@@ -15,11 +15,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.text import scrub
 from protocol.toolcalls import ToolCall
 from server.tools import validation
-from server.tools.definitions import CallContext, Result, ToolError, error
+from server.tools.definitions import CallContext, Result, Tool, ToolError, error
 from server.tools.toolbox import Toolbox
 
 log = logging.getLogger("parley.tools")
@@ -52,7 +53,10 @@ class Runner:
                 time.monotonic() - started,
             )  # fmt: skip
 
-    async def _one(self, call: ToolCall, context: CallContext) -> Result:
+    def prepare(self, call: ToolCall) -> tuple[Tool, dict[str, Any]] | Result:
+        """The call's tool and its arguments checked against the tool's schema, or the error
+        result of a call that cannot run as the model wrote it (it is not run, nor put to
+        a person for approval)."""
         if call.problem is not None:
             return error(call.id, call.name, f"the call could not be read: {call.problem}")
         tool = self.toolbox.lookup(call.name)
@@ -62,6 +66,16 @@ class Runner:
         try:
             arguments = validation.parse(call.arguments)
             validation.validate(self.toolbox.checker(tool), arguments)
+        except ToolError as exc:
+            return error(call.id, tool.name, str(exc), exc.status)
+        return tool, arguments
+
+    async def _one(self, call: ToolCall, context: CallContext) -> Result:
+        prepared = self.prepare(call)
+        if isinstance(prepared, Result):
+            return prepared
+        tool, arguments = prepared
+        try:
             async with asyncio.timeout(tool.timeout):
                 content = await self.toolbox.invoke(tool, call.id, arguments, context)
         except ToolError as exc:

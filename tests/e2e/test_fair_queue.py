@@ -89,6 +89,10 @@ async def done(client: Client, conversation: uuid.UUID, timeout: float = 90) -> 
     )
 
 
+async def started(client: Client, conversation: uuid.UUID) -> None:
+    await client.wait_for(lambda fr: isinstance(fr, f.Start) and fr.conversation == conversation)
+
+
 def arrivals(client: Client, kind: type, after: float = 0.0) -> list[tuple[float, f.ServerFrame]]:
     return [
         (at, fr)
@@ -103,6 +107,18 @@ def positions(client: Client, conversation: uuid.UUID) -> list[int]:
         for fr in client.frames
         if isinstance(fr, f.Queued) and fr.conversation == conversation
     ]
+
+
+def most_running(client: Client) -> int:
+    """The most generations the tab saw running at once (between their `start` and `done`)."""
+    running, most = 0, 0
+    for fr in client.frames:
+        if isinstance(fr, f.Start):
+            running += 1
+            most = max(most, running)
+        elif isinstance(fr, f.Done):
+            running -= 1
+    return most
 
 
 async def test_one_user_with_forty_queued_turns_does_not_starve_another_with_two(
@@ -144,14 +160,7 @@ async def test_a_user_runs_at_most_two_generations_at_once(
         await client.request(f.Say(conversation=conversation, text=reply(8)))
     for conversation in made:
         assert (await done(client, conversation, 60)).reason == "stop"
-    running, most = 0, 0
-    for fr in client.frames:
-        if isinstance(fr, f.Start):
-            running += 1
-            most = max(most, running)
-        elif isinstance(fr, f.Done):
-            running -= 1
-    assert most == 2
+    assert most_running(client) == 2
     assert all(positions(client, c) for c in made[2:]), "the turns past the cap wait"
 
 
@@ -202,3 +211,35 @@ async def test_a_worker_killed_while_turns_wait_loses_none(
                 assert (await done(client, conversation, 90)).reason == "stop"
     finally:
         stop_together([*procs, spare])
+
+
+async def test_a_regenerated_turn_waits_its_turn_and_counts_against_the_cap(
+    capped: ParleyProcess, tabs: list[Client]
+) -> None:
+    client = await tab(tabs, capped, new_user())
+    again, *busy = await conversations(client, 3)
+    await client.request(f.Say(conversation=again, text=reply(2, tps=100)))
+    first = await done(client, again, 30)
+    for conversation in busy:  # the user's two generations: the cap is reached
+        await client.request(f.Say(conversation=conversation, text=reply(30)))
+        await started(client, conversation)
+    ack = await client.request(f.Regenerate(conversation=again))
+    regenerated: f.Done = await client.wait_for(
+        lambda fr: isinstance(fr, f.Done) and fr.message_id == ack.message_id, timeout=60
+    )
+    assert regenerated.reason == "stop"
+    seen = [
+        (index, fr)
+        for index, fr in enumerate(client.frames)
+        if isinstance(fr, f.Queued | f.Start) and fr.message_id == ack.message_id
+    ]
+    assert isinstance(seen[0][1], f.Queued) and isinstance(seen[-1][1], f.Start), seen
+    started_at, start = seen[-1]
+    assert isinstance(start, f.Start) and start.replaces == first.message_id
+    freed = [
+        fr
+        for fr in client.frames[:started_at]
+        if isinstance(fr, f.Done) and fr.conversation in busy
+    ]
+    assert freed, "the regenerated turn started before one of the user's turns ended"
+    assert most_running(client) == 2

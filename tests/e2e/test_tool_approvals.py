@@ -3,7 +3,8 @@ model and a real HTTP tool receiver on 127.0.0.1. The turn waits at the call unt
 the user answers (or the call expires); every tab sees the request and the one outcome; a
 reloaded tab, another web process and another worker (the first one killed) all pick the
 waiting call up where it is; the tool runs once, after the approval, and never after a
-denial."""
+denial. The stored reply says how each approval ended. The approval from another tab and the
+worker killed while waiting run on a single Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -17,19 +18,28 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
-from redis.asyncio import Redis
 
 from protocol import frames as f
 from protocol.parts import parts_of
 from server.dev import embedded
 from server.dev.client import Client, ProtocolError
 from server.redis.approvals import POLL_MAX
-from tests.helpers.approvals import PATH, TOOL, answer_deleted, approval_config, delete_call
+from tests.helpers.approvals import (
+    PATH,
+    TOOL,
+    answer_deleted,
+    approval_config,
+    bad_delete_call,
+    delete_call,
+)
 from tests.helpers.conversations import folded, start_conversation, wait_persisted
 from tests.helpers.processes import (
+    BACKENDS,
     Cluster,
     Db,
     ParleyProcess,
+    RedisBackend,
+    clusters_for,
     model_stats,
     redis_db,
     start_all,
@@ -51,7 +61,7 @@ class Approving:
     workers: list[ParleyProcess]
     model: ParleyProcess
     receiver: Receiver
-    redis_url: str
+    backend: RedisBackend
 
 
 def env_for(
@@ -76,10 +86,34 @@ def approving(cluster: Cluster) -> Iterator[Approving]:
     workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
     start_all([model, *webs, *workers])
     try:
-        yield Approving(webs, workers, model, receiver, env["REDIS_URL"])
+        yield Approving(webs, workers, model, receiver, RedisBackend(env["REDIS_URL"]))
     finally:
         stop_together([*webs, *workers, model])
         receiver.stop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def on_each_backend(
+    request: pytest.FixtureRequest, cluster: Cluster, approving: Approving
+) -> Iterator[Approving]:
+    """`approving` on the single Redis; on a Redis Cluster, 2 web + 2 worker processes of
+    their own (the same model and tool receiver)."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        yield approving
+        return
+    backend = clusters.backend()
+    env = {
+        **env_for(cluster, Db.APPROVALS, approving.receiver, approving.model),
+        **backend.env(),
+    }
+    webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+    workers = [cluster.process("worker", start=False, **env) for _ in range(2)]
+    start_all([*webs, *workers])
+    try:
+        yield Approving(webs, workers, approving.model, approving.receiver, backend)
+    finally:
+        stop_together([*webs, *workers])
 
 
 @pytest.fixture
@@ -161,8 +195,9 @@ def model_calls(stats: dict[str, Any], text: str) -> int:
 
 
 async def test_approved_from_the_second_tab_while_the_first_reloads(
-    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+    connect: Any, user: str, db: asyncpg.Pool, on_each_backend: Approving, receiver: Receiver
 ) -> None:
+    approving = on_each_backend
     a, b, conversation = await two_tabs(connect, user, approving.webs)
     request = await asked(a, b, conversation, delete_call("/tmp/reloaded"))
     assert (request.tool, request.arguments) == (TOOL, '{"path": "/tmp/reloaded"}')
@@ -190,14 +225,16 @@ async def test_approved_from_the_second_tab_while_the_first_reloads(
     assert [body["arguments"] for body in receiver.of(PATH)] == [{"path": "/tmp/reloaded"}]
     reply = await reply_of(db, again, conversation)
     assert result_of(reply).status == "ok" and f"{TOOL} answered" in reply.content
+    assert result_of(reply).approval == f.ToolApproval(state="approved", by=user)
     assert_tabs_match(reply, b)
 
 
 async def test_a_worker_killed_while_waiting_another_resumes_at_the_call(
-    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+    connect: Any, user: str, db: asyncpg.Pool, on_each_backend: Approving, receiver: Receiver
 ) -> None:
+    approving = on_each_backend
     a, b, conversation, text, request = await waiting_on_a_new_file(connect, user, approving)
-    redis = Redis.from_url(approving.redis_url)
+    redis = approving.backend.client()
     try:
         pid = await worker_of(redis, conversation)
     finally:
@@ -222,6 +259,7 @@ async def test_a_worker_killed_while_waiting_another_resumes_at_the_call(
         assert len(of_type(tab, conversation, f.Start)) == 2  # the takeover's start
     reply = await reply_of(db, b, conversation)
     assert result_of(reply).status == "ok"
+    assert result_of(reply).approval == f.ToolApproval(state="approved", by=user)
     assert_tabs_match(reply, a, b)
 
 
@@ -246,6 +284,7 @@ async def test_a_denial_is_the_result_the_model_reads_and_the_tool_never_runs(
     result = result_of(reply)
     assert result.status == "error" and reason in result.text and "denied" in result.text
     assert f"{TOOL} answered: {result.text}" in reply.content  # the model read the denial
+    assert result.approval == f.ToolApproval(state="denied", by=user, reason=reason)
     assert_tabs_match(reply, a, b)
 
 
@@ -300,6 +339,7 @@ async def test_an_unanswered_call_expires_as_denied(
         assert receiver.of(PATH) == []
         reply = await reply_of(db, b, conversation)
         assert "did not approve" in result_of(reply).text
+        assert result_of(reply).approval == f.ToolApproval(state="expired")
         assert len(of_type(a, conversation, f.ApprovalResolved)) == 1
     finally:
         stop_together([server])
@@ -351,5 +391,22 @@ async def test_a_cancel_ends_a_turn_waiting_for_a_person_at_once(
     assert (late.approval.first, late.approval.state) == (False, "cancelled")
     reply = await reply_of(db, a, conversation)
     assert (result_of(reply).call_id, result_of(reply).status) == (request.call_id, "cancelled")
+    assert result_of(reply).approval == f.ToolApproval(state="cancelled")
+    assert receiver.of(PATH) == []
+    assert_tabs_match(reply, a, b)
+
+
+async def test_arguments_that_miss_the_schema_fail_without_asking_anyone(
+    connect: Any, user: str, db: asyncpg.Pool, approving: Approving, receiver: Receiver
+) -> None:
+    a, b, conversation = await two_tabs(connect, user, approving.webs)
+    await a.request(f.Say(conversation=conversation, text=bad_delete_call()))
+    assert (await finished(b, conversation)).reason == "stop"
+    for tab in (a, b):
+        assert of_type(tab, conversation, f.ApprovalRequest) == []
+    reply = await reply_of(db, a, conversation)
+    result = result_of(reply)
+    assert result.status == "error" and "schema" in result.text and result.approval is None
+    assert f"{TOOL} answered: {result.text}" in reply.content  # the model read what is wrong
     assert receiver.of(PATH) == []
     assert_tabs_match(reply, a, b)

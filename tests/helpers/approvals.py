@@ -36,3 +36,9 @@ def answer_deleted(path: str, body: dict[str, Any]) -> tuple[int, bytes]:
 def delete_call(file: str) -> str:
     """The user text that makes the simulated model call `delete_file` on `file`."""
     return f"[sim:tool={TOOL} {json.dumps({'path': file})}] delete {file}"
+
+
+def bad_delete_call() -> str:
+    """The user text that makes the simulated model call `delete_file` with arguments that
+    miss its schema (no `path`)."""
+    return f'[sim:tool={TOOL} {{"file": 1}}] delete something'

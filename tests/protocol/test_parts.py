@@ -166,6 +166,13 @@ def test_replay_after_redis_lost_the_conversation_rebuilds_the_same_parts() -> N
 CallScript = list[tuple[int, str]]
 """A model response's call fragments: (which call, a piece of its arguments)."""
 
+APPROVALS: dict[int, f.ToolApproval | None] = {
+    0: None,
+    1: f.ToolApproval(state="denied", by="alice", reason="not that file"),
+    2: f.ToolApproval(state="approved", by="alice"),
+}
+"""How a person answered each call (call 0 needed no approval)."""
+
 
 def published_steps(
     steps: list[tuple[str, CallScript]], answer: str
@@ -187,7 +194,9 @@ def published_steps(
         events += builder.close(1.0)
         for call in sorted(opened):
             status = "ok" if call % 2 == 0 else "error"
-            events += builder.result(f"c{step}_{call}", f"tool{call}", status, f"r{call}", 2.5)
+            events += builder.result(
+                f"c{step}_{call}", f"tool{call}", status, f"r{call}", 2.5, APPROVALS[call]
+            )
     events += builder.switch("text", 2.0)
     events.append(builder.add(answer))
     events += builder.close(3.0)
@@ -233,6 +242,7 @@ def test_parallel_calls_stream_their_arguments_into_their_own_parts() -> None:
         ("text", None, None, "Sunny.", None),
     ]
     assert parts[3].duration_ms == 2.5
+    assert [p.approval for p in parts] == [None, None, None, None, APPROVALS[1], None]
     assert content_of(parts) == "Let me look.Sunny."
     assert stored_parts(parts) == parts
 
@@ -260,3 +270,29 @@ def test_a_taken_over_reply_replays_its_recorded_steps_and_goes_on_from_them() -
         == builder.parts()
         == [*recorded[:-1], f.Part(kind="text", text="the answer")]
     )
+
+
+def test_an_approvals_outcome_survives_the_wire_a_takeover_and_storage() -> None:
+    log, persisted = published_steps([("", [(0, "{}"), (1, "{}"), (2, "{}")])], "ok")
+    folded = MessageParts(MESSAGE)
+    for frame in log:
+        folded.apply(f.decode_server(frame))
+    stored = msgspec.json.decode(msgspec.json.encode(persisted), type=list[f.Part])
+    assert folded.parts() == persisted == stored
+    assert [p.approval for p in stored if p.kind == "tool_result"] == list(APPROVALS.values())
+    builder = PartsBuilder(CONV, MESSAGE)
+    builder.restore(persisted[:-1])
+    replayed = MessageParts(MESSAGE)
+    for event in builder.replay():
+        replayed.apply(event)
+    assert replayed.parts() == builder.parts() == persisted[:-1]
+
+
+def test_a_result_part_end_names_the_approvals_state_by_and_reason() -> None:
+    log, _ = published_steps([("", [(1, "{}")])], "")
+    (end,) = [e for e in log if b'"approval"' in e]
+    assert msgspec.json.decode(end)["approval"] == {
+        "state": "denied",
+        "by": "alice",
+        "reason": "not that file",
+    }

@@ -80,6 +80,16 @@ async def test_without_capacity_turns_wait_and_are_told_their_places(
     assert await told(events, b_job) == [1]  # entered behind a's first, ahead of its others
 
 
+async def test_a_redis_that_forgot_its_scripts_still_tells_waiting_turns_their_places(
+    turns: Turns, events: EventLog
+) -> None:
+    a, _ = users()
+    first = await say(turns, events, a)
+    await turns.redis.script_flush()  # as after a restart of Redis
+    second = await say(turns, events, a)
+    assert [await told(events, job) for job in (first, second)] == [[0], [1]]
+
+
 async def test_slots_go_round_robin_and_a_user_never_runs_more_than_the_cap(
     turns: Turns, events: EventLog
 ) -> None:

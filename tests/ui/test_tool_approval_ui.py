@@ -74,11 +74,13 @@ async def test_approve_in_one_page_and_both_show_it_and_the_answer(
     await first.page.screenshot(path=artifacts / "tool-approval-approved.png")
     reply = await settled_reply(tool_server, user, conversation)
     result = next(p for p in reply["parts"] if p["kind"] == "tool_result")
+    assert result["approval"] == {"state": "approved", "by": user}
 
     await first.page.reload()  # from the history alone: the card, its result folded
     await first.signed_in()
     done = first.page.locator(f"{CARD}[data-state=ok]")
     await done.wait_for(timeout=5000)
+    assert await done.locator(".tool-decision").inner_text() == f"approved by {user}"
     folded = done.locator("details.tool-result")
     assert await folded.get_attribute("open") is None
     await folded.locator("summary").click()
@@ -108,5 +110,10 @@ async def test_deny_in_one_page_and_both_show_the_call_denied_and_not_run(
         shown = await tab.page.locator(".msg-assistant .msg-content").inner_text()
         assert "The user denied this call" in shown  # the model read the denial
     assert len(receiver.of(PATH)) == calls  # the tool never ran
+    await second.page.reload()  # the history alone still says who denied it
+    await second.signed_in()
+    denied = second.page.locator(f"{CARD}[data-state=denied]")
+    await denied.wait_for(timeout=5000)
+    assert await denied.locator(".tool-status").inner_text() == f"denied by {user}"
     first.check()
     second.check()

@@ -173,15 +173,15 @@ class TabClient:
             client.ws.transport.abort()
 
     async def say(self, text: str, timeout: float = 15) -> f.Ack:
-        """`say` on the current socket, retrying while the service is unavailable or busy."""
+        """`say` on the current socket, retrying while the service is unavailable or busy;
+        every try carries the same `id`, so a turn whose ack was lost is not taken twice."""
         deadline = time.monotonic() + timeout
+        turn = f.Say(conversation=self.conversation, text=text, id=uuid.uuid4())
         while True:
             try:
                 if self.client is None or not self.connected():
                     raise ConnectionError("no socket")
-                ack: f.Ack = await self.client.request(
-                    f.Say(conversation=self.conversation, text=text), timeout=5
-                )
+                ack: f.Ack = await self.client.request(turn, timeout=5)
                 return ack
             except RETRYABLE as exc:
                 if time.monotonic() > deadline:

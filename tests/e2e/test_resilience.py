@@ -536,7 +536,7 @@ async def test_redis_unreachable_for_10s_everything_recovers(
             await stop_all(procs)
 
 
-@pytest.mark.soak  # intermittent since the acknowledged-seq floor: 1 of the last 2 CI runs
+@pytest.mark.soak  # intermittent: tabs converged in 1 of the last 2 clean-clone CI runs
 async def test_redis_restarted_empty_everything_recovers(
     cluster: Cluster, db: asyncpg.Pool, tmp_path: Path
 ) -> None:

@@ -7,9 +7,9 @@ Starts its own Redis and PostgreSQL and, each its own process, the simulated mod
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
 (`--tabs` per conversation, one turn after another for `--duration` seconds) and reads,
 around the run, the worker's and the model's CPU time (/proc) and Redis's (`INFO cpu`) and
-its EVALSHA count. Prints µs per token for each, the tokens per append, what the tabs
-received (turns finished, events lost, time to first token and Parley's share of it,
-`added`), and the load generator's summary. A benchmark: it never fails on a number; the
+its EVALSHA count. Prints µs per token for each, the tokens per event and per script call,
+what the tabs received (turns finished, events lost, time to first token and Parley's share
+of it, `added`), and the load generator's summary. A benchmark: it never fails on a number; the
 machine may be shared, so per-token costs are what to compare.
 With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
 report says where its time goes, but its CPU figures then include the profiler's own cost.
@@ -180,6 +180,8 @@ def main() -> None:
         if tokens
         else None,
         "tokens_per_script_call": round(tokens / appends, 2) if appends else None,
+        # each token event reaches every tab once: the events appended, however many per call
+        "tokens_per_event": round(tokens * args.tabs / frames, 2) if frames else None,
     } | _received(load)
     print(json.dumps(result, indent=1))
     if profile and profile.exists():

@@ -16,15 +16,17 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
-from server.redis.client import UNREACHABLE
+from server.redis.client import UNREACHABLE, is_cluster
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -37,7 +39,13 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_seq_floor"])
+APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_seq_floor", "lib_append_piece"])
+APPEND_PIECES: Final = scripts.load(
+    "append_pieces", functions=["lib_seq_floor", "lib_append_piece"]
+)
+PIECES_PER_CALL: Final = 200
+"""At most this many pieces in one `append_pieces` call (Lua's `unpack` of its KEYS and
+ARGV has a limit of a few thousand values)."""
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
@@ -229,22 +237,19 @@ class EventLog:
         BEHIND when the seq counter is below `floor()` (the highest seq Redis acknowledged
         to the generation). The call is made when its batch is taken (see `Pipeliner.call`):
         an `event` given as a function is encoded then, and `floor()` counts every batch
-        acknowledged before it."""
+        acknowledged before it. The pieces of a batch go to Redis in one `append_pieces`
+        call (one per slot in a cluster), each appended as `append_piece` appends it."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
-
-        def bind() -> scripts.Call:
-            return self._append_piece.bind(
-                **event_keys(c),
-                gen_key=keys.generation(c),
-                frame=event() if callable(event) else event,
-                maxlen=self.max_events,
-                ttl=self.ttl,
-                message_id=str(message_id),
-                piece=index,
-                floor=floor(),
-            )
-
-        return pipeliner.call(bind)
+        piece = Piece(
+            (keys.seq(c), keys.log(c), keys.channel(c), keys.persisted(c), keys.generation(c)),
+            event,
+            str(message_id),
+            index,
+            floor,
+            self.max_events,
+            self.ttl,
+        )
+        return pipeliner.piece(piece)
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -262,6 +267,47 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One event of a generation waiting for its batch (`EventLog.append_piece`)."""
+
+    keys: tuple[str, str, str, str, str]
+    """seq, log, channel, persisted and generation keys of the conversation"""
+    event: bytes | Callable[[], bytes]
+    message_id: str
+    index: int
+    floor: Callable[[], int]
+    maxlen: int
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """One script call of a batch and the futures of what it carries: a single call's, or,
+    for `append_pieces`, one per piece (its result is then a list, one result each)."""
+
+    call: scripts.Call
+    futures: list[asyncio.Future[Any]]
+    pieces: bool = False
+
+    def settle(self, result: Any) -> None:
+        if self.pieces and not isinstance(result, BaseException):
+            for future, each in zip(self.futures, result, strict=True):
+                _settle(future, each)
+        else:
+            for future in self.futures:
+                _settle(future, result)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 class Pipeliner:
     """Sends script calls to Redis in pipelines: while one batch is in flight the next one
     gathers, so a worker streaming many replies pays one round trip per batch, not per token,
@@ -269,7 +315,9 @@ class Pipeliner:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queue: list[tuple[scripts.Call | Callable[[], scripts.Call], asyncio.Future[Any]]]
+        self._append_pieces = APPEND_PIECES.register(redis)
+        self._cluster = is_cluster(redis)
+        self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
         self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -288,8 +336,17 @@ class Pipeliner:
     def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
         """Queue a call; one given as a function is made when its batch is taken, so what
         it sends may still grow while earlier batches are in flight."""
+        return self._queued(call)
+
+    def piece(self, piece: Piece) -> asyncio.Future[Any]:
+        """Queue a generation's event: the pieces queued together are sent together."""
+        return self._queued(piece)
+
+    def _queued(
+        self, item: Piece | scripts.Call | Callable[[], scripts.Call]
+    ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
+        self._queue.append((item, future))
         self._wake.set()
         return future
 
@@ -298,21 +355,63 @@ class Pipeliner:
             await self._wake.wait()
             self._wake.clear()
             queued, self._queue = self._queue, []
-            batch = [(c if isinstance(c, scripts.Call) else c(), f) for c, f in queued]
+            batch = list(self._calls(queued))
             if batch:
                 await self._send(batch)
                 # let the futures' callbacks run before the next batch's calls are made,
                 # so that what they record (a generation's acknowledged seq) is counted there
                 await asyncio.sleep(0)
 
-    async def _send(self, batch: list[tuple[scripts.Call, asyncio.Future[Any]]]) -> None:
+    def _calls(self, queued: list[tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+        """The batch's script calls, in the order queued: each run of pieces between two
+        other calls becomes `append_pieces` calls (so a conversation's pieces never pass its
+        other calls, nor they its pieces)."""
+        run: list[tuple[Piece, asyncio.Future[Any]]] = []
+        for item, future in queued:
+            if isinstance(item, Piece):
+                run.append((item, future))
+                continue
+            yield from self._pieces_calls(run)
+            run = []
+            yield _Sent(item if isinstance(item, scripts.Call) else item(), [future])
+        yield from self._pieces_calls(run)
+
+    def _pieces_calls(self, run: list[tuple[Piece, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+        """Consecutive pieces as `append_pieces` calls: one per group of pieces that may
+        share a call (on one Redis all of them; in a cluster those of one slot, since a
+        script touches only keys of one slot), at most PIECES_PER_CALL each. A
+        conversation's pieces stay in one group, in order."""
+        groups: dict[tuple[int, int, int], list[tuple[Piece, asyncio.Future[Any]]]] = {}
+        for piece, future in run:
+            slot = key_slot(piece.keys[0].encode()) if self._cluster else 0
+            groups.setdefault((slot, piece.maxlen, piece.ttl), []).append((piece, future))
+        for (_, maxlen, ttl), group in groups.items():
+            for start in range(0, len(group), PIECES_PER_CALL):
+                chunk = group[start : start + PIECES_PER_CALL]
+                yield self._pieces_call(chunk, maxlen, ttl)
+
+    def _pieces_call(
+        self, chunk: list[tuple[Piece, asyncio.Future[Any]]], maxlen: int, ttl: int
+    ) -> _Sent:
+        piece_keys: list[str] = []
+        piece_args: list[Any] = []
+        for piece, _ in chunk:
+            event = piece.event() if callable(piece.event) else piece.event
+            piece_keys.extend(piece.keys)
+            piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
+        call = self._append_pieces.bind(
+            maxlen=maxlen, ttl=ttl, piece_keys=piece_keys, piece_args=piece_args
+        )
+        return _Sent(call, [future for _, future in chunk], pieces=True)
+
+    async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker
         sends is idempotent), until RETRY_FOR seconds have passed."""
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:
             try:
-                results = await scripts.pipelined(self.redis, [call for call, _ in batch])
+                results = await scripts.pipelined(self.redis, [sent.call for sent in batch])
                 break
             except UNREACHABLE as exc:
                 if asyncio.get_running_loop().time() > deadline:
@@ -326,10 +425,5 @@ class Pipeliner:
                 log.exception("a batch of %d calls failed", len(batch))
                 results = [exc] * len(batch)
                 break
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for sent, result in zip(batch, results, strict=True):
+            sent.settle(result)

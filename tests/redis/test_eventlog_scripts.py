@@ -11,7 +11,16 @@ from redis.asyncio import Redis
 
 from protocol.frames import Message, utcnow
 from server.redis import generations, keys
-from server.redis.eventlog import BEHIND, LOST, UNLOADED, EventLog, Pipeliner
+from server.redis.eventlog import (
+    APPEND,
+    APPEND_PIECES,
+    BEHIND,
+    LOST,
+    UNLOADED,
+    EventLog,
+    Pipeliner,
+    event_keys,
+)
 from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
 
 
@@ -112,6 +121,14 @@ async def claim_generation(redis: Redis, conversation: uuid.UUID, message_id: uu
     pipe = redis.pipeline(transaction=False)
     generations.claim(pipe, conversation, message_id, "worker-a", lease=60)
     await pipe.execute()
+
+
+async def generating(events: EventLog, redis: Redis) -> tuple[uuid.UUID, uuid.UUID]:
+    """A loaded conversation and the id of the generation running in it."""
+    conversation = await loaded(events)
+    message_id = uuid.uuid4()
+    await claim_generation(redis, conversation, message_id)
+    return conversation, message_id
 
 
 async def append_pieces(
@@ -278,3 +295,85 @@ async def test_a_generations_context_is_the_recent_messages_and_the_meta_or_noth
     assert history == [said] == await events.recent(meta.id)
     assert cached is not None and cached == await events.meta(meta.id)
     assert cached.owner == "alice" and cached.meta.id == meta.id
+
+
+async def script_calls(redis: Redis) -> int:
+    """How many script calls (EVALSHA, EVAL) Redis has run."""
+    stats = await redis.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+async def test_the_pieces_of_many_conversations_queued_together_are_one_script_call(
+    events: EventLog, redis: Redis
+) -> None:
+    """Each piece gets what it would get alone (its conversation's next seq, a repeat's 0,
+    LOST, UNLOADED), its event is logged and published, and the batch is one call."""
+    first, second, lost = [await loaded(events, last_seq=n) for n in (10, 20, 30)]
+    generation = {c: uuid.uuid4() for c in (first, second, lost)}
+    for c in (first, second, lost):
+        await claim_generation(redis, c, generation[c])
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.channel(second))
+    try:
+        await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+        await events.append_piece(pipeliner, first, frame("0"), generation[first], 1)
+        before = await script_calls(redis)
+        queued = [
+            events.append_piece(pipeliner, first, frame("a"), generation[first], 1),  # repeat
+            events.append_piece(pipeliner, second, frame("b"), generation[second], 1),
+            events.append_piece(pipeliner, first, frame("c"), generation[first], 2),
+            events.append_piece(pipeliner, lost, frame("d"), uuid.uuid4(), 1),
+            events.append_piece(pipeliner, uuid.uuid4(), frame("e"), uuid.uuid4(), 1),
+            events.append_piece(pipeliner, second, frame("f"), generation[second], 2),
+        ]
+        assert await asyncio.gather(*queued) == [0, 21, 12, LOST, UNLOADED, 22]
+        assert await script_calls(redis) - before == 1
+        published = [
+            await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0) for _ in range(2)
+        ]
+        assert [m and m["data"] for m in published] == [
+            b'{"seq":21,"type":"token","text":"b"}',
+            b'{"seq":22,"type":"token","text":"f"}',
+        ]
+    finally:
+        await pubsub.aclose()
+        await pipeliner.stop()
+    assert (await events.read(first, after=10))[1] == [
+        (11, b'{"seq":11,"type":"token","text":"0"}'),
+        (12, b'{"seq":12,"type":"token","text":"c"}'),
+    ]
+    assert await log_seqs(redis, second) == [21, 22]
+    assert await log_seqs(redis, lost) == []
+    assert await generations.last_piece(redis, second) == 2
+
+
+async def test_a_call_queued_between_pieces_keeps_its_place_among_them(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation, message_id = await generating(events, redis)
+    append = APPEND.register(redis).bind(
+        **event_keys(conversation), frame=frame("between"), maxlen=MAX_EVENTS, ttl=60
+    )
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    await redis.script_load(APPEND.source)  # known to Redis, as after a first use
+    await redis.script_load(APPEND_PIECES.source)
+    try:
+        queued = [
+            events.append_piece(pipeliner, conversation, frame("1"), message_id, 1),
+            pipeliner.call(append),
+            events.append_piece(pipeliner, conversation, frame("2"), message_id, 2),
+        ]
+        assert await asyncio.gather(*queued) == [1, 2, 3]
+    finally:
+        await pipeliner.stop()
+    logged = (await events.read(conversation, after=0))[1]
+    assert [event for _, event in logged] == [
+        b'{"seq":1,"type":"token","text":"1"}',
+        b'{"seq":2,"type":"token","text":"between"}',
+        b'{"seq":3,"type":"token","text":"2"}',
+    ]

@@ -12,6 +12,7 @@ from server.redis import approvals, budgets, eventlog, presence, queue, scripts,
 LOADED = [
     eventlog.APPEND,
     eventlog.APPEND_PIECE,
+    eventlog.APPEND_PIECES,
     eventlog.READ,
     eventlog.LOAD,
     eventlog.MARK_PERSISTED,
@@ -95,7 +96,7 @@ def test_library_functions_come_before_the_script() -> None:
 
 
 PUBLISHING = {
-    "append", "append_piece", "say", "finish", "say_commit", "finish_commit",
+    "append", "append_piece", "append_pieces", "say", "finish", "say_commit", "finish_commit",
     "open_approval", "settle_approval", "announce",
 }  # fmt: skip
 

@@ -21,14 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol import frames as f
 from tests.helpers import processes
 from tests.helpers.conversations import timed_turns
-from tests.helpers.processes import bench_cluster, redis_db
+from tests.helpers.processes import INSTANT_TURNS, bench_cluster, redis_db
 
-COMMON = {
-    "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
-    "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "0",
-    "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
-    "PARLEY_SERVER_LOG_LEVEL": "warning",
-}
 BUDGET = {"PARLEY_BUDGETS_DEFAULT_TOKENS": str(10**12)}
 
 
@@ -52,7 +46,7 @@ def main() -> None:
         for db, (name, root, env) in enumerate(runs, start=1):
             processes.ROOT = root  # the tree `parley serve` runs from
             url = redis_db(cluster.services.redis_url, db)
-            server = cluster.process("serve", REDIS_URL=url, **COMMON, **env)
+            server = cluster.process("serve", REDIS_URL=url, **INSTANT_TURNS, **env)
             processes.ROOT = here
             asyncio.run(timed_turns(server.ws_url, 20, f.Ack))  # warm up
             report(name, asyncio.run(timed_turns(server.ws_url, args.turns, f.Ack)))

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,24 @@ def token_call(registered: Registered, conversation: uuid.UUID, piece: int) -> C
     )
 
 
+async def opened(redis: Any, conversations: Sequence[uuid.UUID], sharded: bool) -> Registered:
+    """`append_piece` (with SPUBLISH if `sharded`) registered with `redis` and loaded into
+    it, and each conversation loaded with generation "m" open, no piece yet: what
+    `token_call`s need (a bare EVALSHA in a pipeline does not load its script)."""
+    script = APPEND_PIECE.sharded() if sharded else APPEND_PIECE
+    await redis.script_load(script.source)
+    async with redis.pipeline(transaction=False) as pipe:
+        for c in conversations:
+            pipe.set(keys.seq(c), 0)
+            pipe.hset(keys.generation(c), mapping={"message_id": "m", "piece": -1})
+        await pipe.execute()
+    return script.register(redis)
+
+
 async def _drive(settings: RedisSettings, seconds: float, conversations: int, sharded: bool) -> int:
     redis = client.connect(settings)
-    script = APPEND_PIECE.sharded() if sharded else APPEND_PIECE
-    registered = script.register(redis)
     ids = [uuid.uuid4() for _ in range(conversations)]
-    pipe = redis.pipeline(transaction=False)
-    for c in ids:
-        pipe.set(keys.seq(c), 0)
-        pipe.hset(keys.generation(c), mapping={"message_id": "m", "piece": -1})
-    await pipe.execute()
+    registered = await opened(redis, ids, sharded)
     pipeliner = Pipeliner(redis)
     pipeliner.start()
     done = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint
-from tests.helpers.processes import bench_cluster
+from tests.helpers.processes import INSTANT_TURNS, bench_cluster
 from tests.helpers.procfs import rss_kib
 
 
@@ -94,12 +94,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         server = cluster.process(
-            "serve",
-            PARLEY_SIMULATOR_FIRST_TOKEN_DELAY="0",
-            PARLEY_SIMULATOR_TOKENS_PER_SECOND="0",
-            PARLEY_LIMITS_TURNS_PER_MINUTE="100000",
-            PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000",
-            PARLEY_SERVER_LOG_LEVEL="warning",
+            "serve", **INSTANT_TURNS, PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER="100000"
         )
         asyncio.run(measure(server.ws_url, server.pid, args.turns, args.sockets))
 

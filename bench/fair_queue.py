@@ -22,15 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import bench_cluster, redis_db
+from tests.helpers.processes import INSTANT_TURNS, bench_cluster, redis_db
 
 USERS, CONVERSATIONS = 4, 8
-COMMON = {
-    "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
-    "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "0",
-    "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
-    "PARLEY_SERVER_LOG_LEVEL": "warning",
-}
 RUNS = {
     "fair queue off": {"PARLEY_LIMITS_FAIR_QUEUE": "false"},
     "fair queue on, no cap": {"PARLEY_LIMITS_GENERATIONS_PER_USER": "0"},
@@ -75,7 +69,7 @@ def main() -> None:
         for db, (name, env) in enumerate(RUNS.items(), start=1):
             url = redis_db(cluster.services.redis_url, db)
             slots = {"PARLEY_WORKER_CONCURRENCY": str(args.slots)}
-            server = cluster.process("serve", REDIS_URL=url, **COMMON, **slots, **env)
+            server = cluster.process("serve", REDIS_URL=url, **INSTANT_TURNS, **slots, **env)
             asyncio.run(throughput(server.ws_url, 64))  # warm up
             rate = asyncio.run(throughput(server.ws_url, args.turns))
             print(f"{name:24} {rate:7.1f} turns/s", flush=True)

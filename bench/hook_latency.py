@@ -26,7 +26,7 @@ from server.app.config import HooksSettings
 from server.app.hooks import Hooks
 from server.dev import embedded
 from tests.helpers.conversations import timed_turns
-from tests.helpers.processes import Cluster, redis_db, start_services
+from tests.helpers.processes import INSTANT_TURNS, bench_cluster, redis_db
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -76,32 +76,21 @@ def main() -> None:
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{receiver.server_address[1]}/turn"
     report("one signed hook call", asyncio.run(round_trips(hook, 500)))
-    with tempfile.TemporaryDirectory() as tmp:
-        services = start_services(Path(tmp))
-        cluster = Cluster(services, Path(tmp))
-        common = {
-            "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
-            "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "0",
-            "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
-            "PARLEY_SERVER_LOG_LEVEL": "warning",
-        }
-        try:
+    try:
+        with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
             for name, db, hooks in (
                 ("without hooks", 1, {}),
                 ("with a turn hook", 2, {"PARLEY_HOOKS_TURN_URL": hook}),
                 ("with a signed turn hook", 3, {"PARLEY_HOOKS_TURN_URL": hook,
                                                 "PARLEY_HOOKS_SECRET": SECRET}),
             ):  # fmt: skip
-                server = cluster.process(
-                    "serve", REDIS_URL=redis_db(services.redis_url, db), **common, **hooks
-                )
+                redis_url = redis_db(cluster.services.redis_url, db)
+                server = cluster.process("serve", REDIS_URL=redis_url, **INSTANT_TURNS, **hooks)
                 asyncio.run(timed_turns(server.ws_url, 10, f.Token))  # warm up
                 report(name, asyncio.run(timed_turns(server.ws_url, args.turns, f.Token)))
                 server.stop()
-        finally:
-            cluster.stop_all()
-            services.stop()
-            receiver.shutdown()
+    finally:
+        receiver.shutdown()
 
 
 if __name__ == "__main__":

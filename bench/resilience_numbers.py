@@ -37,12 +37,12 @@ from tests.helpers.conversations import gaps, index_of, p99, start_conversation,
 from tests.helpers.faults import Proxy
 from tests.helpers.processes import (
     Cluster,
+    bench_cluster,
     model_stats,
     redis_db,
     scaled_cluster,
     small_outbox_server,
     start_all,
-    start_services,
     stop_all,
     worker_of,
 )
@@ -226,14 +226,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(MEASUREMENTS), help="run only these")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="parley-resilience-") as tmp:
-        services = start_services(Path(tmp))
-        cluster = Cluster(services, Path(tmp))
-        try:
-            asyncio.run(measure(cluster, args.only or list(MEASUREMENTS)))
-        finally:
-            cluster.stop_all()
-            services.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="parley-resilience-") as tmp,
+        bench_cluster(Path(tmp)) as cluster,
+    ):
+        asyncio.run(measure(cluster, args.only or list(MEASUREMENTS)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import httpx
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import p99
-from tests.helpers.processes import Cluster, start_all, start_services
+from tests.helpers.processes import Cluster, bench_cluster, start_all
 
 KEY = "bench-server-key-0123456789"
 CLOSE_TIMEOUT = 5.0
@@ -81,14 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="parley-revocation-") as tmp:
-        services = start_services(Path(tmp))
-        cluster = Cluster(services, Path(tmp))
-        try:
-            asyncio.run(measure(cluster, args.rounds))
-        finally:
-            cluster.stop_all()
-            services.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="parley-revocation-") as tmp,
+        bench_cluster(Path(tmp)) as cluster,
+    ):
+        asyncio.run(measure(cluster, args.rounds))
 
 
 if __name__ == "__main__":

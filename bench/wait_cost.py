@@ -21,9 +21,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.cluster_appends import token_call
+from bench.cluster_appends import opened, token_call
 from server.redis import keys
-from server.redis.eventlog import APPEND_PIECE
 from tests.helpers import redis_cluster
 
 
@@ -37,9 +36,7 @@ async def batches(
                 break
         else:
             raise RuntimeError("the owner's replica did not sync")
-        script = APPEND_PIECE.sharded().register(redis)
-        await redis.set(keys.seq(conversation), 0, ex=600)
-        await redis.hset(keys.generation(conversation), mapping={"message_id": "m", "piece": -1})
+        script = await opened(redis, [conversation], sharded=True)
         piece, times = 0, []
         for _ in range(opts.batches):
             pipe = redis.pipeline(transaction=False)

@@ -226,20 +226,34 @@ class Turns:
         turn_limit: int,
         budgeting: Budgeting,
     ) -> Accepted:
+        inputs = self._say_inputs(message_event, message, job)
         if self.in_steps:
-            return await self._accept_in_steps(message_event, message, job, turn_limit, budgeting)
+            return await self._in_steps(
+                await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id)),
+                lambda fate_key: self._say_commit(**inputs, fate_key=fate_key),
+                lambda reserved, accepted: msgspec.structs.replace(reserved, user_seq=accepted.seq),
+            )
         result = await self._say(
-            **self._say_inputs(message_event, message, job),
+            **inputs,
             **self._one_step_inputs(job, turn_limit, budgeting),
             **self._queue_inputs(job),
         )
         return await self._queued(result)
 
     async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
+        inputs = self._mark_inputs(job)
         if self.in_steps:
-            return await self._regenerate_in_steps(job, turn_limit, budgeting)
+            return await self._in_steps(
+                await self._reserve(job, turn_limit, budgeting, b"", ""),
+                lambda fate_key: self._regenerate_commit(
+                    **inputs, fate_key=fate_key, fate_ttl=self.ttl
+                ),
+                lambda reserved, accepted: msgspec.structs.replace(
+                    reserved, replaces=accepted.replaces
+                ),
+            )
         result = await self._regenerate(
-            **self._mark_inputs(job),
+            **inputs,
             **self._one_step_inputs(job, turn_limit, budgeting),
             **self._queue_inputs(job),
         )
@@ -402,43 +416,21 @@ class Turns:
                 lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": int(seq)})
             )
 
-    async def _accept_in_steps(
+    async def _in_steps(
         self,
-        message_event: bytes,
-        message: Message,
-        job: Job,
-        turn_limit: int,
-        budgeting: Budgeting,
+        reserved: Job | Accepted,
+        commit: Callable[[str], Awaitable[list[bytes | int]]],
+        queued: Callable[[Job, Accepted], Job],
     ) -> Accepted:
-        reserved = await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id))
+        """A say or regenerate in a cluster after `_reserve`: its refusal as it is, or the
+        conversation's step (`commit`, given the turn's fate key), then the job that step
+        accepted (`queued`: the reserved job with what the step answered) queued, or the
+        reservation given back if it refused."""
         if isinstance(reserved, Accepted):
             return reserved
-        fate_key = keys.turn_fate(job.conversation, job.message_id)
-        accepted = _accepted(
-            await self._say_commit(
-                **self._say_inputs(message_event, message, job), fate_key=fate_key
-            )
-        )
-        await self._commit_or_release(
-            accepted, msgspec.structs.replace(reserved, user_seq=accepted.seq)
-        )
-        return accepted
-
-    async def _regenerate_in_steps(
-        self, job: Job, turn_limit: int, budgeting: Budgeting
-    ) -> Accepted:
-        reserved = await self._reserve(job, turn_limit, budgeting, b"", "")
-        if isinstance(reserved, Accepted):
-            return reserved
-        fate_key = keys.turn_fate(job.conversation, job.message_id)
-        accepted = _accepted(
-            await self._regenerate_commit(
-                **self._mark_inputs(job), fate_key=fate_key, fate_ttl=self.ttl
-            )
-        )
-        await self._commit_or_release(
-            accepted, msgspec.structs.replace(reserved, replaces=accepted.replaces)
-        )
+        fate_key = keys.turn_fate(reserved.conversation, reserved.message_id)
+        accepted = _accepted(await commit(fate_key))
+        await self._commit_or_release(accepted, queued(reserved, accepted))
         return accepted
 
     async def _reserve(

@@ -44,6 +44,15 @@ FAST_MODEL = {
     "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "400",
 }
 
+INSTANT_TURNS = {
+    "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
+    "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "0",
+    "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
+    "PARLEY_SERVER_LOG_LEVEL": "warning",
+}
+"""For a benchmark that times turns: the simulated model answers at once, the turn rate never
+refuses, and the log says only what went wrong."""
+
 
 # Each group of processes that runs workers gets its own Redis database so that no worker of
 # another group (all share one Redis) claims its turns: streams and keys are per database, and

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from server.redis.eventlog import EventLog
+from server.redis.eventlog import EventLog, Pipeliner
 from tests.helpers.processes import Db, Services
 from tests.helpers.scripts import MAX_EVENTS, TTL
 
@@ -38,3 +38,12 @@ async def second_redis(services: Services) -> AsyncIterator[Redis]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def events(redis: Redis) -> EventLog:
     return EventLog(redis, MAX_EVENTS, TTL)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pipeliner(redis: Redis) -> AsyncIterator[Pipeliner]:
+    """The worker's pipeliner on the scripts' database, started, and stopped after the test."""
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    yield pipeliner
+    await pipeliner.stop()

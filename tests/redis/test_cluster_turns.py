@@ -66,6 +66,12 @@ async def turns(cluster_redis: Any) -> Turns:
     return Turns(cluster_redis, MAX_EVENTS, TTL, lease=10.0, shards=SHARDS)
 
 
+@pytest.fixture
+def redis(cluster_redis: Any) -> Any:
+    """The cluster, for the fixtures of tests/redis/conftest.py that take `redis` (`pipeliner`)."""
+    return cluster_redis
+
+
 async def say(
     turns: Turns,
     conversation: uuid.UUID,
@@ -110,17 +116,12 @@ async def free(redis: Any, conversation: uuid.UUID) -> None:
     await pipe.execute()
 
 
-async def finish_turn(redis: Any, turns: Turns, job: Job, spent: int) -> int:
+async def finish_turn(pipeliner: Pipeliner, turns: Turns, job: Job, spent: int) -> int:
     """`finish` the turn with a reply, `spent` tokens counted; the seq of its `done`."""
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
-    try:
-        reply = message("assistant", job.message_id)
-        c = job.conversation
-        done = f.encode(f.Done(conversation=c, message_id=job.message_id, reason="stop"))
-        return await turns.finish(pipeliner, job, done, reply, b"turn", spent)
-    finally:
-        await pipeliner.stop()
+    reply = message("assistant", job.message_id)
+    c = job.conversation
+    done = f.encode(f.Done(conversation=c, message_id=job.message_id, reason="stop"))
+    return await turns.finish(pipeliner, job, done, reply, b"turn", spent)
 
 
 async def test_say_appends_marks_busy_and_queues_on_the_conversations_shard(
@@ -164,20 +165,12 @@ async def test_a_busy_conversation_refuses_before_the_rate_counts(
 
 
 async def test_finish_appends_done_once_and_queues_the_turn_on_the_persist_shard(
-    events: EventLog, turns: Turns, cluster_redis: Any
+    events: EventLog, turns: Turns, cluster_redis: Any, pipeliner: Pipeliner
 ) -> None:
     conversation = await loaded(events)
     _, job = await say(turns, conversation, "u4", message())
-    reply = message("assistant", job.message_id)
-    pipeliner = Pipeliner(cluster_redis)
-    pipeliner.start()
-    try:
-        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-        turn = str(reply.id).encode()
-        assert await turns.finish(pipeliner, job, done, reply, turn, 0) == 2
-        assert await turns.finish(pipeliner, job, done, reply, turn, 0) == 2  # a retry
-    finally:
-        await pipeliner.stop()
+    assert await finish_turn(pipeliner, turns, job, 0) == 2
+    assert await finish_turn(pipeliner, turns, job, 0) == 2  # a retry
     assert await events.head(conversation) == 2
     assert not await cluster_redis.exists(keys.generation(conversation))
     seqs = await queued(cluster_redis, turns.persist_key(conversation), b"done_seq")
@@ -187,14 +180,14 @@ async def test_finish_appends_done_once_and_queues_the_turn_on_the_persist_shard
 
 
 async def test_regenerate_in_steps_replaces_the_last_reply(
-    events: EventLog, turns: Turns, cluster_redis: Any
+    events: EventLog, turns: Turns, cluster_redis: Any, pipeliner: Pipeliner
 ) -> None:
     conversation = await loaded(events)
     _, job = await say(turns, conversation, "u5", message())
     again = Job(conversation=conversation, user="u5", message_id=uuid.uuid4(), model="m")
     await free(cluster_redis, conversation)
     assert (await turns.regenerate(again, 100, UNLIMITED)).admission is Admission.NOTHING
-    await finish_turn(cluster_redis, turns, job, 0)
+    await finish_turn(pipeliner, turns, job, 0)
     accepted = await turns.regenerate(again, 100, UNLIMITED)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     jobs = [
@@ -238,7 +231,7 @@ async def queued_job(redis: Any, turns: Turns, job: Job) -> Job:
 
 
 async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finish(
-    events: EventLog, turns: Turns, cluster_redis: Any, user: BudgetedUser
+    events: EventLog, turns: Turns, cluster_redis: Any, user: BudgetedUser, pipeliner: Pipeliner
 ) -> None:
     conversation = await loaded(events, owner=user.name)
     budgeting = user.budgeting
@@ -249,16 +242,9 @@ async def test_the_budget_is_reserved_before_the_model_and_settled_once_at_finis
     assert accepted.admission is Admission.OK
     reserved = (await queued_job(cluster_redis, turns, job)).budget_reserved
     assert 100 < reserved < 200 and await user.used() == reserved
-    pipeliner = Pipeliner(cluster_redis)
-    pipeliner.start()
-    try:
-        queued_as = await queued_job(cluster_redis, turns, job)
-        reply = message("assistant", job.message_id)
-        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-        for _ in range(2):  # a retried finish settles nothing more
-            assert await turns.finish(pipeliner, queued_as, done, reply, b"turn", 42) == 2
-    finally:
-        await pipeliner.stop()
+    queued_as = await queued_job(cluster_redis, turns, job)
+    for _ in range(2):  # a retried finish settles nothing more
+        assert await finish_turn(pipeliner, turns, queued_as, 42) == 2
     assert await user.used() == 42
 
 
@@ -268,6 +254,7 @@ async def test_a_settlement_waits_out_a_slot_migration_it_finds_half_done(
     cluster_redis: Any,
     cluster_nodes: SixNodes,
     user: BudgetedUser,
+    pipeliner: Pipeliner,
 ) -> None:
     """The user's budget has moved to the slot's new node and its settlement marker cannot
     be made beside it until the migration ends: Redis answers TRYAGAIN until redis-py gives
@@ -282,20 +269,13 @@ async def test_a_settlement_waits_out_a_slot_migration_it_finds_half_done(
     target = next(n for n in cluster_nodes.primaries() if n is not source)
     slot = cluster_nodes.begin_move(budget, target)
     cluster_nodes.migrate(budget, source, target)
-    pipeliner = Pipeliner(cluster_redis)
-    pipeliner.start()
     try:
-        reply = message("assistant", job.message_id)
-        done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-        finishing = asyncio.create_task(
-            turns.finish(pipeliner, queued_as, done, reply, b"turn", 42)
-        )
+        finishing = asyncio.create_task(finish_turn(pipeliner, turns, queued_as, 42))
         await asyncio.sleep(MIGRATION_SECONDS)
         assert not finishing.done()
         await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)
         assert await asyncio.wait_for(finishing, 15) == 2
     finally:
-        await pipeliner.stop()
         await asyncio.to_thread(cluster_nodes.end_move, slot, target, source)  # (again)
     assert await user.used() == 42
 
@@ -353,7 +333,11 @@ async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_
 
 @pytest.mark.parametrize("limit", [250])
 async def test_a_committed_turns_reservation_outlives_its_hold_until_it_is_settled(
-    events: EventLog, holding_briefly: Turns, cluster_redis: Any, user: BudgetedUser
+    events: EventLog,
+    holding_briefly: Turns,
+    cluster_redis: Any,
+    user: BudgetedUser,
+    pipeliner: Pipeliner,
 ) -> None:
     """Past its hold, a reservation whose turn committed (it runs, or waits for a worker) is
     kept: giving it back would let the user start turns past the limit."""
@@ -368,7 +352,7 @@ async def test_a_committed_turns_reservation_outlives_its_hold_until_it_is_settl
         refused, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
         assert refused.admission is Admission.OVER_BUDGET
         assert await user.used() == running.budget_reserved
-    await finish_turn(cluster_redis, turns, running, 42)
+    await finish_turn(pipeliner, turns, running, 42)
     assert await user.used() == 42
     accepted, _ = await say_budgeted(turns, other, user.name, message(), 100, user.budgeting)
     assert accepted.admission is Admission.OK

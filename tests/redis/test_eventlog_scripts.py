@@ -146,53 +146,36 @@ async def append_pieces(
 
 
 async def test_a_retried_batch_of_pieces_appends_nothing_twice(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
-    conversation = await loaded(events)
-    message_id = uuid.uuid4()
-    await claim_generation(redis, conversation, message_id)
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
-    try:
-        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
-        assert await pieces(1, 2) == [1, 2]
-        assert await pieces(1, 2) == [0, 0]  # the same batch again
-        assert await pieces(2, 3) == [0, 3]
-    finally:
-        await pipeliner.stop()
+    conversation, message_id = await generating(events, redis)
+    pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
+    assert await pieces(1, 2) == [1, 2]
+    assert await pieces(1, 2) == [0, 0]  # the same batch again
+    assert await pieces(2, 3) == [0, 3]
     assert await log_seqs(redis, conversation) == [1, 2, 3]
     assert await generations.last_piece(redis, conversation) == 3
 
 
 async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
-    conversation = await loaded(events)
-    await claim_generation(redis, conversation, uuid.uuid4())
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
-    try:
-        other = uuid.uuid4()
-        assert await events.append_piece(pipeliner, conversation, frame("x"), other, 1) == LOST
-        unloaded = uuid.uuid4()
-        piece = events.append_piece(pipeliner, unloaded, frame("x"), other, 1)
-        assert await piece == UNLOADED
-    finally:
-        await pipeliner.stop()
+    conversation, _ = await generating(events, redis)
+    other = uuid.uuid4()
+    assert await events.append_piece(pipeliner, conversation, frame("x"), other, 1) == LOST
+    unloaded = uuid.uuid4()
+    piece = events.append_piece(pipeliner, unloaded, frame("x"), other, 1)
+    assert await piece == UNLOADED
     assert await log_seqs(redis, conversation) == []
 
 
 async def test_a_seq_counter_gone_back_below_an_acknowledged_seq_is_never_reused(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
     """A failover to a replica that lacked the last two events (emulated: the counter set
     back, their log entries gone): the next piece, told the highest seq acknowledged, raises
     the counter past it and appends nothing; the following ones go on after it."""
-    conversation = await loaded(events)
-    message_id = uuid.uuid4()
-    await claim_generation(redis, conversation, message_id)
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
+    conversation, message_id = await generating(events, redis)
     acked = 0
 
     async def piece(index: int) -> int:
@@ -203,15 +186,12 @@ async def test_a_seq_counter_gone_back_below_an_acknowledged_seq_is_never_reused
         acked = max(acked, int(seq))
         return int(seq)
 
-    try:
-        assert [await piece(i) for i in (1, 2, 3)] == [1, 2, 3]
-        await redis.set(keys.seq(conversation), 1, keepttl=True)
-        await redis.xdel(keys.log(conversation), "2-0", "3-0")
-        assert await piece(4) == BEHIND
-        assert int(await redis.get(keys.seq(conversation))) == 3
-        assert [await piece(i) for i in (5, 6)] == [4, 5]
-    finally:
-        await pipeliner.stop()
+    assert [await piece(i) for i in (1, 2, 3)] == [1, 2, 3]
+    await redis.set(keys.seq(conversation), 1, keepttl=True)
+    await redis.xdel(keys.log(conversation), "2-0", "3-0")
+    assert await piece(4) == BEHIND
+    assert int(await redis.get(keys.seq(conversation))) == 3
+    assert [await piece(i) for i in (5, 6)] == [4, 5]
     assert await log_seqs(redis, conversation) == [1, 4, 5]
 
 
@@ -262,23 +242,16 @@ async def script_commands(redis: Redis) -> int:
 
 
 async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting_its_scripts(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
-    conversation = await loaded(events)
-    message_id = uuid.uuid4()
-    await claim_generation(redis, conversation, message_id)
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
-    try:
-        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
-        assert await pieces(1, 2) == [1, 2]
-        before = await script_commands(redis)
-        assert await pieces(3, 4) == [3, 4]
-        assert await script_commands(redis) == before  # no SCRIPT EXISTS ahead of the batch
-        await redis.script_flush()  # as after a restart of Redis
-        assert await pieces(5, 6) == [5, 6]  # loaded again, then run in order
-    finally:
-        await pipeliner.stop()
+    conversation, message_id = await generating(events, redis)
+    pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
+    assert await pieces(1, 2) == [1, 2]
+    before = await script_commands(redis)
+    assert await pieces(3, 4) == [3, 4]
+    assert await script_commands(redis) == before  # no SCRIPT EXISTS ahead of the batch
+    await redis.script_flush()  # as after a restart of Redis
+    assert await pieces(5, 6) == [5, 6]  # loaded again, then run in order
     assert await log_seqs(redis, conversation) == [1, 2, 3, 4, 5, 6]
 
 
@@ -306,7 +279,7 @@ async def script_calls(redis: Redis) -> int:
 
 
 async def test_the_pieces_of_many_conversations_queued_together_are_one_script_call(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
     """Each piece gets what it would get alone (its conversation's next seq, a repeat's 0,
     LOST, UNLOADED), its event is logged and published, and the batch is one call."""
@@ -314,8 +287,6 @@ async def test_the_pieces_of_many_conversations_queued_together_are_one_script_c
     generation = {c: uuid.uuid4() for c in (first, second, lost)}
     for c in (first, second, lost):
         await claim_generation(redis, c, generation[c])
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
     pubsub = redis.pubsub()
     await pubsub.subscribe(keys.channel(second))
     try:
@@ -341,7 +312,6 @@ async def test_the_pieces_of_many_conversations_queued_together_are_one_script_c
         ]
     finally:
         await pubsub.aclose()
-        await pipeliner.stop()
     assert (await events.read(first, after=10))[1] == [
         (11, b'{"seq":11,"type":"token","text":"0"}'),
         (12, b'{"seq":12,"type":"token","text":"c"}'),
@@ -352,25 +322,20 @@ async def test_the_pieces_of_many_conversations_queued_together_are_one_script_c
 
 
 async def test_a_call_queued_between_pieces_keeps_its_place_among_them(
-    events: EventLog, redis: Redis
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
     conversation, message_id = await generating(events, redis)
     append = APPEND.register(redis).bind(
         **event_keys(conversation), frame=frame("between"), maxlen=MAX_EVENTS, ttl=60
     )
-    pipeliner = Pipeliner(redis)
-    pipeliner.start()
     await redis.script_load(APPEND.source)  # known to Redis, as after a first use
     await redis.script_load(APPEND_PIECES.source)
-    try:
-        queued = [
-            events.append_piece(pipeliner, conversation, frame("1"), message_id, 1),
-            pipeliner.call(append),
-            events.append_piece(pipeliner, conversation, frame("2"), message_id, 2),
-        ]
-        assert await asyncio.gather(*queued) == [1, 2, 3]
-    finally:
-        await pipeliner.stop()
+    queued = [
+        events.append_piece(pipeliner, conversation, frame("1"), message_id, 1),
+        pipeliner.call(append),
+        events.append_piece(pipeliner, conversation, frame("2"), message_id, 2),
+    ]
+    assert await asyncio.gather(*queued) == [1, 2, 3]
     logged = (await events.read(conversation, after=0))[1]
     assert [event for _, event in logged] == [
         b'{"seq":1,"type":"token","text":"1"}',

@@ -1,6 +1,7 @@
--- turn_refused and mark_generating: what say and regenerate share (the loader puts this
--- file in front of them). In a Redis Cluster the same checks run as separate single-slot
--- steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so each is its own function.
+-- turn_refused, last_reply and mark_generating: what say and regenerate share (the loader
+-- puts this file in front of them). In a Redis Cluster the same checks run as separate
+-- single-slot steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so
+-- each is its own function.
 
 -- Why the conversation cannot start a turn now ({'unloaded'}, {'busy'}), or nil.
 local function turn_blocked(meta_key, gen_key)
@@ -31,6 +32,16 @@ end
 -- does (before the rate counts the turn).
 local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget)
   return turn_blocked(meta_key, gen_key) or over_budget() or rate_refused(rate_key, turn_limit)
+end
+
+-- The conversation's last message, decoded, when it is the model's (the reply a regenerate
+-- replaces), or nil: nothing to regenerate.
+local function last_reply(recent_key)
+  local last = redis.call('LINDEX', recent_key, -1)
+  if not last then return nil end
+  local message = cjson.decode(last)
+  if message.role ~= 'assistant' then return nil end
+  return message
 end
 
 -- Mark the conversation as generating (the `gen` hash, alive for `lease` seconds unless the

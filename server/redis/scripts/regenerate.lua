@@ -34,10 +34,8 @@ local fair = ARGV[11] -- '1': through the fair queue
 local user = ARGV[12]
 local per_user = ARGV[13] -- limits.generations_per_user
 
-local last = redis.call('LINDEX', recent_key, -1)
-if not last then return {'nothing'} end
-local message = cjson.decode(last)
-if message.role ~= 'assistant' then return {'nothing'} end
+local message = last_reply(recent_key)
+if not message then return {'nothing'} end
 local cost = budget_worst_case(recent_key, '', context_tokens, max_tokens)
 local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
   return budget_refused(budget_key, budget_limit, budget_oldest, cost)

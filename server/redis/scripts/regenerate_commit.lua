@@ -11,10 +11,8 @@ local reply_id = ARGV[1]
 local lease = tonumber(ARGV[2])
 local fate_ttl = tonumber(ARGV[3])
 
-local last = redis.call('LINDEX', recent_key, -1)
-if not last then return {'nothing'} end
-local message = cjson.decode(last)
-if message.role ~= 'assistant' then return {'nothing'} end
+local message = last_reply(recent_key)
+if not message then return {'nothing'} end
 local blocked = turn_blocked(meta_key, gen_key)
 if blocked then return blocked end
 if not turn_claimed(fate_key, fate_ttl) then return {'late'} end

@@ -15,10 +15,7 @@ local context_tokens = ARGV[4]
 local max_tokens = ARGV[5]
 
 if say_id ~= '' and redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
-if regenerating == '1' then
-  local last = redis.call('LINDEX', recent_key, -1)
-  if not last or cjson.decode(last).role ~= 'assistant' then return {'nothing'} end
-end
+if regenerating == '1' and not last_reply(recent_key) then return {'nothing'} end
 local blocked = turn_blocked(meta_key, gen_key)
 if blocked then return blocked end
 return {'ok', budget_worst_case(recent_key, message, context_tokens, max_tokens)}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-import pytest
 from redis.asyncio import Redis
 
 from server.redis import keys
@@ -28,7 +27,6 @@ return seq
 counter set back and those events gone from its log (atomically, between two appends)."""
 
 
-@pytest.mark.soak  # tokens stop after the kill in 2 of the last 2 clean-clone CI runs
 async def test_primary_killed_mid_stream_replica_takes_over_and_tabs_converge(
     cluster: Cluster, redis_clusters: RedisClusters, db: asyncpg.Pool
 ) -> None:

@@ -540,7 +540,6 @@ REPUBLISHED = "republished the turn"
 """What the worker logs each time it publishes a turn again because Redis lost it."""
 
 
-@pytest.mark.soak  # intermittent: tabs converged in 1 of the last 2 clean-clone CI runs
 async def test_redis_restarted_empty_everything_recovers(
     cluster: Cluster, db: asyncpg.Pool, tmp_path: Path
 ) -> None:

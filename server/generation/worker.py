@@ -388,7 +388,11 @@ class Worker:
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
-        """Keep this worker's heartbeat and its generations' `generating` marks alive."""
+        """Keep this worker's heartbeat and its generations' `generating` marks alive. Any
+        error that means Redis cannot answer now is survived (a cluster's client raises some
+        that are no `RedisError` while a failover settles): a heartbeat task that ended would
+        let this worker's lease lapse while it still runs its generations, which another
+        worker would then take over and run a second time."""
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
@@ -399,7 +403,7 @@ class Worker:
                     for conversation in self.running:
                         generations.renew(pipe, conversation, self.turns.lease)
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)
 

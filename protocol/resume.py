@@ -11,7 +11,7 @@ a Redis reconnect) starts another catch-up instead of being sent out of order.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -104,3 +104,22 @@ class Cursor:
         self._held = None
         self.last_seq = -1
         self.catching_up = True
+
+
+def resume_point(logged: Sequence[tuple[int, bytes]], start: int, head: int) -> int:
+    """The seq after which a socket sent the persisted history up to `start` follows the
+    log (`logged`: the events read after `start`, in order; `head`: the last seq assigned).
+
+    That is `start` while the log holds every event from there to `head`. When it does not,
+    Redis lost events that PostgreSQL never got (a restart with an empty database, a
+    failover to a replica that lacked them, or the seqs a worker's acknowledged floor skipped:
+    server/redis/scripts/lib_seq_floor.lua); nothing can give them again, and the worker
+    publishes its running turn again past them. The socket then follows from just before the
+    events the log still holds without a gap up to `head` (`head` itself when it holds none),
+    rather than wait for seqs that will never come."""
+    seq = head
+    for logged_seq, _ in reversed(logged):
+        if logged_seq != seq:
+            break
+        seq -= 1
+    return max(start, seq)

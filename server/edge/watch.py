@@ -19,7 +19,7 @@ import msgspec
 
 from protocol import frames as f
 from protocol import wsframe
-from protocol.resume import Cursor, NextStep, Verdict
+from protocol.resume import CatchUp, Cursor, NextStep, Verdict, resume_point
 from protocol.session import CloseCode
 from server.app import metrics
 from server.edge.conversations import Refused
@@ -118,17 +118,18 @@ class Watch:
         """Send `joined` and the events after `after`, or the full history when `after` is
         absent or its events are no longer retained (then with `reset`)."""
         if after is None:
-            await self._send_history(meta, ref, reset=False)
+            if (await self._send_history(meta, ref, reset=False)).next_step is NextStep.AGAIN:
+                self._start_catch_up()
             return
         metrics.REJOINS.inc()
         self.cursor.start_at(after)
         head, logged = await self._read(after)
         result = self.cursor.catch_up(logged, head)
         if result.next_step is NextStep.RESET:
-            await self._send_history(meta, ref, reset=True)
-            return
-        metrics.REPLAYED.observe(len(result.frames))
-        self._send_joined(meta, head, after, None, False, ref, result.frames)
+            result = await self._send_history(meta, ref, reset=True)
+        else:
+            metrics.REPLAYED.observe(len(result.frames))
+            self._send_joined(meta, head, after, None, False, ref, result.frames)
         if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
 
@@ -141,22 +142,35 @@ class Watch:
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
                 self.socket.push(frame)
-            if result.next_step is NextStep.LIVE:
-                return
             if result.next_step is NextStep.RESET:
                 meta = await self.conversations.owned(self.user, self.conversation)
-                await self._send_history(meta, None, reset=True)
+                if (
+                    await self._send_history(meta, None, reset=True)
+                ).next_step is not NextStep.AGAIN:
+                    return
+            elif result.next_step is NextStep.LIVE:
                 return
             await asyncio.sleep(0.05)
         raise Refused("unavailable", "could not catch up with the conversation")
 
-    async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
-        start, history = await self.conversations.history(self.conversation)
+    async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> CatchUp:
+        """Send `joined` with the persisted history and the logged events after it; the
+        catch-up's outcome (AGAIN: a live frame past the log's head skipped a seq).
+
+        Where Redis lost events PostgreSQL never got, the socket follows the log from past
+        them (`resume_point`): left waiting for them, it would hold every live frame from
+        then on."""
+        history_seq, history = await self.conversations.history(self.conversation)
         self.cursor.reset()
-        self.cursor.start_at(start)
-        head, logged = await self._read(start)
+        self.cursor.start_at(history_seq)
+        head, logged = await self._read(history_seq)
+        start = resume_point(logged, history_seq, head)
+        if start != history_seq:
+            log.warning("events %d..%d of %s are lost", history_seq + 1, start, self.conversation)
+            self.cursor.start_at(start)
         result = self.cursor.catch_up(logged, head)
         self._send_joined(meta, head, start, history, reset, ref, result.frames)
+        return result
 
     def _send_joined(
         self,

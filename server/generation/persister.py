@@ -125,7 +125,7 @@ class Persister:
             try:
                 await group.ack(entry_id)
                 return
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("persister").inc()
                 metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot acknowledge turn (%s); retrying", exc)

@@ -115,6 +115,9 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
+    replaced: int = 0
+    """Events indexed up to here were in flight when the turn was last published again: a
+    failure of theirs asks for no further republish (the republish carries them)."""
     acked: int = 0
     """The highest seq Redis acknowledged for this generation's events: none is handed out
     again if a failover loses them (`EventLog.append_piece`'s floor)."""
@@ -170,22 +173,23 @@ class Running:
         self.index += 1
         return self.index
 
-    def check(self, future: asyncio.Future[object]) -> None:
-        """Notice an append that found the conversation's Redis state gone or failed: the
-        turn so far is published again (`Worker._republish`)."""
+    def check(self, index: int, future: asyncio.Future[object]) -> None:
+        """Notice an append (of the event indexed `index`) that found the conversation's
+        Redis state gone or failed: the turn so far is published again
+        (`Worker._republish`), unless a republish since has carried the event."""
         if future.cancelled():
             return
         failure = future.exception()
         if failure is not None:
             # the event is not in the log: tabs would miss its text without seeing a gap
             log.warning("an event of %s was not appended (%r)", self.job.conversation, failure)
-            self.lost = True
+            self.lost = self.lost or index > self.replaced
             return
         result = future.result()
         if not isinstance(result, int):
             return
         if result < 0:
-            self.lost = True  # UNLOADED, LOST or BEHIND
+            self.lost = self.lost or index > self.replaced  # UNLOADED, LOST or BEHIND
         elif result > self.acked:
             self.acked = result
 
@@ -384,7 +388,11 @@ class Worker:
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
-        """Keep this worker's heartbeat and its generations' `generating` marks alive."""
+        """Keep this worker's heartbeat and its generations' `generating` marks alive. Any
+        error that means Redis cannot answer now is survived (a cluster's client raises some
+        that are no `RedisError` while a failover settles): a heartbeat task that ended would
+        let this worker's lease lapse while it still runs its generations, which another
+        worker would then take over and run a second time."""
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
@@ -395,7 +403,7 @@ class Worker:
                     for conversation in self.running:
                         generations.renew(pipe, conversation, self.turns.lease)
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)
 
@@ -911,15 +919,16 @@ class Worker:
         self, run: Running, event: f.ServerFrame | Callable[[], bytes]
     ) -> asyncio.Future[object]:
         job = run.job
+        index = run.next_index()
         future = self.events.append_piece(
             self.pipeliner,
             job.conversation,
             event if callable(event) else encode(event),
             job.message_id,
-            run.next_index(),
+            index,
             lambda: run.acked,
         )
-        future.add_done_callback(run.check)
+        future.add_done_callback(functools.partial(run.check, index))
         return future
 
     async def _publish(self, run: Running, event: f.ServerFrame) -> None:
@@ -933,9 +942,11 @@ class Worker:
         and publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
         run.lost = False
+        run.replaced = run.index
         run.open_text = None  # what it holds is in run.pieces, republished below
         await self.conversations.load(job.conversation)
         await self._mark_running(job, piece=run.index)
+        await self.events.raise_seq(job.conversation, run.acked)  # once, not at each event
         user_message = self._user_message(run)
         if user_message is not None:
             await self._publish_later(

@@ -46,6 +46,7 @@ APPEND_PIECES: Final = scripts.load(
 PIECES_PER_CALL: Final = 200
 """At most this many pieces in one `append_pieces` call (Lua's `unpack` of its KEYS and
 ARGV has a limit of a few thousand values)."""
+SEQ_FLOOR: Final = scripts.load("seq_floor", functions=["lib_seq_floor"])
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
@@ -85,6 +86,7 @@ class EventLog:
         self.ttl = ttl
         self._append = APPEND.register(redis)
         self._append_piece = APPEND_PIECE.register(redis)
+        self._seq_floor = SEQ_FLOOR.register(redis)
         self._read = READ.register(redis)
         self._load = LOAD.register(redis)
         self._set_meta = SET_META.register(redis)
@@ -100,6 +102,11 @@ class EventLog:
             ttl=self.ttl,
         )
         return int(seq)
+
+    async def raise_seq(self, conversation: uuid.UUID, floor: int) -> bool:
+        """Raise the conversation's seq counter to `floor` if it is below (Redis lost events
+        acknowledged up to there); whether it was raised (scripts/seq_floor.lua)."""
+        return bool(await self._seq_floor(seq_key=keys.seq(conversation), floor=floor))
 
     async def read(
         self, conversation: uuid.UUID, after: int

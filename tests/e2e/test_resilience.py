@@ -536,13 +536,17 @@ async def test_redis_unreachable_for_10s_everything_recovers(
             await stop_all(procs)
 
 
-@pytest.mark.soak  # intermittent: tabs converged in 1 of the last 2 clean-clone CI runs
+REPUBLISHED = "republished the turn"
+"""What the worker logs each time it publishes a turn again because Redis lost it."""
+
+
 async def test_redis_restarted_empty_everything_recovers(
     cluster: Cluster, db: asyncpg.Pool, tmp_path: Path
 ) -> None:
     """A dedicated Redis is stopped mid-generation and a new, empty one started on the same
-    port: the processes recover by themselves, the tabs converge on the PostgreSQL transcript
-    (the database gets the complete turn), and a new turn works."""
+    port: the processes recover by themselves, the worker publishes the turn so far again
+    once, the tabs converge on the PostgreSQL transcript (the database gets the complete
+    turn), and a new turn works."""
     redis = await asyncio.to_thread(embedded.start_redis, tmp_path / "one", persist=False)
     port = urlsplit(redis.url).port
     try:
@@ -561,6 +565,7 @@ async def test_redis_restarted_empty_everything_recovers(
             assert rows[1][2] == "complete", rows[1]
             await until(lambda: all(t.settled(2) for t in tabs), 20, "the tabs to converge", tabs)
             check_tabs(tabs, [(r[0], r[1]) for r in rows])
+            assert group.worker.log().count(REPUBLISHED) == 1, group.worker.log()[-3000:]
             assert len(alive(group.procs)) == len(group.procs), "a process died"
             await turn_then_cancel(tabs, db, "after the restart")
     finally:

@@ -133,6 +133,18 @@ class SixNodes:
         nodes = self._any().cli("CLUSTER", "NODES")
         raise ClusterUnavailable(f"the cluster did not become ok:\n{nodes}")
 
+    def wait_replicated(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every replica has made its first full copy of its primary's data
+        (`master_link_status:up`). Before that a replica cannot be promoted: Redis counts
+        one that never synced as out of touch for longer than `cluster-replica-validity-
+        factor` allows, so a primary killed meanwhile is never replaced."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(_replicated(node) for node in self.nodes if node.alive()):
+                return
+            time.sleep(0.1)
+        raise ClusterUnavailable("a replica did not finish its first sync")
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.alive():
@@ -152,9 +164,10 @@ def available() -> bool:
 
 
 def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1") -> SixNodes:
-    """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`). A failed
-    primary is replaced by its replica about `node_timeout_ms` after it stops answering.
-    The nodes listen on `host` (and announce it to clients and to each other)."""
+    """Six nodes in `directory`, made one cluster, ready (`cluster_state:ok`, every replica
+    synced with its primary). A failed primary is replaced by its replica about
+    `node_timeout_ms` after it stops answering. The nodes listen on `host` (and announce it
+    to clients and to each other)."""
     if not available():
         raise ClusterUnavailable(
             "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
@@ -179,6 +192,7 @@ def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1")
             timeout=60,
         )
         cluster.wait_ok()
+        cluster.wait_replicated()
     except BaseException:
         cluster.stop()
         raise
@@ -225,6 +239,8 @@ def _start_node(directory: Path, node_timeout_ms: int, host: str) -> Node:
         str(node_timeout_ms),
         "--appendonly",
         "no",
+        "--repl-diskless-sync-delay",
+        "0",  # a replica's first sync at once, not 5 s later (`wait_replicated` waits for it)
         "--save",
         "",
         "--daemonize",
@@ -264,6 +280,15 @@ def _ok(node: Node) -> bool:
     except (subprocess.SubprocessError, OSError):
         return False
     return "cluster_state:ok" in info and "fail?" not in nodes
+
+
+def _replicated(node: Node) -> bool:
+    """A primary, or a replica whose link to its primary is up (its first sync done)."""
+    try:
+        info = node.cli("INFO", "replication", timeout=2)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return "role:master" in info or "master_link_status:up" in info
 
 
 def _cli(*args: str, timeout: float = 10) -> str:

@@ -40,9 +40,15 @@ def conversation_row(conversation: uuid.UUID | None = None, last_seq: int = 0) -
     )
 
 
-async def loaded(events: EventLog, owner: str = "alice", last_seq: int = 0) -> uuid.UUID:
-    """A conversation whose Redis state is seeded as if from PostgreSQL (all persisted)."""
-    meta = conversation_row(last_seq=last_seq)
+async def loaded(
+    events: EventLog,
+    owner: str = "alice",
+    last_seq: int = 0,
+    conversation: uuid.UUID | None = None,
+) -> uuid.UUID:
+    """A conversation (a new one, or `conversation`) whose Redis state is seeded as if from
+    PostgreSQL (all persisted)."""
+    meta = conversation_row(conversation, last_seq=last_seq)
     await events.load(owner, meta, last_seq, last_seq, [])
     return meta.id
 

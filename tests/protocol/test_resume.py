@@ -8,7 +8,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.resume import Cursor, NextStep, Verdict
+from protocol.resume import Cursor, NextStep, Verdict, resume_point
 
 
 def frames(seqs: range) -> list[tuple[int, bytes]]:
@@ -47,6 +47,30 @@ def test_client_ahead_of_the_log_means_reset() -> None:
     cursor = Cursor()
     cursor.start_at(50)
     assert cursor.catch_up([], head=7).next_step is NextStep.RESET
+
+
+def test_history_followed_by_the_whole_log_resumes_where_the_history_ends() -> None:
+    assert resume_point(frames(range(5, 9)), start=4, head=8) == 4
+    assert resume_point([], start=4, head=4) == 4
+
+
+def test_events_lost_after_the_history_are_skipped_not_waited_for() -> None:
+    """Redis lost seqs 5..9 (and a worker's floor raised the counter past them): a socket
+    given the history up to 4 follows from 9, the events after the hole come in order, and
+    its cursor takes live frames again."""
+    logged = frames(range(10, 13))
+    start = resume_point([*frames(range(5, 7)), *logged], start=4, head=12)
+    assert start == 9
+    cursor = Cursor()
+    cursor.start_at(start)
+    result = cursor.catch_up(logged, head=12)
+    assert result.frames == [b"e10", b"e11", b"e12"] and result.next_step is NextStep.LIVE
+    assert cursor.live(13, b"e13") is Verdict.SEND
+
+
+def test_a_counter_raised_past_an_empty_log_resumes_at_the_head() -> None:
+    assert resume_point([], start=2, head=15) == 15
+    assert resume_point(frames(range(3, 6)), start=2, head=15) == 15
 
 
 def test_hole_past_the_head_means_read_again() -> None:

@@ -195,6 +195,49 @@ async def test_a_seq_counter_gone_back_below_an_acknowledged_seq_is_never_reused
     assert await log_seqs(redis, conversation) == [1, 4, 5]
 
 
+def everything_of(conversation: uuid.UUID) -> list[str]:
+    """Every key of a conversation's Redis state."""
+    return [
+        keys.seq(conversation),
+        keys.meta(conversation),
+        keys.log(conversation),
+        keys.recent(conversation),
+        keys.said(conversation),
+        keys.persisted(conversation),
+        keys.history(conversation),
+        keys.generation(conversation),
+    ]
+
+
+async def test_a_turn_published_again_on_an_emptied_redis_goes_past_the_floor_in_one_go(
+    events: EventLog, redis: Redis
+) -> None:
+    """Redis restarted empty under a generation whose events were acknowledged up to seq 3:
+    seeded again from PostgreSQL (nothing persisted: seq 0) and the counter raised to the
+    floor once, every event the worker publishes again is appended after 3, none refused
+    BEHIND (a refused first one had the worker publish the whole turn a second time)."""
+    conversation, message_id = await generating(events, redis)
+    pipeliner = Pipeliner(redis)
+    pipeliner.start()
+    try:
+        pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
+        assert await pieces(1, 2, 3) == [1, 2, 3]
+        await redis.delete(*everything_of(conversation))  # what an emptied Redis holds of it
+        assert await pieces(4) == [UNLOADED]
+        await loaded(events, last_seq=0, conversation=conversation)
+        await claim_generation(redis, conversation, message_id)
+        assert await events.raise_seq(conversation, 3)
+        assert not await events.raise_seq(conversation, 3)
+        republished = [
+            events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i, lambda: 3)
+            for i in (5, 6, 7)
+        ]
+        assert list(await asyncio.gather(*republished)) == [4, 5, 6]
+    finally:
+        await pipeliner.stop()
+    assert await log_seqs(redis, conversation) == [4, 5, 6]
+
+
 async def test_the_log_keeps_at_most_max_events_once_persisted(
     events: EventLog, redis: Redis
 ) -> None:

@@ -13,6 +13,7 @@ LOADED = [
     eventlog.APPEND,
     eventlog.APPEND_PIECE,
     eventlog.APPEND_PIECES,
+    eventlog.SEQ_FLOOR,
     eventlog.READ,
     eventlog.LOAD,
     eventlog.MARK_PERSISTED,

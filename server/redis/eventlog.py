@@ -39,10 +39,8 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_seq_floor", "lib_append_piece"])
-APPEND_PIECES: Final = scripts.load(
-    "append_pieces", functions=["lib_seq_floor", "lib_append_piece"]
-)
+APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_piece"])
+APPEND_PIECES: Final = scripts.load("append_pieces", functions=["lib_append_piece"])
 PIECES_PER_CALL: Final = 200
 """At most this many pieces in one `append_pieces` call (Lua's `unpack` of its KEYS and
 ARGV has a limit of a few thousand values)."""

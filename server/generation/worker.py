@@ -216,7 +216,7 @@ class Worker:
         ]
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner(redis, settings.worker.append_interval)
         self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()

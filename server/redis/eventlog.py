@@ -309,10 +309,13 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 class Pipeliner:
     """Sends script calls to Redis in pipelines: while one batch is in flight the next one
     gathers, so a worker streaming many replies pays one round trip per batch, not per token,
-    and the calls of one conversation keep their order."""
+    and the calls of one conversation keep their order. Two batches are sent at least
+    `interval` seconds apart (the first after a pause at once), so that under load each
+    carries more."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, interval: float = 0.0) -> None:
         self.redis = redis
+        self.interval = interval
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
         self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
@@ -349,9 +352,15 @@ class Pipeliner:
         return future
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent = -self.interval
         while True:
             await self._wake.wait()
+            wait = sent + self.interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
+            sent = loop.time()
             queued, self._queue = self._queue, []
             batch = list(self._calls(queued))
             if batch:

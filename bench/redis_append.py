@@ -5,7 +5,8 @@
 Starts its own Redis (server.dev.embedded), loads `--conversations` conversations the way a
 `say` leaves them (seq counter, generation mark), subscribes one pub/sub connection to all
 their channels (a web process), then appends `--tokens` token events to each through the
-worker's own code (`EventLog.append_piece` in pipelines of `--batch` calls), and afterwards
+worker's own code (`EventLog.append_piece`, told the highest seq acknowledged as the worker
+tells it, in batches of `--batch` pieces: one `append_pieces` call each), and afterwards
 PUBLISHes the same framed bytes to the same channels in the same pipelines. For each it reads
 Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
 network included) and `INFO commandstats` (time inside the commands), and this process's own
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -102,13 +104,21 @@ async def _appends(
     pipeliner = Pipeliner(events.redis)
     pipeliner.start()
     pending = []
+    acked: dict[uuid.UUID, int] = {}  # what the worker passes: the highest seq acknowledged
     for conversation, message_id, index, frame in _tokens(conversations, message_ids, tokens):
-        pending.append(events.append_piece(pipeliner, conversation, frame, message_id, index))
+        floor = functools.partial(acked.get, conversation, 0)
+        piece = events.append_piece(pipeliner, conversation, frame, message_id, index, floor)
+        piece.add_done_callback(functools.partial(_ack, acked, conversation))
+        pending.append(piece)
         if len(pending) >= batch:
             await asyncio.gather(*pending)
             pending = []
     await asyncio.gather(*pending)
     await pipeliner.stop()
+
+
+def _ack(acked: dict[uuid.UUID, int], conversation: uuid.UUID, piece: asyncio.Future[Any]) -> None:
+    acked[conversation] = max(acked.get(conversation, 0), int(piece.result()))
 
 
 async def _publishes(

@@ -1,7 +1,7 @@
 """What one generation worker and Redis spend per relayed token.
 
     .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
-        [--tabs 1] [--duration S] [--profile worker.pstats]
+        [--tabs 1] [--duration S] [--profile worker.pstats] [--append-interval S]
 
 Starts its own Redis and PostgreSQL and, each its own process, the simulated model
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds of turns (tokens/tps + 5)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="write the worker's cProfile stats here")
+    parser.add_argument(
+        "--append-interval", type=float, help="the worker's worker.append_interval (seconds)"
+    )
     args = parser.parse_args()
     profile = args.profile.resolve() if args.profile else None
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
@@ -105,6 +108,8 @@ def main() -> None:
         web = cluster.process("web", start=False, **env)
         metrics_port = embedded.free_port()
         worker_env = env | (profiling.env(profile) if profile else {})
+        if args.append_interval is not None:
+            worker_env["PARLEY_WORKER_APPEND_INTERVAL"] = f"{args.append_interval:g}"
         worker = cluster.process(
             "worker", start=False, **worker_env, PARLEY_WORKER_METRICS_PORT=str(metrics_port)
         )
@@ -167,6 +172,7 @@ def main() -> None:
         "tabs": args.tabs,
         "tokens_per_reply": args.tokens,
         "tps": args.tps,
+        "append_interval": args.append_interval,
         "tokens": tokens,
         "token_frames_received": frames,
         "worker_cpu_s": round(worker_cpu, 2),

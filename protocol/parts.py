@@ -139,6 +139,12 @@ class PartsBuilder:
         """The index of the part pieces go to now."""
         return len(self._parts) - 1
 
+    def extend(self, text: str) -> int:
+        """Add a piece to the current part and give the part's index, without making the
+        piece's event (`piece` makes it: the worker joins pieces into one event first)."""
+        self._parts[-1].texts.append(text)
+        return len(self._parts) - 1
+
     def add(self, text: str) -> f.ServerFrame:
         """A piece of the current part, and the event that carries it."""
         self._parts[-1].texts.append(text)

@@ -195,6 +195,11 @@ class WorkerSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     coalesce: bool = True
     """Join a generation's text chunks that arrive while its previous appends are on their
     way to Redis into one `token` event; false: one event per model chunk."""
+    append_interval: Seconds = 0.004
+    """At least this long between two batches of appends sent to Redis (one after a pause
+    goes at once): under load a batch then carries more generations' events, and each
+    generation's chunks have longer to join its queued event; an event waits at most this
+    much longer. 0: a batch as soon as the previous one is answered."""
 
 
 class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

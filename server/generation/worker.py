@@ -220,7 +220,7 @@ class Worker:
         ]
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner(redis, settings.worker.append_interval)
         self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -593,7 +593,7 @@ class Worker:
         if text:
             text = scrub(text)
             run.parts.add_to(index, text)
-            self._publish_text(run, index, text, functools.partial(run.parts.piece, index))
+            self._publish_text(run, index, text)
 
     def _publish_results(self, run: Running, results: list[Result]) -> None:
         for result in results:
@@ -892,19 +892,17 @@ class Worker:
                 if item.kind != parts.kind:
                     for boundary in parts.switch(item.kind, now):
                         self._publish_later(run, boundary)
-                parts.add(item.text)
+                index = parts.extend(item.text)
                 if run.lost:
                     await self._republish(run)
                     continue
-                index = parts.current
-                self._publish_text(run, index, item.text, functools.partial(parts.piece, index))
+                self._publish_text(run, index, item.text)
         return Finished("stop", None)
 
-    def _publish_text(
-        self, run: Running, part: int, text: str, event_of: Callable[[str], f.ServerFrame]
-    ) -> None:
+    def _publish_text(self, run: Running, part: int, text: str) -> None:
         """Publish a piece of part `part`'s text: joined to the part's event still queued, if
-        any, else as a new event (`event_of` makes it from the text it ends up holding)."""
+        any, else as a new event (made from the text it ends up holding when its batch is
+        taken)."""
         if (
             self.settings.worker.coalesce
             and run.open_text is not None
@@ -913,6 +911,7 @@ class Worker:
             TALLY.coalesced += 1
             return
         open_text = run.open_text = OpenText(part, [text])
+        event_of = functools.partial(run.parts.piece, part)
         self._publish_later(run, lambda: encode(event_of(open_text.take())))
 
     def _publish_later(

@@ -39,10 +39,8 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 log = logging.getLogger("parley.eventlog")
 
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
-APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_seq_floor", "lib_append_piece"])
-APPEND_PIECES: Final = scripts.load(
-    "append_pieces", functions=["lib_seq_floor", "lib_append_piece"]
-)
+APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_piece"])
+APPEND_PIECES: Final = scripts.load("append_pieces", functions=["lib_append_piece"])
 PIECES_PER_CALL: Final = 200
 """At most this many pieces in one `append_pieces` call (Lua's `unpack` of its KEYS and
 ARGV has a limit of a few thousand values)."""
@@ -318,10 +316,13 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 class Pipeliner:
     """Sends script calls to Redis in pipelines: while one batch is in flight the next one
     gathers, so a worker streaming many replies pays one round trip per batch, not per token,
-    and the calls of one conversation keep their order."""
+    and the calls of one conversation keep their order. Two batches are sent at least
+    `interval` seconds apart (the first after a pause at once), so that under load each
+    carries more."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, interval: float = 0.0) -> None:
         self.redis = redis
+        self.interval = interval
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
         self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
@@ -358,9 +359,15 @@ class Pipeliner:
         return future
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent = -self.interval
         while True:
             await self._wake.wait()
+            wait = sent + self.interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
+            sent = loop.time()
             queued, self._queue = self._queue, []
             batch = list(self._calls(queued))
             if batch:

@@ -296,3 +296,17 @@ def test_a_result_part_end_names_the_approvals_state_by_and_reason() -> None:
         "by": "alice",
         "reason": "not that file",
     }
+
+
+def test_extend_keeps_the_text_as_add_does_and_makes_the_event_later() -> None:
+    added, extended = PartsBuilder(CONV, MESSAGE), PartsBuilder(CONV, MESSAGE)
+    events = []
+    for builder in (added, extended):
+        builder.switch("reasoning", 0.0)
+        builder.switch("text", 1.0)
+    for text in ("an", "swer"):
+        events.append(added.add(text))
+        index = extended.extend(text)
+        assert index == extended.current == 1
+        assert extended.piece(index, text) == events[-1]
+    assert extended.parts() == added.parts()

@@ -385,3 +385,29 @@ async def test_a_call_queued_between_pieces_keeps_its_place_among_them(
         b'{"seq":2,"type":"token","text":"between"}',
         b'{"seq":3,"type":"token","text":"2"}',
     ]
+
+
+async def test_batches_go_at_least_the_interval_apart_and_the_first_at_once(
+    events: EventLog, redis: Redis
+) -> None:
+    """A piece after a pause is sent at once; the pieces queued within the interval after it
+    wait for the interval's end and go together, in one script call."""
+    conversation, message_id = await generating(events, redis)
+    pipeliner = Pipeliner(redis, interval=1.0)
+    pipeliner.start()
+    await redis.script_load(APPEND_PIECES.source)
+    try:
+        before = await script_calls(redis)
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        first = events.append_piece(pipeliner, conversation, frame("1"), message_id, 1)
+        assert await asyncio.wait_for(first, 0.9) == 1
+        later = [
+            events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
+            for i in (2, 3)
+        ]
+        assert await asyncio.wait_for(asyncio.gather(*later), 5) == [2, 3]
+        assert loop.time() - queued_at >= 1.0
+        assert await script_calls(redis) - before == 2
+    finally:
+        await pipeliner.stop()

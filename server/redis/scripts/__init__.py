@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, ClusterError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, ClusterError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -184,10 +184,24 @@ def raise_if_unreachable(redis: Any, results: list[Any]) -> None:
 
 
 async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
+    if len(calls) == 1 and not is_cluster(redis):
+        return [await _alone(redis, calls[0])]
     async with redis.pipeline(transaction=False) as pipe:
         for call in calls:
             await call.run(pipe)
         return list(await pipe.execute(raise_on_error=False))
+
+
+async def _alone(redis: Any, call: Call) -> Any:
+    """A single call sent as a plain command, its error reply given as `pipelined` gives it:
+    redis-py's pipeline object cost a worker more than the call it carried (a worker's
+    batch is, as a rule, one `append_pieces` call). Connection errors raise, as there."""
+    try:
+        return await redis.execute_command(
+            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+        )
+    except ResponseError as exc:  # NoScriptError among them
+        return exc
 
 
 def load(name: str, *, functions: Sequence[str] = ()) -> Script:

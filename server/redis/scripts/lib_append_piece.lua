@@ -1,6 +1,6 @@
 -- append_piece: one event of a running generation (start, token), at most once; the body of
 -- append_piece.lua and, once per piece, of append_pieces.lua (the loader puts this file in
--- front, after lib_seq_floor.lua).
+-- front).
 --
 -- Each event carries the generation's piece index; a retried call (the connection broke
 -- before the reply) finds its index already recorded in the `gen` hash and appends nothing.
@@ -8,11 +8,12 @@
 -- -2 (lost) when `gen` no longer names this generation: Redis lost its data, and the worker
 -- must republish the turn before anything else of it is appended; or -3 (behind) when the
 -- seq counter is below `floor`, the highest seq the worker was acknowledged (a failover to a
--- replica that lacks events, lib_seq_floor.lua): the counter is raised and the worker
+-- replica that lacks events, as lib_seq_floor.lua explains): the counter is raised and the worker
 -- republishes the turn.
 --
 -- This runs once per token, so it does per piece only what each piece needs (check and
--- record the index, take the seq, log, PUBLISH: five commands) and the rest once every
+-- record the index, take the seq and check it against the floor, log, PUBLISH: five
+-- commands) and the rest once every
 -- `MAINTAIN_EVERY` pieces of a generation, its first included: renew the log's and the
 -- seq's expiry and trim the log (approximately, never past what PostgreSQL holds). Between
 -- two trims the log holds at most that many events more than `maxlen`.
@@ -27,8 +28,14 @@ local function append_piece(
     return -2
   end
   if tonumber(gen[2] or '-1') >= piece then return 0 end
-  if seq_went_back(seq_key, floor) then return -3 end
   local seq = redis.call('INCR', seq_key)
+  -- the floor checked on what INCR returns (the counter before it is seq - 1), which saves a
+  -- GET per piece; when behind, the counter ends at `floor` as seq_went_back leaves it
+  floor = tonumber(floor)
+  if floor and floor > 0 and seq - 1 < floor then
+    redis.call('SET', seq_key, floor, 'KEEPTTL')
+    return -3
+  end
   -- a loaded seq always has an expiry: without one, INCR has just created it
   if seq == 1 and redis.call('TTL', seq_key) == -1 then
     redis.call('DEL', seq_key)

@@ -5,8 +5,8 @@
 -- already hold, and handing them out again would give a tab the same seq twice with other
 -- content. The caller appends nothing and says so (-3): the worker publishes the turn so far
 -- again past `floor`, and tabs that miss the lost events see a gap the log cannot fill and
--- reset. `floor` 0: the caller knows of no acknowledged seq. Shared by append_piece and
--- lib_finish.lua (the loader puts this file in front).
+-- reset. `floor` 0: the caller knows of no acknowledged seq. Used by lib_finish.lua (the
+-- loader puts this file in front); lib_append_piece.lua does the same check after its INCR.
 local function seq_went_back(seq_key, floor)
   floor = tonumber(floor)
   if floor == nil or floor <= 0 then return false end

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from bench import profiling
 from protocol import frames as f
 from server.load.wsclient import Endpoint, WSClient, connect
 from server.redis import keys
@@ -164,6 +165,7 @@ async def storm(
     conversations_n: int,
     concurrency: int,
     rate: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     token = mint("storm-user", ttl=3600)
     conversations = await _conversations(web_a, token, conversations_n)
@@ -178,6 +180,9 @@ async def storm(
     await asyncio.sleep(1.0)
     queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
     cpu_before = procfs.cpu_seconds(web_b.pid)
+    own_before = time.process_time()
+    if profile is not None:
+        profiling.start(web_b.pid)
     killed = time.monotonic()
     web_a.send_signal(signal.SIGKILL)
     rejoined = await _gather_bounded(
@@ -185,6 +190,9 @@ async def storm(
     )
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
+    own_cpu = time.process_time() - own_before
+    if profile is not None:
+        profiling.stop(web_b.pid, profile)
     queries = await asyncio.to_thread(postgres_queries_now, web_b) - queries_before
     await asyncio.sleep(1.0)
     appender.cancel()
@@ -213,6 +221,7 @@ async def storm(
         "rejoin_ms_p99": pct(0.99),
         "postgres_queries_during_storm": queries,
         "web_b_cpu_seconds": round(cpu, 2),
+        "client_cpu_seconds": round(own_cpu, 2),
         "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,
         "web_b_cpu_us_per_setup": round(cpu * 1e6 / len(times)) if times else None,
         "events_appended": appended,
@@ -230,10 +239,17 @@ def main() -> None:
         "--rate", type=float, default=500, help="events appended per second during the storm"
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile web B during the storm into this pstats file"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         env = {"PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "1000000"}
-        webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+        profiled = profiling.env(args.profile.resolve()) if args.profile else {}
+        webs = [
+            cluster.process("web", start=False, **env),
+            cluster.process("web", start=False, **env, **profiled),
+        ]
         start_all(webs)
         result = asyncio.run(
             storm(
@@ -244,10 +260,13 @@ def main() -> None:
                 args.conversations,
                 args.concurrency,
                 args.rate,
+                args.profile,
             )
         )
     text = json.dumps(result, indent=1)
     print(text)
+    if args.profile:
+        print(profiling.report(args.profile))
     if args.out:
         args.out.write_text(text)
 

@@ -24,6 +24,7 @@ from protocol.session import CloseCode
 from server.app import metrics
 from server.edge.conversations import Refused
 from server.redis.client import UNREACHABLE
+from server.redis.eventlog import Opening
 
 log = logging.getLogger("parley.watch")
 
@@ -53,6 +54,8 @@ class Transcripts(Protocol):
     ) -> tuple[int, list[tuple[int, bytes]]]: ...
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]: ...
+
+    async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening: ...
 
 
 class Watch:
@@ -114,21 +117,28 @@ class Watch:
         head, logged = await self.conversations.read_events(self.conversation, after)
         return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
 
-    async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
+    async def join(self, after: int | None, ref: str | None) -> None:
         """Send `joined` and the events after `after`, or the full history when `after` is
-        absent or its events are no longer retained (then with `reset`)."""
+        absent or its events are no longer retained (then with `reset`). The ownership, the
+        row and what follows `after` (or the cached history) come in one read."""
+        opened = await self.conversations.opening(self.user, self.conversation, after)
+        assert opened.meta is not None  # `opening` refuses a conversation it cannot show
+        meta = opened.meta.meta
+        events = [(seq, wsframe.text(payload)) for seq, payload in opened.events]
         if after is None:
-            await self._send_history(meta, ref, reset=False)
+            assert opened.history is not None
+            self._send_opening(
+                meta, opened.history.seq, opened.history.messages, ref, events, opened.head
+            )
             return
         metrics.REJOINS.inc()
         self.cursor.start_at(after)
-        head, logged = await self._read(after)
-        result = self.cursor.catch_up(logged, head)
+        result = self.cursor.catch_up(events, opened.head)
         if result.next_step is NextStep.RESET:
             await self._send_history(meta, ref, reset=True)
             return
         metrics.REPLAYED.observe(len(result.frames))
-        self._send_joined(meta, head, after, None, False, ref, result.frames)
+        self._send_joined(meta, opened.head, after, None, False, ref, result.frames)
         if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
 
@@ -152,9 +162,24 @@ class Watch:
 
     async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> None:
         start, history = await self.conversations.history(self.conversation)
-        self.cursor.reset()
+        self.cursor.reset()  # live frames held from here on are after what is read next
         self.cursor.start_at(start)
         head, logged = await self._read(start)
+        self._send_opening(meta, start, history, ref, logged, head, reset)
+
+    def _send_opening(
+        self,
+        meta: f.Conversation,
+        start: int,
+        history: list[f.Message],
+        ref: str | None,
+        logged: list[tuple[int, bytes]],
+        head: int,
+        reset: bool = False,
+    ) -> None:
+        """`joined` with the history up to `start` and the events logged after it (read
+        after the socket subscribed: live frames held since then are merged, none lost)."""
+        self.cursor.start_at(start)
         result = self.cursor.catch_up(logged, head)
         self._send_joined(meta, head, start, history, reset, ref, result.frames)
 

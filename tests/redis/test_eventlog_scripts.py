@@ -255,6 +255,31 @@ async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, re
     assert not await redis.exists(keys.history(conversation))
 
 
+async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_call(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events, last_seq=2)
+    await events.cache_history(conversation, 2, transcript := [said("one")])
+    for text in ("a", "b", "c"):
+        await events.append(conversation, frame(text))
+    await events.opening(conversation, 3)  # Redis learns the script
+    calls = await script_calls(redis)
+    rejoin = await events.opening(conversation, 3)
+    assert await script_calls(redis) == calls + 1
+    assert rejoin.meta == await events.meta(conversation) and rejoin.meta is not None
+    assert (rejoin.head, [seq for seq, _ in rejoin.events], rejoin.history) == (5, [4, 5], None)
+    fresh = await events.opening(conversation, None)
+    assert fresh.history is not None and (fresh.history.seq, fresh.history.messages) == (
+        2,
+        transcript,
+    )
+    assert [seq for seq, _ in fresh.events] == [3, 4, 5]
+    await events.mark_persisted(conversation, 4)  # the copy is stale: no transcript
+    stale = await events.opening(conversation, None)
+    assert (stale.history, stale.head, stale.meta) == (None, 5, rejoin.meta)
+    assert (await events.opening(uuid.uuid4(), 0)).meta is None  # not in Redis
+
+
 async def script_commands(redis: Redis) -> int:
     """How many SCRIPT commands (LOAD, EXISTS, FLUSH…) Redis has run."""
     stats = await redis.info("commandstats")

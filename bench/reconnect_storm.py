@@ -49,6 +49,8 @@ class _Incoming(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Incoming).decode
+ERRORS: list[bytes] = []
+"""`error` frames the tabs received (a refused join leaves its tab waiting until timeout)."""
 
 
 class Tab:
@@ -73,6 +75,8 @@ class Tab:
             self.last_seq = max(self.last_seq, fr.seq)
         elif fr.type == "ready" and self.ready is not None and not self.ready.done():
             self.ready.set_result(None)
+        elif fr.type == "error":
+            ERRORS.append(payload[:300])
         elif fr.type == "joined" and self.joined is not None and not self.joined.done():
             if fr.reset:
                 self.gaps += 1  # a reset means the log had lost what this tab missed
@@ -186,7 +190,7 @@ async def storm(
     killed = time.monotonic()
     web_a.send_signal(signal.SIGKILL)
     rejoined = await _gather_bounded(
-        [t.join(web_b.port, token, t.last_seq, 60) for t in tabs], concurrency
+        [t.join(web_b.port, token, t.last_seq, 30) for t in tabs], concurrency
     )
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
@@ -227,6 +231,8 @@ async def storm(
         "events_appended": appended,
         "tabs_with_a_gap_or_reset": sum(1 for t in tabs if t.gaps),
         "tabs_behind_the_head": behind,
+        "error_frames": len(ERRORS),
+        "first_error": ERRORS[0].decode(errors="replace") if ERRORS else None,
     }
 
 

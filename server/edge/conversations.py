@@ -34,7 +34,6 @@ from server.redis.eventlog import UNLOADED, CachedHistory, CachedMeta, EventLog,
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
 from server.tools.definitions import known_tools, unknown_tools
 from storage import conversations as stored_conversations
-from storage import messages as stored_messages
 
 log = logging.getLogger("parley.conversations")
 
@@ -138,12 +137,12 @@ class Conversations:
     ) -> tuple[stored_conversations.StoredConversation, list[f.Message]]:
         """The conversation's row and persisted messages from PostgreSQL."""
         try:
-            row = await stored_conversations.get(self.pool, conversation)
-            if row is None:
-                raise not_found()
-            return row, await stored_messages.history(self.pool, conversation)
+            row, messages = await stored_conversations.with_history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
+        if row is None:
+            raise not_found()
+        return row, messages
 
     async def everything(self, user: str) -> list[f.Conversation]:
         """All of the user's conversations, however many (an export)."""

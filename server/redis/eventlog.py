@@ -164,19 +164,22 @@ class EventLog:
         history: Sequence[Message],
     ) -> None:
         """Seed Redis from PostgreSQL unless another process already did: the latest messages
-        as context, and every user message id, so that a `say` repeating one is a duplicate
-        however long ago it was said."""
+        as context, every user message id, so that a `say` repeating one is a duplicate
+        however long ago it was said, and `history` (the whole persisted transcript, up to
+        `history_seq`) as the joins' copy."""
         await self._load(
             meta_key=keys.meta(meta.id),
             seq_key=keys.seq(meta.id),
             recent_key=keys.recent(meta.id),
             persisted_key=keys.persisted(meta.id),
             said_key=keys.said(meta.id),
+            history_key=keys.history(meta.id),
             meta=_encoder.encode(CachedMeta(owner, meta)),
             last_seq=last_seq,
             ttl=self.ttl,
             persisted=history_seq,
             said_ids=" ".join(str(m.id) for m in history if m.role == "user"),
+            history=_history_copy(history_seq, history),
             messages=[_encoder.encode(m) for m in history[-RECENT_KEPT:]],
         )
 
@@ -208,8 +211,8 @@ class EventLog:
     ) -> None:
         """Keep the transcript PostgreSQL holds up to `seq` for the next joins, unless a
         persist has moved on since it was read (or it is too large to keep)."""
-        encoded = _encoder.encode(CachedHistory(seq, messages))
-        if len(encoded) > HISTORY_CACHED_BYTES:
+        encoded = _history_copy(seq, messages)
+        if not encoded:
             return
         await self._cache_history(
             persisted_key=keys.persisted(conversation),
@@ -467,3 +470,9 @@ class Pipeliner:
 def _entries(entries: list[tuple[bytes, list[bytes]]]) -> list[tuple[int, bytes]]:
     """Log entries as XRANGE returns them, as (seq, event) pairs."""
     return [(int(eid.split(b"-")[0]), fields[1]) for eid, fields in entries]
+
+
+def _history_copy(seq: int, messages: Sequence[Message]) -> bytes:
+    """The transcript as `history` keeps it, or b"" when it is too large to keep."""
+    encoded = _encoder.encode(CachedHistory(seq, list(messages)))
+    return b"" if len(encoded) > HISTORY_CACHED_BYTES else encoded

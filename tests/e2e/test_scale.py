@@ -120,15 +120,20 @@ async def test_join_again_on_the_same_socket_keeps_live_events(scaled: Scaled) -
 async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
     scaled: Scaled, db: asyncpg.Pool
 ) -> None:
-    """Once one join has read the persisted transcript, joins on any web process (with or
-    without `after`) take it from Redis: the other process sends PostgreSQL nothing. A turn
-    persisted since makes the copy stale: the next join reads PostgreSQL again and gets it."""
+    """A new conversation's first join, and once one join has read the persisted
+    transcript every join on any web process (with or without `after`), take it from Redis:
+    the other process sends PostgreSQL nothing. A turn persisted since makes the copy stale:
+    the next join reads PostgreSQL again and gets it."""
     web_a, web_b = scaled.webs
     user = new_user()
     writer = TabClient(user, None, [web_a], "writer")
     tabs = [writer]
     try:
         conversation = await writer.create(web_a, title="no postgres")
+        before = await postgres_queries(web_b)
+        tabs.append(first := TabClient(user, conversation, [web_b], "first"))
+        assert (await first.join()).history == []  # the copy `create` seeded
+        assert await postgres_queries(web_b) == before
         await writer.join()
         await writer.say(f"one {SCALE_REPLY}")
         await until(lambda: writer.settled(2), 10, "the reply", tabs)

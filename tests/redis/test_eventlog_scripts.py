@@ -17,6 +17,7 @@ from server.redis.eventlog import (
     BEHIND,
     LOST,
     UNLOADED,
+    CachedHistory,
     EventLog,
     Pipeliner,
     event_keys,
@@ -233,9 +234,11 @@ def said(text: str) -> Message:
 
 
 async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
-    events: EventLog,
+    events: EventLog, redis: Redis
 ) -> None:
-    conversation = await loaded(events, last_seq=4)
+    conversation = await loaded(events, last_seq=4)  # load keeps what it read: nothing
+    assert await events.history(conversation) == CachedHistory(4, [])
+    await redis.delete(keys.history(conversation))
     transcript = [said("one")]
     await events.cache_history(conversation, 3, transcript)  # older than what is persisted
     assert await events.history(conversation) is None
@@ -246,6 +249,15 @@ async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
     assert await events.history(conversation) is None
     await events.cache_history(conversation, 4, transcript)  # read before that persist
     assert await events.history(conversation) is None
+
+
+async def test_load_keeps_the_transcript_it_was_given_as_the_joins_copy(
+    events: EventLog,
+) -> None:
+    meta = conversation_row(last_seq=3)
+    transcript = [said("one"), said("two")]
+    await events.load("alice", meta, 3, 3, transcript)
+    assert await events.history(meta.id) == CachedHistory(3, transcript)
 
 
 async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, redis: Redis) -> None:

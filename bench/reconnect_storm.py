@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from bench import profiling
 from protocol import frames as f
 from server.load.wsclient import Endpoint, WSClient, connect
 from server.redis import keys
@@ -48,6 +49,8 @@ class _Incoming(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Incoming).decode
+ERRORS: list[bytes] = []
+"""`error` frames the tabs received (a refused join leaves its tab waiting until timeout)."""
 
 
 class Tab:
@@ -72,6 +75,8 @@ class Tab:
             self.last_seq = max(self.last_seq, fr.seq)
         elif fr.type == "ready" and self.ready is not None and not self.ready.done():
             self.ready.set_result(None)
+        elif fr.type == "error":
+            ERRORS.append(payload[:300])
         elif fr.type == "joined" and self.joined is not None and not self.joined.done():
             if fr.reset:
                 self.gaps += 1  # a reset means the log had lost what this tab missed
@@ -164,6 +169,7 @@ async def storm(
     conversations_n: int,
     concurrency: int,
     rate: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     token = mint("storm-user", ttl=3600)
     conversations = await _conversations(web_a, token, conversations_n)
@@ -178,13 +184,19 @@ async def storm(
     await asyncio.sleep(1.0)
     queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
     cpu_before = procfs.cpu_seconds(web_b.pid)
+    own_before = time.process_time()
+    if profile is not None:
+        profiling.start(web_b.pid)
     killed = time.monotonic()
     web_a.send_signal(signal.SIGKILL)
     rejoined = await _gather_bounded(
-        [t.join(web_b.port, token, t.last_seq, 60) for t in tabs], concurrency
+        [t.join(web_b.port, token, t.last_seq, 30) for t in tabs], concurrency
     )
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
+    own_cpu = time.process_time() - own_before
+    if profile is not None:
+        profiling.stop(web_b.pid, profile)
     queries = await asyncio.to_thread(postgres_queries_now, web_b) - queries_before
     await asyncio.sleep(1.0)
     appender.cancel()
@@ -213,11 +225,14 @@ async def storm(
         "rejoin_ms_p99": pct(0.99),
         "postgres_queries_during_storm": queries,
         "web_b_cpu_seconds": round(cpu, 2),
+        "client_cpu_seconds": round(own_cpu, 2),
         "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,
         "web_b_cpu_us_per_setup": round(cpu * 1e6 / len(times)) if times else None,
         "events_appended": appended,
         "tabs_with_a_gap_or_reset": sum(1 for t in tabs if t.gaps),
         "tabs_behind_the_head": behind,
+        "error_frames": len(ERRORS),
+        "first_error": ERRORS[0].decode(errors="replace") if ERRORS else None,
     }
 
 
@@ -230,10 +245,17 @@ def main() -> None:
         "--rate", type=float, default=500, help="events appended per second during the storm"
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile web B during the storm into this pstats file"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
         env = {"PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "1000000"}
-        webs = [cluster.process("web", start=False, **env) for _ in range(2)]
+        profiled = profiling.env(args.profile.resolve()) if args.profile else {}
+        webs = [
+            cluster.process("web", start=False, **env),
+            cluster.process("web", start=False, **env, **profiled),
+        ]
         start_all(webs)
         result = asyncio.run(
             storm(
@@ -244,10 +266,13 @@ def main() -> None:
                 args.conversations,
                 args.concurrency,
                 args.rate,
+                args.profile,
             )
         )
     text = json.dumps(result, indent=1)
     print(text)
+    if args.profile:
+        print(profiling.report(args.profile))
     if args.out:
         args.out.write_text(text)
 

@@ -615,6 +615,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{model['integrity']['lost']}, dup {model['integrity']['duplicated']} |"
         )
     rows += _generation_rows(results.get("generation") or {})
+    rows += _storm_rows(results.get("storm") or {})
     chat = results.get("chat_churn") or {}
     if chat:
         i = chat["integrity"]
@@ -644,6 +645,24 @@ def _generation_rows(g: dict[str, Any]) -> list[str]:
         f"{ttft.get('p99_ms')} ms; {turns.get('done')} turns done of {turns.get('sent')} sent; "
         f"lost {g.get('lost')}, dup "
         f"{g.get('duplicated')} |"
+    ]
+
+
+def _storm_rows(st: dict[str, Any]) -> list[str]:
+    """The reconnect storm's row: the tabs of a killed web process rejoining another with
+    `after` (goal: 10,000 in ≤ 5 s, p99 ≤ 1 s, no PostgreSQL statement, nothing lost)."""
+    if not st:
+        return []
+    return [
+        f"| reconnect storm: {st['tabs']:,} tabs of a killed web process rejoin another with "
+        f"`after` | ≤ 5 s, p99 ≤ 1 s, 0 PostgreSQL statements, nothing lost | "
+        f"**{st['storm_seconds']} s**, rejoin p50 {st['rejoin_ms_p50']} / p99 "
+        f"{st['rejoin_ms_p99']} ms; {st['postgres_queries_during_storm']} PostgreSQL "
+        f"statements | {st['web_b_cpu_us_per_setup']} µs per set-up incl. `join` "
+        f"(≈ {st['setups_with_join_per_web_core_s']:,} /s per core) | — | "
+        f"{st['failed_rejoin']} failed; {st['tabs_with_a_gap_or_reset']} with a gap or reset, "
+        f"{st['tabs_behind_the_head']} behind; {st['events_appended']} events appended "
+        f"meanwhile |"
     ]
 
 

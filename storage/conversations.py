@@ -8,7 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
-from protocol.frames import Conversation
+from protocol.frames import Conversation, Message
+from storage import messages
 
 _COLUMNS = "id, owner, title, system, model, created_at, updated_at, history_seq, last_seq, tools"
 
@@ -50,7 +51,9 @@ async def insert(pool: asyncpg.Pool, owner: str, meta: Conversation) -> None:
     )
 
 
-async def get(pool: asyncpg.Pool, conversation: uuid.UUID) -> StoredConversation | None:
+async def get(
+    pool: asyncpg.Pool | asyncpg.Connection, conversation: uuid.UUID
+) -> StoredConversation | None:
     row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM conversations WHERE id = $1", conversation)
     return None if row is None else _from_row(row)
 
@@ -118,3 +121,17 @@ async def advance_seq(pool: asyncpg.Pool, conversation: uuid.UUID, seq: int) -> 
         conversation,
         seq,
     )
+
+
+async def with_history(
+    pool: asyncpg.Pool, conversation: uuid.UUID
+) -> tuple[StoredConversation | None, list[Message]]:
+    """The row and its persisted messages as of one moment (one repeatable-read
+    transaction): a turn persisted between two separate reads would otherwise be in the
+    messages but not in the row's `history_seq`, and a join would get its events twice."""
+    async with (
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        row = await get(conn, conversation)
+        return row, [] if row is None else await messages.history(conn, conversation)

@@ -144,7 +144,9 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
     return True
 
 
-async def history(pool: asyncpg.Pool, conversation: uuid.UUID) -> list[Message]:
+async def history(
+    pool: asyncpg.Pool | asyncpg.Connection, conversation: uuid.UUID
+) -> list[Message]:
     rows = await pool.fetch(
         "SELECT id, role, content, status, model, usage, created_at, parts, reason"
         " FROM messages"

@@ -419,9 +419,11 @@ class Commands:
         raise Refused("bad_frame", "unsupported frame")
 
     async def _join(self, user: str, frame: f.Join) -> None:
+        """Subscribe, then read what the socket is owed (the ownership checked in the same
+        read): live frames arriving meanwhile wait in the watch's cursor, so none is lost
+        and none reaches a socket whose join is refused."""
         conversation = frame.conversation
         hub = self.hub
-        meta = await hub.conversations.owned(user, conversation)
         if conversation not in self.watches and len(self.watches) >= hub.wire_limits.max_joined:
             raise Refused(
                 "invalid",
@@ -430,27 +432,31 @@ class Commands:
         old = self.watches.pop(conversation, None)
         watch = Watch(self.conn, conversation, hub.conversations, user, hub.spawn)
         self.watches[conversation] = watch
+        try:
+            try:
+                await hub.bus.subscribe(keys.channel(conversation), watch)
+            finally:
+                if old is not None:  # unsubscribed only now, so the channel never lacks one
+                    old.active = False
+                    hub.bus.unsubscribe(keys.channel(conversation), old)
+            await watch.join(frame.after, frame.ref)
+        except BaseException:
+            if self.watches.get(conversation) is watch:
+                self._leave(conversation, counted=old is not None)
+            elif old is None and hub.rooms is not None:  # the socket's end counted it out
+                hub.rooms.joined(conversation, user)
+            raise
         if old is None and hub.rooms is not None:
             hub.rooms.joined(conversation, user)
-        try:
-            await hub.bus.subscribe(keys.channel(conversation), watch)
-        finally:
-            if old is not None:  # unsubscribed only now, so the channel never lacks a listener
-                old.active = False
-                hub.bus.unsubscribe(keys.channel(conversation), old)
-        try:
-            await watch.join(meta, frame.after, frame.ref)
-        except BaseException:
-            self._leave(conversation)
-            raise
         if self.conn.released:  # the socket went meanwhile; nothing else will unsubscribe it
             self._leave(conversation)
 
-    def _leave(self, conversation: uuid.UUID) -> None:
+    def _leave(self, conversation: uuid.UUID, counted: bool = True) -> None:
+        """Stop watching `conversation`; `counted`: its join was counted in `rooms`."""
         watch = self.watches.pop(conversation, None)
         if watch is not None:
             watch.active = False
-            if self.hub.rooms is not None:
+            if counted and self.hub.rooms is not None:
                 self.hub.rooms.left(conversation, watch.user)
             self.hub.bus.unsubscribe(keys.channel(conversation), watch)
 

@@ -30,11 +30,10 @@ from server.edge.spending import Spending
 from server.redis import keys
 from server.redis.approvals import Approvals
 from server.redis.client import publish
-from server.redis.eventlog import UNLOADED, CachedMeta, EventLog, encode
+from server.redis.eventlog import UNLOADED, CachedHistory, CachedMeta, EventLog, Opening, encode
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
 from server.tools.definitions import known_tools, unknown_tools
 from storage import conversations as stored_conversations
-from storage import messages as stored_messages
 
 log = logging.getLogger("parley.conversations")
 
@@ -101,6 +100,26 @@ class Conversations:
             head, events = await self.events.read(conversation, after)
         return head, events
 
+    async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening:
+        """What a socket joining the conversation needs, once `user` is known to own it: the
+        row and the events after `after`, or without `after` the persisted transcript and
+        the events after it. One Redis round trip when Redis holds the conversation (and,
+        without `after`, its transcript); PostgreSQL only for what Redis lacks."""
+        try:
+            opened = await self.events.opening(conversation, after)
+            if opened.meta is None or opened.head == UNLOADED:
+                await self.load(conversation)
+                opened = await self.events.opening(conversation, after)
+        except RedisError as exc:
+            raise refusal(exc, "Redis") from None
+        if opened.meta is None or opened.meta.owner != user:
+            raise not_found()
+        if after is not None or opened.history is not None:
+            return opened
+        start, messages = await self.history(conversation)
+        head, events = await self.read_events(conversation, start)
+        return Opening(opened.meta, head, events, CachedHistory(start, messages))
+
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
         """The persisted transcript and the seq it covers: from Redis when it keeps the
         latest, else from PostgreSQL (then kept in Redis for the next joins)."""
@@ -118,12 +137,12 @@ class Conversations:
     ) -> tuple[stored_conversations.StoredConversation, list[f.Message]]:
         """The conversation's row and persisted messages from PostgreSQL."""
         try:
-            row = await stored_conversations.get(self.pool, conversation)
-            if row is None:
-                raise not_found()
-            return row, await stored_messages.history(self.pool, conversation)
+            row, messages = await stored_conversations.with_history(self.pool, conversation)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise refusal(exc, "the database") from None
+        if row is None:
+            raise not_found()
+        return row, messages
 
     async def everything(self, user: str) -> list[f.Conversation]:
         """All of the user's conversations, however many (an export)."""

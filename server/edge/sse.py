@@ -205,7 +205,7 @@ class Opening:
     ) -> Body:
         """A response body following `conversation` after `after` (or from its history)."""
         hub = self.hub
-        meta = await hub.conversations.owned(user, conversation)
+        await hub.conversations.owned(user, conversation)  # before a stream is admitted
         stream = await self.admit(user)
         watch = Watch(stream, conversation, hub.conversations, user, hub.spawn)
         channel = keys.channel(conversation)
@@ -217,7 +217,7 @@ class Opening:
 
         try:
             await hub.bus.subscribe(channel, watch)
-            await watch.join(meta, after, None)
+            await watch.join(after, None)
         except BaseException:
             release()
             raise

@@ -24,6 +24,7 @@ from protocol.session import CloseCode
 from server.app import metrics
 from server.edge.conversations import Refused
 from server.redis.client import UNREACHABLE
+from server.redis.eventlog import Opening
 
 log = logging.getLogger("parley.watch")
 
@@ -53,6 +54,8 @@ class Transcripts(Protocol):
     ) -> tuple[int, list[tuple[int, bytes]]]: ...
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]: ...
+
+    async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening: ...
 
 
 class Watch:
@@ -114,22 +117,28 @@ class Watch:
         head, logged = await self.conversations.read_events(self.conversation, after)
         return head, [(seq, wsframe.text(payload)) for seq, payload in logged]
 
-    async def join(self, meta: f.Conversation, after: int | None, ref: str | None) -> None:
+    async def join(self, after: int | None, ref: str | None) -> None:
         """Send `joined` and the events after `after`, or the full history when `after` is
-        absent or its events are no longer retained (then with `reset`)."""
+        absent or its events are no longer retained (then with `reset`). The ownership, the
+        row and what follows `after` (or the cached history) come in one read."""
+        opened = await self.conversations.opening(self.user, self.conversation, after)
+        assert opened.meta is not None  # `opening` refuses a conversation it cannot show
+        meta = opened.meta.meta
+        events = [(seq, wsframe.text(payload)) for seq, payload in opened.events]
         if after is None:
-            if (await self._send_history(meta, ref, reset=False)).next_step is NextStep.AGAIN:
-                self._start_catch_up()
-            return
-        metrics.REJOINS.inc()
-        self.cursor.start_at(after)
-        head, logged = await self._read(after)
-        result = self.cursor.catch_up(logged, head)
-        if result.next_step is NextStep.RESET:
-            result = await self._send_history(meta, ref, reset=True)
+            assert opened.history is not None
+            result = self._send_opening(
+                meta, opened.history.seq, opened.history.messages, ref, events, opened.head
+            )
         else:
-            metrics.REPLAYED.observe(len(result.frames))
-            self._send_joined(meta, head, after, None, False, ref, result.frames)
+            metrics.REJOINS.inc()
+            self.cursor.start_at(after)
+            result = self.cursor.catch_up(events, opened.head)
+            if result.next_step is NextStep.RESET:
+                result = await self._send_history(meta, ref, reset=True)
+            else:
+                metrics.REPLAYED.observe(len(result.frames))
+                self._send_joined(meta, opened.head, after, None, False, ref, result.frames)
         if result.next_step is NextStep.AGAIN:
             self._start_catch_up()
 
@@ -154,20 +163,33 @@ class Watch:
         raise Refused("unavailable", "could not catch up with the conversation")
 
     async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> CatchUp:
-        """Send `joined` with the persisted history and the logged events after it; the
+        history_seq, history = await self.conversations.history(self.conversation)
+        self.cursor.reset()  # live frames held from here on are after what is read next
+        self.cursor.start_at(history_seq)
+        head, logged = await self._read(history_seq)
+        return self._send_opening(meta, history_seq, history, ref, logged, head, reset)
+
+    def _send_opening(
+        self,
+        meta: f.Conversation,
+        history_seq: int,
+        history: list[f.Message],
+        ref: str | None,
+        logged: list[tuple[int, bytes]],
+        head: int,
+        reset: bool = False,
+    ) -> CatchUp:
+        """`joined` with the history up to `history_seq` and the events logged after it (read
+        after the socket subscribed: live frames held since then are merged, none lost); the
         catch-up's outcome (AGAIN: a live frame past the log's head skipped a seq).
 
         Where Redis lost events PostgreSQL never got, the socket follows the log from past
         them (`resume_point`): left waiting for them, it would hold every live frame from
         then on."""
-        history_seq, history = await self.conversations.history(self.conversation)
-        self.cursor.reset()
-        self.cursor.start_at(history_seq)
-        head, logged = await self._read(history_seq)
         start = resume_point(logged, history_seq, head)
         if start != history_seq:
             log.warning("events %d..%d of %s are lost", history_seq + 1, start, self.conversation)
-            self.cursor.start_at(start)
+        self.cursor.start_at(start)
         result = self.cursor.catch_up(logged, head)
         self._send_joined(meta, head, start, history, reset, ref, result.frames)
         return result

@@ -18,6 +18,7 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import (
     AskError,
     ClusterError,
@@ -71,7 +72,11 @@ def connect(settings: RedisSettings) -> Any:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), CLUSTER_ERROR_RETRIES),
         )
     pool = BlockingConnectionPool.from_url(
-        settings.url, max_connections=settings.pool_size, timeout=5, health_check_interval=10
+        settings.url,
+        max_connections=settings.pool_size,
+        timeout=5,
+        health_check_interval=10,
+        driver_info=DriverInfo(),  # once: each connection would read the package metadata
     )
     pool.connection_class = packed_by_hiredis(pool.connection_class)
     return Redis(connection_pool=pool)

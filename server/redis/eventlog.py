@@ -50,6 +50,7 @@ LOAD: Final = scripts.load("load")
 MARK_PERSISTED: Final = scripts.load("mark_persisted")
 SET_META: Final = scripts.load("set_meta")
 CACHE_HISTORY: Final = scripts.load("cache_history")
+JOIN: Final = scripts.load("join")
 
 RECENT_KEPT: Final = 200
 HISTORY_CACHED_BYTES: Final = 1 << 20
@@ -71,6 +72,18 @@ class CachedHistory(msgspec.Struct, frozen=True):
     messages: list[Message]
 
 
+class Opening(msgspec.Struct, frozen=True):
+    """What a join reads in one round trip (`EventLog.opening`): the cached row (None: Redis
+    does not hold the conversation), the head seq, the logged events after the join's start,
+    and, when asked for, the cached persisted transcript (None: not cached or not the
+    latest), which is then that start."""
+
+    meta: CachedMeta | None
+    head: int
+    events: list[tuple[int, bytes]]
+    history: CachedHistory | None = None
+
+
 _meta_decoder: Final = msgspec.json.Decoder(CachedMeta)
 _history_decoder: Final = msgspec.json.Decoder(CachedHistory)
 _message_decoder: Final = msgspec.json.Decoder(Message)
@@ -90,6 +103,7 @@ class EventLog:
         self._set_meta = SET_META.register(redis)
         self._mark_persisted = MARK_PERSISTED.register(redis)
         self._cache_history = CACHE_HISTORY.register(redis)
+        self._join = JOIN.register(redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -115,7 +129,28 @@ class EventLog:
             log_key=keys.log(conversation),
             first_id=f"{after + 1}-0",
         )
-        return int(head), [(int(eid.split(b"-")[0]), fields[1]) for eid, fields in entries]
+        return int(head), _entries(entries)
+
+    async def opening(self, conversation: uuid.UUID, after: int | None) -> Opening:
+        """What a socket joining the conversation needs, in one round trip: the cached row,
+        and the events after `after` or, with `after` None, the cached transcript and the
+        events after it."""
+        raw_meta, head, entries, persisted, raw_history = await self._join(
+            meta_key=keys.meta(conversation),
+            seq_key=keys.seq(conversation),
+            log_key=keys.log(conversation),
+            persisted_key=keys.persisted(conversation),
+            history_key=keys.history(conversation),
+            first_id=f"{(after or 0) + 1}-0",
+            with_history="1" if after is None else "0",
+        )
+        meta = None if raw_meta is None else _meta_decoder.decode(raw_meta)
+        history = None
+        if raw_history is not None:
+            history = _history_decoder.decode(raw_history)
+            if history.seq != int(persisted):
+                history = None
+        return Opening(meta, int(head), _entries(entries), history)
 
     async def head(self, conversation: uuid.UUID) -> int:
         value = await self.redis.get(keys.seq(conversation))
@@ -134,19 +169,22 @@ class EventLog:
         history: Sequence[Message],
     ) -> None:
         """Seed Redis from PostgreSQL unless another process already did: the latest messages
-        as context, and every user message id, so that a `say` repeating one is a duplicate
-        however long ago it was said."""
+        as context, every user message id, so that a `say` repeating one is a duplicate
+        however long ago it was said, and `history` (the whole persisted transcript, up to
+        `history_seq`) as the joins' copy."""
         await self._load(
             meta_key=keys.meta(meta.id),
             seq_key=keys.seq(meta.id),
             recent_key=keys.recent(meta.id),
             persisted_key=keys.persisted(meta.id),
             said_key=keys.said(meta.id),
+            history_key=keys.history(meta.id),
             meta=_encoder.encode(CachedMeta(owner, meta)),
             last_seq=last_seq,
             ttl=self.ttl,
             persisted=history_seq,
             said_ids=" ".join(str(m.id) for m in history if m.role == "user"),
+            history=_history_copy(history_seq, history),
             messages=[_encoder.encode(m) for m in history[-RECENT_KEPT:]],
         )
 
@@ -178,8 +216,8 @@ class EventLog:
     ) -> None:
         """Keep the transcript PostgreSQL holds up to `seq` for the next joins, unless a
         persist has moved on since it was read (or it is too large to keep)."""
-        encoded = _encoder.encode(CachedHistory(seq, messages))
-        if len(encoded) > HISTORY_CACHED_BYTES:
+        encoded = _history_copy(seq, messages)
+        if not encoded:
             return
         await self._cache_history(
             persisted_key=keys.persisted(conversation),
@@ -441,3 +479,14 @@ class Pipeliner:
                 break
         for sent, result in zip(batch, results, strict=True):
             sent.settle(result)
+
+
+def _entries(entries: list[tuple[bytes, list[bytes]]]) -> list[tuple[int, bytes]]:
+    """Log entries as XRANGE returns them, as (seq, event) pairs."""
+    return [(int(eid.split(b"-")[0]), fields[1]) for eid, fields in entries]
+
+
+def _history_copy(seq: int, messages: Sequence[Message]) -> bytes:
+    """The transcript as `history` keeps it, or b"" when it is too large to keep."""
+    encoded = _encoder.encode(CachedHistory(seq, list(messages)))
+    return b"" if len(encoded) > HISTORY_CACHED_BYTES else encoded

@@ -5,10 +5,11 @@ The names work unchanged on one Redis and on a Redis Cluster, where a script may
 keys of one slot. How the keys fall into slots:
 
 - a conversation: every key (and its channel) shares the hash tag `{c:ID}`, so the scripts
-  `append`, `append_piece`, `read`, `load`, `set_meta`, `mark_persisted` (with `history`),
-  `cache_history` and, in a cluster, `turn_check`, `say_commit`, `regenerate_commit` and
-  `finish_commit` stay on it; `append_pieces` takes the pieces of many conversations, in a
-  cluster only of conversations sharing a slot;
+  `append`, `append_piece`, `read`, `join` (with `meta`, `persisted` and `history`), `load`,
+  `set_meta`, `mark_persisted` (with `history`), `cache_history` and, in a cluster,
+  `turn_check`, `say_commit`, `regenerate_commit` and `finish_commit` stay on it;
+  `append_pieces` takes the pieces of many conversations, in a cluster only of
+  conversations sharing a slot;
 - a user: `turn_rate(user)`, `connections(user)` and `revoked(user)` are single keys, each
   its own slot (no script touches two of them): `turn_rate` (script `turn_rate`),
   `admit_live` and `leave` one user key per call in a cluster. `budget(user)` carries the tag

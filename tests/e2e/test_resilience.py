@@ -674,8 +674,8 @@ async def test_postgres_down_10s_turns_persisted_once_within_2s(
 
 # --------------------------------------------------------------------------- reconnect storm
 
-STORM_TABS = 60
-STORM_CONVERSATIONS = 4
+STORM_TABS = 200
+STORM_CONVERSATIONS = 20
 
 
 async def test_tabs_of_a_killed_web_process_rejoin_another_without_postgresql(
@@ -693,17 +693,18 @@ async def test_tabs_of_a_killed_web_process_rejoin_another_without_postgresql(
     events = EventLog(redis, 2000, 3600)
     clients: list[Client] = []
     try:
-        owner = await Client.connect(web_a.ws_url, token)
-        clients.append(owner)
-        conversations = [
-            (await owner.request(f.Create(title=f"storm {i}"))).conversation
-            for i in range(STORM_CONVERSATIONS)
-        ]
-        tabs = [await Client.connect(web_a.ws_url, token) for _ in range(STORM_TABS)]
+        tabs = await asyncio.gather(
+            *(Client.connect(web_a.ws_url, token) for _ in range(STORM_TABS))
+        )
         clients += tabs
+        conversations = [
+            (await tab.request(f.Create(title=f"storm {i}"))).conversation
+            for i, tab in enumerate(tabs[:STORM_CONVERSATIONS])
+        ]
         joined = [conversations[i % STORM_CONVERSATIONS] for i in range(STORM_TABS)]
-        for tab, conversation in zip(tabs, joined, strict=True):
-            await tab.request(f.Join(conversation=conversation))
+        await asyncio.gather(
+            *(tab.request(f.Join(conversation=c)) for tab, c in zip(tabs, joined, strict=True))
+        )
 
         async def append(rounds: int) -> None:
             for _ in range(rounds):

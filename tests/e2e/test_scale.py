@@ -7,17 +7,19 @@ and rejoins.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from protocol import frames as f
-from server.dev.client import Client
+from server.dev.client import Client, ProtocolError
 from server.redis import keys
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import (
@@ -118,15 +120,20 @@ async def test_join_again_on_the_same_socket_keeps_live_events(scaled: Scaled) -
 async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
     scaled: Scaled, db: asyncpg.Pool
 ) -> None:
-    """Once one join has read the persisted transcript, joins on any web process (with or
-    without `after`) take it from Redis: the other process sends PostgreSQL nothing. A turn
-    persisted since makes the copy stale: the next join reads PostgreSQL again and gets it."""
+    """A new conversation's first join, and once one join has read the persisted
+    transcript every join on any web process (with or without `after`), take it from Redis:
+    the other process sends PostgreSQL nothing. A turn persisted since makes the copy stale:
+    the next join reads PostgreSQL again and gets it."""
     web_a, web_b = scaled.webs
     user = new_user()
     writer = TabClient(user, None, [web_a], "writer")
     tabs = [writer]
     try:
         conversation = await writer.create(web_a, title="no postgres")
+        before = await postgres_queries(web_b)
+        tabs.append(first := TabClient(user, conversation, [web_b], "first"))
+        assert (await first.join()).history == []  # the copy `create` seeded
+        assert await postgres_queries(web_b) == before
         await writer.join()
         await writer.say(f"one {SCALE_REPLY}")
         await until(lambda: writer.settled(2), 10, "the reply", tabs)
@@ -161,6 +168,87 @@ async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
         assert joined.history is not None
         assert [(m.role, m.content) for m in joined.history] == [r[:2] for r in second]
     finally:
+        await close_all(tabs)
+
+
+async def test_a_joined_transcript_is_the_same_from_redis_as_from_postgresql(
+    scaled: Scaled, db: asyncpg.Pool
+) -> None:
+    """`joined` built from the copy Redis keeps is the one built from PostgreSQL, after each
+    kind of write: a persisted turn, a regenerated reply, a changed title; a deleted
+    conversation is not found, with no copy left behind."""
+    web_a, web_b = scaled.webs
+    user = new_user()
+    writer = TabClient(user, None, [web_a], "writer")
+    tabs = [writer]
+    redis = scaled.backend.client()
+
+    async def fresh_join() -> f.Joined:
+        tabs.append(tab := TabClient(user, conversation, [web_b], f"tab-{len(tabs)}"))
+        return await tab.join()
+
+    async def both_ways(last_reply: uuid.UUID) -> f.Joined:
+        """A join from the copy (PostgreSQL untouched), then one with the copy dropped."""
+        for _ in range(100):  # until the reply is persisted, marked, and a join kept the copy
+            joined = await fresh_join()
+            history = joined.history or []
+            held = bool(history) and history[-1].id == last_reply
+            if held and await redis.exists(keys.history(conversation)):
+                break
+            await asyncio.sleep(0.1)
+        before = await postgres_queries(web_b)
+        cached = await fresh_join()
+        assert await postgres_queries(web_b) == before
+        await redis.delete(keys.history(conversation))
+        stored = await fresh_join()
+        assert await postgres_queries(web_b) > before
+        assert cached.history is not None and cached.history[-1].id == last_reply
+        assert (cached.history, cached.meta, cached.last_seq) == (
+            stored.history,
+            stored.meta,
+            stored.last_seq,
+        )
+        rows = await wait_persisted(db, conversation, 0)
+        assert [(m.role, m.content) for m in cached.history] == [
+            r[:2] for r in rows if r[:2] in {(m.role, m.content) for m in cached.history}
+        ]
+        return cached
+
+    try:
+        conversation = await writer.create(web_a, title="both ways")
+        await writer.join()
+        await writer.say(f"one {SCALE_REPLY}")
+        await until(lambda: writer.settled(2), 10, "the reply", tabs)
+        client = writer.client
+        assert client is not None
+        done = [fr for fr in client.frames if isinstance(fr, f.Done)]
+        first = await both_ways(done[-1].message_id)
+        assert first.history is not None and len(first.history) == 2
+
+        ack = await client.request(f.Regenerate(conversation=conversation))
+        await client.wait_for(
+            lambda fr: isinstance(fr, f.Done) and fr.message_id == ack.message_id, timeout=15
+        )
+        again = await both_ways(ack.message_id)
+        assert again.history is not None and len(again.history) == 2
+        assert again.history[0] == first.history[0]
+
+        await client.request(f.Update(conversation=conversation, title="renamed"))
+        renamed = await both_ways(ack.message_id)
+        assert renamed.meta.title == "renamed" and renamed.history == again.history
+
+        async with httpx.AsyncClient(base_url=web_a.url) as http:
+            deleted = await http.delete(
+                f"/api/conversations/{conversation}",
+                headers={"Authorization": f"Bearer {mint(user)}"},
+            )
+        assert deleted.status_code == 204
+        assert not await redis.exists(keys.history(conversation))
+        with pytest.raises(ProtocolError) as refused:
+            await fresh_join()
+        assert refused.value.error.code == "not_found"
+    finally:
+        await redis.aclose()
         await close_all(tabs)
 
 

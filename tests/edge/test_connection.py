@@ -26,6 +26,7 @@ from server.edge.commands import Commands
 from server.edge.connection import Connection, Phase
 from server.edge.entrance import UpgradePolicy
 from server.edge.hub import Hub
+from server.redis.eventlog import CachedHistory, CachedMeta, Opening
 
 SECRET = "s" * 40
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -91,6 +92,11 @@ class FakeConversations:
 
     async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
         return 0, []
+
+    async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening:
+        meta = await self.owned(user, conversation)
+        head, events = await self.read_events(conversation, after or 0)
+        return Opening(CachedMeta(user, meta), head, events, CachedHistory(0, []))
 
     async def create(
         self,

@@ -17,6 +17,7 @@ from server.redis.eventlog import (
     BEHIND,
     LOST,
     UNLOADED,
+    CachedHistory,
     EventLog,
     Pipeliner,
     event_keys,
@@ -256,9 +257,11 @@ def said(text: str) -> Message:
 
 
 async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
-    events: EventLog,
+    events: EventLog, redis: Redis
 ) -> None:
-    conversation = await loaded(events, last_seq=4)
+    conversation = await loaded(events, last_seq=4)  # load keeps what it read: nothing
+    assert await events.history(conversation) == CachedHistory(4, [])
+    await redis.delete(keys.history(conversation))
     transcript = [said("one")]
     await events.cache_history(conversation, 3, transcript)  # older than what is persisted
     assert await events.history(conversation) is None
@@ -271,11 +274,45 @@ async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
     assert await events.history(conversation) is None
 
 
+async def test_load_keeps_the_transcript_it_was_given_as_the_joins_copy(
+    events: EventLog,
+) -> None:
+    meta = conversation_row(last_seq=3)
+    transcript = [said("one"), said("two")]
+    await events.load("alice", meta, 3, 3, transcript)
+    assert await events.history(meta.id) == CachedHistory(3, transcript)
+
+
 async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, redis: Redis) -> None:
     conversation = await loaded(events, last_seq=2)
     await events.cache_history(conversation, 2, [said("one")])
     await events.forget(conversation)
     assert not await redis.exists(keys.history(conversation))
+
+
+async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_call(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events, last_seq=2)
+    await events.cache_history(conversation, 2, transcript := [said("one")])
+    for text in ("a", "b", "c"):
+        await events.append(conversation, frame(text))
+    await events.opening(conversation, 3)  # Redis learns the script
+    calls = await script_calls(redis)
+    rejoin = await events.opening(conversation, 3)
+    assert await script_calls(redis) == calls + 1
+    assert rejoin.meta == await events.meta(conversation) and rejoin.meta is not None
+    assert (rejoin.head, [seq for seq, _ in rejoin.events], rejoin.history) == (5, [4, 5], None)
+    fresh = await events.opening(conversation, None)
+    assert fresh.history is not None and (fresh.history.seq, fresh.history.messages) == (
+        2,
+        transcript,
+    )
+    assert [seq for seq, _ in fresh.events] == [3, 4, 5]
+    await events.mark_persisted(conversation, 4)  # the copy is stale: no transcript
+    stale = await events.opening(conversation, None)
+    assert (stale.history, stale.head, stale.meta) == (None, 5, rejoin.meta)
+    assert (await events.opening(uuid.uuid4(), 0)).meta is None  # not in Redis
 
 
 async def script_commands(redis: Redis) -> int:

@@ -19,6 +19,7 @@ LOADED = [
     eventlog.MARK_PERSISTED,
     eventlog.SET_META,
     eventlog.CACHE_HISTORY,
+    eventlog.JOIN,
     turns.SAY,
     turns.REGENERATE,
     turns.FINISH,

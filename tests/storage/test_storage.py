@@ -157,6 +157,15 @@ async def test_finished_turn_is_saved_with_its_seqs(pool: asyncpg.Pool) -> None:
     assert stored.meta.updated_at == T0 + timedelta(seconds=1)
 
 
+async def test_a_row_and_its_messages_are_read_as_of_one_moment(pool: asyncpg.Pool) -> None:
+    meta = await new_conversation(pool)
+    user, reply = message("user", "hello"), message("assistant", "hi", at=T0 + timedelta(1))
+    assert await messages.save_turn(pool, turn(meta.id, 1, user=user, reply=reply))
+    row, transcript = await conversations.with_history(pool, meta.id)
+    assert row is not None and (row.history_seq, transcript) == (4, [user, reply])
+    assert await conversations.with_history(pool, uuid.uuid4()) == (None, [])
+
+
 async def test_saving_the_same_turn_again_changes_nothing(pool: asyncpg.Pool) -> None:
     """The persister may deliver a turn twice (a claimed entry after a crash before its ack)."""
     meta = await new_conversation(pool)

@@ -121,7 +121,7 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     fair_queue: bool = True
     """Turns wait in the fair queue (server/redis/queue.py) for a free worker slot; off,
     they go straight on the turns Stream, first come first served, with no cap per user.
-    Off on a Redis Cluster whatever this says (server/app/runtime.fair_queue_on)."""
+    On a Redis Cluster too: there every turn goes to turns shard 0, the queue's slot."""
 
     def wire(self) -> WireLimits:
         return WireLimits(

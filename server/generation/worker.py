@@ -212,7 +212,7 @@ class Worker:
         self.name = name or consumer_name()
         self.groups = [
             ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
-            for shard in range(turns.shards)
+            for shard in range(turns.turn_shards)
         ]
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)

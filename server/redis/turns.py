@@ -28,7 +28,9 @@ conversation, the user's budget, the user's rate counter, the turns shard), so `
    would not, and the reservation is given back), then records the say id, appends the
    message and sets the busy mark. This is the step that decides: at most one turn per
    conversation is marked, once per say id;
-5. the job's XADD on the conversation's turns shard, retried while the cluster fails over.
+5. the job's XADD on the conversation's turns shard, retried while the cluster fails over;
+   with the fair queue on, `enter` on the queue's slot instead (server/redis/queue.py): the
+   job goes onto turns shard 0 or waits in the user's fair queue.
 
 The windows the single script does not have: a web process that dies between 4 and 5 leaves
 the message appended and the conversation busy without a queued job (the busy mark expires
@@ -212,8 +214,14 @@ class Turns:
         self._finish_commit = FINISH_COMMIT.register(redis)
         self._finish_budget = FINISH_BUDGET.register(redis)
 
+    @property
+    def turn_shards(self) -> int:
+        """The turns Stream's shards the workers read: `shards`, but one (shard 0, the fair
+        queue's slot) on a cluster with the fair queue on."""
+        return self.queue.shards if self.queue.enabled else self.shards
+
     def turns_key(self, conversation: uuid.UUID) -> str:
-        return keys.turns(keys.shard_of(conversation, self.shards))
+        return self.queue.turns_key(keys.shard_of(conversation, self.shards))
 
     def persist_key(self, conversation: uuid.UUID) -> str:
         return keys.persist(keys.shard_of(conversation, self.shards))
@@ -506,9 +514,14 @@ class Turns:
             )
 
     async def _commit_or_release(self, accepted: Accepted, job: Job) -> None:
-        """After the conversation's step: queue the job it accepted, or give back the budget
-        reserved for the turn it refused (another tab started one since step 1)."""
-        if accepted.admission is Admission.OK:
+        """After the conversation's step: queue the job it accepted (through the fair queue
+        when it is on: enter.lua, and the waiting turns served when it waits), or give back
+        the budget reserved for the turn it refused (another tab started one since step 1)."""
+        if accepted.admission is Admission.OK and self.queue.enabled:
+            queued = encode(job)
+            if await self._persistently(lambda: self.queue.enter(queued, job.message_id, job.user)):
+                await self.queue.serve()
+        elif accepted.admission is Admission.OK:
             stream = self.turns_key(job.conversation)
             await self._persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
         else:

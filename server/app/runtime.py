@@ -30,7 +30,7 @@ from server.generation.finish_hooks import FinishSender
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
-from server.redis import client
+from server.redis import client, keys
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
 from server.redis.queue import FairQueue
@@ -71,6 +71,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        keys.share_slots(s.redis.conversation_slots if s.redis.cluster else 0)
         self.redis = await client.opened(s.redis)
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)

@@ -4,7 +4,9 @@ channel whose messages are not frames as they are, `USERS`).
 The names work unchanged on one Redis and on a Redis Cluster, where a script may only touch
 keys of one slot. How the keys fall into slots:
 
-- a conversation: every key (and its channel) shares the hash tag `{c:ID}`, so the scripts
+- a conversation: every key (and its channel) shares the hash tag `{c:ID}` (in a cluster with
+  `redis.conversation_slots` N, `{c:ID mod N}`: conversations then share N slots, and the
+  pipeliner's per-slot `append_pieces` calls carry several conversations' events), so the scripts
   `append`, `append_piece`, `read`, `load`, `set_meta`, `mark_persisted` (with `history`),
   `cache_history` and, in a cluster, `turn_check`, `say_commit`, `regenerate_commit` and
   `finish_commit` stay on it; `append_pieces` takes the pieces of many conversations, in a
@@ -42,6 +44,7 @@ process-wide and, in a cluster, sharded channels too (each on the node of its ow
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Final
 
@@ -90,8 +93,27 @@ CANCEL: Final = f"{PREFIX}:cancel"
 """Channel every worker listens on: the payload is a conversation id to stop generating."""
 
 
+_conversation_slots = 0
+"""How many hash tags the conversations share in a cluster (`share_slots`); 0: each its own."""
+
+
+def share_slots(tags: int) -> None:
+    """Give conversations `tags` hash tags to share (`{c:N}`, N the conversation id modulo
+    `tags`), or each its own (`{c:ID}`) with 0. Set once at start from
+    `redis.conversation_slots` (a cluster only): the worker's pipeliner sends one
+    `append_pieces` call per slot in a batch, so conversations sharing slots share calls."""
+    global _conversation_slots
+    _conversation_slots = tags
+    _conv.cache_clear()
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _conv(conversation: uuid.UUID | str) -> str:
-    return f"{PREFIX}:{{c:{conversation}}}"
+    """The start of every key of the conversation, its hash tag included."""
+    if not _conversation_slots:
+        return f"{PREFIX}:{{c:{conversation}}}"
+    number = uuid.UUID(str(conversation)).int % _conversation_slots
+    return f"{PREFIX}:{{c:{number}}}:{conversation}"
 
 
 def channel(conversation: uuid.UUID | str) -> str:

@@ -144,8 +144,7 @@ def run(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 after = redises.cpu()
                 seconds = time.monotonic() - started
                 commands = redises.command_seconds()
-                if done.returncode != 0:
-                    print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+                print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                 result = json.loads(out.read_text())
                 net.stop_processes()  # before the proxy to PostgreSQL closes
     finally:

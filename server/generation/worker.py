@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -371,7 +371,14 @@ class Worker:
                 return
             queue = self.turns.queue
             stream, name = group.stream, user.decode()
-            waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+
+            def release() -> Awaitable[bool]:
+                return queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+
+            # retried through a failover of the queue's slot (a release lost would hold the
+            # slot and the user's count for good); a buried entry's is not: a second call
+            # would lower the count twice
+            waiting = await (release() if buried else self.turns.persistently(release))
             if waiting:
                 await queue.serve()
 

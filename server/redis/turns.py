@@ -367,7 +367,7 @@ class Turns:
             )
         )
         if seq >= 0:
-            await self._persistently(
+            await self.persistently(
                 lambda: self.redis.xadd(self.persist_key(c), {"turn": turn, "done_seq": seq})
             )
             once = keys.budget_settled(job.user, job.message_id)
@@ -406,7 +406,7 @@ class Turns:
             seq, turn = await pipe.execute()
         if seq is not None and turn is not None:
             stream = self.persist_key(c)
-            await self._persistently(
+            await self.persistently(
                 lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": int(seq)})
             )
 
@@ -519,18 +519,18 @@ class Turns:
         the budget reserved for the turn it refused (another tab started one since step 1)."""
         if accepted.admission is Admission.OK and self.queue.enabled:
             queued = encode(job)
-            if await self._persistently(lambda: self.queue.enter(queued, job.message_id, job.user)):
+            if await self.persistently(lambda: self.queue.enter(queued, job.message_id, job.user)):
                 await self.queue.serve()
         elif accepted.admission is Admission.OK:
             stream = self.turns_key(job.conversation)
-            await self._persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
+            await self.persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
         else:
             await self._release(job)
 
     async def _release(self, job: Job) -> None:
         """Give back a reservation whose turn was refused after it (its record goes with it,
         so it is given back once, however often this is tried)."""
-        await self._persistently(
+        await self.persistently(
             lambda: self._budget_reconcile(
                 budget_key=keys.budget(job.user), reply_id=str(job.message_id), fate="refused"
             )
@@ -539,7 +539,7 @@ class Turns:
     async def _settle(self, job: Job, spent: int, once: str, mark_ttl: int) -> None:
         """In a cluster, a budget step on the user's slot: replace the turn's reservation with
         what it `spent`, unless the marker `once` says it was done already."""
-        await self._persistently(
+        await self.persistently(
             lambda: self._finish_budget(
                 budget_key=keys.budget(job.user),
                 settled_key=once,
@@ -552,7 +552,7 @@ class Turns:
             )
         )
 
-    async def _persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
+    async def persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
         """A step tried again, a bounded number of times, while Redis cannot answer or the
         cluster moves the step's slot (a failover, a migration: `client.passing`); the step
         before it is done and cannot be undone: giving up early would strand the turn or its

@@ -96,11 +96,8 @@ def _start_redis(backend: str, net: Network, tmp: Path) -> Redises:
         return Redises(url, {"redis": (net.services[-1].pid, address)}, False)
     nodes = redis_cluster.start(tmp / "cluster", host=net.gateway)
     net.on_close.append(nodes.stop)
-    primaries = set()
-    for line in nodes.nodes[0].cli("CLUSTER", "NODES").splitlines():
-        parts = line.split()
-        if "master" in parts[2]:
-            primaries.add(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+    primaries = {n.port for n in nodes.primaries()}  # those serving slots: a node is listed
+    # as a master until its CLUSTER REPLICATE has gone through
     processes = {
         f"{'primary' if n.port in primaries else 'replica'}:{n.port}": (n.proc.pid, n.address)
         for n in nodes.nodes

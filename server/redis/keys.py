@@ -28,7 +28,7 @@ keys of one slot. How the keys fall into slots:
   `say`/`regenerate` take these beside the conversation's keys (and every turns shard);
   `dispatch`, `release`, `unqueue` and `announce` take them as they are. In a cluster the
   queued turns all go to shard 0, so `enter` (a turn's queue step after its conversation's
-  commit), `dispatch`, `release`, `unqueue` and `announce_told` stay on the queue's slot and
+  commit, with the turn's `entered` mark), `dispatch`, `release`, `unqueue` and `announce_told` stay on the queue's slot and
   only the `queued` event is appended in a second step on the conversation's (`queued_event`).
 
 On one Redis, `say` and `regenerate` still take the conversation's keys with `turns(shard)`,
@@ -294,6 +294,12 @@ well within `worker.lease_seconds`): the capacity the fair queue fills."""
 def queue(user: str) -> str:
     """List of the user's turns (jobs, JSON) waiting in the fair queue, oldest first."""
     return f"{PREFIX}:queue:{QUEUE_TAG}:{user}"
+
+
+def entered(message_id: uuid.UUID | str) -> str:
+    """In a cluster, how a turn was handed to the fair queue (`enter.lua`): 1 waiting, 0
+    started; so that a retried `enter` does not enter it twice. Expires."""
+    return f"{PREFIX}:queue:entered:{QUEUE_TAG}:{message_id}"
 
 
 def running(user: str) -> str:

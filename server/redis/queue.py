@@ -70,6 +70,9 @@ ENTER: Final = scripts.load("enter", functions=["lib_now", "lib_fair_queue"])
 ANNOUNCE_TOLD: Final = scripts.load("announce_told", functions=["lib_announce"])
 QUEUED_EVENT: Final = scripts.load("queued_event", functions=["lib_append_event"])
 
+ENTERED_TTL: Final = 3600
+"""Seconds a cluster turn's `entered` mark outlives its `enter` (far past any retry)."""
+
 MAX_SHOWN: Final = 1000
 """Per user, the waiting turns whose position is announced (the rest wait unannounced)."""
 
@@ -246,10 +249,12 @@ class FairQueue:
             told_key=keys.QUEUE_TOLD,
             running_key=keys.running(user),
             slots_key=keys.SLOTS,
+            entered_key=keys.entered(message_id),
             job=job,
             message_id=str(message_id),
             user=user,
             per_user=self.per_user,
+            ttl=ENTERED_TTL,
         )
         return waits == 1
 

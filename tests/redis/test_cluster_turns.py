@@ -24,6 +24,7 @@ from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.client import opened
 from server.redis.eventlog import EventLog, Pipeliner
+from server.redis.queue import FairQueue
 from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
@@ -495,3 +496,21 @@ async def test_conversations_sharing_slots_share_the_pipeliners_script_calls(
     assert _evalsha_calls(cluster_nodes) <= 2
     for conversation in made:
         assert await cluster_redis.xlen(keys.log(conversation)) == 2
+
+
+async def test_a_turn_entered_in_the_fair_queue_twice_is_entered_once(cluster_redis: Any) -> None:
+    """In a cluster the fair queue's step follows the conversation's commit and is retried
+    through a failover; a retry after a lost reply hands the turn over once, with the same
+    answer (`enter.lua`'s mark)."""
+    queue = FairQueue(cluster_redis, 2, MAX_EVENTS, TTL)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    async with cluster_redis.pipeline(transaction=False) as pipe:
+        queue.beat(pipe, f"w-{user}", 1000, 30)
+        await pipe.execute()
+    job = Job(conversation=uuid.uuid4(), user=user, message_id=uuid.uuid4(), model="m")
+    before = await cluster_redis.xlen(keys.TURNS)
+    answers = [await queue.enter(msgspec.json.encode(job), job.message_id, user) for _ in "ab"]
+    assert answers == [False, False]
+    assert await cluster_redis.xlen(keys.TURNS) == before + 1
+    assert await cluster_redis.get(keys.running(user)) == b"1"
+    await FairQueue.leave(cluster_redis, f"w-{user}")

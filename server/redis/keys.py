@@ -28,8 +28,9 @@ keys of one slot. How the keys fall into slots:
   `say`/`regenerate` take these beside the conversation's keys (and every turns shard);
   `dispatch`, `release`, `unqueue` and `announce` take them as they are. In a cluster the
   queued turns all go to shard 0, so `enter` (a turn's queue step after its conversation's
-  commit, with the turn's `entered` mark), `dispatch`, `release`, `unqueue` and `announce_told` stay on the queue's slot and
-  only the `queued` event is appended in a second step on the conversation's (`queued_event`).
+  commit, with the turn's `entered` mark), `dispatch`, `release`, `unqueue` and
+  `announce_told` stay on the queue's slot and only the `queued` event is appended in a
+  second step on the conversation's (`queued_event`).
 
 On one Redis, `say` and `regenerate` still take the conversation's keys with `turns(shard)`,
 `turn_rate(user)` and `budget(user)` in one script, `finish` the conversation's keys with

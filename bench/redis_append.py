@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from protocol import frames as f
 from server.dev import embedded
@@ -137,17 +138,28 @@ async def _publishes(
     await pipe.execute()
 
 
-async def _listen(redis_url: str, conversations: list[uuid.UUID], ready: asyncio.Event) -> int:
-    """One subscriber on every channel, draining what arrives (a web process's bus)."""
+async def _listen(
+    redis_url: str, conversations: list[uuid.UUID], ready: asyncio.Event, sharded: bool = False
+) -> int:
+    """One subscriber on every channel, draining what arrives (a web process's bus); with
+    `sharded`, SSUBSCRIBEd on a cluster node (one command per slot, as it must be)."""
     client = Redis.from_url(redis_url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(*(keys.channel(c) for c in conversations))
+    channels = [keys.channel(c) for c in conversations]
+    if sharded:
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        for same in by_slot.values():
+            await pubsub.ssubscribe(*same)
+    else:
+        await pubsub.subscribe(*channels)
     ready.set()
     received = 0
     try:
         while True:
             message = await pubsub.get_message(timeout=1.0)
-            if message is not None and message["type"] == "message":
+            if message is not None and message["type"] in ("message", "smessage"):
                 received += 1
     except asyncio.CancelledError:
         return received

@@ -121,7 +121,7 @@ class LimitsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     fair_queue: bool = True
     """Turns wait in the fair queue (server/redis/queue.py) for a free worker slot; off,
     they go straight on the turns Stream, first come first served, with no cap per user.
-    Off on a Redis Cluster whatever this says (server/app/runtime.fair_queue_on)."""
+    On a Redis Cluster too: there every turn goes to turns shard 0, the queue's slot."""
 
     def wire(self) -> WireLimits:
         return WireLimits(
@@ -144,6 +144,14 @@ class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     queue_shards: Annotated[int, Meta(ge=0, le=1024)] = 0
     """How many streams the turns and persist queues are each split into (a conversation's
     turns always go to the same one); 0 picks 1 on a single Redis and 8 in a cluster."""
+
+    conversation_slots: Annotated[int, Meta(ge=0, le=16384)] = 0
+    """In a cluster: how many hash slots all conversations share (their keys' tag is
+    `{c:ID mod N}`), so that the worker's appends of conversations on one slot go in one
+    script call (docs/deploy.md, "Appends per shard"); 0: each conversation its own slot.
+    Every process must say the same; changing it renames every conversation's Redis keys
+    (conversations load again from PostgreSQL; generations running then are lost). Ignored
+    on a single Redis."""
 
     @property
     def shards(self) -> int:

@@ -30,7 +30,7 @@ from server.generation.finish_hooks import FinishSender
 from server.generation.llm import LLM
 from server.generation.persister import Persister
 from server.generation.worker import Worker
-from server.redis import client
+from server.redis import client, keys
 from server.redis.eventlog import EventLog
 from server.redis.presence import Presence
 from server.redis.queue import FairQueue
@@ -71,6 +71,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        keys.share_slots(s.redis.conversation_slots if s.redis.cluster else 0)
         self.redis = await client.opened(s.redis)
         self.pool = await create_pool(s.database.url, s.database.pool_size)
         await migrate(self.pool)
@@ -80,7 +81,7 @@ class Runtime:
             s.limits.generations_per_user,
             s.redis.log_max_events,
             s.redis.ttl_seconds,
-            enabled=fair_queue_on(s),
+            enabled=s.limits.fair_queue,
             shards=s.redis.shards,
         )
         turns = Turns(
@@ -230,13 +231,3 @@ class Runtime:
         with contextlib.suppress(Exception):
             checks["database"] = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 1.0)
         return checks
-
-
-def fair_queue_on(s: Settings) -> bool:
-    """Whether turns go through the fair queue: `limits.fair_queue`, except on a Redis
-    Cluster, whose single-slot scripts cannot move a turn from a user's queue to a turns
-    shard (there turns go straight to the workers and `generations_per_user` is not held)."""
-    if s.limits.fair_queue and s.redis.cluster:
-        log.info("fair queue off: it needs a single Redis (redis.cluster is set)")
-        return False
-    return s.limits.fair_queue

@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -216,7 +216,7 @@ class Worker:
         self.name = name or consumer_name()
         self.groups = [
             ConsumerGroup(redis, keys.turns(shard), keys.WORKERS, self.name)
-            for shard in range(turns.shards)
+            for shard in range(turns.turn_shards)
         ]
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
@@ -375,7 +375,14 @@ class Worker:
                 return
             queue = self.turns.queue
             stream, name = group.stream, user.decode()
-            waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+
+            def release() -> Awaitable[bool]:
+                return queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+
+            # retried through a failover of the queue's slot (a release lost would hold the
+            # slot and the user's count for good); a buried entry's is not: a second call
+            # would lower the count twice
+            waiting = await (release() if buried else self.turns.persistently(release))
             if waiting:
                 await queue.serve()
 

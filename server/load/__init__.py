@@ -33,6 +33,7 @@ defaults come from the server's `[simulator]` configuration (PARLEY_SIMULATOR_*)
 Several `--url`s spread the sockets round-robin over several web processes (socket k of the
 run goes to URL k modulo their number), so that a conversation's tabs sit on different ones
 and its events cross Redis between them; the server-side figures are summed over them all.
+Over SSE likewise: tab k's stream and its REST requests go to URL k's web process.
 
 Tokens are minted from `--secret` (default: the configured secret, or the one generated into
 the data directory), one user per conversation, or read from `--tokens-file` (one JWT per
@@ -170,8 +171,6 @@ def plan_from(args: argparse.Namespace, settings: Settings) -> Plan:
             f"{args.max_connections}"
         )
     urls = tuple(args.url or [DEFAULT_URL])
-    if len(urls) > 1 and args.transport == "sse":
-        raise SystemExit("parley load: --transport sse takes one --url")
     if args.duration <= 0 or args.duration > 86_400:
         raise SystemExit("parley load: --duration must be between 0 and 86400 seconds")
     return Plan(

@@ -96,8 +96,11 @@ class Driver:
         self.rng = random.Random(plan.seed * 1_000_003 + (indices[0] if indices else 0))
         self.convs = [Conv(i) for i in indices]
         self.http = (
-            ssetab.client_for(plan.url, plan.connect_timeout) if plan.transport == "sse" else None
+            [ssetab.client_for(url, plan.connect_timeout) for url in plan.urls or (plan.url,)]
+            if plan.transport == "sse"
+            else []
         )
+        """SSE: one HTTP client per web process, in the order of `endpoints`."""
         for conv in self.convs:
             conv.tabs = [self._tab(conv, t) for t in range(plan.tabs)]
         self.phase = "start"
@@ -114,14 +117,19 @@ class Driver:
         self._frames_at_run = 0
         self._tokens_at_run = 0
 
+    def spread(self, conv: Conv, index: int) -> int:
+        """Which web process tab `index` of `conv` uses: socket k of the plan
+        (conversation-major) goes to process k modulo their number, so a conversation's tabs
+        are spread."""
+        return (conv.index * self.plan.tabs + index) % len(self.endpoints)
+
     def endpoint(self, conv: Conv, index: int) -> Endpoint:
-        """Where tab `index` of `conv` connects: socket k of the plan (conversation-major)
-        goes to endpoint k modulo their number, so a conversation's tabs are spread."""
-        return self.endpoints[(conv.index * self.plan.tabs + index) % len(self.endpoints)]
+        """Where tab `index` of `conv` connects (`spread`)."""
+        return self.endpoints[self.spread(conv, index)]
 
     def _tab(self, conv: Conv, index: int) -> LoadTab:
-        if self.http is not None:
-            return ssetab.SseTab(self, conv, index, self.http)
+        if self.http:
+            return ssetab.SseTab(self, conv, index, self.http[self.spread(conv, index)])
         return LoadTab(self, conv, index)
 
     @property
@@ -411,8 +419,8 @@ class Driver:
             for tab in conv.tabs:
                 tab.close()
         await asyncio.sleep(0.2)
-        if self.http is not None:
-            await ssetab.close_client(self.http)
+        for http in self.http:
+            await ssetab.close_client(http)
 
     def progress(self) -> dict[str, Any]:
         """A small snapshot for the live display (sent between processes as it is)."""

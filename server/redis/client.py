@@ -9,6 +9,7 @@ shard its own hash tag), the few steps that span slots run as one script per slo
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any, Final, cast
 
@@ -66,7 +67,7 @@ def connect(settings: RedisSettings) -> Any:
     """The client for `settings` (typed `Any`: redis-py's cluster client and single client
     share their commands but no declared type)."""
     if settings.cluster:
-        return RedisCluster.from_url(
+        return WaitingCluster.from_url(
             settings.url,
             max_connections=settings.pool_size,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), CLUSTER_ERROR_RETRIES),
@@ -80,6 +81,39 @@ def connect(settings: RedisSettings) -> Any:
     )
     pool.connection_class = packed_by_hiredis(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+class WaitingCluster(RedisCluster):
+    """redis-py's cluster client, except that a caller waits for a connection when
+    `max_connections` commands are in flight, as `BlockingConnectionPool` makes it wait on one
+    Redis: redis-py's cluster client fails the command with `MaxConnectionsError` when a
+    node's pool is all in use, which a web process joining thousands of sockets at once
+    answered as Redis unavailable. At most `max_connections` commands and pipelines are in
+    flight at once (a pipeline takes one connection per node it reaches), so no node's pool
+    runs out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.in_flight:
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused as redis-py refuses it
+        return WaitingPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes it
+
+
+class WaitingPipeline(ClusterPipeline):
+    """A pipeline of a `WaitingCluster`, counted among its commands in flight."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self.cluster_client
+        assert isinstance(client, WaitingCluster)
+        async with client.in_flight:
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 async def opened(settings: RedisSettings) -> Any:

@@ -4,7 +4,9 @@ channel whose messages are not frames as they are, `USERS`).
 The names work unchanged on one Redis and on a Redis Cluster, where a script may only touch
 keys of one slot. How the keys fall into slots:
 
-- a conversation: every key (and its channel) shares the hash tag `{c:ID}`, so the scripts
+- a conversation: every key (and its channel) shares the hash tag `{c:ID}` (in a cluster with
+  `redis.conversation_slots` N, `{c:ID mod N}`: conversations then share N slots, and the
+  pipeliner's per-slot `append_pieces` calls carry several conversations' events), so the scripts
   `append`, `append_piece`, `read`, `join` (with `meta`, `persisted` and `history`), `load`,
   `set_meta`, `mark_persisted` (with `history`), `cache_history` and, in a cluster,
   `turn_check`, `say_commit`, `regenerate_commit` and `finish_commit` stay on it;
@@ -21,13 +23,15 @@ keys of one slot. How the keys fall into slots:
   single-Redis name `parley:turns`, the others carry the tag `{turns:N}`); a conversation's
   turns always go to shard `shard_of(conversation, shards)`, so they stay in order;
 - alone: `PROCESSES` (script `beat`), `FINISH_HOOKS`, `DEADLETTER`, the worker heartbeats;
-- the fair queue (one Redis only; off in a cluster): `queue(user)` and `running(user)` share
-  the user's tag, and `say`/`regenerate` (with the user's `queue` and `running`,
-  `QUEUE_RING`, `QUEUE_TOLD`, `SLOTS` and every turns shard), `dispatch` (every turns shard,
-  `QUEUE_RING`, `QUEUE_TOLD` and each picked user's `queue` and `running`), `release` (a
-  turns shard, `running(user)`, `QUEUE_RING`), `unqueue` (the
-  user's `queue` and `running`, `QUEUE_RING`, a turns shard, `QUEUE_TOLD`) and `announce`
-  (`QUEUE_TOLD` and the conversation's event keys) cross slots.
+- the fair queue: every key of it carries the tag `{parley:turns}`, the slot of turns shard 0
+  (`TURNS`, no tag: its whole name is what hashes), so its ring, `told`, the workers' `SLOTS`,
+  each user's `queue(user)` and `running(user)` and shard 0 share one slot. On one Redis,
+  `say`/`regenerate` take these beside the conversation's keys (and every turns shard);
+  `dispatch`, `release`, `unqueue` and `announce` take them as they are. In a cluster the
+  queued turns all go to shard 0, so `enter` (a turn's queue step after its conversation's
+  commit, with the turn's `entered` mark), `dispatch`, `release`, `unqueue` and
+  `announce_told` stay on the queue's slot and only the `queued` event is appended in a
+  second step on the conversation's (`queued_event`).
 
 On one Redis, `say` and `regenerate` still take the conversation's keys with `turns(shard)`,
 `turn_rate(user)` and `budget(user)` in one script, `finish` the conversation's keys with
@@ -42,6 +46,7 @@ process-wide and, in a cluster, sharded channels too (each on the node of its ow
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Final
 
@@ -90,8 +95,27 @@ CANCEL: Final = f"{PREFIX}:cancel"
 """Channel every worker listens on: the payload is a conversation id to stop generating."""
 
 
+_conversation_slots = 0
+"""How many hash tags the conversations share in a cluster (`share_slots`); 0: each its own."""
+
+
+def share_slots(tags: int) -> None:
+    """Give conversations `tags` hash tags to share (`{c:N}`, N the conversation id modulo
+    `tags`), or each its own (`{c:ID}`) with 0. Set once at start from
+    `redis.conversation_slots` (a cluster only): the worker's pipeliner sends one
+    `append_pieces` call per slot in a batch, so conversations sharing slots share calls."""
+    global _conversation_slots
+    _conversation_slots = tags
+    _conv.cache_clear()
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _conv(conversation: uuid.UUID | str) -> str:
-    return f"{PREFIX}:{{c:{conversation}}}"
+    """The start of every key of the conversation, its hash tag included."""
+    if not _conversation_slots:
+        return f"{PREFIX}:{{c:{conversation}}}"
+    number = uuid.UUID(str(conversation)).int % _conversation_slots
+    return f"{PREFIX}:{{c:{number}}}:{conversation}"
 
 
 def channel(conversation: uuid.UUID | str) -> str:
@@ -247,11 +271,14 @@ def stream_ticket(ticket: str) -> str:
     return f"{PREFIX}:ticket:{ticket}"
 
 
-QUEUE_RING: Final = f"{PREFIX}:queue:ring"
+QUEUE_TAG: Final = f"{{{TURNS}}}"
+"""The fair queue's hash tag: the slot of `TURNS` (turns shard 0), whose name has no tag."""
+
+QUEUE_RING: Final = f"{PREFIX}:queue:ring:{QUEUE_TAG}"
 """List of the users with turns in the fair queue, the next to be served first
 (server/redis/queue.py): a user is in it exactly while their `queue` is not empty."""
 
-QUEUE_TOLD: Final = f"{PREFIX}:queue:told"
+QUEUE_TOLD: Final = f"{PREFIX}:queue:told:{QUEUE_TAG}"
 """Hash of the turns waiting in the fair queue: message id -> `position:ms`, the last place
 announced and when (`-1:0` until the first), so a position changes on the tabs at most once
 a second and never after the turn left the queue (dispatch and unqueue delete its entry)."""
@@ -259,7 +286,7 @@ a second and never after the turn left the queue (dispatch and unqueue delete it
 QUEUE_ANNOUNCER: Final = f"{PREFIX}:queue:announcer"
 """Held (SET NX, one second) by the process announcing the queue's positions this second."""
 
-SLOTS: Final = f"{PREFIX}:slots"
+SLOTS: Final = f"{PREFIX}:slots:{QUEUE_TAG}"
 """Hash worker name -> `slots deadline_ms` (its `worker.concurrency` and the time its
 heartbeat runs out, by the worker's clock, compared with Redis's own in `say`/`regenerate`
 and with the dispatching process's in server/redis/queue.py: hosts' clocks must agree to
@@ -268,9 +295,15 @@ well within `worker.lease_seconds`): the capacity the fair queue fills."""
 
 def queue(user: str) -> str:
     """List of the user's turns (jobs, JSON) waiting in the fair queue, oldest first."""
-    return f"{PREFIX}:queue:{{u:{user}}}"
+    return f"{PREFIX}:queue:{QUEUE_TAG}:{user}"
+
+
+def entered(message_id: uuid.UUID | str) -> str:
+    """In a cluster, how a turn was handed to the fair queue (`enter.lua`): 1 waiting, 0
+    started; so that a retried `enter` does not enter it twice. Expires."""
+    return f"{PREFIX}:queue:entered:{QUEUE_TAG}:{message_id}"
 
 
 def running(user: str) -> str:
     """Counter of the user's turns handed to the workers and not finished yet."""
-    return f"{PREFIX}:running:{{u:{user}}}"
+    return f"{PREFIX}:running:{QUEUE_TAG}:{user}"

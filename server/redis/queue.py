@@ -26,9 +26,20 @@ The web process serves right after queueing a turn, a worker after releasing one
 wait, and the workers on a short tick (one of them per tick, `keys.QUEUE_ANNOUNCER`), which
 also renews the waiting turns' `generating` marks and covers a worker joining or dying.
 
-One Redis node: the dispatch script touches the ring, every shard of the Stream (a turn goes
-to its conversation's, `keys.shard_of`) and every picked user's keys (each user's keys share
-the user's hash tag). On a Redis Cluster the fair queue is off (server/app/runtime.py).
+Every key of the queue carries one hash tag (`keys.QUEUE_TAG`, the slot of turns shard 0):
+the ring, `told`, the workers' slots, each user's waiting list and running count. On one
+Redis, the dispatch script touches those and every shard of the Stream (a turn goes to its
+conversation's, `keys.shard_of`). On a Redis Cluster every turn that goes through the queue
+goes to shard 0, so `enter` (the queue's step of a turn, after its conversation's commit:
+server/redis/turns.py), `dispatch`, `release` and `unqueue` each touch that one slot and
+decide atomically, as on one Redis; only `announce` is split, into `announce_told` on the
+queue's slot (decides and records) then `queued_event` on the conversation's (appends, and
+only while no worker has claimed the turn, so `queued` never follows `start`). Why one slot
+rather than the users' own: the hand-over moves a job from a user's list to the Stream,
+counts it against the capacity and the user's cap and rotates the ring; split across slots
+that would be several steps, and a process dying between two of them would lose a turn or
+leak a slot for good. The cost is that every turn's queue steps (2 to 4 script calls per
+turn, none per token) land on one shard.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from redis.asyncio.client import Pipeline
 from protocol import frames as f
 from protocol.fairness import Waiting, due, pick, positions, told
 from server.redis import keys, scripts
+from server.redis.client import is_cluster
 from server.redis.eventlog import encode, event_keys
 
 log = logging.getLogger("parley.queue")
@@ -53,7 +65,13 @@ log = logging.getLogger("parley.queue")
 DISPATCH: Final = scripts.load("dispatch")
 RELEASE: Final = scripts.load("release")
 UNQUEUE: Final = scripts.load("unqueue")
-ANNOUNCE: Final = scripts.load("announce", functions=["lib_append_event"])
+ANNOUNCE: Final = scripts.load("announce", functions=["lib_announce", "lib_append_event"])
+ENTER: Final = scripts.load("enter", functions=["lib_now", "lib_fair_queue"])
+ANNOUNCE_TOLD: Final = scripts.load("announce_told", functions=["lib_announce"])
+QUEUED_EVENT: Final = scripts.load("queued_event", functions=["lib_append_event"])
+
+ENTERED_TTL: Final = 3600
+"""Seconds a cluster turn's `entered` mark outlives its `enter` (far past any retry)."""
 
 MAX_SHOWN: Final = 1000
 """Per user, the waiting turns whose position is announced (the rest wait unannounced)."""
@@ -98,7 +116,10 @@ class FairQueue:
         shards: int = 1,
     ) -> None:
         self.redis = redis
-        self.shards = shards
+        self.in_steps = is_cluster(redis)
+        """On a Redis Cluster: every queued turn goes to turns shard 0 (the queue's slot),
+        and positions are told in two single-slot steps."""
+        self.shards = 1 if self.in_steps else shards
         """The turns Stream's shards; `dispatch` puts a turn on its conversation's."""
         self.per_user = per_user
         self.max_events = max_events
@@ -110,6 +131,9 @@ class FairQueue:
         self._release = RELEASE.register(redis)
         self._unqueue = UNQUEUE.register(redis)
         self._announce = ANNOUNCE.register(redis)
+        self._enter = ENTER.register(redis)
+        self._announce_told = ANNOUNCE_TOLD.register(redis)
+        self._queued_event = QUEUED_EVENT.register(redis)
 
     # ------------------------------------------------------------------ capacity
 
@@ -210,6 +234,30 @@ class FairQueue:
     def _streams(self) -> list[str]:
         return [keys.turns(shard) for shard in range(self.shards)]
 
+    def turns_key(self, shard: int) -> str:
+        """Where a turn of the conversation on turns shard `shard` goes: there, except in a
+        cluster with the queue on, where every turn goes to shard 0 (the queue's slot)."""
+        return keys.TURNS if self.enabled and self.in_steps else keys.turns(shard)
+
+    async def enter(self, job: bytes, message_id: uuid.UUID, user: str) -> bool:
+        """In a cluster, after the conversation's commit: hand the turn to the workers, or
+        queue it (enter.lua). Whether it waits."""
+        waits: int = await self._enter(
+            turns_key=keys.TURNS,
+            queue_key=keys.queue(user),
+            ring_key=keys.QUEUE_RING,
+            told_key=keys.QUEUE_TOLD,
+            running_key=keys.running(user),
+            slots_key=keys.SLOTS,
+            entered_key=keys.entered(message_id),
+            job=job,
+            message_id=str(message_id),
+            user=user,
+            per_user=self.per_user,
+            ttl=ENTERED_TTL,
+        )
+        return waits == 1
+
     async def release(
         self, stream: str, group: str, entry_id: bytes, user: str, *, buried: bool
     ) -> bool:
@@ -267,8 +315,8 @@ class FairQueue:
             for waiting, raws in zip(state.ring, state.jobs, strict=True)
             for raw, position in zip(raws, places[waiting.user], strict=False)
         ]
-        calls = [
-            self._tell(job, position, now_ms)
+        told_now = [
+            (job, position)
             for job, position in placed
             if due(told(state.told.get(str(job.message_id))), position, now_ms)
         ]
@@ -277,13 +325,46 @@ class FairQueue:
                 for job, _ in placed:
                     pipe.expire(keys.generation(job.conversation), self.lease)
                 await pipe.execute()
+        if not told_now:
+            return 0
+        if self.in_steps:
+            told_now = await self._told_in_cluster(told_now, now_ms)
+        calls = [self._tell(job, position, now_ms) for job, position in told_now]
         results = await scripts.run_all(self.redis, calls) if calls else []
         return sum(1 for seq in results if seq)
 
+    async def _told_in_cluster(
+        self, placed: list[tuple[_Queued, int]], now_ms: int
+    ) -> list[tuple[_Queued, int]]:
+        """In a cluster, the first step of telling places: those of `placed` still due,
+        recorded as told on the queue's slot (announce_told.lua)."""
+        calls = [
+            self._announce_told.bind(
+                told_key=keys.QUEUE_TOLD,
+                message_id=str(job.message_id),
+                position=position,
+                now_ms=now_ms,
+            )
+            for job, position in placed
+        ]
+        results = await scripts.run_all(self.redis, calls)
+        return [one for one, due_now in zip(placed, results, strict=True) if due_now]
+
     def _tell(self, job: _Queued, position: int, now_ms: int) -> scripts.Call:
+        """The call that appends `queued` to the conversation: in a cluster (whose first step
+        decided) only while no worker has claimed the turn; on one Redis deciding too."""
         frame = f.Queued(
             conversation=job.conversation, message_id=job.message_id, position=position
         )
+        if self.in_steps:
+            return self._queued_event.bind(
+                gen_key=keys.generation(job.conversation),
+                **event_keys(job.conversation),
+                message_id=str(job.message_id),
+                frame=encode(frame),
+                maxlen=self.max_events,
+                ttl=self.ttl,
+            )
         return self._announce.bind(
             told_key=keys.QUEUE_TOLD,
             **event_keys(job.conversation),

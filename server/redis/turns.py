@@ -28,7 +28,9 @@ conversation, the user's budget, the user's rate counter, the turns shard), so `
    would not, and the reservation is given back), then records the say id, appends the
    message and sets the busy mark. This is the step that decides: at most one turn per
    conversation is marked, once per say id;
-5. the job's XADD on the conversation's turns shard, retried while the cluster fails over.
+5. the job's XADD on the conversation's turns shard, retried while the cluster fails over;
+   with the fair queue on, `enter` on the queue's slot instead (server/redis/queue.py): the
+   job goes onto turns shard 0 or waits in the user's fair queue.
 
 The windows the single script does not have: a web process that dies between 4 and 5 leaves
 the message appended and the conversation busy without a queued job (the busy mark expires
@@ -212,8 +214,14 @@ class Turns:
         self._finish_commit = FINISH_COMMIT.register(redis)
         self._finish_budget = FINISH_BUDGET.register(redis)
 
+    @property
+    def turn_shards(self) -> int:
+        """The turns Stream's shards the workers read: `shards`, but one (shard 0, the fair
+        queue's slot) on a cluster with the fair queue on."""
+        return self.queue.shards if self.queue.enabled else self.shards
+
     def turns_key(self, conversation: uuid.UUID) -> str:
-        return keys.turns(keys.shard_of(conversation, self.shards))
+        return self.queue.turns_key(keys.shard_of(conversation, self.shards))
 
     def persist_key(self, conversation: uuid.UUID) -> str:
         return keys.persist(keys.shard_of(conversation, self.shards))
@@ -373,7 +381,7 @@ class Turns:
             )
         )
         if seq >= 0:
-            await self._persistently(
+            await self.persistently(
                 lambda: self.redis.xadd(self.persist_key(c), {"turn": turn, "done_seq": seq})
             )
             once = keys.budget_settled(job.user, job.message_id)
@@ -412,7 +420,7 @@ class Turns:
             seq, turn = await pipe.execute()
         if seq is not None and turn is not None:
             stream = self.persist_key(c)
-            await self._persistently(
+            await self.persistently(
                 lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": int(seq)})
             )
 
@@ -498,18 +506,23 @@ class Turns:
             )
 
     async def _commit_or_release(self, accepted: Accepted, job: Job) -> None:
-        """After the conversation's step: queue the job it accepted, or give back the budget
-        reserved for the turn it refused (another tab started one since step 1)."""
-        if accepted.admission is Admission.OK:
+        """After the conversation's step: queue the job it accepted (through the fair queue
+        when it is on: enter.lua, and the waiting turns served when it waits), or give back
+        the budget reserved for the turn it refused (another tab started one since step 1)."""
+        if accepted.admission is Admission.OK and self.queue.enabled:
+            queued = encode(job)
+            if await self.persistently(lambda: self.queue.enter(queued, job.message_id, job.user)):
+                await self.queue.serve()
+        elif accepted.admission is Admission.OK:
             stream = self.turns_key(job.conversation)
-            await self._persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
+            await self.persistently(lambda: self.redis.xadd(stream, {"job": encode(job)}))
         else:
             await self._release(job)
 
     async def _release(self, job: Job) -> None:
         """Give back a reservation whose turn was refused after it (its record goes with it,
         so it is given back once, however often this is tried)."""
-        await self._persistently(
+        await self.persistently(
             lambda: self._budget_reconcile(
                 budget_key=keys.budget(job.user), reply_id=str(job.message_id), fate="refused"
             )
@@ -518,7 +531,7 @@ class Turns:
     async def _settle(self, job: Job, spent: int, once: str, mark_ttl: int) -> None:
         """In a cluster, a budget step on the user's slot: replace the turn's reservation with
         what it `spent`, unless the marker `once` says it was done already."""
-        await self._persistently(
+        await self.persistently(
             lambda: self._finish_budget(
                 budget_key=keys.budget(job.user),
                 settled_key=once,
@@ -531,7 +544,7 @@ class Turns:
             )
         )
 
-    async def _persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
+    async def persistently(self, step: Callable[[], Awaitable[Any]]) -> Any:
         """A step tried again, a bounded number of times, while Redis cannot answer or the
         cluster moves the step's slot (a failover, a migration: `client.passing`); the step
         before it is done and cannot be undone: giving up early would strand the turn or its

@@ -1,7 +1,7 @@
 """The fair queue end to end: a web process and workers with a few slots on their own Redis
-database; users' turns wait for a slot round-robin, their tabs see `queued` positions, a
-user runs at most `limits.generations_per_user` at once, a queued turn can be cancelled, and
-a worker killed while turns wait loses none."""
+database or Redis Cluster; users' turns wait for a slot round-robin, their tabs see `queued`
+positions, a user runs at most `limits.generations_per_user` at once, a queued turn can be
+cancelled, and a worker killed while turns wait loses none."""
 
 from __future__ import annotations
 
@@ -16,7 +16,17 @@ import pytest_asyncio
 from protocol import frames as f
 from server.dev.client import Client
 from tests.helpers.auth import mint, new_user
-from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, start_all, stop_together
+from tests.helpers.processes import (
+    BACKENDS,
+    Cluster,
+    Db,
+    ParleyProcess,
+    RedisBackend,
+    clusters_for,
+    redis_db,
+    start_all,
+    stop_together,
+)
 
 SLOTS = "4"
 TURNS_PER_MINUTE = "100"
@@ -27,9 +37,17 @@ def reply(tokens: int, tps: int = 10) -> str:
     return f"[sim:tokens={tokens}] [sim:tps={tps}] go"
 
 
+def backend(request: pytest.FixtureRequest, cluster: Cluster, db: Db) -> RedisBackend:
+    """Database `db` of the session's Redis, or a Redis Cluster of its own."""
+    clusters = clusters_for(request)
+    if clusters is None:
+        return RedisBackend(redis_db(cluster.services.redis_url, db))
+    return clusters.backend()
+
+
 @contextlib.contextmanager
-def web_and_worker(cluster: Cluster, db: Db, **env: str) -> Iterator[ParleyProcess]:
-    env = {"REDIS_URL": redis_db(cluster.services.redis_url, db), **env}
+def web_and_worker(cluster: Cluster, backend: RedisBackend, **env: str) -> Iterator[ParleyProcess]:
+    env = {**backend.env(), **env}
     procs = [cluster.process(role, start=False, **env) for role in ("web", "worker")]
     start_all(procs)
     try:
@@ -38,21 +56,27 @@ def web_and_worker(cluster: Cluster, db: Db, **env: str) -> Iterator[ParleyProce
         stop_together(procs)
 
 
-@pytest.fixture(scope="module")
-def uncapped(cluster: Cluster) -> Iterator[ParleyProcess]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def uncapped(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[ParleyProcess]:
     env = {
         "PARLEY_WORKER_CONCURRENCY": SLOTS,
         "PARLEY_LIMITS_GENERATIONS_PER_USER": "0",
         "PARLEY_LIMITS_TURNS_PER_MINUTE": TURNS_PER_MINUTE,
     }
-    with web_and_worker(cluster, Db.FAIR_QUEUE, **env) as web:
+    with web_and_worker(cluster, backend(request, cluster, Db.FAIR_QUEUE), **env) as web:
         yield web
 
 
-@pytest.fixture(scope="module")
-def capped(cluster: Cluster) -> Iterator[ParleyProcess]:
-    with web_and_worker(cluster, Db.FAIR_QUEUE_CAP, PARLEY_WORKER_CONCURRENCY=SLOTS) as web:
+@pytest.fixture(scope="module", params=BACKENDS)
+def capped(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[ParleyProcess]:
+    on = backend(request, cluster, Db.FAIR_QUEUE_CAP)
+    with web_and_worker(cluster, on, PARLEY_WORKER_CONCURRENCY=SLOTS) as web:
         yield web
+
+
+@pytest.fixture(params=BACKENDS)
+def kill_backend(request: pytest.FixtureRequest, cluster: Cluster) -> RedisBackend:
+    return backend(request, cluster, Db.FAIR_QUEUE_KILL)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -185,10 +209,10 @@ async def test_cancelling_a_queued_turn_removes_it_and_ends_it_cancelled(
 
 
 async def test_a_worker_killed_while_turns_wait_loses_none(
-    cluster: Cluster, tabs: list[Client]
+    cluster: Cluster, kill_backend: RedisBackend, tabs: list[Client]
 ) -> None:
     env = {
-        "REDIS_URL": redis_db(cluster.services.redis_url, Db.FAIR_QUEUE_KILL),
+        **kill_backend.env(),
         "PARLEY_WORKER_CONCURRENCY": "2",
         "PARLEY_WORKER_LEASE_SECONDS": "1",
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.auth import SECRET
-from tests.helpers.processes import ROOT, ParleyProcess
+from tests.helpers.processes import ROOT, ParleyProcess, Scaled, counter_now
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -118,3 +118,24 @@ def test_load_publish_appends_through_the_append_script(
     assert published > 0 and result["publish"]["errors"] == 0
     assert result["throughput"]["tokens"] == published * 2  # every frame to both tabs
     assert result["integrity"]["lost"] == result["integrity"]["duplicated"] == 0
+
+
+def test_load_over_sse_spreads_each_conversations_tabs_over_the_web_processes(
+    scaled: Scaled, tmp_path: Path
+) -> None:
+    """Two `--url`s over SSE: each conversation's two tabs follow it from different web
+    processes, each process serves half the streams, and no tab misses or repeats an event."""
+    joins = "parley_joins_total"
+    before = [counter_now(web, joins) for web in scaled.webs]
+    out = tmp_path / "sse-spread.json"
+    args = [sys.executable, "-m", "server.app.cli", "load", "chat", "--transport", "sse"]
+    args += [arg for web in scaled.webs for arg in ("--url", web.ws_url)]
+    args += ["--conversations", "3", "--tabs", "2", "--rate", "0.5", "--duration", "3"]
+    args += ["--tokens", "20", "--tps", "100", "--no-progress", "--no-charts", "--out", str(out)]
+    _run(args, tmp_path)
+    result = json.loads(out.read_text())
+    assert result["transport"] == "sse"
+    assert result["integrity"]["lost"] == result["integrity"]["duplicated"] == 0
+    assert result["throughput"]["tokens"] > 0
+    gained = [counter_now(web, joins) - b for web, b in zip(scaled.webs, before, strict=True)]
+    assert gained == [3, 3], gained

@@ -51,3 +51,30 @@ async def test_a_process_starting_many_loops_at_once_loses_none_of_their_first_c
 ) -> None:
     for _ in range(STARTS):
         assert await start_like_a_worker(backend.url) == []
+
+
+async def test_more_commands_at_once_than_the_pool_holds_wait_for_a_connection(
+    backend: RedisBackend,
+) -> None:
+    """A web process joining thousands of sockets sends more commands at once than
+    `redis.pool_size`: they wait for a connection, as on one Redis, instead of failing with
+    redis-py's MaxConnectionsError (answered to the tabs as Redis unavailable)."""
+    redis = await opened(RedisSettings(url=backend.url, cluster=True, pool_size=2))
+    key = f"parley:test:{{pool-{uuid.uuid4().hex[:8]}}}"
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, *range(40))
+            await pipe.execute()
+        pipelines = []
+        for _ in range(10):
+            pipe = redis.pipeline(transaction=False)
+            pipe.llen(key)
+            pipelines.append(pipe.execute())
+        done = await asyncio.gather(
+            *(redis.lpop(key) for _ in range(40)), *pipelines, return_exceptions=True
+        )
+        assert [d for d in done if isinstance(d, BaseException)] == []
+        assert sorted(int(d) for d in done[:40]) == list(range(40))
+    finally:
+        await redis.delete(key)
+        await redis.aclose()

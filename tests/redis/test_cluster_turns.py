@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
+from redis.crc import key_slot
 
 from protocol import frames as f
 from server.app.config import BudgetsSettings, RedisSettings
@@ -23,6 +24,7 @@ from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.client import opened
 from server.redis.eventlog import EventLog, Pipeliner
+from server.redis.queue import FairQueue
 from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
@@ -429,3 +431,70 @@ async def test_an_approval_on_a_cluster_appends_its_request_and_one_resolution(
     assert head == 5 and isinstance(request, f.ApprovalRequest) and request.seq == 4
     assert isinstance(resolved, f.ApprovalResolved) and resolved.seq == 5
     assert resolved.state == next(a for a in answers if a.outcome == "settled").approval.state  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def two_shared_slots() -> Iterator[None]:
+    """Conversations share two hash tags (`redis.conversation_slots = 2`), for one test."""
+    keys.share_slots(2)
+    try:
+        yield
+    finally:
+        keys.share_slots(0)
+
+
+def _evalsha_calls(nodes: SixNodes) -> int:
+    total = 0
+    for node in nodes.primaries():
+        for line in node.cli("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_evalsha:"):
+                total += int(line.split("calls=")[1].split(",")[0])
+    return total
+
+
+async def test_conversations_sharing_slots_share_the_pipeliners_script_calls(
+    cluster_nodes: SixNodes, cluster_redis: Any, events: EventLog, two_shared_slots: None
+) -> None:
+    """With conversations on two slots, one token each of twelve conversations is appended
+    in two `append_pieces` calls (one per slot), not twelve, each event in its own log."""
+    made = [await loaded(events) for _ in range(12)]
+    assert len({key_slot(keys.seq(c).encode()) for c in made}) <= 2
+    reply = uuid.uuid4()
+    async with cluster_redis.pipeline(transaction=False) as pipe:
+        for conversation in made:
+            generations.claim(pipe, conversation, reply, "w", 60)
+        await pipe.execute()
+    pipeliner = Pipeliner(cluster_redis)
+    pipeliner.start()
+    token = f.encode(f.Token(conversation=made[0], message_id=reply, text="hi"))
+    try:
+        for piece in (1, 2):  # the first loads the script on each node
+            for node in cluster_nodes.primaries():
+                node.cli("CONFIG", "RESETSTAT")
+            seqs = await asyncio.gather(
+                *(events.append_piece(pipeliner, c, token, reply, piece) for c in made)
+            )
+            assert seqs == [piece] * 12
+    finally:
+        await pipeliner.stop()
+    assert _evalsha_calls(cluster_nodes) <= 2
+    for conversation in made:
+        assert await cluster_redis.xlen(keys.log(conversation)) == 2
+
+
+async def test_a_turn_entered_in_the_fair_queue_twice_is_entered_once(cluster_redis: Any) -> None:
+    """In a cluster the fair queue's step follows the conversation's commit and is retried
+    through a failover; a retry after a lost reply hands the turn over once, with the same
+    answer (`enter.lua`'s mark)."""
+    queue = FairQueue(cluster_redis, 2, MAX_EVENTS, TTL)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    async with cluster_redis.pipeline(transaction=False) as pipe:
+        queue.beat(pipe, f"w-{user}", 1000, 30)
+        await pipe.execute()
+    job = Job(conversation=uuid.uuid4(), user=user, message_id=uuid.uuid4(), model="m")
+    before = await cluster_redis.xlen(keys.TURNS)
+    answers = [await queue.enter(msgspec.json.encode(job), job.message_id, user) for _ in "ab"]
+    assert answers == [False, False]
+    assert await cluster_redis.xlen(keys.TURNS) == before + 1
+    assert await cluster_redis.get(keys.running(user)) == b"1"
+    await FairQueue.leave(cluster_redis, f"w-{user}")

@@ -45,6 +45,9 @@ LOADED = [
     queue.RELEASE,
     queue.UNQUEUE,
     queue.ANNOUNCE,
+    queue.ENTER,
+    queue.ANNOUNCE_TOLD,
+    queue.QUEUED_EVENT,
 ]
 
 
@@ -99,7 +102,7 @@ def test_library_functions_come_before_the_script() -> None:
 
 PUBLISHING = {
     "append", "append_piece", "append_pieces", "say", "finish", "say_commit", "finish_commit",
-    "open_approval", "settle_approval", "announce",
+    "open_approval", "settle_approval", "announce", "queued_event",
 }  # fmt: skip
 
 

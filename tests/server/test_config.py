@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 
-from server.app.config import ConfigError, LimitsSettings, RedisSettings, Settings, load
-from server.app.runtime import fair_queue_on
+from server.app.config import ConfigError, Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,12 +61,3 @@ def test_a_section_whose_name_starts_with_another_takes_its_own_variables() -> N
     """PARLEY_SERVER_API_KEYS is [server_api] keys, not [server] api_keys."""
     s = load(ROOT / "config.toml", {"PARLEY_SERVER_API_KEYS": "k1, k2", "PARLEY_SERVER_PORT": "1"})
     assert s.server_api.keys == ["k1", "k2"] and s.server.port == 1
-
-
-def test_the_fair_queue_is_off_on_a_redis_cluster(caplog: pytest.LogCaptureFixture) -> None:
-    fair = LimitsSettings(fair_queue=True)
-    assert fair_queue_on(Settings(limits=fair))
-    assert not fair_queue_on(Settings(limits=LimitsSettings(fair_queue=False)))
-    with caplog.at_level(logging.INFO, logger="parley"):
-        assert not fair_queue_on(Settings(limits=fair, redis=RedisSettings(cluster=True)))
-    assert "fair queue off" in caplog.text

@@ -1,13 +1,13 @@
-"""`parley load`'s plan from its command line: several `--url`s spread the sockets."""
+"""`parley load`'s plan from its command line: several `--url`s spread the sockets (and the
+SSE streams)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from server.app.config import Settings
 from server.load import _parser, plan_from
+from server.load.ssetab import SseTab
 from server.load.workload import Driver, Plan
 
 URLS = ["ws://10.0.0.2:8000/ws", "ws://10.0.0.3:8000/ws", "ws://10.0.0.4:8000/ws"]
@@ -40,6 +40,12 @@ def test_two_tabs_over_three_urls_still_spread_the_sockets_evenly() -> None:
     assert all(used[2 * i] != used[2 * i + 1] for i in range(3))
 
 
-def test_sse_takes_one_url() -> None:
-    with pytest.raises(SystemExit, match="one --url"):
-        plan_for("--transport", "sse", "--url", URLS[0], "--url", URLS[1])
+def test_sse_tabs_of_a_conversation_use_different_web_processes() -> None:
+    urls = (a for url in URLS for a in ("--url", url))
+    plan = plan_for("--transport", "sse", *urls, "-c", "4", "-t", "3")
+    driver = Driver(plan, list(range(4)), asyncio.Event())
+    used = [
+        [t.http.base_url.host for t in conv.tabs if isinstance(t, SseTab)] for conv in driver.convs
+    ]
+    hosts = [url.split("//")[1].split(":")[0] for url in URLS]
+    assert all(sorted(row) == sorted(hosts) for row in used), used

@@ -1,6 +1,6 @@
--- start_generation: how say and regenerate hand an accepted turn on (the loader puts this
--- file after lib_now and lib_turn_guards in front of them), with what it reads of the fair
--- queue and of the workers' slots.
+-- start_generation and fair_start: how say, regenerate and enter hand an accepted turn on
+-- (the loader puts this file after lib_now, and lib_turn_guards where used, in front of
+-- them), with what they read of the fair queue and of the workers' slots.
 
 -- The live workers' slots: the `worker.concurrency` each worker's heartbeat wrote in the
 -- `slots` hash (`slots deadline_ms`), summed over those whose deadline has not passed.
@@ -35,15 +35,14 @@ local function fair_behind(queue)
   return per_user > 0 and tonumber(redis.call('GET', queue.running_key) or '0') >= per_user
 end
 
--- Mark the conversation as generating and hand the job on: without the fair queue (`fair`
--- not '1') straight onto the turns Stream (shard); with it, onto the Stream too when a slot is
--- free and the turn is behind nobody (naming the user, whose running count the worker's
--- `release` lowers): the common case, decided here so that it costs no round trip more than
--- with the queue off. Else at the end of the user's fair queue (the user joining the ring when
--- their queue was empty), marked in `told` as waiting and not yet told its position, for
--- server/redis/queue.py to hand over in turn. Returns 1 when the turn waits, else 0.
-local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
-  mark_generating(gen_key, message_id, lease)
+-- Hand an accepted turn's job on: without the fair queue (`fair` not '1') straight onto the
+-- turns Stream (shard); with it, onto the Stream too when a slot is free and the turn is behind
+-- nobody (naming the user, whose running count the worker's `release` lowers): the common
+-- case, decided here so that it costs no round trip more than with the queue off. Else at the
+-- end of the user's fair queue (the user joining the ring when their queue was empty), marked
+-- in `told` as waiting and not yet told its position, for server/redis/queue.py to hand over
+-- in turn. Returns 1 when the turn waits, else 0.
+local function fair_start(message_id, turns_key, job, queue)
   if queue.fair ~= '1' then
     redis.call('XADD', turns_key, '*', 'job', job)
     return 0
@@ -58,4 +57,11 @@ local function start_generation(gen_key, message_id, lease, turns_key, job, queu
   end
   redis.call('HSET', queue.told_key, message_id, '-1:0')
   return 1
+end
+
+-- Mark the conversation as generating and hand the job on (fair_start), in one script on one
+-- Redis; in a cluster say_commit/regenerate_commit mark and enter.lua hands on.
+local function start_generation(gen_key, message_id, lease, turns_key, job, queue)
+  mark_generating(gen_key, message_id, lease)
+  return fair_start(message_id, turns_key, job, queue)
 end

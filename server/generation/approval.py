@@ -19,8 +19,6 @@ import contextlib
 import logging
 from typing import Final
 
-from redis.exceptions import RedisError
-
 from protocol import frames as f
 from protocol.approvals import Approval, model_result
 from protocol.text import scrub
@@ -29,6 +27,7 @@ from server.edge.bus import BusUnavailable
 from server.edge.shardbus import Fanout
 from server.redis import keys
 from server.redis.approvals import Approvals
+from server.redis.client import UNREACHABLE
 from server.redis.turns import Job
 from server.tools.definitions import Result, Tool, error
 
@@ -90,7 +89,7 @@ async def withdrawn(approvals: Approvals, job: Job, call: ToolCall) -> None:
     sees that and a later answer learns it (a failure to say so is only logged)."""
     try:
         await approvals.withdraw(str(job.conversation), call.id)
-    except (RedisError, OSError) as exc:
+    except UNREACHABLE as exc:
         log.warning("could not mark the call %s cancelled: %s", call.id, exc)
 
 

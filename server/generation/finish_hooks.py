@@ -21,13 +21,12 @@ from typing import Final, Literal
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from protocol import frames as f
 from server.app.config import HooksSettings
 from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks
 from server.redis import keys
-from server.redis.client import is_cluster
+from server.redis.client import UNREACHABLE, is_cluster
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned
 from server.redis.streams import ConsumerGroup, Entry, consumer_name
 from server.redis.turns import HookData
@@ -93,7 +92,7 @@ async def subscribers(redis: Redis, conversation: uuid.UUID) -> int:
             reply = await redis.pubsub_shardnumsub(channel, target_nodes=node)
         else:
             reply = await redis.pubsub_numsub(channel)
-    except (RedisError, OSError):
+    except UNREACHABLE:
         return 0
     return int(reply[0][1]) if reply else 0
 
@@ -103,7 +102,7 @@ async def enqueue(redis: Redis, event: FinishEvent) -> None:
         await redis.xadd(
             keys.FINISH_HOOKS, {"event": msgspec.json.encode(event)}, maxlen=KEPT, approximate=True
         )
-    except (RedisError, OSError) as exc:
+    except UNREACHABLE as exc:
         log.warning("cannot queue the finish hook of %s: %s", event.message_id, exc)
 
 
@@ -134,7 +133,7 @@ class FinishSender:
                     looked = time.monotonic()
                     await self._retry_pending()
                 entries = await self.group.read(32, 500)
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("cannot read finish hooks (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -178,7 +177,7 @@ class FinishSender:
             )
             return
         self.sent += 1
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNREACHABLE):
             await self.group.ack(entry_id)
 
 

@@ -41,7 +41,6 @@ from typing import Any
 import msgspec
 import openai
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from protocol import frames as f
 from protocol.context import ModelMessage, build_prompt, reply_messages
@@ -281,7 +280,7 @@ class Worker:
             task.cancel()
         await self.pipeliner.stop()
         await self.cancels.stop()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNREACHABLE):
             await self.redis.delete(keys.worker(self.name))
             await self.turns.queue.leave(self.redis, self.name)
 
@@ -368,7 +367,7 @@ class Worker:
         its slot, and when turns wait the queue hands over the next and the others waiting
         learn their new places (the one now next at once: announce.lua)."""
         user = fields.get(b"user")
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNREACHABLE):
             if user is None:
                 if not buried:
                     await group.ack(entry_id)
@@ -424,7 +423,7 @@ class Worker:
             try:
                 if await queue.take_turn(QUEUE_TICK):
                     await queue.serve(renew=True)
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("cannot serve the fair queue: %s", exc)
 
     async def _take_over_loop(self) -> None:
@@ -504,7 +503,7 @@ class Worker:
         with tracing.span("finish turn"):
             reason = await self._finish(run, finished, error, started)
         if run.recorded:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*UNREACHABLE):
                 await toolsteps.forget(self.redis, job.conversation, job.message_id)
         await self._finish_hook(run, (finished, error, None), at_end, started, began)
         return reason, finished, error
@@ -1065,7 +1064,7 @@ class Worker:
             if reached is None:
                 return
             state = await spending.state(job.user, job.group)
-        except (Refused, RedisError, OSError) as exc:
+        except (Refused, *UNREACHABLE) as exc:
             log.warning("cannot check the budget's warning: %s", exc)
             return
         used, limit = reached

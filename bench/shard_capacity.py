@@ -20,7 +20,12 @@ meanwhile is printed too (the cluster bus and replication to the replicas).
 `--conversation-slots N` runs it as `redis.conversation_slots = N` does (the conversations'
 keys tagged `{c:ID mod N}`, so that they share N slots; 0: each its own): the worker's
 pipeliner sends one `append_pieces` call per slot in a batch, so this shows what sharing
-slots saves. The single Redis ignores the setting, as Parley does.
+slots saves. The single Redis ignores the setting, as Parley does. Like for like: the same
+`--conversations` per node (one shard's share of a cluster's conversations, e.g. 133 of 400),
+the replica on both sides (one Redis with a replica against a primary, which has one), and
+the same events per script call (`--conversation-slots 3`: one slot per primary, so a
+primary gets the whole batch in one call as one Redis does). `--no-replicas` stops the
+cluster's replicas first: then compare with one Redis alone.
 
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
@@ -151,6 +156,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="pieces in flight")
     parser.add_argument("--conversation-slots", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="rounds per node (best kept)")
+    parser.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="stop the cluster's replicas before measuring (compare with one Redis alone)",
+    )
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     results: dict[str, Any] = {"options": vars(opts) | {"out": None}}
@@ -178,7 +188,12 @@ def main() -> None:
         keys.share_slots(opts.conversation_slots)
         try:
             settings = RedisSettings(url=nodes.url, cluster=True)
-            everyone = [f"redis://{n.address}" for n in nodes.nodes]
+            if opts.no_replicas:  # like one Redis without a replica: nothing to feed
+                primaries = nodes.primaries()
+                for node in nodes.nodes:
+                    if node not in primaries:
+                        node.kill()
+            everyone = [f"redis://{n.address}" for n in nodes.nodes if n.alive()]
             results["shards"] = []
             for primary in nodes.primaries():
                 url = f"redis://{primary.address}"
@@ -188,7 +203,8 @@ def main() -> None:
                     asyncio.run(measure(settings, url, others, chosen, opts))
                     for _ in range(opts.rounds)
                 ]
-                results["shards"].append(best(rounds) | {"node": primary.address})
+                slots = len({key_slot(keys.seq(c).encode()) for c in chosen})
+                results["shards"].append(best(rounds) | {"node": primary.address, "slots": slots})
         finally:
             nodes.stop()
     report(results)
@@ -213,11 +229,17 @@ def report(results: dict[str, Any]) -> None:
     total = 0
     for shard in results["shards"]:
         print(line(f"shard {shard['node']}", shard))
+        print(f"{'':18} its conversations on {shard['slots']} slots")
         print(f"{'':18} other nodes meanwhile, µs/event: {shard['others_cpu_us_per_event']}")
         print(f"{'':18} commands per event: {shard['calls_per_event']}")
         total += shard["events_per_redis_core_per_s"]
     single = results["single"]["events_per_redis_core_per_s"]
-    print(f"3 shards, each at one core: {total:,} events/s = {total / single:.2f}× one Redis")
+    replicated_rate = replicated["events_per_redis_core_per_s"]
+    like = "one Redis alone" if results["options"]["no_replicas"] else "the one with a replica"
+    print(
+        f"3 shards, each at one core: {total:,} events/s = {total / single:.2f}× one Redis, "
+        f"{total / replicated_rate:.2f}× one Redis with a replica (like for like: {like})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ slots saves. The single Redis ignores the setting, as Parley does. Like for like
 the replica on both sides (one Redis with a replica against a primary, which has one), and
 the same events per script call (`--conversation-slots 3`: one slot per primary, so a
 primary gets the whole batch in one call as one Redis does). `--no-replicas` stops the
-cluster's replicas first: then compare with one Redis alone.
+cluster's replicas first: then compare with one Redis alone. `--spread` adds a round with
+thrice `--conversations` spread over all three primaries at once, as a real worker's batches
+are (a batch's calls per slot then carry ≈ batch / slots events), the primaries' CPU summed.
 
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
@@ -127,6 +129,60 @@ async def measure(
         await redis.aclose()
 
 
+async def measure_spread(
+    settings: RedisSettings,
+    primaries: dict[str, list[tuple[int, int]]],
+    conversations: list[uuid.UUID],
+    opts: argparse.Namespace,
+) -> dict[str, Any]:
+    """One round with the conversations spread over every primary, as a worker's batches
+    are in a real cluster (a batch's pieces go to all primaries, so a call per slot carries
+    ≈ batch / slots events): the primaries' CPU summed, per event."""
+    redis = await client.opened(settings)
+    nodes = {url: Redis.from_url(url) for url in primaries}
+    drains = []
+    try:
+        events = EventLog(redis, MAX_EVENTS, TTL)
+        message_ids = [uuid.uuid4() for _ in conversations]
+        await _prepare(redis, conversations, message_ids)
+        for url, ranges in primaries.items():
+            mine = [
+                c
+                for c in conversations
+                if any(low <= key_slot(keys.seq(c).encode()) <= high for low, high in ranges)
+            ]
+            ready = asyncio.Event()
+            drains.append(asyncio.create_task(_listen(url, mine, ready, True)))
+            await ready.wait()
+        for node in nodes.values():
+            await node.config_resetstat()
+        before = [await _redis_cpu(node) for node in nodes.values()]
+        await _appends(events, conversations, message_ids, opts.tokens, opts.batch)
+        after = [await _redis_cpu(node) for node in nodes.values()]
+        await asyncio.sleep(0.5)
+        for drain in drains:
+            drain.cancel()
+        received = sum([await drain for drain in drains])
+        count = len(conversations) * opts.tokens
+        shares = [_delta(b, a, count) for b, a in zip(before, after, strict=True)]
+        total = sum(share["redis_cpu_us_per_event"] for share in shares)
+        calls = sum(share["commands"].get("evalsha", {}).get("calls", 0) for share in shares)
+        return {
+            "redis_cpu_us_per_event": round(total, 2),
+            "primaries_us_per_event": [share["redis_cpu_us_per_event"] for share in shares],
+            "events_per_call": round(count / calls, 2) if calls else None,
+            "received": received,
+        }
+    finally:
+        async with redis.pipeline(transaction=False) as pipe:
+            for c in conversations:
+                pipe.delete(keys.generation(c), keys.seq(c), keys.log(c), keys.persisted(c))
+            await pipe.execute()
+        for node in nodes.values():
+            await node.aclose()
+        await redis.aclose()
+
+
 async def _replicate(replica_url: str, primary_url: str) -> None:
     """Make the Redis at `replica_url` a replica of the one at `primary_url` (as each primary
     of the test cluster has one), once it has synced."""
@@ -160,6 +216,11 @@ def main() -> None:
         "--no-replicas",
         action="store_true",
         help="stop the cluster's replicas before measuring (compare with one Redis alone)",
+    )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="then 3 × --conversations spread over all the primaries at once (their CPU summed)",
     )
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
@@ -205,6 +266,14 @@ def main() -> None:
                 ]
                 slots = len({key_slot(keys.seq(c).encode()) for c in chosen})
                 results["shards"].append(best(rounds) | {"node": primary.address, "slots": slots})
+            if opts.spread:
+                served = {f"redis://{p.address}": _served(p) for p in nodes.primaries()}
+                chosen = conversations_on(None, 3 * opts.conversations)
+                rounds = [
+                    asyncio.run(measure_spread(settings, served, chosen, opts))
+                    for _ in range(opts.rounds)
+                ]
+                results["spread"] = best(rounds)
         finally:
             nodes.stop()
     report(results)
@@ -235,6 +304,15 @@ def report(results: dict[str, Any]) -> None:
         total += shard["events_per_redis_core_per_s"]
     single = results["single"]["events_per_redis_core_per_s"]
     replicated_rate = replicated["events_per_redis_core_per_s"]
+    spread = results.get("spread")
+    if spread:
+        factor = 3 * replicated["redis_cpu_us_per_event"] / spread["redis_cpu_us_per_event"]
+        print(
+            f"spread over 3 primaries: {spread['redis_cpu_us_per_event']:.2f} µs/event summed "
+            f"({spread['primaries_us_per_event']}), {spread['events_per_call']} events per "
+            f"script call, {spread['received']:,} received: 3 shards ≈ "
+            f"{factor:.2f}× one Redis with a replica if evenly spread"
+        )
     like = "one Redis alone" if results["options"]["no_replicas"] else "the one with a replica"
     print(
         f"3 shards, each at one core: {total:,} events/s = {total / single:.2f}× one Redis, "

@@ -20,7 +20,14 @@ meanwhile is printed too (the cluster bus and replication to the replicas).
 `--conversation-slots N` runs it as `redis.conversation_slots = N` does (the conversations'
 keys tagged `{c:ID mod N}`, so that they share N slots; 0: each its own): the worker's
 pipeliner sends one `append_pieces` call per slot in a batch, so this shows what sharing
-slots saves. The single Redis ignores the setting, as Parley does.
+slots saves. The single Redis ignores the setting, as Parley does. Like for like: the same
+`--conversations` per node (one shard's share of a cluster's conversations, e.g. 133 of 400),
+the replica on both sides (one Redis with a replica against a primary, which has one), and
+the same events per script call (`--conversation-slots 3`: one slot per primary, so a
+primary gets the whole batch in one call as one Redis does). `--no-replicas` stops the
+cluster's replicas first: then compare with one Redis alone. `--spread` adds a round with
+thrice `--conversations` spread over all three primaries at once, as a real worker's batches
+are (a batch's calls per slot then carry ≈ batch / slots events), the primaries' CPU summed.
 
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
@@ -122,6 +129,60 @@ async def measure(
         await redis.aclose()
 
 
+async def measure_spread(
+    settings: RedisSettings,
+    primaries: dict[str, list[tuple[int, int]]],
+    conversations: list[uuid.UUID],
+    opts: argparse.Namespace,
+) -> dict[str, Any]:
+    """One round with the conversations spread over every primary, as a worker's batches
+    are in a real cluster (a batch's pieces go to all primaries, so a call per slot carries
+    ≈ batch / slots events): the primaries' CPU summed, per event."""
+    redis = await client.opened(settings)
+    nodes = {url: Redis.from_url(url) for url in primaries}
+    drains = []
+    try:
+        events = EventLog(redis, MAX_EVENTS, TTL)
+        message_ids = [uuid.uuid4() for _ in conversations]
+        await _prepare(redis, conversations, message_ids)
+        for url, ranges in primaries.items():
+            mine = [
+                c
+                for c in conversations
+                if any(low <= key_slot(keys.seq(c).encode()) <= high for low, high in ranges)
+            ]
+            ready = asyncio.Event()
+            drains.append(asyncio.create_task(_listen(url, mine, ready, True)))
+            await ready.wait()
+        for node in nodes.values():
+            await node.config_resetstat()
+        before = [await _redis_cpu(node) for node in nodes.values()]
+        await _appends(events, conversations, message_ids, opts.tokens, opts.batch)
+        after = [await _redis_cpu(node) for node in nodes.values()]
+        await asyncio.sleep(0.5)
+        for drain in drains:
+            drain.cancel()
+        received = sum([await drain for drain in drains])
+        count = len(conversations) * opts.tokens
+        shares = [_delta(b, a, count) for b, a in zip(before, after, strict=True)]
+        total = sum(share["redis_cpu_us_per_event"] for share in shares)
+        calls = sum(share["commands"].get("evalsha", {}).get("calls", 0) for share in shares)
+        return {
+            "redis_cpu_us_per_event": round(total, 2),
+            "primaries_us_per_event": [share["redis_cpu_us_per_event"] for share in shares],
+            "events_per_call": round(count / calls, 2) if calls else None,
+            "received": received,
+        }
+    finally:
+        async with redis.pipeline(transaction=False) as pipe:
+            for c in conversations:
+                pipe.delete(keys.generation(c), keys.seq(c), keys.log(c), keys.persisted(c))
+            await pipe.execute()
+        for node in nodes.values():
+            await node.aclose()
+        await redis.aclose()
+
+
 async def _replicate(replica_url: str, primary_url: str) -> None:
     """Make the Redis at `replica_url` a replica of the one at `primary_url` (as each primary
     of the test cluster has one), once it has synced."""
@@ -151,6 +212,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="pieces in flight")
     parser.add_argument("--conversation-slots", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="rounds per node (best kept)")
+    parser.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="stop the cluster's replicas before measuring (compare with one Redis alone)",
+    )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="then 3 × --conversations spread over all the primaries at once (their CPU summed)",
+    )
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     results: dict[str, Any] = {"options": vars(opts) | {"out": None}}
@@ -178,7 +249,12 @@ def main() -> None:
         keys.share_slots(opts.conversation_slots)
         try:
             settings = RedisSettings(url=nodes.url, cluster=True)
-            everyone = [f"redis://{n.address}" for n in nodes.nodes]
+            if opts.no_replicas:  # like one Redis without a replica: nothing to feed
+                primaries = nodes.primaries()
+                for node in nodes.nodes:
+                    if node not in primaries:
+                        node.kill()
+            everyone = [f"redis://{n.address}" for n in nodes.nodes if n.alive()]
             results["shards"] = []
             for primary in nodes.primaries():
                 url = f"redis://{primary.address}"
@@ -188,7 +264,16 @@ def main() -> None:
                     asyncio.run(measure(settings, url, others, chosen, opts))
                     for _ in range(opts.rounds)
                 ]
-                results["shards"].append(best(rounds) | {"node": primary.address})
+                slots = len({key_slot(keys.seq(c).encode()) for c in chosen})
+                results["shards"].append(best(rounds) | {"node": primary.address, "slots": slots})
+            if opts.spread:
+                served = {f"redis://{p.address}": _served(p) for p in nodes.primaries()}
+                chosen = conversations_on(None, 3 * opts.conversations)
+                rounds = [
+                    asyncio.run(measure_spread(settings, served, chosen, opts))
+                    for _ in range(opts.rounds)
+                ]
+                results["spread"] = best(rounds)
         finally:
             nodes.stop()
     report(results)
@@ -213,11 +298,26 @@ def report(results: dict[str, Any]) -> None:
     total = 0
     for shard in results["shards"]:
         print(line(f"shard {shard['node']}", shard))
+        print(f"{'':18} its conversations on {shard['slots']} slots")
         print(f"{'':18} other nodes meanwhile, µs/event: {shard['others_cpu_us_per_event']}")
         print(f"{'':18} commands per event: {shard['calls_per_event']}")
         total += shard["events_per_redis_core_per_s"]
     single = results["single"]["events_per_redis_core_per_s"]
-    print(f"3 shards, each at one core: {total:,} events/s = {total / single:.2f}× one Redis")
+    replicated_rate = replicated["events_per_redis_core_per_s"]
+    spread = results.get("spread")
+    if spread:
+        factor = 3 * replicated["redis_cpu_us_per_event"] / spread["redis_cpu_us_per_event"]
+        print(
+            f"spread over 3 primaries: {spread['redis_cpu_us_per_event']:.2f} µs/event summed "
+            f"({spread['primaries_us_per_event']}), {spread['events_per_call']} events per "
+            f"script call, {spread['received']:,} received: 3 shards ≈ "
+            f"{factor:.2f}× one Redis with a replica if evenly spread"
+        )
+    like = "one Redis alone" if results["options"]["no_replicas"] else "the one with a replica"
+    print(
+        f"3 shards, each at one core: {total:,} events/s = {total / single:.2f}× one Redis, "
+        f"{total / replicated_rate:.2f}× one Redis with a replica (like for like: {like})"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ many commands wait (`hold_reading`) and when what the socket held is given back 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import secrets
@@ -49,6 +50,13 @@ MAX_QUEUED: Final = 32
 CLEANUP_TIMEOUT: Final = 5.0
 """How long a command still running when the TCP connection went may take before the socket
 gives back what it holds anyway."""
+
+
+_TIMERS: Final = contextvars.Context()
+"""The context the sockets' expiry timers run in, one for all: a timer set in the runner
+task would otherwise keep that task's context (its session and last conversation ids,
+≈ 0.3 KiB) for the token's life. Nothing `_tick` runs sets a context variable; the tasks it
+starts copy this empty one and set their own (`_run`)."""
 
 
 class Service(Transcripts, Protocol):
@@ -172,7 +180,7 @@ class Commands:
         self._queue_full = False
         self._runner: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            limits.auth_timeout, self._tick
+            limits.auth_timeout, self._tick, context=_TIMERS
         )
 
     def start(self, token: str | None) -> None:
@@ -327,7 +335,7 @@ class Commands:
         deadline = self.session.token_deadline()
         if deadline is not None:
             delay = max(deadline - time.time(), 0.0) + 0.01
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._tick)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._tick, context=_TIMERS)
 
     def _tick(self) -> None:
         """The auth window may have run out, or the token be due a `refresh` hint or have
@@ -340,7 +348,9 @@ class Commands:
         if self.conn.closing or self._expiry is not None:
             return
         if session.state is State.AWAITING_AUTH:
-            self._expiry = asyncio.get_running_loop().call_later(RECHECK, self._tick)
+            self._expiry = asyncio.get_running_loop().call_later(
+                RECHECK, self._tick, context=_TIMERS
+            )
         elif session.state is State.READY:
             self._schedule_expiry()
 

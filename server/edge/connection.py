@@ -8,7 +8,9 @@ hands an upgrade request arriving later on a kept-alive connection, transport an
 (`protocol.handshake`) as the hub's `UpgradePolicy` decides, then parses frames with
 `websockets`' sans-I/O `ServerProtocol`, which also answers pings and the closing handshake,
 reassembles fragmented messages and hands each message to its `Handler` (`Commands`). Nothing
-waits on an idle socket: no task, no queue.
+waits on an idle socket: no task, no queue, and no `ServerProtocol` either — it is dropped
+whenever a read leaves it between frames with nothing pending (`_park`, ≈ 1.4 KiB a socket)
+and made again for the next frame in or out.
 
 Frames to the client go to the transport at the end of the loop iteration that produced
 them (`Hub.mark_dirty`), all of a socket's in one write. A published event arrives already
@@ -28,8 +30,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 from protocol import frames as f
 from protocol import wsframe
@@ -50,6 +54,9 @@ CLOSE_TIMEOUT: Final = 5.0
 is cut (it may have stopped reading)."""
 HANDSHAKE_TIMEOUT: Final = 10.0
 """How long a new connection has to send its whole upgrade request."""
+
+_PARSE: Final = WsProtocol.parse.__code__
+_AT_EOF: Final = StreamReader.at_eof.__code__
 
 
 class Phase(enum.IntEnum):
@@ -134,6 +141,8 @@ class Connection(asyncio.Protocol):
         self._close_timeout = close_timeout
         self._handshake: RequestParser | None = RequestParser()
         self.ws: ServerProtocol | None = None
+        """The frame parser, from the upgrade on; None while the socket is idle between
+        frames (`_park`): `_protocol` makes a new one."""
         self.transport: asyncio.Transport | None = None
         self.handler: Handler | None = None
         self.outbox: Outbox | None = None
@@ -165,7 +174,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.ws is None:
+            if self.handler is None:
                 self._handshake_received(data)
             else:
                 self._frames_received(data)
@@ -174,8 +183,7 @@ class Connection(asyncio.Protocol):
             self.close(CloseCode.INTERNAL, "internal error")
 
     def _frames_received(self, data: bytes) -> None:
-        ws = self.ws
-        assert ws is not None
+        ws = self._protocol()
         ws.receive_data(data)
         self.last_seen = time.monotonic()
         for event in ws.events_received():
@@ -185,10 +193,48 @@ class Connection(asyncio.Protocol):
         if handler is not None:  # before a close the client sent takes effect: first come counts
             handler.act()
         self._flush_ws()
+        self._park()
+
+    def _protocol(self) -> ServerProtocol:
+        """The socket's frame parser, made again if it was parked."""
+        ws = self.ws
+        if ws is None:
+            ws = self.ws = ServerProtocol(
+                state=WsState.OPEN, max_size=self.hub.settings.limits.max_frame_bytes
+            )
+        return ws
+
+    def _park(self) -> None:
+        """Drop the frame parser when a new one would be the same: open, no close sent or
+        received, nothing buffered or waiting to be written, no message half received, and
+        the parser waiting for the first byte of the next frame (not inside one whose header
+        it already read). An idle socket then holds no `ServerProtocol` (≈ 1.4 KiB). The last
+        test looks into `websockets`' generators; should a release change them it fails, and
+        the parser is simply kept (`tests/edge/test_connection.py` would notice)."""
+        ws = self.ws
+        if (
+            ws is None
+            or self._fragments is not None
+            or ws.state is not WsState.OPEN
+            or ws.reader.buffer
+            or ws.reader.eof
+            or ws.current_size is not None
+            or ws.close_rcvd is not None
+            or ws.close_sent is not None
+            or ws.parser_exc is not None
+            or ws.events
+            or ws.writes
+        ):
+            return
+        outer = getattr(ws.parser, "gi_yieldfrom", None)  # ServerProtocol.parse → Protocol.parse
+        inner = getattr(outer, "gi_yieldfrom", None)
+        if getattr(outer, "gi_code", None) is _PARSE and getattr(inner, "gi_code", None) is _AT_EOF:
+            ws.parser.close()  # it refers to `ws`: closed, the cycle is gone without the GC
+            self.ws = None
 
     def eof_received(self) -> bool | None:
-        if self.ws is not None:
-            self.ws.receive_eof()
+        if self.handler is not None:
+            self._protocol().receive_eof()
             self._flush_ws()
         return None
 
@@ -224,7 +270,7 @@ class Connection(asyncio.Protocol):
                 transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.ws is not None:
+        if self.handler is not None:  # a parked parser had no close frame either
             _count_close(self.ws)
         self.phase = Phase.CLOSED
         self.transport = None
@@ -276,8 +322,7 @@ class Connection(asyncio.Protocol):
         subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
         self.transport.write(accept(request, subprotocol))
         metrics.HANDSHAKES.labels("101").inc()
-        self.ws = ServerProtocol(state=WsState.OPEN, max_size=hub.settings.limits.max_frame_bytes)
-        self.phase = Phase.OPEN
+        self.phase = Phase.OPEN  # the frame parser is made with the first frame (`_protocol`)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -375,9 +420,11 @@ class Connection(asyncio.Protocol):
             self.close(CloseCode.TRY_AGAIN_LATER, "client reads too slowly")
 
     def ping(self) -> None:
-        if self.phase < Phase.CLOSING and self.ws is not None and self.ws.state is WsState.OPEN:
-            self.ws.send_ping(b"")
-            self._flush_ws()
+        if self.phase < Phase.CLOSING and self.handler is not None:
+            ws = self._protocol()
+            if ws.state is WsState.OPEN:
+                ws.send_ping(b"")
+                self._flush_ws()
 
     def drop(self) -> None:
         """Cut the TCP connection of a peer that stopped answering: a close frame would only
@@ -400,9 +447,11 @@ class Connection(asyncio.Protocol):
         self._pending = None
         if frames and code != CloseCode.TRY_AGAIN_LATER:
             self._write_counted(frames)
-        if self.ws is not None and self.ws.state is WsState.OPEN:
-            self.ws.send_close(int(code), reason)
-            self._flush_ws()
+        if self.handler is not None:
+            ws = self._protocol()
+            if ws.state is WsState.OPEN:
+                ws.send_close(int(code), reason)
+                self._flush_ws()
         if self._closer is None:
             self._closer = asyncio.get_running_loop().call_later(
                 self._close_timeout, transport.abort
@@ -451,8 +500,11 @@ def _bearer_token(offered: list[str]) -> str | None:
     return None
 
 
-def _count_close(ws: ServerProtocol) -> None:
+def _count_close(ws: ServerProtocol | None) -> None:
     """Count a socket's close by its code and by the side whose close frame came first."""
+    if ws is None:  # parked: no close frame either way
+        metrics.CLOSES.labels("none", "none").inc()
+        return
     sent, received = ws.close_sent, ws.close_rcvd
     if received is not None and (sent is None or ws.close_rcvd_then_sent):
         metrics.CLOSES.labels(metrics.close_code_label(received.code), "client").inc()

@@ -330,6 +330,32 @@ async def test_a_fragmented_text_message_is_reassembled() -> None:
     )
 
 
+async def test_an_idle_socket_holds_no_frame_parser_and_split_frames_still_arrive() -> None:
+    """Between frames the `ServerProtocol` is dropped (memory per idle socket); a frame whose
+    header came in an earlier read, or a message whose first fragment did, keeps it."""
+    peer = Peer()
+    await peer.open("ann")
+    assert peer.conn.ws is None
+    peer.conn.ping()  # the keepalive of an idle socket makes a parser again
+    (ping,) = await peer.frames()
+    assert ping.opcode is Opcode.PING
+    wire = Frame(Opcode.TEXT, json.dumps({"type": "ping", "ref": "p"}).encode()).serialize(
+        mask=True, extensions=[]
+    )
+    peer.conn.data_received(wire[:3])  # the header and a byte of the mask
+    assert peer.conn.ws is not None
+    peer.conn.data_received(wire[3:])
+    (pong,) = await peer.messages()
+    assert pong["type"] == "pong" and pong["ref"] == "p"
+    assert peer.conn.ws is None
+    message = json.dumps({"type": "ping", "ref": "q"}).encode()
+    peer.send((Opcode.TEXT, message[:5], False))
+    assert peer.conn.ws is not None
+    peer.send((Opcode.CONT, message[5:], True))
+    (pong,) = await peer.messages()
+    assert pong["ref"] == "q" and peer.conn.ws is None
+
+
 async def test_commands_run_in_the_order_sent() -> None:
     peer = Peer()
     await peer.open()

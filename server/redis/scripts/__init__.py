@@ -32,11 +32,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, ClusterError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.redis.client import is_cluster
+from server.redis.client import MOVING, is_cluster
 
 _NAMED: Final = re.compile(
     r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$", re.MULTILINE
@@ -158,16 +158,9 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     return results
 
 
-_UNREACHABLE: Final = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ClusterError,
-    TryAgainError,
-    AskError,
-)
-"""Results that mean "not now, not here": besides connection failures and a cluster that is
-down, a slot being migrated (`ASK`, `TRYAGAIN` for a script whose keys are partly moved, or
-redirections past redis-py's limit: "TTL exhausted") or moved (`MOVED`, an AskError)."""
+_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, *MOVING)
+"""Results that mean "not now, not here": connection failures, or a slot moving
+(`client.MOVING`)."""
 
 
 def raise_if_unreachable(redis: Any, results: list[Any]) -> None:

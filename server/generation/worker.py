@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -387,10 +387,13 @@ class Worker:
 
     # ------------------------------------------------------------------ liveness and takeover
 
-    async def _beat(self) -> None:
+    async def _beat(self, renewed: Iterable[uuid.UUID] = ()) -> None:
+        """This worker's heartbeat, and the `generating` marks of the `renewed` generations."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
             self.turns.queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
+            for conversation in renewed:
+                generations.renew(pipe, conversation, self.turns.lease)
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
@@ -402,13 +405,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(keys.worker(self.name), "1", px=int(self.lease * 1000))
-                    queue = self.turns.queue
-                    queue.beat(pipe, self.name, self.settings.worker.concurrency, self.lease)
-                    for conversation in self.running:
-                        generations.renew(pipe, conversation, self.turns.lease)
-                    await pipe.execute()
+                await self._beat(list(self.running))
             except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("worker").inc()
                 log.warning("heartbeat failed: %s", exc)

@@ -19,7 +19,7 @@ import msgspec
 import openai
 
 from protocol.frames import Count, DoneReason, PartKind, Usage
-from protocol.jsondepth import MAX_DEPTH, too_deep
+from protocol.jsondepth import too_deep
 from protocol.text import scrub
 from protocol.think import ThinkSplitter
 from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
@@ -126,9 +126,8 @@ hundred bytes, so a longer one is a broken or hostile server, refused before it 
 
 def read_chunk(data: bytes) -> Chunk:
     """One `data:` payload as a Chunk, or MalformedReply. Refused unread when it nests deeper
-    than a chunk can (a decoder recurses once per bracket); `too_deep`'s own first test is
-    made here, since nearly every chunk stops at it (this runs per token)."""
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and too_deep(data):
+    than a chunk can (a decoder recurses once per bracket)."""
+    if too_deep(data):
         raise MalformedReply("the model sent a malformed chunk: nested too deeply")
     try:
         return _decoder.decode(data)

@@ -29,6 +29,22 @@ cluster's replicas first: then compare with one Redis alone. `--spread` adds a r
 thrice `--conversations` spread over all three primaries at once, as a real worker's batches
 are (a batch's calls per slot then carry ≈ batch / slots events), the primaries' CPU summed.
 
+`--saturate SHARE` measures the shards at saturation instead, all three at once: every
+primary may run SHARE of each 50 ms (SIGSTOP/SIGCONT by PID from a process of the bench's
+own, each Redis in its own third of the period), so that a 2-core machine's clients can offer
+more than it can append. `--generations` streams per primary (each on a conversation the
+primary serves) send `--tps` tokens a second through `--workers` pipeliners, coalesced as the
+worker coalesces them (a stream's text joins its event still waiting; so at saturation a
+worker's batch holds one event per stream, carrying more tokens, and a call per slot carries
+its streams' events). Measured: one Redis, a one-primary cluster (its replica, N =
+`--slots-per-primary` conversation slots) and a three-primary cluster (3 × N slots, spread
+evenly), after a second's warm-up and for `--seconds`: per primary its CPU per appended event,
+also net of what it spends idle (its cron, the cluster bus: read for `--idle` seconds before
+and subtracted, since a throttled node appends few events), events per call, tokens per
+event, and how much of its share it used. A lone Redis stopped and continued by signals gets
+more than its share on this VM, so one Redis and the one-primary cluster are offered more
+(`--tps-alone`) to saturate as well; the per-event figures do not depend on it.
+
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
 """

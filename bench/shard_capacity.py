@@ -37,7 +37,7 @@ primary serves) send `--tps` tokens a second through `--workers` pipeliners, coa
 worker coalesces them (a stream's text joins its event still waiting; so at saturation a
 worker's batch holds one event per stream, carrying more tokens, and a call per slot carries
 its streams' events). Measured: one Redis, a one-primary cluster (its replica, N =
-`--slots-per-primary` conversation slots) and a three-primary cluster (3 × N slots, spread
+`--slots-per-primary` conversation slots) and a three-primary cluster (3 N slots, spread
 evenly), after a second's warm-up and for `--seconds`: per primary its CPU per appended event,
 also net of what it spends idle (its cron, the cluster bus: read for `--idle` seconds before
 and subtracted, since a throttled node appends few events), events per call, tokens per

@@ -29,6 +29,22 @@ cluster's replicas first: then compare with one Redis alone. `--spread` adds a r
 thrice `--conversations` spread over all three primaries at once, as a real worker's batches
 are (a batch's calls per slot then carry ≈ batch / slots events), the primaries' CPU summed.
 
+`--saturate SHARE` measures the shards at saturation instead, all three at once: every
+primary may run SHARE of each 50 ms (SIGSTOP/SIGCONT by PID from a process of the bench's
+own, each Redis in its own third of the period), so that a 2-core machine's clients can offer
+more than it can append. `--generations` streams per primary (each on a conversation the
+primary serves) send `--tps` tokens a second through `--workers` pipeliners, coalesced as the
+worker coalesces them (a stream's text joins its event still waiting; so at saturation a
+worker's batch holds one event per stream, carrying more tokens, and a call per slot carries
+its streams' events). Measured: one Redis, a one-primary cluster (its replica, N =
+`--slots-per-primary` conversation slots) and a three-primary cluster (3 N slots, spread
+evenly), after a second's warm-up and for `--seconds`: per primary its CPU per appended event,
+also net of what it spends idle (its cron, the cluster bus: read for `--idle` seconds before
+and subtracted, since a throttled node appends few events), events per call, tokens per
+event, and how much of its share it used. A lone Redis stopped and continued by signals gets
+more than its share on this VM, so one Redis and the one-primary cluster are offered more
+(`--tps-alone`) to saturate as well; the per-event figures do not depend on it.
+
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
 """
@@ -37,21 +53,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from bench.redis_append import MAX_EVENTS, TTL, _appends, _delta, _listen, _prepare, _redis_cpu
-from server.app.config import RedisSettings
+from protocol import frames as f
+from server.app.config import RedisSettings, WorkerSettings
 from server.dev import embedded
+from server.generation.worker import OpenText
 from server.redis import client, keys
-from server.redis.eventlog import EventLog
+from server.redis.eventlog import EventLog, Pipeliner, encode
 from tests.helpers import redis_cluster
+
+THROTTLE_PERIOD = 0.05
+"""`--saturate`: a Redis runs `--saturate` of every this many seconds."""
+THROTTLE_SLOTS = 3
+THROTTLER = (
+    "import sys; from bench.shard_capacity import THROTTLE_PERIOD, _throttle; "
+    "_throttle([int(p) for p in sys.argv[2:]], float(sys.argv[1]), THROTTLE_PERIOD)"
+)
+"""`_throttle` in a process of its own (started by `saturate`, stopped by its PID)."""
 
 
 def _served(node: redis_cluster.Node) -> list[tuple[int, int]]:
@@ -120,13 +156,7 @@ async def measure(
         ]
         return result
     finally:
-        async with redis.pipeline(transaction=False) as pipe:  # the next round starts afresh
-            for c in conversations:
-                pipe.delete(keys.generation(c), keys.seq(c), keys.log(c), keys.persisted(c))
-            await pipe.execute()
-        for r in (node, *watched):
-            await r.aclose()
-        await redis.aclose()
+        await _close(redis, conversations, [node, *watched])
 
 
 async def measure_spread(
@@ -174,13 +204,257 @@ async def measure_spread(
             "received": received,
         }
     finally:
-        async with redis.pipeline(transaction=False) as pipe:
-            for c in conversations:
-                pipe.delete(keys.generation(c), keys.seq(c), keys.log(c), keys.persisted(c))
-            await pipe.execute()
-        for node in nodes.values():
-            await node.aclose()
-        await redis.aclose()
+        await _close(redis, conversations, list(nodes.values()))
+
+
+# --- at saturation ---------------------------------------------------------------------------
+
+
+class _Stream:
+    """One generation streaming `--tps` tokens a second, coalesced as the worker coalesces
+    them (`worker.OpenText`): text arriving while its event waits in the pipeliner joins it,
+    so a generation has at most one event waiting and one in flight, however slow Redis is."""
+
+    def __init__(self, conversation: uuid.UUID, message_id: uuid.UUID) -> None:
+        self.conversation = conversation
+        self.message_id = message_id
+        self.index = 0
+        self.acked = 0
+        self.open: OpenText | None = None
+        self.frame = f.Token(conversation=conversation, message_id=message_id, text="")
+
+    def event(self, open_text: OpenText) -> bytes:
+        return encode(msgspec.structs.replace(self.frame, text=open_text.take()))
+
+    def acknowledged(self, piece: asyncio.Future[Any]) -> None:
+        if not piece.cancelled() and piece.exception() is None:
+            self.acked = max(self.acked, int(piece.result()))
+
+
+@dataclass
+class _Tally:
+    """What the streams did while measured, per node."""
+
+    tokens: dict[str, int]
+    events: dict[str, int]
+    outstanding: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def counted(self, node: str, piece: asyncio.Future[Any], tokens: int) -> None:
+        if not piece.cancelled() and piece.exception() is None and int(piece.result()) > 0:
+            self.events[node] = self.events.get(node, 0) + 1
+            self.tokens[node] = self.tokens.get(node, 0) + tokens
+
+
+async def _stream_tokens(
+    events: EventLog,
+    pipeliner: Pipeliner,
+    streams: list[tuple[_Stream, str]],
+    tps: float,
+    tally: _Tally,
+    stop: asyncio.Event,
+) -> None:
+    """Every stream's tokens, `tps` a second each, in ticks of 5 ms, until `stop`."""
+    loop = asyncio.get_running_loop()
+    start, owed = loop.time(), 0.0
+    sent = 0
+    while not stop.is_set():
+        await asyncio.sleep(0.005)
+        owed = (loop.time() - start) * tps * len(streams)
+        for _ in range(int(owed) - sent):
+            stream, node = streams[sent % len(streams)]
+            sent += 1
+            if stream.open is not None and stream.open.join(0, " w"):
+                continue
+            open_text = stream.open = OpenText(0, [" w"])
+            stream.index += 1
+            piece = events.append_piece(
+                pipeliner,
+                stream.conversation,
+                functools.partial(stream.event, open_text),
+                stream.message_id,
+                stream.index,
+                functools.partial(getattr, stream, "acked"),
+            )
+            piece.add_done_callback(stream.acknowledged)
+            tally.outstanding.add(piece)
+            piece.add_done_callback(tally.outstanding.discard)
+            piece.add_done_callback(
+                lambda p, node=node, o=open_text: tally.counted(node, p, len(o.texts))
+            )
+
+
+def _throttle(pids: list[int], share: float, period: float) -> None:
+    """Let each of the processes `pids` run `share` of every `period` seconds (SIGSTOP,
+    SIGCONT), as a CPU quota would, each in its own part of the period (so that they do not
+    compete for the two cores): a Redis given a fraction of a core saturates at a load the
+    clients of a 2-core machine can offer. Runs in a child process until terminated, at a
+    real-time priority where allowed (it sleeps nearly all the time; at an ordinary one, on
+    a busy machine, it wakes late and the processes run several times their share)."""
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    step = period / max(THROTTLE_SLOTS, len(pids))  # the same rhythm for one Redis as for three
+    start = time.monotonic()
+    while True:
+        for i, pid in enumerate(pids):
+            _sleep_until(start + i * step)
+            os.kill(pid, signal.SIGCONT)
+            _sleep_until(start + i * step + share * period)
+            os.kill(pid, signal.SIGSTOP)
+        start += period
+
+
+def _sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def _release(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def saturate(
+    settings: RedisSettings,
+    primaries: dict[str, list[tuple[int, int]] | None],
+    watched: list[str],
+    opts: argparse.Namespace,
+) -> dict[str, Any]:
+    """`--generations` streams per primary in `primaries` (url → the slot ranges it serves;
+    None: one Redis), through the worker's pipeliner (its default `append_interval`) at
+    `--tps` tokens a second each, every primary allowed `--saturate` of a core: per primary,
+    after a second's warm-up and for `--seconds`, its CPU per appended event, the events per
+    script call it received, the events and tokens a second it appended."""
+    redis = await client.opened(settings)
+    nodes = {url: Redis.from_url(url) for url in [*primaries, *watched]}
+    drains = []
+    streams: list[tuple[_Stream, str]] = []
+    for url, ranges in primaries.items():
+        mine = conversations_on(ranges, opts.generations)
+        streams.extend((_Stream(c, uuid.uuid4()), url) for c in mine)
+    conversations = [s.conversation for s, _ in streams]
+    try:
+        events = EventLog(redis, MAX_EVENTS, TTL)
+        await _prepare(redis, conversations, [s.message_id for s, _ in streams])
+        for url in primaries:
+            ready = asyncio.Event()
+            mine = [s.conversation for s, node in streams if node == url]
+            drains.append(asyncio.create_task(_listen(url, mine, ready, settings.cluster)))
+            await ready.wait()
+        pids = [int((await nodes[url].info("server"))["process_id"]) for url in primaries]
+        # what each node spends doing nothing (its cron, the cluster bus): counted against
+        # the few events a throttled node appends, it would weigh far more than at full speed
+        idle_before = {url: (await _redis_cpu(node))[0] for url, node in nodes.items()}
+        idle_began = time.monotonic()
+        await asyncio.sleep(opts.idle)
+        idle = {
+            url: ((await _redis_cpu(node))[0] - idle_before[url]) / (time.monotonic() - idle_began)
+            for url, node in nodes.items()
+        }
+        throttler = subprocess.Popen(  # noqa: ASYNC220 (started once, before the measurement)
+            [sys.executable, "-c", THROTTLER, str(opts.saturate), *map(str, pids)]
+        )
+        pipeliners = [
+            Pipeliner(redis, WorkerSettings().append_interval) for _ in range(opts.workers)
+        ]
+        for pipeliner in pipeliners:
+            pipeliner.start()
+        tally = _Tally({}, {})
+        stop = asyncio.Event()
+        producers = [
+            asyncio.create_task(
+                _stream_tokens(events, pipeliner, streams[i :: opts.workers], opts.tps, tally, stop)
+            )
+            for i, pipeliner in enumerate(pipeliners)
+        ]
+        try:
+            await asyncio.sleep(1.0)  # every stream under way, batches at their size
+            for node in nodes.values():
+                await node.config_resetstat()
+            before = {url: await _redis_cpu(node) for url, node in nodes.items()}
+            tally.tokens.clear()
+            tally.events.clear()
+            began = time.monotonic()
+            await asyncio.sleep(opts.seconds)
+            after = {url: await _redis_cpu(node) for url, node in nodes.items()}
+            wall = time.monotonic() - began
+            snapshot = _Tally(dict(tally.tokens), dict(tally.events))
+        finally:
+            stop.set()
+            await asyncio.gather(*producers)
+            # every batch answered before the pipeliner stops: cancelled while one is in
+            # flight, redis-py may swallow the cancellation (and the stop wait forever)
+            if tally.outstanding:
+                await asyncio.wait(list(tally.outstanding), timeout=60)
+            for pipeliner in pipeliners:
+                await pipeliner.stop()
+            throttler.terminate()
+            throttler.wait(5)
+            _release(pids)
+        for drain in drains:
+            drain.cancel()
+        received = sum([await drain for drain in drains])
+        return {
+            "primaries": [
+                _saturated(url, before[url], after[url], snapshot, wall, opts.saturate, idle[url])
+                for url in primaries
+            ],
+            "others_cpu_share": [
+                round((after[url][0] - before[url][0]) / wall, 3) for url in watched
+            ],
+            "received": received,
+            "seconds": round(wall, 2),
+        }
+    finally:
+        await _close(redis, conversations, list(nodes.values()))
+
+
+def _saturated(
+    url: str,
+    before: tuple[float, dict[str, tuple[int, int]]],
+    after: tuple[float, dict[str, tuple[int, int]]],
+    tally: _Tally,
+    wall: float,
+    share: float,
+    idle: float,
+) -> dict[str, Any]:
+    """One primary's figures over the measured window (its events: XADDs it ran); `net`:
+    less what it spends idle (`idle` CPU seconds a second)."""
+    count = after[1].get("xadd", (0, 0))[0] - before[1].get("xadd", (0, 0))[0]
+    result = _delta(before, after, max(count, 1))
+    calls = result["commands"].get("evalsha", {}).get("calls", 0)
+    cpu = after[0] - before[0]
+    net = (cpu - idle * wall) * 1e6 / max(count, 1)
+    return {
+        "node": url.removeprefix("redis://"),
+        "redis_cpu_us_per_event": result["redis_cpu_us_per_event"],
+        "net_us_per_event": round(net, 2),
+        "command_us_per_event": result["command_us_per_event"],
+        "commands": result["commands"],
+        "net_events_per_core_per_s": round(1e6 / net) if net > 0 else None,
+        "idle_cpu_share": round(idle, 4),
+        "events_per_redis_core_per_s": result["events_per_redis_core_per_s"],
+        "events_per_call": round(count / calls, 1) if calls else None,
+        "events_per_s": round(count / wall),
+        "tokens_per_event": round(tally.tokens.get(url, 0) / max(tally.events.get(url, 0), 1), 2),
+        "busy": round(cpu / (share * wall), 2),
+        "calls_per_event": {
+            n: round(c["calls"] / max(count, 1), 3) for n, c in result["commands"].items()
+        },
+    }
+
+
+async def _close(redis: Any, conversations: list[uuid.UUID], nodes: list[Redis]) -> None:
+    """Forget the round's conversations (the next round starts afresh) and close the
+    clients."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for c in conversations:
+            pipe.delete(keys.generation(c), keys.seq(c), keys.log(c), keys.persisted(c))
+        await pipe.execute()
+    for node in nodes:
+        await node.aclose()
+    await redis.aclose()
 
 
 async def _replicate(replica_url: str, primary_url: str) -> None:
@@ -222,9 +496,49 @@ def main() -> None:
         action="store_true",
         help="then 3 × --conversations spread over all the primaries at once (their CPU summed)",
     )
+    parser.add_argument(
+        "--saturate",
+        type=float,
+        metavar="SHARE",
+        help="instead: every primary at saturation, allowed SHARE of a core (e.g. 0.06): one "
+        "Redis, a one-primary cluster, then all three primaries of a cluster at once",
+    )
+    parser.add_argument(
+        "--generations", type=int, default=300, help="--saturate: streams per primary"
+    )
+    parser.add_argument("--tps", type=float, default=40, help="--saturate: tokens/s per stream")
+    parser.add_argument(
+        "--tps-alone",
+        type=float,
+        default=40,
+        help="--saturate: tokens/s per stream on one Redis and the one-primary cluster (a lone "
+        "Redis throttled by signals gets more than its share here: fed more, it saturates too)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=3,
+        help="--saturate: pipeliners (workers' batches in flight at once), the streams dealt out",
+    )
+    parser.add_argument("--seconds", type=float, default=6, help="--saturate: measured window")
+    parser.add_argument(
+        "--idle", type=float, default=2, help="--saturate: seconds each node's idle CPU is read"
+    )
+    parser.add_argument(
+        "--slots-per-primary",
+        type=int,
+        default=4,
+        help="--saturate: conversation_slots per primary, placed evenly (0: the default layout)",
+    )
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     results: dict[str, Any] = {"options": vars(opts) | {"out": None}}
+    if opts.saturate:
+        results |= run_saturated(opts)
+        report_saturated(results)
+        if opts.out:
+            opts.out.write_text(json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="parley-shards-") as tmp:
         single = embedded.start_redis(Path(tmp) / "single", persist=False)
         replica = embedded.start_redis(Path(tmp) / "replica", persist=False)
@@ -279,6 +593,83 @@ def main() -> None:
     report(results)
     if opts.out:
         opts.out.write_text(json.dumps(results, indent=1))
+
+
+def run_saturated(opts: argparse.Namespace) -> dict[str, Any]:
+    """One Redis, a one-primary cluster and a three-primary cluster, each primary saturated
+    (`saturate`), the same streams and the same slots per primary on each."""
+    results: dict[str, Any] = {}
+    per_primary = opts.slots_per_primary
+    with tempfile.TemporaryDirectory(prefix="parley-shards-") as tmp:
+        keys.share_slots(0)  # ignored on one Redis, as Parley ignores it
+        single = embedded.start_redis(Path(tmp) / "single", persist=False)
+        replica = embedded.start_redis(Path(tmp) / "replica", persist=False)
+        try:
+            watched = []
+            if not opts.no_replicas:
+                asyncio.run(_replicate(replica.url, single.url))
+                watched = [replica.url]
+            settings = RedisSettings(url=single.url)
+            alone = argparse.Namespace(**vars(opts) | {"tps": opts.tps_alone})
+            results["single"] = asyncio.run(saturate(settings, {single.url: None}, watched, alone))
+        finally:
+            replica.stop()
+            single.stop()
+        for primaries in (1, 3):
+            directory = Path(tmp) / f"cluster-{primaries}"
+            if primaries == 1:
+                nodes = redis_cluster.start_one_shard(directory, 0 if opts.no_replicas else 1)
+            else:
+                nodes = redis_cluster.start(directory)
+            try:
+                keys.share_slots(per_primary * primaries)  # its tags' slots spread evenly
+                if opts.no_replicas:
+                    primaries_now = nodes.primaries()
+                    for node in [n for n in nodes.nodes if n not in primaries_now]:
+                        node.kill()
+                served = {f"redis://{p.address}": _served(p) for p in nodes.primaries()}
+                watched = [f"redis://{n.address}" for n in nodes.nodes if n.alive()]
+                watched = [url for url in watched if url not in served]
+                settings = RedisSettings(url=nodes.url, cluster=True)
+                name = f"cluster_{primaries}"
+                fed = opts if primaries > 1 else alone
+                results[name] = asyncio.run(saturate(settings, served, watched, fed))
+            finally:
+                nodes.stop()
+    return results
+
+
+def report_saturated(results: dict[str, Any]) -> None:
+    opts = results["options"]
+    print(
+        f"every primary at saturation ({opts['saturate']:.0%} of a core each), "
+        f"{opts['generations']} streams per primary at {opts['tps']:g} tokens/s "
+        f"({opts['tps_alone']:g} on one Redis or one primary) over "
+        f"{opts['workers']} workers' pipeliners, "
+        f"{opts['slots_per_primary']} conversation slots per primary, "
+        f"{'no replicas' if opts['no_replicas'] else 'a replica each'}"
+    )
+    totals = {}
+    for name in ("single", "cluster_1", "cluster_3"):
+        run = results[name]
+        for p in run["primaries"]:
+            print(
+                f"{name:10} {p['node']:16} {p['redis_cpu_us_per_event']:6.2f} µs/event, "
+                f"{p['net_us_per_event']:6.2f} net of idle ({p['idle_cpu_share']:.2%} of a core) "
+                f"→ {p['net_events_per_core_per_s']:>7,} events/s per core; "
+                f"{p['events_per_call']} events per call, {p['tokens_per_event']} tokens per "
+                f"event, {p['events_per_s']:,} events/s, busy {p['busy']:.2f} of its share"
+            )
+        print(f"{'':10} others' CPU share meanwhile: {run['others_cpu_share']}")
+        totals[name] = sum(p["net_events_per_core_per_s"] for p in run["primaries"])
+        rate = sum(p["events_per_s"] for p in run["primaries"])
+        print(f"{'':10} {rate:,} events/s appended in all, {run['received']:,} received")
+    one, three, single = totals["cluster_1"], totals["cluster_3"], totals["single"]
+    print(
+        f"per core (net of idle), summed over the primaries: "
+        f"3 shards / 1 shard {three / one:.2f}×, "
+        f"3 shards / one Redis {three / single:.2f}×"
+    )
 
 
 def report(results: dict[str, Any]) -> None:

@@ -146,9 +146,10 @@ class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     turns always go to the same one); 0 picks 1 on a single Redis and 8 in a cluster."""
 
     conversation_slots: Annotated[int, Meta(ge=0, le=16384)] = 0
-    """In a cluster: how many hash slots all conversations share (their keys' tag is
-    `{c:ID mod N}`), so that the worker's appends of conversations on one slot go in one
-    script call (docs/deploy.md, "Appends per shard"); 0: each conversation its own slot.
+    """In a cluster: how many hash slots all conversations share (their keys' tag is the
+    (ID mod N)-th of N tags whose slots are spread evenly over the slot space), so that the
+    worker's appends of conversations on one slot go in one script call (docs/deploy.md,
+    "Appends per shard"); 0: each conversation its own slot.
     Every process must say the same; changing it renames every conversation's Redis keys
     (conversations load again from PostgreSQL; generations running then are lost). Ignored
     on a single Redis."""

@@ -5,7 +5,8 @@ The names work unchanged on one Redis and on a Redis Cluster, where a script may
 keys of one slot. How the keys fall into slots:
 
 - a conversation: every key (and its channel) shares the hash tag `{c:ID}` (in a cluster with
-  `redis.conversation_slots` N, `{c:ID mod N}`: conversations then share N slots, and the
+  `redis.conversation_slots` N, one of N tags, ID mod N: conversations then share N slots
+  spread evenly over the slot space, and the
   pipeliner's per-slot `append_pieces` calls carry several conversations' events), so the scripts
   `append`, `append_piece`, `read`, `join` (with `meta`, `persisted` and `history`), `load`,
   `set_meta`, `mark_persisted` (with `history`), `cache_history` and, in a cluster,
@@ -46,6 +47,7 @@ process-wide and, in a cluster, sharded channels too (each on the node of its ow
 
 from __future__ import annotations
 
+import binascii
 import functools
 import uuid
 from typing import Final
@@ -95,27 +97,51 @@ CANCEL: Final = f"{PREFIX}:cancel"
 """Channel every worker listens on: the payload is a conversation id to stop generating."""
 
 
-_conversation_slots = 0
-"""How many hash tags the conversations share in a cluster (`share_slots`); 0: each its own."""
+_conversation_tags: tuple[str, ...] = ()
+"""The hash tags the conversations share in a cluster (`share_slots`); none: each its own."""
+HASH_SLOTS: Final = 16384
+_TAG_SEARCH: Final = 400_000
+"""How many candidate tags `share_slots` hashes to find one for each slot it aims at (about
+every slot is hit within 16384 × ln 16384 ≈ 160,000)."""
 
 
 def share_slots(tags: int) -> None:
-    """Give conversations `tags` hash tags to share (`{c:N}`, N the conversation id modulo
+    """Give conversations `tags` hash tags to share (a conversation the tag number ID mod
     `tags`), or each its own (`{c:ID}`) with 0. Set once at start from
     `redis.conversation_slots` (a cluster only): the worker's pipeliner sends one
-    `append_pieces` call per slot in a batch, so conversations sharing slots share calls."""
-    global _conversation_slots
-    _conversation_slots = tags
+    `append_pieces` call per slot in a batch, so conversations sharing slots share calls.
+    Tag i hashes to the slot in the middle of the i-th of `tags` equal runs of slots, so that
+    a cluster whose primaries serve equal runs of slots in order (`redis-cli --cluster
+    create` makes them) has as many on each primary when their number divides `tags`."""
+    global _conversation_tags
+    _conversation_tags = _spread_tags(tags)
     _conv.cache_clear()
+
+
+@functools.cache
+def _spread_tags(tags: int) -> tuple[str, ...]:
+    if not tags:
+        return ()
+    aims = [(2 * i + 1) * HASH_SLOTS // (2 * tags) for i in range(tags)]
+    wanted = set(aims)
+    found: dict[int, str] = {}
+    for k in range(_TAG_SEARCH):
+        tag = f"c{k}"
+        slot = binascii.crc_hqx(tag.encode(), 0) % HASH_SLOTS
+        if slot in wanted and slot not in found:
+            found[slot] = tag
+            if len(found) == len(wanted):
+                break
+    return tuple(found.get(slot, f"c:{i}") for i, slot in enumerate(aims))
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _conv(conversation: uuid.UUID | str) -> str:
     """The start of every key of the conversation, its hash tag included."""
-    if not _conversation_slots:
+    if not _conversation_tags:
         return f"{PREFIX}:{{c:{conversation}}}"
-    number = uuid.UUID(str(conversation)).int % _conversation_slots
-    return f"{PREFIX}:{{c:{number}}}:{conversation}"
+    tag = _conversation_tags[uuid.UUID(str(conversation)).int % len(_conversation_tags)]
+    return f"{PREFIX}:{{{tag}}}:{conversation}"
 
 
 def channel(conversation: uuid.UUID | str) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,18 +169,8 @@ def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1")
     synced with its primary). A failed primary is replaced by its replica about
     `node_timeout_ms` after it stops answering. The nodes listen on `host` (and announce it
     to clients and to each other)."""
-    if not available():
-        raise ClusterUnavailable(
-            "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
-        )
-    cluster = SixNodes()
-    try:
-        while len(cluster.nodes) < NODES:
-            node = _start_node(directory, node_timeout_ms, host)
-            if _answers(node):
-                cluster.nodes.append(node)
-            elif len(list(directory.glob("node-*"))) > NODES * 3:  # a port taken meanwhile
-                raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
+
+    def create(cluster: SixNodes) -> None:
         _cli(
             "-h",
             host,
@@ -191,12 +182,64 @@ def start(directory: Path, node_timeout_ms: int = 2000, host: str = "127.0.0.1")
             "--cluster-yes",
             timeout=60,
         )
+
+    return _made(directory, NODES, node_timeout_ms, host, create)
+
+
+def start_one_shard(directory: Path, replicas: int = 1, node_timeout_ms: int = 2000) -> SixNodes:
+    """A cluster of one primary serving every slot and `replicas` replicas of it (`redis-cli
+    --cluster create` wants three primaries at least): the one-shard end of a scaling
+    comparison."""
+
+    def create(cluster: SixNodes) -> None:
+        primary, *others = cluster.nodes
+        primary.cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        for node in others:
+            node.cli("CLUSTER", "MEET", primary.host, str(primary.port))
+        primary_id = primary.cli("CLUSTER", "MYID")
+        for node in others:
+            _replicate_when_known(node, primary_id)
+
+    return _made(directory, 1 + replicas, node_timeout_ms, "127.0.0.1", create)
+
+
+def _made(
+    directory: Path,
+    count: int,
+    node_timeout_ms: int,
+    host: str,
+    create: Callable[[SixNodes], None],
+) -> SixNodes:
+    """`count` nodes started, made a cluster by `create`, once it is ready; stopped if not."""
+    if not available():
+        raise ClusterUnavailable(
+            "redis-server and redis-cli (7 or later) are needed: apt-get install redis-server"
+        )
+    cluster = SixNodes()
+    try:
+        while len(cluster.nodes) < count:
+            node = _start_node(directory, node_timeout_ms, host)
+            if _answers(node):
+                cluster.nodes.append(node)
+            elif len(list(directory.glob("node-*"))) > count * 3:  # a port taken meanwhile
+                raise ClusterUnavailable(f"redis-server would not start:\n{_log(node)}")
+        create(cluster)
         cluster.wait_ok()
         cluster.wait_replicated()
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+def _replicate_when_known(node: Node, primary_id: str) -> None:
+    """`CLUSTER REPLICATE`, once the MEET has told `node` of the primary."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while primary_id not in node.cli("CLUSTER", "NODES"):
+        if time.monotonic() > deadline:
+            raise ClusterUnavailable("a replica never learnt of its primary")
+        time.sleep(0.1)
+    node.cli("CLUSTER", "REPLICATE", primary_id)
 
 
 def _low_port(host: str) -> int:

@@ -443,6 +443,24 @@ def two_shared_slots() -> Iterator[None]:
         keys.share_slots(0)
 
 
+@pytest.mark.parametrize("tags", [6, 12, 48])
+def test_shared_tags_land_evenly_on_primaries_serving_equal_runs_of_slots(tags: int) -> None:
+    """`redis-cli --cluster create` gives P primaries equal runs of slots, in order: with
+    `redis.conversation_slots` a multiple of P, each primary gets as many of the shared
+    tags (and so of the appends), without the operator moving slots by hand."""
+    keys.share_slots(tags)
+    try:
+        slots = [key_slot(keys.seq(uuid.UUID(int=tag)).encode()) for tag in range(tags)]
+    finally:
+        keys.share_slots(0)
+    assert len(set(slots)) == tags
+    for primaries in (2, 3):
+        per_primary = [0] * primaries
+        for slot in slots:
+            per_primary[slot * primaries // keys.HASH_SLOTS] += 1
+        assert per_primary == [tags // primaries] * primaries
+
+
 def _evalsha_calls(nodes: SixNodes) -> int:
     total = 0
     for node in nodes.primaries():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 from importlib import resources
 
 import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from server.redis import approvals, budgets, eventlog, presence, queue, scripts, turns
 
@@ -115,3 +118,38 @@ def test_a_script_registered_with_a_cluster_publishes_only_on_sharded_channels(
     sharded = script.sharded().source
     assert not re.search(r"(?<!S)PUBLISH['\"]", sharded, re.IGNORECASE)
     assert ("redis.call('SPUBLISH', channel," in sharded) == (script.name in PUBLISHING)
+
+
+@pytest.mark.parametrize("script", LOADED, ids=lambda script: script.name)
+def test_the_bundle_gives_each_script_the_functions_it_calls(script: scripts.Script) -> None:
+    """Redis runs every script inside the bundle, which finds each one's functions by
+    itself: every library function the script (as loaded) calls must be among them."""
+    found = scripts.libraries_of(scripts._read(script.name))
+    texts = [scripts._read(name) for name in [script.name, *found]]
+    code = re.sub(r"--.*$", "", "\n".join(texts), flags=re.MULTILINE)
+    called = {
+        library
+        for library, functions in scripts._library_functions().items()
+        for function in functions
+        if re.search(rf"(?<!function )\b{function}\(", code)
+    }
+    assert called <= set(found)
+
+
+def test_the_sharded_bundle_publishes_only_on_sharded_channels() -> None:
+    bundle = scripts.bundle(sharded=True)
+    assert not re.search(r"(?<!S)PUBLISH['\"]", bundle, re.IGNORECASE)
+    assert "redis.call('PUBLISH'," in scripts.bundle()
+
+
+async def test_a_call_runs_its_own_script_of_the_bundle(redis: Redis) -> None:
+    """Every call is the one bundle, its script named last; KEYS and ARGV are its own."""
+    key = f"parley:test:{uuid.uuid4()}"
+    await redis.set(key, 7)
+    raise_seq = eventlog.SEQ_FLOOR.register(redis)
+    assert raise_seq.redis_script.script == scripts.bundle()
+    assert await raise_seq(seq_key=key, floor=9) == 1
+    assert int(await redis.get(key)) == 9
+    assert await raise_seq(seq_key=key, floor=3) == 0
+    with pytest.raises(ResponseError, match="no script named nothing"):
+        await redis.evalsha(raise_seq.redis_script.sha, 0, "nothing")

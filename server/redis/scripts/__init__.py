@@ -18,10 +18,21 @@ the script (`functions=`); they take everything as parameters and never read KEY
 Registered with a Redis Cluster client, a script publishes with `SPUBLISH` instead of
 `PUBLISH` (`Script.sharded`): in a cluster a plain PUBLISH is copied to every node, a sharded
 one stays on the node that owns the channel's slot, where its subscribers are.
+
+Redis knows them as ONE script, the bundle of every script file (`bundle`): each
+call passes its script's name as its last argument and the bundle runs that script's
+source. A Redis node therefore knows all of a process's scripts or none of them. Redis
+forgets scripts (a restart, a replica promoted, `SCRIPT FLUSH`, a new node given a slot), and
+a batch's calls that meet a node that does not know theirs are loaded and run again after
+the batch's other calls: with separate scripts a node knowing one call's script and not an
+earlier one's (another process had loaded only the one) would then run a conversation's
+calls out of order. With the bundle every call of a batch to that node fails alike, and they
+run again in their order (`pipelined`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +59,9 @@ _ANY_INPUT: Final = re.compile(r"\b(?:KEYS|ARGV)\b")
 _COMMENT: Final = re.compile(r"--.*$", re.MULTILINE)
 _PUBLISH: Final = "redis.call('PUBLISH',"
 _SPUBLISH: Final = "redis.call('SPUBLISH',"
+_FIRST: Final = ("append_pieces", "append_piece", "append")
+"""The bundle's first branches: the calls a worker makes per token (each call compares the
+name with the branches' in turn, a pointer comparison each)."""
 
 
 class ScriptError(Exception):
@@ -91,8 +105,10 @@ class Script:
         return self.keys.values(values), self.args.values(values)
 
     def register(self, redis: Redis) -> Registered:
-        script = self.sharded() if is_cluster(redis) else self
-        return Registered(script, redis.register_script(script.source))
+        """This script as called through `redis`: by name, inside the bundle."""
+        sharded = is_cluster(redis)
+        script = self.sharded() if sharded else self
+        return Registered(script, redis.register_script(bundle(sharded)))
 
     def sharded(self) -> Script:
         """The same script publishing on sharded channels (`SPUBLISH`), for a cluster."""
@@ -127,6 +143,7 @@ class Registered:
 
     def bind(self, **values: Any) -> Call:
         keys, args = self.script.positional(values)
+        args.append(self.script.name)  # which of the bundle's scripts (read off the end)
         return Call(self.redis_script, keys, args)
 
     async def __call__(self, **values: Any) -> Any:
@@ -144,8 +161,10 @@ async def run_all(redis: Any, calls: Sequence[Call]) -> list[Any]:
 
 async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
     """Run calls in one pipeline (not a transaction: on a cluster it spans nodes) and give
-    their results or errors. A script a node does not know yet (a cluster pipeline loads
-    none; a promoted replica may lack some) is loaded and run again."""
+    their results or errors. The calls a node refused for not knowing the bundle (a cluster
+    pipeline loads none; a node may have forgotten it) are run again, in their order, once
+    it is loaded: none of that node's calls ran, since they are all the bundle's (a
+    process's calls naming another bundle are not in the same batch)."""
     results = await _pipelined(redis, calls)
     raise_if_unreachable(redis, results)
     unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -153,6 +172,7 @@ async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
         for source in {calls[i].script.script for i in unknown}:
             await redis.script_load(source)
         again = await _pipelined(redis, [calls[i] for i in unknown])
+        raise_if_unreachable(redis, again)
         for i, result in zip(unknown, again, strict=True):
             results[i] = result
     return results
@@ -198,7 +218,8 @@ async def _alone(redis: Any, call: Call) -> Any:
 
 
 def load(name: str, *, functions: Sequence[str] = ()) -> Script:
-    """The script `name.lua`, after the `lib_*.lua` files named in `functions`."""
+    """The script `name.lua`, after the `lib_*.lua` files named in `functions` (the bundle
+    finds them by itself, `libraries_of`)."""
     body = _read(name)
     keys, args = _inputs(name, body, "KEYS"), _inputs(name, body, "ARGV")
     declared = len(keys.names) + len(args.names) + (keys.rest is not None) + (args.rest is not None)
@@ -209,6 +230,79 @@ def load(name: str, *, functions: Sequence[str] = ()) -> Script:
         if _ANY_INPUT.search(_COMMENT.sub("", source)):
             raise ScriptError(f"{library}.lua is a function library: it must not read KEYS/ARGV")
     return Script(name, "\n".join([*libraries, body]), keys, args)
+
+
+def bundle(sharded: bool = False) -> str:
+    """One script holding every `.lua` script of this package (publishing with `SPUBLISH`
+    when `sharded`, as `Script.sharded`), each after the `lib_*.lua` files whose functions it
+    calls (`libraries_of`): it takes the name of the script to run as its last argument,
+    removes it and runs that script, whose KEYS and ARGV are then its own. Only that
+    script's functions are made on a call, as when it was a script of its own. The same
+    for every process of a version of Parley, whatever it imported."""
+    names = sorted(
+        entry.name.removesuffix(".lua")
+        for entry in resources.files(__package__).iterdir()
+        if entry.name.endswith(".lua") and not entry.name.startswith("lib_")
+    )
+    return _bundle(tuple(names), sharded)
+
+
+@functools.cache
+def _bundle(names: tuple[str, ...], sharded: bool) -> str:
+    ordered = [*(n for n in _FIRST if n in names), *(n for n in names if n not in _FIRST)]
+    branches = []
+    for i, name in enumerate(ordered):
+        body = _read(name)
+        source = "\n".join([*(_read(lib) for lib in libraries_of(body)), body])
+        if sharded:
+            source = source.replace(_PUBLISH, _SPUBLISH)
+        branches.append(f"{'if' if i == 0 else 'elseif'} parley_script == '{name}' then\n")
+        branches.append(f"{source}\n")
+    return "".join(
+        [
+            "local parley_script = ARGV[#ARGV]\n",
+            "ARGV[#ARGV] = nil\n",
+            *branches,
+            "else\n",
+            "  return redis.error_reply('no script named ' .. tostring(parley_script))\n",
+            "end\n",
+        ]
+    )
+
+
+_DEFINED: Final = re.compile(r"^local function (\w+)\(", re.MULTILINE)
+
+
+def libraries_of(source: str) -> list[str]:
+    """The `lib_*.lua` files whose functions `source` calls, and theirs, each after the ones
+    it calls."""
+    defined = _library_functions()
+    ordered: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(text: str) -> None:
+        code = _COMMENT.sub("", text)
+        for library, functions in defined.items():
+            if library in visiting or library in ordered:
+                continue
+            if any(re.search(rf"\b{function}\(", code) for function in functions):
+                visiting.add(library)
+                visit(_read(library))
+                ordered.append(library)
+
+    visit(source)
+    return ordered
+
+
+@functools.cache
+def _library_functions() -> dict[str, tuple[str, ...]]:
+    """Each `lib_*.lua` file, by name, and the functions it defines."""
+    libraries = sorted(
+        entry.name.removesuffix(".lua")
+        for entry in resources.files(__package__).iterdir()
+        if entry.name.startswith("lib_") and entry.name.endswith(".lua")
+    )
+    return {library: tuple(_DEFINED.findall(_read(library))) for library in libraries}
 
 
 def _read(name: str) -> str:

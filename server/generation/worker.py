@@ -63,7 +63,7 @@ from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, Shards, consumer_name
-from server.redis.turns import Job, Turns, text_of
+from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
 from server.tools.runner import Runner
 from server.tools.toolbox import Toolbox
@@ -477,11 +477,8 @@ class Worker:
     async def _run(self, run: Running, takeover: bool) -> tuple[f.DoneReason, Finished, str | None]:
         """The generation's steps, each a span of the turn's trace when tracing is on."""
         job = run.job
-        await self._mark_running(job)
-        if takeover:
-            run.index = await self._last_index(job)
         with tracing.span("build prompt"):
-            run.history, meta = await self._context(job)
+            run.history, meta, cancelled = await self._begin(job, run, takeover)
             prompt = build_prompt(meta.system, run.history, self.settings.llm.context_tokens)
             run.tools = await self._offered(meta.tools)
         verdict = await self._turn_hook(run, prompt)
@@ -492,7 +489,7 @@ class Worker:
         await self._publish(run, self._start_event(run.job))
         if takeover:
             await self._resume_steps(run)
-        run.cancelled = await self._cancelled_before_start(job)
+        run.cancelled = run.cancelled or cancelled
         with tracing.span("model stream"):
             finished, error = await self._steps(run, verdict_prompt(verdict, prompt))
         finished = await self._measured(run, finished)
@@ -822,9 +819,6 @@ class Worker:
             )
             await pipe.execute()
 
-    async def _last_index(self, job: Job) -> int:
-        return await generations.last_piece(self.redis, job.conversation)
-
     @staticmethod
     def _start_event(job: Job) -> f.Start:
         return f.Start(
@@ -835,18 +829,26 @@ class Worker:
             accepted_at=job.accepted_at or None,
         )
 
-    async def _context(self, job: Job) -> tuple[list[f.Message], f.Conversation]:
-        history, cached = await self.events.context(job.conversation)
+    async def _begin(
+        self, job: Job, run: Running, takeover: bool
+    ) -> tuple[list[f.Message], f.Conversation, bool]:
+        """Record this generation as the conversation's and read, in the same round trip,
+        its context (the recent messages and the conversation's meta; PostgreSQL's when Redis
+        has not loaded them), whether a `cancel` came before this worker listened for it,
+        and, on a takeover, where the last worker's events stopped. The cancel is read after
+        the run is registered (`self.running`): one published later reaches `cancel`."""
+        begun = await self.events.begin(
+            job.conversation, job.message_id, self.name, self.turns.lease
+        )
+        if takeover:
+            run.index = begun.piece
+        history, cached = begun.history, begun.meta
         if history is None or cached is None:
             cached = await self.conversations.load(job.conversation)
             history = await self.events.recent(job.conversation) or []
         if job.replaces is not None:
             history = [m for m in history if m.id != job.replaces]
-        return history, cached.meta
-
-    async def _cancelled_before_start(self, job: Job) -> bool:
-        marked = await self.redis.get(keys.cancelled(job.conversation))
-        return marked is not None and text_of(marked) == str(job.message_id)
+        return history, cached.meta, begun.cancelled == str(job.message_id)
 
     async def _stream(
         self, run: Running, prompt: list[ModelMessage], tools: list[dict[str, Any]]

@@ -24,6 +24,7 @@ from protocol.text import scrub
 from protocol.think import ThinkSplitter
 from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
 from server.app.config import LLMSettings
+from server.generation.chatclient import ChatClient
 
 SIMULATED_KEY = "parley-simulated"
 
@@ -156,7 +157,7 @@ class LLM:
     def __init__(self, settings: LLMSettings, base_url: str) -> None:
         self.settings = settings
         self.base_url = base_url
-        self.client = openai.AsyncOpenAI(
+        self.client = ChatClient(
             base_url=base_url,
             api_key=settings.api_key or SIMULATED_KEY,
             timeout=openai.Timeout(

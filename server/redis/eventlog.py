@@ -204,7 +204,11 @@ class EventLog:
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
         """PostgreSQL holds every event up to `seq`: the log may trim them."""
-        await self._mark_persisted(
+        await self.persisted_call(conversation, seq).run()
+
+    def persisted_call(self, conversation: uuid.UUID, seq: int) -> scripts.Call:
+        """`mark_persisted` as a call, to run now or queue on a pipeline."""
+        return self._mark_persisted.bind(
             persisted_key=keys.persisted(conversation),
             log_key=keys.log(conversation),
             seq_key=keys.seq(conversation),

@@ -375,13 +375,19 @@ class Worker:
             queue = self.turns.queue
             stream, name = group.stream, user.decode()
 
-            def release() -> Awaitable[bool]:
-                return queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+            def release() -> Awaitable[Any]:
+                """Through the pipeliner (with other turns' calls, as a rule), which sends a
+                batch again while Redis is unreachable: a second call of this one frees
+                nothing twice (the entry is deleted in the same step)."""
+                return self.pipeliner.call(queue.release_call(stream, keys.WORKERS, entry_id, name))
 
             # retried through a failover of the queue's slot (a release lost would hold the
             # slot and the user's count for good); a buried entry's is not: a second call
             # would lower the count twice
-            waiting = await (release() if buried else self.turns.persistently(release))
+            if buried:
+                waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=True)
+            else:
+                waiting = int(await self.turns.persistently(release)) > 0
             if waiting:
                 await queue.serve()
 

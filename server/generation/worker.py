@@ -220,6 +220,8 @@ class Worker:
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis, settings.worker.append_interval)
+        self.starts = Pipeliner(redis)
+        """The turns' `begin` calls: those of the turns claimed together go together."""
         self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -247,6 +249,7 @@ class Worker:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
         await self.shards.ensure()
         self.pipeliner.start()
+        self.starts.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
         await self._beat()
@@ -279,6 +282,7 @@ class Worker:
         for task in self._background:  # the heartbeat lives until the last generation ends
             task.cancel()
         await self.pipeliner.stop()
+        await self.starts.stop()
         await self.cancels.stop()
         with contextlib.suppress(*UNREACHABLE):
             await self.redis.delete(keys.worker(self.name))
@@ -838,13 +842,14 @@ class Worker:
     async def _begin(
         self, job: Job, run: Running, takeover: bool
     ) -> tuple[list[f.Message], f.Conversation, bool]:
-        """Record this generation as the conversation's and read, in the same round trip,
-        its context (the recent messages and the conversation's meta; PostgreSQL's when Redis
-        has not loaded them), whether a `cancel` came before this worker listened for it,
-        and, on a takeover, where the last worker's events stopped. The cancel is read after
-        the run is registered (`self.running`): one published later reaches `cancel`."""
+        """Record this generation as the conversation's and read, in the same script call
+        (sent with those of the turns claimed with it: `starts`), its context (the recent
+        messages and the conversation's meta; PostgreSQL's when Redis has not loaded them),
+        whether a `cancel` came before this worker listened for it, and, on a takeover,
+        where the last worker's events stopped. The cancel is read after the run is
+        registered (`self.running`): one published later reaches `cancel`."""
         begun = await self.events.begin(
-            job.conversation, job.message_id, self.name, self.turns.lease
+            job.conversation, job.message_id, self.name, self.turns.lease, self.starts
         )
         if takeover:
             run.index = begun.piece

@@ -261,13 +261,19 @@ class EventLog:
         return [_message_decoder.decode(item) for item in items]
 
     async def begin(
-        self, conversation: uuid.UUID, message_id: uuid.UUID, worker: str, lease: int
+        self,
+        conversation: uuid.UUID,
+        message_id: uuid.UUID,
+        worker: str,
+        lease: int,
+        pipeliner: Pipeliner | None = None,
     ) -> Begun:
         """Make the conversation's generation `message_id`'s, run by `worker` (marked for
-        `lease` seconds), and read what a generation needs to start, in one round trip
-        (scripts/begin.lua; server/redis/generations.py describes the mark)."""
+        `lease` seconds), and read what a generation needs to start, in one script call
+        (scripts/begin.lua; server/redis/generations.py describes the mark), sent through
+        `pipeliner` if given (with the other calls made meanwhile)."""
         c = str(conversation)
-        meta, items, cancelled, piece = await self._begin(
+        call = self._begin.bind(
             gen_key=keys.generation(c),
             meta_key=keys.meta(c),
             recent_key=keys.recent(c),
@@ -276,6 +282,8 @@ class EventLog:
             worker=worker,
             lease=lease,
         )
+        answer = await (call.run() if pipeliner is None else pipeliner.call(call))
+        meta, items, cancelled, piece = answer
         loaded = meta is not None
         return Begun(
             history=[_message_decoder.decode(item) for item in items] if loaded else None,

@@ -370,6 +370,24 @@ async def test_begin_reads_the_context_the_cancel_mark_and_the_last_piece_in_one
     assert await generations.last_piece(redis, meta.id) == 2  # kept for the takeover
 
 
+async def test_begins_sent_together_each_get_their_own_conversation(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    conversations = [await loaded(events) for _ in range(3)]
+    replies = [uuid.uuid4() for _ in conversations]
+    await redis.set(keys.cancelled(conversations[1]), str(replies[1]))
+    begun = await asyncio.gather(
+        *(
+            events.begin(c, reply, "worker-a", 60, pipeliner)
+            for c, reply in zip(conversations, replies, strict=True)
+        )
+    )
+    assert [b.meta.meta.id if b.meta else None for b in begun] == conversations
+    assert [b.cancelled for b in begun] == [None, str(replies[1]), None]
+    for c, reply in zip(conversations, replies, strict=True):
+        assert await generations.message_id(redis, c) == str(reply)
+
+
 async def script_calls(redis: Redis) -> int:
     """How many script calls (EVALSHA, EVAL) Redis has run."""
     stats = await redis.info("commandstats")

@@ -237,10 +237,10 @@ class LLM:
         """The streamed chat completion's HTTP response, unread, closed on the way out.
 
         Sent by the `openai` client (its base URL, key, headers, retries, status errors),
-        through its generic `post` with the body encoded here, once: the typed
-        `chat.completions.create` walks every message against its TypedDicts first, which
-        cost the worker more per request than reading a hundred tokens of the reply
-        (docs/benchmarks.md). The body holds what `create` would send."""
+        through its generic `post` (`ChatClient.post_bytes`) with the body encoded here,
+        once: the typed `chat.completions.create` walks every message against its
+        TypedDicts first, which cost the worker more per request than reading a hundred
+        tokens of the reply (docs/benchmarks.md). The body holds what `create` would send."""
         body = {
             "model": model,
             "stream": True,
@@ -250,9 +250,7 @@ class LLM:
             **extra,
         }
         content = _body_encoder.encode(body)
-        response = await self.client.post(
-            "/chat/completions", cast_to=httpx2.Response, content=content, options=_STREAMED
-        )
+        response = await self.client.post_bytes("/chat/completions", content, _STREAMED)
         try:
             yield response
         finally:

@@ -110,8 +110,15 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
             await ledger.record(
                 conn, turn.conversation, turn.reply_id, turn.spent, turn.finished_at
             )
+        # moving the conversation's seqs first also locks its row (turns of one conversation
+        # are written one after the other), in the same statement
         exists = await conn.fetchval(
-            "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", turn.conversation
+            "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
+            " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"
+            " WHERE id = $1 RETURNING 1",
+            turn.conversation,
+            turn.done_seq,
+            turn.finished_at,
         )
         if not exists:
             return False
@@ -133,14 +140,6 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
             )
         if turn.reply is not None:
             await conn.execute(_INSERT_REPLY, *_row(turn.conversation, turn.reply, turn.done_seq))
-        await conn.execute(
-            "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
-            " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"
-            " WHERE id = $1",
-            turn.conversation,
-            turn.done_seq,
-            turn.finished_at,
-        )
     return True
 
 

@@ -24,6 +24,7 @@ from protocol.text import scrub
 from protocol.think import ThinkSplitter
 from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
 from server.app.config import LLMSettings
+from server.generation.chatclient import ChatClient
 
 SIMULATED_KEY = "parley-simulated"
 
@@ -156,7 +157,7 @@ class LLM:
     def __init__(self, settings: LLMSettings, base_url: str) -> None:
         self.settings = settings
         self.base_url = base_url
-        self.client = openai.AsyncOpenAI(
+        self.client = ChatClient(
             base_url=base_url,
             api_key=settings.api_key or SIMULATED_KEY,
             timeout=openai.Timeout(
@@ -236,10 +237,10 @@ class LLM:
         """The streamed chat completion's HTTP response, unread, closed on the way out.
 
         Sent by the `openai` client (its base URL, key, headers, retries, status errors),
-        through its generic `post` with the body encoded here, once: the typed
-        `chat.completions.create` walks every message against its TypedDicts first, which
-        cost the worker more per request than reading a hundred tokens of the reply
-        (docs/benchmarks.md). The body holds what `create` would send."""
+        through its generic `post` (`ChatClient.post_bytes`) with the body encoded here,
+        once: the typed `chat.completions.create` walks every message against its
+        TypedDicts first, which cost the worker more per request than reading a hundred
+        tokens of the reply (docs/benchmarks.md). The body holds what `create` would send."""
         body = {
             "model": model,
             "stream": True,
@@ -249,9 +250,7 @@ class LLM:
             **extra,
         }
         content = _body_encoder.encode(body)
-        response = await self.client.post(
-            "/chat/completions", cast_to=httpx2.Response, content=content, options=_STREAMED
-        )
+        response = await self.client.post_bytes("/chat/completions", content, _STREAMED)
         try:
             yield response
         finally:

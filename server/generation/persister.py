@@ -2,7 +2,8 @@
 by its own loop) to PostgreSQL.
 
 Each entry is written in one transaction, idempotently (message ids were chosen before the
-write), and acknowledged only after the commit: PostgreSQL being down delays persistence and
+write), and acknowledged only after the commit (the entries of one read together, with their
+`mark_persisted` calls, in one round trip): PostgreSQL being down delays persistence and
 loses nothing. Entries left pending by a persister that died are claimed by another. An entry
 that cannot be written (malformed, or refused by PostgreSQL) goes to the dead-letter stream
 after a few attempts (server/deadletter.py), so it never holds up the turns after it.
@@ -11,21 +12,19 @@ after a few attempts (server/deadletter.py), so it never holds up the turns afte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from protocol import frames as f
 from server.app import logs, metrics, tracing
-from server.redis import keys
+from server.redis import keys, scripts
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
-from server.redis.streams import ConsumerGroup, consumer_name
+from server.redis.streams import ConsumerGroup, Entry, consumer_name
 from storage.messages import FinishedTurn, save_turn
 
 log = logging.getLogger("parley.persister")
@@ -78,29 +77,51 @@ class Persister:
                 log.warning("cannot read finished turns (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for entry_id, fields in entries:
-                await self._persist(group, entry_id, fields)
+            await self._persist_all(group, entries)
 
     def stop(self) -> None:
         self._stopping = True
 
     async def _claim_abandoned(self, group: ConsumerGroup) -> None:
-        for entry_id, fields in await group.autoclaim(CLAIM_IDLE_MS):
-            await self._persist(group, entry_id, fields)
+        await self._persist_all(group, await group.autoclaim(CLAIM_IDLE_MS))
+
+    async def _persist_all(self, group: ConsumerGroup, entries: list[Entry]) -> None:
+        """Write each entry, then mark and acknowledge those written, all in one round trip."""
+        saved: list[tuple[bytes, FinishedTurn]] = []
+        for entry_id, fields in entries:
+            turn = await self._persist(group, entry_id, fields)
+            if turn is not None:
+                saved.append((entry_id, turn))
+        if saved:
+            await self._done(group, saved)
 
     async def _persist(
         self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes]
-    ) -> None:
+    ) -> FinishedTurn | None:
+        """The turn once written to PostgreSQL; None when it went to the dead letters."""
         try:
             turn = await attempt(lambda: self._save(fields), f"finished turn {entry_id.decode()}")
         except Poisoned as failure:
             await self.dead_letters.bury(group.stream, keys.PERSISTERS, entry_id, fields, failure)
-            return
+            return None
         metrics.PERSISTED.inc()
         metrics.PERSIST_LAG.observe(max((f.utcnow() - turn.finished_at).total_seconds(), 0.0))
-        with contextlib.suppress(RedisError, OSError):
-            await self.events.mark_persisted(turn.conversation, turn.done_seq)
-        await self._ack(group, entry_id)
+        return turn
+
+    async def _done(self, group: ConsumerGroup, saved: list[tuple[bytes, FinishedTurn]]) -> None:
+        """Record that PostgreSQL holds each turn's events (the logs may trim them) and
+        acknowledge the entries, in one pipeline. A mark that fails is left for the next turn
+        of its conversation (marks only move forward), as a mark Redis could not take always
+        was; the acknowledgement is retried until Redis takes it."""
+        marks = [self.events.persisted_call(t.conversation, t.done_seq) for _, t in saved]
+        entry_ids = [entry_id for entry_id, _ in saved]
+        try:
+            unknown = await group.ack_after(marks, entry_ids)
+            if unknown:  # scripts Redis forgot (restarted, failed over): loaded and run again
+                await scripts.pipelined(self.redis, unknown)
+        except UNREACHABLE as exc:
+            log.warning("cannot mark finished turns persisted (%s)", exc)
+            await self._ack(group, entry_ids)
 
     async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
         turn = _decode(fields)
@@ -120,10 +141,10 @@ class Persister:
         self.saved += 1
         return turn
 
-    async def _ack(self, group: ConsumerGroup, entry_id: bytes) -> None:
+    async def _ack(self, group: ConsumerGroup, entry_ids: list[bytes]) -> None:
         while True:
             try:
-                await group.ack(entry_id)
+                await group.ack(*entry_ids)
                 return
             except UNREACHABLE as exc:
                 metrics.REDIS_ERRORS.labels("persister").inc()

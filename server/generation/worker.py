@@ -63,7 +63,7 @@ from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, Shards, consumer_name
-from server.redis.turns import Job, Turns, text_of
+from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
 from server.tools.runner import Runner
 from server.tools.toolbox import Toolbox
@@ -220,6 +220,8 @@ class Worker:
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis, settings.worker.append_interval)
+        self.starts = Pipeliner(redis)
+        """The turns' `begin` calls: those of the turns claimed together go together."""
         self.cancels = open_bus(redis, settings.redis.url)
         self.running: dict[uuid.UUID, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -247,6 +249,7 @@ class Worker:
         logs.WORKER.set(self.name)  # for every line logged by this task and those it starts
         await self.shards.ensure()
         self.pipeliner.start()
+        self.starts.start()
         await self.cancels.start()
         await self.cancels.subscribe(keys.CANCEL, _CancelListener(self))
         await self._beat()
@@ -279,6 +282,7 @@ class Worker:
         for task in self._background:  # the heartbeat lives until the last generation ends
             task.cancel()
         await self.pipeliner.stop()
+        await self.starts.stop()
         await self.cancels.stop()
         with contextlib.suppress(*UNREACHABLE):
             await self.redis.delete(keys.worker(self.name))
@@ -375,13 +379,19 @@ class Worker:
             queue = self.turns.queue
             stream, name = group.stream, user.decode()
 
-            def release() -> Awaitable[bool]:
-                return queue.release(stream, keys.WORKERS, entry_id, name, buried=buried)
+            def release() -> Awaitable[Any]:
+                """Through the pipeliner (with other turns' calls, as a rule), which sends a
+                batch again while Redis is unreachable: a second call of this one frees
+                nothing twice (the entry is deleted in the same step)."""
+                return self.pipeliner.call(queue.release_call(stream, keys.WORKERS, entry_id, name))
 
             # retried through a failover of the queue's slot (a release lost would hold the
             # slot and the user's count for good); a buried entry's is not: a second call
             # would lower the count twice
-            waiting = await (release() if buried else self.turns.persistently(release))
+            if buried:
+                waiting = await queue.release(stream, keys.WORKERS, entry_id, name, buried=True)
+            else:
+                waiting = int(await self.turns.persistently(release)) > 0
             if waiting:
                 await queue.serve()
 
@@ -477,11 +487,8 @@ class Worker:
     async def _run(self, run: Running, takeover: bool) -> tuple[f.DoneReason, Finished, str | None]:
         """The generation's steps, each a span of the turn's trace when tracing is on."""
         job = run.job
-        await self._mark_running(job)
-        if takeover:
-            run.index = await self._last_index(job)
         with tracing.span("build prompt"):
-            run.history, meta = await self._context(job)
+            run.history, meta, cancelled = await self._begin(job, run, takeover)
             prompt = build_prompt(meta.system, run.history, self.settings.llm.context_tokens)
             run.tools = await self._offered(meta.tools)
         verdict = await self._turn_hook(run, prompt)
@@ -492,7 +499,7 @@ class Worker:
         await self._publish(run, self._start_event(run.job))
         if takeover:
             await self._resume_steps(run)
-        run.cancelled = await self._cancelled_before_start(job)
+        run.cancelled = run.cancelled or cancelled
         with tracing.span("model stream"):
             finished, error = await self._steps(run, verdict_prompt(verdict, prompt))
         finished = await self._measured(run, finished)
@@ -822,9 +829,6 @@ class Worker:
             )
             await pipe.execute()
 
-    async def _last_index(self, job: Job) -> int:
-        return await generations.last_piece(self.redis, job.conversation)
-
     @staticmethod
     def _start_event(job: Job) -> f.Start:
         return f.Start(
@@ -835,18 +839,27 @@ class Worker:
             accepted_at=job.accepted_at or None,
         )
 
-    async def _context(self, job: Job) -> tuple[list[f.Message], f.Conversation]:
-        history, cached = await self.events.context(job.conversation)
+    async def _begin(
+        self, job: Job, run: Running, takeover: bool
+    ) -> tuple[list[f.Message], f.Conversation, bool]:
+        """Record this generation as the conversation's and read, in the same script call
+        (sent with those of the turns claimed with it: `starts`), its context (the recent
+        messages and the conversation's meta; PostgreSQL's when Redis has not loaded them),
+        whether a `cancel` came before this worker listened for it, and, on a takeover,
+        where the last worker's events stopped. The cancel is read after the run is
+        registered (`self.running`): one published later reaches `cancel`."""
+        begun = await self.events.begin(
+            job.conversation, job.message_id, self.name, self.turns.lease, self.starts
+        )
+        if takeover:
+            run.index = begun.piece
+        history, cached = begun.history, begun.meta
         if history is None or cached is None:
             cached = await self.conversations.load(job.conversation)
             history = await self.events.recent(job.conversation) or []
         if job.replaces is not None:
             history = [m for m in history if m.id != job.replaces]
-        return history, cached.meta
-
-    async def _cancelled_before_start(self, job: Job) -> bool:
-        marked = await self.redis.get(keys.cancelled(job.conversation))
-        return marked is not None and text_of(marked) == str(job.message_id)
+        return history, cached.meta, begun.cancelled == str(job.message_id)
 
     async def _stream(
         self, run: Running, prompt: list[ModelMessage], tools: list[dict[str, Any]]

@@ -51,6 +51,7 @@ MARK_PERSISTED: Final = scripts.load("mark_persisted")
 SET_META: Final = scripts.load("set_meta")
 CACHE_HISTORY: Final = scripts.load("cache_history")
 JOIN: Final = scripts.load("join")
+BEGIN: Final = scripts.load("begin")
 
 RECENT_KEPT: Final = 200
 HISTORY_CACHED_BYTES: Final = 1 << 20
@@ -63,6 +64,18 @@ class CachedMeta(msgspec.Struct, frozen=True):
 
     owner: str
     meta: Conversation
+
+
+class Begun(msgspec.Struct, frozen=True):
+    """What a worker reads as it starts a generation (`EventLog.begin`)."""
+
+    history: list[Message] | None
+    """The recent messages; None (with `meta`) when the conversation's state is not loaded."""
+    meta: CachedMeta | None
+    cancelled: str | None
+    """The message id a `cancel` marked (it may be another turn's)."""
+    piece: int
+    """The index of the generation's last appended event (0 before any)."""
 
 
 class CachedHistory(msgspec.Struct, frozen=True):
@@ -104,6 +117,7 @@ class EventLog:
         self._mark_persisted = MARK_PERSISTED.register(redis)
         self._cache_history = CACHE_HISTORY.register(redis)
         self._join = JOIN.register(redis)
+        self._begin = BEGIN.register(redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -190,7 +204,11 @@ class EventLog:
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
         """PostgreSQL holds every event up to `seq`: the log may trim them."""
-        await self._mark_persisted(
+        await self.persisted_call(conversation, seq).run()
+
+    def persisted_call(self, conversation: uuid.UUID, seq: int) -> scripts.Call:
+        """`mark_persisted` as a call, to run now or queue on a pipeline."""
+        return self._mark_persisted.bind(
             persisted_key=keys.persisted(conversation),
             log_key=keys.log(conversation),
             seq_key=keys.seq(conversation),
@@ -242,17 +260,37 @@ class EventLog:
             return None
         return [_message_decoder.decode(item) for item in items]
 
-    async def context(
-        self, conversation: uuid.UUID
-    ) -> tuple[list[Message] | None, CachedMeta | None]:
-        """`recent` and `meta` in one round trip (a generation reads both to begin)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.meta(conversation))
-            pipe.lrange(keys.recent(conversation), 0, -1)
-            raw, items = await pipe.execute()
-        if raw is None:
-            return None, None
-        return [_message_decoder.decode(item) for item in items], _meta_decoder.decode(raw)
+    async def begin(
+        self,
+        conversation: uuid.UUID,
+        message_id: uuid.UUID,
+        worker: str,
+        lease: int,
+        pipeliner: Pipeliner | None = None,
+    ) -> Begun:
+        """Make the conversation's generation `message_id`'s, run by `worker` (marked for
+        `lease` seconds), and read what a generation needs to start, in one script call
+        (scripts/begin.lua; server/redis/generations.py describes the mark), sent through
+        `pipeliner` if given (with the other calls made meanwhile)."""
+        c = str(conversation)
+        call = self._begin.bind(
+            gen_key=keys.generation(c),
+            meta_key=keys.meta(c),
+            recent_key=keys.recent(c),
+            cancel_key=keys.cancelled(c),
+            message_id=str(message_id),
+            worker=worker,
+            lease=lease,
+        )
+        answer = await (call.run() if pipeliner is None else pipeliner.call(call))
+        meta, items, cancelled, piece = answer
+        loaded = meta is not None
+        return Begun(
+            history=[_message_decoder.decode(item) for item in items] if loaded else None,
+            meta=_meta_decoder.decode(meta) if loaded else None,
+            cancelled=None if cancelled is None else cancelled.decode(),
+            piece=int(piece),
+        )
 
     async def forget(self, conversation: uuid.UUID) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -6,9 +6,10 @@ expires `lease` seconds after its worker's last heartbeat renewed it, so a conve
 worker died does not stay busy.
 
 Written by Lua scripts, atomically with the events they append: `say` and `regenerate` create
-it (`message_id`, `state`), `append_piece` records `piece` and refuses an event whose
-`message_id` it does not hold, `finish` deletes it. Everything Python reads or writes of it
-goes through this module.
+it (`message_id`, `state`), `begin` (a worker starting it: `EventLog.begin`) names the
+`worker` and reads `piece`, `append_piece` records `piece` and refuses an event whose
+`message_id` it does not hold, `finish` deletes it. Everything else Python reads or writes
+of it goes through this module.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ keys of one slot. How the keys fall into slots:
   spread evenly over the slot space, and the
   pipeliner's per-slot `append_pieces` calls carry several conversations' events), so the scripts
   `append`, `append_piece`, `read`, `join` (with `meta`, `persisted` and `history`), `load`,
-  `set_meta`, `mark_persisted` (with `history`), `cache_history` and, in a cluster,
+  `set_meta`, `mark_persisted` (with `history`), `cache_history`, `begin` (with `gen`,
+  `recent` and `cancelled`) and, in a cluster,
   `turn_check`, `say_commit`, `regenerate_commit` and `finish_commit` stay on it;
   `append_pieces` takes the pieces of many conversations, in a cluster only of
   conversations sharing a slot;

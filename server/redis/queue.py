@@ -263,7 +263,15 @@ class FairQueue:
     ) -> bool:
         """A worker is done with a turn of `stream` the queue counted (or buried it): free
         its slot. Whether turns wait in the queue (for one of them to take the slot)."""
-        waiting: int = await self._release(
+        waiting = await self.release_call(stream, group, entry_id, user, buried=buried).run()
+        return int(waiting) > 0
+
+    def release_call(
+        self, stream: str, group: str, entry_id: bytes, user: str, *, buried: bool = False
+    ) -> scripts.Call:
+        """`release` as a call (its result the number of turns waiting), to run now or
+        queue on a pipeline; only a release that is not `buried` may be sent twice."""
+        return self._release.bind(
             turns_key=stream,
             running_key=keys.running(user),
             ring_key=keys.QUEUE_RING,
@@ -271,7 +279,6 @@ class FairQueue:
             entry_id=entry_id,
             buried="1" if buried else "0",
         )
-        return waiting > 0
 
     async def unqueue(self, user: str, message_id: str, stream: str) -> bool:
         """Take a cancelled turn out of the queue onto its conversation's `stream`, for a

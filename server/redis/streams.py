@@ -18,11 +18,11 @@ from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import KeyT, StreamIdT
 
 from server.redis.client import is_cluster
-from server.redis.scripts import raise_if_unreachable
+from server.redis.scripts import Call, raise_if_unreachable
 
 log = logging.getLogger("parley.streams")
 
@@ -80,12 +80,30 @@ class ConsumerGroup:
             for entry in entries
         ]
 
-    async def ack(self, entry_id: bytes) -> None:
-        """The entry is done with: acknowledge and delete it, in one round trip."""
+    async def ack(self, *entry_ids: bytes) -> None:
+        """The entries are done with: acknowledge and delete them, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, self.group, entry_id)
-            pipe.xdel(self.stream, entry_id)
+            pipe.xack(self.stream, self.group, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
             await pipe.execute()
+
+    async def ack_after(self, calls: Sequence[Call], entry_ids: Sequence[bytes]) -> list[Call]:
+        """Run the script `calls`, then acknowledge and delete the entries, in one pipeline
+        (on a cluster, one per node): the calls whose script Redis did not know, not run
+        (`scripts.pipelined` loads and runs them). Another error of a call is its own
+        affair; one of the acknowledgement raises."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                await call.run(pipe)
+            pipe.xack(self.stream, self.group, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
+            results = list(await pipe.execute(raise_on_error=False))
+        raise_if_unreachable(self.redis, results)
+        failed = next((r for r in results[len(calls) :] if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+        unknown = zip(calls, results, strict=False)
+        return [call for call, result in unknown if isinstance(result, NoScriptError)]
 
     async def pending(self, count: int = MAX_PENDING) -> list[Pending]:
         """The oldest `count` entries delivered and not acknowledged, by any consumer."""

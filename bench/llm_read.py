@@ -2,14 +2,16 @@
 worker's reader) against `parley model` in its own process, many streams at once.
 
     .venv/bin/python -m bench.llm_read [--streams 200] [--tokens 100] [--tps 20] [--httpx]
-        [--history 0]
+        [--history 0] [--asyncio]
 
 Prints this process's CPU per chunk read (the worker's reading cost, without Redis or the
 fan-out) and the model process's CPU per chunk (from /proc), each as µs per chunk. The
 `openai` client runs on the transport `LLM` picks (aiohttp where the `openai[aiohttp]` extra
 is installed), or on httpx with `--httpx`; `--aiohttp` forces aiohttp (for older trees).
 `--history N` sends N earlier messages with each request, as a conversation's turn does (what
-building the request costs grows with them). A benchmark: it never fails on a number.
+building the request costs grows with them). `--asyncio` runs the reader on asyncio's own
+event loop instead of uvloop (the worker's, through uvicorn). A benchmark: it never fails on a
+number.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=0)
     parser.add_argument("--httpx", action="store_const", const="httpx", dest="transport")
     parser.add_argument("--aiohttp", action="store_const", const="aiohttp", dest="transport")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's event loop, not uvloop")
     args = parser.parse_args()
     port = embedded.free_port()
     env = os.environ | {
@@ -112,7 +115,8 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/v1"
             _wait_ready(url)
             model_before = procfs.cpu_seconds(model.pid)
-            chunks, cpu, wall = uvloop.run(
+            run = asyncio.run if args.asyncio else uvloop.run
+            chunks, cpu, wall = run(
                 _run(url, args.streams, args.tokens, args.history, args.transport or "")
             )
             model_cpu = procfs.cpu_seconds(model.pid) - model_before
@@ -121,6 +125,7 @@ def main() -> None:
             model.wait(15)
     result = {
         "transport": args.transport or "LLM's own",
+        "loop": "asyncio" if args.asyncio else "uvloop",
         "streams": args.streams,
         "history": args.history,
         "chunks": chunks,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -25,6 +26,7 @@ from protocol.think import ThinkSplitter
 from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
 from server.app.config import LLMSettings
 from server.generation.chatclient import ChatClient
+from server.generation.sse import Events, Oversized
 
 SIMULATED_KEY = "parley-simulated"
 
@@ -38,8 +40,9 @@ FINISH_REASONS: Final[dict[str, DoneReason]] = {
 """The model's `finish_reason` as `done.reason`; one Parley does not know is `stop`."""
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(msgspec.Struct, frozen=True, gc=False):
+    """A piece of the reply's text or reasoning (a Struct: made per chunk, in C)."""
+
     text: str
     kind: PartKind = "text"
 
@@ -126,16 +129,27 @@ hundred bytes, so a longer one is a broken or hostile server, refused before it 
 
 
 def read_chunk(data: bytes) -> Chunk:
-    """One `data:` payload as a Chunk, or MalformedReply. Refused unread when it nests deeper
-    than a chunk can (a decoder recurses once per bracket)."""
-    if too_deep(data):
-        raise MalformedReply("the model sent a malformed chunk: nested too deeply")
+    """One `data:` payload as a Chunk, or MalformedReply.
+
+    Depth: the decoder recurses once per bracket and refuses, with RecursionError, a payload
+    nesting deeper than Python's recursion limit; below it, a deep value can only be where
+    a chunk's fields take any value (`model`, `error`) or in a field skipped unread. Of
+    those only `error` is kept beyond the chunk, so only a chunk with one is measured first
+    (`too_deep`: measuring every chunk cost more than decoding it)."""
     try:
-        return _decoder.decode(data)
+        chunk = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
     except msgspec.DecodeError:
-        return _read_leniently(data)
+        chunk = _read_leniently(data)
+    except RecursionError:
+        chunk = None
+    if chunk is None or (chunk.error is not None and too_deep(data)):
+        raise MalformedReply(_TOO_DEEP)
+    return chunk
+
+
+_TOO_DEEP: Final = "the model sent a malformed chunk: nested too deeply"
 
 
 def _read_leniently(data: bytes) -> Chunk:
@@ -146,11 +160,15 @@ def _read_leniently(data: bytes) -> Chunk:
         value = json.loads(data.decode("utf-8", "replace"))
     except ValueError as exc:
         raise MalformedReply(f"the model sent an unreadable event: {exc}") from None
+    except RecursionError:
+        raise MalformedReply(_TOO_DEEP) from None
     try:
         return msgspec.convert(value, Chunk)
     except (msgspec.ValidationError, UnicodeError) as exc:
         # a string with a lone surrogate where a list or number belongs: msgspec encodes it
         raise MalformedReply(f"the model sent a malformed chunk: {exc}") from None
+    except RecursionError:
+        raise MalformedReply(_TOO_DEEP) from None
 
 
 class LLM:
@@ -193,7 +211,7 @@ class LLM:
         offered = {"tools": tools} if tools else {}
         try:
             async with self._request(model, messages, **offered) as http:
-                async for data in _events(_blocks(http), http.request):
+                async for data in _events(http):
                     chunk = read_chunk(data)
                     if chunk.error:
                         raise _streamed_error(chunk.error, http.request)
@@ -286,30 +304,35 @@ def _vendored_aiohttp() -> Any:
 
 
 _AIOHTTP: Final = _vendored_aiohttp()
+_Mapping = Callable[[], contextlib.AbstractContextManager[None]]
 
 
-def _blocks(http: httpx2.Response) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive. On the `openai` client's aiohttp transport they are
-    read from aiohttp's response itself, its errors mapped as the transport maps them: through
-    httpx2's `aiter_bytes` each read passes four more async iterators, ≈ 5 % of a worker's
-    CPU (docs/benchmarks.md). Any other transport, or an encoded body (which httpx2
-    decodes), is read through `aiter_bytes`."""
+def _reader(http: httpx2.Response) -> tuple[Callable[[], Awaitable[bytes]], _Mapping]:
+    """How to read the body's next block of bytes (b"" at its end), and the context that
+    makes the transport's errors httpx2's. On the `openai` client's aiohttp transport that is
+    aiohttp's stream on the response itself, its errors mapped as the transport maps them:
+    through httpx2's `aiter_bytes` each read passes five more iterators, and aiohttp's own
+    `readany` does more than a model's stream needs (body.quick_reader). Any other
+    transport, or an encoded body (which httpx2 decodes), is read through `aiter_bytes`.
+
+    The body's blocks are then read without the client's socket read timeout: aiohttp moves
+    it at every block it receives (a new loop timer each, 2 to 7 µs), and `stream`'s watchdog
+    already ends a body that stalls, sooner (`llm.stall_timeout`; the timeout stays for the
+    request and the response's head)."""
     inner = getattr(http.stream, "_stream", None)
     if (
         _AIOHTTP is None
         or not isinstance(inner, _AIOHTTP.AiohttpResponseStream)
         or http.headers.get("content-encoding", "identity") != "identity"
     ):
-        return http.aiter_bytes()
-    return _aiohttp_blocks(inner)
+        blocks = http.aiter_bytes()
+        return functools.partial(anext, blocks, b""), contextlib.nullcontext
+    response = inner._aiohttp_response
+    if response.connection is not None and response.connection.protocol is not None:
+        response.connection.protocol.read_timeout = None
+    from server.generation.body import quick_reader  # aiohttp is there: its transport is
 
-
-async def _aiohttp_blocks(stream: Any) -> AsyncIterator[bytes]:
-    """What the transport's `AiohttpResponseStream` yields, without httpx2's iterators."""
-    with _AIOHTTP.map_aiohttp_exceptions():
-        content = stream._aiohttp_response.content
-        async for block in content.iter_chunked(stream.CHUNK_SIZE):
-            yield block
+    return quick_reader(response.content), _AIOHTTP.map_aiohttp_exceptions
 
 
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:
@@ -371,59 +394,39 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def _events(blocks: AsyncIterator[bytes], request: httpx2.Request) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event in the body up to `[DONE]`, read as the `openai`
-    client's SSE decoder reads it (lines end in LF, CRLF or CR; an event's `data:` lines are
-    joined by LF; other fields and comments are skipped), with no line or event longer than
-    MAX_EVENT_BYTES. The HTTP client's errors become the `openai` client's."""
-    pending = b""
-    data: list[bytes] = []
-    size = 0
-    after_cr = False  # the last block ended in CR: an LF opening the next ends the same line
+async def _events(http: httpx2.Response) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event in the body up to `[DONE]` (sse.Events), with
+    no line or event longer than MAX_EVENT_BYTES. The HTTP client's errors become the
+    `openai` client's."""
+    read, mapped = _reader(http)
+    events = Events(MAX_EVENT_BYTES)
     try:
-        async for block in blocks:
-            if after_cr and block.startswith(b"\n"):
-                block = block[1:]
-            if pending:
-                block = pending + block
-            lines = block.splitlines()
-            after_cr = block.endswith(b"\r")
-            pending = lines.pop() if lines and not block.endswith((b"\n", b"\r")) else b""
-            if len(pending) > MAX_EVENT_BYTES:
-                raise MalformedReply("the model sent a line longer than the limit")
-            for line in lines:
-                if not line:
-                    if data:
-                        yield data[0] if len(data) == 1 else b"\n".join(data)
-                        data, size = [], 0
-                elif line.startswith(b"data:"):
-                    value = line[6:] if line.startswith(b"data: ") else line[5:]
-                    if not data and value.startswith(b"[DONE]"):
-                        await _drain(blocks)
-                        return
-                    size += len(value)
-                    if size > MAX_EVENT_BYTES:
-                        raise MalformedReply("the model sent an event longer than the limit")
-                    data.append(value)
+        with mapped():
+            while block := await read():
+                for data in events.feed(block):
+                    yield data
+                if events.done:
+                    await _drain(read, mapped)
+                    return
     except httpx2.TimeoutException as exc:
-        raise openai.APITimeoutError(request=request) from exc
+        raise openai.APITimeoutError(request=http.request) from exc
     except httpx2.RequestError as exc:
-        raise openai.APIConnectionError(request=request) from exc
-    if data:
-        yield data[0] if len(data) == 1 else b"\n".join(data)
+        raise openai.APIConnectionError(request=http.request) from exc
+    except Oversized as exc:
+        raise MalformedReply(str(exc)) from None
+    if (last := events.end()) is not None:
+        yield last
 
 
-async def _drain(blocks: AsyncIterator[bytes]) -> None:
+async def _drain(read: Callable[[], Awaitable[bytes]], mapped: _Mapping) -> None:
     """Read what follows `[DONE]` (the end of the chunked body, as a rule), so that the
     connection goes back to the pool; at most 0.1 s (as the `openai` client waits) and
     MAX_EVENT_BYTES of it, so a server that keeps the body open never delays `done`."""
     left = MAX_EVENT_BYTES
-    with contextlib.suppress(TimeoutError, httpx2.RequestError):
+    with contextlib.suppress(TimeoutError, httpx2.RequestError), mapped():
         async with asyncio.timeout(0.1):
-            async for block in blocks:
+            while left >= 0 and (block := await read()):
                 left -= len(block)
-                if left < 0:
-                    return
 
 
 def _streamed_error(error: object, request: httpx2.Request) -> openai.APIError:

@@ -8,6 +8,7 @@ import contextlib
 import json
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -80,3 +81,18 @@ def test_a_lone_surrogate_in_the_text_is_kept_for_scrubbing() -> None:
     chunk = read_chunk(b'{"choices": [{"delta": {"content": "a\\ud800"}}]}')
     assert chunk.choices and chunk.choices[0].delta
     assert chunk.choices[0].delta.content == "a\ud800"
+
+
+@pytest.mark.parametrize("where", ["model", "error", "skipped"])
+@pytest.mark.parametrize("prefix", [b"", b'"odd": "\xff", '])  # bytes msgspec refuses first
+def test_nesting_past_the_recursion_limit_is_malformed(where: str, prefix: bytes) -> None:
+    raw = b"{" + prefix + b'"' + where.encode() + b'": ' + _nested(100_000).encode() + b"}"
+    with pytest.raises(MalformedReply, match="nested too deeply"):
+        read_chunk(raw)
+
+
+def test_a_deep_error_is_malformed_and_a_deep_model_is_read_and_ignored() -> None:
+    with pytest.raises(MalformedReply, match="nested too deeply"):
+        read_chunk(f'{{"error": {{"message": {_nested(40)}}}}}'.encode())
+    chunk = read_chunk(f'{{"model": {_nested(40)}, "choices": []}}'.encode())
+    assert chunk.choices == [] and not isinstance(chunk.model, str)

@@ -8,16 +8,14 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import openai
 import pytest
 
 from server.app.config import LLMSettings
 from server.generation.llm import LLM, MAX_EVENT_BYTES, Finished, MalformedReply, Piece
+from tests.helpers.chunked import Writer, chunked_server, framed
 from tests.helpers.simulated import eventually, serving
-
-Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
 
 def chunk(content: str, finish: str | None = None) -> bytes:
@@ -29,40 +27,10 @@ def sse(*payloads: bytes, newline: bytes = b"\n") -> bytes:
     return b"".join(b"data: " + p + newline + newline for p in payloads)
 
 
-@contextlib.asynccontextmanager
-async def upstream(write_body: Writer) -> AsyncIterator[str]:
-    """An HTTP/1.1 server answering every request 200 with a chunked body `write_body`
-    writes (each write one chunk, see `framed`): the base URL."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.lower().split(b"\r\n")
-                if line.startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n"
-            )
-            await write_body(writer)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-def framed(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
+def upstream(write_body: Writer) -> contextlib.AbstractAsyncContextManager[str]:
+    """A server answering every request 200 with a chunked body `write_body` writes (each
+    write one chunk, see `framed`): the base URL."""
+    return chunked_server(write_body, "/v1")
 
 
 def body(data: bytes, pieces: int = 1) -> Writer:

@@ -315,6 +315,26 @@ async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_
     assert (await events.opening(uuid.uuid4(), 0)).meta is None  # not in Redis
 
 
+async def test_joins_asked_together_are_one_script_call_each_answered_as_alone(
+    events: EventLog, redis: Redis
+) -> None:
+    """Thirty sockets joining six conversations at once, with and without `after` (one
+    conversation not in Redis): each gets what it gets alone, and all of them one call."""
+    conversations = [await loaded(events, last_seq=2) for _ in range(5)]
+    for n, conversation in enumerate(conversations):
+        await events.cache_history(conversation, 2, [said(f"said {n}")])
+        for i in range(n):
+            await events.append(conversation, frame(str(i)))
+    asked = [(c, after) for c in [*conversations, uuid.uuid4()] for after in (None, 0, 2, 2, 3)]
+    alone = [await events.opening(c, after) for c, after in asked]
+    calls = await script_calls(redis)
+    together = await asyncio.gather(*(events.opening(c, after) for c, after in asked))
+    assert await script_calls(redis) == calls + 1
+    assert together == alone
+    assert [o.head for o in alone[::5]] == [2, 3, 4, 5, 6, UNLOADED]
+    assert [len(o.events) for o in alone[10:15]] == [2, 2, 2, 2, 1]  # seqs 3 and 4 logged
+
+
 async def script_commands(redis: Redis) -> int:
     """How many SCRIPT commands (LOAD, EXISTS, FLUSH…) Redis has run."""
     stats = await redis.info("commandstats")

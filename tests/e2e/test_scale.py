@@ -141,16 +141,7 @@ async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
         await writer.say(f"one {SCALE_REPLY}")
         await until(lambda: writer.settled(2), 10, "the reply", tabs)
         first = await wait_persisted(db, conversation, 2)
-        redis = scaled.backend.client()
-        try:
-            for i in range(50):  # once the persist is marked in Redis, a join keeps the copy
-                tabs.append(warm := TabClient(user, conversation, [web_a], f"warm-{i}"))
-                await warm.join()
-                if await redis.exists(keys.history(conversation)):
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            await redis.aclose()
+        await transcript_kept(scaled, web_a, user, conversation)
         before = await postgres_queries(web_b)
         for i in range(5):
             tab = TabClient(user, conversation, [web_b], f"fresh-{i}")
@@ -230,7 +221,8 @@ async def test_sockets_joining_at_once_share_redis_reads_each_with_its_own_joine
 async def transcript_kept(
     scaled: Scaled, web: ParleyProcess, user: str, conversation: uuid.UUID
 ) -> None:
-    """Join until Redis keeps the persisted transcript for the next joins."""
+    """Join until Redis keeps the persisted transcript for the next joins (a join keeps it
+    once the persist is marked in Redis)."""
     redis = scaled.backend.client()
     try:
         for _ in range(50):

@@ -165,7 +165,7 @@ class EventLog:
             if isinstance(reply, BaseException):
                 read.update(dict.fromkeys(group, reply))
             else:
-                read.update(zip(group, map(_opened, reply), strict=True))
+                read.update(zip(group, map(_opened_alone, reply), strict=True))
         return [read[join] for join in asked]
 
     def _join_call(self, joins: list[Joining]) -> scripts.Call:
@@ -517,6 +517,14 @@ def _opened(reply: list[Any]) -> Opening:
         if history.seq != int(persisted):
             history = None
     return Opening(meta, int(head), _entries(entries), history)
+
+
+def _opened_alone(reply: list[Any]) -> Opening | BaseException:
+    """`_opened`, or what it raised: a join whose answer cannot be read fails alone."""
+    try:
+        return _opened(reply)
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        return exc
 
 
 def _entries(entries: list[tuple[bytes, list[bytes]]]) -> list[tuple[int, bytes]]:

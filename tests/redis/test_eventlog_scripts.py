@@ -19,6 +19,7 @@ from server.redis.eventlog import (
     UNLOADED,
     CachedHistory,
     EventLog,
+    Opening,
     Pipeliner,
     event_keys,
 )
@@ -333,6 +334,20 @@ async def test_joins_asked_together_are_one_script_call_each_answered_as_alone(
     assert together == alone
     assert [o.head for o in alone[::5]] == [2, 3, 4, 5, 6, UNLOADED]
     assert [len(o.events) for o in alone[10:15]] == [2, 2, 2, 2, 1]  # seqs 3 and 4 logged
+
+
+async def test_a_join_whose_answer_cannot_be_read_fails_alone(
+    events: EventLog, redis: Redis
+) -> None:
+    """A conversation whose cached row is not what Parley writes, joined together with a
+    sound one: the sound one is answered, the other raises."""
+    sound, broken = await loaded(events, last_seq=1), await loaded(events, last_seq=1)
+    await redis.set(keys.meta(broken), b"not a row")
+    answered, failed = await asyncio.gather(
+        events.opening(sound, 0), events.opening(broken, 0), return_exceptions=True
+    )
+    assert isinstance(answered, Opening) and answered.meta is not None and answered.head == 1
+    assert isinstance(failed, msgspec.DecodeError)
 
 
 async def script_commands(redis: Redis) -> int:

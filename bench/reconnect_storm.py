@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
@@ -151,14 +152,28 @@ async def _append_forever(events: EventLog, conversations: list[str], rate: floa
         return sent
 
 
-async def _gather_bounded(coros: list[Any], concurrency: int) -> list[Any]:
+UI_FIRST_RETRY: Final = (0.25, 0.5)
+"""The browser UI's wait before its first reconnect, seconds (server/static/connection.js:
+half to all of 500 ms)."""
+
+
+async def _gather_bounded(
+    coros: list[Any], concurrency: int, delays: list[float] | None = None
+) -> list[Any]:
+    """Run `coros`, at most `concurrency` at once, each after its delay (if given), which
+    it waits for without holding a place."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(coro: Any) -> Any:
+    async def one(coro: Any, delay: float) -> Any:
+        if delay:
+            await asyncio.sleep(delay)
         async with gate:
             return await coro
 
-    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+    waits = delays or [0.0] * len(coros)
+    return await asyncio.gather(
+        *(one(c, d) for c, d in zip(coros, waits, strict=True)), return_exceptions=True
+    )
 
 
 async def storm(
@@ -170,6 +185,7 @@ async def storm(
     concurrency: int,
     rate: float,
     profile: Path | None = None,
+    ui_delay: bool = False,
 ) -> dict[str, Any]:
     token = mint("storm-user", ttl=3600)
     conversations = await _conversations(web_a, token, conversations_n)
@@ -189,8 +205,9 @@ async def storm(
         profiling.start(web_b.pid)
     killed = time.monotonic()
     web_a.send_signal(signal.SIGKILL)
+    delays = [random.uniform(*UI_FIRST_RETRY) for _ in tabs] if ui_delay else None
     rejoined = await _gather_bounded(
-        [t.join(web_b.port, token, t.last_seq, 30) for t in tabs], concurrency
+        [t.join(web_b.port, token, t.last_seq, 30) for t in tabs], concurrency, delays
     )
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
@@ -217,6 +234,7 @@ async def storm(
     return {
         "tabs": tabs_n,
         "conversations": conversations_n,
+        "ui_delay": ui_delay,
         "failed_first_join": failed_open,
         "first_joins_seconds": round(first_seconds, 2),
         "failed_rejoin": failed,
@@ -244,6 +262,11 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=500, help="events appended per second during the storm"
     )
+    parser.add_argument(
+        "--ui-delay",
+        action="store_true",
+        help="each tab waits a random 250-500 ms before reconnecting, as the browser UI does",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--profile", type=Path, help="cProfile web B during the storm into this pstats file"
@@ -267,6 +290,7 @@ def main() -> None:
                 args.concurrency,
                 args.rate,
                 args.profile,
+                args.ui_delay,
             )
         )
     text = json.dumps(result, indent=1)

@@ -185,11 +185,15 @@ class Opening:
         self.limit = hub.settings.limits.outbox_bytes
 
     async def admit(self, user: str) -> Stream:
+        stream = Stream(self.limit)
+        await self._count(user, stream)
+        return stream
+
+    async def _count(self, user: str, stream: Stream) -> None:
+        """Count the stream in the user's open sockets and streams (429 past the limit)."""
         if not await self.hub.presence.admit(user):
             raise HTTPException(status_code=429, detail="too many connections for this user")
-        stream = Stream(self.limit)
         self.hub.streams.add(stream)
-        return stream
 
     def _leave(self, user: str, stream: Stream) -> None:
         self.hub.streams.discard(stream)
@@ -203,21 +207,27 @@ class Opening:
         render: Render = as_event,
         done: Callable[[], bool] = lambda: False,
     ) -> Body:
-        """A response body following `conversation` after `after` (or from its history)."""
+        """A response body following `conversation` after `after` (or from its history).
+        The stream is counted only once its join is answered: the join's one Redis read
+        checks the ownership, so a refused stream is never counted, and what the join
+        sends waits in the stream meanwhile."""
         hub = self.hub
-        await hub.conversations.owned(user, conversation)  # before a stream is admitted
-        stream = await self.admit(user)
+        stream = Stream(self.limit)
         watch = Watch(stream, conversation, hub.conversations, user, hub.spawn)
         channel = keys.channel(conversation)
+        counted = False
 
         def release() -> None:
             watch.active = False
             hub.bus.unsubscribe(channel, watch)
-            self._leave(user, stream)
+            if counted:
+                self._leave(user, stream)
 
         try:
             await hub.bus.subscribe(channel, watch)
             await watch.join(after, None)
+            await self._count(user, stream)
+            counted = True
         except BaseException:
             release()
             raise

@@ -26,6 +26,7 @@ from redis.crc import key_slot
 
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
+from server.redis.batches import Batches
 from server.redis.client import UNREACHABLE, is_cluster
 
 UNLOADED: Final = -1
@@ -52,6 +53,9 @@ SET_META: Final = scripts.load("set_meta")
 CACHE_HISTORY: Final = scripts.load("cache_history")
 JOIN: Final = scripts.load("join")
 BEGIN: Final = scripts.load("begin")
+JOINS_PER_CALL: Final = 64
+"""At most this many sockets' joins in one `join` call (the reply carries each one's events,
+and without `after` its transcript)."""
 
 RECENT_KEPT: Final = 200
 HISTORY_CACHED_BYTES: Final = 1 << 20
@@ -97,6 +101,10 @@ class Opening(msgspec.Struct, frozen=True):
     history: CachedHistory | None = None
 
 
+Joining = tuple[uuid.UUID, int | None]
+"""A socket's join: the conversation and its `after`."""
+
+
 _meta_decoder: Final = msgspec.json.Decoder(CachedMeta)
 _history_decoder: Final = msgspec.json.Decoder(CachedHistory)
 _message_decoder: Final = msgspec.json.Decoder(Message)
@@ -118,6 +126,8 @@ class EventLog:
         self._cache_history = CACHE_HISTORY.register(redis)
         self._join = JOIN.register(redis)
         self._begin = BEGIN.register(redis)
+        self._cluster = is_cluster(redis)
+        self._joins: Batches[Joining, Opening] = Batches(self._open, JOINS_PER_CALL, redis)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -146,25 +156,41 @@ class EventLog:
         return int(head), _entries(entries)
 
     async def opening(self, conversation: uuid.UUID, after: int | None) -> Opening:
-        """What a socket joining the conversation needs, in one round trip: the cached row,
-        and the events after `after` or, with `after` None, the cached transcript and the
-        events after it."""
-        raw_meta, head, entries, persisted, raw_history = await self._join(
-            meta_key=keys.meta(conversation),
-            seq_key=keys.seq(conversation),
-            log_key=keys.log(conversation),
-            persisted_key=keys.persisted(conversation),
-            history_key=keys.history(conversation),
-            first_id=f"{(after or 0) + 1}-0",
-            with_history="1" if after is None else "0",
+        """What a socket joining the conversation needs, in one read: the cached row, and
+        the events after `after` or, with `after` None, the cached transcript and the events
+        after it. The joins asked while one read is in flight share the next (`_open`)."""
+        return await self._joins.ask((conversation, after))
+
+    async def _open(self, asked: list[Joining], client: Any) -> list[Opening | BaseException]:
+        """A batch of joins in one `join` call (one per slot in a cluster, the calls made at
+        once): the sockets joining one conversation from one seq (tabs of one person, as
+        a rule) share one read. A call that fails fails its own joins."""
+        joins = list(dict.fromkeys(asked))
+        groups: dict[int, list[Joining]] = {}
+        for join in joins:
+            slot = key_slot(keys.meta(join[0]).encode()) if self._cluster else 0
+            groups.setdefault(slot, []).append(join)
+        replies = await asyncio.gather(
+            *(self._join_call(group).run(client) for group in groups.values()),
+            return_exceptions=True,
         )
-        meta = None if raw_meta is None else _meta_decoder.decode(raw_meta)
-        history = None
-        if raw_history is not None:
-            history = _history_decoder.decode(raw_history)
-            if history.seq != int(persisted):
-                history = None
-        return Opening(meta, int(head), _entries(entries), history)
+        read: dict[Joining, Opening | BaseException] = {}
+        for group, reply in zip(groups.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                read.update(dict.fromkeys(group, reply))
+            else:
+                read.update(zip(group, map(_opened_alone, reply), strict=True))
+        return [read[join] for join in asked]
+
+    def _join_call(self, joins: list[Joining]) -> scripts.Call:
+        join_keys: list[str] = []
+        join_args: list[str] = []
+        for conversation, after in joins:
+            c = str(conversation)  # formatted once for the five keys
+            join_keys += (keys.meta(c), keys.seq(c), keys.log(c))
+            join_keys += (keys.persisted(c), keys.history(c))
+            join_args += (f"{(after or 0) + 1}-0", "1" if after is None else "0")
+        return self._join.bind(join_keys=join_keys, join_args=join_args)
 
     async def head(self, conversation: uuid.UUID) -> int:
         value = await self.redis.get(keys.seq(conversation))
@@ -517,6 +543,26 @@ class Pipeliner:
                 break
         for sent, result in zip(batch, results, strict=True):
             sent.settle(result)
+
+
+def _opened(reply: list[Any]) -> Opening:
+    """One join's result from the `join` script."""
+    raw_meta, head, entries, persisted, raw_history = reply
+    meta = None if raw_meta is None else _meta_decoder.decode(raw_meta)
+    history = None
+    if raw_history is not None:
+        history = _history_decoder.decode(raw_history)
+        if history.seq != int(persisted):
+            history = None
+    return Opening(meta, int(head), _entries(entries), history)
+
+
+def _opened_alone(reply: list[Any]) -> Opening | BaseException:
+    """`_opened`, or what it raised: a join whose answer cannot be read fails alone."""
+    try:
+        return _opened(reply)
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        return exc
 
 
 def _entries(entries: list[tuple[bytes, list[bytes]]]) -> list[tuple[int, bytes]]:

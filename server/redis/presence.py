@@ -8,7 +8,8 @@ never locks a user out. The scripts are `scripts/admit.lua`, `leave.lua` and `be
 Admissions and departures are batched: whatever arrives while one Redis call is in flight
 goes in the next, as one script call for all the users in it. Under a connection storm that
 is one round trip per few dozen sockets instead of one each; alone, a socket waits for no
-one. A departure that cannot reach Redis is kept and sent with the next batch.
+one (`batches.Batches`, which the joins' reads use too). A departure that cannot reach Redis
+is kept and sent with the next batch.
 
 On a Redis Cluster every user's hash is on its own slot and the registry on another, so a
 batch is one `live_processes` call, then one `admit_live` (or `leave`) call per user, all in
@@ -24,12 +25,13 @@ import os
 import secrets
 import socket
 from collections import Counter
-from typing import Final
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.redis import keys, scripts
+from server.redis.batches import Batches
 from server.redis.client import is_cluster
 
 log = logging.getLogger("parley.presence")
@@ -58,9 +60,8 @@ class Presence:
         self.per_user = is_cluster(redis)
         """On a Redis Cluster: one call per user, each on the user's slot."""
         self._beat_script = BEAT.register(redis)
-        self._admitting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._admissions = Batches(self._admit_users, MAX_BATCH, redis)
         self._leaving: Counter[str] = Counter()
-        self._admitter: asyncio.Task[None] | None = None
         self._leaver: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -74,8 +75,7 @@ class Presence:
         self._stopped = True
         if self._task:
             self._task.cancel()
-        if self._admitter is not None:
-            self._admitter.cancel()
+        self._admissions.stop()
         if self._leaver is not None:
             await asyncio.wait([self._leaver], timeout=RETRY_AFTER * 2)
             self._leaver.cancel()
@@ -87,11 +87,7 @@ class Presence:
         RedisError/OSError when Redis cannot be reached."""
         if self._stopped:
             raise ConnectionError("the web process is stopping")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._admitting.append((user, future))
-        if self._admitter is None:
-            self._admitter = asyncio.create_task(self._admit_batches())
-        return await future
+        return bool(await self._admissions.ask(user))
 
     def leave(self, user: str) -> None:
         """Count one socket fewer for `user` (sent with the next batch)."""
@@ -100,27 +96,6 @@ class Presence:
         self._leaving[user] += 1
         if self._leaver is None:
             self._leaver = asyncio.create_task(self._leave_batches())
-
-    async def _admit_batches(self) -> None:
-        try:
-            while self._admitting:
-                batch = self._admitting[:MAX_BATCH]
-                del self._admitting[:MAX_BATCH]
-                try:
-                    admitted = await self._admit_users([user for user, _ in batch])
-                except (RedisError, OSError) as exc:
-                    _fail(batch, exc)
-                    continue
-                except asyncio.CancelledError:
-                    _fail(batch, ConnectionError("the web process is stopping"))
-                    raise
-                for (_, future), result in zip(batch, admitted, strict=True):
-                    if not future.done():
-                        future.set_result(bool(result))
-        finally:
-            _fail(self._admitting, ConnectionError("the web process is stopping"))
-            self._admitting.clear()
-            self._admitter = None
 
     async def _leave_batches(self) -> None:
         try:
@@ -136,14 +111,15 @@ class Presence:
         finally:
             self._leaver = None
 
-    async def _admit_users(self, users: list[str]) -> list[int]:
+    async def _admit_users(self, users: list[str], client: Any) -> list[int]:
         if not self.per_user:
-            result: list[int] = await self._admit(
+            admit = self._admit.bind(
                 processes_key=keys.PROCESSES,
                 user_keys=[keys.connections(user) for user in users],
                 process=self.process,
                 limit=self.limit,
             )
+            result: list[int] = await admit.run(client)
             return result
         live = await self._live(processes_key=keys.PROCESSES)
         return await scripts.run_all(
@@ -185,9 +161,3 @@ class Presence:
                 await self._beat()
             except (RedisError, OSError) as exc:
                 log.warning("presence heartbeat failed: %s", exc)
-
-
-def _fail(waiting: list[tuple[str, asyncio.Future[bool]]], exc: Exception) -> None:
-    for _, future in waiting:
-        if not future.done():
-            future.set_exception(exc)

@@ -25,13 +25,16 @@ from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import (
     assert_contiguous,
     event_frames,
+    say_and_finish,
     start_conversation,
+    transcript,
     wait_persisted,
 )
 from tests.helpers.processes import (
     Cluster,
     Db,
     ParleyProcess,
+    RedisBackend,
     Scaled,
     model_stats,
     postgres_queries,
@@ -138,16 +141,7 @@ async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
         await writer.say(f"one {SCALE_REPLY}")
         await until(lambda: writer.settled(2), 10, "the reply", tabs)
         first = await wait_persisted(db, conversation, 2)
-        redis = scaled.backend.client()
-        try:
-            for i in range(50):  # once the persist is marked in Redis, a join keeps the copy
-                tabs.append(warm := TabClient(user, conversation, [web_a], f"warm-{i}"))
-                await warm.join()
-                if await redis.exists(keys.history(conversation)):
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            await redis.aclose()
+        await transcript_kept(scaled, web_a, user, conversation)
         before = await postgres_queries(web_b)
         for i in range(5):
             tab = TabClient(user, conversation, [web_b], f"fresh-{i}")
@@ -169,6 +163,93 @@ async def test_joins_of_a_conversation_redis_holds_read_no_postgresql(
         assert [(m.role, m.content) for m in joined.history] == [r[:2] for r in second]
     finally:
         await close_all(tabs)
+
+
+async def test_sockets_joining_at_once_share_redis_reads_each_with_its_own_joined(
+    scaled: Scaled,
+) -> None:
+    """Sixty sockets on one web process join three conversations at once, without `after`,
+    from the start and from the last event but one, and six of another user: each gets the
+    transcript and the seqs it would get alone, the others `not_found`, and the process
+    makes far fewer script calls than joins (the joins asked together share them)."""
+    web_a, web_b = scaled.webs
+    owner, other = new_user(), new_user()
+    writer = await Client.connect(web_a.ws_url, mint(owner))
+    sockets: list[Client] = []
+    try:
+        conversations = [await start_conversation(writer, title=f"at once {i}") for i in range(3)]
+        for conversation in conversations:
+            await say_and_finish(writer, conversation, f"hello {SCALE_REPLY}")
+        heads = {c: writer.events(c)[-1].seq for c in conversations}
+        for conversation in conversations:  # a join once the persist is marked keeps the copy
+            await transcript_kept(scaled, web_b, owner, conversation)
+        joins = [(owner, c, after) for c in conversations for after in (None, 0, heads[c] - 1)]
+        joins = [*(joins * 6), *[(other, conversations[i % 3], None) for i in range(6)]]
+        sockets = list(
+            await asyncio.gather(*(Client.connect(web_b.ws_url, mint(u)) for u, _, _ in joins))
+        )
+        calls = await script_calls(scaled.backend)
+        replies = await asyncio.gather(
+            *(
+                socket.request(f.Join(conversation=c, after=after))
+                for socket, (_, c, after) in zip(sockets, joins, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        assert await script_calls(scaled.backend) - calls < len(joins) // 3
+        for socket, (user, c, after), joined in zip(sockets, joins, replies, strict=True):
+            if user == other:
+                assert isinstance(joined, ProtocolError) and joined.error.code == "not_found"
+                continue
+            assert isinstance(joined, f.Joined) and joined.meta.last_seq == heads[c]
+            assert after is None or joined.reset or joined.last_seq == after
+            if joined.last_seq < heads[c]:  # the events after it follow
+                await socket.wait_for(
+                    lambda fr, c=c: (
+                        getattr(fr, "conversation", None) == c
+                        and getattr(fr, "seq", None) == heads[c]
+                    ),
+                    timeout=5,
+                )
+            if not after:  # its history and events, or all its events, are the whole
+                assert transcript(socket, c) == transcript(writer, c)
+            assert_contiguous(socket, c, joined.last_seq + 1)
+    finally:
+        await asyncio.gather(writer.close(), *(socket.close() for socket in sockets))
+
+
+async def transcript_kept(
+    scaled: Scaled, web: ParleyProcess, user: str, conversation: uuid.UUID
+) -> None:
+    """Join until Redis keeps the persisted transcript for the next joins (a join keeps it
+    once the persist is marked in Redis)."""
+    redis = scaled.backend.client()
+    try:
+        for _ in range(50):
+            warm = await Client.connect(web.ws_url, mint(user))
+            await warm.request(f.Join(conversation=conversation))
+            await warm.close()
+            if await redis.exists(keys.history(conversation)):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+
+
+async def script_calls(backend: RedisBackend) -> int:
+    """The script calls (EVALSHA, EVAL) the backend's Redis, or its cluster's primaries,
+    ran so far."""
+    if backend.nodes is None:
+        async with backend.client() as redis:
+            stats = await redis.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in ("evalsha", "eval"))
+    total = 0
+    for node in backend.nodes.primaries():
+        stats = await asyncio.to_thread(node.cli, "INFO", "commandstats")
+        for line in stats.splitlines():
+            if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+                total += int(line.split("calls=")[1].split(",")[0])
+    return total
 
 
 async def test_a_joined_transcript_is_the_same_from_redis_as_from_postgresql(

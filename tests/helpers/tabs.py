@@ -128,7 +128,10 @@ class TabClient:
         return last if isinstance(last, Client) else None
 
     def connected(self) -> bool:
-        return self.client is not None and not self.client.closed.done()
+        """A socket that is open: not closed, nor aborted by `drop` (whose close the
+        client notices only on a later turn of the loop)."""
+        client = self.client
+        return client is not None and not (client.closed.done() or client.ws.transport.is_closing())
 
     async def open(self, server: ParleyProcess) -> Client:
         pings = {"ping_interval": self.heartbeat, "ping_timeout": self.heartbeat}

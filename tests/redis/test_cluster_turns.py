@@ -500,6 +500,22 @@ async def test_conversations_sharing_slots_share_the_pipeliners_script_calls(
         assert await cluster_redis.xlen(keys.log(conversation)) == 2
 
 
+async def test_joins_asked_together_are_one_script_call_per_slot(
+    cluster_nodes: SixNodes, events: EventLog, two_shared_slots: None
+) -> None:
+    """Twenty-four joins of twelve conversations on two slots, asked at once: two `join`
+    calls (one per slot), each join answered as it is alone."""
+    made = [await loaded(events, last_seq=n) for n in range(12)]
+    asked = [(c, after) for c in made for after in (None, 1)]
+    alone = [await events.opening(c, after) for c, after in asked]  # each node learns it
+    for node in cluster_nodes.primaries():
+        node.cli("CONFIG", "RESETSTAT")
+    together = await asyncio.gather(*(events.opening(c, after) for c, after in asked))
+    assert _evalsha_calls(cluster_nodes) <= 2
+    assert together == alone
+    assert [o.head for o in alone[::2]] == list(range(12))
+
+
 async def test_a_turn_entered_in_the_fair_queue_twice_is_entered_once(cluster_redis: Any) -> None:
     """In a cluster the fair queue's step follows the conversation's commit and is retried
     through a failover; a retry after a lost reply hands the turn over once, with the same

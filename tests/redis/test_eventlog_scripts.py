@@ -20,6 +20,7 @@ from server.redis.eventlog import (
     Begun,
     CachedHistory,
     EventLog,
+    Opening,
     Pipeliner,
     event_keys,
 )
@@ -314,6 +315,40 @@ async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_
     stale = await events.opening(conversation, None)
     assert (stale.history, stale.head, stale.meta) == (None, 5, rejoin.meta)
     assert (await events.opening(uuid.uuid4(), 0)).meta is None  # not in Redis
+
+
+async def test_joins_asked_together_are_one_script_call_each_answered_as_alone(
+    events: EventLog, redis: Redis
+) -> None:
+    """Thirty sockets joining six conversations at once, with and without `after` (one
+    conversation not in Redis): each gets what it gets alone, and all of them one call."""
+    conversations = [await loaded(events, last_seq=2) for _ in range(5)]
+    for n, conversation in enumerate(conversations):
+        await events.cache_history(conversation, 2, [said(f"said {n}")])
+        for i in range(n):
+            await events.append(conversation, frame(str(i)))
+    asked = [(c, after) for c in [*conversations, uuid.uuid4()] for after in (None, 0, 2, 2, 3)]
+    alone = [await events.opening(c, after) for c, after in asked]
+    calls = await script_calls(redis)
+    together = await asyncio.gather(*(events.opening(c, after) for c, after in asked))
+    assert await script_calls(redis) == calls + 1
+    assert together == alone
+    assert [o.head for o in alone[::5]] == [2, 3, 4, 5, 6, UNLOADED]
+    assert [len(o.events) for o in alone[10:15]] == [2, 2, 2, 2, 1]  # seqs 3 and 4 logged
+
+
+async def test_a_join_whose_answer_cannot_be_read_fails_alone(
+    events: EventLog, redis: Redis
+) -> None:
+    """A conversation whose cached row is not what Parley writes, joined together with a
+    sound one: the sound one is answered, the other raises."""
+    sound, broken = await loaded(events, last_seq=1), await loaded(events, last_seq=1)
+    await redis.set(keys.meta(broken), b"not a row")
+    answered, failed = await asyncio.gather(
+        events.opening(sound, 0), events.opening(broken, 0), return_exceptions=True
+    )
+    assert isinstance(answered, Opening) and answered.meta is not None and answered.head == 1
+    assert isinstance(failed, msgspec.DecodeError)
 
 
 async def script_commands(redis: Redis) -> int:

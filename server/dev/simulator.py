@@ -65,6 +65,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import logging
 import random
 import re
 import time
@@ -113,6 +114,32 @@ class SimulatorStats:
 
 class SimulatedStreamError(RuntimeError):
     """Raised inside a stream on ``[sim:error]`` so the server drops the connection mid-body."""
+
+
+class _QuietSimulatedFailures(logging.Filter):
+    """uvicorn logs the exception that ends a response mid-body with its traceback, as it
+    would a bug; a ``[sim:error]`` stream is the simulator doing what it was asked (counted in
+    ``SimulatorStats.failed``), so its record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _simulated(record.exc_info[1]))
+
+
+def _simulated(error: BaseException | None) -> bool:
+    """Whether `error` is, or was raised from, a `SimulatedStreamError`."""
+    if error is None:
+        return False
+    if isinstance(error, SimulatedStreamError):
+        return True
+    if isinstance(error, BaseExceptionGroup) and any(_simulated(e) for e in error.exceptions):
+        return True
+    return _simulated(error.__cause__ or error.__context__)
+
+
+def _quiet_simulated_failures() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietSimulatedFailures) for f in logger.filters):
+        logger.addFilter(_QuietSimulatedFailures())
 
 
 # --- request wire types ------------------------------------------------------------------------
@@ -720,6 +747,7 @@ def simulator_router(
     """``POST {path}/chat/completions``, ``GET {path}/models`` and ``GET {path}/sim/stats``.
 
     ``model`` is the id ``GET /v1/models`` lists; completions echo the requested model."""
+    _quiet_simulated_failures()
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:

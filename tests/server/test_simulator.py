@@ -1,5 +1,6 @@
 """The simulated model, served by uvicorn and driven by the real openai client over HTTP."""
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -147,9 +148,14 @@ async def test_status_control(client: openai.AsyncOpenAI) -> None:
     assert raised.value.body["type"] == "server_error"
 
 
-async def test_error_control_breaks_the_stream(sim: Sim, client: openai.AsyncOpenAI) -> None:
+async def test_error_control_breaks_the_stream(
+    sim: Sim, client: openai.AsyncOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     failed = sim.stats.failed
     received: list[str] = []
+    caplog.set_level(logging.ERROR, logger="uvicorn.error")  # the fixture serves at critical
+    uvicorn_log = logging.getLogger("uvicorn.error")  # it does not propagate to the root
+    uvicorn_log.addHandler(caplog.handler)
     with pytest.raises(openai.APIConnectionError):
         stream = await client.chat.completions.create(
             model="m", messages=user("break [sim:error]"), stream=True
@@ -159,6 +165,8 @@ async def test_error_control_breaks_the_stream(sim: Sim, client: openai.AsyncOpe
                 received.append(chunk.choices[0].delta.content)
     assert len(received) == 3
     assert sim.stats.failed == failed + 1
+    uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.exc_info], "a deliberate failure is no traceback"
 
 
 async def test_invalid_request_is_openai_style_400(sim: Sim, client: openai.AsyncOpenAI) -> None:

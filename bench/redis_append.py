@@ -11,8 +11,10 @@ PUBLISHes the same framed bytes to the same channels in the same pipelines. For 
 Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
 network included) and `INFO commandstats` (time inside the commands), and this process's own
 CPU (the worker's side: the pipeliner, redis-py, the replies; the subscriber's draining
-included, the same for both). Prints µs per event and events per second per Redis core; it
-is a benchmark, it never fails on a number.
+included, the same for both). A third round sends what an event writes without a script
+(INCR of the seq, XADD to the log, PUBLISH, pipelined: none of the script's checks, so the
+floor of any way of appending that keeps a counter, a log and a channel). Prints µs per
+event and events per second per Redis core; it is a benchmark, it never fails on a number.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from bench.callgrind import CallgrindRedis
 from protocol import frames as f
 from server.dev import embedded
 from server.redis import generations, keys
@@ -38,6 +41,7 @@ from server.redis.eventlog import EventLog, Pipeliner, encode
 
 TTL = 3600
 MAX_EVENTS = 1000
+ROUNDS = ("append", "publish", "commands")
 
 
 async def _redis_cpu(redis: Redis) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -138,6 +142,25 @@ async def _publishes(
     await pipe.execute()
 
 
+async def _commands(
+    redis: Redis,
+    conversations: list[uuid.UUID],
+    message_ids: list[uuid.UUID],
+    tokens: int,
+    batch: int,
+) -> None:
+    """An event's three writes as plain commands (seq, log entry, PUBLISH), pipelined."""
+    pipe = redis.pipeline(transaction=False)
+    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
+        framed = b'{"seq":%d,' % (index + 1) + frame[1:]
+        pipe.incr(keys.seq(conversation))
+        pipe.xadd(keys.log(conversation), {"f": framed}, id=f"{index + 1}-0")
+        pipe.publish(keys.channel(conversation), framed)
+        if len(pipe) >= 3 * batch:
+            await pipe.execute()
+    await pipe.execute()
+
+
 async def _listen(
     redis_url: str, conversations: list[uuid.UUID], ready: asyncio.Event, sharded: bool = False
 ) -> int:
@@ -169,7 +192,13 @@ async def _listen(
 
 
 async def _round(
-    redis_url: str, events: EventLog, name: str, n: int, tokens: int, batch: int
+    redis_url: str,
+    events: EventLog,
+    name: str,
+    n: int,
+    tokens: int,
+    batch: int,
+    counted: CallgrindRedis | None = None,
 ) -> dict[str, Any]:
     redis = events.redis
     conversations = [uuid.uuid4() for _ in range(n)]
@@ -180,12 +209,16 @@ async def _round(
     await ready.wait()
     await redis.config_resetstat()
     before = await _redis_cpu(redis)
+    executed = counted.instructions() if counted else 0
     client_before = time.process_time()
     if name == "append":
         await _appends(events, conversations, message_ids, tokens, batch)
+    elif name == "commands":
+        await _commands(redis, conversations, message_ids, tokens, batch)
     else:
         await _publishes(redis, conversations, message_ids, tokens, batch)
     client = (time.process_time() - client_before) * 1e6 / (n * tokens)
+    executed = counted.instructions() - executed if counted else 0
     after = await _redis_cpu(redis)
     await asyncio.sleep(0.5)
     listener.cancel()
@@ -194,28 +227,38 @@ async def _round(
     return _delta(before, after, n * tokens) | {
         "received": received,
         "client_cpu_us_per_event": round(client, 2),
+        "instructions_per_event": round(executed / (n * tokens)),
     }
 
 
-async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> dict[str, Any]:
+async def run(
+    redis_url: str,
+    n: int,
+    tokens: int,
+    batch: int,
+    rounds: int,
+    counted: CallgrindRedis | None = None,
+) -> dict[str, Any]:
     """Appends and raw PUBLISHes in alternating rounds; each keeps its least disturbed round
-    (the machine may be shared: other processes only ever add to Redis's CPU time)."""
+    (the machine may be shared: other processes only ever add to Redis's CPU time). With
+    `counted` (the Redis at `redis_url` under callgrind) each round counts instructions too."""
     redis = Redis.from_url(redis_url)
     events = EventLog(redis, MAX_EVENTS, TTL)
     results: dict[str, Any] = {"conversations": n, "tokens": tokens, "batch": batch}
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         results[name + "_rounds"] = []
     for _ in range(rounds):
-        for name in ("append", "publish"):
-            r = await _round(redis_url, events, name, n, tokens, batch)
+        for name in ROUNDS:
+            r = await _round(redis_url, events, name, n, tokens, batch, counted)
             results[name + "_rounds"].append(r)
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         results[name] = min(results[name + "_rounds"], key=lambda r: r["redis_cpu_us_per_event"])
     await redis.aclose()
-    append, publish = results["append"], results["publish"]
-    results["cpu_ratio"] = round(
-        append["redis_cpu_us_per_event"] / publish["redis_cpu_us_per_event"], 2
-    )
+    publish = results["publish"]
+    for name in ("append", "commands"):
+        results[f"{name}_ratio"] = round(
+            results[name]["redis_cpu_us_per_event"] / publish["redis_cpu_us_per_event"], 2
+        )
     return results
 
 
@@ -226,19 +269,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="calls per pipeline")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run Redis under valgrind's callgrind and count its instructions per event",
+    )
+    parser.add_argument(
+        "--redis-server", help="with --callgrind: this binary (default: embedded's)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="parley-redis-bench-") as tmp:
-        redis = embedded.start_redis(Path(tmp), persist=False)
+        if args.callgrind:
+            binary = args.redis_server or str(embedded._redis_binary())
+            redis: CallgrindRedis | embedded.Service = CallgrindRedis(Path(tmp), binary)
+        else:
+            redis = embedded.start_redis(Path(tmp), persist=False)
+        counted = redis if isinstance(redis, CallgrindRedis) else None
         try:
-            results = asyncio.run(
-                run(redis.url, args.conversations, args.tokens, args.batch, args.rounds)
-            )
+            options = (args.conversations, args.tokens, args.batch, args.rounds)
+            results = asyncio.run(run(redis.url, *options, counted))
         finally:
             redis.stop()
     text = json.dumps(results, indent=1)
     if args.out:
         args.out.write_text(text)
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         r = results[name]
         print(
             f"{name:8} Redis CPU {r['redis_cpu_us_per_event']:6.2f} µs/event "
@@ -246,8 +301,10 @@ def main() -> None:
             f"{r['events_per_redis_core_per_s']:,} events/s per Redis core, "
             f"client CPU {r['client_cpu_us_per_event']:6.2f} µs/event, "
             f"{r['received']:,} received"
+            + (f", {r['instructions_per_event']:,} instructions/event" if args.callgrind else "")
         )
-    print(f"append / publish: {results['cpu_ratio']}×")
+    print(f"append / publish: {results['append_ratio']}×")
+    print(f"commands / publish: {results['commands_ratio']}×")
     for name, c in results["append"]["commands"].items():
         print(f"  {name:12} {c['calls']:8,} calls {c['usec'] / c['calls']:6.2f} µs/call")
 

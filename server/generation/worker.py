@@ -61,7 +61,7 @@ from server.redis import generations, keys, toolsteps
 from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
-from server.redis.eventlog import EventLog, Pipeliner, encode
+from server.redis.eventlog import TAKEN_OVER, EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, Shards, consumer_name
 from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
@@ -102,6 +102,10 @@ class OpenText:
         return True
 
 
+class TakenOver(Exception):
+    """The generation in this conversation is run by another worker now."""
+
+
 @dataclass(slots=True)
 class Running:
     """One generation in progress."""
@@ -114,6 +118,9 @@ class Running:
     refused: bool = False
     """The turn hook refused the turn: it has no `start` and no reply."""
     lost: bool = False
+    taken_over: bool = False
+    """Another worker runs this generation now (this one's lease lapsed while it could not
+    reach Redis): it is stopped here, neither finished nor acknowledged."""
     replaced: int = 0
     """Events indexed up to here were in flight when the turn was last published again: a
     failure of theirs asks for no further republish (the republish carries them)."""
@@ -168,6 +175,14 @@ class Running:
             self.max_gap = now - self.last_chunk
         self.last_chunk = now
 
+    def stop_taken_over(self) -> None:
+        """Another worker runs this generation now: stop it here (its task is cancelled;
+        `Worker._generate` tells that from a shutdown by `taken_over`)."""
+        if not self.taken_over:
+            self.taken_over = True
+            if self.task is not None and self.task is not asyncio.current_task():
+                self.task.cancel()
+
     def next_index(self) -> int:
         self.index += 1
         return self.index
@@ -187,7 +202,9 @@ class Running:
         result = future.result()
         if not isinstance(result, int):
             return
-        if result < 0:
+        if result == TAKEN_OVER:
+            self.stop_taken_over()
+        elif result < 0:
             self.lost = self.lost or index > self.replaced  # UNLOADED, LOST or BEHIND
         elif result > self.acked:
             self.acked = result
@@ -219,7 +236,7 @@ class Worker:
         ]
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
-        self.pipeliner = Pipeliner(redis, settings.worker.append_interval)
+        self.pipeliner = Pipeliner(redis, settings.worker.append_interval, worker=self.name)
         self.starts = Pipeliner(redis)
         """The turns' `begin` calls: those of the turns claimed together go together."""
         self.cancels = open_bus(redis, settings.redis.url)
@@ -325,13 +342,13 @@ class Worker:
     ) -> None:
         tries = 0
 
-        async def handle() -> None:
+        async def handle() -> bool:
             nonlocal tries
             tries += 1  # a second try continues the first's pieces, as a takeover does
-            await self._handle(fields, takeover or tries > 1)
+            return await self._handle(fields, takeover or tries > 1)
 
         try:
-            await attempt(handle, f"turn {entry_id.decode()}")
+            ours = await attempt(handle, f"turn {entry_id.decode()}")
         except Poisoned as failure:
             await self.dead_letters.bury(group.stream, keys.WORKERS, entry_id, fields, failure)
             await self._ack(group, entry_id, fields, buried=True)
@@ -339,9 +356,11 @@ class Worker:
         except asyncio.CancelledError:
             log.warning("turn %s handed back at shutdown", entry_id.decode())
             raise
-        await self._ack(group, entry_id, fields)
+        if ours:  # a turn taken over is the other worker's to acknowledge
+            await self._ack(group, entry_id, fields)
 
-    async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> None:
+    async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> bool:
+        """Run a turn; whether it is still this worker's to acknowledge (not taken over)."""
         try:
             job = _job_decoder.decode(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
@@ -349,11 +368,11 @@ class Worker:
         logs.CONVERSATION.set(str(job.conversation))
         logs.MESSAGE.set(str(job.message_id))
         try:
-            await self._generate(job, takeover)
+            return await self._generate(job, takeover)
         except Refused as exc:
             if exc.code == "not_found":
                 log.info("conversation %s is gone; turn dropped", job.conversation)
-                return
+                return True
             raise Transient(exc.message) from exc
         finally:
             logs.CONVERSATION.set(None)
@@ -463,11 +482,12 @@ class Worker:
 
     # ------------------------------------------------------------------ one generation
 
-    async def _generate(self, job: Job, takeover: bool) -> None:
+    async def _generate(self, job: Job, takeover: bool) -> bool:
+        """Run the generation; whether it ended here (False: another worker took it over)."""
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
             await self.turns.queue_finished_again(job)
-            return  # the dead worker had finished it; only the acknowledgement was missing
+            return True  # the dead worker had finished it; only the acknowledgement was missing
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
@@ -481,8 +501,19 @@ class Worker:
                 reason, finished, error = await self._run(run, takeover)
                 chat.chat_finished(reason, finished.usage, finished.model, error)
             _observe(run, reason, finished, time.monotonic() - begun)
+        except (asyncio.CancelledError, TakenOver):
+            if not run.taken_over:
+                raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            log.warning(
+                "the turn in %s was taken over by another worker; stopped here", conversation
+            )
+            return False
         finally:
             self.running.pop(conversation, None)
+        return True
 
     async def _run(self, run: Running, takeover: bool) -> tuple[f.DoneReason, Finished, str | None]:
         """The generation's steps, each a span of the turn's trace when tracing is on."""
@@ -951,11 +982,25 @@ class Worker:
         if run.lost:
             await self._republish(run)
 
+    async def _run_by_another(self, job: Job) -> bool:
+        """Whether another worker runs the generation now, or has finished it: a worker cut
+        off from Redis for longer than its lease, whose events failed meanwhile, must not
+        claim the turn back and publish it again."""
+        c = job.conversation
+        if await self.redis.exists(keys.finished(c, job.message_id)):
+            return True
+        running = await generations.message_id(self.redis, c)
+        worker = await generations.worker(self.redis, c)
+        return running == str(job.message_id) and worker not in (None, self.name)
+
     async def _republish(self, run: Running) -> None:
         """Redis lost the conversation (restarted empty) or some of its last events (a
         failover to a replica that lacked them): seed it again from PostgreSQL if need be
         and publish the turn so far, so that every tab, after its reset, sees it whole."""
         job = run.job
+        if await self._run_by_another(job):
+            run.stop_taken_over()
+            raise TakenOver(job.conversation)
         run.lost = False
         run.replaced = run.index
         run.open_text = None  # what it holds is in run.pieces, republished below
@@ -1039,6 +1084,9 @@ class Worker:
             )
             if seq >= 0:
                 return True
+            if seq == TAKEN_OVER:
+                run.stop_taken_over()
+                raise TakenOver(run.job.conversation)
             run.lost = True
         log.error("could not finish the turn in %s", run.job.conversation)
         return False

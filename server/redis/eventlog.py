@@ -34,6 +34,9 @@ LOST: Final = -2
 BEHIND: Final = -3
 """The seq counter went back below a seq Redis had acknowledged (a failover to a replica that
 lacks the last events; scripts/lib_seq_floor.lua): raised, nothing appended."""
+TAKEN_OVER: Final = -4
+"""The generation is run by another worker now (this one's lease lapsed while it could not
+reach Redis, and the turn was taken over): nothing appended; the caller stops the turn."""
 RETRY_FOR: Final = 60.0
 RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -340,9 +343,10 @@ class EventLog:
         floor: Callable[[], int] = lambda: 0,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, LOST when the generation's, or
+        UNLOADED when the conversation's Redis state is gone, LOST when the generation's,
         BEHIND when the seq counter is below `floor()` (the highest seq Redis acknowledged
-        to the generation). The call is made when its batch is taken (see `Pipeliner.call`):
+        to the generation), or TAKEN_OVER when a worker other than the pipeliner's runs the
+        generation now. The call is made when its batch is taken (see `Pipeliner.call`):
         an `event` given as a function is encoded then, and `floor()` counts every batch
         acknowledged before it. The pieces of a batch go to Redis in one `append_pieces`
         call (one per slot in a cluster), each appended as `append_piece` appends it."""
@@ -422,9 +426,12 @@ class Pipeliner:
     `interval` seconds apart (the first after a pause at once), so that under load each
     carries more."""
 
-    def __init__(self, redis: Redis, interval: float = 0.0) -> None:
+    def __init__(self, redis: Redis, interval: float = 0.0, worker: str = "") -> None:
         self.redis = redis
         self.interval = interval
+        self.worker = worker
+        """The worker whose generations' events this sends: they are refused (TAKEN_OVER)
+        once another runs the generation. '' for a caller that runs none."""
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
         self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
@@ -516,7 +523,7 @@ class Pipeliner:
             piece_keys.extend(piece.keys)
             piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
         call = self._append_pieces.bind(
-            maxlen=maxlen, ttl=ttl, piece_keys=piece_keys, piece_args=piece_args
+            maxlen=maxlen, ttl=ttl, worker=self.worker, piece_keys=piece_keys, piece_args=piece_args
         )
         return _Sent(call, [future for _, future in chunk], pieces=True)
 

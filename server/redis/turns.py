@@ -336,6 +336,7 @@ class Turns:
         turn: bytes,
         spent: int,
         floor: int = 0,
+        worker: str = "",
     ) -> Call:
         """The `finish` script call (append `done`, keep the reply for context, queue the turn
         for PostgreSQL, settle the budget reservation with the `spent` tokens), for the
@@ -351,6 +352,7 @@ class Turns:
             budget_reserved=job.budget_reserved,
             spent=spent,
             floor=floor,
+            worker=worker,
         )
 
     async def finish(
@@ -364,12 +366,15 @@ class Turns:
         floor: Callable[[], int] = lambda: 0,
     ) -> int:
         """Append `done` after the reply's last token (through the pipeliner), queue the
-        finished turn for PostgreSQL and settle the budget; the seq of `done`, UNLOADED, or
-        BEHIND when the seq counter is below `floor()` (as `EventLog.append_piece`)."""
+        finished turn for PostgreSQL and settle the budget; the seq of `done`, UNLOADED,
+        BEHIND when the seq counter is below `floor()`, or TAKEN_OVER when a worker other than
+        the pipeliner's runs the generation now (as `EventLog.append_piece`)."""
         if not self.in_steps:
             return int(
                 await pipeliner.call(
-                    lambda: self.finish_call(job, done_event, reply, turn, spent, floor())
+                    lambda: self.finish_call(
+                        job, done_event, reply, turn, spent, floor(), pipeliner.worker
+                    )
                 )
             )
         c = job.conversation
@@ -377,7 +382,9 @@ class Turns:
         finished_turn = keys.finished_turn(c, job.message_id)
         seq = int(
             await pipeliner.call(
-                lambda: self._finish_commit.bind(**inputs, turn_key=finished_turn, floor=floor())
+                lambda: self._finish_commit.bind(
+                    **inputs, turn_key=finished_turn, floor=floor(), worker=pipeliner.worker
+                )
             )
         )
         if seq >= 0:

@@ -10,6 +10,7 @@ cancel latency) are measured by `.venv/bin/python -m bench.resilience_numbers`.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -60,6 +61,7 @@ from tests.helpers.processes import (
     worker_of,
 )
 from tests.helpers.procfs import rss_kib
+from tests.helpers.simulated import eventually
 from tests.helpers.sockets import TCP_ESTABLISHED, drain, stalled_reader, tcp_state
 from tests.helpers.tabs import (
     Recorded,
@@ -161,6 +163,31 @@ async def test_heartbeats_close_a_dead_peer_and_app_ping_pongs(ops: Ops) -> None
 # --------------------------------------------------------------------------- worker crash
 
 
+@dataclass
+class Generating:
+    conversation: uuid.UUID
+    message_id: uuid.UUID
+    mark: int
+    """The tab's frame count before the turn was said."""
+    worker: ParleyProcess
+    """The worker running the generation."""
+
+
+async def generating_on_a_worker(
+    a: Client, redis: Redis, workers: list[ParleyProcess], text: str
+) -> Generating:
+    """A conversation whose turn (`text`) has streamed ten tokens, and its worker."""
+    conversation = await start_conversation(a, title="worker")
+    mark = len(a.frames)
+    await a.request(f.Say(conversation=conversation, text=text))
+    start = await a.wait_for(lambda fr: isinstance(fr, f.Start), start=mark)
+    await a.wait_for(lambda fr: isinstance(fr, f.Token) and fr.seq >= start.seq + 10)
+    pid = await worker_of(redis, conversation)
+    worker = next((w for w in workers if w.pid == pid), None)
+    assert worker is not None, f"generation runs on {pid}, not one of {[w.pid for w in workers]}"
+    return Generating(conversation, start.message_id, mark, worker)
+
+
 async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.Pool) -> None:
     """SIGKILL the worker running a generation (lease 2 s): within 15 s the tab gets `start`
     again for the same message id and a complete reply, or `done` reason `error` with a text;
@@ -169,17 +196,10 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
     redis = ops.backend.client()
     a = await Client.connect(ops.webs[0].ws_url, mint(new_user()))
     try:
-        conversation = await start_conversation(a, title="crash")
-        mark = len(a.frames)
-        await a.request(f.Say(conversation=conversation, text="crash [sim:tokens=150][sim:tps=50]"))
-        start = await a.wait_for(lambda fr: isinstance(fr, f.Start), start=mark)
-        message_id = start.message_id
-        await a.wait_for(lambda fr: isinstance(fr, f.Token) and fr.seq >= start.seq + 10)
-        pid = await worker_of(redis, conversation)
-        victim = next((w for w in workers if w.pid == pid), None)
-        assert victim is not None, (
-            f"generation runs on {pid}, not one of {[w.pid for w in workers]}"
+        running = await generating_on_a_worker(
+            a, redis, workers, "crash [sim:tokens=150][sim:tps=50]"
         )
+        conversation, message_id, victim = running.conversation, running.message_id, running.worker
         killed_at = time.monotonic()
         await asyncio.to_thread(victim.kill)
         after_kill = len(a.frames)
@@ -228,6 +248,52 @@ async def test_worker_killed_mid_generation_is_taken_over(ops: Ops, db: asyncpg.
         count = await db.fetchval("SELECT count(*) FROM messages WHERE id = $1", message_id)
         assert count == 1
     finally:
+        await a.close()
+        await redis.aclose()
+
+
+async def test_a_worker_frozen_past_its_lease_sends_nothing_after_the_takeover(
+    ops: Ops, db: asyncpg.Pool
+) -> None:
+    """SIGSTOP the worker running a generation (lease 2 s) until another worker has taken the
+    turn over, then SIGCONT it: what the frozen worker still had to send (its queued events,
+    the rest of its model stream) is refused, so the tab's transcript is the persisted one,
+    with one `done`; the frozen worker lives on and says it stopped the turn."""
+    workers = ops.live_workers(2)
+    redis = ops.backend.client()
+    a = await Client.connect(ops.webs[0].ws_url, mint(new_user()))
+    victim: ParleyProcess | None = None
+    try:
+        running = await generating_on_a_worker(
+            a, redis, workers, "freeze [sim:tokens=150][sim:tps=30]"
+        )
+        conversation, message_id, mark = running.conversation, running.message_id, running.mark
+        victim = running.worker
+        os.kill(victim.pid, signal.SIGSTOP)
+        stopped = len(a.frames)
+        await a.wait_for(
+            lambda fr: isinstance(fr, f.Start) and fr.message_id == message_id,
+            start=stopped,
+            timeout=15,
+        )
+        os.kill(victim.pid, signal.SIGCONT)
+        await a.wait_for(
+            lambda fr: isinstance(fr, f.Done) and fr.message_id == message_id,
+            start=stopped,
+            timeout=20,
+        )
+        await eventually(lambda: "taken over by another worker" in victim.log(), within=10)
+        await asyncio.sleep(0.5)  # anything the frozen worker still sent would be here now
+        dones = [fr for fr in a.frames[mark:] if isinstance(fr, f.Done)]
+        assert [d.message_id for d in dones] == [message_id]
+        rows = await wait_persisted(db, conversation, 2)
+        assert [(r[0], r[1]) for r in rows] == transcript(a, conversation)
+        count = await db.fetchval("SELECT count(*) FROM messages WHERE id = $1", message_id)
+        assert count == 1
+        assert victim in alive([victim])
+    finally:
+        if victim is not None:
+            os.kill(victim.pid, signal.SIGCONT)
         await a.close()
         await redis.aclose()
 

@@ -16,6 +16,7 @@ from server.redis.eventlog import (
     APPEND_PIECES,
     BEHIND,
     LOST,
+    TAKEN_OVER,
     UNLOADED,
     Begun,
     CachedHistory,
@@ -170,6 +171,31 @@ async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
     piece = events.append_piece(pipeliner, unloaded, frame("x"), other, 1)
     assert await piece == UNLOADED
     assert await log_seqs(redis, conversation) == []
+
+
+async def test_the_pieces_of_a_worker_whose_generation_was_taken_over_are_refused(
+    events: EventLog, redis: Redis
+) -> None:
+    """worker-a's generation taken over by worker-b (its lease lapsed while it was cut off):
+    a stale piece of worker-a's, even one indexed past worker-b's, appends nothing."""
+    conversation, message_id = await generating(events, redis)  # run by worker-a
+    stale, taking = Pipeliner(redis, worker="worker-a"), Pipeliner(redis, worker="worker-b")
+    stale.start(), taking.start()
+    try:
+        assert await append_pieces(events, stale, conversation, message_id, 1) == [1]
+        pipe = redis.pipeline(transaction=False)
+        generations.claim(pipe, conversation, message_id, "worker-b", lease=60, piece=1)
+        await pipe.execute()
+        assert await append_pieces(events, taking, conversation, message_id, 2) == [2]
+        assert await append_pieces(events, stale, conversation, message_id, 2, 9) == [
+            TAKEN_OVER,
+            TAKEN_OVER,
+        ]
+        assert await append_pieces(events, taking, conversation, message_id, 3) == [3]
+        assert await log_seqs(redis, conversation) == [1, 2, 3]
+    finally:
+        await stale.stop()
+        await taking.stop()
 
 
 async def test_a_seq_counter_gone_back_below_an_acknowledged_seq_is_never_reused(

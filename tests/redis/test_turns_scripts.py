@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from protocol import frames as f
 from server.redis import generations, keys
-from server.redis.eventlog import UNLOADED, EventLog
+from server.redis.eventlog import TAKEN_OVER, UNLOADED, EventLog
 from server.redis.scripts import Call
 from server.redis.turns import Admission, Job, Turns
 from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
@@ -124,6 +124,24 @@ async def test_finish_appends_done_once_queues_the_turn_and_clears_busy(
     ] == [b"2"]
     recent = await events.recent(conversation)
     assert recent is not None and [m.id for m in recent][-1] == job.message_id
+
+
+async def test_finish_by_a_worker_whose_generation_was_taken_over_appends_nothing(
+    events: EventLog, turns: Turns, redis: Redis
+) -> None:
+    conversation = await loaded(events)
+    _, _, job = await say(turns, conversation, new_user())
+    pipe = redis.pipeline(transaction=False)
+    generations.claim(pipe, conversation, job.message_id, "worker-b", lease=60)
+    await pipe.execute()
+    reply = message("assistant", job.message_id)
+    done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
+    stale = turns.finish_call(job, done, reply, b"turn", 0, worker="worker-a")
+    assert await stale.run() == TAKEN_OVER
+    assert await events.head(conversation) == 1  # the user's message only
+    assert await generations.worker(redis, conversation) == "worker-b"
+    ours = turns.finish_call(job, done, reply, b"turn", 0, worker="worker-b")
+    assert await ours.run() == 2
 
 
 async def test_finish_of_an_unloaded_conversation_appends_nothing(

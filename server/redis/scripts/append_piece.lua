@@ -1,6 +1,6 @@
 -- append_piece: one event of a running generation (lib_append_piece.lua says what it does
 -- and returns). The worker sends its pieces through append_pieces.lua, many in one call; this
--- one is kept for a single piece.
+-- one is kept for a single piece, for callers that run no generation (no worker's fence).
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -14,5 +14,6 @@ local piece = tonumber(ARGV[5])
 local floor = ARGV[6]
 
 return append_piece(
-  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor
+  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor,
+  ''
 )

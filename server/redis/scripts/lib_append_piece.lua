@@ -9,7 +9,10 @@
 -- must republish the turn before anything else of it is appended; or -3 (behind) when the
 -- seq counter is below `floor`, the highest seq the worker was acknowledged (a failover to a
 -- replica that lacks events, as lib_seq_floor.lua explains): the counter is raised and the worker
--- republishes the turn.
+-- republishes the turn; or -4 (taken over) when `gen` names a worker other than `worker`:
+-- the generation was taken over (this worker's lease lapsed while it was cut off from Redis)
+-- and its events are the other's to append; this worker stops the turn. `worker` '' (a
+-- caller that runs no generation, such as the load kit) is not checked.
 --
 -- This runs once per token, so it does per piece only what each piece needs (check and
 -- record the index, take the seq and check it against the floor, log, PUBLISH: five
@@ -20,13 +23,15 @@
 local MAINTAIN_EVERY = 64
 
 local function append_piece(
-  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor
+  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor,
+  worker
 )
-  local gen = redis.call('HMGET', gen_key, 'message_id', 'piece')
+  local gen = redis.call('HMGET', gen_key, 'message_id', 'piece', 'worker')
   if gen[1] ~= message_id then
     if redis.call('EXISTS', seq_key) == 0 then return -1 end
     return -2
   end
+  if worker ~= '' and gen[3] and gen[3] ~= worker then return -4 end
   if tonumber(gen[2] or '-1') >= piece then return 0 end
   local seq = redis.call('INCR', seq_key)
   -- the floor checked on what INCR returns (the counter before it is seq - 1), which saves a

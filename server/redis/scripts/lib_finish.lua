@@ -5,11 +5,19 @@
 -- `gen` hash if it still names this generation. Returns the seq of `done` and whether this
 -- call appended it (false: a retry found the seq recorded), -1 (unloaded) when the
 -- conversation's seq is gone, or -3 (behind) when the seq counter went back below `floor`
--- (lib_seq_floor.lua, which the loader puts in front too).
-local function finish_turn(k, frame, reply, reply_id, maxlen, ttl, replaces, recent_kept, floor)
+-- (lib_seq_floor.lua, which the loader puts in front too), or -4 (taken over) when `gen`
+-- names this generation run by a worker other than `worker` (as lib_append_piece.lua; ''
+-- is not checked).
+local function finish_turn(
+  k, frame, reply, reply_id, maxlen, ttl, replaces, recent_kept, floor, worker
+)
   local before = redis.call('GET', k.finished)
   if before then return tonumber(before), false end
   if redis.call('EXISTS', k.seq) == 0 then return -1, false end
+  if worker ~= '' then
+    local gen = redis.call('HMGET', k.gen, 'message_id', 'worker')
+    if gen[1] == reply_id and gen[2] and gen[2] ~= worker then return -4, false end
+  end
   if seq_went_back(k.seq, floor) then return -3, false end
   local seq = append_event(k.seq, k.log, k.channel, k.persisted, frame, maxlen, ttl)
   redis.call('SET', k.finished, seq, 'EX', ttl)

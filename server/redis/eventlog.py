@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,9 @@ BEHIND: Final = -3
 lacks the last events; scripts/lib_seq_floor.lua): raised, nothing appended."""
 RETRY_FOR: Final = 60.0
 RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+APPENDED_KEPT: Final = int(2 * RETRY_FOR)
+"""Seconds Redis keeps an `append_pieces` call's mark (which of its pieces it appended):
+longer than the pipeliner resends a call."""
 
 log = logging.getLogger("parley.eventlog")
 
@@ -275,15 +279,19 @@ class EventLog:
         index: int,
         floor: Callable[[], int] = lambda: 0,
     ) -> asyncio.Future[Any]:
-        """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, LOST when the generation's, or
-        BEHIND when the seq counter is below `floor()` (the highest seq Redis acknowledged
-        to the generation). The call is made when its batch is taken (see `Pipeliner.call`):
-        an `event` given as a function is encoded then, and `floor()` counts every batch
-        acknowledged before it. The pieces of a batch go to Redis in one `append_pieces`
-        call (one per slot in a cluster), each appended as `append_piece` appends it."""
+        """Queue one event of a generation; the future gives its seq, 0 for a repeat (an
+        `index` up to the one the generation was last claimed with, or the piece of a call
+        sent again whose first run appended it), UNLOADED when the conversation's Redis
+        state is gone, LOST when the generation's, or BEHIND when the seq counter is below
+        `floor()` (the highest seq Redis acknowledged to the generation). The call is made
+        when its batch is taken (see `Pipeliner.call`): an `event` given as a function is
+        encoded then, and `floor()` counts every batch acknowledged before it. The pieces
+        of a batch go to Redis in one `append_pieces` call (one per slot in a cluster),
+        each appended as `append_piece` appends it; the call carries a mark of its own, so
+        that sent again it appends nothing twice."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
         piece = Piece(
+            c,
             (keys.seq(c), keys.log(c), keys.channel(c), keys.persisted(c), keys.generation(c)),
             event,
             str(message_id),
@@ -314,6 +322,7 @@ def encode(obj: Any) -> bytes:
 class Piece:
     """One event of a generation waiting for its batch (`EventLog.append_piece`)."""
 
+    conversation: str
     keys: tuple[str, str, str, str, str]
     """seq, log, channel, persisted and generation keys of the conversation"""
     event: bytes | Callable[[], bytes]
@@ -363,6 +372,8 @@ class Pipeliner:
         self.interval = interval
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
+        self._name = uuid.uuid4().hex
+        self._calls_made = itertools.count(1)
         self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
         self._queue = []
         self._wake = asyncio.Event()
@@ -451,14 +462,21 @@ class Pipeliner:
             event = piece.event() if callable(piece.event) else piece.event
             piece_keys.extend(piece.keys)
             piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
+        call_key = keys.appended(chunk[0][0].conversation, f"{self._name}:{next(self._calls_made)}")
         call = self._append_pieces.bind(
-            maxlen=maxlen, ttl=ttl, piece_keys=piece_keys, piece_args=piece_args
+            call_key=call_key,
+            maxlen=maxlen,
+            ttl=ttl,
+            kept=APPENDED_KEPT,
+            piece_keys=piece_keys,
+            piece_args=piece_args,
         )
         return _Sent(call, [future for _, future in chunk], pieces=True)
 
     async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker
-        sends is idempotent), until RETRY_FOR seconds have passed."""
+        sends is idempotent: sent again, the same call appends nothing twice), until
+        RETRY_FOR seconds have passed."""
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:

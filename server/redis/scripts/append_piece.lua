@@ -1,6 +1,8 @@
 -- append_piece: one event of a running generation (lib_append_piece.lua says what it does
--- and returns). The worker sends its pieces through append_pieces.lua, many in one call; this
--- one is kept for a single piece.
+-- and returns). The worker sends its pieces through append_pieces.lua, many in one call, each
+-- call with a mark of its own; this one, kept for a single piece, records the index of each
+-- piece it appends in `gen` instead, so a retry of it (or of any piece indexed up to there)
+-- appends nothing.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -13,6 +15,9 @@ local message_id = ARGV[4]
 local piece = tonumber(ARGV[5])
 local floor = ARGV[6]
 
-return append_piece(
-  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor
+local seq = append_piece(
+  seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor,
+  {}
 )
+if seq > 0 then redis.call('HSET', gen_key, 'piece', piece) end
+return seq

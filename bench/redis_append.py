@@ -11,8 +11,10 @@ PUBLISHes the same framed bytes to the same channels in the same pipelines. For 
 Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
 network included) and `INFO commandstats` (time inside the commands), and this process's own
 CPU (the worker's side: the pipeliner, redis-py, the replies; the subscriber's draining
-included, the same for both). Prints µs per event and events per second per Redis core; it
-is a benchmark, it never fails on a number.
+included, the same for both). A third round sends what an event writes without a script
+(INCR of the seq, XADD to the log, PUBLISH, pipelined: none of the script's checks, so the
+floor of any way of appending that keeps a counter, a log and a channel). Prints µs per
+event and events per second per Redis core; it is a benchmark, it never fails on a number.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from server.redis.eventlog import EventLog, Pipeliner, encode
 
 TTL = 3600
 MAX_EVENTS = 1000
+ROUNDS = ("append", "publish", "commands")
 
 
 async def _redis_cpu(redis: Redis) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -138,6 +141,25 @@ async def _publishes(
     await pipe.execute()
 
 
+async def _commands(
+    redis: Redis,
+    conversations: list[uuid.UUID],
+    message_ids: list[uuid.UUID],
+    tokens: int,
+    batch: int,
+) -> None:
+    """An event's three writes as plain commands (seq, log entry, PUBLISH), pipelined."""
+    pipe = redis.pipeline(transaction=False)
+    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
+        framed = b'{"seq":%d,' % (index + 1) + frame[1:]
+        pipe.incr(keys.seq(conversation))
+        pipe.xadd(keys.log(conversation), {"f": framed}, id=f"{index + 1}-0")
+        pipe.publish(keys.channel(conversation), framed)
+        if len(pipe) >= 3 * batch:
+            await pipe.execute()
+    await pipe.execute()
+
+
 async def _listen(
     redis_url: str, conversations: list[uuid.UUID], ready: asyncio.Event, sharded: bool = False
 ) -> int:
@@ -183,6 +205,8 @@ async def _round(
     client_before = time.process_time()
     if name == "append":
         await _appends(events, conversations, message_ids, tokens, batch)
+    elif name == "commands":
+        await _commands(redis, conversations, message_ids, tokens, batch)
     else:
         await _publishes(redis, conversations, message_ids, tokens, batch)
     client = (time.process_time() - client_before) * 1e6 / (n * tokens)
@@ -203,19 +227,20 @@ async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> d
     redis = Redis.from_url(redis_url)
     events = EventLog(redis, MAX_EVENTS, TTL)
     results: dict[str, Any] = {"conversations": n, "tokens": tokens, "batch": batch}
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         results[name + "_rounds"] = []
     for _ in range(rounds):
-        for name in ("append", "publish"):
+        for name in ROUNDS:
             r = await _round(redis_url, events, name, n, tokens, batch)
             results[name + "_rounds"].append(r)
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         results[name] = min(results[name + "_rounds"], key=lambda r: r["redis_cpu_us_per_event"])
     await redis.aclose()
-    append, publish = results["append"], results["publish"]
-    results["cpu_ratio"] = round(
-        append["redis_cpu_us_per_event"] / publish["redis_cpu_us_per_event"], 2
-    )
+    publish = results["publish"]
+    for name in ("append", "commands"):
+        results[f"{name}_ratio"] = round(
+            results[name]["redis_cpu_us_per_event"] / publish["redis_cpu_us_per_event"], 2
+        )
     return results
 
 
@@ -238,7 +263,7 @@ def main() -> None:
     text = json.dumps(results, indent=1)
     if args.out:
         args.out.write_text(text)
-    for name in ("append", "publish"):
+    for name in ROUNDS:
         r = results[name]
         print(
             f"{name:8} Redis CPU {r['redis_cpu_us_per_event']:6.2f} µs/event "
@@ -247,7 +272,8 @@ def main() -> None:
             f"client CPU {r['client_cpu_us_per_event']:6.2f} µs/event, "
             f"{r['received']:,} received"
         )
-    print(f"append / publish: {results['cpu_ratio']}×")
+    print(f"append / publish: {results['append_ratio']}×")
+    print(f"commands / publish: {results['commands_ratio']}×")
     for name, c in results["append"]["commands"].items():
         print(f"  {name:12} {c['calls']:8,} calls {c['usec'] / c['calls']:6.2f} µs/call")
 

@@ -33,6 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from bench.callgrind import CallgrindRedis
 from protocol import frames as f
 from server.dev import embedded
 from server.redis import generations, keys
@@ -191,7 +192,13 @@ async def _listen(
 
 
 async def _round(
-    redis_url: str, events: EventLog, name: str, n: int, tokens: int, batch: int
+    redis_url: str,
+    events: EventLog,
+    name: str,
+    n: int,
+    tokens: int,
+    batch: int,
+    counted: CallgrindRedis | None = None,
 ) -> dict[str, Any]:
     redis = events.redis
     conversations = [uuid.uuid4() for _ in range(n)]
@@ -202,6 +209,7 @@ async def _round(
     await ready.wait()
     await redis.config_resetstat()
     before = await _redis_cpu(redis)
+    executed = counted.instructions() if counted else 0
     client_before = time.process_time()
     if name == "append":
         await _appends(events, conversations, message_ids, tokens, batch)
@@ -210,6 +218,7 @@ async def _round(
     else:
         await _publishes(redis, conversations, message_ids, tokens, batch)
     client = (time.process_time() - client_before) * 1e6 / (n * tokens)
+    executed = counted.instructions() - executed if counted else 0
     after = await _redis_cpu(redis)
     await asyncio.sleep(0.5)
     listener.cancel()
@@ -218,12 +227,21 @@ async def _round(
     return _delta(before, after, n * tokens) | {
         "received": received,
         "client_cpu_us_per_event": round(client, 2),
+        "instructions_per_event": round(executed / (n * tokens)),
     }
 
 
-async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> dict[str, Any]:
+async def run(
+    redis_url: str,
+    n: int,
+    tokens: int,
+    batch: int,
+    rounds: int,
+    counted: CallgrindRedis | None = None,
+) -> dict[str, Any]:
     """Appends and raw PUBLISHes in alternating rounds; each keeps its least disturbed round
-    (the machine may be shared: other processes only ever add to Redis's CPU time)."""
+    (the machine may be shared: other processes only ever add to Redis's CPU time). With
+    `counted` (the Redis at `redis_url` under callgrind) each round counts instructions too."""
     redis = Redis.from_url(redis_url)
     events = EventLog(redis, MAX_EVENTS, TTL)
     results: dict[str, Any] = {"conversations": n, "tokens": tokens, "batch": batch}
@@ -231,7 +249,7 @@ async def run(redis_url: str, n: int, tokens: int, batch: int, rounds: int) -> d
         results[name + "_rounds"] = []
     for _ in range(rounds):
         for name in ROUNDS:
-            r = await _round(redis_url, events, name, n, tokens, batch)
+            r = await _round(redis_url, events, name, n, tokens, batch, counted)
             results[name + "_rounds"].append(r)
     for name in ROUNDS:
         results[name] = min(results[name + "_rounds"], key=lambda r: r["redis_cpu_us_per_event"])
@@ -251,13 +269,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="calls per pipeline")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run Redis under valgrind's callgrind and count its instructions per event",
+    )
+    parser.add_argument(
+        "--redis-server", help="with --callgrind: this binary (default: embedded's)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="parley-redis-bench-") as tmp:
-        redis = embedded.start_redis(Path(tmp), persist=False)
+        if args.callgrind:
+            binary = args.redis_server or str(embedded._redis_binary())
+            redis: CallgrindRedis | embedded.Service = CallgrindRedis(Path(tmp), binary)
+        else:
+            redis = embedded.start_redis(Path(tmp), persist=False)
+        counted = redis if isinstance(redis, CallgrindRedis) else None
         try:
-            results = asyncio.run(
-                run(redis.url, args.conversations, args.tokens, args.batch, args.rounds)
-            )
+            options = (args.conversations, args.tokens, args.batch, args.rounds)
+            results = asyncio.run(run(redis.url, *options, counted))
         finally:
             redis.stop()
     text = json.dumps(results, indent=1)
@@ -271,6 +301,7 @@ def main() -> None:
             f"{r['events_per_redis_core_per_s']:,} events/s per Redis core, "
             f"client CPU {r['client_cpu_us_per_event']:6.2f} µs/event, "
             f"{r['received']:,} received"
+            + (f", {r['instructions_per_event']:,} instructions/event" if args.callgrind else "")
         )
     print(f"append / publish: {results['append_ratio']}×")
     print(f"commands / publish: {results['commands_ratio']}×")

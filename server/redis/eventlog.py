@@ -39,6 +39,10 @@ RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 APPENDED_KEPT: Final = int(2 * RETRY_FOR)
 """Seconds Redis keeps an `append_pieces` call's mark (which of its pieces it appended):
 longer than the pipeliner resends a call."""
+MARKED_FROM: Final = 4
+"""A call of at least this many pieces is marked; a smaller one writes each appended piece's
+index to its generation's `gen` instead (as cheap there, and it holds no key for 2 minutes:
+in a cluster whose conversations each have their own slot a call carries one piece)."""
 
 log = logging.getLogger("parley.eventlog")
 
@@ -467,7 +471,7 @@ class Pipeliner:
             call_key=call_key,
             maxlen=maxlen,
             ttl=ttl,
-            kept=APPENDED_KEPT,
+            kept=APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0,
             piece_keys=piece_keys,
             piece_args=piece_args,
         )

@@ -17,6 +17,7 @@ from server.redis.eventlog import (
     APPENDED_KEPT,
     BEHIND,
     LOST,
+    MARKED_FROM,
     UNLOADED,
     CachedHistory,
     EventLog,
@@ -150,10 +151,13 @@ async def append_pieces(
 
 
 def pieces_call(
-    redis: Redis, mark: str, pieces: list[tuple[uuid.UUID, uuid.UUID, int]]
+    redis: Redis,
+    mark: str,
+    pieces: list[tuple[uuid.UUID, uuid.UUID, int]],
+    kept: int = APPENDED_KEPT,
 ) -> scripts.Call:
-    """One `append_pieces` call, marked `mark`, of (conversation, message id, index) pieces,
-    as the pipeliner makes it."""
+    """One `append_pieces` call, marked `mark` (unmarked with `kept` 0), of (conversation,
+    message id, index) pieces, as the pipeliner makes it."""
     piece_keys: list[str] = []
     piece_args: list[object] = []
     for conversation, message_id, index in pieces:
@@ -163,7 +167,7 @@ def pieces_call(
         call_key=keys.appended(pieces[0][0], mark),
         maxlen=MAX_EVENTS,
         ttl=60,
-        kept=APPENDED_KEPT,
+        kept=kept,
         piece_keys=piece_keys,
         piece_args=piece_args,
     )
@@ -224,27 +228,45 @@ async def test_a_reply_lost_with_its_connection_is_answered_by_the_retry_without
             proxy.hold_replies()
             queued = [
                 events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
-                for i in (1, 2)
+                for i in range(1, MARKED_FROM + 1)
             ]
             for _ in range(100):
-                if await log_seqs(redis, conversation) == [1, 2]:
+                if len(await log_seqs(redis, conversation)) == MARKED_FROM:
                     break
                 await asyncio.sleep(0.05)
             proxy.cut()
             proxy.resume()
-            assert await asyncio.wait_for(asyncio.gather(*queued), 10) == [0, 0]
+            assert await asyncio.wait_for(asyncio.gather(*queued), 10) == [0] * MARKED_FROM
         finally:
             await pipeliner.stop()
             await proxied.aclose()
-    assert await log_seqs(redis, conversation) == [1, 2]
+    events_once = list(range(1, MARKED_FROM + 1))
+    assert await log_seqs(redis, conversation) == events_once
+    assert [k async for k in redis.scan_iter(f"{keys.appended(conversation, '')}*")]
     published = []
     while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5):
         published.append(message["data"])
     await pubsub.aclose()
-    assert published == [
-        b'{"seq":1,"type":"token","text":"1"}',
-        b'{"seq":2,"type":"token","text":"2"}',
-    ]
+    assert published == [b'{"seq":%d,"type":"token","text":"%d"}' % (i, i) for i in events_once]
+
+
+async def test_a_call_of_a_few_pieces_writes_their_indexes_to_gen_instead_of_a_mark(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """Below MARKED_FROM pieces a call holds no mark for two minutes (in a cluster of
+    conversations each on its own slot every call is one piece): sent again, it finds its
+    pieces' indexes in `gen` and appends nothing twice."""
+    conversation, message_id = await generating(events, redis)
+    few = [(conversation, message_id, i) for i in range(1, MARKED_FROM)]
+    call = pieces_call(redis, uuid.uuid4().hex, few, kept=0)
+    assert await call.run() == list(range(1, MARKED_FROM))
+    assert await call.run() == [0] * (MARKED_FROM - 1)
+    assert await generations.last_piece(redis, conversation) == MARKED_FROM - 1
+    queued = [MARKED_FROM, MARKED_FROM + 1]  # as the pipeliner sends a small batch
+    assert await append_pieces(events, pipeliner, conversation, message_id, *queued) == queued
+    assert await generations.last_piece(redis, conversation) == MARKED_FROM + 1
+    assert not [k async for k in redis.scan_iter(f"{keys.appended(conversation, '')}*")]
+    assert await log_seqs(redis, conversation) == list(range(1, MARKED_FROM + 2))
 
 
 async def test_pieces_up_to_the_index_a_claim_gave_are_repeats_in_any_call(

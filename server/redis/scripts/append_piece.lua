@@ -1,8 +1,7 @@
 -- append_piece: one event of a running generation (lib_append_piece.lua says what it does
--- and returns). The worker sends its pieces through append_pieces.lua, many in one call, each
--- call with a mark of its own; this one, kept for a single piece, records the index of each
--- piece it appends in `gen` instead, so a retry of it (or of any piece indexed up to there)
--- appends nothing.
+-- and returns). The worker sends its pieces through append_pieces.lua, many in one call; this
+-- one, kept for a single piece, records the index of the piece it appends in `gen`, so a
+-- retry of it (or of any piece indexed up to there) appends nothing.
 local seq_key = KEYS[1]
 local log_key = KEYS[2]
 local channel = KEYS[3]
@@ -15,9 +14,7 @@ local message_id = ARGV[4]
 local piece = tonumber(ARGV[5])
 local floor = ARGV[6]
 
-local seq = append_piece(
+return append_piece(
   seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor,
-  {}
+  {}, true
 )
-if seq > 0 then redis.call('HSET', gen_key, 'piece', piece) end
-return seq

@@ -10,6 +10,9 @@
 -- than `kept` seconds) finds it: the pieces appended then answer 0 (a repeat), the others
 -- are tried again. One mark per call rather than a write per piece, and `last` keeps the
 -- `gen` read for the next piece: per piece the script does little more than its commands.
+-- With `kept` 0 (the caller's choice for a call of a few pieces, where the mark would cost
+-- as much and hold a key for nothing) there is no mark: each appended piece's index is
+-- written to `gen`, and a retry finds its pieces repeats there.
 --
 -- KEYS: the call's mark, then five per piece (seq, log, channel, persisted, gen of its
 -- conversation); ARGV: maxlen, ttl, kept, then four per piece (frame, message id, piece
@@ -22,7 +25,8 @@ local kept = tonumber(ARGV[3])
 local piece_keys = {unpack(KEYS, 2)} -- seq_key, log_key, channel, persisted_key, gen_key...
 local piece_args = {unpack(ARGV, 4)} -- frame, message_id, piece, floor...
 
-local done = redis.call('GET', call_key) -- false unless this call ran before
+local marked = kept > 0
+local done = marked and redis.call('GET', call_key) -- false unless this call ran before
 local results, refused = {}, {}
 local last = {}
 for i = 1, #piece_args / 4 do
@@ -33,13 +37,13 @@ for i = 1, #piece_args / 4 do
     local result = append_piece(
       piece_keys[k + 1], piece_keys[k + 2], piece_keys[k + 3], piece_keys[k + 4],
       piece_keys[k + 5], piece_args[a + 1], maxlen, ttl, piece_args[a + 2], piece_args[a + 3],
-      piece_args[a + 4], last
+      piece_args[a + 4], last, not marked
     )
     results[i] = result
     if result <= 0 then refused[#refused + 1] = i end
   end
 end
-if #refused < #results then
+if marked and #refused < #results then
   redis.call('SET', call_key, ',' .. table.concat(refused, ',') .. ',', 'EX', kept)
 end
 return results

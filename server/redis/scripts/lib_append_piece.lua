@@ -5,8 +5,9 @@
 -- Each event carries the generation's piece index; an index up to the `piece` field of the
 -- `gen` hash (set when the worker publishes the turn again, so that the events still in
 -- flight from before are dropped) is a repeat and appends nothing. That a retried call (the
--- connection broke before the reply) appends nothing twice is its caller's mark to keep:
--- append_pieces.lua keeps one per call, append_piece.lua records the index in `gen`.
+-- connection broke before the reply) appends nothing twice is either its caller's mark to
+-- keep (append_pieces.lua keeps one for a call of many pieces) or, with `recorded`, this
+-- function's: the index of each piece appended is written to `gen` (raising that fence).
 -- Returns the seq, 0 for a repeat, -1 (unloaded) when the conversation's seq is gone, or
 -- -2 (lost) when `gen` no longer names this generation: Redis lost its data, and the worker
 -- must republish the turn before anything else of it is appended; or -3 (behind) when the
@@ -26,7 +27,7 @@ local MAINTAIN_EVERY = 64
 
 local function append_piece(
   seq_key, log_key, channel, persisted_key, gen_key, frame, maxlen, ttl, message_id, piece, floor,
-  last
+  last, recorded
 )
   if last.gen_key ~= gen_key then
     local gen = redis.call('HMGET', gen_key, 'message_id', 'piece')
@@ -36,6 +37,7 @@ local function append_piece(
     if redis.call('EXISTS', seq_key) == 0 then return -1 end
     return -2
   end
+  local index = piece -- as given, text or number
   piece = piece + 0
   if last.fence >= piece then return 0 end
   local seq = redis.call('INCR', seq_key)
@@ -60,6 +62,7 @@ local function append_piece(
     redis.call('EXPIRE', log_key, ttl)
   end
   redis.call('PUBLISH', channel, framed)
+  if recorded then redis.call('HSET', gen_key, 'piece', index) end
   if piece % MAINTAIN_EVERY == 1 then
     local keep = seq - maxlen + 1
     local persisted = redis.call('GET', persisted_key)

@@ -39,7 +39,15 @@ def _call(redis: Any, pieces: int) -> scripts.Call:
         piece_keys.append(keys.generation(c))
         piece_args += [b'{"type":"token","text":" a word"}', str(uuid.uuid4()), 5, 0]
     registered = APPEND_PIECES.register(redis)
-    return registered.bind(maxlen=1000, ttl=60, piece_keys=piece_keys, piece_args=piece_args)
+    return registered.bind(
+        call_key=keys.appended(c, "redis_send"),
+        maxlen=1000,
+        ttl=60,
+        kept=0,
+        worker="",
+        piece_keys=piece_keys,
+        piece_args=piece_args,
+    )
 
 
 async def run(url: str, pieces: int, batches: int, rounds: int) -> dict[str, list[float]]:

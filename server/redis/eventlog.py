@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,13 @@ TAKEN_OVER: Final = -4
 reach Redis, and the turn was taken over): nothing appended; the caller stops the turn."""
 RETRY_FOR: Final = 60.0
 RETRY_DELAYS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+APPENDED_KEPT: Final = int(2 * RETRY_FOR)
+"""Seconds Redis keeps an `append_pieces` call's mark (which of its pieces it appended):
+longer than the pipeliner resends a call."""
+MARKED_FROM: Final = 4
+"""A call of at least this many pieces is marked; a smaller one writes each appended piece's
+index to its generation's `gen` instead (as cheap there, and it holds no key for 2 minutes:
+in a cluster whose conversations each have their own slot a call carries one piece)."""
 
 log = logging.getLogger("parley.eventlog")
 
@@ -342,16 +350,20 @@ class EventLog:
         index: int,
         floor: Callable[[], int] = lambda: 0,
     ) -> asyncio.Future[Any]:
-        """Queue one event of a generation; the future gives its seq, 0 for a repeat,
-        UNLOADED when the conversation's Redis state is gone, LOST when the generation's,
-        BEHIND when the seq counter is below `floor()` (the highest seq Redis acknowledged
-        to the generation), or TAKEN_OVER when a worker other than the pipeliner's runs the
-        generation now. The call is made when its batch is taken (see `Pipeliner.call`):
-        an `event` given as a function is encoded then, and `floor()` counts every batch
-        acknowledged before it. The pieces of a batch go to Redis in one `append_pieces`
-        call (one per slot in a cluster), each appended as `append_piece` appends it."""
+        """Queue one event of a generation; the future gives its seq, 0 for a repeat (an
+        `index` up to the one the generation was last claimed with, or the piece of a call
+        sent again whose first run appended it), UNLOADED when the conversation's Redis
+        state is gone, LOST when the generation's, BEHIND when the seq counter is below
+        `floor()` (the highest seq Redis acknowledged to the generation), or TAKEN_OVER when
+        a worker other than the pipeliner's runs the generation now. The call is made when
+        its batch is taken (see `Pipeliner.call`): an `event` given as a function is encoded
+        then, and `floor()` counts every batch acknowledged before it. The pieces of a batch
+        go to Redis in one `append_pieces` call (one per slot in a cluster), each appended as
+        `append_piece` appends it; the call carries a mark of its own, so that sent again it
+        appends nothing twice."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
         piece = Piece(
+            c,
             (keys.seq(c), keys.log(c), keys.channel(c), keys.persisted(c), keys.generation(c)),
             event,
             str(message_id),
@@ -382,6 +394,7 @@ def encode(obj: Any) -> bytes:
 class Piece:
     """One event of a generation waiting for its batch (`EventLog.append_piece`)."""
 
+    conversation: str
     keys: tuple[str, str, str, str, str]
     """seq, log, channel, persisted and generation keys of the conversation"""
     event: bytes | Callable[[], bytes]
@@ -434,6 +447,8 @@ class Pipeliner:
         once another runs the generation. '' for a caller that runs none."""
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
+        self._name = uuid.uuid4().hex
+        self._calls_made = itertools.count(1)
         self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
         self._queue = []
         self._wake = asyncio.Event()
@@ -522,14 +537,22 @@ class Pipeliner:
             event = piece.event() if callable(piece.event) else piece.event
             piece_keys.extend(piece.keys)
             piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
+        call_key = keys.appended(chunk[0][0].conversation, f"{self._name}:{next(self._calls_made)}")
         call = self._append_pieces.bind(
-            maxlen=maxlen, ttl=ttl, worker=self.worker, piece_keys=piece_keys, piece_args=piece_args
+            call_key=call_key,
+            maxlen=maxlen,
+            ttl=ttl,
+            worker=self.worker,
+            kept=APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0,
+            piece_keys=piece_keys,
+            piece_args=piece_args,
         )
         return _Sent(call, [future for _, future in chunk], pieces=True)
 
     async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker
-        sends is idempotent), until RETRY_FOR seconds have passed."""
+        sends is idempotent: sent again, the same call appends nothing twice), until
+        RETRY_FOR seconds have passed."""
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         attempt = 0
         while True:

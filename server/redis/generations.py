@@ -1,15 +1,17 @@
 """The `gen` hash: the generation running in a conversation. Its presence means busy.
 
 Fields: `message_id` (the reply being generated), `state` (`queued` until a worker claims
-it), `worker` (the consumer running it), `piece` (the index of its last appended event). It
-expires `lease` seconds after its worker's last heartbeat renewed it, so a conversation whose
-worker died does not stay busy.
+it), `worker` (the consumer running it), `piece` (its events indexed up to there are
+repeats: set when its worker publishes the turn again, so that the events still in flight
+from before are dropped, and by each event a small `append_pieces` call appends; read by a
+worker taking the turn over). It expires `lease` seconds after its worker's last heartbeat
+renewed it, so a conversation whose worker died does not stay busy.
 
 Written by Lua scripts, atomically with the events they append: `say` and `regenerate` create
 it (`message_id`, `state`), `begin` (a worker starting it: `EventLog.begin`) names the
-`worker` and reads `piece`, `append_piece` records `piece` and refuses an event whose
-`message_id` it does not hold, `finish` deletes it. Everything else Python reads or writes
-of it goes through this module.
+`worker` and reads `piece`, `append_pieces` refuses an event whose `message_id` it does not
+hold, whose index is up to `piece` or whose `worker` is another's, `finish` deletes it.
+Everything else Python reads or writes of it goes through this module.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ async def worker(redis: Redis, conversation: uuid.UUID) -> str | None:
 
 
 async def last_piece(redis: Redis, conversation: uuid.UUID) -> int:
-    """The index of the generation's last appended event (0 before any)."""
+    """The index up to which the generation's events are repeats (0 until a claim or a small
+    `append_pieces` call set one): a worker taking the turn over indexes its events after it."""
     value = await redis.hget(keys.generation(conversation), PIECE)
     return int(value) if value is not None else 0
 

@@ -186,6 +186,13 @@ def generation(conversation: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:gen"
 
 
+def appended(conversation: uuid.UUID | str, call: str) -> str:
+    """Which pieces of the worker's `append_pieces` call `call` were appended, kept for a
+    little while so that a retry of the call appends nothing twice; in the slot of
+    `conversation`, the call's first."""
+    return f"{_conv(conversation)}:appended:{call}"
+
+
 def cancelled(conversation: uuid.UUID | str) -> str:
     """Message id whose generation was cancelled, checked by a worker before it starts."""
     return f"{_conv(conversation)}:cancel"

@@ -9,6 +9,7 @@ It runs its own event loop in a background thread, so it keeps forwarding while 
         proxy.pause()   # the peer is unreachable: nothing moves, connections stay open
         proxy.resume()
         proxy.cut()     # every current connection is reset
+        proxy.hold_replies()  # requests reach the peer, its answers wait (resume ends it)
         proxy.refuse()  # down: current connections reset, new ones closed at once (resume ends it)
 
 `Proxy(host, port, refuse_upgrades=True)` is the corporate proxy that breaks WebSocket: a
@@ -46,6 +47,7 @@ class Proxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
         self._flowing: asyncio.Event | None = None
+        self._replying: asyncio.Event | None = None
         self._refusing = False
         self._sockets: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -79,6 +81,11 @@ class Proxy:
     def cut(self) -> None:
         self._call(self._abort_all)
 
+    def hold_replies(self) -> None:
+        """What the clients send goes on; what the peer answers waits, so that a `cut`
+        then loses a reply to a request the peer has carried out."""
+        self._call(self._set_replying, False)
+
     def refuse(self) -> None:
         self._call(self._abort_all, True)
 
@@ -107,6 +114,8 @@ class Proxy:
     async def _listen(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._replying = asyncio.Event()
+        self._replying.set()
         self._server = await asyncio.start_server(self._handle, self.listen, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -115,8 +124,16 @@ class Proxy:
         if flowing:
             self._refusing = False
             self._flowing.set()
+            await self._set_replying(True)
         else:
             self._flowing.clear()
+
+    async def _set_replying(self, replying: bool) -> None:
+        assert self._replying is not None
+        if replying:
+            self._replying.set()
+        else:
+            self._replying.clear()
 
     async def _abort_all(self, refuse: bool = False) -> None:
         self._refusing = self._refusing or refuse
@@ -129,6 +146,8 @@ class Proxy:
         await self._abort_all()
         if self._flowing is not None:
             self._flowing.set()  # let held connections run into their aborted sockets
+        if self._replying is not None:
+            self._replying.set()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=2)
 
@@ -157,9 +176,8 @@ class Proxy:
             upstream.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets.add(upstream)
             upstream.write(head)
-            await asyncio.gather(
-                self._pipe(reader, upstream), self._pipe(up_reader, writer), return_exceptions=True
-            )
+            replies = self._pipe(up_reader, writer, self._replying)
+            await asyncio.gather(self._pipe(reader, upstream), replies, return_exceptions=True)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -173,7 +191,13 @@ class Proxy:
         """The connection's first request line and headers (what is forwarded first)."""
         return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        held: asyncio.Event | None = None,
+    ) -> None:
+        """Forward one direction; `held` (the peer's answers) also waits while cleared."""
         assert self._flowing is not None
         try:
             while True:
@@ -182,6 +206,8 @@ class Proxy:
                 if not data:
                     break
                 await self._flowing.wait()  # a chunk read just before a pause waits too
+                if held is not None:
+                    await held.wait()
                 writer.write(data)
                 await writer.drain()
         finally:

@@ -10,12 +10,14 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol.frames import Message, utcnow
-from server.redis import generations, keys
+from server.redis import generations, keys, scripts
 from server.redis.eventlog import (
     APPEND,
     APPEND_PIECES,
+    APPENDED_KEPT,
     BEHIND,
     LOST,
+    MARKED_FROM,
     TAKEN_OVER,
     UNLOADED,
     Begun,
@@ -25,6 +27,8 @@ from server.redis.eventlog import (
     Pipeliner,
     event_keys,
 )
+from tests.helpers.faults import Proxy
+from tests.helpers.processes import Services
 from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
 
 
@@ -149,16 +153,155 @@ async def append_pieces(
     return list(await asyncio.gather(*futures))
 
 
-async def test_a_retried_batch_of_pieces_appends_nothing_twice(
+def pieces_call(
+    redis: Redis,
+    mark: str,
+    pieces: list[tuple[uuid.UUID, uuid.UUID, int]],
+    kept: int = APPENDED_KEPT,
+) -> scripts.Call:
+    """One `append_pieces` call, marked `mark` (unmarked with `kept` 0), of (conversation,
+    message id, index) pieces, as the pipeliner makes it."""
+    piece_keys: list[str] = []
+    piece_args: list[object] = []
+    for conversation, message_id, index in pieces:
+        piece_keys.extend([*event_keys(conversation).values(), keys.generation(conversation)])
+        piece_args.extend([frame(str(index)), str(message_id), index, 0])
+    return APPEND_PIECES.register(redis).bind(
+        call_key=keys.appended(pieces[0][0], mark),
+        maxlen=MAX_EVENTS,
+        ttl=60,
+        kept=kept,
+        worker="",
+        piece_keys=piece_keys,
+        piece_args=piece_args,
+    )
+
+
+async def hset_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_hset", {}).get("calls", 0))
+
+
+async def test_a_call_sent_again_appends_nothing_twice_and_tries_its_refused_pieces_again(
+    events: EventLog, redis: Redis
+) -> None:
+    """The call's mark says which of its pieces its first run appended: those answer 0 (a
+    repeat), the refused ones are tried again (here LOST the first time, then the
+    conversation's generation is theirs). One mark per call, kept a little while; the
+    generation itself is not written per piece."""
+    conversation, message_id = await generating(events, redis)
+    other = await loaded(events)
+    other_reply = uuid.uuid4()
+    call = pieces_call(
+        redis,
+        uuid.uuid4().hex,
+        [(conversation, message_id, 1), (other, other_reply, 1), (conversation, message_id, 2)],
+    )
+    written = await hset_calls(redis)
+    assert await call.run() == [1, LOST, 2]
+    assert await hset_calls(redis) == written
+    assert await generations.last_piece(redis, conversation) == 0
+    await claim_generation(redis, other, other_reply)
+    assert await call.run() == [0, 1, 0]
+    assert await call.run() == [0, 0, 0]
+    assert await log_seqs(redis, conversation) == [1, 2]
+    assert await log_seqs(redis, other) == [1]
+    mark = keys.appended(conversation, "")
+    (marked,) = [k async for k in redis.scan_iter(f"{mark}*")]
+    assert 0 < await redis.ttl(marked) <= APPENDED_KEPT
+
+
+async def test_a_reply_lost_with_its_connection_is_answered_by_the_retry_without_a_second_append(
+    events: EventLog, redis: Redis, services: Services
+) -> None:
+    """The worker's pipeliner through a link that carries the call to Redis, then breaks
+    before the reply comes back: the call is sent again and answers that its pieces were
+    appended already; the log and the channel have each event once."""
+    conversation, message_id = await generating(events, redis)
+    await redis.script_load(APPEND_PIECES.source)  # so the held reply is the call's own
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.channel(conversation))
+    await pubsub.get_message(timeout=1.0)
+    with Proxy.to_url(services.redis_url) as proxy:
+        database = redis.get_connection_kwargs()["db"]
+        proxied = Redis.from_url(f"{proxy.url(services.redis_url).rsplit('/', 1)[0]}/{database}")
+        pipeliner = Pipeliner(proxied)
+        pipeliner.start()
+        try:
+            await proxied.ping()  # connected (its greeting answered) before the replies wait
+            proxy.hold_replies()
+            queued = [
+                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
+                for i in range(1, MARKED_FROM + 1)
+            ]
+            for _ in range(100):
+                if len(await log_seqs(redis, conversation)) == MARKED_FROM:
+                    break
+                await asyncio.sleep(0.05)
+            proxy.cut()
+            proxy.resume()
+            assert await asyncio.wait_for(asyncio.gather(*queued), 10) == [0] * MARKED_FROM
+        finally:
+            await pipeliner.stop()
+            await proxied.aclose()
+    events_once = list(range(1, MARKED_FROM + 1))
+    assert await log_seqs(redis, conversation) == events_once
+    assert [k async for k in redis.scan_iter(f"{keys.appended(conversation, '')}*")]
+    published = []
+    while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5):
+        published.append(message["data"])
+    await pubsub.aclose()
+    assert published == [b'{"seq":%d,"type":"token","text":"%d"}' % (i, i) for i in events_once]
+
+
+async def test_a_call_of_a_few_pieces_writes_their_indexes_to_gen_instead_of_a_mark(
     events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
+    """Below MARKED_FROM pieces a call holds no mark for two minutes (in a cluster of
+    conversations each on its own slot every call is one piece): sent again, it finds its
+    pieces' indexes in `gen` and appends nothing twice."""
+    conversation, message_id = await generating(events, redis)
+    few = [(conversation, message_id, i) for i in range(1, MARKED_FROM)]
+    call = pieces_call(redis, uuid.uuid4().hex, few, kept=0)
+    assert await call.run() == list(range(1, MARKED_FROM))
+    assert await call.run() == [0] * (MARKED_FROM - 1)
+    assert await generations.last_piece(redis, conversation) == MARKED_FROM - 1
+    queued = [MARKED_FROM, MARKED_FROM + 1]  # as the pipeliner sends a small batch
+    assert await append_pieces(events, pipeliner, conversation, message_id, *queued) == queued
+    assert await generations.last_piece(redis, conversation) == MARKED_FROM + 1
+    assert not [k async for k in redis.scan_iter(f"{keys.appended(conversation, '')}*")]
+    assert await log_seqs(redis, conversation) == list(range(1, MARKED_FROM + 2))
+
+
+async def test_pieces_up_to_the_index_a_claim_gave_are_repeats_in_any_call(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """The worker claims its generation again with the index it got to when it publishes
+    the turn again: the pieces still in flight from before it are dropped."""
     conversation, message_id = await generating(events, redis)
     pieces = functools.partial(append_pieces, events, pipeliner, conversation, message_id)
     assert await pieces(1, 2) == [1, 2]
-    assert await pieces(1, 2) == [0, 0]  # the same batch again
-    assert await pieces(2, 3) == [0, 3]
-    assert await log_seqs(redis, conversation) == [1, 2, 3]
-    assert await generations.last_piece(redis, conversation) == 3
+    pipe = redis.pipeline(transaction=False)
+    generations.claim(pipe, conversation, message_id, "worker-a", lease=60, piece=4)
+    await pipe.execute()
+    assert await pieces(3, 4, 5) == [0, 0, 3]
+    assert await pieces(4, 6) == [0, 4]
+    assert await log_seqs(redis, conversation) == [1, 2, 3, 4]
+
+
+async def test_a_call_refuses_the_pieces_of_another_generation_of_a_conversation_it_appends_to(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """The generation is read once per conversation in a call; each piece is still checked
+    against it."""
+    conversation, message_id = await generating(events, redis)
+    queued = [
+        events.append_piece(pipeliner, conversation, frame("a"), message_id, 1),
+        events.append_piece(pipeliner, conversation, frame("b"), uuid.uuid4(), 2),
+        events.append_piece(pipeliner, conversation, frame("c"), message_id, 3),
+    ]
+    assert await asyncio.gather(*queued) == [1, LOST, 2]
+    assert await log_seqs(redis, conversation) == [1, 2]
 
 
 async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
@@ -471,6 +614,9 @@ async def test_the_pieces_of_many_conversations_queued_together_are_one_script_c
     try:
         await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
         await events.append_piece(pipeliner, first, frame("0"), generation[first], 1)
+        pipe = redis.pipeline(transaction=False)  # claimed again up to it, as a republish does
+        generations.claim(pipe, first, generation[first], "worker-a", lease=60, piece=1)
+        await pipe.execute()
         before = await script_calls(redis)
         queued = [
             events.append_piece(pipeliner, first, frame("a"), generation[first], 1),  # repeat
@@ -497,7 +643,6 @@ async def test_the_pieces_of_many_conversations_queued_together_are_one_script_c
     ]
     assert await log_seqs(redis, second) == [21, 22]
     assert await log_seqs(redis, lost) == []
-    assert await generations.last_piece(redis, second) == 2
 
 
 async def test_a_call_queued_between_pieces_keeps_its_place_among_them(

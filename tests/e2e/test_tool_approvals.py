@@ -167,11 +167,17 @@ async def finished(tab: Client, conversation: uuid.UUID, timeout: float = 30) ->
 
 
 async def reply_of(db: asyncpg.Pool, reader: Client, conversation: uuid.UUID) -> f.Message:
-    """The reply as PostgreSQL holds it (through a fresh join's history)."""
+    """The reply as PostgreSQL holds it (through a fresh join's history). Redis learns that
+    the turn is persisted just after PostgreSQL has it: until then a join's history is the
+    transcript before the turn, and the turn comes as events."""
     await wait_persisted(db, conversation, 2)
-    joined = await reader.request(f.Join(conversation=conversation))
-    assert joined.history is not None
-    return joined.history[-1]
+    deadline = time.monotonic() + 10
+    while True:
+        joined = await reader.request(f.Join(conversation=conversation))
+        assert joined.history is not None
+        if len(joined.history) >= 2 or time.monotonic() > deadline:
+            return joined.history[-1]
+        await asyncio.sleep(0.1)
 
 
 def assert_tabs_match(reply: f.Message, *tabs: Client) -> None:

@@ -26,7 +26,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,37 +126,34 @@ def _ack(acked: dict[uuid.UUID, int], conversation: uuid.UUID, piece: asyncio.Fu
     acked[conversation] = max(acked.get(conversation, 0), int(piece.result()))
 
 
-async def _publishes(
+def _publish(pipe: Any, conversation: uuid.UUID, seq: int, framed: bytes) -> None:
+    """The same frame, framed as the script would (the seq spliced in front), PUBLISHed."""
+    pipe.publish(keys.channel(conversation), framed)
+
+
+def _three_writes(pipe: Any, conversation: uuid.UUID, seq: int, framed: bytes) -> None:
+    """An event's three writes as plain commands (seq, log entry, PUBLISH)."""
+    pipe.incr(keys.seq(conversation))
+    pipe.xadd(keys.log(conversation), {"f": framed}, id=f"{seq}-0")
+    pipe.publish(keys.channel(conversation), framed)
+
+
+async def _pipelined(
     redis: Redis,
     conversations: list[uuid.UUID],
     message_ids: list[uuid.UUID],
     tokens: int,
     batch: int,
+    writes: Callable[[Any, uuid.UUID, int, bytes], None],
 ) -> None:
-    """The same frames, framed as the script would (the seq spliced in front), PUBLISHed."""
+    """Each token's frame, with its seq spliced in front, written by `writes` in pipelines
+    of `batch` events."""
     pipe = redis.pipeline(transaction=False)
-    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
-        pipe.publish(keys.channel(conversation), b'{"seq":%d,' % (index + 1) + frame[1:])
-        if len(pipe) >= batch:
-            await pipe.execute()
-    await pipe.execute()
-
-
-async def _commands(
-    redis: Redis,
-    conversations: list[uuid.UUID],
-    message_ids: list[uuid.UUID],
-    tokens: int,
-    batch: int,
-) -> None:
-    """An event's three writes as plain commands (seq, log entry, PUBLISH), pipelined."""
-    pipe = redis.pipeline(transaction=False)
-    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
-        framed = b'{"seq":%d,' % (index + 1) + frame[1:]
-        pipe.incr(keys.seq(conversation))
-        pipe.xadd(keys.log(conversation), {"f": framed}, id=f"{index + 1}-0")
-        pipe.publish(keys.channel(conversation), framed)
-        if len(pipe) >= 3 * batch:
+    for n, (conversation, _, index, frame) in enumerate(
+        _tokens(conversations, message_ids, tokens), 1
+    ):
+        writes(pipe, conversation, index + 1, b'{"seq":%d,' % (index + 1) + frame[1:])
+        if n % batch == 0:
             await pipe.execute()
     await pipe.execute()
 
@@ -213,10 +210,9 @@ async def _round(
     client_before = time.process_time()
     if name == "append":
         await _appends(events, conversations, message_ids, tokens, batch)
-    elif name == "commands":
-        await _commands(redis, conversations, message_ids, tokens, batch)
     else:
-        await _publishes(redis, conversations, message_ids, tokens, batch)
+        writes = _three_writes if name == "commands" else _publish
+        await _pipelined(redis, conversations, message_ids, tokens, batch, writes)
     client = (time.process_time() - client_before) * 1e6 / (n * tokens)
     executed = counted.instructions() - executed if counted else 0
     after = await _redis_cpu(redis)

@@ -11,27 +11,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
-
-from server.redis.client import held
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-Send = Callable[[list[T], Any], Awaitable[Sequence[R | BaseException]]]
-"""Answers a batch of asks through the client given, one result per ask, in order: an
-exception given as a result fails its ask alone, one raised the whole batch."""
+Send = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
+"""Answers a batch of asks, one result per ask, in order: an exception given as a result
+fails its ask alone, one raised the whole batch."""
 
 
 class Batches(Generic[T, R]):
-    """Sends asks to `send` in batches of at most `most`, one batch in flight at a time,
-    through a client holding one connection of `redis`'s pool (`client.held`) while there
-    are asks: the task sending them runs only then (nothing is left behind when idle)."""
+    """Sends asks to `send` in batches of at most `most`, one batch in flight at a time:
+    the task sending them runs only while there are asks (nothing is left behind when
+    idle)."""
 
-    def __init__(self, send: Send[T, R], most: int, redis: Any) -> None:
+    def __init__(self, send: Send[T, R], most: int) -> None:
         self.send = send
         self.most = most
-        self.redis = redis
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -50,20 +47,18 @@ class Batches(Generic[T, R]):
 
     async def _batches(self) -> None:
         try:
-            while self._waiting:  # asks may come while the held connection is given back
-                async with held(self.redis) as client:
-                    await self._send_all(client)
+            await self._send_all()
         finally:
             _fail(self._waiting, ConnectionError("the process is stopping"))
             self._waiting.clear()
             self._task = None
 
-    async def _send_all(self, client: Any) -> None:
+    async def _send_all(self) -> None:
         while self._waiting:
             batch = self._waiting[: self.most]
             del self._waiting[: self.most]
             try:
-                results = await self.send([item for item, _ in batch], client)
+                results = await self.send([item for item, _ in batch])
             except asyncio.CancelledError:
                 _fail(batch, ConnectionError("the process is stopping"))
                 raise

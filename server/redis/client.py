@@ -10,9 +10,7 @@ shard its own hash tag), the few steps that span slots run as one script per slo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-from collections.abc import AsyncIterator
 from typing import Any, Final, cast
 
 import hiredis
@@ -209,23 +207,6 @@ def packed_by_hiredis(
     """`connection_class` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis."""
     name = f"Hiredis{connection_class.__name__}"
     return cast(type[AbstractConnection], type(name, (HiredisPacking, connection_class), {}))
-
-
-@contextlib.asynccontextmanager
-async def held(redis: Any) -> AsyncIterator[Any]:
-    """A client holding one connection of `redis`'s pool for calls made one after another
-    (a batcher's run): each call then skips the pool's checkout and release, ≈ 30 µs of the
-    caller's CPU of ≈ 110 (docs/benchmarks.md); the connection goes back to the pool at the
-    end. It reconnects after a failure as the pool's connections do. A cluster client is
-    itself (it keeps a pool per node)."""
-    if is_cluster(redis):
-        yield redis
-        return
-    client = redis.client()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def is_cluster(redis: object) -> bool:

@@ -138,7 +138,7 @@ class EventLog:
         self._join = JOIN.register(redis)
         self._begin = BEGIN.register(redis)
         self._cluster = is_cluster(redis)
-        self._joins: Batches[Joining, Opening] = Batches(self._open, JOINS_PER_CALL, redis)
+        self._joins: Batches[Joining, Opening] = Batches(self._open, JOINS_PER_CALL)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""
@@ -172,7 +172,7 @@ class EventLog:
         after it. The joins asked while one read is in flight share the next (`_open`)."""
         return await self._joins.ask((conversation, after))
 
-    async def _open(self, asked: list[Joining], client: Any) -> list[Opening | BaseException]:
+    async def _open(self, asked: list[Joining]) -> list[Opening | BaseException]:
         """A batch of joins in one `join` call (one per slot in a cluster, the calls made at
         once): the sockets joining one conversation from one seq (tabs of one person, as
         a rule) share one read. A call that fails fails its own joins."""
@@ -182,7 +182,7 @@ class EventLog:
             slot = key_slot(keys.meta(join[0]).encode()) if self._cluster else 0
             groups.setdefault(slot, []).append(join)
         replies = await asyncio.gather(
-            *(self._join_call(group).run(client) for group in groups.values()),
+            *(self._join_call(group).run() for group in groups.values()),
             return_exceptions=True,
         )
         read: dict[Joining, Opening | BaseException] = {}

@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 from collections import Counter
-from typing import Any, Final
+from typing import Final
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -60,7 +60,7 @@ class Presence:
         self.per_user = is_cluster(redis)
         """On a Redis Cluster: one call per user, each on the user's slot."""
         self._beat_script = BEAT.register(redis)
-        self._admissions = Batches(self._admit_users, MAX_BATCH, redis)
+        self._admissions = Batches(self._admit_users, MAX_BATCH)
         self._leaving: Counter[str] = Counter()
         self._leaver: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -111,7 +111,7 @@ class Presence:
         finally:
             self._leaver = None
 
-    async def _admit_users(self, users: list[str], client: Any) -> list[int]:
+    async def _admit_users(self, users: list[str]) -> list[int]:
         if not self.per_user:
             admit = self._admit.bind(
                 processes_key=keys.PROCESSES,
@@ -119,7 +119,7 @@ class Presence:
                 process=self.process,
                 limit=self.limit,
             )
-            result: list[int] = await admit.run(client)
+            result: list[int] = await admit.run()
             return result
         live = await self._live(processes_key=keys.PROCESSES)
         return await scripts.run_all(

@@ -1,5 +1,5 @@
-"""Batched asks (joins, admissions) through a held connection, against a Redis of their own
-that is restarted under them."""
+"""Batched asks (joins, admissions) against a Redis of their own that is restarted under
+them."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ async def test_joins_asked_through_a_redis_restart_are_answered_again_after_it(
 ) -> None:
     """Sockets keep joining while their Redis is stopped and a new one started on its port:
     the joins asked meanwhile fail (as Redis unavailable), and once it is back every join
-    is answered again, without the process doing anything (the batcher's held connection
-    reconnects); when the joins stop, the connection goes back to the pool."""
+    is answered again, without the process doing anything (the pool's connections
+    reconnect); when the joins stop, no connection is left in use."""
     server = await asyncio.to_thread(embedded.start_redis, tmp_path / "one", persist=False)
     redis = connect(RedisSettings(url=server.url, pool_size=4))
     events = EventLog(redis, MAX_EVENTS, TTL)
@@ -73,8 +73,8 @@ async def until_answered(outcomes: list[bool], count: int) -> None:
 
 
 async def until_given_back(redis: Any) -> None:
-    """Wait until no connection of the pool is in use (the batcher gave its back)."""
+    """Wait until no connection of the pool is in use."""
     deadline = time.monotonic() + BACK_WITHIN
     while redis.connection_pool._in_use_connections:
-        assert time.monotonic() < deadline, "the held connection was not given back"
+        assert time.monotonic() < deadline, "a connection was not given back to the pool"
         await asyncio.sleep(0.01)

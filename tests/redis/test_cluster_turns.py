@@ -201,6 +201,11 @@ async def test_a_stale_finish_after_the_takeover_finished_queues_nothing_again(
         await taking.stop()
         await stale.stop()
     assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [b"2"]
+    await turns.queue_finished_again(job)  # a takeover that found it finished
+    assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [
+        b"2",
+        b"2",
+    ]
 
 
 async def test_regenerate_in_steps_replaces_the_last_reply(

@@ -120,16 +120,23 @@ class Conversations:
         head, events = await self.read_events(conversation, start)
         return Opening(opened.meta, head, events, CachedHistory(start, messages))
 
-    async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
+    async def history(
+        self, conversation: uuid.UUID, cached: bool = True
+    ) -> tuple[int, list[f.Message]]:
         """The persisted transcript and the seq it covers: from Redis when it keeps the
-        latest, else from PostgreSQL (then kept in Redis for the next joins)."""
-        with contextlib.suppress(RedisError):
-            cached = await self.events.history(conversation)
-            if cached is not None:
-                return cached.seq, cached.messages
+        latest (and `cached`), else from PostgreSQL (then kept in Redis for the next joins,
+        and Redis's seq counter raised to PostgreSQL's where it lost events: a promoted
+        replica's, `EventLog.cache_history`)."""
+        if cached:
+            with contextlib.suppress(RedisError):
+                copy = await self.events.history(conversation)
+                if copy is not None:
+                    return copy.seq, copy.messages
         row, messages = await self._stored(conversation)
         with contextlib.suppress(RedisError):
-            await self.events.cache_history(conversation, row.history_seq, messages)
+            await self.events.cache_history(
+                conversation, row.history_seq, messages, row.meta.last_seq
+            )
         return row.history_seq, messages
 
     async def _stored(

@@ -53,7 +53,9 @@ class Transcripts(Protocol):
         self, conversation: uuid.UUID, after: int
     ) -> tuple[int, list[tuple[int, bytes]]]: ...
 
-    async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]: ...
+    async def history(
+        self, conversation: uuid.UUID, cached: bool = True
+    ) -> tuple[int, list[f.Message]]: ...
 
     async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening: ...
 
@@ -135,7 +137,7 @@ class Watch:
             self.cursor.start_at(after)
             result = self.cursor.catch_up(events, opened.head)
             if result.next_step is NextStep.RESET:
-                result = await self._send_history(meta, ref, reset=True)
+                result = await self._send_history(meta, ref, reset=True, lost=after > opened.head)
             else:
                 metrics.REPLAYED.observe(len(result.frames))
                 self._send_joined(meta, opened.head, after, None, False, ref, result.frames)
@@ -148,13 +150,14 @@ class Watch:
             if not self.active:
                 return
             head, logged = await self._read(self.cursor.last_seq)
+            ahead = self.cursor.last_seq > head
             result = self.cursor.catch_up(logged, head)
             for frame in result.frames:
                 self.socket.push(frame)
             if result.next_step is NextStep.RESET:
                 meta = await self.conversations.owned(self.user, self.conversation)
                 if (
-                    await self._send_history(meta, None, reset=True)
+                    await self._send_history(meta, None, reset=True, lost=ahead)
                 ).next_step is not NextStep.AGAIN:
                     return
             elif result.next_step is NextStep.LIVE:
@@ -162,8 +165,14 @@ class Watch:
             await asyncio.sleep(0.05)
         raise Refused("unavailable", "could not catch up with the conversation")
 
-    async def _send_history(self, meta: f.Conversation, ref: str | None, reset: bool) -> CatchUp:
-        history_seq, history = await self.conversations.history(self.conversation)
+    async def _send_history(
+        self, meta: f.Conversation, ref: str | None, reset: bool, lost: bool = False
+    ) -> CatchUp:
+        """`joined` with the persisted history; `lost`: the socket holds seqs past the log's
+        head (Redis lost events it had acknowledged), so the history is read from PostgreSQL,
+        not a copy Redis kept from before the loss, which also raises Redis's seq counter to
+        PostgreSQL's (`Conversations.history`)."""
+        history_seq, history = await self.conversations.history(self.conversation, cached=not lost)
         self.cursor.reset()  # live frames held from here on are after what is read next
         self.cursor.start_at(history_seq)
         head, logged = await self._read(history_seq)

@@ -267,19 +267,20 @@ class EventLog:
         return cached if cached.seq == int(persisted) else None
 
     async def cache_history(
-        self, conversation: uuid.UUID, seq: int, messages: list[Message]
+        self, conversation: uuid.UUID, seq: int, messages: list[Message], last_seq: int = 0
     ) -> None:
         """Keep the transcript PostgreSQL holds up to `seq` for the next joins, unless a
-        persist has moved on since it was read (or it is too large to keep)."""
-        encoded = _history_copy(seq, messages)
-        if not encoded:
-            return
+        persist has moved on since it was read (or it is too large to keep); and raise the
+        seq counter to `last_seq` (PostgreSQL's) and `persisted` to `seq` where Redis is
+        behind them, having lost what it acknowledged (scripts/cache_history.lua)."""
         await self._cache_history(
             persisted_key=keys.persisted(conversation),
             history_key=keys.history(conversation),
-            history=encoded,
+            seq_key=keys.seq(conversation),
+            history=_history_copy(seq, messages),
             seq=str(seq),
             ttl=self.ttl,
+            last_seq=last_seq,
         )
 
     async def set_meta(self, owner: str, meta: Conversation) -> None:

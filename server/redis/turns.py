@@ -428,7 +428,7 @@ class Turns:
         if seq is not None and turn is not None:
             stream = self.persist_key(c)
             await self.persistently(
-                lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": int(seq)})
+                lambda: self.redis.xadd(stream, {"turn": turn, "done_seq": done_seq(seq)})
             )
 
     async def _in_steps(
@@ -594,3 +594,8 @@ def _accepted(result: list[bytes | int]) -> Accepted:
 
 def text_of(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def done_seq(finished: bytes | str) -> int:
+    """The `done` seq a finished key holds ("SEQ WORKER", or "SEQ": lib_finish.lua)."""
+    return int(text_of(finished).split(" ", 1)[0])

@@ -1,19 +1,34 @@
 """A Redis Cluster primary dies mid-stream: its replica is promoted and nothing is lost,
 duplicated or stuck. The time from the kill to tokens flowing again is measured (10 runs) by
 `.venv/bin/python -m bench.failover`. And what a failover may do that a kill does not show on
-demand: the promoted replica lacks the last events the old primary acknowledged."""
+demand: the promoted replica lacks the last events the old primary acknowledged, of a
+running turn or of one PostgreSQL persisted meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from typing import Any
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
+from protocol import frames as f
 from server.redis import keys
 from tests.helpers.conversations import persisted, wait_persisted
 from tests.helpers.failover import FAILOVER_ENV, kill_owner_mid_stream
-from tests.helpers.processes import Cluster, Db, RedisClusters, alive, redis_db
+from tests.helpers.processes import (
+    BACKENDS,
+    Cluster,
+    Db,
+    RedisBackend,
+    RedisClusters,
+    alive,
+    redis_db,
+    start_all,
+    stop_all,
+)
 from tests.helpers.tabs import TabClient, check_tabs, first_seq, two_tabs_on_two_webs, until
 
 FORGET_LAST = """
@@ -129,3 +144,116 @@ async def test_a_conversations_slot_migrated_mid_stream_keeps_every_tab_exact(
         await until(lambda: all(t.settled(4) for t in tabs), 20, "the next turn", tabs)
         check_tabs(tabs, [(r[0], r[1]) for r in rows])
         assert len(alive(group.procs)) == len(group.procs), "a process died"
+
+
+LOSE_TAIL = """
+local seq = tonumber(redis.call('GET', KEYS[1]))
+local kept = tonumber(ARGV[1])
+redis.call('SET', KEYS[1], kept, 'KEEPTTL')
+for gone = kept + 1, seq do redis.call('XDEL', KEYS[2], gone .. '-0') end
+redis.call('SET', KEYS[3], ARGV[2], 'KEEPTTL')
+redis.call('DEL', KEYS[4])
+return seq
+"""
+"""What a replica promoted without the tail of a turn that PostgreSQL then persisted holds:
+the seq counter at `kept`, the events after it gone from the log, `persisted` where it was
+before the turn and no transcript copy (mark_persisted drops it)."""
+
+BOUND = 3.0
+"""Seconds a join, a rejoin or a resync may take on this loaded machine (with the old code
+the tab got `joined` but then never took an event of the conversation again)."""
+
+
+async def lose_tail(redis: Any, conversation: uuid.UUID, kept: int) -> None:
+    c = conversation
+    keys_ = (keys.seq(c), keys.log(c), keys.persisted(c), keys.history(c))
+    await redis.eval(LOSE_TAIL, len(keys_), *keys_, kept, 0)
+
+
+async def joined_within(tab: TabClient, after: int | None) -> f.Joined:
+    joined = await asyncio.wait_for(tab.join(after), BOUND)
+    return joined
+
+
+async def break_subscriptions(backend: RedisBackend, conversation: uuid.UUID) -> None:
+    """Close the web processes' pub/sub connections serving `conversation` (as a failover
+    does): every socket watching it resyncs from the log."""
+    if backend.nodes is not None:
+        owner = await asyncio.to_thread(backend.nodes.owner, keys.channel(conversation))
+        await asyncio.to_thread(owner.cli, "CLIENT", "KILL", "TYPE", "pubsub")
+        return
+    redis = backend.client()
+    try:
+        for client in await redis.client_list(_type="pubsub"):
+            if int(client["db"]) == Db.REPLICA_BEHIND:
+                await redis.client_kill_filter(_id=client["id"])
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+async def test_a_replica_promoted_behind_postgresql_with_no_worker_answers_at_once(
+    cluster: Cluster, request: pytest.FixtureRequest, db: asyncpg.Pool, backend_name: str
+) -> None:
+    """Three conversations each persist a turn; then Redis holds each as a replica promoted
+    without the turn's last five events (and their persist) would, with no worker running.
+    In the first a tab rejoins with `after` = all it held, in the second a tab joins afresh,
+    in the third a watching tab resyncs (its subscription broke): each gets `joined` at once
+    with PostgreSQL's transcript (`reset` where it held seqs the replica lacks). The next
+    turns, on a worker started afterwards, take seqs above PostgreSQL's, and every tab ends
+    with PostgreSQL's transcript, no seq given twice."""
+    if backend_name == "redis":
+        backend = RedisBackend(redis_db(cluster.services.redis_url, Db.REPLICA_BEHIND))
+    else:
+        clusters: RedisClusters = request.getfixturevalue("redis_clusters")
+        backend = clusters.backend()
+    async with two_tabs_on_two_webs(cluster, backend.env(), "rejoined") as group:
+        rejoining, webs = group.tabs[0], group.webs
+        joining = TabClient(rejoining.user, None, webs, "joining", follow=True)
+        resyncing = TabClient(rejoining.user, None, webs[::-1], "resyncing", follow=True)
+        group.tabs += [joining, resyncing]
+        await joining.create(webs[0], title="joined")
+        await resyncing.create(webs[1], title="resynced")
+        await joining.join()
+        await resyncing.join()
+        lead = [rejoining, joining, resyncing]
+        for tab in lead:
+            await tab.say("persisted [sim:tokens=20][sim:tps=200]")
+        rows = {t.conversation: await wait_persisted(db, t.conversation, 2, 20) for t in lead}
+        await until(lambda: all(t.settled(2) for t in group.tabs), 20, "turns", group.tabs)
+        await stop_all([group.worker])
+        last_seqs = {t.conversation: t.last_seq for t in lead}
+        redis = backend.client()
+        try:
+            for conversation, last_seq in last_seqs.items():
+                assert last_seq is not None
+                await lose_tail(redis, conversation, kept=last_seq - 5)
+        finally:
+            await redis.aclose()
+
+        rejoining.drop()
+        rejoined = await joined_within(rejoining, last_seqs[rejoining.conversation])
+        assert rejoined.reset and rejoined.last_seq == last_seqs[rejoining.conversation]
+        fresh = TabClient(rejoining.user, joining.conversation, webs[::-1], "fresh", follow=True)
+        group.tabs.append(fresh)
+        joined = await joined_within(fresh, None)
+        assert joined.last_seq == last_seqs[joining.conversation] and joined.history
+        assert resyncing.conversation is not None
+        await break_subscriptions(backend, resyncing.conversation)
+        await until(lambda: len(resyncing.segments()[0]) > 1, BOUND, "the resync", [resyncing])
+        worker = cluster.process("worker", start=False, **backend.env())
+        try:
+            start_all([worker])
+            for tab in lead:
+                await tab.say("after the loss [sim:tokens=20][sim:tps=200]")
+            for conversation in last_seqs:
+                rows[conversation] = await wait_persisted(db, conversation, 4, timeout=20)
+            await until(lambda: all(t.settled(4) for t in group.tabs), 20, "next", group.tabs)
+        finally:
+            await stop_all([worker])
+        for conversation, last_seq in last_seqs.items():
+            tabs = [t for t in group.tabs if t.conversation == conversation]
+            check_tabs(tabs, [(r[0], r[1]) for r in rows[conversation]], conversation)
+            said = [e for e in tabs[0].events() if isinstance(e, f.MessageEvent)]
+            assert said[-1].seq == last_seq + 1, (conversation, said[-1])
+            same_seq_same_bytes(tabs)

@@ -90,7 +90,9 @@ class FakeConversations:
             raise self.unreadable
         return 0, []
 
-    async def history(self, conversation: uuid.UUID) -> tuple[int, list[f.Message]]:
+    async def history(
+        self, conversation: uuid.UUID, cached: bool = True
+    ) -> tuple[int, list[f.Message]]:
         return 0, []
 
     async def opening(self, user: str, conversation: uuid.UUID, after: int | None) -> Opening:

@@ -23,7 +23,7 @@ from server.redis import generations, keys
 from server.redis.approvals import Approvals
 from server.redis.budgets import Budgets
 from server.redis.client import opened
-from server.redis.eventlog import EventLog, Pipeliner
+from server.redis.eventlog import TAKEN_OVER, EventLog, Pipeliner
 from server.redis.queue import FairQueue
 from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
@@ -179,6 +179,33 @@ async def test_finish_appends_done_once_and_queues_the_turn_on_the_persist_shard
     assert set(seqs) == {b"2"}  # queued again by the retry: written once by the persister
     await turns.queue_finished_again(job)
     assert len(await queued(cluster_redis, turns.persist_key(conversation), b"done_seq")) == 3
+
+
+async def test_a_stale_finish_after_the_takeover_finished_queues_nothing_again(
+    events: EventLog, turns: Turns, cluster_redis: Any
+) -> None:
+    """In steps: the turn finished by worker-b (which took it over), worker-a's late
+    `finish` is told TAKEN_OVER and neither queues the turn again nor settles its budget."""
+    conversation = await loaded(events)
+    _, job = await say(turns, conversation, "u6", message())
+    pipe = cluster_redis.pipeline(transaction=False)
+    generations.claim(pipe, conversation, job.message_id, "worker-b", lease=60)
+    await pipe.execute()
+    taking = Pipeliner(cluster_redis, worker="worker-b")
+    stale = Pipeliner(cluster_redis, worker="worker-a")
+    taking.start(), stale.start()
+    try:
+        assert await finish_turn(taking, turns, job, 0) == 2
+        assert await finish_turn(stale, turns, job, 0) == TAKEN_OVER
+    finally:
+        await taking.stop()
+        await stale.stop()
+    assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [b"2"]
+    await turns.queue_finished_again(job)  # a takeover that found it finished
+    assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [
+        b"2",
+        b"2",
+    ]
 
 
 async def test_regenerate_in_steps_replaces_the_last_reply(

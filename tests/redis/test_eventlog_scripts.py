@@ -16,6 +16,7 @@ from server.redis.eventlog import (
     APPEND_PIECES,
     APPENDED_KEPT,
     BEHIND,
+    HISTORY_CACHED_BYTES,
     LOST,
     MARKED_FROM,
     TAKEN_OVER,
@@ -414,7 +415,7 @@ async def test_the_log_keeps_at_most_max_events_once_persisted(
     events: EventLog, redis: Redis
 ) -> None:
     conversation = await loaded(events)
-    await events.mark_persisted(conversation, 10_000)
+    await redis.set(keys.persisted(conversation), 10_000, keepttl=True)  # all persisted
     for i in range(250):
         await events.append(conversation, frame(str(i)))
     kept = await log_seqs(redis, conversation)
@@ -443,6 +444,61 @@ async def test_the_transcript_is_kept_only_while_it_is_the_latest_persisted(
     assert await events.history(conversation) is None
     await events.cache_history(conversation, 4, transcript)  # read before that persist
     assert await events.history(conversation) is None
+
+
+async def behind(redis: Redis, conversation: uuid.UUID, seq: int, persisted: int) -> None:
+    """Set the conversation back as a replica promoted without its events after `seq` (and
+    the persist of them) holds it: the counter and `persisted` lowered, those events gone."""
+    head = int(await redis.get(keys.seq(conversation)))
+    await redis.set(keys.seq(conversation), seq, keepttl=True)
+    await redis.set(keys.persisted(conversation), persisted, keepttl=True)
+    await redis.delete(keys.history(conversation))
+    gone = [f"{s}-0" for s in range(seq + 1, head + 1)]
+    if gone:
+        await redis.xdel(keys.log(conversation), *gone)
+
+
+async def test_a_transcript_read_from_postgresql_raises_what_redis_lost_to_it(
+    events: EventLog, redis: Redis
+) -> None:
+    """Redis behind PostgreSQL (the counter at 3 and `persisted` at 2 where PostgreSQL holds
+    up to 6): keeping the transcript just read raises the counter to PostgreSQL's `last_seq`
+    and `persisted` to the transcript's seq, and keeps the copy; the next event is 7. A
+    floor below what Redis holds lowers nothing."""
+    conversation = await loaded(events, last_seq=2)
+    for text in ("a", "b", "c", "d"):
+        await events.append(conversation, frame(text))
+    await behind(redis, conversation, seq=3, persisted=2)
+    transcript = [said("one")]
+    await events.cache_history(conversation, 5, transcript, last_seq=6)
+    assert await events.head(conversation) == 6
+    assert await events.history(conversation) == CachedHistory(5, transcript)
+    assert await events.append(conversation, frame("e")) == 7
+    await events.cache_history(conversation, 4, transcript, last_seq=5)
+    assert await events.head(conversation) == 7
+    assert int(await redis.get(keys.persisted(conversation))) == 5
+
+
+async def test_a_transcript_too_large_to_keep_still_raises_the_counter(
+    events: EventLog, redis: Redis
+) -> None:
+    conversation = await loaded(events, last_seq=2)
+    huge = [said("x" * HISTORY_CACHED_BYTES)]
+    await events.cache_history(conversation, 4, huge, last_seq=4)
+    assert await events.head(conversation) == 4
+    assert await events.history(conversation) is None
+
+
+async def test_a_persist_marked_past_the_counter_raises_it(events: EventLog, redis: Redis) -> None:
+    """A replica promoted without a turn's last events, then told that PostgreSQL holds
+    them: the counter goes past them, not back over them."""
+    conversation = await loaded(events, last_seq=2)
+    for text in ("a", "b", "c"):
+        await events.append(conversation, frame(text))
+    await behind(redis, conversation, seq=3, persisted=2)
+    await events.mark_persisted(conversation, 5)
+    assert await events.head(conversation) == 5
+    assert await events.append(conversation, frame("d")) == 6
 
 
 async def test_load_keeps_the_transcript_it_was_given_as_the_joins_copy(

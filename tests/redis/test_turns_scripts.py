@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import msgspec
 import pytest_asyncio
@@ -126,9 +127,10 @@ async def test_finish_appends_done_once_queues_the_turn_and_clears_busy(
     assert recent is not None and [m.id for m in recent][-1] == job.message_id
 
 
-async def test_finish_by_a_worker_whose_generation_was_taken_over_appends_nothing(
+async def taken_over(
     events: EventLog, turns: Turns, redis: Redis
-) -> None:
+) -> tuple[uuid.UUID, Callable[[str], Call]]:
+    """A turn said by worker-a's user and taken over by worker-b; each worker's finish."""
     conversation = await loaded(events)
     _, _, job = await say(turns, conversation, new_user())
     pipe = redis.pipeline(transaction=False)
@@ -136,12 +138,34 @@ async def test_finish_by_a_worker_whose_generation_was_taken_over_appends_nothin
     await pipe.execute()
     reply = message("assistant", job.message_id)
     done = f.encode(f.Done(conversation=conversation, message_id=job.message_id, reason="stop"))
-    stale = turns.finish_call(job, done, reply, b"turn", 0, worker="worker-a")
+    return conversation, lambda worker: turns.finish_call(
+        job, done, reply, b"turn", 0, worker=worker
+    )
+
+
+async def test_finish_by_a_worker_whose_generation_was_taken_over_appends_nothing(
+    events: EventLog, turns: Turns, redis: Redis
+) -> None:
+    conversation, finish_by = await taken_over(events, turns, redis)
+    stale = finish_by("worker-a")
     assert await stale.run() == TAKEN_OVER
     assert await events.head(conversation) == 1  # the user's message only
     assert await generations.worker(redis, conversation) == "worker-b"
-    ours = turns.finish_call(job, done, reply, b"turn", 0, worker="worker-b")
+    assert await finish_by("worker-b").run() == 2
+
+
+async def test_a_stale_finish_after_the_takeover_finished_is_taken_over_not_a_retry(
+    events: EventLog, turns: Turns, redis: Redis
+) -> None:
+    """worker-b took the turn over and finished it; worker-a's `finish`, sent before it
+    froze, arrives after: it is told TAKEN_OVER (not the seq of worker-b's `done`, as a
+    retry of its own would be), and worker-b's retry still gets its seq."""
+    conversation, finish_by = await taken_over(events, turns, redis)
+    ours = finish_by("worker-b")
     assert await ours.run() == 2
+    assert await finish_by("worker-a").run() == TAKEN_OVER
+    assert await ours.run() == 2
+    assert await events.head(conversation) == 2
 
 
 async def test_finish_of_an_unloaded_conversation_appends_nothing(

@@ -547,9 +547,11 @@ class Worker:
         run.watchers = await self._subscribers(job.conversation)
         if not verdict.allow:
             return await self._refuse(run, verdict.message or "refused", started, began)
-        await self._publish(run, self._start_event(run.job))
         if takeover:
+            await self._publish(run, self._start_event(run.job))
             await self._resume_steps(run)
+        else:  # queued ahead of every piece; the model is not kept waiting for its round trip
+            self._publish_later(run, self._start_event(run.job))
         run.cancelled = run.cancelled or cancelled
         with tracing.span("model stream"):
             finished, error = await self._steps(run, verdict_prompt(verdict, prompt))
@@ -984,7 +986,8 @@ class Worker:
         event_of = functools.partial(run.parts.piece, part)
         future = self._publish_later(run, lambda: encode(event_of(open_text.take())))
         if not run.first_piece and run.first_chunk:
-            run.first_piece = True
+            run.first_piece = True  # the reply's first token: no waiting for the interval
+            self.pipeliner.hurry()
             future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
 
     def _publish_later(

@@ -644,8 +644,14 @@ def _generation_rows(g: dict[str, Any]) -> list[str]:
         f"{g['tokens_per_script_call']} tokens per append; TTFT p50 {ttft.get('p50_ms')} / p99 "
         f"{ttft.get('p99_ms')} ms; {turns.get('done')} turns done of {turns.get('sent')} sent; "
         f"lost {g.get('lost')}, dup "
-        f"{g.get('duplicated')} |"
+        f"{g.get('duplicated')}; Parley's share by stage, p50 / p99 ms: {_stage_list(g)} |"
     ]
+
+
+def _stage_list(g: dict[str, Any]) -> str:
+    """`bench/worker_cost.py`'s `stages_ms` as `accept 1.2 / 9.8, claim ...`."""
+    stages: dict[str, dict[str, Any]] = g.get("stages_ms") or {}
+    return ", ".join(f"{name} {s.get('p50_ms')} / {s.get('p99_ms')}" for name, s in stages.items())
 
 
 def _storm_rows(st: dict[str, Any]) -> list[str]:

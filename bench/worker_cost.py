@@ -9,7 +9,10 @@ Starts its own Redis and PostgreSQL and, each its own process, the simulated mod
 around the run, the worker's and the model's CPU time (/proc) and Redis's (`INFO cpu`) and
 its EVALSHA count. Prints µs per token for each, the tokens per event and per script call,
 what the tabs received (turns finished, events lost, time to first token and Parley's share
-of it, `added`), and the load generator's summary. A benchmark: it never fails on a number; the
+of it, `added`, measured by the load generator on its own clock), Parley's share stage by
+stage as the web and the worker measured it (`stages_ms`: p50/p99 of
+`parley_first_token_stage_seconds` and its neighbours over the run, from their /metrics), and
+the load generator's summary. A benchmark: it never fails on a number; the
 machine may be shared, so per-token costs are what to compare.
 With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
 report says where its time goes, but its CPU figures then include the profiler's own cost.
@@ -28,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from bench import profiling
@@ -55,6 +59,75 @@ def _chunks(port: int) -> int:
             if line.startswith("parley_model_chunks_total "):
                 return int(float(line.split()[1]))
     return 0
+
+
+STAGE = "parley_first_token_stage_seconds"
+STAGES: tuple[tuple[str, str, str, str], ...] = (
+    # (the name in the report, the process, the histogram, its `stage` label or "")
+    ("accept", "web", STAGE, "accept"),
+    ("claim", "worker", STAGE, "claim"),
+    ("start", "worker", STAGE, "start"),
+    ("model", "worker", "parley_model_time_to_first_chunk_seconds", ""),
+    ("append", "worker", STAGE, "append"),
+    ("bus", "web", "parley_bus_delivery_lag_seconds", ""),
+    ("write", "web", STAGE, "write"),
+    ("ttft", "web", "gen_ai_server_time_to_first_token_seconds", ""),
+)
+"""Parley's share of the time to first token, in the order a turn goes through it: `bus`
+(a user message's pub/sub delivery, sampled per turn) stands for the first token's, which
+carries no stamp; `ttft` is the whole, as the web process sees it."""
+
+Buckets = dict[tuple[str, str], dict[float, float]]
+
+
+def _buckets(url: str) -> Buckets:
+    """Every histogram's cumulative buckets on `url`/metrics, by (name, `stage` label)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: Buckets = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                key = (sample.name.removesuffix("_bucket"), sample.labels.get("stage", ""))
+                bound = float(sample.labels["le"])
+                counts = found.setdefault(key, {})
+                counts[bound] = counts.get(bound, 0.0) + sample.value  # summed over models
+    return found
+
+
+def quantile(q: float, cumulative: dict[float, float]) -> float | None:
+    """As Prometheus's histogram_quantile: linear within the bucket the rank falls in (the
+    largest finite bound when it falls in +Inf); None for no samples."""
+    bounds = sorted(cumulative)
+    total = cumulative[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def _stages(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Any]:
+    """Each stage's count, p50 and p99 (ms) over the run: the difference of the scrapes."""
+    report: dict[str, Any] = {}
+    for name, process, metric, stage in STAGES:
+        now = after[process].get((metric, stage), {})
+        then = before[process].get((metric, stage), {})
+        delta = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
+        p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
+        report[name] = {
+            "count": int(max(delta.values(), default=0)),
+            "p50_ms": None if p50 is None else round(p50 * 1000, 2),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 2),
+        }
+    return report
 
 
 def _settle(pid: int, limit: float = 120) -> None:
@@ -117,6 +190,8 @@ def main() -> None:
         redis_url = cluster.services.redis_url
         redis_before = asyncio.run(_redis_cpu(redis_url))
         chunks_before = _chunks(metrics_port)
+        worker_url = f"http://127.0.0.1:{metrics_port}"
+        buckets_before = {"web": _buckets(web.url), "worker": _buckets(worker_url)}
         worker_before = procfs.cpu_seconds(worker.pid)
         model_before = procfs.cpu_seconds(model.pid)
         web_before = procfs.cpu_seconds(web.pid)
@@ -159,6 +234,7 @@ def main() -> None:
         if profile:
             profiling.stop(worker.pid, profile)
         chunks = _chunks(metrics_port) - chunks_before
+        buckets_after = {"web": _buckets(web.url), "worker": _buckets(worker_url)}
         worker_cpu = procfs.cpu_seconds(worker.pid) - worker_before
         model_cpu = procfs.cpu_seconds(model.pid) - model_before
         web_cpu = procfs.cpu_seconds(web.pid) - web_before
@@ -189,6 +265,7 @@ def main() -> None:
         # each token event reaches every tab once: the events appended, however many per call
         "tokens_per_event": round(tokens * args.tabs / frames, 2) if frames else None,
     } | _received(load)
+    result["stages_ms"] = _stages(buckets_before, buckets_after)
     print(json.dumps(result, indent=1))
     if profile and profile.exists():
         print(profiling.report(profile))

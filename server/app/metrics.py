@@ -55,6 +55,10 @@ TOKEN_BUCKETS: Final = (
 )  # fmt: skip
 COUNT_BUCKETS: Final = (0, 1, 5, 10, 50, 100, 500, 1000, 2000, 5000)
 BYTES_BUCKETS: Final = (0, 1024, 16_384, 65_536, 262_144, 524_288, 1_048_576, 4_194_304)
+STAGE_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
 SECONDS_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -132,6 +136,19 @@ TTFT = Histogram(
 )
 
 # ---------------------------------------------------------------------- turns and generation
+
+FIRST_TOKEN_STAGE = Histogram(
+    "parley_first_token_stage_seconds",
+    "Parley's own share of a turn's time to first token, stage by stage, one sample per turn "
+    "(the model's own share is parley_model_time_to_first_chunk_seconds). Web: `accept` "
+    "(a say/regenerate accepted → its turn queued in Redis), `write` (the reply's first token "
+    "read from the bus → written to this process's sockets). Worker: `claim` (the turn in the "
+    "turns stream → claimed by this worker; from the entry id, millisecond resolution), "
+    "`start` (claimed → the request sent to the model), `append` (the model's first chunk → "
+    "its piece appended and published by Redis).",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
 
 TURNS = Counter(
     "parley_turns_total",

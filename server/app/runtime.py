@@ -112,7 +112,8 @@ class Runtime:
         return "web" if self.runs_web else "worker"
 
     async def _start_web(self) -> None:
-        self._bus = open_bus(self.redis, self.settings.redis.url, wrap=Observer().frame)
+        observer = Observer()
+        self._bus = open_bus(self.redis, self.settings.redis.url, wrap=observer.frame)
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
@@ -125,6 +126,7 @@ class Runtime:
             UpgradePolicy(self.settings),
         )
         self.hub.hooks = self.hooks
+        self.hub.on_flushed = observer.written
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))

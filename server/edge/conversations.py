@@ -447,6 +447,10 @@ class Conversations:
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         metrics.TURNS.labels(result.admission.value).inc()
+        if result.admission is Admission.OK and job.accepted_at:
+            metrics.FIRST_TOKEN_STAGE.labels("accept").observe(
+                max(time.time() - job.accepted_at, 0.0)
+            )
         if result.admission is Admission.OVER_BUDGET:
             raise await self.spending.over_budget(job.user, job.group)
         return _check(result)

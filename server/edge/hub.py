@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
@@ -90,6 +90,8 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: list[Socket] = []
         self._flush_scheduled = False
+        self.on_flushed: Callable[[], None] | None = None
+        """Called after each flush (the bus observer times first tokens to their write)."""
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -158,6 +160,8 @@ class Hub:
             except Exception:
                 log.exception("writing to a socket failed; dropping it")
                 conn.drop()
+        if self.on_flushed is not None:
+            self.on_flushed()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a socket's clean-up; kept referenced until it ends, and waited for at close."""

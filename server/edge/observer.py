@@ -5,6 +5,9 @@
   process that took the `say` accepted it (any web process: it travels with the job); the
   first `token` of that message reaching this process's sockets ends the interval. Each web
   process with a socket watching the conversation observes it once per generation.
+- The `write` stage of Parley's time to first token (`parley_first_token_stage_seconds`):
+  from that first token's arrival here to the end of the loop iteration's socket writes
+  (`Hub`'s flush calls `written`) — what the web process itself adds before the tab's socket.
 - Delivery lag: a `message` event carries its `created_at`, stamped just before the say
   script appends and publishes it; its arrival here ends the interval. Token events carry no
   stamp (it would cost bytes on every token to every tab), so the lag is sampled per turn.
@@ -41,11 +44,23 @@ _message_decoder: Final = msgspec.json.Decoder(f.MessageEvent)
 
 
 class Observer:
-    __slots__ = ("_waiting",)
+    __slots__ = ("_unwritten", "_waiting")
 
     def __init__(self) -> None:
         self._waiting: dict[bytes, tuple[float, str]] = {}
         """message id → (accepted_at, model label), until its first token."""
+        self._unwritten: list[float] = []
+        """When first tokens arrived (monotonic) that the sockets have not been written since."""
+
+    def written(self) -> None:
+        """The sockets were written (the hub's flush): the first tokens that arrived before
+        are on their way to the tabs."""
+        if self._unwritten:
+            now = time.monotonic()
+            stage = metrics.FIRST_TOKEN_STAGE.labels("write")
+            for arrived in self._unwritten:
+                stage.observe(now - arrived)
+            self._unwritten.clear()
 
     def frame(self, data: bytes) -> bytes:
         metrics.TALLY.events_received += 1
@@ -77,6 +92,8 @@ class Observer:
         if waiting is not None:
             accepted_at, model = waiting
             metrics.TTFT.labels(model).observe(max(time.time() - accepted_at, 0.0))
+            if len(self._unwritten) < MAX_WAITING:
+                self._unwritten.append(time.monotonic())
 
     @staticmethod
     def _message(data: bytes) -> None:

@@ -136,6 +136,11 @@ class Running:
     max_gap: float = 0.0
     cancel_received: float = 0.0
     first_token: float | None = None
+    claimed: float = 0.0
+    """When this worker claimed the turn from the stream (0: a takeover or a retry), until
+    the request to the model is sent (the `start` stage of the time to first token)."""
+    first_piece: bool = False
+    """Its first text piece went to the pipeliner (the `append` stage is timed from it)."""
     watchers: int = 0
     prompt: list[ModelMessage] = field(default_factory=list)
     """What the model was sent last; empty when it was not called."""
@@ -323,13 +328,21 @@ class Worker:
                 continue
             if self._draining:
                 break  # what was just claimed stays pending and is taken over elsewhere
+            now = time.monotonic()
+            _observe_claims(entry_id for _, (entry_id, _) in claimed)
             for group, (entry_id, fields) in claimed:
-                self._spawn(group, entry_id, fields, takeover=False)
+                self._spawn(group, entry_id, fields, takeover=False, claimed=now)
 
     def _spawn(
-        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool
+        self,
+        group: ConsumerGroup,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        *,
+        takeover: bool,
+        claimed: float = 0.0,
     ) -> None:
-        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover))
+        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover, claimed))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -338,14 +351,20 @@ class Worker:
         self._slot_freed.set()
 
     async def _run_job(
-        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], takeover: bool
+        self,
+        group: ConsumerGroup,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        takeover: bool,
+        claimed: float,
     ) -> None:
         tries = 0
 
         async def handle() -> bool:
             nonlocal tries
             tries += 1  # a second try continues the first's pieces, as a takeover does
-            return await self._handle(fields, takeover or tries > 1)
+            again = takeover or tries > 1
+            return await self._handle(fields, again, 0.0 if again else claimed)
 
         try:
             ours = await attempt(handle, f"turn {entry_id.decode()}")
@@ -359,8 +378,9 @@ class Worker:
         if ours:  # a turn taken over is the other worker's to acknowledge
             await self._ack(group, entry_id, fields)
 
-    async def _handle(self, fields: dict[bytes, bytes], takeover: bool) -> bool:
-        """Run a turn; whether it is still this worker's to acknowledge (not taken over)."""
+    async def _handle(self, fields: dict[bytes, bytes], takeover: bool, claimed: float) -> bool:
+        """Run a turn; whether it is still this worker's to acknowledge (not taken over).
+        `claimed`: when it was claimed (monotonic), 0 for a takeover or a retry."""
         try:
             job = _job_decoder.decode(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
@@ -368,7 +388,7 @@ class Worker:
         logs.CONVERSATION.set(str(job.conversation))
         logs.MESSAGE.set(str(job.message_id))
         try:
-            return await self._generate(job, takeover)
+            return await self._generate(job, takeover, claimed)
         except Refused as exc:
             if exc.code == "not_found":
                 log.info("conversation %s is gone; turn dropped", job.conversation)
@@ -482,7 +502,7 @@ class Worker:
 
     # ------------------------------------------------------------------ one generation
 
-    async def _generate(self, job: Job, takeover: bool) -> bool:
+    async def _generate(self, job: Job, takeover: bool, claimed: float = 0.0) -> bool:
         """Run the generation; whether it ended here (False: another worker took it over)."""
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
@@ -491,7 +511,7 @@ class Worker:
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
-        run = Running(job, task=asyncio.current_task())
+        run = Running(job, task=asyncio.current_task(), claimed=claimed)
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -527,9 +547,11 @@ class Worker:
         run.watchers = await self._subscribers(job.conversation)
         if not verdict.allow:
             return await self._refuse(run, verdict.message or "refused", started, began)
-        await self._publish(run, self._start_event(run.job))
         if takeover:
+            await self._publish(run, self._start_event(run.job))
             await self._resume_steps(run)
+        else:  # queued ahead of every piece; the model is not kept waiting for its round trip
+            self._publish_later(run, self._start_event(run.job))
         run.cancelled = run.cancelled or cancelled
         with tracing.span("model stream"):
             finished, error = await self._steps(run, verdict_prompt(verdict, prompt))
@@ -922,7 +944,10 @@ class Worker:
         self, run: Running, prompt: list[ModelMessage], tools: list[dict[str, Any]]
     ) -> Finished:
         job = run.job
-        run.requested = run.requested or time.monotonic()
+        if not run.requested:
+            run.requested = time.monotonic()
+            if run.claimed:
+                metrics.FIRST_TOKEN_STAGE.labels("start").observe(run.requested - run.claimed)
         async with asyncio.timeout(self.settings.llm.max_duration):
             async for item in self.llm.stream(job.model, prompt, tools):
                 if not isinstance(item, Piece):
@@ -959,7 +984,11 @@ class Worker:
             return
         open_text = run.open_text = OpenText(part, [text])
         event_of = functools.partial(run.parts.piece, part)
-        self._publish_later(run, lambda: encode(event_of(open_text.take())))
+        future = self._publish_later(run, lambda: encode(event_of(open_text.take())))
+        if not run.first_piece and run.first_chunk:
+            run.first_piece = True  # the reply's first token: no waiting for the interval
+            self.pipeliner.hurry()
+            future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
 
     def _publish_later(
         self, run: Running, event: f.ServerFrame | Callable[[], bytes]
@@ -1156,6 +1185,24 @@ def _observe(run: Running, reason: f.DoneReason, finished: Finished, duration: f
         usage = metrics.TOKEN_USAGE
         usage.labels(model, "input").observe(finished.usage.prompt_tokens)
         usage.labels(model, "output").observe(finished.usage.completion_tokens)
+
+
+def _observe_claims(entry_ids: Iterable[bytes]) -> None:
+    """The `claim` stage of each turn just claimed: since Redis added its entry to the turns
+    stream (the entry id's milliseconds are Redis's clock when it did)."""
+    now_ms = time.time() * 1000
+    stage = metrics.FIRST_TOKEN_STAGE.labels("claim")
+    for entry_id in entry_ids:
+        added_ms, _, _ = entry_id.partition(b"-")
+        with contextlib.suppress(ValueError):
+            stage.observe(max(now_ms - int(added_ms), 0.0) / 1000)
+
+
+def _observe_append(first_chunk: float, future: asyncio.Future[object]) -> None:
+    """The `append` stage: from the model's first chunk to Redis having appended (and
+    published) the event that carries it."""
+    if not future.cancelled() and future.exception() is None:
+        metrics.FIRST_TOKEN_STAGE.labels("append").observe(time.monotonic() - first_chunk)
 
 
 class _CancelListener:

@@ -438,7 +438,8 @@ class Pipeliner:
     gathers, so a worker streaming many replies pays one round trip per batch, not per token,
     and the calls of one conversation keep their order. Two batches are sent at least
     `interval` seconds apart (the first after a pause at once), so that under load each
-    carries more."""
+    carries more — unless a caller `hurry`s the next one (a reply's first token: it goes
+    with the next batch, which waits only for the one in flight)."""
 
     def __init__(self, redis: Redis, interval: float = 0.0, worker: str = "") -> None:
         self.redis = redis
@@ -454,6 +455,9 @@ class Pipeliner:
         self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._hurried = False
+        self._nap: asyncio.Future[None] | None = None
+        """The wait for the interval to pass, while it lasts (`hurry` ends it)."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="parley-pipeliner")
@@ -475,6 +479,13 @@ class Pipeliner:
         """Queue a generation's event: the pieces queued together are sent together."""
         return self._queued(piece)
 
+    def hurry(self) -> None:
+        """Send the next batch without waiting for the interval to pass."""
+        self._hurried = True
+        nap = self._nap
+        if nap is not None and not nap.done():
+            nap.set_result(None)
+
     def _queued(
         self, item: Piece | scripts.Call | Callable[[], scripts.Call]
     ) -> asyncio.Future[Any]:
@@ -489,8 +500,9 @@ class Pipeliner:
         while True:
             await self._wake.wait()
             wait = sent + self.interval - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._hurried:
+                await self._pause(loop, wait)
+            self._hurried = False
             self._wake.clear()
             sent = loop.time()
             queued, self._queue = self._queue, []
@@ -500,6 +512,16 @@ class Pipeliner:
                 # let the futures' callbacks run before the next batch's calls are made,
                 # so that what they record (a generation's acknowledged seq) is counted there
                 await asyncio.sleep(0)
+
+    async def _pause(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Wait `seconds`, or less if `hurry` is called meanwhile."""
+        nap = self._nap = loop.create_future()
+        timer = loop.call_later(seconds, _wake_up, nap)
+        try:
+            await nap
+        finally:
+            timer.cancel()
+            self._nap = None
 
     def _calls(self, queued: list[tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
         """The batch's script calls, in the order queued: each run of pieces between two
@@ -574,6 +596,11 @@ class Pipeliner:
                 break
         for sent, result in zip(batch, results, strict=True):
             sent.settle(result)
+
+
+def _wake_up(nap: asyncio.Future[None]) -> None:
+    if not nap.done():
+        nap.set_result(None)
 
 
 def _opened(reply: list[Any]) -> Opening:

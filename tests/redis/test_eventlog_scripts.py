@@ -748,3 +748,33 @@ async def test_batches_go_at_least_the_interval_apart_and_the_first_at_once(
         assert await script_calls(redis) - before == 2
     finally:
         await pipeliner.stop()
+
+
+async def test_a_hurried_batch_does_not_wait_for_the_interval(
+    events: EventLog, redis: Redis
+) -> None:
+    """A reply's first token goes with the next batch at once (`hurry`), even while the
+    pipeliner waits for the interval to pass; what follows it waits for the interval again."""
+    conversation, message_id = await generating(events, redis)
+    pipeliner = Pipeliner(redis, interval=5.0)
+    pipeliner.start()
+    await redis.script_load(APPEND_PIECES.source)
+    try:
+        assert (
+            await asyncio.wait_for(
+                events.append_piece(pipeliner, conversation, frame("1"), message_id, 1), 4
+            )
+            == 1
+        )
+        waiting = events.append_piece(pipeliner, conversation, frame("2"), message_id, 2)
+        await asyncio.sleep(0.05)  # the pipeliner is in its wait for the interval now
+        hurried = events.append_piece(pipeliner, conversation, frame("3"), message_id, 3)
+        pipeliner.hurry()
+        assert await asyncio.wait_for(asyncio.gather(waiting, hurried), 4) == [2, 3]
+        after = events.append_piece(pipeliner, conversation, frame("4"), message_id, 4)
+        done, _ = await asyncio.wait([after], timeout=0.5)
+        assert not done  # the interval applies again after the hurried batch
+        pipeliner.hurry()
+        assert await asyncio.wait_for(after, 4) == 4
+    finally:
+        await pipeliner.stop()

@@ -9,10 +9,12 @@ import urllib.request
 import uuid
 
 import pytest
+from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import frames as f
 from server.app import metrics
+from server.dev import embedded
 from server.dev.client import Client
 from server.edge.observer import Observer
 from server.redis.eventlog import encode
@@ -62,6 +64,9 @@ def total(flat: dict[str, float], name: str, **labels: str) -> float:
     )
 
 
+STAGE = "parley_first_token_stage_seconds"
+
+
 def published(event: f.ServerFrame, seq: int) -> bytes:
     """An event as the append script publishes it: `{"seq":N,` spliced in front."""
     return f.splice_seq(encode(event), seq)
@@ -102,6 +107,27 @@ def test_unconfigured_model_names_are_other() -> None:
     text = metrics.exposition().decode()
     assert model not in text
     assert 'gen_ai_request_model="other"' in text
+
+
+def test_observer_times_a_first_token_to_the_sockets_write() -> None:
+    observer = Observer()
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    stage = metrics.FIRST_TOKEN_STAGE.labels("write")
+    count = stage._sum.get(), sample_count(stage)
+    start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
+    observer.frame(published(start, 1))
+    observer.frame(published(f.Token(conversation=conversation, message_id=message, text="a"), 2))
+    time.sleep(0.01)  # the hub's writes come later in the loop iteration
+    observer.written()
+    observer.frame(published(f.Token(conversation=conversation, message_id=message, text="b"), 3))
+    observer.written()  # a later token is no first token
+    assert sample_count(stage) == count[1] + 1
+    assert stage._sum.get() - count[0] >= 0.01
+
+
+def sample_count(histogram: Histogram) -> float:
+    counts = [s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count")]
+    return counts[0]
 
 
 def test_a_generation_that_ends_without_tokens_is_forgotten() -> None:
@@ -154,3 +180,36 @@ async def exposes_the_turn_without_ids(parley: ParleyProcess) -> None:
     await client.close()
     for secret in (user, str(conversation), str(ack.message_id), "count me"):
         assert secret not in text
+
+
+@pytest.mark.e2e  # real `parley web` and `parley worker` processes: the slow tier
+async def test_web_and_worker_time_the_first_token_stage_by_stage(cluster: Cluster) -> None:
+    """Each process exposes the stages of Parley's time to first token it sees, observed
+    once for the one turn: the web its `accept` and `write`, the worker `claim`, `start`
+    and `append`; each shorter than the turn itself."""
+    redis = {"REDIS_URL": redis_db(cluster.services.redis_url, Db.FIRST_TOKEN_STAGES)}
+    web = cluster.process("web", **redis)
+    port = embedded.free_port()
+    worker = cluster.process("worker", PARLEY_WORKER_METRICS_PORT=str(port), **redis)
+    try:
+        client = await Client.connect(web.ws_url, mint(f"stages-{uuid.uuid4().hex[:8]}"))
+        created = await client.request(f.Create(title="stages"))
+        await client.request(f.Join(conversation=created.conversation))
+        sent = time.monotonic()
+        await client.request(f.Say(conversation=created.conversation, text="hi [sim:tokens=3]"))
+        await client.wait_for(lambda fr: isinstance(fr, f.Done))
+        turn = time.monotonic() - sent
+        await client.close()
+        seen = {
+            "web": await asyncio.to_thread(scrape, web.url),
+            "worker": await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}"),
+        }
+    finally:
+        worker.stop()
+        web.stop()
+    stages = {"web": ("accept", "write"), "worker": ("claim", "start", "append")}
+    for process, names in stages.items():
+        for stage in names:
+            count = total(seen[process], f"{STAGE}_count", stage=stage)
+            assert count == 1, (process, stage)
+            assert 0 <= total(seen[process], f"{STAGE}_sum", stage=stage) < turn, stage

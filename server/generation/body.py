@@ -51,8 +51,15 @@ class _PushedReader(StreamReader):
     __slots__ = ()
 
     def feed_data(self, data: bytes, size: int = 0) -> bool:
-        if data:
-            _PUSHED[id(self)].feed(data)
+        push = _PUSHED[id(self)]
+        if data and not push.ended:
+            try:
+                wake = push.feed(data)
+            except Exception as exc:
+                push.fail(exc)
+            else:
+                if wake:
+                    push.wake()
         return False  # nothing kept to parse further
 
     def feed_eof(self) -> None:
@@ -107,11 +114,12 @@ def pushed(content: StreamReader, feed: Callable[[bytes], bool]) -> Pushed | Non
 class Pushed:
     """A body being pushed to a callback (`pushed`)."""
 
-    __slots__ = ("_content", "_error", "_feed", "_paused", "_waiter", "_woken", "ended")
+    __slots__ = ("_content", "_error", "_paused", "_waiter", "_woken", "ended", "feed")
 
     def __init__(self, content: StreamReader, feed: Callable[[bytes], bool]) -> None:
         self._content: Any = content  # its private fields are not typed for use outside
-        self._feed = feed
+        self.feed = feed
+        """Called by the reader (_PushedReader.feed_data) with each block."""
         self._waiter: asyncio.Future[None] | None = None
         self._woken = self._paused = False
         self._error: BaseException | None = None
@@ -125,7 +133,7 @@ class Pushed:
         self._content._buffer.clear()
         self._content._buffer_offset = self._content._size = 0
         for block in buffered:
-            self.feed(block)
+            content.feed_data(block)
         if (error := content.exception()) is not None:
             self.fail(error)
         elif content.is_eof():
@@ -133,27 +141,17 @@ class Pushed:
         elif self._content._protocol._reading_paused:
             self._content._protocol.resume_reading()  # its buffer is empty now
 
-    def feed(self, block: bytes) -> None:
-        if self.ended:
-            return
-        try:
-            wake = self._feed(block)
-        except Exception as exc:
-            self.fail(exc)
-            return
-        if wake:
-            self._wake()
-
     def end(self) -> None:
         self.ended = True
-        self._wake()
+        self.wake()
 
     def fail(self, error: BaseException) -> None:
         if not self.ended:
             self._error = error
         self.end()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the task in `wait` (or let its next `wait` return at once)."""
         waiter = self._waiter
         if waiter is None:
             self._woken = True

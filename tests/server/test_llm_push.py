@@ -24,8 +24,8 @@ Taken = Piece | Progress
 
 
 def chunk(content: str, finish: str | None = None, field: str = "content") -> bytes:
-    choice = {"index": 0, "delta": {field: content}, "finish_reason": finish}
-    return json.dumps({"id": "c", "model": "m", "choices": [choice]}).encode()
+    choice = {"delta": {field: content}, "finish_reason": finish}
+    return json.dumps({"model": "m", "choices": [choice]}, separators=(",", ":")).encode()
 
 
 def sse(*payloads: bytes, newline: bytes = b"\n") -> bytes:
@@ -74,13 +74,13 @@ async def test_the_pieces_are_taken_where_the_connection_receives_them() -> None
             tasks.append(asyncio.current_task())
 
         try:
-            text = "[sim:tokens=40][sim:tps=400] q"
+            text = "[sim:tokens=40][sim:tps=200] q"
             await llm.relay("m", [{"role": "user", "content": text}], None, take)
         finally:
             await llm.close()
     assert len(tasks) == 40
-    # (a piece already buffered when the push began is taken in the reading task)
-    assert tasks.count(None) >= 38
+    # (the pieces already buffered when the push began are taken in the reading task)
+    assert tasks.count(None) >= 30
 
 
 @pytest.mark.parametrize("ending", [b"\n\n", b"\n"])  # the blank line, or none

@@ -1,4 +1,4 @@
-"""What reading the model's stream costs the worker, and nothing else: `LLM.stream` (the
+"""What reading the model's stream costs the worker, and nothing else: `LLM.relay` (the
 worker's reader) against `parley model` in its own process, many streams at once.
 
     .venv/bin/python -m bench.llm_read [--streams 200] [--tokens 100] [--tps 20] [--httpx]
@@ -25,11 +25,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import uvloop
 
+from protocol.toolcalls import Progress
 from server.app.config import LLMSettings
 from server.dev import embedded
 from server.generation.llm import LLM, Piece
@@ -48,10 +50,23 @@ def _messages(tokens: int, history: int) -> list[dict[str, str]]:
 
 
 async def _read(llm: LLM, tokens: int, history: int = 0) -> int:
-    count = 0
-    async for item in llm.stream("m", _messages(tokens, history)):
-        count += isinstance(item, Piece)
-    return count
+    """The pieces of one reply, read as the worker reads it: `LLM.relay` (`LLM.stream` on
+    trees from before it)."""
+    if not hasattr(llm, "relay"):
+        count = 0
+        async for item in llm.stream("m", _messages(tokens, history)):
+            count += isinstance(item, Piece)
+        return count
+    pieces: list[Piece | Progress] = []
+    await llm.relay("m", _messages(tokens, history), None, _counted(pieces))
+    return sum(isinstance(piece, Piece) for piece in pieces)
+
+
+def _counted(pieces: list[Piece | Progress]) -> Callable[[Piece | Progress], None]:
+    def take(piece: Piece | Progress) -> None:
+        pieces.append(piece)
+
+    return take
 
 
 async def _run(

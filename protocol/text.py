@@ -34,8 +34,8 @@ def problem(text: str) -> str | None:
 
 def scrub(text: str) -> str:
     """`text` with every NUL and lone surrogate replaced by U+FFFD (itself when clean)."""
-    if "\x00" not in text and _first_surrogate(text) is None:
-        return text
+    if "\x00" not in text and (text.isascii() or _first_surrogate(text) is None):
+        return text  # (ASCII, the common case, without a call: scrub runs per model chunk)
     return _UNSTORABLE.sub(REPLACEMENT, text)
 
 

@@ -7,13 +7,14 @@ served over real HTTP, so the same code path runs in development, tests and prod
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import importlib.util
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httpx2
 import msgspec
@@ -21,12 +22,15 @@ import openai
 
 from protocol.frames import Count, DoneReason, PartKind, Usage
 from protocol.jsondepth import too_deep
+from protocol.sse_parse import Events, Oversized
 from protocol.text import scrub
 from protocol.think import ThinkSplitter
 from protocol.toolcalls import Calls, Fragment, Progress, ToolCall
 from server.app.config import LLMSettings
 from server.generation.chatclient import ChatClient
-from server.generation.sse import Events, Oversized
+
+if TYPE_CHECKING:
+    from server.generation.body import Pushed
 
 SIMULATED_KEY = "parley-simulated"
 
@@ -196,61 +200,52 @@ class LLM:
         makes (each fragment's piece of arguments; `tools`, in OpenAI's format, are offered
         when there are any), then one Finished with the complete calls. Closing the
         iterator early closes the HTTP response, which is how the upstream model learns of a
-        cancel. Stalled when the first piece takes longer than `llm.first_chunk_timeout` or
-        a later one longer than `llm.stall_timeout` (reasoning and calls count as much as
-        text).
+        cancel. The body is read block by block (the worker uses `relay`, which is cheaper);
+        its pieces, errors and timeouts are those of `relay`."""
+        given: list[Piece | Progress] = []
+        reply = _Reply(self.settings, given.append)
+        with reply.watched():
+            async with self._request(model, messages, tools) as http:
+                async for _ in _pulled(http, reply):
+                    for item in given:
+                        yield item
+                    given.clear()
+        finished = await reply.finish()
+        for item in given:
+            yield item
+        yield finished
 
-        The model's text is kept whatever it holds: a NUL or a lone surrogate (which the
-        JSON decoder lets through) becomes U+FFFD, so that it can be sent and stored."""
-        watchdog = _Watchdog(self.settings.first_chunk_timeout, self.settings.stall_timeout)
-        reason: DoneReason = "stop"
-        usage: Usage | None = None
-        answered: str | None = None
-        think = ThinkSplitter() if self.settings.think_tags else None
-        calls = Calls()
-        offered = {"tools": tools} if tools else {}
-        try:
-            async with self._request(model, messages, **offered) as http:
-                async for data in _events(http):
-                    chunk = read_chunk(data)
-                    if chunk.error:
-                        raise _streamed_error(chunk.error, http.request)
-                    if isinstance(chunk.model, str) and chunk.model:
-                        answered = chunk.model
-                    if chunk.usage is not None:
-                        usage = chunk.usage.usage()
-                    for choice in chunk.choices or ():
-                        delta = choice.delta
-                        if delta is None:
-                            pass
-                        elif think is None and delta.reasoning_content is delta.reasoning is None:
-                            if delta.content:  # the hot path: plain text
-                                watchdog.progress()
-                                yield Piece(scrub(delta.content))
-                        else:
-                            watchdog.progress()
-                            for piece in _pieces(delta, think):
-                                yield piece
-                        if delta is not None and delta.tool_calls:
-                            watchdog.progress()
-                            for fragment in delta.tool_calls:
-                                if (progress := calls.add(fragment)) is not None:
-                                    yield progress
-                        if choice.finish_reason:
-                            reason = FINISH_REASONS.get(choice.finish_reason, "stop")
-        except asyncio.CancelledError:
-            if not watchdog.fired:
-                raise  # a `cancel`, or the worker stopping
-            raise watchdog.stalled() from None
-        finally:
-            watchdog.stop()
-        for kind, text in think.finish() if think is not None else ():
-            yield Piece(text, kind)
-        yield Finished(reason, usage, answered, tuple(calls.finish()))
+    async def relay(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        take: Take,
+    ) -> Finished:
+        """Hand the reply's pieces and the progress of its tool calls (as `stream` yields
+        them) to `take` as the body brings them, then return how the reply finished.
+
+        On the `openai` client's aiohttp transport the body is pushed: each block is read
+        where the connection receives it (body.pushed), so this task sleeps until the body
+        ends, fails or stalls (or the task is cancelled), not once per chunk. `take` runs in
+        the connection's callback then: it must not block; where it has to wait it returns
+        what to await, and the pieces that come meanwhile are held (the connection paused)
+        and handed on after. Raises as `stream` does: MalformedReply, Stalled, the `openai`
+        client's errors, CancelledError."""
+        reply = _Reply(self.settings, take)
+        with reply.watched():
+            async with self._request(model, messages, tools) as http:
+                push = _pushed(http, reply)
+                if push is None:
+                    async for _ in _pulled(http, reply):
+                        await reply.settle()
+                else:
+                    await _pushing(push, http, reply)
+        return await reply.finish()
 
     @contextlib.asynccontextmanager
     async def _request(
-        self, model: str, messages: list[dict[str, Any]], **extra: object
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> AsyncIterator[httpx2.Response]:
         """The streamed chat completion's HTTP response, unread, closed on the way out.
 
@@ -265,8 +260,9 @@ class LLM:
             "messages": messages,
             "max_tokens": self.settings.max_tokens,
             "stream_options": {"include_usage": True},
-            **extra,
         }
+        if tools:
+            body["tools"] = tools
         content = _body_encoder.encode(body)
         response = await self.client.post_bytes("/chat/completions", content, _STREAMED)
         try:
@@ -313,26 +309,38 @@ def _reader(http: httpx2.Response) -> tuple[Callable[[], Awaitable[bytes]], _Map
     aiohttp's stream on the response itself, its errors mapped as the transport maps them:
     through httpx2's `aiter_bytes` each read passes five more iterators, and aiohttp's own
     `readany` does more than a model's stream needs (body.quick_reader). Any other
-    transport, or an encoded body (which httpx2 decodes), is read through `aiter_bytes`.
+    transport, or an encoded body (which httpx2 decodes), is read through `aiter_bytes`."""
+    response = _aiohttp_response(http)
+    if response is None:
+        blocks = http.aiter_bytes()
+        return functools.partial(anext, blocks, b""), contextlib.nullcontext
+    assert _AIOHTTP is not None
+    _no_read_timeout(response)
+    from server.generation.body import quick_reader  # aiohttp is there: its transport is
 
-    The body's blocks are then read without the client's socket read timeout: aiohttp moves
-    it at every block it receives (a new loop timer each, 2 to 7 µs), and `stream`'s watchdog
-    already ends a body that stalls, sooner (`llm.stall_timeout`; the timeout stays for the
-    request and the response's head)."""
+    return quick_reader(response.content), _AIOHTTP.map_aiohttp_exceptions
+
+
+def _aiohttp_response(http: httpx2.Response) -> Any:
+    """The aiohttp response under `http` when it is on the `openai` client's aiohttp
+    transport and its body is not encoded (httpx2 would decode it), else None."""
     inner = getattr(http.stream, "_stream", None)
     if (
         _AIOHTTP is None
         or not isinstance(inner, _AIOHTTP.AiohttpResponseStream)
         or http.headers.get("content-encoding", "identity") != "identity"
     ):
-        blocks = http.aiter_bytes()
-        return functools.partial(anext, blocks, b""), contextlib.nullcontext
-    response = inner._aiohttp_response
+        return None
+    return inner._aiohttp_response
+
+
+def _no_read_timeout(response: Any) -> None:
+    """The body's blocks are read without the client's socket read timeout: aiohttp moves it
+    at every block it receives (a new loop timer each, 2 to 7 µs), and the reply's watchdog
+    already ends a body that stalls, sooner (`llm.stall_timeout`; the timeout stays for
+    the request and the response's head)."""
     if response.connection is not None and response.connection.protocol is not None:
         response.connection.protocol.read_timeout = None
-    from server.generation.body import quick_reader  # aiohttp is there: its transport is
-
-    return quick_reader(response.content), _AIOHTTP.map_aiohttp_exceptions
 
 
 def _pieces(delta: _Delta, think: ThinkSplitter | None) -> list[Piece]:
@@ -394,28 +402,141 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def _events(http: httpx2.Response) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event in the body up to `[DONE]` (sse.Events), with
-    no line or event longer than MAX_EVENT_BYTES. The HTTP client's errors become the
-    `openai` client's."""
-    read, mapped = _reader(http)
-    events = Events(MAX_EVENT_BYTES)
+Take = Callable[[Piece | Progress], Callable[[], Awaitable[None]] | None]
+"""What `LLM.relay` hands each piece to: None, or what to await before the next piece."""
+
+
+class _Reply:
+    """A reply read as its body arrives: each block's server-sent events
+    (protocol/sse_parse.Events, no line or event longer than MAX_EVENT_BYTES) decoded into
+    pieces and tool-call progress, each handed to `take` at once. Made in the task that
+    reads the reply (its watchdog cancels that task)."""
+
+    __slots__ = (
+        "answered", "calls", "events", "held", "later", "reason", "request", "take",
+        "think", "usage", "watchdog",
+    )  # fmt: skip
+
+    def __init__(self, settings: LLMSettings, take: Take) -> None:
+        self.take = take
+        self.events = Events(MAX_EVENT_BYTES)
+        self.watchdog = _Watchdog(settings.first_chunk_timeout, settings.stall_timeout)
+        self.think = ThinkSplitter() if settings.think_tags else None
+        self.calls = Calls()
+        self.reason: DoneReason = "stop"
+        self.usage: Usage | None = None
+        self.answered: str | None = None
+        """The model that answered, as its stream named it."""
+        self.request: httpx2.Request | None = None
+        self.later: Callable[[], Awaitable[None]] | None = None
+        """What `take` asked to be awaited before it takes more (`settle`)."""
+        self.held: collections.deque[Piece | Progress] | None = None
+        """The pieces that came while `later` waits."""
+
+    def feed(self, block: bytes) -> bool:
+        """Take a block of the body; whether the reading task has something to do now (the
+        stream's `[DONE]` came, or `take` asked to wait)."""
+        try:
+            for data in self.events.feed(block):
+                self._take_chunk(read_chunk(data))
+        except Oversized as exc:
+            raise MalformedReply(str(exc)) from None
+        return self.later is not None or self.events.done
+
+    def _take_chunk(self, chunk: Chunk) -> None:
+        if chunk.error:
+            assert self.request is not None  # (set before the body is fed)
+            raise _streamed_error(chunk.error, self.request)
+        if isinstance(chunk.model, str) and chunk.model:
+            self.answered = chunk.model
+        if chunk.usage is not None:
+            self.usage = chunk.usage.usage()
+        watchdog, think = self.watchdog, self.think
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if delta is None:
+                pass
+            elif think is None and delta.reasoning_content is delta.reasoning is None:
+                if delta.content:  # the hot path: plain text
+                    watchdog.progress()
+                    self._give(Piece(scrub(delta.content)))
+            else:
+                watchdog.progress()
+                for piece in _pieces(delta, think):
+                    self._give(piece)
+            if delta is not None and delta.tool_calls:
+                watchdog.progress()
+                for fragment in delta.tool_calls:
+                    if (progress := self.calls.add(fragment)) is not None:
+                        self._give(progress)
+            if choice.finish_reason:
+                self.reason = FINISH_REASONS.get(choice.finish_reason, "stop")
+
+    def _give(self, item: Piece | Progress) -> None:
+        if self.held is not None:
+            self.held.append(item)
+        elif (later := self.take(item)) is not None:
+            self.later, self.held = later, collections.deque()
+
+    async def settle(self) -> None:
+        """Await what `take` asked to, then hand it the pieces held meanwhile (until it
+        asks again)."""
+        while (later := self.later) is not None:
+            self.later = None
+            await later()
+            held, self.held = self.held or collections.deque(), None
+            while held and self.held is None:
+                self._give(held.popleft())
+            if self.held is not None:
+                self.held.extendleft(reversed(held))
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        """Around the body's reading: the reading task cancelled by the watchdog raises
+        Stalled (any other cancel stays a cancel), and the watchdog stops at the end."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.watchdog.fired:
+                raise  # a `cancel`, or the worker stopping
+            raise self.watchdog.stalled() from None
+        finally:
+            self.watchdog.stop()
+
+    async def finish(self) -> Finished:
+        """The body ended: the last event if it had no blank line after it, the text the
+        think splitter still holds, and how the reply finished."""
+        if (last := self.events.end()) is not None:
+            self._take_chunk(read_chunk(last))
+        for kind, text in self.think.finish() if self.think is not None else ():
+            self._give(Piece(text, kind))
+        await self.settle()
+        return Finished(self.reason, self.usage, self.answered, tuple(self.calls.finish()))
+
+
+@contextlib.contextmanager
+def _mapped_errors(request: httpx2.Request) -> Iterator[None]:
+    """The HTTP client's errors as the `openai` client's."""
     try:
-        with mapped():
-            while block := await read():
-                for data in events.feed(block):
-                    yield data
-                if events.done:
-                    await _drain(read, mapped)
-                    return
+        yield
     except httpx2.TimeoutException as exc:
-        raise openai.APITimeoutError(request=http.request) from exc
+        raise openai.APITimeoutError(request=request) from exc
     except httpx2.RequestError as exc:
-        raise openai.APIConnectionError(request=http.request) from exc
-    except Oversized as exc:
-        raise MalformedReply(str(exc)) from None
-    if (last := events.end()) is not None:
-        yield last
+        raise openai.APIConnectionError(request=request) from exc
+
+
+async def _pulled(http: httpx2.Response, reply: _Reply) -> AsyncIterator[None]:
+    """Feed `reply` the body a block at a time (yielding after each) up to `[DONE]` or
+    the body's end."""
+    reply.request = http.request
+    read, mapped = _reader(http)
+    with _mapped_errors(http.request), mapped():
+        while block := await read():
+            reply.feed(block)
+            yield
+            if reply.events.done:
+                await _drain(read, mapped)
+                return
 
 
 async def _drain(read: Callable[[], Awaitable[bytes]], mapped: _Mapping) -> None:
@@ -427,6 +548,43 @@ async def _drain(read: Callable[[], Awaitable[bytes]], mapped: _Mapping) -> None
         async with asyncio.timeout(0.1):
             while left >= 0 and (block := await read()):
                 left -= len(block)
+
+
+def _pushed(http: httpx2.Response, reply: _Reply) -> Pushed | None:
+    """The body pushed to `reply` as it arrives, where it can be (the `openai` client's
+    aiohttp transport, an unencoded body: `_reader`), else None."""
+    response = _aiohttp_response(http)
+    if response is None:
+        return None
+    reply.request = http.request
+    _no_read_timeout(response)
+    from server.generation.body import pushed  # aiohttp is there: its transport is
+
+    return pushed(response.content, reply.feed)
+
+
+async def _pushing(push: Pushed, http: httpx2.Response, reply: _Reply) -> None:
+    """Wait while the body is pushed to `reply`, up to `[DONE]` or the body's end; await
+    what `reply`'s taker asks for (the connection paused meanwhile)."""
+    assert _AIOHTTP is not None  # (a body is pushed only on its transport)
+    try:
+        with _mapped_errors(http.request), _AIOHTTP.map_aiohttp_exceptions():
+            while True:
+                await push.wait()
+                if reply.later is not None:
+                    push.pause()
+                    await reply.settle()
+                    push.resume()
+                if reply.events.done:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(0.1):  # the rest of the body: see _drain
+                            while not push.ended:
+                                await push.wait()
+                    return
+                if push.ended:
+                    return
+    finally:
+        push.stop()
 
 
 def _streamed_error(error: object, request: httpx2.Request) -> openai.APIError:

@@ -948,28 +948,31 @@ class Worker:
             run.requested = time.monotonic()
             if run.claimed:
                 metrics.FIRST_TOKEN_STAGE.labels("start").observe(run.requested - run.claimed)
+        take = functools.partial(self._take, run)
         async with asyncio.timeout(self.settings.llm.max_duration):
-            async for item in self.llm.stream(job.model, prompt, tools):
-                if not isinstance(item, Piece):
-                    if isinstance(item, Finished):
-                        return item
-                    run.first_token = run.first_token or time.monotonic()
-                    self._call_piece(run, item)
-                    continue
-                now = time.monotonic()
-                run.chunk(now)
-                if run.first_token is None:
-                    run.first_token = now
-                parts = run.parts
-                if item.kind != parts.kind:
-                    for boundary in parts.switch(item.kind, now):
-                        self._publish_later(run, boundary)
-                index = parts.extend(item.text)
-                if run.lost:
-                    await self._republish(run)
-                    continue
-                self._publish_text(run, index, item.text)
-        return Finished("stop", None)
+            return await self.llm.relay(job.model, prompt, tools, take)
+
+    def _take(self, run: Running, item: Piece | Progress) -> Callable[[], Awaitable[None]] | None:
+        """A piece of the reply (or of a tool call) as the model's stream brings it, in the
+        connection's callback (`LLM.relay`): published at once; when Redis lost the turn,
+        what to await first (the turn republished, this piece with it)."""
+        if not isinstance(item, Piece):
+            run.first_token = run.first_token or time.monotonic()
+            self._call_piece(run, item)
+            return None
+        now = time.monotonic()
+        run.chunk(now)
+        if run.first_token is None:
+            run.first_token = now
+        parts = run.parts
+        if item.kind != parts.kind:
+            for boundary in parts.switch(item.kind, now):
+                self._publish_later(run, boundary)
+        index = parts.extend(item.text)
+        if run.lost:
+            return functools.partial(self._republish, run)
+        self._publish_text(run, index, item.text)
+        return None
 
     def _publish_text(self, run: Running, part: int, text: str) -> None:
         """Publish a piece of part `part`'s text: joined to the part's event still queued, if

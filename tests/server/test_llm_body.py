@@ -1,16 +1,20 @@
-"""`body.quick_reader` reads an aiohttp response's body as `readany` does: every byte once and
-in order, through bursts that fill aiohttp's buffer past its high-water mark (the connection
-paused, then resumed), and with the same error when the connection drops; against a real HTTP
-server on 127.0.0.1 through a real aiohttp session."""
+"""`body.quick_reader` reads, and `body.pushed` pushes, an aiohttp response's body as
+`readany` reads it: every byte once and in order, through bursts that fill aiohttp's buffer
+past its high-water mark (the connection paused, then resumed), and with the same error when
+the connection drops; against a real HTTP server on 127.0.0.1 through a real aiohttp
+session. A feed that raises ends the push with its error."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import StreamReader
 
-from server.generation.body import KNOWN, quick_reader
+from server.generation.body import KNOWN, pushed, quick_reader
 from tests.helpers.chunked import chunked_server, framed
 
 PIECES = [bytes([65 + i % 26]) * (1 + i * 37 % 300) for i in range(400)]
@@ -33,13 +37,20 @@ async def paced(writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
-async def read_all(url: str, *, delay: float = 0) -> tuple[bytes, int]:
-    """The body through `quick_reader`, waiting `delay` before the first read (the burst
-    then fills aiohttp's buffer): the bytes and how many reads gave some."""
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A GET of `url` through a real aiohttp session, its body unread."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as response,
     ):
+        yield response
+
+
+async def read_all(url: str, *, delay: float = 0) -> tuple[bytes, int]:
+    """The body through `quick_reader`, waiting `delay` before the first read (the burst
+    then fills aiohttp's buffer): the bytes and how many reads gave some."""
+    async with opened(url) as response:
         read = quick_reader(response.content)
         await asyncio.sleep(delay)
         blocks: list[bytes] = []
@@ -48,7 +59,7 @@ async def read_all(url: str, *, delay: float = 0) -> tuple[bytes, int]:
         return b"".join(blocks), len(blocks)
 
 
-def test_the_installed_aiohttp_has_what_the_quick_reader_reads() -> None:
+def test_the_installed_aiohttp_has_what_the_quick_reader_and_the_push_use() -> None:
     assert KNOWN  # else every read silently goes the slower way
 
 
@@ -60,7 +71,34 @@ async def test_every_byte_once_and_in_order(delay: float) -> None:
     assert reads >= 2
 
 
-async def test_a_connection_dropped_mid_body_raises_as_readany_does() -> None:
+async def push_all(url: str, *, delay: float = 0) -> tuple[bytes, int, bool]:
+    """The body through `pushed`, attached `delay` after the head came (the burst then
+    waits in aiohttp's buffer): the bytes, how many blocks, and whether the reader was
+    a plain StreamReader again after."""
+    async with opened(url) as response:
+        await asyncio.sleep(delay)
+        blocks: list[bytes] = []
+        push = pushed(response.content, lambda block: blocks.append(block) is not None)
+        assert push is not None
+        try:
+            while not push.ended:
+                await push.wait()
+        finally:
+            push.stop()
+        return b"".join(blocks), len(blocks), type(response.content) is StreamReader
+
+
+@pytest.mark.parametrize("delay", [0, 0.5])
+async def test_a_pushed_body_every_byte_once_and_in_order(delay: float) -> None:
+    async with chunked_server(paced) as url:
+        got, blocks, restored = await asyncio.wait_for(push_all(url, delay=delay), 10)
+    assert got == SENT
+    assert blocks >= 2
+    assert restored
+
+
+@pytest.mark.parametrize("pushing", [False, True])
+async def test_a_connection_dropped_mid_body_raises_as_readany_does(pushing: bool) -> None:
     async def dropped(writer: asyncio.StreamWriter) -> None:
         writer.write(framed(b"half"))
         await writer.drain()
@@ -69,4 +107,19 @@ async def test_a_connection_dropped_mid_body_raises_as_readany_does() -> None:
 
     async with chunked_server(dropped) as url:
         with pytest.raises(aiohttp.ClientPayloadError):
-            await asyncio.wait_for(read_all(url), 10)
+            await asyncio.wait_for(push_all(url) if pushing else read_all(url), 10)
+
+
+async def test_what_the_feed_raises_ends_the_push_and_is_raised_by_wait() -> None:
+    def refuse(block: bytes) -> bool:
+        raise ValueError("no")
+
+    async with chunked_server(paced) as url, opened(url) as response:
+        push = pushed(response.content, refuse)
+        assert push is not None
+        try:
+            with pytest.raises(ValueError, match="no"):
+                await asyncio.wait_for(push.wait(), 5)
+            assert push.ended
+        finally:
+            push.stop()

@@ -15,6 +15,7 @@ import pytest
 from server.app.config import LLMSettings
 from server.generation.llm import LLM, MAX_EVENT_BYTES, Finished, MalformedReply, Piece
 from tests.helpers.chunked import Writer, chunked_server, framed
+from tests.helpers.replies import Way, reply_of
 from tests.helpers.simulated import eventually, serving
 
 
@@ -46,19 +47,15 @@ def body(data: bytes, pieces: int = 1) -> Writer:
     return write
 
 
-async def relay(base_url: str, prompt: str = "q") -> tuple[str, Finished]:
+async def relay(base_url: str, way: Way, prompt: str = "q") -> tuple[str, Finished]:
     llm = LLM(LLMSettings(), base_url)
-    text: list[str] = []
     try:
         async with asyncio.timeout(10):
-            async for item in llm.stream("m", [{"role": "user", "content": prompt}]):
-                if isinstance(item, Finished):
-                    return "".join(text), item
-                assert isinstance(item, Piece)
-                text.append(item.text)
+            items, finished = await reply_of(llm, way, prompt)
     finally:
         await llm.close()
-    raise AssertionError("no Finished")
+    assert all(isinstance(item, Piece) for item in items)
+    return "".join(item.text for item in items if isinstance(item, Piece)), finished
 
 
 REPLY = [chunk("Hello"), chunk(", wor"), chunk("ld", "length"), b"[DONE]"]
@@ -66,13 +63,13 @@ REPLY = [chunk("Hello"), chunk(", wor"), chunk("ld", "length"), b"[DONE]"]
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
 @pytest.mark.parametrize("pieces", [1, 7, 400])
-async def test_every_line_ending_and_any_split(newline: bytes, pieces: int) -> None:
+async def test_every_line_ending_and_any_split(way: Way, newline: bytes, pieces: int) -> None:
     async with upstream(body(sse(*REPLY, newline=newline), pieces)) as url:
-        text, finished = await relay(url)
+        text, finished = await relay(url, way)
     assert (text, finished.reason, finished.model) == ("Hello, world", "length", "m")
 
 
-async def test_comments_other_fields_and_multiline_data() -> None:
+async def test_comments_other_fields_and_multiline_data(way: Way) -> None:
     split = chunk("two lines").replace(b", ", b",\ndata: ", 1)  # one event, two data lines
     wire = (
         b": keep-alive\n\nevent: message\nid: 1\nretry: 5\n"
@@ -86,22 +83,22 @@ async def test_comments_other_fields_and_multiline_data() -> None:
         + sse(chunk(" never read"))
     )
     async with upstream(body(wire, 3)) as url:
-        text, _ = await relay(url)
+        text, _ = await relay(url, way)
     assert text == "one two lines!"
 
 
-async def test_bytes_that_are_not_utf8_become_replacement_characters() -> None:
+async def test_bytes_that_are_not_utf8_become_replacement_characters(way: Way) -> None:
     wire = sse(chunk("ok ").replace(b"ok", b"o\xffk"), b"[DONE]")
     async with upstream(body(wire)) as url:
-        text, _ = await relay(url)
+        text, _ = await relay(url, way)
     assert text == "o\ufffdk "
 
 
-async def test_an_error_inside_the_stream_is_the_models_error() -> None:
+async def test_an_error_inside_the_stream_is_the_models_error(way: Way) -> None:
     error = json.dumps({"error": {"message": "the model is overloaded", "code": 503}}).encode()
     async with upstream(body(sse(chunk("partial"), error))) as url:
         with pytest.raises(openai.APIError, match="the model is overloaded"):
-            await relay(url)
+            await relay(url, way)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +106,9 @@ async def test_an_error_inside_the_stream_is_the_models_error() -> None:
     [(b'data: {"choices": [{"delta": {"content": "', b"a" * 65536),  # a line with no end
      (b"data: a\n", b"data: " + b"a" * 65536 + b"\n")],  # an event of ever more data lines
 )  # fmt: skip
-async def test_a_line_or_event_is_refused_at_the_limit(opening: bytes, each: bytes) -> None:
+async def test_a_line_or_event_is_refused_at_the_limit(
+    way: Way, opening: bytes, each: bytes
+) -> None:
     async def endless(writer: asyncio.StreamWriter) -> None:
         writer.write(framed(opening))
         for _ in range(MAX_EVENT_BYTES // len(each) + 8):
@@ -118,10 +117,10 @@ async def test_a_line_or_event_is_refused_at_the_limit(opening: bytes, each: byt
 
     async with upstream(endless) as url:
         with pytest.raises(MalformedReply, match="longer than the limit"):
-            await relay(url)
+            await relay(url, way)
 
 
-async def test_a_connection_dropped_mid_body_is_a_connection_error() -> None:
+async def test_a_connection_dropped_mid_body_is_a_connection_error(way: Way) -> None:
     async def dropped(writer: asyncio.StreamWriter) -> None:
         writer.write(framed(b"data: " + chunk("half")[:10]))
         await writer.drain()
@@ -129,15 +128,15 @@ async def test_a_connection_dropped_mid_body_is_a_connection_error() -> None:
 
     async with upstream(dropped) as url:
         with pytest.raises(openai.APIConnectionError):
-            await relay(url)
+            await relay(url, way)
 
 
-async def test_a_status_error_is_raised_before_streaming() -> None:
+async def test_a_status_error_is_raised_before_streaming(way: Way) -> None:
     async with serving() as sim:
         with pytest.raises(openai.RateLimitError):
-            await relay(sim.base_url, "[sim:status=429] q")
+            await relay(sim.base_url, way, "[sim:status=429] q")
         with pytest.raises(openai.NotFoundError):
-            await relay(sim.base_url, "[sim:status=404] q")
+            await relay(sim.base_url, way, "[sim:status=404] q")
         assert sim.stats.started == 0
 
 
@@ -154,7 +153,7 @@ async def test_closing_the_stream_early_closes_the_http_response() -> None:
             await llm.close()
 
 
-async def test_a_body_kept_open_after_done_does_not_delay_the_end() -> None:
+async def test_a_body_kept_open_after_done_does_not_delay_the_end(way: Way) -> None:
     async def lingering(writer: asyncio.StreamWriter) -> None:
         writer.write(framed(sse(chunk("bye", "stop"), b"[DONE]")))
         await writer.drain()
@@ -162,6 +161,6 @@ async def test_a_body_kept_open_after_done_does_not_delay_the_end() -> None:
 
     async with upstream(lingering) as url:
         began = time.monotonic()
-        text, finished = await relay(url)
+        text, finished = await relay(url, way)
         assert time.monotonic() - began < 0.6
     assert (text, finished.reason) == ("bye", "stop")

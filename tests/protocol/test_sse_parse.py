@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.generation.sse import Events, Oversized
+from protocol.sse_parse import Events, Oversized
 
 STREAMS: list[tuple[str, bytes, list[bytes], bool]] = [
     ("openai", b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n', [b'{"a":1}', b'{"b":2}'],

@@ -475,7 +475,8 @@ class _Feeding:
         if opts.feeders_per_primary:
             signals = (self.measuring, self.stopping, self.results)
             self.processes = [
-                context.Process(target=_feeder, args=(feed, *signals)) for feed in self.feeds
+                context.Process(target=_feeder, args=(feed, *signals), daemon=True)
+                for feed in self.feeds
             ]
 
     async def start(self) -> None:
@@ -752,6 +753,8 @@ def main() -> None:
             print(f"--quota needs a cgroup cpu controller this process can write: {how}")
             return
         print(f"CPU quotas through the {how}")
+        # stopped by SIGTERM, it still moves its Redis processes out and removes the groups
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with contextlib.suppress(OSError):  # the feeders, not the machine's others, get a core
             os.setpriority(os.PRIO_PROCESS, 0, -opts.feeder_priority)
         try:

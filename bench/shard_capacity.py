@@ -341,6 +341,7 @@ async def saturate(
     opts: argparse.Namespace,
     pids: dict[str, int],
     quotas: CpuQuotas | None = None,
+    seeds: dict[str, RedisSettings] | None = None,
 ) -> dict[str, Any]:
     """`--generations` streams per primary in `primaries` (url → the slot ranges it serves;
     None: one Redis), through the worker's pipeliner (its default `append_interval`) at
@@ -348,17 +349,20 @@ async def saturate(
     `quotas`, every node, replicas too, `--quota` of a core through its cgroup): per primary,
     after a second's warm-up and for `--seconds`, its CPU per appended event, the events per
     script call it received, the events and tokens a second it appended, with a quota how
-    often it was throttled; the bench's own CPU meanwhile (the feeders)."""
-    redis = await client.opened(settings)
+    often it was throttled; the bench's own CPU meanwhile (the feeders). `seeds`: each
+    primary is a cluster of its own, reached through these settings (else `settings`)."""
+    of = seeds or dict.fromkeys(primaries, settings)
+    clients = {seed.url: await client.opened(seed) for seed in of.values()}
     nodes = {url: Redis.from_url(url) for url in [*primaries, *watched]}
     drains = []
     streams: list[tuple[_Stream, str]] = []
     for url, ranges in primaries.items():
         mine = conversations_on(ranges, opts.generations)
         streams.extend((_Stream(c, uuid.uuid4()), url) for c in mine)
-    conversations = [s.conversation for s, _ in streams]
     try:
-        await _prepare(redis, conversations, [s.message_id for s, _ in streams])
+        for seed, redis in clients.items():
+            theirs = [s for s, node in streams if of[node].url == seed]
+            await _prepare(redis, [s.conversation for s in theirs], [s.message_id for s in theirs])
         for url in primaries:
             ready = asyncio.Event()
             mine = [s.conversation for s, node in streams if node == url]
@@ -386,7 +390,7 @@ async def saturate(
             throttler = subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
                 [sys.executable, "-c", THROTTLER, str(share), *map(str, throttled)]
             )
-        feeding = _Feeding(settings, streams, opts)
+        feeding = _Feeding(settings, streams, opts, seeds)
         await feeding.start()
         try:
             await asyncio.sleep(1.0)  # every stream under way, batches at their size
@@ -432,7 +436,10 @@ async def saturate(
             "loadavg": [load_before, _loadavg()],
         }
     finally:
-        await _close(redis, conversations, list(nodes.values()))
+        for seed, redis in clients.items():
+            await _close(redis, [s.conversation for s, n in streams if of[n].url == seed], [])
+        for node in nodes.values():
+            await node.aclose()
 
 
 @dataclass(frozen=True)
@@ -454,11 +461,15 @@ class _Feeding:
     primary's calls carry as many events. `measuring` starts their count."""
 
     def __init__(
-        self, settings: RedisSettings, streams: list[tuple[_Stream, str]], opts: argparse.Namespace
+        self,
+        settings: RedisSettings,
+        streams: list[tuple[_Stream, str]],
+        opts: argparse.Namespace,
+        seeds: dict[str, RedisSettings] | None = None,
     ) -> None:
         dealt = [
             [(s.conversation, s.message_id, node) for s, node in mine]
-            for mine in _dealt(streams, opts.workers, opts.per_node)
+            for mine in _dealt(streams, opts.workers, opts.per_node or seeds is not None)
         ]
         primaries = len({node for _, node in streams})
         count = min(max(opts.feeders_per_primary * primaries, 1), len(dealt))
@@ -466,6 +477,15 @@ class _Feeding:
             _Feed(settings.url, settings.cluster, opts.tags, dealt[i::count], opts.tps)
             for i in range(count)
         ]
+        if seeds is not None:  # separate clusters: each its own feeder, as fed alone
+            self.feeds = [
+                _Feed(seeds[node].url, True, opts.tags, dealt[i : i + opts.workers], opts.tps)
+                for i, node in zip(
+                    range(0, len(dealt), opts.workers),
+                    dict.fromkeys(n for _, n in streams),
+                    strict=True,
+                )
+            ]
         context = multiprocessing.get_context("spawn")
         self.measuring = context.Event()
         self.stopping = context.Event()
@@ -730,6 +750,12 @@ def main() -> None:
         "per primary (at least one pipeliner each; 0: all in this process)",
     )
     parser.add_argument(
+        "--three-alone",
+        action="store_true",
+        help="--quota: then three one-primary clusters at once, each fed alone (the machine's "
+        "share of the gap between one primary and three)",
+    )
+    parser.add_argument(
         "--per-node",
         action="store_true",
         help="--saturate/--quota: --workers pipeliners per primary, each sending to it alone",
@@ -872,7 +898,41 @@ def run_saturated(opts: argparse.Namespace, quotas: CpuQuotas | None = None) -> 
                     results[name] = _saturate_cluster(nodes, fed, quotas)
             finally:
                 nodes.stop()
+        if opts.three_alone:
+            results["three_alone"] = _saturate_three_alone(Path(tmp), opts, quotas)
     return results
+
+
+def _saturate_three_alone(
+    directory: Path, opts: argparse.Namespace, quotas: CpuQuotas | None
+) -> dict[str, Any]:
+    """Three one-primary clusters fed at once, each by its own feeder: what the machine does
+    to a lone primary's figures when as many nodes and feeders run beside it as beside each
+    of three primaries (so what of the gap is the cluster, and what is the machine)."""
+    clusters = [
+        redis_cluster.start_one_shard(directory / f"alone-{i}", 0 if opts.no_replicas else 1)
+        for i in range(3)
+    ]
+    try:
+        keys.share_slots(opts.slots_per_primary)
+        seeds: dict[str, RedisSettings] = {}
+        served: dict[str, list[tuple[int, int]]] = {}
+        pids: dict[str, int] = {}
+        for nodes in clusters:
+            primary = nodes.primaries()[0]
+            url = f"redis://{primary.address}"
+            seeds[url] = RedisSettings(url=nodes.url, cluster=True)
+            served[url] = _served(primary)
+            pids |= {f"redis://{n.address}": n.proc.pid for n in nodes.nodes if n.alive()}
+        watched = [url for url in pids if url not in served]
+        fed = argparse.Namespace(
+            **vars(opts) | {"phase": "three_alone", "tags": opts.slots_per_primary}
+        )
+        settings = seeds[next(iter(seeds))]
+        return asyncio.run(saturate(settings, served, watched, fed, pids, quotas, seeds))
+    finally:
+        for nodes in clusters:
+            nodes.stop()
 
 
 def _stop_replicas(nodes: redis_cluster.SixNodes) -> None:
@@ -909,7 +969,7 @@ def report_saturated(results: dict[str, Any]) -> None:
         f"{'no replicas' if opts['no_replicas'] else 'a replica each'}"
     )
     totals, rates = {}, {}
-    for name in ("single", "cluster_1", "cluster_3", "cluster_3_no_replicas"):
+    for name in ("single", "cluster_1", "cluster_3", "cluster_3_no_replicas", "three_alone"):
         run = results.get(name)
         if run is None:
             continue
@@ -942,7 +1002,7 @@ def report_saturated(results: dict[str, Any]) -> None:
         f"3 shards / one Redis {three / single:.2f}×"
     )
     if quota:
-        for name in ("cluster_3", "cluster_3_no_replicas"):
+        for name in ("cluster_3", "cluster_3_no_replicas", "three_alone"):
             if name in rates:
                 print(
                     f"events/s appended, {name} / cluster_1 "

@@ -13,9 +13,10 @@ conversation (their steps run on the conversations' slots, spread over every pri
 a web process does; at most `--backlog` entered and not yet released), a worker with
 `--slots` generation slots reads them from turns shard 0 (`XREADGROUP`), and releases each
 (`release`, then `serve` while turns wait). With few slots for many turns most turns wait:
-the queue's slow path (enter, a `serve` after
-it, a `serve` after a release: the read pipeline, `dispatch`, `announce_told`); with
-`--slots` above `--turns` none does (its fast path: `enter` straight onto the stream).
+the queue's slow path (enter, a `serve` after it, a `serve` after a release: the read
+pipeline, `dispatch`, `announce_told`); with `--slots` above `--turns` none does (its fast
+path: `enter` straight onto the stream). A `serve` reads the whole queue (every waiting
+user's list and the `told` hash), so the slow path's cost grows with what waits.
 Redis's own accounting (`INFO cpu`, `INFO commandstats`) is read before and after each
 round; the least disturbed round is kept. A benchmark: it never fails on a number.
 """

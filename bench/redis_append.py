@@ -111,7 +111,7 @@ async def _appends(
     pending = []
     acked: dict[uuid.UUID, int] = {}  # what the worker passes: the highest seq acknowledged
     for conversation, message_id, index, frame in _tokens(conversations, message_ids, tokens):
-        floor = functools.partial(acked.get, conversation, 0)
+        floor = functools.partial(_acked, acked, conversation)
         piece = events.append_piece(pipeliner, conversation, frame, message_id, index, floor)
         piece.add_done_callback(functools.partial(_ack, acked, conversation))
         pending.append(piece)
@@ -120,6 +120,10 @@ async def _appends(
             pending = []
     await asyncio.gather(*pending)
     await pipeliner.stop()
+
+
+def _acked(acked: dict[uuid.UUID, int], conversation: uuid.UUID) -> int:
+    return acked.get(conversation, 0)
 
 
 def _ack(acked: dict[uuid.UUID, int], conversation: uuid.UUID, piece: asyncio.Future[Any]) -> None:
@@ -184,7 +188,7 @@ async def _listen(
     except asyncio.CancelledError:
         return received
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await client.aclose()
 
 

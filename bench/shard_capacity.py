@@ -3,6 +3,8 @@ the same load, one shard at a time.
 
     .venv/bin/python -m bench.shard_capacity [--conversations 400] [--tokens 50] [--batch 64]
         [--conversation-slots 0] [--rounds 2]
+    .venv/bin/python -m bench.shard_capacity --quota 0.03 --quota-period-ms 50
+        --feeders-per-primary 1 [--generations 300] [--tps 10] [--seconds 6] [--no-replicas]
 
 A 2-core machine cannot saturate three Redis processes at once (the clients need the cores
 too), so each is measured alone under the same load and the cluster's capacity is their sum:
@@ -45,6 +47,21 @@ event, and how much of its share it used. A lone Redis stopped and continued by 
 more than its share on this VM, so one Redis and the one-primary cluster are offered more
 (`--tps-alone`) to saturate as well; the per-event figures do not depend on it.
 
+`--quota SHARE` does the same with exact CPU quotas instead of signals (bench/cpu_quota.py:
+a cgroup of its own per Redis process, replicas too, named after the bench's PID and removed
+at the end; cgroup v1 `cpu` or v2 `cpu.max`, and where neither is writable it says so and
+stops): every node is "one small core", so three saturated primaries need little of the
+machine and are compared with one Redis and one primary at the same `--tps` by the events a
+second they append. Each primary's `cpu.stat` over the window proves it saturated (throttled
+in ≈ every period it ran in); the bench's own CPU (the feeders) and the load average are
+printed beside, and the tokens a second appended against those offered (the feeders kept
+up). With replicas, the three primaries run once more with them stopped.
+`--feeders-per-primary 1` spreads the `--workers` pipeliners over one process per primary,
+as over worker processes (each pipeliner still carries its share of every primary's
+streams): fed from this one process, three primaries at 3 % of a core used only 0.66 to 0.89
+of their quotas while one used all of its, the process's event loop being too slow to
+answer three nodes' batches at once on a busy machine; from three, each used ≈ all of it.
+
 Starts its own `redis-server` processes on 127.0.0.1 and stops them by PID. A benchmark: it
 never fails on a number.
 """
@@ -56,13 +73,16 @@ import asyncio
 import contextlib
 import functools
 import json
+import multiprocessing
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +91,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from bench.cpu_quota import CpuQuotas, Group, Throttling
 from bench.redis_append import MAX_EVENTS, TTL, _appends, _delta, _listen, _prepare, _redis_cpu
 from protocol import frames as f
 from server.app.config import RedisSettings, WorkerSettings
@@ -239,10 +260,10 @@ class _Tally:
     events: dict[str, int]
     outstanding: set[asyncio.Future[Any]] = field(default_factory=set)
 
-    def counted(self, node: str, piece: asyncio.Future[Any], tokens: int) -> None:
+    def counted(self, node: str, text: OpenText, piece: asyncio.Future[Any]) -> None:
         if not piece.cancelled() and piece.exception() is None and int(piece.result()) > 0:
             self.events[node] = self.events.get(node, 0) + 1
-            self.tokens[node] = self.tokens.get(node, 0) + tokens
+            self.tokens[node] = self.tokens.get(node, 0) + len(text.texts)
 
 
 async def _stream_tokens(
@@ -278,9 +299,7 @@ async def _stream_tokens(
             piece.add_done_callback(stream.acknowledged)
             tally.outstanding.add(piece)
             piece.add_done_callback(tally.outstanding.discard)
-            piece.add_done_callback(
-                lambda p, node=node, o=open_text: tally.counted(node, p, len(o.texts))
-            )
+            piece.add_done_callback(functools.partial(tally.counted, node, open_text))
 
 
 def _throttle(pids: list[int], share: float, period: float) -> None:
@@ -317,32 +336,38 @@ def _release(pids: list[int]) -> None:
 
 async def saturate(
     settings: RedisSettings,
-    primaries: dict[str, list[tuple[int, int]] | None],
+    primaries: Mapping[str, list[tuple[int, int]] | None],
     watched: list[str],
     opts: argparse.Namespace,
+    pids: dict[str, int],
+    quotas: CpuQuotas | None = None,
+    seeds: dict[str, RedisSettings] | None = None,
 ) -> dict[str, Any]:
     """`--generations` streams per primary in `primaries` (url → the slot ranges it serves;
     None: one Redis), through the worker's pipeliner (its default `append_interval`) at
-    `--tps` tokens a second each, every primary allowed `--saturate` of a core: per primary,
+    `--tps` tokens a second each, every primary allowed `--saturate` of a core (or, given
+    `quotas`, every node, replicas too, `--quota` of a core through its cgroup): per primary,
     after a second's warm-up and for `--seconds`, its CPU per appended event, the events per
-    script call it received, the events and tokens a second it appended."""
-    redis = await client.opened(settings)
+    script call it received, the events and tokens a second it appended, with a quota how
+    often it was throttled; the bench's own CPU meanwhile (the feeders). `seeds`: each
+    primary is a cluster of its own, reached through these settings (else `settings`)."""
+    of = seeds or dict.fromkeys(primaries, settings)
+    clients = {seed.url: await client.opened(seed) for seed in of.values()}
     nodes = {url: Redis.from_url(url) for url in [*primaries, *watched]}
     drains = []
     streams: list[tuple[_Stream, str]] = []
     for url, ranges in primaries.items():
         mine = conversations_on(ranges, opts.generations)
         streams.extend((_Stream(c, uuid.uuid4()), url) for c in mine)
-    conversations = [s.conversation for s, _ in streams]
     try:
-        events = EventLog(redis, MAX_EVENTS, TTL)
-        await _prepare(redis, conversations, [s.message_id for s, _ in streams])
+        for seed, redis in clients.items():
+            theirs = [s for s, node in streams if of[node].url == seed]
+            await _prepare(redis, [s.conversation for s in theirs], [s.message_id for s in theirs])
         for url in primaries:
             ready = asyncio.Event()
             mine = [s.conversation for s, node in streams if node == url]
             drains.append(asyncio.create_task(_listen(url, mine, ready, settings.cluster)))
             await ready.wait()
-        pids = [int((await nodes[url].info("server"))["process_id"]) for url in primaries]
         # what each node spends doing nothing (its cron, the cluster bus): counted against
         # the few events a throttled node appends, it would weigh far more than at full speed
         idle_before = {url: (await _redis_cpu(node))[0] for url, node in nodes.items()}
@@ -352,62 +377,239 @@ async def saturate(
             url: ((await _redis_cpu(node))[0] - idle_before[url]) / (time.monotonic() - idle_began)
             for url, node in nodes.items()
         }
-        throttler = subprocess.Popen(  # noqa: ASYNC220 (started once, before the measurement)
-            [sys.executable, "-c", THROTTLER, str(opts.saturate), *map(str, pids)]
-        )
-        pipeliners = [
-            Pipeliner(redis, WorkerSettings().append_interval) for _ in range(opts.workers)
-        ]
-        for pipeliner in pipeliners:
-            pipeliner.start()
-        tally = _Tally({}, {})
-        stop = asyncio.Event()
-        producers = [
-            asyncio.create_task(
-                _stream_tokens(events, pipeliner, streams[i :: opts.workers], opts.tps, tally, stop)
+        share = opts.quota or opts.saturate
+        throttled = [pids[url] for url in primaries]
+        groups: dict[str, Group] = {}
+        throttler = None
+        if quotas is not None:
+            groups = {
+                url: quotas.limit(f"{opts.phase}-{_port(url)}", pids[url], share)
+                for url in [*primaries, *watched]
+            }
+        else:
+            throttler = subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
+                [sys.executable, "-c", THROTTLER, str(share), *map(str, throttled)]
             )
-            for i, pipeliner in enumerate(pipeliners)
-        ]
+        feeding = _Feeding(settings, streams, opts, seeds)
+        await feeding.start()
         try:
             await asyncio.sleep(1.0)  # every stream under way, batches at their size
             for node in nodes.values():
                 await node.config_resetstat()
             before = {url: await _redis_cpu(node) for url, node in nodes.items()}
-            tally.tokens.clear()
-            tally.events.clear()
+            stats_before = {url: group.stat() for url, group in groups.items()}
+            bench_before, load_before = _own_cpu(), _loadavg()
+            feeding.measuring.set()
             began = time.monotonic()
             await asyncio.sleep(opts.seconds)
             after = {url: await _redis_cpu(node) for url, node in nodes.items()}
             wall = time.monotonic() - began
-            snapshot = _Tally(dict(tally.tokens), dict(tally.events))
+            bench = (_own_cpu() - bench_before) / wall
+            stats = {url: group.stat().since(stats_before[url]) for url, group in groups.items()}
         finally:
-            stop.set()
-            await asyncio.gather(*producers)
-            # every batch answered before the pipeliner stops: cancelled while one is in
-            # flight, redis-py may swallow the cancellation (and the stop wait forever)
-            if tally.outstanding:
-                await asyncio.wait(list(tally.outstanding), timeout=60)
-            for pipeliner in pipeliners:
-                await pipeliner.stop()
-            throttler.terminate()
-            throttler.wait(5)
-            _release(pids)
+            snapshot, feeders_cpu = await feeding.stop()
+            if throttler is not None:
+                throttler.terminate()
+                throttler.wait(5)
+                _release(throttled)
+            if quotas is not None:
+                quotas.release()
+        feeders = bench + feeders_cpu / wall if feeding.processes else bench
         for drain in drains:
             drain.cancel()
         received = sum([await drain for drain in drains])
         return {
             "primaries": [
-                _saturated(url, before[url], after[url], snapshot, wall, opts.saturate, idle[url])
+                _saturated(url, before[url], after[url], snapshot, wall, share, idle[url])
+                | _throttling(stats.get(url))
                 for url in primaries
             ],
             "others_cpu_share": [
                 round((after[url][0] - before[url][0]) / wall, 3) for url in watched
             ],
+            "others_throttling": [_throttling(stats.get(url)) for url in watched],
             "received": received,
             "seconds": round(wall, 2),
+            "feeders_cpu_share": round(feeders, 3),
+            "feeder_processes": len(feeding.processes),
+            "offered_tokens_per_s": round(opts.generations * opts.tps),
+            "loadavg": [load_before, _loadavg()],
         }
     finally:
-        await _close(redis, conversations, list(nodes.values()))
+        for seed, redis in clients.items():
+            await _close(redis, [s.conversation for s, n in streams if of[n].url == seed], [])
+        for node in nodes.values():
+            await node.aclose()
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """What one feeder runs: per pipeliner of its own, its streams (conversation, message
+    id, node)."""
+
+    url: str
+    cluster: bool
+    tags: int
+    pipeliners: list[list[tuple[uuid.UUID, uuid.UUID, str]]]
+    tps: float
+
+
+class _Feeding:
+    """The streams' tokens sent through `--workers` pipeliners: all in this process, or
+    (`--feeders-per-primary K`) spread over K processes per primary, as over worker
+    processes. Each pipeliner carries its share of every primary's streams either way, so a
+    primary's calls carry as many events. `measuring` starts their count."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        streams: list[tuple[_Stream, str]],
+        opts: argparse.Namespace,
+        seeds: dict[str, RedisSettings] | None = None,
+    ) -> None:
+        dealt = [
+            [(s.conversation, s.message_id, node) for s, node in mine]
+            for mine in _dealt(streams, opts.workers, opts.per_node or seeds is not None)
+        ]
+        primaries = len({node for _, node in streams})
+        count = min(max(opts.feeders_per_primary * primaries, 1), len(dealt))
+        self.feeds = [
+            _Feed(settings.url, settings.cluster, opts.tags, dealt[i::count], opts.tps)
+            for i in range(count)
+        ]
+        if seeds is not None:  # separate clusters: each its own feeder, as fed alone
+            self.feeds = [
+                _Feed(seeds[node].url, True, opts.tags, dealt[i : i + opts.workers], opts.tps)
+                for i, node in zip(
+                    range(0, len(dealt), opts.workers),
+                    dict.fromkeys(n for _, n in streams),
+                    strict=True,
+                )
+            ]
+        context = multiprocessing.get_context("spawn")
+        self.measuring = context.Event()
+        self.stopping = context.Event()
+        self.results: Any = context.Queue()
+        self.processes: list[Any] = []
+        self.tasks: list[asyncio.Task[dict[str, Any]]] = []
+        if opts.feeders_per_primary:
+            signals = (self.measuring, self.stopping, self.results)
+            self.processes = [
+                context.Process(target=_feeder, args=(feed, *signals), daemon=True)
+                for feed in self.feeds
+            ]
+
+    async def start(self) -> None:
+        if not self.processes:
+            feed = self.feeds[0]
+            self.tasks = [asyncio.create_task(_feed(feed, self.measuring, self.stopping))]
+            return
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:  # each has its streams under way
+            await asyncio.to_thread(self.results.get, timeout=120)
+
+    async def stop(self) -> tuple[_Tally, float]:
+        """Every feeder stopped, once its batches are answered: what they appended while
+        measured, and the CPU seconds they used meanwhile."""
+        self.stopping.set()
+        if self.tasks:
+            counts = await asyncio.gather(*self.tasks)
+        else:
+            counts = [await asyncio.to_thread(self.results.get, timeout=120) for _ in self.feeds]
+            for process in self.processes:
+                await asyncio.to_thread(process.join, 30)
+        tally = _Tally({}, {})
+        for count in counts:
+            for node, tokens in count["tokens"].items():
+                tally.tokens[node] = tally.tokens.get(node, 0) + tokens
+            for node, events in count["events"].items():
+                tally.events[node] = tally.events.get(node, 0) + events
+        return tally, sum(count["cpu"] for count in counts)
+
+
+def _feeder(feed: _Feed, measuring: Any, stopping: Any, results: Any) -> None:
+    """A feeder process (started by `_Feeding`, stopped by `stopping`)."""
+    keys.share_slots(feed.tags)
+    results.put("ready")
+    results.put(asyncio.run(_feed(feed, measuring, stopping)))
+
+
+async def _feed(feed: _Feed, measuring: Any, stopping: Any) -> dict[str, Any]:
+    """Send `feed`'s streams until `stopping`, counting from `measuring` on."""
+    redis = await client.opened(RedisSettings(url=feed.url, cluster=feed.cluster))
+    try:
+        events = EventLog(redis, MAX_EVENTS, TTL)
+        dealt = [[(_Stream(c, m), node) for c, m, node in mine] for mine in feed.pipeliners]
+        pipeliners = [Pipeliner(redis, WorkerSettings().append_interval) for _ in dealt]
+        for pipeliner in pipeliners:
+            pipeliner.start()
+        tally = _Tally({}, {})
+        stop = asyncio.Event()
+        producers = [
+            asyncio.create_task(_stream_tokens(events, pipeliner, mine, feed.tps, tally, stop))
+            for pipeliner, mine in zip(pipeliners, dealt, strict=True)
+        ]
+        while not measuring.is_set():
+            await asyncio.sleep(0.01)
+        tally.tokens.clear()
+        tally.events.clear()
+        began = _own_cpu()
+        while not stopping.is_set():
+            await asyncio.sleep(0.01)
+        counted = {"tokens": dict(tally.tokens), "events": dict(tally.events)}
+        cpu = _own_cpu() - began
+        stop.set()
+        await asyncio.gather(*producers)
+        # every batch answered before the pipeliner stops: cancelled while one is in
+        # flight, redis-py may swallow the cancellation (and the stop wait forever)
+        if tally.outstanding:
+            await asyncio.wait(list(tally.outstanding), timeout=60)
+        for pipeliner in pipeliners:
+            await pipeliner.stop()
+        return counted | {"cpu": cpu}
+    finally:
+        await redis.aclose()
+
+
+def _dealt(
+    streams: list[tuple[_Stream, str]], workers: int, per_node: bool
+) -> list[list[tuple[_Stream, str]]]:
+    """The streams dealt out to `workers` pipeliners, or (`per_node`) to `workers`
+    pipeliners per node, each sending to one node only."""
+    if not per_node:
+        return [streams[i::workers] for i in range(workers)]
+    nodes = dict.fromkeys(node for _, node in streams)
+    return [
+        [s for s in streams if s[1] == node][i::workers] for node in nodes for i in range(workers)
+    ]
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def _own_cpu() -> float:
+    """CPU seconds this process (the feeders: the streams, the pipeliners, the subscribers)
+    has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _throttling(stat: Throttling | None) -> dict[str, Any]:
+    """A node's cgroup counters over the window (none without `--quota`)."""
+    if stat is None:
+        return {}
+    return {
+        "periods": stat.periods,
+        "throttled_periods": stat.throttled,
+        "throttled_share": round(stat.throttled_share, 3),
+        "throttled_ms": round(stat.throttled_us / 1000),
+    }
 
 
 def _saturated(
@@ -438,7 +640,9 @@ def _saturated(
         "events_per_call": round(count / calls, 1) if calls else None,
         "events_per_s": round(count / wall),
         "tokens_per_event": round(tally.tokens.get(url, 0) / max(tally.events.get(url, 0), 1), 2),
+        "tokens_per_s": round(tally.tokens.get(url, 0) / wall),
         "busy": round(cpu / (share * wall), 2),
+        "cpu_share": round(cpu / wall, 4),
         "calls_per_event": {
             n: round(c["calls"] / max(count, 1), 3) for n, c in result["commands"].items()
         },
@@ -504,6 +708,24 @@ def main() -> None:
         "Redis, a one-primary cluster, then all three primaries of a cluster at once",
     )
     parser.add_argument(
+        "--quota",
+        type=float,
+        metavar="SHARE",
+        help="instead: as --saturate, each Redis process (replicas too) in a cgroup of its own "
+        "allowed exactly SHARE of a core (e.g. 0.05), and the three primaries once more "
+        "without their replicas",
+    )
+    parser.add_argument(
+        "--feeder-priority",
+        type=int,
+        default=10,
+        help="--quota: run the bench (the feeders) at this much less nice, where allowed, so "
+        "that other work on the machine does not starve them (the Redis nodes are capped)",
+    )
+    parser.add_argument(
+        "--quota-period-ms", type=float, default=100, help="--quota: the cgroup's period"
+    )
+    parser.add_argument(
         "--generations", type=int, default=300, help="--saturate: streams per primary"
     )
     parser.add_argument("--tps", type=float, default=40, help="--saturate: tokens/s per stream")
@@ -520,6 +742,24 @@ def main() -> None:
         default=3,
         help="--saturate: pipeliners (workers' batches in flight at once), the streams dealt out",
     )
+    parser.add_argument(
+        "--feeders-per-primary",
+        type=int,
+        default=0,
+        help="--saturate/--quota: spread the --workers pipeliners over this many processes "
+        "per primary (at least one pipeliner each; 0: all in this process)",
+    )
+    parser.add_argument(
+        "--three-alone",
+        action="store_true",
+        help="--quota: then three one-primary clusters at once, each fed alone (the machine's "
+        "share of the gap between one primary and three)",
+    )
+    parser.add_argument(
+        "--per-node",
+        action="store_true",
+        help="--saturate/--quota: --workers pipeliners per primary, each sending to it alone",
+    )
     parser.add_argument("--seconds", type=float, default=6, help="--saturate: measured window")
     parser.add_argument(
         "--idle", type=float, default=2, help="--saturate: seconds each node's idle CPU is read"
@@ -533,8 +773,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     results: dict[str, Any] = {"options": vars(opts) | {"out": None}}
-    if opts.saturate:
+    if opts.quota:
+        quotas, how = CpuQuotas.found(round(opts.quota_period_ms * 1000))
+        if quotas is None:
+            print(f"--quota needs a cgroup cpu controller this process can write: {how}")
+            return
+        print(f"CPU quotas through the {how}")
+        # stopped by SIGTERM, it still moves its Redis processes out and removes the groups
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with contextlib.suppress(OSError):  # the feeders, not the machine's others, get a core
+            os.setpriority(os.PRIO_PROCESS, 0, -opts.feeder_priority)
+        try:
+            results |= run_saturated(opts, quotas)
+        finally:
+            quotas.close()
+    elif opts.saturate:
         results |= run_saturated(opts)
+    if opts.quota or opts.saturate:
         report_saturated(results)
         if opts.out:
             opts.out.write_text(json.dumps(results, indent=1))
@@ -595,11 +850,14 @@ def main() -> None:
         opts.out.write_text(json.dumps(results, indent=1))
 
 
-def run_saturated(opts: argparse.Namespace) -> dict[str, Any]:
+def run_saturated(opts: argparse.Namespace, quotas: CpuQuotas | None = None) -> dict[str, Any]:
     """One Redis, a one-primary cluster and a three-primary cluster, each primary saturated
-    (`saturate`), the same streams and the same slots per primary on each."""
+    (`saturate`), the same streams and the same slots per primary on each; with `quotas`
+    (`--quota`) and replicas, the three primaries once more with their replicas stopped."""
     results: dict[str, Any] = {}
     per_primary = opts.slots_per_primary
+    # signals give a lone Redis more than its share here, so it is fed more; a quota is exact
+    alone = opts if quotas else argparse.Namespace(**vars(opts) | {"tps": opts.tps_alone})
     with tempfile.TemporaryDirectory(prefix="parley-shards-") as tmp:
         keys.share_slots(0)  # ignored on one Redis, as Parley ignores it
         single = embedded.start_redis(Path(tmp) / "single", persist=False)
@@ -610,8 +868,11 @@ def run_saturated(opts: argparse.Namespace) -> dict[str, Any]:
                 asyncio.run(_replicate(replica.url, single.url))
                 watched = [replica.url]
             settings = RedisSettings(url=single.url)
-            alone = argparse.Namespace(**vars(opts) | {"tps": opts.tps_alone})
-            results["single"] = asyncio.run(saturate(settings, {single.url: None}, watched, alone))
+            pids = {single.url: single.pid, replica.url: replica.pid}
+            fed = argparse.Namespace(**vars(alone) | {"phase": "single", "tags": 0})
+            results["single"] = asyncio.run(
+                saturate(settings, {single.url: None}, watched, fed, pids, quotas)
+            )
         finally:
             replica.stop()
             single.stop()
@@ -624,51 +885,138 @@ def run_saturated(opts: argparse.Namespace) -> dict[str, Any]:
             try:
                 keys.share_slots(per_primary * primaries)  # its tags' slots spread evenly
                 if opts.no_replicas:
-                    primaries_now = nodes.primaries()
-                    for node in [n for n in nodes.nodes if n not in primaries_now]:
-                        node.kill()
-                served = {f"redis://{p.address}": _served(p) for p in nodes.primaries()}
-                watched = [f"redis://{n.address}" for n in nodes.nodes if n.alive()]
-                watched = [url for url in watched if url not in served]
-                settings = RedisSettings(url=nodes.url, cluster=True)
+                    _stop_replicas(nodes)
                 name = f"cluster_{primaries}"
-                fed = opts if primaries > 1 else alone
-                results[name] = asyncio.run(saturate(settings, served, watched, fed))
+                fed = argparse.Namespace(
+                    **vars(opts if primaries > 1 else alone)
+                    | {"phase": name, "tags": per_primary * primaries}
+                )
+                results[name] = _saturate_cluster(nodes, fed, quotas)
+                if primaries > 1 and quotas and not opts.no_replicas:
+                    _stop_replicas(nodes)
+                    fed.phase = name = "cluster_3_no_replicas"
+                    results[name] = _saturate_cluster(nodes, fed, quotas)
             finally:
                 nodes.stop()
+        if opts.three_alone:
+            results["three_alone"] = _saturate_three_alone(Path(tmp), opts, quotas)
     return results
+
+
+def _saturate_three_alone(
+    directory: Path, opts: argparse.Namespace, quotas: CpuQuotas | None
+) -> dict[str, Any]:
+    """Three one-primary clusters fed at once, each by its own feeder: what the machine does
+    to a lone primary's figures when as many nodes and feeders run beside it as beside each
+    of three primaries (so what of the gap is the cluster, and what is the machine)."""
+    clusters = [
+        redis_cluster.start_one_shard(directory / f"alone-{i}", 0 if opts.no_replicas else 1)
+        for i in range(3)
+    ]
+    try:
+        keys.share_slots(opts.slots_per_primary)
+        seeds: dict[str, RedisSettings] = {}
+        served: dict[str, list[tuple[int, int]]] = {}
+        pids: dict[str, int] = {}
+        for nodes in clusters:
+            primary = nodes.primaries()[0]
+            url = f"redis://{primary.address}"
+            seeds[url] = RedisSettings(url=nodes.url, cluster=True)
+            served[url] = _served(primary)
+            pids |= {f"redis://{n.address}": n.proc.pid for n in nodes.nodes if n.alive()}
+        watched = [url for url in pids if url not in served]
+        fed = argparse.Namespace(
+            **vars(opts) | {"phase": "three_alone", "tags": opts.slots_per_primary}
+        )
+        settings = seeds[next(iter(seeds))]
+        return asyncio.run(saturate(settings, served, watched, fed, pids, quotas, seeds))
+    finally:
+        for nodes in clusters:
+            nodes.stop()
+
+
+def _stop_replicas(nodes: redis_cluster.SixNodes) -> None:
+    primaries = nodes.primaries()
+    for node in [n for n in nodes.nodes if n not in primaries]:
+        node.kill()
+
+
+def _saturate_cluster(
+    nodes: redis_cluster.SixNodes, opts: argparse.Namespace, quotas: CpuQuotas | None
+) -> dict[str, Any]:
+    served = {f"redis://{p.address}": _served(p) for p in nodes.primaries()}
+    alive = {f"redis://{n.address}": n.proc.pid for n in nodes.nodes if n.alive()}
+    watched = [url for url in alive if url not in served]
+    settings = RedisSettings(url=nodes.url, cluster=True)
+    return asyncio.run(saturate(settings, served, watched, opts, alive, quotas))
 
 
 def report_saturated(results: dict[str, Any]) -> None:
     opts = results["options"]
+    quota = opts["quota"]
+    period = opts["quota_period_ms"]
+    limit = (
+        f"a quota of {quota:.0%} of a core each per {period:g} ms"
+        if quota
+        else f"{opts['saturate']:.0%}"
+    )
+    alone = "" if quota else f" ({opts['tps_alone']:g} on one Redis or one primary)"
     print(
-        f"every primary at saturation ({opts['saturate']:.0%} of a core each), "
-        f"{opts['generations']} streams per primary at {opts['tps']:g} tokens/s "
-        f"({opts['tps_alone']:g} on one Redis or one primary) over "
+        f"every primary at saturation ({limit}), "
+        f"{opts['generations']} streams per primary at {opts['tps']:g} tokens/s{alone} over "
         f"{opts['workers']} workers' pipeliners, "
         f"{opts['slots_per_primary']} conversation slots per primary, "
         f"{'no replicas' if opts['no_replicas'] else 'a replica each'}"
     )
-    totals = {}
-    for name in ("single", "cluster_1", "cluster_3"):
-        run = results[name]
+    totals, rates = {}, {}
+    for name in ("single", "cluster_1", "cluster_3", "cluster_3_no_replicas", "three_alone"):
+        run = results.get(name)
+        if run is None:
+            continue
         for p in run["primaries"]:
             print(
-                f"{name:10} {p['node']:16} {p['redis_cpu_us_per_event']:6.2f} µs/event, "
+                f"{name:10} {p['node']:16} {p['events_per_s']:>7,} events/s, "
+                f"{p['redis_cpu_us_per_event']:6.2f} µs/event, "
                 f"{p['net_us_per_event']:6.2f} net of idle ({p['idle_cpu_share']:.2%} of a core) "
                 f"→ {p['net_events_per_core_per_s']:>7,} events/s per core; "
                 f"{p['events_per_call']} events per call, {p['tokens_per_event']} tokens per "
-                f"event, {p['events_per_s']:,} events/s, busy {p['busy']:.2f} of its share"
+                f"event, CPU {p['cpu_share']:.3f} of a core = {p['busy']:.2f} of its share"
+                + _throttled(p)
+                + f"; {p['tokens_per_s']:,} of {run['offered_tokens_per_s']:,} tokens/s offered"
             )
         print(f"{'':10} others' CPU share meanwhile: {run['others_cpu_share']}")
+        if quota:
+            print(
+                f"{'':10} others throttled: "
+                f"{[o.get('throttled_share') for o in run['others_throttling']]}; "
+                f"feeders' CPU {run['feeders_cpu_share']:.2f} of a core; "
+                f"loadavg {run['loadavg'][0]} → {run['loadavg'][1]}"
+            )
         totals[name] = sum(p["net_events_per_core_per_s"] for p in run["primaries"])
-        rate = sum(p["events_per_s"] for p in run["primaries"])
-        print(f"{'':10} {rate:,} events/s appended in all, {run['received']:,} received")
+        rates[name] = sum(p["events_per_s"] for p in run["primaries"])
+        print(f"{'':10} {rates[name]:,} events/s appended in all, {run['received']:,} received")
     one, three, single = totals["cluster_1"], totals["cluster_3"], totals["single"]
     print(
         f"per core (net of idle), summed over the primaries: "
         f"3 shards / 1 shard {three / one:.2f}×, "
         f"3 shards / one Redis {three / single:.2f}×"
+    )
+    if quota:
+        for name in ("cluster_3", "cluster_3_no_replicas", "three_alone"):
+            if name in rates:
+                print(
+                    f"events/s appended, {name} / cluster_1 "
+                    f"{rates[name] / rates['cluster_1']:.2f}×, / one Redis "
+                    f"{rates[name] / rates['single']:.2f}×"
+                )
+
+
+def _throttled(primary: dict[str, Any]) -> str:
+    if "periods" not in primary:
+        return ""
+    return (
+        f", throttled in {primary['throttled_periods']} of {primary['periods']} periods "
+        f"({primary['throttled_share']:.0%})"
     )
 
 

@@ -134,22 +134,22 @@ async def _conversations(web: ParleyProcess, token: str, n: int) -> list[str]:
     return created
 
 
-async def _append_forever(events: EventLog, conversations: list[str], rate: float) -> int:
-    """Append a notice-like event to the conversations round-robin at `rate` per second."""
+async def _append_until(
+    events: EventLog, conversations: list[str], rate: float, stop: asyncio.Event
+) -> int:
+    """Append a notice-like event to the conversations round-robin at `rate` per second
+    until `stop` is set. (Not cancelled: redis-py can swallow a cancel that lands inside a
+    call, and the appender then ran on, and the benchmark waited for it, forever.)"""
     sent = 0
-    if rate <= 0:
-        return sent
-    try:
-        while True:
-            for c in conversations:
-                frame = encode(
-                    f.Token(conversation=uuid.UUID(c), message_id=uuid.UUID(c), text="x")
-                )
-                await events.append(uuid.UUID(c), frame)
-                sent += 1
-                await asyncio.sleep(1 / rate)
-    except asyncio.CancelledError:
-        return sent
+    while rate > 0 and not stop.is_set():
+        for c in conversations:
+            if stop.is_set():
+                break
+            frame = encode(f.Token(conversation=uuid.UUID(c), message_id=uuid.UUID(c), text="x"))
+            await events.append(uuid.UUID(c), frame)
+            sent += 1
+            await asyncio.sleep(1 / rate)
+    return sent
 
 
 UI_FIRST_RETRY: Final = (0.25, 0.5)
@@ -196,7 +196,8 @@ async def storm(
     first_seconds = time.monotonic() - first
     redis = Redis.from_url(redis_url)
     events = EventLog(redis, 2000, 3600)
-    appender = asyncio.create_task(_append_forever(events, conversations, rate))
+    stop = asyncio.Event()
+    appender = asyncio.create_task(_append_until(events, conversations, rate, stop))
     await asyncio.sleep(1.0)
     queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
     cpu_before = procfs.cpu_seconds(web_b.pid)
@@ -216,7 +217,7 @@ async def storm(
         profiling.stop(web_b.pid, profile)
     queries = await asyncio.to_thread(postgres_queries_now, web_b) - queries_before
     await asyncio.sleep(1.0)
-    appender.cancel()
+    stop.set()
     appended = await appender
     await asyncio.sleep(1.0)  # the last events reach every tab
     heads = {c: int(await redis.get(keys.seq(c)) or 0) for c in conversations}

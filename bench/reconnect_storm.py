@@ -11,7 +11,9 @@ and joins with `after` = the last seq it holds. Reported: the storm's completion
 sent PostgreSQL during the storm (`parley_postgres_queries_total`), and whether any tab
 lost or repeated an event (each tab's seqs must be contiguous up to the head). Socket
 set-ups including `join` per second and per web core come from B's CPU time during the
-storm. A benchmark: it never fails on a number.
+storm; the tabs' own CPU (this process's) is reported beside it: on a small machine the
+tabs and B share the cores. The tabs run on uvloop, as `parley load` does (`--asyncio`: on
+asyncio's own loop). A benchmark: it never fails on a number.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from redis.asyncio import Redis
 
 from bench import profiling
 from protocol import frames as f
+from server.load.runner import run_loop
 from server.load.wsclient import Endpoint, WSClient, connect
 from server.redis import keys
 from server.redis.eventlog import EventLog, encode
@@ -245,6 +248,7 @@ async def storm(
         "postgres_queries_during_storm": queries,
         "web_b_cpu_seconds": round(cpu, 2),
         "client_cpu_seconds": round(own_cpu, 2),
+        "client_cpu_us_per_setup": round(own_cpu * 1e6 / len(times)) if times else None,
         "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,
         "web_b_cpu_us_per_setup": round(cpu * 1e6 / len(times)) if times else None,
         "events_appended": appended,
@@ -268,6 +272,11 @@ def main() -> None:
         action="store_true",
         help="each tab waits a random 250-500 ms before reconnecting, as the browser UI does",
     )
+    parser.add_argument(
+        "--asyncio",
+        action="store_true",
+        help="the tabs on asyncio's own event loop, not uvloop (as this bench ran before)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--profile", type=Path, help="cProfile web B during the storm into this pstats file"
@@ -281,7 +290,8 @@ def main() -> None:
             cluster.process("web", start=False, **env, **profiled),
         ]
         start_all(webs)
-        result = asyncio.run(
+        run = asyncio.run if args.asyncio else run_loop
+        result = run(
             storm(
                 webs[0],
                 webs[1],

@@ -10,7 +10,8 @@ hands an upgrade request arriving later on a kept-alive connection, transport an
 reassembles fragmented messages and hands each message to its `Handler` (`Commands`). Nothing
 waits on an idle socket: no task, no queue, and no `ServerProtocol` either — it is dropped
 whenever a read leaves it between frames with nothing pending (`_park`, ≈ 1.4 KiB a socket)
-and made again for the next frame in or out.
+and made again for the next frame in or out — except a read that is one whole small text
+message, which a parked socket takes without one (`_text_alone`).
 
 Frames to the client go to the transport at the end of the loop iteration that produced
 them (`Hub.mark_dirty`), all of a socket's in one write. A published event arrives already

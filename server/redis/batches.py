@@ -4,22 +4,14 @@ A web process asks Redis the same kind of question for every socket it sets up (
 user open one more? what does this joining socket need?). Under a connection storm those
 asks arrive by the thousand: sent in batches they cost one Redis round trip (one script
 call, as a rule) per few dozen sockets instead of one each. Alone, an ask waits for no one:
-its batch is sent at once. Under a storm a batcher may also space its calls (`spacing`):
-the next batch goes that long after the last one was sent, or at once when it is full, so
-the calls stay few while round trips are quick and their Python cost (building the call,
-reading the answer) is shared by more sockets.
+its batch is sent at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Generic, TypeVar
-
-STORM_SPACING: Final = 0.002
-"""The spacing of the join and admission batchers' calls: at a few thousand set-ups a second
-a batch then carries a dozen asks instead of two to four, for at most 2 ms of wait."""
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,12 +26,9 @@ class Batches(Generic[T, R]):
     the task sending them runs only while there are asks (nothing is left behind when
     idle)."""
 
-    def __init__(self, send: Send[T, R], most: int, spacing: float = 0.0) -> None:
+    def __init__(self, send: Send[T, R], most: int) -> None:
         self.send = send
         self.most = most
-        self.spacing = spacing
-        """The least time between two batches' sends (seconds) unless the next is full."""
-        self._sent_at = -math.inf
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -65,12 +54,7 @@ class Batches(Generic[T, R]):
             self._task = None
 
     async def _send_all(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._waiting:
-            early = self._sent_at + self.spacing - loop.time()
-            if early > 0 and len(self._waiting) < self.most:
-                await asyncio.sleep(early)
-            self._sent_at = loop.time()
             batch = self._waiting[: self.most]
             del self._waiting[: self.most]
             try:

@@ -27,7 +27,7 @@ from redis.crc import key_slot
 
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
-from server.redis.batches import STORM_SPACING, Batches
+from server.redis.batches import Batches
 from server.redis.client import UNREACHABLE, is_cluster
 
 UNLOADED: Final = -1
@@ -138,7 +138,7 @@ class EventLog:
         self._join = JOIN.register(redis)
         self._begin = BEGIN.register(redis)
         self._cluster = is_cluster(redis)
-        self._joins: Batches[Joining, Opening] = Batches(self._open, JOINS_PER_CALL, STORM_SPACING)
+        self._joins: Batches[Joining, Opening] = Batches(self._open, JOINS_PER_CALL)
 
     async def append(self, conversation: uuid.UUID, event: bytes) -> int:
         """Append an encoded event (without seq); return its seq, or UNLOADED."""

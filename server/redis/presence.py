@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.redis import keys, scripts
-from server.redis.batches import STORM_SPACING, Batches
+from server.redis.batches import Batches
 from server.redis.client import is_cluster
 
 log = logging.getLogger("parley.presence")
@@ -60,7 +60,7 @@ class Presence:
         self.per_user = is_cluster(redis)
         """On a Redis Cluster: one call per user, each on the user's slot."""
         self._beat_script = BEAT.register(redis)
-        self._admissions = Batches(self._admit_users, MAX_BATCH, STORM_SPACING)
+        self._admissions = Batches(self._admit_users, MAX_BATCH)
         self._leaving: Counter[str] = Counter()
         self._leaver: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None

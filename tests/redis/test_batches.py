@@ -14,7 +14,6 @@ from redis.exceptions import RedisError
 
 from server.app.config import RedisSettings
 from server.dev import embedded
-from server.redis.batches import Batches
 from server.redis.client import connect
 from server.redis.eventlog import EventLog
 from tests.helpers.scripts import MAX_EVENTS, TTL, loaded
@@ -79,27 +78,3 @@ async def until_given_back(redis: Any) -> None:
     while redis.connection_pool._in_use_connections:
         assert time.monotonic() < deadline, "a connection was not given back to the pool"
         await asyncio.sleep(0.01)
-
-
-async def test_spaced_batches_gather_what_comes_meanwhile_and_a_full_one_goes_at_once() -> None:
-    """A lone ask is sent at once; asks arriving one by one within `spacing` of the last send
-    wait for one call together; as many as `most` go at once without waiting."""
-    sent: list[list[int]] = []
-
-    async def send(items: list[int]) -> list[int]:
-        sent.append(items)
-        return [item * 10 for item in items]
-
-    batches: Batches[int, int] = Batches(send, most=4, spacing=1.0)
-    began = time.monotonic()
-    assert await batches.ask(1) == 10
-    assert time.monotonic() - began < 0.9
-    spread = []
-    for item in (2, 3, 4):
-        spread.append(asyncio.create_task(batches.ask(item)))
-        await asyncio.sleep(0.01)
-    assert await asyncio.gather(*spread) == [20, 30, 40]
-    began = time.monotonic()
-    assert await asyncio.gather(*(batches.ask(i) for i in (5, 6, 7, 8))) == [50, 60, 70, 80]
-    assert time.monotonic() - began < 0.9
-    assert sent == [[1], [2, 3, 4], [5, 6, 7, 8]]

@@ -50,4 +50,7 @@ def report(out: Path, lines: int = 45) -> str:
     stats.strip_dirs()
     stats.sort_stats("tottime").print_stats(lines)
     stats.sort_stats("cumulative").print_stats(lines)
+    collections = out.with_name(out.name + ".gc.json")
+    if collections.exists():
+        text.write(f"cyclic collector in the window (per generation): {collections.read_text()}\n")
     return text.getvalue()

@@ -11,7 +11,9 @@ and joins with `after` = the last seq it holds. Reported: the storm's completion
 sent PostgreSQL during the storm (`parley_postgres_queries_total`), and whether any tab
 lost or repeated an event (each tab's seqs must be contiguous up to the head). Socket
 set-ups including `join` per second and per web core come from B's CPU time during the
-storm. A benchmark: it never fails on a number.
+storm; the tabs' own CPU (this process's) is reported beside it: on a small machine the
+tabs and B share the cores. The tabs run on uvloop, as `parley load` does (`--asyncio`: on
+asyncio's own loop). A benchmark: it never fails on a number.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from redis.asyncio import Redis
 
 from bench import profiling
 from protocol import frames as f
+from server.load.runner import run_loop
 from server.load.wsclient import Endpoint, WSClient, connect
 from server.redis import keys
 from server.redis.eventlog import EventLog, encode
@@ -134,22 +137,22 @@ async def _conversations(web: ParleyProcess, token: str, n: int) -> list[str]:
     return created
 
 
-async def _append_forever(events: EventLog, conversations: list[str], rate: float) -> int:
-    """Append a notice-like event to the conversations round-robin at `rate` per second."""
+async def _append_until(
+    events: EventLog, conversations: list[str], rate: float, stop: asyncio.Event
+) -> int:
+    """Append a notice-like event to the conversations round-robin at `rate` per second
+    until `stop` is set. (Not cancelled: redis-py can swallow a cancel that lands inside a
+    call, and the appender then ran on, and the benchmark waited for it, forever.)"""
     sent = 0
-    if rate <= 0:
-        return sent
-    try:
-        while True:
-            for c in conversations:
-                frame = encode(
-                    f.Token(conversation=uuid.UUID(c), message_id=uuid.UUID(c), text="x")
-                )
-                await events.append(uuid.UUID(c), frame)
-                sent += 1
-                await asyncio.sleep(1 / rate)
-    except asyncio.CancelledError:
-        return sent
+    while rate > 0 and not stop.is_set():
+        for c in conversations:
+            if stop.is_set():
+                break
+            frame = encode(f.Token(conversation=uuid.UUID(c), message_id=uuid.UUID(c), text="x"))
+            await events.append(uuid.UUID(c), frame)
+            sent += 1
+            await asyncio.sleep(1 / rate)
+    return sent
 
 
 UI_FIRST_RETRY: Final = (0.25, 0.5)
@@ -176,6 +179,16 @@ async def _gather_bounded(
     )
 
 
+SCRIPT_CALLS: Final = ("cmdstat_evalsha", "cmdstat_eval")
+
+
+async def _script_calls(redis: Redis) -> int:
+    """Script calls Redis has run so far (`INFO commandstats`; the commands a script runs
+    are counted apart): the storm's count includes the appender's (`--rate 0` for none)."""
+    stats = await redis.info("commandstats")
+    return sum(int(stats[name]["calls"]) for name in SCRIPT_CALLS if name in stats)
+
+
 async def storm(
     web_a: ParleyProcess,
     web_b: ParleyProcess,
@@ -196,9 +209,11 @@ async def storm(
     first_seconds = time.monotonic() - first
     redis = Redis.from_url(redis_url)
     events = EventLog(redis, 2000, 3600)
-    appender = asyncio.create_task(_append_forever(events, conversations, rate))
+    stop = asyncio.Event()
+    appender = asyncio.create_task(_append_until(events, conversations, rate, stop))
     await asyncio.sleep(1.0)
     queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
+    calls_before = await _script_calls(redis)
     cpu_before = procfs.cpu_seconds(web_b.pid)
     own_before = time.process_time()
     if profile is not None:
@@ -212,11 +227,12 @@ async def storm(
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
     own_cpu = time.process_time() - own_before
+    calls = await _script_calls(redis) - calls_before
     if profile is not None:
         profiling.stop(web_b.pid, profile)
     queries = await asyncio.to_thread(postgres_queries_now, web_b) - queries_before
     await asyncio.sleep(1.0)
-    appender.cancel()
+    stop.set()
     appended = await appender
     await asyncio.sleep(1.0)  # the last events reach every tab
     heads = {c: int(await redis.get(keys.seq(c)) or 0) for c in conversations}
@@ -242,8 +258,10 @@ async def storm(
         "rejoin_ms_p50": pct(0.5),
         "rejoin_ms_p99": pct(0.99),
         "postgres_queries_during_storm": queries,
+        "redis_script_calls_during_storm": calls,
         "web_b_cpu_seconds": round(cpu, 2),
         "client_cpu_seconds": round(own_cpu, 2),
+        "client_cpu_us_per_setup": round(own_cpu * 1e6 / len(times)) if times else None,
         "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,
         "web_b_cpu_us_per_setup": round(cpu * 1e6 / len(times)) if times else None,
         "events_appended": appended,
@@ -267,6 +285,11 @@ def main() -> None:
         action="store_true",
         help="each tab waits a random 250-500 ms before reconnecting, as the browser UI does",
     )
+    parser.add_argument(
+        "--asyncio",
+        action="store_true",
+        help="the tabs on asyncio's own event loop, not uvloop (as this bench ran before)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--profile", type=Path, help="cProfile web B during the storm into this pstats file"
@@ -280,7 +303,8 @@ def main() -> None:
             cluster.process("web", start=False, **env, **profiled),
         ]
         start_all(webs)
-        result = asyncio.run(
+        run = asyncio.run if args.asyncio else run_loop
+        result = run(
             storm(
                 webs[0],
                 webs[1],

@@ -10,7 +10,8 @@ hands an upgrade request arriving later on a kept-alive connection, transport an
 reassembles fragmented messages and hands each message to its `Handler` (`Commands`). Nothing
 waits on an idle socket: no task, no queue, and no `ServerProtocol` either — it is dropped
 whenever a read leaves it between frames with nothing pending (`_park`, ≈ 1.4 KiB a socket)
-and made again for the next frame in or out.
+and made again for the next frame in or out — except a read that is one whole small text
+message, which a parked socket takes without one (`_text_alone`).
 
 Frames to the client go to the transport at the end of the loop iteration that produced
 them (`Hub.mark_dirty`), all of a socket's in one write. A published event arrives already
@@ -55,6 +56,7 @@ is cut (it may have stopped reading)."""
 HANDSHAKE_TIMEOUT: Final = 10.0
 """How long a new connection has to send its whole upgrade request."""
 
+_UPGRADED: Final = metrics.HANDSHAKES.labels("101")
 _PARSE: Final = WsProtocol.parse.__code__
 _AT_EOF: Final = StreamReader.at_eof.__code__
 
@@ -183,6 +185,8 @@ class Connection(asyncio.Protocol):
             self.close(CloseCode.INTERNAL, "internal error")
 
     def _frames_received(self, data: bytes) -> None:
+        if self.ws is None and self.phase is Phase.OPEN and self._text_alone(data):
+            return
         ws = self._protocol()
         ws.receive_data(data)
         self.last_seen = time.monotonic()
@@ -194,6 +198,19 @@ class Connection(asyncio.Protocol):
             handler.act()
         self._flush_ws()
         self._park()
+
+    def _text_alone(self, data: bytes) -> bool:
+        """Take a read that is one whole small text message (`wsframe.client_text`) without
+        making the parked socket a frame parser; False if it is anything else."""
+        payload = wsframe.client_text(data, self.hub.settings.limits.max_frame_bytes)
+        if payload is None:
+            return False
+        self.last_seen = time.monotonic()
+        handler = self.handler
+        assert handler is not None
+        handler.receive_text(payload, self.last_seen)
+        handler.act()
+        return True
 
     def _protocol(self) -> ServerProtocol:
         """The socket's frame parser, made again if it was parked."""
@@ -321,7 +338,7 @@ class Connection(asyncio.Protocol):
         offered = request.subprotocols
         subprotocol = f.SUBPROTOCOL if f.SUBPROTOCOL in offered else None
         self.transport.write(accept(request, subprotocol))
-        metrics.HANDSHAKES.labels("101").inc()
+        _UPGRADED.inc()
         self.phase = Phase.OPEN  # the frame parser is made with the first frame (`_protocol`)
         if self._timer is not None:
             self._timer.cancel()

@@ -105,7 +105,7 @@ class Progress:
         self.show(self.merged(), time.monotonic() - self.started)
 
 
-def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """On uvloop where installed, as the server runs: the generator shares a core with the
     server's Redis, and uvloop's transports cost it less per frame."""
     collector.calm()
@@ -119,7 +119,7 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def run(plan: Plan, procs: int, server_pid: int | None, progress: Progress) -> Measured:
     if procs <= 1:
-        return _run_loop(_run_here(plan, server_pid, progress))
+        return run_loop(_run_here(plan, server_pid, progress))
     return _run_forked(plan, procs, server_pid, progress)
 
 
@@ -196,7 +196,7 @@ def _child(plan: Plan, indices: list[int], conn: Connection) -> None:
             conn.send(("progress", driver.progress()))
 
     try:
-        stats = _run_loop(main())
+        stats = run_loop(main())
         conn.send(("stats", stats.to_json()))
     except BaseException as exc:  # report any failure to the parent rather than hang it
         conn.send(("error", repr(exc)))

@@ -15,6 +15,7 @@ from redis.exceptions import RedisClusterException
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from protocol import frames as f
@@ -169,7 +170,7 @@ def _meta(conversation: uuid.UUID) -> f.Conversation:
 class Peer:
     """One client on one `Connection`: sends masked frames, reads what the server wrote."""
 
-    def __init__(self, **connection_args: Any) -> None:
+    def __init__(self, kind: type[Connection] = Connection, **connection_args: Any) -> None:
         settings = Settings(server=ServerSettings(allowed_origins=["https://app.example"]))
         self.verifier = Verifier(AuthSettings(), SECRET)
         self.conversations, self.bus, self.presence = FakeConversations(), FakeBus(), FakePresence()
@@ -182,7 +183,7 @@ class Peer:
             UpgradePolicy(settings),
         )
         self.transport = Transport()
-        self.conn = Connection(self.hub, **connection_args)
+        self.conn = kind(self.hub, **connection_args)
         self.transport.protocol = self.conn
         self.conn.connection_made(self.transport)  # type: ignore[arg-type]
         self.client = ClientProtocol(parse_uri("ws://127.0.0.1/ws"), state=State.OPEN)
@@ -356,6 +357,38 @@ async def test_an_idle_socket_holds_no_frame_parser_and_split_frames_still_arriv
     peer.send((Opcode.CONT, message[5:], True))
     (pong,) = await peer.messages()
     assert pong["ref"] == "q" and peer.conn.ws is None
+
+
+class CountingParsers(Connection):
+    """A connection that counts the frame parsers it makes."""
+
+    def __init__(self, hub: Hub, **args: Any) -> None:
+        super().__init__(hub, **args)
+        self.parsers = 0
+
+    def _protocol(self) -> ServerProtocol:
+        self.parsers += self.ws is None
+        return super()._protocol()
+
+
+async def test_a_whole_small_ascii_message_is_read_without_a_frame_parser() -> None:
+    """A `join`, `say` or `ping` arriving whole in one read of a parked socket makes no
+    `ServerProtocol`; anything else (non-ASCII text, a control frame) still goes to one."""
+    peer = Peer(CountingParsers)
+    await peer.open("ann")
+    conn = peer.conn
+    assert isinstance(conn, CountingParsers)
+    peer.send_json({"type": "ping", "ref": "p"})
+    (pong,) = await peer.messages()
+    assert pong["ref"] == "p" and conn.parsers == 0 and conn.ws is None
+    peer.send(
+        (Opcode.TEXT, json.dumps({"type": "ping", "ref": "é"}, ensure_ascii=False).encode(), True)
+    )
+    (pong,) = await peer.messages()
+    assert pong["ref"] == "é" and conn.parsers == 1 and conn.ws is None
+    peer.send((Opcode.TEXT, b'{"type": "ping", "ref": "\xff"}', True))
+    (error,) = await peer.messages()  # not UTF-8: the parser's, and the same answer as ever
+    assert error["code"] == "bad_frame" and conn.parsers == 2
 
 
 async def test_commands_run_in_the_order_sent() -> None:

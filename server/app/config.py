@@ -154,6 +154,12 @@ class RedisSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     (conversations load again from PostgreSQL; generations running then are lost). Ignored
     on a single Redis."""
 
+    persist_wait_ms: Annotated[int, Meta(ge=0, le=60_000)] = 500
+    """How long the persister waits for the replicas of a persist stream's node to hold a
+    batch of finished turns before writing it to PostgreSQL (`WAIT`, only where the node has
+    replicas), so PostgreSQL is not ahead of a replica promoted after a failover; on timeout
+    the batch is written all the same and counted. 0: no wait."""
+
     @property
     def shards(self) -> int:
         if self.queue_shards > 0:

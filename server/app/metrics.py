@@ -217,6 +217,11 @@ PERSIST_LAG = Histogram(
     buckets=SECONDS_BUCKETS,
 )
 PERSISTED = Counter("parley_persisted_turns_total", "Finished turns committed to PostgreSQL.")
+PERSIST_UNREPLICATED = Counter(
+    "parley_persist_unreplicated_total",
+    "Finished turns written to PostgreSQL before their Redis node's replicas acknowledged "
+    "them (redis.persist_wait_ms ran out, or the wait failed).",
+)
 REDIS_ERRORS = Counter(
     "parley_redis_errors_total",
     "Redis commands that failed (connection lost, timeout, error reply), by component.",

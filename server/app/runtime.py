@@ -163,7 +163,13 @@ class Runtime:
             hooks=self.hooks,
             toolbox=self.toolbox,
         )
-        self.persister = Persister(self.redis, self.pool, events, shards=self.settings.redis.shards)
+        self.persister = Persister(
+            self.redis,
+            self.pool,
+            events,
+            shards=self.settings.redis.shards,
+            wait_ms=self.settings.redis.persist_wait_ms,
+        )
         worker = self.worker
         metrics.RUNNING.set_function(lambda: len(worker.running))
         self._tasks.append(asyncio.create_task(self._supervised("worker", self.worker.run)))

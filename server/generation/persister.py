@@ -4,7 +4,11 @@ by its own loop) to PostgreSQL.
 Each entry is written in one transaction, idempotently (message ids were chosen before the
 write), and acknowledged only after the commit (the entries of one read together, with their
 `mark_persisted` calls, in one round trip): PostgreSQL being down delays persistence and
-loses nothing. Entries left pending by a persister that died are claimed by another. An entry
+loses nothing. Entries left pending by a persister that died are claimed by another. Where
+the stream's node has replicas, a batch is written only once they hold it
+(server/redis/replicas.py), or after `redis.persist_wait_ms` without them (counted,
+`parley_persist_unreplicated_total`): PostgreSQL is then not ahead of a replica that could be
+promoted. An entry
 that cannot be written (malformed, or refused by PostgreSQL) goes to the dead-letter stream
 after a few attempts (server/deadletter.py), so it never holds up the turns after it.
 """
@@ -24,6 +28,7 @@ from server.redis import keys, scripts
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
+from server.redis.replicas import Replication
 from server.redis.streams import ConsumerGroup, Entry, consumer_name
 from storage.messages import FinishedTurn, save_turn
 
@@ -43,8 +48,10 @@ class Persister:
         events: EventLog,
         name: str | None = None,
         shards: int = 1,
+        wait_ms: int = 0,
     ) -> None:
-        """`shards`: how many persist streams there are (`keys.persist`); all are read."""
+        """`shards`: how many persist streams there are (`keys.persist`); all are read.
+        `wait_ms`: how long a batch waits for the replicas of its stream's node (0: not)."""
         self.redis = redis
         self.events = events
         self.pool = pool
@@ -55,6 +62,8 @@ class Persister:
         ]
         self.saved = 0
         self.dead_letters = DeadLetters(redis)
+        self.replication = Replication(redis, wait_ms)
+        self._unreplicated = False
         self._stopping = False
 
     async def run(self) -> None:
@@ -87,6 +96,8 @@ class Persister:
 
     async def _persist_all(self, group: ConsumerGroup, entries: list[Entry]) -> None:
         """Write each entry, then mark and acknowledge those written, all in one round trip."""
+        if entries:
+            await self._replicated(group, [entry_id for entry_id, _ in entries])
         saved: list[tuple[bytes, FinishedTurn]] = []
         for entry_id, fields in entries:
             turn = await self._persist(group, entry_id, fields)
@@ -94,6 +105,23 @@ class Persister:
                 saved.append((entry_id, turn))
         if saved:
             await self._done(group, saved)
+
+    async def _replicated(self, group: ConsumerGroup, entry_ids: list[bytes]) -> None:
+        """Wait (bounded) until the replicas of `group`'s node hold the entries. Without
+        them — a replica down or lagging, or the node not answering — the batch is written
+        all the same (availability first), counted, and logged once until a wait succeeds."""
+        try:
+            if await self.replication.settled(group, entry_ids):
+                self._unreplicated = False
+                return
+            reason = f"no replica acknowledged within {self.replication.timeout_ms} ms"
+        except UNREACHABLE as exc:
+            metrics.REDIS_ERRORS.labels("persister").inc()
+            reason = f"cannot wait for replicas ({exc})"
+        metrics.PERSIST_UNREPLICATED.inc(len(entry_ids))
+        if not self._unreplicated:
+            self._unreplicated = True
+            log.warning("%s: finished turns persisted unreplicated", reason)
 
     async def _persist(
         self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes]

@@ -1,25 +1,38 @@
 """The persister against the real embedded Redis and PostgreSQL: a batch of finished turns is
-written to PostgreSQL turn by turn, then marked persisted and acknowledged in one round trip."""
+written to PostgreSQL turn by turn, then marked persisted and acknowledged in one round trip;
+and against a real primary with a replica (a one-shard Redis Cluster, reached with the
+cluster client and, as a single Redis, with the plain one): a batch is written only once the
+replica holds it, or after the wait's timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from protocol.frames import utcnow
+from server.app.config import RedisSettings
 from server.generation.persister import Persister
 from server.redis import keys
+from server.redis.client import opened
 from server.redis.eventlog import EventLog
 from storage import conversations, messages
 from storage.messages import FinishedTurn
+from tests.helpers import redis_cluster
 from tests.helpers.processes import Db, Services, redis_db
+from tests.helpers.redis_cluster import Node, SixNodes
 from tests.helpers.scripts import conversation_row, message
 
 MAX_EVENTS, TTL = 1000, 3600
@@ -132,3 +145,148 @@ async def test_a_turn_of_a_gone_conversation_is_acknowledged_with_the_batch(
     await persist_one_batch(persister)
     assert len(await messages.history(pool, kept.conversation)) == 2
     assert await redis.xlen(keys.persist(0)) == 0
+
+
+async def test_no_wait_is_sent_where_redis_has_no_replica(pool: asyncpg.Pool, redis: Redis) -> None:
+    persister = Persister(redis, pool, EventLog(redis, MAX_EVENTS, TTL), name="p", wait_ms=500)
+    await persister.groups[0].ensure()
+    finished = await finished_turn(pool)
+    await queued(redis, finished)
+    waits = await calls(redis, "wait")
+    await persist_one_batch(persister)
+    assert len(await messages.history(pool, finished.conversation)) == 2
+    assert await calls(redis, "wait") == waits
+
+
+WAIT_MS = 700
+"""The persister's wait in the tests with a replica: shorter than the cluster's node timeout
+(2 s), so a paused replica is never marked failing."""
+
+
+@pytest.fixture(scope="module")
+def primary_and_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SixNodes]:
+    nodes = redis_cluster.start_one_shard(tmp_path_factory.mktemp("replicated"), replicas=1)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@contextlib.contextmanager
+def paused(node: Node) -> Iterator[None]:
+    """The node stopped (SIGSTOP by its PID), continued on leaving."""
+    node.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+
+
+def replica_of(nodes: SixNodes) -> Node:
+    primary = nodes.primaries()[0]
+    return next(node for node in nodes.nodes if node is not primary)
+
+
+@dataclass
+class Replicated:
+    persister: Any
+    """The persister's client of the primary."""
+    worker: Any
+    """Another client of the primary, queueing the finished turns as a worker would."""
+    replica: Node
+
+
+@pytest_asyncio.fixture(params=["redis", "redis-cluster"])
+async def replicated(
+    request: pytest.FixtureRequest, primary_and_replica: SixNodes
+) -> AsyncIterator[Replicated]:
+    """Clients of the primary — the plain one (as of a single Redis with a replica; the
+    one shard serves every slot) or the cluster client — and the replica."""
+    primary = primary_and_replica.primaries()[0]
+    settings = RedisSettings(
+        url=f"redis://{primary.address}", cluster=request.param == "redis-cluster"
+    )
+    persister, worker = await opened(settings), await opened(settings)
+    try:
+        await worker.delete(keys.persist(0))
+        yield Replicated(persister, worker, replica_of(primary_and_replica))
+    finally:
+        await persister.aclose()
+        await worker.aclose()
+
+
+async def replicated_persister(pool: asyncpg.Pool, client: Any) -> Persister:
+    persister = Persister(
+        client, pool, EventLog(client, MAX_EVENTS, TTL), name="p", wait_ms=WAIT_MS
+    )
+    await persister.groups[0].ensure()
+    return persister
+
+
+def unreplicated() -> float:
+    return REGISTRY.get_sample_value("parley_persist_unreplicated_total") or 0.0
+
+
+async def written_after(pool: asyncpg.Pool, finished: FinishedTurn, seconds: float) -> bool:
+    """Whether PostgreSQL holds the turn within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await messages.history(pool, finished.conversation):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_a_wait_on_a_connection_that_wrote_nothing_proves_nothing(
+    primary_and_replica: SixNodes,
+) -> None:
+    """Why the persister's WAIT follows a write of its own on its connection."""
+    primary = primary_and_replica.primaries()[0]
+    async with (
+        Redis.from_url(f"redis://{primary.address}") as redis,
+        redis.client() as writer,
+        redis.client() as idle,
+    ):
+        await idle.ping()
+        with paused(replica_of(primary_and_replica)):
+            await writer.set("{wait}probe", "x")
+            started = time.monotonic()
+            assert await idle.execute_command("WAIT", 1, 1500) == 1  # at once, and wrong
+            assert time.monotonic() - started < 0.75
+            assert await writer.execute_command("WAIT", 1, 300) == 0
+
+
+async def test_a_batch_waits_for_a_paused_replica_then_is_written_and_counted(
+    pool: asyncpg.Pool, replicated: Replicated
+) -> None:
+    persister = await replicated_persister(pool, replicated.persister)
+    finished = await finished_turn(pool)
+    await queued(replicated.worker, finished)
+    before = unreplicated()
+    with paused(replicated.replica):
+        started = time.monotonic()
+        task = asyncio.create_task(persist_one_batch(persister))
+        assert not await written_after(pool, finished, WAIT_MS / 1000 * 0.6)
+        async with asyncio.timeout(10):
+            await task
+    assert time.monotonic() - started >= WAIT_MS / 1000
+    assert len(await messages.history(pool, finished.conversation)) == 2
+    assert unreplicated() == before + 1
+    assert await replicated.worker.xlen(keys.persist(0)) == 0
+
+
+async def test_a_batch_is_written_once_the_replica_resumes(
+    pool: asyncpg.Pool, replicated: Replicated
+) -> None:
+    persister = await replicated_persister(pool, replicated.persister)
+    persister.replication.timeout_ms = 10_000
+    finished = await finished_turn(pool)
+    await queued(replicated.worker, finished)
+    before = unreplicated()
+    with paused(replicated.replica):
+        task = asyncio.create_task(persist_one_batch(persister))
+        assert not await written_after(pool, finished, 0.4)
+    assert await written_after(pool, finished, 5.0)  # the replica caught up: no timeout
+    async with asyncio.timeout(5):
+        await task
+    assert unreplicated() == before

@@ -2,15 +2,20 @@
 
 These tests use their own database number of the session's Redis, so that the jobs and
 finished turns they queue are never seen by a Parley process running in the same session.
+A test marked `counts_commands` gets a Redis server of its own instead: `INFO commandstats`
+counts every client's commands, and a Parley process running in the session (or a test's
+leftover task) would add to what the test counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from server.dev import embedded
 from server.redis.eventlog import EventLog, Pipeliner
 from tests.helpers.processes import Db, Services
 from tests.helpers.scripts import MAX_EVENTS, TTL
@@ -22,8 +27,23 @@ def scripts_db(services: Services) -> Redis:
     return Redis.from_url(f"{services.redis_url.rsplit('/', 1)[0]}/{SCRIPTS_DB}")
 
 
+@pytest.fixture(scope="module")
+def lone_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server that only this module's `counts_commands` tests talk to."""
+    service = embedded.start_redis(tmp_path_factory.mktemp("lone-redis"), persist=False)
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def redis(services: Services) -> AsyncIterator[Redis]:
+async def redis(services: Services, request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    if request.node.get_closest_marker("counts_commands") is not None:
+        url = request.getfixturevalue("lone_redis_url")
+        async with Redis.from_url(url) as client:
+            yield client
+        return
     async with scripts_db(services) as client:
         yield client
 

@@ -111,6 +111,18 @@ async def queued(redis: Any, stream: str, field: bytes) -> list[bytes]:
     return [fields[field] for _, fields in await redis.xrange(stream)]
 
 
+async def persist_seqs(redis: Any, turns: Turns, conversation: uuid.UUID) -> list[bytes]:
+    """The `done_seq` of each of this conversation's entries on its persist stream (which
+    other tests' conversations may share)."""
+    entries = await redis.xrange(turns.persist_key(conversation))
+    mine = [
+        f
+        for _, f in entries
+        if msgspec.json.decode(f[b"turn"])["conversation"] == str(conversation)
+    ]
+    return [f[b"done_seq"] for f in mine]
+
+
 async def free(redis: Any, conversation: uuid.UUID) -> None:
     """The generation is over (as `finish` would leave it), without a `done`."""
     pipe = redis.pipeline(transaction=False)
@@ -175,10 +187,10 @@ async def test_finish_appends_done_once_and_queues_the_turn_on_the_persist_shard
     assert await finish_turn(pipeliner, turns, job, 0) == 2  # a retry
     assert await events.head(conversation) == 2
     assert not await cluster_redis.exists(keys.generation(conversation))
-    seqs = await queued(cluster_redis, turns.persist_key(conversation), b"done_seq")
+    seqs = await persist_seqs(cluster_redis, turns, conversation)
     assert set(seqs) == {b"2"}  # queued again by the retry: written once by the persister
     await turns.queue_finished_again(job)
-    assert len(await queued(cluster_redis, turns.persist_key(conversation), b"done_seq")) == 3
+    assert len(await persist_seqs(cluster_redis, turns, conversation)) == 3
 
 
 async def test_a_stale_finish_after_the_takeover_finished_queues_nothing_again(
@@ -200,9 +212,9 @@ async def test_a_stale_finish_after_the_takeover_finished_queues_nothing_again(
     finally:
         await taking.stop()
         await stale.stop()
-    assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [b"2"]
+    assert await persist_seqs(cluster_redis, turns, conversation) == [b"2"]
     await turns.queue_finished_again(job)  # a takeover that found it finished
-    assert await queued(cluster_redis, turns.persist_key(conversation), b"done_seq") == [
+    assert await persist_seqs(cluster_redis, turns, conversation) == [
         b"2",
         b"2",
     ]

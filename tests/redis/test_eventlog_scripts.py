@@ -7,6 +7,7 @@ import functools
 import uuid
 
 import msgspec
+import pytest
 from redis.asyncio import Redis
 
 from protocol.frames import Message, utcnow
@@ -183,6 +184,7 @@ async def hset_calls(redis: Redis) -> int:
     return int(stats.get("cmdstat_hset", {}).get("calls", 0))
 
 
+@pytest.mark.counts_commands
 async def test_a_call_sent_again_appends_nothing_twice_and_tries_its_refused_pieces_again(
     events: EventLog, redis: Redis
 ) -> None:
@@ -517,6 +519,7 @@ async def test_a_forgotten_conversation_keeps_no_transcript(events: EventLog, re
     assert not await redis.exists(keys.history(conversation))
 
 
+@pytest.mark.counts_commands
 async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_call(
     events: EventLog, redis: Redis
 ) -> None:
@@ -542,6 +545,7 @@ async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_
     assert (await events.opening(uuid.uuid4(), 0)).meta is None  # not in Redis
 
 
+@pytest.mark.counts_commands
 async def test_joins_asked_together_are_one_script_call_each_answered_as_alone(
     events: EventLog, redis: Redis
 ) -> None:
@@ -582,6 +586,7 @@ async def script_commands(redis: Redis) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_script"))
 
 
+@pytest.mark.counts_commands
 async def test_a_batch_of_pieces_is_one_round_trip_and_survives_redis_forgetting_its_scripts(
     events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
@@ -607,6 +612,7 @@ async def test_begin_marks_the_generation_and_reads_nothing_of_an_unloaded_conve
     assert 0 < await redis.ttl(keys.generation(conversation)) <= 60
 
 
+@pytest.mark.counts_commands
 async def test_begin_reads_the_context_the_cancel_mark_and_the_last_piece_in_one_call(
     events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
@@ -656,6 +662,7 @@ async def script_calls(redis: Redis) -> int:
     )
 
 
+@pytest.mark.counts_commands
 async def test_the_pieces_of_many_conversations_queued_together_are_one_script_call(
     events: EventLog, redis: Redis, pipeliner: Pipeliner
 ) -> None:
@@ -724,6 +731,7 @@ async def test_a_call_queued_between_pieces_keeps_its_place_among_them(
     ]
 
 
+@pytest.mark.counts_commands
 async def test_batches_go_at_least_the_interval_apart_and_the_first_at_once(
     events: EventLog, redis: Redis
 ) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
@@ -166,6 +167,7 @@ async def test_dispatch_puts_each_turn_on_its_conversations_shard_within_the_cap
         assert (str(job.message_id) in on_stream) == (str(job.message_id) in started)
 
 
+@pytest.mark.counts_commands
 async def test_with_a_free_slot_and_nobody_waiting_say_starts_the_turn_in_its_one_call(
     turns: Turns, events: EventLog
 ) -> None:

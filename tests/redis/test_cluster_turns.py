@@ -112,15 +112,12 @@ async def queued(redis: Any, stream: str, field: bytes) -> list[bytes]:
 
 
 async def persist_seqs(redis: Any, turns: Turns, conversation: uuid.UUID) -> list[bytes]:
-    """The `done_seq` of each of this conversation's entries on its persist stream (which
-    other tests' conversations may share)."""
+    """The `done_seq` of each of this conversation's entries on its persist stream, which
+    other tests' conversations may share (`finish_turn` queues the conversation's id as the
+    turn)."""
     entries = await redis.xrange(turns.persist_key(conversation))
-    mine = [
-        f
-        for _, f in entries
-        if msgspec.json.decode(f[b"turn"])["conversation"] == str(conversation)
-    ]
-    return [f[b"done_seq"] for f in mine]
+    mine = str(conversation).encode()
+    return [fields[b"done_seq"] for _, fields in entries if fields[b"turn"] == mine]
 
 
 async def free(redis: Any, conversation: uuid.UUID) -> None:
@@ -135,7 +132,7 @@ async def finish_turn(pipeliner: Pipeliner, turns: Turns, job: Job, spent: int) 
     reply = message("assistant", job.message_id)
     c = job.conversation
     done = f.encode(f.Done(conversation=c, message_id=job.message_id, reason="stop"))
-    return await turns.finish(pipeliner, job, done, reply, b"turn", spent)
+    return await turns.finish(pipeliner, job, done, reply, str(c).encode(), spent)
 
 
 async def test_say_appends_marks_busy_and_queues_on_the_conversations_shard(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import asyncpg
 import msgspec
@@ -38,6 +39,27 @@ CLAIM_IDLE_MS = 10_000
 CLAIM_EVERY = 5.0
 
 _turn_decoder = msgspec.json.Decoder(FinishedTurn)
+
+
+class _Owner(msgspec.Struct):
+    """A finished turn's conversation alone (the rest of the entry is skipped unread)."""
+
+    conversation: uuid.UUID
+
+
+_owner_decoder = msgspec.json.Decoder(_Owner)
+
+
+def _owners(entries: list[Entry]) -> list[uuid.UUID]:
+    """The conversations of the entries that name one (a malformed entry is left for
+    `_persist`, which sends it to the dead letters)."""
+    owners = []
+    for _, fields in entries:
+        try:
+            owners.append(_owner_decoder.decode(fields[b"turn"]).conversation)
+        except (KeyError, msgspec.DecodeError):
+            continue
+    return owners
 
 
 class Persister:
@@ -97,7 +119,7 @@ class Persister:
     async def _persist_all(self, group: ConsumerGroup, entries: list[Entry]) -> None:
         """Write each entry, then mark and acknowledge those written, all in one round trip."""
         if entries:
-            await self._replicated(group, [entry_id for entry_id, _ in entries])
+            await self._replicated(group, entries)
         saved: list[tuple[bytes, FinishedTurn]] = []
         for entry_id, fields in entries:
             turn = await self._persist(group, entry_id, fields)
@@ -106,12 +128,15 @@ class Persister:
         if saved:
             await self._done(group, saved)
 
-    async def _replicated(self, group: ConsumerGroup, entry_ids: list[bytes]) -> None:
-        """Wait (bounded) until the replicas of `group`'s node hold the entries. Without
-        them — a replica down or lagging, or the node not answering — the batch is written
-        all the same (availability first), counted, and logged once until a wait succeeds."""
+    async def _replicated(self, group: ConsumerGroup, entries: list[Entry]) -> None:
+        """Wait (bounded) until the replicas of `group`'s node hold the entries, and on a
+        cluster those of their conversations' nodes the turns' events. Without them — a
+        replica down or lagging, or a node not answering — the batch is written all the same
+        (availability first), counted, and logged once until a wait succeeds."""
+        entry_ids = [entry_id for entry_id, _ in entries]
+        owners = _owners(entries) if self.replication.clustered else []
         try:
-            if await self.replication.settled(group, entry_ids):
+            if await self.replication.settled(group, entry_ids, owners):
                 self._unreplicated = False
                 return
             reason = f"no replica acknowledged within {self.replication.timeout_ms} ms"

@@ -160,6 +160,12 @@ def seq(conversation: uuid.UUID | str) -> str:
     return f"{_conv(conversation)}:seq"
 
 
+def replica_probe(conversation: uuid.UUID | str) -> str:
+    """A short-lived key the persister writes on the conversation's node just before a
+    `WAIT` there (server/redis/replicas.py): a `WAIT` covers its connection's own writes."""
+    return f"{_conv(conversation)}:probe"
+
+
 def persisted(conversation: uuid.UUID | str) -> str:
     """The seq up to which PostgreSQL holds the conversation: the log may trim before it."""
     return f"{_conv(conversation)}:persisted"

@@ -14,24 +14,35 @@ cluster, one connection of the node serving the stream's slot). Replication is o
 stream per node, so the replicas holding that claim hold everything written before it: the
 turn's events, its `finish` and the entries themselves.
 
+On a cluster a turn's events and its `finish` live on its conversation's node, which is
+often not the persist stream's: there the persister writes a short-lived probe key of the
+conversation's slot (`keys.replica_probe`) and sends `WAIT` after it on the same connection,
+once per node that holds conversations of the batch, all nodes at once.
+
 A node without replicas (ROLE lists none online, looked up at most every `RECHECK` seconds)
 is sent no `WAIT` at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
 
+from server.redis import keys
 from server.redis.client import is_cluster
 from server.redis.streams import ConsumerGroup
 
 RECHECK: Final = 5.0
 """Seconds a node's count of online replicas is trusted before ROLE is asked again."""
+
+PROBE_MS: Final = 10_000
+"""How long a probe key lives: past any wait, so that it never piles up."""
 
 
 class Replication:
@@ -39,49 +50,72 @@ class Replication:
         """`timeout_ms`: how long one `WAIT` may take; 0 sends none."""
         self.redis = redis
         self.timeout_ms = timeout_ms
-        self._clustered = is_cluster(redis)
+        self.clustered = is_cluster(redis)
         self._replicas: dict[str, tuple[float, int]] = {}
 
-    async def settled(self, group: ConsumerGroup, entry_ids: Sequence[bytes]) -> bool:
+    async def settled(
+        self,
+        group: ConsumerGroup,
+        entry_ids: Sequence[bytes],
+        conversations: Iterable[uuid.UUID] = (),
+    ) -> bool:
         """Whether every online replica of `group`'s node holds the entries and all written
-        before them, waiting up to `timeout_ms` (True at once where there is no replica, or
-        the wait is off). Raises what Redis raises when it cannot be asked."""
+        before them — and on a cluster, of each node of `conversations`, all written there —
+        waiting up to `timeout_ms` (True at once where there is no replica, or the wait is
+        off). Raises what Redis raises when it cannot be asked."""
         if self.timeout_ms <= 0 or not entry_ids:
             return True
-        replicas = await self._online_replicas(group.stream)
+        waits = [self._stream_settled(group, entry_ids)]
+        if self.clustered:
+            waits += [self._node_settled(*aim) for aim in self._other_nodes(group, conversations)]
+        return all(await asyncio.gather(*waits))
+
+    async def _stream_settled(self, group: ConsumerGroup, entry_ids: Sequence[bytes]) -> bool:
+        claim = ("XCLAIM", group.stream, group.group, group.consumer, 0, *entry_ids, "JUSTID")
+        if not self.clustered:
+            replicas = await self._online_replicas("", self.redis)
+            if replicas == 0:
+                return True
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xclaim(group.stream, group.group, group.consumer, 0, [*entry_ids], justid=True)
+                pipe.execute_command("WAIT", replicas, self.timeout_ms)
+                replies = await pipe.execute(raise_on_error=False)
+            return _acked(replies) >= replicas
+        return await self._node_settled(self._node(group.stream), claim)
+
+    async def _node_settled(self, node: ClusterNode, write: tuple[Any, ...]) -> bool:
+        replicas = await self._online_replicas(node.name, node)
         if replicas == 0:
             return True
-        acked = await self._claim_and_wait(group, entry_ids, replicas)
-        return acked >= replicas
+        wait = ("WAIT", replicas, self.timeout_ms)
+        return await _on_one_connection(node, write, wait) >= replicas
 
-    async def _online_replicas(self, stream: str) -> int:
+    def _other_nodes(
+        self, group: ConsumerGroup, conversations: Iterable[uuid.UUID]
+    ) -> list[tuple[ClusterNode, tuple[Any, ...]]]:
+        """A probe write for each node, other than the stream's, serving one of
+        `conversations`."""
+        stream_node = self._node(group.stream).name
+        aims: dict[str, tuple[ClusterNode, tuple[Any, ...]]] = {}
+        for conversation in conversations:
+            probe = keys.replica_probe(conversation)
+            node = self._node(probe)
+            if node.name != stream_node and node.name not in aims:
+                aims[node.name] = (node, ("SET", probe, b"1", "PX", PROBE_MS))
+        return list(aims.values())
+
+    async def _online_replicas(self, name: str, client: Any) -> int:
         now = time.monotonic()
-        known = self._replicas.get(stream)
+        known = self._replicas.get(name)
         if known is not None and now - known[0] < RECHECK:
             return known[1]
-        if self._clustered:
-            role = await self._node(stream).execute_command("ROLE")
-        else:
-            role = await self.redis.execute_command("ROLE")
+        role = await client.execute_command("ROLE")
         count = len(role[2]) if role[0] in (b"master", "master") else 0
-        self._replicas[stream] = (now, count)
+        self._replicas[name] = (now, count)
         return count
 
-    async def _claim_and_wait(
-        self, group: ConsumerGroup, entry_ids: Sequence[bytes], replicas: int
-    ) -> int:
-        claim = ("XCLAIM", group.stream, group.group, group.consumer, 0, *entry_ids, "JUSTID")
-        wait = ("WAIT", replicas, self.timeout_ms)
-        if self._clustered:
-            return await _on_one_connection(self._node(group.stream), claim, wait)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xclaim(group.stream, group.group, group.consumer, 0, [*entry_ids], justid=True)
-            pipe.execute_command(*wait)
-            replies = await pipe.execute(raise_on_error=False)
-        return _acked(replies[1])
-
-    def _node(self, stream: str) -> ClusterNode:
-        node: ClusterNode = self.redis.get_node_from_key(stream)
+    def _node(self, key: str) -> ClusterNode:
+        node: ClusterNode = self.redis.get_node_from_key(key)
         return node
 
 
@@ -103,11 +137,13 @@ async def _on_one_connection(node: ClusterNode, *commands: tuple[Any, ...]) -> i
         raise
     finally:
         node.release(connection)
-    return _acked(replies[-1])
+    return _acked(replies)
 
 
-def _acked(reply: Any) -> int:
-    """How many replicas a `WAIT` reply says acknowledged; an error reply raises."""
-    if isinstance(reply, BaseException):
-        raise reply
-    return int(reply)
+def _acked(replies: Sequence[Any]) -> int:
+    """How many replicas the last reply, a `WAIT`'s, says acknowledged. An error reply
+    raises, the write's too: a `WAIT` after a write that failed proves nothing."""
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return int(replies[-1])

@@ -1,8 +1,9 @@
 """The persister against the real embedded Redis and PostgreSQL: a batch of finished turns is
 written to PostgreSQL turn by turn, then marked persisted and acknowledged in one round trip;
 and against a real primary with a replica (a one-shard Redis Cluster, reached with the
-cluster client and, as a single Redis, with the plain one): a batch is written only once the
-replica holds it, or after the wait's timeout."""
+cluster client and, as a single Redis, with the plain one, and a three-primary cluster whose
+conversation and persist stream live on different nodes): a batch is written only once the
+replicas hold it, or after the wait's timeout."""
 
 from __future__ import annotations
 
@@ -237,6 +238,23 @@ async def written_after(pool: asyncpg.Pool, finished: FinishedTurn, seconds: flo
     return False
 
 
+async def written_after_the_wait(
+    pool: asyncpg.Pool, persister: Persister, finished: FinishedTurn, replica: Node
+) -> None:
+    """With `replica` paused, one batch holding `finished` is written only once the wait
+    timed out, and counted as unreplicated."""
+    before = unreplicated()
+    with paused(replica):
+        started = time.monotonic()
+        task = asyncio.create_task(persist_one_batch(persister))
+        assert not await written_after(pool, finished, WAIT_MS / 1000 * 0.6)
+        async with asyncio.timeout(10):
+            await task
+    assert time.monotonic() - started >= WAIT_MS / 1000
+    assert len(await messages.history(pool, finished.conversation)) == 2
+    assert unreplicated() == before + 1
+
+
 async def test_a_wait_on_a_connection_that_wrote_nothing_proves_nothing(
     primary_and_replica: SixNodes,
 ) -> None:
@@ -262,16 +280,7 @@ async def test_a_batch_waits_for_a_paused_replica_then_is_written_and_counted(
     persister = await replicated_persister(pool, replicated.persister)
     finished = await finished_turn(pool)
     await queued(replicated.worker, finished)
-    before = unreplicated()
-    with paused(replicated.replica):
-        started = time.monotonic()
-        task = asyncio.create_task(persist_one_batch(persister))
-        assert not await written_after(pool, finished, WAIT_MS / 1000 * 0.6)
-        async with asyncio.timeout(10):
-            await task
-    assert time.monotonic() - started >= WAIT_MS / 1000
-    assert len(await messages.history(pool, finished.conversation)) == 2
-    assert unreplicated() == before + 1
+    await written_after_the_wait(pool, persister, finished, replicated.replica)
     assert await replicated.worker.xlen(keys.persist(0)) == 0
 
 
@@ -290,3 +299,52 @@ async def test_a_batch_is_written_once_the_replica_resumes(
     async with asyncio.timeout(5):
         await task
     assert unreplicated() == before
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SixNodes]:
+    nodes = redis_cluster.start(tmp_path_factory.mktemp("three-shards"))
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def replica_serving(nodes: SixNodes, primary: Node) -> Node:
+    """The node that replicates `primary` (its ROLE names the primary's port)."""
+    for node in nodes.nodes:
+        role = node.cli("ROLE").split()
+        if role[0] == "slave" and int(role[2]) == primary.port:
+            return node
+    raise AssertionError(f"no replica of {primary.address}")
+
+
+def row_away_from(nodes: SixNodes, key: str) -> Any:
+    """A conversation row whose keys another primary than `key`'s serves."""
+    away = nodes.owner(key).port
+    for _ in range(50):
+        meta = conversation_row()
+        if nodes.owner(keys.replica_probe(meta.id)).port != away:
+            return meta
+    raise AssertionError("every conversation landed on one primary")
+
+
+async def test_on_a_cluster_a_batch_waits_for_the_replica_of_its_conversations_node(
+    pool: asyncpg.Pool, three_shards: SixNodes
+) -> None:
+    """The turn's events are on its conversation's node, not the persist stream's: with that
+    node's replica paused, the batch waits (the stream's replica alone would let it pass)."""
+    meta = row_away_from(three_shards, keys.persist(0))
+    await conversations.insert(pool, "alice", meta)
+    finished = await finished_turn(pool, meta.id)
+    settings = RedisSettings(url=three_shards.url, cluster=True)
+    client, worker = await opened(settings), await opened(settings)
+    try:
+        await worker.delete(keys.persist(0))
+        persister = await replicated_persister(pool, client)
+        await queued(worker, finished)
+        replica = replica_serving(three_shards, three_shards.owner(keys.replica_probe(meta.id)))
+        await written_after_the_wait(pool, persister, finished, replica)
+    finally:
+        await client.aclose()
+        await worker.aclose()

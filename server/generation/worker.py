@@ -955,7 +955,10 @@ class Worker:
     def _take(self, run: Running, item: Piece | Progress) -> Callable[[], Awaitable[None]] | None:
         """A piece of the reply (or of a tool call) as the model's stream brings it, in the
         connection's callback (`LLM.relay`): published at once; when Redis lost the turn,
-        what to await first (the turn republished, this piece with it)."""
+        what to await first (the turn republished, this piece with it). Nothing once the
+        turn is cancelled or taken over: its task, cancelled, has yet to wake."""
+        if run.cancelled or run.taken_over:
+            return None
         if not isinstance(item, Piece):
             run.first_token = run.first_token or time.monotonic()
             self._call_piece(run, item)

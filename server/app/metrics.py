@@ -76,6 +76,11 @@ PROCESS_INFO = Gauge(
 # ---------------------------------------------------------------------- sockets (web)
 
 SOCKETS_OPEN = Gauge("parley_ws_sockets_open", "WebSocket connections open in this process.")
+SSE_STREAMS_OPEN = Gauge(
+    "parley_sse_streams_open",
+    "Server-Sent Events responses open in this process (a conversation's or the user's), "
+    "counted like sockets against `limits.max_connections_per_user`.",
+)
 HANDSHAKES = Counter(
     "parley_ws_handshakes_total",
     "WebSocket opening handshakes by outcome: `101` accepted, the HTTP status of a refusal, "

@@ -130,6 +130,7 @@ class Runtime:
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))
+        metrics.SSE_STREAMS_OPEN.set_function(lambda: len(hub.streams))
         if self.settings.server_api.keys:
             await self._start_server_api(self.hub, self._presence.process)
 

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
@@ -41,7 +41,7 @@ from tests.helpers.processes import (
     redis_db,
     start_all,
 )
-from tests.helpers.tabs import TabClient, check_tabs, close_all, until
+from tests.helpers.tabs import TabClient, check_tabs, close_all, end_to_end_examples, until
 
 SHORT_LOG_DB = Db.SHORT_LOG
 SCALE_REPLY = "[sim:tokens=40][sim:tps=300]"
@@ -357,13 +357,7 @@ async def act(tab: TabClient, op: str, server: ParleyProcess) -> None:
         await tab.rejoin(server)
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    database=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: bounded time
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@end_to_end_examples(8)
 @given(schedule=schedules)
 async def test_random_joins_leaves_drops_and_rejoins_end_identical(
     scaled: Scaled, db: asyncpg.Pool, schedule: list[list[tuple[int, str, float, int]]]

@@ -5,12 +5,14 @@ package in Node."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from protocol import frames as f
@@ -35,7 +39,8 @@ from tests.helpers.processes import (
     start_all,
     stop_together,
 )
-from tests.helpers.sse import Reader, chunks
+from tests.helpers.sse import Reader, SseTab, chunks
+from tests.helpers.tabs import TabClient, check_tabs, close_all, end_to_end_examples, until
 
 SSE_DB = Db.SSE
 SLOW_SSE_DB = Db.SLOW_SSE
@@ -201,6 +206,77 @@ async def test_sse_and_websocket_tabs_on_two_processes_get_identical_transcripts
     sse_transcript = transcript(Tab(reader.frames), conversation)  # type: ignore[arg-type]
     assert sse_transcript == transcript(ws, conversation)
     assert sse_transcript == [(role, text) for role, text, _status in rows]
+
+
+MIXED_REPLY = "[sim:tokens=30][sim:tps=100]"
+WS_TABS, SSE_TABS = 2, 2
+drops = st.tuples(
+    st.integers(0, WS_TABS + SSE_TABS - 1),  # which tab: the WebSocket ones first
+    st.floats(0.0, 0.3),  # delay before the drop: before, during or after the reply
+    st.integers(0, 1),  # the web process it comes back on
+)
+mixed_schedules = st.lists(st.lists(drops, min_size=1, max_size=4), min_size=2, max_size=3)
+
+
+@end_to_end_examples(6)
+@given(schedule=mixed_schedules)
+async def test_mixed_sse_and_websocket_tabs_under_random_drops_end_identical(
+    sse: Sse, db: asyncpg.Pool, schedule: list[list[tuple[int, float, int]]]
+) -> None:
+    """WebSocket and SSE tabs of one conversation on both web processes, each dropped at
+    random points of the replies (a socket aborted, a response cut mid-stream) and back on
+    a random process with `after` / `Last-Event-ID`: every tab ends with every seq once, in
+    order, and the transcript PostgreSQL holds."""
+    webs = sse.webs
+    user = new_user()
+    token = mint(user)
+    driver = TabClient(user, None, webs, "driver")
+    await driver.create(webs[0], title="mixed")
+    conversation = driver.conversation
+    assert conversation is not None
+    ws_tabs = [TabClient(user, conversation, webs, f"ws{i}") for i in range(WS_TABS)]
+    async with httpx.AsyncClient(timeout=20) as http:
+        sse_tabs = [SseTab(http, token, f"sse{i}") for i in range(SSE_TABS)]
+        try:
+            await driver.join()
+            for i, tab in enumerate(ws_tabs):
+                await tab.join(None, webs[i % 2])
+            for i, sse_tab in enumerate(sse_tabs):
+                sse_tab.open(events_url(webs[(i + 1) % 2], conversation))
+            for turn, steps in enumerate(schedule):
+                await driver.say(f"turn {turn} {MIXED_REPLY}")
+                for index, delay, web in steps:
+                    await asyncio.sleep(delay)
+                    if index < WS_TABS:
+                        ws_tabs[index].drop()
+                        await ws_tabs[index].rejoin(webs[web])
+                    else:
+                        await sse_tabs[index - WS_TABS].drop(events_url(webs[web], conversation))
+                await until(lambda n=turn: driver.settled(2 * (n + 1)), 15, f"turn {turn}", ws_tabs)
+            head = driver.last_seq or 0
+            everyone = [driver, *ws_tabs]
+
+            def at_head() -> bool:
+                for sse_tab in sse_tabs:
+                    if (failure := sse_tab.failed()) is not None:
+                        raise AssertionError(f"{sse_tab.name} stopped reading") from failure
+                return all(t.last_seq >= head for t in sse_tabs) and all(
+                    (t.last_seq or 0) >= head for t in everyone
+                )
+
+            await until(at_head, 10, "every tab to reach the head", everyone)
+            rows = await wait_persisted(db, conversation, 2 * len(schedule))
+        finally:
+            await close_all([driver, *ws_tabs])
+            for sse_tab in sse_tabs:
+                await sse_tab.close()
+    expected = [(role, text) for role, text, _status in rows]
+    check_tabs([driver, *ws_tabs], expected, schedule)
+    for sse_tab in sse_tabs:
+        got = seqs(sse_tab.reader)
+        assert got == list(range(got[0], got[0] + len(got))), (sse_tab.name, got, schedule)
+        sse_transcript = transcript(Tab(sse_tab.reader.frames), conversation)  # type: ignore[arg-type]
+        assert sse_transcript == expected, (sse_tab.name, schedule)
 
 
 async def test_last_event_id_older_than_the_log_gets_reset_with_history(sse: Sse) -> None:
@@ -399,20 +475,28 @@ def _chat(conversation: uuid.UUID, text: str) -> dict[str, Any]:
     }
 
 
-async def persisted_text(
-    web: ParleyProcess, token: str, conversation: uuid.UUID, message_id: str
-) -> str | None:
-    """The text of `message_id` once the REST transcript has it (within 10 s)."""
+async def persisted_message(
+    web: ParleyProcess, token: str, conversation: uuid.UUID, message_id: str, status: str
+) -> dict[str, Any]:
+    """`message_id` from the REST transcript once it has `status` (within 10 s)."""
     async with httpx.AsyncClient() as http:
         for _ in range(100):
             detail = await http.get(
                 f"{web.url}/api/conversations/{conversation}", headers=bearer(token)
             )
             found = [m for m in detail.json()["messages"] if m["id"] == message_id]
-            if found and found[0]["status"] == "complete":
-                return str(found[0]["content"])
+            if found and found[0]["status"] == status:
+                return dict(found[0])
             await asyncio.sleep(0.1)
-    return None
+    raise AssertionError(f"{message_id} never became {status}: {detail.text}")
+
+
+async def persisted_text(
+    web: ParleyProcess, token: str, conversation: uuid.UUID, message_id: str
+) -> str:
+    """The text of `message_id` once the REST transcript has it complete (within 10 s)."""
+    message = await persisted_message(web, token, conversation, message_id, "complete")
+    return str(message["content"])
 
 
 def npm_ci() -> None:
@@ -504,3 +588,141 @@ async def test_ai_sdk_stream_carries_reasoning_as_reasoning_chunks(sse: Sse) -> 
     assert stored["parts"][0] == {"kind": "reasoning", "text": reasoning} | {
         k: v for k, v in stored["parts"][0].items() if k == "duration_ms"
     }
+
+
+def metric_now(web: ParleyProcess, name: str, label: str = "") -> float:
+    """`name` from the process's GET /metrics, summed over its series that carry `label`
+    (`outcome="ok"`; any when empty)."""
+    with urllib.request.urlopen(f"{web.url}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith((f"{name} ", f"{name}{{")) and label in line
+    )
+
+
+async def metric(web: ParleyProcess, name: str, label: str = "") -> float:
+    return await asyncio.to_thread(metric_now, web, name, label)
+
+
+async def read_until(
+    reader: Reader, http: httpx.AsyncClient, url: str, token: str, wanted: Any
+) -> Any:
+    """Read (reopened with Last-Event-ID each time the server ends a response) until an
+    event `wanted` accepts; that event."""
+    for _ in range(20):
+        if await reader.read(http, url, bearer(token), stop=wanted):
+            return reader.events[-1]
+    raise AssertionError("the event never came")
+
+
+async def test_rest_cancel_and_regenerate_count_in_the_metrics_a_socket_moves(sse: Sse) -> None:
+    """Over REST and SSE alone: a message while a reply runs is 409 `busy`, cancel stops
+    it (its `done` says `cancelled`), regenerate then streams a new reply that ends as
+    persisted; the turns, the cancel, the streams' resumes and the open streams show in
+    the web process's metrics as a socket's would."""
+    token = mint(new_user())
+    web = sse.webs[0]
+    names = {
+        "parley_turns_total": 'outcome="ok"',
+        "busy": 'outcome="busy"',
+        "parley_cancels_total": "",
+        "parley_rejoins_total": "",
+    }
+
+    async def now(name: str) -> float:
+        counter = "parley_turns_total" if name == "busy" else name
+        return await metric(web, counter, names[name])
+
+    before = {name: await now(name) for name in names}
+    async with httpx.AsyncClient(base_url=web.url, timeout=10) as http:
+        conversation = await new_conversation(http, web, token)
+        base = f"/api/conversations/{conversation}"
+        url = events_url(web, conversation)
+        reader = Reader()
+        await read_until(reader, http, url, token, lambda e: e.event == "joined")
+        await say(http, web, token, conversation, "a long answer [sim:tokens=60][sim:tps=20]")
+        await read_until(reader, http, url, token, lambda e: e.event == "token")
+        busy = await http.post(f"{base}/messages", json={"text": "and?"}, headers=bearer(token))
+        assert busy.status_code == 409 and "detail" in busy.json(), busy.text
+        cancelled = await http.post(f"{base}/cancel", headers=bearer(token))
+        assert cancelled.status_code == 202, cancelled.text
+        done = await read_until(reader, http, url, token, lambda e: e.event == "done")
+        assert done.json()["reason"] == "cancelled"
+
+        regenerated = await http.post(f"{base}/regenerate", headers=bearer(token))
+        assert regenerated.status_code == 202, regenerated.text
+        message_id = regenerated.json()["message_id"]
+        done = await read_until(
+            reader,
+            http,
+            url,
+            token,
+            lambda e: e.event == "done" and e.json()["message_id"] == message_id,
+        )
+        streamed = "".join(
+            e.json()["text"]
+            for e in reader.events
+            if e.event == "token" and e.json()["message_id"] == message_id
+        )
+        assert streamed and streamed == await persisted_text(web, token, conversation, message_id)
+
+        open_before = await metric(web, "parley_sse_streams_open")
+        listening = asyncio.create_task(Reader().read(http, "/api/events", bearer(token)))
+        for _ in range(100):
+            if await metric(web, "parley_sse_streams_open") > open_before:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("an open stream is not in parley_sse_streams_open")
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+    gained = {name: await now(name) - before[name] for name in names}
+    assert gained["parley_turns_total"] == 2  # the say and the regenerate
+    assert gained["busy"] == 1
+    assert gained["parley_cancels_total"] == 1
+    assert gained["parley_rejoins_total"] >= 3  # each read after the first resumed
+    for _ in range(100):
+        if await metric(web, "parley_sse_streams_open") <= open_before:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("a closed stream stayed in parley_sse_streams_open")
+
+
+async def test_ai_sdk_stop_endpoint_stops_the_running_reply(sse: Sse) -> None:
+    """`POST /api/ai/chat/{id}/stop` on another web process stops the model: the open UI
+    message stream ends with `finish {finishReason: "other"}` and `[DONE]`, its text is
+    what Parley persisted as cancelled, and a stop with nothing running is a 204 too."""
+    token = mint(new_user())
+    web_a, web_b = sse.webs
+    stop_url = ""
+    got: list[Any] = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        conversation = await new_conversation(http, web_a, token)
+        stop_url = f"{web_b.url}/api/ai/chat/{conversation}/stop"
+        body = _chat(conversation, "talk for long [sim:tokens=60][sim:tps=20]")
+        async with http.stream(
+            "POST", f"{web_a.url}/api/ai/chat", json=body, headers=bearer(token)
+        ) as response:
+            assert response.is_success, response.status_code
+            stopped = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                got.append(data if data == "[DONE]" else json.loads(data))
+                deltas = sum(c != "[DONE]" and c["type"] == "text-delta" for c in got)
+                if deltas >= 3 and not stopped:
+                    stop = await http.post(stop_url, headers=bearer(token))
+                    assert stop.status_code == 204, stop.text
+                    stopped = True
+        idle_stop = await http.post(stop_url, headers=bearer(token))
+    assert idle_stop.status_code == 204
+    assert got[-1] == "[DONE]" and got[-2] == {"type": "finish", "finishReason": "other"}
+    message_id = got[0]["messageId"]
+    streamed = "".join(c["delta"] for c in got[:-1] if c["type"] == "text-delta")
+    stored = await persisted_message(web_a, token, conversation, message_id, "cancelled")
+    assert stored["content"] == streamed  # cancelled where the stream ended

@@ -3,6 +3,8 @@ their `id`, `event` and `data`, comment lines counted, and the last id kept for 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -88,3 +90,51 @@ def chunks(body: str) -> list[Any]:
             data = line.removeprefix("data: ")
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+class SseTab:
+    """A tab following one conversation over SSE the way the browser UI does: it reads in
+    the background, reopens at once with `Last-Event-ID` when the server ends a response
+    (its lifetime), and can be dropped mid-stream and reopened on any web process."""
+
+    def __init__(self, http: httpx.AsyncClient, token: str, name: str) -> None:
+        self.http = http
+        self.headers = {"authorization": f"Bearer {token}"}
+        self.name = name
+        self.reader = Reader()
+        self.reopened = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, url: str) -> None:
+        self._task = asyncio.create_task(self._follow(url), name=self.name)
+
+    async def _follow(self, url: str) -> None:
+        for _ in range(1000):  # bounded: each response ends within the server's lifetime
+            await self.reader.read(self.http, url, self.headers)
+
+    async def drop(self, url: str) -> None:
+        """Cut the response wherever it is (mid-event too) and reopen it at `url`."""
+        await self.close()
+        self.reopened += 1
+        self.open(url)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if task.done():
+            task.result()  # a read that failed fails the test, with its reason
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def failed(self) -> BaseException | None:
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    @property
+    def last_seq(self) -> int:
+        return int(self.reader.last_id or 0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import websockets
+from hypothesis import HealthCheck, Phase, settings
 
 from protocol import frames as f
 from server.dev.client import Client, ProtocolError
@@ -39,6 +40,18 @@ async def until(
             )
         await asyncio.sleep(step)
     return time.monotonic() - started
+
+
+def end_to_end_examples(count: int) -> settings:
+    """hypothesis settings for a property test over real processes: `count` examples, no
+    deadline, no example database, no shrinking (bounded time)."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
 
 
 class Received(Protocol):

@@ -111,6 +111,20 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
         tab.check()
 
 
+async def test_a_reload_mid_reply_behind_the_refusing_proxy_falls_back_and_resumes_exactly(
+    context: BrowserContext, parley: ParleyProcess, no_websocket: Proxy
+) -> None:
+    """With every WebSocket upgrade refused, a reload mid-reply tries the socket again,
+    falls back to SSE again and shows the rest of the reply: exactly what was persisted."""
+    user = new_user()
+    tab = await open_tab(context, parley, user, base=no_websocket.url(parley.url))
+    await on_sse(tab)
+    refused = no_websocket.upgrades_refused
+    await reload_mid_reply(tab, parley, user, lambda: on_sse(tab), tps=8)
+    assert no_websocket.upgrades_refused >= refused + 2, "the reloaded page never tried a socket"
+    tab.check()
+
+
 async def test_forced_sse_resumes_exactly_after_a_reload_mid_reply(
     context: BrowserContext, parley: ParleyProcess
 ) -> None:

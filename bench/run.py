@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.run --only idle --token-alg RS256 --doc /tmp/rs256.md
                                              # the idle row with RS256 tokens from a JWKS
     .venv/bin/python -m bench.run --only generation   # the generation path, model apart
+    .venv/bin/python -m bench.run --only sse  # SSE next to the WebSocket: memory, CPU per event
 
 (from the repository root: `-m` puts it on the import path, for `tests.helpers`).
 
@@ -386,6 +387,13 @@ class Bench:
         argv = ["bench.reconnect_storm", "--tabs", str(tabs), "--conversations", str(tabs // 10)]
         self.apart("storm", argv)
 
+    def sse_next_to_websocket(self) -> None:
+        """`bench/sse_numbers.py` (two web processes, one for SSE streams, one for sockets):
+        RSS per idle joined client and web CPU per delivered event, SSE next to WebSocket."""
+        idle, readers, tokens = (100, 10, 200) if self.smoke else (500, 50, 2000)
+        argv = ["bench.sse_numbers", "--idle", str(idle), "--readers", str(readers)]
+        self.apart("sse", [*argv, "--tokens", str(tokens)])
+
     def apart(self, name: str, argv: list[str]) -> None:
         """A benchmark module that starts its own services and processes, its JSON result
         kept under `name`."""
@@ -616,6 +624,7 @@ def table(results: dict[str, Any]) -> list[str]:
         )
     rows += _generation_rows(results.get("generation") or {})
     rows += _storm_rows(results.get("storm") or {})
+    rows += _sse_rows(results.get("sse") or {})
     chat = results.get("chat_churn") or {}
     if chat:
         i = chat["integrity"]
@@ -669,6 +678,26 @@ def _storm_rows(st: dict[str, Any]) -> list[str]:
         f"{st['failed_rejoin']} failed; {st['tabs_with_a_gap_or_reset']} with a gap or reset, "
         f"{st['tabs_behind_the_head']} behind; {st['events_appended']} events appended "
         f"meanwhile |"
+    ]
+
+
+def _sse_rows(sse: dict[str, Any]) -> list[str]:
+    """Server-Sent Events next to the WebSocket (`bench/sse_numbers.py`): memory per idle
+    joined client and web CPU per delivered event, each on its own web process."""
+    if not sse:
+        return []
+    idle, fan = sse["idle"], sse["fan_out"]
+    rss = idle["rss_kib_per_idle_client"]
+    ev_sse, ev_ws = fan["sse"], fan["websocket"]
+    return [
+        f"| RSS per idle joined client, SSE stream vs WebSocket ({idle['clients']:,} each) | — "
+        f"| **SSE {rss['sse']} KiB**, WebSocket {rss['websocket']} KiB | — | — | one "
+        f"conversation, each kind on its own `parley web` |",
+        f"| web CPU per delivered event, SSE vs WebSocket (one {fan['tokens']:,}-token reply "
+        f"to {fan['readers']} clients of each) | — | **SSE {ev_sse['cpu_us_per_event']} µs**, "
+        f"WebSocket {ev_ws['cpu_us_per_event']} µs | — | — | {ev_sse['events']:,} SSE "
+        f"events ({ev_sse['cpu_seconds']} s CPU), {ev_ws['events']:,} WebSocket events "
+        f"({ev_ws['cpu_seconds']} s CPU); a lagging stream's merged tokens are one event |",
     ]
 
 
@@ -726,7 +755,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["idle", "fanout", "latency", "model", "chat", "storm", "generation"],
+        choices=["idle", "fanout", "latency", "model", "chat", "storm", "generation", "sse"],
         help="run only these workloads",
     )
     parser.add_argument("--sockets", type=int, help="idle sockets (default 10,000)")
@@ -803,6 +832,8 @@ def main() -> None:
                     bench.reconnect_storm()
                 if "generation" in chosen:  # likewise
                     bench.generation_path()
+                if "sse" in chosen:  # likewise
+                    bench.sse_next_to_websocket()
             finally:
                 if bench.web is not None:
                     bench.web.stop(timeout=20)

@@ -7,7 +7,10 @@ clients, the other the sockets), one `parley worker` and the simulated model:
    conversation, one reply of `--tokens` tokens; each web process's CPU time over the events
    it delivered.
 
-    .venv/bin/python -m bench.sse_numbers [--idle 500] [--readers 50] [--tokens 2000]
+    .venv/bin/python -m bench.sse_numbers [--idle 500] [--readers 50] [--tokens 2000] [--out F]
+
+(`bench/run.py --only sse` runs it and puts both figures in its table.) With `--out` the
+figures are also written to F as JSON.
 
 It starts its own embedded Redis and PostgreSQL and its processes (127.0.0.1 only), and stops
 them when done. A benchmark, not a test.
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import resource
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -79,7 +84,7 @@ async def conversation(web: ParleyProcess, token: str) -> uuid.UUID:
         return uuid.UUID(response.json()["id"])
 
 
-async def idle(sse_web: ParleyProcess, ws_web: ParleyProcess, count: int) -> None:
+async def idle(sse_web: ParleyProcess, ws_web: ParleyProcess, count: int) -> dict[str, Any]:
     token = mint(USER)
     conv = await conversation(sse_web, token)
     before = rss_kib(sse_web.pid), rss_kib(ws_web.pid)
@@ -99,14 +104,21 @@ async def idle(sse_web: ParleyProcess, ws_web: ParleyProcess, count: int) -> Non
     sockets = await asyncio.gather(*(ws_one() for _ in range(count)))
     await asyncio.sleep(2)
     after = rss_kib(sse_web.pid), rss_kib(ws_web.pid)
-    for name, b, a in (("SSE stream", before[0], after[0]), ("socket", before[1], after[1])):
-        print(f"RSS per idle joined {name}: {(a - b) / count:.1f} KiB ({count} of them)")
+    per = {
+        "sse": round((after[0] - before[0]) / count, 1),
+        "websocket": round((after[1] - before[1]) / count, 1),
+    }
+    for name, key in (("SSE stream", "sse"), ("socket", "websocket")):
+        print(f"RSS per idle joined {name}: {per[key]} KiB ({count} of them)")
     for stream in streams:
         stream.close()
     await asyncio.gather(*(s.close() for s in sockets), return_exceptions=True)
+    return {"clients": count, "rss_kib_per_idle_client": per}
 
 
-async def fan_out(sse_web: ParleyProcess, ws_web: ParleyProcess, readers: int, tokens: int) -> None:
+async def fan_out(
+    sse_web: ParleyProcess, ws_web: ParleyProcess, readers: int, tokens: int
+) -> dict[str, Any]:
     token = mint(USER)
     conv = await conversation(sse_web, token)
     streams = [await SseReader.open(sse_web, token, conv) for _ in range(readers)]
@@ -123,10 +135,16 @@ async def fan_out(sse_web: ParleyProcess, ws_web: ParleyProcess, readers: int, t
     cpu_after = cpu_seconds(sse_web.pid), cpu_seconds(ws_web.pid)
     sse_events = sum(s.events for s in streams)
     ws_events = sum(len(c.events(conv)) for c in sockets)
-    for name, cpu, events in (
-        ("SSE", cpu_after[0] - cpu_before[0], sse_events),
-        ("WebSocket", cpu_after[1] - cpu_before[1], ws_events),
+    out: dict[str, Any] = {"readers": readers, "tokens": tokens}
+    for name, key, cpu, events in (
+        ("SSE", "sse", cpu_after[0] - cpu_before[0], sse_events),
+        ("WebSocket", "websocket", cpu_after[1] - cpu_before[1], ws_events),
     ):
+        out[key] = {
+            "events": events,
+            "cpu_seconds": round(cpu, 3),
+            "cpu_us_per_event": round(cpu / events * 1e6, 2),
+        }
         print(
             f"web CPU per delivered {name} event: {cpu / events * 1e6:.1f} µs "
             f"({events} events to {readers} clients, {cpu:.2f} s CPU)"
@@ -134,6 +152,7 @@ async def fan_out(sse_web: ParleyProcess, ws_web: ParleyProcess, readers: int, t
     for stream in streams:
         stream.close()
     await asyncio.gather(*(c.close() for c in sockets), return_exceptions=True)
+    return out
 
 
 def main() -> None:
@@ -141,6 +160,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=500)
     parser.add_argument("--readers", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -152,12 +172,19 @@ def main() -> None:
             "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "100000",
             "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
             "PARLEY_LLM_MAX_TOKENS": str(args.tokens + 10),
+            # one event per token: the web's cost per event over many events (a worker that
+            # coalesces would send a 2,000-token reply as a few hundred larger events)
+            "PARLEY_WORKER_COALESCE": "false",
         }
         webs = [cluster.process("web", start=False, **env) for _ in range(2)]
         worker = cluster.process("worker", start=False, **env)
         start_all([model, *webs, worker])
-        asyncio.run(idle(webs[0], webs[1], args.idle))
-        asyncio.run(fan_out(webs[0], webs[1], args.readers, args.tokens))
+        result = {
+            "idle": asyncio.run(idle(webs[0], webs[1], args.idle)),
+            "fan_out": asyncio.run(fan_out(webs[0], webs[1], args.readers, args.tokens)),
+        }
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

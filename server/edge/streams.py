@@ -6,7 +6,9 @@ SDK's `useChat` (its UI message stream protocol, v1). Errors are classified as e
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -263,7 +265,10 @@ class AiChat(Controller):
             if data.trigger == "regenerate-message":
                 head = await _head(request, conversation)
                 body = await _follow(request, user, conversation, head)
-                await runtime.conversations.regenerate(user, conversation, group=group_of(request))
+                async with _given_back_if_refused(body):
+                    await runtime.conversations.regenerate(
+                        user, conversation, group=group_of(request)
+                    )
                 return _ui_stream(body)
             if data.trigger != "submit-message":
                 raise Refused("invalid", f"unknown trigger {data.trigger!r}")
@@ -272,16 +277,16 @@ class AiChat(Controller):
             refuse_unstorable(NewMessage(text=text))
             head = await _head(request, conversation)
             body = await _follow(request, user, conversation, head)
-            _, duplicate = await runtime.conversations.say(
-                user,
-                conversation,
-                text,
-                _ui_message_id(ui_id, conversation),
-                group=group_of(request),
-            )
-            if duplicate:
-                await body.aclose()
-                raise Refused("busy", "this message was already sent; resume its reply")
+            async with _given_back_if_refused(body):
+                _, duplicate = await runtime.conversations.say(
+                    user,
+                    conversation,
+                    text,
+                    _ui_message_id(ui_id, conversation),
+                    group=group_of(request),
+                )
+                if duplicate:
+                    raise Refused("busy", "this message was already sent; resume its reply")
         return _ui_stream(body)
 
     @get("/{conversation:uuid}/stream")
@@ -301,6 +306,18 @@ class AiChat(Controller):
     async def stop(self, request: Request[Any, Any, Any], conversation: uuid.UUID) -> None:
         with answers("POST /api/ai/chat/{id}/stop"):
             await runtime_of(request).conversations.cancel(user_of(request), conversation)
+
+
+@contextlib.asynccontextmanager
+async def _given_back_if_refused(body: Body) -> AsyncIterator[None]:
+    """The stream is opened before the turn starts (so it misses none of the reply's events):
+    when the turn is refused, close it at once, giving back its subscription and the user's
+    place in the per-user count (left to the garbage collector they add up to a 429)."""
+    try:
+        yield
+    except BaseException:
+        await body.aclose()
+        raise
 
 
 async def _head(request: Request[Any, Any, Any], conversation: uuid.UUID) -> int:

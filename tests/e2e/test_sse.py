@@ -391,6 +391,17 @@ async def test_bad_input_on_the_new_endpoints(sse: Sse) -> None:
             ("GET", f"/api/ai/chat/{mine}/stream", None, 204),
             ("GET", "/api/ai/chat/xyz/stream", None, 404),
             ("POST", f"/api/ai/chat/{theirs}/stop", None, 404),
+            ("POST", f"/api/conversations/{missing}/cancel", None, 404),
+            ("POST", f"{base}/messages", {"text": 5}, 400),
+            ("POST", f"{base}/messages", b"", 400),
+            ("GET", f"{base}/events?after=99999999999999999999", None, 400),
+            ("POST", f"/api/ai/chat/{missing}/stop", None, 404),
+            ("GET", f"/api/ai/chat/{missing}/stream", None, 404),
+            ("POST", "/api/ai/chat", _chat(mine, "x" * 100_000), 413),
+            ("POST", "/api/ai/chat", _chat(mine, "nul \u0000"), 400),
+            ("POST", "/api/ai/chat", {**_chat(mine, "hi"), "messages": [_reply()]}, 400),
+            ("POST", "/api/ai/chat", {"id": str(mine), "trigger": "regenerate-message"}, 400),
+            ("GET", "/api/events?ticket=", None, 401),
         ]
         for method, path, body, status in cases:
             kwargs: dict[str, Any] = (
@@ -465,6 +476,10 @@ async def test_a_stream_that_stops_reading_gives_back_its_place(
 async def places(redis: Redis, user: str) -> int:
     counts = await redis.hvals(keys.connections(user))  # type: ignore[misc]
     return sum(int(v) for v in counts)
+
+
+def _reply() -> dict[str, Any]:
+    return {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "hello"}]}
 
 
 def _chat(conversation: uuid.UUID, text: str) -> dict[str, Any]:
@@ -726,3 +741,28 @@ async def test_ai_sdk_stop_endpoint_stops_the_running_reply(sse: Sse) -> None:
     streamed = "".join(c["delta"] for c in got[:-1] if c["type"] == "text-delta")
     stored = await persisted_message(web_a, token, conversation, message_id, "cancelled")
     assert stored["content"] == streamed  # cancelled where the stream ended
+
+
+async def test_a_refused_ai_chat_request_gives_back_the_stream_it_opened(sse: Sse) -> None:
+    """`POST /api/ai/chat` opens its stream before it starts the turn (so no event is
+    missed); a turn then refused (nothing to regenerate, busy) answers 4xx and gives back
+    the stream's place in the user's count at once, so refusals never add up to a 429."""
+    user = new_user()
+    token = mint(user)
+    web = sse.webs[0]
+    redis = Redis.from_url(web.env["REDIS_URL"])
+    try:
+        async with httpx.AsyncClient(base_url=web.url, timeout=10) as http:
+            conversation = await new_conversation(http, web, token)
+            regenerate = {"id": str(conversation), "trigger": "regenerate-message"}
+            for _ in range(3):
+                refused = await http.post("/api/ai/chat", json=regenerate, headers=bearer(token))
+                assert refused.status_code == 400, refused.text
+            for _ in range(50):
+                if await places(redis, user) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            held = await places(redis, user)
+    finally:
+        await redis.aclose()
+    assert held == 0, f"{held} places still held by refused requests"

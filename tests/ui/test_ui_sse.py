@@ -47,6 +47,15 @@ def sockets_of(page: Page) -> list[str]:
     return opened
 
 
+def stream_requests(page: Page) -> list[str]:
+    """The URLs of the SSE streams the page requests from now on."""
+    urls: list[str] = []
+    page.on(
+        "request", lambda request: urls.append(request.url) if "/events" in request.url else None
+    )
+    return urls
+
+
 async def on_sse(tab: BrowserTab) -> None:
     await tab.page.wait_for_selector(
         "#status[data-state=online][data-transport=sse]", timeout=15_000
@@ -60,7 +69,9 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
     base = no_websocket.url(parley.url)
     first = await open_tab(context, parley, base=base)  # on the sign-in page: no socket yet
     first_sockets = sockets_of(first.page)
-    await open_tab(context, parley, token=mint(user), base=base, tab=first)
+    streams = stream_requests(first.page)
+    token = mint(user)
+    await open_tab(context, parley, token=token, base=base, tab=first)
     await on_sse(first)
     assert no_websocket.upgrades_refused >= 2, "the page never tried the WebSocket"
     assert first_sockets, "the page never tried the WebSocket"
@@ -107,6 +118,11 @@ async def test_refused_websocket_falls_back_to_sse_for_the_whole_chat(
     await first.page.press("#input", "Enter")
     await first.notice("That message is too long")
     assert no_websocket.upgrades_refused >= 2
+    # every stream (the list's and the conversation's) opened with a ticket, never the JWT
+    assert any("/api/events" in url for url in streams), streams
+    assert any(f"/api/conversations/{conversation}/events" in url for url in streams), streams
+    for url in streams:
+        assert "ticket=" in url and token not in url and "token=" not in url, url
     for tab in (first, second):
         tab.check()
 

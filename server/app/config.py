@@ -32,6 +32,8 @@ Size = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 """A count, a size in bytes or a limit: at least 1."""
 Seconds = Annotated[float, Meta(ge=0, le=31_536_000)]
 """A duration from 0 to a year (a NaN or an infinity is refused)."""
+Wait = Annotated[float, Meta(gt=0, le=31_536_000)]
+"""A wait that something must end within: above 0 (at 0 every wait would end at once)."""
 Rate = Annotated[float, Meta(ge=0, le=1e9)]
 
 
@@ -179,9 +181,9 @@ class LLMSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     max_tokens: Size = 1024
     context_tokens: Size = 6000
     request_timeout: Seconds = 60.0
-    first_chunk_timeout: Seconds = 300.0
+    first_chunk_timeout: Wait = 300.0
     """A reasoning model may think silently (no reasoning streamed) for minutes."""
-    stall_timeout: Seconds = 60.0
+    stall_timeout: Wait = 60.0
     """Between two chunks once the stream has begun; reasoning chunks count as progress."""
     max_duration: Seconds = 600.0
     max_steps: Annotated[int, Meta(ge=1, le=100)] = 8

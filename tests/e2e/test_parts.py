@@ -21,6 +21,7 @@ from tests.helpers.conversations import (
     folded,
     say_and_finish,
     start_conversation,
+    stored_reply,
     transcript,
     wait_persisted,
 )
@@ -66,6 +67,9 @@ async def test_reasoning_streams_resumes_and_persists_byte_for_byte(
     assert stored.parts[0].text.strip() and stored.parts[0].duration_ms
     for tab in (a, b, c):
         assert encoded(folded(tab, message_id)) == encoded(stored.parts)
+    row = await stored_reply(db, conversation, message_id)  # PostgreSQL's own row
+    assert row.parts is not None and encoded(row.parts) == encoded(stored.parts)
+    assert (row.content, row.usage) == (stored.content, done.usage) and done.usage is not None
     assert_contiguous(b, conversation, joined.last_seq + 1)
     # a client that knows only `token` sees the answer's text, and nothing of the reasoning
     assert transcript(a, conversation)[-1] == ("assistant", stored.content)
@@ -123,6 +127,8 @@ async def test_each_finish_reason_reaches_the_tab_and_the_transcript(
     await wait_persisted(db, conversation, 2)
     stored = (await history(a, conversation))[-1]
     assert (stored.status, stored.reason) == (status, None if reason == "stop" else reason)
+    row = await stored_reply(db, conversation, done.message_id)
+    assert (row.status, row.reason) == (stored.status, stored.reason)
 
 
 async def test_cancelled_mid_reasoning_keeps_the_reasoning_and_counts_its_tokens(
@@ -141,9 +147,14 @@ async def test_cancelled_mid_reasoning_keeps_the_reasoning_and_counts_its_tokens
     stored = (await history(a, conversation))[-1]
     assert stored.status == "cancelled" and stored.usage == done.usage
     assert stored.parts is not None and stored.parts[0].kind == "reasoning"
+    row = await stored_reply(db, conversation, done.message_id)
+    assert (row.status, row.reason, row.usage) == ("cancelled", "cancelled", done.usage)
+    assert row.parts is not None and encoded(row.parts) == encoded(stored.parts)
 
 
-async def test_usage_details_timing_and_estimates(connect: Any, user: str) -> None:
+async def test_usage_details_timing_and_estimates(
+    connect: Any, user: str, db: asyncpg.Pool
+) -> None:
     a: Client = await connect(user)
     conversation = await start_conversation(a)
     done = await say_and_finish(a, conversation, "[sim:reasoning=3][sim:tokens=4] one")
@@ -157,6 +168,9 @@ async def test_usage_details_timing_and_estimates(connect: Any, user: str) -> No
     bare = await say_and_finish(a, conversation, "[sim:usage=none][sim:tokens=7] three")
     assert bare.usage is not None and bare.usage.estimated
     assert 7 <= bare.usage.completion_tokens <= 30 and bare.usage.prompt_tokens > 10
+    await wait_persisted(db, conversation, 6)  # each reply's usage, in its own row
+    for reply in (done, detailed, bare):
+        assert (await stored_reply(db, conversation, reply.message_id)).usage == reply.usage
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from protocol import frames as f
 from protocol.parts import MessageParts, parts_of
@@ -82,6 +83,37 @@ async def persisted(db: asyncpg.Pool, conversation: uuid.UUID) -> list[tuple[str
         conversation,
     )
     return [(r["role"], r["content"], r["status"]) for r in rows]
+
+
+class StoredReply(msgspec.Struct, frozen=True, kw_only=True):
+    """An assistant message's row as PostgreSQL holds it. A join and the REST API may be
+    served from the transcript's copy in Redis, so only this shows what was persisted."""
+
+    content: str
+    status: str
+    parts: list[f.Part] | None
+    reason: f.DoneReason | None
+    usage: f.Usage | None
+
+
+async def stored_reply(
+    db: asyncpg.Pool, conversation: uuid.UUID, message_id: uuid.UUID
+) -> StoredReply:
+    row = await db.fetchrow(
+        "SELECT content, status, parts::text AS parts, reason, usage::text AS usage"
+        " FROM messages WHERE conversation_id = $1 AND id = $2",
+        conversation,
+        message_id,
+    )
+    assert row is not None, f"message {message_id} is not in PostgreSQL"
+    parts, usage = row["parts"], row["usage"]
+    return StoredReply(
+        content=row["content"],
+        status=row["status"],
+        parts=None if parts is None else msgspec.json.decode(parts, type=list[f.Part]),
+        reason=row["reason"],
+        usage=None if usage is None else msgspec.json.decode(usage, type=f.Usage),
+    )
 
 
 async def wait_persisted(

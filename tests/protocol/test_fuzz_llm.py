@@ -16,7 +16,11 @@ from server.generation.llm import Chunk, MalformedReply, read_chunk
 from tests.protocol.fuzzing import HUGE_INTEGERS, JSON_VALUES
 
 VALUES = JSON_VALUES | HUGE_INTEGERS
-DELTAS = st.dictionaries(st.sampled_from(["content", "role", "refusal"]), VALUES, max_size=3)
+DELTAS = st.dictionaries(
+    st.sampled_from(["content", "reasoning_content", "reasoning", "role", "refusal"]),
+    VALUES,
+    max_size=4,
+)
 CHOICES = st.lists(
     st.fixed_dictionaries(
         {}, optional={"delta": DELTAS | VALUES, "finish_reason": VALUES, "index": VALUES}
@@ -24,7 +28,13 @@ CHOICES = st.lists(
     | VALUES,
     max_size=3,
 )
-USAGE = st.dictionaries(st.sampled_from(["prompt_tokens", "completion_tokens"]), VALUES)
+DETAILS = st.dictionaries(st.sampled_from(["reasoning_tokens", "cached_tokens"]), VALUES)
+USAGE = st.dictionaries(
+    st.sampled_from(
+        ["prompt_tokens", "completion_tokens", "completion_tokens_details", "prompt_tokens_details"]
+    ),
+    VALUES | DETAILS,
+)
 CHUNKS = st.fixed_dictionaries(
     {}, optional={"choices": CHOICES | VALUES, "usage": USAGE | VALUES, "id": VALUES}
 )
@@ -39,6 +49,12 @@ def _nested(levels: int) -> str:
 @given(CHUNKS, st.booleans())
 @example({"choices": "\ud800"}, True)  # a lone surrogate where a list belongs
 @example({"choices": [{"delta": {"content": "a\ud800"}}]}, True)  # ... and in the text
+@example({"choices": [{"delta": {"reasoning": "\ud800", "reasoning_content": 1}}]}, False)
+@example(
+    {"usage": {"prompt_tokens": 1, "completion_tokens": 2,
+               "completion_tokens_details": {"reasoning_tokens": -1}}},
+    True,
+)  # fmt: skip
 def test_any_chunk_is_read_or_malformed(data: dict[str, Any], ascii_only: bool) -> None:
     raw = json.dumps(data, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
     try:
@@ -48,13 +64,16 @@ def test_any_chunk_is_read_or_malformed(data: dict[str, Any], ascii_only: bool) 
     else:
         assert isinstance(chunk, Chunk)
         for choice in chunk.choices or ():
-            assert (
-                choice.delta is None
-                or choice.delta.content is None
-                or isinstance(choice.delta.content, str)
+            delta = choice.delta
+            texts = (
+                () if delta is None else (delta.content, delta.reasoning_content, delta.reasoning)
             )
+            assert all(text is None or isinstance(text, str) for text in texts)
         if chunk.usage is not None:
-            assert 0 <= chunk.usage.prompt_tokens <= 2**53
+            usage = chunk.usage.usage()
+            counts = [usage.prompt_tokens, usage.completion_tokens]
+            counts += [usage.reasoning_tokens or 0, usage.cached_prompt_tokens or 0]
+            assert all(0 <= count <= 2**53 for count in counts)
 
 
 @settings(max_examples=10, deadline=None)

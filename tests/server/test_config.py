@@ -42,6 +42,8 @@ def test_environment_overrides() -> None:
         ("", {"PARLEY_LIMITS_NOPE": "1"}, "PARLEY_LIMITS_NOPE"),
         ("", {"PARLEY_BOGUS_KEY": "1"}, "PARLEY_BOGUS_KEY"),
         ("", {"PORT": "eighty"}, "port"),
+        ("[llm]\nstall_timeout = 0\n", {}, "stall_timeout"),  # every reply would stall
+        ("", {"PARLEY_LLM_FIRST_CHUNK_TIMEOUT": "0"}, "first_chunk_timeout"),
         ('[llm]\nmodel = "sim\\u0000"\n', {}, "`model` holds a NUL"),
         ("", {"PARLEY_LLM_MODEL": "sim\udcff"}, "`model` holds a lone UTF-16 surrogate"),
         ("", {"PARLEY_SERVER_ALLOWED_ORIGINS": "a,b\x00"}, "`allowed_origins` holds a NUL"),

@@ -87,6 +87,21 @@ async def test_comments_other_fields_and_multiline_data(way: Way) -> None:
     assert text == "one two lines!"
 
 
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [("stop", "stop"), ("length", "length"), ("content_filter", "content_filter"),
+     ("tool_calls", "tool_calls"), ("function_call", "tool_calls"),  # its deprecated name
+     ("eos_token", "stop"), (None, "stop")],  # one outside OpenAI's set, or none at all
+)  # fmt: skip
+async def test_the_finish_reason_as_a_server_names_it(
+    way: Way, sent: str | None, reason: str
+) -> None:
+    wire = sse(chunk("a"), chunk("b", sent), b"[DONE]")
+    async with upstream(body(wire)) as url:
+        text, finished = await relay(url, way)
+    assert (text, finished.reason) == ("ab", reason)
+
+
 async def test_bytes_that_are_not_utf8_become_replacement_characters(way: Way) -> None:
     wire = sse(chunk("ok ").replace(b"ok", b"o\xffk"), b"[DONE]")
     async with upstream(body(wire)) as url:

@@ -96,6 +96,7 @@ class Verifier:
                 self._client,
                 cache_seconds=settings.jwks_cache_seconds,
                 min_refresh=settings.jwks_min_refresh,
+                timeout=settings.jwks_timeout,
                 clock=clock,
             )
             for issuer in issuers

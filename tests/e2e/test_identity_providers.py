@@ -15,9 +15,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.idp import LocalIdP, Signer, shaped
+from tests.helpers.idp import ORIGIN, PRESETS, LocalIdP, Signer, issuer_url, preset_issuers, shaped
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
-from tests.server.test_jwks import ORIGIN, PRESETS, issuer_url, preset_issuers
 
 HINT, GRACE = 2.0, 2.0
 

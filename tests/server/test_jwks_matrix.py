@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.edge.auth import AuthError, Verifier
-from tests.helpers.idp import LocalIdP, Signer, shaped
-from tests.server.test_jwks import ORIGIN, issuer_url, make_verifier, unsigned
+from tests.helpers.idp import ORIGIN, LocalIdP, Signer, issuer_url, make_verifier, shaped, unsigned
 
 AUDIENCE = {"clerk": "", "supabase": "authenticated", "auth0": "https://api.parley.test"}
 AUDIENCE["firebase"] = "proj"

@@ -8,6 +8,7 @@ the caller applies its policy (`hooks.turn_failure`, or the finish queue's retri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -89,7 +90,7 @@ class Hooks:
         self, url: str, payload: Any, msg_id: str, timeout: float, limit: int = MAX_REPLY_BYTES
     ) -> bytes:
         """POST the signed payload; the reply's body (at most `limit` bytes) when 2xx, else
-        HookFailed."""
+        HookFailed. `timeout` bounds the whole call, from connecting to the body's last byte."""
         body = _encoder.encode(payload)
         headers = {"content-type": "application/json"}
         if self.settings.secret:
@@ -97,12 +98,15 @@ class Hooks:
         else:
             headers["webhook-id"] = msg_id
         try:
-            async with self.client.stream(
-                "POST", url, content=body, headers=headers, timeout=timeout
-            ) as response:
-                if not response.is_success:
-                    raise HookFailed(f"HTTP {response.status_code}")
-                return await read_capped(response, limit)
+            async with asyncio.timeout(timeout):  # httpx's timeout is per read: a trickle
+                async with self.client.stream(  # of bytes would never trip it
+                    "POST", url, content=body, headers=headers, timeout=timeout
+                ) as response:
+                    if not response.is_success:
+                        raise HookFailed(f"HTTP {response.status_code}")
+                    return await read_capped(response, limit)
+        except TimeoutError:
+            raise HookFailed(f"no complete answer within {timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
 

@@ -26,7 +26,7 @@ from tests.helpers.conversations import (
     wait_persisted,
 )
 from tests.helpers.processes import BACKENDS, Cluster, Db, ParleyProcess, clusters_for, redis_db
-from tests.helpers.receiver import SECRET, Answer, Receiver
+from tests.helpers.receiver import SECRET, Answer, Receiver, Slowly
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,7 @@ HOSTILE: dict[str, Answer] = {
     "wrong types": lambda p, b: (200, b'{"allow": "yes", "messages": 3}'),
     "bad role": lambda p, b: (200, b'{"messages": [{"role": "tool", "content": "x"}]}'),
     "redirect": lambda p, b: (307, b""),
+    "trickles": lambda p, b: Slowly(b'{"allow": false, "message": "too late"}' + b" " * 60, 0.1),
 }
 
 

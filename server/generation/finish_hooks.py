@@ -41,12 +41,15 @@ MAX_BACKOFF: Final = 30.0
 LOOK_EVERY: Final = 1.0
 KEPT: Final = 100_000
 """The queue keeps about this many entries while the endpoint is down."""
-STATUS: Final[dict[str, Status]] = {
+STATUS: Final[dict[f.DoneReason, Status]] = {
     "stop": "complete",
     "length": "length",
+    "content_filter": "complete",
+    "tool_calls": "complete",
     "cancelled": "cancelled",
     "error": "error",
 }
+"""Every `done` reason's status: the four the hook promises (the reason itself is sent too)."""
 
 
 class Timings(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +69,9 @@ class FinishEvent(msgspec.Struct, frozen=True, kw_only=True):
     user_message_id: uuid.UUID | None
     replaces: uuid.UUID | None
     status: Status
+    reason: f.DoneReason | None = None
+    """The turn's `done` reason, finer than `status` (`content_filter`, `tool_calls`); None
+    only in an entry queued by a version that did not send it."""
     error: str | None
     code: str | None
     model: str

@@ -257,6 +257,52 @@ async def wait_finishes(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize(
+    ("control", "status", "reason"),
+    [
+        ("[sim:tokens=5][sim:finish=length]", "length", "length"),
+        ("[sim:tokens=5][sim:finish=content_filter]", "complete", "content_filter"),
+        ("[sim:tokens=5][sim:finish=tool_calls]", "complete", "tool_calls"),
+        ("[sim:error]", "error", "error"),
+        ("[sim:delay=5]", "cancelled", "cancelled"),
+    ],
+)
+async def test_finish_reports_how_the_turn_ended(
+    hooked: ParleyProcess, receiver: Receiver, control: str, status: str, reason: str
+) -> None:
+    async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
+        conversation = await start_conversation(client)
+        start = len(client.frames)
+        await client.request(f.Say(conversation=conversation, text=f"end as told {control}"))
+        if status == "cancelled":
+            await client.wait_for(lambda fr: isinstance(fr, f.Start), start=start)
+            await client.request(f.Cancel(conversation=conversation))
+        done = await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
+        ((body, _),) = await wait_finishes(receiver, str(conversation), 1)
+    assert done.reason == reason
+    assert (body["status"], body["reason"], body["message_id"]) == (
+        status,
+        reason,
+        str(done.message_id),
+    )
+    assert (body["error"] is not None) == (status == "error")
+    assert body["watchers"] == "delivered" and body["timings"]["duration_ms"] >= 0
+    log_clean(hooked)
+
+
+async def test_finish_when_every_tab_left_during_the_turn(
+    hooked: ParleyProcess, receiver: Receiver
+) -> None:
+    async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
+        conversation = await start_conversation(client)
+        start = len(client.frames)
+        await client.request(f.Say(conversation=conversation, text="[sim:delay=1] hi"))
+        await client.wait_for(lambda fr: isinstance(fr, f.Start), start=start)
+        await client.request(f.Leave(conversation=conversation))
+        ((body, _),) = await wait_finishes(receiver, str(conversation), 1)
+    assert (body["status"], body["watchers"]) == ("complete", "watchers_left_during")
+
+
 async def test_finish_without_watchers(hooked: ParleyProcess, receiver: Receiver) -> None:
     async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
         created = await client.request(f.Create())

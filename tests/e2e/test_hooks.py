@@ -172,6 +172,7 @@ async def test_turn_timeout_policy(cluster: Cluster, receiver: Receiver, policy:
     server = cluster.process(
         "serve",
         REDIS_URL=redis_db(cluster.services.redis_url, Db.HOOKS_TIMEOUT),
+        PARLEY_HOOKS_CONNECT_URL=receiver.url("/connect"),
         PARLEY_HOOKS_TURN_URL=receiver.url("/turn"),
         PARLEY_HOOKS_SECRET=SECRET,
         PARLEY_HOOKS_TURN_TIMEOUT="0.3",
@@ -185,11 +186,17 @@ async def test_turn_timeout_policy(cluster: Cluster, receiver: Receiver, policy:
             end = await client.wait_for(
                 lambda fr: isinstance(fr, f.Done | f.Error) and fr.conversation == conversation
             )
+        receiver.answers["/connect"] = lambda p, b: (500, b"")
+        late = await Client.connect(server.ws_url, mint(new_user()), wait_ready=False)
         if policy == "allow":
             assert isinstance(end, f.Done) and end.reason == "stop"
+            async with late:
+                await late.wait_for(lambda fr: isinstance(fr, f.Ready))
         else:
             assert isinstance(end, f.Error)
             assert (end.code, end.message) == ("refused", "the application is unavailable")
+            closed = await asyncio.wait_for(late.closed, 10)
+            assert closed == (4403, "the application is unavailable")
         log_clean(server)
     finally:
         server.stop()

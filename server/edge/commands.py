@@ -317,7 +317,12 @@ class Commands:
         url = self.hub.settings.hooks.connect_url
         if not url or self.hub.hooks is None:
             return True
-        payload = {"user": principal.user, "expires_at": principal.expires_at, "socket": self.id}
+        payload = {
+            "user": principal.user,
+            "expires_at": principal.expires_at,
+            "socket": self.id,
+            "claims": principal.claims or {},
+        }
         reply = await self.hub.hooks.decide(url, payload)
         if not reply.allow:
             reason = (reply.message or "refused by the application").encode()[:100]

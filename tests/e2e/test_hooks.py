@@ -86,7 +86,8 @@ async def test_connect_refused_closes_4403(hooked: ParleyProcess, receiver: Rece
     client = await Client.connect(hooked.ws_url, mint(new_user()), wait_ready=False)
     code, reason = await asyncio.wait_for(client.closed, 10)
     assert (code, reason) == (4403, "banned")
-    assert receiver.of("/connect")[0]["user"]
+    (called,) = receiver.of("/connect")
+    assert called["claims"]["sub"] == called["user"] and called["claims"]["exp"]
     assert receiver.bad_signatures == 0
 
 

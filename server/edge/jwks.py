@@ -30,6 +30,7 @@ import httpx
 import jwt
 import msgspec
 
+from protocol.jsondepth import too_deep
 from server.app.config import ConfigError
 from server.app.http_client import BodyTooLarge, read_capped
 from server.edge.issuers import Issuer, check_url
@@ -39,6 +40,8 @@ log = logging.getLogger("parley.auth")
 MAX_BODY: Final = 512 * 1024
 MAX_AGE_CEILING: Final = 86_400.0
 MAX_KEYS: Final = 100
+MAX_DEPTH: Final = 16
+"""A JWKS or discovery document nests 4 deep (`{"keys": [{"x5c": [...]}]}`)."""
 ATTEMPTS: Final = 2
 _MAX_AGE: Final = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -180,6 +183,8 @@ class KeySet:
             if response.status_code != 200:
                 raise FetchFailed(f"answered {response.status_code}")
             body = await read_capped(response, MAX_BODY)
+            if too_deep(body, MAX_DEPTH):  # the decoder would recurse past Python's limit
+                raise FetchFailed(f"JSON nested more than {MAX_DEPTH} levels")
             return msgspec.json.decode(body), _max_age(response.headers)
 
 

@@ -85,6 +85,8 @@ class LocalIdP:
     """Seconds between the bytes of a body (0: all at once)."""
     publish_alg: bool = True
     """Whether each JWK names its `alg` (optional in a JWKS)."""
+    raw: tuple[int, bytes] | None = None
+    """A status and body to answer for the key set instead of the keys (a hostile server)."""
     hits: Counter[str] = field(default_factory=Counter)
     _server: ThreadingHTTPServer | None = None
 
@@ -107,6 +109,8 @@ class LocalIdP:
                     prefix = self.path.removesuffix("/.well-known/openid-configuration")
                     issuer = idp.base + prefix
                     self._send(200, {"issuer": issuer, "jwks_uri": f"{issuer}/jwks.json"})
+                elif idp.raw is not None:
+                    self._send_raw(*idp.raw)
                 elif self.path.endswith(("/jwks.json", "/certs", "/jwk")):
                     keys = [s.jwk(with_alg=idp.publish_alg) for s in idp.signers]
                     self._send(200, {"keys": keys})
@@ -127,6 +131,16 @@ class LocalIdP:
                     else:
                         self.wfile.write(data)
                 except OSError:  # the client gave up (a timeout test)
+                    pass
+
+            def _send_raw(self, status: int, data: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("content-length", str(len(data)))
+                    self.send_header("location", f"{idp.base}/elsewhere/jwks.json")
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client stopped reading (a body over its limit)
                     pass
 
             def _trickle(self, data: bytes) -> None:

@@ -203,6 +203,36 @@ async def test_jku_x5u_and_jwk_headers_are_never_followed(
         attacker.stop()
 
 
+HOSTILE_KEY_SETS = {
+    "garbage": (200, b"\x00{not json"),
+    "huge": (200, b'{"keys": [' + b'{"kty": "RSA"},' * 40_000 + b"{}]}"),
+    "deep": (200, b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "not an object": (200, b"[]"),
+    "keys not a list": (200, b'{"keys": 5}'),
+    "only a secret key": (200, b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "k"}]}'),
+    "malformed keys": (200, b'{"keys": [{"kty": "RSA", "n": 5, "e": "AQAB"}, 7, null]}'),
+    "redirect": (302, b""),
+    "server error": (500, b"oops"),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KEY_SETS)
+async def test_a_hostile_key_set_refuses_its_tokens_cleanly(
+    idp: LocalIdP, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the JWKS endpoint answers, its tokens are refused with an AuthError (no
+    other exception, no traceback logged) and the local secret keeps working."""
+    idp.raw = HOSTILE_KEY_SETS[kind]
+    async with preset_verifier(idp) as verifier:
+        token = idp.signers[0].sign(shaped("clerk", issuer_url(idp.base, "clerk"), "a"))
+        with caplog.at_level(logging.WARNING), pytest.raises(AuthError):
+            await asyncio.wait_for(verifier.verify(token), 10)
+        local = jwt.encode({"sub": "b", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+        assert (await verifier.verify(local)).user == "b"
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not idp.fetches("/elsewhere/jwks.json")  # a redirect is never followed
+
+
 async def test_a_flood_of_unknown_kids_costs_at_most_one_fetch(
     idp: LocalIdP, verifier: Verifier
 ) -> None:

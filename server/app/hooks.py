@@ -19,6 +19,7 @@ import msgspec
 
 from protocol import webhooks
 from protocol.jsondepth import too_deep
+from server.app import metrics
 from server.app.config import ConfigError, HooksSettings
 from server.app.http_client import read_capped
 
@@ -76,15 +77,22 @@ class Hooks:
             await self._client.aclose()
 
     async def decide(self, url: str, payload: dict[str, Any]) -> Reply:
-        """Call a connect or turn hook; on failure, what `hooks.turn_failure` says."""
+        """Call a connect or turn hook (the payload's `type`); on failure, what
+        `hooks.turn_failure` says."""
+        started = time.monotonic()
+        outcome = "failed"
         try:
             body = await self.post(url, payload, uuid.uuid4().hex, self.settings.turn_timeout)
-            return _decode(body)
+            reply = _decode(body)
+            outcome = "ok"
+            return reply
         except HookFailed as exc:
             log.warning("hook %s failed (%s); policy: %s", url, exc, self.settings.turn_failure)
             if self.settings.turn_failure == "allow":
                 return ALLOW
             return Reply(allow=False, message="the application is unavailable")
+        finally:
+            metrics.HOOK_CALLS.labels(payload["type"], outcome).observe(time.monotonic() - started)
 
     async def post(
         self, url: str, payload: Any, msg_id: str, timeout: float, limit: int = MAX_REPLY_BYTES

@@ -318,6 +318,7 @@ class Commands:
         if not url or self.hub.hooks is None:
             return True
         payload = {
+            "type": "connect",
             "user": principal.user,
             "expires_at": principal.expires_at,
             "socket": self.id,

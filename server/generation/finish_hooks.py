@@ -23,6 +23,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol import frames as f
+from server.app import metrics
 from server.app.config import HooksSettings
 from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks
 from server.redis import keys
@@ -171,9 +172,7 @@ class FinishSender:
             if body is None:
                 raise Malformed("not a finish hook entry")
             event = msgspec.json.decode(body, type=FinishEvent)
-            await self.hooks.post(
-                self.settings.finish_url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT
-            )
+            await self._post(body, event)
         except (HookFailed, Malformed, msgspec.DecodeError) as exc:
             if isinstance(exc, HookFailed) and age < self.settings.finish_give_up:
                 log.info("finish hook %s not delivered yet (%s)", entry_id.decode(), exc)
@@ -185,6 +184,16 @@ class FinishSender:
         self.sent += 1
         with contextlib.suppress(*UNREACHABLE):
             await self.group.ack(entry_id)
+
+    async def _post(self, body: bytes, event: FinishEvent) -> None:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            url = self.settings.finish_url
+            await self.hooks.post(url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT)
+            outcome = "ok"
+        finally:
+            metrics.HOOK_CALLS.labels("finish", outcome).observe(time.monotonic() - started)
 
 
 def _queued_ms(entry_id: bytes) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from server.app.config import HooksSettings
 from server.app.hooks import ALLOW, Hooks
@@ -18,6 +19,8 @@ async def test_a_trickling_answer_is_cut_at_the_timeout(policy: str) -> None:
     """Headers at once, then a byte every 0.1 s: each read is quick, the answer (3.7 s) is
     not; the call is a failure after `turn_timeout`, and the failure policy applies."""
     hooks = Hooks(HooksSettings(secret=SECRET, turn_timeout=0.3, turn_failure=policy))  # type: ignore[arg-type]
+    failed = {"hook": "turn", "outcome": "failed"}
+    before = REGISTRY.get_sample_value("parley_hook_call_seconds_count", failed) or 0.0
     with receiving() as receiver:
         receiver.answers["/turn"] = lambda p, b: Slowly(b'{"allow": false, "message": "late"}')
         try:
@@ -33,3 +36,5 @@ async def test_a_trickling_answer_is_cut_at_the_timeout(policy: str) -> None:
     else:
         assert (reply.allow, reply.message) == (False, "the application is unavailable")
     assert receiver.bad_signatures == 0 and receiver.of("/turn") == [{"type": "turn"}]
+    assert REGISTRY.get_sample_value("parley_hook_call_seconds_count", failed) == before + 1
+    assert (REGISTRY.get_sample_value("parley_hook_call_seconds_sum", failed) or 0) >= 0.3

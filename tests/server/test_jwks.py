@@ -429,6 +429,20 @@ async def test_firebase_auth_time_in_the_future_is_refused(
         await verifier.verify(idp.signers[0].sign(claims))
 
 
+async def test_each_issuer_checks_its_own_audience(idp: LocalIdP, verifier: Verifier) -> None:
+    """Several issuers at once, each with its own audience: a token of one issuer carrying
+    another issuer's audience is refused, with its own it is accepted."""
+    audiences = {"supabase": "authenticated", "auth0": "https://api.parley.test"}
+    audiences["firebase"] = "proj"
+    for provider, own in audiences.items():
+        issuer = issuer_url(idp.base, provider)
+        assert await verifier.verify(idp.signers[0].sign(shaped(provider, issuer, "u", aud=own)))
+        for other in set(audiences.values()) - {own}:
+            token = idp.signers[0].sign(shaped(provider, issuer, "u", aud=other))
+            with pytest.raises(AuthError, match="(?i)audience"):
+                await verifier.verify(token)
+
+
 async def test_user_claim_names_the_user(idp: LocalIdP) -> None:
     auth = AuthSettings(jwks_url=f"{idp.base}/any/jwks.json", user_claim="user_id")
     async with verifier_for(auth) as verifier:

@@ -439,7 +439,7 @@ async def test_each_issuer_checks_its_own_audience(idp: LocalIdP, verifier: Veri
         assert await verifier.verify(idp.signers[0].sign(shaped(provider, issuer, "u", aud=own)))
         for other in set(audiences.values()) - {own}:
             token = idp.signers[0].sign(shaped(provider, issuer, "u", aud=other))
-            with pytest.raises(AuthError, match="(?i)audience"):
+            with pytest.raises(AuthError, match=r"(?i)audience"):
                 await verifier.verify(token)
 
 

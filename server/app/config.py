@@ -231,7 +231,8 @@ class ServerAPISettings(_Section, frozen=True, forbid_unknown_fields=True, kw_on
 
     keys: list[str] = []
     revocation_ttl: Seconds = 86_400.0
-    """How long a revocation is kept: the longest token lifetime Parley will honour it for."""
+    """How long a user-wide revocation is kept: the longest token lifetime it covers. A token
+    revoked by name (a session's disconnect) is refused until it expires, if that is later."""
 
 
 class HooksSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -8,6 +8,7 @@ the caller applies its policy (`hooks.turn_failure`, or the finish queue's retri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ import msgspec
 
 from protocol import webhooks
 from protocol.jsondepth import too_deep
+from server.app import metrics
 from server.app.config import ConfigError, HooksSettings
 from server.app.http_client import read_capped
 
@@ -75,21 +77,28 @@ class Hooks:
             await self._client.aclose()
 
     async def decide(self, url: str, payload: dict[str, Any]) -> Reply:
-        """Call a connect or turn hook; on failure, what `hooks.turn_failure` says."""
+        """Call a connect or turn hook (the payload's `type`); on failure, what
+        `hooks.turn_failure` says."""
+        started = time.monotonic()
+        outcome = "failed"
         try:
             body = await self.post(url, payload, uuid.uuid4().hex, self.settings.turn_timeout)
-            return _decode(body)
+            reply = _decode(body)
+            outcome = "ok"
+            return reply
         except HookFailed as exc:
             log.warning("hook %s failed (%s); policy: %s", url, exc, self.settings.turn_failure)
             if self.settings.turn_failure == "allow":
                 return ALLOW
             return Reply(allow=False, message="the application is unavailable")
+        finally:
+            metrics.HOOK_CALLS.labels(payload["type"], outcome).observe(time.monotonic() - started)
 
     async def post(
         self, url: str, payload: Any, msg_id: str, timeout: float, limit: int = MAX_REPLY_BYTES
     ) -> bytes:
         """POST the signed payload; the reply's body (at most `limit` bytes) when 2xx, else
-        HookFailed."""
+        HookFailed. `timeout` bounds the whole call, from connecting to the body's last byte."""
         body = _encoder.encode(payload)
         headers = {"content-type": "application/json"}
         if self.settings.secret:
@@ -97,12 +106,15 @@ class Hooks:
         else:
             headers["webhook-id"] = msg_id
         try:
-            async with self.client.stream(
-                "POST", url, content=body, headers=headers, timeout=timeout
-            ) as response:
-                if not response.is_success:
-                    raise HookFailed(f"HTTP {response.status_code}")
-                return await read_capped(response, limit)
+            async with asyncio.timeout(timeout):  # httpx's timeout is per read: a trickle
+                async with self.client.stream(  # of bytes would never trip it
+                    "POST", url, content=body, headers=headers, timeout=timeout
+                ) as response:
+                    if not response.is_success:
+                        raise HookFailed(f"HTTP {response.status_code}")
+                    return await read_capped(response, limit)
+        except TimeoutError:
+            raise HookFailed(f"no complete answer within {timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
 

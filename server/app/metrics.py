@@ -162,6 +162,15 @@ TURNS = Counter(
     ["outcome"],
 )
 CANCELS = Counter("parley_cancels_total", "`cancel` commands accepted by web processes.")
+HOOK_CALLS = Histogram(
+    "parley_hook_call_seconds",
+    "Calls to the host application's hooks (`connect`, `turn`, `finish`) and how long each "
+    "took, by outcome (`ok`, `failed`: a timeout, an error status, an unusable answer). A "
+    "turn hook's time is added to the turn's time to first token, a connect hook's to the "
+    "socket's sign-in.",
+    ["hook", "outcome"],
+    buckets=SECONDS_BUCKETS,
+)
 QUEUE_WAIT = Histogram(
     "parley_turn_queue_wait_seconds",
     "From a turn's acceptance to a worker starting it (the fair queue and the turns stream).",

@@ -96,6 +96,7 @@ class Runtime:
         self.hooks = Hooks(s.hooks)
         self.verifier = Verifier(s.auth, load_secret(s.auth, s.data_path), issuers.resolve(s))
         self.verifier.group_claim = s.budgets.group_claim
+        self.verifier.keep_claims = bool(s.hooks.connect_url)
         metrics.start_process(self.role, [s.llm.model, *s.metrics.models])
         tracing.configure(self.role)
         if self.runs_web:

@@ -56,6 +56,8 @@ class Principal:
     that session), else `tok:<digest of the token>`."""
     group: str = ""
     """The user's budget group: the `budgets.group_claim` claim, if set and a short string."""
+    claims: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
+    """The verified claims, kept only for the connect hook (`Verifier.keep_claims`)."""
 
 
 class Revocations(Protocol):
@@ -86,6 +88,9 @@ class Verifier:
         self._cache: dict[str, Principal] = {}
         self.group_claim = ""
         """The claim naming the user's budget group (`budgets.group_claim`)."""
+        self.keep_claims = False
+        """Keep each token's verified claims in its `Principal` (the connect hook sends
+        them); off, a principal holds no more than it needs."""
         self.revocations: Revocations | None = None
         """Checked once per token verified (a cached token skips it: `forget` a user whose
         tokens were revoked)."""
@@ -96,6 +101,7 @@ class Verifier:
                 self._client,
                 cache_seconds=settings.jwks_cache_seconds,
                 min_refresh=settings.jwks_min_refresh,
+                timeout=settings.jwks_timeout,
                 clock=clock,
             )
             for issuer in issuers
@@ -173,7 +179,7 @@ class Verifier:
             self.settings.issuer,
             ["sub"],
         )
-        return _principal(claims, "sub", self.group_claim)
+        return _principal(claims, "sub", self.group_claim, self.keep_claims)
 
     async def _decode_issued(self, token: str, header: Mapping[str, Any]) -> Principal:
         alg = str(header["alg"])
@@ -195,7 +201,7 @@ class Verifier:
                 issuer.check(claims, time.time(), self.settings.leeway)
             except ClaimsRefused as exc:
                 raise AuthError(f"invalid token: {exc}") from None
-            return _principal(claims, issuer.user_claim, self.group_claim)
+            return _principal(claims, issuer.user_claim, self.group_claim, self.keep_claims)
         raise AuthError("invalid token: no key of its issuer matches its `kid`")
 
     def _decode(
@@ -258,7 +264,9 @@ def _unverified_issuer(token: str) -> str | None:
     return iss if isinstance(iss, str) else None
 
 
-def _principal(claims: Mapping[str, Any], user_claim: str, group_claim: str = "") -> Principal:
+def _principal(
+    claims: Mapping[str, Any], user_claim: str, group_claim: str = "", keep: bool = False
+) -> Principal:
     user = claims.get(user_claim)
     if not isinstance(user, str) or not user or len(user) > 200:
         raise AuthError(f"invalid token: `{user_claim}` must be a non-empty string")
@@ -281,6 +289,7 @@ def _principal(claims: Mapping[str, Any], user_claim: str, group_claim: str = ""
         None if issued is None else float(issued),
         token_id,
         _group(claims, group_claim),
+        claims if keep else None,
     )
 
 

@@ -317,7 +317,13 @@ class Commands:
         url = self.hub.settings.hooks.connect_url
         if not url or self.hub.hooks is None:
             return True
-        payload = {"user": principal.user, "expires_at": principal.expires_at, "socket": self.id}
+        payload = {
+            "type": "connect",
+            "user": principal.user,
+            "expires_at": principal.expires_at,
+            "socket": self.id,
+            "claims": principal.claims or {},
+        }
         reply = await self.hub.hooks.decide(url, payload)
         if not reply.allow:
             reason = (reply.message or "refused by the application").encode()[:100]

@@ -103,7 +103,10 @@ class Disconnects:
         try:
             for _, commands in sockets:
                 if commands.principal is not None:
-                    await self.revocations.revoke_token(user, commands.principal.token_id)
+                    principal = commands.principal
+                    await self.revocations.revoke_token(
+                        user, principal.token_id, principal.expires_at
+                    )
             self.verifier.forget(user)
             await publish(self.redis, Disconnect(user=user, forget=True))
         except (RedisError, OSError) as exc:

@@ -5,7 +5,9 @@ process for as long as the provider takes to answer; this fetches with `httpx.As
 
 The rules, per key set:
 - fetched on first use, kept for the response's `Cache-Control: max-age` (else
-  `auth.jwks_cache_seconds`), each request with a timeout and one retry;
+  `auth.jwks_cache_seconds`), each request with one retry and a deadline for the whole of
+  it (`auth.jwks_timeout`: httpx's own timeout is per read, which an endpoint trickling its
+  body a byte at a time would never trip);
 - a token whose `kid` is not in the set refetches it, but at most once per
   `auth.jwks_min_refresh` seconds (also after a failure): a flood of made-up `kid`s costs
   at most one request, and all the tokens waiting meanwhile share it;
@@ -28,6 +30,7 @@ import httpx
 import jwt
 import msgspec
 
+from protocol.jsondepth import too_deep
 from server.app.config import ConfigError
 from server.app.http_client import BodyTooLarge, read_capped
 from server.edge.issuers import Issuer, check_url
@@ -37,6 +40,8 @@ log = logging.getLogger("parley.auth")
 MAX_BODY: Final = 512 * 1024
 MAX_AGE_CEILING: Final = 86_400.0
 MAX_KEYS: Final = 100
+MAX_DEPTH: Final = 16
+"""A JWKS or discovery document nests 4 deep (`{"keys": [{"x5c": [...]}]}`)."""
 ATTEMPTS: Final = 2
 _MAX_AGE: Final = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -74,6 +79,7 @@ class KeySet:
         *,
         cache_seconds: float,
         min_refresh: float,
+        timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer
@@ -82,6 +88,7 @@ class KeySet:
         self._http = http
         self._cache_seconds = cache_seconds
         self._min_refresh = min_refresh
+        self._timeout = timeout
         self._clock = clock
         self._keys: dict[str | None, Key] = {}
         self._fresh_until = -1.0
@@ -163,15 +170,22 @@ class KeySet:
         for _ in range(ATTEMPTS):
             self.fetches += 1
             try:
-                async with self._http().stream("GET", url) as response:
-                    if response.status_code != 200:
-                        error = f"{url} answered {response.status_code}"
-                        continue
-                    body = await read_capped(response, MAX_BODY)
-                    return msgspec.json.decode(body), _max_age(response.headers)
+                async with asyncio.timeout(self._timeout):
+                    return await self._get_once(url)
+            except TimeoutError:
+                error = f"{url}: no complete answer within {self._timeout:g} s"
             except (httpx.HTTPError, msgspec.DecodeError, BodyTooLarge, FetchFailed) as exc:
                 error = f"{url}: {type(exc).__name__} {exc}".strip()
         raise FetchFailed(error)
+
+    async def _get_once(self, url: str) -> tuple[Any, float | None]:
+        async with self._http().stream("GET", url) as response:
+            if response.status_code != 200:
+                raise FetchFailed(f"answered {response.status_code}")
+            body = await read_capped(response, MAX_BODY)
+            if too_deep(body, MAX_DEPTH):  # the decoder would recurse past Python's limit
+                raise FetchFailed(f"JSON nested more than {MAX_DEPTH} levels")
+            return msgspec.json.decode(body), _max_age(response.headers)
 
 
 def _max_age(headers: httpx.Headers) -> float | None:

@@ -23,6 +23,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol import frames as f
+from server.app import metrics
 from server.app.config import HooksSettings
 from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks
 from server.redis import keys
@@ -41,12 +42,15 @@ MAX_BACKOFF: Final = 30.0
 LOOK_EVERY: Final = 1.0
 KEPT: Final = 100_000
 """The queue keeps about this many entries while the endpoint is down."""
-STATUS: Final[dict[str, Status]] = {
+STATUS: Final[dict[f.DoneReason, Status]] = {
     "stop": "complete",
     "length": "length",
+    "content_filter": "complete",
+    "tool_calls": "complete",
     "cancelled": "cancelled",
     "error": "error",
 }
+"""Every `done` reason's status: the four the hook promises (the reason itself is sent too)."""
 
 
 class Timings(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +70,9 @@ class FinishEvent(msgspec.Struct, frozen=True, kw_only=True):
     user_message_id: uuid.UUID | None
     replaces: uuid.UUID | None
     status: Status
+    reason: f.DoneReason | None = None
+    """The turn's `done` reason, finer than `status` (`content_filter`, `tool_calls`); None
+    only in an entry queued by a version that did not send it."""
     error: str | None
     code: str | None
     model: str
@@ -165,9 +172,7 @@ class FinishSender:
             if body is None:
                 raise Malformed("not a finish hook entry")
             event = msgspec.json.decode(body, type=FinishEvent)
-            await self.hooks.post(
-                self.settings.finish_url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT
-            )
+            await self._post(body, event)
         except (HookFailed, Malformed, msgspec.DecodeError) as exc:
             if isinstance(exc, HookFailed) and age < self.settings.finish_give_up:
                 log.info("finish hook %s not delivered yet (%s)", entry_id.decode(), exc)
@@ -179,6 +184,16 @@ class FinishSender:
         self.sent += 1
         with contextlib.suppress(*UNREACHABLE):
             await self.group.ack(entry_id)
+
+    async def _post(self, body: bytes, event: FinishEvent) -> None:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            url = self.settings.finish_url
+            await self.hooks.post(url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT)
+            outcome = "ok"
+        finally:
+            metrics.HOOK_CALLS.labels("finish", outcome).observe(time.monotonic() - started)
 
 
 def _queued_ms(entry_id: bytes) -> int:

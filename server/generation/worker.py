@@ -856,6 +856,7 @@ class Worker:
             user_message_id=job.user_message,
             replaces=None if code == "refused" else job.replaces,
             status=finish_hooks.STATUS[reason],
+            reason=reason,
             error=error,
             code=code,
             model=job.model,

@@ -26,7 +26,7 @@ from tests.helpers.conversations import (
     wait_persisted,
 )
 from tests.helpers.processes import BACKENDS, Cluster, Db, ParleyProcess, clusters_for, redis_db
-from tests.helpers.receiver import SECRET, Answer, Receiver
+from tests.helpers.receiver import SECRET, Answer, Receiver, Slowly
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ async def test_connect_refused_closes_4403(hooked: ParleyProcess, receiver: Rece
     client = await Client.connect(hooked.ws_url, mint(new_user()), wait_ready=False)
     code, reason = await asyncio.wait_for(client.closed, 10)
     assert (code, reason) == (4403, "banned")
-    assert receiver.of("/connect")[0]["user"]
+    (called,) = receiver.of("/connect")
+    assert called["claims"]["sub"] == called["user"] and called["claims"]["exp"]
     assert receiver.bad_signatures == 0
 
 
@@ -172,6 +173,7 @@ async def test_turn_timeout_policy(cluster: Cluster, receiver: Receiver, policy:
     server = cluster.process(
         "serve",
         REDIS_URL=redis_db(cluster.services.redis_url, Db.HOOKS_TIMEOUT),
+        PARLEY_HOOKS_CONNECT_URL=receiver.url("/connect"),
         PARLEY_HOOKS_TURN_URL=receiver.url("/turn"),
         PARLEY_HOOKS_SECRET=SECRET,
         PARLEY_HOOKS_TURN_TIMEOUT="0.3",
@@ -185,11 +187,17 @@ async def test_turn_timeout_policy(cluster: Cluster, receiver: Receiver, policy:
             end = await client.wait_for(
                 lambda fr: isinstance(fr, f.Done | f.Error) and fr.conversation == conversation
             )
+        receiver.answers["/connect"] = lambda p, b: (500, b"")
+        late = await Client.connect(server.ws_url, mint(new_user()), wait_ready=False)
         if policy == "allow":
             assert isinstance(end, f.Done) and end.reason == "stop"
+            async with late:
+                await late.wait_for(lambda fr: isinstance(fr, f.Ready))
         else:
             assert isinstance(end, f.Error)
             assert (end.code, end.message) == ("refused", "the application is unavailable")
+            closed = await asyncio.wait_for(late.closed, 10)
+            assert closed == (4403, "the application is unavailable")
         log_clean(server)
     finally:
         server.stop()
@@ -204,6 +212,7 @@ HOSTILE: dict[str, Answer] = {
     "wrong types": lambda p, b: (200, b'{"allow": "yes", "messages": 3}'),
     "bad role": lambda p, b: (200, b'{"messages": [{"role": "tool", "content": "x"}]}'),
     "redirect": lambda p, b: (307, b""),
+    "trickles": lambda p, b: Slowly(b'{"allow": false, "message": "too late"}' + b" " * 60, 0.1),
 }
 
 
@@ -254,6 +263,52 @@ async def wait_finishes(
             assert len(finishes) >= count
             return finishes
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("control", "status", "reason"),
+    [
+        ("[sim:tokens=5][sim:finish=length]", "length", "length"),
+        ("[sim:tokens=5][sim:finish=content_filter]", "complete", "content_filter"),
+        ("[sim:tokens=5][sim:finish=tool_calls]", "complete", "tool_calls"),
+        ("[sim:error]", "error", "error"),
+        ("[sim:delay=5]", "cancelled", "cancelled"),
+    ],
+)
+async def test_finish_reports_how_the_turn_ended(
+    hooked: ParleyProcess, receiver: Receiver, control: str, status: str, reason: str
+) -> None:
+    async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
+        conversation = await start_conversation(client)
+        start = len(client.frames)
+        await client.request(f.Say(conversation=conversation, text=f"end as told {control}"))
+        if status == "cancelled":
+            await client.wait_for(lambda fr: isinstance(fr, f.Start), start=start)
+            await client.request(f.Cancel(conversation=conversation))
+        done = await client.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
+        ((body, _),) = await wait_finishes(receiver, str(conversation), 1)
+    assert done.reason == reason
+    assert (body["status"], body["reason"], body["message_id"]) == (
+        status,
+        reason,
+        str(done.message_id),
+    )
+    assert (body["error"] is not None) == (status == "error")
+    assert body["watchers"] == "delivered" and body["timings"]["duration_ms"] >= 0
+    log_clean(hooked)
+
+
+async def test_finish_when_every_tab_left_during_the_turn(
+    hooked: ParleyProcess, receiver: Receiver
+) -> None:
+    async with await Client.connect(hooked.ws_url, mint(new_user())) as client:
+        conversation = await start_conversation(client)
+        start = len(client.frames)
+        await client.request(f.Say(conversation=conversation, text="[sim:delay=1] hi"))
+        await client.wait_for(lambda fr: isinstance(fr, f.Start), start=start)
+        await client.request(f.Leave(conversation=conversation))
+        ((body, _),) = await wait_finishes(receiver, str(conversation), 1)
+    assert (body["status"], body["watchers"]) == ("complete", "watchers_left_during")
 
 
 async def test_finish_without_watchers(hooked: ParleyProcess, receiver: Receiver) -> None:

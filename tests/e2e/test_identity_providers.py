@@ -15,9 +15,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.auth import mint, new_user
-from tests.helpers.idp import LocalIdP, Signer, shaped
+from tests.helpers.idp import ORIGIN, PRESETS, LocalIdP, Signer, issuer_url, preset_issuers, shaped
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db
-from tests.server.test_jwks import ORIGIN, PRESETS, issuer_url, preset_issuers
 
 HINT, GRACE = 2.0, 2.0
 
@@ -139,3 +138,26 @@ async def test_no_fresh_token_closes_4401_only_after_the_grace(
             await asyncio.wait_for(ws.recv(), ready["expires_at"] + GRACE + 5 - time.time())
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
         assert time.time() >= ready["expires_at"] + GRACE - 0.1
+
+
+async def test_an_expired_token_sent_during_the_grace_closes_at_once(
+    server: ParleyProcess, idp: LocalIdP
+) -> None:
+    """Within the grace the socket still works; an `auth` frame with a token that has
+    expired too does not renew it: 4401 at once, before the grace is over."""
+    user, issuer, signer = new_user(), issuer_url(idp.base, "auth0"), idp.signers[1]
+    token = signer.sign(shaped("auth0", issuer, user, ttl=2))
+    async with websockets.connect(
+        server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]
+    ) as ws:  # type: ignore[list-item]
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "refresh"
+        await asyncio.sleep(max(0.0, ready["expires_at"] + 0.2 - time.time()))
+        await ws.send(json.dumps({"type": "ping", "ref": "p"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"
+        stale = signer.sign(shaped("auth0", issuer, user, ttl=-60))
+        await ws.send(json.dumps({"type": "auth", "token": stale, "ref": "r"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), GRACE + 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert time.time() < ready["expires_at"] + GRACE

@@ -21,6 +21,7 @@ from server.dev.client import Client
 from server.edge.disconnects import Disconnect, publish
 from tests.helpers.auth import mint, new_user
 from tests.helpers.conversations import say_and_finish, start_conversation, wait_persisted
+from tests.helpers.openapi import fuzz
 from tests.helpers.processes import Cluster, Db, ParleyProcess, redis_db, two_webs_and_a_worker
 
 SERVER_API_DB = Db.SERVER_API
@@ -102,6 +103,14 @@ async def test_the_api_is_in_the_openapi_document(webs: tuple[ParleyProcess, ...
         "/api/server/users/{user}/export",
     ):
         assert path in paths
+
+
+def test_no_generated_request_gets_a_server_error(
+    webs: tuple[ParleyProcess, ParleyProcess],
+) -> None:
+    """Every `/api/server/` operation, fuzzed from the OpenAPI document with a valid key."""
+    operations = fuzz(webs[0].url, "^/api/server/", {"Authorization": f"Bearer {KEY}"}, 25)
+    assert len(operations) >= 10, operations
 
 
 async def test_bad_bodies_are_400(api: httpx.AsyncClient) -> None:

@@ -2,18 +2,22 @@
 
 `LocalIdP` serves a JWKS at any path ending in `/jwks.json`, `/certs` or `/jwk`, and an OIDC
 discovery document at `<prefix>/.well-known/openid-configuration` naming `<prefix>` as the
-issuer. It counts every request by path, and can be made slow, down (503) or rotate its
-keys. `Signer` is a key pair the test made; `shaped` builds claims the way each provider
-shapes its real tokens.
+issuer. It counts every request by path, and can be made slow, down (503), trickle its
+body a byte at a time, or rotate its keys. `Signer` is a key pair the test made; `shaped`
+builds claims the way each provider shapes its real tokens; `preset_issuers` points every
+preset at a `LocalIdP`.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,6 +25,10 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from server.app.config import AuthSettings, IssuerSettings, ServerSettings, Settings
+from server.edge.auth import Verifier
+from server.edge.issuers import resolve
 
 
 @dataclass
@@ -73,6 +81,12 @@ class LocalIdP:
     delay: float = 0.0
     down: bool = False
     max_age: int | None = None
+    trickle: float = 0.0
+    """Seconds between the bytes of a body (0: all at once)."""
+    publish_alg: bool = True
+    """Whether each JWK names its `alg` (optional in a JWKS)."""
+    raw: tuple[int, bytes] | None = None
+    """A status and body to answer for the key set instead of the keys (a hostile server)."""
     hits: Counter[str] = field(default_factory=Counter)
     _server: ThreadingHTTPServer | None = None
 
@@ -95,8 +109,11 @@ class LocalIdP:
                     prefix = self.path.removesuffix("/.well-known/openid-configuration")
                     issuer = idp.base + prefix
                     self._send(200, {"issuer": issuer, "jwks_uri": f"{issuer}/jwks.json"})
+                elif idp.raw is not None:
+                    self._send_raw(*idp.raw)
                 elif self.path.endswith(("/jwks.json", "/certs", "/jwk")):
-                    self._send(200, {"keys": [s.jwk() for s in idp.signers]})
+                    keys = [s.jwk(with_alg=idp.publish_alg) for s in idp.signers]
+                    self._send(200, {"keys": keys})
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -109,9 +126,28 @@ class LocalIdP:
                     if idp.max_age is not None:
                         self.send_header("cache-control", f"public, max-age={idp.max_age}")
                     self.end_headers()
-                    self.wfile.write(data)
+                    if idp.trickle:
+                        self._trickle(data)
+                    else:
+                        self.wfile.write(data)
                 except OSError:  # the client gave up (a timeout test)
                     pass
+
+            def _send_raw(self, status: int, data: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("content-length", str(len(data)))
+                    self.send_header("location", f"{idp.base}/elsewhere/jwks.json")
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client stopped reading (a body over its limit)
+                    pass
+
+            def _trickle(self, data: bytes) -> None:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(idp.trickle)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -187,3 +223,66 @@ def shaped(provider: str, issuer: str, user: str, ttl: float = 300, **extra: Any
     else:
         base["sub"] = user
     return base | extra
+
+
+SECRET = "s" * 40
+"""The local secret (HS256) of the verifiers made here."""
+ORIGIN = "http://localhost:3000"
+PRESETS = ("clerk", "supabase", "auth0", "keycloak", "firebase")
+
+
+def preset_issuers(base: str) -> list[IssuerSettings]:
+    """Every preset pointed at the local IdP: only `issuer` overridden (and Firebase's
+    fixed Google URL), so the JWKS URL shapes are the presets' own."""
+    return [
+        IssuerSettings(provider="clerk", issuer=f"{base}/clerk"),
+        IssuerSettings(provider="supabase", issuer=f"{base}/sb/auth/v1"),
+        IssuerSettings(
+            provider="auth0", issuer=f"{base}/auth0/", audience="https://api.parley.test"
+        ),
+        IssuerSettings(provider="keycloak", issuer=f"{base}/realms/parley"),
+        IssuerSettings(
+            provider="firebase",
+            project="proj",
+            issuer=f"{base}/securetoken/proj",
+            jwks_url=f"{base}/firebase/jwk",
+        ),
+        IssuerSettings(issuer=f"{base}/oidc"),
+    ]
+
+
+def issuer_url(base: str, provider: str) -> str:
+    return {
+        "clerk": f"{base}/clerk",
+        "supabase": f"{base}/sb/auth/v1",
+        "auth0": f"{base}/auth0/",
+        "keycloak": f"{base}/realms/parley",
+        "firebase": f"{base}/securetoken/proj",
+        "oidc": f"{base}/oidc",
+    }[provider]
+
+
+def make_verifier(idp: LocalIdP, **auth: Any) -> Verifier:
+    settings = Settings(
+        server=ServerSettings(allowed_origins=[ORIGIN]),
+        auth=AuthSettings(jwt_secret=SECRET, issuers=preset_issuers(idp.base), **auth),
+    )
+    return Verifier(settings.auth, SECRET, resolve(settings))
+
+
+@contextlib.asynccontextmanager
+async def preset_verifier(idp: LocalIdP, **auth: Any) -> AsyncIterator[Verifier]:
+    verifier = make_verifier(idp, **auth)
+    try:
+        yield verifier
+    finally:
+        await verifier.close()
+
+
+def unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return ".".join(
+        (part(json.dumps(header).encode()), part(json.dumps(claims).encode()), part(signature))
+    )

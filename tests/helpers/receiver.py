@@ -3,20 +3,31 @@ POST, checks its Standard Webhooks signature and answers as the test says, per p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from protocol import webhooks
+from server.dev import embedded
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
-Answer = Callable[[str, dict[str, Any]], tuple[int, bytes] | None]
-"""Per path: status and body, or None to hang (for `hang` seconds, then close)."""
+
+@dataclass(frozen=True)
+class Slowly:
+    """A 200 whose headers come at once and whose body trickles, a byte per `every` s."""
+
+    body: bytes
+    every: float = 0.1
+
+
+Answer = Callable[[str, dict[str, Any]], tuple[int, bytes] | Slowly | None]
+"""Per path: status and body, a `Slowly`, or None to hang (for `hang` seconds, then close)."""
 
 
 @dataclass
@@ -67,6 +78,9 @@ class Receiver:
                     time.sleep(receiver.hang)
                     self.close_connection = True
                     return
+                if isinstance(reply, Slowly):
+                    self._trickle(reply)
+                    return
                 status, payload = reply
                 self.send_response(status)
                 self.send_header("content-length", str(len(payload)))
@@ -74,6 +88,19 @@ class Receiver:
                     self.send_header("location", "/followed")
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _trickle(self, reply: Slowly) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(reply.body)))
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    for i in range(len(reply.body)):
+                        self.wfile.write(reply.body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(reply.every)
+                except OSError:  # the caller gave up
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -87,3 +114,14 @@ class Receiver:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+@contextlib.contextmanager
+def receiving() -> Iterator[Receiver]:
+    """A receiver on a free port, for the duration of a `with`."""
+    receiver = Receiver(embedded.free_port())
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()

@@ -55,11 +55,25 @@ async def test_one_token_is_revoked_by_jti_sid_or_digest(
     other = mint(user, ttl=1800)  # same user, another token
     principal = await checker.verify(token)
     assert principal.token_id.startswith(prefix)
-    await Revocations(redis, ttl=60).revoke_token(user, principal.token_id)
+    await Revocations(redis, ttl=60).revoke_token(user, principal.token_id, principal.expires_at)
     checker.forget(user)
     with pytest.raises(AuthError, match="revoked"):
         await checker.verify(token)
     assert (await checker.verify(other)).user == user
+
+
+async def test_a_token_revoked_by_name_is_refused_until_it_expires(redis: Redis) -> None:
+    """Its revocation outlives the TTL when the token does; a later user-wide revocation
+    (TTL only) does not cut it short."""
+    user = new_user()
+    revocations = Revocations(redis, ttl=60)
+    await revocations.revoke_token(user, "jti:long", time.time() + 7200)
+    assert 7190 <= await redis.ttl(keys.revoked(user)) <= 7201
+    await revocations.revoke_before(user, time.time())
+    assert await redis.ttl(keys.revoked(user)) > 7000
+    short = new_user()
+    await revocations.revoke_token(short, "jti:short", time.time() + 5)
+    assert 50 <= await redis.ttl(keys.revoked(short)) <= 60
 
 
 async def test_presence_counts_live_processes_only(redis: Redis) -> None:

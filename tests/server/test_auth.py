@@ -58,3 +58,13 @@ def test_secret_is_generated_once(tmp_path: Path) -> None:
     first = load_secret(AuthSettings(), tmp_path)
     assert len(first) > 40 and load_secret(AuthSettings(), tmp_path) == first
     assert (tmp_path / "jwt_secret").stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_verified_claims_are_kept_only_when_asked() -> None:
+    """The connect hook sends a socket's claims; without one a principal holds none."""
+    token = jwt.encode({"sub": "ann", "org": "acme", "exp": time.time() + 60}, SECRET, "HS256")
+    assert (await Verifier(AuthSettings(), SECRET).verify(token)).claims is None
+    keeping = Verifier(AuthSettings(), SECRET)
+    keeping.keep_claims = True
+    claims = (await keeping.verify(token)).claims
+    assert claims is not None and (claims["sub"], claims["org"]) == ("ann", "acme")

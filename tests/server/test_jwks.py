@@ -23,62 +23,20 @@ import pytest
 import pytest_asyncio
 from jwt.algorithms import RSAAlgorithm
 
-from server.app.config import AuthSettings, ConfigError, IssuerSettings, ServerSettings, Settings
+from server.app.config import AuthSettings, ConfigError, IssuerSettings, Settings
 from server.edge.auth import AuthError, Verifier
 from server.edge.issuers import resolve
-from tests.helpers.idp import LocalIdP, Signer, shaped
-
-SECRET = "s" * 40
-ORIGIN = "http://localhost:3000"
-PRESETS = ("clerk", "supabase", "auth0", "keycloak", "firebase")
-
-
-def preset_issuers(base: str) -> list[IssuerSettings]:
-    """Every preset pointed at the local IdP: only `issuer` overridden (and Firebase's
-    fixed Google URL), so the JWKS URL shapes are the presets' own."""
-    return [
-        IssuerSettings(provider="clerk", issuer=f"{base}/clerk"),
-        IssuerSettings(provider="supabase", issuer=f"{base}/sb/auth/v1"),
-        IssuerSettings(
-            provider="auth0", issuer=f"{base}/auth0/", audience="https://api.parley.test"
-        ),
-        IssuerSettings(provider="keycloak", issuer=f"{base}/realms/parley"),
-        IssuerSettings(
-            provider="firebase",
-            project="proj",
-            issuer=f"{base}/securetoken/proj",
-            jwks_url=f"{base}/firebase/jwk",
-        ),
-        IssuerSettings(issuer=f"{base}/oidc"),
-    ]
-
-
-def issuer_url(base: str, provider: str) -> str:
-    return {
-        "clerk": f"{base}/clerk",
-        "supabase": f"{base}/sb/auth/v1",
-        "auth0": f"{base}/auth0/",
-        "keycloak": f"{base}/realms/parley",
-        "firebase": f"{base}/securetoken/proj",
-        "oidc": f"{base}/oidc",
-    }[provider]
-
-
-def make_verifier(idp: LocalIdP, **auth: Any) -> Verifier:
-    settings = Settings(
-        server=ServerSettings(allowed_origins=[ORIGIN]),
-        auth=AuthSettings(jwt_secret=SECRET, issuers=preset_issuers(idp.base), **auth),
-    )
-    return Verifier(settings.auth, SECRET, resolve(settings))
-
-
-@contextlib.asynccontextmanager
-async def preset_verifier(idp: LocalIdP, **auth: Any) -> AsyncIterator[Verifier]:
-    verifier = make_verifier(idp, **auth)
-    try:
-        yield verifier
-    finally:
-        await verifier.close()
+from tests.helpers.idp import (
+    PRESETS,
+    SECRET,
+    LocalIdP,
+    Signer,
+    issuer_url,
+    make_verifier,
+    preset_verifier,
+    shaped,
+    unsigned,
+)
 
 
 @pytest.fixture
@@ -93,15 +51,6 @@ async def verifier(idp: LocalIdP) -> AsyncIterator[Verifier]:
     v = make_verifier(idp)
     yield v
     await v.close()
-
-
-def unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
-    def part(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    return ".".join(
-        (part(json.dumps(header).encode()), part(json.dumps(claims).encode()), part(signature))
-    )
 
 
 @pytest.mark.parametrize("provider", [*PRESETS, "oidc"])
@@ -254,6 +203,36 @@ async def test_jku_x5u_and_jwk_headers_are_never_followed(
         attacker.stop()
 
 
+HOSTILE_KEY_SETS = {
+    "garbage": (200, b"\x00{not json"),
+    "huge": (200, b'{"keys": [' + b'{"kty": "RSA"},' * 40_000 + b"{}]}"),
+    "deep": (200, b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "not an object": (200, b"[]"),
+    "keys not a list": (200, b'{"keys": 5}'),
+    "only a secret key": (200, b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "k"}]}'),
+    "malformed keys": (200, b'{"keys": [{"kty": "RSA", "n": 5, "e": "AQAB"}, 7, null]}'),
+    "redirect": (302, b""),
+    "server error": (500, b"oops"),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KEY_SETS)
+async def test_a_hostile_key_set_refuses_its_tokens_cleanly(
+    idp: LocalIdP, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the JWKS endpoint answers, its tokens are refused with an AuthError (no
+    other exception, no traceback logged) and the local secret keeps working."""
+    idp.raw = HOSTILE_KEY_SETS[kind]
+    async with preset_verifier(idp) as verifier:
+        token = idp.signers[0].sign(shaped("clerk", issuer_url(idp.base, "clerk"), "a"))
+        with caplog.at_level(logging.WARNING), pytest.raises(AuthError):
+            await asyncio.wait_for(verifier.verify(token), 10)
+        local = jwt.encode({"sub": "b", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+        assert (await verifier.verify(local)).user == "b"
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not idp.fetches("/elsewhere/jwks.json")  # a redirect is never followed
+
+
 async def test_a_flood_of_unknown_kids_costs_at_most_one_fetch(
     idp: LocalIdP, verifier: Verifier
 ) -> None:
@@ -279,42 +258,102 @@ async def test_a_cold_flood_of_unknown_kids_shares_one_fetch(idp: LocalIdP) -> N
         assert idp.fetches() == 1
 
 
+@pytest.mark.parametrize("provider", PRESETS)
 async def test_stale_keys_keep_verifying_while_the_endpoint_is_down(
-    idp: LocalIdP, caplog: pytest.LogCaptureFixture
+    idp: LocalIdP, provider: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with preset_verifier(idp, jwks_cache_seconds=0.2, jwks_min_refresh=0.2) as verifier:
-        issuer = issuer_url(idp.base, "keycloak")
-        assert await verifier.verify(idp.signers[0].sign(shaped("keycloak", issuer, "a")))
+        issuer = issuer_url(idp.base, provider)
+        assert await verifier.verify(idp.signers[0].sign(shaped(provider, issuer, "a")))
         idp.down = True
         await asyncio.sleep(0.3)
         with caplog.at_level(logging.WARNING):
-            token = idp.signers[1].sign(shaped("keycloak", issuer, "b"))
+            token = idp.signers[1].sign(shaped(provider, issuer, "b"))
             assert (await verifier.verify(token)).user == "b"
-        assert idp.fetches("/certs") == 3  # the first, then a failed attempt and its retry
+        assert idp.fetches() == 3  # the first, then a failed attempt and its retry
         assert "serving the 3 keys held" in caplog.text
         assert not [r for r in caplog.records if r.exc_info]
 
 
-async def test_a_rotated_key_is_picked_up(idp: LocalIdP) -> None:
+@pytest.mark.parametrize("provider", PRESETS)
+async def test_a_rotated_key_is_picked_up(idp: LocalIdP, provider: str) -> None:
     async with preset_verifier(idp, jwks_min_refresh=0.2) as verifier:
-        issuer = issuer_url(idp.base, "supabase")
-        await verifier.verify(idp.signers[1].sign(shaped("supabase", issuer, "a")))
+        issuer = issuer_url(idp.base, provider)
+        await verifier.verify(idp.signers[1].sign(shaped(provider, issuer, "a")))
         rotated = Signer.ec()
         idp.signers = [rotated]
         await asyncio.sleep(0.25)
-        assert (await verifier.verify(rotated.sign(shaped("supabase", issuer, "b")))).user == "b"
+        assert (await verifier.verify(rotated.sign(shaped(provider, issuer, "b")))).user == "b"
+        with pytest.raises(AuthError):  # the key rotated away no longer verifies
+            await verifier.verify(Signer.ec(kid="gone").sign(shaped(provider, issuer, "c")))
         assert idp.fetches() == 2
 
 
-async def test_a_slow_endpoint_times_out_after_one_retry(idp: LocalIdP) -> None:
+@pytest.mark.parametrize("provider", PRESETS)
+async def test_a_slow_endpoint_times_out_after_one_retry(idp: LocalIdP, provider: str) -> None:
     idp.delay = 1.5
     async with preset_verifier(idp, jwks_timeout=0.2) as verifier:
-        token = idp.signers[0].sign(shaped("clerk", issuer_url(idp.base, "clerk"), "a"))
+        token = idp.signers[0].sign(shaped(provider, issuer_url(idp.base, provider), "a"))
         started = time.monotonic()
         with pytest.raises(AuthError):
             await verifier.verify(token)
         assert time.monotonic() - started < 1.2  # two 0.2 s attempts, not 1.5 s each
         assert idp.fetches() == 2
+
+
+async def test_a_trickling_endpoint_is_cut_at_the_timeout(idp: LocalIdP) -> None:
+    """Headers at once, then a byte every 50 ms: every read is quick, the whole is not."""
+    idp.trickle = 0.05
+    async with preset_verifier(idp, jwks_timeout=0.3) as verifier:
+        token = idp.signers[0].sign(shaped("clerk", issuer_url(idp.base, "clerk"), "a"))
+        started = time.monotonic()
+        with pytest.raises(AuthError):
+            await asyncio.wait_for(verifier.verify(token), 10)
+        assert time.monotonic() - started < 1.5  # two 0.3 s attempts
+        assert idp.fetches() == 2
+
+
+async def test_a_slow_fetch_never_blocks_the_event_loop(idp: LocalIdP) -> None:
+    """While a key set takes 0.8 s to arrive, the loop keeps running: a timer ticks and a
+    token of the local secret is verified long before the fetch ends."""
+    idp.delay = 0.8
+    async with preset_verifier(idp) as verifier:
+        token = idp.signers[0].sign(shaped("auth0", issuer_url(idp.base, "auth0"), "a"))
+        fetching = asyncio.create_task(verifier.verify(token))
+        ticks = 0
+        started = time.monotonic()
+        while not fetching.done() and ticks < 200:
+            await asyncio.sleep(0.02)
+            ticks += 1
+        local = jwt.encode({"sub": "b", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+        assert (await verifier.verify(local)).user == "b"
+        assert (await fetching).user == "a"
+        assert time.monotonic() - started >= 0.7 and ticks >= 10
+
+
+@pytest.mark.parametrize("publish_alg", [True, False], ids=["alg-in-jwk", "no-alg-in-jwk"])
+async def test_every_algorithm_is_verified_by_its_kid(publish_alg: bool) -> None:
+    """One key set holding a key for each algorithm: each token finds its key by `kid`; a
+    token naming another key's `kid` is refused."""
+    signers = [Signer.rsa(alg=alg) for alg in ("RS256", "RS384", "RS512", "PS256")]
+    signers += [Signer.ec(alg="ES256"), Signer.ec(alg="ES384"), Signer.ed25519()]
+    idp = LocalIdP(signers, publish_alg=publish_alg).start()
+    auth = AuthSettings(jwks_url=f"{idp.base}/any/jwks.json")
+    try:
+        async with verifier_for(auth) as verifier:
+            for signer in signers:
+                claims = {"sub": f"user-{signer.alg}", "exp": time.time() + 60}
+                principal = await verifier.verify(signer.sign(claims))
+                assert principal.user == f"user-{signer.alg}"
+                other = next(s for s in signers if s.alg != signer.alg).kid
+                with pytest.raises(AuthError):
+                    await verifier.verify(signer.sign(claims | {"n": 1}, kid=other))
+        assert {s.alg for s in signers} == {
+            "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+        }  # fmt: skip
+        assert idp.fetches() == 1
+    finally:
+        idp.stop()
 
 
 async def test_cache_control_max_age_is_honoured(idp: LocalIdP) -> None:
@@ -388,6 +427,20 @@ async def test_firebase_auth_time_in_the_future_is_refused(
     claims = shaped("firebase", issuer, "u", auth_time=int(time.time()) + 3600)
     with pytest.raises(AuthError, match="auth_time"):
         await verifier.verify(idp.signers[0].sign(claims))
+
+
+async def test_each_issuer_checks_its_own_audience(idp: LocalIdP, verifier: Verifier) -> None:
+    """Several issuers at once, each with its own audience: a token of one issuer carrying
+    another issuer's audience is refused, with its own it is accepted."""
+    audiences = {"supabase": "authenticated", "auth0": "https://api.parley.test"}
+    audiences["firebase"] = "proj"
+    for provider, own in audiences.items():
+        issuer = issuer_url(idp.base, provider)
+        assert await verifier.verify(idp.signers[0].sign(shaped(provider, issuer, "u", aud=own)))
+        for other in set(audiences.values()) - {own}:
+            token = idp.signers[0].sign(shaped(provider, issuer, "u", aud=other))
+            with pytest.raises(AuthError, match=r"(?i)audience"):
+                await verifier.verify(token)
 
 
 async def test_user_claim_names_the_user(idp: LocalIdP) -> None:

@@ -18,18 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.edge.auth import AuthError, Verifier
-from tests.helpers.idp import LocalIdP, Signer, shaped
-from tests.server.test_jwks import ORIGIN, issuer_url, make_verifier, unsigned
+from tests.helpers.idp import ORIGIN, LocalIdP, Signer, issuer_url, make_verifier, shaped, unsigned
 
 AUDIENCE = {"clerk": "", "supabase": "authenticated", "auth0": "https://api.parley.test"}
-AUDIENCE["firebase"] = "proj"
+AUDIENCE |= {"firebase": "proj", "keycloak": ""}
 ABSENT = "<absent>"
 
 # Each dimension leans towards its valid value so that accepted tokens are common too.
 cases = st.fixed_dictionaries(
     {
         "provider": st.sampled_from(sorted(AUDIENCE)),
-        "signer": st.sampled_from([0, 1]),
+        "signer": st.sampled_from([0, 1, 2]),
         "alg": st.sampled_from(["own"] * 6 + ["HS256-with-public-key", "none"]),
         "kid": st.sampled_from(["right"] * 5 + ["unknown", "missing"]),
         "exp": st.sampled_from([3600] * 4 + [ABSENT, -3600, -100, 100]),
@@ -94,7 +93,7 @@ def token_for(idp: LocalIdP, case: dict[str, Any], now: int) -> str:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[LocalIdP, Verifier, asyncio.AbstractEventLoop]]:
-    idp = LocalIdP([Signer.rsa(), Signer.ec()]).start()
+    idp = LocalIdP([Signer.rsa(), Signer.ec(), Signer.ed25519()]).start()
     loop = asyncio.new_event_loop()
     verifier = make_verifier(idp)
     yield idp, verifier, loop
@@ -118,4 +117,4 @@ def test_claims_matrix_matches_the_oracle(
     except AuthError:
         accepted = False
     assert accepted == oracle(case), case
-    assert idp.fetches() <= 4 * 2  # one per issuer; unknown kids within 30 s fetch nothing
+    assert idp.fetches() <= len(AUDIENCE)  # one per issuer; unknown kids within 30 s: none

@@ -577,7 +577,8 @@ class Worker:
             )
             return False
         finally:
-            self.running.pop(conversation, None)
+            if self.running.get(conversation) is run:  # not the next turn's, claimed since
+                del self.running[conversation]
         return True
 
     async def _run(

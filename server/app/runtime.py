@@ -114,7 +114,9 @@ class Runtime:
 
     async def _start_web(self) -> None:
         observer = Observer()
-        self._bus = open_bus(self.redis, self.settings.redis.url, wrap=observer.frame)
+        self._bus = open_bus(
+            self.redis, self.settings.redis.url, wrap=observer.frame, after=observer.dispatched
+        )
         await self._bus.start()
         self._presence = Presence(self.redis, self.settings.limits.max_connections_per_user)
         await self._presence.start()
@@ -128,6 +130,7 @@ class Runtime:
         )
         self.hub.hooks = self.hooks
         self.hub.on_flushed = observer.written
+        observer.flush = self.hub.flush
         await self.hub.start()
         hub = self.hub
         metrics.SOCKETS_OPEN.set_function(lambda: len(hub.connections))

@@ -79,10 +79,14 @@ class Bus:
         sharded: bool = False,
         on_lost: Callable[[], None] | None = None,
         on_dropped: Callable[[bytes], None] | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         """`on_lost` is called each time the connection breaks or cannot be opened;
-        `on_dropped` when Redis ends a subscription itself (its slot moved to another node)."""
+        `on_dropped` when Redis ends a subscription itself (its slot moved to another node);
+        `after` once each message's listeners had it (the web process flushes a first token
+        there, not after the rest of the read: `Observer.dispatched`)."""
         self._wrap = wrap
+        self._after = after
         self._verbs = _SHARDED if sharded else _PLAIN
         self._on_lost = on_lost
         self._on_dropped = on_dropped
@@ -337,6 +341,8 @@ class Bus:
                 listener.on_event(seq, frame)
             except Exception:  # one listener's failure must not end the bus for all
                 log.exception("a listener of %r failed", channel)
+        if self._after is not None:
+            self._after()
 
     def _resync_all(self) -> None:
         for listeners in tuple(self._listeners.values()):

@@ -149,9 +149,14 @@ class Hub:
         self._dirty.append(conn)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush_soon)
 
-    def _flush(self) -> None:
+    def _flush_soon(self) -> None:
+        if self._flush_scheduled:  # not flushed meanwhile
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every socket's queued frames now, each socket in one write."""
         dirty, self._dirty = self._dirty, []
         self._flush_scheduled = False
         for conn in dirty:

@@ -6,8 +6,11 @@
   first `token` of that message reaching this process's sockets ends the interval. Each web
   process with a socket watching the conversation observes it once per generation.
 - The `write` stage of Parley's time to first token (`parley_first_token_stage_seconds`):
-  from that first token's arrival here to the end of the loop iteration's socket writes
-  (`Hub`'s flush calls `written`) — what the web process itself adds before the tab's socket.
+  from that first token's arrival here to the sockets' write (`Hub`'s flush calls
+  `written`) — what the web process itself adds before the tab's socket. A first token is
+  flushed as soon as the bus has handed it to its sockets (`dispatched`), not after
+  everything else the same read brought: the one write per socket per read is kept for
+  the other events.
 - Delivery lag: a `message` event carries its `created_at`, stamped just before the say
   script appends and publishes it; its arrival here ends the interval. Token events carry no
   stamp (it would cost bytes on every token to every tab), so the lag is sampled per turn.
@@ -20,6 +23,7 @@ decoded only for `start` and `message` events, once per turn.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -44,9 +48,13 @@ _message_decoder: Final = msgspec.json.Decoder(f.MessageEvent)
 
 
 class Observer:
-    __slots__ = ("_unwritten", "_waiting")
+    __slots__ = ("_first", "_unwritten", "_waiting", "flush")
 
     def __init__(self) -> None:
+        self.flush: Callable[[], None] | None = None
+        """Write every socket's queued frames now (the hub's flush)."""
+        self._first = False
+        """The frame being dispatched is a generation's first token here."""
         self._waiting: dict[bytes, tuple[float, str]] = {}
         """message id → (accepted_at, model label), until its first token."""
         self._unwritten: list[float] = []
@@ -61,6 +69,13 @@ class Observer:
             for arrived in self._unwritten:
                 stage.observe(now - arrived)
             self._unwritten.clear()
+
+    def dispatched(self) -> None:
+        """The bus handed the frame to its listeners: a first token is written at once."""
+        if self._first:
+            self._first = False
+            if self.flush is not None:
+                self.flush()
 
     def frame(self, data: bytes) -> bytes:
         metrics.TALLY.events_received += 1
@@ -94,6 +109,7 @@ class Observer:
             metrics.TTFT.labels(model).observe(max(time.time() - accepted_at, 0.0))
             if len(self._unwritten) < MAX_WAITING:
                 self._unwritten.append(time.monotonic())
+            self._first = True
 
     @staticmethod
     def _message(data: bytes) -> None:

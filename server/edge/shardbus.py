@@ -39,9 +39,15 @@ def _unchanged(data: bytes) -> bytes:
 
 
 class ShardedBus:
-    def __init__(self, cluster: RedisCluster, wrap: Callable[[bytes], bytes] = _unchanged) -> None:
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        wrap: Callable[[bytes], bytes] = _unchanged,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         self._cluster = cluster
         self._wrap = wrap
+        self._after = after
         self._buses: dict[str, Bus] = {}
         self._routes: dict[bytes, str] = {}
         self._reroute: asyncio.Task[None] | None = None
@@ -115,6 +121,7 @@ class ShardedBus:
                 sharded=True,
                 on_lost=self._changed,
                 on_dropped=lambda _: self._changed(),
+                after=self._after,
             )
             self._buses[node] = bus
             await bus.start()
@@ -218,8 +225,14 @@ Fanout = Bus | ShardedBus
 """A process's pub/sub: one `Bus` on a single Redis, a `ShardedBus` on a cluster."""
 
 
-def open_bus(redis: object, url: str, wrap: Callable[[bytes], bytes] = _unchanged) -> Fanout:
-    """The fan-out for the process's client `redis` (not started yet)."""
+def open_bus(
+    redis: object,
+    url: str,
+    wrap: Callable[[bytes], bytes] = _unchanged,
+    after: Callable[[], None] | None = None,
+) -> Fanout:
+    """The fan-out for the process's client `redis` (not started yet); `wrap` and `after`
+    as `Bus` takes them."""
     if isinstance(redis, RedisCluster):
-        return ShardedBus(redis, wrap)
-    return Bus(url, wrap)
+        return ShardedBus(redis, wrap, after)
+    return Bus(url, wrap, after=after)

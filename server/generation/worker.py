@@ -102,6 +102,16 @@ class OpenText:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A turn as the claim step leaves it: registered as running (a `cancel` published from
+    now on reaches it) and its `begin` call queued, before its task runs."""
+
+    run: Running
+    begun: asyncio.Future[Any]
+    """The `begin` script's answer."""
+
+
 class TakenOver(Exception):
     """The generation in this conversation is run by another worker now."""
 
@@ -127,6 +137,9 @@ class Running:
     acked: int = 0
     """The highest seq Redis acknowledged for this generation's events: none is handed out
     again if a failover loses them (`EventLog.append_piece`'s floor)."""
+    settled: int = 0
+    """How many of its events Redis answered (or failed): all of them when it equals
+    `index`, and none is then queued or in flight."""
     parts: PartsBuilder = field(init=False)
     pieces: int = 0
     index: int = 0
@@ -196,6 +209,7 @@ class Running:
         """Notice an append (of the event indexed `index`) that found the conversation's
         Redis state gone or failed: the turn so far is published again
         (`Worker._republish`), unless a republish since has carried the event."""
+        self.settled += 1
         if future.cancelled():
             return
         failure = future.exception()
@@ -331,7 +345,22 @@ class Worker:
             now = time.monotonic()
             _observe_claims(entry_id for _, (entry_id, _) in claimed)
             for group, (entry_id, fields) in claimed:
-                self._spawn(group, entry_id, fields, takeover=False, claimed=now)
+                self._spawn(group, entry_id, fields, takeover=False, early=self._start(fields, now))
+
+    def _start(self, fields: dict[bytes, bytes], claimed: float) -> Started | None:
+        """Register a turn just claimed and queue its `begin` call at once (the turns claimed
+        together share a round trip), not one task wake later: the model's context comes
+        back sooner. The run is registered before the call is queued, so a `cancel`
+        published after `begin` reads the cancel mark finds it. None for an entry that is no
+        turn (its task says so)."""
+        try:
+            job = _job_decoder.decode(fields[b"job"])
+        except (KeyError, msgspec.DecodeError):
+            return None
+        run = Running(job, claimed=claimed)
+        self.running[job.conversation] = run
+        call = self.events.begin_call(job.conversation, job.message_id, self.name, self.turns.lease)
+        return Started(run, self.starts.call(call))
 
     def _spawn(
         self,
@@ -340,9 +369,9 @@ class Worker:
         fields: dict[bytes, bytes],
         *,
         takeover: bool,
-        claimed: float = 0.0,
+        early: Started | None = None,
     ) -> None:
-        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover, claimed))
+        task = asyncio.create_task(self._run_job(group, entry_id, fields, takeover, early))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -356,15 +385,16 @@ class Worker:
         entry_id: bytes,
         fields: dict[bytes, bytes],
         takeover: bool,
-        claimed: float,
+        early: Started | None,
     ) -> None:
         tries = 0
+        unused = early
 
         async def handle() -> bool:
-            nonlocal tries
+            nonlocal tries, unused
             tries += 1  # a second try continues the first's pieces, as a takeover does
-            again = takeover or tries > 1
-            return await self._handle(fields, again, 0.0 if again else claimed)
+            started, unused = unused, None
+            return await self._handle(fields, takeover or tries > 1, started)
 
         try:
             ours = await attempt(handle, f"turn {entry_id.decode()}")
@@ -375,12 +405,26 @@ class Worker:
         except asyncio.CancelledError:
             log.warning("turn %s handed back at shutdown", entry_id.decode())
             raise
+        finally:
+            if unused is not None:  # never handled (shut down first)
+                self._unstart(unused)
         if ours:  # a turn taken over is the other worker's to acknowledge
             await self._ack(group, entry_id, fields)
 
-    async def _handle(self, fields: dict[bytes, bytes], takeover: bool, claimed: float) -> bool:
+    def _unstart(self, started: Started) -> None:
+        """Forget a turn the claim step started that will not run here."""
+        run = started.run
+        if self.running.get(run.job.conversation) is run:
+            del self.running[run.job.conversation]
+        if started.begun.done() and not started.begun.cancelled():
+            started.begun.exception()  # retrieved: not logged as never retrieved
+        started.begun.cancel()
+
+    async def _handle(
+        self, fields: dict[bytes, bytes], takeover: bool, early: Started | None = None
+    ) -> bool:
         """Run a turn; whether it is still this worker's to acknowledge (not taken over).
-        `claimed`: when it was claimed (monotonic), 0 for a takeover or a retry."""
+        `early`: as the claim step started it (None for a takeover or a retry)."""
         try:
             job = _job_decoder.decode(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
@@ -388,7 +432,7 @@ class Worker:
         logs.CONVERSATION.set(str(job.conversation))
         logs.MESSAGE.set(str(job.message_id))
         try:
-            return await self._generate(job, takeover, claimed)
+            return await self._generate(job, takeover, early)
         except Refused as exc:
             if exc.code == "not_found":
                 log.info("conversation %s is gone; turn dropped", job.conversation)
@@ -502,7 +546,7 @@ class Worker:
 
     # ------------------------------------------------------------------ one generation
 
-    async def _generate(self, job: Job, takeover: bool, claimed: float = 0.0) -> bool:
+    async def _generate(self, job: Job, takeover: bool, early: Started | None = None) -> bool:
         """Run the generation; whether it ended here (False: another worker took it over)."""
         conversation = job.conversation
         if takeover and await self.redis.exists(keys.finished(conversation, job.message_id)):
@@ -511,14 +555,15 @@ class Worker:
         if job.accepted_at and not takeover:
             metrics.QUEUE_WAIT.observe(max(time.time() - job.accepted_at, 0.0))
         begun = time.monotonic()
-        run = Running(job, task=asyncio.current_task(), claimed=claimed)
+        run = Running(job) if early is None else early.run
+        run.task = asyncio.current_task()
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
             with tracing.chat(
                 job.traceparent, job.model, conversation, job.message_id, accepted_at
             ) as chat:
-                reason, finished, error = await self._run(run, takeover)
+                reason, finished, error = await self._run(run, takeover, early)
                 chat.chat_finished(reason, finished.usage, finished.model, error)
             _observe(run, reason, finished, time.monotonic() - begun)
         except (asyncio.CancelledError, TakenOver):
@@ -532,14 +577,17 @@ class Worker:
             )
             return False
         finally:
-            self.running.pop(conversation, None)
+            if self.running.get(conversation) is run:  # not the next turn's, claimed since
+                del self.running[conversation]
         return True
 
-    async def _run(self, run: Running, takeover: bool) -> tuple[f.DoneReason, Finished, str | None]:
+    async def _run(
+        self, run: Running, takeover: bool, early: Started | None = None
+    ) -> tuple[f.DoneReason, Finished, str | None]:
         """The generation's steps, each a span of the turn's trace when tracing is on."""
         job = run.job
         with tracing.span("build prompt"):
-            run.history, meta, cancelled = await self._begin(job, run, takeover)
+            run.history, meta, cancelled = await self._begin(job, run, takeover, early)
             prompt = build_prompt(meta.system, run.history, self.settings.llm.context_tokens)
             run.tools = await self._offered(meta.tools)
         verdict = await self._turn_hook(run, prompt)
@@ -894,17 +942,21 @@ class Worker:
         )
 
     async def _begin(
-        self, job: Job, run: Running, takeover: bool
+        self, job: Job, run: Running, takeover: bool, early: Started | None = None
     ) -> tuple[list[f.Message], f.Conversation, bool]:
         """Record this generation as the conversation's and read, in the same script call
         (sent with those of the turns claimed with it: `starts`), its context (the recent
         messages and the conversation's meta; PostgreSQL's when Redis has not loaded them),
         whether a `cancel` came before this worker listened for it, and, on a takeover,
         where the last worker's events stopped. The cancel is read after the run is
-        registered (`self.running`): one published later reaches `cancel`."""
-        begun = await self.events.begin(
-            job.conversation, job.message_id, self.name, self.turns.lease, self.starts
-        )
+        registered (`self.running`): one published later reaches `cancel`. `early`: the
+        call the claim step sent (`_start`)."""
+        if early is not None:
+            begun = self.events.begun(await early.begun)
+        else:
+            begun = await self.events.begin(
+                job.conversation, job.message_id, self.name, self.turns.lease, self.starts
+            )
         if takeover:
             run.index = begun.piece
         history, cached = begun.history, begun.meta
@@ -991,14 +1043,25 @@ class Worker:
             return
         open_text = run.open_text = OpenText(part, [text])
         event_of = functools.partial(run.parts.piece, part)
-        future = self._publish_later(run, lambda: encode(event_of(open_text.take())))
-        if not run.first_piece and run.first_chunk:
-            run.first_piece = True  # the reply's first token: no waiting for the interval
-            self.pipeliner.hurry()
+        first = not run.first_piece and bool(run.first_chunk)
+        # the reply's first token waits for no interval, nor, when none of the turn's
+        # events is outstanding (it cannot pass one), for the batch in flight
+        express = first and run.settled == run.index
+        future = self._publish_later(
+            run, lambda: encode(event_of(open_text.take())), express=express
+        )
+        if first:
+            run.first_piece = True
+            if not express:
+                self.pipeliner.hurry()
             future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
 
     def _publish_later(
-        self, run: Running, event: f.ServerFrame | Callable[[], bytes]
+        self,
+        run: Running,
+        event: f.ServerFrame | Callable[[], bytes],
+        *,
+        express: bool = False,
     ) -> asyncio.Future[object]:
         job = run.job
         index = run.next_index()
@@ -1009,6 +1072,7 @@ class Worker:
             job.message_id,
             index,
             lambda: run.acked,
+            express=express,
         )
         future.add_done_callback(functools.partial(run.check, index))
         return future

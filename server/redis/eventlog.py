@@ -310,8 +310,15 @@ class EventLog:
         `lease` seconds), and read what a generation needs to start, in one script call
         (scripts/begin.lua; server/redis/generations.py describes the mark), sent through
         `pipeliner` if given (with the other calls made meanwhile)."""
+        call = self.begin_call(conversation, message_id, worker, lease)
+        return self.begun(await (call.run() if pipeliner is None else pipeliner.call(call)))
+
+    def begin_call(
+        self, conversation: uuid.UUID, message_id: uuid.UUID, worker: str, lease: int
+    ) -> scripts.Call:
+        """`begin`'s script call, to send as the caller sees fit (its answer: `begun`)."""
         c = str(conversation)
-        call = self._begin.bind(
+        return self._begin.bind(
             gen_key=keys.generation(c),
             meta_key=keys.meta(c),
             recent_key=keys.recent(c),
@@ -320,7 +327,10 @@ class EventLog:
             worker=worker,
             lease=lease,
         )
-        answer = await (call.run() if pipeliner is None else pipeliner.call(call))
+
+    @staticmethod
+    def begun(answer: list[Any]) -> Begun:
+        """What the `begin` script answered."""
         meta, items, cancelled, piece = answer
         loaded = meta is not None
         return Begun(
@@ -350,6 +360,8 @@ class EventLog:
         message_id: uuid.UUID,
         index: int,
         floor: Callable[[], int] = lambda: 0,
+        *,
+        express: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue one event of a generation; the future gives its seq, 0 for a repeat (an
         `index` up to the one the generation was last claimed with, or the piece of a call
@@ -361,7 +373,7 @@ class EventLog:
         then, and `floor()` counts every batch acknowledged before it. The pieces of a batch
         go to Redis in one `append_pieces` call (one per slot in a cluster), each appended as
         `append_piece` appends it; the call carries a mark of its own, so that sent again it
-        appends nothing twice."""
+        appends nothing twice. `express`: sent at once, alone (`Pipeliner.express`)."""
         c = str(conversation)  # formatted once for the five keys (this runs per token)
         piece = Piece(
             c,
@@ -373,7 +385,7 @@ class EventLog:
             self.max_events,
             self.ttl,
         )
-        return pipeliner.piece(piece)
+        return pipeliner.express(piece) if express else pipeliner.piece(piece)
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -439,7 +451,8 @@ class Pipeliner:
     and the calls of one conversation keep their order. Two batches are sent at least
     `interval` seconds apart (the first after a pause at once), so that under load each
     carries more — unless a caller `hurry`s the next one (a reply's first token: it goes
-    with the next batch, which waits only for the one in flight)."""
+    with the next batch, which waits only for the one in flight) or `express`es it (it goes
+    at once, in a call of its own, beside the batch in flight)."""
 
     def __init__(self, redis: Redis, interval: float = 0.0, worker: str = "") -> None:
         self.redis = redis
@@ -458,13 +471,15 @@ class Pipeliner:
         self._hurried = False
         self._nap: asyncio.Future[None] | None = None
         """The wait for the interval to pass, while it lasts (`hurry` ends it)."""
+        self._expressed: set[asyncio.Task[None]] = set()
+        """Expressed calls in flight: the next batch is sent once they are answered."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="parley-pipeliner")
 
     async def stop(self) -> None:
         if self._task:
-            while self._queue:
+            while self._queue or self._expressed:
                 await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -478,6 +493,19 @@ class Pipeliner:
     def piece(self, piece: Piece) -> asyncio.Future[Any]:
         """Queue a generation's event: the pieces queued together are sent together."""
         return self._queued(piece)
+
+    def express(self, piece: Piece) -> asyncio.Future[Any]:
+        """Send a generation's event at once, in a call of its own, without waiting for the
+        batch in flight or the interval (a reply's first token). Only for an event none of
+        whose conversation's earlier calls is queued or in flight: the batch in flight may
+        be answered after it. A batch taken later is sent once it is answered, so what
+        follows it in the conversation keeps its place."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sent = self._pieces_call([(piece, future)], piece.maxlen, piece.ttl)
+        task = asyncio.create_task(self._send([sent]), name="parley-pipeliner-express")
+        self._expressed.add(task)
+        task.add_done_callback(self._expressed.discard)
+        return future
 
     def hurry(self) -> None:
         """Send the next batch without waiting for the interval to pass."""
@@ -504,6 +532,8 @@ class Pipeliner:
                 await self._pause(loop, wait)
             self._hurried = False
             self._wake.clear()
+            if self._expressed:  # what follows an expressed event must not pass it
+                await asyncio.wait(set(self._expressed))
             sent = loop.time()
             queued, self._queue = self._queue, []
             batch = list(self._calls(queued))

@@ -146,6 +146,20 @@ async def test_cancel_from_another_tab(connect: Any, user: str, db: asyncpg.Pool
     assert rows[1][1] == partial and partial
 
 
+async def test_a_cancel_right_after_say_ends_the_turn_cancelled(connect: Any, user: str) -> None:
+    """Sent as soon as `say` is acknowledged, a cancel reaches the turn wherever it is then:
+    not claimed yet (the cancel mark that `begin` reads), claimed and starting (the claim
+    step registered it), or streaming."""
+    a: Client = await connect(user)
+    conversation = await start_conversation(a)
+    for _ in range(3):
+        start = len(a.frames)
+        await a.request(f.Say(conversation=conversation, text="[sim:tokens=400][sim:tps=50] go"))
+        await a.request(f.Cancel(conversation=conversation))
+        done = await a.wait_for(lambda fr: isinstance(fr, f.Done), start=start)
+        assert done.reason == "cancelled"
+
+
 async def test_same_say_id_twice_is_one_turn(connect: Any, user: str, db: asyncpg.Pool) -> None:
     a: Client = await connect(user)
     conversation = await start_conversation(a)

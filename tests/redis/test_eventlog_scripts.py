@@ -786,3 +786,54 @@ async def test_a_hurried_batch_does_not_wait_for_the_interval(
         assert await asyncio.wait_for(after, 4) == 4
     finally:
         await pipeliner.stop()
+
+
+async def test_an_expressed_piece_goes_at_once_while_a_batch_waits(
+    events: EventLog, redis: Redis
+) -> None:
+    """A reply's first token, expressed, is sent in a call of its own at once: not with the
+    next batch, which here waits for the interval (a `hurry` would send that batch too)."""
+    waiting_in, message_id = await generating(events, redis)
+    expressed_in, expressed_id = await generating(events, redis)
+    pipeliner = Pipeliner(redis, interval=5.0)
+    pipeliner.start()
+    await redis.script_load(APPEND_PIECES.source)
+    try:
+        first = events.append_piece(pipeliner, waiting_in, frame("1"), message_id, 1)
+        assert await asyncio.wait_for(first, 4) == 1
+        waiting = events.append_piece(pipeliner, waiting_in, frame("2"), message_id, 2)
+        await asyncio.sleep(0.05)  # the pipeliner is in its wait for the interval now
+        expressed = events.append_piece(
+            pipeliner, expressed_in, frame("a"), expressed_id, 1, express=True
+        )
+        assert await asyncio.wait_for(expressed, 4) == 1
+        assert not waiting.done()
+        pipeliner.hurry()
+        assert await asyncio.wait_for(waiting, 4) == 2
+    finally:
+        await pipeliner.stop()
+
+
+async def test_events_queued_after_an_expressed_piece_follow_it_in_order(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """The batch taken while an expressed piece is in flight is sent once it is answered, so
+    a conversation's later events never pass it."""
+    conversation, message_id = await generating(events, redis)
+    await redis.script_load(APPEND_PIECES.source)
+    for round_ in range(5):
+        base = round_ * 3
+        queued = [
+            events.append_piece(
+                pipeliner, conversation, frame(str(base + 1)), message_id, base + 1, express=True
+            ),
+            *(
+                events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)
+                for i in (base + 2, base + 3)
+            ),
+        ]
+        assert await asyncio.wait_for(asyncio.gather(*queued), 4) == [base + 1, base + 2, base + 3]
+    logged = (await events.read(conversation, after=0))[1]
+    assert [event for _, event in logged] == [
+        f'{{"seq":{i},"type":"token","text":"{i}"}}'.encode() for i in range(1, 16)
+    ]

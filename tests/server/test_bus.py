@@ -130,3 +130,34 @@ async def test_stop_with_unsubscribes_queued_leaves_no_failed_task(services: Ser
     await asyncio.sleep(0)  # the sender starts writing
     await bus.stop()
     assert errors.collected() == []
+
+
+async def test_after_runs_once_each_message_reached_its_listeners(services: Services) -> None:
+    """`after` follows each message's dispatch, before the next message of the same read is
+    dispatched (the web process writes a first token there, not after the whole read)."""
+    seen: list[str] = []
+
+    class Listener:
+        def on_event(self, seq: int, frame: bytes) -> None:
+            seen.append(f"event {seq}")
+
+        def resync(self) -> None:
+            seen.append("resync")
+
+    bus = Bus(services.redis_url, after=lambda: seen.append("after"))
+    redis = Redis.from_url(services.redis_url)
+    await bus.start()
+    try:
+        await bus.subscribe("parley:test:after", Listener())
+        async with redis.pipeline(transaction=False) as pipe:  # one read brings all three
+            for seq in (1, 2, 3):
+                pipe.publish("parley:test:after", f'{{"seq":{seq},"type":"token"}}')
+            await pipe.execute()
+        for _ in range(100):
+            if len(seen) >= 6:
+                break
+            await asyncio.sleep(0.02)
+        assert seen == ["event 1", "after", "event 2", "after", "event 3", "after"]
+    finally:
+        await bus.stop()
+        await redis.aclose()

@@ -125,6 +125,24 @@ def test_observer_times_a_first_token_to_the_sockets_write() -> None:
     assert stage._sum.get() - count[0] >= 0.01
 
 
+def test_observer_flushes_a_first_token_as_soon_as_its_sockets_have_it() -> None:
+    """A generation's first token is written once the bus has dispatched it (`dispatched`),
+    not with the rest of the read; other frames wait for the hub's flush."""
+    observer = Observer()
+    flushes: list[int] = []
+    observer.flush = lambda: flushes.append(len(flushes))
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
+    observer.frame(published(start, 1))
+    observer.dispatched()
+    assert flushes == []
+    for seq, text in ((2, "a"), (3, "b")):
+        token = f.Token(conversation=conversation, message_id=message, text=text)
+        observer.frame(published(token, seq))
+        observer.dispatched()
+    assert flushes == [0]  # the first token only
+
+
 def sample_count(histogram: Histogram) -> float:
     counts = [s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count")]
     return counts[0]

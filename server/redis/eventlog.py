@@ -361,19 +361,74 @@ class EventLog:
         then, and `floor()` counts every batch acknowledged before it. The pieces of a batch
         go to Redis in one `append_pieces` call (one per slot in a cluster), each appended as
         `append_piece` appends it; the call carries a mark of its own, so that sent again it
-        appends nothing twice."""
-        c = str(conversation)  # formatted once for the five keys (this runs per token)
-        piece = Piece(
-            c,
-            (keys.seq(c), keys.log(c), keys.channel(c), keys.persisted(c), keys.generation(c)),
-            event,
-            str(message_id),
-            index,
-            floor,
-            self.max_events,
-            self.ttl,
+        appends nothing twice. (A generation queues its events through its `appender`.)"""
+        return self.appender(conversation, message_id, floor).append(pipeliner, event, index)
+
+    def appender(
+        self,
+        conversation: uuid.UUID,
+        message_id: uuid.UUID,
+        floor: Callable[[], int] = lambda: 0,
+        settle: Settle | None = None,
+    ) -> Appender:
+        """What queues one generation's events (`append_piece`), its keys made once."""
+        return Appender(
+            str(conversation), str(message_id), floor, self.max_events, self.ttl, settle
         )
-        return pipeliner.piece(piece)
+
+
+Settle = Callable[[int, Any], None]
+"""Told an event's index and its result (as `append_piece`'s future gives it, or the
+exception it would raise)."""
+
+
+class Appender:
+    """One generation's events queued for their batch (`EventLog.append_piece`): its
+    conversation's keys and message id formatted once, not per event (this runs per
+    token)."""
+
+    __slots__ = (
+        "conversation", "floor", "keys", "maxlen", "message_id", "settle", "slot", "ttl",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conversation: str,
+        message_id: str,
+        floor: Callable[[], int],
+        maxlen: int,
+        ttl: int,
+        settle: Settle | None,
+    ) -> None:
+        c = self.conversation = conversation
+        self.keys = (
+            keys.seq(c),
+            keys.log(c),
+            keys.channel(c),
+            keys.persisted(c),
+            keys.generation(c),
+        )
+        """seq, log, channel, persisted and generation keys of the conversation"""
+        self.message_id = message_id
+        self.floor = floor
+        self.maxlen = maxlen
+        self.ttl = ttl
+        self.settle = settle
+        """Told each result of `queue` (None: the appender's events are `append`ed)."""
+        self.slot = key_slot(self.keys[0].encode())
+
+    def append(
+        self, pipeliner: Pipeliner, event: bytes | Callable[[], bytes], index: int
+    ) -> asyncio.Future[Any]:
+        """Queue an event; its future gives its result (`EventLog.append_piece`)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pipeliner.piece(Piece(self, event, index, future))
+        return future
+
+    def queue(self, pipeliner: Pipeliner, event: bytes | Callable[[], bytes], index: int) -> None:
+        """Queue an event whose result goes to `settle`, called where the batch's reply is
+        read: no future, and no callback scheduled on the loop, per event."""
+        pipeliner.piece(Piece(self, event, index, None))
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -391,37 +446,52 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-@dataclass(frozen=True, slots=True)
 class Piece:
-    """One event of a generation waiting for its batch (`EventLog.append_piece`)."""
+    """One event of a generation waiting for its batch (`Appender`)."""
 
-    conversation: str
-    keys: tuple[str, str, str, str, str]
-    """seq, log, channel, persisted and generation keys of the conversation"""
-    event: bytes | Callable[[], bytes]
-    message_id: str
-    index: int
-    floor: Callable[[], int]
-    maxlen: int
-    ttl: int
+    __slots__ = ("appender", "event", "future", "index")
+
+    def __init__(
+        self,
+        appender: Appender,
+        event: bytes | Callable[[], bytes],
+        index: int,
+        future: asyncio.Future[Any] | None,
+    ) -> None:
+        self.appender = appender
+        self.event = event
+        self.index = index
+        self.future = future
+        """Given the result; None: the appender's `settle` is."""
+
+    def settled(self, result: Any) -> None:
+        if self.future is None:
+            settle = self.appender.settle
+            assert settle is not None  # (`Appender.queue` is used only with one)
+            settle(self.index, result)
+        else:
+            _settle(self.future, result)
 
 
 @dataclass(frozen=True, slots=True)
 class _Sent:
-    """One script call of a batch and the futures of what it carries: a single call's, or,
-    for `append_pieces`, one per piece (its result is then a list, one result each)."""
+    """One script call of a batch and what waits for its result: a single call's future,
+    or, for `append_pieces`, its pieces (its result is then a list, one result each)."""
 
     call: scripts.Call
-    futures: list[asyncio.Future[Any]]
-    pieces: bool = False
+    future: asyncio.Future[Any] | None = None
+    pieces: list[Piece] | None = None
 
     def settle(self, result: Any) -> None:
-        if self.pieces and not isinstance(result, BaseException):
-            for future, each in zip(self.futures, result, strict=True):
-                _settle(future, each)
+        if self.pieces is None:
+            assert self.future is not None
+            _settle(self.future, result)
+        elif isinstance(result, BaseException):
+            for piece in self.pieces:
+                piece.settled(result)
         else:
-            for future in self.futures:
-                _settle(future, result)
+            for piece, each in zip(self.pieces, result, strict=True):
+                piece.settled(each)
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
@@ -451,7 +521,7 @@ class Pipeliner:
         self._cluster = is_cluster(redis)
         self._name = uuid.uuid4().hex
         self._calls_made = itertools.count(1)
-        self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
+        self._queue: list[Piece | tuple[scripts.Call | Callable[[], scripts.Call], Any]]
         self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -473,11 +543,16 @@ class Pipeliner:
     def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
         """Queue a call; one given as a function is made when its batch is taken, so what
         it sends may still grow while earlier batches are in flight."""
-        return self._queued(call)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future))
+        self._wake.set()
+        return future
 
-    def piece(self, piece: Piece) -> asyncio.Future[Any]:
-        """Queue a generation's event: the pieces queued together are sent together."""
-        return self._queued(piece)
+    def piece(self, piece: Piece) -> None:
+        """Queue a generation's event (`Appender`): the pieces queued together are sent
+        together."""
+        self._queue.append(piece)
+        self._wake.set()
 
     def hurry(self) -> None:
         """Send the next batch without waiting for the interval to pass."""
@@ -485,14 +560,6 @@ class Pipeliner:
         nap = self._nap
         if nap is not None and not nap.done():
             nap.set_result(None)
-
-    def _queued(
-        self, item: Piece | scripts.Call | Callable[[], scripts.Call]
-    ) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        self._wake.set()
-        return future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -523,44 +590,59 @@ class Pipeliner:
             timer.cancel()
             self._nap = None
 
-    def _calls(self, queued: list[tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+    def _calls(self, queued: list[Piece | tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
         """The batch's script calls, in the order queued: each run of pieces between two
         other calls becomes `append_pieces` calls (so a conversation's pieces never pass its
         other calls, nor they its pieces)."""
-        run: list[tuple[Piece, asyncio.Future[Any]]] = []
-        for item, future in queued:
-            if isinstance(item, Piece):
-                run.append((item, future))
+        run: list[Piece] = []
+        for item in queued:
+            if type(item) is Piece:
+                run.append(item)
                 continue
+            assert isinstance(item, tuple)
             yield from self._pieces_calls(run)
             run = []
-            yield _Sent(item if isinstance(item, scripts.Call) else item(), [future])
+            call, future = item
+            yield _Sent(call if isinstance(call, scripts.Call) else call(), future)
         yield from self._pieces_calls(run)
 
-    def _pieces_calls(self, run: list[tuple[Piece, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+    def _pieces_calls(self, run: list[Piece]) -> Iterator[_Sent]:
         """Consecutive pieces as `append_pieces` calls: one per group of pieces that may
         share a call (on one Redis all of them; in a cluster those of one slot, since a
         script touches only keys of one slot), at most PIECES_PER_CALL each. A
         conversation's pieces stay in one group, in order."""
-        groups: dict[tuple[int, int, int], list[tuple[Piece, asyncio.Future[Any]]]] = {}
-        for piece, future in run:
-            slot = key_slot(piece.keys[0].encode()) if self._cluster else 0
-            groups.setdefault((slot, piece.maxlen, piece.ttl), []).append((piece, future))
+        if not run:
+            return
+        first = run[0].appender
+        if not self._cluster and all(
+            p.appender.maxlen == first.maxlen and p.appender.ttl == first.ttl for p in run
+        ):
+            groups = {(0, first.maxlen, first.ttl): run}  # the rule: one call for them all
+        else:
+            groups = {}
+            for piece in run:
+                a = piece.appender
+                slot = a.slot if self._cluster else 0
+                groups.setdefault((slot, a.maxlen, a.ttl), []).append(piece)
         for (_, maxlen, ttl), group in groups.items():
             for start in range(0, len(group), PIECES_PER_CALL):
                 chunk = group[start : start + PIECES_PER_CALL]
                 yield self._pieces_call(chunk, maxlen, ttl)
 
-    def _pieces_call(
-        self, chunk: list[tuple[Piece, asyncio.Future[Any]]], maxlen: int, ttl: int
-    ) -> _Sent:
+    def _pieces_call(self, chunk: list[Piece], maxlen: int, ttl: int) -> _Sent:
         piece_keys: list[str] = []
         piece_args: list[Any] = []
-        for piece, _ in chunk:
-            event = piece.event() if callable(piece.event) else piece.event
-            piece_keys.extend(piece.keys)
-            piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
-        call_key = keys.appended(chunk[0][0].conversation, f"{self._name}:{next(self._calls_made)}")
+        add_keys, add_args = piece_keys.extend, piece_args.extend
+        for piece in chunk:
+            event, appender = piece.event, piece.appender
+            add_keys(appender.keys)
+            add_args((
+                event if type(event) is bytes else event(),  # type: ignore[operator]
+                appender.message_id, piece.index, appender.floor(),
+            ))  # fmt: skip
+        call_key = keys.appended(
+            chunk[0].appender.conversation, f"{self._name}:{next(self._calls_made)}"
+        )
         call = self._append_pieces.bind(
             call_key=call_key,
             maxlen=maxlen,
@@ -570,7 +652,7 @@ class Pipeliner:
             piece_keys=piece_keys,
             piece_args=piece_args,
         )
-        return _Sent(call, [future for _, future in chunk], pieces=True)
+        return _Sent(call, pieces=chunk)
 
     async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker

@@ -319,6 +319,45 @@ async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
     assert await log_seqs(redis, conversation) == []
 
 
+async def test_queued_pieces_tell_their_generation_each_result_where_the_reply_is_read(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """A generation's appender takes each result of the pieces it queued, in their order,
+    made at the batch's call (an event given as a function encoded then); pieces queued with
+    a future among them, and another generation's, keep their own results and order."""
+    conversation, message_id = await generating(events, redis)
+    told: list[tuple[int, object]] = []
+    floor = 0
+    appender = events.appender(
+        conversation, message_id, lambda: floor, lambda index, result: told.append((index, result))
+    )
+    stranger = events.appender(conversation, uuid.uuid4())
+    encoded: list[str] = []
+
+    def late(text: str) -> bytes:
+        encoded.append(text)
+        return frame(text)
+
+    appender.queue(pipeliner, frame("a"), 1)
+    refused = stranger.append(pipeliner, frame("x"), 1)
+    appender.queue(pipeliner, functools.partial(late, "b"), 2)
+    last = appender.append(pipeliner, frame("c"), 3)
+    assert encoded == []  # not before the batch is taken
+    assert await last == 3
+    assert await refused == LOST
+    assert told == [(1, 1), (2, 2)]
+    assert encoded == ["b"]
+    _, logged = await events.read(conversation, after=0)
+    assert [event for _, event in logged] == [
+        f'{{"seq":{seq},"type":"token","text":"{text}"}}'.encode()
+        for seq, text in [(1, "a"), (2, "b"), (3, "c")]
+    ]
+    floor = 9  # the highest seq acknowledged: the counter is below it
+    appender.queue(pipeliner, frame("d"), 4)
+    await stranger.append(pipeliner, frame("y"), 2)  # the batch's end
+    assert told[2:] == [(4, BEHIND)]
+
+
 async def test_the_pieces_of_a_worker_whose_generation_was_taken_over_are_refused(
     events: EventLog, redis: Redis
 ) -> None:

@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
 from server.redis.batches import Batches
-from server.redis.client import UNREACHABLE, is_cluster
+from server.redis.client import UNREACHABLE, Packed, bulk, is_cluster, packs_as_given
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -388,7 +388,8 @@ class Appender:
     token)."""
 
     __slots__ = (
-        "conversation", "floor", "keys", "maxlen", "message_id", "settle", "slot", "ttl",
+        "conversation", "floor", "keys", "maxlen", "message_id", "packed_keys",
+        "packed_message_id", "settle", "slot", "ttl",
     )  # fmt: skip
 
     def __init__(
@@ -416,6 +417,9 @@ class Appender:
         self.settle = settle
         """Told each result of `queue` (None: the appender's events are `append`ed)."""
         self.slot = key_slot(self.keys[0].encode())
+        self.packed_keys = b"".join(bulk(key.encode()) for key in self.keys)
+        """The keys as a packed command carries them (`Pipeliner._packed_call`)."""
+        self.packed_message_id = bulk(message_id.encode())
 
     def append(
         self, pipeliner: Pipeliner, event: bytes | Callable[[], bytes], index: int
@@ -519,6 +523,11 @@ class Pipeliner:
         once another runs the generation. '' for a caller that runs none."""
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
+        self._packs = packs_as_given(redis)
+        """`append_pieces` calls are packed here (`_packed_call`)."""
+        self._packed_sha = bulk(self._append_pieces.redis_script.sha.encode())
+        self._packed_worker = bulk(worker.encode())
+        self._packed_name = bulk(self._append_pieces.script.name.encode())
         self._name = uuid.uuid4().hex
         self._calls_made = itertools.count(1)
         self._queue: list[Piece | tuple[scripts.Call | Callable[[], scripts.Call], Any]]
@@ -630,6 +639,12 @@ class Pipeliner:
                 yield self._pieces_call(chunk, maxlen, ttl)
 
     def _pieces_call(self, chunk: list[Piece], maxlen: int, ttl: int) -> _Sent:
+        call_key = keys.appended(
+            chunk[0].appender.conversation, f"{self._name}:{next(self._calls_made)}"
+        )
+        kept = APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0
+        if self._packs:
+            return _Sent(self._packed_call(chunk, call_key, maxlen, ttl, kept), pieces=chunk)
         piece_keys: list[str] = []
         piece_args: list[Any] = []
         add_keys, add_args = piece_keys.extend, piece_args.extend
@@ -640,19 +655,53 @@ class Pipeliner:
                 event if type(event) is bytes else event(),  # type: ignore[operator]
                 appender.message_id, piece.index, appender.floor(),
             ))  # fmt: skip
-        call_key = keys.appended(
-            chunk[0].appender.conversation, f"{self._name}:{next(self._calls_made)}"
-        )
         call = self._append_pieces.bind(
             call_key=call_key,
             maxlen=maxlen,
             ttl=ttl,
             worker=self.worker,
-            kept=APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0,
+            kept=kept,
             piece_keys=piece_keys,
             piece_args=piece_args,
         )
         return _Sent(call, pieces=chunk)
+
+    def _packed_call(
+        self, chunk: list[Piece], call_key: str, maxlen: int, ttl: int, kept: int
+    ) -> scripts.Call:
+        """The same `append_pieces` call as `bind` makes, packed here (`client.Packed`): each
+        piece's keys and message id were packed once for its generation (`Appender`), so a
+        piece costs the packing of its frame and two numbers, not of nine arguments."""
+        piece_keys: list[bytes] = []
+        piece_args: list[bytes] = []
+        add_keys, add_args = piece_keys.append, piece_args.append
+        for piece in chunk:
+            event, appender = piece.event, piece.appender
+            if type(event) is not bytes:
+                event = event()  # type: ignore[operator]
+            index, floor = b"%d" % piece.index, b"%d" % appender.floor()
+            add_keys(appender.packed_keys)
+            add_args(
+                b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"  # frame, message id, index, floor
+                % (
+                    len(event),
+                    event,
+                    appender.packed_message_id,
+                    len(index),
+                    index,
+                    len(floor),
+                    floor,
+                )
+            )
+        count = len(chunk)
+        nkeys = b"%d" % (1 + 5 * count)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + 1 + 5 * count + 4 + 4 * count + 1)
+        numbers = (bulk(b"%d" % value) for value in (maxlen, ttl, kept))
+        packed = b"".join((
+            head, self._packed_sha, bulk(nkeys), bulk(call_key.encode()), *piece_keys,
+            *numbers, self._packed_worker, *piece_args, self._packed_name,
+        ))  # fmt: skip
+        return scripts.Call(self._append_pieces.redis_script, [], [], Packed(packed))
 
     async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import uuid
 
+import hiredis
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -26,6 +27,7 @@ from server.redis.eventlog import (
     CachedHistory,
     EventLog,
     Opening,
+    Piece,
     Pipeliner,
     event_keys,
 )
@@ -356,6 +358,47 @@ async def test_queued_pieces_tell_their_generation_each_result_where_the_reply_i
     appender.queue(pipeliner, frame("d"), 4)
     await stranger.append(pipeliner, frame("y"), 2)  # the batch's end
     assert told[2:] == [(4, BEHIND)]
+
+
+async def test_a_batch_packed_by_the_pipeliner_is_the_call_hiredis_packs(
+    events: EventLog, pipeliner: Pipeliner
+) -> None:
+    """Where the client sends a command packed as it is, the pipeliner packs `append_pieces`
+    itself from what each generation packed once: the same bytes as its bound call packed
+    argument by argument (frames given as bytes or made late, any number of pieces)."""
+    appenders = [
+        events.appender(uuid.uuid4(), uuid.uuid4(), functools.partial(int, floor))
+        for floor in (0, 7, 10**12)
+    ]
+    pieces = [
+        Piece(
+            appenders[i % 3], frame(f"é {i}") if i % 2 else functools.partial(frame, "x"), i, None
+        )
+        for i in range(MARKED_FROM + 2)
+    ]
+    for chunk in (pieces[:1], pieces):
+        kept = APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0
+        packed = pipeliner._packed_call(chunk, "parley:appended:x", MAX_EVENTS, 60, kept)
+        bound = APPEND_PIECES.register(events.redis).bind(
+            call_key="parley:appended:x",
+            maxlen=MAX_EVENTS,
+            ttl=60,
+            kept=kept,
+            worker=pipeliner.worker,
+            piece_keys=[key for piece in chunk for key in piece.appender.keys],
+            piece_args=[
+                value
+                for piece in chunk
+                for value in (
+                    piece.event if isinstance(piece.event, bytes) else piece.event(),
+                    piece.appender.message_id,
+                    piece.index,
+                    piece.appender.floor(),
+                )
+            ],
+        )
+        assert packed.packed == hiredis.pack_command(bound.command())
+        assert packed.script.sha == bound.script.sha
 
 
 async def test_the_pieces_of_a_worker_whose_generation_was_taken_over_are_refused(

@@ -469,12 +469,15 @@ class Piece:
         """Given the result; None: the appender's `settle` is."""
 
     def settled(self, result: Any) -> None:
-        if self.future is None:
-            settle = self.appender.settle
-            assert settle is not None  # (`Appender.queue` is used only with one)
-            settle(self.index, result)
-        else:
+        if self.future is not None:
             _settle(self.future, result)
+            return
+        settle = self.appender.settle
+        assert settle is not None  # (`Appender.queue` is used only with one)
+        try:
+            settle(self.index, result)
+        except Exception:  # called in the pipeliner's task, which every generation waits on
+            log.exception("the result of an event of %s was not taken", self.appender.conversation)
 
 
 @dataclass(frozen=True, slots=True)

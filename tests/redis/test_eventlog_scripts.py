@@ -360,6 +360,24 @@ async def test_queued_pieces_tell_their_generation_each_result_where_the_reply_i
     assert told[2:] == [(4, BEHIND)]
 
 
+async def test_a_generation_that_fails_to_take_a_result_stops_no_other(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results go to their generation in the pipeliner's task: one that raises is logged,
+    and the pipeliner goes on sending every generation's events."""
+    conversation, message_id = await generating(events, redis)
+
+    def broken(index: int, result: object) -> None:
+        raise RuntimeError("a broken taker")
+
+    events.appender(conversation, message_id, settle=broken).queue(pipeliner, frame("a"), 1)
+    after = events.appender(conversation, message_id).append(pipeliner, frame("b"), 2)
+    assert await asyncio.wait_for(after, 5) == 2
+    later = events.appender(conversation, message_id).append(pipeliner, frame("c"), 3)
+    assert await asyncio.wait_for(later, 5) == 3
+    assert "was not taken" in caplog.text
+
+
 async def test_a_batch_packed_by_the_pipeliner_is_the_call_hiredis_packs(
     events: EventLog, pipeliner: Pipeliner
 ) -> None:

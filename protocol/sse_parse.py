@@ -2,9 +2,10 @@
 
 Read as the `openai` client's SSE decoder reads a stream (lines end in LF, CRLF or CR; an
 event's `data:` lines are joined by LF; other fields and comments are skipped; `[DONE]` ends
-it), with no line or event longer than a limit. Pure: the caller reads the blocks. (Cutting a
-single-line event out with `find`s instead of `splitlines` measured no cheaper: ≈ 1.1 µs a
-one-event block either way, docs/benchmarks.md.)
+it), with no line or event longer than a limit. Pure: the caller reads the blocks. A block
+that is exactly one whole one-line `data: ` event, as a model streams them, is taken without
+splitting it into lines (0.93 against 1.12 µs a block, docs/benchmarks.md); any other goes
+through the line reader.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ class Events:
     def feed(self, block: bytes) -> list[bytes]:
         if self.done:
             return []
+        if (  # the rule, as a model streams: a block that is one whole one-line event
+            block.startswith(b"data: ")
+            and block.find(b"\n") == len(block) - 2
+            and block.endswith(b"\n\n")
+            and not (self._pending or self._data or self._after_cr)
+            and b"\r" not in block
+        ):
+            value = block[6:-2]
+            if value.startswith(b"[DONE]"):
+                self.done = True
+                return []
+            if len(value) <= self.limit:
+                return [value]
         if self._after_cr:
             self._after_cr = False
             if block.startswith(b"\n"):

@@ -61,7 +61,7 @@ from server.redis import generations, keys, toolsteps
 from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
-from server.redis.eventlog import TAKEN_OVER, EventLog, Pipeliner, encode
+from server.redis.eventlog import TAKEN_OVER, Appender, EventLog, Pipeliner, encode
 from server.redis.streams import ConsumerGroup, Shards, consumer_name
 from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
@@ -78,28 +78,45 @@ QUEUE_TICK = 0.5
 """Seconds between two passes over the fair queue (by any one worker)."""
 
 
-@dataclass(slots=True)
 class OpenText:
     """A generation's text event queued in the pipeliner and not sent yet: text of the same
     part arriving before it goes out joins it. Pieces the model sends while the previous
     batch is on its way to Redis thus become one append, one seq and one frame per tab,
-    with nothing waiting longer than it would have (tabs see the same text)."""
+    with nothing waiting longer than it would have (tabs see the same text). Called when
+    its batch is taken, it gives the event's frame, encoded."""
 
-    part: int
-    texts: list[str]
-    sent: bool = False
+    __slots__ = ("head", "part", "parts", "sent", "text")
 
-    def take(self) -> str:
-        """The text so far, sealed: a later piece starts a new event."""
-        self.sent = True
-        return "".join(self.texts)
+    def __init__(self, part: int, text: str, parts: PartsBuilder, head: bytes | None) -> None:
+        self.part = part
+        self.text = text
+        self.parts = parts
+        self.head = head
+        """The encoded `token` frame up to its text (`token_head`), when the part is text."""
+        self.sent = False
 
     def join(self, part: int, text: str) -> bool:
         """Add `text` when it is of this part and this event has not gone yet."""
         if self.sent or part != self.part:
             return False
-        self.texts.append(text)
+        self.text += text
         return True
+
+    def __call__(self) -> bytes:
+        """The event's frame, its text sealed: a later piece starts a new event."""
+        self.sent = True
+        if self.head is None:
+            return encode(self.parts.piece(self.part, self.text))
+        return self.head + encode(self.text) + b"}"
+
+
+def token_head(conversation: uuid.UUID, message_id: uuid.UUID) -> bytes:
+    """A `token` frame of the message, encoded, up to its text: with the text's JSON string
+    and `}` after it, the same bytes as the frame encoded whole (the text is its last field
+    when its `seq`s are left out), made for the price of the text's encoding."""
+    whole = encode(f.Token(conversation=conversation, message_id=message_id, text=""))
+    assert whole.endswith(b'""}')
+    return whole[:-3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +154,7 @@ class Running:
     acked: int = 0
     """The highest seq Redis acknowledged for this generation's events: none is handed out
     again if a failover loses them (`EventLog.append_piece`'s floor)."""
-    settled: int = 0
+    answered: int = 0
     """How many of its events Redis answered (or failed): all of them when it equals
     `index`, and none is then queued or in flight."""
     parts: PartsBuilder = field(init=False)
@@ -158,6 +175,10 @@ class Running:
     prompt: list[ModelMessage] = field(default_factory=list)
     """What the model was sent last; empty when it was not called."""
     open_text: OpenText | None = None
+    appender: Appender = field(init=False)
+    """Queues its events (the conversation's keys made once)."""
+    token_head: bytes = b""
+    """Its `token` frames up to the text (`token_head`); made with the first."""
     tools: dict[str, Tool] = field(default_factory=dict)
     """The tools offered to the model in this turn, by name."""
     steps: int = 0
@@ -206,19 +227,23 @@ class Running:
         return self.index
 
     def check(self, index: int, future: asyncio.Future[object]) -> None:
+        """`settled`, for an append's future."""
+        if future.cancelled():
+            self.answered += 1
+            return
+        failure = future.exception()
+        self.settled(index, future.result() if failure is None else failure)
+
+    def settled(self, index: int, result: object) -> None:
         """Notice an append (of the event indexed `index`) that found the conversation's
         Redis state gone or failed: the turn so far is published again
         (`Worker._republish`), unless a republish since has carried the event."""
-        self.settled += 1
-        if future.cancelled():
-            return
-        failure = future.exception()
-        if failure is not None:
+        self.answered += 1
+        if isinstance(result, BaseException):
             # the event is not in the log: tabs would miss its text without seeing a gap
-            log.warning("an event of %s was not appended (%r)", self.job.conversation, failure)
+            log.warning("an event of %s was not appended (%r)", self.job.conversation, result)
             self.lost = self.lost or index > self.replaced
             return
-        result = future.result()
         if not isinstance(result, int):
             return
         if result == TAKEN_OVER:
@@ -256,6 +281,7 @@ class Worker:
         self.shards = Shards(self.groups)
         self.lease = max(settings.worker.lease_seconds, 1.0)
         self.pipeliner = Pipeliner(redis, settings.worker.append_interval, worker=self.name)
+        self.coalesce = settings.worker.coalesce
         self.starts = Pipeliner(redis)
         """The turns' `begin` calls: those of the turns claimed together go together."""
         self.cancels = open_bus(redis, settings.redis.url)
@@ -557,6 +583,9 @@ class Worker:
         begun = time.monotonic()
         run = Running(job) if early is None else early.run
         run.task = asyncio.current_task()
+        run.appender = self.events.appender(
+            conversation, job.message_id, lambda: run.acked, run.settled
+        )
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -1034,27 +1063,26 @@ class Worker:
         """Publish a piece of part `part`'s text: joined to the part's event still queued, if
         any, else as a new event (made from the text it ends up holding when its batch is
         taken)."""
-        if (
-            self.settings.worker.coalesce
-            and run.open_text is not None
-            and run.open_text.join(part, text)
-        ):
+        open_text = run.open_text
+        if self.coalesce and open_text is not None and open_text.join(part, text):
             TALLY.coalesced += 1
             return
-        open_text = run.open_text = OpenText(part, [text])
-        event_of = functools.partial(run.parts.piece, part)
-        first = not run.first_piece and bool(run.first_chunk)
+        parts = run.parts
+        head = None
+        if parts.kind == "text" and part == parts.current:
+            head = run.token_head or _token_head(run)
+        open_text = run.open_text = OpenText(part, text, parts, head)
+        if run.first_piece or not run.first_chunk:
+            run.appender.queue(self.pipeliner, open_text, run.next_index())
+            return
         # the reply's first token waits for no interval, nor, when none of the turn's
         # events is outstanding (it cannot pass one), for the batch in flight
-        express = first and run.settled == run.index
-        future = self._publish_later(
-            run, lambda: encode(event_of(open_text.take())), express=express
-        )
-        if first:
-            run.first_piece = True
-            if not express:
-                self.pipeliner.hurry()
-            future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
+        run.first_piece = True
+        express = run.answered == run.index
+        if not express:
+            self.pipeliner.hurry()
+        future = self._publish_later(run, open_text, express=express)
+        future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
 
     def _publish_later(
         self,
@@ -1063,16 +1091,9 @@ class Worker:
         *,
         express: bool = False,
     ) -> asyncio.Future[object]:
-        job = run.job
         index = run.next_index()
-        future = self.events.append_piece(
-            self.pipeliner,
-            job.conversation,
-            event if callable(event) else encode(event),
-            job.message_id,
-            index,
-            lambda: run.acked,
-            express=express,
+        future = run.appender.append(
+            self.pipeliner, event if callable(event) else encode(event), index, express=express
         )
         future.add_done_callback(functools.partial(run.check, index))
         return future
@@ -1267,6 +1288,11 @@ def _observe_claims(entry_ids: Iterable[bytes]) -> None:
         added_ms, _, _ = entry_id.partition(b"-")
         with contextlib.suppress(ValueError):
             stage.observe(max(now_ms - int(added_ms), 0.0) / 1000)
+
+
+def _token_head(run: Running) -> bytes:
+    run.token_head = token_head(run.job.conversation, run.job.message_id)
+    return run.token_head
 
 
 def _observe_append(first_chunk: float, future: asyncio.Future[object]) -> None:

@@ -181,6 +181,8 @@ class HiredisPacking:
     encoder: Any
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        if type(args[0]) is Packed:  # packed by its maker, sent as it is
+            return [args[0]]
         if isinstance(args[0], str):  # 'SCRIPT EXISTS': the words of a command apart
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
@@ -194,6 +196,30 @@ class HiredisPacking:
         """The encoder is the default one, which hiredis's own encoding matches."""
         encoder = self.encoder
         return bool(encoder.encoding == "utf-8" and encoder.encoding_errors == "strict")
+
+
+class Packed(bytes):
+    """A whole command already in Redis's protocol (RESP), given to `execute_command` as its
+    only argument: a connection that packs with `HiredisPacking` sends it as it is. For a
+    caller that makes the same large command shape very often from parts it encoded once
+    (the pipeliner's `append_pieces`), where packing every argument again costs more."""
+
+
+def packs_as_given(redis: object) -> bool:
+    """Whether `redis` sends a `Packed` command as it is (a single Redis whose connections
+    pack with `HiredisPacking`; a cluster client must read a command's keys to route it)."""
+    pool = getattr(redis, "connection_pool", None)
+    connection_class = getattr(pool, "connection_class", None)
+    return (
+        not is_cluster(redis)
+        and isinstance(connection_class, type)
+        and issubclass(connection_class, HiredisPacking)
+    )
+
+
+def bulk(value: bytes) -> bytes:
+    """`value` as a RESP bulk string (as hiredis packs an argument)."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
 _AS_THEY_ARE: Final = frozenset({bytes, str, int})

@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
 from server.redis.batches import Batches
-from server.redis.client import UNREACHABLE, is_cluster
+from server.redis.client import UNREACHABLE, Packed, bulk, is_cluster, packs_as_given
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -373,19 +373,90 @@ class EventLog:
         then, and `floor()` counts every batch acknowledged before it. The pieces of a batch
         go to Redis in one `append_pieces` call (one per slot in a cluster), each appended as
         `append_piece` appends it; the call carries a mark of its own, so that sent again it
-        appends nothing twice. `express`: sent at once, alone (`Pipeliner.express`)."""
-        c = str(conversation)  # formatted once for the five keys (this runs per token)
-        piece = Piece(
-            c,
-            (keys.seq(c), keys.log(c), keys.channel(c), keys.persisted(c), keys.generation(c)),
-            event,
-            str(message_id),
-            index,
-            floor,
-            self.max_events,
-            self.ttl,
+        appends nothing twice. `express`: sent at once, alone (`Pipeliner.express`). (A
+        generation queues its events through its `appender`.)"""
+        appender = self.appender(conversation, message_id, floor)
+        return appender.append(pipeliner, event, index, express=express)
+
+    def appender(
+        self,
+        conversation: uuid.UUID,
+        message_id: uuid.UUID,
+        floor: Callable[[], int] = lambda: 0,
+        settle: Settle | None = None,
+    ) -> Appender:
+        """What queues one generation's events (`append_piece`), its keys made once."""
+        return Appender(
+            str(conversation), str(message_id), floor, self.max_events, self.ttl, settle
         )
-        return pipeliner.express(piece) if express else pipeliner.piece(piece)
+
+
+Settle = Callable[[int, Any], None]
+"""Told an event's index and its result (as `append_piece`'s future gives it, or the
+exception it would raise)."""
+
+
+class Appender:
+    """One generation's events queued for their batch (`EventLog.append_piece`): its
+    conversation's keys and message id formatted once, not per event (this runs per
+    token)."""
+
+    __slots__ = (
+        "conversation", "floor", "keys", "maxlen", "message_id", "packed_keys",
+        "packed_message_id", "settle", "slot", "ttl",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conversation: str,
+        message_id: str,
+        floor: Callable[[], int],
+        maxlen: int,
+        ttl: int,
+        settle: Settle | None,
+    ) -> None:
+        c = self.conversation = conversation
+        self.keys = (
+            keys.seq(c),
+            keys.log(c),
+            keys.channel(c),
+            keys.persisted(c),
+            keys.generation(c),
+        )
+        """seq, log, channel, persisted and generation keys of the conversation"""
+        self.message_id = message_id
+        self.floor = floor
+        self.maxlen = maxlen
+        self.ttl = ttl
+        self.settle = settle
+        """Told each result of `queue` (None: the appender's events are `append`ed)."""
+        self.slot = key_slot(self.keys[0].encode())
+        self.packed_keys = b"".join(bulk(key.encode()) for key in self.keys)
+        """The keys as a packed command carries them (`Pipeliner._packed_call`)."""
+        self.packed_message_id = bulk(message_id.encode())
+
+    def append(
+        self,
+        pipeliner: Pipeliner,
+        event: bytes | Callable[[], bytes],
+        index: int,
+        *,
+        express: bool = False,
+    ) -> asyncio.Future[Any]:
+        """Queue an event (or `express` it); its future gives its result
+        (`EventLog.append_piece`)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        piece = Piece(self, event, index, future)
+        if express:
+            pipeliner.express(piece)
+        else:
+            pipeliner.piece(piece)
+        return future
+
+    def queue(self, pipeliner: Pipeliner, event: bytes | Callable[[], bytes], index: int) -> None:
+        """Queue an event whose result goes to `settle`, called where the batch's reply is
+        read: no future, and no callback scheduled on the loop, per event."""
+        pipeliner.piece(Piece(self, event, index, None))
 
 
 def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
@@ -403,37 +474,55 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-@dataclass(frozen=True, slots=True)
 class Piece:
-    """One event of a generation waiting for its batch (`EventLog.append_piece`)."""
+    """One event of a generation waiting for its batch (`Appender`)."""
 
-    conversation: str
-    keys: tuple[str, str, str, str, str]
-    """seq, log, channel, persisted and generation keys of the conversation"""
-    event: bytes | Callable[[], bytes]
-    message_id: str
-    index: int
-    floor: Callable[[], int]
-    maxlen: int
-    ttl: int
+    __slots__ = ("appender", "event", "future", "index")
+
+    def __init__(
+        self,
+        appender: Appender,
+        event: bytes | Callable[[], bytes],
+        index: int,
+        future: asyncio.Future[Any] | None,
+    ) -> None:
+        self.appender = appender
+        self.event = event
+        self.index = index
+        self.future = future
+        """Given the result; None: the appender's `settle` is."""
+
+    def settled(self, result: Any) -> None:
+        if self.future is not None:
+            _settle(self.future, result)
+            return
+        settle = self.appender.settle
+        assert settle is not None  # (`Appender.queue` is used only with one)
+        try:
+            settle(self.index, result)
+        except Exception:  # called in the pipeliner's task, which every generation waits on
+            log.exception("the result of an event of %s was not taken", self.appender.conversation)
 
 
 @dataclass(frozen=True, slots=True)
 class _Sent:
-    """One script call of a batch and the futures of what it carries: a single call's, or,
-    for `append_pieces`, one per piece (its result is then a list, one result each)."""
+    """One script call of a batch and what waits for its result: a single call's future,
+    or, for `append_pieces`, its pieces (its result is then a list, one result each)."""
 
     call: scripts.Call
-    futures: list[asyncio.Future[Any]]
-    pieces: bool = False
+    future: asyncio.Future[Any] | None = None
+    pieces: list[Piece] | None = None
 
     def settle(self, result: Any) -> None:
-        if self.pieces and not isinstance(result, BaseException):
-            for future, each in zip(self.futures, result, strict=True):
-                _settle(future, each)
+        if self.pieces is None:
+            assert self.future is not None
+            _settle(self.future, result)
+        elif isinstance(result, BaseException):
+            for piece in self.pieces:
+                piece.settled(result)
         else:
-            for future in self.futures:
-                _settle(future, result)
+            for piece, each in zip(self.pieces, result, strict=True):
+                piece.settled(each)
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
@@ -462,9 +551,14 @@ class Pipeliner:
         once another runs the generation. '' for a caller that runs none."""
         self._append_pieces = APPEND_PIECES.register(redis)
         self._cluster = is_cluster(redis)
+        self._packs = packs_as_given(redis)
+        """`append_pieces` calls are packed here (`_packed_call`)."""
+        self._packed_sha = bulk(self._append_pieces.redis_script.sha.encode())
+        self._packed_worker = bulk(worker.encode())
+        self._packed_name = bulk(self._append_pieces.script.name.encode())
         self._name = uuid.uuid4().hex
         self._calls_made = itertools.count(1)
-        self._queue: list[tuple[Piece | scripts.Call | Callable[[], scripts.Call], Any]]
+        self._queue: list[Piece | tuple[scripts.Call | Callable[[], scripts.Call], Any]]
         self._queue = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -488,24 +582,27 @@ class Pipeliner:
     def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
         """Queue a call; one given as a function is made when its batch is taken, so what
         it sends may still grow while earlier batches are in flight."""
-        return self._queued(call)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future))
+        self._wake.set()
+        return future
 
-    def piece(self, piece: Piece) -> asyncio.Future[Any]:
-        """Queue a generation's event: the pieces queued together are sent together."""
-        return self._queued(piece)
+    def piece(self, piece: Piece) -> None:
+        """Queue a generation's event (`Appender`): the pieces queued together are sent
+        together."""
+        self._queue.append(piece)
+        self._wake.set()
 
-    def express(self, piece: Piece) -> asyncio.Future[Any]:
+    def express(self, piece: Piece) -> None:
         """Send a generation's event at once, in a call of its own, without waiting for the
         batch in flight or the interval (a reply's first token). Only for an event none of
         whose conversation's earlier calls is queued or in flight: the batch in flight may
         be answered after it. A batch taken later is sent once it is answered, so what
         follows it in the conversation keeps its place."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        sent = self._pieces_call([(piece, future)], piece.maxlen, piece.ttl)
+        sent = self._pieces_call([piece], piece.appender.maxlen, piece.appender.ttl)
         task = asyncio.create_task(self._send([sent]), name="parley-pipeliner-express")
         self._expressed.add(task)
         task.add_done_callback(self._expressed.discard)
-        return future
 
     def hurry(self) -> None:
         """Send the next batch without waiting for the interval to pass."""
@@ -513,14 +610,6 @@ class Pipeliner:
         nap = self._nap
         if nap is not None and not nap.done():
             nap.set_result(None)
-
-    def _queued(
-        self, item: Piece | scripts.Call | Callable[[], scripts.Call]
-    ) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        self._wake.set()
-        return future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -553,54 +642,109 @@ class Pipeliner:
             timer.cancel()
             self._nap = None
 
-    def _calls(self, queued: list[tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+    def _calls(self, queued: list[Piece | tuple[Any, asyncio.Future[Any]]]) -> Iterator[_Sent]:
         """The batch's script calls, in the order queued: each run of pieces between two
         other calls becomes `append_pieces` calls (so a conversation's pieces never pass its
         other calls, nor they its pieces)."""
-        run: list[tuple[Piece, asyncio.Future[Any]]] = []
-        for item, future in queued:
-            if isinstance(item, Piece):
-                run.append((item, future))
+        run: list[Piece] = []
+        for item in queued:
+            if type(item) is Piece:
+                run.append(item)
                 continue
+            assert isinstance(item, tuple)
             yield from self._pieces_calls(run)
             run = []
-            yield _Sent(item if isinstance(item, scripts.Call) else item(), [future])
+            call, future = item
+            yield _Sent(call if isinstance(call, scripts.Call) else call(), future)
         yield from self._pieces_calls(run)
 
-    def _pieces_calls(self, run: list[tuple[Piece, asyncio.Future[Any]]]) -> Iterator[_Sent]:
+    def _pieces_calls(self, run: list[Piece]) -> Iterator[_Sent]:
         """Consecutive pieces as `append_pieces` calls: one per group of pieces that may
         share a call (on one Redis all of them; in a cluster those of one slot, since a
         script touches only keys of one slot), at most PIECES_PER_CALL each. A
         conversation's pieces stay in one group, in order."""
-        groups: dict[tuple[int, int, int], list[tuple[Piece, asyncio.Future[Any]]]] = {}
-        for piece, future in run:
-            slot = key_slot(piece.keys[0].encode()) if self._cluster else 0
-            groups.setdefault((slot, piece.maxlen, piece.ttl), []).append((piece, future))
+        if not run:
+            return
+        first = run[0].appender
+        if not self._cluster and all(
+            p.appender.maxlen == first.maxlen and p.appender.ttl == first.ttl for p in run
+        ):
+            groups = {(0, first.maxlen, first.ttl): run}  # the rule: one call for them all
+        else:
+            groups = {}
+            for piece in run:
+                a = piece.appender
+                slot = a.slot if self._cluster else 0
+                groups.setdefault((slot, a.maxlen, a.ttl), []).append(piece)
         for (_, maxlen, ttl), group in groups.items():
             for start in range(0, len(group), PIECES_PER_CALL):
                 chunk = group[start : start + PIECES_PER_CALL]
                 yield self._pieces_call(chunk, maxlen, ttl)
 
-    def _pieces_call(
-        self, chunk: list[tuple[Piece, asyncio.Future[Any]]], maxlen: int, ttl: int
-    ) -> _Sent:
+    def _pieces_call(self, chunk: list[Piece], maxlen: int, ttl: int) -> _Sent:
+        call_key = keys.appended(
+            chunk[0].appender.conversation, f"{self._name}:{next(self._calls_made)}"
+        )
+        kept = APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0
+        if self._packs:
+            return _Sent(self._packed_call(chunk, call_key, maxlen, ttl, kept), pieces=chunk)
         piece_keys: list[str] = []
         piece_args: list[Any] = []
-        for piece, _ in chunk:
-            event = piece.event() if callable(piece.event) else piece.event
-            piece_keys.extend(piece.keys)
-            piece_args.extend((event, piece.message_id, piece.index, piece.floor()))
-        call_key = keys.appended(chunk[0][0].conversation, f"{self._name}:{next(self._calls_made)}")
+        add_keys, add_args = piece_keys.extend, piece_args.extend
+        for piece in chunk:
+            event, appender = piece.event, piece.appender
+            add_keys(appender.keys)
+            add_args((
+                event if type(event) is bytes else event(),  # type: ignore[operator]
+                appender.message_id, piece.index, appender.floor(),
+            ))  # fmt: skip
         call = self._append_pieces.bind(
             call_key=call_key,
             maxlen=maxlen,
             ttl=ttl,
             worker=self.worker,
-            kept=APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0,
+            kept=kept,
             piece_keys=piece_keys,
             piece_args=piece_args,
         )
-        return _Sent(call, [future for _, future in chunk], pieces=True)
+        return _Sent(call, pieces=chunk)
+
+    def _packed_call(
+        self, chunk: list[Piece], call_key: str, maxlen: int, ttl: int, kept: int
+    ) -> scripts.Call:
+        """The same `append_pieces` call as `bind` makes, packed here (`client.Packed`): each
+        piece's keys and message id were packed once for its generation (`Appender`), so a
+        piece costs the packing of its frame and two numbers, not of nine arguments."""
+        piece_keys: list[bytes] = []
+        piece_args: list[bytes] = []
+        add_keys, add_args = piece_keys.append, piece_args.append
+        for piece in chunk:
+            event, appender = piece.event, piece.appender
+            if type(event) is not bytes:
+                event = event()  # type: ignore[operator]
+            index, floor = b"%d" % piece.index, b"%d" % appender.floor()
+            add_keys(appender.packed_keys)
+            add_args(
+                b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"  # frame, message id, index, floor
+                % (
+                    len(event),
+                    event,
+                    appender.packed_message_id,
+                    len(index),
+                    index,
+                    len(floor),
+                    floor,
+                )
+            )
+        count = len(chunk)
+        nkeys = b"%d" % (1 + 5 * count)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + 1 + 5 * count + 4 + 4 * count + 1)
+        numbers = (bulk(b"%d" % value) for value in (maxlen, ttl, kept))
+        packed = b"".join((
+            head, self._packed_sha, bulk(nkeys), bulk(call_key.encode()), *piece_keys,
+            *numbers, self._packed_worker, *piece_args, self._packed_name,
+        ))  # fmt: skip
+        return scripts.Call(self._append_pieces.redis_script, [], [], Packed(packed))
 
     async def _send(self, batch: list[_Sent]) -> None:
         """Send a batch, again and again while Redis is unreachable (every script the worker

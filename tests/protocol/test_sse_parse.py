@@ -88,3 +88,25 @@ def test_blocks_after_done_are_not_read() -> None:
     assert events.feed(b"data: a\n\ndata: [DONE]\n\n") == [b"a"]
     assert events.feed(b"data: b\n\n") == []
     assert events.end() is None
+
+
+def at_event_ends(wire: bytes) -> list[bytes]:
+    """`wire` cut after each blank line (LF LF): as a model sends it, an event a block."""
+    blocks, start = [], 0
+    while (end := wire.find(b"\n\n", start)) >= 0:
+        blocks.append(wire[start : end + 2])
+        start = end + 2
+    return [*blocks, wire[start:]] if start < len(wire) else blocks
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected", "done"), [s[1:] for s in STREAMS], ids=[s[0] for s in STREAMS]
+)
+def test_blocks_of_whole_events_read_as_the_stream_whole(
+    wire: bytes, expected: list[bytes], done: bool
+) -> None:
+    """A model sends one event per block: such blocks (taken without their lines split),
+    also after a block that left a line, an event or a CR open, read the same."""
+    assert read(at_event_ends(wire)) == (expected, done)
+    for at in range(1, len(wire)):
+        assert read([wire[:at], *at_event_ends(wire[at:])]) == (expected, done), at

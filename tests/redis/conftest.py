@@ -15,7 +15,9 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from server.app.config import RedisSettings
 from server.dev import embedded
+from server.redis.client import connect, packs_as_given
 from server.redis.eventlog import EventLog, Pipeliner
 from tests.helpers.processes import Db, Services
 from tests.helpers.scripts import MAX_EVENTS, TTL
@@ -60,10 +62,20 @@ async def events(redis: Redis) -> EventLog:
     return EventLog(redis, MAX_EVENTS, TTL)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def pipeliner(redis: Redis) -> AsyncIterator[Pipeliner]:
-    """The worker's pipeliner on the scripts' database, started, and stopped after the test."""
-    pipeliner = Pipeliner(redis)
+@pytest_asyncio.fixture(loop_scope="session", params=["redis-py", "connect"])
+async def pipeliner(redis: Redis, request: pytest.FixtureRequest) -> AsyncIterator[Pipeliner]:
+    """The worker's pipeliner on the scripts' database, started, and stopped after the test:
+    on a plain redis-py client, and on Parley's own (`client.connect`, whose connections
+    send the `append_pieces` calls the pipeliner packs itself)."""
+    if request.param == "redis-py":
+        pipeliner = Pipeliner(redis)
+    else:
+        at = redis.connection_pool.connection_kwargs
+        url = f"redis://{at['host']}:{at['port']}/{at.get('db', 0)}"
+        pipeliner = Pipeliner(connect(RedisSettings(url=url)))
+        assert packs_as_given(pipeliner.redis)
     pipeliner.start()
     yield pipeliner
     await pipeliner.stop()
+    if pipeliner.redis is not redis:
+        await pipeliner.redis.aclose()

@@ -70,8 +70,17 @@ async def turns(cluster_redis: Any) -> Turns:
 
 @pytest.fixture
 def redis(cluster_redis: Any) -> Any:
-    """The cluster, for the fixtures of tests/redis/conftest.py that take `redis` (`pipeliner`)."""
+    """The cluster, for the fixtures of tests/redis/conftest.py that take `redis`."""
     return cluster_redis
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pipeliner(cluster_redis: Any) -> AsyncIterator[Pipeliner]:
+    """The worker's pipeliner on the cluster, through Parley's own client there."""
+    pipeliner = Pipeliner(cluster_redis)
+    pipeliner.start()
+    yield pipeliner
+    await pipeliner.stop()
 
 
 async def say(

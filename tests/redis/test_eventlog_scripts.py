@@ -6,6 +6,7 @@ import asyncio
 import functools
 import uuid
 
+import hiredis
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -26,6 +27,7 @@ from server.redis.eventlog import (
     CachedHistory,
     EventLog,
     Opening,
+    Piece,
     Pipeliner,
     event_keys,
 )
@@ -317,6 +319,104 @@ async def test_a_piece_of_a_generation_redis_no_longer_knows_is_lost(
     piece = events.append_piece(pipeliner, unloaded, frame("x"), other, 1)
     assert await piece == UNLOADED
     assert await log_seqs(redis, conversation) == []
+
+
+async def test_queued_pieces_tell_their_generation_each_result_where_the_reply_is_read(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner
+) -> None:
+    """A generation's appender takes each result of the pieces it queued, in their order,
+    made at the batch's call (an event given as a function encoded then); pieces queued with
+    a future among them, and another generation's, keep their own results and order."""
+    conversation, message_id = await generating(events, redis)
+    told: list[tuple[int, object]] = []
+    floor = 0
+    appender = events.appender(
+        conversation, message_id, lambda: floor, lambda index, result: told.append((index, result))
+    )
+    stranger = events.appender(conversation, uuid.uuid4())
+    encoded: list[str] = []
+
+    def late(text: str) -> bytes:
+        encoded.append(text)
+        return frame(text)
+
+    appender.queue(pipeliner, frame("a"), 1)
+    refused = stranger.append(pipeliner, frame("x"), 1)
+    appender.queue(pipeliner, functools.partial(late, "b"), 2)
+    last = appender.append(pipeliner, frame("c"), 3)
+    assert encoded == []  # not before the batch is taken
+    assert await last == 3
+    assert await refused == LOST
+    assert told == [(1, 1), (2, 2)]
+    assert encoded == ["b"]
+    _, logged = await events.read(conversation, after=0)
+    assert [event for _, event in logged] == [
+        f'{{"seq":{seq},"type":"token","text":"{text}"}}'.encode()
+        for seq, text in [(1, "a"), (2, "b"), (3, "c")]
+    ]
+    floor = 9  # the highest seq acknowledged: the counter is below it
+    appender.queue(pipeliner, frame("d"), 4)
+    await stranger.append(pipeliner, frame("y"), 2)  # the batch's end
+    assert told[2:] == [(4, BEHIND)]
+
+
+async def test_a_generation_that_fails_to_take_a_result_stops_no_other(
+    events: EventLog, redis: Redis, pipeliner: Pipeliner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results go to their generation in the pipeliner's task: one that raises is logged,
+    and the pipeliner goes on sending every generation's events."""
+    conversation, message_id = await generating(events, redis)
+
+    def broken(index: int, result: object) -> None:
+        raise RuntimeError("a broken taker")
+
+    events.appender(conversation, message_id, settle=broken).queue(pipeliner, frame("a"), 1)
+    after = events.appender(conversation, message_id).append(pipeliner, frame("b"), 2)
+    assert await asyncio.wait_for(after, 5) == 2
+    later = events.appender(conversation, message_id).append(pipeliner, frame("c"), 3)
+    assert await asyncio.wait_for(later, 5) == 3
+    assert "was not taken" in caplog.text
+
+
+async def test_a_batch_packed_by_the_pipeliner_is_the_call_hiredis_packs(
+    events: EventLog, pipeliner: Pipeliner
+) -> None:
+    """Where the client sends a command packed as it is, the pipeliner packs `append_pieces`
+    itself from what each generation packed once: the same bytes as its bound call packed
+    argument by argument (frames given as bytes or made late, any number of pieces)."""
+    appenders = [
+        events.appender(uuid.uuid4(), uuid.uuid4(), functools.partial(int, floor))
+        for floor in (0, 7, 10**12)
+    ]
+    pieces = [
+        Piece(
+            appenders[i % 3], frame(f"é {i}") if i % 2 else functools.partial(frame, "x"), i, None
+        )
+        for i in range(MARKED_FROM + 2)
+    ]
+    for chunk in (pieces[:1], pieces):
+        kept = APPENDED_KEPT if len(chunk) >= MARKED_FROM else 0
+        packed = pipeliner._packed_call(chunk, "parley:appended:x", MAX_EVENTS, 60, kept)
+        bound = APPEND_PIECES.register(events.redis).bind(
+            call_key="parley:appended:x",
+            maxlen=MAX_EVENTS,
+            ttl=60,
+            kept=kept,
+            worker=pipeliner.worker,
+            piece_keys=[key for piece in chunk for key in piece.appender.keys],
+            piece_args=[
+                value
+                for piece in chunk
+                for value in (
+                    piece.event if isinstance(piece.event, bytes) else piece.event(),
+                    piece.appender.message_id,
+                    piece.index,
+                    piece.appender.floor(),
+                )
+            ],
+        )
+        assert packed.packed == hiredis.pack_command(bound.command())
+        assert packed.script.sha == bound.script.sha
 
 
 async def test_the_pieces_of_a_worker_whose_generation_was_taken_over_are_refused(

@@ -47,7 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.redis.client import MOVING, is_cluster
+from server.redis.client import MOVING, Packed, is_cluster
 
 _NAMED: Final = re.compile(
     r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$", re.MULTILINE
@@ -122,6 +122,15 @@ class Call:
     script: AsyncScript
     keys: list[Any]
     args: list[Any]
+    packed: Packed | None = None
+    """The whole EVALSHA command, packed by its maker (`keys` and `args` then empty): for a
+    client that `packs_as_given` only."""
+
+    def command(self) -> tuple[Any, ...]:
+        """The call as `execute_command`'s arguments."""
+        if self.packed is not None:
+            return (self.packed,)
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
 
     async def run(self, client: Redis | Pipeline | None = None) -> Any:
         if isinstance(client, (Pipeline, ClusterPipeline)):
@@ -129,8 +138,8 @@ class Call:
             # first ask Redis `SCRIPT EXISTS` (one more round trip for every batch), and a
             # cluster pipeline refuses `evalsha` by name (queued as such it goes to the node of
             # its keys' slot); `pipelined` loads a script Redis does not know and runs it again
-            keys = len(self.keys)
-            return client.execute_command("EVALSHA", self.script.sha, keys, *self.keys, *self.args)
+            return client.execute_command(*self.command())
+        assert self.packed is None  # (sent only by `pipelined`)
         return await self.script(keys=self.keys, args=self.args, client=client)
 
 
@@ -210,9 +219,7 @@ async def _alone(redis: Any, call: Call) -> Any:
     redis-py's pipeline object cost a worker more than the call it carried (a worker's
     batch is, as a rule, one `append_pieces` call). Connection errors raise, as there."""
     try:
-        return await redis.execute_command(
-            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-        )
+        return await redis.execute_command(*call.command())
     except ResponseError as exc:  # NoScriptError among them
         return exc
 

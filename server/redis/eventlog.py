@@ -621,7 +621,7 @@ class Pipeliner:
                 await self._pause(loop, wait)
             self._hurried = False
             self._wake.clear()
-            if self._expressed:  # what follows an expressed event must not pass it
+            while self._expressed:  # what follows an expressed event must not pass it
                 await asyncio.wait(set(self._expressed))
             sent = loop.time()
             queued, self._queue = self._queue, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from typing import Any
 
 import hiredis
 import msgspec
@@ -912,6 +913,46 @@ async def test_an_expressed_piece_goes_at_once_while_a_batch_waits(
         assert await asyncio.wait_for(waiting, 4) == 2
     finally:
         await pipeliner.stop()
+
+
+class SlowExpress(Pipeliner):
+    """Its expressed calls reach Redis `delay` seconds late (a slow connection)."""
+
+    delay = 0.3
+
+    async def _send(self, batch: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.get_name() == "parley-pipeliner-express":
+            await asyncio.sleep(self.delay)
+        await super()._send(batch)
+
+
+async def test_a_piece_expressed_while_the_batch_waits_for_another_is_not_passed(
+    events: EventLog, redis: Redis
+) -> None:
+    """The next batch waits for every expressed call in flight, also one expressed while it
+    was waiting for an earlier one: a conversation's second event never passes its first."""
+    (a, a_id), (b, b_id), (x, x_id) = [await generating(events, redis) for _ in range(3)]
+    pipeliner = SlowExpress(redis)
+    pipeliner.start()
+    await redis.script_load(APPEND_PIECES.source)
+    try:
+        first_of_a = events.append_piece(pipeliner, a, frame("a"), a_id, 1, express=True)
+        other = events.append_piece(pipeliner, x, frame("x"), x_id, 1)
+        await asyncio.sleep(0.1)  # the batch now waits for a's expressed call
+        first_of_b = events.append_piece(pipeliner, b, frame("b1"), b_id, 1, express=True)
+        second_of_b = events.append_piece(pipeliner, b, frame("b2"), b_id, 2)
+        results = await asyncio.wait_for(
+            asyncio.gather(first_of_a, other, first_of_b, second_of_b), 10
+        )
+        assert results == [1, 1, 1, 2]
+    finally:
+        await pipeliner.stop()
+    logged = (await events.read(b, after=0))[1]
+    assert [event for _, event in logged] == [
+        b'{"seq":1,"type":"token","text":"b1"}',
+        b'{"seq":2,"type":"token","text":"b2"}',
+    ]
 
 
 async def test_events_queued_after_an_expressed_piece_follow_it_in_order(

@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Final
 
 from redis.asyncio import Redis
 
 from server.edge.auth import Principal
-from server.redis import keys
+from server.redis import keys, scripts
 
 BEFORE = "before"
+LONGEST: Final = 10 * 365 * 24 * 3600
+"""The longest a revocation is kept (seconds): a token claiming to live longer is refused
+for this long (EXPIRE refuses a TTL out of its range)."""
+
+REVOKE: Final = scripts.load("revoke")
 
 
 class Revocations:
     def __init__(self, redis: Redis, ttl: float) -> None:
         self.redis = redis
-        self.ttl = max(int(ttl), 1)
+        self.ttl = min(max(int(ttl), 1), LONGEST)
+        self._revoke_script = REVOKE.register(redis)
 
     async def revoked(self, principal: Principal) -> bool:
         before, token = await self.redis.hmget(
@@ -49,12 +56,8 @@ class Revocations:
 
     async def _revoke(self, user: str, field: str, value: str, keep_for: int = 0) -> None:
         """Write the revocation; the hash then lives at least `keep_for` seconds (at least
-        the TTL), never shortened (EXPIRE's GT would need Redis 7: its TTL is read back)."""
-        key = keys.revoked(user)
-        keep_for = max(keep_for, self.ttl)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, field, value)
-            pipe.ttl(key)
-            _, left = await pipe.execute()
-        if left < keep_for:
-            await self.redis.expire(key, keep_for)
+        the TTL, at most LONGEST), never shortened (scripts/revoke.lua)."""
+        keep_for = min(max(keep_for, self.ttl), LONGEST)
+        await self._revoke_script(
+            revoked_key=keys.revoked(user), field=field, value=value, keep_for=keep_for
+        )

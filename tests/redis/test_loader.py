@@ -10,7 +10,16 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.redis import approvals, budgets, eventlog, presence, queue, scripts, turns
+from server.redis import (
+    approvals,
+    budgets,
+    eventlog,
+    presence,
+    queue,
+    revocations,
+    scripts,
+    turns,
+)
 
 LOADED = [
     eventlog.APPEND,
@@ -52,6 +61,7 @@ LOADED = [
     queue.ENTER,
     queue.ANNOUNCE_TOLD,
     queue.QUEUED_EVENT,
+    revocations.REVOKE,
 ]
 
 

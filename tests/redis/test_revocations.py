@@ -3,6 +3,7 @@ real `Verifier` (no Parley process)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -14,7 +15,7 @@ from server.app.config import AuthSettings
 from server.edge.auth import AuthError, Verifier
 from server.redis import keys
 from server.redis.presence import Presence
-from server.redis.revocations import Revocations
+from server.redis.revocations import LONGEST, Revocations
 from server.redis.rooms import Present, Rooms, present
 from tests.helpers.auth import SECRET, mint, new_user
 
@@ -74,6 +75,29 @@ async def test_a_token_revoked_by_name_is_refused_until_it_expires(redis: Redis)
     short = new_user()
     await revocations.revoke_token(short, "jti:short", time.time() + 5)
     assert 50 <= await redis.ttl(keys.revoked(short)) <= 60
+
+
+async def test_revocations_at_once_never_leave_the_shorter_expiry(redis: Redis) -> None:
+    """A user-wide revocation racing a token's longer one (another web process) cannot cut
+    the token's short: the write and its expiry are one step."""
+    revocations = Revocations(redis, ttl=60)
+    for _ in range(20):
+        user = new_user()
+        await asyncio.gather(
+            revocations.revoke_token(user, "jti:long", time.time() + 7200),
+            revocations.revoke_before(user, time.time()),
+            revocations.revoke_before(user, time.time()),
+        )
+        assert await redis.ttl(keys.revoked(user)) > 7000
+
+
+async def test_a_token_claiming_to_live_for_ever_is_revoked_for_the_longest_kept(
+    redis: Redis,
+) -> None:
+    user = new_user()
+    await Revocations(redis, ttl=60).revoke_token(user, "jti:forever", 1e20)
+    assert await redis.ttl(keys.revoked(user)) == LONGEST
+    assert await redis.hget(keys.revoked(user), "jti:forever") == b"1"
 
 
 async def test_presence_counts_live_processes_only(redis: Redis) -> None:

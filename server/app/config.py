@@ -93,7 +93,7 @@ class AuthSettings(IssuerSettings, frozen=True, forbid_unknown_fields=True, kw_o
     issuers: list[IssuerSettings] = []
     jwks_cache_seconds: Seconds = 3600.0
     jwks_min_refresh: Seconds = 30.0
-    jwks_timeout: Seconds = 1.0
+    jwks_timeout: Wait = 1.0
     refresh_hint: Seconds = 30.0
     refresh_grace: Seconds = 25.0
 
@@ -244,7 +244,7 @@ class HooksSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     finish_url: str = ""
     secret: str = ""
     """`whsec_` and base64: the Standard Webhooks signing key; empty sends no signature."""
-    turn_timeout: Seconds = 2.0
+    turn_timeout: Wait = 2.0
     turn_failure: Literal["allow", "refuse"] = "allow"
     finish_give_up: Seconds = 600.0
     """How long a `finish` call is retried while its endpoint fails before dead-lettering."""

@@ -342,7 +342,10 @@ class Bus:
             except Exception:  # one listener's failure must not end the bus for all
                 log.exception("a listener of %r failed", channel)
         if self._after is not None:
-            self._after()
+            try:
+                self._after()
+            except Exception:  # as a listener's: the bus goes on
+                log.exception("the bus's after-message step failed")
 
     def _resync_all(self) -> None:
         for listeners in tuple(self._listeners.values()):

@@ -155,8 +155,9 @@ class Running:
     """The highest seq Redis acknowledged for this generation's events: none is handed out
     again if a failover loses them (`EventLog.append_piece`'s floor)."""
     answered: int = 0
-    """How many of its events Redis answered (or failed): all of them when it equals
-    `index`, and none is then queued or in flight."""
+    """How many of its events Redis answered (or failed). While it equals `index` none is
+    queued or in flight; after a takeover or a retry `index` starts past the events counted
+    here, so it never equals it and nothing is expressed (the cautious answer)."""
     parts: PartsBuilder = field(init=False)
     pieces: int = 0
     index: int = 0

@@ -44,6 +44,8 @@ def test_environment_overrides() -> None:
         ("", {"PORT": "eighty"}, "port"),
         ("[llm]\nstall_timeout = 0\n", {}, "stall_timeout"),  # every reply would stall
         ("", {"PARLEY_LLM_FIRST_CHUNK_TIMEOUT": "0"}, "first_chunk_timeout"),
+        ("[auth]\njwks_timeout = 0\n", {}, "jwks_timeout"),  # every key fetch would fail
+        ("", {"PARLEY_HOOKS_TURN_TIMEOUT": "0"}, "turn_timeout"),  # every hook call would fail
         ('[llm]\nmodel = "sim\\u0000"\n', {}, "`model` holds a NUL"),
         ("", {"PARLEY_LLM_MODEL": "sim\udcff"}, "`model` holds a lone UTF-16 surrogate"),
         ("", {"PARLEY_SERVER_ALLOWED_ORIGINS": "a,b\x00"}, "`allowed_origins` holds a NUL"),

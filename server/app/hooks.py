@@ -9,9 +9,11 @@ the caller applies its policy (`hooks.turn_failure`, or the finish queue's retri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Final, Literal
 
 import httpx
@@ -79,20 +81,15 @@ class Hooks:
     async def decide(self, url: str, payload: dict[str, Any]) -> Reply:
         """Call a connect or turn hook (the payload's `type`); on failure, what
         `hooks.turn_failure` says."""
-        started = time.monotonic()
-        outcome = "failed"
         try:
-            body = await self.post(url, payload, uuid.uuid4().hex, self.settings.turn_timeout)
-            reply = _decode(body)
-            outcome = "ok"
-            return reply
+            with timed(payload["type"]):
+                body = await self.post(url, payload, uuid.uuid4().hex, self.settings.turn_timeout)
+                return _decode(body)
         except HookFailed as exc:
             log.warning("hook %s failed (%s); policy: %s", url, exc, self.settings.turn_failure)
             if self.settings.turn_failure == "allow":
                 return ALLOW
             return Reply(allow=False, message="the application is unavailable")
-        finally:
-            metrics.HOOK_CALLS.labels(payload["type"], outcome).observe(time.monotonic() - started)
 
     async def post(
         self, url: str, payload: Any, msg_id: str, timeout: float, limit: int = MAX_REPLY_BYTES
@@ -117,6 +114,19 @@ class Hooks:
             raise HookFailed(f"no complete answer within {timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply
             raise HookFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def timed(hook: str) -> Iterator[None]:
+    """Time a call of `hook` into `parley_hook_call_seconds`: `ok` when the block ends
+    normally, `failed` when it raises."""
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "ok"
+    finally:
+        metrics.HOOK_CALLS.labels(hook, outcome).observe(time.monotonic() - started)
 
 
 def _decode(body: bytes) -> Reply:

@@ -23,9 +23,8 @@ import msgspec
 from redis.asyncio import Redis
 
 from protocol import frames as f
-from server.app import metrics
 from server.app.config import HooksSettings
-from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks
+from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks, timed
 from server.redis import keys
 from server.redis.client import UNREACHABLE, is_cluster
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned
@@ -186,14 +185,9 @@ class FinishSender:
             await self.group.ack(entry_id)
 
     async def _post(self, body: bytes, event: FinishEvent) -> None:
-        started = time.monotonic()
-        outcome = "failed"
-        try:
+        with timed("finish"):
             url = self.settings.finish_url
             await self.hooks.post(url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT)
-            outcome = "ok"
-        finally:
-            metrics.HOOK_CALLS.labels("finish", outcome).observe(time.monotonic() - started)
 
 
 def _queued_ms(entry_id: bytes) -> int:

@@ -4,14 +4,16 @@ through the `websockets` client: every preset, the in-band `refresh`, and never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 import pytest
 import websockets
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.auth import mint, new_user
@@ -52,6 +54,19 @@ async def first_frame(server: ParleyProcess, token: str) -> dict[str, Any]:
     ) as ws:  # type: ignore[list-item]
         frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
         return frame
+
+
+@contextlib.asynccontextmanager
+async def hinted(
+    server: ParleyProcess, token: str
+) -> AsyncIterator[tuple[ClientConnection, dict[str, Any], dict[str, Any]]]:
+    """A socket signed in with a short-lived `token`: its `ready`, then its `refresh` hint."""
+    async with websockets.connect(
+        server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]
+    ) as ws:  # type: ignore[list-item]
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        hint = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        yield ws, ready, hint
 
 
 async def close_code(server: ParleyProcess, token: str) -> int | None:
@@ -109,11 +124,7 @@ async def test_refresh_hint_then_a_fresh_auth_frame_keeps_the_socket(
     expiry, within the grace, and the socket lives on past expiry + grace."""
     user, issuer, signer = new_user(), issuer_url(idp.base, "clerk"), idp.signers[0]
     token = signer.sign(shaped("clerk", issuer, user, ttl=3))
-    async with websockets.connect(
-        server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]
-    ) as ws:  # type: ignore[list-item]
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        hint = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    async with hinted(server, token) as (ws, ready, hint):
         assert hint == {"type": "refresh", "expires_at": ready["expires_at"]}
         await asyncio.sleep(max(0.0, ready["expires_at"] + 0.5 - time.time()))
         fresh = signer.sign(shaped("clerk", issuer, user, ttl=60))
@@ -129,11 +140,8 @@ async def test_no_fresh_token_closes_4401_only_after_the_grace(
     server: ParleyProcess, idp: LocalIdP
 ) -> None:
     token = idp.signers[2].sign(shaped("keycloak", issuer_url(idp.base, "keycloak"), "k", ttl=2))
-    async with websockets.connect(
-        server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]
-    ) as ws:  # type: ignore[list-item]
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "refresh"
+    async with hinted(server, token) as (ws, ready, hint):
+        assert hint["type"] == "refresh"
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), ready["expires_at"] + GRACE + 5 - time.time())
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
@@ -147,11 +155,8 @@ async def test_an_expired_token_sent_during_the_grace_closes_at_once(
     expired too does not renew it: 4401 at once, before the grace is over."""
     user, issuer, signer = new_user(), issuer_url(idp.base, "auth0"), idp.signers[1]
     token = signer.sign(shaped("auth0", issuer, user, ttl=2))
-    async with websockets.connect(
-        server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]
-    ) as ws:  # type: ignore[list-item]
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "refresh"
+    async with hinted(server, token) as (ws, ready, hint):
+        assert hint["type"] == "refresh"
         await asyncio.sleep(max(0.0, ready["expires_at"] + 0.2 - time.time()))
         await ws.send(json.dumps({"type": "ping", "ref": "p"}))
         assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"

@@ -59,9 +59,9 @@ ARGV has a limit of a few thousand values)."""
 SEQ_FLOOR: Final = scripts.load("seq_floor", functions=["lib_seq_floor"])
 READ: Final = scripts.load("read")
 LOAD: Final = scripts.load("load")
-MARK_PERSISTED: Final = scripts.load("mark_persisted")
+MARK_PERSISTED: Final = scripts.load("mark_persisted", functions=["lib_seq_floor"])
 SET_META: Final = scripts.load("set_meta")
-CACHE_HISTORY: Final = scripts.load("cache_history")
+CACHE_HISTORY: Final = scripts.load("cache_history", functions=["lib_seq_floor"])
 JOIN: Final = scripts.load("join")
 BEGIN: Final = scripts.load("begin")
 JOINS_PER_CALL: Final = 64

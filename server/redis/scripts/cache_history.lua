@@ -16,13 +16,8 @@ local seq = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local last_seq = tonumber(ARGV[4])
 
-local head = tonumber(redis.call('GET', seq_key))
-if head and head < last_seq then redis.call('SET', seq_key, last_seq, 'KEEPTTL') end
-local persisted = tonumber(redis.call('GET', persisted_key))
-if persisted and persisted < tonumber(seq) then
-  redis.call('SET', persisted_key, seq, 'KEEPTTL')
-  persisted = tonumber(seq)
-end
+raise_to(seq_key, last_seq)
+local persisted = raise_to(persisted_key, tonumber(seq))
 if persisted ~= tonumber(seq) or history == '' then return 0 end
 redis.call('SET', history_key, history, 'EX', ttl)
 return 1

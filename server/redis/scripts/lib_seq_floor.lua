@@ -15,3 +15,16 @@ local function seq_went_back(seq_key, floor)
   redis.call('SET', seq_key, floor, 'KEEPTTL')
   return true
 end
+
+-- raise_to: a counter Redis holds (a conversation's seq or persisted) below `floor` raised
+-- to it, its expiry kept; a missing one stays missing (the conversation is not loaded:
+-- nothing to protect). Returns what the counter holds then (nil when missing). Used by
+-- cache_history.lua and mark_persisted.lua, whose floor is what PostgreSQL holds.
+local function raise_to(key, floor)
+  local value = tonumber(redis.call('GET', key))
+  if value and value < floor then
+    redis.call('SET', key, floor, 'KEEPTTL')
+    return floor
+  end
+  return value
+end

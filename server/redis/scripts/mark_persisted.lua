@@ -12,8 +12,7 @@ local persisted = tonumber(ARGV[1])
 local ttl = ARGV[2]
 local maxlen = tonumber(ARGV[3])
 
-local head = tonumber(redis.call('GET', seq_key))
-if head and head < persisted then redis.call('SET', seq_key, persisted, 'KEEPTTL') end
+raise_to(seq_key, persisted)
 local current = tonumber(redis.call('GET', persisted_key) or '-1')
 if persisted <= current then return 0 end
 redis.call('SET', persisted_key, persisted, 'EX', ttl)

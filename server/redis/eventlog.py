@@ -53,6 +53,13 @@ log = logging.getLogger("parley.eventlog")
 APPEND: Final = scripts.load("append", functions=["lib_append_event"])
 APPEND_PIECE: Final = scripts.load("append_piece", functions=["lib_append_piece"])
 APPEND_PIECES: Final = scripts.load("append_pieces", functions=["lib_append_piece"])
+# `Pipeliner._packed_call` packs these inputs by hand, in this order: a change to the
+# script's header fails here, at import, rather than sending them in the old order
+if (APPEND_PIECES.keys, APPEND_PIECES.args) != (
+    scripts.Inputs(("call_key",), "piece_keys"),
+    scripts.Inputs(("maxlen", "ttl", "kept", "worker"), "piece_args"),
+):
+    raise scripts.ScriptError("append_pieces.lua's inputs are not the ones packed by hand")
 PIECES_PER_CALL: Final = 200
 """At most this many pieces in one `append_pieces` call (Lua's `unpack` of its KEYS and
 ARGV has a limit of a few thousand values)."""

@@ -52,7 +52,7 @@ class Revocations:
         """One token, refused until it expires (`expires_at`, its `exp`) or for the TTL,
         whichever is later."""
         left = 0 if expires_at is None else math.ceil(expires_at - time.time()) + 1
-        await self._revoke(user, token_id, "1", max(left, self.ttl))
+        await self._revoke(user, token_id, "1", left)
 
     async def _revoke(self, user: str, field: str, value: str, keep_for: int = 0) -> None:
         """Write the revocation; the hash then lives at least `keep_for` seconds (at least

@@ -181,8 +181,8 @@ class HiredisPacking:
     encoder: Any
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if type(args[0]) is Packed:  # packed by its maker, sent as it is
-            return [args[0]]
+        if type(args[-1]) is Packed:  # packed by its maker, sent as it is
+            return [args[-1]]
         if isinstance(args[0], str):  # 'SCRIPT EXISTS': the words of a command apart
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
@@ -199,8 +199,9 @@ class HiredisPacking:
 
 
 class Packed(bytes):
-    """A whole command already in Redis's protocol (RESP), given to `execute_command` as its
-    only argument: a connection that packs with `HiredisPacking` sends it as it is. For a
+    """A whole command already in Redis's protocol (RESP), given to `execute_command` after
+    its name (`"EVALSHA", packed`: redis-py reads the name, never copying the command): a
+    connection that packs with `HiredisPacking` sends it as it is. For a
     caller that makes the same large command shape very often from parts it encoded once
     (the pipeliner's `append_pieces`), where packing every argument again costs more."""
 

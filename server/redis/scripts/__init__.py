@@ -129,7 +129,7 @@ class Call:
     def command(self) -> tuple[Any, ...]:
         """The call as `execute_command`'s arguments."""
         if self.packed is not None:
-            return (self.packed,)
+            return ("EVALSHA", self.packed)  # the name for redis-py, the bytes for the wire
         return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
 
     async def run(self, client: Redis | Pipeline | None = None) -> Any:

@@ -129,7 +129,6 @@ class Runtime:
             UpgradePolicy(self.settings),
         )
         self.hub.hooks = self.hooks
-        self.hub.on_flushed = observer.written
         observer.flush = self.hub.flush
         await self.hub.start()
         hub = self.hub

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
@@ -90,8 +90,6 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: list[Socket] = []
         self._flush_scheduled = False
-        self.on_flushed: Callable[[], None] | None = None
-        """Called after each flush (the bus observer times first tokens to their write)."""
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -155,8 +153,9 @@ class Hub:
         if self._flush_scheduled:  # not flushed meanwhile
             self.flush()
 
-    def flush(self) -> None:
-        """Write every socket's queued frames now, each socket in one write."""
+    def flush(self) -> bool:
+        """Write every socket's queued frames now, each socket in one write; whether any
+        socket had frames queued."""
         dirty, self._dirty = self._dirty, []
         self._flush_scheduled = False
         for conn in dirty:
@@ -165,8 +164,7 @@ class Hub:
             except Exception:
                 log.exception("writing to a socket failed; dropping it")
                 conn.drop()
-        if self.on_flushed is not None:
-            self.on_flushed()
+        return bool(dirty)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a socket's clean-up; kept referenced until it ends, and waited for at close."""

@@ -6,11 +6,11 @@
   first `token` of that message reaching this process's sockets ends the interval. Each web
   process with a socket watching the conversation observes it once per generation.
 - The `write` stage of Parley's time to first token (`parley_first_token_stage_seconds`):
-  from that first token's arrival here to the sockets' write (`Hub`'s flush calls
-  `written`) — what the web process itself adds before the tab's socket. A first token is
-  flushed as soon as the bus has handed it to its sockets (`dispatched`), not after
-  everything else the same read brought: the one write per socket per read is kept for
-  the other events.
+  from that first token's arrival here to the sockets' write — what the web process itself
+  adds before the tab's socket. A first token is flushed as soon as the bus has handed it to
+  its sockets (`dispatched`), not after everything else the same read brought: the one
+  write per socket per read is kept for the other events. No sample when no socket had
+  anything to write (the token's only listeners were SSE streams).
 - Delivery lag: a `message` event carries its `created_at`, stamped just before the say
   script appends and publishes it; its arrival here ends the interval. Token events carry no
   stamp (it would cost bytes on every token to every tab), so the lag is sampled per turn.
@@ -48,34 +48,22 @@ _message_decoder: Final = msgspec.json.Decoder(f.MessageEvent)
 
 
 class Observer:
-    __slots__ = ("_first", "_unwritten", "_waiting", "flush")
+    __slots__ = ("_arrived", "_waiting", "flush")
 
     def __init__(self) -> None:
-        self.flush: Callable[[], None] | None = None
-        """Write every socket's queued frames now (the hub's flush)."""
-        self._first = False
-        """The frame being dispatched is a generation's first token here."""
+        self.flush: Callable[[], bool] | None = None
+        """Write every socket's queued frames now (the hub's flush); whether any had some."""
         self._waiting: dict[bytes, tuple[float, str]] = {}
         """message id → (accepted_at, model label), until its first token."""
-        self._unwritten: list[float] = []
-        """When first tokens arrived (monotonic) that the sockets have not been written since."""
-
-    def written(self) -> None:
-        """The sockets were written (the hub's flush): the first tokens that arrived before
-        are on their way to the tabs."""
-        if self._unwritten:
-            now = time.monotonic()
-            stage = metrics.FIRST_TOKEN_STAGE.labels("write")
-            for arrived in self._unwritten:
-                stage.observe(now - arrived)
-            self._unwritten.clear()
+        self._arrived: float | None = None
+        """When the frame being dispatched, a generation's first token here, arrived."""
 
     def dispatched(self) -> None:
-        """The bus handed the frame to its listeners: a first token is written at once."""
-        if self._first:
-            self._first = False
-            if self.flush is not None:
-                self.flush()
+        """The bus handed the frame to its listeners: a first token is written at once, and
+        the time from its arrival to that write is the `write` stage."""
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None and self.flush is not None and self.flush():
+            metrics.FIRST_TOKEN_STAGE.labels("write").observe(time.monotonic() - arrived)
 
     def frame(self, data: bytes) -> bytes:
         metrics.TALLY.events_received += 1
@@ -107,9 +95,7 @@ class Observer:
         if waiting is not None:
             accepted_at, model = waiting
             metrics.TTFT.labels(model).observe(max(time.time() - accepted_at, 0.0))
-            if len(self._unwritten) < MAX_WAITING:
-                self._unwritten.append(time.monotonic())
-            self._first = True
+            self._arrived = time.monotonic()
 
     @staticmethod
     def _message(data: bytes) -> None:

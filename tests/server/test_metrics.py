@@ -111,18 +111,33 @@ def test_unconfigured_model_names_are_other() -> None:
 
 def test_observer_times_a_first_token_to_the_sockets_write() -> None:
     observer = Observer()
+    observer.flush = lambda: True  # a socket had the token to write
     conversation, message = uuid.uuid4(), uuid.uuid4()
     stage = metrics.FIRST_TOKEN_STAGE.labels("write")
     count = stage._sum.get(), sample_count(stage)
     start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
     observer.frame(published(start, 1))
     observer.frame(published(f.Token(conversation=conversation, message_id=message, text="a"), 2))
-    time.sleep(0.01)  # the hub's writes come later in the loop iteration
-    observer.written()
+    time.sleep(0.01)  # the bus dispatches it after the rest of the frame's handling
+    observer.dispatched()
     observer.frame(published(f.Token(conversation=conversation, message_id=message, text="b"), 3))
-    observer.written()  # a later token is no first token
+    observer.dispatched()  # a later token is no first token
     assert sample_count(stage) == count[1] + 1
     assert stage._sum.get() - count[0] >= 0.01
+
+
+def test_a_first_token_no_socket_had_to_write_is_no_write_sample() -> None:
+    """Its only listeners were SSE streams: the hub's flush wrote nothing."""
+    observer = Observer()
+    observer.flush = lambda: False
+    conversation, message = uuid.uuid4(), uuid.uuid4()
+    stage = metrics.FIRST_TOKEN_STAGE.labels("write")
+    before = sample_count(stage)
+    start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
+    observer.frame(published(start, 1))
+    observer.frame(published(f.Token(conversation=conversation, message_id=message, text="a"), 2))
+    observer.dispatched()
+    assert sample_count(stage) == before
 
 
 def test_observer_flushes_a_first_token_as_soon_as_its_sockets_have_it() -> None:
@@ -130,7 +145,7 @@ def test_observer_flushes_a_first_token_as_soon_as_its_sockets_have_it() -> None
     not with the rest of the read; other frames wait for the hub's flush."""
     observer = Observer()
     flushes: list[int] = []
-    observer.flush = lambda: flushes.append(len(flushes))
+    observer.flush = lambda: flushes.append(len(flushes)) is None
     conversation, message = uuid.uuid4(), uuid.uuid4()
     start = f.Start(conversation=conversation, message_id=message, model="m", accepted_at=1.0)
     observer.frame(published(start, 1))

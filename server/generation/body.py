@@ -1,44 +1,25 @@
-"""An aiohttp response's body read a block at a time, for less than `readany` costs.
+"""An aiohttp response's body pushed to a callback as the connection receives it.
 
-`StreamReader.readany` ends every read by asking the connection to resume reading, even when
-it never paused, and that runs the HTTP parser again on no bytes (`data_received(b"")`): with
-its other layers, ≈ 4 µs of the ≈ 5 a read costs, once per chunk of a model's stream
-(docs/benchmarks.md), and once per block buffered when the reader is late. `quick_reader`
-takes the buffered blocks itself when the connection is not paused, with the stream's
-accounting kept as `readany` keeps it, and leaves every other case (a block partly read, a
-paused connection, an error, the end) to `readany`. It reads StreamReader's private
-fields, so it is used only where they are the ones it knows (`KNOWN`); elsewhere `readany`
-is all.
-
-`pushed` goes further: while a body is pushed, the blocks the connection parses go to a
-callback where they arrive (in the protocol's `data_received`), not into the buffer, so the
-task reading the body sleeps until the callback asks for it, or the body ends or fails:
-no wake-up and no read per block. It swaps the reader's class for a subclass whose
-`feed_data`, `feed_eof`, `set_exception` and `end_http_chunk_receiving` (the methods
-aiohttp's HTTP parser and protocol call) push instead, and back when it is done; also only
-where those are the ones it knows (`KNOWN`).
+While a body is pushed, the blocks the connection parses go to a callback where they arrive
+(in the protocol's `data_received`), not into the buffer, so the task reading the body
+sleeps until the callback asks for it, or the body ends or fails: no wake-up and no read per
+block (`StreamReader.readany` costs ≈ 5 µs a read, docs/benchmarks.md). It swaps the
+reader's class for a subclass whose `feed_data`, `feed_eof`, `set_exception` and
+`end_http_chunk_receiving` (the methods aiohttp's HTTP parser and protocol call) push
+instead, and back when it is done; only where those are the ones it knows (`KNOWN`):
+elsewhere the body is read with `readany`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-_READER_FIELDS: Final = (
-    "_buffer",
-    "_buffer_offset",
-    "_cursor",
-    "_eof",
-    "_exception",
-    "_http_chunk_splits",
-    "_protocol",
-    "_size",
-    "_timer",
-)
+_READER_FIELDS: Final = ("_buffer", "_buffer_offset", "_protocol", "_size", "_waiter")
 
 _FED_BY: Final = ("feed_data", "feed_eof", "set_exception", "end_http_chunk_receiving")
 """The methods through which aiohttp's parser and protocol hand a body to its reader."""
@@ -92,12 +73,10 @@ def _swappable() -> bool:
 KNOWN: Final = (
     all(name in StreamReader.__slots__ for name in _READER_FIELDS)
     and "_reading_paused" in BaseProtocol.__slots__
-    and callable(getattr(StreamReader, "_wait", None))
     and all(callable(getattr(StreamReader, name, None)) for name in _FED_BY)
     and _swappable()
 )
-"""StreamReader and its protocol have the fields and methods `quick_reader` and `pushed`
-use."""
+"""StreamReader and its protocol have the fields and methods `pushed` uses."""
 
 
 def pushed(content: StreamReader, feed: Callable[[bytes], bool]) -> Pushed | None:
@@ -188,42 +167,3 @@ class Pushed:
             self._content.__class__ = StreamReader
         self.resume()
         self.ended = True
-
-
-def quick_reader(content: StreamReader) -> Callable[[], Awaitable[bytes]]:
-    """Read the next block of `content` (b"" at its end), as `content.readany` does."""
-    if not KNOWN or type(content) is not StreamReader:
-        return content.readany
-    return _QuickReader(content).read
-
-
-class _QuickReader:
-    __slots__ = ("_content",)
-
-    def __init__(self, content: StreamReader) -> None:
-        self._content: Any = content  # its private fields are not typed for use outside
-
-    async def read(self) -> bytes:
-        content = self._content
-        buffer = content._buffer
-        if not buffer and not content._eof and content._exception is None:
-            await content._wait("readany")  # woken by data, a chunk's end, the end or an error
-        if (
-            not buffer
-            or content._buffer_offset
-            or content._exception is not None
-            or content._protocol._reading_paused
-        ):
-            return await content.readany()  # type: ignore[no-any-return]
-        content._timer.assert_timeout()
-        if len(buffer) == 1:
-            block: bytes = buffer.popleft()
-        else:  # a reader late by several blocks takes them at once
-            block = b"".join(buffer)
-            buffer.clear()
-        content._size -= len(block)
-        cursor = content._cursor = content._cursor + len(block)
-        splits = content._http_chunk_splits
-        while splits and splits[0] < cursor:  # the chunk ends read past, as readany drops them
-            splits.popleft()
-        return block

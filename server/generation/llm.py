@@ -307,8 +307,7 @@ def _reader(http: httpx2.Response) -> tuple[Callable[[], Awaitable[bytes]], _Map
     """How to read the body's next block of bytes (b"" at its end), and the context that
     makes the transport's errors httpx2's. On the `openai` client's aiohttp transport that is
     aiohttp's stream on the response itself, its errors mapped as the transport maps them:
-    through httpx2's `aiter_bytes` each read passes five more iterators, and aiohttp's own
-    `readany` does more than a model's stream needs (body.quick_reader). Any other
+    through httpx2's `aiter_bytes` each read passes five more iterators. Any other
     transport, or an encoded body (which httpx2 decodes), is read through `aiter_bytes`."""
     response = _aiohttp_response(http)
     if response is None:
@@ -316,9 +315,7 @@ def _reader(http: httpx2.Response) -> tuple[Callable[[], Awaitable[bytes]], _Map
         return functools.partial(anext, blocks, b""), contextlib.nullcontext
     assert _AIOHTTP is not None
     _no_read_timeout(response)
-    from server.generation.body import quick_reader  # aiohttp is there: its transport is
-
-    return quick_reader(response.content), _AIOHTTP.map_aiohttp_exceptions
+    return response.content.readany, _AIOHTTP.map_aiohttp_exceptions
 
 
 def _aiohttp_response(http: httpx2.Response) -> Any:

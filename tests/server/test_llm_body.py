@@ -1,8 +1,8 @@
-"""`body.quick_reader` reads, and `body.pushed` pushes, an aiohttp response's body as
-`readany` reads it: every byte once and in order, through bursts that fill aiohttp's buffer
-past its high-water mark (the connection paused, then resumed), and with the same error when
-the connection drops; against a real HTTP server on 127.0.0.1 through a real aiohttp
-session. A feed that raises ends the push with its error."""
+"""`body.pushed` pushes an aiohttp response's body as `readany` reads it: every byte once
+and in order, through bursts that fill aiohttp's buffer past its high-water mark (the
+connection paused, then resumed), and with the same error when the connection drops;
+against a real HTTP server on 127.0.0.1 through a real aiohttp session. A feed that raises
+ends the push with its error."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import StreamReader
 
-from server.generation.body import KNOWN, pushed, quick_reader
+from server.generation.body import KNOWN, pushed
 from tests.helpers.chunked import chunked_server, framed
 
 PIECES = [bytes([65 + i % 26]) * (1 + i * 37 % 300) for i in range(400)]
@@ -47,28 +47,17 @@ async def opened(url: str) -> AsyncIterator[aiohttp.ClientResponse]:
         yield response
 
 
-async def read_all(url: str, *, delay: float = 0) -> tuple[bytes, int]:
-    """The body through `quick_reader`, waiting `delay` before the first read (the burst
-    then fills aiohttp's buffer): the bytes and how many reads gave some."""
+async def read_all(url: str) -> bytes:
+    """The body through aiohttp's own `readany`."""
     async with opened(url) as response:
-        read = quick_reader(response.content)
-        await asyncio.sleep(delay)
         blocks: list[bytes] = []
-        while block := await read():
+        while block := await response.content.readany():
             blocks.append(block)
-        return b"".join(blocks), len(blocks)
+        return b"".join(blocks)
 
 
-def test_the_installed_aiohttp_has_what_the_quick_reader_and_the_push_use() -> None:
+def test_the_installed_aiohttp_has_what_the_push_uses() -> None:
     assert KNOWN  # else every read silently goes the slower way
-
-
-@pytest.mark.parametrize("delay", [0, 0.5])
-async def test_every_byte_once_and_in_order(delay: float) -> None:
-    async with chunked_server(paced) as url:
-        got, reads = await asyncio.wait_for(read_all(url, delay=delay), 10)
-    assert got == SENT
-    assert reads >= 2
 
 
 async def push_all(url: str, *, delay: float = 0) -> tuple[bytes, int, bool]:

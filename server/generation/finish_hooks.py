@@ -28,7 +28,7 @@ from server.app.hooks import FINISH_TIMEOUT, HookFailed, Hooks, timed
 from server.redis import keys
 from server.redis.client import UNREACHABLE, is_cluster
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned
-from server.redis.streams import ConsumerGroup, Entry, consumer_name
+from server.redis.streams import ConsumerGroup, Entry, consumer_name, entry_ms
 from server.redis.turns import HookData
 
 log = logging.getLogger("parley.hooks")
@@ -157,7 +157,7 @@ class FinishSender:
             if p.idle_ms
             >= 1000
             * max(
-                backoff((now_ms - _queued_ms(p.entry_id)) / 1000),
+                backoff((now_ms - entry_ms(p.entry_id)) / 1000),
                 FINISH_TIMEOUT if p.consumer != self.group.consumer else 0,
             )
         ]
@@ -166,7 +166,7 @@ class FinishSender:
 
     async def _send(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         body = fields.get(b"event")
-        age = time.time() - _queued_ms(entry_id) / 1000
+        age = time.time() - entry_ms(entry_id) / 1000
         try:
             if body is None:
                 raise Malformed("not a finish hook entry")
@@ -188,7 +188,3 @@ class FinishSender:
         with timed("finish"):
             url = self.settings.finish_url
             await self.hooks.post(url, msgspec.Raw(body), str(event.message_id), FINISH_TIMEOUT)
-
-
-def _queued_ms(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-", 1)[0])

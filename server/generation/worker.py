@@ -62,7 +62,7 @@ from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import TAKEN_OVER, Appender, EventLog, Pipeliner, encode
-from server.redis.streams import ConsumerGroup, Shards, consumer_name
+from server.redis.streams import ConsumerGroup, Shards, consumer_name, entry_ms
 from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
 from server.tools.runner import Runner
@@ -179,7 +179,7 @@ class Running:
     appender: Appender = field(init=False)
     """Queues its events (the conversation's keys made once)."""
     token_head: bytes = b""
-    """Its `token` frames up to the text (`token_head`); made with the first."""
+    """Its `token` frames up to the text (`token_head`)."""
     tools: dict[str, Tool] = field(default_factory=dict)
     """The tools offered to the model in this turn, by name."""
     steps: int = 0
@@ -587,6 +587,7 @@ class Worker:
         run.appender = self.events.appender(
             conversation, job.message_id, lambda: run.acked, run.settled
         )
+        run.token_head = token_head(conversation, job.message_id)
         self.running[conversation] = run
         accepted_at = 0.0 if takeover else job.accepted_at
         try:
@@ -1071,7 +1072,7 @@ class Worker:
         parts = run.parts
         head = None
         if parts.kind == "text" and part == parts.current:
-            head = run.token_head or _token_head(run)
+            head = run.token_head
         open_text = run.open_text = OpenText(part, text, parts, head)
         if run.first_piece or not run.first_chunk:
             run.appender.queue(self.pipeliner, open_text, run.next_index())
@@ -1286,14 +1287,7 @@ def _observe_claims(entry_ids: Iterable[bytes]) -> None:
     now_ms = time.time() * 1000
     stage = metrics.FIRST_TOKEN_STAGE.labels("claim")
     for entry_id in entry_ids:
-        added_ms, _, _ = entry_id.partition(b"-")
-        with contextlib.suppress(ValueError):
-            stage.observe(max(now_ms - int(added_ms), 0.0) / 1000)
-
-
-def _token_head(run: Running) -> bytes:
-    run.token_head = token_head(run.job.conversation, run.job.message_id)
-    return run.token_head
+        stage.observe(max(now_ms - entry_ms(entry_id), 0.0) / 1000)
 
 
 def _observe_append(first_chunk: float, future: asyncio.Future[object]) -> None:

@@ -45,6 +45,11 @@ class Pending(msgspec.Struct, frozen=True):
     idle_ms: int
 
 
+def entry_ms(entry_id: bytes) -> int:
+    """When Redis added the entry, in its clock's milliseconds (an entry id's first part)."""
+    return int(entry_id.partition(b"-")[0])
+
+
 def consumer_name() -> str:
     """This process's name within a group: unique per host and process."""
     return f"{socket.gethostname()}-{os.getpid()}"

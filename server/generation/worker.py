@@ -1083,25 +1083,25 @@ class Worker:
         express = run.answered == run.index
         if not express:
             self.pipeliner.hurry()
-        future = self._publish_later(run, open_text, express=express)
+        future = self._appended(run, open_text, express=express)
         future.add_done_callback(functools.partial(_observe_append, run.first_chunk))
 
-    def _publish_later(
-        self,
-        run: Running,
-        event: f.ServerFrame | Callable[[], bytes],
-        *,
-        express: bool = False,
+    def _publish_later(self, run: Running, event: f.ServerFrame | Callable[[], bytes]) -> None:
+        """Queue an event of the turn; its result goes to `run.settled`."""
+        frame = event if callable(event) else encode(event)
+        run.appender.queue(self.pipeliner, frame, run.next_index())
+
+    def _appended(
+        self, run: Running, event: f.ServerFrame | Callable[[], bytes], *, express: bool = False
     ) -> asyncio.Future[object]:
-        index = run.next_index()
-        future = run.appender.append(
-            self.pipeliner, event if callable(event) else encode(event), index, express=express
-        )
+        """`_publish_later`, and a future for whoever waits for the event's result."""
+        frame, index = event if callable(event) else encode(event), run.next_index()
+        future = run.appender.append(self.pipeliner, frame, index, express=express)
         future.add_done_callback(functools.partial(run.check, index))
         return future
 
     async def _publish(self, run: Running, event: f.ServerFrame) -> None:
-        await self._publish_later(run, event)
+        await self._appended(run, event)
         if run.lost:
             await self._republish(run)
 
@@ -1132,13 +1132,13 @@ class Worker:
         await self.events.raise_seq(job.conversation, run.acked)  # once, not at each event
         user_message = self._user_message(run)
         if user_message is not None:
-            await self._publish_later(
+            await self._appended(
                 run, f.MessageEvent(conversation=job.conversation, message=user_message)
             )
         if not run.refused:
-            await self._publish_later(run, self._start_event(job))
+            await self._appended(run, self._start_event(job))
         for event in run.parts.replay():
-            await self._publish_later(run, event)
+            await self._appended(run, event)
         log.warning("conversation %s was lost by Redis; republished the turn", job.conversation)
 
     @staticmethod

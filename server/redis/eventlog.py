@@ -642,7 +642,7 @@ class Pipeliner:
     async def _pause(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """Wait `seconds`, or less if `hurry` is called meanwhile."""
         nap = self._nap = loop.create_future()
-        timer = loop.call_later(seconds, _wake_up, nap)
+        timer = loop.call_later(seconds, _settle, nap, None)
         try:
             await nap
         finally:
@@ -777,11 +777,6 @@ class Pipeliner:
                 break
         for sent, result in zip(batch, results, strict=True):
             sent.settle(result)
-
-
-def _wake_up(nap: asyncio.Future[None]) -> None:
-    if not nap.done():
-        nap.set_result(None)
 
 
 def _opened(reply: list[Any]) -> Opening:

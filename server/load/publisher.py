@@ -14,15 +14,12 @@ import collections
 import contextlib
 from urllib.parse import urlsplit
 
+from server.redis.client import bulk
 from server.redis.eventlog import APPEND, event_keys
 
 
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
 def command(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+    return b"*%d\r\n" % len(args) + b"".join(map(bulk, args))
 
 
 class Publisher:
@@ -78,7 +75,7 @@ class Publisher:
     def append(self, conversation: str, frame: bytes) -> None:
         """Queue one append; `write()` sends what is queued in one go."""
         before, after = self._commands.get(conversation) or self._command(conversation)
-        self._buffer.append(before + _bulk(frame) + after)
+        self._buffer.append(before + bulk(frame) + after)
         self._pending.append(conversation)
         self.sent += 1
 
@@ -94,7 +91,7 @@ class Publisher:
         )
         parts = [b"EVALSHA", self._sha, str(len(script_keys)).encode()]
         parts += [str(value).encode() for value in (*script_keys, *args)]
-        before, _, after = command(*parts).partition(_bulk(b"$FRAME$"))
+        before, _, after = command(*parts).partition(bulk(b"$FRAME$"))
         self._commands[conversation] = (before, after)
         return before, after
 

@@ -130,6 +130,10 @@ _decoder: Final = msgspec.json.Decoder(Chunk)
 MAX_EVENT_BYTES: Final = 1 << 20
 """The longest line (and `data:` event) read from the model's stream: a chunk is a few
 hundred bytes, so a longer one is a broken or hostile server, refused before it fills memory."""
+DRAIN_SECONDS: Final = 0.1
+"""How long what follows `[DONE]` is waited for (as the `openai` client waits), so that the
+connection goes back to the pool, and never longer: a server that keeps the body open does
+not delay `done`."""
 
 
 def read_chunk(data: bytes) -> Chunk:
@@ -538,11 +542,10 @@ async def _pulled(http: httpx2.Response, reply: _Reply) -> AsyncIterator[None]:
 
 async def _drain(read: Callable[[], Awaitable[bytes]], mapped: _Mapping) -> None:
     """Read what follows `[DONE]` (the end of the chunked body, as a rule), so that the
-    connection goes back to the pool; at most 0.1 s (as the `openai` client waits) and
-    MAX_EVENT_BYTES of it, so a server that keeps the body open never delays `done`."""
+    connection goes back to the pool; at most DRAIN_SECONDS and MAX_EVENT_BYTES of it."""
     left = MAX_EVENT_BYTES
     with contextlib.suppress(TimeoutError, httpx2.RequestError), mapped():
-        async with asyncio.timeout(0.1):
+        async with asyncio.timeout(DRAIN_SECONDS):
             while left >= 0 and (block := await read()):
                 left -= len(block)
 
@@ -574,7 +577,7 @@ async def _pushing(push: Pushed, http: httpx2.Response, reply: _Reply) -> None:
                     push.resume()
                 if reply.events.done:
                     with contextlib.suppress(Exception):
-                        async with asyncio.timeout(0.1):  # the rest of the body: see _drain
+                        async with asyncio.timeout(DRAIN_SECONDS):  # the rest of the body
                             while not push.ended:
                                 await push.wait()
                     return

@@ -58,13 +58,14 @@ async def _stream(
     """Every generation of `pairs` appends `tps` tokens a second, spread over ticks."""
     per_tick = len(pairs) * tps * TICK
     owed, at, index = 0.0, 0, [1] * len(pairs)
+    appenders = [events.appender(c, m) for c, m in pairs]
     while True:
         owed += per_tick
         while owed >= 1:
             conversation, message_id = pairs[at]
             index[at] += 1
             event = _token(conversation, message_id, index[at])
-            events.append_piece(pipeliner, conversation, event, message_id, index[at])
+            appenders[at].append(pipeliner, event, index[at])
             at, owed = (at + 1) % len(pairs), owed - 1
         await asyncio.sleep(TICK)
 
@@ -84,9 +85,8 @@ async def run(url: str, streams: int, tps: float, firsts: int) -> dict[str, dict
             express = n % 2 == 1
             queued = time.perf_counter()
             event = _token(conversation, message_id, 1)
-            future = events.append_piece(
-                pipeliner, conversation, event, message_id, 1, express=express
-            )
+            appender = events.appender(conversation, message_id)
+            future = appender.append(pipeliner, event, 1, express=express)
             if not express:
                 pipeliner.hurry()
             await future

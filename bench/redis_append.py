@@ -5,7 +5,7 @@
 Starts its own Redis (server.dev.embedded), loads `--conversations` conversations the way a
 `say` leaves them (seq counter, generation mark), subscribes one pub/sub connection to all
 their channels (a web process), then appends `--tokens` token events to each through the
-worker's own code (`EventLog.append_piece`, told the highest seq acknowledged as the worker
+worker's own code (a generation's `Appender`, told the highest seq acknowledged as the worker
 tells it, in batches of `--batch` pieces: one `append_pieces` call each), and afterwards
 PUBLISHes the same framed bytes to the same channels in the same pipelines. For each it reads
 Redis's own accounting before and after: `INFO cpu` (user + sys, what the Redis process spent,
@@ -110,9 +110,12 @@ async def _appends(
     pipeliner.start()
     pending = []
     acked: dict[uuid.UUID, int] = {}  # what the worker passes: the highest seq acknowledged
-    for conversation, message_id, index, frame in _tokens(conversations, message_ids, tokens):
-        floor = functools.partial(_acked, acked, conversation)
-        piece = events.append_piece(pipeliner, conversation, frame, message_id, index, floor)
+    appenders = {  # one a generation, as the worker's
+        c: events.appender(c, m, functools.partial(_acked, acked, c))
+        for c, m in zip(conversations, message_ids, strict=True)
+    }
+    for conversation, _, index, frame in _tokens(conversations, message_ids, tokens):
+        piece = appenders[conversation].append(pipeliner, frame, index)
         piece.add_done_callback(functools.partial(_ack, acked, conversation))
         pending.append(piece)
         if len(pending) >= batch:

@@ -87,18 +87,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from bench.cpu_quota import CpuQuotas, Group, Throttling
 from bench.redis_append import MAX_EVENTS, TTL, _appends, _delta, _listen, _prepare, _redis_cpu
-from protocol import frames as f
+from protocol.parts import PartsBuilder
 from server.app.config import RedisSettings, WorkerSettings
 from server.dev import embedded
-from server.generation.worker import OpenText
+from server.generation.worker import OpenText, token_head
 from server.redis import client, keys
-from server.redis.eventlog import EventLog, Pipeliner, encode
+from server.redis.eventlog import Appender, EventLog, Pipeliner
 from tests.helpers import redis_cluster
 
 THROTTLE_PERIOD = 0.05
@@ -242,10 +241,16 @@ class _Stream:
         self.index = 0
         self.acked = 0
         self.open: OpenText | None = None
-        self.frame = f.Token(conversation=conversation, message_id=message_id, text="")
+        self.parts = PartsBuilder(conversation, message_id)
+        self.head = token_head(conversation, message_id)
+        self.appender: Appender | None = None
+        """Queues its events, as the worker's generation queues them (made by `start`)."""
 
-    def event(self, open_text: OpenText) -> bytes:
-        return encode(msgspec.structs.replace(self.frame, text=open_text.take()))
+    def start(self, events: EventLog) -> Appender:
+        self.appender = events.appender(
+            self.conversation, self.message_id, functools.partial(getattr, self, "acked")
+        )
+        return self.appender
 
     def acknowledged(self, piece: asyncio.Future[Any]) -> None:
         if not piece.cancelled() and piece.exception() is None:
@@ -263,7 +268,7 @@ class _Tally:
     def counted(self, node: str, text: OpenText, piece: asyncio.Future[Any]) -> None:
         if not piece.cancelled() and piece.exception() is None and int(piece.result()) > 0:
             self.events[node] = self.events.get(node, 0) + 1
-            self.tokens[node] = self.tokens.get(node, 0) + len(text.texts)
+            self.tokens[node] = self.tokens.get(node, 0) + text.text.count(" w")
 
 
 async def _stream_tokens(
@@ -278,24 +283,19 @@ async def _stream_tokens(
     loop = asyncio.get_running_loop()
     start, owed = loop.time(), 0.0
     sent = 0
+    appenders = [stream.start(events) for stream, _ in streams]
     while not stop.is_set():
         await asyncio.sleep(0.005)
         owed = (loop.time() - start) * tps * len(streams)
         for _ in range(int(owed) - sent):
             stream, node = streams[sent % len(streams)]
+            appender = appenders[sent % len(streams)]
             sent += 1
             if stream.open is not None and stream.open.join(0, " w"):
                 continue
-            open_text = stream.open = OpenText(0, [" w"])
+            open_text = stream.open = OpenText(0, " w", stream.parts, stream.head)
             stream.index += 1
-            piece = events.append_piece(
-                pipeliner,
-                stream.conversation,
-                functools.partial(stream.event, open_text),
-                stream.message_id,
-                stream.index,
-                functools.partial(getattr, stream, "acked"),
-            )
+            piece = appender.append(pipeliner, open_text, stream.index)
             piece.add_done_callback(stream.acknowledged)
             tally.outstanding.add(piece)
             piece.add_done_callback(tally.outstanding.discard)

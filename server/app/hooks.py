@@ -8,7 +8,6 @@ the caller applies its policy (`hooks.turn_failure`, or the finish queue's retri
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -23,7 +22,7 @@ from protocol import webhooks
 from protocol.jsondepth import too_deep
 from server.app import metrics
 from server.app.config import ConfigError, HooksSettings
-from server.app.http_client import read_capped
+from server.app.http_client import BadStatus, fetch_capped
 
 log = logging.getLogger("parley.hooks")
 
@@ -103,13 +102,19 @@ class Hooks:
         else:
             headers["webhook-id"] = msg_id
         try:
-            async with asyncio.timeout(timeout):  # httpx's timeout is per read: a trickle
-                async with self.client.stream(  # of bytes would never trip it
-                    "POST", url, content=body, headers=headers, timeout=timeout
-                ) as response:
-                    if not response.is_success:
-                        raise HookFailed(f"HTTP {response.status_code}")
-                    return await read_capped(response, limit)
+            _, reply = await fetch_capped(
+                self.client,
+                "POST",
+                url,
+                limit=limit,
+                deadline=timeout,
+                content=body,
+                headers=headers,
+                timeout=timeout,
+            )
+            return reply
+        except BadStatus as exc:
+            raise HookFailed(str(exc)) from None
         except TimeoutError:
             raise HookFailed(f"no complete answer within {timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a bad URL, a huge reply

@@ -32,7 +32,7 @@ import msgspec
 
 from protocol.jsondepth import too_deep
 from server.app.config import ConfigError
-from server.app.http_client import BodyTooLarge, read_capped
+from server.app.http_client import BadStatus, BodyTooLarge, fetch_capped
 from server.edge.issuers import Issuer, check_url
 
 log = logging.getLogger("parley.auth")
@@ -170,22 +170,27 @@ class KeySet:
         for _ in range(ATTEMPTS):
             self.fetches += 1
             try:
-                async with asyncio.timeout(self._timeout):
-                    return await self._get_once(url)
+                return await self._get_once(url)
             except TimeoutError:
                 error = f"{url}: no complete answer within {self._timeout:g} s"
+            except BadStatus as exc:
+                error = f"{url}: FetchFailed answered {exc.status}"
             except (httpx.HTTPError, msgspec.DecodeError, BodyTooLarge, FetchFailed) as exc:
                 error = f"{url}: {type(exc).__name__} {exc}".strip()
         raise FetchFailed(error)
 
     async def _get_once(self, url: str) -> tuple[Any, float | None]:
-        async with self._http().stream("GET", url) as response:
-            if response.status_code != 200:
-                raise FetchFailed(f"answered {response.status_code}")
-            body = await read_capped(response, MAX_BODY)
-            if too_deep(body, MAX_DEPTH):  # the decoder would recurse past Python's limit
-                raise FetchFailed(f"JSON nested more than {MAX_DEPTH} levels")
-            return msgspec.json.decode(body), _max_age(response.headers)
+        headers, body = await fetch_capped(
+            self._http(),
+            "GET",
+            url,
+            limit=MAX_BODY,
+            deadline=self._timeout,
+            accept=lambda status: status == 200,
+        )
+        if too_deep(body, MAX_DEPTH):  # the decoder would recurse past Python's limit
+            raise FetchFailed(f"JSON nested more than {MAX_DEPTH} levels")
+        return msgspec.json.decode(body), _max_age(headers)
 
 
 def _max_age(headers: httpx.Headers) -> float | None:

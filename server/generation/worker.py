@@ -452,10 +452,13 @@ class Worker:
     ) -> bool:
         """Run a turn; whether it is still this worker's to acknowledge (not taken over).
         `early`: as the claim step started it (None for a takeover or a retry)."""
-        try:
-            job = _job_decoder.decode(fields[b"job"])
-        except (KeyError, msgspec.DecodeError) as exc:
-            raise Malformed(f"not a turn: {exc}") from exc
+        if early is not None:
+            job = early.run.job  # decoded by the claim step
+        else:
+            try:
+                job = _job_decoder.decode(fields[b"job"])
+            except (KeyError, msgspec.DecodeError) as exc:
+                raise Malformed(f"not a turn: {exc}") from exc
         logs.CONVERSATION.set(str(job.conversation))
         logs.MESSAGE.set(str(job.message_id))
         try:

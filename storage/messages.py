@@ -66,37 +66,71 @@ def _storable(message: Message) -> Message:
     )
 
 
-_INSERT = (
-    "INSERT INTO messages (id, conversation_id, role, content, status, model, usage, seq,"
-    " created_at, parts, reason) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11"
-    " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2){also}"
-    " ON CONFLICT (conversation_id, id) DO NOTHING"
+_MOVE_SEQS = (
+    "WITH moved AS (SELECT id, max(seq) AS seq, max(at) AS at"
+    " FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[]) AS t (id, seq, at) GROUP BY id),"
+    " locked AS MATERIALIZED (SELECT id FROM conversations"
+    " WHERE id IN (SELECT id FROM moved) ORDER BY id FOR UPDATE)"
+    " UPDATE conversations c SET history_seq = GREATEST(c.history_seq, m.seq),"
+    " last_seq = GREATEST(c.last_seq, m.seq), updated_at = GREATEST(c.updated_at, m.at)"
+    " FROM locked l JOIN moved m ON m.id = l.id WHERE c.id = l.id RETURNING c.id"
 )
-_INSERT_USER_MESSAGE = _INSERT.format(also="")
+_REPLACE = (
+    "INSERT INTO replaced_messages (conversation_id, id)"
+    " SELECT * FROM unnest($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING"
+)
+_DELETE_REPLACED = (
+    "DELETE FROM messages WHERE (conversation_id, id) IN"
+    " (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+)
 # Only a reply can have been replaced (by a `regenerate`); rows from before replaced replies
 # were scoped to their conversation carry none and match in any.
-_INSERT_REPLY = _INSERT.format(
-    also=" AND NOT EXISTS (SELECT 1 FROM replaced_messages WHERE id = $1"
-    " AND (conversation_id = $2 OR conversation_id IS NULL))"
+_INSERT = (
+    "INSERT INTO messages (id, conversation_id, role, content, status, model, usage, seq,"
+    " created_at, parts, reason)"
+    " SELECT id, conversation_id, role, content, status, model, usage::jsonb, seq, created_at,"
+    " parts::jsonb, reason FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],"
+    " $5::text[], $6::text[], $7::text[], $8::bigint[], $9::timestamptz[], $10::text[],"
+    " $11::text[], $12::boolean[]) AS t (id, conversation_id, role, content, status, model,"
+    " usage, seq, created_at, parts, reason, reply)"
+    " WHERE NOT (reply AND EXISTS (SELECT 1 FROM replaced_messages r WHERE r.id = t.id"
+    " AND (r.conversation_id = t.conversation_id OR r.conversation_id IS NULL)))"
+    " ON CONFLICT (conversation_id, id) DO NOTHING"
 )
 
 
-def _row(conversation: uuid.UUID, message: Message, seq: int) -> tuple[object, ...]:
-    usage = msgspec.to_builtins(message.usage) if message.usage else None
-    parts = msgspec.to_builtins(message.parts) if message.parts is not None else None
-    return (
-        message.id,
-        conversation,
-        message.role,
-        message.content,
-        message.status,
-        message.model,
-        usage,
-        seq,
-        message.created_at,
-        parts,
-        message.reason,
-    )
+def _json(value: object) -> str:
+    """A jsonb value as its text (an array of jsonb cannot hold lists: asyncpg would take
+    them for dimensions)."""
+    return msgspec.json.encode(value).decode()
+
+
+class _Rows:
+    """The messages of several turns, column by column (as `unnest` takes them; the jsonb
+    columns as text)."""
+
+    def __init__(self) -> None:
+        self.columns: list[list[object]] = [[] for _ in range(12)]
+
+    def add(self, conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> None:
+        usage = _json(message.usage) if message.usage else None
+        parts = _json(message.parts) if message.parts is not None else None
+        row = (
+            message.id,
+            conversation,
+            message.role,
+            message.content,
+            message.status,
+            message.model,
+            usage,
+            seq,
+            message.created_at,
+            parts,
+            message.reason,
+            reply,
+        )
+        for column, value in zip(self.columns, row, strict=True):
+            column.append(value)
 
 
 async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
@@ -105,42 +139,49 @@ async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
     Returns False when the conversation no longer exists (it was deleted meanwhile); the
     turn's usage is recorded all the same: its tokens were spent.
     """
+    return (await save_turns(pool, [turn]))[0]
+
+
+async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool]:
+    """Record finished turns in one transaction on one connection, as `save_turn` records
+    each (whatever order they come in, and however often: a turn written twice, or a
+    regenerated reply before the turn it replaces, leaves what one write in order leaves),
+    in one statement per kind of row for all of them. Whether each turn's conversation
+    still exists, in order. One turn PostgreSQL refuses rolls back them all.
+
+    The conversations' rows are locked in the order of their ids (no two batches deadlock)
+    by the statement that moves their seqs; the turns' messages are written after it.
+    """
     async with pool.acquire() as conn, conn.transaction():
-        if turn.spent is not None:
-            await ledger.record(
-                conn, turn.conversation, turn.reply_id, turn.spent, turn.finished_at
-            )
-        # moving the conversation's seqs first also locks its row (turns of one conversation
-        # are written one after the other), in the same statement
-        exists = await conn.fetchval(
-            "UPDATE conversations SET history_seq = GREATEST(history_seq, $2),"
-            " last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3)"
-            " WHERE id = $1 RETURNING 1",
-            turn.conversation,
-            turn.done_seq,
-            turn.finished_at,
+        spent = [
+            (t.conversation, t.reply_id, t.spent, t.finished_at)
+            for t in turns
+            if t.spent is not None
+        ]
+        if spent:
+            await ledger.record_all(conn, spent)
+        moved = await conn.fetch(
+            _MOVE_SEQS,
+            [t.conversation for t in turns],
+            [t.done_seq for t in turns],
+            [t.finished_at for t in turns],
         )
-        if not exists:
-            return False
-        if turn.user_message is not None:
-            await conn.execute(
-                _INSERT_USER_MESSAGE, *_row(turn.conversation, turn.user_message, turn.user_seq)
-            )
-        if turn.replaces is not None:
-            await conn.execute(
-                "INSERT INTO replaced_messages (conversation_id, id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
-                turn.conversation,
-                turn.replaces,
-            )
-            await conn.execute(
-                "DELETE FROM messages WHERE conversation_id = $1 AND id = $2",
-                turn.conversation,
-                turn.replaces,
-            )
-        if turn.reply is not None:
-            await conn.execute(_INSERT_REPLY, *_row(turn.conversation, turn.reply, turn.done_seq))
-    return True
+        existing = {row[0] for row in moved}
+        kept = [t for t in turns if t.conversation in existing]
+        replaced = [(t.conversation, t.replaces) for t in kept if t.replaces is not None]
+        if replaced:
+            columns = [list(column) for column in zip(*replaced, strict=True)]
+            await conn.execute(_REPLACE, *columns)
+            await conn.execute(_DELETE_REPLACED, *columns)
+        rows = _Rows()
+        for t in kept:
+            if t.user_message is not None:
+                rows.add(t.conversation, t.user_message, t.user_seq, reply=False)
+            if t.reply is not None:
+                rows.add(t.conversation, t.reply, t.done_seq, reply=True)
+        if rows.columns[0]:
+            await conn.execute(_INSERT, *rows.columns)
+    return [t.conversation in existing for t in turns]
 
 
 async def history(

@@ -84,27 +84,46 @@ async def record(
     finished_at: datetime,
 ) -> None:
     """Add the turn's row; a second write of the same turn changes nothing."""
-    await conn.execute(
-        "INSERT INTO usage (conversation_id, message_id, owner, model, status, prompt_tokens,"
-        " completion_tokens, reasoning_tokens, cached_tokens, estimated, cost, bucket,"
-        " started_at, finished_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-        " ON CONFLICT (conversation_id, message_id) DO NOTHING",
-        conversation,
-        message_id,
-        entry.owner,
-        entry.model,
-        entry.status,
-        entry.prompt_tokens,
-        entry.completion_tokens,
-        entry.reasoning_tokens,
-        entry.cached_tokens,
-        entry.estimated,
-        entry.cost,
-        entry.bucket,
-        entry.started_at,
-        finished_at,
-    )
+    await record_all(conn, [(conversation, message_id, entry, finished_at)])
+
+
+_RECORD_ALL = (
+    "INSERT INTO usage (conversation_id, message_id, owner, model, status, prompt_tokens,"
+    " completion_tokens, reasoning_tokens, cached_tokens, estimated, cost, bucket,"
+    " started_at, finished_at)"
+    " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],"
+    " $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::boolean[],"
+    " $11::float8[], $12::bigint[], $13::timestamptz[], $14::timestamptz[])"
+    " ON CONFLICT (conversation_id, message_id) DO NOTHING"
+)
+
+
+async def record_all(
+    conn: asyncpg.Connection, spent: list[tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]]
+) -> None:
+    """`record` for several turns (conversation, message, entry, finished at) in one
+    statement."""
+    columns: list[list[object]] = [[] for _ in range(14)]
+    for conversation, message_id, entry, finished_at in spent:
+        row = (
+            conversation,
+            message_id,
+            entry.owner,
+            entry.model,
+            entry.status,
+            entry.prompt_tokens,
+            entry.completion_tokens,
+            entry.reasoning_tokens,
+            entry.cached_tokens,
+            entry.estimated,
+            entry.cost,
+            entry.bucket,
+            entry.started_at,
+            finished_at,
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    await conn.execute(_RECORD_ALL, *columns)
 
 
 async def spent_by_bucket(pool: asyncpg.Pool, owner: str, since: int) -> dict[int, int]:

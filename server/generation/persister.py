@@ -1,23 +1,26 @@
 """Finished turns, from the persist Streams (`keys.persist`: one per queue shard, each read
 by its own loop) to PostgreSQL.
 
-Each entry is written in one transaction, idempotently (message ids were chosen before the
-write), and acknowledged only after the commit (the entries of one read together, with their
-`mark_persisted` calls, in one round trip): PostgreSQL being down delays persistence and
-loses nothing. Entries left pending by a persister that died are claimed by another. Where
-the stream's node has replicas, a batch is written only once they hold it
-(server/redis/replicas.py), or after `redis.persist_wait_ms` without them (counted,
-`parley_persist_unreplicated_total`): PostgreSQL is then not ahead of a replica that could be
-promoted. An entry
-that cannot be written (malformed, or refused by PostgreSQL) goes to the dead-letter stream
+The entries of one read are written together — one connection, one transaction, one
+statement per kind of row (`save_turns`) — or, when that fails, each in its own transaction;
+idempotently (message ids were chosen before the write), and acknowledged only after the
+commit (the entries of one read together, with their `mark_persisted` calls, in one round
+trip): PostgreSQL being down delays persistence and loses nothing. Entries left pending by
+a persister that died are claimed by another. Where the stream's node has replicas, a batch
+is written only once they hold it (server/redis/replicas.py), or after
+`redis.persist_wait_ms` without them (counted, `parley_persist_unreplicated_total`):
+PostgreSQL is then not ahead of a replica that could be promoted. An entry that cannot be
+written (malformed, or refused by PostgreSQL) goes to the dead-letter stream
 after a few attempts (server/deadletter.py), so it never holds up the turns after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from contextlib import AbstractContextManager
 
 import asyncpg
 import msgspec
@@ -31,7 +34,7 @@ from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
 from server.redis.eventlog import EventLog
 from server.redis.replicas import Replication
 from server.redis.streams import ConsumerGroup, Entry, consumer_name
-from storage.messages import FinishedTurn, save_turn
+from storage.messages import FinishedTurn, save_turn, save_turns
 
 log = logging.getLogger("parley.persister")
 
@@ -117,16 +120,48 @@ class Persister:
         await self._persist_all(group, await group.autoclaim(CLAIM_IDLE_MS))
 
     async def _persist_all(self, group: ConsumerGroup, entries: list[Entry]) -> None:
-        """Write each entry, then mark and acknowledge those written, all in one round trip."""
+        """Write the entries together, or each alone if that fails, then mark and
+        acknowledge those written, all in one round trip."""
         if entries:
             await self._replicated(group, entries)
-        saved: list[tuple[bytes, FinishedTurn]] = []
+        saved = await self._persist_together(entries)
+        written = {entry_id for entry_id, _ in saved}
         for entry_id, fields in entries:
+            if entry_id in written:
+                continue
             turn = await self._persist(group, entry_id, fields)
             if turn is not None:
                 saved.append((entry_id, turn))
         if saved:
             await self._done(group, saved)
+
+    async def _persist_together(self, entries: list[Entry]) -> list[tuple[bytes, FinishedTurn]]:
+        """The entries' turns written in one transaction (`save_turns`: one connection, one
+        statement per kind of row), or none when that fails: one turn PostgreSQL refuses
+        rolls the others back with it, so each is then written alone (`_persist`), where a
+        bad one is retried, then dead-lettered, without holding up the rest. Entries that
+        do not decode are left to `_persist` too."""
+        turns: list[tuple[bytes, FinishedTurn]] = []
+        for entry_id, fields in entries:
+            with contextlib.suppress(Malformed):
+                turns.append((entry_id, _decode(fields)))
+        if not turns:
+            return []
+        try:
+            with contextlib.ExitStack() as spans:
+                for _, turn in turns:
+                    spans.enter_context(_span(turn))
+                kept = await save_turns(self.pool, [turn.storable() for _, turn in turns])
+        except Exception as exc:  # whatever it is, each turn alone meets it again, or not
+            log.warning(
+                "cannot write %d finished turns together (%s); writing them one by one",
+                len(turns),
+                exc,
+            )
+            return []
+        for (_, turn), exists in zip(turns, kept, strict=True):
+            self._written(turn, exists)
+        return turns
 
     async def _replicated(self, group: ConsumerGroup, entries: list[Entry]) -> None:
         """Wait (bounded) until the replicas of `group`'s node hold the entries, and on a
@@ -157,9 +192,15 @@ class Persister:
         except Poisoned as failure:
             await self.dead_letters.bury(group.stream, keys.PERSISTERS, entry_id, fields, failure)
             return None
+        return turn
+
+    def _written(self, turn: FinishedTurn, exists: bool) -> None:
+        """Count a turn PostgreSQL now holds (or dropped, its conversation gone)."""
+        if not exists:
+            log.info("conversation %s is gone; turn dropped", turn.conversation)
+        self.saved += 1
         metrics.PERSISTED.inc()
         metrics.PERSIST_LAG.observe(max((f.utcnow() - turn.finished_at).total_seconds(), 0.0))
-        return turn
 
     async def _done(self, group: ConsumerGroup, saved: list[tuple[bytes, FinishedTurn]]) -> None:
         """Record that PostgreSQL holds each turn's events (the logs may trim them) and
@@ -181,17 +222,13 @@ class Persister:
         logs.CONVERSATION.set(str(turn.conversation))
         logs.MESSAGE.set(str(turn.reply_id))
         try:
-            with tracing.continued(
-                turn.traceparent, "persist turn", turn.conversation, turn.reply_id
-            ):
-                saved = await save_turn(self.pool, turn.storable())
+            with _span(turn):
+                exists = await save_turn(self.pool, turn.storable())
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             metrics.POSTGRES_ERRORS.labels("persister").inc()
             metrics.RETRIES.labels("persister").inc()
             raise
-        if not saved:
-            log.info("conversation %s is gone; turn dropped", turn.conversation)
-        self.saved += 1
+        self._written(turn, exists)
         return turn
 
     async def _ack(self, group: ConsumerGroup, entry_ids: list[bytes]) -> None:
@@ -204,6 +241,11 @@ class Persister:
                 metrics.RETRIES.labels("persister").inc()
                 log.warning("cannot acknowledge turn (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+
+
+def _span(turn: FinishedTurn) -> AbstractContextManager[tracing.Traced]:
+    """The turn's "persist turn" span, in the trace of the generation that made it."""
+    return tracing.continued(turn.traceparent, "persist turn", turn.conversation, turn.reply_id)
 
 
 def _decode(fields: dict[bytes, bytes]) -> FinishedTurn:

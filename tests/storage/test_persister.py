@@ -29,7 +29,7 @@ from server.generation.persister import Persister
 from server.redis import keys
 from server.redis.client import opened
 from server.redis.eventlog import EventLog
-from storage import conversations, messages
+from storage import conversations, db, messages
 from storage.messages import FinishedTurn
 from tests.helpers import redis_cluster
 from tests.helpers.processes import Db, Services, redis_db
@@ -72,6 +72,24 @@ async def finished_turn(pool: asyncpg.Pool, conversation: uuid.UUID | None = Non
     )
 
 
+def next_turn(finished: FinishedTurn) -> FinishedTurn:
+    """The turn after `finished` in its conversation (its `done` four seqs on)."""
+    return FinishedTurn(
+        conversation=finished.conversation,
+        user_message=message("user"),
+        user_seq=finished.done_seq + 1,
+        reply=message("assistant"),
+        replaces=None,
+        finished_at=utcnow(),
+        done_seq=finished.done_seq + 4,
+    )
+
+
+def entry(finished: FinishedTurn) -> dict[str, bytes | int]:
+    """`finished` as a persist stream entry."""
+    return {"turn": msgspec.json.encode(finished), "done_seq": finished.done_seq}
+
+
 async def queued(redis: Redis, finished: FinishedTurn) -> None:
     """A finished turn on the persist stream as `finish` leaves it, its events in the log."""
     c = finished.conversation
@@ -80,8 +98,7 @@ async def queued(redis: Redis, finished: FinishedTurn) -> None:
     await redis.set(keys.history(c), b"a transcript copy")
     for seq in range(1, finished.done_seq + 1):
         await redis.xadd(keys.log(c), {"e": b"x"}, id=f"{seq}-0")
-    entry = {"turn": msgspec.json.encode(finished), "done_seq": finished.done_seq}
-    await redis.xadd(keys.persist(0), entry)  # type: ignore[arg-type]
+    await redis.xadd(keys.persist(0), entry(finished))  # type: ignore[arg-type]
 
 
 async def marked(redis: Redis, turns: list[FinishedTurn]) -> bool:
@@ -146,6 +163,47 @@ async def test_a_turn_of_a_gone_conversation_is_acknowledged_with_the_batch(
     await persist_one_batch(persister)
     assert len(await messages.history(pool, kept.conversation)) == 2
     assert await redis.xlen(keys.persist(0)) == 0
+
+
+async def test_a_read_of_several_conversations_is_written_in_one_transaction(
+    pool: asyncpg.Pool, redis: Redis, persister: Persister
+) -> None:
+    """Two turns in each of three conversations and one entry delivered twice: one
+    connection, one transaction, a statement per kind of row, not seven statements a turn."""
+    firsts = [await finished_turn(pool) for _ in range(3)]
+    seconds = [next_turn(first) for first in firsts]
+    for first in firsts:
+        await queued(redis, first)
+    for second in [*seconds, seconds[0]]:
+        await redis.xadd(keys.persist(0), entry(second))  # type: ignore[arg-type]
+    before = db.QUERIES.sent
+    await persist_one_batch(persister)
+    assert db.QUERIES.sent - before <= 12  # at most 8, and asyncpg's look at the array types
+    assert await redis.xlen(keys.persist(0)) == 0
+    assert (await redis.xpending(keys.persist(0), keys.PERSISTERS))["pending"] == 0
+    assert await marked(redis, seconds)
+    for first, second in zip(firsts, seconds, strict=True):
+        saved = await messages.history(pool, first.conversation)
+        assert [m.id for m in saved] == [
+            m.id for t in (first, second) for m in (t.user_message, t.reply) if m is not None
+        ]
+
+
+async def test_a_turn_postgresql_cannot_take_is_dead_lettered_and_the_rest_of_its_read_written(
+    pool: asyncpg.Pool, redis: Redis, persister: Persister
+) -> None:
+    kept = [await finished_turn(pool) for _ in range(2)]
+    await queued(redis, kept[0])
+    poisoned = next_turn(kept[0])  # a seq no bigint holds: the batch fails, then this turn alone
+    await redis.xadd(keys.persist(0), {**entry(poisoned), "done_seq": str(10**20)})
+    await queued(redis, kept[1])
+    await persist_one_batch(persister)
+    assert await marked(redis, kept)
+    for finished in kept:
+        assert len(await messages.history(pool, finished.conversation)) == 2
+    assert await redis.xlen(keys.persist(0)) == 0
+    [(_, letter)] = await redis.xrange(keys.DEADLETTER)
+    assert b"int64" in letter[b"error"] and letter[b"attempts"] == b"3"
 
 
 async def test_no_wait_is_sent_where_redis_has_no_replica(pool: asyncpg.Pool, redis: Redis) -> None:

@@ -290,3 +290,46 @@ async def test_a_users_own_budget_is_set_and_removed(pool: asyncpg.Pool) -> None
     assert await usage.override(pool, "bob") == 700
     await usage.set_override(pool, "bob", None, T0)
     assert await usage.override(pool, "bob") is None
+
+
+async def test_turns_saved_together_leave_what_each_saved_alone_leaves(pool: asyncpg.Pool) -> None:
+    """One batch of several conversations' turns, out of order, one delivered twice, a
+    regenerated reply beside the turn it replaces, one of a deleted conversation: the same
+    rows and seqs as the turns written one by one, in one transaction."""
+    a, b = await new_conversation(pool), await new_conversation(pool)
+    user_a, user_b = message("user", "a?"), message("user", "b?")
+    first_a, first_b = turn(a.id, 1, user=user_a), spending(turn(b.id, 1, user=user_b))
+    second_a = turn(a.id, 5, user=message("user", "a again?", at=T0 + timedelta(1)))
+    regenerated_b = turn(
+        b.id, 4, reply=message("assistant", "b, better"), replaces=first_b.reply.id
+    )
+    gone = spending(turn(uuid.uuid4(), 1, user=message("user", "anyone?")))
+    batch = [second_a, regenerated_b, gone, first_a, first_b, first_b]
+    assert await messages.save_turns(pool, batch) == [True, True, False, True, True, True]
+    assert await messages.history(pool, a.id) == [
+        user_a, first_a.reply, second_a.user_message, second_a.reply,
+    ]  # fmt: skip
+    assert await messages.history(pool, b.id) == [user_b, regenerated_b.reply]
+    stored_a, stored_b = await conversations.get(pool, a.id), await conversations.get(pool, b.id)
+    assert stored_a is not None and (stored_a.history_seq, stored_a.meta.last_seq) == (8, 8)
+    assert stored_a.meta.updated_at == second_a.finished_at
+    assert stored_b is not None and stored_b.history_seq == 7
+    spent = await usage.records(pool, "alice", T0 - timedelta(days=1), T0 + timedelta(days=1), 9)
+    assert sorted(r.message_id for r in spent) == sorted([first_b.reply.id, gone.reply.id])
+    before = db.QUERIES.sent  # the array types are known now: statements alone are counted
+    assert await messages.save_turns(pool, batch) == [True, True, False, True, True, True]
+    # BEGIN, usage, seqs, replaced (2), messages, COMMIT, and the connection's one reset
+    assert db.QUERIES.sent - before == 8
+    assert len(await messages.history(pool, a.id)) == 4  # a replay changes nothing
+
+
+async def test_turns_saved_together_are_refused_together(pool: asyncpg.Pool) -> None:
+    """One turn PostgreSQL refuses takes the batch back (the persister then writes each)."""
+    meta = await new_conversation(pool)
+    good = turn(meta.id, 1, user=message("user", "q"))
+    refused = turn(meta.id, 5, reply=message("assistant", "half", status="unknown-status"))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await messages.save_turns(pool, [good, refused])
+    assert await messages.history(pool, meta.id) == []
+    stored = await conversations.get(pool, meta.id)
+    assert stored is not None and stored.history_seq == 0

@@ -149,8 +149,10 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
     in one statement per kind of row for all of them. Whether each turn's conversation
     still exists, in order. One turn PostgreSQL refuses rolls back them all.
 
-    The conversations' rows are locked in the order of their ids (no two batches deadlock)
-    by the statement that moves their seqs; the turns' messages are written after it.
+    No two batches wait for each other in a cycle: the usage rows (the only rows written
+    before any lock) go in the order of their keys, then the statement that moves the seqs
+    locks the conversations' rows in the order of their ids, and the turns' messages are
+    written under those locks.
     """
     async with pool.acquire() as conn, conn.transaction():
         spent = [

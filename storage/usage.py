@@ -102,9 +102,11 @@ async def record_all(
     conn: asyncpg.Connection, spent: list[tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]]
 ) -> None:
     """`record` for several turns (conversation, message, entry, finished at) in one
-    statement."""
+    statement, in the order of their keys: an insert waits for another transaction's
+    uncommitted row of the same key, so two batches holding the same turns (a replay)
+    insert them in the same order and never wait for each other in a cycle."""
     columns: list[list[object]] = [[] for _ in range(14)]
-    for conversation, message_id, entry, finished_at in spent:
+    for conversation, message_id, entry, finished_at in sorted(spent, key=_key):
         row = (
             conversation,
             message_id,
@@ -124,6 +126,10 @@ async def record_all(
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     await conn.execute(_RECORD_ALL, *columns)
+
+
+def _key(spent: tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]) -> tuple[uuid.UUID, uuid.UUID]:
+    return spent[0], spent[1]
 
 
 async def spent_by_bucket(pool: asyncpg.Pool, owner: str, since: int) -> dict[int, int]:

@@ -161,7 +161,7 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
             if t.spent is not None
         ]
         if spent:
-            await ledger.record_all(conn, spent)
+            await ledger.record(conn, spent)
         moved = await conn.fetch(
             _MOVE_SEQS,
             [t.conversation for t in turns],

@@ -76,18 +76,7 @@ RECORD_COLUMNS = (
 )
 
 
-async def record(
-    conn: asyncpg.Connection,
-    conversation: uuid.UUID,
-    message_id: uuid.UUID,
-    entry: UsageEntry,
-    finished_at: datetime,
-) -> None:
-    """Add the turn's row; a second write of the same turn changes nothing."""
-    await record_all(conn, [(conversation, message_id, entry, finished_at)])
-
-
-_RECORD_ALL = (
+_RECORD = (
     "INSERT INTO usage (conversation_id, message_id, owner, model, status, prompt_tokens,"
     " completion_tokens, reasoning_tokens, cached_tokens, estimated, cost, bucket,"
     " started_at, finished_at)"
@@ -98,13 +87,13 @@ _RECORD_ALL = (
 )
 
 
-async def record_all(
+async def record(
     conn: asyncpg.Connection, spent: list[tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]]
 ) -> None:
-    """`record` for several turns (conversation, message, entry, finished at) in one
-    statement, in the order of their keys: an insert waits for another transaction's
-    uncommitted row of the same key, so two batches holding the same turns (a replay)
-    insert them in the same order and never wait for each other in a cycle."""
+    """Add the turns' rows (conversation, message, entry, finished at) in one statement; a
+    second write of the same turn changes nothing. In the order of their keys: an insert
+    waits for another transaction's uncommitted row of the same key, so two batches holding
+    the same turns (a replay) insert them in the same order and never wait in a cycle."""
     columns: list[list[object]] = [[] for _ in range(14)]
     for conversation, message_id, entry, finished_at in sorted(spent, key=_key):
         row = (
@@ -125,7 +114,7 @@ async def record_all(
         )
         for column, value in zip(columns, row, strict=True):
             column.append(value)
-    await conn.execute(_RECORD_ALL, *columns)
+    await conn.execute(_RECORD, *columns)
 
 
 def _key(spent: tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]) -> tuple[uuid.UUID, uuid.UUID]:

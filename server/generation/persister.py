@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from contextlib import AbstractContextManager
 
 import asyncpg
 import msgspec
@@ -243,7 +242,7 @@ class Persister:
                 await asyncio.sleep(1.0)
 
 
-def _span(turn: FinishedTurn) -> AbstractContextManager[tracing.Traced]:
+def _span(turn: FinishedTurn) -> contextlib.AbstractContextManager[tracing.Traced]:
     """The turn's "persist turn" span, in the trace of the generation that made it."""
     return tracing.continued(turn.traceparent, "persist turn", turn.conversation, turn.reply_id)
 

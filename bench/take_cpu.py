@@ -6,12 +6,17 @@ then the pipeliner takes its batch (`Pipeliner._calls`: the packed `append_piece
 connection packs it (`pack_command`) and the results are settled as Redis would answer.
 
     .venv/bin/python -m bench.take_cpu [--streams 400] [--rounds 150] [--repeat 5] [--profile F]
+        [--direct]
 
 Each round gives every stream one block (one token, framed as `parley model` frames it, in
 HTTP chunked encoding) and then takes one batch: one token per event, as a worker that keeps
-up sees them. Prints, in CPU µs per token (`time.process_time`, best of `--repeat`), `feed`
-(block → queued event) and `batch` (packed call, results settled). No Redis, no PostgreSQL:
-the `Worker` is built on a client that never connects. A benchmark: it never fails on a number.
+up sees them. Prints, in CPU µs per token (`time.process_time`), `feed` (block → queued
+event) and `batch` (packed call, results settled): each a run's median round, the best of
+`--repeat` runs (and `mean`: the best run's mean, GC passes and interruptions included). No Redis, no PostgreSQL:
+the `Worker` is built on a client that never connects. `--direct` gives each event to
+`_Reply.feed` itself, without aiohttp's protocol, parser and pushed reader: the difference is
+what a protocol of Parley's own under the connection could save at most. A benchmark: it
+never fails on a number.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import cProfile
 import functools
 import json
+import statistics
 import time
 import uuid
 from typing import Any
@@ -56,16 +62,21 @@ class _Transport:
     def close(self) -> None: ...
 
 
-def _block(index: int) -> bytes:
-    """One token as `parley model` sends it (server/dev/simulator.py), one HTTP chunk."""
+def _block(index: int, direct: bool) -> bytes:
+    """One token as `parley model` sends it (server/dev/simulator.py), one HTTP chunk (or,
+    `direct`, the event alone)."""
     chunk = {
         "id": "chatcmpl-0123456789abcdef01234567",
         "object": "chat.completion.chunk",
         "created": 1764500000,
         "model": "parley-sim",
-        "choices": [{"index": 0, "delta": {"content": f" word{index % 50}"}, "finish_reason": None}],
+        "choices": [
+            {"index": 0, "delta": {"content": f" word{index % 50}"}, "finish_reason": None}
+        ],
     }
     event = b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+    if direct:
+        return event
     return b"%x\r\n%b\r\n" % (len(event), event)
 
 
@@ -92,7 +103,9 @@ class _Stream:
         assert self.push is not None
 
 
-async def _measure(streams: int, rounds: int, profile: cProfile.Profile | None) -> dict[str, float]:
+async def _measure(
+    streams: int, rounds: int, direct: bool, profile: cProfile.Profile | None
+) -> dict[str, float]:
     settings = Settings()
     settings = msgspec.structs.replace(
         settings, redis=msgspec.structs.replace(settings.redis, url="redis://127.0.0.1:1/0")
@@ -104,15 +117,19 @@ async def _measure(streams: int, rounds: int, profile: cProfile.Profile | None) 
     pipeliner = worker.pipeliner
     connection = redis.connection_pool.make_connection()
     all_streams = [_Stream(worker, settings) for _ in range(streams)]
-    blocks = [_block(i) for i in range(rounds)]
+    blocks = [_block(i, direct) for i in range(rounds)]
+    feeds = [
+        stream.reply.feed if direct else stream.protocol.data_received for stream in all_streams
+    ]
     seq = 0
-    feed = batch = 0.0
+    feed: list[float] = []
+    batch: list[float] = []
     if profile is not None:
         profile.enable()
     for block in blocks:
         began = time.process_time()
-        for stream in all_streams:
-            stream.protocol.data_received(block)
+        for feed_one in feeds:
+            feed_one(block)
         taken = time.process_time()
         queued, pipeliner._queue = pipeliner._queue, []
         for sent in pipeliner._calls(queued):
@@ -120,8 +137,8 @@ async def _measure(streams: int, rounds: int, profile: cProfile.Profile | None) 
             count = len(sent.pieces or ())
             sent.settle(list(range(seq + 1, seq + 1 + count)))
             seq += count
-        feed += taken - began
-        batch += time.process_time() - taken
+        feed.append(taken - began)
+        batch.append(time.process_time() - taken)
     if profile is not None:
         profile.disable()
     tokens = streams * rounds
@@ -129,9 +146,10 @@ async def _measure(streams: int, rounds: int, profile: cProfile.Profile | None) 
     for stream in all_streams:
         stream.push.stop()  # type: ignore[union-attr]
         stream.reply.watchdog.stop()
-    return {
-        "feed": feed * 1e6 / tokens,
-        "batch": batch * 1e6 / tokens,
+    return {  # a round's median: a round the machine interrupted (or a GC pass) is left out
+        "feed": statistics.median(feed) * 1e6 / streams,
+        "batch": statistics.median(batch) * 1e6 / streams,
+        "mean": (sum(feed) + sum(batch)) * 1e6 / tokens,
         "tokens_per_event": tokens / events_made,
     }
 
@@ -142,17 +160,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", help="write a cProfile of one more run to this file")
+    parser.add_argument("--direct", action="store_true", help="without aiohttp (see above)")
     args = parser.parse_args()
     runs = [
-        uvloop.run(_measure(args.streams, args.rounds, None)) for _ in range(args.repeat)
+        uvloop.run(_measure(args.streams, args.rounds, args.direct, None))
+        for _ in range(args.repeat)
     ]
     best = {key: min(run[key] for run in runs) for key in ("feed", "batch")}
     result = {
         "streams": args.streams,
+        "direct": args.direct,
         "rounds": args.rounds,
         "feed_us_per_token": round(best["feed"], 2),
         "batch_us_per_token": round(best["batch"], 2),
         "total_us_per_token": round(min(run["feed"] + run["batch"] for run in runs), 2),
+        "mean_us_per_token": round(min(run["mean"] for run in runs), 2),
         "feed_all": [round(run["feed"], 2) for run in runs],
         "batch_all": [round(run["batch"], 2) for run in runs],
         "tokens_per_event": round(runs[0]["tokens_per_event"], 3),
@@ -160,7 +182,7 @@ def main() -> None:
     print(json.dumps(result))
     if args.profile:
         profile = cProfile.Profile(time.process_time)
-        uvloop.run(_measure(args.streams, args.rounds, profile))
+        uvloop.run(_measure(args.streams, args.rounds, args.direct, profile))
         profile.dump_stats(args.profile)
 
 

@@ -12,11 +12,11 @@ Each round gives every stream one block (one token, framed as `parley model` fra
 HTTP chunked encoding) and then takes one batch: one token per event, as a worker that keeps
 up sees them. Prints, in CPU µs per token (`time.process_time`), `feed` (block → queued
 event) and `batch` (packed call, results settled): each a run's median round, the best of
-`--repeat` runs (and `mean`: the best run's mean, GC passes and interruptions included). No Redis, no PostgreSQL:
-the `Worker` is built on a client that never connects. `--direct` gives each event to
-`_Reply.feed` itself, without aiohttp's protocol, parser and pushed reader: the difference is
-what a protocol of Parley's own under the connection could save at most. A benchmark: it
-never fails on a number.
+`--repeat` runs (and `mean`: the best run's mean, GC passes and interruptions included). No
+Redis, no PostgreSQL: the `Worker` is built on a client that never connects. `--direct` gives
+each event to `_Reply.feed` itself, without aiohttp's protocol, parser and pushed reader: the
+difference is what a protocol of Parley's own under the connection could save at most. A
+benchmark: it never fails on a number.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Stalled(TimeoutError):
     """The model sent nothing for too long: before its first chunk, or between two."""
 
 
-class _Delta(msgspec.Struct, frozen=True):
+class _Delta(msgspec.Struct, frozen=True, gc=False):
     content: str | None = None
     reasoning_content: str | None = None
     """DeepSeek's name for the reasoning, used by llama.cpp, LM Studio, SGLang and vLLM
@@ -84,7 +84,7 @@ class _Delta(msgspec.Struct, frozen=True):
         return self.reasoning_content or self.reasoning
 
 
-class _Choice(msgspec.Struct, frozen=True):
+class _Choice(msgspec.Struct, frozen=True, gc=False):
     delta: _Delta | None = None
     finish_reason: str | None = None
 
@@ -113,9 +113,10 @@ class _Usage(msgspec.Struct, frozen=True):
         )
 
 
-class Chunk(msgspec.Struct, frozen=True):
+class Chunk(msgspec.Struct, frozen=True, gc=False):
     """The parts of a streamed chat completion chunk Parley reads, with their types checked;
-    every other field is skipped unread."""
+    every other field is skipped unread. Decoded per chunk, untracked by the garbage
+    collector (`gc=False`, as its parts: what JSON decodes holds no cycle)."""
 
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
@@ -365,24 +366,24 @@ class _Watchdog:
     it fires early; a chunk costs one clock read (an `asyncio.timeout` per chunk would cost
     a timer each)."""
 
-    __slots__ = ("_handle", "_loop", "_task", "fired", "last", "limit", "stall", "started")
+    __slots__ = ("_handle", "_task", "fired", "last", "limit", "loop", "stall", "started")
 
     def __init__(self, first: float, stall: float) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self.limit, self.stall = first, stall
-        self.last = self._loop.time()
+        self.last = self.loop.time()
         self.fired = self.started = False
-        self._handle = self._loop.call_at(self.last + first, self._check)
+        self._handle = self.loop.call_at(self.last + first, self._check)
 
     def progress(self) -> None:
-        self.last = self._loop.time()
+        self.last = self.loop.time()
         if self.started:
             return
         self.started = True  # from now on the shorter wait between two pieces
         self.limit = self.stall
         self._handle.cancel()
-        self._handle = self._loop.call_at(self.last + self.stall, self._check)
+        self._handle = self.loop.call_at(self.last + self.stall, self._check)
 
     def stalled(self) -> Stalled:
         """Once this watchdog cancelled the reading task: the cancel taken back, and why."""
@@ -393,8 +394,8 @@ class _Watchdog:
 
     def _check(self) -> None:
         due = self.last + self.limit
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
+        if self.loop.time() < due:
+            self._handle = self.loop.call_at(due, self._check)
         elif self._task is not None:
             self.fired = True
             self._task.cancel()
@@ -458,9 +459,17 @@ class _Reply:
             if delta is None:
                 pass
             elif think is None and delta.reasoning_content is delta.reasoning is None:
-                if delta.content:  # the hot path: plain text
-                    watchdog.progress()
-                    self._give(Piece(scrub(delta.content)))
+                if text := delta.content:  # the hot path: plain text, `_give` inlined
+                    if watchdog.started:
+                        watchdog.last = watchdog.loop.time()
+                    else:
+                        watchdog.progress()
+                    if not text.isascii() or "\x00" in text:
+                        text = scrub(text)
+                    if self.held is not None:
+                        self.held.append(Piece(text))
+                    elif (later := self.take(Piece(text))) is not None:
+                        self.later, self.held = later, collections.deque()
             else:
                 watchdog.progress()
                 for piece in _pieces(delta, think):

@@ -62,6 +62,7 @@ from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import TAKEN_OVER, Appender, EventLog, Pipeliner, encode
+from server.redis.eventlog import Piece as EventPiece
 from server.redis.streams import ConsumerGroup, Shards, consumer_name, entry_ms
 from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
@@ -211,6 +212,8 @@ class Running:
         self.pieces += 1
         if not self.first_chunk:
             self.first_chunk = now
+            if self.first_token is None:
+                self.first_token = now
         elif now - self.last_chunk > self.max_gap:
             self.max_gap = now - self.last_chunk
         self.last_chunk = now
@@ -240,6 +243,10 @@ class Running:
         Redis state gone or failed: the turn so far is published again
         (`Worker._republish`), unless a republish since has carried the event."""
         self.answered += 1
+        if type(result) is int and result > 0:  # the rule: the event's seq
+            if result > self.acked:
+                self.acked = result
+            return
         if isinstance(result, BaseException):
             # the event is not in the log: tabs would miss its text without seeing a gap
             log.warning("an event of %s was not appended (%r)", self.job.conversation, result)
@@ -251,8 +258,6 @@ class Running:
             self.stop_taken_over()
         elif result < 0:
             self.lost = self.lost or index > self.replaced  # UNLOADED, LOST or BEHIND
-        elif result > self.acked:
-            self.acked = result
 
 
 class Worker:
@@ -738,7 +743,7 @@ class Worker:
         if text:
             text = scrub(text)
             run.parts.add_to(index, text)
-            self._publish_text(run, index, text)
+            self._publish_text(run, index, text, None)  # (a call's part: no `token` frame)
 
     def _publish_results(self, run: Running, results: list[Result]) -> None:
         for result in results:
@@ -1052,33 +1057,33 @@ class Worker:
             return None
         now = time.monotonic()
         run.chunk(now)
-        if run.first_token is None:
-            run.first_token = now
-        parts = run.parts
-        if item.kind != parts.kind:
-            for boundary in parts.switch(item.kind, now):
+        parts, kind, text = run.parts, item.kind, item.text
+        if kind != parts.kind:
+            for boundary in parts.switch(kind, now):
                 self._publish_later(run, boundary)
-        index = parts.extend(item.text)
+        index = parts.extend(text)
         if run.lost:
             return functools.partial(self._republish, run)
-        self._publish_text(run, index, item.text)
+        self._publish_text(run, index, text, run.token_head if kind == "text" else None)
         return None
 
-    def _publish_text(self, run: Running, part: int, text: str) -> None:
+    def _publish_text(self, run: Running, part: int, text: str, head: bytes | None) -> None:
         """Publish a piece of part `part`'s text: joined to the part's event still queued, if
         any, else as a new event (made from the text it ends up holding when its batch is
-        taken)."""
+        taken). `head`: the part is the current text part (`OpenText.head`)."""
         open_text = run.open_text
-        if self.coalesce and open_text is not None and open_text.join(part, text):
+        if (  # (`sent` first: at one token per event the rule, and no call)
+            open_text is not None
+            and not open_text.sent
+            and self.coalesce
+            and open_text.join(part, text)
+        ):
             TALLY.coalesced += 1
             return
-        parts = run.parts
-        head = None
-        if parts.kind == "text" and part == parts.current:
-            head = run.token_head
-        open_text = run.open_text = OpenText(part, text, parts, head)
+        open_text = run.open_text = OpenText(part, text, run.parts, head)
         if run.first_piece or not run.first_chunk:
-            run.appender.queue(self.pipeliner, open_text, run.next_index())
+            run.index += 1
+            self.pipeliner.piece(EventPiece(run.appender, open_text, run.index, None))
             return
         # the reply's first token waits for no interval, nor, when none of the turn's
         # events is outstanding (it cannot pass one), for the batch in flight

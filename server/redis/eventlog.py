@@ -477,8 +477,9 @@ def event_keys(conversation: uuid.UUID | str) -> dict[str, str]:
     }
 
 
-def encode(obj: Any) -> bytes:
-    return _encoder.encode(obj)
+encode: Final = _encoder.encode
+"""An event (or any value) as JSON: the encoder's own method, no call around it (it encodes
+every token's text)."""
 
 
 class Piece:
@@ -596,9 +597,12 @@ class Pipeliner:
 
     def piece(self, piece: Piece) -> None:
         """Queue a generation's event (`Appender`): the pieces queued together are sent
-        together."""
-        self._queue.append(piece)
-        self._wake.set()
+        together. Only the first of a batch wakes the pipeliner: with more queued, it is
+        awake or takes them at once (`_run` clears the wake before it takes the queue)."""
+        queue = self._queue
+        queue.append(piece)
+        if len(queue) == 1:
+            self._wake.set()
 
     def express(self, piece: Piece) -> None:
         """Send a generation's event at once, in a call of its own, without waiting for the

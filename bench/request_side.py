@@ -63,7 +63,7 @@ def _client(module: ModuleType) -> Any:
 
 
 def _call(client: Any) -> None:
-    options = client._options[PATH][1].model_copy(update={"content": CONTENT})
+    options = client._options[PATH][-1].model_copy(update={"content": CONTENT})
     options = options.model_copy()  # `request`'s copy
     if options.idempotency_key is None:
         options.idempotency_key = client._idempotency_key()

@@ -146,17 +146,19 @@ async def test_no_idempotency_key_is_made_for_a_client_that_sends_none() -> None
 
 
 async def test_a_client_that_sends_an_idempotency_key_sends_one_per_call_kept_on_retry() -> None:
-    async with recording(dropped=frozenset({0})) as (base_url, recorded):
+    async with recording(dropped=frozenset({1})) as (base_url, recorded):
         llm = LLM(LLMSettings(api_key="sk-test"), base_url)
-        llm.client._idempotency_header = "Idempotency-Key"
         try:
+            await relay(llm, "none")
+            llm.client._idempotency_header = "Idempotency-Key"  # (from the next call on)
             await relay(llm, "one")
             await relay(llm, "two")
         finally:
             await llm.close()
-    keys = [dict(head).get(b"idempotency-key", b"") for head, _ in recorded]
-    assert len(keys) == 3 and all(key.startswith(b"stainless-python-retry-") for key in keys)
-    assert keys[0] == keys[1] != keys[2]  # the retry keeps its call's key
+    keys = [dict(head).get(b"idempotency-key") for head, _ in recorded]
+    assert len(keys) == 4 and keys[0] is None
+    assert all(key and key.startswith(b"stainless-python-retry-") for key in keys[1:])
+    assert keys[1] == keys[2] != keys[3]  # the retry keeps its call's key
 
 
 async def test_a_request_built_again_knows_its_headers_encoding() -> None:

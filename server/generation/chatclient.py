@@ -9,6 +9,11 @@ import httpx2
 import openai
 from openai._models import FinalRequestOptions
 
+UNSENT_KEY: Final = "parley-unsent"
+"""The idempotency key of a request whose client sends none (the client makes a uuid4 per
+request for one otherwise: with the headers' encoding below, ≈ 11–18 µs a call,
+docs/benchmarks.md)."""
+
 MADE_KEPT: Final = 8
 """Requests kept built at most (one per try and key, as a rule: two)."""
 
@@ -35,7 +40,7 @@ class ChatClient(openai.AsyncOpenAI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._made: dict[tuple[object, ...], _Made] = {}
-        self._options: dict[str, tuple[openai.RequestOptions, FinalRequestOptions]] = {}
+        self._options: dict[str, tuple[openai.RequestOptions, str | None, FinalRequestOptions]] = {}
 
     @property
     def user_agent(self) -> str:
@@ -78,15 +83,17 @@ class ChatClient(openai.AsyncOpenAI):
                 request.extensions,
             )
             return request
-        headers = httpx2.Headers(like.headers)
-        headers["Content-Length"] = str(len(content))  # as httpx2 sets it for `content`
         request = httpx2.Request(
             like.method,
             like.url,
-            headers=headers,
+            headers=like.headers,
             stream=httpx2.ByteStream(content),
             extensions=like.extensions,
         )
+        # the headers' encoding is the first request's (a copy's is worked out again at its
+        # first read, every header decoded; the client and the transport read them each call)
+        request.headers.encoding = like.headers.encoding
+        request.headers["Content-Length"] = str(len(content))  # as httpx2 sets it for `content`
         request.read()
         return request
 
@@ -97,10 +104,13 @@ class ChatClient(openai.AsyncOpenAI):
         request options copied from those made for the last call with these `options`
         rather than made again (pydantic's `construct`, ≈ 45 µs a call)."""
         made = self._options.get(path)
-        if made is None or made[0] is not options:
+        if made is None or made[0] is not options or made[1] != self._idempotency_header:
             final = FinalRequestOptions.construct(
                 method="post", url=path, json_data=None, content=None, files=None, **options
             )
-            made = self._options[path] = (options, final)
-        final = made[1].model_copy(update={"content": content})
+            if self._idempotency_header is None and "idempotency_key" not in options:
+                # a key only an idempotency header would send: not a new uuid4 per call
+                final.idempotency_key = UNSENT_KEY
+            made = self._options[path] = (options, self._idempotency_header, final)
+        final = made[2].model_copy(update={"content": content})
         return await self.request(httpx2.Response, final)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx2
 import openai
@@ -122,3 +123,61 @@ async def test_a_retried_request_says_it_is_one_each_time() -> None:
     assert [h for h in heads[0] if h[0] != b"x-stainless-retry-count"] == [
         h for h in heads[1] if h[0] != b"x-stainless-retry-count"
     ]
+
+
+async def test_no_idempotency_key_is_made_for_a_client_that_sends_none() -> None:
+    made: list[str] = []
+    async with recording() as (base_url, recorded):
+        llm = LLM(LLMSettings(api_key="sk-test"), base_url)
+        idempotency_key = llm.client._idempotency_key
+
+        def counted_key() -> str:
+            made.append("key")
+            return idempotency_key()
+
+        llm.client._idempotency_key = counted_key  # type: ignore[method-assign]
+        try:
+            await relay(llm, "one")
+            await relay(llm, "two")
+        finally:
+            await llm.close()
+    assert made == []
+    assert all(not name.startswith(b"idempotency") for head, _ in recorded for name, _ in head)
+
+
+async def test_a_client_that_sends_an_idempotency_key_sends_one_per_call_kept_on_retry() -> None:
+    async with recording(dropped=frozenset({1})) as (base_url, recorded):
+        llm = LLM(LLMSettings(api_key="sk-test"), base_url)
+        try:
+            await relay(llm, "none")
+            llm.client._idempotency_header = "Idempotency-Key"  # (from the next call on)
+            await relay(llm, "one")
+            await relay(llm, "two")
+        finally:
+            await llm.close()
+    keys = [dict(head).get(b"idempotency-key") for head, _ in recorded]
+    assert len(keys) == 4 and keys[0] is None
+    assert all(key and key.startswith(b"stainless-python-retry-") for key in keys[1:])
+    assert keys[1] == keys[2] != keys[3]  # the retry keeps its call's key
+
+
+async def test_a_request_built_again_knows_its_headers_encoding() -> None:
+    """(a copy of httpx2's headers works its encoding out again, decoding every header, at
+    its first read: the client, httpx2 and the transport read them at each call)"""
+    encodings: list[str | None] = []
+    async with recording() as (base_url, _):
+        llm = LLM(LLMSettings(api_key="sk-test"), base_url)
+        build = llm.client._build_request
+
+        def recorded_build(*args: Any, **kwargs: Any) -> httpx2.Request:
+            request = build(*args, **kwargs)
+            encodings.append(request.headers._encoding)
+            return request
+
+        llm.client._build_request = recorded_build  # type: ignore[method-assign]
+        try:
+            await relay(llm, "one")
+            await relay(llm, "two")
+        finally:
+            await llm.close()
+    assert encodings[1:] == ["ascii"]

@@ -2,7 +2,8 @@
 
 Ownership is checked here: a conversation that does not exist and one that belongs to
 somebody else are the same `NotFound`, so nobody learns that another user's conversation
-exists.
+exists. A `say` or `regenerate` checks it without a round trip of its own when this process
+has read the conversation's row before (`Copy`): the turn's script proves the copy current.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Final, cast
 
 import asyncpg
 import msgspec
@@ -30,7 +32,15 @@ from server.edge.spending import Spending
 from server.redis import keys
 from server.redis.approvals import Approvals
 from server.redis.client import publish
-from server.redis.eventlog import UNLOADED, CachedHistory, CachedMeta, EventLog, Opening, encode
+from server.redis.eventlog import (
+    UNLOADED,
+    CachedHistory,
+    CachedMeta,
+    EventLog,
+    Opening,
+    Stamped,
+    encode,
+)
 from server.redis.turns import Accepted, Admission, Budgeting, HookData, Job, Turns
 from server.tools.definitions import known_tools, unknown_tools
 from storage import conversations as stored_conversations
@@ -46,6 +56,23 @@ def unavailable(what: str) -> Refused:
     return Refused("unavailable", f"{what} is unavailable; try again shortly")
 
 
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """What a turn needs of a conversation's cached row, as this process last read it for the
+    owner: the model (the spending check, the job) and the SHA-1 of the bytes read. The
+    say/regenerate script goes ahead only while Redis holds those very bytes, so a copy never
+    lets a turn past a changed model or system prompt, a deleted conversation or another
+    user: those answer `stale` or `unloaded`, and the row is read again as `owned` reads it."""
+
+    owner: str
+    model: str
+    sha: str
+
+
+COPIES_KEPT: Final = 10_000
+"""The conversations a web process keeps a `Copy` of (the oldest is dropped first)."""
+
+
 class Conversations:
     """The conversation service: what a user may read and change, for sockets and REST alike."""
 
@@ -57,6 +84,7 @@ class Conversations:
         self.pool = pool
         self.events = events
         self.turns = turns
+        self.copies: dict[uuid.UUID, Copy] = {}
         self.spending = Spending(redis, pool, settings.budgets)
         self.approvals = Approvals(
             redis,
@@ -69,25 +97,49 @@ class Conversations:
 
     async def owned(self, user: str, conversation: uuid.UUID) -> f.Conversation:
         """The conversation's meta if `user` owns it; loads its Redis state on first use."""
-        cached = await self._cached(conversation)
-        if cached.owner != user:
-            raise not_found()
-        return cached.meta
+        stamped = await self._owned(user, conversation)
+        self._keep(conversation, stamped)
+        return stamped.cached.meta
 
-    async def _cached(self, conversation: uuid.UUID) -> CachedMeta:
+    async def _owned(self, user: str, conversation: uuid.UUID) -> Stamped:
+        """`owned`, with the SHA-1 of the row read."""
         try:
-            cached = await self.events.meta(conversation)
+            stamped = await self.events.stamped(conversation)
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
-        if cached is not None:
-            return cached
-        return await self.load(conversation)
+        if stamped is None:
+            stamped = await self._seed(conversation)
+        if stamped.cached.owner != user:
+            raise not_found()
+        return stamped
+
+    def _keep(self, conversation: uuid.UUID, stamped: Stamped) -> Copy:
+        """Keep the row its owner was just found to own as this process's `Copy`."""
+        copy = Copy(stamped.cached.owner, stamped.cached.meta.model, stamped.sha)
+        if conversation not in self.copies and len(self.copies) >= COPIES_KEPT:
+            del self.copies[next(iter(self.copies))]
+        self.copies[conversation] = copy
+        return copy
+
+    async def _copy(self, user: str, conversation: uuid.UUID) -> Copy:
+        """This process's copy of the row for a turn of `user`'s; without one for them, the
+        row read as `owned` reads it (`not_found` unless they own the conversation)."""
+        copy = self.copies.get(conversation)
+        if copy is not None and copy.owner == user:
+            return copy
+        return self._keep(conversation, await self._owned(user, conversation))
 
     async def load(self, conversation: uuid.UUID) -> CachedMeta:
         """Seed Redis with the conversation from PostgreSQL."""
+        return (await self._seed(conversation)).cached
+
+    async def _seed(self, conversation: uuid.UUID) -> Stamped:
+        """`load`, with the SHA-1 of the row as this process encoded it."""
         row, recent = await self._stored(conversation)
-        await self.events.load(row.owner, row.meta, row.meta.last_seq, row.history_seq, recent)
-        return CachedMeta(row.owner, row.meta)
+        sha = await self.events.load(
+            row.owner, row.meta, row.meta.last_seq, row.history_seq, recent
+        )
+        return Stamped(CachedMeta(row.owner, row.meta), sha)
 
     async def read_events(
         self, conversation: uuid.UUID, after: int
@@ -205,9 +257,10 @@ class Conversations:
     ) -> tuple[uuid.UUID, bool]:
         """Accept a user turn; returns its message id and whether it was a duplicate.
         `hook_data` is what the socket's connect hook attached (docs/hooks.md), `group` the
-        user's budget group."""
-        meta = await self.owned(user, conversation)
-        self.spending.allows(group, meta.model)  # the group may have lost it since
+        user's budget group. One Redis round trip (the say script) when this process has a
+        current `Copy` of the conversation's row."""
+        copy = await self._copy(user, conversation)
+        self.spending.allows(group, copy.model)  # the group may have lost it since
         message = f.Message(
             id=message_id or f.new_id(),
             role="user",
@@ -216,11 +269,15 @@ class Conversations:
             created_at=f.utcnow(),
         )
         budgeting = self._budgeting(group)
-        with self._turn("say", user, meta, hook_data, message.id, budgeting) as (job, span):
+        turn = self._turn("say", user, conversation, copy.model, hook_data, message.id, budgeting)
+        with turn as (job, span):
             event = encode(f.MessageEvent(conversation=conversation, message=message))
-            result = await self._retry_unloaded(
+            result = await self._admit(
                 job,
-                lambda: self.turns.accept(event, message, job, self._turn_limit, budgeting),
+                copy,
+                lambda job, sha: self.turns.accept(
+                    event, message, job, self._turn_limit, budgeting, sha
+                ),
             )
             span.note("parley.admission", result.admission.value)
         return message.id, result.admission is Admission.DUPLICATE
@@ -228,12 +285,15 @@ class Conversations:
     async def regenerate(
         self, user: str, conversation: uuid.UUID, hook_data: HookData = None, group: str = ""
     ) -> uuid.UUID:
-        meta = await self.owned(user, conversation)
-        self.spending.allows(group, meta.model)
+        copy = await self._copy(user, conversation)
+        self.spending.allows(group, copy.model)
         budgeting = self._budgeting(group)
-        with self._turn("regenerate", user, meta, hook_data, None, budgeting) as (job, span):
-            result = await self._retry_unloaded(
-                job, lambda: self.turns.regenerate(job, self._turn_limit, budgeting)
+        turn = self._turn("regenerate", user, conversation, copy.model, hook_data, None, budgeting)
+        with turn as (job, span):
+            result = await self._admit(
+                job,
+                copy,
+                lambda job, sha: self.turns.regenerate(job, self._turn_limit, budgeting, sha),
             )
             span.note("parley.admission", result.admission.value)
         return job.message_id
@@ -243,20 +303,21 @@ class Conversations:
     def _turn(
         command: str,
         user: str,
-        meta: f.Conversation,
+        conversation: uuid.UUID,
+        model: str,
         hook_data: HookData,
         user_message: uuid.UUID | None,
         budgeting: Budgeting,
     ) -> Iterator[tuple[Job, tracing.Traced]]:
         """The job for a new reply, within the span of accepting it (the trace's root)."""
         reply_id = f.new_id()
-        with tracing.accepting(command, meta.id, reply_id) as span:
+        with tracing.accepting(command, conversation, reply_id) as span:
             yield (
                 Job(
-                    conversation=meta.id,
+                    conversation=conversation,
                     user=user,
                     message_id=reply_id,
-                    model=meta.model,
+                    model=model,
                     user_message=user_message,
                     accepted_at=time.time(),
                     traceparent=span.traceparent,
@@ -430,20 +491,36 @@ class Conversations:
         llm = self.settings.llm
         return self.spending.budgets.budgeting(group, llm.context_tokens, llm.max_tokens)
 
-    async def _retry_unloaded(self, job: Job, attempt: object) -> Accepted:
-        """Run a turn script; load the conversation (or the user's budget) into Redis and
-        retry if it was not there."""
-        assert callable(attempt)
+    async def _admit(
+        self, job: Job, copy: Copy, attempt: Callable[[Job, str], Awaitable[Accepted]]
+    ) -> Accepted:
+        """Run a turn script (`attempt`, given the job and the SHA-1 of the copy of the row it
+        was made from) and try again after mending what it lacked: the conversation not in
+        Redis (loaded from PostgreSQL), a copy that is not Redis's row (read again, as `owned`
+        does: `not_found` for a conversation deleted or not the user's; the job then names the
+        model the row names now, which the user's group must allow), the user's budget not in
+        Redis (rebuilt from the ledger)."""
         try:
-            result: Accepted = await attempt()
-            for _ in range(2):  # the conversation, then the budget, may each be missing
+            result = await attempt(job, copy.sha)
+            for _ in range(3):  # each may be missing once, in this order
                 if result.admission is Admission.UNLOADED:
-                    await self.load(job.conversation)
+                    loaded = await self._seed(job.conversation)
+                    if loaded.cached.owner != job.user:
+                        raise not_found()
+                    copy = self._keep(job.conversation, loaded)
+                elif result.admission is Admission.STALE:
+                    copy = self._keep(
+                        job.conversation, await self._owned(job.user, job.conversation)
+                    )
                 elif result.admission is Admission.NO_BUDGET:
                     await self.spending.rebuild(job.user)
+                    result = await attempt(job, copy.sha)
+                    continue
                 else:
                     break
-                result = await attempt()
+                self.spending.allows(job.group, copy.model)
+                job = msgspec.structs.replace(job, model=copy.model)
+                result = await attempt(job, copy.sha)
         except RedisError as exc:
             raise refusal(exc, "Redis") from None
         metrics.TURNS.labels(result.admission.value).inc()
@@ -463,6 +540,11 @@ def _check(result: Accepted) -> Accepted:
         raise Refused("rate_limited", "too many turns; wait a moment", result.retry_after)
     if result.admission is Admission.NOTHING:
         raise Refused("invalid", "there is no assistant reply to regenerate")
-    if result.admission in (Admission.UNLOADED, Admission.NO_BUDGET, Admission.LATE):
+    if result.admission in (
+        Admission.UNLOADED,
+        Admission.STALE,
+        Admission.NO_BUDGET,
+        Admission.LATE,
+    ):
         raise unavailable("Redis")
     return result

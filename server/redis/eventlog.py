@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -86,6 +87,19 @@ class CachedMeta(msgspec.Struct, frozen=True):
 
     owner: str
     meta: Conversation
+
+
+class Stamped(msgspec.Struct, frozen=True):
+    """A cached row as read, with the SHA-1 of its bytes (`meta_sha`), which the say and
+    regenerate scripts compare with Redis's to prove the row has not changed since."""
+
+    cached: CachedMeta
+    sha: str
+
+
+def meta_sha(raw: bytes) -> str:
+    """The hex SHA-1 of a cached row's bytes, as Lua's `redis.sha1hex` computes it."""
+    return hashlib.sha1(raw).hexdigest()
 
 
 class Begun(msgspec.Struct, frozen=True):
@@ -215,8 +229,15 @@ class EventLog:
         return UNLOADED if value is None else int(value)
 
     async def meta(self, conversation: uuid.UUID) -> CachedMeta | None:
+        stamped = await self.stamped(conversation)
+        return None if stamped is None else stamped.cached
+
+    async def stamped(self, conversation: uuid.UUID) -> Stamped | None:
+        """The cached row and the SHA-1 of its bytes, or None when Redis holds none."""
         raw = await self.redis.get(keys.meta(conversation))
-        return None if raw is None else _meta_decoder.decode(raw)
+        if raw is None:
+            return None
+        return Stamped(_meta_decoder.decode(raw), meta_sha(cast(bytes, raw)))
 
     async def load(
         self,
@@ -225,11 +246,13 @@ class EventLog:
         last_seq: int,
         history_seq: int,
         history: Sequence[Message],
-    ) -> None:
+    ) -> str:
         """Seed Redis from PostgreSQL unless another process already did: the latest messages
         as context, every user message id, so that a `say` repeating one is a duplicate
         however long ago it was said, and `history` (the whole persisted transcript, up to
-        `history_seq`) as the joins' copy."""
+        `history_seq`) as the joins' copy. The SHA-1 of the row as this process encoded it
+        (what Redis holds unless another process seeded or changed it meanwhile)."""
+        cached = _encoder.encode(CachedMeta(owner, meta))
         await self._load(
             meta_key=keys.meta(meta.id),
             seq_key=keys.seq(meta.id),
@@ -237,7 +260,7 @@ class EventLog:
             persisted_key=keys.persisted(meta.id),
             said_key=keys.said(meta.id),
             history_key=keys.history(meta.id),
-            meta=_encoder.encode(CachedMeta(owner, meta)),
+            meta=cached,
             last_seq=last_seq,
             ttl=self.ttl,
             persisted=history_seq,
@@ -245,6 +268,7 @@ class EventLog:
             history=_history_copy(history_seq, history),
             messages=[_encoder.encode(m) for m in history[-RECENT_KEPT:]],
         )
+        return meta_sha(cached)
 
     async def mark_persisted(self, conversation: uuid.UUID, seq: int) -> None:
         """PostgreSQL holds every event up to `seq`: the log may trim them."""

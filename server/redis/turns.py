@@ -110,6 +110,9 @@ class Admission(enum.Enum):
     BUSY = "busy"
     RATE_LIMITED = "rate"
     UNLOADED = "unloaded"
+    STALE = "stale"
+    """The caller's copy of the conversation's meta is not what Redis holds (another owner's,
+    or changed since): read it again, then try again."""
     NOTHING = "nothing"
     OVER_BUDGET = "quota"
     NO_BUDGET = "budget"
@@ -233,11 +236,17 @@ class Turns:
         job: Job,
         turn_limit: int,
         budgeting: Budgeting,
+        meta_sha: str = "",
     ) -> Accepted:
-        inputs = self._say_inputs(message_event, message, job)
+        """Accept a `say`: see say.lua. `meta_sha` is the SHA-1 of the meta the caller read
+        and checked the owner on: the script refuses the turn as `stale` unless Redis holds
+        those very bytes ('': no check, for the scripts' tests)."""
+        inputs = self._say_inputs(message_event, message, job, meta_sha)
         if self.in_steps:
             return await self._in_steps(
-                await self._reserve(job, turn_limit, budgeting, encode(message), str(message.id)),
+                await self._reserve(
+                    job, turn_limit, budgeting, encode(message), str(message.id), meta_sha
+                ),
                 lambda fate_key: self._say_commit(**inputs, fate_key=fate_key),
                 lambda reserved, accepted: msgspec.structs.replace(reserved, user_seq=accepted.seq),
             )
@@ -248,11 +257,14 @@ class Turns:
         )
         return await self._queued(result)
 
-    async def regenerate(self, job: Job, turn_limit: int, budgeting: Budgeting) -> Accepted:
-        inputs = self._mark_inputs(job)
+    async def regenerate(
+        self, job: Job, turn_limit: int, budgeting: Budgeting, meta_sha: str = ""
+    ) -> Accepted:
+        """Accept a `regenerate`: see regenerate.lua; `meta_sha` as for `accept`."""
+        inputs = self._mark_inputs(job, meta_sha)
         if self.in_steps:
             return await self._in_steps(
-                await self._reserve(job, turn_limit, budgeting, b"", ""),
+                await self._reserve(job, turn_limit, budgeting, b"", "", meta_sha),
                 lambda fate_key: self._regenerate_commit(
                     **inputs, fate_key=fate_key, fate_ttl=self.ttl
                 ),
@@ -289,7 +301,7 @@ class Turns:
             await self.queue.serve()
         return _accepted(result)
 
-    def _mark_inputs(self, job: Job) -> dict[str, Any]:
+    def _mark_inputs(self, job: Job, meta_sha: str) -> dict[str, Any]:
         """What every script that marks the conversation as generating takes: `say`,
         `regenerate` and their cluster steps `say_commit` and `regenerate_commit`."""
         c = job.conversation
@@ -299,14 +311,17 @@ class Turns:
             "meta_key": keys.meta(c),
             "reply_id": str(job.message_id),
             "lease": self.lease,
+            "meta_sha": meta_sha,
         }
 
-    def _say_inputs(self, message_event: bytes, message: Message, job: Job) -> dict[str, Any]:
+    def _say_inputs(
+        self, message_event: bytes, message: Message, job: Job, meta_sha: str
+    ) -> dict[str, Any]:
         """What `say` and `say_commit` both take."""
         c = job.conversation
         return {
             **event_keys(c),
-            **self._mark_inputs(job),
+            **self._mark_inputs(job, meta_sha),
             "said_key": keys.said(c),
             "frame": message_event,
             "message": encode(message),
@@ -449,7 +464,13 @@ class Turns:
         return accepted
 
     async def _reserve(
-        self, job: Job, turn_limit: int, budgeting: Budgeting, message: bytes, say_id: str
+        self,
+        job: Job,
+        turn_limit: int,
+        budgeting: Budgeting,
+        message: bytes,
+        say_id: str,
+        meta_sha: str = "",
     ) -> Job | Accepted:
         """Steps 1 to 3 of a turn in a cluster, in the order say.lua checks them: the
         conversation's check (which also prices the turn's worst case), the user's budget
@@ -466,6 +487,7 @@ class Turns:
             message=message,
             context_tokens=budgeting.context_tokens,
             max_tokens=budgeting.max_tokens,
+            meta_sha=meta_sha,
         )
         if text_of(checked[0]) != "ok":
             return _accepted(checked)

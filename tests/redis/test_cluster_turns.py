@@ -172,6 +172,30 @@ async def test_a_repeated_say_id_is_a_duplicate_and_costs_no_turn_of_the_rate(
     assert int(await cluster_redis.get(keys.turn_rate("u2"))) == 1
 
 
+async def test_a_copy_of_a_changed_row_is_stale_before_the_budget_or_the_rate(
+    events: EventLog, turns: Turns, cluster_redis: Any
+) -> None:
+    """In steps as in one script: turn_check refuses a web process's copy of a row that
+    changed since (`stale`) before anything is counted; the copy of the current row passes
+    every step."""
+    conversation = await loaded(events)
+    copy = await events.stamped(conversation)
+    assert copy is not None
+    await events.set_meta("alice", msgspec.structs.replace(copy.cached.meta, model="another"))
+    said, user = message(), "u-stale"
+    await budgeted(cluster_redis, user)
+    job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
+    event = f.encode(f.MessageEvent(conversation=conversation, message=said))
+    stale = await turns.accept(event, said, job, 1, UNLIMITED, copy.sha)
+    assert stale.admission is Admission.STALE
+    assert await cluster_redis.get(keys.turn_rate(user)) is None
+    assert await events.head(conversation) == 0
+    now = await events.stamped(conversation)
+    assert now is not None
+    accepted = await turns.accept(event, said, job, 1, UNLIMITED, now.sha)
+    assert accepted.admission is Admission.OK and await events.head(conversation) == 1
+
+
 async def test_a_busy_conversation_refuses_before_the_rate_counts(
     events: EventLog, turns: Turns, cluster_redis: Any
 ) -> None:
@@ -371,7 +395,7 @@ async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_
     used = await user.used()
     c = abandoned.conversation
     stalled = turns._say_inputs(
-        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned
+        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned, ""
     )
     late = await turns._say_commit(**stalled, fate_key=keys.turn_fate(c, abandoned.message_id))
     assert late == [b"late"]  # the stalled web process's commit, its reservation given back

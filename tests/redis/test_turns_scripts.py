@@ -211,3 +211,45 @@ async def test_regenerate_replaces_the_last_reply(
     recent = await events.recent(conversation)
     assert recent is not None and [m.id for m in recent][-1] == again.message_id
     assert job.message_id not in [m.id for m in recent]
+
+
+async def test_say_goes_ahead_only_on_the_row_redis_holds(
+    events: EventLog, turns: Turns, redis: Redis
+) -> None:
+    """A web process's copy of the row proves itself by its SHA-1: a copy of another row (the
+    row changed since, or another user's bytes) is `stale` and changes nothing, not even the
+    user's turn rate; the copy of Redis's row is accepted."""
+    conversation = await loaded(events, owner="alice")
+    stamped = await events.stamped(conversation)
+    assert stamped is not None
+    row = stamped.cached.meta
+    await events.set_meta("alice", msgspec.structs.replace(row, model="other-model"))
+    user, said = new_user(), message()
+    await budgeted(redis, user)
+    job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
+    event = f.encode(f.MessageEvent(conversation=conversation, message=said))
+    stale = await turns.accept(event, said, job, 1, UNLIMITED, stamped.sha)
+    assert stale.admission is Admission.STALE
+    assert await events.head(conversation) == 0 and await redis.get(keys.turn_rate(user)) is None
+    assert await generations.message_id(redis, conversation) is None
+    now = await events.stamped(conversation)
+    assert now is not None and now.sha != stamped.sha
+    assert (await turns.accept(event, said, job, 1, UNLIMITED, now.sha)).admission is Admission.OK
+
+
+async def test_a_turn_on_a_forgotten_conversation_is_unloaded_whatever_the_copy(
+    events: EventLog, turns: Turns
+) -> None:
+    """A deleted conversation's row is gone from Redis: the copy cannot prove it; `say` and
+    `regenerate` answer `unloaded` (the web process then asks PostgreSQL, which has no row)."""
+    conversation = await loaded(events)
+    stamped = await events.stamped(conversation)
+    assert stamped is not None
+    await events.forget(conversation)
+    said, user = message(), new_user()
+    job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
+    event = f.encode(f.MessageEvent(conversation=conversation, message=said))
+    said_then = await turns.accept(event, said, job, LIMIT, UNLIMITED, stamped.sha)
+    again = await turns.regenerate(job, LIMIT, UNLIMITED, stamped.sha)
+    assert (said_then.admission, again.admission) == (Admission.UNLOADED, Admission.UNLOADED)
+    assert await generations.message_id(turns.redis, conversation) is None

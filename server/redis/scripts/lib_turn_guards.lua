@@ -3,6 +3,19 @@
 -- single-slot steps (turn_check, turn_budget, turn_rate, say_commit, regenerate_commit), so
 -- each is its own function.
 
+-- Why the caller's copy of the conversation's meta is not the one Redis holds: {'unloaded'}
+-- (Redis holds none), {'stale'} (its SHA-1 is not `meta_sha`), or nil. The web process checked
+-- the owner on the copy it hashed, so a match proves the turn's user owns the conversation and
+-- that the model and system prompt it read are the ones set now (set_meta changes the bytes;
+-- a deleted conversation has none). `meta_sha` '' asks for no proof (the scripts' own tests).
+-- The say and regenerate scripts (and their cluster steps) ask it first.
+local function meta_unproven(meta_key, meta_sha)
+  local meta = redis.call('GET', meta_key)
+  if not meta then return {'unloaded'} end
+  if meta_sha ~= '' and redis.sha1hex(meta) ~= meta_sha then return {'stale'} end
+  return nil
+end
+
 -- Why the conversation cannot start a turn now ({'unloaded'}, {'busy'}), or nil.
 local function turn_blocked(meta_key, gen_key)
   if redis.call('EXISTS', meta_key) == 0 then return {'unloaded'} end

@@ -33,7 +33,10 @@ local max_tokens = ARGV[10]
 local fair = ARGV[11] -- '1': through the fair queue
 local user = ARGV[12]
 local per_user = ARGV[13] -- limits.generations_per_user
+local meta_sha = ARGV[14] -- SHA-1 of the caller's copy of the meta (lib_turn_guards.lua)
 
+local unproven = meta_unproven(meta_key, meta_sha)
+if unproven then return unproven end
 local message = last_reply(recent_key)
 if not message then return {'nothing'} end
 local cost = budget_worst_case(recent_key, '', context_tokens, max_tokens)

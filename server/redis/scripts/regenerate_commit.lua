@@ -10,7 +10,10 @@ local fate_key = KEYS[4]
 local reply_id = ARGV[1]
 local lease = tonumber(ARGV[2])
 local fate_ttl = tonumber(ARGV[3])
+local meta_sha = ARGV[4]
 
+local unproven = meta_unproven(meta_key, meta_sha)
+if unproven then return unproven end
 local message = last_reply(recent_key)
 if not message then return {'nothing'} end
 local blocked = turn_blocked(meta_key, gen_key)

@@ -1,6 +1,7 @@
 -- say: accept a user's turn. Refuses a `say` id already in the conversation's set of user
 -- message ids ({'dup'}), an unloaded
--- conversation, a busy one, a user over budget or over the turn rate (see
+-- conversation, a caller's copy of its meta that is not Redis's ({'stale'}: it also proves
+-- the owner), a busy one, a user over budget or over the turn rate (see
 -- lib_turn_guards.lua, lib_budget.lua); otherwise reserves the turn's worst case in the
 -- user's budget, appends the user's `message` event, keeps the message for the model's
 -- context, marks the conversation as generating and queues the job (with the message's seq,
@@ -48,7 +49,10 @@ local max_tokens = ARGV[16]
 local fair = ARGV[17] -- '1': through the fair queue
 local user = ARGV[18]
 local per_user = ARGV[19] -- limits.generations_per_user
+local meta_sha = ARGV[20] -- SHA-1 of the caller's copy of the meta (lib_turn_guards.lua)
 
+local unproven = meta_unproven(meta_key, meta_sha)
+if unproven then return unproven end
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 local cost = budget_worst_case(recent_key, message, context_tokens, max_tokens)
 local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()

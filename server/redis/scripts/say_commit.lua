@@ -21,7 +21,10 @@ local ttl = tonumber(ARGV[5])
 local lease = tonumber(ARGV[6])
 local recent_kept = tonumber(ARGV[7])
 local say_id = ARGV[8]
+local meta_sha = ARGV[9]
 
+local unproven = meta_unproven(meta_key, meta_sha)
+if unproven then return unproven end
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 local blocked = turn_blocked(meta_key, gen_key)
 if blocked then return blocked end

@@ -40,12 +40,18 @@ class ChatClient(openai.AsyncOpenAI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._made: dict[tuple[object, ...], _Made] = {}
-        self._options: dict[str, tuple[openai.RequestOptions, str | None, FinalRequestOptions]] = {}
+        self._options: dict[str, tuple[openai.RequestOptions, FinalRequestOptions]] = {}
 
     @property
     def user_agent(self) -> str:
         """The `openai` client's own (it names the client's class)."""
         return f"{openai.AsyncOpenAI.__name__}/Python {self._version}"
+
+    def _idempotency_key(self) -> str:
+        """A key only an idempotency header would send: without one, not a new uuid4."""
+        if self._idempotency_header is None:
+            return UNSENT_KEY
+        return super()._idempotency_key()
 
     def _build_request(
         self, options: FinalRequestOptions, *, retries_taken: int = 0
@@ -104,13 +110,10 @@ class ChatClient(openai.AsyncOpenAI):
         request options copied from those made for the last call with these `options`
         rather than made again (pydantic's `construct`, ≈ 45 µs a call)."""
         made = self._options.get(path)
-        if made is None or made[0] is not options or made[1] != self._idempotency_header:
+        if made is None or made[0] is not options:
             final = FinalRequestOptions.construct(
                 method="post", url=path, json_data=None, content=None, files=None, **options
             )
-            if self._idempotency_header is None and "idempotency_key" not in options:
-                # a key only an idempotency header would send: not a new uuid4 per call
-                final.idempotency_key = UNSENT_KEY
-            made = self._options[path] = (options, self._idempotency_header, final)
-        final = made[2].model_copy(update={"content": content})
+            made = self._options[path] = (options, final)
+        final = made[1].model_copy(update={"content": content})
         return await self.request(httpx2.Response, final)

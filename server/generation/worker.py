@@ -62,7 +62,6 @@ from server.redis.approvals import Approvals
 from server.redis.client import UNREACHABLE
 from server.redis.deadletter import DeadLetters, Malformed, Poisoned, Transient, attempt
 from server.redis.eventlog import TAKEN_OVER, Appender, EventLog, Pipeliner, encode
-from server.redis.eventlog import Piece as EventPiece
 from server.redis.streams import ConsumerGroup, Shards, consumer_name, entry_ms
 from server.redis.turns import Job, Turns
 from server.tools.definitions import CallContext, Result, Tool, error
@@ -1082,8 +1081,7 @@ class Worker:
             return
         open_text = run.open_text = OpenText(part, text, run.parts, head)
         if run.first_piece or not run.first_chunk:
-            run.index += 1
-            self.pipeliner.piece(EventPiece(run.appender, open_text, run.index, None))
+            run.appender.queue(self.pipeliner, open_text, run.next_index())
             return
         # the reply's first token waits for no interval, nor, when none of the turn's
         # events is outstanding (it cannot pass one), for the batch in flight

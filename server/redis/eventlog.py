@@ -228,10 +228,6 @@ class EventLog:
         value = await self.redis.get(keys.seq(conversation))
         return UNLOADED if value is None else int(value)
 
-    async def meta(self, conversation: uuid.UUID) -> CachedMeta | None:
-        stamped = await self.stamped(conversation)
-        return None if stamped is None else stamped.cached
-
     async def stamped(self, conversation: uuid.UUID) -> Stamped | None:
         """The cached row and the SHA-1 of its bytes, or None when Redis holds none."""
         raw = await self.redis.get(keys.meta(conversation))

@@ -26,6 +26,7 @@ from server.redis.eventlog import (
     UNLOADED,
     Begun,
     CachedHistory,
+    CachedMeta,
     EventLog,
     Opening,
     Piece,
@@ -39,6 +40,12 @@ from tests.helpers.scripts import MAX_EVENTS, conversation_row, loaded
 
 def frame(text: str) -> bytes:
     return msgspec.json.encode({"type": "token", "text": text})
+
+
+async def cached_row(events: EventLog, conversation: uuid.UUID) -> CachedMeta | None:
+    """The conversation's row as Redis caches it."""
+    stamped = await events.stamped(conversation)
+    return None if stamped is None else stamped.cached
 
 
 async def log_seqs(redis: Redis, conversation: uuid.UUID) -> list[int]:
@@ -111,22 +118,22 @@ async def test_load_seeds_once_and_never_lowers_the_seq(events: EventLog, redis:
     await redis.delete(keys.meta(meta.id))  # the cached row expired, the counter did not
     await events.load("alice", meta, 10, 10, [])
     assert await events.head(meta.id) == 11
-    cached = await events.meta(meta.id)
+    cached = await cached_row(events, meta.id)
     assert cached is not None and cached.owner == "alice" and cached.meta.id == meta.id
 
     await events.load("bob", meta, 10, 10, [])  # loaded already: nothing changes
-    cached = await events.meta(meta.id)
+    cached = await cached_row(events, meta.id)
     assert cached is not None and cached.owner == "alice"
 
 
 async def test_set_meta_replaces_a_cached_row_only(events: EventLog) -> None:
     meta = conversation_row()
     await events.set_meta("alice", meta)
-    assert await events.meta(meta.id) is None
+    assert await cached_row(events, meta.id) is None
     await events.load("alice", meta, 0, 0, [])
     renamed = msgspec.structs.replace(meta, title="renamed")
     await events.set_meta("alice", renamed)
-    cached = await events.meta(meta.id)
+    cached = await cached_row(events, meta.id)
     assert cached is not None and cached.meta.title == "renamed"
 
 
@@ -632,7 +639,7 @@ async def test_a_join_reads_the_row_the_events_and_the_transcript_in_one_script_
     calls = await script_calls(redis)
     rejoin = await events.opening(conversation, 3)
     assert await script_calls(redis) == calls + 1
-    assert rejoin.meta == await events.meta(conversation) and rejoin.meta is not None
+    assert rejoin.meta == await cached_row(events, conversation) and rejoin.meta is not None
     assert (rejoin.head, [seq for seq, _ in rejoin.events], rejoin.history) == (5, [4, 5], None)
     fresh = await events.opening(conversation, None)
     assert fresh.history is not None and (fresh.history.seq, fresh.history.messages) == (
@@ -730,7 +737,7 @@ async def test_begin_reads_the_context_the_cancel_mark_and_the_last_piece_in_one
     begun = await events.begin(meta.id, message_id, "worker-b", lease=60)
     assert await script_calls(redis) == calls + 1
     assert begun.history == [said] == await events.recent(meta.id)
-    assert begun.meta is not None and begun.meta == await events.meta(meta.id)
+    assert begun.meta is not None and begun.meta == await cached_row(events, meta.id)
     assert begun.meta.owner == "alice" and begun.meta.meta.id == meta.id
     assert (begun.cancelled, begun.piece) == (str(message_id), 2)
     assert await generations.worker(redis, meta.id) == "worker-b"

@@ -152,7 +152,10 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
     No two batches wait for each other in a cycle: the usage rows (the only rows written
     before any lock) go in the order of their keys, then the statement that moves the seqs
     locks the conversations' rows in the order of their ids, and the turns' messages are
-    written under those locks.
+    written under those locks. Nor does a batch with any other statement that locks several
+    conversations: the only one, the erasure of a user's (storage/conversations.py
+    `delete_all_for`), locks them in the order of their ids too; every other one locks a
+    single conversation.
     """
     async with pool.acquire() as conn, conn.transaction():
         spent = [

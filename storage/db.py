@@ -33,11 +33,17 @@ class QueryCount:
 QUERIES = QueryCount()
 
 
+def json_text(value: object) -> str:
+    """A jsonb value as its text: the pool's jsonb encoder, and how a batch passes a jsonb
+    column as a text array (in an array of jsonb asyncpg would take a list for a dimension)."""
+    return msgspec.json.encode(value).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     conn.add_query_logger(QUERIES.count)
     await conn.set_type_codec(
         "jsonb",
-        encoder=lambda value: msgspec.json.encode(value).decode(),
+        encoder=json_text,
         decoder=msgspec.json.decode,
         schema="pg_catalog",
     )

@@ -11,7 +11,7 @@ import msgspec
 from protocol.frames import Message
 from protocol.text import scrub
 from storage import usage as ledger
-from storage.db import structs
+from storage.db import json_text, structs
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,12 +99,6 @@ _INSERT = (
 )
 
 
-def _json(value: object) -> str:
-    """A jsonb value as its text (an array of jsonb cannot hold lists: asyncpg would take
-    them for dimensions)."""
-    return msgspec.json.encode(value).decode()
-
-
 class _Rows:
     """The messages of several turns, column by column (as `unnest` takes them; the jsonb
     columns as text)."""
@@ -113,8 +107,8 @@ class _Rows:
         self.columns: list[list[object]] = [[] for _ in range(12)]
 
     def add(self, conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> None:
-        usage = _json(message.usage) if message.usage else None
-        parts = _json(message.parts) if message.parts is not None else None
+        usage = json_text(message.usage) if message.usage else None
+        parts = json_text(message.parts) if message.parts is not None else None
         row = (
             message.id,
             conversation,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -37,6 +37,11 @@ def json_text(value: object) -> str:
     """A jsonb value as its text: the pool's jsonb encoder, and how a batch passes a jsonb
     column as a text array (in an array of jsonb asyncpg would take a list for a dimension)."""
     return msgspec.json.encode(value).decode()
+
+
+def columns(rows: Iterable[Sequence[object]], width: int) -> list[list[object]]:
+    """Rows of `width` values as `width` columns, as `unnest` takes a batch's rows."""
+    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(width)]
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

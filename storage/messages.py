@@ -11,7 +11,7 @@ import msgspec
 from protocol.frames import Message
 from protocol.text import scrub
 from storage import usage as ledger
-from storage.db import json_text, structs
+from storage.db import columns, json_text, structs
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,32 +99,22 @@ _INSERT = (
 )
 
 
-class _Rows:
-    """The messages of several turns, column by column (as `unnest` takes them; the jsonb
-    columns as text)."""
-
-    def __init__(self) -> None:
-        self.columns: list[list[object]] = [[] for _ in range(12)]
-
-    def add(self, conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> None:
-        usage = json_text(message.usage) if message.usage else None
-        parts = json_text(message.parts) if message.parts is not None else None
-        row = (
-            message.id,
-            conversation,
-            message.role,
-            message.content,
-            message.status,
-            message.model,
-            usage,
-            seq,
-            message.created_at,
-            parts,
-            message.reason,
-            reply,
-        )
-        for column, value in zip(self.columns, row, strict=True):
-            column.append(value)
+def _row(conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> tuple[object, ...]:
+    """A message's row as `_INSERT` takes it (the jsonb columns as text)."""
+    return (
+        message.id,
+        conversation,
+        message.role,
+        message.content,
+        message.status,
+        message.model,
+        json_text(message.usage) if message.usage else None,
+        seq,
+        message.created_at,
+        json_text(message.parts) if message.parts is not None else None,
+        message.reason,
+        reply,
+    )
 
 
 async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
@@ -169,17 +159,20 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
         kept = [t for t in turns if t.conversation in existing]
         replaced = [(t.conversation, t.replaces) for t in kept if t.replaces is not None]
         if replaced:
-            columns = [list(column) for column in zip(*replaced, strict=True)]
-            await conn.execute(_REPLACE, *columns)
-            await conn.execute(_DELETE_REPLACED, *columns)
-        rows = _Rows()
-        for t in kept:
-            if t.user_message is not None:
-                rows.add(t.conversation, t.user_message, t.user_seq, reply=False)
-            if t.reply is not None:
-                rows.add(t.conversation, t.reply, t.done_seq, reply=True)
-        if rows.columns[0]:
-            await conn.execute(_INSERT, *rows.columns)
+            pairs = columns(replaced, 2)
+            await conn.execute(_REPLACE, *pairs)
+            await conn.execute(_DELETE_REPLACED, *pairs)
+        rows = [
+            _row(t.conversation, message, seq, reply)
+            for t in kept
+            for message, seq, reply in (
+                (t.user_message, t.user_seq, False),
+                (t.reply, t.done_seq, True),
+            )
+            if message is not None
+        ]
+        if rows:
+            await conn.execute(_INSERT, *columns(rows, 12))
     return [t.conversation in existing for t in turns]
 
 

@@ -108,8 +108,16 @@ async def delete(pool: asyncpg.Pool, conversation: uuid.UUID, owner: str) -> boo
 
 
 async def delete_all_for(pool: asyncpg.Pool, owner: str) -> list[uuid.UUID]:
-    """Delete every conversation of `owner` (their messages go with them); the ids deleted."""
-    rows = await pool.fetch("DELETE FROM conversations WHERE owner = $1 RETURNING id", owner)
+    """Delete every conversation of `owner` (their messages go with them); the ids deleted.
+
+    The rows are locked in the order of their ids, as the persister's batch locks the
+    conversations it writes (storage/messages.py `save_turns`): a delete in scan order could
+    hold one of a batch's conversations while waiting for another the batch holds."""
+    rows = await pool.fetch(
+        "DELETE FROM conversations WHERE id IN (SELECT id FROM conversations"
+        " WHERE owner = $1 ORDER BY id FOR UPDATE) RETURNING id",
+        owner,
+    )
     return [row["id"] for row in rows]
 
 

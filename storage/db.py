@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -33,11 +33,22 @@ class QueryCount:
 QUERIES = QueryCount()
 
 
+def json_text(value: object) -> str:
+    """A jsonb value as its text: the pool's jsonb encoder, and how a batch passes a jsonb
+    column as a text array (in an array of jsonb asyncpg would take a list for a dimension)."""
+    return msgspec.json.encode(value).decode()
+
+
+def columns(rows: Iterable[Sequence[object]], width: int) -> list[list[object]]:
+    """Rows of `width` values as `width` columns, as `unnest` takes a batch's rows."""
+    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(width)]
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     conn.add_query_logger(QUERIES.count)
     await conn.set_type_codec(
         "jsonb",
-        encoder=lambda value: msgspec.json.encode(value).decode(),
+        encoder=json_text,
         decoder=msgspec.json.decode,
         schema="pg_catalog",
     )

@@ -11,7 +11,7 @@ import msgspec
 from protocol.frames import Message
 from protocol.text import scrub
 from storage import usage as ledger
-from storage.db import structs
+from storage.db import columns, json_text, structs
 
 
 class FinishedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,38 +99,22 @@ _INSERT = (
 )
 
 
-def _json(value: object) -> str:
-    """A jsonb value as its text (an array of jsonb cannot hold lists: asyncpg would take
-    them for dimensions)."""
-    return msgspec.json.encode(value).decode()
-
-
-class _Rows:
-    """The messages of several turns, column by column (as `unnest` takes them; the jsonb
-    columns as text)."""
-
-    def __init__(self) -> None:
-        self.columns: list[list[object]] = [[] for _ in range(12)]
-
-    def add(self, conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> None:
-        usage = _json(message.usage) if message.usage else None
-        parts = _json(message.parts) if message.parts is not None else None
-        row = (
-            message.id,
-            conversation,
-            message.role,
-            message.content,
-            message.status,
-            message.model,
-            usage,
-            seq,
-            message.created_at,
-            parts,
-            message.reason,
-            reply,
-        )
-        for column, value in zip(self.columns, row, strict=True):
-            column.append(value)
+def _row(conversation: uuid.UUID, message: Message, seq: int, reply: bool) -> tuple[object, ...]:
+    """A message's row as `_INSERT` takes it (the jsonb columns as text)."""
+    return (
+        message.id,
+        conversation,
+        message.role,
+        message.content,
+        message.status,
+        message.model,
+        json_text(message.usage) if message.usage else None,
+        seq,
+        message.created_at,
+        json_text(message.parts) if message.parts is not None else None,
+        message.reason,
+        reply,
+    )
 
 
 async def save_turn(pool: asyncpg.Pool, turn: FinishedTurn) -> bool:
@@ -152,7 +136,10 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
     No two batches wait for each other in a cycle: the usage rows (the only rows written
     before any lock) go in the order of their keys, then the statement that moves the seqs
     locks the conversations' rows in the order of their ids, and the turns' messages are
-    written under those locks.
+    written under those locks. Nor does a batch with any other statement that locks several
+    conversations: the only one, the erasure of a user's (storage/conversations.py
+    `delete_all_for`), locks them in the order of their ids too; every other one locks a
+    single conversation.
     """
     async with pool.acquire() as conn, conn.transaction():
         spent = [
@@ -172,17 +159,20 @@ async def save_turns(pool: asyncpg.Pool, turns: list[FinishedTurn]) -> list[bool
         kept = [t for t in turns if t.conversation in existing]
         replaced = [(t.conversation, t.replaces) for t in kept if t.replaces is not None]
         if replaced:
-            columns = [list(column) for column in zip(*replaced, strict=True)]
-            await conn.execute(_REPLACE, *columns)
-            await conn.execute(_DELETE_REPLACED, *columns)
-        rows = _Rows()
-        for t in kept:
-            if t.user_message is not None:
-                rows.add(t.conversation, t.user_message, t.user_seq, reply=False)
-            if t.reply is not None:
-                rows.add(t.conversation, t.reply, t.done_seq, reply=True)
-        if rows.columns[0]:
-            await conn.execute(_INSERT, *rows.columns)
+            pairs = columns(replaced, 2)
+            await conn.execute(_REPLACE, *pairs)
+            await conn.execute(_DELETE_REPLACED, *pairs)
+        rows = [
+            _row(t.conversation, message, seq, reply)
+            for t in kept
+            for message, seq, reply in (
+                (t.user_message, t.user_seq, False),
+                (t.reply, t.done_seq, True),
+            )
+            if message is not None
+        ]
+        if rows:
+            await conn.execute(_INSERT, *columns(rows, 12))
     return [t.conversation in existing for t in turns]
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from storage.db import structs
+from storage.db import columns, structs
 
 GroupBy = Literal["day", "model"]
 
@@ -94,9 +94,8 @@ async def record(
     second write of the same turn changes nothing. In the order of their keys: an insert
     waits for another transaction's uncommitted row of the same key, so two batches holding
     the same turns (a replay) insert them in the same order and never wait in a cycle."""
-    columns: list[list[object]] = [[] for _ in range(14)]
-    for conversation, message_id, entry, finished_at in sorted(spent, key=_key):
-        row = (
+    rows = [
+        (
             conversation,
             message_id,
             entry.owner,
@@ -112,9 +111,9 @@ async def record(
             entry.started_at,
             finished_at,
         )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    await conn.execute(_RECORD, *columns)
+        for conversation, message_id, entry, finished_at in sorted(spent, key=_key)
+    ]
+    await conn.execute(_RECORD, *columns(rows, 14))
 
 
 def _key(spent: tuple[uuid.UUID, uuid.UUID, UsageEntry, datetime]) -> tuple[uuid.UUID, uuid.UUID]:

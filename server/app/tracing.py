@@ -190,14 +190,22 @@ def _child(name: str) -> Iterator[Traced]:
 
 @contextlib.contextmanager
 def continued(
-    traceparent: str | None, name: str, conversation: uuid.UUID, message_id: uuid.UUID
+    traceparent: str | None,
+    name: str,
+    conversation: uuid.UUID,
+    message_id: uuid.UUID,
+    start_time: int | None = None,
 ) -> Iterator[Traced]:
-    """A span in another process joining the trace `traceparent` names (the persister's)."""
+    """A span in another process joining the trace `traceparent` names (the persister's),
+    begun at `start_time` (ns since the epoch) if given, else now."""
     if _tracer is None or traceparent is None:
         yield OFF
         return
     with _tracer.start_as_current_span(
-        name, context=_parent(traceparent), attributes=_ids(conversation, message_id)
+        name,
+        context=_parent(traceparent),
+        attributes=_ids(conversation, message_id),
+        start_time=start_time,
     ) as child:
         yield Traced(child)
 

@@ -1,8 +1,9 @@
 """Finished turns, from the persist Streams (`keys.persist`: one per queue shard, each read
 by its own loop) to PostgreSQL.
 
-The entries of one read are written together — one connection, one transaction, one
-statement per kind of row (`save_turns`) — or, when that fails, each in its own transaction;
+The entries of one read are decoded once and written together — one connection, one
+transaction, one statement per kind of row (`save_turns`), retried while the failure is
+transient — or, when PostgreSQL refuses them, each in its own transaction;
 idempotently (message ids were chosen before the write), and acknowledged only after the
 commit (the entries of one read together, with their `mark_persisted` calls, in one round
 trip): PostgreSQL being down delays persistence and loses nothing. Entries left pending by
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import time
 
 import asyncpg
 import msgspec
@@ -29,7 +30,14 @@ from protocol import frames as f
 from server.app import logs, metrics, tracing
 from server.redis import keys, scripts
 from server.redis.client import UNREACHABLE
-from server.redis.deadletter import DeadLetters, Malformed, Poisoned, attempt
+from server.redis.deadletter import (
+    TRANSIENT_DELAYS,
+    DeadLetters,
+    Malformed,
+    Poisoned,
+    attempt,
+    is_transient,
+)
 from server.redis.eventlog import EventLog
 from server.redis.replicas import Replication
 from server.redis.streams import ConsumerGroup, Entry, consumer_name
@@ -42,26 +50,8 @@ CLAIM_EVERY = 5.0
 
 _turn_decoder = msgspec.json.Decoder(FinishedTurn)
 
-
-class _Owner(msgspec.Struct):
-    """A finished turn's conversation alone (the rest of the entry is skipped unread)."""
-
-    conversation: uuid.UUID
-
-
-_owner_decoder = msgspec.json.Decoder(_Owner)
-
-
-def _owners(entries: list[Entry]) -> list[uuid.UUID]:
-    """The conversations of the entries that name one (a malformed entry is left for
-    `_persist`, which sends it to the dead letters)."""
-    owners = []
-    for _, fields in entries:
-        try:
-            owners.append(_owner_decoder.decode(fields[b"turn"]).conversation)
-        except (KeyError, msgspec.DecodeError):
-            continue
-    return owners
+Decoded = tuple[Entry, FinishedTurn]
+"""An entry of a read and the finished turn it holds."""
 
 
 class Persister:
@@ -119,56 +109,77 @@ class Persister:
         await self._persist_all(group, await group.autoclaim(CLAIM_IDLE_MS))
 
     async def _persist_all(self, group: ConsumerGroup, entries: list[Entry]) -> None:
-        """Write the entries together, or each alone if that fails, then mark and
-        acknowledge those written, all in one round trip."""
+        """Decode the entries once; write their turns together, or each alone if PostgreSQL
+        refuses that; send those that do not decode to the dead letters; then mark and
+        acknowledge the turns written, all in one round trip."""
+        turns, malformed = _decode_all(entries)
         if entries:
-            await self._replicated(group, entries)
-        saved = await self._persist_together(entries)
-        written = {entry_id for entry_id, _ in saved}
-        for entry_id, fields in entries:
-            if entry_id in written:
-                continue
-            turn = await self._persist(group, entry_id, fields)
-            if turn is not None:
-                saved.append((entry_id, turn))
+            await self._replicated(group, entries, turns)
+        saved = await self._persist_together(turns)
+        if saved is None:
+            saved = []
+            for (entry_id, fields), turn in turns:
+                if await self._persist(group, entry_id, fields, turn):
+                    saved.append((entry_id, turn))
+        for (entry_id, fields), error in malformed:  # the same bytes will not decode better
+            await self.dead_letters.bury(
+                group.stream, keys.PERSISTERS, entry_id, fields or {}, Poisoned(error, 1)
+            )
         if saved:
             await self._done(group, saved)
 
-    async def _persist_together(self, entries: list[Entry]) -> list[tuple[bytes, FinishedTurn]]:
-        """The entries' turns written in one transaction (`save_turns`: one connection, one
-        statement per kind of row), or none when that fails: one turn PostgreSQL refuses
-        rolls the others back with it, so each is then written alone (`_persist`), where a
-        bad one is retried, then dead-lettered, without holding up the rest. Entries that
-        do not decode are left to `_persist` too."""
-        turns: list[tuple[bytes, FinishedTurn]] = []
-        for entry_id, fields in entries:
-            with contextlib.suppress(Malformed):
-                turns.append((entry_id, _decode(fields)))
+    async def _persist_together(
+        self, turns: list[Decoded]
+    ) -> list[tuple[bytes, FinishedTurn]] | None:
+        """The turns written in one transaction (`save_turns`: one connection, one statement
+        per kind of row), or None when PostgreSQL refuses that: one turn it refuses rolls the
+        others back with it, so each is then written alone (`_persist`), where a bad one is
+        retried, then dead-lettered, without holding up the rest. Each turn's span is opened
+        once they are written (from the time the write began): a batch that fails marks no
+        turn's span, and the turn written alone has its own."""
         if not turns:
             return []
-        try:
-            with contextlib.ExitStack() as spans:
-                for _, turn in turns:
-                    spans.enter_context(_span(turn))
-                kept = await save_turns(self.pool, [turn.storable() for _, turn in turns])
-        except Exception as exc:  # whatever it is, each turn alone meets it again, or not
-            log.warning(
-                "cannot write %d finished turns together (%s); writing them one by one",
-                len(turns),
-                exc,
-            )
-            return []
+        began = time.time_ns()
+        kept = await self._save_together([turn for _, turn in turns])
+        if kept is None:
+            return None
         for (_, turn), exists in zip(turns, kept, strict=True):
-            self._written(turn, exists)
-        return turns
+            with _span(turn, began):
+                self._written(turn, exists)
+        return [(entry_id, turn) for (entry_id, _), turn in turns]
 
-    async def _replicated(self, group: ConsumerGroup, entries: list[Entry]) -> None:
+    async def _save_together(self, turns: list[FinishedTurn]) -> list[bool] | None:
+        """`save_turns`, retried with `attempt`'s back-off while the failure is transient
+        (PostgreSQL unreachable or shutting down, a deadlock, a dropped connection: as long as
+        it lasts, as a turn written alone is), counted; None at once on a permanent one."""
+        transient = 0
+        while True:
+            try:
+                return await save_turns(self.pool, [turn.storable() for turn in turns])
+            except Exception as exc:  # whatever it is, each turn alone meets it again, or not
+                if not is_transient(exc):
+                    log.warning(
+                        "cannot write %d finished turns together (%s); writing them one by one",
+                        len(turns),
+                        exc,
+                    )
+                    return None
+                metrics.POSTGRES_ERRORS.labels("persister").inc()
+                metrics.RETRIES.labels("persister").inc()
+                if transient == 0:
+                    log.warning("cannot write %d finished turns (%s); retrying", len(turns), exc)
+                await asyncio.sleep(TRANSIENT_DELAYS[min(transient, len(TRANSIENT_DELAYS) - 1)])
+                transient += 1
+
+    async def _replicated(
+        self, group: ConsumerGroup, entries: list[Entry], turns: list[Decoded]
+    ) -> None:
         """Wait (bounded) until the replicas of `group`'s node hold the entries, and on a
         cluster those of their conversations' nodes the turns' events. Without them — a
         replica down or lagging, or a node not answering — the batch is written all the same
         (availability first), counted, and logged once until a wait succeeds."""
         entry_ids = [entry_id for entry_id, _ in entries]
-        owners = _owners(entries) if self.replication.clustered else []
+        owners = [turn.conversation for _, turn in turns] if self.replication.clustered else []
         try:
             if await self.replication.settled(group, entry_ids, owners):
                 self._unreplicated = False
@@ -183,15 +194,15 @@ class Persister:
             log.warning("%s: finished turns persisted unreplicated", reason)
 
     async def _persist(
-        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes]
-    ) -> FinishedTurn | None:
-        """The turn once written to PostgreSQL; None when it went to the dead letters."""
+        self, group: ConsumerGroup, entry_id: bytes, fields: dict[bytes, bytes], turn: FinishedTurn
+    ) -> bool:
+        """Whether the turn was written to PostgreSQL (False: it went to the dead letters)."""
         try:
-            turn = await attempt(lambda: self._save(fields), f"finished turn {entry_id.decode()}")
+            await attempt(lambda: self._save(turn), f"finished turn {entry_id.decode()}")
         except Poisoned as failure:
             await self.dead_letters.bury(group.stream, keys.PERSISTERS, entry_id, fields, failure)
-            return None
-        return turn
+            return False
+        return True
 
     def _written(self, turn: FinishedTurn, exists: bool) -> None:
         """Count a turn PostgreSQL now holds (or dropped, its conversation gone)."""
@@ -216,8 +227,7 @@ class Persister:
             log.warning("cannot mark finished turns persisted (%s)", exc)
             await self._ack(group, entry_ids)
 
-    async def _save(self, fields: dict[bytes, bytes]) -> FinishedTurn:
-        turn = _decode(fields)
+    async def _save(self, turn: FinishedTurn) -> None:
         logs.CONVERSATION.set(str(turn.conversation))
         logs.MESSAGE.set(str(turn.reply_id))
         try:
@@ -228,7 +238,6 @@ class Persister:
             metrics.RETRIES.labels("persister").inc()
             raise
         self._written(turn, exists)
-        return turn
 
     async def _ack(self, group: ConsumerGroup, entry_ids: list[bytes]) -> None:
         while True:
@@ -242,14 +251,33 @@ class Persister:
                 await asyncio.sleep(1.0)
 
 
-def _span(turn: FinishedTurn) -> contextlib.AbstractContextManager[tracing.Traced]:
-    """The turn's "persist turn" span, in the trace of the generation that made it."""
-    return tracing.continued(turn.traceparent, "persist turn", turn.conversation, turn.reply_id)
+def _span(
+    turn: FinishedTurn, began: int | None = None
+) -> contextlib.AbstractContextManager[tracing.Traced]:
+    """The turn's "persist turn" span, in the trace of the generation that made it (begun
+    at `began`, in ns since the epoch, if given)."""
+    return tracing.continued(
+        turn.traceparent, "persist turn", turn.conversation, turn.reply_id, began
+    )
+
+
+def _decode_all(entries: list[Entry]) -> tuple[list[Decoded], list[tuple[Entry, Malformed]]]:
+    """The entries' turns, and the entries that hold none, each with why."""
+    turns: list[Decoded] = []
+    malformed: list[tuple[Entry, Malformed]] = []
+    for entry in entries:
+        try:
+            turns.append((entry, _decode(entry[1])))
+        except Malformed as error:
+            malformed.append((entry, error))
+    return turns, malformed
 
 
 def _decode(fields: dict[bytes, bytes]) -> FinishedTurn:
+    """The entry's turn; Malformed whatever stops that (a field missing or not what it should
+    be, or no fields at all, as XAUTOCLAIM may give for an entry deleted meanwhile)."""
     try:
         turn = _turn_decoder.decode(fields[b"turn"])
         return msgspec.structs.replace(turn, done_seq=int(fields[b"done_seq"]))
-    except (KeyError, ValueError, msgspec.DecodeError) as exc:
+    except Exception as exc:
         raise Malformed(f"not a finished turn: {exc}") from exc

@@ -20,10 +20,15 @@ import asyncpg
 import msgspec
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from protocol.frames import utcnow
+from server.app import tracing
 from server.app.config import RedisSettings
 from server.generation.persister import Persister
 from server.redis import keys
@@ -204,6 +209,97 @@ async def test_a_turn_postgresql_cannot_take_is_dead_lettered_and_the_rest_of_it
     assert await redis.xlen(keys.persist(0)) == 0
     [(_, letter)] = await redis.xrange(keys.DEADLETTER)
     assert b"int64" in letter[b"error"] and letter[b"attempts"] == b"3"
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """Tracing on in this process, its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("parley"))
+    return exporter
+
+
+async def test_a_batch_postgresql_refuses_leaves_one_clean_span_per_turn_written_alone(
+    pool: asyncpg.Pool, redis: Redis, persister: Persister, spans: InMemorySpanExporter
+) -> None:
+    """The refused batch marks no turn's span; each turn then written alone has one span,
+    its own, and only the bad turn's spans show its error."""
+    traced = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    kept = [
+        msgspec.structs.replace(await finished_turn(pool), traceparent=traced) for _ in range(2)
+    ]
+    poisoned = msgspec.structs.replace(next_turn(kept[0]), traceparent=traced)
+    await queued(redis, kept[0])
+    await redis.xadd(keys.persist(0), {**entry(poisoned), "done_seq": str(10**20)})
+    await queued(redis, kept[1])
+    await persist_one_batch(persister)
+    assert await marked(redis, kept)
+    by_message: dict[str, list[ReadableSpan]] = {}
+    for span in spans.get_finished_spans():
+        assert span.name == "persist turn" and span.attributes is not None
+        by_message.setdefault(str(span.attributes["parley.message.id"]), []).append(span)
+    for finished in kept:
+        [span] = by_message[str(finished.reply_id)]
+        assert span.status.status_code != StatusCode.ERROR
+    bad = by_message[str(poisoned.reply_id)]
+    assert len(bad) == 3 and all(s.status.status_code == StatusCode.ERROR for s in bad)
+
+
+def persister_retries() -> list[float]:
+    """The persister's PostgreSQL errors and retries counted so far."""
+    return [
+        REGISTRY.get_sample_value(name, {"component": "persister"}) or 0.0
+        for name in ("parley_postgres_errors_total", "parley_retries_total")
+    ]
+
+
+async def test_a_batch_whose_connection_drops_is_written_again_together_and_counted(
+    pool: asyncpg.Pool, redis: Redis, persister: Persister, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transient failure (here the batch's connection ended by the server while it waits
+    for a conversation's lock) is retried as a batch, counted, not written turn by turn."""
+    turns = [await finished_turn(pool) for _ in range(2)]
+    for finished in turns:
+        await queued(redis, finished)
+    counted = persister_retries()
+    async with asyncio.timeout(20), pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", turns[0].conversation
+            )
+            writing = asyncio.create_task(persist_one_batch(persister))
+            while not await pool.fetchval(  # out of the transaction, for a fresh view
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.02)
+        await writing
+    assert await marked(redis, turns)
+    for finished in turns:
+        assert len(await messages.history(pool, finished.conversation)) == 2
+    assert all(now > then for now, then in zip(persister_retries(), counted, strict=True))
+    assert "one by one" not in caplog.text
+
+
+async def test_an_entry_that_does_not_decode_at_all_is_dead_lettered_and_its_read_written(
+    pool: asyncpg.Pool, redis: Redis, persister: Persister
+) -> None:
+    """Whatever stops an entry decoding (here no fields, as XAUTOCLAIM may give for an entry
+    deleted meanwhile) sends it to the dead letters, never out of the shard's loop."""
+    kept = await finished_turn(pool)
+    await queued(redis, kept)
+    await redis.xadd(keys.persist(0), entry(await finished_turn(pool)))  # type: ignore[arg-type]
+    group = persister.groups[0]
+    (kept_id, kept_fields), (gone_id, _) = await group.read(10, 100)
+    await persister._persist_all(group, [(kept_id, kept_fields), (gone_id, None)])  # type: ignore[list-item]
+    assert await marked(redis, [kept])
+    assert len(await messages.history(pool, kept.conversation)) == 2
+    assert await redis.xlen(keys.persist(0)) == 0
+    assert (await redis.xpending(keys.persist(0), keys.PERSISTERS))["pending"] == 0
+    [(_, letter)] = await redis.xrange(keys.DEADLETTER)
+    assert letter[b"entry"] == gone_id and b"TypeError" in letter[b"error"]
 
 
 async def test_no_wait_is_sent_where_redis_has_no_replica(pool: asyncpg.Pool, redis: Redis) -> None:

@@ -142,6 +142,36 @@ async def test_delete_is_for_the_owner_and_takes_the_messages_along(pool: asyncp
     assert not await conversations.delete(pool, meta.id, "alice")
 
 
+async def test_erasing_a_user_locks_their_conversations_in_the_order_a_batch_does(
+    pool: asyncpg.Pool,
+) -> None:
+    """A batch of turns locks its conversations in the order of their ids; erasing a user
+    locks theirs in that order too (not in the order a scan finds them: here, the largest id
+    first), so the two never wait for each other in a cycle, which PostgreSQL would end by
+    aborting one of them."""
+    ids = sorted((uuid.uuid4() for _ in range(3)), reverse=True)
+    for n, conversation in enumerate(ids):  # stored, and latest first, the largest id first
+        meta = conversation_meta(at=T0 - timedelta(seconds=n))
+        await conversations.insert(pool, "alice", msgspec.structs.replace(meta, id=conversation))
+    lock = "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE"
+    async with asyncio.timeout(20), pool.acquire() as batch:
+        async with batch.transaction():
+            await batch.execute(lock, ids[-1])  # the batch's first lock, the smallest id
+            erasing = asyncio.create_task(conversations.delete_all_for(pool, "alice"))
+            await waiting_for_a_lock(pool)
+            await batch.execute(lock, ids[0])  # its next
+        assert sorted(await erasing) == sorted(ids)
+
+
+async def waiting_for_a_lock(pool: asyncpg.Pool) -> None:
+    """Until a statement on this database waits for a lock another transaction holds."""
+    while not await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ):
+        await asyncio.sleep(0.02)
+
+
 # --------------------------------------------------------------------------- finished turns
 
 

@@ -1,5 +1,5 @@
-"""The persister against the real embedded Redis and PostgreSQL: a batch of finished turns is
-written to PostgreSQL turn by turn, then marked persisted and acknowledged in one round trip;
+"""The persister against the real embedded Redis and PostgreSQL: a read of finished turns is
+written to PostgreSQL together, then marked persisted and acknowledged in one round trip;
 and against a real primary with a replica (a one-shard Redis Cluster, reached with the
 cluster client and, as a single Redis, with the plain one, and a three-primary cluster whose
 conversation and persist stream live on different nodes): a batch is written only once the

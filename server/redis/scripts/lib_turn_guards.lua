@@ -16,9 +16,9 @@ local function meta_unproven(meta_key, meta_sha)
   return nil
 end
 
--- Why the conversation cannot start a turn now ({'unloaded'}, {'busy'}), or nil.
-local function turn_blocked(meta_key, gen_key)
-  if redis.call('EXISTS', meta_key) == 0 then return {'unloaded'} end
+-- Why the conversation cannot start a turn now ({'busy'}), or nil. Its callers asked
+-- meta_unproven first (the meta is there).
+local function turn_blocked(gen_key)
   if redis.call('EXISTS', gen_key) == 1 then return {'busy'} end
   return nil
 end
@@ -39,12 +39,12 @@ local function rate_refused(rate_key, turn_limit)
   return nil
 end
 
--- Why a new turn may not start now, as the script's answer ({'unloaded'}, {'busy'}, the
+-- Why a new turn may not start now, as the script's answer ({'busy'}, the
 -- budget's refusal, {'rate', seconds until the window ends}), or nil when it may. Counts the
 -- turn against the user's per-minute rate. `over_budget` says why the budget refuses, if it
 -- does (before the rate counts the turn).
-local function turn_refused(meta_key, gen_key, rate_key, turn_limit, over_budget)
-  return turn_blocked(meta_key, gen_key) or over_budget() or rate_refused(rate_key, turn_limit)
+local function turn_refused(gen_key, rate_key, turn_limit, over_budget)
+  return turn_blocked(gen_key) or over_budget() or rate_refused(rate_key, turn_limit)
 end
 
 -- The conversation's last message, decoded, when it is the model's (the reply a regenerate

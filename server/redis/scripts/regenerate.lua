@@ -40,7 +40,7 @@ if unproven then return unproven end
 local message = last_reply(recent_key)
 if not message then return {'nothing'} end
 local cost = budget_worst_case(recent_key, '', context_tokens, max_tokens)
-local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
+local refused = turn_refused(gen_key, rate_key, turn_limit, function()
   return budget_refused(budget_key, budget_limit, budget_oldest, cost)
 end)
 if refused then return refused end

@@ -16,7 +16,7 @@ local unproven = meta_unproven(meta_key, meta_sha)
 if unproven then return unproven end
 local message = last_reply(recent_key)
 if not message then return {'nothing'} end
-local blocked = turn_blocked(meta_key, gen_key)
+local blocked = turn_blocked(gen_key)
 if blocked then return blocked end
 if not turn_claimed(fate_key, fate_ttl) then return {'late'} end
 mark_generating(gen_key, reply_id, lease)

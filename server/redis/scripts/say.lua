@@ -55,7 +55,7 @@ local unproven = meta_unproven(meta_key, meta_sha)
 if unproven then return unproven end
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 local cost = budget_worst_case(recent_key, message, context_tokens, max_tokens)
-local refused = turn_refused(meta_key, gen_key, rate_key, turn_limit, function()
+local refused = turn_refused(gen_key, rate_key, turn_limit, function()
   return budget_refused(budget_key, budget_limit, budget_oldest, cost)
 end)
 if refused then return refused end

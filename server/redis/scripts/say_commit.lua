@@ -26,7 +26,7 @@ local meta_sha = ARGV[9]
 local unproven = meta_unproven(meta_key, meta_sha)
 if unproven then return unproven end
 if redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
-local blocked = turn_blocked(meta_key, gen_key)
+local blocked = turn_blocked(gen_key)
 if blocked then return blocked end
 if not turn_claimed(fate_key, ttl) then return {'late'} end
 local conversation = {

@@ -19,6 +19,6 @@ local unproven = meta_unproven(meta_key, meta_sha)
 if unproven then return unproven end
 if say_id ~= '' and redis.call('SISMEMBER', said_key, say_id) == 1 then return {'dup'} end
 if regenerating == '1' and not last_reply(recent_key) then return {'nothing'} end
-local blocked = turn_blocked(meta_key, gen_key)
+local blocked = turn_blocked(gen_key)
 if blocked then return blocked end
 return {'ok', budget_worst_case(recent_key, message, context_tokens, max_tokens)}

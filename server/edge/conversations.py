@@ -503,12 +503,7 @@ class Conversations:
         try:
             result = await attempt(job, copy.sha)
             for _ in range(3):  # each may be missing once, in this order
-                if result.admission is Admission.UNLOADED:
-                    loaded = await self._seed(job.conversation)
-                    if loaded.cached.owner != job.user:
-                        raise not_found()
-                    copy = self._keep(job.conversation, loaded)
-                elif result.admission is Admission.STALE:
+                if result.admission in (Admission.UNLOADED, Admission.STALE):
                     copy = self._keep(
                         job.conversation, await self._owned(job.user, job.conversation)
                     )

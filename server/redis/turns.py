@@ -236,11 +236,11 @@ class Turns:
         job: Job,
         turn_limit: int,
         budgeting: Budgeting,
-        meta_sha: str = "",
+        meta_sha: str,
     ) -> Accepted:
         """Accept a `say`: see say.lua. `meta_sha` is the SHA-1 of the meta the caller read
         and checked the owner on: the script refuses the turn as `stale` unless Redis holds
-        those very bytes ('': no check, for the scripts' tests)."""
+        those very bytes."""
         inputs = self._say_inputs(message_event, message, job, meta_sha)
         if self.in_steps:
             return await self._in_steps(
@@ -258,7 +258,7 @@ class Turns:
         return await self._queued(result)
 
     async def regenerate(
-        self, job: Job, turn_limit: int, budgeting: Budgeting, meta_sha: str = ""
+        self, job: Job, turn_limit: int, budgeting: Budgeting, meta_sha: str
     ) -> Accepted:
         """Accept a `regenerate`: see regenerate.lua; `meta_sha` as for `accept`."""
         inputs = self._mark_inputs(job, meta_sha)
@@ -470,7 +470,7 @@ class Turns:
         budgeting: Budgeting,
         message: bytes,
         say_id: str,
-        meta_sha: str = "",
+        meta_sha: str,
     ) -> Job | Accepted:
         """Steps 1 to 3 of a turn in a cluster, in the order say.lua checks them: the
         conversation's check (which also prices the turn's worst case), the user's budget

@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 
 from protocol.frames import Conversation, Message, Role
 from server.app.config import BudgetsSettings
+from server.redis import keys
 from server.redis.budgets import Budgets
-from server.redis.eventlog import EventLog
+from server.redis.eventlog import EventLog, meta_sha
 from server.redis.turns import Budgeting
 
 MAX_EVENTS = 5
@@ -61,3 +62,9 @@ def message(role: Role = "user", message_id: uuid.UUID | None = None) -> Message
         status="complete",
         created_at=datetime.now(UTC),
     )
+
+
+async def row_sha(redis: Redis, conversation: uuid.UUID) -> str:
+    """The SHA-1 of the conversation's row as Redis holds it: what a web process's copy of
+    the row proves to the turn scripts (any value for a conversation Redis does not hold)."""
+    return meta_sha(await redis.get(keys.meta(conversation)) or b"")

@@ -15,7 +15,7 @@ from server.redis import keys
 from server.redis.budgets import Budgets
 from server.redis.eventlog import EventLog
 from server.redis.turns import Accepted, Admission, Job, Turns
-from tests.helpers.scripts import MAX_EVENTS, TTL, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, loaded, row_sha
 
 MAX_TOKENS = 100
 START = datetime(2026, 3, 10, 23, 30, tzinfo=UTC)
@@ -51,7 +51,8 @@ async def say(turns: Turns, budgets: Budgets, events: EventLog, user: str) -> tu
     )
     event = f.encode(f.MessageEvent(conversation=conversation, message=message))
     budgeting = budgets.budgeting("", context_tokens=1000, max_tokens=MAX_TOKENS)
-    return await turns.accept(event, message, job, 100, budgeting), job
+    sha = await row_sha(turns.redis, conversation)
+    return await turns.accept(event, message, job, 100, budgeting, sha), job
 
 
 async def queued(redis: Redis, job: Job) -> Job:

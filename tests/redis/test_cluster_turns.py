@@ -29,7 +29,7 @@ from server.redis.streams import ConsumerGroup, Shards
 from server.redis.turns import Accepted, Admission, Budgeting, Job, Turns
 from tests.helpers.processes import RedisClusters
 from tests.helpers.redis_cluster import SixNodes
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message, row_sha
 
 SHARDS = 4
 MIGRATION_SECONDS = 1.5
@@ -113,7 +113,8 @@ async def say_budgeted(
         budget_bucket=budgeting.bucket,
     )
     event = f.encode(f.MessageEvent(conversation=conversation, message=said))
-    return await turns.accept(event, said, job, limit, budgeting), job
+    sha = await row_sha(turns.redis, conversation)
+    return await turns.accept(event, said, job, limit, budgeting, sha), job
 
 
 async def queued(redis: Any, stream: str, field: bytes) -> list[bytes]:
@@ -257,9 +258,10 @@ async def test_regenerate_in_steps_replaces_the_last_reply(
     _, job = await say(turns, conversation, "u5", message())
     again = Job(conversation=conversation, user="u5", message_id=uuid.uuid4(), model="m")
     await free(cluster_redis, conversation)
-    assert (await turns.regenerate(again, 100, UNLIMITED)).admission is Admission.NOTHING
+    sha = await row_sha(turns.redis, conversation)
+    assert (await turns.regenerate(again, 100, UNLIMITED, sha)).admission is Admission.NOTHING
     await finish_turn(pipeliner, turns, job, 0)
-    accepted = await turns.regenerate(again, 100, UNLIMITED)
+    accepted = await turns.regenerate(again, 100, UNLIMITED, sha)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     jobs = [
         msgspec.json.decode(raw, type=Job)
@@ -372,7 +374,8 @@ async def reserve_then_die(
         budget_bucket=user.budgeting.bucket,
     )
     said_as = msgspec.json.encode(said)
-    reserved = await turns._reserve(job, 100, user.budgeting, said_as, str(said.id))
+    sha = await row_sha(turns.redis, conversation)
+    reserved = await turns._reserve(job, 100, user.budgeting, said_as, str(said.id), sha)
     assert isinstance(reserved, Job)
     return reserved, said
 
@@ -394,8 +397,9 @@ async def test_a_reservation_left_by_a_dead_web_process_is_given_back_after_its_
     assert await user.used() == (await queued_job(cluster_redis, turns, job)).budget_reserved
     used = await user.used()
     c = abandoned.conversation
+    sha = await row_sha(turns.redis, c)
     stalled = turns._say_inputs(
-        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned, ""
+        f.encode(f.MessageEvent(conversation=c, message=said)), said, abandoned, sha
     )
     late = await turns._say_commit(**stalled, fate_key=keys.turn_fate(c, abandoned.message_id))
     assert late == [b"late"]  # the stalled web process's commit, its reservation given back

@@ -18,7 +18,7 @@ from server.redis import keys
 from server.redis.eventlog import EventLog
 from server.redis.queue import FairQueue
 from server.redis.turns import Admission, Job, Turns
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, row_sha
 
 PER_USER = 2
 GROUP = "workers"
@@ -44,7 +44,8 @@ async def say(
     )
     job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
     event = f.encode(f.MessageEvent(conversation=conversation, message=said))
-    accepted = await turns.accept(event, said, job, 100, UNLIMITED)
+    sha = await row_sha(turns.redis, conversation)
+    accepted = await turns.accept(event, said, job, 100, UNLIMITED, sha)
     assert accepted.admission is Admission.OK
     return job
 

@@ -14,7 +14,7 @@ from server.redis import generations, keys
 from server.redis.eventlog import TAKEN_OVER, UNLOADED, EventLog
 from server.redis.scripts import Call
 from server.redis.turns import Admission, Job, Turns
-from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message
+from tests.helpers.scripts import MAX_EVENTS, TTL, UNLIMITED, budgeted, loaded, message, row_sha
 
 LIMIT = 100
 
@@ -39,7 +39,8 @@ async def say(
     await budgeted(turns.redis, user)
     job = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
     event = f.encode(f.MessageEvent(conversation=conversation, message=said))
-    accepted = await turns.accept(event, said, job, limit, UNLIMITED)
+    sha = await row_sha(turns.redis, conversation)
+    accepted = await turns.accept(event, said, job, limit, UNLIMITED, sha)
     return accepted.admission, accepted.seq, job
 
 
@@ -93,7 +94,8 @@ async def test_say_over_the_turn_rate_is_refused_with_the_wait(
     said = message()
     job = Job(conversation=second, user=user, message_id=uuid.uuid4(), model="m")
     event = f.encode(f.MessageEvent(conversation=second, message=said))
-    refused = await turns.accept(event, said, job, 1, UNLIMITED)
+    sha = await row_sha(turns.redis, second)
+    refused = await turns.accept(event, said, job, 1, UNLIMITED, sha)
     assert refused.admission is Admission.RATE_LIMITED and 1 <= refused.retry_after <= 61
     assert await events.head(second) == 0
 
@@ -188,16 +190,17 @@ async def test_regenerate_replaces_the_last_reply(
     generations.clear(pipe, conversation)
     await pipe.execute()
     assert (
-        await turns.regenerate(nothing, LIMIT, UNLIMITED)
+        await turns.regenerate(nothing, LIMIT, UNLIMITED, await row_sha(redis, conversation))
     ).admission is Admission.NOTHING  # last is user's
 
     reply = message("assistant", job.message_id)
     await finish(turns, job, reply).run()
     again = Job(conversation=conversation, user=user, message_id=uuid.uuid4(), model="m")
-    accepted = await turns.regenerate(again, LIMIT, UNLIMITED)
+    sha = await row_sha(redis, conversation)
+    accepted = await turns.regenerate(again, LIMIT, UNLIMITED, sha)
     assert accepted.admission is Admission.OK and accepted.replaces == job.message_id
     assert (await queued_job(redis, again)).replaces == job.message_id
-    assert (await turns.regenerate(again, LIMIT, UNLIMITED)).admission is Admission.BUSY
+    assert (await turns.regenerate(again, LIMIT, UNLIMITED, sha)).admission is Admission.BUSY
 
     second = message("assistant", again.message_id)
     replaced = Job(

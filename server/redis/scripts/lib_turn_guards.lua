@@ -7,12 +7,12 @@
 -- (Redis holds none), {'stale'} (its SHA-1 is not `meta_sha`), or nil. The web process checked
 -- the owner on the copy it hashed, so a match proves the turn's user owns the conversation and
 -- that the model and system prompt it read are the ones set now (set_meta changes the bytes;
--- a deleted conversation has none). `meta_sha` '' asks for no proof (the scripts' own tests).
+-- a deleted conversation has none).
 -- The say and regenerate scripts (and their cluster steps) ask it first.
 local function meta_unproven(meta_key, meta_sha)
   local meta = redis.call('GET', meta_key)
   if not meta then return {'unloaded'} end
-  if meta_sha ~= '' and redis.sha1hex(meta) ~= meta_sha then return {'stale'} end
+  if redis.sha1hex(meta) ~= meta_sha then return {'stale'} end
   return nil
 end
 

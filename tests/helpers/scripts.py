@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -67,5 +68,5 @@ def message(role: Role = "user", message_id: uuid.UUID | None = None) -> Message
 async def row_sha(redis: Redis, conversation: uuid.UUID) -> str:
     """The SHA-1 of the conversation's row as Redis holds it: what a web process's copy of
     the row proves to the turn scripts (any value for a conversation Redis does not hold)."""
-    raw: bytes | None = await redis.get(keys.meta(conversation))
+    raw = cast(bytes | None, await redis.get(keys.meta(conversation)))
     return meta_sha(raw or b"")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -130,6 +131,9 @@ class TabClient:
         self.failures: list[str] = []
         self.recoveries = 0
         self.state = "off"  # off (no open socket) | left (socket, not joined) | on (joined)
+        self._dropped: dict[int, int] = {}
+        """Per socket `drop()` aborted (by `id`), the frames it held then: a killed tab reads
+        nothing more, though the client may still decode what was in its buffer."""
         self._recovering: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -186,6 +190,7 @@ class TabClient:
         client = self.client
         self.state = "off"
         if client is not None:
+            self._dropped[id(client)] = len(client.frames)
             client.ws.transport.abort()
 
     async def say(self, text: str, timeout: float = 15) -> f.Ack:
@@ -247,7 +252,8 @@ class TabClient:
         segments: list[Segment] = []
         orphans: list[str] = []
         for sock in self.sockets:
-            for raw, frame, at in zip(sock.raw, sock.frames, sock.arrived, strict=False):
+            held = zip(sock.raw, sock.frames, sock.arrived, strict=False)
+            for raw, frame, at in itertools.islice(held, self._dropped.get(id(sock))):
                 if isinstance(frame, f.Joined) and frame.conversation == self.conversation:
                     segments.append(Segment(sock, frame))
                 elif (

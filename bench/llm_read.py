@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -103,20 +104,15 @@ def _wait_ready(url: str, limit: float = 30) -> None:
             time.sleep(0.2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=200)
-    parser.add_argument("--tokens", type=int, default=100)
-    parser.add_argument("--tps", type=float, default=20)
-    parser.add_argument("--history", type=int, default=0)
-    parser.add_argument("--httpx", action="store_const", const="httpx", dest="transport")
-    parser.add_argument("--aiohttp", action="store_const", const="aiohttp", dest="transport")
-    parser.add_argument("--asyncio", action="store_true", help="asyncio's event loop, not uvloop")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def simulator(
+    tokens_per_second: str, first_token_delay: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`parley model` in a process of its own, and its base URL once it answers."""
     port = embedded.free_port()
     env = os.environ | {
-        "PARLEY_SIMULATOR_TOKENS_PER_SECOND": f"{args.tps:g}",
-        "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0.1",
+        "PARLEY_SIMULATOR_TOKENS_PER_SECOND": tokens_per_second,
+        "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": first_token_delay,
     }
     with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "model.log").open("wb") as log:
         model = subprocess.Popen(
@@ -129,15 +125,30 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}/v1"
             _wait_ready(url)
-            model_before = procfs.cpu_seconds(model.pid)
-            run = asyncio.run if args.asyncio else uvloop.run
-            chunks, cpu, wall = run(
-                _run(url, args.streams, args.tokens, args.history, args.transport or "")
-            )
-            model_cpu = procfs.cpu_seconds(model.pid) - model_before
+            yield model, url
         finally:
             model.terminate()
             model.wait(15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--tps", type=float, default=20)
+    parser.add_argument("--history", type=int, default=0)
+    parser.add_argument("--httpx", action="store_const", const="httpx", dest="transport")
+    parser.add_argument("--aiohttp", action="store_const", const="aiohttp", dest="transport")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's event loop, not uvloop")
+    args = parser.parse_args()
+    tps = f"{args.tps:g}"
+    with simulator(tps, first_token_delay="0.1") as (model, url):
+        model_before = procfs.cpu_seconds(model.pid)
+        run = asyncio.run if args.asyncio else uvloop.run
+        chunks, cpu, wall = run(
+            _run(url, args.streams, args.tokens, args.history, args.transport or "")
+        )
+        model_cpu = procfs.cpu_seconds(model.pid) - model_before
     result = {
         "transport": args.transport or "LLM's own",
         "loop": "asyncio" if args.asyncio else "uvloop",

@@ -13,21 +13,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import uvloop
 
-from bench.llm_read import _read, _wait_ready
+from bench.llm_read import _read, simulator
 from server.app.config import LLMSettings
-from server.dev import embedded
 from server.generation.llm import LLM
-from tests.helpers.processes import ROOT
 
 
 async def _rounds(url: str, calls: int, rounds: int, profile: str | None) -> list[float]:
@@ -59,26 +53,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile")
     args = parser.parse_args()
-    port = embedded.free_port()
-    env = os.environ | {
-        "PARLEY_SIMULATOR_TOKENS_PER_SECOND": "100000",
-        "PARLEY_SIMULATOR_FIRST_TOKEN_DELAY": "0",
-    }
-    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "model.log").open("wb") as log:
-        model = subprocess.Popen(
-            [sys.executable, "-m", "server.app.cli", "model", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}/v1"
-            _wait_ready(url)
-            per_call = uvloop.run(_rounds(url, args.calls, args.rounds, args.profile))
-        finally:
-            model.terminate()
-            model.wait(15)
+    with simulator("100000", first_token_delay="0") as (_, url):
+        per_call = uvloop.run(_rounds(url, args.calls, args.rounds, args.profile))
     print(
         json.dumps(
             {

@@ -223,6 +223,9 @@ class MetricsSettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     models: list[str] = []
     """Model names that may appear as a metric label (`llm.model` always may); others are
     `other`, so a client naming models cannot grow the number of series."""
+    loop_lag_interval: Seconds = 0.1
+    """Seconds between two samples of `parley_event_loop_lag_seconds` (how late the event
+    loop runs a timer) in a process that serves /metrics; 0: not sampled."""
 
 
 class ServerAPISettings(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

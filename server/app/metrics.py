@@ -59,6 +59,10 @@ STAGE_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
     0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
+LAG_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
 SECONDS_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -71,6 +75,14 @@ PROCESS_INFO = Gauge(
     "parley_process_info",
     "Always 1: this process's role (web, worker or serve) and name (host-pid).",
     ["process", "role"],
+)
+
+LOOP_LAG = Histogram(
+    "parley_event_loop_lag_seconds",
+    "How late this process's event loop ran a timer callback due every "
+    "`metrics.loop_lag_interval` (up to ~1 ms is the poll's rounding): time nothing else on "
+    "the loop could run, from a long synchronous step here or from the process waiting for a CPU.",
+    buckets=LAG_BUCKETS,
 )
 
 # ---------------------------------------------------------------------- sockets (web)

@@ -18,6 +18,7 @@ from protocol.session import CloseCode
 from server.app import collector, metrics, tracing
 from server.app.config import Settings
 from server.app.hooks import Hooks
+from server.app.looplag import LoopLag
 from server.edge import issuers
 from server.edge.auth import Verifier, load_secret
 from server.edge.conversations import Conversations
@@ -68,6 +69,7 @@ class Runtime:
     hooks: Hooks = field(init=False)
     finish_sender: FinishSender | None = field(init=False, default=None)
     toolbox: Toolbox | None = field(init=False, default=None)
+    loop_lag: LoopLag | None = field(init=False, default=None)
 
     async def start(self) -> None:
         s = self.settings
@@ -105,12 +107,19 @@ class Runtime:
             await self._start_tools()
             self._start_worker(events, turns)
         collector.calm()
+        self._sample_loop_lag()
 
     @property
     def role(self) -> str:
         if self.runs_web and self.runs_worker:
             return "serve"
         return "web" if self.runs_web else "worker"
+
+    def _sample_loop_lag(self) -> None:
+        """In a process that serves /metrics: the web's, or a worker's on its own port."""
+        if self.runs_web or self.settings.worker.metrics_port:
+            self.loop_lag = LoopLag(self.settings.metrics.loop_lag_interval)
+            self.loop_lag.start()
 
     async def _start_web(self) -> None:
         observer = Observer()
@@ -204,6 +213,8 @@ class Runtime:
 
     async def stop(self, code: CloseCode = CloseCode.GOING_AWAY) -> None:
         self.begin_drain()
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
         if self.hub is not None:
             await self.hub.close_all(code, "server shutting down")
         if self.worker is not None:

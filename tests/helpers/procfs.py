@@ -1,4 +1,5 @@
-"""Sampling processes through /proc (Linux): memory, CPU time, kernel send queues, trees."""
+"""Sampling processes through /proc (Linux): memory, CPU time and the wait for one, kernel send
+queues, trees."""
 
 from __future__ import annotations
 
@@ -26,10 +27,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """Seconds the process's threads have spent runnable but waiting for a CPU (the second
+    field of /proc/PID/task/TID/schedstat, summed over the threads alive now)."""
+    waited = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            waited += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return waited / 1e9
+
+
+def _machine_ticks() -> list[int]:
+    """The `cpu` line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal..."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (neither idle nor waiting on I/O)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    ticks = _machine_ticks()
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this virtual machine's CPUs to something else while
+    they had work (`steal`): a wait for a CPU no process's schedstat shows."""
+    ticks = _machine_ticks()
+    return ticks[7] / os.sysconf("SC_CLK_TCK") if len(ticks) > 7 else 0.0
 
 
 def pids() -> list[int]:

@@ -40,6 +40,7 @@ REQUIRED = (
     "parley_generations_finished_total",
     "parley_persister_lag_seconds_bucket",
     "parley_bus_delivery_lag_seconds_bucket",
+    "parley_event_loop_lag_seconds_bucket",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 )
@@ -215,6 +216,23 @@ async def exposes_the_turn_without_ids(parley: ParleyProcess) -> None:
         assert secret not in text
 
 
+LOOP_LAG = "parley_event_loop_lag_seconds"
+
+
+@pytest.mark.e2e  # a real `parley web`: the slow tier
+async def test_web_samples_its_event_loop_lag(cluster: Cluster) -> None:
+    """A web process idle for half a second has sampled its loop's lag a few times (every
+    `metrics.loop_lag_interval`, here 0.05 s), each far shorter than that half second."""
+    web = cluster.process("web", PARLEY_METRICS_LOOP_LAG_INTERVAL="0.05")
+    try:
+        await asyncio.sleep(0.5)
+        flat = await asyncio.to_thread(scrape, web.url)
+    finally:
+        web.stop()
+    assert total(flat, f"{LOOP_LAG}_count") >= 3
+    assert total(flat, f"{LOOP_LAG}_sum") < 0.5
+
+
 @pytest.mark.e2e  # real `parley web` and `parley worker` processes: the slow tier
 async def test_web_and_worker_time_the_first_token_stage_by_stage(cluster: Cluster) -> None:
     """Each process exposes the stages of Parley's time to first token it sees, observed
@@ -246,3 +264,4 @@ async def test_web_and_worker_time_the_first_token_stage_by_stage(cluster: Clust
             count = total(seen[process], f"{STAGE}_count", stage=stage)
             assert count == 1, (process, stage)
             assert 0 <= total(seen[process], f"{STAGE}_sum", stage=stage) < turn, stage
+        assert total(seen[process], f"{LOOP_LAG}_count") >= 1, process

@@ -12,7 +12,11 @@ what the tabs received (turns finished, events lost, time to first token and Par
 of it, `added`, measured by the load generator on its own clock), Parley's share stage by
 stage as the web and the worker measured it (`stages_ms`: p50/p99 of
 `parley_first_token_stage_seconds` and its neighbours over the run, from their /metrics), and
-the load generator's summary. A benchmark: it never fails on a number; the
+the load generator's summary; and, to tell a loop stalling from a process waiting for a CPU,
+each process's CPU and run-queue wait in ms per second of the run (`cpu_wait`: /proc schedstat,
+summed over threads; the machine's run-queue wait and hypervisor steal beside them, and
+/proc/loadavg) and the web's and the worker's `parley_event_loop_lag_seconds` p50/p99
+(`loop_lag_ms`). A benchmark: it never fails on a number; the
 machine may be shared, so per-token costs are what to compare.
 With `--profile FILE` the worker runs under cProfile during the load (`bench.profiling`): the
 report says where its time goes, but its CPU figures then include the profiler's own cost.
@@ -114,20 +118,97 @@ def quantile(q: float, cumulative: dict[float, float]) -> float | None:
     return lower
 
 
+def _over_run(then: dict[float, float], now: dict[float, float]) -> dict[str, Any]:
+    """One histogram's count, p50 and p99 (ms) over the run: the difference of two scrapes."""
+    delta = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
+    p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
+    return {
+        "count": int(max(delta.values(), default=0)),
+        "p50_ms": None if p50 is None else round(p50 * 1000, 2),
+        "p99_ms": None if p99 is None else round(p99 * 1000, 2),
+    }
+
+
 def _stages(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Any]:
-    """Each stage's count, p50 and p99 (ms) over the run: the difference of the scrapes."""
-    report: dict[str, Any] = {}
-    for name, process, metric, stage in STAGES:
-        now = after[process].get((metric, stage), {})
-        then = before[process].get((metric, stage), {})
-        delta = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
-        p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
+    """Each stage's count, p50 and p99 (ms) over the run."""
+    return {
+        name: _over_run(
+            before[process].get((metric, stage), {}), after[process].get((metric, stage), {})
+        )
+        for name, process, metric, stage in STAGES
+    }
+
+
+LOOP_LAG = ("parley_event_loop_lag_seconds", "")
+LAG_INTERVAL = 0.02
+"""Seconds between loop lag samples in the bench (0.1 by default): enough samples in a short
+run for a p99."""
+
+
+def _loop_lag(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Any]:
+    """The web's and the worker's event loop lag over the run."""
+    return {
+        process: _over_run(before[process].get(LOOP_LAG, {}), after[process].get(LOOP_LAG, {}))
+        for process in after
+    }
+
+
+Usage = dict[str, tuple[float, float, int]]
+"""{process: (CPU seconds, seconds waiting for a CPU, timeslices run)} at one moment."""
+
+
+def _usage(pids: dict[str, list[int]]) -> Usage:
+    """Each named process's (summed over its pids) CPU and run-queue wait so far."""
+    found: Usage = {}
+    for name, group in pids.items():
+        cpu = wait = 0.0
+        slices = 0
+        for pid in group:
+            try:
+                cpu += procfs.cpu_seconds(pid)
+                waited, ran = procfs.run_queue_wait(pid)
+            except OSError:
+                continue  # a PostgreSQL backend that ended
+            wait, slices = wait + waited, slices + ran
+        found[name] = (cpu, wait, slices)
+    return found
+
+
+def _machine() -> tuple[float, float]:
+    """The machine's busy and stolen CPU seconds so far."""
+    return procfs.machine_busy_seconds(), procfs.machine_steal_seconds()
+
+
+def _per_second(before: Usage, after: Usage, seconds: float) -> dict[str, dict[str, float]]:
+    """Each process's CPU and run-queue wait in ms per second of `seconds`, and its mean
+    wait per timeslice (from being woken, or preempted, to running again)."""
+    report: dict[str, dict[str, float]] = {}
+    for name, (cpu_now, wait_now, slices_now) in after.items():
+        cpu_then, wait_then, slices_then = before.get(name, (0.0, 0.0, 0))
+        cpu, wait, slices = cpu_now - cpu_then, wait_now - wait_then, slices_now - slices_then
         report[name] = {
-            "count": int(max(delta.values(), default=0)),
-            "p50_ms": None if p50 is None else round(p50 * 1000, 2),
-            "p99_ms": None if p99 is None else round(p99 * 1000, 2),
+            "cpu_ms_per_s": round(cpu * 1000 / seconds, 1),
+            "wait_ms_per_s": round(wait * 1000 / seconds, 1),
+            "wait_us_per_slice": round(wait * 1e6 / slices, 1) if slices else 0.0,
         }
     return report
+
+
+def _load_generator(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run `parley load`, sampling its CPU and run-queue wait (and its forked generators')
+    until it exits: the last sample, taken at most 0.5 s before, stands for the whole run."""
+    started = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env)
+    last: Usage = {}
+    seconds = 0.0
+    while proc.poll() is None and time.monotonic() - started < timeout:
+        now = _usage({"load": sorted(procfs.descendants(proc.pid))})
+        last, seconds = now, time.monotonic() - started
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return _per_second({}, last, seconds) if last and seconds else {}
 
 
 def _settle(pid: int, limit: float = 120) -> None:
@@ -177,6 +258,7 @@ def main() -> None:
             "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "100000",
             "PARLEY_LIMITS_TURNS_PER_MINUTE": "100000",
             "PARLEY_SIMULATOR_MAX_TOKENS": str(args.tokens * 2),
+            "PARLEY_METRICS_LOOP_LAG_INTERVAL": f"{LAG_INTERVAL:g}",
         }
         web = cluster.process("web", start=False, **env)
         metrics_port = embedded.free_port()
@@ -195,11 +277,21 @@ def main() -> None:
         worker_before = procfs.cpu_seconds(worker.pid)
         model_before = procfs.cpu_seconds(model.pid)
         web_before = procfs.cpu_seconds(web.pid)
+        postgres = sorted(procfs.descendants(cluster.services.postgres.pid))
+        watched = {
+            "web": [web.pid],
+            "worker": [worker.pid],
+            "model": [model.pid],
+            "redis": [cluster.services.redis.pid],
+            "postgres": postgres,
+        }
+        loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
+        usage_before, machine_before, clock_before = _usage(watched), _machine(), time.monotonic()
         out = Path(tmp) / "load.json"
         duration = args.duration or args.tokens / args.tps + 5
         if profile:
             profiling.start(worker.pid)
-        subprocess.run(
+        load_usage = _load_generator(
             [
                 sys.executable,
                 "-m",
@@ -225,11 +317,13 @@ def main() -> None:
                 "--out",
                 str(out),
             ],
-            cwd=ROOT,
-            env=web.env,
-            check=False,
-            timeout=600 + duration,
+            web.env,
+            600 + duration,
         )
+        usage_after, machine_after = _usage(watched), _machine()
+        lag_after = {"web": _buckets(web.url), "worker": _buckets(worker_url)}
+        seconds = time.monotonic() - clock_before
+        loadavg_after = Path("/proc/loadavg").read_text().split()[:3]
         _settle(worker.pid)  # a saturated worker is still relaying what it has read
         if profile:
             profiling.stop(worker.pid, profile)
@@ -266,6 +360,15 @@ def main() -> None:
         "tokens_per_event": round(tokens * args.tabs / frames, 2) if frames else None,
     } | _received(load)
     result["stages_ms"] = _stages(buckets_before, buckets_after)
+    result["loop_lag_ms"] = _loop_lag(buckets_before, lag_after)
+    result["cpu_wait"] = _per_second(usage_before, usage_after, seconds) | load_usage
+    result["machine"] = {
+        "seconds": round(seconds, 1),
+        "busy_ms_per_s": round((machine_after[0] - machine_before[0]) * 1000 / seconds, 1),
+        "steal_ms_per_s": round((machine_after[1] - machine_before[1]) * 1000 / seconds, 1),
+        "loadavg_before": " ".join(loadavg_before),
+        "loadavg_after": " ".join(loadavg_after),
+    }
     print(json.dumps(result, indent=1))
     if profile and profile.exists():
         print(profiling.report(profile))

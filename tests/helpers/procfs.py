@@ -27,20 +27,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_queue_wait_seconds(pid: int) -> float:
-    """Seconds the process's threads have spent runnable but waiting for a CPU (the second
-    field of /proc/PID/task/TID/schedstat, summed over the threads alive now)."""
-    waited = 0
+def run_queue_wait(pid: int) -> tuple[float, int]:
+    """Seconds the process's threads have spent runnable but waiting for a CPU, and the
+    timeslices they ran (the second and third fields of /proc/PID/task/TID/schedstat, summed
+    over the threads alive now): their quotient is the mean wait from wake-up to running."""
+    waited = timeslices = 0
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return 0.0
+        return 0.0, 0
     for task in tasks:
         try:
-            waited += int((task / "schedstat").read_text().split()[1])
+            fields = (task / "schedstat").read_text().split()
+            waited += int(fields[1])
+            timeslices += int(fields[2])
         except (OSError, IndexError, ValueError):
             continue  # a thread that ended meanwhile
-    return waited / 1e9
+    return waited / 1e9, timeslices
 
 
 def _machine_ticks() -> list[int]:

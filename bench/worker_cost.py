@@ -1,7 +1,7 @@
 """What one generation worker and Redis spend per relayed token.
 
     .venv/bin/python -m bench.worker_cost [--conversations 200] [--tokens 200] [--tps 50]
-        [--tabs 1] [--duration S] [--profile worker.pstats] [--append-interval S]
+        [--tabs 1] [--duration S] [--profile worker.pstats] [--append-interval S] [--nice N]
 
 Starts its own Redis and PostgreSQL and, each its own process, the simulated model
 (`parley model`), one `parley web` and one `parley worker`, then runs `parley load fanout`
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,12 @@ def _usage(pids: dict[str, list[int]]) -> Usage:
     return found
 
 
+def _renice(pid: int, niceness: int) -> None:
+    """Set every thread of the process to `niceness` (Linux nice values are per thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+
+
 def _machine() -> tuple[float, float]:
     """The machine's busy and stolen CPU seconds so far."""
     return procfs.machine_busy_seconds(), procfs.machine_steal_seconds()
@@ -242,6 +249,13 @@ def main() -> None:
     parser.add_argument("--tps", type=float, default=50)
     parser.add_argument("--tabs", type=int, default=1)
     parser.add_argument("--duration", type=float, help="seconds of turns (tokens/tps + 5)")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        help="renice web, worker, model and Redis (every thread; below 0 needs root): with "
+        "the load generator and the machine's other processes at 0, a tail that shrinks was "
+        "waiting for a CPU",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="write the worker's cProfile stats here")
     parser.add_argument(
@@ -285,6 +299,9 @@ def main() -> None:
             "redis": [cluster.services.redis.pid],
             "postgres": postgres,
         }
+        if args.nice is not None:
+            for pid in (web.pid, worker.pid, model.pid, cluster.services.redis.pid):
+                _renice(pid, args.nice)
         loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
         usage_before, machine_before, clock_before = _usage(watched), _machine(), time.monotonic()
         out = Path(tmp) / "load.json"
@@ -343,6 +360,7 @@ def main() -> None:
         "tokens_per_reply": args.tokens,
         "tps": args.tps,
         "append_interval": args.append_interval,
+        "nice": args.nice,
         "tokens": tokens,
         "token_frames_received": frames,
         "worker_cpu_s": round(worker_cpu, 2),

@@ -13,7 +13,9 @@ lost or repeated an event (each tab's seqs must be contiguous up to the head). S
 set-ups including `join` per second and per web core come from B's CPU time during the
 storm; the tabs' own CPU (this process's) is reported beside it: on a small machine the
 tabs and B share the cores. The tabs run on uvloop, as `parley load` does (`--asyncio`: on
-asyncio's own loop). A benchmark: it never fails on a number.
+asyncio's own loop). B's run-queue wait (/proc schedstat: runnable, no CPU free) and its
+event loop lag p50/p99 during the storm come beside its CPU. A benchmark: it never fails on a
+number.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Final
 import msgspec
 from redis.asyncio import Redis
 
-from bench import profiling
+from bench import profiling, worker_cost
 from protocol import frames as f
 from server.load.runner import run_loop
 from server.load.wsclient import Endpoint, WSClient, connect
@@ -215,6 +217,8 @@ async def storm(
     queries_before = await asyncio.to_thread(postgres_queries_now, web_b)
     calls_before = await _script_calls(redis)
     cpu_before = procfs.cpu_seconds(web_b.pid)
+    wait_before = procfs.run_queue_wait(web_b.pid)[0]
+    lag_before = await asyncio.to_thread(worker_cost.loop_lag_buckets, web_b.url)
     own_before = time.process_time()
     if profile is not None:
         profiling.start(web_b.pid)
@@ -226,6 +230,10 @@ async def storm(
     )
     done = time.monotonic()
     cpu = procfs.cpu_seconds(web_b.pid) - cpu_before
+    wait = procfs.run_queue_wait(web_b.pid)[0] - wait_before
+    lag = worker_cost.over_run(
+        lag_before, await asyncio.to_thread(worker_cost.loop_lag_buckets, web_b.url)
+    )
     own_cpu = time.process_time() - own_before
     calls = await _script_calls(redis) - calls_before
     if profile is not None:
@@ -260,6 +268,8 @@ async def storm(
         "postgres_queries_during_storm": queries,
         "redis_script_calls_during_storm": calls,
         "web_b_cpu_seconds": round(cpu, 2),
+        "web_b_cpu_wait_seconds": round(wait, 2),
+        "web_b_loop_lag_ms": {"p50": lag["p50_ms"], "p99": lag["p99_ms"]},
         "client_cpu_seconds": round(own_cpu, 2),
         "client_cpu_us_per_setup": round(own_cpu * 1e6 / len(times)) if times else None,
         "setups_with_join_per_web_core_s": round(len(times) / cpu) if cpu else None,

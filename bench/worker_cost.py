@@ -119,7 +119,7 @@ def quantile(q: float, cumulative: dict[float, float]) -> float | None:
     return lower
 
 
-def _over_run(then: dict[float, float], now: dict[float, float]) -> dict[str, Any]:
+def over_run(then: dict[float, float], now: dict[float, float]) -> dict[str, Any]:
     """One histogram's count, p50 and p99 (ms) over the run: the difference of two scrapes."""
     delta = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
     p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
@@ -133,7 +133,7 @@ def _over_run(then: dict[float, float], now: dict[float, float]) -> dict[str, An
 def _stages(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Any]:
     """Each stage's count, p50 and p99 (ms) over the run."""
     return {
-        name: _over_run(
+        name: over_run(
             before[process].get((metric, stage), {}), after[process].get((metric, stage), {})
         )
         for name, process, metric, stage in STAGES
@@ -146,10 +146,15 @@ LAG_INTERVAL = 0.02
 run for a p99."""
 
 
+def loop_lag_buckets(url: str) -> dict[float, float]:
+    """The cumulative buckets of `parley_event_loop_lag_seconds` on `url`/metrics."""
+    return _buckets(url).get(LOOP_LAG, {})
+
+
 def _loop_lag(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Any]:
     """The web's and the worker's event loop lag over the run."""
     return {
-        process: _over_run(before[process].get(LOOP_LAG, {}), after[process].get(LOOP_LAG, {}))
+        process: over_run(before[process].get(LOOP_LAG, {}), after[process].get(LOOP_LAG, {}))
         for process in after
     }
 

@@ -306,7 +306,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp)) as cluster:
-        env = {"PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "1000000"}
+        env = {
+            "PARLEY_LIMITS_MAX_CONNECTIONS_PER_USER": "1000000",
+            "PARLEY_METRICS_LOOP_LAG_INTERVAL": f"{worker_cost.LAG_INTERVAL:g}",
+        }
         profiled = profiling.env(args.profile.resolve()) if args.profile else {}
         webs = [
             cluster.process("web", start=False, **env),

@@ -197,7 +197,7 @@ class HeldConnection:
                 return connection
             await self.drop()
         connection = self._connection = self._make()
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         return connection
 
     async def drop(self) -> None:

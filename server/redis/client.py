@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from typing import Any, Final, cast
 
 import hiredis
@@ -28,6 +29,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.app.config import RedisSettings
 
@@ -121,6 +123,88 @@ class QuickPool(BlockingConnectionPool):
     def _waiting(self) -> bool:
         """Whether a caller waits for a connection (it is woken by redis-py's release)."""
         return bool(getattr(self._condition, "_waiters", True))
+
+
+class HeldConnection:
+    """One connection to a single Redis, made as its client's pool makes one and held by a
+    sender that sends a command or a pipeline of them at a time and reads their replies
+    before it sends more (the worker's pipeliner, one batch after the other): without the
+    pool, retry and metrics machinery of redis-py's `execute_command` and pipeline around
+    every call, and with one timer for the call rather than an `asyncio.wait_for` task per
+    send and a timeout per reply (docs/benchmarks.md). Each step (the send, each reply) must
+    finish within the client's `socket_timeout`, as redis-py's own would.
+
+    It is used by one caller at a time (`busy`: another caller takes the client's way). A
+    connection Redis closed, or holding bytes nobody asked for, is replaced before a send, as
+    the pool replaces one it hands out; one that fails or times out in a call (or whose
+    call is cancelled) is disconnected and dropped, and the error raised as redis-py raises
+    it (`ConnectionError`, `TimeoutError`): the caller's retry sends the call again, on a
+    new connection. Error replies are given as exceptions among the replies (`NoScriptError`
+    among them), as a pipeline's `raise_on_error=False` gives them."""
+
+    def __init__(self, redis: Redis) -> None:
+        pool = redis.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        as_the_pool_makes_it = pool.connection_class(**kwargs)  # (no I/O: its timeouts)
+        self.timeout: float | None = as_the_pool_makes_it.socket_timeout
+        kwargs["socket_connect_timeout"] = as_the_pool_makes_it.socket_connect_timeout
+        kwargs["socket_timeout"] = None  # timed here, a timer per call (`_sent`)
+        kwargs["health_check_interval"] = 0  # a closed connection is seen before a send
+        self._make = functools.partial(pool.connection_class, **kwargs)
+        self._connection: AbstractConnection | None = None
+        self.busy = False
+
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Each command's reply, or its error reply as an exception, in order."""
+        self.busy = True
+        try:
+            connection = await self._ready()
+            return await self._sent(connection, commands)
+        except TimeoutError:  # the step's own timer (`_sent`)
+            await self.drop()
+            raise RedisTimeoutError("Timeout sending or reading a held connection's call") from None
+        except BaseException:
+            await self.drop()
+            raise
+        finally:
+            self.busy = False
+
+    async def _sent(
+        self, connection: AbstractConnection, commands: Sequence[Sequence[Any]]
+    ) -> list[Any]:
+        if len(commands) == 1:
+            packed = connection.pack_command(*commands[0])
+        else:
+            packed = connection.pack_commands(commands)
+        replies: list[Any] = []
+        timeout = self.timeout
+        async with asyncio.timeout(timeout) as step:
+            await connection.send_packed_command(packed, check_health=False)
+            for _ in commands:
+                if timeout is not None and replies:
+                    step.reschedule(asyncio.get_running_loop().time() + timeout)
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        return replies
+
+    async def _ready(self) -> AbstractConnection:
+        """The held connection, connected and with nothing to read, or a new one."""
+        connection = self._connection
+        if connection is not None and connection.is_connected:
+            if not await connection.can_read():
+                return connection
+            await self.drop()
+        connection = self._connection = self._make()
+        await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def drop(self) -> None:
+        """Disconnect the held connection, if any (the next call makes another)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.disconnect(nowait=True)
 
 
 class WaitingCluster(RedisCluster):

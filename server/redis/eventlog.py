@@ -29,7 +29,14 @@ from redis.crc import key_slot
 from protocol.frames import Conversation, Message
 from server.redis import generations, keys, scripts
 from server.redis.batches import Batches
-from server.redis.client import UNREACHABLE, Packed, bulk, is_cluster, packs_as_given
+from server.redis.client import (
+    UNREACHABLE,
+    HeldConnection,
+    Packed,
+    bulk,
+    is_cluster,
+    packs_as_given,
+)
 
 UNLOADED: Final = -1
 LOST: Final = -2
@@ -581,6 +588,9 @@ class Pipeliner:
         self._cluster = is_cluster(redis)
         self._packs = packs_as_given(redis)
         """`append_pieces` calls are packed here (`_packed_call`)."""
+        self._held = None if self._cluster else HeldConnection(redis)
+        """The connection of its own the calls are sent on (on one Redis; a call sent while
+        another is in flight on it, an expressed one, takes the client's pool)."""
         self._packed_sha = bulk(self._append_pieces.redis_script.sha.encode())
         self._packed_worker = bulk(worker.encode())
         self._packed_name = bulk(self._append_pieces.script.name.encode())
@@ -606,6 +616,8 @@ class Pipeliner:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._held is not None:
+            await self._held.drop()
 
     def call(self, call: scripts.Call | Callable[[], scripts.Call]) -> asyncio.Future[Any]:
         """Queue a call; one given as a function is made when its batch is taken, so what
@@ -785,7 +797,8 @@ class Pipeliner:
         attempt = 0
         while True:
             try:
-                results = await scripts.pipelined(self.redis, [sent.call for sent in batch])
+                calls = [sent.call for sent in batch]
+                results = await scripts.pipelined(self.redis, calls, self._held)
                 break
             except UNREACHABLE as exc:
                 if asyncio.get_running_loop().time() > deadline:

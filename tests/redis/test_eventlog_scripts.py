@@ -231,6 +231,7 @@ async def test_a_reply_lost_with_its_connection_is_answered_by_the_retry_without
     before the reply comes back: the call is sent again and answers that its pieces were
     appended already; the log and the channel have each event once."""
     conversation, message_id = await generating(events, redis)
+    warming, warming_id = await generating(events, redis)
     await redis.script_load(APPEND_PIECES.source)  # so the held reply is the call's own
     pubsub = redis.pubsub()
     await pubsub.subscribe(keys.channel(conversation))
@@ -241,7 +242,8 @@ async def test_a_reply_lost_with_its_connection_is_answered_by_the_retry_without
         pipeliner = Pipeliner(proxied)
         pipeliner.start()
         try:
-            await proxied.ping()  # connected (its greeting answered) before the replies wait
+            # connected (its greeting answered) before the replies wait
+            await events.append_piece(pipeliner, warming, frame("0"), warming_id, 1)
             proxy.hold_replies()
             queued = [
                 events.append_piece(pipeliner, conversation, frame(str(i)), message_id, i)

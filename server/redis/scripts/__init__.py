@@ -47,7 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.redis.client import MOVING, Packed, is_cluster
+from server.redis.client import MOVING, HeldConnection, Packed, is_cluster
 
 _NAMED: Final = re.compile(
     r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$", re.MULTILINE
@@ -168,19 +168,22 @@ async def run_all(redis: Any, calls: Sequence[Call]) -> list[Any]:
     return results
 
 
-async def pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
+async def pipelined(
+    redis: Any, calls: Sequence[Call], held: HeldConnection | None = None
+) -> list[Any]:
     """Run calls in one pipeline (not a transaction: on a cluster it spans nodes) and give
     their results or errors. The calls a node refused for not knowing the bundle (a cluster
     pipeline loads none; a node may have forgotten it) are run again, in their order, once
     it is loaded: none of that node's calls ran, since they are all the bundle's (a
-    process's calls naming another bundle are not in the same batch)."""
-    results = await _pipelined(redis, calls)
+    process's calls naming another bundle are not in the same batch). Sent on `held` (a
+    single Redis's connection of the caller's own) unless another call is using it."""
+    results = await _pipelined(redis, calls, held)
     raise_if_unreachable(redis, results)
     unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
     if unknown:
         for source in {calls[i].script.script for i in unknown}:
             await redis.script_load(source)
-        again = await _pipelined(redis, [calls[i] for i in unknown])
+        again = await _pipelined(redis, [calls[i] for i in unknown], held)
         raise_if_unreachable(redis, again)
         for i, result in zip(unknown, again, strict=True):
             results[i] = result
@@ -205,7 +208,9 @@ def raise_if_unreachable(redis: Any, results: list[Any]) -> None:
     raise failed
 
 
-async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
+async def _pipelined(redis: Any, calls: Sequence[Call], held: HeldConnection | None) -> list[Any]:
+    if held is not None and not held.busy:
+        return await held.run([call.command() for call in calls])
     if len(calls) == 1 and not is_cluster(redis):
         return [await _alone(redis, calls[0])]
     async with redis.pipeline(transaction=False) as pipe:

@@ -65,6 +65,10 @@ class Proxy:
         user = f"{parts.username}@" if parts.username else ""
         return urlunsplit(parts._replace(netloc=f"{user}{self.listen}:{self.port}"))
 
+    def redis_url(self, url: str, database: int) -> str:
+        """`url` through the proxy, on Redis database `database` (a test's own)."""
+        return f"{self.url(url).rsplit('/', 1)[0]}/{database}"
+
     # ------------------------------------------------------------------ control (any thread)
 
     def start(self) -> Proxy:

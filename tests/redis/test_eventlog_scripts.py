@@ -238,7 +238,7 @@ async def test_a_reply_lost_with_its_connection_is_answered_by_the_retry_without
     await pubsub.get_message(timeout=1.0)
     with Proxy.to_url(services.redis_url) as proxy:
         database = redis.get_connection_kwargs()["db"]
-        proxied = Redis.from_url(f"{proxy.url(services.redis_url).rsplit('/', 1)[0]}/{database}")
+        proxied = Redis.from_url(proxy.redis_url(services.redis_url, database))
         pipeliner = Pipeliner(proxied)
         pipeliner.start()
         try:

@@ -101,8 +101,7 @@ async def test_a_reply_later_than_the_socket_timeout_is_sent_again_on_a_new_conn
     conversation, message_id = await generating(events, redis)
     warming, warming_id = await generating(events, redis)
     with Proxy.to_url(services.redis_url) as proxy:
-        database = redis.get_connection_kwargs()["db"]
-        url = f"{proxy.url(services.redis_url).rsplit('/', 1)[0]}/{database}"
+        url = proxy.redis_url(services.redis_url, redis.get_connection_kwargs()["db"])
         proxied = Redis.from_url(url, socket_timeout=0.5)
         pipeliner = Pipeliner(proxied)
         pipeliner.start()
